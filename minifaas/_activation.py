@@ -1,0 +1,113 @@
+"""The activation record: OpenWhisk's record, in Python names."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from datetime import UTC, datetime
+from typing import Any, Final, Literal
+
+__all__ = ("STATUS_CODES", "Activation", "Status", "log_line", "new_activation_id", "now_ms")
+
+Status = Literal["pending", "running", "success", "application_error", "developer_error", "internal_error"]
+
+#: OpenWhisk's response.statusCode for each final status.
+STATUS_CODES: Final[dict[str, int]] = {
+    "success": 0,
+    "application_error": 1,
+    "developer_error": 2,
+    "internal_error": 3,
+}
+FINAL_STATUSES: Final[frozenset[str]] = frozenset(STATUS_CODES)
+
+
+def new_activation_id() -> str:
+    """32 lowercase hex characters, like OpenWhisk's activation ids."""
+    return os.urandom(16).hex()
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def log_line(stream: str, text: str, ts: float | None = None) -> str:
+    """Format one log line the way OpenWhisk does: ``<ISO-8601 time> stdout|stderr: <line>``."""
+    t = datetime.fromtimestamp(time.time() if ts is None else ts, UTC)
+    return f"{t.strftime('%Y-%m-%dT%H:%M:%S.%f')}Z {stream}: {text}"
+
+
+@dataclasses.dataclass(slots=True)
+class Activation:
+    """One invocation's record. Times are epoch milliseconds, durations milliseconds."""
+
+    activation_id: str
+    name: str
+    version: str = "0.0.1"
+    namespace: str = "guest"
+    start: int = 0
+    end: int | None = None
+    duration: int | None = None
+    wait_time: int | None = None
+    init_time: int | None = None
+    status: Status = "pending"
+    result: dict[str, Any] = dataclasses.field(default_factory=dict)
+    logs: list[str] = dataclasses.field(default_factory=list)
+    annotations: dict[str, Any] = dataclasses.field(default_factory=dict)
+    cause: str | None = None
+    #: when the engine accepted the invocation (epoch ms); ``start`` is when a sandbox began running it
+    accepted: int = 0
+
+    @property
+    def status_code(self) -> int | None:
+        """OpenWhisk's statusCode (0..3), ``None`` while the activation has not ended."""
+        return STATUS_CODES.get(self.status)
+
+    @property
+    def done(self) -> bool:
+        return self.status in FINAL_STATUSES
+
+    @property
+    def success(self) -> bool:
+        return self.status == "success"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["status_code"] = self.status_code
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Activation:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in fields})
+
+    def to_openwhisk(self) -> dict[str, Any]:
+        """The record in OpenWhisk's REST shape (camelCase, ``response`` object, annotations as a key/value list)."""
+        ann = dict(self.annotations)
+        if self.wait_time is not None:
+            ann["waitTime"] = self.wait_time
+        if self.init_time is not None:
+            ann["initTime"] = self.init_time
+        if self.cause is not None:
+            ann["causedBy"] = self.cause
+        ann.setdefault("path", f"{self.namespace}/{self.name}")
+        return {
+            "activationId": self.activation_id,
+            "namespace": self.namespace,
+            "name": self.name,
+            "version": self.version,
+            "subject": self.namespace,
+            "publish": False,
+            "start": self.start or self.accepted,
+            "end": self.end or 0,
+            "duration": self.duration or 0,
+            "logs": list(self.logs),
+            "annotations": [{"key": k, "value": v} for k, v in ann.items()],
+            "response": {
+                "status": self.status,
+                "statusCode": self.status_code if self.status_code is not None else 0,
+                "success": self.success,
+                "result": self.result,
+            },
+            "cause": self.cause,
+        }

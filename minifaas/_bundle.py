@@ -1,0 +1,233 @@
+"""Turning ``deploy(code=...)`` or ``deploy(path=...)`` into a validated bundle a sandbox can load.
+
+Validation happens at deploy time, in the host, so that a syntax error, a missing ``main`` or a zip entry escaping its
+folder is a :class:`DeployError` naming the file and line before any invocation.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import stat
+import tempfile
+import zipfile
+from pathlib import Path, PurePosixPath
+from typing import Any, Final
+
+from ._errors import DeployError
+
+__all__ = ("MANIFEST_NAME", "Bundle", "load_bundle")
+
+MAX_CODE_BYTES: Final = 48 << 20
+MAX_ZIP_ENTRIES: Final = 10_000
+MANIFEST_NAME: Final = "minifaas.json"
+ENTRY_NAME: Final = "__main__.py"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Bundle:
+    """What a sandbox needs to load a function, plus defaults declared by the bundle's manifest."""
+
+    #: the INIT frame's ``source`` map: {kind: "code", code, filename} or {kind: "dir", path}
+    source: dict[str, Any]
+    digest: str
+    params: dict[str, Any]
+    #: model params declared by the manifest: param name -> file:// URL
+    models: dict[str, str]
+    origin: str
+    #: the folder the bundle was unpacked into (None for code bundles)
+    root: Path | None = None
+    requirements: str | None = None
+
+
+def _check_source(code: str, filename: str, main: str, *, need_main: bool) -> None:
+    try:
+        tree = ast.parse(code, filename=filename)
+    except SyntaxError as exc:
+        raise DeployError(f"syntax error: {exc.msg}", file=filename, line=exc.lineno) from None
+    except ValueError as exc:  # null bytes
+        raise DeployError(f"cannot parse source: {exc}", file=filename) from None
+    if need_main and not _defines(tree, main):
+        raise DeployError(f"no top-level function {main!r} defined", file=filename)
+
+
+def _defines(tree: ast.Module, name: str) -> bool:
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) and node.name == name:
+            return True
+        if isinstance(node, ast.Assign | ast.AnnAssign | ast.AugAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for t in targets:
+                for sub in ast.walk(t):
+                    if isinstance(sub, ast.Name) and sub.id == name:
+                        return True
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            for alias in node.names:
+                if (alias.asname or alias.name.split(".")[0]) == name or alias.name == "*":
+                    return True
+        if isinstance(node, ast.If | ast.Try | ast.With):
+            # definitions under `if`/`try` (e.g. optional imports) count too
+            inner = ast.Module(body=[n for n in ast.walk(node) if isinstance(n, ast.stmt) and n is not node],
+                               type_ignores=[])
+            if _defines(inner, name):
+                return True
+    return False
+
+
+def _read_text(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DeployError(f"cannot read: {exc.strerror or exc}", file=str(path)) from None
+    if len(data) > MAX_CODE_BYTES:
+        raise DeployError(f"code is {len(data)} bytes, over the {MAX_CODE_BYTES} byte limit", file=str(path))
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DeployError(f"not UTF-8 text: {exc.reason} at byte {exc.start}", file=str(path)) from None
+
+
+def load_bundle(*, code: str | None, path: str | os.PathLike[str] | None, main: str, work_dir: Path) -> Bundle:
+    """Validate and stage a function's code. ``work_dir`` receives unpacked folders and zips."""
+    if (code is None) == (path is None):
+        raise DeployError("give exactly one of code= or path=")
+    if code is not None:
+        if not isinstance(code, str):
+            raise DeployError(f"code must be a str, not {type(code).__name__}")
+        if len(code.encode("utf-8", "surrogatepass")) > MAX_CODE_BYTES:
+            raise DeployError(f"code is over the {MAX_CODE_BYTES} byte limit")
+        _check_source(code, "<code>", main, need_main=True)
+        digest = hashlib.sha256(code.encode("utf-8", "surrogatepass")).hexdigest()
+        return Bundle({"kind": "code", "code": code, "filename": "__main__.py"}, digest, {}, {}, "code")
+    assert path is not None
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DeployError("no such file or folder", file=str(p))
+    if p.is_dir():
+        return _load_dir(p, main, work_dir)
+    if p.suffix == ".zip" or zipfile.is_zipfile(p):
+        return _load_zip(p, main, work_dir)
+    if p.suffix == ".py":
+        text = _read_text(p)
+        _check_source(text, str(p), main, need_main=True)
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        return Bundle({"kind": "code", "code": text, "filename": str(p.resolve())}, digest, {}, {}, str(p))
+    raise DeployError("expected a .py file, a folder with __main__.py, or a .zip", file=str(p))
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    mpath = folder / MANIFEST_NAME
+    if not mpath.exists():
+        return {}
+    try:
+        data = json.loads(mpath.read_text("utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DeployError(f"invalid manifest: {exc}", file=str(mpath)) from None
+    if not isinstance(data, dict):
+        raise DeployError("manifest must be a JSON object", file=str(mpath))
+    for key, typ in (("include", list), ("params", dict), ("models", dict)):
+        if key in data and not isinstance(data[key], typ):
+            raise DeployError(f"manifest key {key!r} must be a {typ.__name__}", file=str(mpath))
+    return data
+
+
+def _load_dir(folder: Path, main: str, work_dir: Path) -> Bundle:
+    folder = folder.resolve()
+    entry = folder / ENTRY_NAME
+    if not entry.is_file():
+        raise DeployError(f"folder has no {ENTRY_NAME}", file=str(folder))
+    manifest = _read_manifest(folder)
+    staging = Path(tempfile.mkdtemp(prefix=".stage-", dir=work_dir))
+    try:
+        shutil.copytree(folder, staging, dirs_exist_ok=True, symlinks=False,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".git"))
+        for inc in manifest.get("include", []):
+            src = (folder / str(inc)).resolve()
+            if not src.exists():
+                raise DeployError(f"included file {inc!r} does not exist", file=str(folder / MANIFEST_NAME))
+            dest = staging / src.name
+            if src.is_dir():
+                shutil.copytree(src, dest, dirs_exist_ok=True,
+                                ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            else:
+                shutil.copy2(src, dest)
+        models = {str(k): (folder / str(v)).resolve().as_uri() for k, v in manifest.get("models", {}).items()}
+        for param, uri in models.items():
+            if not Path(uri.removeprefix("file://")).is_file():
+                raise DeployError(f"model file for {param!r} does not exist: {uri}", file=str(folder / MANIFEST_NAME))
+        return _finish_staged(staging, main, work_dir, origin=str(folder), manifest=manifest, models=models)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _load_zip(zpath: Path, main: str, work_dir: Path) -> Bundle:
+    staging = Path(tempfile.mkdtemp(prefix=".stage-", dir=work_dir))
+    try:
+        try:
+            zf = zipfile.ZipFile(zpath)
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise DeployError(f"not a readable zip: {exc}", file=str(zpath)) from None
+        with zf:
+            infos = zf.infolist()
+            if len(infos) > MAX_ZIP_ENTRIES:
+                raise DeployError(f"zip has {len(infos)} entries, over {MAX_ZIP_ENTRIES}", file=str(zpath))
+            total = 0
+            for info in infos:
+                name = info.filename
+                pure = PurePosixPath(name.replace("\\", "/"))
+                if pure.is_absolute() or ".." in pure.parts or (pure.parts and pure.parts[0].endswith(":")):
+                    raise DeployError(f"zip entry {name!r} escapes the bundle folder", file=str(zpath))
+                mode = info.external_attr >> 16
+                if stat.S_ISLNK(mode):
+                    raise DeployError(f"zip entry {name!r} is a symbolic link", file=str(zpath))
+                total += info.file_size
+                if total > MAX_CODE_BYTES:
+                    raise DeployError(f"zip unpacks to over {MAX_CODE_BYTES} bytes", file=str(zpath))
+            try:
+                zf.extractall(staging)
+            except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+                raise DeployError(f"cannot unpack zip: {exc}", file=str(zpath)) from None
+        manifest = _read_manifest(staging)
+        models = {str(k): (staging / str(v)).resolve().as_uri() for k, v in manifest.get("models", {}).items()}
+        return _finish_staged(staging, main, work_dir, origin=str(zpath), manifest=manifest, models=models)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _finish_staged(staging: Path, main: str, work_dir: Path, *, origin: str, manifest: dict[str, Any],
+                   models: dict[str, str]) -> Bundle:
+    entry = staging / ENTRY_NAME
+    if not entry.is_file():
+        raise DeployError(f"bundle has no {ENTRY_NAME} at its root", file=origin)
+    h = hashlib.sha256()
+    for f in sorted(staging.rglob("*")):
+        if f.is_symlink():
+            raise DeployError(f"bundle contains a symbolic link: {f.relative_to(staging)}", file=origin)
+        if f.is_file():
+            rel = f.relative_to(staging).as_posix()
+            h.update(rel.encode() + b"\0")
+            data = f.read_bytes()
+            h.update(data + b"\0")
+            if f.suffix == ".py":
+                try:
+                    text = data.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise DeployError(f"not UTF-8 text: {exc.reason}", file=f"{origin}/{rel}") from None
+                _check_source(text, f"{origin}/{rel}", main, need_main=(f == entry))
+    digest = h.hexdigest()
+    final = work_dir / digest
+    if final.exists():
+        shutil.rmtree(staging, ignore_errors=True)
+    else:
+        os.replace(staging, final)
+    params = dict(manifest.get("params", {}))
+    params.update(models)
+    req = final / "requirements.txt"
+    return Bundle({"kind": "dir", "path": str(final / ENTRY_NAME)}, digest, params, models, origin, final,
+                  req.read_text() if req.is_file() else None)

@@ -1,0 +1,442 @@
+"""The Engine: the public, async-first facade over the scheduler, the pool, the store and the launchers."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, Literal
+
+import anyio
+import anyio.abc
+
+from ._activation import Activation
+from ._bundle import load_bundle
+from ._errors import (
+    ActivationError,
+    ActivationNotFound,
+    ActivationTimeout,
+    BackendUnavailable,
+    DeployError,
+    EngineClosed,
+    FunctionNotFound,
+)
+from ._function import DEFAULTS, FunctionSpec
+from ._launch import Launcher, SpawnLauncher
+from ._pool import MAX_SANDBOXES_TOTAL, Pool
+from ._scheduler import ENGINE_MAX_QUEUED, Scheduler
+from ._store import ActivationStore, open_store
+
+__all__ = ("Activations", "Engine")
+
+CLOSE_TIMEOUT_S: Final = 10.0
+NAME_RE: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,255}$")
+ENGINE_CLOSED_MESSAGE: Final = "the engine closed before this activation finished"
+BACKENDS: Final = ("local", "ray")
+
+
+class Activations:
+    """``engine.activations``: read and wait for activation records."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    async def get(self, activation_id: str) -> Activation:
+        job = self._engine._sched.jobs.get(activation_id) if self._engine._sched else None
+        if job is not None:
+            return job.act
+        act = self._engine._store_or_raise().get(activation_id)
+        if act is None:
+            raise ActivationNotFound(f"no activation with id {activation_id!r}")
+        return act
+
+    async def wait(self, activation_id: str, timeout_s: float | None = 60.0) -> Activation:
+        sched = self._engine._sched
+        job = sched.jobs.get(activation_id) if sched else None
+        if job is not None:
+            with anyio.move_on_after(timeout_s) as scope:
+                await job.done.wait()
+            if scope.cancelled_caught:
+                raise ActivationTimeout(f"activation {activation_id} has not ended after {timeout_s} s")
+            return job.act
+        act = await self.get(activation_id)
+        if not act.done:
+            # a pending record whose job is gone belongs to an earlier host: recover() ends those at start
+            raise ActivationTimeout(f"activation {activation_id} is {act.status} and not running here")
+        return act
+
+    async def list(
+        self,
+        name: str | None = None,
+        *,
+        limit: int = 30,
+        skip: int = 0,
+        since: int | None = None,
+        upto: int | None = None,
+        namespace: str | None = None,
+    ) -> list[Activation]:
+        return self._engine._store_or_raise().list(
+            name=name, namespace=namespace, limit=limit, skip=skip, since=since, upto=upto
+        )
+
+
+class Engine:
+    """An embeddable FaaS runtime: ``async with Engine() as engine: await engine.invoke(...)``.
+
+    ``state_dir=None`` keeps everything in memory; a path keeps activation records (SQLite), unpacked bundles and
+    the model store there, so records survive a restart of the host process.
+    """
+
+    def __init__(
+        self,
+        state_dir: str | os.PathLike[str] | None = None,
+        *,
+        namespace: str = "guest",
+        backend: Literal["local", "ray"] = "local",
+        launcher: Literal["auto", "spawn", "zygote"] = "auto",
+        preload: tuple[str, ...] | None = None,
+        max_sandboxes: int = MAX_SANDBOXES_TOTAL,
+        memory_budget_mb: int | None = None,
+        max_queued: int = ENGINE_MAX_QUEUED,
+        idle_timeout_s: float | None = None,
+        close_timeout_s: float = CLOSE_TIMEOUT_S,
+        ray_address: str | None = None,
+    ) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        if backend == "ray":
+            try:
+                importlib.import_module("ray")
+            except ImportError:
+                raise BackendUnavailable(
+                    "backend='ray' needs Ray: pip install 'minifaas[ray]'"
+                ) from None
+        if launcher not in ("auto", "spawn", "zygote"):
+            raise ValueError(f"unknown launcher {launcher!r}; choose auto, spawn or zygote")
+        self.state_dir = Path(state_dir).expanduser() if state_dir is not None else None
+        self.namespace = namespace
+        self.backend = backend
+        self.launcher_name = launcher
+        self.preload = preload
+        self.max_sandboxes = max_sandboxes
+        self.memory_budget_mb = memory_budget_mb
+        self.max_queued = max_queued
+        self.idle_timeout_s = idle_timeout_s
+        self.close_timeout_s = close_timeout_s
+        self.ray_address = ray_address
+        self.activations = Activations(self)
+        self._functions: dict[str, list[FunctionSpec]] = {}
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._store: ActivationStore | None = None
+        self._sched: Scheduler | None = None
+        self._pool: Pool | None = None
+        self._launcher: Launcher | None = None
+        self._work_dir: Path | None = None
+        self._tmp_dir: str | None = None
+        self._closing = False
+        self._model_store: Any = None
+        self.started_at = 0.0
+        self._end_hooks: list[Callable[[Activation], None]] = []
+        self.recovered = 0
+
+    # -- lifecycle --------------------------------------------------------------------------------------------
+    async def __aenter__(self) -> Engine:
+        if self._tg is not None:
+            raise RuntimeError("the engine is already started")
+        if self.state_dir is not None:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            self._work_dir = self.state_dir / "bundles"
+            self._work_dir.mkdir(exist_ok=True)
+        else:
+            self._tmp_dir = tempfile.mkdtemp(prefix="minifaas-")
+            self._work_dir = Path(self._tmp_dir) / "bundles"
+            self._work_dir.mkdir()
+        self._store = open_store(self.state_dir)
+        self.recovered = self._store.recover()
+        self._launcher = self._make_launcher()
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        self._tg = tg
+        services = {"model.fetch": self._svc_model_fetch}
+        self._pool = Pool(tg, self._launcher, services, max_total=self.max_sandboxes,
+                          memory_budget_mb=self.memory_budget_mb)
+        self._sched = Scheduler(tg, self._pool, self._store, max_queued=self.max_queued, on_end=self._on_end)
+        tg.start_soon(self._pool.reaper, name="minifaas-reaper")
+        self.started_at = time.time()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def _make_launcher(self) -> Launcher:
+        name = self.launcher_name
+        if name == "zygote":  # TODO(zygote): "auto" joins once the zygote launcher lands
+            try:
+                mod = importlib.import_module("minifaas._zygote")
+            except ImportError:
+                if name == "zygote":
+                    raise
+            else:
+                kwargs: dict[str, Any] = {}
+                if self.preload is not None:
+                    kwargs["preload"] = self.preload
+                launcher: Launcher = mod.ZygoteLauncher(**kwargs)
+                return launcher
+        return SpawnLauncher(self.preload or ())
+
+    async def aclose(self) -> None:
+        """Finish in-flight work (up to ``close_timeout_s``), record the rest as failed, stop every sandbox."""
+        tg, sched, pool = self._tg, self._sched, self._pool
+        if tg is None or sched is None or pool is None or self._closing:
+            return
+        self._closing = True
+        try:
+            with anyio.move_on_after(self.close_timeout_s):
+                for job in list(sched.jobs.values()):
+                    await job.done.wait()
+            for fp in list(pool.functions.values()):
+                sched.fail_queued(fp, ENGINE_CLOSED_MESSAGE, status="internal_error")
+            sched.fail_running(ENGINE_CLOSED_MESSAGE)
+            with anyio.CancelScope(shield=True):
+                async with anyio.create_task_group() as stopper:
+                    for fp in list(pool.functions.values()):
+                        for sb in list(fp.sandboxes):
+                            stopper.start_soon(sb.stop)
+                if self._launcher is not None:
+                    await self._launcher.aclose()
+        finally:
+            tg.cancel_scope.cancel()
+            await tg.__aexit__(None, None, None)
+            self._tg = None
+            if self._store is not None:
+                self._store.close()
+            if self._tmp_dir is not None:
+                shutil.rmtree(self._tmp_dir, ignore_errors=True)
+
+    def _require(self) -> Scheduler:
+        if self._sched is None or self._closing:
+            raise EngineClosed("the engine is not running: use `async with Engine() as engine:`")
+        return self._sched
+
+    def _store_or_raise(self) -> ActivationStore:
+        if self._store is None:
+            raise EngineClosed("the engine is not running")
+        return self._store
+
+    # -- functions --------------------------------------------------------------------------------------------
+    async def deploy(
+        self,
+        name: str,
+        *,
+        code: str | None = None,
+        path: str | os.PathLike[str] | None = None,
+        main: str = "main",
+        params: dict[str, Any] | None = None,
+        annotations: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
+        timeout_s: float | None = None,
+        memory_mb: int | None = None,
+        concurrency: int | None = None,
+        max_sandboxes: int | None = None,
+        min_sandboxes: int = 0,
+        idle_timeout_s: float | None = None,
+        max_payload_bytes: int | None = None,
+        max_result_bytes: int | None = None,
+        max_log_bytes: int | None = None,
+        max_queue: int | None = None,
+        style: Literal["openwhisk", "lambda"] = "openwhisk",
+        model_param: str | None = None,
+        models: tuple[str, ...] | list[str] = (),
+        preload: tuple[str, ...] | None = None,
+    ) -> dict[str, Any]:
+        """Validate and register a new version of ``name``; returns its description (with ``version``)."""
+        self._require()
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise DeployError(f"invalid function name {name!r}: use letters, digits, '_', '-', '.'")
+        if not isinstance(main, str) or not main.isidentifier():
+            raise DeployError(f"invalid main {main!r}: it must be a Python identifier")
+        if style not in ("openwhisk", "lambda"):
+            raise DeployError(f"invalid style {style!r}: use 'openwhisk' or 'lambda'")
+        if params is not None and not isinstance(params, dict):
+            raise DeployError(f"params must be a dict, not {type(params).__name__}")
+        limits = _limits(
+            timeout_s=timeout_s, memory_mb=memory_mb, concurrency=concurrency, max_sandboxes=max_sandboxes,
+            idle_timeout_s=idle_timeout_s if idle_timeout_s is not None else self.idle_timeout_s,
+            max_payload_bytes=max_payload_bytes, max_result_bytes=max_result_bytes, max_log_bytes=max_log_bytes,
+            max_queue=max_queue,
+        )
+        if min_sandboxes < 0 or min_sandboxes > limits["max_sandboxes"]:
+            raise DeployError(f"min_sandboxes must be between 0 and max_sandboxes ({limits['max_sandboxes']})")
+        assert self._work_dir is not None
+        work_dir = self._work_dir
+        bundle = await anyio.to_thread.run_sync(
+            lambda: load_bundle(code=code, path=path, main=main, work_dir=work_dir)
+        )
+        versions = self._functions.setdefault(name, [])
+        version = str(int(versions[-1].version) + 1) if versions else "1"
+        spec = FunctionSpec(
+            name=name,
+            version=version,
+            namespace=self.namespace,
+            bundle=bundle,
+            main=main,
+            params={**bundle.params, **(params or {})},
+            annotations=dict(annotations or {}),
+            env={str(k): str(v) for k, v in (env or {}).items()},
+            min_sandboxes=min_sandboxes,
+            style=style,
+            model_param=model_param,
+            models=tuple(models),
+            preload=preload,
+            created=int(time.time() * 1000),
+            **limits,
+        )
+        versions.append(spec)
+        return spec.describe()
+
+    def _resolve(self, name: str) -> FunctionSpec:
+        base, _, version = name.partition("@")
+        versions = self._functions.get(base)
+        if not versions:
+            raise FunctionNotFound(f"no function named {base!r} is deployed")
+        if not version:
+            return versions[-1]
+        for spec in versions:
+            if spec.version == version:
+                return spec
+        raise FunctionNotFound(
+            f"function {base!r} has no version {version!r} (versions: {', '.join(s.version for s in versions)})"
+        )
+
+    async def get_function(self, name: str) -> dict[str, Any]:
+        self._require()
+        spec = self._resolve(name)
+        info = spec.describe()
+        info["versions"] = [s.version for s in self._functions[spec.name]]
+        return info
+
+    async def list_functions(self) -> list[dict[str, Any]]:
+        self._require()
+        return [versions[-1].describe() for versions in self._functions.values() if versions]
+
+    async def delete(self, name: str) -> None:
+        """Remove a function (every version, or one with ``name@version``); its queued requests fail."""
+        sched = self._require()
+        assert self._pool is not None
+        base, _, version = name.partition("@")
+        versions = self._functions.get(base)
+        if not versions:
+            raise FunctionNotFound(f"no function named {base!r} is deployed")
+        doomed = [s for s in versions if not version or s.version == version]
+        if not doomed:
+            raise FunctionNotFound(f"function {base!r} has no version {version!r}")
+        for spec in doomed:
+            versions.remove(spec)
+            fp = self._pool.remove_function(spec.key)
+            if fp is not None:
+                sched.fail_queued(fp, f"function {spec.name} was deleted before this activation ran")
+        if not versions:
+            del self._functions[base]
+
+    # -- invocation -------------------------------------------------------------------------------------------
+    async def submit(self, name: str, args: dict[str, Any] | None = None, *, cause: str | None = None) -> str:
+        """Accept an invocation and return its activation id at once."""
+        sched = self._require()
+        job = sched.submit(self._resolve(name), {} if args is None else args, cause=cause)
+        return job.act.activation_id
+
+    async def call(self, name: str, args: dict[str, Any] | None = None, *, cause: str | None = None) -> Activation:
+        """Invoke and wait; returns the ended Activation whatever its status."""
+        sched = self._require()
+        job = sched.submit(self._resolve(name), {} if args is None else args, cause=cause)
+        await job.done.wait()
+        return job.act
+
+    async def invoke(self, name: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Invoke and wait; returns the result dict, raises :class:`ActivationError` unless it succeeded."""
+        act = await self.call(name, args)
+        if act.status != "success":
+            raise ActivationError(act)
+        return act.result
+
+    # -- services and observability ---------------------------------------------------------------------------
+    async def _svc_model_fetch(self, args: dict[str, Any]) -> str:
+        store = self.model_store
+        path = await store.fetch(str(args["url"]), sha256=args.get("sha256"))
+        return str(path)
+
+    @property
+    def model_store(self) -> Any:
+        """The host's content-addressed model store (created on first use)."""
+        if self._model_store is None:
+            from ._modelstore import ModelStore
+
+            root = (self.state_dir / "models") if self.state_dir is not None else _user_model_cache()
+            self._model_store = ModelStore(root)
+        return self._model_store
+
+    def add_end_hook(self, hook: Callable[[Activation], None]) -> None:
+        """Call ``hook(activation)`` whenever an activation ends (metrics, live UIs)."""
+        self._end_hooks.append(hook)
+
+    def _on_end(self, act: Activation) -> None:
+        for hook in self._end_hooks:
+            with contextlib.suppress(Exception):
+                hook(act)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters (cold starts, warm runs, forks, spawns, evictions) and the pool's state per function."""
+        if self._pool is None or self._sched is None:
+            raise EngineClosed("the engine is not running")
+        out: dict[str, Any] = dict(self._pool.stats)
+        out["sandboxes"] = self._pool.total
+        out["queued"] = self._sched.queued
+        out["in_flight"] = len(self._sched.jobs)
+        out["functions"] = self._pool.snapshot()
+        out["launcher"] = getattr(self._launcher, "name", "?")
+        launcher_stats = getattr(self._launcher, "stats", None)
+        if callable(launcher_stats):
+            out["launcher_stats"] = launcher_stats()
+        return out
+
+
+def _user_model_cache() -> Path:
+    env = os.environ.get("MINIFAAS_MODEL_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "minifaas" / "models"
+
+
+def _limits(**given: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    bounds: dict[str, tuple[float, float]] = {
+        "timeout_s": (0.01, 24 * 3600),
+        "memory_mb": (16, 1 << 20),
+        "concurrency": (1, 1000),
+        "max_sandboxes": (1, 10_000),
+        "idle_timeout_s": (0.0, 30 * 24 * 3600),
+        "max_payload_bytes": (1, 1 << 30),
+        "max_result_bytes": (1, 1 << 30),
+        "max_log_bytes": (1, 1 << 30),
+        "max_queue": (0, 10_000_000),
+    }
+    for key, value in given.items():
+        if value is None:
+            value = DEFAULTS[key]
+        lo, hi = bounds[key]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+            raise DeployError(f"{key} must be a number between {lo:g} and {hi:g}, got {value!r}")
+        out[key] = int(value) if isinstance(DEFAULTS[key], int) else float(value)
+    return out

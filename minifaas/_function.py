@@ -1,0 +1,110 @@
+"""A deployed function version: its code bundle and its limits."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Final, Literal
+
+from ._bundle import Bundle
+
+__all__ = ("DEFAULTS", "FunctionSpec")
+
+TIMEOUT_S: Final = 60.0
+MEMORY_MB: Final = 256
+CONCURRENCY: Final = 1
+MAX_SANDBOXES: Final = 8
+IDLE_TIMEOUT_S: Final = 600.0
+MAX_PAYLOAD_BYTES: Final = 1 << 20
+MAX_RESULT_BYTES: Final = 1 << 20
+MAX_LOG_BYTES: Final = 10 << 20
+MAX_QUEUE: Final = 10_000
+
+DEFAULTS: Final[dict[str, Any]] = {
+    "timeout_s": TIMEOUT_S,
+    "memory_mb": MEMORY_MB,
+    "concurrency": CONCURRENCY,
+    "max_sandboxes": MAX_SANDBOXES,
+    "idle_timeout_s": IDLE_TIMEOUT_S,
+    "max_payload_bytes": MAX_PAYLOAD_BYTES,
+    "max_result_bytes": MAX_RESULT_BYTES,
+    "max_log_bytes": MAX_LOG_BYTES,
+    "max_queue": MAX_QUEUE,
+}
+
+
+@dataclasses.dataclass(slots=True)
+class FunctionSpec:
+    """One immutable version of a deployed function."""
+
+    name: str
+    version: str
+    namespace: str
+    bundle: Bundle
+    main: str = "main"
+    params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    annotations: dict[str, Any] = dataclasses.field(default_factory=dict)
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+    timeout_s: float = TIMEOUT_S
+    memory_mb: int = MEMORY_MB
+    concurrency: int = CONCURRENCY
+    max_sandboxes: int = MAX_SANDBOXES
+    min_sandboxes: int = 0
+    idle_timeout_s: float = IDLE_TIMEOUT_S
+    max_payload_bytes: int = MAX_PAYLOAD_BYTES
+    max_result_bytes: int = MAX_RESULT_BYTES
+    max_log_bytes: int = MAX_LOG_BYTES
+    max_queue: int = MAX_QUEUE
+    style: Literal["openwhisk", "lambda"] = "openwhisk"
+    #: the parameter whose value names a model (for model-affinity routing), e.g. "model_url"
+    model_param: str | None = None
+    #: model URLs to load into the zygote before forking this function's sandboxes
+    models: tuple[str, ...] = ()
+    #: preload set (zygote) this function's sandboxes fork from; None = the engine's default
+    preload: tuple[str, ...] | None = None
+    #: keep-alive policy name, None = the engine's
+    keepalive: str | None = None
+    created: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}@{self.version}"
+
+    def init_fields(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "namespace": self.namespace,
+            "main": self.main,
+            "source": self.bundle.source,
+            "env": self.env,
+            "concurrency": self.concurrency,
+            "memory_mb": self.memory_mb,
+            "max_result_bytes": self.max_result_bytes,
+            "max_log_bytes": self.max_log_bytes,
+            "style": self.style,
+        }
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "namespace": self.namespace,
+            "main": self.main,
+            "origin": self.bundle.origin,
+            "digest": self.bundle.digest,
+            "params": dict(self.params),
+            "annotations": dict(self.annotations),
+            "limits": {
+                "timeout_s": self.timeout_s,
+                "memory_mb": self.memory_mb,
+                "concurrency": self.concurrency,
+                "max_sandboxes": self.max_sandboxes,
+                "min_sandboxes": self.min_sandboxes,
+                "idle_timeout_s": self.idle_timeout_s,
+                "max_payload_bytes": self.max_payload_bytes,
+                "max_result_bytes": self.max_result_bytes,
+                "max_log_bytes": self.max_log_bytes,
+            },
+            "style": self.style,
+            "created": self.created,
+        }

@@ -1,0 +1,264 @@
+"""The scheduler: admission, per-function queues, dispatch to sandboxes, and the end of every activation.
+
+Flow of one invocation::
+
+    submit() --admit--> Activation(pending) in store --> FunctionPool.queue --pump--> free sandbox?
+                                                                   |  no: start a sandbox (cold) if the caps allow
+                                                                   v
+                                 execute(): RUN -> RESULT | timeout (kill) | sandbox death --> Activation(ended)
+
+Every accepted invocation ends in exactly one final record: the execute step records whatever happened, and the
+engine's close records the ones that never ran.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+import anyio
+import anyio.abc
+
+from minifaas_sandbox import protocol as p
+
+from ._activation import Activation, log_line, new_activation_id, now_ms
+from ._errors import InvalidPayload, Overloaded, PayloadTooLarge
+from ._function import FunctionSpec
+from ._pool import FunctionPool, Pool
+from ._sandbox import Sandbox, SandboxDied
+from ._store import ActivationStore
+
+__all__ = ("Job", "Scheduler", "validate_args")
+
+MAX_PAYLOAD_DEPTH: Final = 64
+ENGINE_MAX_QUEUED: Final = 100_000
+_JSON_SCALARS: Final = (str, int, float, bool, type(None), bytes)
+
+
+class Job:
+    __slots__ = ("act", "args_packed", "done", "fp", "model")
+
+    def __init__(self, act: Activation, args_packed: bytes, fp: FunctionPool, model: str | None) -> None:
+        self.act = act
+        self.args_packed = args_packed
+        self.fp = fp
+        self.model = model
+        self.done = anyio.Event()
+
+
+def validate_args(args: Any, *, max_depth: int = MAX_PAYLOAD_DEPTH) -> dict[str, Any]:
+    """Arguments must be a dict with str keys holding JSON-like values (plus bytes)."""
+    if not isinstance(args, dict):
+        raise InvalidPayload(f"arguments must be a dict, not {type(args).__name__}")
+    stack: list[tuple[Any, int, str]] = [(args, 0, "args")]
+    while stack:
+        value, depth, where = stack.pop()
+        if isinstance(value, dict):
+            if depth >= max_depth:
+                raise InvalidPayload(f"{where}: nested deeper than {max_depth} levels")
+            for k, v in value.items():
+                if not isinstance(k, str):
+                    raise InvalidPayload(f"{where}: key {k!r} is a {type(k).__name__}, keys must be str")
+                if not isinstance(v, _JSON_SCALARS):
+                    stack.append((v, depth + 1, f"{where}[{k!r}]"))
+        elif isinstance(value, list | tuple):
+            if depth >= max_depth:
+                raise InvalidPayload(f"{where}: nested deeper than {max_depth} levels")
+            for i, v in enumerate(value):
+                if not isinstance(v, _JSON_SCALARS):
+                    stack.append((v, depth + 1, f"{where}[{i}]"))
+        elif isinstance(value, float) and value != value:
+            continue
+        elif not isinstance(value, _JSON_SCALARS):
+            raise InvalidPayload(f"{where}: a {type(value).__name__} is not a JSON-like value")
+    return args
+
+
+class Scheduler:
+    def __init__(
+        self,
+        tg: anyio.abc.TaskGroup,
+        pool: Pool,
+        store: ActivationStore,
+        *,
+        max_queued: int = ENGINE_MAX_QUEUED,
+        on_end: Callable[[Activation], None] = lambda act: None,
+    ) -> None:
+        self.tg = tg
+        self.pool = pool
+        self.store = store
+        self.max_queued = max_queued
+        self.on_end = on_end
+        self.jobs: dict[str, Job] = {}
+        self.queued = 0
+        pool.on_capacity = self.pump_all
+
+    # -- admission --------------------------------------------------------------------------------------------
+    def submit(
+        self,
+        spec: FunctionSpec,
+        args: dict[str, Any],
+        *,
+        cause: str | None = None,
+        activation_id: str | None = None,
+        annotations: dict[str, Any] | None = None,
+    ) -> Job:
+        validate_args(args)
+        merged = {**spec.params, **args} if spec.params else args
+        try:
+            packed = p.encode_body(merged)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise InvalidPayload(f"arguments cannot be encoded: {exc}") from None
+        if len(packed) > spec.max_payload_bytes:
+            raise PayloadTooLarge(
+                f"arguments of {spec.name} are {len(packed)} bytes, over the {spec.max_payload_bytes} byte limit"
+            )
+        fp = self.pool.function(spec)
+        if fp.deleted:
+            fp = self.pool.function(spec)
+        if len(fp.queue) >= spec.max_queue or self.queued >= self.max_queued:
+            raise Overloaded(
+                f"{spec.name}: {len(fp.queue)} invocations already queued "
+                f"(limit {spec.max_queue} per function, {self.max_queued} per engine)"
+            )
+        model = merged.get(spec.model_param) if spec.model_param else None
+        act = Activation(
+            activation_id=activation_id or new_activation_id(),
+            name=spec.name,
+            version=spec.version,
+            namespace=spec.namespace,
+            accepted=now_ms(),
+            cause=cause,
+            annotations={"kind": "python:3", "limits": {"timeout": int(spec.timeout_s * 1000),
+                                                         "memory": spec.memory_mb,
+                                                         "concurrency": spec.concurrency},
+                         **(annotations or {})},
+        )
+        job = Job(act, packed, fp, model if isinstance(model, str) else None)
+        self.store.put(act)
+        self.jobs[act.activation_id] = job
+        fp.queue.append(job)
+        self.queued += 1
+        self.pump(fp)
+        return job
+
+    # -- dispatch ---------------------------------------------------------------------------------------------
+    def pump_all(self) -> None:
+        for fp in list(self.pool.functions.values()):
+            if fp.queue:
+                self.pump(fp)
+
+    def pump(self, fp: FunctionPool) -> None:
+        queue = fp.queue
+        while queue:
+            job = queue[0]
+            sb = self.pool.route(fp, job.model)
+            if sb is not None:
+                queue.popleft()
+                self.queued -= 1
+                sb.inflight[job.act.activation_id] = None  # type: ignore[assignment]  # reserved until RUN
+                self.tg.start_soon(self._execute, fp, sb, job)
+                continue
+            # every queued request beyond the sandboxes already starting wants a new sandbox
+            if fp.starting * fp.spec.concurrency < len(queue) and self.pool.may_start(fp):
+                self.tg.start_soon(self._start, fp, self.pool.reserve(fp))
+                continue
+            break
+
+    async def _start(self, fp: FunctionPool, sb: Sandbox) -> None:
+        reply = await self.pool.boot(fp, sb)
+        if not reply.get("ok"):
+            # OpenWhisk fails the activation that caused the cold start; later ones try again
+            if fp.queue:
+                job = fp.queue.popleft()
+                self.queued -= 1
+                act = job.act
+                act.start = now_ms()
+                act.init_time = round(sb.init_ms)
+                logs = list(reply.get("logs") or [])
+                logs += [line for lines in sb.stray.values() for line in lines]
+                self._finish(job, "developer_error",
+                             {"error": f"The action failed to initialize: {reply.get('error')}"},
+                             logs, {"cold": True, "sandbox": sb.id, "init_failed": True})
+        self.pump(fp)
+
+    async def _execute(self, fp: FunctionPool, sb: Sandbox, job: Job) -> None:
+        act = job.act
+        spec = fp.spec
+        sb.inflight.pop(act.activation_id, None)
+        cold = sb.runs == 0
+        act.start = now_ms()
+        act.status = "running"
+        ann = act.annotations
+        ann["sandbox"] = sb.id
+        ann["cold"] = cold
+        if cold:
+            act.init_time = round(sb.init_ms)
+            ann["launch"] = sb.launch_how
+        act.wait_time = max(0, act.start - act.accepted - (act.init_time or 0))
+        timeout_ms = int(spec.timeout_s * 1000)
+        status: str
+        result: dict[str, Any]
+        logs: list[str] = []
+        extra: dict[str, Any] = {}
+        t0 = time.perf_counter()
+        try:
+            with anyio.move_on_after(spec.timeout_s) as scope:
+                outcome = await sb.run(act.activation_id, job.args_packed, act.start + timeout_ms, spec.version)
+            if scope.cancelled_caught:
+                sb.kill(f"activation {act.activation_id} timed out")
+                status = "developer_error"
+                result = {"error": f"The action exceeded its time limits of {timeout_ms} milliseconds."}
+                extra["timeout"] = True
+                logs = sb.take_stray(act.activation_id)
+            else:
+                status, result, logs = outcome.status, outcome.result, outcome.logs
+                extra.update(outcome.annotations)
+                n = fp.invocations = fp.invocations + 1
+                fp.warm_ms += ((time.perf_counter() - t0) * 1000 - fp.warm_ms) / n
+        except SandboxDied as died:
+            status = "developer_error"
+            result = {"error": f"The action did not complete: {died.reason}."}
+            logs = sb.take_stray(act.activation_id)
+            logs.append(log_line("stderr", f"minifaas: {died.reason}"))
+            extra["exit_status"] = died.status
+        self._finish(job, status, result, logs, extra)
+        if sb.state == "dead" or extra.get("timeout"):
+            self.pool.forget_dead(fp, sb)
+        else:
+            sb.last_used = time.monotonic()
+            self.pool.stats["warm_runs" if not cold else "cold_runs"] += 1
+            if fp.deleted and not sb.inflight:
+                self.pool.retire(fp, sb)
+        self.pump(fp)
+        if not fp.queue:
+            self.pool.wake_reaper()
+
+    def _finish(self, job: Job, status: str, result: dict[str, Any], logs: list[str],
+                annotations: dict[str, Any]) -> None:
+        act = job.act
+        act.end = now_ms()
+        if not act.start:
+            act.start = act.end
+        act.duration = act.end - act.start + (act.init_time or 0)
+        act.status = status  # type: ignore[assignment]
+        act.result = result
+        act.logs = logs
+        act.annotations.update(annotations)
+        self.store.put(act)
+        self.jobs.pop(act.activation_id, None)
+        job.done.set()
+        self.on_end(act)
+
+    def fail_queued(self, fp: FunctionPool, message: str, status: str = "developer_error") -> None:
+        """End every request still waiting in ``fp``'s queue (function deleted, engine closing)."""
+        while fp.queue:
+            job = fp.queue.popleft()
+            self.queued -= 1
+            self._finish(job, status, {"error": message}, [], {})
+
+    def fail_running(self, message: str) -> None:
+        for job in list(self.jobs.values()):
+            if not job.done.is_set():
+                self._finish(job, "internal_error", {"error": message}, [], {})

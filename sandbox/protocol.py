@@ -1,0 +1,157 @@
+"""Wire protocol between the host (minifaas) and a sandbox process (minifaas_sandbox).
+
+Data flow::
+
+    host process                                          sandbox process
+    +--------------------------+   socketpair (fd N)      +---------------------------+
+    | Scheduler -> SandboxProc | ----- INIT / RUN ------> | runtime.serve()           |
+    |   reader task           <| ---- READY / RESULT ---- |   main(args) in the main  |
+    |   host calls (models)   <| ---- CALL / REPLY -----> |   thread, stdout captured |
+    +--------------------------+                          +---------------------------+
+          ^      ^                                             |        |
+          |      +------------- stderr pipe (fd 2) ------------+        |
+          +-------------------- stdout pipe (fd 1) ---------------------+
+
+The protocol channel is a private socket whose fd number the sandbox gets on its command line (or from the zygote).
+It is never stdin/stdout: what a function prints is captured by the runtime and returned as that activation's logs;
+whatever still reaches fd 1 or 2 (C extensions, child processes, a dying interpreter) is read by the host and
+attributed to the activation running at the time.
+
+Frame layout::
+
+    +----------------------+----------------------------------------------+
+    | length: uint32, big- | body: msgpack array [type: int, fields: map] |
+    | endian, of the body  | (use_bin_type=True: bytes stay bytes)        |
+    +----------------------+----------------------------------------------+
+
+Message types (H = host, S = sandbox):
+
+=====  ==========  ====  ==================================================================================
+code   name        dir   fields
+=====  ==========  ====  ==================================================================================
+1      READY       S>H   pid, preload (list of modules imported before READY)
+2      INIT        H>S   name, version, namespace, main, source {kind: code|file|dir, code, path, filename},
+                         env (the function's own variables), concurrency, memory_mb, max_result_bytes,
+                         max_log_bytes, style (openwhisk|lambda)
+3      INIT_DONE   S>H   ok, error (message), init_ms
+4      RUN         H>S   aid, args, deadline (epoch ms), version
+5      RESULT      S>H   aid, status (success|application_error|developer_error), result (map), logs
+                         (list of formatted lines), annotations (map), models (list of held model keys)
+6      CALL        S>H   cid, method, args: the sandbox asks the host for a service (e.g. "model.fetch")
+7      REPLY       H>S   cid, ok, value, error
+8      SHUTDOWN    H>S   (none): finish and exit 0
+=====  ==========  ====  ==================================================================================
+
+A RUN is answered by exactly one RESULT with the same ``aid``. With ``concurrency`` 1 the host sends one RUN at a
+time; with more, up to that many may be outstanding and RESULTs come back in completion order.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Iterator
+from typing import Any, Final
+
+import msgpack
+
+READY: Final = 1
+INIT: Final = 2
+INIT_DONE: Final = 3
+RUN: Final = 4
+RESULT: Final = 5
+CALL: Final = 6
+REPLY: Final = 7
+SHUTDOWN: Final = 8
+
+NAMES: Final[dict[int, str]] = {
+    READY: "READY",
+    INIT: "INIT",
+    INIT_DONE: "INIT_DONE",
+    RUN: "RUN",
+    RESULT: "RESULT",
+    CALL: "CALL",
+    REPLY: "REPLY",
+    SHUTDOWN: "SHUTDOWN",
+}
+
+HEADER: Final = struct.Struct(">I")
+HEADER_BYTES: Final = HEADER.size
+#: a frame larger than this is a protocol violation (payload and result limits are far below it)
+MAX_FRAME_BYTES: Final = 256 << 20
+
+Message = tuple[int, dict[str, Any]]
+
+
+class ProtocolError(Exception):
+    """Raised on either side when a frame is malformed or too large."""
+
+
+def encode(kind: int, fields: dict[str, Any]) -> bytes:
+    """One frame, header included. Raises TypeError/ValueError from msgpack when a value cannot be encoded."""
+    body = msgpack.packb([kind, fields], use_bin_type=True)
+    return HEADER.pack(len(body)) + body
+
+
+def encode_body(value: Any) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def decode_body(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+class FrameDecoder:
+    """Incremental decoder: feed bytes as they arrive, iterate over complete messages."""
+
+    __slots__ = ("_buf",)
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> Iterator[Message]:
+        buf = self._buf
+        buf += data
+        pos = 0
+        n = len(buf)
+        while n - pos >= HEADER_BYTES:
+            (length,) = HEADER.unpack_from(buf, pos)
+            if length > MAX_FRAME_BYTES:
+                raise ProtocolError(f"frame of {length} bytes exceeds {MAX_FRAME_BYTES}")
+            end = pos + HEADER_BYTES + length
+            if end > n:
+                break
+            try:
+                kind, fields = msgpack.unpackb(
+                    memoryview(buf)[pos + HEADER_BYTES : end], raw=False, strict_map_key=False
+                )
+            except Exception as exc:
+                raise ProtocolError(f"undecodable frame: {exc}") from exc
+            pos = end
+            yield kind, fields
+        if pos:
+            del buf[:pos]
+
+
+class BlockingChannel:
+    """The sandbox's end of the channel: blocking reads and writes on a socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._decoder = FrameDecoder()
+        self._pending: list[Message] = []
+
+    def send(self, kind: int, fields: dict[str, Any]) -> None:
+        self.sock.sendall(encode(kind, fields))
+
+    def send_frame(self, frame: bytes) -> None:
+        self.sock.sendall(frame)
+
+    def recv(self) -> Message | None:
+        """The next message, or None at end of stream."""
+        while not self._pending:
+            data = self.sock.recv(1 << 16)
+            if not data:
+                return None
+            self._pending.extend(self._decoder.feed(data))
+        return self._pending.pop(0)

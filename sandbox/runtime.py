@@ -1,0 +1,418 @@
+"""The sandbox runtime: receives INIT and RUN frames, runs the function, answers with RESULT frames.
+
+It runs the function in the main thread when the function's concurrency is 1 (the default: no threads, so a sandbox
+forked from a zygote stays fork-safe and signals behave), or in a thread pool of that size otherwise. Whatever the
+function prints through ``sys.stdout``/``sys.stderr`` is captured per activation and returned in its RESULT; nothing
+but the protocol ever goes over the channel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import resource
+import socket
+import sys
+import threading
+import time
+import traceback
+import types
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any, Final, TextIO
+
+import minifaas_sandbox
+from minifaas_sandbox import protocol as p
+
+DEFAULT_MAX_LOG_BYTES: Final = 10 << 20
+DEFAULT_MAX_RESULT_BYTES: Final = 1 << 20
+MAX_OPEN_FILES: Final = 1024
+MODULE_NAME: Final = "__minifaas_function__"
+TRUNCATED_MESSAGE: Final = "Logs were truncated because the total bytes size exceeds the limit of {} bytes."
+
+
+def _now_iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f") + "Z"
+
+
+class LogBuffer:
+    """One activation's log lines, formatted as OpenWhisk does, capped by bytes with a truncation line."""
+
+    __slots__ = ("_partial", "_size", "lines", "max_bytes", "truncated")
+
+    def __init__(self, max_bytes: int) -> None:
+        self.lines: list[str] = []
+        self.max_bytes = max_bytes
+        self._size = 0
+        self._partial: dict[str, str] = {}
+        self.truncated = False
+
+    def write(self, stream: str, text: str) -> None:
+        if self.truncated or not text:
+            return
+        pending = self._partial.pop(stream, "") + text
+        *complete, rest = pending.split("\n")
+        if rest:
+            self._partial[stream] = rest
+        if complete:
+            ts = _now_iso(time.time())
+            for line in complete:
+                self._add(f"{ts} {stream}: {line}")
+
+    def _add(self, line: str) -> None:
+        self._size += len(line) + 1
+        if self._size > self.max_bytes:
+            self.truncated = True
+            self.lines.append(f"{_now_iso(time.time())} stderr: {TRUNCATED_MESSAGE.format(self.max_bytes)}")
+            return
+        self.lines.append(line)
+
+    def finish(self) -> list[str]:
+        for stream, rest in list(self._partial.items()):
+            if not self.truncated:
+                self._add(f"{_now_iso(time.time())} {stream}: {rest}")
+        self._partial.clear()
+        return self.lines
+
+
+class _Capture:
+    """Stands in for sys.stdout/sys.stderr: routes text to the log buffer of the activation running in this thread."""
+
+    def __init__(self, stream: str, runtime: Runtime, fallback: TextIO) -> None:
+        self._stream = stream
+        self._runtime = runtime
+        self._fallback = fallback
+        self.encoding = "utf-8"
+        self.errors = "replace"
+
+    def write(self, text: str) -> int:
+        buf = self._runtime.current_logs()
+        if buf is None:
+            return self._fallback.write(text)
+        buf.write(self._stream, text)
+        return len(text)
+
+    def writelines(self, lines: list[str]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        if self._runtime.current_logs() is None:
+            self._fallback.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        return self._fallback.fileno()
+
+    @property
+    def buffer(self) -> Any:
+        return self._fallback.buffer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fallback, name)
+
+
+class LambdaContext:
+    """AWS Lambda's context object, for functions deployed with ``style="lambda"``."""
+
+    def __init__(self, aid: str, name: str, version: str, memory_mb: int, deadline_ms: int) -> None:
+        self.aws_request_id = aid
+        self.function_name = name
+        self.function_version = version
+        self.memory_limit_in_mb = memory_mb
+        self.invoked_function_arn = f"arn:minifaas:function:{name}:{version}"
+        self.log_group_name = f"/minifaas/{name}"
+        self.log_stream_name = aid
+        self._deadline_ms = deadline_ms
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, self._deadline_ms - time.time_ns() // 1_000_000)
+
+
+class Runtime:
+    def __init__(self, channel: p.BlockingChannel) -> None:
+        self.channel = channel
+        self.send_lock = threading.Lock()
+        self.fn: Callable[..., Any] | None = None
+        self.config: dict[str, Any] = {}
+        self._local = threading.local()
+        self._main_logs: LogBuffer | None = None
+        self._init_logs: list[str] = []
+        self._pool: ThreadPoolExecutor | None = None
+        self._next_cid = 0
+        self._replies: dict[int, dict[str, Any]] = {}
+        self._reply_events: dict[int, threading.Event] = {}
+        self._deferred: list[p.Message] = []
+        self._threaded = False
+
+    # -- logs -----------------------------------------------------------------------------------------------------
+    def current_logs(self) -> LogBuffer | None:
+        if self._threaded:
+            return getattr(self._local, "logs", None)
+        return self._main_logs
+
+    def _set_logs(self, buf: LogBuffer | None) -> None:
+        if self._threaded:
+            self._local.logs = buf
+        else:
+            self._main_logs = buf
+
+    # -- sending ------------------------------------------------------------------------------------------------
+    def send(self, kind: int, fields: dict[str, Any]) -> None:
+        frame = p.encode(kind, fields)
+        with self.send_lock:
+            self.channel.send_frame(frame)
+
+    # -- host calls -----------------------------------------------------------------------------------------------
+    def host_call(self, method: str, args: dict[str, Any]) -> Any:
+        with self.send_lock:
+            self._next_cid += 1
+            cid = self._next_cid
+        if self._threaded:
+            ev = threading.Event()
+            self._reply_events[cid] = ev
+            self.send(p.CALL, {"cid": cid, "method": method, "args": args})
+            ev.wait()
+            reply = self._replies.pop(cid)
+        else:
+            self.send(p.CALL, {"cid": cid, "method": method, "args": args})
+            while True:
+                msg = self.channel.recv()
+                if msg is None:
+                    raise RuntimeError("host closed the channel during a host call")
+                kind, fields = msg
+                if kind == p.REPLY and fields.get("cid") == cid:
+                    reply = fields
+                    break
+                self._deferred.append(msg)
+        if not reply.get("ok"):
+            raise RuntimeError(f"host call {method} failed: {reply.get('error')}")
+        return reply.get("value")
+
+    # -- init ---------------------------------------------------------------------------------------------------
+    def init(self, fields: dict[str, Any]) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        self.config = fields
+        buf = LogBuffer(int(fields.get("max_log_bytes") or DEFAULT_MAX_LOG_BYTES))
+        self._main_logs = buf
+        try:
+            os.environ.update({str(k): str(v) for k, v in (fields.get("env") or {}).items()})
+            self.fn = _load_function(fields)
+        except BaseException as exc:  # noqa: BLE001 - init failures of any kind are reported, not raised
+            self._main_logs = None
+            tb = traceback.format_exc()
+            for line in tb.rstrip().splitlines():
+                buf.write("stderr", line + "\n")
+            self._init_logs = buf.finish()
+            return {"ok": False, "error": _describe(exc), "logs": self._init_logs,
+                    "init_ms": (time.perf_counter() - t0) * 1000}
+        self._main_logs = None
+        self._init_logs = buf.finish()
+        concurrency = int(fields.get("concurrency") or 1)
+        if concurrency > 1:
+            self._threaded = True
+            self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="minifaas-activation")
+        _apply_limits(int(fields.get("memory_mb") or 0))
+        return {"ok": True, "init_ms": (time.perf_counter() - t0) * 1000}
+
+    # -- run ----------------------------------------------------------------------------------------------------
+    def run(self, fields: dict[str, Any]) -> None:
+        aid: str = fields["aid"]
+        cfg = self.config
+        max_log = int(cfg.get("max_log_bytes") or DEFAULT_MAX_LOG_BYTES)
+        max_result = int(cfg.get("max_result_bytes") or DEFAULT_MAX_RESULT_BYTES)
+        buf = LogBuffer(max_log)
+        if self._init_logs:
+            buf.lines.extend(self._init_logs)
+            self._init_logs = []
+        self._set_logs(buf)
+        deadline = int(fields.get("deadline") or 0)
+        version = str(fields.get("version") or cfg.get("version") or "")
+        if not self._threaded:
+            os.environ["__OW_ACTIVATION_ID"] = aid
+            os.environ["__OW_DEADLINE"] = str(deadline)
+            os.environ["__OW_ACTION_NAME"] = f"/{cfg.get('namespace', 'guest')}/{cfg.get('name', '')}"
+            os.environ["__OW_ACTION_VERSION"] = version
+            os.environ["__OW_NAMESPACE"] = str(cfg.get("namespace", "guest"))
+        status = "success"
+        result: Any
+        annotations: dict[str, Any] = {}
+        t0 = time.perf_counter()
+        try:
+            assert self.fn is not None
+            args = fields.get("args")
+            # the host encodes the arguments once, at submit, and ships them as one msgpack blob
+            args = p.decode_body(args) if isinstance(args, bytes) else (args or {})
+            if cfg.get("style") == "lambda":
+                ctx = LambdaContext(aid, str(cfg.get("name", "")), version, int(cfg.get("memory_mb") or 0), deadline)
+                result = self.fn(args, ctx)
+            else:
+                result = self.fn(args)
+            if not isinstance(result, dict):
+                status = "developer_error"
+                result = {"error": f"The action did not return a dictionary (returned {type(result).__name__})."}
+        except MemoryError:
+            status = "developer_error"
+            result = {"error": f"memory limit exceeded ({cfg.get('memory_mb')} MB)"}
+            buf.write("stderr", "MemoryError: memory limit exceeded\n")
+        except RecursionError as exc:
+            status = "application_error"
+            result = {"error": f"RecursionError: {exc}"}
+            buf.write("stderr", "".join(traceback.format_exception(exc, limit=-20)))
+        except SystemExit as exc:
+            status = "developer_error"
+            result = {"error": f"The action called sys.exit({exc.code!r})."}
+        except BaseException as exc:  # noqa: BLE001 - the function's failure is reported, the sandbox lives on
+            status = "application_error"
+            result = {"error": _describe(exc)}
+            buf.write("stderr", "".join(traceback.format_exception(exc)))
+        duration_ms = (time.perf_counter() - t0) * 1000
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        self._set_logs(None)
+        annotations.update(_model_annotations())
+        out = {"aid": aid, "status": status, "result": result, "logs": buf.finish(),
+               "annotations": annotations, "run_ms": duration_ms, "models": _held_models()}
+        try:
+            frame = p.encode(p.RESULT, out)
+        except (TypeError, ValueError, OverflowError) as exc:
+            out["status"] = "developer_error"
+            out["result"] = {"error": f"The action returned a result that cannot be serialized: {exc}"}
+            frame = p.encode(p.RESULT, out)
+        if len(frame) > max_result:
+            # the frame also carries logs: only the result itself counts against the limit
+            size = len(p.encode_body(out["result"]))
+            if size > max_result:
+                out["status"] = "developer_error"
+                out["result"] = {"error": "The action produced a response that exceeded the allowed length: "
+                                 f"{size} > {max_result} bytes."}
+                frame = p.encode(p.RESULT, out)
+        with self.send_lock:
+            self.channel.send_frame(frame)
+
+    # -- main loop ----------------------------------------------------------------------------------------------
+    def loop(self) -> int:
+        while True:
+            if self._deferred:
+                msg: p.Message | None = self._deferred.pop(0)
+            else:
+                msg = self.channel.recv()
+            if msg is None:
+                return 0
+            kind, fields = msg
+            if kind == p.RUN:
+                if self._pool is not None:
+                    self._pool.submit(self.run, fields)
+                else:
+                    self.run(fields)
+            elif kind == p.REPLY:
+                cid = int(fields.get("cid", 0))
+                ev = self._reply_events.pop(cid, None)
+                if ev is not None:
+                    self._replies[cid] = fields
+                    ev.set()
+            elif kind == p.INIT:
+                self.send(p.INIT_DONE, self.init(fields))
+            elif kind == p.SHUTDOWN:
+                if self._pool is not None:
+                    self._pool.shutdown(wait=True)
+                return 0
+
+
+def _describe(exc: BaseException) -> str:
+    msg = str(exc)
+    return msg if msg else type(exc).__name__
+
+
+def _load_function(fields: dict[str, Any]) -> Callable[..., Any]:
+    source: dict[str, Any] = fields["source"]
+    main_name = str(fields.get("main") or "main")
+    kind = source.get("kind")
+    module = types.ModuleType(MODULE_NAME)
+    if kind == "code":
+        filename = str(source.get("filename") or "__main__.py")
+        module.__file__ = filename
+        sys.modules[MODULE_NAME] = module
+        exec(compile(source["code"], filename, "exec"), module.__dict__)
+    elif kind in ("file", "dir"):
+        path = str(source["path"])
+        folder = os.path.dirname(path)
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+        spec = importlib.util.spec_from_file_location(MODULE_NAME, path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot load {path}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[MODULE_NAME] = module
+        spec.loader.exec_module(module)
+        with contextlib.suppress(OSError):
+            os.chdir(folder)
+    else:
+        raise ValueError(f"unknown source kind {kind!r}")
+    fn = getattr(module, main_name, None)
+    if not callable(fn):
+        raise AttributeError(f"the function has no callable {main_name!r}")
+    return fn  # type: ignore[no-any-return]
+
+
+def _apply_limits(memory_mb: int) -> None:
+    """Cap this sandbox's address space at what it uses after init plus the function's memory limit."""
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (MAX_OPEN_FILES, MAX_OPEN_FILES))
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if memory_mb <= 0:
+        return
+    vm_bytes = 0
+    with contextlib.suppress(OSError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                vm_bytes = int(line.split()[1]) * 1024
+                break
+    limit = vm_bytes + (memory_mb << 20)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def _model_annotations() -> dict[str, Any]:
+    models = sys.modules.get("minifaas_sandbox.models")
+    take = getattr(models, "take_activation_info", None)
+    if take is None:
+        return {}
+    try:
+        info = take()
+    except Exception:  # noqa: BLE001 - annotations are best effort, the result is not
+        return {}
+    return dict(info) if isinstance(info, dict) else {}
+
+
+def _held_models() -> list[str]:
+    models = sys.modules.get("minifaas_sandbox.models")
+    held = getattr(models, "held", None)
+    if held is None:
+        return []
+    try:
+        return [str(k) for k in held()]
+    except Exception:  # noqa: BLE001
+        return []
+
+
+def serve(channel_fd: int, *, preloaded: tuple[str, ...] = ()) -> int:
+    """Run the sandbox on an inherited channel fd until the host closes it or sends SHUTDOWN."""
+    sock = socket.socket(fileno=channel_fd)
+    sock.setblocking(True)
+    channel = p.BlockingChannel(sock)
+    rt = Runtime(channel)
+    minifaas_sandbox._host_call = rt.host_call
+    sys.stdout = _Capture("stdout", rt, sys.__stdout__ or sys.stdout)  # type: ignore[assignment]
+    sys.stderr = _Capture("stderr", rt, sys.__stderr__ or sys.stderr)  # type: ignore[assignment]
+    rt.send(p.READY, {"pid": os.getpid(), "preload": list(preloaded)})
+    try:
+        return rt.loop()
+    except (BrokenPipeError, ConnectionResetError):
+        return 0
