@@ -108,6 +108,7 @@ class Engine:
         idle_timeout_s: float | None = None,
         close_timeout_s: float = CLOSE_TIMEOUT_S,
         ray_address: str | None = None,
+        clock: Any = None,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -131,6 +132,8 @@ class Engine:
         self.idle_timeout_s = idle_timeout_s
         self.close_timeout_s = close_timeout_s
         self.ray_address = ray_address
+        #: keep-alive clock: an object with ``now()`` in seconds (e.g. minifaas.testing.FakeClock); None = real time
+        self.clock = clock
         self.activations = Activations(self)
         self._functions: dict[str, list[FunctionSpec]] = {}
         self._tg: anyio.abc.TaskGroup | None = None
@@ -166,7 +169,10 @@ class Engine:
         self._tg = tg
         services = {"model.fetch": self._svc_model_fetch}
         self._pool = Pool(tg, self._launcher, services, max_total=self.max_sandboxes,
-                          memory_budget_mb=self.memory_budget_mb)
+                          memory_budget_mb=self.memory_budget_mb,
+                          now=self.clock.now if self.clock is not None else time.monotonic)
+        if self.clock is not None and hasattr(self.clock, "on_advance"):
+            self.clock.on_advance(self._pool.wake_reaper)
         self._sched = Scheduler(tg, self._pool, self._store, max_queued=self.max_queued, on_end=self._on_end)
         tg.start_soon(self._pool.reaper, name="minifaas-reaper")
         self.started_at = time.time()

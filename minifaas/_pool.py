@@ -63,8 +63,11 @@ class Pool:
         max_total: int = MAX_SANDBOXES_TOTAL,
         memory_budget_mb: int | None = None,
         on_capacity: Callable[[], None] = lambda: None,
+        now: Callable[[], float] = time.monotonic,
     ) -> None:
         self.tg = tg
+        #: the keep-alive clock (seconds); tests pass a fake clock's ``now``
+        self.now = now
         self.launcher = launcher
         self.services = services
         self.max_total = max_total
@@ -157,7 +160,7 @@ class Pool:
         if not reply.get("ok"):
             self.retire(fp, sb)
         else:
-            sb.last_used = time.monotonic()
+            sb.last_used = self.now()
             n = self.stats["cold_starts"] = self.stats["cold_starts"] + 1
             fp.cold_ms += (sb.init_ms - fp.cold_ms) / n
         self.wake_reaper()
@@ -192,7 +195,7 @@ class Pool:
     async def reaper(self) -> None:
         """Stop sandboxes idle past their function's idle timeout, keeping ``min_sandboxes`` warm."""
         while True:
-            now = time.monotonic()
+            now = self.now()
             next_check = REAP_INTERVAL_MAX_S
             for fp in list(self.functions.values()):
                 spec = fp.spec

@@ -227,7 +227,7 @@ class Scheduler:
         if sb.state == "dead" or extra.get("timeout"):
             self.pool.forget_dead(fp, sb)
         else:
-            sb.last_used = time.monotonic()
+            sb.last_used = self.pool.now()
             self.pool.stats["warm_runs" if not cold else "cold_runs"] += 1
             if fp.deleted and not sb.inflight:
                 self.pool.retire(fp, sb)
@@ -237,6 +237,8 @@ class Scheduler:
 
     def _finish(self, job: Job, status: str, result: dict[str, Any], logs: list[str],
                 annotations: dict[str, Any]) -> None:
+        if job.done.is_set():
+            return  # already ended (by the engine's close): a record ends exactly once
         act = job.act
         act.end = now_ms()
         if not act.start:

@@ -30,6 +30,7 @@ DEFAULT_MAX_LOG_BYTES: Final = 10 << 20
 DEFAULT_MAX_RESULT_BYTES: Final = 1 << 20
 MAX_OPEN_FILES: Final = 1024
 MODULE_NAME: Final = "__minifaas_function__"
+PR_SET_PDEATHSIG: Final = 1
 TRUNCATED_MESSAGE: Final = "Logs were truncated because the total bytes size exceeds the limit of {} bytes."
 
 
@@ -134,7 +135,7 @@ class LambdaContext:
 
 
 class Runtime:
-    def __init__(self, channel: p.BlockingChannel) -> None:
+    def __init__(self, channel: p.BlockingChannel | None) -> None:
         self.channel = channel
         self.send_lock = threading.Lock()
         self.fn: Callable[..., Any] | None = None
@@ -164,11 +165,14 @@ class Runtime:
     # -- sending ------------------------------------------------------------------------------------------------
     def send(self, kind: int, fields: dict[str, Any]) -> None:
         frame = p.encode(kind, fields)
+        assert self.channel is not None
         with self.send_lock:
             self.channel.send_frame(frame)
 
     # -- host calls -----------------------------------------------------------------------------------------------
     def host_call(self, method: str, args: dict[str, Any]) -> Any:
+        if self.channel is None:
+            raise RuntimeError("no host to call: running in-process")
         with self.send_lock:
             self._next_cid += 1
             cid = self._next_cid
@@ -194,14 +198,15 @@ class Runtime:
         return reply.get("value")
 
     # -- init ---------------------------------------------------------------------------------------------------
-    def init(self, fields: dict[str, Any]) -> dict[str, Any]:
+    def init(self, fields: dict[str, Any], *, in_process: bool = False) -> dict[str, Any]:
         t0 = time.perf_counter()
         self.config = fields
         buf = LogBuffer(int(fields.get("max_log_bytes") or DEFAULT_MAX_LOG_BYTES))
         self._main_logs = buf
         try:
-            os.environ.update({str(k): str(v) for k, v in (fields.get("env") or {}).items()})
-            self.fn = _load_function(fields)
+            if not in_process:
+                os.environ.update({str(k): str(v) for k, v in (fields.get("env") or {}).items()})
+            self.fn = _load_function(fields, chdir=not in_process)
         except BaseException as exc:  # noqa: BLE001 - init failures of any kind are reported, not raised
             self._main_logs = None
             tb = traceback.format_exc()
@@ -216,16 +221,37 @@ class Runtime:
         if concurrency > 1:
             self._threaded = True
             self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="minifaas-activation")
-        _apply_limits(int(fields.get("memory_mb") or 0))
+        if not in_process:
+            _apply_limits(int(fields.get("memory_mb") or 0))
         return {"ok": True, "init_ms": (time.perf_counter() - t0) * 1000}
 
     # -- run ----------------------------------------------------------------------------------------------------
     def run(self, fields: dict[str, Any]) -> None:
+        assert self.channel is not None
+        out = self.execute(fields)
+        max_result = int(self.config.get("max_result_bytes") or DEFAULT_MAX_RESULT_BYTES)
+        try:
+            frame = p.encode(p.RESULT, out)
+        except (TypeError, ValueError, OverflowError) as exc:
+            out["status"] = "developer_error"
+            out["result"] = {"error": f"The action returned a result that cannot be serialized: {exc}"}
+            frame = p.encode(p.RESULT, out)
+        if len(frame) > max_result:
+            # the frame also carries logs: only the result itself counts against the limit
+            size = len(p.encode_body(out["result"]))
+            if size > max_result:
+                out["status"] = "developer_error"
+                out["result"] = {"error": "The action produced a response that exceeded the allowed length: "
+                                 f"{size} > {max_result} bytes."}
+                frame = p.encode(p.RESULT, out)
+        with self.send_lock:
+            self.channel.send_frame(frame)
+
+    def execute(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """Run one activation and return the RESULT fields (also used in-process by minifaas.testing)."""
         aid: str = fields["aid"]
         cfg = self.config
-        max_log = int(cfg.get("max_log_bytes") or DEFAULT_MAX_LOG_BYTES)
-        max_result = int(cfg.get("max_result_bytes") or DEFAULT_MAX_RESULT_BYTES)
-        buf = LogBuffer(max_log)
+        buf = LogBuffer(int(cfg.get("max_log_bytes") or DEFAULT_MAX_LOG_BYTES))
         if self._init_logs:
             buf.lines.extend(self._init_logs)
             self._init_logs = []
@@ -240,7 +266,6 @@ class Runtime:
             os.environ["__OW_NAMESPACE"] = str(cfg.get("namespace", "guest"))
         status = "success"
         result: Any
-        annotations: dict[str, Any] = {}
         t0 = time.perf_counter()
         try:
             assert self.fn is not None
@@ -270,33 +295,17 @@ class Runtime:
             status = "application_error"
             result = {"error": _describe(exc)}
             buf.write("stderr", "".join(traceback.format_exception(exc)))
-        duration_ms = (time.perf_counter() - t0) * 1000
+        run_ms = (time.perf_counter() - t0) * 1000
         with contextlib.suppress(Exception):
             sys.stdout.flush()
             sys.stderr.flush()
         self._set_logs(None)
-        annotations.update(_model_annotations())
-        out = {"aid": aid, "status": status, "result": result, "logs": buf.finish(),
-               "annotations": annotations, "run_ms": duration_ms, "models": _held_models()}
-        try:
-            frame = p.encode(p.RESULT, out)
-        except (TypeError, ValueError, OverflowError) as exc:
-            out["status"] = "developer_error"
-            out["result"] = {"error": f"The action returned a result that cannot be serialized: {exc}"}
-            frame = p.encode(p.RESULT, out)
-        if len(frame) > max_result:
-            # the frame also carries logs: only the result itself counts against the limit
-            size = len(p.encode_body(out["result"]))
-            if size > max_result:
-                out["status"] = "developer_error"
-                out["result"] = {"error": "The action produced a response that exceeded the allowed length: "
-                                 f"{size} > {max_result} bytes."}
-                frame = p.encode(p.RESULT, out)
-        with self.send_lock:
-            self.channel.send_frame(frame)
+        return {"aid": aid, "status": status, "result": result, "logs": buf.finish(),
+                "annotations": _model_annotations(), "run_ms": run_ms, "models": _held_models()}
 
     # -- main loop ----------------------------------------------------------------------------------------------
     def loop(self) -> int:
+        assert self.channel is not None
         while True:
             if self._deferred:
                 msg: p.Message | None = self._deferred.pop(0)
@@ -329,7 +338,7 @@ def _describe(exc: BaseException) -> str:
     return msg if msg else type(exc).__name__
 
 
-def _load_function(fields: dict[str, Any]) -> Callable[..., Any]:
+def _load_function(fields: dict[str, Any], *, chdir: bool = True) -> Callable[..., Any]:
     source: dict[str, Any] = fields["source"]
     main_name = str(fields.get("main") or "main")
     kind = source.get("kind")
@@ -350,8 +359,9 @@ def _load_function(fields: dict[str, Any]) -> Callable[..., Any]:
         module = importlib.util.module_from_spec(spec)
         sys.modules[MODULE_NAME] = module
         spec.loader.exec_module(module)
-        with contextlib.suppress(OSError):
-            os.chdir(folder)
+        if chdir:
+            with contextlib.suppress(OSError):
+                os.chdir(folder)
     else:
         raise ValueError(f"unknown source kind {kind!r}")
     fn = getattr(module, main_name, None)
@@ -402,8 +412,21 @@ def _held_models() -> list[str]:
         return []
 
 
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies, so a killed host leaves no sandbox behind."""
+    parent = os.getppid()
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)
+    if os.getppid() != parent or parent == 1:
+        os._exit(0)
+
+
 def serve(channel_fd: int, *, preloaded: tuple[str, ...] = ()) -> int:
     """Run the sandbox on an inherited channel fd until the host closes it or sends SHUTDOWN."""
+    die_with_parent()
     sock = socket.socket(fileno=channel_fd)
     sock.setblocking(True)
     channel = p.BlockingChannel(sock)
