@@ -71,8 +71,9 @@ def _defines(tree: ast.Module, name: str) -> bool:
                     return True
         if isinstance(node, ast.If | ast.Try | ast.With):
             # definitions under `if`/`try` (e.g. optional imports) count too
-            inner = ast.Module(body=[n for n in ast.walk(node) if isinstance(n, ast.stmt) and n is not node],
-                               type_ignores=[])
+            inner = ast.Module(
+                body=[n for n in ast.walk(node) if isinstance(n, ast.stmt) and n is not node], type_ignores=[]
+            )
             if _defines(inner, name):
                 return True
     return False
@@ -143,16 +144,20 @@ def _load_dir(folder: Path, main: str, work_dir: Path) -> Bundle:
     manifest = _read_manifest(folder)
     staging = Path(tempfile.mkdtemp(prefix=".stage-", dir=work_dir))
     try:
-        shutil.copytree(folder, staging, dirs_exist_ok=True, symlinks=False,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".git"))
+        shutil.copytree(
+            folder,
+            staging,
+            dirs_exist_ok=True,
+            symlinks=False,
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".git"),
+        )
         for inc in manifest.get("include", []):
             src = (folder / str(inc)).resolve()
             if not src.exists():
                 raise DeployError(f"included file {inc!r} does not exist", file=str(folder / MANIFEST_NAME))
             dest = staging / src.name
             if src.is_dir():
-                shutil.copytree(src, dest, dirs_exist_ok=True,
-                                ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+                shutil.copytree(src, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
             else:
                 shutil.copy2(src, dest)
         models = {str(k): (folder / str(v)).resolve().as_uri() for k, v in manifest.get("models", {}).items()}
@@ -193,15 +198,22 @@ def _load_zip(zpath: Path, main: str, work_dir: Path) -> Bundle:
             except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
                 raise DeployError(f"cannot unpack zip: {exc}", file=str(zpath)) from None
         manifest = _read_manifest(staging)
-        models = {str(k): (staging / str(v)).resolve().as_uri() for k, v in manifest.get("models", {}).items()}
-        return _finish_staged(staging, main, work_dir, origin=str(zpath), manifest=manifest, models=models)
+        # model files inside a zip live where the bundle ends up (resolved in _finish_staged)
+        return _finish_staged(staging, main, work_dir, origin=str(zpath), manifest=manifest, models=None)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
 
 
-def _finish_staged(staging: Path, main: str, work_dir: Path, *, origin: str, manifest: dict[str, Any],
-                   models: dict[str, str]) -> Bundle:
+def _finish_staged(
+    staging: Path,
+    main: str,
+    work_dir: Path,
+    *,
+    origin: str,
+    manifest: dict[str, Any],
+    models: dict[str, str] | None,
+) -> Bundle:
     entry = staging / ENTRY_NAME
     if not entry.is_file():
         raise DeployError(f"bundle has no {ENTRY_NAME} at its root", file=origin)
@@ -226,8 +238,22 @@ def _finish_staged(staging: Path, main: str, work_dir: Path, *, origin: str, man
         shutil.rmtree(staging, ignore_errors=True)
     else:
         os.replace(staging, final)
+    if models is None:
+        models = {}
+        for k, v in manifest.get("models", {}).items():
+            target = (final / str(v)).resolve()
+            if not target.is_relative_to(final.resolve()) or not target.is_file():
+                raise DeployError(f"model file for {k!r} is not inside the bundle: {v}", file=origin)
+            models[str(k)] = target.as_uri()
     params = dict(manifest.get("params", {}))
     params.update(models)
     req = final / "requirements.txt"
-    return Bundle({"kind": "dir", "path": str(final / ENTRY_NAME)}, digest, params, models, origin, final,
-                  req.read_text() if req.is_file() else None)
+    return Bundle(
+        {"kind": "dir", "path": str(final / ENTRY_NAME)},
+        digest,
+        params,
+        models,
+        origin,
+        final,
+        req.read_text() if req.is_file() else None,
+    )

@@ -17,8 +17,11 @@ from typing import Any, Final, Literal
 import anyio
 import anyio.abc
 
-from ._activation import Activation
+from ._activation import Activation, new_activation_id
 from ._bundle import load_bundle
+from ._composer import Composition
+from ._composer import task as _as_composition
+from ._conductor import DEFAULT_MAX_STEPS, call_composition
 from ._errors import (
     ActivationError,
     ActivationNotFound,
@@ -30,8 +33,10 @@ from ._errors import (
 )
 from ._function import DEFAULTS, FunctionSpec
 from ._launch import Launcher, SpawnLauncher
-from ._pool import MAX_SANDBOXES_TOTAL, Pool
+from ._pool import KEEPALIVE_POLICIES, MAX_SANDBOXES_TOTAL, Pool
 from ._scheduler import ENGINE_MAX_QUEUED, Scheduler
+from ._sandbox import HostService
+from ._sessions import SessionStore
 from ._store import ActivationStore, open_store
 
 __all__ = ("Activations", "Engine")
@@ -58,6 +63,13 @@ class Activations:
         return act
 
     async def wait(self, activation_id: str, timeout_s: float | None = 60.0) -> Activation:
+        session_done = self._engine._session_done.get(activation_id)
+        if session_done is not None:
+            with anyio.move_on_after(timeout_s) as scope:
+                await session_done.wait()
+            if scope.cancelled_caught:
+                raise ActivationTimeout(f"session {activation_id} has not ended after {timeout_s} s")
+            return await self.get(activation_id)
         sched = self._engine._sched
         job = sched.jobs.get(activation_id) if sched else None
         if job is not None:
@@ -109,6 +121,8 @@ class Engine:
         close_timeout_s: float = CLOSE_TIMEOUT_S,
         ray_address: str | None = None,
         clock: Any = None,
+        keepalive: Literal["fixed", "histogram"] = "fixed",
+        prewarm: int = 0,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -116,9 +130,7 @@ class Engine:
             try:
                 importlib.import_module("ray")
             except ImportError:
-                raise BackendUnavailable(
-                    "backend='ray' needs Ray: pip install 'minifaas[ray]'"
-                ) from None
+                raise BackendUnavailable("backend='ray' needs Ray: pip install 'minifaas[ray]'") from None
         if launcher not in ("auto", "spawn", "zygote"):
             raise ValueError(f"unknown launcher {launcher!r}; choose auto, spawn or zygote")
         self.state_dir = Path(state_dir).expanduser() if state_dir is not None else None
@@ -134,8 +146,18 @@ class Engine:
         self.ray_address = ray_address
         #: keep-alive clock: an object with ``now()`` in seconds (e.g. minifaas.testing.FakeClock); None = real time
         self.clock = clock
+        if keepalive not in KEEPALIVE_POLICIES:
+            raise ValueError(f"unknown keep-alive policy {keepalive!r}; choose {', '.join(KEEPALIVE_POLICIES)}")
+        self.keepalive = keepalive
+        if prewarm < 0:
+            raise ValueError("prewarm must be >= 0")
+        self.prewarm = prewarm
         self.activations = Activations(self)
         self._functions: dict[str, list[FunctionSpec]] = {}
+        self._compositions: dict[str, tuple[Composition, dict[str, Any], int]] = {}
+        self._session_done: dict[str, anyio.Event] = {}
+        #: composition sessions (traces of the path taken), by session id = primary activation id
+        self.sessions = SessionStore()
         self._tg: anyio.abc.TaskGroup | None = None
         self._store: ActivationStore | None = None
         self._sched: Scheduler | None = None
@@ -163,14 +185,33 @@ class Engine:
             self._work_dir.mkdir()
         self._store = open_store(self.state_dir)
         self.recovered = self._store.recover()
+        if self.state_dir is not None:
+            self.sessions = SessionStore(self.state_dir / "sessions.sqlite3")
         self._launcher = self._make_launcher()
         tg = anyio.create_task_group()
         await tg.__aenter__()
         self._tg = tg
-        services = {"model.fetch": self._svc_model_fetch}
-        self._pool = Pool(tg, self._launcher, services, max_total=self.max_sandboxes,
-                          memory_budget_mb=self.memory_budget_mb,
-                          now=self.clock.now if self.clock is not None else time.monotonic)
+        start_in = getattr(self._launcher, "start_in", None)
+        if start_in is not None:
+            try:
+                await start_in(tg)
+            except BaseException:
+                tg.cancel_scope.cancel()
+                await tg.__aexit__(None, None, None)
+                self._tg = None
+                raise
+        services: dict[str, HostService] = {"model.fetch": self._svc_model_fetch}
+        self._pool = Pool(
+            tg,
+            self._launcher,
+            services,
+            max_total=self.max_sandboxes,
+            memory_budget_mb=self.memory_budget_mb,
+            now=self.clock.now if self.clock is not None else time.monotonic,
+            keepalive=self.keepalive,
+            idle_timeout_s=self.idle_timeout_s,
+            prewarm=self.prewarm,
+        )
         if self.clock is not None and hasattr(self.clock, "on_advance"):
             self.clock.on_advance(self._pool.wake_reaper)
         self._sched = Scheduler(tg, self._pool, self._store, max_queued=self.max_queued, on_end=self._on_end)
@@ -188,18 +229,11 @@ class Engine:
 
     def _make_launcher(self) -> Launcher:
         name = self.launcher_name
-        if name == "zygote":  # TODO(zygote): "auto" joins once the zygote launcher lands
-            try:
-                mod = importlib.import_module("minifaas._zygote")
-            except ImportError:
-                if name == "zygote":
-                    raise
-            else:
-                kwargs: dict[str, Any] = {}
-                if self.preload is not None:
-                    kwargs["preload"] = self.preload
-                launcher: Launcher = mod.ZygoteLauncher(**kwargs)
-                return launcher
+        if name in ("auto", "zygote"):
+            from ._zygote import DEFAULT_PRELOAD, FORK_AVAILABLE, ZygoteLauncher
+
+            if FORK_AVAILABLE or name == "zygote":
+                return ZygoteLauncher(preload=self.preload if self.preload is not None else DEFAULT_PRELOAD)
         return SpawnLauncher(self.preload or ())
 
     async def aclose(self) -> None:
@@ -215,11 +249,9 @@ class Engine:
             for fp in list(pool.functions.values()):
                 sched.fail_queued(fp, ENGINE_CLOSED_MESSAGE, status="internal_error")
             sched.fail_running(ENGINE_CLOSED_MESSAGE)
+            self._fail_sessions()
             with anyio.CancelScope(shield=True):
-                async with anyio.create_task_group() as stopper:
-                    for fp in list(pool.functions.values()):
-                        for sb in list(fp.sandboxes):
-                            stopper.start_soon(sb.stop)
+                await pool.close_all()
                 if self._launcher is not None:
                     await self._launcher.aclose()
         finally:
@@ -228,6 +260,7 @@ class Engine:
             self._tg = None
             if self._store is not None:
                 self._store.close()
+            self.sessions.close()
             if self._tmp_dir is not None:
                 shutil.rmtree(self._tmp_dir, ignore_errors=True)
 
@@ -262,6 +295,7 @@ class Engine:
         max_result_bytes: int | None = None,
         max_log_bytes: int | None = None,
         max_queue: int | None = None,
+        keepalive: Literal["fixed", "histogram"] | None = None,
         style: Literal["openwhisk", "lambda"] = "openwhisk",
         model_param: str | None = None,
         models: tuple[str, ...] | list[str] = (),
@@ -275,21 +309,26 @@ class Engine:
             raise DeployError(f"invalid main {main!r}: it must be a Python identifier")
         if style not in ("openwhisk", "lambda"):
             raise DeployError(f"invalid style {style!r}: use 'openwhisk' or 'lambda'")
+        if keepalive is not None and keepalive not in KEEPALIVE_POLICIES:
+            raise DeployError(f"invalid keepalive {keepalive!r}: use {' or '.join(KEEPALIVE_POLICIES)}")
         if params is not None and not isinstance(params, dict):
             raise DeployError(f"params must be a dict, not {type(params).__name__}")
         limits = _limits(
-            timeout_s=timeout_s, memory_mb=memory_mb, concurrency=concurrency, max_sandboxes=max_sandboxes,
+            timeout_s=timeout_s,
+            memory_mb=memory_mb,
+            concurrency=concurrency,
+            max_sandboxes=max_sandboxes,
             idle_timeout_s=idle_timeout_s if idle_timeout_s is not None else self.idle_timeout_s,
-            max_payload_bytes=max_payload_bytes, max_result_bytes=max_result_bytes, max_log_bytes=max_log_bytes,
+            max_payload_bytes=max_payload_bytes,
+            max_result_bytes=max_result_bytes,
+            max_log_bytes=max_log_bytes,
             max_queue=max_queue,
         )
         if min_sandboxes < 0 or min_sandboxes > limits["max_sandboxes"]:
             raise DeployError(f"min_sandboxes must be between 0 and max_sandboxes ({limits['max_sandboxes']})")
         assert self._work_dir is not None
         work_dir = self._work_dir
-        bundle = await anyio.to_thread.run_sync(
-            lambda: load_bundle(code=code, path=path, main=main, work_dir=work_dir)
-        )
+        bundle = await anyio.to_thread.run_sync(lambda: load_bundle(code=code, path=path, main=main, work_dir=work_dir))
         versions = self._functions.setdefault(name, [])
         version = str(int(versions[-1].version) + 1) if versions else "1"
         spec = FunctionSpec(
@@ -306,11 +345,30 @@ class Engine:
             model_param=model_param,
             models=tuple(models),
             preload=preload,
+            keepalive=keepalive,
             created=int(time.time() * 1000),
             **limits,
         )
         versions.append(spec)
         return spec.describe()
+
+    async def deploy_composition(
+        self,
+        name: str,
+        composition: Any,
+        *,
+        params: dict[str, Any] | None = None,
+        max_steps: int = DEFAULT_MAX_STEPS,
+    ) -> dict[str, Any]:
+        """Register a composition (a combinator tree, or its JSON IR) under ``name``; invoke it like a function."""
+        self._require()
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise DeployError(f"invalid composition name {name!r}: use letters, digits, '_', '-', '.'")
+        if name in self._functions:
+            raise DeployError(f"{name!r} is already a deployed function; delete it first")
+        comp = Composition.from_json(composition) if isinstance(composition, dict) else _as_composition(composition)
+        self._compositions[name] = (comp, dict(params or {}), max_steps)
+        return {"name": name, "kind": "composition", "actions": comp.actions(), "composition": comp.to_json()}
 
     def _resolve(self, name: str) -> FunctionSpec:
         base, _, version = name.partition("@")
@@ -328,6 +386,14 @@ class Engine:
 
     async def get_function(self, name: str) -> dict[str, Any]:
         self._require()
+        dep = self._compositions.get(name)
+        if dep is not None:
+            return {
+                "name": name,
+                "kind": "composition",
+                "actions": dep[0].actions(),
+                "composition": dep[0].to_json(),
+            }
         spec = self._resolve(name)
         info = spec.describe()
         info["versions"] = [s.version for s in self._functions[spec.name]]
@@ -335,12 +401,17 @@ class Engine:
 
     async def list_functions(self) -> list[dict[str, Any]]:
         self._require()
-        return [versions[-1].describe() for versions in self._functions.values() if versions]
+        out = [versions[-1].describe() for versions in self._functions.values() if versions]
+        out += [{"name": n, "kind": "composition", "actions": c[0].actions()} for n, c in self._compositions.items()]
+        return out
 
     async def delete(self, name: str) -> None:
         """Remove a function (every version, or one with ``name@version``); its queued requests fail."""
         sched = self._require()
         assert self._pool is not None
+        if name in self._compositions:
+            del self._compositions[name]
+            return
         base, _, version = name.partition("@")
         versions = self._functions.get(base)
         if not versions:
@@ -360,12 +431,37 @@ class Engine:
     async def submit(self, name: str, args: dict[str, Any] | None = None, *, cause: str | None = None) -> str:
         """Accept an invocation and return its activation id at once."""
         sched = self._require()
+        if name in self._compositions:
+            return self._submit_session(name, args, cause)
         job = sched.submit(self._resolve(name), {} if args is None else args, cause=cause)
         return job.act.activation_id
 
-    async def call(self, name: str, args: dict[str, Any] | None = None, *, cause: str | None = None) -> Activation:
+    async def call(
+        self,
+        name: str,
+        args: dict[str, Any] | None = None,
+        *,
+        cause: str | None = None,
+        session_id: str | None = None,
+    ) -> Activation:
         """Invoke and wait; returns the ended Activation whatever its status."""
         sched = self._require()
+        dep = self._compositions.get(name)
+        if dep is not None:
+            comp, params, max_steps = dep
+            return await call_composition(
+                self,
+                name,
+                comp,
+                {} if args is None else args,
+                sessions=self.sessions,
+                record=self._store_or_raise().put,
+                params=params,
+                cause=cause,
+                session_id=session_id,
+                max_steps=max_steps,
+                namespace=self.namespace,
+            )
         job = sched.submit(self._resolve(name), {} if args is None else args, cause=cause)
         await job.done.wait()
         return job.act
@@ -376,6 +472,33 @@ class Engine:
         if act.status != "success":
             raise ActivationError(act)
         return act.result
+
+    def _fail_sessions(self) -> None:
+        """Sessions still running at close end as failed records, like activations."""
+        store = self._store
+        for sid in list(self._session_done):
+            act = store.get(sid) if store is not None else None
+            if act is not None and not act.done:
+                act.status = "internal_error"
+                act.result = {"error": ENGINE_CLOSED_MESSAGE}
+                act.end = act.end or int(time.time() * 1000)
+                if store is not None:
+                    store.put(act)
+
+    def _submit_session(self, name: str, args: dict[str, Any] | None, cause: str | None) -> str:
+        assert self._tg is not None
+        sid = new_activation_id()
+        done = self._session_done[sid] = anyio.Event()
+
+        async def run() -> None:
+            try:
+                await self.call(name, args, cause=cause, session_id=sid)
+            finally:
+                done.set()
+                self._session_done.pop(sid, None)
+
+        self._tg.start_soon(run, name=f"session-{sid}")
+        return sid
 
     # -- services and observability ---------------------------------------------------------------------------
     async def _svc_model_fetch(self, args: dict[str, Any]) -> str:

@@ -23,8 +23,22 @@ __all__ = ("Launched", "Launcher", "SpawnLauncher", "make_pipes", "scrubbed_env"
 
 #: host variables a sandbox may inherit; everything else (tokens, keys, cloud credentials) is dropped
 ENV_ALLOW: Final[frozenset[str]] = frozenset(
-    {"PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "PYTHONHASHSEED", "OPENBLAS_CORETYPE",
-     "OPENBLAS_L2_SIZE", "PYTHONPATH", "VIRTUAL_ENV", "SYSTEMROOT", "MINIFAAS_MODEL_CACHE"}
+    {
+        "PATH",
+        "HOME",
+        "LANG",
+        "LC_ALL",
+        "LC_CTYPE",
+        "TZ",
+        "TMPDIR",
+        "PYTHONHASHSEED",
+        "OPENBLAS_CORETYPE",
+        "OPENBLAS_L2_SIZE",
+        "PYTHONPATH",
+        "VIRTUAL_ENV",
+        "SYSTEMROOT",
+        "MINIFAAS_MODEL_CACHE",
+    }
 )
 #: thread pools of numeric libraries are pinned to one thread per sandbox: sandboxes, not threads, give parallelism
 SANDBOX_ENV_DEFAULTS: Final[dict[str, str]] = {

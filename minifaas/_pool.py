@@ -1,14 +1,16 @@
 """The sandbox pool: which sandboxes exist, which are free, when to start, evict and expire them.
 
-The pool knows nothing about queues or activation records (that is the scheduler's job). It answers three
-questions: "which free sandbox should serve this request?" (model-affinity routing), "may this function start one
-more sandbox?" (per-function and engine-wide caps, evicting an idle sandbox of another function when the engine is
-full), and "which idle sandboxes have outlived their keep-alive?" (the reaper task, scale to zero).
+The pool knows nothing about queues or activation records (that is the scheduler's job). It answers:
+"which free sandbox should serve this request?" (model-affinity routing), "may this function start one more
+sandbox?" (per-function and engine-wide caps and the memory budget, evicting idle sandboxes of other functions by
+Greedy-Dual priority), and "which idle sandboxes have outlived their keep-alive, and which functions should be
+pre-warmed?" (the reaper task, driven by a keep-alive policy: scale to zero, ``min_sandboxes``, stem cells).
 """
 
 from __future__ import annotations
 
 import collections
+import math
 import time
 from collections.abc import Callable
 from typing import Any, Final
@@ -16,22 +18,31 @@ from typing import Any, Final
 import anyio
 import anyio.abc
 
-from ._function import FunctionSpec
+from ._function import IDLE_TIMEOUT_S, FunctionSpec
+from ._keepalive import Candidate, FixedPolicy, GreedyDualEvictor, HistogramPolicy, KeepAlivePolicy
 from ._launch import Launcher, scrubbed_env
-from ._sandbox import HostService, Sandbox
+from ._sandbox import HostService, Sandbox, SandboxDied
 
-__all__ = ("FunctionPool", "Pool")
+__all__ = ("KEEPALIVE_POLICIES", "FunctionPool", "Pool")
 
 MAX_SANDBOXES_TOTAL: Final = 32
 REAP_INTERVAL_MAX_S: Final = 1.0
 REAP_INTERVAL_MIN_S: Final = 0.01
+KEEPALIVE_POLICIES: Final = ("fixed", "histogram")
+SANDBOX_ENV: Final = {"MALLOC_ARENA_MAX": "2"}
+
+
+def _last_used(sb: object) -> float:
+    assert isinstance(sb, Sandbox)
+    return sb.last_used
 
 
 class FunctionPool:
     """The sandboxes of one function version, and its queue of waiting requests (owned by the scheduler)."""
 
-    def __init__(self, spec: FunctionSpec) -> None:
+    def __init__(self, spec: FunctionSpec, policy: KeepAlivePolicy) -> None:
         self.spec = spec
+        self.policy = policy
         self.sandboxes: list[Sandbox] = []
         self.starting = 0
         self.queue: collections.deque[Any] = collections.deque()
@@ -40,6 +51,9 @@ class FunctionPool:
         self.cold_ms = 0.0
         self.warm_ms = 0.0
         self.invocations = 0
+        #: the keep-alive policy asked for a fresh sandbox at this time (pool clock), kept until ``prewarm_until``
+        self.prewarm_at: float | None = None
+        self.prewarm_until = 0.0
 
     def free(self) -> list[Sandbox]:
         c = self.spec.concurrency
@@ -62,25 +76,46 @@ class Pool:
         *,
         max_total: int = MAX_SANDBOXES_TOTAL,
         memory_budget_mb: int | None = None,
-        on_capacity: Callable[[], None] = lambda: None,
         now: Callable[[], float] = time.monotonic,
+        keepalive: str = "fixed",
+        idle_timeout_s: float | None = None,
+        prewarm: int = 0,
     ) -> None:
+        if keepalive not in KEEPALIVE_POLICIES:
+            raise ValueError(f"unknown keep-alive policy {keepalive!r}; choose {', '.join(KEEPALIVE_POLICIES)}")
         self.tg = tg
-        #: the keep-alive clock (seconds); tests pass a fake clock's ``now``
-        self.now = now
         self.launcher = launcher
         self.services = services
         self.max_total = max_total
         self.memory_budget_mb = memory_budget_mb
-        self.on_capacity = on_capacity
+        #: the keep-alive clock (seconds); tests pass a fake clock's ``now``
+        self.now = now
+        fixed = FixedPolicy(idle_timeout_s if idle_timeout_s is not None else IDLE_TIMEOUT_S)
+        self.policies: dict[str, KeepAlivePolicy] = {
+            "fixed": fixed,
+            "histogram": HistogramPolicy(fallback_s=fixed.idle_timeout_s),
+        }
+        self.default_policy = keepalive
+        self.evictor = GreedyDualEvictor()
+        self.prewarm = prewarm
+        #: stem cells: launched, READY sandboxes not yet bound to a function (OpenWhisk's prewarmed containers)
+        self.stem: list[Sandbox] = []
+        self._stem_starting = 0
+        #: set by the scheduler: start a sandbox for a function with no request waiting (pre-warm, min_sandboxes)
+        self.warm_up: Callable[[FunctionPool], None] = lambda fp: None
+        self.on_capacity: Callable[[], None] = lambda: None
         self.functions: dict[str, FunctionPool] = {}
         self.stats: collections.Counter[str] = collections.Counter()
+        #: every sandbox not yet fully closed, in a pool or not (retired ones still shutting down)
+        self.live: set[Sandbox] = set()
         self._reaper_wake = anyio.Event()
+        #: when the reaper will look next (pool clock); an earlier expiry wakes it
+        self._reaper_next = 0.0
 
     # -- capacity ---------------------------------------------------------------------------------------------
     @property
     def total(self) -> int:
-        return sum(fp.size for fp in self.functions.values())
+        return sum(fp.size for fp in self.functions.values()) + len(self.stem) + self._stem_starting
 
     def memory_in_use(self) -> int:
         return sum(fp.size * fp.spec.memory_mb for fp in self.functions.values())
@@ -88,7 +123,11 @@ class Pool:
     def function(self, spec: FunctionSpec) -> FunctionPool:
         fp = self.functions.get(spec.key)
         if fp is None:
-            fp = self.functions[spec.key] = FunctionPool(spec)
+            policy = self.policies[spec.keepalive or self.default_policy]
+            configure = getattr(policy, "configure", None)
+            if configure is not None:
+                configure(spec.key, spec.idle_timeout_s)
+            fp = self.functions[spec.key] = FunctionPool(spec, policy)
         return fp
 
     def route(self, fp: FunctionPool, model: str | None) -> Sandbox | None:
@@ -96,63 +135,99 @@ class Pool:
         free = fp.free()
         if not free:
             return None
+        if len(free) == 1:
+            return free[0]
         if model is not None:
             holders = [sb for sb in free if model in sb.models]
             if holders:
                 return min(holders, key=lambda sb: len(sb.inflight))
             return min(free, key=lambda sb: (len(sb.models), len(sb.inflight)))
         # most recently used first keeps the hot set small, so idle sandboxes can expire (scale to zero)
-        return max(free, key=lambda sb: (sb.state == "ready" and not sb.inflight, sb.last_used))
+        return max(free, key=lambda sb: (not sb.inflight, sb.last_used))
 
-    def may_start(self, fp: FunctionPool) -> bool:
-        """True when ``fp`` may start one more sandbox now, evicting an idle one elsewhere if the engine is full."""
+    def may_start(self, fp: FunctionPool, *, evict: bool = True) -> bool:
+        """True when ``fp`` may start one more sandbox now, evicting idle ones elsewhere if the engine is full."""
         if fp.size >= fp.spec.max_sandboxes:
             return False
-        need_mb = fp.spec.memory_mb
-        while self.total >= self.max_total or (
-            self.memory_budget_mb is not None and self.memory_in_use() + need_mb > self.memory_budget_mb
-        ):
-            if not self._evict_one(exclude=fp):
-                return False
-        return True
-
-    def _evict_one(self, exclude: FunctionPool) -> bool:
-        candidates = [(fp, sb) for fp in self.functions.values() if fp is not exclude for sb in fp.idle()]
-        if not candidates:
+        if self.stem and self.total >= self.max_total:
+            return True  # a stem cell will be specialized: the total does not grow
+        budget = self.memory_budget_mb
+        over_count = self.total - self.max_total + 1
+        over_mb = (self.memory_in_use() + fp.spec.memory_mb - budget) if budget is not None else 0
+        if over_count <= 0 and over_mb <= 0:
+            return True
+        if not evict:
             return False
-        if self.memory_budget_mb is not None:
-            # Greedy-Dual (FaasCache): keep what is costly to re-create per MB of memory it holds
-            def priority(item: tuple[FunctionPool, Sandbox]) -> float:
-                f, sb = item
-                return sb.last_used + f.invocations * max(f.cold_ms - f.warm_ms, 1.0) / max(f.spec.memory_mb, 1)
+        return self._evict(fp, over_count, over_mb)
 
-            fp, sb = min(candidates, key=priority)
-            self.stats["evictions_memory"] += 1
+    def _evict(self, exclude: FunctionPool, count: int, need_mb: int) -> bool:
+        idle = [(fp, sb) for fp in self.functions.values() if fp is not exclude for sb in fp.idle()]
+        if self.stem:
+            idle += [(None, sb) for sb in self.stem]  # type: ignore[misc]
+        if len(idle) < count:
+            return False
+        owner = {id(sb): fp for fp, sb in idle}
+        cands = [
+            Candidate(
+                fn=sb.fn_key,
+                memory_mb=(fp.spec.memory_mb if fp else 0),
+                cold_cost_ms=(fp.cold_ms + fp.warm_ms) if fp else 0.0,
+                warm_cost_ms=fp.warm_ms if fp else 0.0,
+                frequency=fp.invocations if fp else 0,
+                key=sb,
+            )
+            for fp, sb in idle
+        ]
+        if need_mb > 0:
+            victims = self.evictor.choose_victims(cands, need_mb)
+            if not victims:
+                return False
+            reason = "evictions_memory"
         else:
-            fp, sb = min(candidates, key=lambda item: item[1].last_used)
-            self.stats["evictions_capacity"] += 1
-        self.retire(fp, sb)
+            # over the sandbox count only: the least recently used idle ones go
+            victims = sorted(cands, key=lambda c: _last_used(c.key))[:count]
+            reason = "evictions_capacity"
+        for c in victims:
+            sb = c.key
+            assert isinstance(sb, Sandbox)
+            fp = owner[id(sb)]
+            self.stats[reason] += 1
+            if fp is None:
+                self.stem.remove(sb)
+                self.tg.start_soon(sb.stop)
+            else:
+                self.retire(fp, sb)
         return True
 
     # -- lifecycle --------------------------------------------------------------------------------------------
     def reserve(self, fp: FunctionPool) -> Sandbox:
         """Count a new sandbox for ``fp`` at once (so caps hold) before :meth:`boot` starts it."""
-        sb = Sandbox(fp.spec.key, self.services)
+        while self.stem and self.stem[-1].state == "dead":
+            self.stem.pop()
+        sb = self.stem.pop() if self.stem else Sandbox(fp.spec.key, self.services)
+        sb.fn_key = fp.spec.key
+        sb.owner = fp
         fp.sandboxes.append(sb)
         fp.starting += 1
+        if len(self.live) > 2 * self.max_total:
+            self.live = {s for s in self.live if not s.closed.is_set()}
+        self.live.add(sb)
         return sb
 
     async def boot(self, fp: FunctionPool, sb: Sandbox) -> dict[str, Any]:
-        """Launch and initialize a reserved sandbox; returns the INIT_DONE reply (ok or not)."""
+        """Launch (unless it is a stem cell) and initialize a reserved sandbox; returns the INIT_DONE reply."""
         spec = fp.spec
         t0 = time.perf_counter()
         reply: dict[str, Any]
         try:
-            env = scrubbed_env({"MALLOC_ARENA_MAX": "2"})
-            await sb.start(self.launcher, env, self.tg)
-            self.stats["forks" if sb.launch_how == "fork" else "spawns"] += 1
+            if sb.proc is None:
+                await sb.start(self.launcher, scrubbed_env(SANDBOX_ENV), self.tg)
+                self.stats["forks" if sb.launch_how == "fork" else "spawns"] += 1
+            else:
+                self.stats["prewarmed_specializations"] += 1
+                self.tg.start_soon(self._refill_stem)
             reply = await sb.init(spec.init_fields())
-        except Exception as exc:  # noqa: BLE001 - turned into the cold activation's developer error
+        except (Exception, SandboxDied) as exc:
             reply = {"ok": False, "error": f"the sandbox failed to start: {exc}"}
         finally:
             fp.starting -= 1
@@ -161,15 +236,34 @@ class Pool:
             self.retire(fp, sb)
         else:
             sb.last_used = self.now()
+            sb.expires = math.inf
             n = self.stats["cold_starts"] = self.stats["cold_starts"] + 1
             fp.cold_ms += (sb.init_ms - fp.cold_ms) / n
         self.wake_reaper()
         return reply
 
+    async def _refill_stem(self) -> None:
+        """Keep ``prewarm`` generic sandboxes launched and READY, without exceeding the engine's cap."""
+        while len(self.stem) + self._stem_starting < self.prewarm and self.total < self.max_total:
+            self._stem_starting += 1
+            sb = Sandbox("(stem)", self.services)
+            self.live.add(sb)
+            try:
+                await sb.start(self.launcher, scrubbed_env(SANDBOX_ENV), self.tg)
+                self.stats["forks" if sb.launch_how == "fork" else "spawns"] += 1
+            except (Exception, SandboxDied):
+                self.tg.start_soon(sb.stop)
+                return
+            finally:
+                self._stem_starting -= 1
+            self.stem.append(sb)
+            self.on_capacity()
+
     def retire(self, fp: FunctionPool, sb: Sandbox) -> None:
         """Take a sandbox out of service and stop it in the background."""
         if sb in fp.sandboxes:
             fp.sandboxes.remove(sb)
+        self.evictor.forget(sb)
         if sb.state != "dead":
             self.tg.start_soon(sb.stop)
         self.on_capacity()
@@ -177,42 +271,91 @@ class Pool:
     def forget_dead(self, fp: FunctionPool, sb: Sandbox) -> None:
         if sb in fp.sandboxes:
             fp.sandboxes.remove(sb)
+            self.evictor.forget(sb)
             self.on_capacity()
 
     def remove_function(self, key: str) -> FunctionPool | None:
         fp = self.functions.pop(key, None)
         if fp is not None:
             fp.deleted = True
+            forget = getattr(fp.policy, "forget", None)
+            if forget is not None:
+                forget(key)
             for sb in list(fp.sandboxes):
                 if not sb.inflight:
                     self.retire(fp, sb)
         return fp
 
     # -- keep-alive -------------------------------------------------------------------------------------------
+    def started_run(self, fp: FunctionPool, sb: Sandbox, now: float) -> None:
+        fp.policy.on_invocation_start(fp.spec.key, now)
+        self.evictor.touch(sb)
+        sb.expires = math.inf
+        fp.prewarm_at = None
+
+    def became_idle(self, fp: FunctionPool, sb: Sandbox, now: float) -> None:
+        """Ask the policy how long to keep ``sb`` (and whether to pre-warm later); wake the reaper if sooner."""
+        key = fp.spec.key
+        fp.policy.on_invocation_end(key, now)
+        d = fp.policy.decide(key, now, warm=len(fp.idle()) - 1)
+        sb.expires = min(d.unload_at if d.unload_at is not None else math.inf, d.keep_until)
+        if d.prewarm_at is not None:
+            fp.prewarm_at, fp.prewarm_until = d.prewarm_at, d.keep_until
+        if sb.expires < self._reaper_next or (fp.prewarm_at is not None and fp.prewarm_at < self._reaper_next):
+            self._reaper_wake.set()
+
     def wake_reaper(self) -> None:
         self._reaper_wake.set()
 
     async def reaper(self) -> None:
-        """Stop sandboxes idle past their function's idle timeout, keeping ``min_sandboxes`` warm."""
+        """Stop idle sandboxes past their keep-alive, keep ``min_sandboxes`` warm, pre-warm when the policy says."""
+        self.tg.start_soon(self._refill_stem)
         while True:
             now = self.now()
             next_check = REAP_INTERVAL_MAX_S
             for fp in list(self.functions.values()):
                 spec = fp.spec
-                idle = sorted(fp.idle(), key=lambda sb: sb.last_used)
-                keep = spec.min_sandboxes
-                for sb in idle:
-                    if fp.size <= keep:
+                for sb in sorted(fp.idle(), key=lambda s: s.last_used):
+                    if fp.size <= spec.min_sandboxes:
                         break
-                    expires = sb.last_used + spec.idle_timeout_s
-                    if expires <= now:
+                    if sb.expires <= now:
                         self.stats["expired_idle"] += 1
                         self.retire(fp, sb)
                     else:
-                        next_check = min(next_check, expires - now)
-            with anyio.move_on_after(max(next_check, REAP_INTERVAL_MIN_S)):
+                        next_check = min(next_check, sb.expires - now)
+                if fp.deleted:
+                    continue
+                if fp.size < spec.min_sandboxes and self.may_start(fp, evict=False):
+                    self.stats["min_sandboxes_started"] += 1
+                    self.warm_up(fp)
+                if fp.prewarm_at is not None:
+                    if fp.prewarm_at <= now:
+                        fp.prewarm_at = None
+                        if not fp.idle() and not fp.starting and self.may_start(fp, evict=False):
+                            self.stats["policy_prewarms"] += 1
+                            self.warm_up(fp)
+                    else:
+                        next_check = min(next_check, fp.prewarm_at - now)
+            delay = max(next_check, REAP_INTERVAL_MIN_S)
+            self._reaper_next = now + delay
+            with anyio.move_on_after(delay):
                 await self._reaper_wake.wait()
             self._reaper_wake = anyio.Event()
+
+    async def close_all(self) -> None:
+        """Stop every sandbox this pool ever started and wait until each is reaped and its fds closed."""
+        self.prewarm = 0
+        async with anyio.create_task_group() as tg:
+            for sb in list(self.live):
+                tg.start_soon(self._close_one, sb)
+        self.live.clear()
+        self.stem.clear()
+
+    @staticmethod
+    async def _close_one(sb: Sandbox) -> None:
+        await sb.stop()
+        if sb.proc is not None:
+            await sb.closed.wait()
 
     def snapshot(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -225,5 +368,6 @@ class Pool:
                 "queued": len(fp.queue),
                 "models": sorted({m for sb in fp.sandboxes for m in sb.models}),
                 "pids": [sb.proc.pid for sb in fp.sandboxes if sb.proc is not None],
+                "keepalive": getattr(fp.policy, "name", "?"),
             }
         return out

@@ -1,37 +1,37 @@
-"""The host's handle on one sandbox process: start it, initialize a function, run activations, notice its death.
+"""The host's handle on one sandbox process: start it, initialize a function, send RUNs, notice its death.
 
-Each sandbox owns three tasks in the engine's task group: a channel reader (frames from the sandbox), and two pipe
-readers (whatever reaches fd 1 and 2 outside the runtime's capture). When the channel ends, the reader collects the
-exit status and ends every activation still in flight on this sandbox with it.
+The hot path is callback driven: the channel socket is registered with the event loop (``add_reader``), and a RESULT
+frame is handed to the scheduler's ``on_result`` callback from inside the reader callback, without waking a task.
+Three tasks per sandbox, owned by the engine's task group, handle the slow paths: a watcher that collects the exit
+status when the channel ends, and two pipe readers for whatever reaches fd 1 and 2 outside the runtime's capture.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import dataclasses
 import itertools
+import math
 import os
 import signal
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import anyio
 import anyio.abc
-
 from minifaas_sandbox import protocol as p
 
 from ._activation import log_line
 from ._launch import Launched, Launcher
 
-__all__ = ("RunOutcome", "Sandbox", "SandboxDied")
+__all__ = ("Sandbox", "SandboxDied", "describe_exit")
 
 START_TIMEOUT_S: Final = 60.0
 #: after the channel closes, how long to wait for the pipes to drain (a crash's last words on stderr)
 DRAIN_TIMEOUT_S: Final = 0.5
 SHUTDOWN_GRACE_S: Final = 2.0
-READ_CHUNK_BYTES: Final = 1 << 16
+READ_CHUNK_BYTES: Final = 1 << 18
 MAX_STRAY_LINES: Final = 1000
 
 HostService = Callable[[dict[str, Any]], Awaitable[Any]]
@@ -45,15 +45,6 @@ class SandboxDied(Exception):
         super().__init__(reason)
         self.reason = reason
         self.status = status
-
-
-@dataclasses.dataclass(slots=True)
-class RunOutcome:
-    status: str
-    result: dict[str, Any]
-    logs: list[str]
-    annotations: dict[str, Any]
-    run_ms: float
 
 
 def describe_exit(status: int | None) -> str:
@@ -81,14 +72,23 @@ class _Waiter:
         self.event.set()
 
     def fail(self, err: SandboxDied) -> None:
-        self.error = err
-        self.event.set()
+        if not self.event.is_set():
+            self.error = err
+            self.event.set()
 
     async def get(self) -> Any:
         await self.event.wait()
         if self.error is not None:
             raise self.error
         return self.value
+
+
+def _ignore_result(sb: Sandbox, fields: dict[str, Any]) -> None:
+    return None
+
+
+def _ignore_death(sb: Sandbox, reason: str, status: int | None) -> None:
+    return None
 
 
 class Sandbox:
@@ -100,21 +100,36 @@ class Sandbox:
         self.services = services
         self.proc: Launched | None = None
         self.state = "starting"  # starting -> ready -> closing -> dead
-        self.inflight: dict[str, _Waiter | None] = {}
+        #: activation id -> the scheduler's job, for every RUN sent and not yet answered
+        self.inflight: dict[str, Any] = {}
         self.stray: dict[str, list[str]] = {}
         self.models: set[str] = set()
         self.created = time.monotonic()
         self.last_used = self.created
         self.runs = 0
+        #: started ahead of demand (pre-warm, min_sandboxes): its first activation is not a cold start
+        self.prewarmed = False
+        #: when the keep-alive policy lets it go (pool clock); inf while busy or kept
+        self.expires = math.inf
         self.init_ms = 0.0
         self.launch_how = ""
         self.exit_status: int | None = None
         self.died = anyio.Event()
+        #: set once the process is reaped and every fd the host held for it is closed
+        self.closed = anyio.Event()
+        #: set by the scheduler: called from the reader callback for each RESULT frame
+        self.on_result: Callable[[Sandbox, dict[str, Any]], None] = _ignore_result
+        #: set by the scheduler: called once the process is gone, with the reason and exit status
+        self.on_died: Callable[[Sandbox, str, int | None], None] = _ignore_death
+        self.owner: Any = None
         self._ready = _Waiter()
         self._init = _Waiter()
         self._out = bytearray()
         self._writer_wake = anyio.Event()
+        self._eof = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._decoder = p.FrameDecoder()
         self._pipes_done = 0
         self._pipes_drained = anyio.Event()
         self._killed_reason: str | None = None
@@ -124,9 +139,19 @@ class Sandbox:
         """Launch and wait for READY; returns the launch time in ms."""
         t0 = time.perf_counter()
         self._tg = tg
-        self.proc = await launcher.launch(env)
-        self.launch_how = self.proc.how
-        tg.start_soon(self._read_channel, name=f"{self.id}-channel")
+        proc = await launcher.launch(env)
+        if self.state == "dead":
+            # stopped (engine closing) while the launch was under way: do not let the new process outlive us
+            proc.kill()
+            with anyio.CancelScope(shield=True):
+                await proc.wait()
+            proc.close()
+            raise SandboxDied("the sandbox was stopped while starting", None)
+        self.proc = proc
+        self.launch_how = proc.how
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self.proc.channel.fileno(), self._on_readable)
+        tg.start_soon(self._watch, name=f"{self.id}-watch")
         tg.start_soon(self._read_pipe, self.proc.stdout_fd, "stdout", name=f"{self.id}-stdout")
         tg.start_soon(self._read_pipe, self.proc.stderr_fd, "stderr", name=f"{self.id}-stderr")
         tg.start_soon(self._write_loop, name=f"{self.id}-writer")
@@ -135,7 +160,7 @@ class Sandbox:
         return (time.perf_counter() - t0) * 1000
 
     async def init(self, fields: dict[str, Any]) -> dict[str, Any]:
-        self._send(p.INIT, fields)
+        self.send(p.INIT, fields)
         reply: dict[str, Any] = await self._init.get()
         if reply.get("ok"):
             self.state = "ready"
@@ -144,55 +169,33 @@ class Sandbox:
     def kill(self, reason: str) -> None:
         if self._killed_reason is None:
             self._killed_reason = reason
-        if self.proc is not None:
+        if self.state != "dead" and self.proc is not None:
             self.proc.kill()
 
     async def stop(self) -> None:
         """Ask the sandbox to exit; kill it if it does not within the grace period."""
         if self.state == "dead":
             return
+        if self.proc is None:
+            self.state = "dead"
+            self.died.set()
+            self.closed.set()
+            return
         self.state = "closing"
-        with contextlib.suppress(Exception):
-            self._send(p.SHUTDOWN, {})
+        with contextlib.suppress(SandboxDied):
+            self.send(p.SHUTDOWN, {})
         with anyio.move_on_after(SHUTDOWN_GRACE_S):
             await self.died.wait()
         if not self.died.is_set():
             self.kill("shutdown")
             await self.died.wait()
 
-    # -- running ------------------------------------------------------------------------------------------------
-    async def run(self, aid: str, args_packed: bytes, deadline_ms: int, version: str) -> RunOutcome:
-        if self.state != "ready":
-            raise SandboxDied("the sandbox is not ready", self.exit_status)
-        waiter = _Waiter()
-        self.inflight[aid] = waiter
-        self.runs += 1
-        try:
-            self._send(p.RUN, {"aid": aid, "args": args_packed, "deadline": deadline_ms, "version": version})
-            fields: dict[str, Any] = await waiter.get()
-        finally:
-            self.inflight.pop(aid, None)
-            stray = self.stray.pop(aid, None)
-        logs = fields.get("logs") or []
-        if stray:
-            logs = [*logs, *stray]
-        models = fields.get("models")
-        if models is not None:
-            self.models = set(models)
-        return RunOutcome(
-            status=str(fields.get("status", "developer_error")),
-            result=fields.get("result") if isinstance(fields.get("result"), dict) else {},
-            logs=logs,
-            annotations=fields.get("annotations") or {},
-            run_ms=float(fields.get("run_ms") or 0.0),
-        )
-
     def take_stray(self, aid: str) -> list[str]:
         return self.stray.pop(aid, [])
 
     # -- I/O ----------------------------------------------------------------------------------------------------
-    def _send(self, kind: int, fields: dict[str, Any]) -> None:
-        if self.state == "dead" or self.proc is None:
+    def send(self, kind: int, fields: dict[str, Any]) -> None:
+        if self.state == "dead" or self.proc is None or self._eof.is_set():
             raise SandboxDied("the sandbox is gone", self.exit_status)
         frame = p.encode(kind, fields)
         if not self._out:
@@ -211,7 +214,7 @@ class Sandbox:
     async def _write_loop(self) -> None:
         assert self.proc is not None
         sock = self.proc.channel
-        while self.state != "dead":
+        while not self._eof.is_set():
             if not self._out:
                 await self._writer_wake.wait()
                 self._writer_wake = anyio.Event()
@@ -230,34 +233,39 @@ class Sandbox:
                 except anyio.ClosedResourceError:
                     return
 
-    async def _read_channel(self) -> None:
+    def _on_readable(self) -> None:
         assert self.proc is not None
-        sock: socket.socket = self.proc.channel
-        decoder = p.FrameDecoder()
-        try:
-            while True:
-                try:
-                    data = sock.recv(READ_CHUNK_BYTES)
-                except BlockingIOError:
-                    await anyio.wait_readable(sock)
-                    continue
-                except OSError:
-                    break
-                if not data:
-                    break
-                for kind, fields in decoder.feed(data):
+        sock = self.proc.channel
+        while True:
+            try:
+                data = sock.recv(READ_CHUNK_BYTES)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._close_reader()
+                return
+            try:
+                for kind, fields in self._decoder.feed(data):
                     self._dispatch(kind, fields)
-        except p.ProtocolError as exc:
-            self.kill(f"protocol error: {exc}")
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self._on_channel_closed()
+            except p.ProtocolError as exc:
+                self.kill(f"protocol error: {exc}")
+                self._close_reader()
+                return
+
+    def _close_reader(self) -> None:
+        if self._loop is not None and self.proc is not None and not self._eof.is_set():
+            self._loop.remove_reader(self.proc.channel.fileno())
+        self._eof.set()
+        self._writer_wake.set()
 
     def _dispatch(self, kind: int, fields: dict[str, Any]) -> None:
         if kind == p.RESULT:
-            waiter = self.inflight.get(str(fields.get("aid")))
-            if waiter is not None:
-                waiter.set(fields)
+            models = fields.get("models")
+            if models is not None:
+                self.models = set(models)
+            self.on_result(self, fields)
         elif kind == p.CALL:
             assert self._tg is not None
             self._tg.start_soon(self._serve_call, fields)
@@ -275,10 +283,10 @@ class Sandbox:
                 raise LookupError(f"unknown host service {method!r}")
             value = await service(fields.get("args") or {})
             reply = {"cid": cid, "ok": True, "value": value}
-        except Exception as exc:  # noqa: BLE001 - reported to the sandbox, which raises it in the function
+        except Exception as exc:
             reply = {"cid": cid, "ok": False, "error": f"{type(exc).__name__}: {exc}"}
         with contextlib.suppress(SandboxDied):
-            self._send(p.REPLY, reply)
+            self.send(p.REPLY, reply)
 
     async def _read_pipe(self, fd: int, stream: str) -> None:
         partial = b""
@@ -314,6 +322,12 @@ class Sandbox:
             if len(bucket) < MAX_STRAY_LINES:
                 bucket.append(line)
 
+    async def _watch(self) -> None:
+        """Wait for the channel to end, then collect the exit status and report the death once."""
+        await self._eof.wait()
+        with anyio.CancelScope(shield=True):
+            await self._on_channel_closed()
+
     async def _on_channel_closed(self) -> None:
         proc = self.proc
         assert proc is not None
@@ -330,13 +344,9 @@ class Sandbox:
         if self._killed_reason:
             reason = f"{reason} ({self._killed_reason})"
         err = SandboxDied(reason, status)
-        for waiter in list(self.inflight.values()):
-            if waiter is not None:  # None: reserved by the scheduler, not yet sent
-                waiter.fail(err)
         self._ready.fail(err)
         self._init.fail(err)
-        self._writer_wake.set()
-        # the pipe readers may still be blocked on a descendant that escaped the process group
+        self.on_died(self, reason, status)
         self.died.set()
         with anyio.move_on_after(DRAIN_TIMEOUT_S):
             await self._pipes_drained.wait()
@@ -344,3 +354,4 @@ class Sandbox:
             if fd >= 0:
                 anyio.notify_closing(fd)
         proc.close()
+        self.closed.set()

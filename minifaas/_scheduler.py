@@ -13,13 +13,12 @@ engine's close records the ones that never ran.
 
 from __future__ import annotations
 
-import time
+import asyncio
 from collections.abc import Callable
 from typing import Any, Final
 
 import anyio
 import anyio.abc
-
 from minifaas_sandbox import protocol as p
 
 from ._activation import Activation, log_line, new_activation_id, now_ms
@@ -37,7 +36,7 @@ _JSON_SCALARS: Final = (str, int, float, bool, type(None), bytes)
 
 
 class Job:
-    __slots__ = ("act", "args_packed", "done", "fp", "model")
+    __slots__ = ("act", "args_packed", "done", "fp", "model", "timer")
 
     def __init__(self, act: Activation, args_packed: bytes, fp: FunctionPool, model: str | None) -> None:
         self.act = act
@@ -45,6 +44,7 @@ class Job:
         self.fp = fp
         self.model = model
         self.done = anyio.Event()
+        self.timer: asyncio.TimerHandle | None = None
 
 
 def validate_args(args: Any, *, max_depth: int = MAX_PAYLOAD_DEPTH) -> dict[str, Any]:
@@ -93,6 +93,7 @@ class Scheduler:
         self.jobs: dict[str, Job] = {}
         self.queued = 0
         pool.on_capacity = self.pump_all
+        pool.warm_up = self._warm_up
 
     # -- admission --------------------------------------------------------------------------------------------
     def submit(
@@ -130,10 +131,15 @@ class Scheduler:
             namespace=spec.namespace,
             accepted=now_ms(),
             cause=cause,
-            annotations={"kind": "python:3", "limits": {"timeout": int(spec.timeout_s * 1000),
-                                                         "memory": spec.memory_mb,
-                                                         "concurrency": spec.concurrency},
-                         **(annotations or {})},
+            annotations={
+                "kind": "python:3",
+                "limits": {
+                    "timeout": int(spec.timeout_s * 1000),
+                    "memory": spec.memory_mb,
+                    "concurrency": spec.concurrency,
+                },
+                **(annotations or {}),
+            },
         )
         job = Job(act, packed, fp, model if isinstance(model, str) else None)
         self.store.put(act)
@@ -157,38 +163,51 @@ class Scheduler:
             if sb is not None:
                 queue.popleft()
                 self.queued -= 1
-                sb.inflight[job.act.activation_id] = None  # type: ignore[assignment]  # reserved until RUN
-                self.tg.start_soon(self._execute, fp, sb, job)
+                self._dispatch(fp, sb, job)
                 continue
             # every queued request beyond the sandboxes already starting wants a new sandbox
             if fp.starting * fp.spec.concurrency < len(queue) and self.pool.may_start(fp):
-                self.tg.start_soon(self._start, fp, self.pool.reserve(fp))
+                self._new_sandbox(fp)
                 continue
             break
 
+    def _new_sandbox(self, fp: FunctionPool) -> Sandbox:
+        sb = self.pool.reserve(fp)
+        sb.on_result = self._on_result
+        sb.on_died = self._on_died
+        self.tg.start_soon(self._start, fp, sb)
+        return sb
+
+    def _warm_up(self, fp: FunctionPool) -> None:
+        self._new_sandbox(fp).prewarmed = True
+
     async def _start(self, fp: FunctionPool, sb: Sandbox) -> None:
         reply = await self.pool.boot(fp, sb)
-        if not reply.get("ok"):
+        if not reply.get("ok") and fp.queue:
             # OpenWhisk fails the activation that caused the cold start; later ones try again
-            if fp.queue:
-                job = fp.queue.popleft()
-                self.queued -= 1
-                act = job.act
-                act.start = now_ms()
-                act.init_time = round(sb.init_ms)
-                logs = list(reply.get("logs") or [])
-                logs += [line for lines in sb.stray.values() for line in lines]
-                self._finish(job, "developer_error",
-                             {"error": f"The action failed to initialize: {reply.get('error')}"},
-                             logs, {"cold": True, "sandbox": sb.id, "init_failed": True})
+            job = fp.queue.popleft()
+            self.queued -= 1
+            act = job.act
+            act.start = now_ms()
+            act.init_time = round(sb.init_ms)
+            logs = list(reply.get("logs") or [])
+            logs += [line for lines in sb.stray.values() for line in lines]
+            self._finish(
+                job,
+                "developer_error",
+                {"error": f"The action failed to initialize: {reply.get('error')}"},
+                logs,
+                {"cold": True, "sandbox": sb.id, "init_failed": True},
+            )
         self.pump(fp)
 
-    async def _execute(self, fp: FunctionPool, sb: Sandbox, job: Job) -> None:
+    def _dispatch(self, fp: FunctionPool, sb: Sandbox, job: Job) -> None:
+        """Send the RUN now; the RESULT, the timeout or the sandbox's death ends the activation."""
         act = job.act
         spec = fp.spec
-        sb.inflight.pop(act.activation_id, None)
-        cold = sb.runs == 0
+        cold = sb.runs == 0 and not sb.prewarmed
         act.start = now_ms()
+        self.pool.started_run(fp, sb, self.pool.now())
         act.status = "running"
         ann = act.annotations
         ann["sandbox"] = sb.id
@@ -198,45 +217,100 @@ class Scheduler:
             ann["launch"] = sb.launch_how
         act.wait_time = max(0, act.start - act.accepted - (act.init_time or 0))
         timeout_ms = int(spec.timeout_s * 1000)
-        status: str
-        result: dict[str, Any]
-        logs: list[str] = []
-        extra: dict[str, Any] = {}
-        t0 = time.perf_counter()
         try:
-            with anyio.move_on_after(spec.timeout_s) as scope:
-                outcome = await sb.run(act.activation_id, job.args_packed, act.start + timeout_ms, spec.version)
-            if scope.cancelled_caught:
-                sb.kill(f"activation {act.activation_id} timed out")
-                status = "developer_error"
-                result = {"error": f"The action exceeded its time limits of {timeout_ms} milliseconds."}
-                extra["timeout"] = True
-                logs = sb.take_stray(act.activation_id)
-            else:
-                status, result, logs = outcome.status, outcome.result, outcome.logs
-                extra.update(outcome.annotations)
-                n = fp.invocations = fp.invocations + 1
-                fp.warm_ms += ((time.perf_counter() - t0) * 1000 - fp.warm_ms) / n
-        except SandboxDied as died:
-            status = "developer_error"
-            result = {"error": f"The action did not complete: {died.reason}."}
-            logs = sb.take_stray(act.activation_id)
-            logs.append(log_line("stderr", f"minifaas: {died.reason}"))
-            extra["exit_status"] = died.status
-        self._finish(job, status, result, logs, extra)
-        if sb.state == "dead" or extra.get("timeout"):
+            sb.send(
+                p.RUN,
+                {
+                    "aid": act.activation_id,
+                    "args": job.args_packed,
+                    "deadline": act.start + timeout_ms,
+                    "version": spec.version,
+                },
+            )
+        except SandboxDied:
+            # it never ran: give it back to the queue, a healthy sandbox takes it
+            act.status = "pending"
+            fp.queue.appendleft(job)
+            self.queued += 1
             self.pool.forget_dead(fp, sb)
-        else:
-            sb.last_used = self.pool.now()
-            self.pool.stats["warm_runs" if not cold else "cold_runs"] += 1
-            if fp.deleted and not sb.inflight:
-                self.pool.retire(fp, sb)
-        self.pump(fp)
-        if not fp.queue:
-            self.pool.wake_reaper()
+            return
+        sb.runs += 1
+        sb.inflight[act.activation_id] = job
+        job.timer = asyncio.get_running_loop().call_later(spec.timeout_s, self._on_timeout, fp, sb, job)
 
-    def _finish(self, job: Job, status: str, result: dict[str, Any], logs: list[str],
-                annotations: dict[str, Any]) -> None:
+    def _on_result(self, sb: Sandbox, fields: dict[str, Any]) -> None:
+        job: Job | None = sb.inflight.pop(str(fields.get("aid")), None)
+        if job is None:
+            return  # already ended (timed out a moment ago)
+        if job.timer is not None:
+            job.timer.cancel()
+        fp = job.fp
+        result = fields.get("result")
+        logs = fields.get("logs") or []
+        stray = sb.stray.pop(job.act.activation_id, None)
+        if stray:
+            logs = [*logs, *stray]
+        run_ms = float(fields.get("run_ms") or 0.0)
+        fp.invocations += 1
+        fp.warm_ms += (run_ms - fp.warm_ms) / fp.invocations
+        self.pool.stats["cold_runs" if job.act.annotations.get("cold") else "warm_runs"] += 1
+        self._finish(
+            job,
+            str(fields.get("status", "developer_error")),
+            result if isinstance(result, dict) else {},
+            logs,
+            fields.get("annotations") or {},
+        )
+        self._release(fp, sb)
+
+    def _release(self, fp: FunctionPool, sb: Sandbox) -> None:
+        now = self.pool.now()
+        sb.last_used = now
+        if fp.deleted and not sb.inflight:
+            self.pool.retire(fp, sb)
+        if fp.queue:
+            self.pump(fp)
+        if not sb.inflight and sb.state == "ready":
+            self.pool.became_idle(fp, sb, now)
+
+    def _on_timeout(self, fp: FunctionPool, sb: Sandbox, job: Job) -> None:
+        if sb.inflight.pop(job.act.activation_id, None) is None:
+            return
+        timeout_ms = int(fp.spec.timeout_s * 1000)
+        sb.kill(f"activation {job.act.activation_id} timed out")
+        self.pool.forget_dead(fp, sb)
+        self._finish(
+            job,
+            "developer_error",
+            {"error": f"The action exceeded its time limits of {timeout_ms} milliseconds."},
+            sb.take_stray(job.act.activation_id),
+            {"timeout": True},
+        )
+        self.pump(fp)
+
+    def _on_died(self, sb: Sandbox, reason: str, status: int | None) -> None:
+        fp: FunctionPool | None = sb.owner
+        jobs: list[Job] = list(sb.inflight.values())
+        sb.inflight.clear()
+        for job in jobs:
+            if job.timer is not None:
+                job.timer.cancel()
+            logs = sb.take_stray(job.act.activation_id)
+            logs.append(log_line("stderr", f"minifaas: {reason}"))
+            self._finish(
+                job,
+                "developer_error",
+                {"error": f"The action did not complete: {reason}."},
+                logs,
+                {"exit_status": status},
+            )
+        if fp is not None:
+            self.pool.forget_dead(fp, sb)
+            self.pump(fp)
+
+    def _finish(
+        self, job: Job, status: str, result: dict[str, Any], logs: list[str], annotations: dict[str, Any]
+    ) -> None:
         if job.done.is_set():
             return  # already ended (by the engine's close): a record ends exactly once
         act = job.act
@@ -262,5 +336,7 @@ class Scheduler:
 
     def fail_running(self, message: str) -> None:
         for job in list(self.jobs.values()):
+            if job.timer is not None:
+                job.timer.cancel()
             if not job.done.is_set():
                 self._finish(job, "internal_error", {"error": message}, [], {})

@@ -147,8 +147,12 @@ class SQLiteStore:
     ) -> list[Activation]:
         where: list[str] = []
         args: list[Any] = []
-        for clause, value in (("name = ?", name), ("namespace = ?", namespace), ("ts >= ?", since),
-                              ("ts <= ?", upto)):
+        for clause, value in (
+            ("name = ?", name),
+            ("namespace = ?", namespace),
+            ("ts >= ?", since),
+            ("ts <= ?", upto),
+        ):
             if value is not None:
                 where.append(clause)
                 args.append(value)
@@ -160,9 +164,7 @@ class SQLiteStore:
         return [_load(r[0]) for r in self._db.execute(sql, args).fetchall()]
 
     def recover(self) -> int:
-        rows = self._db.execute(
-            "SELECT record FROM activations WHERE status IN ('pending', 'running')"
-        ).fetchall()
+        rows = self._db.execute("SELECT record FROM activations WHERE status IN ('pending', 'running')").fetchall()
         end = now_ms()
         for (blob,) in rows:
             act = _load(blob)

@@ -107,7 +107,7 @@ class SyncEngine:
     def stats(self) -> dict[str, Any]:
         if self._portal is None:
             raise RuntimeError("use `with SyncEngine() as engine:`")
-        return self._portal.call(lambda: _async_value(self._engine.stats()))  # type: ignore[no-any-return]
+        return self._portal.call(lambda: _async_value(self._engine.stats()))
 
 
 async def _async_value(value: T) -> T:

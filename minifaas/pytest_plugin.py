@@ -19,8 +19,9 @@ Marker: ``minifaas(launcher=..., **engine_options)`` passes options to the funct
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -31,10 +32,12 @@ SCOPES = ("function", "module", "session")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addini("minifaas_engine_scope", "scope of the `engine` fixture: function, module or session",
-                  default="function")
-    parser.addini("minifaas_launcher", "sandbox launcher for minifaas fixtures: auto, spawn or zygote",
-                  default="auto")
+    parser.addini(
+        "minifaas_engine_scope",
+        "scope of the `engine` fixture: function, module or session",
+        default="function",
+    )
+    parser.addini("minifaas_launcher", "sandbox launcher for minifaas fixtures: auto, spawn or zygote", default="auto")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -46,8 +49,9 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"minifaas_engine_scope must be one of {', '.join(SCOPES)}, not {scope!r}")
 
 
-def _engine_scope(fixture_name: str, config: pytest.Config) -> str:
-    return str(config.getini("minifaas_engine_scope"))
+def _engine_scope(fixture_name: str, config: pytest.Config) -> Literal["function", "module", "session"]:
+    scope = str(config.getini("minifaas_engine_scope"))
+    return scope if scope in ("module", "session") else "function"  # type: ignore[return-value]
 
 
 def _options(config: pytest.Config, marker: pytest.Mark | None = None) -> dict[str, Any]:
@@ -83,7 +87,7 @@ async def minifaas_session_engine(request: pytest.FixtureRequest) -> AsyncIterat
         yield engine
 
 
-@pytest.fixture(scope=_engine_scope)  # type: ignore[call-overload]
+@pytest.fixture(scope=_engine_scope)
 async def engine(request: pytest.FixtureRequest) -> AsyncIterator[Engine]:
     async with Engine(**_options(request.config)) as eng:
         yield eng
@@ -95,7 +99,7 @@ async def deploy(engine: Engine) -> AsyncIterator[Callable[..., Awaitable[dict[s
 
     async def _deploy(name: str, *, composition: Any = None, **kwargs: Any) -> dict[str, Any]:
         if composition is not None:
-            info: dict[str, Any] = await engine.deploy_composition(name, composition)  # type: ignore[attr-defined]
+            info: dict[str, Any] = await engine.deploy_composition(name, composition)
         else:
             info = await engine.deploy(name, **kwargs)
         deployed.append(name)
@@ -103,10 +107,8 @@ async def deploy(engine: Engine) -> AsyncIterator[Callable[..., Awaitable[dict[s
 
     yield _deploy
     for name in reversed(deployed):
-        try:
+        with contextlib.suppress(Exception):  # a test may have deleted it already
             await engine.delete(name)
-        except Exception:  # noqa: BLE001 - a test may have deleted it already
-            pass
 
 
 @pytest.fixture

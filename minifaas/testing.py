@@ -24,7 +24,13 @@ from ._function import MAX_LOG_BYTES, MAX_RESULT_BYTES, MEMORY_MB, TIMEOUT_S
 
 __all__ = ("FakeClock", "assert_status", "assert_success", "call", "run")
 
-_OW_VARS: Final = ("__OW_ACTIVATION_ID", "__OW_DEADLINE", "__OW_ACTION_NAME", "__OW_ACTION_VERSION", "__OW_NAMESPACE")
+_OW_VARS: Final = (
+    "__OW_ACTIVATION_ID",
+    "__OW_DEADLINE",
+    "__OW_ACTION_NAME",
+    "__OW_ACTION_VERSION",
+    "__OW_NAMESPACE",
+)
 _work_dir: Path | None = None
 _loaded: dict[tuple[str, str, str], tuple[_rt.Runtime, Bundle]] = {}
 
@@ -48,8 +54,8 @@ def _is_path(target: str | os.PathLike[str]) -> bool:
 def _captured(rt: _rt.Runtime) -> Iterator[None]:
     saved_out, saved_err = sys.stdout, sys.stderr
     saved_env = {k: os.environ.get(k) for k in _OW_VARS}
-    sys.stdout = _rt._Capture("stdout", rt, saved_out)  # type: ignore[assignment]
-    sys.stderr = _rt._Capture("stderr", rt, saved_err)  # type: ignore[assignment]
+    sys.stdout = _rt._Capture("stdout", rt, saved_out)
+    sys.stderr = _rt._Capture("stderr", rt, saved_err)
     try:
         yield
     finally:
@@ -80,18 +86,38 @@ def run(
     loaded = None if fresh else _loaded.get(key)
     init_logs: list[str] = []
     if loaded is None:
-        bundle = load_bundle(code=None if is_path else str(path_or_code), path=path_or_code if is_path else None,
-                             main=main, work_dir=_staging_dir())
+        bundle = load_bundle(
+            code=None if is_path else str(path_or_code),
+            path=path_or_code if is_path else None,
+            main=main,
+            work_dir=_staging_dir(),
+        )
         rt = _rt.Runtime(None)
-        fields = {"name": name, "version": "1", "namespace": "guest", "main": main, "source": bundle.source,
-                  "env": {}, "concurrency": 1, "memory_mb": MEMORY_MB, "max_result_bytes": MAX_RESULT_BYTES,
-                  "max_log_bytes": MAX_LOG_BYTES, "style": style}
+        fields = {
+            "name": name,
+            "version": "1",
+            "namespace": "guest",
+            "main": main,
+            "source": bundle.source,
+            "env": {},
+            "concurrency": 1,
+            "memory_mb": MEMORY_MB,
+            "max_result_bytes": MAX_RESULT_BYTES,
+            "max_log_bytes": MAX_LOG_BYTES,
+            "style": style,
+        }
         with _captured(rt):
             reply = rt.init(fields, in_process=True)
         if not reply.get("ok"):
-            act = Activation(new_activation_id(), name, "1", start=now_ms(), status="developer_error",
-                             result={"error": f"The action failed to initialize: {reply.get('error')}"},
-                             logs=list(reply.get("logs") or []))
+            act = Activation(
+                new_activation_id(),
+                name,
+                "1",
+                start=now_ms(),
+                status="developer_error",
+                result={"error": f"The action failed to initialize: {reply.get('error')}"},
+                logs=list(reply.get("logs") or []),
+            )
             act.end = act.start
             act.duration = 0
             return act
@@ -105,9 +131,18 @@ def run(
         out = rt.execute({"aid": aid, "args": merged, "deadline": start + int(TIMEOUT_S * 1000), "version": "1"})
     end = now_ms()
     result = out["result"] if isinstance(out["result"], dict) else {}
-    return Activation(aid, name, "1", start=start, end=end, duration=end - start, status=out["status"],
-                      result=result, logs=init_logs + list(out["logs"]),
-                      annotations={**out["annotations"], "in_process": True})
+    return Activation(
+        aid,
+        name,
+        "1",
+        start=start,
+        end=end,
+        duration=end - start,
+        status=out["status"],
+        result=result,
+        logs=init_logs + list(out["logs"]),
+        annotations={**out["annotations"], "in_process": True},
+    )
 
 
 def call(path_or_code: str | os.PathLike[str], args: dict[str, Any] | None = None, **kwargs: Any) -> dict[str, Any]:
@@ -120,8 +155,10 @@ def call(path_or_code: str | os.PathLike[str], args: dict[str, Any] | None = Non
 
 def _describe(act: Activation) -> str:
     logs = "\n".join(f"    {line}" for line in act.logs[-30:]) or "    (no logs)"
-    return (f"activation {act.activation_id} of {act.name!r}: status {act.status}\n"
-            f"  result: {act.result!r}\n  annotations: {act.annotations!r}\n  logs (last 30):\n{logs}")
+    return (
+        f"activation {act.activation_id} of {act.name!r}: status {act.status}\n"
+        f"  result: {act.result!r}\n  annotations: {act.annotations!r}\n  logs (last 30):\n{logs}"
+    )
 
 
 def assert_success(act: Activation) -> Activation:

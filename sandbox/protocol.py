@@ -94,7 +94,7 @@ def encode(kind: int, fields: dict[str, Any]) -> bytes:
 
 
 def encode_body(value: Any) -> bytes:
-    return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
+    return msgpack.packb(value, use_bin_type=True)
 
 
 def decode_body(data: bytes) -> Any:

@@ -207,14 +207,18 @@ class Runtime:
             if not in_process:
                 os.environ.update({str(k): str(v) for k, v in (fields.get("env") or {}).items()})
             self.fn = _load_function(fields, chdir=not in_process)
-        except BaseException as exc:  # noqa: BLE001 - init failures of any kind are reported, not raised
+        except BaseException as exc:
             self._main_logs = None
             tb = traceback.format_exc()
             for line in tb.rstrip().splitlines():
                 buf.write("stderr", line + "\n")
             self._init_logs = buf.finish()
-            return {"ok": False, "error": _describe(exc), "logs": self._init_logs,
-                    "init_ms": (time.perf_counter() - t0) * 1000}
+            return {
+                "ok": False,
+                "error": _describe(exc),
+                "logs": self._init_logs,
+                "init_ms": (time.perf_counter() - t0) * 1000,
+            }
         self._main_logs = None
         self._init_logs = buf.finish()
         concurrency = int(fields.get("concurrency") or 1)
@@ -241,8 +245,10 @@ class Runtime:
             size = len(p.encode_body(out["result"]))
             if size > max_result:
                 out["status"] = "developer_error"
-                out["result"] = {"error": "The action produced a response that exceeded the allowed length: "
-                                 f"{size} > {max_result} bytes."}
+                out["result"] = {
+                    "error": "The action produced a response that exceeded the allowed length: "
+                    f"{size} > {max_result} bytes."
+                }
                 frame = p.encode(p.RESULT, out)
         with self.send_lock:
             self.channel.send_frame(frame)
@@ -259,11 +265,13 @@ class Runtime:
         deadline = int(fields.get("deadline") or 0)
         version = str(fields.get("version") or cfg.get("version") or "")
         if not self._threaded:
-            os.environ["__OW_ACTIVATION_ID"] = aid
-            os.environ["__OW_DEADLINE"] = str(deadline)
-            os.environ["__OW_ACTION_NAME"] = f"/{cfg.get('namespace', 'guest')}/{cfg.get('name', '')}"
-            os.environ["__OW_ACTION_VERSION"] = version
-            os.environ["__OW_NAMESPACE"] = str(cfg.get("namespace", "guest"))
+            environ = os.environ
+            environ["__OW_ACTIVATION_ID"] = aid
+            environ["__OW_DEADLINE"] = str(deadline)
+            if environ.get("__OW_ACTION_VERSION") != version:
+                environ["__OW_ACTION_NAME"] = f"/{cfg.get('namespace', 'guest')}/{cfg.get('name', '')}"
+                environ["__OW_ACTION_VERSION"] = version
+                environ["__OW_NAMESPACE"] = str(cfg.get("namespace", "guest"))
         status = "success"
         result: Any
         t0 = time.perf_counter()
@@ -280,6 +288,9 @@ class Runtime:
             if not isinstance(result, dict):
                 status = "developer_error"
                 result = {"error": f"The action did not return a dictionary (returned {type(result).__name__})."}
+            elif "error" in result:
+                # OpenWhisk: a result with an `error` key is an application error (status code 1)
+                status = "application_error"
         except MemoryError:
             status = "developer_error"
             result = {"error": f"memory limit exceeded ({cfg.get('memory_mb')} MB)"}
@@ -291,7 +302,7 @@ class Runtime:
         except SystemExit as exc:
             status = "developer_error"
             result = {"error": f"The action called sys.exit({exc.code!r})."}
-        except BaseException as exc:  # noqa: BLE001 - the function's failure is reported, the sandbox lives on
+        except BaseException as exc:
             status = "application_error"
             result = {"error": _describe(exc)}
             buf.write("stderr", "".join(traceback.format_exception(exc)))
@@ -300,8 +311,15 @@ class Runtime:
             sys.stdout.flush()
             sys.stderr.flush()
         self._set_logs(None)
-        return {"aid": aid, "status": status, "result": result, "logs": buf.finish(),
-                "annotations": _model_annotations(), "run_ms": run_ms, "models": _held_models()}
+        return {
+            "aid": aid,
+            "status": status,
+            "result": result,
+            "logs": buf.finish(),
+            "annotations": _model_annotations(),
+            "run_ms": run_ms,
+            "models": _held_models(),
+        }
 
     # -- main loop ----------------------------------------------------------------------------------------------
     def loop(self) -> int:
@@ -396,7 +414,7 @@ def _model_annotations() -> dict[str, Any]:
         return {}
     try:
         info = take()
-    except Exception:  # noqa: BLE001 - annotations are best effort, the result is not
+    except Exception:
         return {}
     return dict(info) if isinstance(info, dict) else {}
 
@@ -408,7 +426,7 @@ def _held_models() -> list[str]:
         return []
     try:
         return [str(k) for k in held()]
-    except Exception:  # noqa: BLE001
+    except Exception:
         return []
 
 
@@ -432,8 +450,12 @@ def serve(channel_fd: int, *, preloaded: tuple[str, ...] = ()) -> int:
     channel = p.BlockingChannel(sock)
     rt = Runtime(channel)
     minifaas_sandbox._host_call = rt.host_call
-    sys.stdout = _Capture("stdout", rt, sys.__stdout__ or sys.stdout)  # type: ignore[assignment]
-    sys.stderr = _Capture("stderr", rt, sys.__stderr__ or sys.stderr)  # type: ignore[assignment]
+    from minifaas_sandbox import models
+
+    # models are fetched through the host's store: once per machine, shared by every sandbox
+    models.set_fetcher(models.host_fetcher)
+    sys.stdout = _Capture("stdout", rt, sys.__stdout__ or sys.stdout)
+    sys.stderr = _Capture("stderr", rt, sys.__stderr__ or sys.stderr)
     rt.send(p.READY, {"pid": os.getpid(), "preload": list(preloaded)})
     try:
         return rt.loop()

@@ -21,7 +21,9 @@ from minifaas.testing import assert_status, assert_success
 pytestmark = pytest.mark.anyio
 
 HELLO = "def main(args):\n    return {'hi': args.get('name')}\n"
-SLEEP = "import time\ndef main(args):\n    time.sleep(args.get('s', 0.5))\n    return {'pid': __import__('os').getpid()}\n"
+SLEEP = (
+    "import time\ndef main(args):\n    time.sleep(args.get('s', 0.5))\n    return {'pid': __import__('os').getpid()}\n"
+)
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z (stdout|stderr): ")
 
 
@@ -40,7 +42,9 @@ def _alive(pid: int) -> bool:
 
 async def test_hello_record_fields(minifaas_module_engine: minifaas.Engine) -> None:
     engine = minifaas_module_engine
-    await engine.deploy("hello", code="def main(args):\n    print('hello', args['name'])\n    return {'hi': args['name']}")
+    await engine.deploy(
+        "hello", code="def main(args):\n    print('hello', args['name'])\n    return {'hi': args['name']}"
+    )
     act = await engine.call("hello", {"name": "Ada"})
     assert_success(act)
     assert act.result == {"hi": "Ada"}
@@ -133,7 +137,14 @@ async def test_developer_errors(minifaas_module_engine: minifaas.Engine, code: s
 
 async def test_crash_ends_only_its_activation_and_queue_continues(minifaas_engine: minifaas.Engine) -> None:
     engine = minifaas_engine
-    code = "import os, time\ndef main(args):\n    time.sleep(args.get('s', 0))\n    if args.get('die'):\n        os._exit(9)\n    return {'ok': True}\n"
+    code = textwrap.dedent("""
+        import os, time
+        def main(args):
+            time.sleep(args.get('s', 0))
+            if args.get('die'):
+                os._exit(9)
+            return {'ok': True}
+    """)
     await engine.deploy("crashy", code=code, max_sandboxes=1)
     first = await engine.submit("crashy", {"s": 0.3, "die": True})
     queued = [await engine.submit("crashy", {}) for _ in range(3)]
@@ -189,7 +200,9 @@ async def test_bundles_folder_zip_and_file(minifaas_module_engine: minifaas.Engi
     engine = minifaas_module_engine
     folder = tmp_path / "fn"
     folder.mkdir()
-    (folder / "__main__.py").write_text("from helper import double\ndef main(args):\n    return {'y': double(args['x'])}\n")
+    (folder / "__main__.py").write_text(
+        "from helper import double\ndef main(args):\n    return {'y': double(args['x'])}\n"
+    )
     (folder / "helper.py").write_text("def double(x):\n    return 2 * x\n")
     (folder / "minifaas.json").write_text('{"params": {"x": 21}}')
     await engine.deploy("folderfn", path=folder)
@@ -312,8 +325,9 @@ async def test_memory_limit(minifaas_engine: minifaas.Engine) -> None:
 
 async def test_payload_result_and_log_limits(minifaas_engine: minifaas.Engine) -> None:
     engine = minifaas_engine
-    await engine.deploy("echo", code="def main(args):\n    return {'n': len(args.get('data', b''))}\n",
-                        max_payload_bytes=1000)
+    await engine.deploy(
+        "echo", code="def main(args):\n    return {'n': len(args.get('data', b''))}\n", max_payload_bytes=1000
+    )
     assert (await engine.invoke("echo", {"data": b"x" * 100}))["n"] == 100
     with pytest.raises(minifaas.PayloadTooLarge, match="over the 1000 byte limit"):
         await engine.submit("echo", {"data": b"x" * 2000})
@@ -327,8 +341,11 @@ async def test_payload_result_and_log_limits(minifaas_engine: minifaas.Engine) -
     assert_success(await engine.call("big", {"n": 100}))
     act = await engine.call("big", {"n": 50_000})
     assert_status(act, "developer_error", error_contains="exceeded the allowed length")
-    await engine.deploy("chatty", code="def main(args):\n    for i in range(10000):\n        print('line', i)\n    return {}\n",
-                        max_log_bytes=5000)
+    await engine.deploy(
+        "chatty",
+        code="def main(args):\n    for i in range(10000):\n        print('line', i)\n    return {}\n",
+        max_log_bytes=5000,
+    )
     act = await engine.call("chatty")
     assert_success(act)
     assert "Logs were truncated" in act.logs[-1]
@@ -448,8 +465,7 @@ anyio.run(main)
 
 async def test_host_killed_records_marked_failed(tmp_path: Path) -> None:
     def run_and_kill() -> list[list[str]]:
-        proc = subprocess.Popen([sys.executable, "-c", HOST_SCRIPT, str(tmp_path)], stdout=subprocess.PIPE,
-                                text=True)
+        proc = subprocess.Popen([sys.executable, "-c", HOST_SCRIPT, str(tmp_path)], stdout=subprocess.PIPE, text=True)
         assert proc.stdout is not None
         lines = [proc.stdout.readline().split() for _ in range(4)]
         time.sleep(0.5)

@@ -1,0 +1,159 @@
+"""Core engine benchmark: warm invoke latency and throughput, side by side with ProcessPoolExecutor and a raw pipe.
+
+Run: ``python benches/bench_core.py [--n 3000]``. Prints a table of ratios measured in this one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import anyio
+import msgpack
+
+import minifaas
+
+NOOP = "def main(args):\n    return {}\n"
+
+
+def noop() -> dict[str, object]:
+    return {}
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * q))]
+
+
+def _pipe_child(conn_fd: int) -> None:
+    import socket
+
+    s = socket.socket(fileno=conn_fd)
+    while True:
+        head = s.recv(4, socket.MSG_WAITALL)
+        if not head:
+            return
+        n = int.from_bytes(head, "big")
+        body = s.recv(n, socket.MSG_WAITALL)
+        s.sendall(head + body)
+
+
+def bench_raw_pipe(n: int, payload: bytes) -> list[float]:
+    import socket
+
+    a, b = socket.socketpair()
+    ctx = mp.get_context("fork")
+    proc = ctx.Process(target=_pipe_child, args=(b.fileno(),))
+    proc.start()
+    b.close()
+    frame = len(payload).to_bytes(4, "big") + payload
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        a.sendall(frame)
+        head = a.recv(4, socket.MSG_WAITALL)
+        a.recv(int.from_bytes(head, "big"), socket.MSG_WAITALL)
+        times.append(time.perf_counter() - t)
+    a.close()
+    proc.join(5)
+    return times
+
+
+def bench_ppe_latency(n: int) -> list[float]:
+    with ProcessPoolExecutor(1) as ex:
+        ex.submit(noop).result()
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            ex.submit(noop).result()
+            times.append(time.perf_counter() - t)
+    return times
+
+
+def bench_ppe_throughput(total: int, inflight: int) -> float:
+    with ProcessPoolExecutor(2) as ex:
+        for f in [ex.submit(noop) for _ in range(100)]:
+            f.result()
+        t = time.perf_counter()
+        pending = []
+        done = 0
+        while done < total:
+            while len(pending) < inflight and done + len(pending) < total:
+                pending.append(ex.submit(noop))
+            pending.pop(0).result()
+            done += 1
+        return total / (time.perf_counter() - t)
+
+
+async def bench_engine(n: int, total: int, inflight: int, launcher: str) -> tuple[list[float], float, dict]:
+    async with minifaas.Engine(launcher=launcher) as engine:  # type: ignore[arg-type]
+        await engine.deploy("noop", code=NOOP, max_sandboxes=2, max_queue=100_000)
+        for _ in range(200):
+            await engine.call("noop")
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            act = await engine.call("noop")
+            times.append(time.perf_counter() - t)
+            assert act.status == "success"
+        # throughput: 2 sandboxes, `inflight` invocations outstanding at any time
+        async with anyio.create_task_group() as tg:
+            for _ in range(2):
+                tg.start_soon(engine.invoke, "noop")
+        remaining = total
+
+        async def client() -> None:
+            # one of `inflight` clients, each with one invocation outstanding at a time
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                act = await engine.call("noop")
+                assert act.status == "success", act
+
+        t = time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            for _ in range(inflight):
+                tg.start_soon(client)
+        rate = total / (time.perf_counter() - t)
+        return times, rate, engine.stats()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=3000, help="latency samples")
+    ap.add_argument("--total", type=int, default=20000, help="throughput invocations")
+    ap.add_argument("--inflight", type=int, default=64)
+    ap.add_argument("--launcher", default="auto")
+    ns = ap.parse_args()
+    payload = msgpack.packb([4, {"aid": "0" * 32, "args": b"\x80", "deadline": 0, "version": "1"}])
+    eng_lat, eng_rate, stats = anyio.run(bench_engine, ns.n, ns.total, ns.inflight, ns.launcher)
+    ppe_lat = bench_ppe_latency(ns.n)
+    raw = bench_raw_pipe(ns.n, payload)
+    ppe_rate = bench_ppe_throughput(ns.total, ns.inflight)
+    us = 1e6
+    rows = [
+        ("minifaas engine.call (full record)", pct(eng_lat, 0.5) * us, pct(eng_lat, 0.99) * us),
+        ("ProcessPoolExecutor.submit().result()", pct(ppe_lat, 0.5) * us, pct(ppe_lat, 0.99) * us),
+        ("raw socketpair round trip", pct(raw, 0.5) * us, pct(raw, 0.99) * us),
+    ]
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores, launcher={stats['launcher']}")
+    print(f"{'warm round trip (no-op)':42s} {'p50 us':>9s} {'p99 us':>9s}")
+    for name, p50, p99 in rows:
+        print(f"{name:42s} {p50:9.1f} {p99:9.1f}")
+    print(f"ratio p50 minifaas / ProcessPoolExecutor: {rows[0][1] / rows[1][1]:.2f}x (goal <= 0.5x)")
+    print(f"ratio p50 minifaas / raw pipe: {rows[0][1] / rows[2][1]:.2f}x")
+    print(f"mean minifaas {statistics.mean(eng_lat) * us:.1f} us")
+    print()
+    print(
+        f"throughput, 2 workers, {ns.inflight} in flight: minifaas {eng_rate:,.0f}/s, "
+        f"ProcessPoolExecutor(2) {ppe_rate:,.0f}/s, ratio {eng_rate / ppe_rate:.2f}x (goal >= 2x)"
+    )
+
+
+if __name__ == "__main__":
+    main()

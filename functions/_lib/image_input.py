@@ -1,0 +1,107 @@
+"""Read the ``image`` parameter of an AI function: bytes, a local path, a file:// / http(s):// / data: URL.
+
+Named ``image_input`` rather than ``imageio`` so that it never shadows the PyPI package of that name when a
+bundle's root is on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import cv2
+import numpy as np
+
+MAX_IMAGE_BYTES = 32 << 20
+URL_TIMEOUT_S = 20.0
+FORMATS = {"png": ".png", "jpeg": ".jpg", "jpg": ".jpg", "webp": ".webp"}
+JPEG_QUALITY = 90
+
+
+def _fetch_url(url: str) -> bytes:
+    try:
+        with urllib.request.urlopen(url, timeout=URL_TIMEOUT_S) as resp:
+            data: bytes = resp.read(MAX_IMAGE_BYTES + 1)
+    except urllib.error.HTTPError as exc:
+        exc.close()  # it holds the error response's socket
+        raise ValueError(f"cannot fetch image from {url}: {exc}") from exc
+    except OSError as exc:
+        raise ValueError(f"cannot fetch image from {url}: {exc}") from exc
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ValueError(f"image at {url} is larger than {MAX_IMAGE_BYTES} bytes")
+    return data
+
+
+def _read_path(path: str) -> bytes:
+    try:
+        size = os.path.getsize(path)
+        if size > MAX_IMAGE_BYTES:
+            raise ValueError(f"image file {path} is larger than {MAX_IMAGE_BYTES} bytes")
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise ValueError(f"cannot read image file {path}: {exc}") from exc
+
+
+def load_bytes(src: object, *, param: str = "image") -> bytes:
+    """The encoded image bytes that ``src`` holds or names; ValueError for any other kind of value."""
+    if isinstance(src, bytes | bytearray | memoryview):
+        return bytes(src)
+    if not isinstance(src, str) or not src:
+        raise ValueError(f"{param!r} must be image bytes, a path or a URL, got {type(src).__name__}")
+    if src.startswith("data:"):
+        header, _, payload = src.partition(",")
+        if not header.endswith(";base64"):
+            raise ValueError(f"{param!r}: only base64 data: URLs are accepted")
+        try:
+            return base64.b64decode(payload, validate=True)
+        except ValueError as exc:
+            raise ValueError(f"{param!r}: invalid base64 in data: URL ({exc})") from exc
+    parsed = urllib.parse.urlparse(src)
+    if parsed.scheme in ("http", "https"):
+        return _fetch_url(src)
+    if parsed.scheme == "file":
+        return _read_path(urllib.request.url2pathname(parsed.path))
+    if parsed.scheme and len(parsed.scheme) > 1:
+        raise ValueError(f"{param!r}: unsupported URL scheme {parsed.scheme!r}")
+    return _read_path(src)
+
+
+def read_image(src: object, *, param: str = "image") -> np.ndarray:
+    """Decode ``src`` into a BGR uint8 array; ValueError when it cannot be read or is not an image."""
+    data = load_bytes(src, param=param)
+    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if image is None or image.size == 0:
+        raise ValueError(f"{param!r} is not a decodable image ({len(data)} bytes)")
+    return image
+
+
+def encode(image: np.ndarray, fmt: str = "png") -> bytes:
+    """Encode a BGR image as ``fmt`` ("png", "jpeg"/"jpg" or "webp")."""
+    ext = FORMATS.get(fmt.lower()) if isinstance(fmt, str) else None
+    if ext is None:
+        raise ValueError(f"format must be one of {sorted(FORMATS)}, got {fmt!r}")
+    params = [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY] if ext == ".jpg" else []
+    ok, buf = cv2.imencode(ext, image, params)
+    if not ok:
+        raise ValueError(f"cannot encode image as {fmt}")
+    return buf.tobytes()
+
+
+def write_output(image: np.ndarray, output_path: str, fmt: str | None = None) -> str:
+    """Write ``image`` to ``output_path`` atomically; the format comes from ``fmt`` or the file extension."""
+    if fmt is None:
+        fmt = os.path.splitext(output_path)[1].lstrip(".") or "png"
+    data = encode(image, fmt)
+    directory = os.path.dirname(os.path.abspath(output_path))
+    tmp = os.path.join(directory, f".{os.path.basename(output_path)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, output_path)
+    except OSError as exc:
+        raise ValueError(f"cannot write output_path {output_path}: {exc}") from exc
+    return output_path

@@ -1,0 +1,321 @@
+"""Keep-alive policies: how long an idle sandbox stays warm, when to pre-warm one, which one to evict.
+
+Pure logic, no I/O and no clock of its own: every method takes ``now`` (seconds, any monotonic origin), so the
+pool passes ``time.monotonic()`` and a simulation passes its fake clock.
+
+How the pool uses them::
+
+    invocation starts ----> policy.on_invocation_start(fn, now)
+    invocation ends ------> policy.on_invocation_end(fn, now)
+    sandbox becomes idle -> d = policy.decide(fn, now, warm=<other idle sandboxes of fn>)
+        d.unload_at  not None: stop that sandbox at d.unload_at (the histogram policy says "now")
+        d.prewarm_at not None: start a fresh sandbox for fn at d.prewarm_at, if none is warm by then
+        d.keep_until:          the warm (kept or pre-warmed) sandbox expires at d.keep_until unless used
+    memory is short ------> evictor.choose_victims(idle candidates, need_mb)
+
+Policies:
+
+* :class:`FixedPolicy`: the industry default (Lambda ~10 min, Azure 20 min): keep every idle sandbox for a
+  fixed window.
+* :class:`HistogramPolicy`: the hybrid histogram policy of "Serverless in the Wild" (Shahrad et al., ATC'20).
+  Per function, a histogram of idle times (from the end of the last invocation to the start of the next,
+  1-minute bins up to 4 hours). When it is representative, unload right after the invocation, pre-warm at
+  the 5th percentile of the idle time minus 10%, keep until the 99th percentile plus 10%; with a 5th
+  percentile of zero, simply stay warm until then. While it is not (too few idle times, bin counts too flat,
+  or too many idle times beyond the histogram's range), fall back to a fixed window. Adaptation to a pool
+  with several sandboxes per function: the paper manages one instance per application, so only a function's
+  first idle sandbox follows the histogram; one that becomes idle while others of its function are already
+  idle (``warm > 0``: capacity left from a burst) keeps the shorter of the fixed and the histogram window.
+* :class:`GreedyDualEvictor`: FaasCache (Fuerst and Sharma, ASPLOS'21) treats warm sandboxes as a cache:
+  evict the lowest priority = clock + frequency x (cold cost - warm cost) / memory, then raise the clock to
+  the evicted priority (Greedy-Dual aging): a costly model function survives a burst of cheap ones, but not
+  forever.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Hashable, Iterable
+from typing import Final, Protocol
+
+__all__ = (
+    "Candidate",
+    "Decision",
+    "FixedPolicy",
+    "GreedyDualEvictor",
+    "HistogramPolicy",
+    "KeepAlivePolicy",
+)
+
+IDLE_TIMEOUT_S: Final = 600.0
+HISTOGRAM_BIN_S: Final = 60.0
+HISTOGRAM_RANGE_S: Final = 4 * 3600.0
+HEAD_PERCENTILE: Final = 5.0
+TAIL_PERCENTILE: Final = 99.0
+WINDOW_MARGIN: Final = 0.10
+#: Serverless in the Wild: a histogram whose bin counts vary less than this (std/mean) is too flat to predict
+MIN_BIN_COUNT_CV: Final = 2.0
+#: idle times to see before the histogram is trusted at all
+MIN_IDLE_SAMPLES: Final = 10
+#: above this share of idle times beyond the histogram's range, the histogram says little
+MAX_OUT_OF_BOUNDS_FRACTION: Final = 0.5
+#: Greedy-Dual divides by memory: a sandbox declaring 0 MB must not get an infinite priority
+MIN_MEMORY_MB: Final = 1.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Decision:
+    """What to do with a function's sandbox that just became idle (absolute times, seconds)."""
+
+    #: stop the sandbox at this time; None: keep it warm until ``keep_until``
+    unload_at: float | None
+    #: start a fresh sandbox at this time (after an unload); None: no pre-warming
+    prewarm_at: float | None
+    #: a warm sandbox (kept or pre-warmed) that is still unused at this time is stopped
+    keep_until: float
+
+
+class KeepAlivePolicy(Protocol):
+    def on_invocation_start(self, fn: str, now: float) -> None: ...
+
+    def on_invocation_end(self, fn: str, now: float) -> None: ...
+
+    def decide(self, fn: str, now: float, *, warm: int = 0) -> Decision: ...
+
+
+class FixedPolicy:
+    """Keep every idle sandbox for ``idle_timeout_s`` (or the function's own window, see ``configure``)."""
+
+    name = "fixed"
+
+    def __init__(self, idle_timeout_s: float = IDLE_TIMEOUT_S) -> None:
+        if idle_timeout_s < 0:
+            raise ValueError(f"idle_timeout_s must be >= 0, got {idle_timeout_s}")
+        self.idle_timeout_s = float(idle_timeout_s)
+        self._per_fn: dict[str, float] = {}
+
+    def configure(self, fn: str, idle_timeout_s: float | None) -> None:
+        """Give ``fn`` its own window (None: back to the default)."""
+        if idle_timeout_s is None:
+            self._per_fn.pop(fn, None)
+        else:
+            self._per_fn[fn] = float(idle_timeout_s)
+
+    def on_invocation_start(self, fn: str, now: float) -> None:
+        return None
+
+    def on_invocation_end(self, fn: str, now: float) -> None:
+        return None
+
+    def decide(self, fn: str, now: float, *, warm: int = 0) -> Decision:
+        window = self._per_fn.get(fn, self.idle_timeout_s)
+        return Decision(unload_at=None, prewarm_at=None, keep_until=now + window)
+
+    def forget(self, fn: str) -> None:
+        self._per_fn.pop(fn, None)
+
+
+class _IdleHistogram:
+    __slots__ = ("busy", "counts", "idle_since", "out_of_bounds", "samples")
+
+    def __init__(self, bins: int) -> None:
+        self.counts = [0] * bins
+        self.samples = 0
+        self.out_of_bounds = 0
+        self.busy = 0
+        #: when the function last became idle (no invocation in flight); None before its first invocation
+        self.idle_since: float | None = None
+
+    def percentile_bin(self, pct: float) -> int:
+        in_bounds = self.samples - self.out_of_bounds
+        target = math.ceil(in_bounds * pct / 100.0)
+        seen = 0
+        for i, c in enumerate(self.counts):
+            seen += c
+            if seen >= max(target, 1):
+                return i
+        return len(self.counts) - 1
+
+    def bin_count_cv(self) -> float:
+        n = len(self.counts)
+        mean = sum(self.counts) / n
+        if mean == 0:
+            return 0.0
+        var = sum((c - mean) ** 2 for c in self.counts) / n
+        return math.sqrt(var) / mean
+
+
+class HistogramPolicy:
+    """The hybrid histogram keep-alive policy of "Serverless in the Wild" (ATC'20); see the module doc."""
+
+    name = "histogram"
+
+    def __init__(
+        self,
+        *,
+        bin_s: float = HISTOGRAM_BIN_S,
+        range_s: float = HISTOGRAM_RANGE_S,
+        head_percentile: float = HEAD_PERCENTILE,
+        tail_percentile: float = TAIL_PERCENTILE,
+        margin: float = WINDOW_MARGIN,
+        min_cv: float = MIN_BIN_COUNT_CV,
+        min_samples: int = MIN_IDLE_SAMPLES,
+        max_out_of_bounds: float = MAX_OUT_OF_BOUNDS_FRACTION,
+        fallback_s: float = IDLE_TIMEOUT_S,
+    ) -> None:
+        if bin_s <= 0 or range_s < bin_s:
+            raise ValueError(f"need 0 < bin_s <= range_s, got bin_s={bin_s}, range_s={range_s}")
+        if not 0 <= head_percentile <= tail_percentile <= 100:
+            raise ValueError("need 0 <= head_percentile <= tail_percentile <= 100")
+        self.bin_s = float(bin_s)
+        self.bins = math.ceil(range_s / bin_s)
+        self.range_s = self.bins * self.bin_s
+        self.head_percentile = head_percentile
+        self.tail_percentile = tail_percentile
+        self.margin = margin
+        self.min_cv = min_cv
+        self.min_samples = min_samples
+        self.max_out_of_bounds = max_out_of_bounds
+        self.fallback = FixedPolicy(fallback_s)
+        self._fns: dict[str, _IdleHistogram] = {}
+
+    def configure(self, fn: str, idle_timeout_s: float | None) -> None:
+        """The fixed window ``fn`` falls back to while its histogram is not representative."""
+        self.fallback.configure(fn, idle_timeout_s)
+
+    def _hist(self, fn: str) -> _IdleHistogram:
+        h = self._fns.get(fn)
+        if h is None:
+            h = self._fns[fn] = _IdleHistogram(self.bins)
+        return h
+
+    def on_invocation_start(self, fn: str, now: float) -> None:
+        h = self._hist(fn)
+        if h.busy == 0 and h.idle_since is not None:
+            # an invocation overlapping another one is not preceded by idle time
+            idle = max(0.0, now - h.idle_since)
+            h.samples += 1
+            if idle >= self.range_s:
+                h.out_of_bounds += 1
+            else:
+                h.counts[int(idle // self.bin_s)] += 1
+        h.busy += 1
+
+    def on_invocation_end(self, fn: str, now: float) -> None:
+        h = self._hist(fn)
+        h.busy = max(0, h.busy - 1)
+        if h.busy == 0:
+            h.idle_since = now
+
+    def representative(self, fn: str) -> bool:
+        h = self._fns.get(fn)
+        if h is None or h.samples < self.min_samples:
+            return False
+        if h.out_of_bounds > self.max_out_of_bounds * h.samples:
+            return False
+        return h.bin_count_cv() >= self.min_cv
+
+    def windows(self, fn: str) -> tuple[float, float] | None:
+        """(pre-warm delay, keep-alive end) after an invocation, in seconds, or None while falling back."""
+        if not self.representative(fn):
+            return None
+        h = self._fns[fn]
+        head_s = h.percentile_bin(self.head_percentile) * self.bin_s  # lower edge of the head's bin
+        tail_s = (h.percentile_bin(self.tail_percentile) + 1) * self.bin_s  # upper edge of the tail's bin
+        return head_s * (1.0 - self.margin), tail_s * (1.0 + self.margin)
+
+    def decide(self, fn: str, now: float, *, warm: int = 0) -> Decision:
+        windows = self.windows(fn)
+        if windows is None:
+            return self.fallback.decide(fn, now)
+        prewarm_s, keep_s = windows
+        if warm > 0:
+            # the histogram predicts when the function is next needed, not how many sandboxes it will need:
+            # one instance follows it (as in the paper, which has one per application), extra capacity
+            # left over from a burst gets the shorter of the two windows
+            fixed = self.fallback.decide(fn, now).keep_until
+            return Decision(unload_at=None, prewarm_at=None, keep_until=min(fixed, now + keep_s))
+        if prewarm_s <= 0:
+            # the next invocation may come within a minute: stay warm instead of unloading
+            return Decision(unload_at=None, prewarm_at=None, keep_until=now + keep_s)
+        return Decision(unload_at=now, prewarm_at=now + prewarm_s, keep_until=now + keep_s)
+
+    def describe(self, fn: str) -> dict[str, float | int | bool | None]:
+        h = self._fns.get(fn)
+        if h is None:
+            return {"samples": 0, "representative": False}
+        windows = self.windows(fn)
+        return {
+            "samples": h.samples,
+            "out_of_bounds": h.out_of_bounds,
+            "bin_count_cv": round(h.bin_count_cv(), 3),
+            "representative": windows is not None,
+            "prewarm_s": None if windows is None else windows[0],
+            "keep_s": None if windows is None else windows[1],
+        }
+
+    def forget(self, fn: str) -> None:
+        self._fns.pop(fn, None)
+        self.fallback.forget(fn)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Candidate:
+    """An idle sandbox that could be evicted, with what the Greedy-Dual priority needs."""
+
+    fn: str
+    memory_mb: float
+    #: latency of an invocation that has to start a sandbox (start + init + run)
+    cold_cost_ms: float
+    #: latency of an invocation on a warm sandbox
+    warm_cost_ms: float
+    #: how often the function is invoked (a count or a rate: only the comparison between candidates matters)
+    frequency: float
+    #: the pool's handle on the sandbox (default: the function name); ``touch`` stamps it
+    key: Hashable = None
+
+    @property
+    def ident(self) -> Hashable:
+        return self.fn if self.key is None else self.key
+
+
+class GreedyDualEvictor:
+    """FaasCache's Greedy-Dual-Size-Frequency eviction of idle sandboxes under a memory budget."""
+
+    name = "greedy-dual"
+
+    def __init__(self) -> None:
+        self.clock = 0.0
+        self._stamps: dict[Hashable, float] = {}
+
+    def touch(self, key: Hashable) -> None:
+        """Record a use of the sandbox (or function) ``key``: its priority restarts from the current clock."""
+        self._stamps[key] = self.clock
+
+    def forget(self, key: Hashable) -> None:
+        self._stamps.pop(key, None)
+
+    def priority(self, c: Candidate) -> float:
+        benefit = max(c.cold_cost_ms - c.warm_cost_ms, 0.0)
+        return self._stamps.get(c.ident, self.clock) + c.frequency * benefit / max(c.memory_mb, MIN_MEMORY_MB)
+
+    def choose_victims(self, candidates: Iterable[Candidate], need_mb: float) -> list[Candidate]:
+        """The lowest-priority candidates that free at least ``need_mb``; [] when even all would not.
+
+        The clock rises to the highest evicted priority, and the victims are forgotten.
+        """
+        ranked = sorted(((self.priority(c), c) for c in candidates), key=lambda pc: pc[0])
+        if need_mb <= 0 or sum(c.memory_mb for _, c in ranked) < need_mb:
+            return []
+        victims: list[Candidate] = []
+        freed = 0.0
+        for prio, c in ranked:
+            if freed >= need_mb:
+                break
+            victims.append(c)
+            freed += c.memory_mb
+            self.clock = max(self.clock, prio)
+        for c in victims:
+            self._stamps.pop(c.ident, None)
+        return victims

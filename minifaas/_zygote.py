@@ -1,0 +1,591 @@
+"""Starting sandboxes by forking a zygote that already imported numpy, OpenCV, LiteRT and the runtime.
+
+A fresh interpreter spends most of its start importing libraries; a fork of a process that already did costs a
+few milliseconds (SOCK, ATC'18). The zygote is ``minifaas_sandbox.zygote``; this module is the host side::
+
+    ZygoteLauncher (task group: one reader task per zygote)
+        launch(env) --FORK + fds--> zygote --fork--> sandbox (its own session; speaks the sandbox protocol)
+                   <--FORKED pid--         <-SIGCHLD-
+        Launched.wait() <--EXITED pid, status--
+
+Failure handling: a dead zygote is restarted by the next ``launch``; when a restart fails too (the zygote dies
+before it serves a fork, e.g. a broken preload), launches fall back to :class:`SpawnLauncher` for a back-off
+period, and :meth:`ZygoteLauncher.stats` counts it. A sandbox does not outlive its zygote: the runtime asks
+the kernel to SIGKILL it when its parent dies (``runtime.die_with_parent``), and the zygote exits when the
+host's end of the control socket closes, so a killed host leaves nothing behind. Once the zygote is gone, the
+host notices the end of its sandboxes through pidfds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Any, Final
+
+import anyio
+import anyio.abc
+from minifaas_sandbox import protocol as p
+from minifaas_sandbox import zygote as z
+
+from ._errors import MinifaasError
+from ._launch import Launched, SpawnLauncher, make_pipes, scrubbed_env
+
+__all__ = ("DEFAULT_PRELOAD", "ZygoteError", "ZygoteLauncher", "ZygotePool")
+
+DEFAULT_PRELOAD: Final[tuple[str, ...]] = z.DEFAULT_PRELOAD
+#: importing the preload set and reading the model files
+ZYGOTE_START_TIMEOUT_S: Final = 60.0
+#: a healthy zygote answers a FORK in milliseconds; silence this long means it is wedged
+FORK_TIMEOUT_S: Final = 10.0
+#: after the host closes the control socket, how long the zygote gets to exit before SIGKILL
+ZYGOTE_EXIT_GRACE_S: Final = 2.0
+RESTART_BACKOFF_MIN_S: Final = 1.0
+RESTART_BACKOFF_MAX_S: Final = 60.0
+#: tries of zygote-then-fork per launch before spawning (the second try restarts a zygote that just died)
+FORK_ATTEMPTS: Final = 2
+RECV_BYTES: Final = 1 << 16
+#: exit status reported for a sandbox whose zygote died before reporting its end: the kernel SIGKILLs it
+#: then (PR_SET_PDEATHSIG), and its real status went to nobody the host can ask
+ORPHAN_EXIT_STATUS: Final = -signal.SIGKILL
+FORK_AVAILABLE: Final = hasattr(os, "fork") and hasattr(os, "pidfd_open") and hasattr(socket, "send_fds")
+
+
+class ZygoteError(MinifaasError, RuntimeError):
+    """Raised by ``ZygoteLauncher``/``ZygotePool`` methods used outside their ``async with`` block, and by
+    ``ZygoteLauncher.load_models`` when no zygote runs; a zygote failing during ``launch`` is not raised but
+    answered by spawning."""
+
+
+ZygoteError.__module__ = "minifaas"
+
+
+def _backoff_s(failures: int) -> float:
+    # the first failure restarts at once; only a zygote that fails again is left alone for a while
+    if failures <= 1:
+        return 0.0
+    return float(min(RESTART_BACKOFF_MIN_S * 2 ** (failures - 2), RESTART_BACKOFF_MAX_S))
+
+
+class _ForkedProcess:
+    """A sandbox forked by a zygote (implements :class:`~minifaas._launch.Launched`)."""
+
+    how = "fork"
+
+    def __init__(self, pid: int, channel: socket.socket, out_r: int, err_r: int, zygote: _Zygote) -> None:
+        self.pid = pid
+        self.channel = channel
+        self.stdout_fd = out_r
+        self.stderr_fd = err_r
+        self._zygote = zygote
+        self._status: int | None = None
+        self._orphaned = False
+        self._killed = False
+        self._changed = anyio.Event()
+        self._pidfd_lock = anyio.Lock()
+        try:
+            self._pidfd = os.pidfd_open(pid)
+        except OSError:
+            # already reaped by the zygote: its EXITED report is on the way
+            self._pidfd = -1
+
+    def _exited(self, status: int) -> None:
+        if self._status is None:
+            self._status = status
+        self._changed.set()
+
+    def _orphan(self) -> None:
+        self._orphaned = True
+        self._changed.set()
+
+    async def wait(self) -> int:
+        while self._status is None:
+            if not self._orphaned:
+                await self._changed.wait()
+                continue
+            async with self._pidfd_lock:
+                if self._status is None:
+                    if self._pidfd >= 0:
+                        await anyio.wait_readable(self._pidfd)
+                    self._status = -signal.SIGKILL if self._killed else ORPHAN_EXIT_STATUS
+        return self._status
+
+    def kill(self) -> None:
+        if self._status is not None:
+            return
+        self._killed = True
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        # before the child's setsid() there is no such group yet; the pidfd cannot hit a recycled pid
+        with contextlib.suppress(ProcessLookupError, OSError):
+            if self._pidfd >= 0:
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+
+    def close(self) -> None:
+        for fd in (self._pidfd, self.stdout_fd, self.stderr_fd):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._pidfd = self.stdout_fd = self.stderr_fd = -1
+        self.channel.close()
+        self._zygote.children.pop(self.pid, None)
+        if self._status is None:
+            # its EXITED report may still come: drop it then instead of keeping it for an unknown pid
+            self._zygote.abandoned_pids.add(self.pid)
+
+
+class _Request:
+    """One outstanding control request; for a FORK it holds the host ends until the child exists."""
+
+    __slots__ = ("abandoned", "error", "event", "fds", "fields", "host", "value")
+
+    def __init__(self, host: socket.socket | None = None, fds: tuple[int, int] = (-1, -1)) -> None:
+        self.event = anyio.Event()
+        self.fields: dict[str, Any] = {}
+        self.error: str | None = None
+        self.value: _ForkedProcess | None = None
+        self.host = host
+        self.fds = fds
+        self.abandoned = False
+
+    def close_fds(self) -> None:
+        """Idempotent: an fd number closed twice could by then belong to someone else."""
+        if self.host is not None:
+            self.host.close()
+            self.host = None
+        for fd in self.fds:
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.fds = (-1, -1)
+
+    async def result(self) -> dict[str, Any]:
+        await self.event.wait()
+        if self.error is not None:
+            raise ZygoteError(self.error)
+        return self.fields
+
+
+class _Zygote:
+    """One zygote process and its control connection; a restart makes a new one."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], stream: anyio.abc.UNIXSocketStream) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self.pidfd = os.pidfd_open(proc.pid)
+        self.stream = stream
+        self.decoder = p.FrameDecoder()
+        self.hello = _Request()
+        self.pending: dict[int, _Request] = {}
+        self.children: dict[int, _ForkedProcess] = {}
+        self.early_exits: dict[int, int] = {}
+        self.abandoned_pids: set[int] = set()
+        self.gone = anyio.Event()
+        self.ended_at = 0.0
+        self.forks = 0
+        self.send_lock = anyio.Lock()
+        self.seq = itertools.count(1)
+        self.model_bytes = 0
+
+    # -- requests --------------------------------------------------------------------------------------------
+    async def _send(self, frame: bytes, fds: Sequence[int] = ()) -> None:
+        # shielded: a frame cut in half by a cancellation would desynchronise the control stream
+        with anyio.CancelScope(shield=True):
+            async with self.send_lock:
+                if fds:
+                    await self.stream.send_fds(frame, fds)
+                else:
+                    await self.stream.send(frame)
+
+    async def load_models(self, paths: Sequence[str]) -> dict[str, Any]:
+        seq = next(self.seq)
+        req = self.pending[seq] = _Request()
+        try:
+            await self._send(p.encode(z.LOAD_MODELS, {"seq": seq, "paths": list(paths)}))
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+            self.pending.pop(seq, None)
+            self.terminate()
+            self._lost()
+            raise ZygoteError(f"zygote {self.pid} is gone") from exc
+        fields = await req.result()
+        self.model_bytes += sum(int(n) for n in (fields.get("loaded") or {}).values())
+        return fields
+
+    async def fork(self, env: Mapping[str, str]) -> _ForkedProcess:
+        if self.gone.is_set():
+            raise ZygoteError(f"zygote {self.pid} is gone")
+        host, child, (out_r, out_w), (err_r, err_w) = make_pipes()
+        seq = next(self.seq)
+        req = self.pending[seq] = _Request(host, (out_r, err_r))
+        try:
+            await self._send(p.encode(z.FORK, {"seq": seq, "env": dict(env)}), (child.fileno(), out_w, err_w))
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            self.pending.pop(seq, None)
+            req.close_fds()
+            # mark it dead now, not when the reader gets to the end of the stream: a retry must restart it
+            self.terminate()
+            self._lost()
+            raise ZygoteError(f"cannot send a fork request to zygote {self.pid}: {exc}") from exc
+        finally:
+            # the zygote holds its own copies now (SCM_RIGHTS duplicates them in flight)
+            child.close()
+            os.close(out_w)
+            os.close(err_w)
+        try:
+            with anyio.fail_after(FORK_TIMEOUT_S):
+                await req.result()
+        except TimeoutError:
+            self._abandon(seq, req)
+            self.terminate()
+            raise ZygoteError(f"zygote {self.pid} did not answer a fork within {FORK_TIMEOUT_S} s") from None
+        except ZygoteError:
+            req.close_fds()
+            raise
+        except BaseException:
+            self._abandon(seq, req)
+            raise
+        assert req.value is not None
+        self.forks += 1
+        return req.value
+
+    def _abandon(self, seq: int, req: _Request) -> None:
+        """The caller gave up waiting: whatever the zygote forks for it must not live on unowned."""
+        self.pending.pop(seq, None)
+        if req.value is not None:
+            req.value.kill()
+            self.abandoned_pids.add(req.value.pid)
+            req.value.close()
+        elif req.event.is_set():
+            req.close_fds()
+        else:
+            req.abandoned = True
+            self.pending[seq] = req
+
+    def terminate(self) -> None:
+        with contextlib.suppress(ProcessLookupError, OSError):
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+
+    # -- reader ----------------------------------------------------------------------------------------------
+    async def read_loop(self) -> None:
+        try:
+            while True:
+                try:
+                    data = await self.stream.receive(RECV_BYTES)
+                except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    break
+                for kind, fields in self.decoder.feed(data):
+                    self._dispatch(kind, fields)
+        except p.ProtocolError:
+            self.terminate()
+        finally:
+            self._lost()
+            with anyio.CancelScope(shield=True):
+                await self._reap()
+
+    def _dispatch(self, kind: int, fields: dict[str, Any]) -> None:
+        if kind == z.EXITED:
+            pid, status = int(fields["pid"]), int(fields["status"])
+            child = self.children.get(pid)
+            if child is not None:
+                child._exited(status)
+            elif pid in self.abandoned_pids:
+                self.abandoned_pids.discard(pid)
+            else:
+                self.early_exits[pid] = status
+            return
+        if kind == z.HELLO:
+            req = self.hello
+        else:
+            found = self.pending.pop(int(fields.get("seq") or 0), None)
+            if found is None:
+                return
+            req = found
+        req.fields = fields
+        if kind == z.FORKED:
+            self._forked(req, fields)
+        req.event.set()
+
+    def _forked(self, req: _Request, fields: dict[str, Any]) -> None:
+        pid = fields.get("pid")
+        if pid is None:
+            req.error = str(fields.get("error") or "the zygote could not fork")
+            return
+        assert req.host is not None
+        child = _ForkedProcess(int(pid), req.host, req.fds[0], req.fds[1], self)
+        self.children[child.pid] = child
+        status = self.early_exits.pop(child.pid, None)
+        if status is not None:
+            child._exited(status)
+        req.value = child
+        if req.abandoned:
+            child.kill()
+            self.abandoned_pids.add(child.pid)
+            child.close()
+
+    def _lost(self) -> None:
+        if not self.gone.is_set():
+            self.ended_at = time.monotonic()
+            self.gone.set()
+        for req in [self.hello, *self.pending.values()]:
+            if not req.event.is_set():
+                req.error = f"zygote {self.pid} ended"
+                req.close_fds()
+                req.event.set()
+        self.pending.clear()
+        for child in self.children.values():
+            child._orphan()
+
+    async def _reap(self) -> None:
+        # closing our end is what tells a live zygote to exit
+        await self.stream.aclose()
+        with anyio.move_on_after(ZYGOTE_EXIT_GRACE_S):
+            await anyio.wait_readable(self.pidfd)
+        if self.proc.poll() is None:
+            self.terminate()
+            with anyio.move_on_after(ZYGOTE_EXIT_GRACE_S):
+                await anyio.wait_readable(self.pidfd)
+        self.proc.poll()
+        os.close(self.pidfd)
+        self.pidfd = -1
+
+
+class ZygoteLauncher:
+    """Launch sandboxes as forks of a zygote that imported ``preload`` and read ``models`` (a Launcher).
+
+    Use it inside ``async with`` (it owns a task group: the zygote's reader task), or let a
+    :class:`ZygotePool` own it. ``env`` is the zygote's own environment (default: :func:`scrubbed_env`, which
+    keeps numeric libraries single-threaded); each sandbox gets the env passed to :meth:`launch`.
+    """
+
+    name = "zygote"
+
+    def __init__(
+        self,
+        preload: Sequence[str] = DEFAULT_PRELOAD,
+        models: Sequence[str] = (),
+        *,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.preload = tuple(preload)
+        self.models = tuple(models)
+        self._env = dict(env) if env is not None else scrubbed_env()
+        self._spawn = SpawnLauncher(preload=self.preload)
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._scope: anyio.CancelScope | None = None
+        self._service_done = anyio.Event()
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._zygote: _Zygote | None = None
+        self._lock = anyio.Lock()
+        self._closed = False
+        self._starts = 0
+        self._failures = 0
+        self._retry_at = 0.0
+        self._forks = 0
+        self._spawns_fallback = 0
+        self._restarts = 0
+        self._hello: dict[str, Any] = {}
+        self.last_error: str | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    async def __aenter__(self) -> ZygoteLauncher:
+        async with contextlib.AsyncExitStack() as stack:
+            tg = await stack.enter_async_context(anyio.create_task_group())
+            await self.start_in(tg)
+            self._stack = stack.pop_all()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+        if self._stack is not None:
+            stack, self._stack = self._stack, None
+            await stack.__aexit__(exc_type, exc, tb)
+
+    async def start_in(self, tg: anyio.abc.TaskGroup) -> None:
+        """Run this launcher's tasks in ``tg`` (owned by the caller); the zygote starts in the background."""
+        if self._tg is not None or self._closed:
+            raise ZygoteError("a ZygoteLauncher is started once")
+        await tg.start(self._service)
+
+    async def _service(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        try:
+            with anyio.CancelScope() as scope:
+                self._scope = scope
+                async with anyio.create_task_group() as tg:
+                    self._tg = tg
+                    task_status.started()
+                    # warm up now, so the first launch finds the zygote ready
+                    tg.start_soon(self._ensure_zygote)
+                    await anyio.sleep_forever()
+        finally:
+            self._tg = None
+            self._service_done.set()
+
+    async def aclose(self) -> None:
+        """Stop the zygote (and with it any sandbox it forked that is still running) and end the tasks."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._scope is not None:
+            self._scope.cancel()
+            await self._service_done.wait()
+        self._zygote = None
+
+    # -- launching -------------------------------------------------------------------------------------------
+    async def launch(self, env: Mapping[str, str]) -> Launched:
+        if self._tg is None:
+            raise ZygoteError("ZygoteLauncher.launch needs the launcher entered (async with) and not closed")
+        for _ in range(FORK_ATTEMPTS):
+            zyg = await self._ensure_zygote()
+            if zyg is None:
+                break
+            try:
+                child = await zyg.fork(env)
+            except ZygoteError as exc:
+                self.last_error = str(exc)
+                continue
+            self._forks += 1
+            self._failures = 0
+            return child
+        if self._closed:
+            raise ZygoteError("the ZygoteLauncher was closed during this launch")
+        self._spawns_fallback += 1
+        return await self._spawn.launch(env)
+
+    async def load_models(self, paths: Sequence[str]) -> dict[str, Any]:
+        """Read more model files into the zygote (and every zygote started after a restart); sandboxes forked
+        from now on find them in ``minifaas_sandbox._preloaded_models`` under their path."""
+        self.models = tuple(dict.fromkeys((*self.models, *paths)))
+        zyg = await self._ensure_zygote()
+        if zyg is None:
+            raise ZygoteError(f"no zygote is running: {self.last_error}")
+        return await zyg.load_models(list(paths))
+
+    def stats(self) -> dict[str, Any]:
+        zyg = self._zygote
+        alive = zyg is not None and not zyg.gone.is_set()
+        return {
+            "forks": self._forks,
+            "spawns_fallback": self._spawns_fallback,
+            "zygote_restarts": self._restarts,
+            "zygote_pid": zyg.pid if alive and zyg is not None else None,
+            "preload_failed": dict(self._hello.get("failed") or {}),
+            #: OS threads the zygote had when it started serving: anything but 1 makes forking unsafe
+            "zygote_threads": int(self._hello.get("threads") or 0),
+            "model_bytes": zyg.model_bytes if alive and zyg is not None else 0,
+        }
+
+    async def _ensure_zygote(self) -> _Zygote | None:
+        """The running zygote, a restarted one, or None while restarting is pointless (back-off)."""
+        async with self._lock:
+            zyg = self._zygote
+            if zyg is not None and not zyg.gone.is_set():
+                return zyg
+            if zyg is not None:
+                self._zygote = None
+                if zyg.forks == 0:
+                    self._failures += 1
+                self._retry_at = zyg.ended_at + _backoff_s(self._failures)
+            if self._closed or self._tg is None or not FORK_AVAILABLE or time.monotonic() < self._retry_at:
+                return None
+            if self._starts:
+                self._restarts += 1
+            self._starts += 1
+            try:
+                zyg = await self._start_zygote(self._tg)
+            except (ZygoteError, OSError) as exc:
+                self.last_error = str(exc)
+                self._failures += 1
+                self._retry_at = time.monotonic() + _backoff_s(self._failures)
+                return None
+            self._zygote = zyg
+            return zyg
+
+    async def _start_zygote(self, tg: anyio.abc.TaskGroup) -> _Zygote:
+        host, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        argv = [sys.executable, "-m", "minifaas_sandbox.zygote", "--fd", str(child.fileno())]
+        argv += ["--preload", ",".join(self.preload)]
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                pass_fds=(child.fileno(),),
+                env=self._env,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except BaseException:
+            host.close()
+            raise
+        finally:
+            child.close()
+        zyg = _Zygote(proc, await anyio.abc.UNIXSocketStream.from_socket(host))
+        tg.start_soon(zyg.read_loop, name=f"zygote-{zyg.pid}-reader")
+        try:
+            with anyio.fail_after(ZYGOTE_START_TIMEOUT_S):
+                self._hello = await zyg.hello.result()
+                if self.models:
+                    await zyg.load_models(self.models)
+        except TimeoutError:
+            zyg.terminate()
+            raise ZygoteError(f"zygote {zyg.pid} did not start within {ZYGOTE_START_TIMEOUT_S} s") from None
+        except BaseException:
+            zyg.terminate()
+            raise
+        return zyg
+
+
+class ZygotePool:
+    """One zygote per preload set (SOCK's tree of zygotes, one level deep), created on first use."""
+
+    def __init__(self, *, models: Sequence[str] = (), env: Mapping[str, str] | None = None) -> None:
+        self.models = tuple(models)
+        self._env = dict(env) if env is not None else None
+        self._launchers: dict[tuple[str, ...], ZygoteLauncher] = {}
+        self._lock = anyio.Lock()
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._stack: contextlib.AsyncExitStack | None = None
+
+    async def __aenter__(self) -> ZygotePool:
+        async with contextlib.AsyncExitStack() as stack:
+            self._tg = await stack.enter_async_context(anyio.create_task_group())
+            self._stack = stack.pop_all()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+        if self._stack is not None:
+            stack, self._stack = self._stack, None
+            await stack.__aexit__(exc_type, exc, tb)
+
+    async def get(self, preload: Sequence[str] = DEFAULT_PRELOAD) -> ZygoteLauncher:
+        """The launcher for this preload set (order matters: imports run in that order)."""
+        if self._tg is None:
+            raise ZygoteError("ZygotePool.get needs the pool entered (async with) and not closed")
+        key = tuple(preload)
+        async with self._lock:
+            launcher = self._launchers.get(key)
+            if launcher is None:
+                launcher = ZygoteLauncher(key, self.models, env=self._env)
+                await launcher.start_in(self._tg)
+                self._launchers[key] = launcher
+        return launcher
+
+    def stats(self) -> dict[tuple[str, ...], dict[str, Any]]:
+        return {key: launcher.stats() for key, launcher in self._launchers.items()}
+
+    async def aclose(self) -> None:
+        self._tg = None
+        for launcher in self._launchers.values():
+            await launcher.aclose()

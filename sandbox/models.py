@@ -1,0 +1,456 @@
+"""The warm model cache of a sandbox process: ``from minifaas_sandbox import models``.
+
+A function loads every model through :func:`load`, so the second activation that a warm sandbox runs finds its
+interpreter ready::
+
+    detector = models.load(args["detector_url"], sha256=args.get("detector_sha256"))
+
+Data flow::
+
+    load(url, loader)  --hit-->  cached object (LRU bounded by the model files' bytes)
+          | miss
+          v
+    fetcher(url, sha256) -> local path    (default: local/file:// paths as they are, other fsspec URLs into a
+          |                                content-addressed dir; in a sandbox the runtime installs a fetcher
+          v                                that asks the host's model store)
+    loader(path) -> object                (tflite Interpreter with tensors allocated, bytes, json, cascade,
+                                           or any callable(path) -> object)
+
+Each activation gets a record of what it loaded (:func:`take_activation_info`), which the runtime puts into
+the activation's annotations. The record is kept per thread: the runtime takes it on the thread that ran
+``main``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cachetools import LRUCache
+
+__all__ = (
+    "MODEL_CACHE_MAX_BYTES",
+    "Fetcher",
+    "ModelLoadError",
+    "configure",
+    "default_fetcher",
+    "held",
+    "host_fetcher",
+    "load",
+    "report_timing",
+    "set_fetcher",
+    "stats",
+    "take_activation_info",
+)
+
+MODEL_CACHE_MAX_BYTES = 512 << 20
+#: a download of the default fetcher larger than this is refused (the host store has its own limit)
+DEFAULT_FETCH_MAX_BYTES = 2 << 30
+HTTP_TIMEOUT_S = 60.0
+COPY_CHUNK_BYTES = 1 << 20
+CACHE_DIR_ENV = "MINIFAAS_MODEL_CACHE"
+
+#: fetcher(url, sha256) -> path of a local file holding the model's bytes
+Fetcher = Callable[[str, "str | None"], str]
+Loader = str | Callable[[str], object]
+
+
+class ModelLoadError(Exception):
+    """Raised by ``models.load`` when a model cannot be fetched, fails its sha256 check or cannot load."""
+
+
+@dataclass
+class _Entry:
+    value: object
+    size_bytes: int
+    # keeps bytes handed to Interpreter(model_content=...) alive as long as the interpreter
+    keepalive: object = None
+
+
+@dataclass
+class _Counters:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    uncacheable: int = 0
+
+
+@dataclass
+class _Record:
+    models: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class _ByteLRU(LRUCache[tuple[str, str], _Entry]):
+    """LRU whose eviction is counted; the evicted entry is returned and then dropped by cachetools."""
+
+    def __init__(self, max_bytes: int, counters: _Counters) -> None:
+        super().__init__(maxsize=max_bytes, getsizeof=_entry_size)
+        self._counters = counters
+
+    def popitem(self) -> tuple[tuple[str, str], _Entry]:
+        item = super().popitem()
+        self._counters.evictions += 1
+        return item
+
+
+def _entry_size(entry: _Entry) -> int:
+    return entry.size_bytes
+
+
+_lock = threading.Lock()
+_counters = _Counters()
+_cache = _ByteLRU(MODEL_CACHE_MAX_BYTES, _counters)
+_key_locks: dict[tuple[str, str], threading.Lock] = {}
+_local = threading.local()
+
+
+def _record() -> _Record:
+    rec: _Record | None = getattr(_local, "record", None)
+    if rec is None:
+        rec = _Record()
+        _local.record = rec
+    return rec
+
+
+def _loader_name(loader: Loader) -> str:
+    if isinstance(loader, str):
+        return loader
+    name = f"{getattr(loader, '__module__', '?')}.{getattr(loader, '__qualname__', repr(loader))}"
+    # stable across activations for a lambda re-created on each call, yet two lambdas of a module differ
+    code = getattr(loader, "__code__", None)
+    return f"{name}:{code.co_firstlineno}" if code is not None else name
+
+
+def load(url: str, *, sha256: str | None = None, loader: Loader = "tflite", num_threads: int = 1) -> Any:
+    """Return the model at ``url`` loaded by ``loader``, from the cache when this process already holds it.
+
+    The key is (url, loader): ``num_threads`` only applies when the interpreter is first created.
+
+    ``loader`` is "tflite" (a ``ai_edge_litert.interpreter.Interpreter`` with tensors allocated), "bytes",
+    "json", "cascade" (a ``cv2.CascadeClassifier``) or a callable taking the local file path.
+    Raises :class:`ModelLoadError` when the model cannot be fetched, fails ``sha256`` or cannot be loaded.
+    """
+    if not isinstance(url, str) or not url:
+        raise ModelLoadError(f"model url must be a non-empty string, got {url!r}")
+    if isinstance(loader, str) and loader not in _LOADERS:
+        raise ModelLoadError(f"unknown loader {loader!r}; expected one of {sorted(_LOADERS)} or a callable")
+    key = (url, _loader_name(loader))
+    with _lock:
+        entry = _cache.get(key)
+        if entry is None:
+            key_lock = _key_locks.setdefault(key, threading.Lock())
+    if entry is not None:
+        return _hit(url, entry)
+    # one thread loads a given key; the others wait for it and then find it cached
+    with key_lock:
+        with _lock:
+            entry = _cache.get(key)
+        if entry is not None:
+            return _hit(url, entry)
+        try:
+            t0 = time.perf_counter()
+            path = _fetcher(url, sha256)
+            t1 = time.perf_counter()
+            entry = _load_entry(url, path, loader, num_threads)
+            t2 = time.perf_counter()
+            with _lock:
+                _counters.misses += 1
+                try:
+                    _cache[key] = entry
+                except ValueError:
+                    # larger than the whole cache: serve it uncached rather than evict everything for it
+                    _counters.uncacheable += 1
+        finally:
+            with _lock:
+                _key_locks.pop(key, None)
+    _record().models.append(
+        {
+            "url": url,
+            "hit": False,
+            "download_ms": round((t1 - t0) * 1000, 3),
+            "load_ms": round((t2 - t1) * 1000, 3),
+        }
+    )
+    return entry.value
+
+
+def _hit(url: str, entry: _Entry) -> Any:
+    with _lock:
+        _counters.hits += 1
+    _record().models.append({"url": url, "hit": True, "download_ms": 0.0, "load_ms": 0.0})
+    return entry.value
+
+
+def _load_entry(url: str, path: str, loader: Loader, num_threads: int) -> _Entry:
+    try:
+        size = os.path.getsize(path)
+    except OSError as exc:
+        raise ModelLoadError(f"fetcher returned {path!r}, which is not a readable file: {exc}") from exc
+    try:
+        if callable(loader):
+            return _Entry(loader(path), size)
+        return _LOADERS[loader](url, path, size, num_threads)
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load {path!r} with loader {_loader_name(loader)!r}: {exc}") from exc
+
+
+def _load_tflite(url: str, path: str, size: int, num_threads: int) -> _Entry:
+    from ai_edge_litert.interpreter import Interpreter
+
+    from . import _preloaded_models
+
+    # bytes the zygote read before forking are shared copy-on-write: build from them instead of the file
+    content = _preloaded_models.get(path) or _preloaded_models.get(url)
+    if content is not None:
+        interp = Interpreter(model_content=content, num_threads=num_threads)
+    else:
+        interp = Interpreter(model_path=path, num_threads=num_threads)
+    interp.allocate_tensors()
+    return _Entry(interp, size, keepalive=content)
+
+
+def _load_bytes(url: str, path: str, size: int, num_threads: int) -> _Entry:
+    return _Entry(Path(path).read_bytes(), size)
+
+
+def _load_json(url: str, path: str, size: int, num_threads: int) -> _Entry:
+    return _Entry(json.loads(Path(path).read_text(encoding="utf-8")), size)
+
+
+def _load_cascade(url: str, path: str, size: int, num_threads: int) -> _Entry:
+    import cv2
+
+    cascade = cv2.CascadeClassifier(path)
+    if cascade.empty():
+        raise ModelLoadError(f"{path!r} is not a valid OpenCV cascade file")
+    return _Entry(cascade, size)
+
+
+_LOADERS: dict[str, Callable[[str, str, int, int], _Entry]] = {
+    "tflite": _load_tflite,
+    "bytes": _load_bytes,
+    "json": _load_json,
+    "cascade": _load_cascade,
+}
+
+
+# --- fetching ---------------------------------------------------------------------------------------------
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get(CACHE_DIR_ENV)
+    return Path(env) if env else Path.home() / ".cache" / "minifaas" / "models"
+
+
+def _local_path(url: str) -> str | None:
+    """The filesystem path a plain path or file:// URL names, or None for any other scheme."""
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme == "file":
+        return urllib.request.url2pathname(parsed.path)
+    # a one-letter scheme is a Windows drive letter, not a protocol
+    if parsed.scheme == "" or len(parsed.scheme) == 1:
+        return url
+    return None
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(COPY_CHUNK_BYTES):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_sha(url: str, actual: str, expected: str | None) -> None:
+    if expected is not None and actual != expected.lower():
+        raise ModelLoadError(f"sha256 mismatch for {url}: expected {expected.lower()}, got {actual}")
+
+
+@contextlib.contextmanager
+def _open_remote(url: str) -> Iterator[Any]:
+    scheme = urllib.parse.urlparse(url).scheme
+    if scheme in ("http", "https"):
+        # stdlib rather than fsspec's HTTP filesystem, which needs aiohttp
+        try:
+            resp = urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S)
+        except urllib.error.HTTPError as exc:
+            exc.close()  # it holds the error response's socket
+            raise ModelLoadError(f"cannot fetch {url}: {exc}") from exc
+        with resp:
+            yield resp
+        return
+    import fsspec
+
+    try:
+        with fsspec.open(url, "rb") as f:
+            yield f
+    except ImportError as exc:
+        raise ModelLoadError(f"no fsspec backend installed for {scheme}:// ({exc})") from exc
+
+
+def default_fetcher(url: str, sha256: str | None) -> str:
+    """Fetch ``url`` for an in-process (non-sandbox) run and return a local file path.
+
+    Plain paths and file:// URLs are used where they are; any other URL is downloaded once into a
+    content-addressed directory (``$MINIFAAS_MODEL_CACHE`` or ``~/.cache/minifaas/models``).
+    """
+    local = _local_path(url)
+    if local is not None:
+        if not os.path.isfile(local):
+            raise ModelLoadError(f"model file not found: {local}")
+        if sha256 is not None:
+            _check_sha(url, _sha256_file(local), sha256)
+        return local
+    root = _cache_dir()
+    if sha256 is not None:
+        known = root / "sha256" / sha256.lower()
+        if known.is_file():
+            return str(known)
+    url_index = root / "urls" / hashlib.sha256(url.encode()).hexdigest()
+    if sha256 is None and url_index.is_file():
+        known = root / "sha256" / url_index.read_text().strip()
+        if known.is_file():
+            return str(known)
+    return _download(url, sha256, root, url_index)
+
+
+def _download(url: str, sha256: str | None, root: Path, url_index: Path) -> str:
+    (root / "sha256").mkdir(parents=True, exist_ok=True)
+    url_index.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".part-", dir=root)
+    try:
+        h = hashlib.sha256()
+        total = 0
+        with os.fdopen(fd, "wb") as out:
+            try:
+                with _open_remote(url) as src:
+                    while chunk := src.read(COPY_CHUNK_BYTES):
+                        total += len(chunk)
+                        if total > DEFAULT_FETCH_MAX_BYTES:
+                            raise ModelLoadError(f"{url} is larger than {DEFAULT_FETCH_MAX_BYTES} bytes")
+                        h.update(chunk)
+                        out.write(chunk)
+            except OSError as exc:
+                raise ModelLoadError(f"cannot fetch {url}: {exc}") from exc
+        digest = h.hexdigest()
+        _check_sha(url, digest, sha256)
+        dest = root / "sha256" / digest
+        os.replace(tmp, dest)
+        _write_atomic(url_index, digest)
+        return str(dest)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def host_fetcher(url: str, sha256: str | None) -> str:
+    """Fetcher for use inside a sandbox: the host's model store fetches (once per machine) and verifies.
+
+    Install it with ``models.set_fetcher(models.host_fetcher)``; it answers with a path in the host's store.
+    """
+    from . import host_call
+
+    try:
+        path = host_call("model.fetch", {"url": url, "sha256": sha256})
+    except Exception as exc:
+        raise ModelLoadError(f"the host could not fetch {url}: {exc}") from exc
+    if not isinstance(path, str):
+        raise ModelLoadError(f"the host answered model.fetch for {url} with {path!r}, not a path")
+    return path
+
+
+_fetcher: Fetcher = default_fetcher
+
+
+def set_fetcher(fn: Fetcher | None) -> None:
+    """Install the function that turns (url, sha256) into a local file path; None restores the default."""
+    global _fetcher
+    _fetcher = default_fetcher if fn is None else fn
+
+
+# --- introspection ----------------------------------------------------------------------------------------
+
+
+def configure(*, max_bytes: int = MODEL_CACHE_MAX_BYTES) -> None:
+    """Set the cache's byte budget, keeping the most recently used models that still fit."""
+    global _cache
+    if max_bytes <= 0:
+        raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+    with _lock:
+        old = _cache
+        new = _ByteLRU(max_bytes, _counters)
+        # LRUCache iterates least recently used first, so re-inserting keeps the order
+        for key in list(old.keys()):
+            entry = old[key]
+            with contextlib.suppress(ValueError):
+                new[key] = entry
+        _cache = new
+        old.clear()
+
+
+def clear() -> None:
+    """Drop every cached model (counters are kept)."""
+    with _lock:
+        _cache.clear()
+
+
+def stats() -> dict[str, int]:
+    """Counters and occupancy of this process's model cache."""
+    with _lock:
+        return {
+            "entries": len(_cache),
+            "bytes": int(_cache.currsize),
+            "max_bytes": int(_cache.maxsize),
+            "hits": _counters.hits,
+            "misses": _counters.misses,
+            "evictions": _counters.evictions,
+            "uncacheable": _counters.uncacheable,
+        }
+
+
+def held() -> list[str]:
+    """URLs of the models this process holds, least recently used first (for model-affinity routing)."""
+    with _lock:
+        return list(dict.fromkeys(url for url, _ in _cache))
+
+
+def report_timing(name: str, ms: float) -> None:
+    """Add a named timing (milliseconds) to the current activation's record; repeated names add up."""
+    timings = _record().timings
+    timings[name] = round(timings.get(name, 0.0) + float(ms), 3)
+
+
+def take_activation_info() -> dict[str, Any]:
+    """Return and reset what this thread's activation loaded and timed; {} when it did neither."""
+    rec: _Record | None = getattr(_local, "record", None)
+    _local.record = None
+    if rec is None or (not rec.models and not rec.timings):
+        return {}
+    info: dict[str, Any] = {}
+    if rec.models:
+        info["model_cache"] = "hit" if all(m["hit"] for m in rec.models) else "miss"
+        info["models"] = rec.models
+    if rec.timings:
+        info["timings"] = rec.timings
+    return info

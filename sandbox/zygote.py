@@ -1,0 +1,294 @@
+"""The zygote: a fork server that imported the heavy libraries once, so a new sandbox is a fork, not a start.
+
+Run by the host (``minifaas._zygote``) as::
+
+    python -m minifaas_sandbox.zygote --fd N \
+        --preload numpy,cv2,ai_edge_litert.interpreter,minifaas_sandbox.models,minifaas_sandbox.runtime
+
+Data flow::
+
+    host ZygoteLauncher                    zygote (one thread)                      forked sandbox
+    +-----------------+  control socket  +----------------------+   os.fork()    +-------------------------+
+    | reader task    <|---- HELLO -------| import preload set    |--------------->| setsid, fds 0/1/2, env, |
+    | launch()        |- LOAD_MODELS --->| read model bytes      |                | reseed, signals, close  |
+    |                 |- FORK + 3 fds -->| fork, FORKED {pid}    |                | fds, runtime.serve(ch)  |
+    |                <|---- EXITED ------| SIGCHLD -> waitpid    |                +-------------------------+
+    +-----------------+                  +----------------------+
+
+Control messages use :mod:`minifaas_sandbox.protocol` framing with their own type codes (below). A FORK
+frame is sent together with three fds (SCM_RIGHTS): the child's channel socket, and the write ends of its
+stdout and stderr pipes. On a stream socket the fds arrive with the first bytes of their frame, so the zygote
+queues received fds and each complete FORK frame takes the next three.
+
+No thread may exist in the zygote before it forks (a lock held by another thread would stay locked forever in
+the child): the zygote is a single thread woken by a selector on the control socket and a SIGCHLD wake-up fd,
+numeric libraries start with one thread (the host passes OMP/OPENBLAS_NUM_THREADS=1) and OpenCV's pool is
+disabled. Model bytes read on LOAD_MODELS go to ``minifaas_sandbox._preloaded_models``, where the model cache
+of a forked child finds them: the pages stay shared copy-on-write between the zygote and all its children.
+When the host closes its end, the zygote exits, and its children with it (the runtime sets PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import gc
+import importlib
+import os
+import random
+import selectors
+import signal
+import socket
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any, Final
+
+import minifaas_sandbox
+from minifaas_sandbox import protocol as p
+
+# Control message types; distinct from the sandbox protocol's codes so a mixed-up socket fails loudly.
+HELLO: Final = 101  # Z>H pid, preloaded (list), failed {module: error}, threads (OS threads before forking)
+LOAD_MODELS: Final = 102  # H>Z seq, paths (list)
+MODELS_LOADED: Final = 103  # Z>H seq, loaded {path: bytes}, errors {path: error}
+FORK: Final = 104  # H>Z seq, env {name: value}; carries fds [channel, stdout w, stderr w]
+FORKED: Final = 105  # Z>H seq, pid; or seq, error
+EXITED: Final = 106  # Z>H pid, status (exit code, or minus the signal number)
+
+NAMES: Final[dict[int, str]] = {
+    HELLO: "HELLO",
+    LOAD_MODELS: "LOAD_MODELS",
+    MODELS_LOADED: "MODELS_LOADED",
+    FORK: "FORK",
+    FORKED: "FORKED",
+    EXITED: "EXITED",
+}
+
+#: the runtime imports the model cache in every sandbox: importing it here spares each child that import
+DEFAULT_PRELOAD: Final = (
+    "numpy",
+    "cv2",
+    "ai_edge_litert.interpreter",
+    "minifaas_sandbox.models",
+    "minifaas_sandbox.runtime",
+)
+FDS_PER_FORK: Final = 3
+RECV_BYTES: Final = 1 << 16
+#: fds accepted per recvmsg (Linux's SCM_MAX_FD); several FORK frames may arrive in one read
+MAX_FDS_PER_RECV: Final = 253
+#: a forked child that fails before the runtime takes over exits with this (EX_SOFTWARE)
+CHILD_FAILURE_EXIT: Final = 70
+NUMPY_SEED_WORDS: Final = 4
+
+
+def _os_threads() -> int:
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return -1
+
+
+def _preload(modules: list[str]) -> tuple[list[str], dict[str, str]]:
+    loaded: list[str] = []
+    failed: dict[str, str] = {}
+    for name in modules:
+        try:
+            mod = importlib.import_module(name)
+        except Exception as exc:  # a missing optional library is reported; the zygote still serves
+            failed[name] = f"{type(exc).__name__}: {exc}"
+            continue
+        if name == "cv2":
+            # 0 = no thread pool at all: a pool created here would be dead (and its locks held) in every child
+            mod.setNumThreads(0)
+        elif name == "numpy":
+            # numpy 2 imports numpy.random lazily, which would cost every child ~30 ms of its own
+            importlib.import_module("numpy.random")
+        loaded.append(name)
+    return loaded, failed
+
+
+def _load_models(paths: list[str]) -> dict[str, Any]:
+    store = minifaas_sandbox._preloaded_models
+    loaded: dict[str, int] = {}
+    errors: dict[str, str] = {}
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            errors[path] = f"{type(exc).__name__}: {exc}"
+            continue
+        # the model cache looks bytes up by the local path its fetcher returns: index every spelling of it
+        for key in {path, os.path.abspath(path), os.path.realpath(path)}:
+            store[key] = data
+        loaded[path] = len(data)
+    return {"loaded": loaded, "errors": errors}
+
+
+class Zygote:
+    def __init__(self, control: socket.socket, preloaded: list[str]) -> None:
+        self.control = control
+        self.preloaded = preloaded
+        self.decoder = p.FrameDecoder()
+        self.fds: collections.deque[int] = collections.deque()
+        self.selector = selectors.DefaultSelector()
+        self.wake_r, self.wake_w = os.pipe()
+        # handlers as the interpreter and the preloaded libraries left them, restored in each child
+        self.saved_handlers: dict[signal.Signals, Callable[..., Any] | int] = {}
+
+    def install_sigchld(self) -> None:
+        for fd in (self.wake_r, self.wake_w):
+            os.set_blocking(fd, False)
+        for sig in signal.valid_signals():
+            if isinstance(sig, signal.Signals) and sig not in (signal.SIGKILL, signal.SIGSTOP):
+                with contextlib.suppress(OSError, ValueError):
+                    handler = signal.getsignal(sig)
+                    # None: installed from C, which a child keeps as it is anyway
+                    if handler is not None:
+                        self.saved_handlers[sig] = handler
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        # the wake-up fd is only written when a Python-level handler is installed
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        self.selector.register(self.control, selectors.EVENT_READ, "control")
+        self.selector.register(self.wake_r, selectors.EVENT_READ, "sigchld")
+
+    def send(self, kind: int, fields: dict[str, Any]) -> None:
+        self.control.sendall(p.encode(kind, fields))
+
+    def serve(self) -> int:
+        while True:
+            for key, _ in self.selector.select():
+                if key.data == "sigchld":
+                    with contextlib.suppress(BlockingIOError):
+                        while os.read(self.wake_r, 512):
+                            pass
+                    self.reap()
+                elif not self.read_control():
+                    return 0
+
+    def read_control(self) -> bool:
+        try:
+            data, fds, flags, _addr = socket.recv_fds(self.control, RECV_BYTES, MAX_FDS_PER_RECV)
+        except (ConnectionResetError, BrokenPipeError):
+            return False
+        self.fds.extend(fds)
+        if flags & socket.MSG_CTRUNC:
+            # fds were dropped: every later FORK would get another request's pipes, so stop loudly
+            raise p.ProtocolError("control message truncated: fds were lost")
+        if not data:
+            return False
+        for kind, fields in self.decoder.feed(data):
+            if kind == FORK:
+                self.fork(fields)
+            elif kind == LOAD_MODELS:
+                reply = _load_models([str(x) for x in fields.get("paths", [])])
+                self.send(MODELS_LOADED, {"seq": fields.get("seq"), **reply})
+                gc.freeze()
+            else:
+                raise p.ProtocolError(f"unexpected control message {kind}")
+        return True
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self.send(EXITED, {"pid": pid, "status": os.waitstatus_to_exitcode(status)})
+
+    def fork(self, fields: dict[str, Any]) -> None:
+        seq = fields.get("seq")
+        if len(self.fds) < FDS_PER_FORK:
+            raise p.ProtocolError(f"FORK {seq} arrived with {len(self.fds)} fds, expected {FDS_PER_FORK}")
+        channel_fd, out_w, err_w = (self.fds.popleft() for _ in range(FDS_PER_FORK))
+        env = {str(k): str(v) for k, v in (fields.get("env") or {}).items()}
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            self.send(FORKED, {"seq": seq, "error": f"fork failed: {exc}"})
+            pid = -1
+        if pid == 0:
+            code = CHILD_FAILURE_EXIT
+            try:
+                code = self.become_sandbox(channel_fd, out_w, err_w, env)
+            except BaseException:  # whatever happens, a child must never return to the loop
+                with contextlib.suppress(Exception):
+                    traceback.print_exc()
+            finally:
+                with contextlib.suppress(Exception):
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                os._exit(code)
+        for fd in (channel_fd, out_w, err_w):
+            os.close(fd)
+        if pid > 0:
+            self.send(FORKED, {"seq": seq, "pid": pid})
+
+    def become_sandbox(self, channel_fd: int, out_w: int, err_w: int, env: dict[str, str]) -> int:
+        # own session and process group, so the host can kill the sandbox and whatever it starts with killpg
+        os.setsid()
+        signal.set_wakeup_fd(-1)
+        for sig, handler in self.saved_handlers.items():
+            with contextlib.suppress(OSError, ValueError, TypeError):
+                signal.signal(sig, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        self.selector.close()
+        self.control.close()
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.dup2(out_w, 1)
+        os.dup2(err_w, 2)
+        # everything else inherited (other requests' fds, library handles) is not this sandbox's business
+        os.closerange(3, channel_fd)
+        os.closerange(channel_fd + 1, os.sysconf("SC_OPEN_MAX"))
+        os.environ.clear()
+        os.environ.update(env)
+        sys.argv = sys.argv[:1]
+        _reseed()
+        from minifaas_sandbox import runtime
+
+        return runtime.serve(channel_fd, preloaded=tuple(self.preloaded))
+
+
+def _reseed() -> None:
+    """Forked children would otherwise all draw the same "random" numbers as their zygote."""
+    random.seed()
+    # not imported yet: the child's own import will seed from the OS
+    np_random = sys.modules.get("numpy.random")
+    if np_random is not None:
+        np_random.seed([int.from_bytes(os.urandom(4), "little") for _ in range(NUMPY_SEED_WORDS)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="minifaas_sandbox.zygote")
+    parser.add_argument("--fd", type=int, required=True, help="fd of the control socket (AF_UNIX stream)")
+    parser.add_argument(
+        "--preload", default=",".join(DEFAULT_PRELOAD), help="comma-separated modules to import"
+    )
+    ns = parser.parse_args(argv)
+    control = socket.socket(fileno=ns.fd)
+    control.setblocking(True)
+    preloaded, failed = _preload([m for m in ns.preload.split(",") if m])
+    zygote = Zygote(control, preloaded)
+    zygote.install_sigchld()
+    # objects that exist now are never collected: a collection in a child would dirty (copy) their pages
+    gc.freeze()
+    try:
+        zygote.send(
+            HELLO, {"pid": os.getpid(), "preloaded": preloaded, "failed": failed, "threads": _os_threads()}
+        )
+        return zygote.serve()
+    except (BrokenPipeError, ConnectionResetError):
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

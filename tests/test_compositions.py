@@ -1,0 +1,728 @@
+"""Compositions: combinator semantics, error handling, concurrency, traces, IR, sessions.
+
+Action steps run in real sandboxes of a module-scoped Engine; pure-logic combinators (function, literal, let,
+mask ...) run in the host and need no sandbox.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+import minifaas
+from minifaas import _composer as c
+from minifaas._activation import Activation, new_activation_id
+from minifaas._conductor import (
+    TRACE_MAX_BYTES,
+    call_composition,
+    run_session,
+)
+from minifaas._sessions import Session, SessionStore, Step
+
+pytestmark = pytest.mark.anyio
+
+INC = "def main(args):\n    return {**args, 'n': args.get('n', 0) + 1}\n"
+FAIL = "def main(args):\n    return {'error': 'boom', 'detail': 1}\n"
+CRASH = "def main(args):\n    raise ValueError('kaput')\n"
+SLEEP = (
+    "import time\n"
+    "def main(args):\n"
+    "    time.sleep(args.get('s', 0.4))\n"
+    "    return {'i': args.get('i'), 'value': args.get('value')}\n"
+)
+FLAKY = (
+    "import os\n"
+    "def main(args):\n"
+    "    path = args['counter']\n"
+    "    n = int(open(path).read()) if os.path.exists(path) else 0\n"
+    "    with open(path, 'w') as f:\n"
+    "        f.write(str(n + 1))\n"
+    "    if n < args['fail_times']:\n"
+    "        return {'error': f'attempt {n} failed'}\n"
+    "    return {'attempts': n + 1}\n"
+)
+NAP_S = 0.4
+PARALLEL_BRANCHES = 3
+
+
+@pytest.fixture(scope="module")
+async def engine(minifaas_module_engine: minifaas.Engine) -> minifaas.Engine:
+    e = minifaas_module_engine
+    await e.deploy("inc", code=INC)
+    await e.deploy("fail", code=FAIL)
+    await e.deploy("crash", code=CRASH)
+    await e.deploy("nap", code=SLEEP, max_sandboxes=4)
+    await e.deploy("flaky", code=FLAKY)
+    return e
+
+
+async def run(
+    engine: minifaas.Engine | None, comp: c.Composition, args: dict[str, Any], *, max_steps: int = 50
+) -> Session:
+    """One session; without an engine, any action step fails the test."""
+
+    async def invoke(name: str, params: dict[str, Any], cause: str) -> Activation:
+        assert engine is not None, f"pure-logic test invoked action {name!r}"
+        return await engine.call(name, params, cause=cause)
+
+    async def submit(name: str, params: dict[str, Any], cause: str) -> str:
+        assert engine is not None, f"pure-logic test submitted action {name!r}"
+        return await engine.submit(name, params, cause=cause)
+
+    return await run_session(
+        comp,
+        args,
+        invoke=invoke,
+        submit=submit,
+        session_id=new_activation_id(),
+        max_steps=max_steps,
+        name="t",
+    )
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+# module-level functions are importable by reference, so compositions using them survive a JSON round trip
+
+
+def is_even(p: dict[str, Any]) -> bool:
+    return bool(p["n"] % 2 == 0)
+
+
+def halve(p: dict[str, Any]) -> None:
+    p["n"] //= 2
+
+
+def set_flag(p: dict[str, Any]) -> None:
+    p["value"] = p["n"] % 2 == 0
+
+
+def count_down(p: dict[str, Any], env: dict[str, Any]) -> bool:
+    env["n"] -= 1
+    return bool(env["n"] >= 0)
+
+
+def bump(p: dict[str, Any], env: dict[str, Any]) -> None:
+    env["n"] += 1
+
+
+def read_n(p: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
+    return {"value": env["n"]}
+
+
+def loop(n: int, body: c.Task) -> c.Composition:
+    """Composer's example template: a counted loop whose own variable is hidden from the body by mask."""
+    return c.let({"n": n}, c.while_(count_down, c.mask(body)))
+
+
+def raiser(p: dict[str, Any]) -> dict[str, Any]:
+    raise RuntimeError("no good")
+
+
+async def async_double(p: dict[str, Any]) -> dict[str, Any]:
+    await anyio.sleep(0)
+    return {"n": p["n"] * 2}
+
+
+# ------------------------------------------------------------------------------------------------ pure logic
+
+PURE_CASES = [
+    ("function", c.function(lambda p: {"y": p["x"] * 2}), {"x": 21}, {"y": 42}),
+    ("function-none-returns-input", c.function(halve), {"n": 10}, {"n": 5}),
+    ("function-scalar-wrapped", c.function(lambda p: 7), {}, {"value": 7}),
+    ("function-no-args", c.function(lambda: {"k": 1}), {"x": 1}, {"k": 1}),
+    ("async-function", c.function(async_double), {"n": 4}, {"n": 8}),
+    ("literal-dict", c.literal({"a": [1, 2]}), {"x": 1}, {"a": [1, 2]}),
+    ("literal-scalar", c.value("hi"), {}, {"value": "hi"}),
+    ("empty", c.empty(), {"x": 1}, {"x": 1}),
+    ("sequence-empty", c.sequence(), {"x": 1}, {"x": 1}),
+    ("sequence", c.sequence(lambda p: {"n": 1}, lambda p: {"n": p["n"] + 1}), {}, {"n": 2}),
+    ("if-true", c.if_(is_even, c.literal({"r": "even"}), c.literal({"r": "odd"})), {"n": 2}, {"r": "even"}),
+    ("if-false", c.when(is_even, c.literal({"r": "even"}), c.literal({"r": "odd"})), {"n": 3}, {"r": "odd"}),
+    ("if-no-alternate", c.if_(is_even, halve), {"n": 3}, {"n": 3}),
+    (
+        "if-truthy-is-not-true",
+        c.if_(lambda p: 1, c.literal({"r": "t"}), c.literal({"r": "f"})),
+        {},
+        {"r": "f"},
+    ),
+    ("if-branch-sees-input", c.if_(lambda p: {"value": True, "junk": 1}, c.empty()), {"n": 1}, {"n": 1}),
+    ("if_nosave", c.if_nosave(set_flag, halve), {"n": 28}, {"n": 14, "value": True}),
+    ("while", c.while_(is_even, halve), {"n": 28}, {"n": 7}),
+    ("while_nosave", c.while_nosave(set_flag, halve), {"n": 28}, {"n": 7, "value": False}),
+    ("dowhile-runs-once", c.dowhile(halve, lambda p: False), {"n": 28}, {"n": 14}),
+    ("dowhile", c.dowhile(halve, is_even), {"n": 28}, {"n": 7}),
+    ("dowhile_nosave", c.dowhile_nosave(halve, set_flag), {"n": 28}, {"n": 7, "value": False}),
+    ("repeat", c.repeat(3, lambda p: {"n": p["n"] + 1}), {"n": 0}, {"n": 3}),
+    ("repeat-zero", c.repeat(0, raiser), {"n": 0}, {"n": 0}),
+    ("let", c.let({"n": 5}, read_n), {}, {"value": 5}),
+    ("let-mutation", c.let({"n": 0}, bump, bump, read_n), {}, {"value": 2}),
+    ("let-fresh-each-entry", c.repeat(3, c.let({"n": 0}, bump, read_n)), {}, {"value": 1}),
+    ("let-innermost-wins", c.let({"n": 1}, c.let({"n": 2}, read_n)), {}, {"value": 2}),
+    ("mask", c.let({"n": 1}, c.let({"n": 2}, c.mask(read_n))), {}, {"value": 1}),
+    # docs/COMBINATORS.md: composer.let({ n: 0 }, loop(3, loop(4, () => ++n))) returns { value: 12 }
+    ("mask-loop-template", c.let({"n": 0}, loop(3, loop(4, bump)), read_n), {}, {"value": 12}),
+    ("repeat-nested", c.let({"n": 0}, c.repeat(3, c.repeat(4, bump)), read_n), {}, {"value": 12}),
+    ("retain", c.retain(lambda p: {"y": 1}), {"x": 1}, {"params": {"x": 1}, "result": {"y": 1}}),
+    (
+        "retain_catch",
+        c.retain_catch(lambda p: {"error": "e", "y": 1}),
+        {"x": 1},
+        {"params": {"x": 1}, "result": {"error": "e"}},
+    ),
+    ("merge", c.merge(lambda p: {"y": p["x"] + 1, "x": 0}), {"x": 1, "z": 3}, {"x": 0, "y": 2, "z": 3}),
+    ("try-no-error", c.try_(lambda p: {"ok": 1}, lambda p: {"handled": True}), {}, {"ok": 1}),
+    (
+        "try-handler-gets-error-only",
+        c.try_(lambda p: {"error": "bad", "other": 1}, lambda p: {"got": p}),
+        {},
+        {"got": {"error": "bad"}},
+    ),
+    ("finally-on-success", c.finally_(lambda p: {"a": 1}, lambda p: {**p, "f": 1}), {}, {"a": 1, "f": 1}),
+    ("finally-on-error", c.finally_(raiser, lambda p: {"f": "no good" in p["error"]}), {}, {"f": True}),
+    (
+        "parallel-pure",
+        c.parallel(lambda p: {"a": p["x"]}, c.literal(2)),
+        {"x": 1},
+        {"value": [{"a": 1}, {"value": 2}]},
+    ),
+    (
+        "map-pure",
+        c.map(lambda p: {"sq": p["value"] ** 2}),
+        {"value": [1, 2, 3]},
+        {"value": [{"sq": 1}, {"sq": 4}, {"sq": 9}]},
+    ),
+    (
+        "map-dict-items",
+        c.map(lambda p: {"k": p["k"]}),
+        {"value": [{"k": 1}], "other": 5},
+        {"value": [{"k": 1}]},
+    ),
+    ("map-empty", c.map(raiser), {"value": []}, {"value": []}),
+]
+
+
+@pytest.mark.parametrize(
+    ("comp", "args", "expected"), [x[1:] for x in PURE_CASES], ids=[x[0] for x in PURE_CASES]
+)
+async def test_pure_combinators(comp: c.Composition, args: dict[str, Any], expected: dict[str, Any]) -> None:
+    s = await run(None, comp, args)
+    assert s.status == "success", s.result
+    assert s.result == expected
+    assert s.end is not None and s.duration is not None and s.end >= s.start
+
+
+ERROR_CASES = [
+    ("function-raises", c.function(raiser), "RuntimeError: no good"),
+    ("function-returns-error", c.function(lambda p: {"error": "bad", "other": 1}), "bad"),
+    ("function-not-json", c.function(lambda p: {"s": {1, 2}}), "not JSON"),
+    ("undeclared-variable", c.let({"n": 0}, lambda p, env: env.update(m=1)), "undeclared variables ['m']"),
+    ("error-skips-rest", c.sequence(raiser, lambda p: {"never": True}), "no good"),
+    ("if-test-fails", c.if_(raiser, c.literal({"r": 1}), c.literal({"r": 2})), "no good"),
+    ("while-body-fails", c.while_(lambda p: True, raiser), "no good"),
+    ("handler-fails", c.try_(raiser, c.literal({"error": "again"})), "again"),
+    ("handler-empty-rethrows", c.try_(raiser, c.empty()), "no good"),
+    ("finally-passes-error", c.finally_(raiser, lambda p: None), "no good"),
+    ("retain-keeps-error", c.retain(raiser), "no good"),
+    ("merge-keeps-error", c.merge(raiser), "no good"),
+    ("map-needs-list", c.map(lambda p: p), "needs a list"),
+    ("dynamic-misuse", c.dynamic(), "Incorrect use of the dynamic combinator at AST node root"),
+    ("literal-error", c.literal({"error": "lit", "x": 1}), "lit"),
+]
+
+
+@pytest.mark.parametrize(("comp", "needle"), [x[1:] for x in ERROR_CASES], ids=[x[0] for x in ERROR_CASES])
+async def test_errors_end_the_session(comp: c.Composition, needle: str) -> None:
+    s = await run(None, comp, {"value": 3})
+    assert s.status == "application_error"
+    assert list(s.result) == ["error"], "an error object is stripped to its error field"
+    assert needle in s.result["error"]
+    # every case but map's input check fails in a step, which the trace marks
+    assert s.steps[-1].status == "application_error" if s.steps else comp.type == "map"
+
+
+async def test_input_error_object_ends_session_at_once() -> None:
+    s = await run(None, c.function(lambda p: {"ran": True}), {"error": "given", "x": 1})
+    assert s.status == "application_error" and s.result == {"error": "given"}
+    assert s.steps == []
+
+
+async def test_error_jumps_to_nearest_handler_through_nesting() -> None:
+    calls: list[str] = []
+
+    def mark(tag: str) -> Any:
+        def f(p: dict[str, Any]) -> dict[str, Any]:
+            calls.append(tag)
+            return p
+
+        return f
+
+    comp = c.sequence(
+        mark("a"),
+        c.try_(
+            c.sequence(
+                c.try_(c.sequence(mark("b"), raiser, mark("never1")), lambda p: {"inner": p["error"]}),
+                c.if_(lambda p: True, c.let({"n": 0}, c.repeat(2, c.sequence(raiser, mark("never2"))))),
+                mark("never3"),
+            ),
+            c.finally_(lambda p: {"outer": p["error"]}, mark("finalizer")),
+        ),
+        mark("after"),
+    )
+    s = await run(None, comp, {})
+    assert s.status == "success"
+    assert calls == ["a", "b", "finalizer", "after"]
+    assert "no good" in s.result["outer"]
+    paths = [st.path for st in s.steps]
+    assert paths == [
+        "[0]",
+        "[1].body[0].body[0]",
+        "[1].body[0].body[1]",
+        "[1].body[0].handler",
+        "[1].body[1].test",
+        "[1].body[1].consequent[0][0][0]",
+        "[1].handler.body",
+        "[1].handler.finalizer",
+        "[2]",
+    ]
+
+
+async def test_let_variables_are_copied_into_parallel_branches() -> None:
+    comp = c.let(
+        {"n": 10},
+        c.parallel(c.sequence(bump, read_n), c.sequence(bump, bump, read_n), read_n),
+        lambda p, env: {"branches": [b["value"] for b in p["value"]], "parent": env["n"]},
+    )
+    s = await run(None, comp, {})
+    assert s.result == {"branches": [11, 12, 10], "parent": 10}
+
+
+async def test_functions_get_a_private_copy_of_params() -> None:
+    def mutate(p: dict[str, Any]) -> dict[str, Any]:
+        p["x"].append(99)
+        return {"mutated": True}
+
+    s = await run(None, c.retain(mutate), {"x": [1]})
+    assert s.result == {"params": {"x": [1]}, "result": {"mutated": True}}
+
+
+async def test_paths_and_not_taken() -> None:
+    comp = c.sequence(
+        c.literal({"n": 1}),
+        c.if_(is_even, "a", c.try_(lambda p: p, "handler")),
+        c.while_(lambda p: False, "body"),
+    )
+    assert [n.path for n in comp.walk()] == [
+        "",
+        "[0]",
+        "[1]",
+        "[1].test",
+        "[1].consequent",
+        "[1].alternate",
+        "[1].alternate.body",
+        "[1].alternate.handler",
+        "[2]",
+        "[2].test",
+        "[2].body",
+    ]
+    assert comp.find("[1].alternate.handler").name == "handler"
+    s = await run(None, comp, {})
+    assert s.status == "success"
+    assert [st.path for st in s.steps] == ["[0]", "[1].test", "[1].alternate.body", "[2].test"]
+    assert [st.kind for st in s.steps] == ["literal", "function", "function", "function"]
+    assert sorted(s.not_taken) == ["[1].alternate.handler", "[1].consequent", "[2].body"]
+    # a shared sub-composition gets the path of each place it is used
+    shared = c.sequence("x")
+    twice = c.parallel(shared, shared)
+    assert [n.path for n in twice.walk()] == ["", "[0]", "[0][0]", "[1]", "[1][0]"]
+    assert shared.components[0].path == "[0]"
+
+
+async def test_step_limit_ends_session() -> None:
+    s = await run(None, c.while_(lambda p: True, lambda p: p), {}, max_steps=7)
+    assert s.status == "application_error"
+    assert "max_steps=7" in s.result["error"] and "step limit" in s.result["error"]
+    assert len(s.steps) == 7
+    # a try_ cannot swallow the limit
+    s = await run(None, c.try_(c.repeat(100, lambda p: p), lambda p: {"caught": True}), {}, max_steps=5)
+    assert s.status == "application_error" and "max_steps=5" in s.result["error"]
+
+
+async def test_step_limit_is_per_branch_in_map() -> None:
+    # like OpenWhisk, where each map/parallel branch is a conductor activation with its own limit
+    body = c.if_(lambda p: p["value"] == 2, c.repeat(10, lambda p: p), c.empty())
+    s = await run(None, c.map(body), {"value": [1, 2, 3]}, max_steps=5)
+    assert s.status == "success"
+    values = s.result["value"]
+    assert values[0] == {"value": 1} and values[2] == {"value": 3}
+    assert "max_steps=5" in values[1]["error"]
+
+
+async def test_with_load_functions_false_only_display() -> None:
+    data = c.sequence(c.function(halve)).to_json()
+    comp = c.Composition.from_json(data, load_functions=False)
+    assert comp.to_json() == data
+    s = await run(None, comp, {"n": 2})
+    assert s.status == "application_error" and "was not loaded" in s.result["error"]
+
+
+# ------------------------------------------------------------------------------------------------ IR
+
+
+async def test_ir_round_trip() -> None:
+    comp = c.sequence(
+        "inc",
+        c.if_(is_even, c.while_(is_even, halve), c.try_("crop@1", c.literal({"error": None}))),
+        c.let({"n": 2, "s": [1, "x"]}, c.repeat(2, c.mask(bump)), c.retry(3, "flaky")),
+        c.retain("a"),
+        c.retain_catch("b"),
+        c.merge(c.function("test_compositions:read_n")),
+        c.finally_(c.dowhile(halve, is_even), c.dowhile_nosave(halve, set_flag)),
+        c.if_nosave(set_flag, c.empty()),
+        c.while_nosave(set_flag, "x"),
+        c.parallel("a", "b"),
+        c.map("inc"),
+        c.async_("inc"),
+        c.dynamic(),
+        c.value(3),
+    )
+    data = comp.to_json()
+    assert set(data) == {"composition", "version", "actions"}
+    assert data["actions"] == [{"name": n} for n in ("inc", "crop@1", "flaky", "a", "b", "x")]
+    text = json.dumps(data)
+    back = c.Composition.from_json(json.loads(text))
+    assert back == comp
+    assert back.to_json() == data
+    assert [n.path for n in back.walk()] == [n.path for n in comp.walk()]
+    fn = back.find("[1].test")
+    assert fn.type == "function" and fn.fn is is_even
+    node = data["composition"]["components"][1]
+    assert node["type"] == "if" and node["path"] == "[1]" and node["test"]["path"] == "[1].test"
+    assert node["test"]["function"]["exec"] == {"kind": "python:3", "ref": "test_compositions:is_even"}
+
+
+async def test_round_tripped_composition_runs_the_same() -> None:
+    comp = c.sequence(c.while_(is_even, halve), c.let({"n": 0}, loop(2, bump), read_n))
+    back = c.Composition.from_json(json.loads(json.dumps(comp.to_json())))
+    a, b = await run(None, comp, {"n": 40}), await run(None, back, {"n": 40})
+    assert a.result == b.result == {"value": 2}
+
+
+@pytest.mark.parametrize(
+    ("fn", "needle"),
+    [(lambda p: p, "lambdas and nested functions are not importable"), (None, "cannot load function")],
+    ids=["lambda", "missing-module"],
+)
+async def test_ir_unloadable_function(fn: Any, needle: str) -> None:
+    data = c.sequence("a", fn if fn is not None else halve).to_json()
+    if fn is None:
+        data["composition"]["components"][1]["function"]["exec"]["ref"] = "no_such_module_xyz:f"
+    with pytest.raises(minifaas.CompositionError, match=needle):
+        c.Composition.from_json(data)
+
+
+async def test_ir_accepts_openwhisk_composer_json() -> None:
+    # shape of openwhisk-composer's compile() output (names fully qualified, if_nosave, empty alternate)
+    data = {
+        "composition": {
+            "type": "if_nosave",
+            "test": {"type": "action", "name": "/_/check", "path": ".test"},
+            "consequent": {"type": "sequence", "components": [{"type": "action", "name": "/_/a"}]},
+            "alternate": {"type": "empty"},
+            "path": "",
+        },
+        "ast": {},
+        "version": "0.12.0",
+    }
+    comp = c.Composition.from_json(data)
+    assert comp.type == "if_nosave" and comp.actions() == ["check", "a"]
+    assert comp.find(".consequent[0]").name == "a"
+    js = {
+        "composition": {"type": "function", "function": {"exec": {"kind": "nodejs:default", "code": "x=>x"}}}
+    }
+    with pytest.raises(minifaas.CompositionError, match="only Python functions"):
+        c.Composition.from_json(js)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: c.repeat("3", "a"),  # type: ignore[arg-type]
+        lambda: c.retry(True, "a"),
+        lambda: c.let({"f": print}, "a"),
+        lambda: c.literal(print),
+        lambda: c.action(""),
+        lambda: c.task(42),  # type: ignore[arg-type]
+        lambda: c.async_("a", "b"),
+        lambda: c.async_(lambda p: p),
+        lambda: c.Composition.from_json({"composition": {"type": "nope"}}),
+    ],
+    ids=[
+        "repeat-count",
+        "retry-bool",
+        "let-not-json",
+        "literal-function",
+        "empty-name",
+        "bad-task",
+        "async-two",
+        "async-function",
+        "unknown-type",
+    ],
+)
+async def test_invalid_compositions_raise(build: Any) -> None:
+    with pytest.raises(minifaas.CompositionError):
+        build()
+
+
+# ------------------------------------------------------------------------------------------------ sessions
+
+
+def _session(i: int, name: str = "wf") -> Session:
+    step = Step(
+        path="[0]",
+        kind="action",
+        name="inc",
+        activation_id=f"{i:032x}",
+        input={"n": i},
+        output={"blob": b"\x00\x01"},
+        start=1000 + i,
+        duration_ms=1.5,
+        status="success",
+    )
+    return Session(
+        session_id=f"s{i}",
+        name=name,
+        status="success",
+        result={"n": i},
+        start=1000 + i,
+        end=1002 + i,
+        duration=2,
+        steps=[step],
+        not_taken=[".alternate"],
+        activation_ids=[f"{i:032x}"],
+    )
+
+
+def test_session_dict_round_trip() -> None:
+    s = _session(1)
+    d = json.loads(json.dumps(s.to_dict(), default=lambda o: {"$bytes": len(o)}))
+    back = Session.from_dict(d)
+    assert back.to_dict()["steps"][0]["output"] == {"blob": {"$bytes": 2}}
+    assert back.session_id == "s1" and back.steps[0].path == "[0]" and back.not_taken == [".alternate"]
+    assert back.activation_ids == s.activation_ids and back.done and back.success
+
+
+def test_session_store_bounded_newest_kept() -> None:
+    store = SessionStore(max_sessions=3)
+    for i in range(5):
+        store.put(_session(i, name="a" if i % 2 else "b"))
+    assert len(store) == 3
+    with pytest.raises(minifaas.ActivationNotFound):
+        store.get("s1")
+    assert "s4" in store and "s0" not in store
+    assert [s.session_id for s in store.list()] == ["s4", "s3", "s2"]
+    assert [s.session_id for s in store.list("a")] == ["s3"]
+    assert [s.session_id for s in store.list(limit=1, skip=1)] == ["s3"]
+
+
+def test_session_store_sqlite_persists(tmp_path: Path) -> None:
+    db = tmp_path / "state" / "sessions.sqlite3"
+    with SessionStore(db, max_sessions=2) as store:
+        for i in range(4):
+            store.put(_session(i))
+        assert store.get("s0").result == {"n": 0}  # gone from memory, read back from the file
+    with SessionStore(db) as again:
+        assert len(again) == 4
+        assert [s.session_id for s in again.list(limit=2)] == ["s3", "s2"]
+        s = again.get("s2")
+        assert s.steps[0].output == {"blob": {"$bytes": 2}} and s.steps[0].duration_ms == 1.5
+
+
+# ------------------------------------------------------------------------------------------------ real engine
+
+
+async def test_sequence_of_actions_trace(engine: minifaas.Engine) -> None:
+    s = await run(engine, c.sequence("inc", "inc", c.function(lambda p: {**p, "f": 1}), "inc"), {"n": 0})
+    assert s.status == "success" and s.result == {"n": 3, "f": 1}
+    assert [st.path for st in s.steps] == ["[0]", "[1]", "[2]", "[3]"]
+    assert [st.kind for st in s.steps] == ["action", "action", "function", "action"]
+    assert [st.status for st in s.steps] == ["success"] * 4
+    action_steps = [st for st in s.steps if st.kind == "action"]
+    assert s.activation_ids == [st.activation_id for st in action_steps]
+    assert len(set(s.activation_ids)) == 3
+    assert [st.input for st in action_steps] == [{"n": 0}, {"n": 1}, {"n": 2, "f": 1}]
+    starts = [st.start for st in s.steps]
+    assert starts == sorted(starts)
+    for st in action_steps:
+        assert st.activation_id is not None
+        act = await engine.activations.get(st.activation_id)
+        assert act.cause == s.session_id
+        assert act.name == "inc" and act.result == st.output and act.status == "success"
+        assert st.duration_ms > 0
+
+
+async def test_action_errors_reach_handlers(engine: minifaas.Engine) -> None:
+    comp = c.sequence(
+        c.try_("fail", lambda p: {"caught": p}),
+        c.retain(c.try_("crash", lambda p: {"crashed": "kaput" in p["error"]})),
+        c.merge(c.try_("no-such-function", lambda p: {"missing": "FunctionNotFound" in p["error"]})),
+    )
+    s = await run(engine, comp, {})
+    assert s.status == "success", s.result
+    # the handler sees the error object stripped to its error field ("detail" is gone)
+    assert s.result == {"params": {"caught": {"error": "boom"}}, "result": {"crashed": True}, "missing": True}
+    statuses = {st.name: st.status for st in s.steps if st.kind == "action"}
+    assert statuses["fail"] == "application_error"
+    assert statuses["crash"] in ("application_error", "developer_error")
+    assert statuses["no-such-function"] == "internal_error"
+    fail_step = next(st for st in s.steps if st.name == "fail")
+    assert fail_step.activation_id is not None
+    assert (await engine.activations.get(fail_step.activation_id)).result == {"error": "boom", "detail": 1}
+    # without a handler the session ends with the action's error
+    s = await run(engine, c.sequence("inc", "fail", "inc"), {})
+    assert s.status == "application_error" and s.result == {"error": "boom"}
+    assert [st.name for st in s.steps] == ["inc", "fail"]
+
+
+@pytest.mark.parametrize(
+    ("fail_times", "attempts", "ok"), [(2, 3, True), (5, 3, False)], ids=["recovers", "gives-up"]
+)
+async def test_retry_reruns_failing_action(
+    engine: minifaas.Engine, tmp_path: Path, fail_times: int, attempts: int, ok: bool
+) -> None:
+    counter = tmp_path / "count"
+    s = await run(engine, c.retry(2, "flaky"), {"counter": str(counter), "fail_times": fail_times})
+    assert int(counter.read_text()) == attempts
+    assert len(s.steps) == attempts and all(st.input == s.steps[0].input for st in s.steps)
+    if ok:
+        assert s.status == "success" and s.result == {"attempts": 3}
+    else:
+        assert s.status == "application_error" and s.result == {"error": "attempt 2 failed"}
+
+
+async def test_dynamic_and_async(engine: minifaas.Engine) -> None:
+    s = await run(
+        engine, c.sequence(lambda p: {"type": "action", "name": "inc", "params": {"n": 41}}, c.dynamic()), {}
+    )
+    assert s.result == {"n": 42}
+    assert s.steps[-1].kind == "dynamic" and s.steps[-1].name == "inc" and s.steps[-1].activation_id
+    s = await run(engine, c.sequence(c.async_("nap"), lambda p: {**p, "next": True}), {"s": 0.05, "i": 7})
+    assert s.status == "success" and s.result["method"] == "async" and s.result["next"] is True
+    assert s.result["sessionId"] == s.session_id
+    aid = s.result["activationId"]
+    assert s.activation_ids == [aid] and s.steps[0].kind == "async"
+    act = await engine.activations.wait(aid, timeout_s=30)
+    assert act.status == "success" and act.result["i"] == 7 and act.cause == s.session_id
+
+
+async def _timed(engine: minifaas.Engine, comp: c.Composition, args: dict[str, Any]) -> tuple[Session, float]:
+    t0 = time.perf_counter()
+    s = await run(engine, comp, args)
+    return s, time.perf_counter() - t0
+
+
+async def test_parallel_is_concurrent(engine: minifaas.Engine) -> None:
+    comp = c.parallel(*(c.sequence(c.literal({"s": NAP_S, "i": i}), "nap") for i in range(PARALLEL_BRANCHES)))
+    await run(engine, comp, {})  # warm the sandboxes: cold starts are not what this measures
+    s, elapsed = await _timed(engine, comp, {})
+    assert s.status == "success"
+    assert [v["i"] for v in s.result["value"]] == list(range(PARALLEL_BRANCHES))
+    assert elapsed < NAP_S * 2, (
+        f"{PARALLEL_BRANCHES} branches of {NAP_S}s took {elapsed:.2f}s (sum would be more)"
+    )
+    naps = [st for st in s.steps if st.name == "nap"]
+    assert len(naps) == PARALLEL_BRANCHES
+    assert max(st.start for st in naps) < min(st.start + st.duration_ms for st in naps), (
+        "steps did not overlap"
+    )
+
+
+async def test_map_is_concurrent_and_branch_errors_do_not_cancel(engine: minifaas.Engine) -> None:
+    comp = c.map(
+        c.if_(lambda p: p["value"] == 1, "fail", c.sequence(lambda p: {"s": NAP_S, "i": p["value"]}, "nap"))
+    )
+    await run(engine, comp, {"value": [0, 1, 2, 3]})
+    s, elapsed = await _timed(engine, comp, {"value": [0, 1, 2, 3]})
+    assert s.status == "success", "a branch error is an array entry, not a session error"
+    assert s.result["value"][1] == {"error": "boom"}
+    assert [v.get("i") for v in s.result["value"]] == [0, None, 2, 3]
+    assert elapsed < NAP_S * 2, f"map of 3 naps of {NAP_S}s took {elapsed:.2f}s"
+    assert [st.status for st in s.steps if st.name == "nap"] == ["success"] * 3
+
+
+async def test_map_over_100_items(engine: minifaas.Engine) -> None:
+    n = 100
+    s = await run(engine, c.map("inc", "inc"), {"value": [{"n": i} for i in range(n)]})
+    assert s.status == "success"
+    assert [v["n"] for v in s.result["value"]] == [i + 2 for i in range(n)]
+    assert len(s.steps) == 2 * n and len(set(s.activation_ids)) == 2 * n
+    assert s.activation_ids == [st.activation_id for st in s.steps]
+    assert {st.path for st in s.steps} == {"[0]", "[1]"}
+    starts = [st.start for st in s.steps]
+    assert starts == sorted(starts), "steps are recorded in start order"
+    acts = [await engine.activations.get(a) for a in s.activation_ids[:10]]
+    assert all(a.cause == s.session_id and a.status == "success" for a in acts)
+
+
+async def test_step_limit_with_actions(engine: minifaas.Engine) -> None:
+    s = await run(engine, c.while_(lambda p: True, "inc"), {"n": 0}, max_steps=6)
+    assert s.status == "application_error" and "max_steps=6" in s.result["error"]
+    assert len(s.steps) == 6 and len(s.activation_ids) == 3  # test, inc, test, inc, test, inc
+
+
+async def test_large_payloads_are_not_kept_in_traces(engine: minifaas.Engine) -> None:
+    big = "x" * (TRACE_MAX_BYTES + 10)
+    s = await run(engine, c.sequence("inc", lambda p: {"n": p["n"]}), {"blob": big})
+    assert s.result == {"n": 1}
+    assert s.steps[0].input == {"$truncated": True, "limit_bytes": TRACE_MAX_BYTES}
+    assert s.steps[0].output == {"$truncated": True, "limit_bytes": TRACE_MAX_BYTES}
+    assert s.steps[1].output == {"n": 1}
+
+
+async def test_primary_activation_and_session(engine: minifaas.Engine) -> None:
+    sessions = SessionStore()
+    recorded: list[Activation] = []
+    comp = c.sequence("inc", c.if_(lambda p: p["n"] > 5, "fail", "inc"))
+    act = await call_composition(
+        engine,
+        "wf",
+        comp,
+        {"n": 0},
+        sessions=sessions,
+        record=recorded.append,
+        params={"n": 3, "k": 1},
+        cause="trigger-1",
+    )
+    assert act.status == "success" and act.result == {"n": 2, "k": 1}, "invocation args win over defaults"
+    assert act.annotations == {"conductor": True, "kind": "sequence", "composition": "wf"}
+    assert act.cause == "trigger-1" and act.name == "wf" and act.status_code == 0
+    session = sessions.get(act.activation_id)
+    assert session.session_id == act.activation_id and session.name == "wf"
+    assert act.logs == session.activation_ids and len(act.logs) == 2
+    assert session.not_taken == ["[1].consequent"]
+    assert [r.status for r in recorded] == ["running", "success"]
+    assert all(r.activation_id == act.activation_id for r in recorded)
+    for aid in act.logs:
+        assert (await engine.activations.get(aid)).cause == act.activation_id
+    ow = act.to_openwhisk()
+    assert {"key": "conductor", "value": True} in ow["annotations"]
+
+
+async def test_engine_deploy_composition(engine: minifaas.Engine) -> None:
+    if not hasattr(engine, "deploy_composition"):
+        pytest.skip("Engine.deploy_composition is not wired yet")
+    await engine.deploy_composition("wf2", c.sequence("inc", "inc"))
+    assert await engine.invoke("wf2", {"n": 1}) == {"n": 3}
+    act = await engine.call("wf2", {"n": 1})
+    assert act.annotations.get("conductor") is True and act.annotations.get("kind") == "sequence"
+    session = engine.sessions.get(act.activation_id)  # type: ignore[attr-defined]
+    assert act.logs == session.activation_ids and len(act.logs) == 2
+    for aid in act.logs:
+        assert (await engine.activations.get(aid)).cause == act.activation_id
+    await engine.deploy_composition("wf3", c.sequence("fail"))
+    with pytest.raises(minifaas.ActivationError, match="boom"):
+        await engine.invoke("wf3", {})

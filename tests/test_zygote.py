@@ -1,0 +1,433 @@
+"""The zygote launcher: real zygote processes, real forks, the real sandbox runtime, real model files."""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from minifaas_sandbox import protocol as p
+
+from minifaas._launch import Launched, SpawnLauncher, scrubbed_env
+from minifaas._zygote import DEFAULT_PRELOAD, ZygoteError, ZygoteLauncher, ZygotePool
+
+pytestmark = pytest.mark.skipif(
+    sys.platform != "linux", reason="fork server, pidfds and /proc are Linux-only"
+)
+
+MODELS_DIR = Path(__file__).resolve().parents[1] / "functions" / "models"
+MODELS = tuple(sorted(glob.glob(str(MODELS_DIR / "*.tflite"))))
+#: sha256 of the model files as MODELS.md lists them
+MODEL_SHA256 = {
+    "pose_detection.tflite": "9ba9dd3d42efaaba86b4ff0122b06f29c4122e756b329d89dca1e297fd8f866c",
+    "pose_landmark_full.tflite": "e9a5c5cb17f736fafd4c2ec1da3b3d331d6edbe8a0d32395855aeb2cdfd64b9f",
+    "efficientnet_lite0_int8.tflite": "2016ccdbdb9c44335ab6398e4a1d437ed99c8edee84c32323cfa4cec6b8d3a98",
+}
+FORK_RUNS = int(os.environ.get("MINIFAAS_ZYGOTE_FORK_RUNS", "30"))
+SPAWN_RUNS = int(os.environ.get("MINIFAAS_ZYGOTE_SPAWN_RUNS", "8"))
+STEP_TIMEOUT_S = 30.0
+
+
+class Channel:
+    """The host end of a sandbox's protocol channel, read and written the way the pool does."""
+
+    def __init__(self, proc: Launched) -> None:
+        self.proc = proc
+        self.decoder = p.FrameDecoder()
+        self.pending: list[p.Message] = []
+
+    async def recv(self) -> p.Message:
+        with anyio.fail_after(STEP_TIMEOUT_S):
+            while not self.pending:
+                try:
+                    data = self.proc.channel.recv(1 << 16)
+                except BlockingIOError:
+                    await anyio.wait_readable(self.proc.channel)
+                    continue
+                if not data:
+                    raise EOFError("the sandbox closed its channel")
+                self.pending.extend(self.decoder.feed(data))
+        return self.pending.pop(0)
+
+    async def expect(self, kind: int) -> dict[str, Any]:
+        got, fields = await self.recv()
+        assert got == kind, (p.NAMES.get(got), fields)
+        return fields
+
+    def send(self, kind: int, fields: dict[str, Any]) -> None:
+        self.proc.channel.setblocking(True)
+        try:
+            self.proc.channel.sendall(p.encode(kind, fields))
+        finally:
+            self.proc.channel.setblocking(False)
+
+    async def init(self, code: str) -> None:
+        source = {"kind": "code", "code": code, "filename": "__main__.py"}
+        self.send(
+            p.INIT, {"name": "t", "version": "0.0.1", "namespace": "guest", "main": "main", "source": source}
+        )
+        reply = await self.expect(p.INIT_DONE)
+        assert reply["ok"], reply
+
+    async def run(self, args: dict[str, Any] | None = None) -> dict[str, Any]:
+        self.send(p.RUN, {"aid": "a1", "args": args or {}, "deadline": 0, "version": "0.0.1"})
+        fields = await self.expect(p.RESULT)
+        assert fields["status"] == "success", fields
+        result: dict[str, Any] = fields["result"]
+        return result
+
+
+async def _ready(proc: Launched) -> Channel:
+    ch = Channel(proc)
+    ready = await ch.expect(p.READY)
+    assert ready["pid"] == proc.pid
+    return ch
+
+
+async def _wait(proc: Launched) -> int:
+    with anyio.fail_after(STEP_TIMEOUT_S):
+        return await proc.wait()
+
+
+async def _end(proc: Launched) -> int:
+    proc.kill()
+    status = await _wait(proc)
+    proc.close()
+    return status
+
+
+def _run(fn: Callable[[], Awaitable[None]]) -> None:
+    anyio.run(fn)
+
+
+def _pss_kb(pid: int) -> dict[str, int]:
+    out: dict[str, int] = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) == 3 and parts[2] == "kB":
+                out[parts[0].rstrip(":")] = int(parts[1])
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+PROBE = """
+import os, random, sys
+import numpy as np
+
+def main(args):
+    os.write(1, b"straight to fd 1\\n")
+    return {
+        "pid": os.getpid(),
+        "sid": os.getsid(0),
+        "pgid": os.getpgid(0),
+        "fds": sorted(int(fd) for fd in os.listdir("/proc/self/fd")),
+        "stdin": os.readlink("/proc/self/fd/0"),
+        "env": dict(os.environ),
+        "random": random.random(),
+        "np_random": float(np.random.random()),
+        "np_randint": int(np.random.randint(0, 2**31)),
+        "threads": len(os.listdir("/proc/self/task")),
+        "modules": [m for m in ("numpy", "cv2", "ai_edge_litert.interpreter") if m in sys.modules],
+    }
+"""
+
+
+def test_fork_path_runs_a_function_in_a_clean_child() -> None:
+    async def main() -> None:
+        env = scrubbed_env({"ZYGOTE_TEST_VAR": "from-launch"})
+        async with ZygoteLauncher() as launcher:
+            proc = await launcher.launch(env)
+            assert proc.how == "fork"
+            ch = await _ready(proc)
+            await ch.init(PROBE)
+            got = await ch.run()
+            assert got["pid"] == proc.pid
+            # its own session and process group: killpg reaches whatever it starts
+            assert got["sid"] == got["pgid"] == proc.pid
+            # only stdin/stdout/stderr, the channel, and the fd listdir itself opened
+            assert len(got["fds"]) == 5, got["fds"]
+            assert got["fds"][:3] == [0, 1, 2]
+            assert got["stdin"] == "/dev/null"
+            child_env = {k: v for k, v in got["env"].items() if not k.startswith("__OW_")}
+            assert child_env == env
+            assert got["threads"] == 1
+            assert set(got["modules"]) == {"numpy", "cv2", "ai_edge_litert.interpreter"}
+            # fd 1 of the child is the stdout pipe handed to the zygote
+            with anyio.fail_after(STEP_TIMEOUT_S):
+                await anyio.wait_readable(proc.stdout_fd)
+            assert os.read(proc.stdout_fd, 1024) == b"straight to fd 1\n"
+            ch.send(p.SHUTDOWN, {})
+            assert await _wait(proc) == 0
+            proc.close()
+
+            # an exit code and a signal, both as the zygote saw them when it reaped the child
+            proc = await launcher.launch(env)
+            ch = await _ready(proc)
+            await ch.init("import os\ndef main(args):\n    os._exit(7)\n")
+            ch.send(p.RUN, {"aid": "x", "args": {}, "deadline": 0})
+            assert await _wait(proc) == 7
+            proc.close()
+            proc = await launcher.launch(env)
+            await _ready(proc)
+            assert await _end(proc) == -signal.SIGKILL
+
+            stats = launcher.stats()
+            assert stats["forks"] == 3
+            assert stats["spawns_fallback"] == 0
+            assert stats["zygote_restarts"] == 0
+            assert stats["preload_failed"] == {}
+            assert stats["zygote_threads"] == 1, "threads in the zygote make forking unsafe"
+            zygote_pid = stats["zygote_pid"]
+            assert isinstance(zygote_pid, int)
+        # closing the launcher ends (and reaps) the zygote
+        assert not _alive(zygote_pid)
+
+    _run(main)
+
+
+def test_fork_to_ready_is_much_faster_than_spawn() -> None:
+    """Fork-to-READY against a fresh ``sys.executable`` importing the same preload set."""
+
+    async def timed(launch: Callable[[], Awaitable[Launched]]) -> float:
+        t0 = time.perf_counter()
+        proc = await launch()
+        await _ready(proc)
+        ms = (time.perf_counter() - t0) * 1000
+        await _end(proc)
+        return ms
+
+    def summary(ms: list[float]) -> str:
+        q = statistics.quantiles(ms, n=100, method="inclusive")
+        return f"p50 {statistics.median(ms):.1f} ms, p99 {q[98]:.1f} ms (n={len(ms)})"
+
+    async def main() -> None:
+        env = scrubbed_env()
+        spawner = SpawnLauncher(preload=DEFAULT_PRELOAD)
+        spawn_ms = [await timed(lambda: spawner.launch(env)) for _ in range(SPAWN_RUNS)]
+        async with ZygoteLauncher() as launcher:
+            await timed(lambda: launcher.launch(env))  # the first launch also waits for the zygote to start
+            fork_ms = [await timed(lambda: launcher.launch(env)) for _ in range(FORK_RUNS)]
+            assert launcher.stats()["forks"] == FORK_RUNS + 1
+        print(f"\nfork-to-READY:  {summary(fork_ms)}\nspawn-to-READY: {summary(spawn_ms)}")
+        assert statistics.median(fork_ms) * 5 < statistics.median(spawn_ms)
+
+    _run(main)
+
+
+HOLD_PROBE = """
+import hashlib, os
+import minifaas_sandbox
+
+_held = {}
+
+def main(args):
+    for path in args["paths"]:
+        data = minifaas_sandbox._preloaded_models.get(path)
+        if data is None:
+            with open(path, "rb") as f:
+                data = f.read()
+        _held[path] = data  # kept, as the model cache keeps what it loads
+    return {
+        "sha256": {os.path.basename(p): hashlib.sha256(d).hexdigest() for p, d in _held.items()},
+        "preloaded": sorted(os.path.basename(p) for p in minifaas_sandbox._preloaded_models),
+    }
+"""
+
+
+async def _pss_per_extra_child_kb(models: tuple[str, ...]) -> tuple[float, int, int]:
+    """Hold the model files' bytes in 1, then 4 forked children: (PSS per extra child, total of 1, of 4)."""
+    async with ZygoteLauncher(models=models) as launcher:
+        chans: list[Channel] = []
+
+        async def add_child() -> None:
+            ch = await _ready(await launcher.launch(scrubbed_env()))
+            await ch.init(HOLD_PROBE)
+            got = await ch.run({"paths": list(MODELS)})
+            # hashing read every page of every model: reading must not copy them
+            assert got["sha256"] == MODEL_SHA256
+            assert len(got["preloaded"]) == (len(MODEL_SHA256) if models else 0)
+            chans.append(ch)
+
+        def total_pss_kb() -> int:
+            zygote = launcher.stats()["zygote_pid"]
+            return _pss_kb(zygote)["Pss"] + sum(_pss_kb(ch.proc.pid)["Pss"] for ch in chans)
+
+        try:
+            await add_child()
+            one = total_pss_kb()
+            for _ in range(3):
+                await add_child()
+            four = total_pss_kb()
+        finally:
+            for ch in chans:
+                await _end(ch.proc)
+        return (four - one) / 3, one, four
+
+
+def test_children_share_preloaded_model_pages() -> None:
+    """Model bytes read by the zygote stay one copy however many children hold them (PSS, smaps_rollup)."""
+    model_kb = sum(os.path.getsize(m) for m in MODELS) // 1024
+
+    async def main() -> None:
+        shared, one, four = await _pss_per_extra_child_kb(MODELS)
+        own, own_one, own_four = await _pss_per_extra_child_kb(())
+        print(
+            f"\nmodels {model_kb} kB. Preloaded in the zygote: PSS of zygote + 1 child {one} kB, "
+            f"+ 4 children {four} kB, {shared:.0f} kB per extra child. Each child reading its own copy: "
+            f"{own_one} kB, {own_four} kB, {own:.0f} kB per extra child"
+        )
+        # a child reading the files pays for a private copy; one using the zygote's bytes does not
+        assert own - shared > model_kb * 0.8
+
+    _run(main)
+
+
+def test_concurrent_launches_each_get_their_own_fork() -> None:
+    async def main() -> None:
+        procs: list[Launched] = []
+
+        async def one(launcher: ZygoteLauncher) -> None:
+            proc = await launcher.launch(scrubbed_env())
+            procs.append(proc)
+            ch = await _ready(proc)
+            await ch.init("import os\ndef main(args):\n    return {'pid': os.getpid()}\n")
+            assert await ch.run() == {"pid": proc.pid}
+
+        async with ZygoteLauncher(preload=("minifaas_sandbox.runtime",)) as launcher:
+            try:
+                async with anyio.create_task_group() as tg:
+                    for _ in range(6):
+                        tg.start_soon(one, launcher)
+            finally:
+                for proc in procs:
+                    await _end(proc)
+            assert len({proc.pid for proc in procs}) == 6
+            assert all(proc.how == "fork" for proc in procs)
+            assert launcher.stats()["forks"] == 6
+
+    _run(main)
+
+
+def test_zygote_crash_recovery() -> None:
+    async def main() -> None:
+        env = scrubbed_env()
+        async with ZygoteLauncher(preload=("minifaas_sandbox.runtime",)) as launcher:
+            first = await launcher.launch(env)
+            await _ready(first)
+            old = launcher.stats()["zygote_pid"]
+            os.kill(old, signal.SIGKILL)
+            # no waiting for the launcher to notice: the very next launch has to cope
+            second = await launcher.launch(env)
+            assert second.how == "fork"
+            ch = await _ready(second)
+            await ch.init("def main(args):\n    return {'ok': 1}\n")
+            assert await ch.run() == {"ok": 1}
+            stats = launcher.stats()
+            assert stats["zygote_restarts"] == 1
+            assert stats["spawns_fallback"] == 0
+            assert stats["zygote_pid"] not in (None, old)
+            # a sandbox dies with its zygote (PR_SET_PDEATHSIG), and the host still learns that it ended
+            assert await _wait(first) == -signal.SIGKILL
+            assert not _alive(first.pid)
+            first.close()
+            assert await _end(second) == -signal.SIGKILL
+
+    _run(main)
+
+
+def test_fallback_to_spawn_is_counted(tmp_path: Path) -> None:
+    """A zygote that dies at every start is restarted once, then launches spawn (and the stats say so)."""
+    (tmp_path / "zygote_test_crash.py").write_text(
+        "import os\nif os.environ.get('ZYGOTE_TEST_CRASH'):\n    os._exit(3)\n"
+    )
+    pythonpath = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    zygote_env = scrubbed_env({"PYTHONPATH": pythonpath, "ZYGOTE_TEST_CRASH": "1"})
+    sandbox_env = scrubbed_env({"PYTHONPATH": pythonpath})
+
+    async def main() -> None:
+        preload = ("zygote_test_crash", "minifaas_sandbox.runtime")
+        async with ZygoteLauncher(preload=preload, env=zygote_env) as launcher:
+            proc = await launcher.launch(sandbox_env)
+            assert proc.how == "spawn"
+            ch = await _ready(proc)
+            await ch.init("def main(args):\n    return {'ok': 2}\n")
+            assert await ch.run() == {"ok": 2}
+            assert await _end(proc) == -signal.SIGKILL
+            stats = launcher.stats()
+            assert stats["spawns_fallback"] == 1
+            assert stats["zygote_restarts"] == 1
+            assert stats["forks"] == 0
+            assert stats["zygote_pid"] is None
+            assert launcher.last_error is not None
+
+    _run(main)
+
+
+def test_random_generators_differ_between_children() -> None:
+    async def main() -> None:
+        env = scrubbed_env()
+        async with ZygoteLauncher() as launcher:
+            draws = []
+            for _ in range(2):
+                proc = await launcher.launch(env)
+                ch = await _ready(proc)
+                await ch.init(PROBE)
+                draws.append(await ch.run())
+                await _end(proc)
+        a, b = draws
+        assert a["random"] != b["random"]
+        assert a["np_random"] != b["np_random"]
+        assert a["np_randint"] != b["np_randint"]
+
+    _run(main)
+
+
+def test_pool_keeps_one_zygote_per_preload_set() -> None:
+    async def main() -> None:
+        light = ("minifaas_sandbox.runtime",)
+        other = ("colorsys", "minifaas_sandbox.runtime")
+        async with ZygotePool() as pool:
+            a = await pool.get(light)
+            assert await pool.get(light) is a
+            b = await pool.get(other)
+            procs = [await a.launch(scrubbed_env()), await b.launch(scrubbed_env())]
+            for proc in procs:
+                ch = await _ready(proc)
+                await ch.init("import sys\ndef main(args):\n    return {'c': 'colorsys' in sys.modules}\n")
+                assert (await ch.run())["c"] is (proc is procs[1])
+                await _end(proc)
+            pids = {key: s["zygote_pid"] for key, s in pool.stats().items()}
+            assert set(pids) == {light, other}
+            assert len(set(pids.values())) == 2
+        assert not any(_alive(pid) for pid in pids.values())
+
+    _run(main)
+
+
+def test_launch_outside_async_with_is_refused() -> None:
+    async def main() -> None:
+        launcher = ZygoteLauncher(preload=("minifaas_sandbox.runtime",))
+        with pytest.raises(ZygoteError):
+            await launcher.launch(scrubbed_env())
+        async with launcher:
+            pass
+        with pytest.raises(ZygoteError):
+            await launcher.launch(scrubbed_env())
+
+    _run(main)
