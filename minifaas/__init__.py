@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+from . import _composer as composer
 from ._activation import Activation
 from ._engine import Activations, Engine
 from ._errors import (
@@ -31,6 +32,7 @@ from ._errors import (
     TriggerError,
 )
 from ._sync import SyncEngine
+from ._versions import VersionInUse
 
 __version__ = "0.1.0"
 
@@ -54,7 +56,9 @@ __all__ = (
     "RateLimited",
     "SyncEngine",
     "TriggerError",
+    "VersionInUse",
     "__version__",
+    "composer",
 )
 
 for _name in ("Activation", "Activations", "Engine", "SyncEngine"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import random
 import re
 import shutil
 import tempfile
@@ -19,6 +20,7 @@ import anyio.abc
 
 from ._activation import Activation, new_activation_id
 from ._bundle import load_bundle
+from ._deps import default_env_root, ensure_env
 from ._composer import Composition
 from ._composer import task as _as_composition
 from ._conductor import DEFAULT_MAX_STEPS, call_composition
@@ -38,6 +40,7 @@ from ._scheduler import ENGINE_MAX_QUEUED, Scheduler
 from ._sandbox import HostService
 from ._sessions import SessionStore
 from ._store import ActivationStore, open_store
+from ._versions import ALIASES_FILE_NAME, AliasTable, Routing, split_ref
 
 __all__ = ("Activations", "Engine")
 
@@ -121,6 +124,8 @@ class Engine:
         close_timeout_s: float = CLOSE_TIMEOUT_S,
         ray_address: str | None = None,
         clock: Any = None,
+        routing_seed: int | None = None,
+        pip_index_url: str | None = None,
         keepalive: Literal["fixed", "histogram"] = "fixed",
         prewarm: int = 0,
     ) -> None:
@@ -146,6 +151,10 @@ class Engine:
         self.ray_address = ray_address
         #: keep-alive clock: an object with ``now()`` in seconds (e.g. minifaas.testing.FakeClock); None = real time
         self.clock = clock
+        #: pip's index for functions with a requirements.txt; None = pip's configuration (PIP_INDEX_URL...)
+        self.pip_index_url = pip_index_url
+        # seeded, the traffic split of aliases replays the same version sequence (tests, simulations)
+        self._aliases = AliasTable(rng=random.Random(routing_seed))
         if keepalive not in KEEPALIVE_POLICIES:
             raise ValueError(f"unknown keep-alive policy {keepalive!r}; choose {', '.join(KEEPALIVE_POLICIES)}")
         self.keepalive = keepalive
@@ -184,6 +193,8 @@ class Engine:
             self._work_dir = Path(self._tmp_dir) / "bundles"
             self._work_dir.mkdir()
         self._store = open_store(self.state_dir)
+        if self.state_dir is not None:
+            self._aliases = AliasTable(self.state_dir / ALIASES_FILE_NAME, rng=self._aliases.rng)
         self.recovered = self._store.recover()
         if self.state_dir is not None:
             self.sessions = SessionStore(self.state_dir / "sessions.sqlite3")
@@ -212,6 +223,9 @@ class Engine:
             idle_timeout_s=self.idle_timeout_s,
             prewarm=self.prewarm,
         )
+        attach = getattr(self._launcher, "attach", None)
+        if attach is not None:
+            attach(self._pool)  # a backend (Ray) makes its own sandbox handles: pool.sandbox_factory
         if self.clock is not None and hasattr(self.clock, "on_advance"):
             self.clock.on_advance(self._pool.wake_reaper)
         self._sched = Scheduler(tg, self._pool, self._store, max_queued=self.max_queued, on_end=self._on_end)
@@ -228,6 +242,11 @@ class Engine:
         await self.aclose()
 
     def _make_launcher(self) -> Launcher:
+        if self.backend == "ray":
+            from ._ray import RayLauncher
+
+            root = (self.state_dir / "models") if self.state_dir is not None else _user_model_cache()
+            return RayLauncher(self.ray_address, root)
         name = self.launcher_name
         if name in ("auto", "zygote"):
             from ._zygote import DEFAULT_PRELOAD, FORK_AVAILABLE, ZygoteLauncher
@@ -329,6 +348,13 @@ class Engine:
         assert self._work_dir is not None
         work_dir = self._work_dir
         bundle = await anyio.to_thread.run_sync(lambda: load_bundle(code=code, path=path, main=main, work_dir=work_dir))
+        sys_path: tuple[str, ...] = ()
+        python: str | None = None
+        if bundle.requirements is not None:
+            deps = await ensure_env(bundle.requirements, root=self._env_root(), index_url=self.pip_index_url)
+            sys_path = (str(deps.site_packages),)
+            # a fork of the preloaded zygote may hold the host's version of a package the env replaces
+            python = str(deps.python) if deps.conflicts_with_preload else None
         versions = self._functions.setdefault(name, [])
         version = str(int(versions[-1].version) + 1) if versions else "1"
         spec = FunctionSpec(
@@ -343,13 +369,20 @@ class Engine:
             min_sandboxes=min_sandboxes,
             style=style,
             model_param=model_param,
-            models=tuple(models),
+            models=tuple(bundle.models.get(m, m) for m in models),
             preload=preload,
             keepalive=keepalive,
+            sys_path=sys_path,
+            python=python,
             created=int(time.time() * 1000),
             **limits,
         )
+        await self._preload_models(spec)
         versions.append(spec)
+        if spec.min_sandboxes and self._pool is not None:
+            # provisioned concurrency: warm them now, not at the first request
+            self._pool.function(spec)
+            self._pool.wake_reaper()
         return spec.describe()
 
     async def deploy_composition(
@@ -370,19 +403,26 @@ class Engine:
         self._compositions[name] = (comp, dict(params or {}), max_steps)
         return {"name": name, "kind": "composition", "actions": comp.actions(), "composition": comp.to_json()}
 
+    async def _preload_models(self, spec: FunctionSpec) -> None:
+        """Fetch the function's named models into the store and load their bytes into the zygote, so every
+        sandbox forked afterwards shares those pages copy-on-write (the path is the one sandboxes will ask for)."""
+        load = getattr(self._launcher, "load_models", None)
+        if not spec.models or load is None:
+            return
+        paths = [str(await self.model_store.fetch(url)) for url in spec.models]
+        await load(paths)
+
+    def _env_root(self) -> Path:
+        return self.state_dir / "envs" if self.state_dir is not None else default_env_root()
+
+    def _route(self, name: str) -> tuple[FunctionSpec, str | None]:
+        """The version ``name``, ``name@3`` or ``name@alias`` runs now, and the alias it went through."""
+        specs = self._functions.get(split_ref(name)[0]) or []
+        version, alias = self._aliases.resolve(name, [s.version for s in specs])
+        return next(s for s in specs if s.version == version), alias
+
     def _resolve(self, name: str) -> FunctionSpec:
-        base, _, version = name.partition("@")
-        versions = self._functions.get(base)
-        if not versions:
-            raise FunctionNotFound(f"no function named {base!r} is deployed")
-        if not version:
-            return versions[-1]
-        for spec in versions:
-            if spec.version == version:
-                return spec
-        raise FunctionNotFound(
-            f"function {base!r} has no version {version!r} (versions: {', '.join(s.version for s in versions)})"
-        )
+        return self._route(name)[0]
 
     async def get_function(self, name: str) -> dict[str, Any]:
         self._require()
@@ -397,6 +437,7 @@ class Engine:
         spec = self._resolve(name)
         info = spec.describe()
         info["versions"] = [s.version for s in self._functions[spec.name]]
+        info["aliases"] = self._aliases.aliases(spec.name)
         return info
 
     async def list_functions(self) -> list[dict[str, Any]]:
@@ -419,6 +460,10 @@ class Engine:
         doomed = [s for s in versions if not version or s.version == version]
         if not doomed:
             raise FunctionNotFound(f"function {base!r} has no version {version!r}")
+        if version:
+            self._aliases.check_deletable(base, version)
+        else:
+            self._aliases.drop_function(base)
         for spec in doomed:
             versions.remove(spec)
             fp = self._pool.remove_function(spec.key)
@@ -427,13 +472,33 @@ class Engine:
         if not versions:
             del self._functions[base]
 
+    # -- aliases ----------------------------------------------------------------------------------------------
+    async def set_alias(self, name: str, alias: str, target: Routing) -> dict[str, Any]:
+        """Point ``name@alias`` at a version (``"2"``) or split traffic by weight (``{"2": 90, "3": 10}``)."""
+        self._require()
+        versions = self._functions.get(name)
+        if not versions:
+            raise FunctionNotFound(f"no function named {name!r} is deployed")
+        routing = self._aliases.set_alias(name, alias, target, versions=[s.version for s in versions])
+        return {"name": name, "alias": alias, "routing": routing}
+
+    async def get_alias(self, name: str, alias: str) -> dict[str, Any]:
+        self._require()
+        return {"name": name, "alias": alias, "routing": self._aliases.get_alias(name, alias)}
+
+    async def delete_alias(self, name: str, alias: str) -> None:
+        self._require()
+        self._aliases.delete_alias(name, alias)
+
     # -- invocation -------------------------------------------------------------------------------------------
     async def submit(self, name: str, args: dict[str, Any] | None = None, *, cause: str | None = None) -> str:
         """Accept an invocation and return its activation id at once."""
         sched = self._require()
         if name in self._compositions:
             return self._submit_session(name, args, cause)
-        job = sched.submit(self._resolve(name), {} if args is None else args, cause=cause)
+        spec, alias = self._route(name)
+        annotations = {"alias": alias} if alias else None
+        job = sched.submit(spec, {} if args is None else args, cause=cause, annotations=annotations)
         return job.act.activation_id
 
     async def call(
@@ -462,7 +527,9 @@ class Engine:
                 max_steps=max_steps,
                 namespace=self.namespace,
             )
-        job = sched.submit(self._resolve(name), {} if args is None else args, cause=cause)
+        spec, alias = self._route(name)
+        annotations = {"alias": alias} if alias else None
+        job = sched.submit(spec, {} if args is None else args, cause=cause, annotations=annotations)
         await job.done.wait()
         return job.act
 

@@ -63,6 +63,10 @@ class FunctionSpec:
     preload: tuple[str, ...] | None = None
     #: keep-alive policy name, None = the engine's
     keepalive: str | None = None
+    #: folders put in front of the sandbox's sys.path: the site-packages of the function's requirements env
+    sys_path: tuple[str, ...] = ()
+    #: interpreter to spawn sandboxes with instead of forking the zygote (an env that shadows a host package)
+    python: str | None = None
     created: int = 0
 
     @property
@@ -82,6 +86,7 @@ class FunctionSpec:
             "max_result_bytes": self.max_result_bytes,
             "max_log_bytes": self.max_log_bytes,
             "style": self.style,
+            "sys_path": list(self.sys_path),
         }
 
     def describe(self) -> dict[str, Any]:
@@ -106,5 +111,7 @@ class FunctionSpec:
                 "max_log_bytes": self.max_log_bytes,
             },
             "style": self.style,
+            "sys_path": list(self.sys_path),
+            "python": self.python,
             "created": self.created,
         }

@@ -20,7 +20,7 @@ import anyio.abc
 
 from ._function import IDLE_TIMEOUT_S, FunctionSpec
 from ._keepalive import Candidate, FixedPolicy, GreedyDualEvictor, HistogramPolicy, KeepAlivePolicy
-from ._launch import Launcher, scrubbed_env
+from ._launch import Launcher, SpawnLauncher, scrubbed_env
 from ._sandbox import HostService, Sandbox, SandboxDied
 
 __all__ = ("KEEPALIVE_POLICIES", "FunctionPool", "Pool")
@@ -104,6 +104,8 @@ class Pool:
         #: set by the scheduler: start a sandbox for a function with no request waiting (pre-warm, min_sandboxes)
         self.warm_up: Callable[[FunctionPool], None] = lambda fp: None
         self.on_capacity: Callable[[], None] = lambda: None
+        #: makes the host-side handle of a new sandbox; a backend (e.g. Ray) may supply its own with the same interface
+        self.sandbox_factory: Callable[[str, dict[str, HostService]], Sandbox] = Sandbox
         self.functions: dict[str, FunctionPool] = {}
         self.stats: collections.Counter[str] = collections.Counter()
         #: every sandbox not yet fully closed, in a pool or not (retired ones still shutting down)
@@ -204,7 +206,9 @@ class Pool:
         """Count a new sandbox for ``fp`` at once (so caps hold) before :meth:`boot` starts it."""
         while self.stem and self.stem[-1].state == "dead":
             self.stem.pop()
-        sb = self.stem.pop() if self.stem else Sandbox(fp.spec.key, self.services)
+        # a stem cell is a fork of the preloaded interpreter: not for a function that needs its env's python
+        use_stem = bool(self.stem) and fp.spec.python is None
+        sb = self.stem.pop() if use_stem else self.sandbox_factory(fp.spec.key, self.services)
         sb.fn_key = fp.spec.key
         sb.owner = fp
         fp.sandboxes.append(sb)
@@ -221,7 +225,9 @@ class Pool:
         reply: dict[str, Any]
         try:
             if sb.proc is None:
-                await sb.start(self.launcher, scrubbed_env(SANDBOX_ENV), self.tg)
+                # an env that replaces a preloaded package cannot run in a fork of the preloaded interpreter
+                launcher = SpawnLauncher(python=spec.python) if spec.python else self.launcher
+                await sb.start(launcher, scrubbed_env(SANDBOX_ENV), self.tg)
                 self.stats["forks" if sb.launch_how == "fork" else "spawns"] += 1
             else:
                 self.stats["prewarmed_specializations"] += 1
@@ -246,7 +252,7 @@ class Pool:
         """Keep ``prewarm`` generic sandboxes launched and READY, without exceeding the engine's cap."""
         while len(self.stem) + self._stem_starting < self.prewarm and self.total < self.max_total:
             self._stem_starting += 1
-            sb = Sandbox("(stem)", self.services)
+            sb = self.sandbox_factory("(stem)", self.services)
             self.live.add(sb)
             try:
                 await sb.start(self.launcher, scrubbed_env(SANDBOX_ENV), self.tg)

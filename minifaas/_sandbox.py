@@ -9,6 +9,7 @@ status when the channel ends, and two pipe readers for whatever reaches fd 1 and
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import math
@@ -33,6 +34,14 @@ DRAIN_TIMEOUT_S: Final = 0.5
 SHUTDOWN_GRACE_S: Final = 2.0
 READ_CHUNK_BYTES: Final = 1 << 18
 MAX_STRAY_LINES: Final = 1000
+#: output that bypasses the runtime's capture (os.write to fd 1/2, C code) is kept per activation up to these caps,
+#: so a sandbox flooding its pipes cannot grow the host's memory; a longer line is cut
+MAX_STRAY_LINE_BYTES: Final = 8 << 10
+MAX_STRAY_BYTES: Final = 1 << 20
+STRAY_TRUNCATED_MESSAGE: Final = "minifaas: output written outside the log capture was truncated"
+#: host service calls one sandbox may have outstanding; a legitimate runtime has at most its concurrency
+MAX_CALLS_IN_FLIGHT: Final = 64
+FINAL_RESULT_STATUSES: Final = frozenset({"success", "application_error", "developer_error"})
 
 HostService = Callable[[dict[str, Any]], Awaitable[Any]]
 _ids = itertools.count(1)
@@ -83,6 +92,16 @@ class _Waiter:
         return self.value
 
 
+class _Stray(list[str]):
+    """One activation's stray output lines, and their size (capped at MAX_STRAY_BYTES)."""
+
+    __slots__ = ("size",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.size = 0
+
+
 def _ignore_result(sb: Sandbox, fields: dict[str, Any]) -> None:
     return None
 
@@ -102,6 +121,8 @@ class Sandbox:
         self.state = "starting"  # starting -> ready -> closing -> dead
         #: activation id -> the scheduler's job, for every RUN sent and not yet answered
         self.inflight: dict[str, Any] = {}
+        #: jobs whose RUN was sent while another ran: the sandbox starts them in order (see the scheduler)
+        self.prefetched: collections.deque[Any] = collections.deque()
         self.stray: dict[str, list[str]] = {}
         self.models: set[str] = set()
         self.created = time.monotonic()
@@ -133,6 +154,7 @@ class Sandbox:
         self._pipes_done = 0
         self._pipes_drained = anyio.Event()
         self._killed_reason: str | None = None
+        self._calls = 0
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
     async def start(self, launcher: Launcher, env: dict[str, str], tg: anyio.abc.TaskGroup) -> float:
@@ -249,7 +271,9 @@ class Sandbox:
             try:
                 for kind, fields in self._decoder.feed(data):
                     self._dispatch(kind, fields)
-            except p.ProtocolError as exc:
+            except Exception as exc:
+                # whatever a sandbox sends (its code can write to the channel too) must not break the host's
+                # reader: a malformed frame ends the sandbox, and its death ends its activations
                 self.kill(f"protocol error: {exc}")
                 self._close_reader()
                 return
@@ -261,13 +285,20 @@ class Sandbox:
         self._writer_wake.set()
 
     def _dispatch(self, kind: int, fields: dict[str, Any]) -> None:
+        if not isinstance(fields, dict):
+            raise p.ProtocolError(f"frame of type {kind!r} has no field map")
         if kind == p.RESULT:
             models = fields.get("models")
             if models is not None:
-                self.models = set(models)
+                self.models = {str(m) for m in models} if isinstance(models, list) else set()
             self.on_result(self, fields)
         elif kind == p.CALL:
             assert self._tg is not None
+            if self._calls >= MAX_CALLS_IN_FLIGHT:
+                with contextlib.suppress(SandboxDied, TypeError, ValueError, OverflowError):
+                    self.send(p.REPLY, {"cid": fields.get("cid"), "ok": False, "error": "too many host calls"})
+                return
+            self._calls += 1
             self._tg.start_soon(self._serve_call, fields)
         elif kind == p.READY:
             self._ready.set(fields)
@@ -285,11 +316,15 @@ class Sandbox:
             reply = {"cid": cid, "ok": True, "value": value}
         except Exception as exc:
             reply = {"cid": cid, "ok": False, "error": f"{type(exc).__name__}: {exc}"}
-        with contextlib.suppress(SandboxDied):
+        finally:
+            self._calls -= 1
+        with contextlib.suppress(SandboxDied, TypeError, ValueError, OverflowError):
             self.send(p.REPLY, reply)
 
     async def _read_pipe(self, fd: int, stream: str) -> None:
         partial = b""
+        #: the line being read was already cut at MAX_STRAY_LINE_BYTES: drop the rest of it
+        skipping = False
         try:
             while True:
                 try:
@@ -304,9 +339,19 @@ class Sandbox:
                     break
                 if not data:
                     break
+                # partial is at most one cut line long: no quadratic joining, however long a line a sandbox writes
                 *lines, partial = (partial + data).split(b"\n")
                 for line in lines:
-                    self._stray_line(stream, line)
+                    if skipping:
+                        skipping = False
+                    else:
+                        self._stray_line(stream, line)
+                if skipping:
+                    partial = b""
+                elif len(partial) > MAX_STRAY_LINE_BYTES:
+                    self._stray_line(stream, partial)
+                    partial = b""
+                    skipping = True
         finally:
             if partial:
                 self._stray_line(stream, partial)
@@ -315,11 +360,22 @@ class Sandbox:
                 self._pipes_drained.set()
 
     def _stray_line(self, stream: str, raw: bytes) -> None:
-        line = log_line(stream, raw.decode("utf-8", "replace"))
+        text = raw[:MAX_STRAY_LINE_BYTES].decode("utf-8", "replace")
+        if len(raw) > MAX_STRAY_LINE_BYTES:
+            text += f" [line cut at {MAX_STRAY_LINE_BYTES} bytes]"
+        line = log_line(stream, text)
         keys = list(self.inflight) or ["-"]
         for key in keys:
-            bucket = self.stray.setdefault(key, [])
-            if len(bucket) < MAX_STRAY_LINES:
+            bucket = self.stray.get(key)
+            if bucket is None:
+                bucket = self.stray[key] = _Stray()
+            if not isinstance(bucket, _Stray) or bucket.size >= MAX_STRAY_BYTES:
+                continue
+            bucket.size += len(line)
+            if bucket.size >= MAX_STRAY_BYTES or len(bucket) >= MAX_STRAY_LINES - 1:
+                bucket.size = MAX_STRAY_BYTES
+                bucket.append(log_line("stderr", STRAY_TRUNCATED_MESSAGE))
+            else:
                 bucket.append(line)
 
     async def _watch(self) -> None:

@@ -101,6 +101,15 @@ class SyncEngine:
     def get_function(self, name: str) -> dict[str, Any]:
         return self._call("get_function", name)  # type: ignore[no-any-return]
 
+    def set_alias(self, name: str, alias: str, target: str | dict[str, float]) -> dict[str, Any]:
+        return self._call("set_alias", name, alias, target)  # type: ignore[no-any-return]
+
+    def get_alias(self, name: str, alias: str) -> dict[str, Any]:
+        return self._call("get_alias", name, alias)  # type: ignore[no-any-return]
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        self._call("delete_alias", name, alias)
+
     def list_functions(self) -> list[dict[str, Any]]:
         return self._call("list_functions")  # type: ignore[no-any-return]
 

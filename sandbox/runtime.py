@@ -12,6 +12,7 @@ import contextlib
 import importlib.util
 import os
 import resource
+import site
 import socket
 import sys
 import threading
@@ -31,6 +32,10 @@ DEFAULT_MAX_RESULT_BYTES: Final = 1 << 20
 MAX_OPEN_FILES: Final = 1024
 MODULE_NAME: Final = "__minifaas_function__"
 PR_SET_PDEATHSIG: Final = 1
+CLONE_NEWNET: Final = 0x40000000
+SIOCGIFFLAGS: Final = 0x8913
+SIOCSIFFLAGS: Final = 0x8914
+IFF_UP: Final = 0x1
 TRUNCATED_MESSAGE: Final = "Logs were truncated because the total bytes size exceeds the limit of {} bytes."
 
 
@@ -41,40 +46,60 @@ def _now_iso(ts: float) -> str:
 class LogBuffer:
     """One activation's log lines, formatted as OpenWhisk does, capped by bytes with a truncation line."""
 
-    __slots__ = ("_partial", "_size", "lines", "max_bytes", "truncated")
+    __slots__ = ("_partial", "_pending", "_size", "lines", "max_bytes", "truncated")
 
     def __init__(self, max_bytes: int) -> None:
         self.lines: list[str] = []
         self.max_bytes = max_bytes
         self._size = 0
-        self._partial: dict[str, str] = {}
+        #: per stream, the pieces of a line not ended yet; joining them at every write would be quadratic
+        self._partial: dict[str, list[str]] = {}
+        self._pending = 0
         self.truncated = False
 
     def write(self, stream: str, text: str) -> None:
         if self.truncated or not text:
             return
-        pending = self._partial.pop(stream, "") + text
+        parts = self._partial.setdefault(stream, [])
+        parts.append(text)
+        if "\n" not in text:
+            self._pending += len(text)
+            if self._size + self._pending > self.max_bytes:
+                self._truncate()
+            return
+        pending = "".join(parts)
+        del self._partial[stream]
+        self._pending -= len(pending) - len(text)
         *complete, rest = pending.split("\n")
-        if rest:
-            self._partial[stream] = rest
-        if complete:
-            ts = _now_iso(time.time())
-            for line in complete:
-                self._add(f"{ts} {stream}: {line}")
+        ts = _now_iso(time.time())
+        for line in complete:
+            self._add(f"{ts} {stream}: {line}")
+        if rest and not self.truncated:
+            self._partial[stream] = [rest]
+            self._pending += len(rest)
+            if self._size + self._pending > self.max_bytes:
+                self._truncate()
 
     def _add(self, line: str) -> None:
+        if self.truncated:
+            return
         self._size += len(line) + 1
         if self._size > self.max_bytes:
-            self.truncated = True
-            self.lines.append(f"{_now_iso(time.time())} stderr: {TRUNCATED_MESSAGE.format(self.max_bytes)}")
+            self._truncate()
             return
         self.lines.append(line)
 
-    def finish(self) -> list[str]:
-        for stream, rest in list(self._partial.items()):
-            if not self.truncated:
-                self._add(f"{_now_iso(time.time())} {stream}: {rest}")
+    def _truncate(self) -> None:
+        self.truncated = True
         self._partial.clear()
+        self._pending = 0
+        self.lines.append(f"{_now_iso(time.time())} stderr: {TRUNCATED_MESSAGE.format(self.max_bytes)}")
+
+    def finish(self) -> list[str]:
+        for stream, parts in list(self._partial.items()):
+            self._add(f"{_now_iso(time.time())} {stream}: {''.join(parts)}")
+        self._partial.clear()
+        self._pending = 0
         return self.lines
 
 
@@ -128,6 +153,9 @@ class LambdaContext:
         self.invoked_function_arn = f"arn:minifaas:function:{name}:{version}"
         self.log_group_name = f"/minifaas/{name}"
         self.log_stream_name = aid
+        # set by AWS only for mobile SDK callers; handlers still read them
+        self.identity: Any = None
+        self.client_context: Any = None
         self._deadline_ms = deadline_ms
 
     def get_remaining_time_in_millis(self) -> int:
@@ -205,7 +233,14 @@ class Runtime:
         self._main_logs = buf
         try:
             if not in_process:
+                if fields.get("style") == "lambda":
+                    os.environ.update(_lambda_env(fields))
                 os.environ.update({str(k): str(v) for k, v in (fields.get("env") or {}).items()})
+                if fields.get("network") is False:
+                    # before any of the function's code runs, and before any thread exists (a namespace is per
+                    # thread until then)
+                    isolate_network()
+            _prepend_sys_path([str(e) for e in fields.get("sys_path") or ()])
             self.fn = _load_function(fields, chdir=not in_process)
         except BaseException as exc:
             self._main_logs = None
@@ -234,22 +269,28 @@ class Runtime:
         assert self.channel is not None
         out = self.execute(fields)
         max_result = int(self.config.get("max_result_bytes") or DEFAULT_MAX_RESULT_BYTES)
+        error = ""
+        frame = b""
         try:
             frame = p.encode(p.RESULT, out)
+            if len(frame) > max_result:
+                # the frame also carries logs: only the result itself counts against the limit; the frame goes
+                # first, so a big result is never held in three copies
+                frame = b""
+                size = len(p.encode_body(out["result"]))
+                if size > max_result:
+                    error = "The action produced a response that exceeded the allowed length: "
+                    error += f"{size} > {max_result} bytes."
         except (TypeError, ValueError, OverflowError) as exc:
+            error = f"The action returned a result that cannot be serialized: {exc}"
+        except MemoryError:
+            # a result that fits in memory once but not twice: answer instead of dying
+            error = f"memory limit exceeded ({self.config.get('memory_mb')} MB) while encoding the result"
+        if error:
             out["status"] = "developer_error"
-            out["result"] = {"error": f"The action returned a result that cannot be serialized: {exc}"}
+            out["result"] = {"error": error}
+        if error or not frame:
             frame = p.encode(p.RESULT, out)
-        if len(frame) > max_result:
-            # the frame also carries logs: only the result itself counts against the limit
-            size = len(p.encode_body(out["result"]))
-            if size > max_result:
-                out["status"] = "developer_error"
-                out["result"] = {
-                    "error": "The action produced a response that exceeded the allowed length: "
-                    f"{size} > {max_result} bytes."
-                }
-                frame = p.encode(p.RESULT, out)
         with self.send_lock:
             self.channel.send_frame(frame)
 
@@ -273,7 +314,8 @@ class Runtime:
                 environ["__OW_ACTION_VERSION"] = version
                 environ["__OW_NAMESPACE"] = str(cfg.get("namespace", "guest"))
         status = "success"
-        result: Any
+        result: Any = None
+        out_of_memory = False
         t0 = time.perf_counter()
         try:
             assert self.fn is not None
@@ -283,18 +325,21 @@ class Runtime:
             if cfg.get("style") == "lambda":
                 ctx = LambdaContext(aid, str(cfg.get("name", "")), version, int(cfg.get("memory_mb") or 0), deadline)
                 result = self.fn(args, ctx)
+                if not isinstance(result, dict):
+                    # a Lambda handler may return any JSON value (None, for event processors): keep it whole
+                    result = {"result": result}
             else:
                 result = self.fn(args)
             if not isinstance(result, dict):
                 status = "developer_error"
                 result = {"error": f"The action did not return a dictionary (returned {type(result).__name__})."}
-            elif "error" in result:
+            elif "error" in result and cfg.get("style") != "lambda":
                 # OpenWhisk: a result with an `error` key is an application error (status code 1)
                 status = "application_error"
         except MemoryError:
-            status = "developer_error"
-            result = {"error": f"memory limit exceeded ({cfg.get('memory_mb')} MB)"}
-            buf.write("stderr", "MemoryError: memory limit exceeded\n")
+            # answer only after leaving the handler: until then the traceback keeps every frame of the function
+            # alive (a deep recursion fills the memory with them), and formatting the answer would fail again
+            out_of_memory = True
         except RecursionError as exc:
             status = "application_error"
             result = {"error": f"RecursionError: {exc}"}
@@ -305,7 +350,13 @@ class Runtime:
         except BaseException as exc:
             status = "application_error"
             result = {"error": _describe(exc)}
+            if cfg.get("style") == "lambda":
+                result.update(errorMessage=str(exc), errorType=type(exc).__name__)
             buf.write("stderr", "".join(traceback.format_exception(exc)))
+        if out_of_memory:
+            status = "developer_error"
+            result = {"error": f"memory limit exceeded ({cfg.get('memory_mb')} MB)"}
+            buf.write("stderr", "MemoryError: memory limit exceeded\n")
         run_ms = (time.perf_counter() - t0) * 1000
         with contextlib.suppress(Exception):
             sys.stdout.flush()
@@ -349,6 +400,29 @@ class Runtime:
                 if self._pool is not None:
                     self._pool.shutdown(wait=True)
                 return 0
+
+
+def _lambda_env(fields: dict[str, Any]) -> dict[str, str]:
+    """The variables AWS Lambda sets that handlers commonly read."""
+    name = str(fields.get("name", ""))
+    return {
+        "AWS_LAMBDA_FUNCTION_NAME": name,
+        "AWS_LAMBDA_FUNCTION_VERSION": str(fields.get("version", "")),
+        "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(fields.get("memory_mb") or ""),
+        "AWS_LAMBDA_LOG_GROUP_NAME": f"/minifaas/{name}",
+    }
+
+
+def _prepend_sys_path(entries: list[str]) -> None:
+    """Put the function's own site-packages first, with their .pth files processed (as site does)."""
+    if not entries:
+        return
+    before = list(sys.path)
+    for entry in entries:
+        site.addsitedir(entry)
+    added = [e for e in sys.path if e not in before]
+    sys.path[:] = added + before
+    importlib.invalidate_caches()
 
 
 def _describe(exc: BaseException) -> str:
@@ -428,6 +502,27 @@ def _held_models() -> list[str]:
         return [str(k) for k in held()]
     except Exception:
         return []
+
+
+def isolate_network() -> None:
+    """Move this process into a new network namespace: no interface but a loopback of its own.
+
+    Needs root or CAP_SYS_ADMIN; raises OSError otherwise, so a function deployed without network fails to
+    initialize instead of silently running with it.
+    """
+    import ctypes
+    import fcntl
+    import struct
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"cannot run without network: unshare(CLONE_NEWNET) failed: {os.strerror(err)}")
+    # the new loopback starts down; up, local servers inside the function work (the host's stay out of reach)
+    ifreq = struct.Struct("16sH14x")
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        flags = ifreq.unpack(fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, ifreq.pack(b"lo", 0)))[1]
+        fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, ifreq.pack(b"lo", flags | IFF_UP))
 
 
 def die_with_parent() -> None:

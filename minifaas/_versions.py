@@ -1,0 +1,236 @@
+"""Aliases of function versions, and weighted traffic splitting between the versions an alias points to.
+
+A reference to a function is ``name`` (its latest version), ``name@3`` (version 3, pinned) or ``name@prod``
+(an alias). An alias routes to one version or splits traffic by weight (``{"2": 90, "3": 10}``): each
+invocation draws one version with a seedable :class:`random.Random`, so a canary can take a share of the
+traffic and a test or a replay can fix the draws. Versions are decimal numbers, so an alias name never looks
+like one.
+
+The table is small and changes rarely: it lives in memory and, with a state dir, is rewritten whole to
+``aliases.json`` after each change (a temporary file, then a rename: a crash leaves the old or the new table,
+never half of one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Final
+
+from ._errors import DeployError, FunctionNotFound, MinifaasError
+
+__all__ = ("ALIASES_FILE_NAME", "AliasTable", "Routing", "VersionInUse", "split_ref")
+
+ALIASES_FILE_NAME: Final = "aliases.json"
+ALIASES_FILE_FORMAT: Final = 1
+#: starts with a letter or '_' so that it can never be mistaken for a version number
+ALIAS_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,63}$")
+VERSION_RE: Final = re.compile(r"^[0-9]{1,18}$")
+#: more targets than this is a configuration mistake, not a traffic split
+MAX_ROUTES: Final = 32
+
+#: what ``set_alias`` takes: one version ("2") or version -> weight ({"2": 90, "3": 10})
+Routing = str | Mapping[str, float]
+
+
+class VersionInUse(MinifaasError, ValueError):
+    """Raised by ``Engine.delete("name@N")`` when an alias still routes traffic to version N."""
+
+
+VersionInUse.__module__ = "minifaas"
+
+
+def split_ref(ref: str) -> tuple[str, str]:
+    """``"f@prod"`` -> ``("f", "prod")``; ``"f"`` -> ``("f", "")``."""
+    base, _, qualifier = ref.partition("@")
+    return base, qualifier
+
+
+class AliasTable:
+    """Alias name -> weighted versions, per function; persisted to ``path`` when one is given."""
+
+    def __init__(self, path: Path | None = None, *, rng: random.Random | None = None) -> None:
+        self.path = path
+        #: draws the version of each invocation through a split alias; seed it to replay a sequence
+        self.rng = rng if rng is not None else random.Random()
+        self._table: dict[str, dict[str, list[tuple[str, float]]]] = {}
+        if path is not None:
+            self._table = _load(path)
+
+    # -- editing --------------------------------------------------------------------------------------------
+    def set_alias(
+        self, name: str, alias: str, target: Routing, *, versions: Sequence[str] | None = None
+    ) -> dict[str, float]:
+        """Point ``name@alias`` at ``target``; ``versions`` (when given) are the versions that exist now.
+
+        Returns the routing as stored: version -> weight. Raises :class:`DeployError` for a bad alias name,
+        an unknown version or bad weights.
+        """
+        if not isinstance(alias, str) or not ALIAS_RE.match(alias):
+            raise DeployError(
+                f"invalid alias {alias!r}: start with a letter or '_', then letters, digits, '_' or '-' "
+                "(a number would read as a version)"
+            )
+        routes = _routes(target)
+        if versions is not None:
+            missing = [v for v, _ in routes if v not in versions]
+            if missing:
+                have = ", ".join(versions) or "none"
+                raise DeployError(
+                    f"alias {name}@{alias} names version(s) {', '.join(missing)} that {name!r} does not have "
+                    f"(versions: {have})"
+                )
+        self._table.setdefault(name, {})[alias] = routes
+        self._save()
+        return dict(routes)
+
+    def get_alias(self, name: str, alias: str) -> dict[str, float]:
+        """The routing of ``name@alias`` (version -> weight); :class:`FunctionNotFound` if there is none."""
+        return dict(self._routes_of(name, alias))
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        self._routes_of(name, alias)
+        aliases = self._table[name]
+        del aliases[alias]
+        if not aliases:
+            del self._table[name]
+        self._save()
+
+    def aliases(self, name: str) -> dict[str, dict[str, float]]:
+        """Every alias of ``name``: alias -> (version -> weight)."""
+        return {alias: dict(routes) for alias, routes in self._table.get(name, {}).items()}
+
+    def users(self, name: str, version: str) -> list[str]:
+        """The aliases of ``name`` that route to ``version`` (with any weight, zero included)."""
+        aliases = self._table.get(name, {})
+        return sorted(a for a, routes in aliases.items() if any(v == version for v, _ in routes))
+
+    def check_deletable(self, name: str, version: str) -> None:
+        """Raise :class:`VersionInUse` when an alias still routes to ``name@version``."""
+        users = self.users(name, version)
+        if users:
+            listed = ", ".join(f"{name}@{a}" for a in users)
+            raise VersionInUse(
+                f"version {version} of {name!r} is in use by alias(es) {listed}: point them at another "
+                "version (set_alias) or delete them (delete_alias) first"
+            )
+
+    def drop_function(self, name: str) -> None:
+        """Forget every alias of ``name`` (the function itself is being deleted)."""
+        if self._table.pop(name, None) is not None:
+            self._save()
+
+    # -- routing --------------------------------------------------------------------------------------------
+    def resolve(
+        self, name_or_ref: str, versions: Sequence[str], rng: random.Random | None = None
+    ) -> tuple[str, str | None]:
+        """Pick the version an invocation of ``name_or_ref`` runs: ``(version, alias or None)``.
+
+        ``versions`` are the deployed versions of the function, oldest first. ``name`` is the latest version,
+        ``name@3`` version 3, ``name@prod`` one of the alias's versions drawn by weight.
+        """
+        name, qualifier = split_ref(name_or_ref)
+        if not versions:
+            raise FunctionNotFound(f"no function named {name!r} is deployed")
+        if not qualifier:
+            return versions[-1], None
+        if VERSION_RE.match(qualifier):
+            if qualifier not in versions:
+                raise FunctionNotFound(
+                    f"function {name!r} has no version {qualifier!r} (versions: {', '.join(versions)})"
+                )
+            return qualifier, None
+        routes = self._routes_of(name, qualifier)
+        live = [(v, w) for v, w in routes if w > 0]
+        if len(live) == 1:
+            version = live[0][0]
+        else:
+            draw = (rng or self.rng).choices([v for v, _ in live], weights=[w for _, w in live])
+            version = draw[0]
+        if version not in versions:
+            # only possible for a table loaded from disk whose versions did not survive the restart
+            raise FunctionNotFound(f"alias {name}@{qualifier} routes to version {version!r}, which is not deployed")
+        return version, qualifier
+
+    # -- persistence ----------------------------------------------------------------------------------------
+    def _routes_of(self, name: str, alias: str) -> list[tuple[str, float]]:
+        routes = self._table.get(name, {}).get(alias)
+        if routes is None:
+            known = ", ".join(sorted(self._table.get(name, {}))) or "none"
+            raise FunctionNotFound(f"function {name!r} has no alias {alias!r} (aliases: {known})")
+        return routes
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        data = {
+            "format": ALIASES_FILE_FORMAT,
+            "aliases": {
+                name: {alias: [[v, w] for v, w in routes] for alias, routes in aliases.items()}
+                for name, aliases in self._table.items()
+            },
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".aliases-", suffix=".tmp", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(data, f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+
+def _routes(target: Routing) -> list[tuple[str, float]]:
+    if isinstance(target, int) and not isinstance(target, bool):
+        target = str(target)
+    if isinstance(target, str):
+        if not VERSION_RE.match(target):
+            raise DeployError(f"alias target {target!r} is not a version number")
+        return [(target, 100.0)]
+    if not isinstance(target, Mapping) or not target:
+        raise DeployError(f"alias target must be a version or a non-empty {{version: weight}} map: {target!r}")
+    if len(target) > MAX_ROUTES:
+        raise DeployError(f"an alias splits traffic between at most {MAX_ROUTES} versions, not {len(target)}")
+    routes: list[tuple[str, float]] = []
+    for version, weight in target.items():
+        v = str(version)
+        if not VERSION_RE.match(v):
+            raise DeployError(f"alias target {version!r} is not a version number")
+        number = isinstance(weight, int | float) and not isinstance(weight, bool)
+        if not number or not math.isfinite(weight) or weight < 0:
+            raise DeployError(f"weight of version {v} must be a finite number >= 0, not {weight!r}")
+        routes.append((v, float(weight)))
+    if not any(w > 0 for _, w in routes):
+        raise DeployError("at least one version of an alias needs a weight above 0")
+    return routes
+
+
+def _load(path: Path) -> dict[str, dict[str, list[tuple[str, float]]]]:
+    try:
+        raw = path.read_text("utf-8")
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise MinifaasError(f"cannot read the alias table {path}: {exc}") from None
+    try:
+        data = json.loads(raw)
+        if data.get("format") != ALIASES_FILE_FORMAT:
+            raise ValueError(f"unknown format {data.get('format')!r}")
+        return {
+            str(name): {str(a): _routes({str(v): float(w) for v, w in routes}) for a, routes in aliases.items()}
+            for name, aliases in data["aliases"].items()
+        }
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        # refusing to start beats silently dropping a production alias
+        raise MinifaasError(f"the alias table {path} is corrupt ({exc}); fix or remove it") from None

@@ -1,0 +1,332 @@
+"""The ``minifaas`` command, run as a real subprocess against a real server (and in ``--local`` mode)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import anyio
+import httpx
+import pytest
+from anyio.from_thread import start_blocking_portal
+
+import minifaas
+from minifaas._cli import _brief, _pairs, pack_folder
+from minifaas._server import ServerHandle, serve
+from minifaas._triggers import TriggerManager
+
+ROOT = Path(__file__).resolve().parent.parent
+IMAGES = ROOT / "tests" / "data" / "images"
+FUNCTIONS = ROOT / "functions"
+HELLO = "def main(args):\n    print('hello', args.get('name'))\n    return {'hi': args.get('name')}\n"
+CLI_TIMEOUT_S = 120
+_SCRIPT = shutil.which("minifaas")
+CLI = [_SCRIPT] if _SCRIPT else [sys.executable, "-m", "minifaas._cli"]
+
+
+@contextlib.asynccontextmanager
+async def serving() -> AsyncIterator[tuple[minifaas.Engine, ServerHandle]]:
+    async with minifaas.Engine() as engine, anyio.create_task_group() as tg:
+        own: TriggerManager | None = None
+        if getattr(engine, "triggers", None) is None:
+            own = TriggerManager(engine.submit, state_dir=None, task_group=tg)
+            engine.triggers = own  # type: ignore[attr-defined]
+        handle: ServerHandle = await tg.start(functools.partial(serve, engine, "127.0.0.1", 0))
+        try:
+            yield engine, handle
+        finally:
+            handle.stop()
+            if own is not None:
+                await own.aclose()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[SimpleNamespace]:
+    with (
+        start_blocking_portal("asyncio") as portal,
+        portal.wrap_async_context_manager(serving()) as (
+            engine,
+            handle,
+        ),
+    ):
+        yield SimpleNamespace(portal=portal, engine=engine, handle=handle)
+
+
+@pytest.fixture(scope="module")
+def cli(server: SimpleNamespace) -> Iterator[functools.partial[subprocess.CompletedProcess[str]]]:
+    env = {
+        **os.environ,
+        "MINIFAAS_APIHOST": server.handle.url,
+        "MINIFAAS_AUTH": server.handle.auth,
+        "COLUMNS": "200",
+        "NO_COLOR": "1",
+    }
+    yield functools.partial(run, env=env)
+
+
+def run(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args],
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_S,
+        check=False,
+        env=env if env is not None else {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"},
+        cwd=cwd,
+    )
+
+
+def ok(proc: subprocess.CompletedProcess[str]) -> str:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc.stdout
+
+
+def test_help_and_usage() -> None:
+    out = ok(run("--help"))
+    for verb in (
+        "serve",
+        "deploy",
+        "action",
+        "invoke",
+        "invoke-batch",
+        "activation",
+        "trigger",
+        "rule",
+        "session",
+        "demo",
+    ):
+        assert verb in out
+    assert "--apihost" in ok(run("activation", "list", "--help"))
+    bad = run("frobnicate")
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_parameter_values_parse_like_wsk(tmp_path: Path) -> None:
+    pfile = tmp_path / "p.json"
+    pfile.write_text('{"a": 1, "b": "file"}')
+    given = [["b", "cli"], ["n", "3"], ["list", "[1, 2]"], ["s", "plain text"], ["t", "true"]]
+    assert _pairs(given, [str(pfile)]) == {
+        "a": 1,
+        "b": "cli",
+        "n": 3,
+        "list": [1, 2],
+        "s": "plain text",
+        "t": True,
+    }
+    assert _brief({"crop": "x" * 100, "ok": True}) == '{"crop":"<100 chars>","ok":true}'
+    assert _brief({"error": "a long message " * 3}) == "error: " + "a long message " * 3
+
+
+def test_deploy_invoke_and_activations(
+    cli: functools.partial[subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
+    src = tmp_path / "hello.py"
+    src.write_text(HELLO)
+    assert "deployed action cli-hello" in ok(cli("deploy", "cli-hello", str(src), "-p", "name", "World", "-t", "5000"))
+    assert json.loads(ok(cli("invoke", "cli-hello", "-p", "name", "[1, 2]", "--result"))) == {"hi": [1, 2]}
+    record = json.loads(ok(cli("invoke", "cli-hello", "--blocking")))
+    assert record["response"]["result"] == {"hi": "World"}
+    act_id = record["activationId"]
+    out = ok(cli("invoke", "cli-hello", "-p", "name", "later"))
+    assert re.search(r"ok: invoked /_/cli-hello with id [0-9a-f]{32}", out)
+
+    listing = ok(cli("activation", "list", "cli-hello"))
+    assert act_id in listing and "cli-hello" in listing and "success" in listing
+    assert json.loads(ok(cli("activation", "get", act_id)))["response"]["result"] == {"hi": "World"}
+    assert ok(cli("activation", "logs", act_id, "--strip")).strip() == "hello World"
+
+    action = json.loads(ok(cli("action", "get", "cli-hello", "--code")))
+    assert action["exec"]["code"] == HELLO and action["limits"]["timeout"] == 5000
+    failed = cli("action", "create", "cli-hello", str(src))
+    assert failed.returncode == 1 and "409" in failed.stderr
+    assert "updated" in ok(cli("action", "update", "cli-hello", "-p", "name", "Upd"))
+    assert "deleted action cli-hello" in ok(cli("action", "delete", "cli-hello"))
+    missing = cli("invoke", "cli-hello", "-r")
+    assert missing.returncode == 1 and "404" in missing.stderr
+
+
+def test_failed_activation_exits_1(cli: functools.partial[subprocess.CompletedProcess[str]], tmp_path: Path) -> None:
+    src = tmp_path / "fail.py"
+    src.write_text("def main(args):\n    return {'error': 'no good'}\n")
+    ok(cli("deploy", "cli-fail", str(src)))
+    proc = cli("invoke", "cli-fail", "-r")
+    assert proc.returncode == 1 and json.loads(proc.stdout) == {"error": "no good"}
+    proc = cli("activation", "result", "--last")
+    assert proc.returncode == 1 and json.loads(proc.stdout) == {"error": "no good"}
+
+
+def test_pack_folder_and_deploy_it(cli: functools.partial[subprocess.CompletedProcess[str]], tmp_path: Path) -> None:
+    (tmp_path / "_lib").mkdir()
+    (tmp_path / "_lib" / "shared.py").write_text("GREETING = 'hi from a shared module'\n")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "weights.txt").write_text("42")
+    fn = tmp_path / "fn"
+    fn.mkdir()
+    (fn / "__main__.py").write_text(
+        "import shared\nfrom urllib.request import url2pathname\nfrom urllib.parse import urlparse\n"
+        "def main(args):\n"
+        "    weights = open(url2pathname(urlparse(args['weights_url']).path)).read()\n"
+        "    return {'greeting': shared.GREETING, 'weights': weights, 'k': args['k']}\n"
+    )
+    (fn / "__pycache__").mkdir()
+    (fn / "__pycache__" / "junk.pyc").write_bytes(b"x")
+    (fn / "minifaas.json").write_text(
+        json.dumps(
+            {
+                "include": ["../_lib/shared.py"],
+                "params": {"k": 7},
+                "models": {"weights_url": "../models/weights.txt"},
+            }
+        )
+    )
+    with zipfile.ZipFile(__import__("io").BytesIO(pack_folder(fn))) as zf:
+        names = set(zf.namelist())
+        manifest = json.loads(zf.read("minifaas.json"))
+    assert names == {"__main__.py", "shared.py", "_models/weights.txt", "minifaas.json"}
+    assert manifest == {"params": {"k": 7}, "models": {"weights_url": "_models/weights.txt"}}
+
+    ok(cli("deploy", "cli-folder", str(fn)))
+    assert json.loads(ok(cli("invoke", "cli-folder", "-r"))) == {
+        "greeting": "hi from a shared module",
+        "weights": "42",
+        "k": 7,
+    }
+    assert json.loads(ok(cli("action", "get", "cli-folder")))["exec"]["binary"] is True
+
+
+def test_invoke_batch_with_a_real_function(cli: functools.partial[subprocess.CompletedProcess[str]]) -> None:
+    ok(cli("deploy", "cli-quality", str(FUNCTIONS / "image_quality")))
+    images = sorted(p.name for p in IMAGES.iterdir() if p.suffix in (".jpg", ".png"))
+    out = ok(cli("invoke-batch", "cli-quality", str(IMAGES), "--pattern", "*.jpg", "--concurrency", "2"))
+    jpgs = [n for n in images if n.endswith(".jpg")]
+    assert f"{len(jpgs)}/{len(jpgs)} succeeded" in out
+    for name in jpgs:
+        assert name in out
+    # as paths (a server on this machine reads them itself), as JSON
+    rows = json.loads(
+        ok(cli("invoke-batch", "cli-quality", str(IMAGES), "--pattern", "*.png", "--send", "path", "--json"))
+    )
+    assert sorted(r["file"] for r in rows) == [n for n in images if n.endswith(".png")]
+    assert all(r["status"] == "success" and 0 <= r["result"]["score"] <= 100 for r in rows)
+    missing = cli("invoke-batch", "cli-quality", str(IMAGES / "nope"))
+    assert missing.returncode == 1 and "not a folder" in missing.stderr
+
+
+def test_triggers_and_rules(cli: functools.partial[subprocess.CompletedProcess[str]], tmp_path: Path) -> None:
+    src = tmp_path / "hello.py"
+    src.write_text(HELLO)
+    ok(cli("deploy", "cli-target", str(src)))
+    ok(cli("trigger", "create", "cli-t", "-p", "name", "trig"))
+    ok(cli("rule", "create", "cli-r", "cli-t", "cli-target"))
+    out = ok(cli("trigger", "fire", "cli-t"))
+    target = re.search(r"fired trigger cli-t with id \w+: ([0-9a-f]{32})", out)
+    assert target, out
+    deadline = time.monotonic() + 30
+    while (proc := cli("activation", "result", target.group(1))).returncode != 0:
+        assert time.monotonic() < deadline, proc.stderr
+        time.sleep(0.1)
+    assert json.loads(proc.stdout) == {"hi": "trig"}
+    ok(cli("rule", "disable", "cli-r"))
+    assert "no active rule" in ok(cli("trigger", "fire", "cli-t"))
+    assert "cli-r (inactive)" in ok(cli("trigger", "list"))
+    assert json.loads(ok(cli("rule", "get", "cli-r")))["status"] == "inactive"
+    ok(cli("trigger", "delete", "cli-t"))
+    gone = cli("rule", "get", "cli-r")  # deleting a trigger deletes its rules
+    assert gone.returncode == 1 and "404" in gone.stderr
+
+
+def test_sessions_and_demo(server: SimpleNamespace, cli: functools.partial[subprocess.CompletedProcess[str]]) -> None:
+    proc = cli("session", "list")
+    if getattr(server.engine, "sessions", None) is None:
+        assert proc.returncode == 1 and "501" in proc.stderr
+    else:
+        assert proc.returncode == 0, proc.stderr
+    try:
+        import minifaas._demo  # type: ignore[import-not-found,unused-ignore]  # noqa: F401
+    except ModuleNotFoundError:
+        demo = cli("demo")
+        assert demo.returncode == 1 and "not part of this build" in demo.stdout
+
+
+def test_unreachable_server_and_bad_auth(server: SimpleNamespace, tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "MINIFAAS_APIHOST": "http://127.0.0.1:9",
+        "MINIFAAS_AUTH": "a:b",
+        "HOME": str(tmp_path),
+    }
+    proc = run("action", "list", env=env)
+    assert proc.returncode == 1 and "cannot reach the server" in proc.stderr
+    proc = run("action", "list", "--apihost", server.handle.url, env=env)
+    assert proc.returncode == 1 and "401" in proc.stderr
+    # ~/.wskprops, as `wsk property set` writes it, is read when no option or variable is given
+    (tmp_path / ".wskprops").write_text(f"APIHOST={server.handle.url}\nAUTH={server.handle.auth}\n")
+    env = {k: v for k, v in env.items() if not k.startswith("MINIFAAS_")}
+    assert ok(run("action", "list", "--json", env=env)).startswith("[")
+
+
+def test_local_mode_keeps_actions_and_records(tmp_path: Path) -> None:
+    src = tmp_path / "hello.py"
+    src.write_text(HELLO)
+    state = ["--local", "--state-dir", str(tmp_path / "state")]
+    ok(run(*state, "deploy", "loc", str(src)))
+    # a second process: the action was saved in the state dir and is deployed again
+    assert json.loads(ok(run("invoke", "loc", "-p", "name", "local", "-r", *state))) == {"hi": "local"}
+    assert ok(run(*state, "activation", "logs", "--last", "--strip")).strip() == "hello local"
+
+
+def test_serve_command_prints_credentials_and_stops_on_sigint(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [*CLI, "serve", "--port", "0", "--state-dir", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    try:
+        assert proc.stdout is not None
+        lines = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            lines.append(line)
+            if line.startswith("export "):
+                break
+        m = re.match(r"export MINIFAAS_APIHOST=(\S+) MINIFAAS_AUTH=(\S+)$", lines[-1].strip())
+        assert m, "".join(lines)
+        url, auth = m.groups()
+        user, _, key = auth.partition(":")
+        assert re.fullmatch(r"[A-Za-z0-9]{64}", key)
+        with httpx.Client(base_url=url, auth=(user, key), timeout=10) as http:
+            assert http.get("/api/v1/namespaces").json() == ["guest"]
+            assert http.get("/api/v1/namespaces/_/actions", auth=("x", "y")).status_code == 401
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0, proc.stderr.read() if proc.stderr else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def test_serve_on_a_taken_port_fails_clearly() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        proc = run("serve", "--port", str(taken.getsockname()[1]))
+    assert proc.returncode == 1 and "Address already in use" in proc.stderr, proc.stderr

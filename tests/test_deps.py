@@ -1,0 +1,289 @@
+"""Per-function dependencies: requirements.txt -> a shared, reused venv. Real pip, sandboxes and files."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import subprocess
+import sys
+import textwrap
+import time
+import zipfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+import minifaas
+from minifaas import _deps
+from minifaas.testing import assert_success
+
+pytestmark = pytest.mark.anyio
+
+PKG_DIR = Path(__file__).parent / "data" / "pkgs" / "minifaas_demo_pkg"
+PKG_NAME = "minifaas-demo-pkg"
+PKG_MODULE = "minifaas_demo_pkg"
+PKG_VERSION = "1.2.0"
+#: a package not on the host, fetched from the package index (the one test that needs the network)
+INDEX_REQ = "tabulate==0.9.0"
+#: pure Python, small, a dependency of minifaas (so on every host): pinned to another version, it conflicts
+HOST_PKG = "cachetools"
+#: a reused env is a marker read and a few stats; a build is a venv plus a pip run (seconds)
+REUSE_MAX_S = 0.5
+#: a small sandbox preload keeps sandbox starts fast (zygote or spawn); the conflict test adds HOST_PKG to it
+PRELOAD = ("minifaas_sandbox.runtime",)
+
+USE_DEMO = textwrap.dedent(
+    """
+    import sys
+    import minifaas_demo_pkg
+
+    def main(args):
+        return {"shout": minifaas_demo_pkg.shout(args.get("text", "hi")),
+                "version": minifaas_demo_pkg.__version__,
+                "file": minifaas_demo_pkg.__file__,
+                "prefix": sys.prefix}
+    """
+)
+
+
+def build_wheel(src: Path, out_dir: Path) -> Path:
+    """Pack the demo package into a wheel (PEP 427 layout) without a build backend or the network."""
+    tag = "py3-none-any"
+    dist_info = f"{PKG_MODULE}-{PKG_VERSION}.dist-info"
+    files: dict[str, bytes] = {}
+    for f in sorted((src / PKG_MODULE).rglob("*.py")):
+        files[f.relative_to(src).as_posix()] = f.read_bytes()
+    files[f"{dist_info}/METADATA"] = (
+        f"Metadata-Version: 2.1\nName: {PKG_NAME}\nVersion: {PKG_VERSION}\nRequires-Python: >=3.11\n"
+    ).encode()
+    files[f"{dist_info}/WHEEL"] = (
+        f"Wheel-Version: 1.0\nGenerator: minifaas-tests\nRoot-Is-Purelib: true\nTag: {tag}\n"
+    ).encode()
+    record = []
+    for name, data in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record.append(f"{name},sha256={digest},{len(data)}")
+    record.append(f"{dist_info}/RECORD,,")
+    files[f"{dist_info}/RECORD"] = ("\n".join(record) + "\n").encode()
+    wheel = out_dir / f"{PKG_MODULE}-{PKG_VERSION}-{tag}.whl"
+    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return wheel
+
+
+def make_function(folder: Path, code: str, requirements: str) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "__main__.py").write_text(code)
+    (folder / "requirements.txt").write_text(requirements)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_wheel(PKG_DIR, tmp_path_factory.mktemp("wheels"))
+
+
+@pytest.fixture(scope="module")
+def demo_req(wheel: Path) -> str:
+    return f"# the demo package, from a local wheel: no index needed\n{PKG_NAME} @ {wheel.as_uri()}\n"
+
+
+@pytest.fixture(scope="module")
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("state")
+
+
+@pytest.fixture(scope="module")
+async def engine(state_dir: Path) -> AsyncIterator[minifaas.Engine]:
+    async with minifaas.Engine(state_dir, preload=PRELOAD) as eng:
+        yield eng
+
+
+def test_demo_package_is_not_on_the_host() -> None:
+    # the tests below prove the env works only if the host itself cannot import the package
+    assert importlib.util.find_spec(PKG_MODULE) is None
+    assert importlib.util.find_spec("tabulate") is None
+    with pytest.raises(importlib.metadata.PackageNotFoundError):
+        importlib.metadata.version(PKG_NAME)
+
+
+async def test_requirements_function_runs_in_its_env(
+    engine: minifaas.Engine, state_dir: Path, demo_req: str, tmp_path: Path
+) -> None:
+    builds = _deps.stats["builds"]
+    t0 = time.perf_counter()
+    info = await engine.deploy("demo", path=make_function(tmp_path / "demo", USE_DEMO, demo_req))
+    build_s = time.perf_counter() - t0
+    print(f"env build + deploy: {build_s:.2f} s")
+    assert _deps.stats["builds"] == builds + 1
+    [site_packages] = info["sys_path"]
+    assert Path(site_packages).is_relative_to(state_dir / "envs")
+    assert info["python"] is None  # nothing of the host is replaced: the preloaded interpreter is fine
+    act = await engine.call("demo", {"text": "hello"})
+    assert_success(act)
+    assert act.result["shout"] == "HELLO!" and act.result["version"] == PKG_VERSION
+    assert Path(act.result["file"]).is_relative_to(site_packages)
+    # the env is a finished, marked venv; nothing of the build is left beside it
+    env_dir = Path(site_packages).parents[2]
+    meta = json.loads((env_dir / _deps.MARKER_NAME).read_text())
+    assert meta["requirements"] == demo_req and meta["shadowed"] == {}
+    assert not list((state_dir / "envs").glob(".build-*"))
+
+
+async def test_same_requirements_reuse_the_env(engine: minifaas.Engine, demo_req: str, tmp_path: Path) -> None:
+    first = await engine.deploy("demo-a", path=make_function(tmp_path / "a", USE_DEMO, demo_req))
+    builds, reuses = _deps.stats["builds"], _deps.stats["reuses"]
+    # another function, other code, the same requirements (comments and blank lines do not count)
+    t0 = time.perf_counter()
+    second = await engine.deploy(
+        "demo-b", path=make_function(tmp_path / "b", USE_DEMO + "\n# v2\n", "\n" + demo_req + "\n# end\n")
+    )
+    reuse_s = time.perf_counter() - t0
+    print(f"deploy with a reused env: {reuse_s * 1000:.1f} ms")
+    assert _deps.stats["builds"] == builds and _deps.stats["reuses"] == reuses + 1
+    assert reuse_s < REUSE_MAX_S
+    assert second["sys_path"] == first["sys_path"]
+    assert (await engine.invoke("demo-b", {"text": "b"}))["shout"] == "B!"
+
+
+async def test_concurrent_builds_of_one_env_are_single_flight(tmp_path: Path, demo_req: str) -> None:
+    builds, waits = _deps.stats["builds"], _deps.stats["waits"]
+    envs: list[_deps.DepsEnv] = []
+
+    async def one() -> None:
+        envs.append(await _deps.ensure_env(demo_req, root=tmp_path))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(3):
+            tg.start_soon(one)
+    assert _deps.stats["builds"] == builds + 1 and _deps.stats["waits"] == waits + 2
+    assert len({e.path for e in envs}) == 1
+    assert sorted(e.build_s > 0 for e in envs) == [False, False, True]
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == [envs[0].key]
+
+
+async def test_concurrent_failing_builds_run_pip_once(tmp_path: Path) -> None:
+    failures = _deps.stats["failures"]
+    req = "--no-index\nminifaas-no-such-package==1.0\n"
+    errors: list[str] = []
+
+    async def one() -> None:
+        with pytest.raises(minifaas.DeployError) as info:
+            await _deps.ensure_env(req, root=tmp_path)
+        errors.append(str(info.value))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(2):
+            tg.start_soon(one)
+    # the waiter gets the builder's error (pip's output included) instead of running pip again
+    assert _deps.stats["failures"] == failures + 1
+    assert len(errors) == 2 and errors[0] == errors[1] and "minifaas-no-such-package" in errors[0]
+
+
+def test_env_root_without_a_state_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("MINIFAAS_ENV_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert _deps.default_env_root() == tmp_path / "xdg" / "minifaas" / "envs"
+    monkeypatch.setenv("MINIFAAS_ENV_CACHE", str(tmp_path / "envs"))
+    assert _deps.default_env_root() == tmp_path / "envs"
+
+
+def test_env_key_ignores_comments_but_not_pins() -> None:
+    assert _deps.env_key("a==1\n# note\n\nb\n") == _deps.env_key("  a==1\nb")
+    assert _deps.env_key("a==1\n") != _deps.env_key("a==2\n")
+
+
+async def test_failing_install_is_a_deploy_error_with_pip_output(
+    engine: minifaas.Engine, state_dir: Path, tmp_path: Path
+) -> None:
+    failures = _deps.stats["failures"]
+    req = "--no-index\nminifaas-no-such-package==9.9.9\n"
+    folder = make_function(tmp_path / "broken", "def main(args):\n    return {}\n", req)
+    with pytest.raises(minifaas.DeployError) as info:
+        await engine.deploy("broken", path=folder)
+    msg = str(info.value)
+    assert "pip could not install the requirements" in msg
+    # pip's own words, so the developer sees why
+    assert "No matching distribution found for minifaas-no-such-package==9.9.9" in msg
+    assert _deps.stats["failures"] == failures + 1
+    with pytest.raises(minifaas.FunctionNotFound):
+        await engine.get_function("broken")
+    assert not list((state_dir / "envs").glob(".build-*"))
+    assert not (state_dir / "envs" / _deps.env_key(req)).exists()
+
+
+async def test_requirements_from_the_package_index(engine: minifaas.Engine, tmp_path: Path) -> None:
+    code = textwrap.dedent(
+        """
+        import tabulate
+
+        def main(args):
+            return {"table": tabulate.tabulate(args["rows"], headers=["k", "v"], tablefmt="plain"),
+                    "version": tabulate.__version__}
+        """
+    )
+    await engine.deploy("table", path=make_function(tmp_path / "table", code, INDEX_REQ + "\n"))
+    out = await engine.invoke("table", {"rows": [["a", 1], ["b", 22]]})
+    assert out["version"] == "0.9.0"
+    assert out["table"].splitlines() == ["k      v", "a      1", "b     22"]
+
+
+async def test_env_replacing_a_preloaded_package_spawns_its_own_python(tmp_path: Path) -> None:
+    host_version = importlib.metadata.version(HOST_PKG)
+    pinned = "5.3.3" if host_version != "5.3.3" else "5.4.0"
+    code = textwrap.dedent(
+        """
+        import sys
+        import cachetools
+
+        def main(args):
+            return {"version": cachetools.__version__, "prefix": sys.prefix}
+        """
+    )
+    folder = make_function(tmp_path / "pinned", code, f"{HOST_PKG}=={pinned}\n")
+    # every sandbox imports the host's cachetools before it loads a function (preload: zygote or spawn), so
+    # the function gets the env's version only from a sandbox started with the env's own python
+    preload = (HOST_PKG, *PRELOAD)
+    async with minifaas.Engine(tmp_path / "state", preload=preload) as engine:
+        info = await engine.deploy("pinned", path=folder)
+        assert info["python"] is not None
+        env_dir = Path(info["python"]).parents[1]
+        assert json.loads((env_dir / _deps.MARKER_NAME).read_text())["shadowed"] == {HOST_PKG: pinned}
+        out = await engine.invoke("pinned")
+        assert out == {"version": pinned, "prefix": str(env_dir)}
+        # functions without requirements still run in the preloaded interpreter, with the host's version
+        plain = "import cachetools\ndef main(args):\n    return {'v': cachetools.__version__}\n"
+        await engine.deploy("plain", code=plain)
+        assert await engine.invoke("plain") == {"v": host_version}
+
+
+def test_host_in_a_venv_lends_its_packages(tmp_path: Path, wheel: Path, demo_req: str) -> None:
+    # minifaas itself often runs in a venv: --system-site-packages alone would reach the base interpreter's
+    # packages, not the host venv's. Here the host venv has the demo package; an env requiring it must see it
+    # there (pip installs nothing) and its python must import it.
+    host = tmp_path / "host-venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", host], check=True)
+    py = host / "bin" / "python"
+    pip = [py, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-index", wheel]
+    subprocess.run(pip, check=True, capture_output=True)
+    script = textwrap.dedent(
+        f"""
+        import anyio, json, sys
+        from pathlib import Path
+        from minifaas._deps import ensure_env
+        env = anyio.run(lambda: ensure_env({demo_req!r}, root=Path({str(tmp_path / "envs")!r})))
+        print(json.dumps({{"site": str(env.site_packages), "python": str(env.python)}}))
+        """
+    )
+    out = subprocess.run([py, "-c", script], check=True, capture_output=True, text=True, cwd=tmp_path)
+    env = json.loads(out.stdout.splitlines()[-1])
+    assert not list(Path(env["site"]).glob(f"{PKG_MODULE}*"))  # satisfied by the host venv: not reinstalled
+    probe = [env["python"], "-c", f"import {PKG_MODULE}, sys; print({PKG_MODULE}.__file__)"]
+    where = subprocess.run(probe, check=True, capture_output=True, text=True, cwd=tmp_path).stdout.strip()
+    assert Path(where).is_relative_to(host)

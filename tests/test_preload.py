@@ -1,0 +1,94 @@
+"""Deploy-time model preloading into the zygote, prewarmed stem cells and min_sandboxes (issue: cold starts)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import pytest
+
+import minifaas
+from minifaas.testing import assert_success
+
+pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).resolve().parent.parent
+MESSI = (ROOT / "tests" / "data" / "images" / "messi5.jpg").read_bytes()
+
+
+async def test_models_named_at_deploy_are_shared_from_the_zygote() -> None:
+    async with minifaas.Engine() as engine:
+        await engine.deploy(
+            "crop", path=ROOT / "functions" / "smart_body_crop", models=["detector_url", "landmark_url"]
+        )
+        stats = engine.stats()
+        assert stats["launcher"] == "zygote"
+        # both pose models (2,959,046 + 6,440,512 bytes) now live in the zygote's memory
+        assert stats["launcher_stats"]["model_bytes"] >= 2_959_046 + 6_440_512
+        act = await engine.call("crop", {"image": MESSI})
+        assert_success(act)
+        assert act.result["person"] is True
+        assert act.annotations["launch"] == "fork"
+
+
+async def test_prewarmed_stem_cell_is_specialized() -> None:
+    async with minifaas.Engine(prewarm=2) as engine:
+        with anyio.fail_after(30):
+            while len(engine._pool.stem) < 2:  # type: ignore[union-attr]
+                await anyio.sleep(0.02)
+        await engine.deploy("hello", code="def main(a):\n    return {'ok': True}\n")
+        act = await engine.call("hello")
+        assert_success(act)
+        stats = engine.stats()
+        assert stats["prewarmed_specializations"] == 1
+        # the pool refills the stem cell it used
+        with anyio.fail_after(30):
+            while len(engine._pool.stem) < 2:  # type: ignore[union-attr]
+                await anyio.sleep(0.02)
+
+
+async def test_min_sandboxes_kept_warm(fake_clock: minifaas.testing.FakeClock) -> None:
+    async with minifaas.Engine(clock=fake_clock) as engine:
+        await engine.deploy("warm", code="def main(a):\n    return {}\n", min_sandboxes=2, idle_timeout_s=1)
+        await engine.invoke("warm")  # creates the pool entry; the reaper then tops it up to 2
+        engine._pool.wake_reaper()  # type: ignore[union-attr]
+        with anyio.fail_after(30):
+            while engine.stats()["functions"]["guest/warm@1"]["idle"] < 2:
+                await anyio.sleep(0.02)
+        fake_clock.advance(3600)
+        await anyio.sleep(0.3)
+        assert engine.stats()["functions"]["guest/warm@1"]["sandboxes"] == 2
+        act = await engine.call("warm")
+        assert act.annotations["cold"] is False
+
+
+async def test_min_sandboxes_warm_before_the_first_request() -> None:
+    async with minifaas.Engine() as engine:
+        await engine.deploy("provisioned", code="def main(a):\n    return {}\n", min_sandboxes=1)
+        with anyio.fail_after(30):
+            while engine.stats()["functions"].get("guest/provisioned@1", {}).get("idle", 0) < 1:
+                await anyio.sleep(0.02)
+        act = await engine.call("provisioned")
+        assert act.annotations["cold"] is False and act.init_time is None
+
+
+async def test_histogram_policy_unloads_and_prewarms(fake_clock: minifaas.testing.FakeClock) -> None:
+    async with minifaas.Engine(clock=fake_clock, keepalive="histogram") as engine:
+        await engine.deploy("periodic", code="def main(a):\n    return {}\n")
+        key = "guest/periodic@1"
+        for _ in range(12):  # a timer-like function: one call every 5 minutes
+            await engine.invoke("periodic")
+            fake_clock.advance(300)
+            await anyio.sleep(0.05)
+        await engine.invoke("periodic")
+        # representative histogram: unload right after use, pre-warm at p5 - 10% (about 4.5 minutes later)
+        with anyio.fail_after(10):
+            while engine.stats()["functions"][key]["sandboxes"]:
+                await anyio.sleep(0.02)
+        fake_clock.advance(290)
+        with anyio.fail_after(30):
+            while engine.stats()["functions"][key]["idle"] < 1:
+                await anyio.sleep(0.02)
+        assert engine.stats()["policy_prewarms"] >= 1
+        act = await engine.call("periodic")
+        assert act.annotations["cold"] is False
