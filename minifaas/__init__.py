@@ -31,7 +31,9 @@ from ._errors import (
     RateLimited,
     TriggerError,
 )
+from ._feeds import CronSchedule, FeedInfo
 from ._sync import SyncEngine
+from ._triggers import Rule, RuleOutcome, Trigger, TriggerActivation, TriggerManager
 from ._versions import VersionInUse
 
 __version__ = "0.1.0"
@@ -44,9 +46,11 @@ __all__ = (
     "Activations",
     "BackendUnavailable",
     "CompositionError",
+    "CronSchedule",
     "DeployError",
     "Engine",
     "EngineClosed",
+    "FeedInfo",
     "FunctionNotFound",
     "InvalidPayload",
     "MinifaasError",
@@ -54,8 +58,13 @@ __all__ = (
     "Overloaded",
     "PayloadTooLarge",
     "RateLimited",
+    "Rule",
+    "RuleOutcome",
     "SyncEngine",
+    "Trigger",
+    "TriggerActivation",
     "TriggerError",
+    "TriggerManager",
     "VersionInUse",
     "__version__",
     "composer",

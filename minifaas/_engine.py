@@ -20,10 +20,10 @@ import anyio.abc
 
 from ._activation import Activation, new_activation_id
 from ._bundle import load_bundle
-from ._deps import default_env_root, ensure_env
 from ._composer import Composition
 from ._composer import task as _as_composition
 from ._conductor import DEFAULT_MAX_STEPS, call_composition
+from ._deps import default_env_root, ensure_env
 from ._errors import (
     ActivationError,
     ActivationNotFound,
@@ -36,10 +36,11 @@ from ._errors import (
 from ._function import DEFAULTS, FunctionSpec
 from ._launch import Launcher, SpawnLauncher
 from ._pool import KEEPALIVE_POLICIES, MAX_SANDBOXES_TOTAL, Pool
-from ._scheduler import ENGINE_MAX_QUEUED, Scheduler
 from ._sandbox import HostService
+from ._scheduler import ENGINE_MAX_QUEUED, Scheduler
 from ._sessions import SessionStore
 from ._store import ActivationStore, open_store
+from ._triggers import TriggerManager
 from ._versions import ALIASES_FILE_NAME, AliasTable, Routing, split_ref
 
 __all__ = ("Activations", "Engine")
@@ -167,6 +168,8 @@ class Engine:
         self._session_done: dict[str, anyio.Event] = {}
         #: composition sessions (traces of the path taken), by session id = primary activation id
         self.sessions = SessionStore()
+        #: triggers, rules and feeds (event-driven invocation); created when the engine starts
+        self.triggers: TriggerManager | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._store: ActivationStore | None = None
         self._sched: Scheduler | None = None
@@ -230,6 +233,7 @@ class Engine:
             self.clock.on_advance(self._pool.wake_reaper)
         self._sched = Scheduler(tg, self._pool, self._store, max_queued=self.max_queued, on_end=self._on_end)
         tg.start_soon(self._pool.reaper, name="minifaas-reaper")
+        self.triggers = TriggerManager(self.submit, state_dir=self.state_dir, task_group=tg, clock=self.clock)
         self.started_at = time.time()
         return self
 
@@ -260,7 +264,11 @@ class Engine:
         tg, sched, pool = self._tg, self._sched, self._pool
         if tg is None or sched is None or pool is None or self._closing:
             return
-        self._closing = True
+        try:
+            if self.triggers is not None:
+                await self.triggers.aclose()  # feeds stop before submit closes
+        finally:
+            self._closing = True
         try:
             with anyio.move_on_after(self.close_timeout_s):
                 for job in list(sched.jobs.values()):

@@ -277,6 +277,8 @@ class Sandbox:
                 self.kill(f"protocol error: {exc}")
                 self._close_reader()
                 return
+            if len(data) < READ_CHUNK_BYTES:
+                return  # drained: the loop calls back when more arrives (saves an EAGAIN recv per frame)
 
     def _close_reader(self) -> None:
         if self._loop is not None and self.proc is not None and not self._eof.is_set():
@@ -360,17 +362,20 @@ class Sandbox:
                 self._pipes_drained.set()
 
     def _stray_line(self, stream: str, raw: bytes) -> None:
+        buckets: list[_Stray] = []
+        for key in list(self.inflight) or ["-"]:
+            bucket = self.stray.get(key)
+            if bucket is None:
+                bucket = self.stray[key] = _Stray()
+            if isinstance(bucket, _Stray) and bucket.size < MAX_STRAY_BYTES:
+                buckets.append(bucket)
+        if not buckets:
+            return  # a flood past the caps costs no formatting
         text = raw[:MAX_STRAY_LINE_BYTES].decode("utf-8", "replace")
         if len(raw) > MAX_STRAY_LINE_BYTES:
             text += f" [line cut at {MAX_STRAY_LINE_BYTES} bytes]"
         line = log_line(stream, text)
-        keys = list(self.inflight) or ["-"]
-        for key in keys:
-            bucket = self.stray.get(key)
-            if bucket is None:
-                bucket = self.stray[key] = _Stray()
-            if not isinstance(bucket, _Stray) or bucket.size >= MAX_STRAY_BYTES:
-                continue
+        for bucket in buckets:
             bucket.size += len(line)
             if bucket.size >= MAX_STRAY_BYTES or len(bucket) >= MAX_STRAY_LINES - 1:
                 bucket.size = MAX_STRAY_BYTES
