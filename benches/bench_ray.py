@@ -1,0 +1,126 @@
+"""Ray backend vs local backend: warm latency (p50/p99) and throughput of a no-op and of a pose crop, in one run.
+
+Run: ``python benches/bench_ray.py [--n 2000] [--total 5000] [--crop-n 100] [--crop-total 300]``
+(needs ``pip install 'minifaas[ray]'``). The Ray engine starts its own local Ray instance (one node, every core);
+each function gets ``max_sandboxes=2`` on both backends. Prints a table with the ratio Ray / local per figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+import minifaas
+
+ROOT = Path(__file__).resolve().parent.parent
+NOOP = "def main(args):\n    return {}\n"
+CROP_PATH = ROOT / "functions" / "smart_body_crop"
+IMAGE_PATH = ROOT / "tests" / "data" / "images" / "messi5.jpg"
+SANDBOXES = 2
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * q))]
+
+
+async def _latency(engine: minifaas.Engine, name: str, args: dict[str, Any], n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        act = await engine.call(name, args)
+        times.append(time.perf_counter() - t)
+        assert act.status == "success", act
+    return times
+
+
+async def _throughput(engine: minifaas.Engine, name: str, args: dict[str, Any], total: int, inflight: int) -> float:
+    remaining = total
+
+    async def client() -> None:
+        # one of `inflight` clients, each with one invocation outstanding at a time
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            act = await engine.call(name, args)
+            assert act.status == "success", act
+
+    t = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for _ in range(inflight):
+            tg.start_soon(client)
+    return total / (time.perf_counter() - t)
+
+
+async def _warm(engine: minifaas.Engine, name: str, args: dict[str, Any], rounds: int) -> None:
+    """Start both sandboxes and run each a few times (model loads, first-call costs) before measuring."""
+    for _ in range(rounds):
+        async with anyio.create_task_group() as tg:
+            for _ in range(SANDBOXES):
+                tg.start_soon(engine.call, name, args)
+
+
+async def bench(backend: str, ns: argparse.Namespace) -> dict[str, Any]:
+    image = IMAGE_PATH.read_bytes()
+    out: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    async with minifaas.Engine(backend=backend, max_queued=1_000_000) as engine:  # type: ignore[arg-type]
+        out["start_s"] = time.perf_counter() - t0
+        cases: list[tuple[str, dict[str, Any], dict[str, Any], int, int, int]] = [
+            ("noop", {"code": NOOP}, {}, ns.n, ns.total, 50),
+            ("crop", {"path": CROP_PATH}, {"image": image}, ns.crop_n, ns.crop_total, 5),
+        ]
+        for name, source, args, n, total, rounds in cases:
+            await engine.deploy(name, max_sandboxes=SANDBOXES, max_queue=1_000_000, **source)
+            t = time.perf_counter()
+            act = await engine.call(name, args)
+            assert act.status == "success", act
+            out[f"{name}_cold_ms"] = (time.perf_counter() - t) * 1000
+            await _warm(engine, name, args, rounds)
+            out[f"{name}_lat"] = await _latency(engine, name, args, n)
+            out[f"{name}_rate"] = await _throughput(engine, name, args, total, ns.inflight)
+            # the next function gets the CPUs (on Ray, actors reserve them)
+            await engine.delete(name)
+        out["stats"] = engine.stats()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=2000, help="no-op latency samples")
+    ap.add_argument("--total", type=int, default=5000, help="no-op throughput invocations")
+    ap.add_argument("--crop-n", type=int, default=100, help="pose-crop latency samples")
+    ap.add_argument("--crop-total", type=int, default=300, help="pose-crop throughput invocations")
+    ap.add_argument("--inflight", type=int, default=32, help="clients with one invocation outstanding each")
+    ns = ap.parse_args()
+    local = anyio.run(bench, "local", ns)
+    ray_ = anyio.run(bench, "ray", ns)
+    import ray
+
+    print(
+        f"python {sys.version.split()[0]}, {os.cpu_count()} cores, ray {ray.__version__}, "
+        f"{SANDBOXES} sandboxes per function, {ns.inflight} clients in flight for throughput"
+    )
+    print(f"engine start: local {local['start_s']:.2f} s, ray {ray_['start_s']:.2f} s (starts a local Ray instance)")
+    print(f"{'figure':38s} {'local':>11s} {'ray':>11s} {'ray/local':>10s}")
+    ms = 1000.0
+
+    def row(label: str, a: float, b: float, unit: str) -> None:
+        print(f"{label:38s} {a:9.2f}{unit:>2s} {b:9.2f}{unit:>2s} {b / a:9.2f}x")
+
+    for name, label in (("noop", "no-op"), ("crop", "pose crop (messi5.jpg)")):
+        row(f"{label} cold call", local[f"{name}_cold_ms"], ray_[f"{name}_cold_ms"], "ms")
+        row(f"{label} warm p50", pct(local[f"{name}_lat"], 0.5) * ms, pct(ray_[f"{name}_lat"], 0.5) * ms, "ms")
+        row(f"{label} warm p99", pct(local[f"{name}_lat"], 0.99) * ms, pct(ray_[f"{name}_lat"], 0.99) * ms, "ms")
+        row(f"{label} throughput", local[f"{name}_rate"], ray_[f"{name}_rate"], "/s")
+    print(f"ray launcher stats: {ray_['stats'].get('launcher_stats')}")
+
+
+if __name__ == "__main__":
+    main()
