@@ -57,6 +57,10 @@ SANDBOX_ENV_DEFAULTS: Final[dict[str, str]] = {
     "MKL_NUM_THREADS": "1",
     "PYTHONUNBUFFERED": "1",
     "PYTHONDONTWRITEBYTECODE": "1",
+    # keep freed image-sized buffers in the heap: otherwise glibc returns them and every activation re-faults
+    # ~390 pages of a vision function (measured: 1-3 ms per call, 0 faults with these)
+    "MALLOC_MMAP_THRESHOLD_": str(4 << 20),
+    "MALLOC_TRIM_THRESHOLD_": str(32 << 20),
 }
 
 
@@ -175,6 +179,11 @@ def _remove_cgroup_tree(parent: Path) -> None:
         parent.rmdir()
 
 
+def _remove_own_cgroup_tree(parent: Path, owner: int) -> None:
+    if os.getpid() == owner:  # not in a forked child that inherited the registration
+        _remove_cgroup_tree(parent)
+
+
 class PidsCgroups:
     """One pids cgroup per sandbox: ``<this process's cgroup>/minifaas-<host pid>/sb-<sandbox pid>``.
 
@@ -214,7 +223,7 @@ class PidsCgroups:
         except OSError as exc:
             self.error = f"no pids cgroup for sandboxes: {exc}"
             return None
-        atexit.register(_remove_cgroup_tree, parent)
+        atexit.register(_remove_own_cgroup_tree, parent, os.getpid())
         return parent
 
     def attach(self, pid: int) -> str | None:

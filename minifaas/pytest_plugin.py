@@ -26,6 +26,7 @@ from typing import Any, Literal
 import pytest
 
 from ._engine import Engine
+from ._errors import FunctionNotFound
 from .testing import FakeClock, assert_status, assert_success
 
 SCOPES = ("function", "module", "session")
@@ -93,22 +94,37 @@ async def engine(request: pytest.FixtureRequest) -> AsyncIterator[Engine]:
         yield eng
 
 
-@pytest.fixture
-async def deploy(engine: Engine) -> AsyncIterator[Callable[..., Awaitable[dict[str, Any]]]]:
-    deployed: list[str] = []
+@pytest.fixture(scope=_engine_scope)
+async def minifaas_deployments(engine: Engine) -> AsyncIterator[dict[str, tuple[Any, dict[str, Any]]]]:
+    """What ``deploy`` put on ``engine``: name -> (its arguments, description); deleted when the engine's scope ends."""
+    deployed: dict[str, tuple[Any, dict[str, Any]]] = {}
+    yield deployed
+    for name in reversed(list(deployed)):
+        with contextlib.suppress(Exception):  # a test may have deleted it already
+            await engine.delete(name)
 
+
+@pytest.fixture
+async def deploy(
+    engine: Engine, minifaas_deployments: dict[str, tuple[Any, dict[str, Any]]]
+) -> Callable[..., Awaitable[dict[str, Any]]]:
     async def _deploy(name: str, *, composition: Any = None, **kwargs: Any) -> dict[str, Any]:
+        asked = (composition, kwargs)
+        known = minifaas_deployments.get(name)
+        if known is not None and known[0] == asked:
+            # the same deployment again on a shared engine: keep it, and its warm sandboxes, unless it is gone
+            with contextlib.suppress(FunctionNotFound):
+                current = await engine.get_function(name)
+                if current.get("version") == known[1].get("version"):
+                    return known[1]
         if composition is not None:
             info: dict[str, Any] = await engine.deploy_composition(name, composition)
         else:
             info = await engine.deploy(name, **kwargs)
-        deployed.append(name)
+        minifaas_deployments[name] = (asked, info)
         return info
 
-    yield _deploy
-    for name in reversed(deployed):
-        with contextlib.suppress(Exception):  # a test may have deleted it already
-            await engine.delete(name)
+    return _deploy
 
 
 @pytest.fixture
