@@ -44,7 +44,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "minifaas(**engine_options): options for the function-scoped engine fixture")
     if not config.pluginmanager.has_plugin("minifaas-backend"):
-        config.pluginmanager.register(_Backend(), "minifaas-backend")
+        from . import _pytest_backend
+
+        config.pluginmanager.register(_pytest_backend, "minifaas-backend")
     scope = config.getini("minifaas_engine_scope")
     if scope not in SCOPES:
         raise pytest.UsageError(f"minifaas_engine_scope must be one of {', '.join(SCOPES)}, not {scope!r}")
@@ -60,14 +62,6 @@ def _options(config: pytest.Config, marker: pytest.Mark | None = None) -> dict[s
     if marker is not None:
         opts.update(marker.kwargs)
     return opts
-
-
-class _Backend:
-    """Registered in pytest_configure, after anyio's own plugin, so this definition of the backend wins."""
-
-    @pytest.fixture(scope="session")
-    def anyio_backend(self) -> str:
-        return "asyncio"
 
 
 @pytest.fixture
