@@ -51,6 +51,9 @@ def _check_source(code: str, filename: str, main: str, *, need_main: bool) -> No
         raise DeployError(f"syntax error: {exc.msg}", file=filename, line=exc.lineno) from None
     except ValueError as exc:  # null bytes
         raise DeployError(f"cannot parse source: {exc}", file=filename) from None
+    except (RecursionError, MemoryError):
+        # the parser gives up on very deep nesting (e.g. 100,000 unary minus signs) with these, not a SyntaxError
+        raise DeployError("cannot parse source: it is nested too deeply", file=filename) from None
     if need_main and not _defines(tree, main):
         raise DeployError(f"no top-level function {main!r} defined", file=filename)
 
@@ -126,13 +129,16 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
         return {}
     try:
         data = json.loads(mpath.read_text("utf-8"))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise DeployError(f"invalid manifest: {exc}", file=str(mpath)) from None
     if not isinstance(data, dict):
         raise DeployError("manifest must be a JSON object", file=str(mpath))
     for key, typ in (("include", list), ("params", dict), ("models", dict)):
         if key in data and not isinstance(data[key], typ):
             raise DeployError(f"manifest key {key!r} must be a {typ.__name__}", file=str(mpath))
+    for key, value in data.get("models", {}).items():
+        if not isinstance(value, str) or not value or "\0" in value:
+            raise DeployError(f"model path for {key!r} must be a non-empty file path", file=str(mpath))
     return data
 
 
@@ -175,8 +181,9 @@ def _load_zip(zpath: Path, main: str, work_dir: Path) -> Bundle:
     try:
         try:
             zf = zipfile.ZipFile(zpath)
-        except (zipfile.BadZipFile, OSError) as exc:
-            raise DeployError(f"not a readable zip: {exc}", file=str(zpath)) from None
+        except Exception as exc:
+            # besides BadZipFile: e.g. UnicodeDecodeError for a name flagged UTF-8 that is not, struct.error
+            raise DeployError(f"not a readable zip: {type(exc).__name__}: {exc}", file=str(zpath)) from None
         with zf:
             infos = zf.infolist()
             if len(infos) > MAX_ZIP_ENTRIES:
@@ -195,8 +202,10 @@ def _load_zip(zpath: Path, main: str, work_dir: Path) -> Bundle:
                     raise DeployError(f"zip unpacks to over {MAX_CODE_BYTES} bytes", file=str(zpath))
             try:
                 zf.extractall(staging)
-            except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
-                raise DeployError(f"cannot unpack zip: {exc}", file=str(zpath)) from None
+            except Exception as exc:
+                # besides BadZipFile: encrypted entries (RuntimeError), unknown compression (NotImplementedError),
+                # corrupt data (zlib.error, lzma.LZMAError, EOFError), bad names (ValueError), disk errors (OSError)
+                raise DeployError(f"cannot unpack zip: {type(exc).__name__}: {exc}", file=str(zpath)) from None
         manifest = _read_manifest(staging)
         # model files inside a zip live where the bundle ends up (resolved in _finish_staged)
         return _finish_staged(staging, main, work_dir, origin=str(zpath), manifest=manifest, models=None)
@@ -237,7 +246,13 @@ def _finish_staged(
     if final.exists():
         shutil.rmtree(staging, ignore_errors=True)
     else:
-        os.replace(staging, final)
+        try:
+            os.replace(staging, final)
+        except OSError:
+            if not final.is_dir():
+                raise
+            # a concurrent deploy of the same bundle got there first: its copy is identical
+            shutil.rmtree(staging, ignore_errors=True)
     if models is None:
         models = {}
         for k, v in manifest.get("models", {}).items():
@@ -248,6 +263,10 @@ def _finish_staged(
     params = dict(manifest.get("params", {}))
     params.update(models)
     req = final / "requirements.txt"
+    try:
+        requirements = req.read_text("utf-8") if req.is_file() else None
+    except UnicodeDecodeError as exc:
+        raise DeployError(f"requirements.txt is not UTF-8 text: {exc.reason}", file=origin) from None
     return Bundle(
         {"kind": "dir", "path": str(final / ENTRY_NAME)},
         digest,
@@ -255,5 +274,5 @@ def _finish_staged(
         models,
         origin,
         final,
-        req.read_text() if req.is_file() else None,
+        requirements,
     )

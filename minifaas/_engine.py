@@ -57,11 +57,13 @@ class Activations:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
 
-    async def get(self, activation_id: str) -> Activation:
+    async def get(self, activation_id: str, *, namespace: str | None = None) -> Activation:
+        """The record; with ``namespace``, one of another namespace is not found (ActivationNotFound), like a
+        missing one, so a caller cannot learn that it exists. ``namespace=None`` reads every namespace."""
         job = self._engine._sched.jobs.get(activation_id) if self._engine._sched else None
-        if job is not None:
+        if job is not None and (namespace is None or job.act.namespace == namespace):
             return job.act
-        act = self._engine._store_or_raise().get(activation_id)
+        act = self._engine._store_or_raise().get(activation_id, namespace=namespace)
         if act is None:
             raise ActivationNotFound(f"no activation with id {activation_id!r}")
         return act
@@ -327,6 +329,7 @@ class Engine:
         model_param: str | None = None,
         models: tuple[str, ...] | list[str] = (),
         preload: tuple[str, ...] | None = None,
+        network: bool = True,
     ) -> dict[str, Any]:
         """Validate and register a new version of ``name``; returns its description (with ``version``)."""
         self._require()
@@ -338,6 +341,8 @@ class Engine:
             raise DeployError(f"invalid style {style!r}: use 'openwhisk' or 'lambda'")
         if keepalive is not None and keepalive not in KEEPALIVE_POLICIES:
             raise DeployError(f"invalid keepalive {keepalive!r}: use {' or '.join(KEEPALIVE_POLICIES)}")
+        if not isinstance(network, bool):
+            raise DeployError(f"network must be True or False, not {network!r}")
         if params is not None and not isinstance(params, dict):
             raise DeployError(f"params must be a dict, not {type(params).__name__}")
         limits = _limits(
@@ -383,6 +388,7 @@ class Engine:
             sys_path=sys_path,
             python=python,
             created=int(time.time() * 1000),
+            network=network,
             **limits,
         )
         await self._preload_models(spec)

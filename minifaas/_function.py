@@ -68,6 +68,8 @@ class FunctionSpec:
     #: interpreter to spawn sandboxes with instead of forking the zygote (an env that shadows a host package)
     python: str | None = None
     created: int = 0
+    #: False: the sandbox runs in a network namespace of its own, with no interface but its loopback
+    network: bool = True
 
     @property
     def key(self) -> str:
@@ -87,6 +89,7 @@ class FunctionSpec:
             "max_log_bytes": self.max_log_bytes,
             "style": self.style,
             "sys_path": list(self.sys_path),
+            "network": self.network,
         }
 
     def describe(self) -> dict[str, Any]:
@@ -113,5 +116,6 @@ class FunctionSpec:
             "style": self.style,
             "sys_path": list(self.sys_path),
             "python": self.python,
+            "network": self.network,
             "created": self.created,
         }

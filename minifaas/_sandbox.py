@@ -32,6 +32,8 @@ START_TIMEOUT_S: Final = 60.0
 #: after the channel closes, how long to wait for the pipes to drain (a crash's last words on stderr)
 DRAIN_TIMEOUT_S: Final = 0.5
 SHUTDOWN_GRACE_S: Final = 2.0
+#: how long a failed write may wait for the watcher to report the sandbox's exit status
+DEATH_REPORT_TIMEOUT_S: Final = 5.0
 READ_CHUNK_BYTES: Final = 1 << 18
 MAX_STRAY_LINES: Final = 1000
 #: output that bypasses the runtime's capture (os.write to fd 1/2, C code) is kept per activation up to these caps,
@@ -41,7 +43,6 @@ MAX_STRAY_BYTES: Final = 1 << 20
 STRAY_TRUNCATED_MESSAGE: Final = "minifaas: output written outside the log capture was truncated"
 #: host service calls one sandbox may have outstanding; a legitimate runtime has at most its concurrency
 MAX_CALLS_IN_FLIGHT: Final = 64
-FINAL_RESULT_STATUSES: Final = frozenset({"success", "application_error", "developer_error"})
 
 HostService = Callable[[dict[str, Any]], Awaitable[Any]]
 _ids = itertools.count(1)
@@ -182,7 +183,17 @@ class Sandbox:
         return (time.perf_counter() - t0) * 1000
 
     async def init(self, fields: dict[str, Any]) -> dict[str, Any]:
-        self.send(p.INIT, fields)
+        try:
+            self.send(p.INIT, fields)
+        except SandboxDied:
+            # died before its INIT (e.g. killed from outside): its exit status says more than a broken pipe, and the
+            # watcher fails the INIT with it once the process is reaped
+            if self.proc is None:
+                raise
+            with anyio.move_on_after(DEATH_REPORT_TIMEOUT_S):
+                await self.died.wait()
+            if not self.died.is_set():
+                raise
         reply: dict[str, Any] = await self._init.get()
         if reply.get("ok"):
             self.state = "ready"

@@ -300,7 +300,7 @@ class Scheduler:
         if stray:
             logs = [*logs, *stray]
         status = fields.get("status")
-        if status not in _RESULT_STATUSES:
+        if not isinstance(status, str) or status not in _RESULT_STATUSES:
             status = "developer_error"
         annotations = fields.get("annotations")
         run_ms = fields.get("run_ms")
@@ -318,6 +318,11 @@ class Scheduler:
             logs,
             annotations if isinstance(annotations, dict) else {},
         )
+        if fields.get("retire") is True and sb.state == "ready":
+            # the runtime says its interpreter is not to be trusted (memory exhausted): later activations get a
+            # fresh sandbox (retire() pumps the queues); one already sent ahead to it (pipelined) still runs there
+            self.pool.retire(fp, sb)
+            return
         self._release(fp, sb)
 
     def _release(self, fp: FunctionPool, sb: Sandbox) -> None:

@@ -25,7 +25,9 @@ HOST_DIED_MESSAGE: Final = "the host process ended while this activation was in 
 class ActivationStore(Protocol):
     def put(self, act: Activation) -> None: ...
 
-    def get(self, activation_id: str) -> Activation | None: ...
+    def get(self, activation_id: str, *, namespace: str | None = None) -> Activation | None:
+        """The record, or None; with ``namespace``, None too for a record of another namespace (not revealed)."""
+        ...
 
     def list(
         self,
@@ -72,8 +74,11 @@ class MemoryStore:
         else:
             records[act.activation_id] = act
 
-    def get(self, activation_id: str) -> Activation | None:
-        return self._records.get(activation_id)
+    def get(self, activation_id: str, *, namespace: str | None = None) -> Activation | None:
+        act = self._records.get(activation_id)
+        if act is None or (namespace is not None and act.namespace != namespace):
+            return None
+        return act
 
     def list(
         self,
@@ -131,8 +136,13 @@ class SQLiteStore:
             (act.activation_id, act.name, act.namespace, act.start or act.accepted, act.status, blob),
         )
 
-    def get(self, activation_id: str) -> Activation | None:
-        row = self._db.execute("SELECT record FROM activations WHERE activation_id = ?", (activation_id,)).fetchone()
+    def get(self, activation_id: str, *, namespace: str | None = None) -> Activation | None:
+        sql = "SELECT record FROM activations WHERE activation_id = ?"
+        args: tuple[str, ...] = (activation_id,)
+        if namespace is not None:
+            sql += " AND namespace = ?"
+            args += (namespace,)
+        row = self._db.execute(sql, args).fetchone()
         return _load(row[0]) if row else None
 
     def list(

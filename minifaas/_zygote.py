@@ -36,7 +36,7 @@ from minifaas_sandbox import protocol as p
 from minifaas_sandbox import zygote as z
 
 from ._errors import MinifaasError
-from ._launch import Launched, SpawnLauncher, make_pipes, scrubbed_env
+from ._launch import PIDS, Launched, SpawnLauncher, kill_cgroup, make_pipes, scrubbed_env
 
 __all__ = ("DEFAULT_PRELOAD", "ZygoteError", "ZygoteLauncher", "ZygotePool")
 
@@ -95,6 +95,8 @@ class _ForkedProcess:
         except OSError:
             # already reaped by the zygote: its EXITED report is on the way
             self._pidfd = -1
+        #: the sandbox's pids cgroup (None where unavailable), joined before the host sends it any function code
+        self.cgroup = PIDS.attach(pid) if self._pidfd >= 0 else None
 
     def _exited(self, status: int) -> None:
         if self._status is None:
@@ -118,6 +120,9 @@ class _ForkedProcess:
         return self._status
 
     def kill(self) -> None:
+        if self.cgroup is not None:
+            # also after the sandbox itself ended: what it started may live on, in or out of its process group
+            kill_cgroup(self.cgroup)
         if self._status is not None:
             return
         self._killed = True
@@ -135,6 +140,9 @@ class _ForkedProcess:
                     os.close(fd)
         self._pidfd = self.stdout_fd = self.stderr_fd = -1
         self.channel.close()
+        if self.cgroup is not None:
+            kill_cgroup(self.cgroup)
+            PIDS.remove(self.cgroup)
         self._zygote.children.pop(self.pid, None)
         if self._status is None:
             # its EXITED report may still come: drop it then instead of keeping it for an unknown pid

@@ -9,6 +9,8 @@ but the protocol ever goes over the channel.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import importlib.util
 import os
 import resource
@@ -32,10 +34,15 @@ DEFAULT_MAX_RESULT_BYTES: Final = 1 << 20
 MAX_OPEN_FILES: Final = 1024
 MODULE_NAME: Final = "__minifaas_function__"
 PR_SET_PDEATHSIG: Final = 1
+#: a loaded TFLite model takes about this many times its file size in memory (measured on the pose models)
+MODEL_MEMORY_FACTOR: Final = 10
+MIN_MODEL_CACHE_BYTES: Final = 16 << 20
 CLONE_NEWNET: Final = 0x40000000
 SIOCGIFFLAGS: Final = 0x8913
 SIOCSIFFLAGS: Final = 0x8914
 IFF_UP: Final = 0x1
+#: innermost frames of a traceback put in the logs: formatting all of a 500,000-frame one takes longer than a timeout
+MAX_TRACEBACK_FRAMES: Final = 100
 TRUNCATED_MESSAGE: Final = "Logs were truncated because the total bytes size exceeds the limit of {} bytes."
 
 
@@ -261,7 +268,9 @@ class Runtime:
             self._threaded = True
             self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="minifaas-activation")
         if not in_process:
-            _apply_limits(int(fields.get("memory_mb") or 0))
+            memory_mb = int(fields.get("memory_mb") or 0)
+            _size_model_cache(memory_mb)
+            _apply_limits(memory_mb)
         return {"ok": True, "init_ms": (time.perf_counter() - t0) * 1000}
 
     # -- run ----------------------------------------------------------------------------------------------------
@@ -289,6 +298,7 @@ class Runtime:
         if error:
             out["status"] = "developer_error"
             out["result"] = {"error": error}
+            out["retire"] = out.get("retire") or error.startswith("memory limit")
         if error or not frame:
             frame = p.encode(p.RESULT, out)
         with self.send_lock:
@@ -315,7 +325,7 @@ class Runtime:
                 environ["__OW_NAMESPACE"] = str(cfg.get("namespace", "guest"))
         status = "success"
         result: Any = None
-        out_of_memory = False
+        out_of_memory = broken = False
         t0 = time.perf_counter()
         try:
             assert self.fn is not None
@@ -350,9 +360,11 @@ class Runtime:
         except BaseException as exc:
             status = "application_error"
             result = {"error": _describe(exc)}
+            # CPython's own failure, e.g. a frame it could not allocate at the memory limit: do not trust it again
+            broken = isinstance(exc, SystemError)
             if cfg.get("style") == "lambda":
                 result.update(errorMessage=str(exc), errorType=type(exc).__name__)
-            buf.write("stderr", "".join(traceback.format_exception(exc)))
+            buf.write("stderr", "".join(traceback.format_exception(exc, limit=-MAX_TRACEBACK_FRAMES)))
         if out_of_memory:
             status = "developer_error"
             result = {"error": f"memory limit exceeded ({cfg.get('memory_mb')} MB)"}
@@ -362,7 +374,7 @@ class Runtime:
             sys.stdout.flush()
             sys.stderr.flush()
         self._set_logs(None)
-        return {
+        out = {
             "aid": aid,
             "status": status,
             "result": result,
@@ -371,6 +383,11 @@ class Runtime:
             "run_ms": run_ms,
             "models": _held_models(),
         }
+        if out_of_memory or broken:
+            # the function may keep its memory in globals, or have left the interpreter damaged: ask the host to
+            # give its next activations a fresh sandbox
+            out["retire"] = True
+        return out
 
     # -- main loop ----------------------------------------------------------------------------------------------
     def loop(self) -> int:
@@ -462,6 +479,17 @@ def _load_function(fields: dict[str, Any], *, chdir: bool = True) -> Callable[..
     return fn  # type: ignore[no-any-return]
 
 
+def _size_model_cache(memory_mb: int) -> None:
+    """Bound the model cache by what fits under the memory limit: a TFLite interpreter holds about 7-10x its
+    file's bytes once its tensors are allocated, and the cache counts file bytes."""
+    if memory_mb <= 0:
+        return
+    from minifaas_sandbox import models
+
+    budget = max(MIN_MODEL_CACHE_BYTES, (memory_mb << 20) // MODEL_MEMORY_FACTOR)
+    models.configure(max_bytes=min(models.MODEL_CACHE_MAX_BYTES, budget))
+
+
 def _apply_limits(memory_mb: int) -> None:
     """Cap this sandbox's address space at what it uses after init plus the function's memory limit."""
     with contextlib.suppress(ValueError, OSError):
@@ -504,17 +532,22 @@ def _held_models() -> list[str]:
         return []
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    # loaded once, in the zygote before it forks: importing ctypes costs every cold start ~2 ms otherwise
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def isolate_network() -> None:
     """Move this process into a new network namespace: no interface but a loopback of its own.
 
     Needs root or CAP_SYS_ADMIN; raises OSError otherwise, so a function deployed without network fails to
     initialize instead of silently running with it.
     """
-    import ctypes
     import fcntl
     import struct
 
-    libc = ctypes.CDLL(None, use_errno=True)
+    libc = _libc()
     if libc.unshare(CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"cannot run without network: unshare(CLONE_NEWNET) failed: {os.strerror(err)}")
@@ -525,14 +558,14 @@ def isolate_network() -> None:
         fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, ifreq.pack(b"lo", flags | IFF_UP))
 
 
+_libc()
+
+
 def die_with_parent() -> None:
     """Ask Linux to SIGKILL this process when its parent dies, so a killed host leaves no sandbox behind."""
     parent = os.getppid()
     with contextlib.suppress(Exception):
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)
+        _libc().prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)
     if os.getppid() != parent or parent == 1:
         os._exit(0)
 

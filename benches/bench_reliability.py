@@ -1,0 +1,488 @@
+"""Reliability and security bench: the long versions of tests/test_reliability.py, test_security.py, test_fuzz.py.
+
+Run: ``python benches/bench_reliability.py`` (all sections, ~3 min on 2 cores), or pick sections with
+``--only chaos,crash,attacks,backpressure,fuzz``; ``--invocations``, ``--crashes``, ``--submits`` scale them.
+Prints one line per measurement and a Markdown summary (the README "Reliability" figures); ``--json FILE`` keeps
+the raw figures.
+
+- chaos: invocations over 4 functions while a task SIGKILLs a random sandbox every 100 ms; every accepted one must
+  end in exactly one record (success, or developer_error naming the signal), none may hang, nothing may be left.
+- crash: a host with a state_dir submits without pause and is killed -9 at a random time, several times; on
+  restart every accepted activation is read back: completed ones as they ended, in-flight ones marked failed.
+- attacks: infinite loop, fork bomb, 10 GB allocation, 100 MB of prints (captured and raw), 50 MB result, deep
+  recursion, C-stack overflow, each next to a healthy function called every 20 ms.
+- backpressure: 100,000 submits against a bounded queue: the time of a rejected submit and the host's memory.
+- fuzz: tests/test_fuzz.py with ``HYPOTHESIS_PROFILE=long``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+import minifaas
+from minifaas._launch import MAX_PIDS_PER_SANDBOX, PIDS
+
+ROOT = Path(__file__).resolve().parent.parent
+KILL_PERIOD_S = 0.1
+HEALTHY_PERIOD_S = 0.02
+PROCESS_EXIT_S = 15.0
+FIGURES: dict[str, Any] = {}
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * q))] if values else float("nan")
+
+
+def rss_kb() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def proc_table() -> dict[int, tuple[str, int, int]]:
+    table = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            table[int(entry)] = (fields[0], int(fields[1]), int(fields[3]))
+    return table
+
+
+def descendants(root: int, table: dict[int, tuple[str, int, int]]) -> set[int]:
+    children = collections.defaultdict(list)
+    for pid, (_, ppid, _) in table.items():
+        children[ppid].append(pid)
+    out: set[int] = set()
+    stack = [root]
+    while stack:
+        for child in children[stack.pop()]:
+            if child not in out:
+                out.add(child)
+                stack.append(child)
+    return out
+
+
+async def leftovers(before: set[int], parents: set[int], sessions: set[int]) -> set[int]:
+    """Live processes left after a wait: new descendants of this process, children of ``parents``, members of
+    ``sessions`` (sandboxes are session leaders)."""
+    left: set[int] = set()
+    deadline = time.monotonic() + PROCESS_EXIT_S
+    while time.monotonic() < deadline:
+        table = proc_table()
+        live = {pid for pid, (state, _, _) in table.items() if state != "Z"}
+        left = (descendants(os.getpid(), table) - before) | {
+            pid for pid in live if table[pid][1] in parents or table[pid][2] in sessions
+        }
+        left &= live
+        if not left:
+            break
+        await anyio.sleep(0.1)
+    return left
+
+
+# -- chaos ----------------------------------------------------------------------------------------------------
+CHAOS_FUNCTIONS = {
+    "fast": "def main(args):\n    return {'i': args['i']}\n",
+    "sleepy": "import time\ndef main(args):\n    time.sleep(args['i'] % 5 * 0.01)\n    return {'i': args['i']}\n",
+    "cpu": "def main(args):\n    s = 0\n    for k in range(50_000):\n        s += k\n    return {'i': args['i']}\n",
+    "printer": "def main(args):\n    print('x' * 100)\n    return {'i': args['i']}\n",
+}
+
+
+async def bench_chaos(n: int, clients: int = 50) -> None:
+    before = descendants(os.getpid(), proc_table())
+    ends: collections.Counter[str] = collections.Counter()
+    acts: dict[str, minifaas.Activation] = {}
+    hung = 0
+    zygotes: set[int] = set()
+    sandboxes: set[int] = set()
+    kills = 0
+    names = list(CHAOS_FUNCTIONS)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as state:
+        async with minifaas.Engine(state_dir=state) as engine:
+            engine.add_end_hook(lambda act: ends.update([act.activation_id]))
+            for name, code in CHAOS_FUNCTIONS.items():
+                await engine.deploy(name, code=code, max_sandboxes=3)
+
+            async def killer() -> None:
+                nonlocal kills
+                while True:
+                    await anyio.sleep(KILL_PERIOD_S)
+                    stats = engine.stats()
+                    if stats.get("launcher_stats", {}).get("zygote_pid"):
+                        zygotes.add(stats["launcher_stats"]["zygote_pid"])
+                    pids = [pid for fn in stats["functions"].values() for pid in fn["pids"]]
+                    sandboxes.update(pids)
+                    if pids:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(random.choice(pids), signal.SIGKILL)
+                            kills += 1
+
+            async def client(first: int) -> None:
+                nonlocal hung
+                for i in range(first, n, clients):
+                    with anyio.move_on_after(120) as scope:
+                        act = await engine.call(names[i % len(names)], {"i": i})
+                        acts[act.activation_id] = act
+                    hung += scope.cancelled_caught
+
+            async with anyio.create_task_group() as chaos:
+                chaos.start_soon(killer)
+                async with anyio.create_task_group() as tg:
+                    for k in range(clients):
+                        tg.start_soon(client, k)
+                chaos.cancel_scope.cancel()
+            elapsed = time.perf_counter() - t0
+            statuses = collections.Counter(a.status for a in acts.values())
+            signal_named = sum(1 for a in acts.values() if "killed by SIG" in str(a.result.get("error")))
+            other = len(acts) - statuses["success"] - signal_named
+            not_once = sum(1 for aid in acts if ends[aid] != 1)
+            lost = 0
+            for aid, act in acts.items():
+                stored = await engine.activations.get(aid)
+                lost += stored.status != act.status or not stored.done
+            serving = all([await engine.invoke(name, {"i": -1}) == {"i": -1} for name in names])
+        left = await leftovers(before, zygotes, sandboxes)
+    FIGURES["chaos"] = {
+        "invocations": len(acts),
+        "seconds": round(elapsed, 1),
+        "kills": kills,
+        "success": statuses["success"],
+        "developer_error_naming_signal": signal_named,
+        "other_outcomes": other,
+        "not_ended_exactly_once": not_once,
+        "hung": hung,
+        "records_lost": lost,
+        "serving_after": serving,
+        "processes_left": len(left),
+    }
+    say(f"chaos: {FIGURES['chaos']}")
+
+
+# -- host crash -----------------------------------------------------------------------------------------------
+HOST = textwrap.dedent("""
+    import random, sys, anyio, minifaas
+    SLEEP = "import time\\ndef main(a):\\n    time.sleep(a['s'])\\n    return {'i': a['i']}\\n"
+    async def main():
+        async with minifaas.Engine(state_dir=sys.argv[1]) as engine:
+            await engine.deploy("w", code=SLEEP, max_sandboxes=4)
+            await engine.deploy("q", code="def main(a):\\n    return {'i': a['i']}\\n", max_sandboxes=4)
+            await engine.invoke("q", {"i": -1})
+            engine.add_end_hook(lambda a: print("end", a.activation_id, a.status, flush=True))
+            print("ready", flush=True)
+            i = 0
+            while True:
+                for _ in range(50):
+                    aid = await engine.submit("w" if i % 2 else "q", {"i": i, "s": random.random() * 0.05})
+                    print("acc", aid, flush=True)
+                    i += 1
+                await anyio.sleep(0.01)
+    anyio.run(main)
+""")
+
+
+def run_host_and_kill(state: str, kill_after: float) -> tuple[list[list[str]], set[int]]:
+    proc = subprocess.Popen([sys.executable, "-c", HOST, state], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    while (line := proc.stdout.readline()) and line.strip() != "ready":
+        pass
+    time.sleep(kill_after)
+    family = descendants(proc.pid, proc_table())
+    proc.kill()
+    proc.wait()
+    lines = [line.split() for line in proc.stdout.read().splitlines()]
+    proc.stdout.close()
+    return lines, family
+
+
+async def bench_crash(rounds: int) -> None:
+    totals: collections.Counter[str] = collections.Counter()
+    for r in range(rounds):
+        kill_after = random.uniform(1.0, 4.0)
+        with tempfile.TemporaryDirectory() as state:
+            lines, family = await anyio.to_thread.run_sync(run_host_and_kill, state, kill_after)
+            left = await leftovers(set(), family, family)
+            accepted = [x[1] for x in lines if x[:1] == ["acc"] and len(x) == 2]
+            ended = {x[1]: x[2] for x in lines if x[:1] == ["end"] and len(x) == 3}
+            c: collections.Counter[str] = collections.Counter(accepted=len(accepted), processes_left=len(left))
+            async with minifaas.Engine(state_dir=state) as engine:
+                c["recovered_by_engine"] = engine.recovered
+                for aid in accepted:
+                    try:
+                        act = await engine.activations.get(aid)
+                    except minifaas.ActivationNotFound:
+                        c["missing"] += 1
+                        continue
+                    if aid in ended:
+                        c["completed_readable" if act.status == ended[aid] else "completed_wrong"] += 1
+                    elif act.annotations.get("recovered") and act.status == "internal_error":
+                        c["in_flight_marked_failed"] += 1
+                    elif act.done:
+                        c["completed_readable"] += 1  # its "end" line died with the host
+                    else:
+                        c["left_pending"] += 1
+        say(f"crash round {r + 1}: killed after {kill_after:.2f} s: {dict(c)}")
+        totals.update(c)
+    FIGURES["crash"] = {"rounds": rounds, **dict(totals)}
+    say(f"crash: {FIGURES['crash']}")
+
+
+# -- attacks --------------------------------------------------------------------------------------------------
+ATTACKS: dict[str, tuple[str, dict[str, Any]]] = {
+    "infinite loop": ("def main(args):\n    while True:\n        pass\n", {"timeout_s": 2}),
+    "fork bomb": (
+        "import os, time\ndef main(args):\n    while True:\n        try:\n            os.fork()\n"
+        "        except OSError:\n            time.sleep(0.01)\n",
+        {"timeout_s": 3},
+    ),
+    "10 GB allocation": ("def main(args):\n    return {'n': len(bytearray(10 << 30))}\n", {"memory_mb": 256}),
+    "100 MB of prints": (
+        "def main(args):\n    line = 'x' * 999\n    for _ in range(100_000):\n        print(line)\n    return {}\n",
+        {},
+    ),
+    "100 MB straight to fd 1": (
+        "import os\ndef main(args):\n    chunk = b'x' * (1 << 20)\n    for _ in range(100):\n"
+        "        os.write(1, chunk)\n    return {}\n",
+        {},
+    ),
+    "50 MB result": ("def main(args):\n    return {'x': 'y' * (50 << 20)}\n", {}),
+    "deep recursion": ("def f(n):\n    return f(n + 1)\ndef main(args):\n    return {'x': f(0)}\n", {}),
+    "C-stack overflow": (
+        "import sys\nsys.setrecursionlimit(10**8)\ndef main(args):\n    x = []\n    for _ in range(300_000):\n"
+        "        x = [x]\n    return {'n': len(repr(x))}\n",
+        {},
+    ),
+    "recursion to the memory limit": (
+        "import sys\nsys.setrecursionlimit(10**8)\ndef f(n):\n    return f(n + 1)\ndef main(args):\n    f(0)\n",
+        {"memory_mb": 128},
+    ),
+}
+
+
+async def healthy_loop(engine: minifaas.Engine, latencies: list[float], failures: list[minifaas.Activation]) -> None:
+    while True:
+        t = time.perf_counter()
+        act = await engine.call("healthy")
+        latencies.append(time.perf_counter() - t)
+        if act.status != "success":
+            failures.append(act)
+        await anyio.sleep(HEALTHY_PERIOD_S)
+
+
+async def watch_pids(engine: minifaas.Engine, fn: str, seen: set[int]) -> None:
+    while True:
+        seen.update(engine.stats()["functions"].get(f"guest/{fn}@1", {}).get("pids", []))
+        await anyio.sleep(0.05)
+
+
+async def bench_attacks() -> None:
+    rows = []
+    async with minifaas.Engine() as engine:
+        await engine.deploy("healthy", code="def main(args):\n    return {'ok': True}\n")
+        await engine.invoke("healthy")
+        for name, (code, options) in ATTACKS.items():
+            if name == "fork bomb" and PIDS.parent is None:
+                say(f"attack {name}: skipped ({PIDS.error})")
+                continue
+            fn = "attack-" + name.replace(" ", "-")
+            await engine.deploy(fn, code=code, **options)
+            latencies: list[float] = []
+            failures: list[minifaas.Activation] = []
+            seen: set[int] = set()
+            rss0 = rss_kb()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(healthy_loop, engine, latencies, failures)
+                tg.start_soon(watch_pids, engine, fn, seen)
+                t0 = time.perf_counter()
+                act = await engine.call(fn)
+                elapsed = time.perf_counter() - t0
+                tg.cancel_scope.cancel()
+            # what a dead sandbox started must be gone too (the fork bomb's 255 children)
+            dead = seen - set(engine.stats()["functions"].get(f"guest/{fn}@1", {}).get("pids", []))
+            left = await leftovers(descendants(os.getpid(), proc_table()), set(), dead)
+            row = {
+                "attack": name,
+                "status": act.status,
+                "error": str(act.result.get("error", ""))[:90],
+                "seconds": round(elapsed, 2),
+                "log_lines": len(act.logs),
+                "healthy_calls": len(latencies),
+                "healthy_failures": len(failures),
+                "healthy_p99_ms": round(pct(latencies, 0.99) * 1000, 1),
+                "host_rss_growth_mb": round((rss_kb() - rss0) / 1024, 1),
+                "logs_truncated": any("truncated" in line for line in act.logs[-1:]),
+                "processes_left": len(left),
+            }
+            rows.append(row)
+            say(f"attack {name}: {row}")
+            await engine.delete(fn)
+    FIGURES["attacks"] = rows
+
+
+# -- backpressure ---------------------------------------------------------------------------------------------
+async def bench_backpressure(submits: int) -> None:
+    async with minifaas.Engine(close_timeout_s=1) as engine:
+        code = "import time\ndef main(args):\n    time.sleep(0.001)\n    return {}\n"
+        await engine.deploy("slow", code=code, max_sandboxes=1, max_queue=1000)
+        await engine.invoke("slow")
+        rss0 = rss_kb()
+        accepted: list[str] = []
+        rejected: list[float] = []
+        t0 = time.perf_counter()
+        for i in range(submits):
+            t = time.perf_counter()
+            try:
+                accepted.append(await engine.submit("slow", {"i": i}))
+            except minifaas.Overloaded:
+                rejected.append(time.perf_counter() - t)
+        elapsed = time.perf_counter() - t0
+        rss1 = rss_kb()
+        done = [await engine.activations.wait(aid, timeout_s=120) for aid in accepted]
+        FIGURES["backpressure"] = {
+            "submits": submits,
+            "accepted": len(accepted),
+            "rejected": len(rejected),
+            "reject_p50_us": round(pct(rejected, 0.5) * 1e6, 1),
+            "reject_p99_us": round(pct(rejected, 0.99) * 1e6, 1),
+            "reject_max_us": round(max(rejected, default=0) * 1e6, 1),
+            "submit_loop_s": round(elapsed, 2),
+            "rss_before_mb": round(rss0 / 1024, 1),
+            "rss_after_mb": round(rss1 / 1024, 1),
+            "accepted_succeeded": sum(1 for a in done if a.status == "success"),
+        }
+    say(f"backpressure: {FIGURES['backpressure']}")
+
+
+# -- fuzz -----------------------------------------------------------------------------------------------------
+def bench_fuzz() -> None:
+    with tempfile.NamedTemporaryFile(suffix=".json") as report:
+        env = dict(os.environ, HYPOTHESIS_PROFILE="long", MINIFAAS_FUZZ_REPORT=report.name)
+        t0 = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_fuzz.py")],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        counts = json.loads(Path(report.name).read_text() or "{}")
+    tried = sum(v for k, v in counts.items() if k.endswith("tried"))
+    FIGURES["fuzz"] = {
+        "inputs_tried": tried,
+        "passed": proc.returncode == 0,
+        "seconds": round(time.perf_counter() - t0, 1),
+        **counts,
+    }
+    say(f"fuzz: {FIGURES['fuzz']}")
+    if proc.returncode != 0:
+        say(proc.stdout[-4000:])
+
+
+# -- summary --------------------------------------------------------------------------------------------------
+def summary() -> str:
+    out = ["| what | load | faults / bad inputs | outcome |", "|---|---|---|---|"]
+    if "chaos" in FIGURES:
+        c = FIGURES["chaos"]
+        out.append(
+            f"| chaos | {c['invocations']} invocations, 4 functions, {c['seconds']} s | {c['kills']} SIGKILLs "
+            f"(one per 100 ms) | {c['success']} success + {c['developer_error_naming_signal']} developer_error "
+            f"naming the signal; {c['other_outcomes']} other, {c['not_ended_exactly_once']} not ended exactly "
+            f"once, {c['hung']} hung, {c['records_lost']} records lost, {c['processes_left']} processes left |"
+        )
+    if "crash" in FIGURES:
+        c = FIGURES["crash"]
+        out.append(
+            f"| host kill -9 | {c.get('accepted', 0)} accepted over {c['rounds']} runs | {c['rounds']} kills at "
+            f"random times | {c.get('completed_readable', 0)} completed read back, "
+            f"{c.get('in_flight_marked_failed', 0)} in flight marked failed, {c.get('missing', 0)} missing, "
+            f"{c.get('processes_left', 0)} processes left |"
+        )
+    for row in FIGURES.get("attacks", []):
+        what = row["error"] or ("logs truncated" if row["logs_truncated"] else f"{row['log_lines']} log lines")
+        out.append(
+            f"| attack: {row['attack']} | healthy function every 20 ms ({row['healthy_calls']} calls) | 1 | "
+            f"{row['status']}: {what}; healthy failures {row['healthy_failures']}, p99 {row['healthy_p99_ms']} ms; "
+            f"host RSS +{row['host_rss_growth_mb']} MB; {row['processes_left']} processes left |"
+        )
+    if "backpressure" in FIGURES:
+        b = FIGURES["backpressure"]
+        out.append(
+            f"| backpressure | {b['submits']} submits, queue bound 1000 | {b['rejected']} rejected | Overloaded "
+            f"p50 {b['reject_p50_us']} us, p99 {b['reject_p99_us']} us; RSS {b['rss_before_mb']} -> "
+            f"{b['rss_after_mb']} MB; {b['accepted_succeeded']}/{b['accepted']} accepted succeeded |"
+        )
+    if "fuzz" in FIGURES:
+        f = FIGURES["fuzz"]
+        out.append(
+            f"| fuzz (hypothesis, long) | payloads, code, zips, protocol bytes | {f['inputs_tried']} bad inputs | "
+            f"{'all' if f['passed'] else 'NOT all'} ended as a MinifaasError or a clean record; engine still serving |"
+        )
+    return "\n".join(out)
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    only = set(args.only.split(",")) if args.only else {"chaos", "crash", "attacks", "backpressure", "fuzz"}
+    say(f"minifaas reliability bench on {os.cpu_count()} cores; pids cgroup: {PIDS.parent or PIDS.error}")
+    say(f"process cap per sandbox: {MAX_PIDS_PER_SANDBOX if PIDS.parent else 'none'}")
+    if "chaos" in only:
+        await bench_chaos(args.invocations)
+    if "crash" in only:
+        await bench_crash(args.crashes)
+    if "attacks" in only:
+        await bench_attacks()
+    if "backpressure" in only:
+        await bench_backpressure(args.submits)
+    if "fuzz" in only:
+        await anyio.to_thread.run_sync(bench_fuzz)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--only", default="", help="comma-separated: chaos,crash,attacks,backpressure,fuzz")
+    parser.add_argument("--invocations", type=int, default=5000)
+    parser.add_argument("--crashes", type=int, default=3)
+    parser.add_argument("--submits", type=int, default=100_000)
+    parser.add_argument("--json", default="", help="write the raw figures to this file")
+    args = parser.parse_args()
+    anyio.run(main_async, args)
+    say("\n" + summary())
+    if args.json:
+        Path(args.json).write_text(json.dumps(FIGURES, indent=1))
+    failed = (
+        FIGURES.get("chaos", {}).get("records_lost")
+        or FIGURES.get("chaos", {}).get("not_ended_exactly_once")
+        or FIGURES.get("chaos", {}).get("hung")
+        or FIGURES.get("crash", {}).get("missing")
+        or (FIGURES.get("fuzz") and not FIGURES["fuzz"]["passed"])
+    )
+    if failed:
+        say("FAILED: see above")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

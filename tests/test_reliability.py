@@ -1,0 +1,293 @@
+"""Reliability under faults: sandboxes SIGKILLed while thousands of invocations run, the host killed -9 with
+activations in flight, and a flood of submits against bounded queues.
+
+Short versions for CI; ``benches/bench_reliability.py`` runs the long ones (5,000+ invocations, hundreds in flight,
+100,000 submits) and prints the figures quoted in the README.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+import minifaas
+from minifaas._store import HOST_DIED_MESSAGE
+
+pytestmark = pytest.mark.anyio
+
+CHAOS_FUNCTIONS = {
+    "fast": "def main(args):\n    return {'i': args['i']}\n",
+    "sleepy": "import time\ndef main(args):\n    time.sleep(args['i'] % 4 * 0.005)\n    return {'i': args['i']}\n",
+    "cpu": "def main(args):\n    s = 0\n    for k in range(20_000):\n        s += k\n    return {'i': args['i']}\n",
+    "printer": "def main(args):\n    print('x' * 100)\n    return {'i': args['i']}\n",
+}
+CHAOS_INVOCATIONS = 3000
+CHAOS_CLIENTS = 40
+CHAOS_MIN_DURATION_S = 2.0
+KILL_PERIOD_S = 0.1
+#: fewer kills than this and the run did not test much
+MIN_KILLS = 10
+#: how long killed processes may take to disappear from /proc on a loaded machine
+PROCESS_EXIT_S = 10.0
+
+
+def _proc_table() -> dict[int, tuple[str, int, int]]:
+    """pid -> (state, ppid, session) for every process."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        table[int(entry)] = (fields[0], int(fields[1]), int(fields[3]))
+    return table
+
+
+def _descendants(root: int, table: dict[int, tuple[str, int, int]]) -> set[int]:
+    children = collections.defaultdict(list)
+    for pid, (_, ppid, _) in table.items():
+        children[ppid].append(pid)
+    out: set[int] = set()
+    stack = [root]
+    while stack:
+        for child in children[stack.pop()]:
+            if child not in out:
+                out.add(child)
+                stack.append(child)
+    return out
+
+
+def _children() -> set[int]:
+    return {pid for pid, (state, ppid, _) in _proc_table().items() if ppid == os.getpid() and state != "Z"}
+
+
+def _leftovers(before: set[int], parents: set[int], sessions: set[int]) -> set[int]:
+    """Live processes that are new children of this test process (a zygote, a spawned sandbox), children of a
+    zygote, or members of a sandbox's session (a sandbox is a session leader: all it started without setsid())."""
+    table = _proc_table()
+    live = {pid for pid, (state, _, _) in table.items() if state != "Z"}
+    new = {pid for pid in live if table[pid][1] == os.getpid()} - before
+    orphans = {pid for pid in live if pid in parents or table[pid][1] in parents or table[pid][2] in sessions}
+    return new | orphans
+
+
+async def _await_no_leftovers(before: set[int], parents: set[int], sessions: set[int]) -> None:
+    with anyio.move_on_after(PROCESS_EXIT_S):
+        while _leftovers(before, parents, sessions):
+            await anyio.sleep(0.05)
+    left = _leftovers(before, parents, sessions)
+    assert not left, f"processes left behind: {left}"
+
+
+async def test_chaos_random_sigkill_every_100ms() -> None:
+    before = _children()
+    ends: collections.Counter[str] = collections.Counter()
+    acts: dict[str, minifaas.Activation] = {}
+    zygotes: set[int] = set()
+    sandboxes: set[int] = set()
+    kills = 0
+    rng = random.Random(12)
+    names = list(CHAOS_FUNCTIONS)
+    async with minifaas.Engine() as engine:
+        engine.add_end_hook(lambda act: ends.update([act.activation_id]))
+        for name, code in CHAOS_FUNCTIONS.items():
+            await engine.deploy(name, code=code, max_sandboxes=3)
+
+        async def killer() -> None:
+            nonlocal kills
+            while True:
+                await anyio.sleep(KILL_PERIOD_S)
+                stats = engine.stats()
+                zygote = stats.get("launcher_stats", {}).get("zygote_pid")
+                if zygote:
+                    zygotes.add(zygote)
+                pids = [pid for fn in stats["functions"].values() for pid in fn["pids"]]
+                sandboxes.update(pids)
+                if pids:
+                    try:
+                        os.kill(rng.choice(pids), signal.SIGKILL)
+                        kills += 1
+                    except ProcessLookupError:
+                        pass
+
+        started = time.monotonic()
+        issued = 0
+
+        async def client() -> None:
+            nonlocal issued
+            # at least so many invocations, for at least so long (so enough kills land on a fast machine too)
+            while issued < CHAOS_INVOCATIONS or time.monotonic() - started < CHAOS_MIN_DURATION_S:
+                i = issued
+                issued += 1
+                with anyio.fail_after(60):  # none hangs
+                    act = await engine.call(names[i % len(names)], {"i": i})
+                acts[act.activation_id] = act
+
+        async with anyio.create_task_group() as chaos:
+            chaos.start_soon(killer)
+            async with anyio.create_task_group() as clients:
+                for _ in range(CHAOS_CLIENTS):
+                    clients.start_soon(client)
+            chaos.cancel_scope.cancel()
+
+        assert len(acts) == issued >= CHAOS_INVOCATIONS
+        assert kills >= MIN_KILLS, f"only {kills} kills landed"
+        # every accepted invocation ended exactly once, as a success or as the death of its sandbox
+        assert set(ends) == set(acts) and set(ends.values()) == {1}
+        statuses = collections.Counter(act.status for act in acts.values())
+        assert set(statuses) <= {"success", "developer_error"}, statuses
+        for act in acts.values():
+            if act.status != "success":
+                assert "killed by SIGKILL (signal 9)" in act.result["error"], act.result
+        assert 0 < statuses["developer_error"] <= kills
+        # the records say the same
+        for aid, act in acts.items():
+            stored = await engine.activations.get(aid)
+            assert stored.status == act.status and stored.done
+        # and the engine keeps serving
+        for name in names:
+            assert await engine.invoke(name, {"i": -1}) == {"i": -1}
+    await _await_no_leftovers(before, zygotes, sandboxes)
+
+
+async def test_chaos_with_the_spawn_launcher() -> None:
+    before = _children()
+    seen: set[int] = set()
+    async with minifaas.Engine(launcher="spawn") as engine:
+        await engine.deploy("sleepy", code=CHAOS_FUNCTIONS["sleepy"], max_sandboxes=2)
+        ids = [await engine.submit("sleepy", {"i": i}) for i in range(300)]
+        done = 0
+        while done < len(ids):
+            await anyio.sleep(KILL_PERIOD_S)
+            pids = engine.stats()["functions"]["guest/sleepy@1"]["pids"]
+            seen.update(pids)
+            if pids:
+                os.kill(random.choice(pids), signal.SIGKILL)
+            done = sum(1 for act in [await engine.activations.get(aid) for aid in ids] if act.done)
+        acts = [await engine.activations.wait(aid, timeout_s=30) for aid in ids]
+        await anyio.sleep(0.5)  # the last kill may still be on its way to the host
+        assert {a.status for a in acts} <= {"success", "developer_error"}
+        assert any(a.status == "developer_error" for a in acts)
+        assert await engine.invoke("sleepy", {"i": 1}) == {"i": 1}
+    await _await_no_leftovers(before, set(), seen)
+
+
+HOST = textwrap.dedent("""
+    import random, sys, anyio, minifaas
+    SLEEP = "import time\\ndef main(a):\\n    time.sleep(a['s'])\\n    return {'i': a['i']}\\n"
+    async def main():
+        async with minifaas.Engine(state_dir=sys.argv[1]) as engine:
+            engine.add_end_hook(lambda a: print("end", a.activation_id, a.status, flush=True))
+            await engine.deploy("w", code=SLEEP)
+            await engine.deploy("q", code="def main(a):\\n    return {'i': a['i']}\\n")
+            await engine.invoke("q", {"i": -1})
+            print("ready", flush=True)
+            i = 0
+            while True:
+                for _ in range(40):
+                    aid = await engine.submit("w" if i % 2 else "q", {"i": i, "s": random.random() * 0.05})
+                    print("acc", aid, flush=True)
+                    i += 1
+                await anyio.sleep(0.01)
+    anyio.run(main)
+""")
+
+
+def _run_host_and_kill(state_dir: Path, kill_after_s: float) -> tuple[list[list[str]], set[int]]:
+    """Start a host that submits without pause, kill -9 it; its output lines and the processes it had."""
+    proc = subprocess.Popen([sys.executable, "-c", HOST, str(state_dir)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    head = []
+    while (line := proc.stdout.readline()) and line.strip() != "ready":
+        head.append(line.split())
+    time.sleep(kill_after_s)
+    family = _descendants(proc.pid, _proc_table())
+    proc.kill()  # SIGKILL: no clean-up of any kind runs in the host
+    proc.wait()
+    lines = head + [line.split() for line in proc.stdout.read().splitlines()]
+    proc.stdout.close()
+    return lines, family
+
+
+async def test_host_killed_with_hundreds_in_flight(tmp_path: Path) -> None:
+    before = _children()
+    kill_after = random.uniform(0.8, 1.6)
+    lines, family = await anyio.to_thread.run_sync(_run_host_and_kill, tmp_path, kill_after)
+    accepted = [parts[1] for parts in lines if parts[:1] == ["acc"] and len(parts) == 2]
+    ended = {parts[1]: parts[2] for parts in lines if parts[:1] == ["end"] and len(parts) == 3}
+    assert len(accepted) >= 100, f"only {len(accepted)} accepted in {kill_after:.1f} s"
+    assert family, "the host had no zygote or sandbox to leave behind"
+    # its zygote and sandboxes die with it (the control socket closes; PR_SET_PDEATHSIG)
+    await _await_no_leftovers(before, family, family)
+    async with minifaas.Engine(state_dir=tmp_path) as engine:
+        recovered = 0
+        for aid in accepted:
+            act = await engine.activations.get(aid)  # none missing
+            if aid in ended:
+                assert act.status == ended[aid]  # every completed one is readable as it ended
+                assert act.status != "success" or "i" in act.result
+            elif act.annotations.get("recovered"):
+                assert act.status == "internal_error" and act.result == {"error": HOST_DIED_MESSAGE}
+                recovered += 1
+            else:
+                assert act.done  # it ended just before the kill, its line was lost with the host
+        assert recovered > 0, "nothing was in flight when the host died"
+        assert recovered <= engine.recovered
+        assert await engine.activations.list(limit=10) != []
+
+
+BACKPRESSURE_SUBMITS = 20_000
+#: a rejected submit is a few microseconds; this bound leaves room for a loaded CI machine
+REJECT_P99_S = 0.002
+RSS_GROWTH_MAX_KB = 32 << 10
+
+
+def _rss_kb() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+@pytest.mark.parametrize("bound", ["function", "engine"], ids=["max_queue", "max_queued"])
+async def test_backpressure_rejects_at_once_and_memory_stays_bounded(bound: str) -> None:
+    engine_opts = {"max_queued": 300} if bound == "engine" else {}
+    async with minifaas.Engine(**engine_opts) as engine:  # type: ignore[arg-type]
+        code = "import time\ndef main(args):\n    time.sleep(0.001)\n    return {'i': args['i']}\n"
+        await engine.deploy("a", code=code, max_sandboxes=1, max_queue=500)
+        await engine.deploy("b", code=code, max_sandboxes=1, max_queue=500)
+        await engine.invoke("a", {"i": -1})
+        await engine.invoke("b", {"i": -1})
+        rss0 = _rss_kb()
+        accepted: list[str] = []
+        rejected: list[float] = []
+        for i in range(BACKPRESSURE_SUBMITS):
+            t0 = time.perf_counter()
+            try:
+                accepted.append(await engine.submit("ab"[i % 2], {"i": i}))
+            except minifaas.Overloaded:
+                rejected.append(time.perf_counter() - t0)
+        rss1 = _rss_kb()
+        limit = 300 if bound == "engine" else 2 * 500
+        # the sandbox of each function may hold one more than its queue
+        assert limit <= len(accepted) <= limit + 2
+        assert len(rejected) == BACKPRESSURE_SUBMITS - len(accepted)
+        rejected.sort()
+        p99 = rejected[int(len(rejected) * 0.99)]
+        assert p99 < REJECT_P99_S, f"p99 of a rejected submit: {p99 * 1e6:.0f} us"
+        assert rss1 - rss0 < RSS_GROWTH_MAX_KB
+        for aid in accepted:  # nothing accepted is dropped
+            assert (await engine.activations.wait(aid, timeout_s=60)).status == "success"
+        # the queue drained: the engine accepts again
+        assert await engine.invoke("a", {"i": 0}) == {"i": 0}
