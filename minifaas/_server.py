@@ -584,11 +584,15 @@ class _Api:
         if name is not None:
             name = self._short(name, "name")
         if _flag(request, "count"):
-            acts = await self.engine.activations.list(name, limit=COUNT_LIMIT, since=since, upto=upto)
+            acts = await self.engine.activations.list(
+                name, limit=COUNT_LIMIT, since=since, upto=upto, namespace=self.namespace
+            )
             return _json({"activations": sum(1 for a in acts if a.done)})
         # records of running activations are in the store too; OpenWhisk lists ended ones only
         in_flight = int(self.engine.stats().get("in_flight", 0))
-        acts = await self.engine.activations.list(name, limit=limit + in_flight, skip=skip, since=since, upto=upto)
+        acts = await self.engine.activations.list(
+            name, limit=limit + in_flight, skip=skip, since=since, upto=upto, namespace=self.namespace
+        )
         done = [a for a in acts if a.done][:limit]
         if _flag(request, "docs"):
             return _json([a.to_openwhisk() for a in done])
@@ -597,7 +601,7 @@ class _Api:
     async def _ended(self, request: Request) -> Activation:
         self.ns(request)
         act_id = str(request.path_params["id"])
-        act = await self.engine.activations.get(act_id)
+        act = await self.engine.activations.get(act_id, namespace=self.namespace)
         if not act.done:
             raise ApiError(404, f"{NOT_FOUND} (activation {act_id} has not ended yet)")
         return act
