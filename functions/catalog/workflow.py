@@ -1,0 +1,485 @@
+"""The product-catalog workflow: a photo arrives, passes a quality gate, is cropped and tagged, and catalogued.
+
+::
+
+    receive -> image_quality -> gate --passed--> crop_request -> crop -> tag_request -> auto_tag -> write_catalog
+                                     \\--failed--> write_rejected
+    (any error) ----------------------------------------------------------------------------> write_failed
+
+One composition (``build_workflow``); the AI steps are deployed functions (``image_quality``, ``crop``,
+``auto_tag``), the glue steps are the host functions below, which carry the job between steps in a ``let``
+variable (``job``) so that each AI function receives exactly its own parameters. Between steps only paths
+travel, never image bytes: the crop function writes its output file itself, so every payload stays far below
+the 1 MiB limit whatever the photo's size.
+
+Input (one photo: what a folder feed passes to its trigger, plus the trigger's parameters): ``path`` (a local
+file), ``name``, ``sha256`` (optional), ``catalog_dir``, ``rejected_dir``, optional ``threshold`` (the quality
+gate's) and ``tags`` (extra tags for every entry, e.g. ``["spring-2025"]``).
+
+Outputs, for a photo ``<stem>.<ext>``:
+
+- passed the gate: ``catalog_dir/<stem>.jpg`` (the crop) and ``catalog_dir/<stem>.json``, the sidecar: quality
+  scores, ``person``, ``box`` (x, y, w, h in the original's pixels), ``tags`` and ``labels`` (the classifier's,
+  with scores), and ``steps``: per AI step the function, version, activation id, duration and cold/warm;
+- failed the gate: a copy of the original as ``rejected_dir/<stem>.<ext>`` and ``rejected_dir/<stem>.json``
+  with the scores and the ``reason`` (the score, the threshold, the weakest aspect);
+- a step failed (unreadable file, function error): ``rejected_dir/<stem>.json`` with ``outcome: "failed"`` and
+  the error as ``reason`` (and the original, when it can be read); the session then ends with that error.
+
+Decisions:
+
+- A photo that passes the gate but shows no person (``fruits.jpg``), or whose requested body parts are not
+  visible, is catalogued *uncropped*: the original is copied as ``catalog_dir/<stem>.<ext>`` with
+  ``person: false`` (or ``missing: [...]``) and ``box: null``. A product shot without a model is still a
+  product; the sidecar says why it has no crop.
+- Tags describe the whole photo, not the crop: on an eyes-to-hips crop of a person the ImageNet classifier
+  (which has no "person" class) guesses objects ("ping-pong ball" for a footballer's shirt); on the whole photo
+  it sees the scene ("soccer ball"). The crop step's person decision is passed to ``auto_tag`` so that the
+  pose detector does not run twice on a photo.
+- Files appear whole: the crop is written under a hidden staging name (feeds and most tools skip dot-files),
+  renamed into place, and the sidecar is written last, atomically: a sidecar means the entry is complete. A
+  later photo with the same stem replaces the entry (like an overwritten object in a bucket).
+- Activation ids: the engine records which activation ran each step with ``cause`` = the session id. The
+  ``RECORDER`` end hook (``install(engine)``) keeps them per session, and the write steps put them in the
+  sidecar. A session started with ``engine.submit`` (a trigger's rule, the benchmark) knows its id; one run
+  with ``engine.call`` writes ``steps: {}`` and ``session_id: null``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+import weakref
+from collections import OrderedDict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+import anyio
+import anyio.to_thread
+
+from minifaas import Activation, Engine, MinifaasError
+from minifaas._composer import Composition, action, function, if_, let, sequence, try_
+
+__all__ = (
+    "COMPOSITION_NAME",
+    "CROP_FUNCTION",
+    "FUNCTIONS_DIR",
+    "QUALITY_FUNCTION",
+    "RECORDER",
+    "TAG_FUNCTION",
+    "CatalogError",
+    "StepRecorder",
+    "build_workflow",
+    "deploy_catalog",
+    "deploy_functions",
+    "install",
+)
+
+#: the repository's ``functions/`` folder, where the AI functions this workflow calls live
+FUNCTIONS_DIR: Final = Path(__file__).resolve().parent.parent
+COMPOSITION_NAME: Final = "catalog"
+QUALITY_FUNCTION: Final = "image_quality"
+CROP_FUNCTION: Final = "crop"
+TAG_FUNCTION: Final = "auto_tag"
+#: function name -> its folder under FUNCTIONS_DIR, as ``deploy_functions`` deploys them
+FUNCTION_FOLDERS: Final[dict[str, str]] = {
+    QUALITY_FUNCTION: "image_quality",
+    CROP_FUNCTION: "smart_body_crop",
+    TAG_FUNCTION: "auto_tag",
+}
+#: the AI steps of a catalogued photo, in the order they run
+ROLES: Final = ("quality", "crop", "tag")
+CROP_FORMAT: Final = "jpeg"
+CROP_SUFFIX: Final = ".jpg"
+SIDECAR_SUFFIX: Final = ".json"
+SIDECAR_VERSION: Final = 1
+QUALITY_KEYS: Final = (
+    "score",
+    "threshold",
+    "passed",
+    "sharpness",
+    "exposure",
+    "contrast",
+    "colourfulness",
+    "noise",
+)
+#: sub-scores that make up the overall quality score (colourfulness is reported only)
+QUALITY_ASPECTS: Final = ("sharpness", "exposure", "contrast", "noise")
+#: sessions whose step activations RECORDER keeps at once; older ones are dropped first
+MAX_TRACKED_SESSIONS: Final = 4096
+#: the engine runs a submitted composition in a task named "session-<session id>"
+SESSION_TASK_PREFIX: Final = "session-"
+#: sandboxes per AI function: the machines this is tuned for have 2 cores, more only costs memory
+DEFAULT_MAX_SANDBOXES: Final = 2
+
+
+class CatalogError(MinifaasError):
+    """Raised by the workflow's host steps when a photo's input is unusable (no path, no folders, no file)."""
+
+
+# ---------------------------------------------------------------------------------------------- activation ids
+
+
+class StepRecorder:
+    """An engine end hook that keeps the ended activations of each cause (a session id), newest sessions kept."""
+
+    def __init__(self, max_sessions: int = MAX_TRACKED_SESSIONS) -> None:
+        self._by_cause: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
+        self._max = max_sessions
+
+    def __call__(self, act: Activation) -> None:
+        if act.cause is None:
+            return
+        steps = self._by_cause.get(act.cause)
+        if steps is None:
+            steps = self._by_cause[act.cause] = []
+            while len(self._by_cause) > self._max:
+                self._by_cause.popitem(last=False)
+        steps.append(
+            {
+                "function": act.name,
+                "version": act.version,
+                "activation_id": act.activation_id,
+                "status": act.status,
+                "duration_ms": act.duration,
+                "wait_ms": act.wait_time,
+                "init_ms": act.init_time,
+                "cold": bool(act.annotations.get("cold")),
+            }
+        )
+
+    def peek(self, session_id: str) -> list[dict[str, Any]]:
+        return list(self._by_cause.get(session_id, ()))
+
+    def pop(self, session_id: str) -> list[dict[str, Any]]:
+        return self._by_cause.pop(session_id, [])
+
+
+RECORDER: Final = StepRecorder()
+_installed: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+def install(engine: Engine) -> None:
+    """Let ``engine``'s catalog sessions record their steps' activation ids (idempotent)."""
+    if engine not in _installed:
+        engine.add_end_hook(RECORDER)
+        _installed.add(engine)
+
+
+def current_session_id() -> str | None:
+    """The id of the composition session running this host step, when the engine started it with ``submit``."""
+    try:
+        name = anyio.get_current_task().name
+    except RuntimeError:
+        return None
+    if isinstance(name, str) and name.startswith(SESSION_TASK_PREFIX):
+        return name[len(SESSION_TASK_PREFIX) :]
+    return None
+
+
+def _steps(functions: dict[str, str], session_id: str | None) -> dict[str, Any]:
+    """role -> the activation that ran that AI step (matched by function name, in order)."""
+    records = RECORDER.pop(session_id) if session_id is not None else []
+    out: dict[str, Any] = {}
+    for role in ROLES:
+        base = functions.get(role, "").partition("@")[0]
+        for i, rec in enumerate(records):
+            if rec["function"] == base:
+                out[role] = records.pop(i)
+                break
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def _temp_path(dst: Path) -> Path:
+    # opened with plain open(), not mkstemp: the file gets the umask's permissions (mkstemp's are 0600)
+    return dst.parent / f".{dst.name}.{uuid.uuid4().hex[:8]}.tmp"
+
+
+def _write_json_atomic(path: Path, obj: object) -> None:
+    tmp = _temp_path(path)
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _copy_atomic(src: str, dst: Path) -> None:
+    tmp = _temp_path(dst)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def _folder(params: dict[str, Any], key: str) -> str:
+    value = params.get(key)
+    if not isinstance(value, str) or not value:
+        raise CatalogError(f"the workflow needs parameter {key!r} (a folder path), got {value!r}")
+    return os.path.abspath(value)
+
+
+# ---------------------------------------------------------------------------------------------- host steps
+
+
+def receive(params: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
+    """Check the input, open the ``job`` and ask the quality gate about the photo."""
+    path = params.get("path")
+    if not isinstance(path, str) or not path:
+        raise CatalogError(f"the input names no photo: 'path' is {path!r}")
+    name = os.path.basename(str(params.get("name") or path))
+    catalog_dir, rejected_dir = _folder(params, "catalog_dir"), _folder(params, "rejected_dir")
+    tags = params.get("tags") or []
+    if not isinstance(tags, list) or not all(isinstance(t, str) and t for t in tags):
+        raise CatalogError(f"'tags' must be a list of non-empty strings, got {tags!r}")
+    env["job"] = {
+        "path": path,
+        "name": name,
+        "stem": Path(name).stem or name,
+        "sha256": params.get("sha256"),
+        "catalog_dir": catalog_dir,
+        "rejected_dir": rejected_dir,
+        "tags": tags,
+        "token": uuid.uuid4().hex[:12],
+        "received": _now_iso(),
+    }
+    # a stat and two mkdirs of existing folders: cheaper inline than a hop to a worker thread
+    if not os.path.isfile(path):
+        raise CatalogError(f"photo {path} does not exist (or is not a file)")
+    for folder in (catalog_dir, rejected_dir):
+        os.makedirs(folder, exist_ok=True)
+    request: dict[str, Any] = {"image": path}
+    if "threshold" in params:
+        request["threshold"] = params["threshold"]
+    return request
+
+
+def gate(params: dict[str, Any], env: dict[str, Any]) -> bool:
+    """The ``if_`` test: keep the quality scores in the job; true when the photo passed."""
+    env["job"]["quality"] = {k: params[k] for k in QUALITY_KEYS if k in params}
+    env["job"]["size"] = {"width": params.get("width"), "height": params.get("height")}
+    return params.get("passed") is True
+
+
+def crop_request(params: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
+    """Ask the crop function to write the crop under a hidden staging name in the catalog folder."""
+    job = env["job"]
+    staging = os.path.join(job["catalog_dir"], f".{job['stem']}.{job['token']}{CROP_SUFFIX}")
+    job["staging"] = staging
+    return {"image": job["path"], "output_path": staging, "format": CROP_FORMAT}
+
+
+def tag_request(params: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
+    """Keep the crop's outcome; ask the tagger about the whole photo, telling it whether a person is there."""
+    job = env["job"]
+    box = {k: params[k] for k in ("x", "y", "w", "h")} if params.get("output_path") else None
+    job["crop"] = {
+        "person": bool(params.get("person")),
+        "box": box,
+        "output_path": params.get("output_path"),
+        "missing": params.get("missing"),
+        "method": params.get("method", "blazepose"),
+    }
+    request: dict[str, Any] = {"image": job["path"], "person": bool(params.get("person"))}
+    if job["tags"]:
+        request["tags"] = job["tags"]
+    return request
+
+
+def _record(
+    job: dict[str, Any], outcome: str, functions: dict[str, str], session_id: str | None, **fields: Any
+) -> dict[str, Any]:
+    return {
+        "version": SIDECAR_VERSION,
+        "photo": job.get("name"),
+        "source": job.get("path"),
+        "sha256": job.get("sha256"),
+        "outcome": outcome,
+        **fields,
+        "quality": job.get("quality"),
+        "size": job.get("size"),
+        "session_id": session_id,
+        "steps": _steps(functions, session_id),
+        "received": job.get("received"),
+        "created": _now_iso(),
+    }
+
+
+def _summary(record: dict[str, Any], sidecar: Path) -> dict[str, Any]:
+    """The session's result: what a caller needs to find and show the entry (the sidecar has the rest)."""
+    quality = record.get("quality") or {}
+    return {
+        "photo": record["photo"],
+        "outcome": record["outcome"],
+        "image": record.get("image"),
+        "sidecar": str(sidecar),
+        "score": quality.get("score"),
+        "person": record.get("person"),
+        "box": record.get("box"),
+        "tags": record.get("tags"),
+        "reason": record.get("reason"),
+    }
+
+
+async def write_catalog(params: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
+    """Move the crop into place (or copy the uncropped original) and write the sidecar last."""
+    job, functions = env["job"], env["functions"]
+    crop = job.get("crop") or {}
+    catalog = Path(job["catalog_dir"])
+    staged = crop.get("output_path")
+    image = catalog / (f"{job['stem']}{CROP_SUFFIX}" if staged else job["name"])
+    fields: dict[str, Any] = {
+        "image": str(image),
+        "person": crop.get("person", False),
+        "box": crop.get("box"),
+        "crop_function": functions.get("crop"),
+        "tags": params.get("tags") or [],
+        "labels": params.get("labels") or [],
+    }
+    if crop.get("missing"):
+        fields["missing"] = crop["missing"]
+    record = _record(job, "catalog", functions, current_session_id(), **fields)
+    sidecar = catalog / f"{job['stem']}{SIDECAR_SUFFIX}"
+
+    def commit() -> None:
+        if staged:
+            os.replace(staged, image)
+        else:
+            _copy_atomic(job["path"], image)
+        _write_json_atomic(sidecar, record)
+
+    await anyio.to_thread.run_sync(commit)
+    return _summary(record, sidecar)
+
+
+def _reason(quality: dict[str, Any]) -> str:
+    aspects = {k: quality[k] for k in QUALITY_ASPECTS if isinstance(quality.get(k), int | float)}
+    weakest = min(aspects, key=lambda k: aspects[k]) if aspects else None
+    text = f"quality score {quality.get('score')} is below the threshold {quality.get('threshold')}"
+    return text + (f" (weakest: {weakest} {aspects[weakest]})" if weakest else "")
+
+
+async def write_rejected(params: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
+    """Copy the original into the rejected folder with its scores and the reason, for the photographer."""
+    job, functions = env["job"], env["functions"]
+    rejected = Path(job["rejected_dir"])
+    image = rejected / job["name"]
+    reason = _reason(job.get("quality") or {})
+    record = _record(job, "rejected", functions, current_session_id(), image=str(image), reason=reason)
+    sidecar = rejected / f"{job['stem']}{SIDECAR_SUFFIX}"
+
+    def commit() -> None:
+        _copy_atomic(job["path"], image)
+        _write_json_atomic(sidecar, record)
+
+    await anyio.to_thread.run_sync(commit)
+    return _summary(record, sidecar)
+
+
+async def write_failed(params: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
+    """The ``try_`` handler: record the failure next to the rejected photos, then fail the session with it."""
+    error = params.get("error", "unknown error")
+    job, functions = env.get("job") or {}, env.get("functions") or {}
+    session_id = current_session_id()
+    if not job.get("rejected_dir"):
+        return {"error": error}  # not even a folder to report to: the session's error is the only record
+
+    def report() -> None:
+        rejected = Path(job["rejected_dir"])
+        staging = job.get("staging")
+        if staging:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(staging)
+        image: str | None = None
+        if os.path.isfile(job["path"]):
+            target = rejected / job["name"]
+            _copy_atomic(job["path"], target)
+            image = str(target)
+        record = _record(job, "failed", functions, session_id, image=image, reason=str(error))
+        _write_json_atomic(rejected / f"{job['stem']}{SIDECAR_SUFFIX}", record)
+
+    try:
+        await anyio.to_thread.run_sync(report)
+    except OSError as exc:
+        return {"error": f"{error}; and the failure could not be recorded: {exc}"}
+    return {"error": error}
+
+
+def build_workflow(
+    *, quality: str = QUALITY_FUNCTION, crop: str = CROP_FUNCTION, tag: str = TAG_FUNCTION
+) -> Composition:
+    """The catalog composition, calling the deployed functions named ``quality``, ``crop`` and ``tag``.
+
+    Names may pin a version (``crop="crop@1"``). Every host step is a module-level function, so the
+    composition survives ``to_json``/``from_json`` (with ``functions/`` on ``sys.path``).
+    """
+    catalogue = sequence(
+        function(crop_request),
+        action(crop),
+        function(tag_request),
+        action(tag),
+        function(write_catalog),
+    )
+    body = sequence(
+        function(receive),
+        action(quality),
+        if_(function(gate), catalogue, function(write_rejected)),
+    )
+    functions = {"quality": quality, "crop": crop, "tag": tag}
+    return let({"job": {}, "functions": functions}, try_(body, function(write_failed)))
+
+
+# ---------------------------------------------------------------------------------------------- deploying
+
+
+async def deploy_functions(
+    engine: Engine,
+    *,
+    functions_dir: Path = FUNCTIONS_DIR,
+    max_sandboxes: int = DEFAULT_MAX_SANDBOXES,
+    folders: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """Deploy the workflow's AI functions (``folders``: name -> folder under ``functions_dir``); name -> version."""
+    versions: dict[str, str] = {}
+    for name, folder in (folders or FUNCTION_FOLDERS).items():
+        info = await engine.deploy(name, path=functions_dir / folder, max_sandboxes=max_sandboxes)
+        versions[name] = str(info["version"])
+    return versions
+
+
+async def deploy_catalog(
+    engine: Engine,
+    name: str = COMPOSITION_NAME,
+    *,
+    params: dict[str, Any] | None = None,
+    quality: str = QUALITY_FUNCTION,
+    crop: str = CROP_FUNCTION,
+    tag: str = TAG_FUNCTION,
+) -> Composition:
+    """Deploy the composition as ``name`` (its functions must be deployed) and install the step recorder.
+
+    ``params`` are the composition's defaults (e.g. ``catalog_dir``/``rejected_dir``); a trigger's parameters
+    and the event's payload override them.
+    """
+    comp = build_workflow(quality=quality, crop=crop, tag=tag)
+    await engine.deploy_composition(name, comp, params=params)
+    install(engine)
+    return comp
