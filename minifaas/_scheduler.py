@@ -272,6 +272,8 @@ class Scheduler:
                     "args": job.args_packed,
                     "deadline": start + timeout_ms,
                     "version": spec.version,
+                    # nothing else waiting: a caller in a loop will send the next one at once, worth polling for
+                    "spin": not fp.queue,
                 },
             )
         except SandboxDied:

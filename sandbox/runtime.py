@@ -34,6 +34,8 @@ DEFAULT_MAX_RESULT_BYTES: Final = 1 << 20
 MAX_OPEN_FILES: Final = 1024
 MODULE_NAME: Final = "__minifaas_function__"
 PR_SET_PDEATHSIG: Final = 1
+#: after answering, poll this long for the next frame before blocking (see BlockingChannel.recv)
+SPIN_BEFORE_BLOCK_S: Final = 100e-6
 #: a loaded TFLite model takes about this many times its file size in memory (measured on the pose models)
 MODEL_MEMORY_FACTOR: Final = 10
 MIN_MODEL_CACHE_BYTES: Final = 16 << 20
@@ -405,6 +407,8 @@ class Runtime:
                     self._pool.submit(self.run, fields)
                 else:
                     self.run(fields)
+                    # the host marks RUNs with nothing queued behind them: poll briefly for the next one then
+                    self.channel.spin_s = SPIN_BEFORE_BLOCK_S if fields.get("spin") else 0.0
             elif kind == p.REPLY:
                 cid = int(fields.get("cid", 0))
                 ev = self._reply_events.pop(cid, None)
