@@ -100,8 +100,7 @@ async def main(rounds: int, steps: int) -> None:
     for name, ts in times.items():
         med = statistics.median(ts)
         print(
-            f"{name:<48} {med * 1e3:>10.3f} {pct(ts, 0.9) * 1e3:>8.3f} {med / steps * 1e6:>12.1f} "
-            f"{med / base:>9.2f}x"
+            f"{name:<48} {med * 1e3:>10.3f} {pct(ts, 0.9) * 1e3:>8.3f} {med / steps * 1e6:>12.1f} {med / base:>9.2f}x"
         )
     seq_med = statistics.median(times[f"sequence of {steps} actions (run_session)"])
     print(

@@ -11,14 +11,14 @@ Per function, on the same real photo (``tests/data/images/messi5.jpg`` passed as
   put in the host store beforehand): an interpreter is built from the store's file, then the run;
 - ``model-warm``: the same sandbox again, every model a cache hit: the steady state;
 - ``in-process``: ``minifaas.testing.call`` of the same function in this process, warm (its models cached);
-  twice: with OpenCV's thread pool as this process has it, and single-threaded as in a sandbox (the zygote
-  disables OpenCV's pool before forking), which is the same work as the sandbox does;
+  twice: with OpenCV's thread pool as this process has it (as a sandbox has it too: the zygote turns OpenCV's
+  pool off before forking and each child turns it back on), and single-threaded, for reference;
 - ``no-op``: the engine's round trip for the same arguments to a function that does nothing: its fixed cost.
 
 The warm variants are interleaved call by call, in an order shuffled every round, so that drift of the machine
 (frequency, other load) and hot caches favour none; the "paired" ratio is the median over rounds of the engine's
 call / the in-process call of the same round. Functions are deployed with ``memory_mb=MEMORY_MB`` (see there).
-Goal (issue 9): model-warm through the engine <= 1.10x in-process.
+Goal (issue 4): model-warm through the engine <= 1.10x in-process.
 """
 
 from __future__ import annotations
@@ -195,7 +195,7 @@ def report(fn: str, n: int, r: dict[str, Any]) -> None:
         ("model-cold (warm sandbox, models not loaded)", "model_cold"),
         ("model-warm through the engine", "warm"),
         (f"in-process warm (OpenCV {r['cv2_threads']} threads)", "in_process"),
-        ("in-process warm (OpenCV single-threaded, as a sandbox)", "in_process_1t"),
+        ("in-process warm (OpenCV single-threaded)", "in_process_1t"),
         ("engine round trip of a no-op, same arguments", "noop"),
     ]
     for label, key in rows:

@@ -190,9 +190,7 @@ def generate(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--functions", type=int, default=100)
     parser.add_argument("--days", type=float, default=3.0)
     parser.add_argument("--seed", type=int, default=1)

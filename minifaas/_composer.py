@@ -162,9 +162,7 @@ class Composition:
         self.path = path
         # children are re-labelled copies: the same sub-composition may be used at several places
         self.args: dict[str, Composition] = {k: v._at(f"{path}.{k}") for k, v in (args or {}).items()}
-        self.components: tuple[Composition, ...] = tuple(
-            c._at(f"{path}[{i}]") for i, c in enumerate(components)
-        )
+        self.components: tuple[Composition, ...] = tuple(c._at(f"{path}[{i}]") for i, c in enumerate(components))
         self.name = name
         self.value = value
         self.count = count
@@ -284,10 +282,7 @@ def _parse(node: Any, *, load_functions: bool) -> Composition:
     if kind not in _SPECS:
         raise CompositionError(f"unknown combinator type {node['type']!r} at {node.get('path', '?')!r}")
     spec = _SPECS[kind]
-    sub = {
-        k: _parse(node[k], load_functions=load_functions) if node.get(k) is not None else empty()
-        for k in spec.args
-    }
+    sub = {k: _parse(node[k], load_functions=load_functions) if node.get(k) is not None else empty() for k in spec.args}
     comps = tuple(_parse(c, load_functions=load_functions) for c in node.get("components") or ())
     if kind == "action":
         name = node.get("name")
@@ -464,9 +459,7 @@ def if_(test: Task, consequent: Task, alternate: Task = None) -> Composition:
     Both branches run on the input of the ``if_`` (the output of ``test`` is discarded). If ``test`` fails,
     neither branch runs and the error propagates.
     """
-    return Composition(
-        "if", args={"test": task(test), "consequent": task(consequent), "alternate": task(alternate)}
-    )
+    return Composition("if", args={"test": task(test), "consequent": task(consequent), "alternate": task(alternate)})
 
 
 when = if_

@@ -247,9 +247,7 @@ class _Run:
     def _begin(self, path: str, kind: StepKind, name: str | None, p: Params, budget: _Budget) -> Step:
         budget.used += 1
         if budget.used > self.max_steps:
-            raise _StepLimit(
-                f"composition exceeded its step limit (max_steps={self.max_steps}) at AST node root{path}"
-            )
+            raise _StepLimit(f"composition exceeded its step limit (max_steps={self.max_steps}) at AST node root{path}")
         self.total += 1
         if self.total > MAX_SESSION_STEPS:
             raise _SessionLimit(
@@ -361,10 +359,7 @@ class _Run:
                     f"{sorted(undeclared)}: declare them with let"
                 }
         except Exception as e:
-            out = {
-                "error": f"Function combinator threw an exception at AST node root{n.path}: "
-                f"{type(e).__name__}: {e}"
-            }
+            out = {"error": f"Function combinator threw an exception at AST node root{n.path}: {type(e).__name__}: {e}"}
         finally:
             # like Composer, variable updates stick even when the function fails
             for name in declared:
@@ -474,9 +469,7 @@ class _Run:
 
     # ------------------------------------------------------------------ fan out
 
-    async def _branch(
-        self, comps: Sequence[Composition], p: Params, stack: Stack, out: list[Params], i: int
-    ) -> None:
+    async def _branch(self, comps: Sequence[Composition], p: Params, stack: Stack, out: list[Params], i: int) -> None:
         try:
             out[i] = await self.seq(comps, p, stack, _Budget())
         except _StepLimit as e:
@@ -497,10 +490,7 @@ class _Run:
         if items is None:
             items = []
         if not isinstance(items, list | tuple):
-            return {
-                "error": f"map at AST node root{n.path} needs a list in field 'value', "
-                f"not {type(items).__name__}"
-            }
+            return {"error": f"map at AST node root{n.path} needs a list in field 'value', not {type(items).__name__}"}
         jobs = [(n.components, x if isinstance(x, dict) else {"value": x}) for x in items]
         return await self._fan_out(jobs, stack)
 
@@ -635,13 +625,9 @@ async def run_as_activation(
 class _Engine(Protocol):
     """What :func:`call_composition` needs of an engine."""
 
-    async def call(
-        self, name: str, args: dict[str, Any] | None = None, *, cause: str | None = None
-    ) -> Activation: ...
+    async def call(self, name: str, args: dict[str, Any] | None = None, *, cause: str | None = None) -> Activation: ...
 
-    async def submit(
-        self, name: str, args: dict[str, Any] | None = None, *, cause: str | None = None
-    ) -> str: ...
+    async def submit(self, name: str, args: dict[str, Any] | None = None, *, cause: str | None = None) -> str: ...
 
 
 async def call_composition(

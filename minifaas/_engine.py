@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib
 import os
@@ -35,6 +36,9 @@ from ._errors import (
 )
 from ._function import DEFAULTS, FunctionSpec
 from ._launch import Launcher, SpawnLauncher
+from ._poll import HOST_POLL_US
+from ._poll import install as install_polling
+from ._poll import uninstall as uninstall_polling
 from ._pool import KEEPALIVE_POLICIES, MAX_SANDBOXES_TOTAL, Pool
 from ._sandbox import HostService
 from ._scheduler import ENGINE_MAX_QUEUED, Scheduler
@@ -131,6 +135,7 @@ class Engine:
         pip_index_url: str | None = None,
         keepalive: Literal["fixed", "histogram"] = "fixed",
         prewarm: int = 0,
+        poll_us: int = HOST_POLL_US,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -164,6 +169,11 @@ class Engine:
         if prewarm < 0:
             raise ValueError("prewarm must be >= 0")
         self.prewarm = prewarm
+        if poll_us < 0:
+            raise ValueError("poll_us must be >= 0")
+        #: the event loop polls for a result around when it is due, this long either side (0: never; see _poll)
+        self.poll_us = poll_us
+        self._polling_loop: asyncio.AbstractEventLoop | None = None
         self.activations = Activations(self)
         self._functions: dict[str, list[FunctionSpec]] = {}
         self._compositions: dict[str, tuple[Composition, dict[str, Any], int]] = {}
@@ -233,8 +243,19 @@ class Engine:
             attach(self._pool)  # a backend (Ray) makes its own sandbox handles: pool.sandbox_factory
         if self.clock is not None and hasattr(self.clock, "on_advance"):
             self.clock.on_advance(self._pool.wake_reaper)
-        self._sched = Scheduler(tg, self._pool, self._store, max_queued=self.max_queued, on_end=self._on_end)
+        polling = self.backend == "local" and self.poll_us > 0
+        self._sched = Scheduler(
+            tg,
+            self._pool,
+            self._store,
+            max_queued=self.max_queued,
+            on_end=self._on_end,
+            poll_us=self.poll_us if polling else 0,
+        )
         tg.start_soon(self._pool.reaper, name="minifaas-reaper")
+        loop = asyncio.get_running_loop()
+        if polling and install_polling(loop, id(self), self._sched.poll_window):
+            self._polling_loop = loop
         self.triggers = TriggerManager(self.submit, state_dir=self.state_dir, task_group=tg, clock=self.clock)
         self.started_at = time.time()
         return self
@@ -284,6 +305,9 @@ class Engine:
                 if self._launcher is not None:
                     await self._launcher.aclose()
         finally:
+            if self._polling_loop is not None:
+                uninstall_polling(self._polling_loop, id(self))
+                self._polling_loop = None
             tg.cancel_scope.cancel()
             await tg.__aexit__(None, None, None)
             self._tg = None
@@ -424,7 +448,8 @@ class Engine:
         if not spec.models or load is None:
             return
         paths = [str(await self.model_store.fetch(url)) for url in spec.models]
-        await load(paths)
+        # the urls too: the zygote pre-builds each model's interpreter for the url sandboxes will load it by
+        await load(paths, urls=list(spec.models))
 
     def _env_root(self) -> Path:
         return self.state_dir / "envs" if self.state_dir is not None else default_env_root()

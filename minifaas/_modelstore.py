@@ -249,9 +249,7 @@ class ModelStore:
             total = 0
             with os.fdopen(fd, "wb") as out, self._open(url, src) as (reader, declared, mtime_ns):
                 if declared is not None and declared > self.max_bytes:
-                    raise ModelError(
-                        f"{url} is {declared} bytes, over the model store's limit of {self.max_bytes}"
-                    )
+                    raise ModelError(f"{url} is {declared} bytes, over the model store's limit of {self.max_bytes}")
                 while True:
                     # lets a cancelled fetch stop between chunks instead of finishing a large download
                     anyio.from_thread.check_cancelled()

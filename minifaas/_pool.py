@@ -29,6 +29,11 @@ MAX_SANDBOXES_TOTAL: Final = 32
 REAP_INTERVAL_MAX_S: Final = 1.0
 REAP_INTERVAL_MIN_S: Final = 0.01
 KEEPALIVE_POLICIES: Final = ("fixed", "histogram")
+#: gains of the run-time averages (TCP's 1/8 and 1/4, RFC 6298)
+RUN_AVG_GAIN: Final = 8
+RUN_DEV_GAIN: Final = 4
+#: a round trip's extra time beyond the run is clamped to this (ms): a stall of the host is not a trend
+MAX_TRIP_MS: Final = 5.0
 SANDBOX_ENV: Final = {"MALLOC_ARENA_MAX": "2"}
 
 
@@ -51,9 +56,33 @@ class FunctionPool:
         self.cold_ms = 0.0
         self.warm_ms = 0.0
         self.invocations = 0
+        self.warm_runs = 0
+        #: recent warm run time and its mean deviation, in ms (moving averages, as TCP keeps for round trips):
+        #: when the next result is due, for the host's polling
+        self.run_avg_ms = 0.0
+        self.run_dev_ms = 0.0
+        self.trip_avg_ms = 0.0
         #: the keep-alive policy asked for a fresh sandbox at this time (pool clock), kept until ``prewarm_until``
         self.prewarm_at: float | None = None
         self.prewarm_until = 0.0
+
+    def record_run(self, run_ms: float, *, cold: bool = False) -> None:
+        self.invocations += 1
+        if cold:
+            return  # a first run pays for the function's lazy imports and first model loads: not a warm cost
+        self.warm_runs += 1
+        self.warm_ms += (run_ms - self.warm_ms) / self.warm_runs
+        if self.warm_runs == 1:
+            self.run_avg_ms, self.run_dev_ms = run_ms, run_ms / 2
+        else:
+            error = run_ms - self.run_avg_ms
+            self.run_avg_ms += error / RUN_AVG_GAIN
+            self.run_dev_ms += (abs(error) - self.run_dev_ms) / RUN_DEV_GAIN
+
+    def record_trip(self, extra_ms: float) -> None:
+        """What a round trip took beyond the run itself, in ms."""
+        extra_ms = min(max(extra_ms, 0.0), MAX_TRIP_MS)
+        self.trip_avg_ms += (extra_ms - self.trip_avg_ms) / (RUN_AVG_GAIN if self.trip_avg_ms else 1)
 
     def free(self) -> list[Sandbox]:
         c = self.spec.concurrency
@@ -134,11 +163,19 @@ class Pool:
 
     def route(self, fp: FunctionPool, model: str | None) -> Sandbox | None:
         """Ray Serve's order: a free sandbox holding the model, else the free one holding fewest models."""
+        # this runs for every invocation: answer "none free" and "one free" without building a list
+        c = fp.spec.concurrency
+        first: Sandbox | None = None
+        several = False
+        for sb in fp.sandboxes:
+            if sb.state == "ready" and len(sb.inflight) < c:
+                if first is not None:
+                    several = True
+                    break
+                first = sb
+        if not several:
+            return first
         free = fp.free()
-        if not free:
-            return None
-        if len(free) == 1:
-            return free[0]
         if model is not None:
             holders = [sb for sb in free if model in sb.models]
             if holders:

@@ -1,32 +1,39 @@
-"""The Ray backend: ``Engine(backend="ray")`` runs each sandbox as a Ray actor instead of a local process.
+"""The Ray backend: ``Engine(backend="ray")`` runs each sandbox under a Ray actor instead of the local host.
 
 Everything above the sandbox handle is shared with the local backend: the scheduler's queues, timeouts and records,
 the pool's routing, caps, keep-alive and eviction. Only the handle differs::
 
-    Pool.sandbox_factory ---> RaySandbox (host side, a Sandbox subclass)          SandboxActor (a Ray worker process)
-      start()  -------------- actor creation, wait until placed -------------> __init__: Runtime(None), capture,
-      init(fields) ---------- actor.init.remote(fields, env) ---------------->   per-node model fetcher
-      send(RUN, fields) ----- actor.execute.remote(fields) ------------------> Runtime.execute + result checks
-      on_result(sb, fields) <- a task in the engine's task group awaits the ObjectRef (msgpack body, as locally)
-      kill(reason) / stop() - ray.kill(actor, no_restart=True) --------------> worker process ends
-      on_died(sb, reason) <-- an ActorDiedError on any pending call (killed, crashed, node lost)
+    Pool.sandbox_factory -> RaySandbox (host side)          SandboxActor (a Ray worker)       sandbox process
+      start() ------------- actor creation, describe() ---> spawns and watches, with the  -> python -m
+                                                            local host's Sandbox code,        minifaas_sandbox
+      init(fields) -------- actor.init.remote(fields) ----> INIT over the channel ---------> (RLIMIT_AS, pids
+      send(RUN, fields) --- actor.execute.remote(fields) -> RUN; RESULT + fd 1/2 output <--   cgroup, network
+      on_result(sb, fields) <- msgpack body (or "died": the process' exit, as locally)        as locally)
+      kill(reason) / stop() -- actor.terminate (kills its process group), then ray.kill
+      on_died(sb, reason) <-- a "died" answer, or an ActorDiedError (killed, worker crashed, node lost)
+
+The actor supervises a real sandbox process exactly as the local host does (same ``Sandbox`` class, on the actor's
+event loop), so the memory limit (``memory_mb`` is an RLIMIT_AS in the process: "memory limit exceeded"), crashes
+("the sandbox process exited with code 9"), output written straight to fd 1/2 (C code, child processes: in the
+activation's logs), network isolation and the pids cgroup behave identically. The sandbox process learns its node
+from ``MINIFAAS_RAY_NODE_ID``; it is no Ray worker.
 
 Actors are created with the function's ``num_cpus`` (``annotations={"num_cpus": 0.5}``, default 1), ``memory`` =
-``memory_mb`` MiB (a scheduling reservation: Ray's memory monitor, not an address-space limit, guards it),
-``max_concurrency`` = the function's concurrency, ``max_restarts=0`` and the SPREAD strategy, so a function's
-sandboxes land on different nodes. A timeout kills the actor; a dead actor ends only the activations it was running.
-A pipelined RUN (queued behind a running one, see the scheduler) works too: Ray runs an actor's calls in order, and a
-RESULT that overtakes the one ahead of it on the way back is held until the scheduler has begun its activation.
+``memory_mb`` MiB (a scheduling reservation; the actor's own worker comes on top), ``max_concurrency`` = the
+function's concurrency (plus a small "control" group, so terminate and pings never wait behind activations),
+``max_restarts=0`` and the SPREAD strategy, so a function's sandboxes land on different nodes. A timeout kills the
+actor; a dead actor ends only the activations it was running. A pipelined RUN (queued behind a running one, see the
+scheduler) works too: the sandbox runs them in order, and a RESULT that overtakes the one ahead of it on the way
+back is held until the scheduler has begun its activation.
 
 Requirements and limits of the backend (documented in the README by the lead):
 
 - every node needs minifaas installed: the actor class lives in this module, so a worker imports ``minifaas``
-  (about 0.35 s, once per actor) and uses ``minifaas._modelstore`` to fetch models into a store of its own node
-  (``<model root>/ray-nodes/<node id>``; the model root is the engine's, created on each node);
+  (about 0.35 s, once per actor), then starts the sandbox process (about 0.1 s); models are fetched into a store of
+  the actor's node (``<model root>/ray-nodes/<node id>``; the model root is the engine's, created on each node);
 - function bundles deployed by path are shipped to nodes that cannot see the host's bundle folder; model URLs
   must be readable from every node (http(s), s3, or a shared file system for ``file://``);
-- output a function writes straight to fd 1/2 (C extensions, subprocesses) goes to Ray's worker logs, not to the
-  activation's logs; ``print`` and ``sys.stdout``/``sys.stderr`` are captured as locally;
+- ``ray_address="ray://host:10001"`` (Ray Client) needs ``pip install 'ray[client]'`` (grpcio);
 - a pending actor (the cluster has no room) waits up to ``RAY_START_TIMEOUT_S``; meanwhile idle sandboxes of other
   functions are evicted to make room, and the start is abandoned once nothing waits for it.
 """
@@ -35,15 +42,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import importlib.util
 import io
 import math
 import os
 import re
 import secrets
 import shutil
-import sys
+import struct
 import tempfile
-import threading
+import termios
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -56,12 +65,13 @@ import ray
 import ray.exceptions
 from minifaas_sandbox import protocol as p
 
+from ._errors import BackendUnavailable
 from ._function import FunctionSpec
-from ._launch import ENV_ALLOW, Launched, Launcher
+from ._launch import ENV_ALLOW, Launched, Launcher, SpawnLauncher
 from ._pool import FunctionPool, Pool
 from ._sandbox import SHUTDOWN_GRACE_S, HostService, Sandbox, SandboxDied
 
-__all__ = ("RayLauncher", "RaySandbox", "SandboxActor", "describe_actor_death")
+__all__ = ("RayLauncher", "RaySandbox", "SandboxActor", "describe_actor_death", "node_sandbox_env")
 
 #: Ray namespace of the named sandbox actors (``ray.util.list_named_actors(all_namespaces=True)`` lists them)
 RAY_NAMESPACE: Final = "minifaas"
@@ -80,59 +90,36 @@ RAY_KILL_CONFIRM_TIMEOUT_S: Final = 5.0
 RAY_EVICTION_SETTLE_S: Final = 5.0
 RAY_KILL_POLL_S: Final = 0.02
 RAY_STOP_POLL_S: Final = 0.01
-#: environment variables of a Ray worker that the actor keeps besides the sandbox's own (Ray reads them)
-RAY_ENV_PREFIXES: Final = ("RAY_",)
+#: the sandbox's variable naming the Ray node it runs on (also in each activation's ``ray_node_id`` annotation)
+RAY_NODE_ENV: Final = "MINIFAAS_RAY_NODE_ID"
+#: calls that must not wait behind running activations (terminate, ping) run in this concurrency group of the actor
+RAY_CONTROL_GROUP: Final = "control"
+RAY_CONTROL_CONCURRENCY: Final = 2
+#: before ``ray.kill``, how long the actor gets to kill its sandbox process group (a stuck actor is killed anyway)
+RAY_TERMINATE_TIMEOUT_S: Final = 2.0
+#: after a RESULT, how long the actor waits at most for fd 1/2 output written before it to be read
+RAY_STRAY_DRAIN_S: Final = 0.05
 BUNDLE_CACHE_DIR: Final = "minifaas-ray-bundles"
 _DEATH_CAUSE: Final = re.compile(r"The actor is dead because (.*?)(?:\s+Some common causes|\Z)", re.S)
 _EXIT_CODE: Final = re.compile(r"exits? with an exit code (-?\d+)")
 
 
 # -- inside the actor ---------------------------------------------------------------------------------------------
-class _NodeFetcher:
-    """``models`` fetcher of an actor: a ModelStore rooted in this node's own directory (once per node)."""
+class _Died:
+    """What an activation's pending call gets when the sandbox process under the actor ends."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        # a ModelStore's in-flight table is per event loop: one fetch at a time per actor, each in its own loop
-        self._lock = threading.Lock()
+    __slots__ = ("reason", "status")
 
-    def __call__(self, url: str, sha256: str | None) -> str:
-        from minifaas_sandbox.models import ModelLoadError
-
-        from ._modelstore import ModelStore
-
-        try:
-            with self._lock:
-                path = anyio.run(ModelStore(self.root).fetch, url, sha256)
-        except Exception as exc:
-            raise ModelLoadError(f"the node's model store could not fetch {url}: {exc}") from exc
-        return str(path)
+    def __init__(self, reason: str, status: int | None) -> None:
+        self.reason = reason
+        self.status = status
 
 
-def encode_result(out: dict[str, Any], max_result_bytes: int) -> bytes:
-    """The RESULT fields as one msgpack body, with ``Runtime.run``'s serializability and result-size checks."""
+def _unread_bytes(fd: int) -> int:
     try:
-        body = p.encode_body(out)
-    except (TypeError, ValueError, OverflowError) as exc:
-        out["status"] = "developer_error"
-        out["result"] = {"error": f"The action returned a result that cannot be serialized: {exc}"}
-        body = p.encode_body(out)
-    if len(body) > max_result_bytes:
-        # the body also carries logs: only the result itself counts against the limit
-        size = len(p.encode_body(out["result"]))
-        if size > max_result_bytes:
-            out["status"] = "developer_error"
-            out["result"] = {
-                "error": f"The action produced a response that exceeded the allowed length: {size} > "
-                f"{max_result_bytes} bytes."
-            }
-            body = p.encode_body(out)
-    return body
-
-
-def sandbox_env_allowed(key: str) -> bool:
-    """True for a variable a sandbox actor may keep from its worker's environment."""
-    return key in ENV_ALLOW or key.startswith(RAY_ENV_PREFIXES)
+        return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0])
+    except OSError:
+        return 0
 
 
 def _node_source(source: dict[str, Any]) -> dict[str, Any] | None:
@@ -160,60 +147,167 @@ def _node_source(source: dict[str, Any]) -> dict[str, Any] | None:
     return {"kind": "dir", "path": str(entry)}
 
 
-class SandboxActor:
-    """One sandbox as a Ray actor: a ``minifaas_sandbox`` Runtime hosted in the actor's worker process.
+def node_sandbox_env(host_env: Mapping[str, str], node_id: str) -> dict[str, str]:
+    """A sandbox's environment on this node: the host's sandbox defaults, this node's own PATH, HOME, ..."""
+    env = {k: v for k, v in os.environ.items() if k in ENV_ALLOW}
+    env.update({k: v for k, v in host_env.items() if k not in ENV_ALLOW})
+    env[RAY_NODE_ENV] = node_id
+    return env
 
-    Wrapped with ``ray.remote`` by :class:`RayLauncher`; the worker imports it from this module.
+
+def _mark_asyncio() -> None:
+    """Name asyncio in this task's context: the sandbox's channel callbacks (``add_reader``) start anyio tasks, and
+    anyio tells the event loop library from this context (set by ``anyio.run`` on the host, not by Ray's loop)."""
+    with contextlib.suppress(ImportError):
+        import sniffio
+
+        sniffio.current_async_library_cvar.set("asyncio")
+
+
+class SandboxActor:
+    """One sandbox as a Ray actor: it supervises a real sandbox process on its node, as the local host does.
+
+    The process is ``python -m minifaas_sandbox --fd N`` started and watched by the same :class:`Sandbox` code as
+    locally (on the actor's event loop), so the memory limit (RLIMIT_AS), crash isolation, raw fd 1/2 output,
+    network isolation and the pids cgroup behave identically. Wrapped with ``ray.remote`` by :class:`RayLauncher`
+    (an async actor: every call runs on the event loop of its concurrency group).
     """
 
-    def __init__(self, model_root: str) -> None:
-        from minifaas_sandbox import models, runtime
-
+    def __init__(self, model_root: str, env: dict[str, str], python: str | None) -> None:
         self._node_id = str(ray.get_runtime_context().get_node_id())
-        self._rt = runtime.Runtime(None)
-        self._max_result_bytes = runtime.DEFAULT_MAX_RESULT_BYTES
-        models.set_fetcher(_NodeFetcher(Path(model_root) / "ray-nodes" / self._node_id))
-        # what the function prints becomes its activation's logs, exactly as in a local sandbox
-        sys.stdout = runtime._Capture("stdout", self._rt, sys.stdout)
-        sys.stderr = runtime._Capture("stderr", self._rt, sys.stderr)
+        self._model_root = Path(model_root) / "ray-nodes" / self._node_id
+        self._env = node_sandbox_env(env, self._node_id)
+        # a function's own interpreter (its dependencies' venv) where this node has it, else the worker's
+        self._python = python if python and os.access(python, os.X_OK) else None
+        self._sb: Sandbox | None = None
+        self._started: asyncio.Future[dict[str, Any]] | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._store: Any = None
+        self._death: _Died | None = None
 
-    def describe(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "node_id": self._node_id}
+    async def describe(self) -> dict[str, Any]:
+        """Start the sandbox process (first call only) and wait for its READY."""
+        if self._started is None:
+            self._started = asyncio.get_running_loop().create_future()
+            # the actor owns its supervisor task; it runs until terminate() or the worker's end
+            self._supervisor = asyncio.ensure_future(self._supervise(self._started))
+        return await asyncio.shield(self._started)
 
-    def pid(self) -> int:
-        return os.getpid()
+    async def _supervise(self, started: asyncio.Future[dict[str, Any]]) -> None:
+        _mark_asyncio()
+        sb = Sandbox("ray-actor", {"model.fetch": self._fetch_model})
+        sb.on_result = self._on_result
+        sb.on_died = self._on_died
+        self._sb = sb
+        try:
+            async with anyio.create_task_group() as tg:
+                await sb.start(SpawnLauncher(python=self._python), self._env, tg)
+                assert sb.proc is not None
+                started.set_result({"pid": sb.proc.pid, "actor_pid": os.getpid(), "node_id": self._node_id})
+                # the supervisor (and its task group) ends with the sandbox process: a crash, or terminate()
+                await sb.died.wait()
+        except BaseException as exc:
+            if not started.done():
+                started.set_exception(RuntimeError(f"the sandbox process did not start: {exc}"))
+            if not isinstance(exc, Exception):
+                raise
 
-    def node_id(self) -> str:
-        return self._node_id
+    async def _fetch_model(self, args: dict[str, Any]) -> str:
+        """The ``model.fetch`` host service of this node's sandbox: a model store of this node's own."""
+        if self._store is None:
+            from ._modelstore import ModelStore
 
-    def held_models(self) -> list[str]:
-        from minifaas_sandbox import models
+            self._store = ModelStore(self._model_root)
+        return str(await self._store.fetch(str(args["url"]), sha256=args.get("sha256")))
 
-        return models.held()
+    def _on_result(self, sb: Sandbox, fields: dict[str, Any]) -> None:
+        fut = sb.inflight.get(str(fields.get("aid")))
+        if fut is not None and not fut.done():
+            fut.set_result(fields)
 
-    def init(self, fields: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
-        """Load the function (INIT); the worker's environment is scrubbed to the sandbox's as locally."""
+    def _on_died(self, sb: Sandbox, reason: str, status: int | None) -> None:
+        self._death = _Died(reason, status)
+        for fut in sb.inflight.values():
+            if not fut.done():
+                fut.set_result(self._death)
+
+    def _died_body(self, aid: str) -> bytes:
+        death = self._death or _Died("the sandbox process is gone", None)
+        lines = self._sb.take_stray(aid) if self._sb is not None else []
+        return p.encode_body({"aid": aid, "died": death.reason, "exit_status": death.status, "logs": lines})
+
+    async def init(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """Load the function (INIT) in the sandbox process."""
+        sb = self._sb
+        if sb is None:
+            return {"ok": False, "error": "the sandbox process was not started"}
         source = _node_source(dict(fields["source"]))
         if source is None:
             return {"ok": False, "need_bundle": True, "error": "this node cannot see the bundle folder"}
-        for key in list(os.environ):
-            if not sandbox_env_allowed(key):
-                del os.environ[key]
-        # the host's sandbox defaults (thread caps, allocator), but this node's own PATH, HOME, ...
-        os.environ.update({k: v for k, v in env.items() if k not in ENV_ALLOW})
-        os.environ.update({str(k): str(v) for k, v in (fields.get("env") or {}).items()})
-        fields = {**fields, "source": source}
-        # in_process: the environment is set above; Ray's worker needs its address space, so no RLIMIT_AS
-        reply = self._rt.init(fields, in_process=True)
-        if reply.get("ok") and fields["source"].get("kind") == "dir":
-            with contextlib.suppress(OSError):
-                os.chdir(os.path.dirname(str(fields["source"]["path"])))
-        self._max_result_bytes = int(fields.get("max_result_bytes") or self._max_result_bytes)
+        try:
+            reply = await sb.init({**fields, "source": source})
+        except SandboxDied as exc:
+            reply = {"ok": False, "error": exc.reason, "died": True}
+        if not reply.get("ok"):
+            # what reached fd 1/2 while it failed (an import's C-level complaint, a crash) belongs to its logs
+            reply["logs"] = list(reply.get("logs") or []) + [ln for lines in sb.stray.values() for ln in lines]
+            sb.stray.clear()
         return reply
 
-    def execute(self, fields: dict[str, Any]) -> bytes:
-        """Run one activation (RUN) and return its RESULT fields as a msgpack body."""
-        return encode_result(self._rt.execute(fields), self._max_result_bytes)
+    async def execute(self, fields: dict[str, Any]) -> bytes:
+        """Run one activation (RUN) in the sandbox process; the RESULT fields as a msgpack body, or its death."""
+        aid = str(fields["aid"])
+        sb = self._sb
+        if sb is None or sb.state == "dead":
+            return self._died_body(aid)
+        # the next RUN comes through Ray a millisecond or more later: polling for it would only take a core
+        fields["spin"] = False
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        sb.inflight[aid] = fut
+        try:
+            try:
+                sb.send(p.RUN, fields)
+            except SandboxDied:
+                with anyio.move_on_after(SHUTDOWN_GRACE_S):
+                    await sb.died.wait()
+                return self._died_body(aid)
+            out = await fut
+            if isinstance(out, _Died):
+                return self._died_body(aid)
+            await self._drain(sb)
+        finally:
+            sb.inflight.pop(aid, None)
+        stray = sb.take_stray(aid)
+        if stray:
+            logs = out.get("logs")
+            out["logs"] = [*(logs if isinstance(logs, list) else []), *stray]
+        return p.encode_body(out)
+
+    @staticmethod
+    async def _drain(sb: Sandbox) -> None:
+        """Let the pipe readers take what the function wrote to fd 1/2 before it returned (it is in the pipes
+        already, but the RESULT came through the channel first), so it lands in this activation's logs."""
+        proc = sb.proc
+        if proc is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RAY_STRAY_DRAIN_S
+        while _unread_bytes(proc.stdout_fd) or _unread_bytes(proc.stderr_fd):
+            if loop.time() > deadline:
+                return  # something it started keeps writing: the rest goes to the next activation, as locally
+            await asyncio.sleep(0)
+
+    @ray.method(concurrency_group=RAY_CONTROL_GROUP)
+    async def terminate(self) -> None:
+        """Kill the sandbox process and all it started (process group, cgroup), before the host's ``ray.kill``:
+        a SIGKILLed worker cannot do it, and its sandbox's children would outlive it."""
+        sb = self._sb
+        if sb is not None and sb.proc is not None:
+            sb.proc.kill()
+
+    @ray.method(concurrency_group=RAY_CONTROL_GROUP)
+    async def pid(self) -> int:
+        return os.getpid()
 
 
 # -- on the host --------------------------------------------------------------------------------------------------
@@ -243,12 +337,14 @@ def _num_cpus(spec: FunctionSpec | None) -> float:
 
 
 class RayProcess:
-    """``Sandbox.proc`` of a Ray sandbox: the actor's worker process, for ``pid`` in stats and snapshots."""
+    """``Sandbox.proc`` of a Ray sandbox: its sandbox process on a node (``pid`` in stats and snapshots), and the
+    actor's worker process supervising it."""
 
     how = "ray"
 
-    def __init__(self, pid: int, node_id: str) -> None:
+    def __init__(self, pid: int, actor_pid: int, node_id: str) -> None:
         self.pid = pid
+        self.actor_pid = actor_pid
         self.node_id = node_id
 
 
@@ -296,7 +392,8 @@ class RaySandbox(Sandbox):
         }
         if memory:
             options["memory"] = memory
-        self.actor = self.backend.actor_class.options(**options).remote(str(self.backend.model_root))
+        python = spec.python if spec is not None else None
+        self.actor = self.backend.actor_class.options(**options).remote(str(self.backend.model_root), env, python)
         self.backend.counters["actors_started"] += 1
         try:
             info = await self._wait_started(num_cpus, memory)
@@ -312,7 +409,7 @@ class RaySandbox(Sandbox):
             # stopped (engine closing) while the actor was being placed: it must not outlive us
             self._kill_actor()
             raise SandboxDied("the sandbox was stopped while starting", None)
-        self.proc = RayProcess(int(info["pid"]), str(info["node_id"]))  # type: ignore[assignment]
+        self.proc = RayProcess(int(info["pid"]), int(info["actor_pid"]), str(info["node_id"]))  # type: ignore[assignment]
         self.node_id = str(info["node_id"])
         return (anyio.current_time() - t0) * 1000
 
@@ -351,11 +448,11 @@ class RaySandbox(Sandbox):
 
     async def init(self, fields: dict[str, Any]) -> dict[str, Any]:
         try:
-            reply: dict[str, Any] = await self.actor.init.remote(fields, self._env)
+            reply: dict[str, Any] = await self.actor.init.remote(fields)
             if reply.get("need_bundle"):
                 # a node of another machine: ship the bundle folder (zipped once per digest)
                 shipped = {**fields, "source": self.backend.ship(fields["source"])}
-                reply = await self.actor.init.remote(shipped, self._env)
+                reply = await self.actor.init.remote(shipped)
         except ray.exceptions.RayError as exc:
             reason, status = self._on_call_error(exc)
             raise SandboxDied(reason, status) from None
@@ -384,26 +481,35 @@ class RaySandbox(Sandbox):
         await self.died.wait()
 
     def _kill_actor(self) -> None:
-        with contextlib.suppress(Exception):  # already dead, or the cluster is gone
-            ray.kill(self.actor, no_restart=True)
+        if self.proc is None or self._tg is None:
+            # no sandbox process yet (the actor is being placed or started): nothing to terminate first
+            with contextlib.suppress(Exception):  # already dead, or the cluster is gone
+                ray.kill(self.actor, no_restart=True)
         if not self._reaping and self._tg is not None:
             self._reaping = True
             self.backend.counters["actors_killed"] += 1
             self._tg.start_soon(self._confirm_death)
 
     async def _confirm_death(self) -> None:
-        """``ray.kill`` is asynchronous: ping the actor until Ray reports it dead (a call may still slip in)."""
-        with anyio.CancelScope(shield=True), anyio.move_on_after(RAY_KILL_CONFIRM_TIMEOUT_S):
-            while not self._reported:
-                try:
-                    await self.actor.pid.remote()
-                except ray.exceptions.RayError as exc:
-                    self._on_call_error(exc)
-                    return
-                except Exception as exc:  # Ray itself is gone (shut down before the engine closed)
-                    self._report_death(f"the Ray actor {self.actor_name} is unreachable: {exc}", None)
-                    return
-                await anyio.sleep(RAY_KILL_POLL_S)
+        """Terminate the sandbox process, ``ray.kill`` the actor, and (that is asynchronous) ping the actor until
+        Ray reports it dead (a call may still slip in)."""
+        with anyio.CancelScope(shield=True):
+            if self.proc is not None:
+                with anyio.move_on_after(RAY_TERMINATE_TIMEOUT_S), contextlib.suppress(Exception):
+                    await self.actor.terminate.remote()
+                with contextlib.suppress(Exception):
+                    ray.kill(self.actor, no_restart=True)
+            with anyio.move_on_after(RAY_KILL_CONFIRM_TIMEOUT_S):
+                while not self._reported:
+                    try:
+                        await self.actor.pid.remote()
+                    except ray.exceptions.RayError as exc:
+                        self._on_call_error(exc)
+                        return
+                    except Exception as exc:  # Ray itself is gone (shut down before the engine closed)
+                        self._report_death(f"the Ray actor {self.actor_name} is unreachable: {exc}", None)
+                        return
+                    await anyio.sleep(RAY_KILL_POLL_S)
         self._report_death(f"the Ray actor {self.actor_name} was killed", None)
 
     def _on_call_error(self, exc: ray.exceptions.RayError) -> tuple[str, int | None]:
@@ -464,6 +570,15 @@ class RaySandbox(Sandbox):
             self._on_call_error(exc)
             return
         fields: dict[str, Any] = p.decode_body(body)
+        if "died" in fields:
+            # the sandbox process under the actor ended (a crash, the memory killer): the same record as locally
+            lines = fields.get("logs")
+            if isinstance(lines, list) and lines:
+                self.stray.setdefault(aid, []).extend(str(line) for line in lines)
+            status = fields.get("exit_status")
+            self._kill_actor()
+            self._report_death(str(fields["died"]), status if isinstance(status, int) else None)
+            return
         models = fields.get("models")
         if models is not None:
             self.models = set(models)
@@ -509,11 +624,14 @@ class RayLauncher:
 
     async def start_in(self, tg: anyio.abc.TaskGroup) -> None:
         """Connect: reuse a ``ray.init`` the application made, else start or join the cluster at ``address``."""
+        if self.address and self.address.startswith("ray://") and importlib.util.find_spec("grpc") is None:
+            raise BackendUnavailable(f"ray_address={self.address!r} needs Ray Client: pip install 'ray[client]'")
         if not ray.is_initialized():
             # a worker thread: starting a local cluster takes seconds, the event loop keeps running meanwhile
             await anyio.to_thread.run_sync(lambda: ray.init(address=self.address))
             self._owns_ray = True
-        self.actor_class = ray.remote(SandboxActor)
+        groups = {RAY_CONTROL_GROUP: RAY_CONTROL_CONCURRENCY}
+        self.actor_class = ray.remote(concurrency_groups=groups)(SandboxActor)  # type: ignore[call-overload]
 
     def attach(self, pool: Pool) -> None:
         """Make ``pool`` create Ray sandboxes (called by the engine once its pool exists)."""

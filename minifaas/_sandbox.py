@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import math
 import os
+import select
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -93,6 +94,18 @@ class _Waiter:
         return self.value
 
 
+class _PipeState:
+    """What a pipe reader keeps between reads: the line not ended yet, and whether it is being skipped."""
+
+    __slots__ = ("partial", "skipping", "stream")
+
+    def __init__(self, stream: str) -> None:
+        self.stream = stream
+        self.partial = b""
+        #: the line being read was already cut at MAX_STRAY_LINE_BYTES: drop the rest of it
+        self.skipping = False
+
+
 class _Stray(list[str]):
     """One activation's stray output lines, and their size (capped at MAX_STRAY_BYTES)."""
 
@@ -144,6 +157,8 @@ class Sandbox:
         #: set by the scheduler: called once the process is gone, with the reason and exit status
         self.on_died: Callable[[Sandbox, str, int | None], None] = _ignore_death
         self.owner: Any = None
+        #: the scheduler's deadline timer for the activations running here (one per sandbox)
+        self.timer: asyncio.TimerHandle | None = None
         self._ready = _Waiter()
         self._init = _Waiter()
         self._out = bytearray()
@@ -156,6 +171,9 @@ class Sandbox:
         self._pipes_drained = anyio.Event()
         self._killed_reason: str | None = None
         self._calls = 0
+        #: fd -> state of the task reading that output pipe
+        self._pipes: dict[int, _PipeState] = {}
+        self._pipe_poll = select.poll()
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
     async def start(self, launcher: Launcher, env: dict[str, str], tg: anyio.abc.TaskGroup) -> float:
@@ -301,6 +319,7 @@ class Sandbox:
         if not isinstance(fields, dict):
             raise p.ProtocolError(f"frame of type {kind!r} has no field map")
         if kind == p.RESULT:
+            self._drain_pipes()
             models = fields.get("models")
             if models is not None:
                 self.models = {str(m) for m in models} if isinstance(models, list) else set()
@@ -335,9 +354,8 @@ class Sandbox:
             self.send(p.REPLY, reply)
 
     async def _read_pipe(self, fd: int, stream: str) -> None:
-        partial = b""
-        #: the line being read was already cut at MAX_STRAY_LINE_BYTES: drop the rest of it
-        skipping = False
+        state = self._pipes[fd] = _PipeState(stream)
+        self._pipe_poll.register(fd, select.POLLIN)
         try:
             while True:
                 try:
@@ -352,25 +370,55 @@ class Sandbox:
                     break
                 if not data:
                     break
-                # partial is at most one cut line long: no quadratic joining, however long a line a sandbox writes
-                *lines, partial = (partial + data).split(b"\n")
-                for line in lines:
-                    if skipping:
-                        skipping = False
-                    else:
-                        self._stray_line(stream, line)
-                if skipping:
-                    partial = b""
-                elif len(partial) > MAX_STRAY_LINE_BYTES:
-                    self._stray_line(stream, partial)
-                    partial = b""
-                    skipping = True
+                self._pipe_data(state, data)
         finally:
-            if partial:
-                self._stray_line(stream, partial)
+            del self._pipes[fd]
+            with contextlib.suppress(KeyError, ValueError):
+                self._pipe_poll.unregister(fd)
+            if state.partial:
+                self._stray_line(stream, state.partial)
             self._pipes_done += 1
             if self._pipes_done == 2:
                 self._pipes_drained.set()
+
+    def _pipe_data(self, state: _PipeState, data: bytes) -> None:
+        # partial is at most one cut line long: no quadratic joining, however long a line a sandbox writes
+        *lines, state.partial = (state.partial + data).split(b"\n")
+        for line in lines:
+            if state.skipping:
+                state.skipping = False
+            else:
+                self._stray_line(state.stream, line)
+        if state.skipping:
+            state.partial = b""
+        elif len(state.partial) > MAX_STRAY_LINE_BYTES:
+            self._stray_line(state.stream, state.partial)
+            state.partial = b""
+            state.skipping = True
+
+    def _drain_pipes(self) -> None:
+        """Read what the sandbox wrote to fd 1/2 before a RESULT, so it lands in that activation's logs.
+
+        The pipes and the channel are separate files: a line written just before ``main`` returned may still wait
+        in its pipe when the RESULT is read (the pipe readers are tasks, woken after the channel's callback). One
+        ``poll`` with a zero timeout tells whether there is anything to read at all.
+        """
+        if not self._pipes:
+            return
+        for fd, _ in self._pipe_poll.poll(0):
+            state = self._pipes.get(fd)
+            if state is None:
+                continue
+            while True:
+                try:
+                    data = os.read(fd, READ_CHUNK_BYTES)
+                except OSError:
+                    break  # nothing more now (EAGAIN), or the pipe is failing: its reader task will see
+                if not data:
+                    break  # end of file: its reader task will see
+                self._pipe_data(state, data)
+                if len(data) < READ_CHUNK_BYTES:
+                    break
 
     def _stray_line(self, stream: str, raw: bytes) -> None:
         buckets: list[_Stray] = []

@@ -14,16 +14,20 @@ engine's close records the ones that never ran.
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 from collections.abc import Callable
 from typing import Any, Final
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 from minifaas_sandbox import protocol as p
 
 from ._activation import Activation, log_line, new_activation_id, now_ms
 from ._errors import InvalidPayload, Overloaded, PayloadTooLarge
 from ._function import FunctionSpec
+from ._poll import PollWindow
 from ._pool import FunctionPool, Pool
 from ._sandbox import Sandbox, SandboxDied
 from ._store import ActivationStore
@@ -38,22 +42,69 @@ ENGINE_MAX_QUEUED: Final = 100_000
 PREFETCH_MAX_RUN_MS: Final = 2.0
 #: warm runs observed before pipelining is considered
 PREFETCH_MIN_SAMPLES: Final = 20
+#: functions whose warm runs take longer than this are not polled for (see ``_poll``): the cost of waking the host
+#: (under a millisecond) is lost in their run time
+POLL_MAX_RUN_MS: Final = 1000.0
+#: a poll window is at most this wide, whatever the spread of the function's run times, bounding its CPU cost
+MAX_POLL_WINDOW_MS: Final = 3.0
 _JSON_SCALARS: Final = (str, int, float, bool, type(None), bytes)
 _RESULT_STATUSES: Final = frozenset({"success", "application_error", "developer_error"})
 #: a run time reported beyond this (a day) is garbage, kept out of the pool's cost figures
 _MAX_RUN_MS: Final = 86_400_000.0
 
 
+class Done:
+    """Set once when an activation ends. One is made per invocation, on the hot path: a bare future per waiter is
+    a fraction of the cost of an ``anyio.Event`` (the engine runs on asyncio only)."""
+
+    __slots__ = ("_set", "_waiters")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        if self._set:
+            return
+        self._set = True
+        waiters, self._waiters = self._waiters, None
+        for fut in waiters or ():
+            if not fut.done():
+                fut.set_result(None)
+
+    async def wait(self) -> None:
+        if self._set:
+            await anyio.lowlevel.checkpoint()
+            return
+        fut = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = []
+        self._waiters.append(fut)
+        try:
+            await fut
+        finally:
+            if not self._set and self._waiters is not None and fut in self._waiters:
+                self._waiters.remove(fut)
+
+
 class Job:
-    __slots__ = ("act", "args_packed", "done", "fp", "model", "timer")
+    __slots__ = ("act", "args_packed", "begun", "deadline", "done", "fp", "model", "poll")
 
     def __init__(self, act: Activation, args_packed: bytes, fp: FunctionPool, model: str | None) -> None:
         self.act = act
         self.args_packed = args_packed
         self.fp = fp
         self.model = model
-        self.done = anyio.Event()
-        self.timer: asyncio.TimerHandle | None = None
+        self.done = Done()
+        #: event-loop time at which the activation times out (set when it starts)
+        self.deadline = math.inf
+        #: ``time.perf_counter()`` when it started on a sandbox
+        self.begun = 0.0
+        #: when the host polls for its result (see ``Scheduler.poll_window``), while it runs
+        self.poll: PollWindow | None = None
 
 
 def validate_args(args: Any, *, max_depth: int = MAX_PAYLOAD_DEPTH) -> dict[str, Any]:
@@ -93,6 +144,7 @@ class Scheduler:
         *,
         max_queued: int = ENGINE_MAX_QUEUED,
         on_end: Callable[[Activation], None] = lambda act: None,
+        poll_us: int = 0,
     ) -> None:
         self.tg = tg
         self.pool = pool
@@ -101,6 +153,11 @@ class Scheduler:
         self.on_end = on_end
         self.jobs: dict[str, Job] = {}
         self.queued = 0
+        #: margin of the poll windows around a predicted result, 0 for none (see ``_poll``)
+        self.poll_us = poll_us
+        #: running activations with a poll window
+        self.polled: set[Job] = set()
+        self._loop = asyncio.get_running_loop()
         pool.on_capacity = self.pump_all
         pool.warm_up = self._warm_up
 
@@ -174,7 +231,7 @@ class Scheduler:
                 self.queued -= 1
                 self._dispatch(fp, sb, job)
                 continue
-            if fp.invocations >= PREFETCH_MIN_SAMPLES and fp.warm_ms < PREFETCH_MAX_RUN_MS:
+            if fp.warm_runs >= PREFETCH_MIN_SAMPLES and fp.warm_ms < PREFETCH_MAX_RUN_MS:
                 sb = self._prefetch_target(fp)
                 if sb is not None:
                     queue.popleft()
@@ -201,8 +258,10 @@ class Scheduler:
         timeout_ms = int(spec.timeout_s * 1000)
         deadline = now_ms() + timeout_ms + round(2 * fp.warm_ms)
         try:
-            sb.send(p.RUN, {"aid": act.activation_id, "args": job.args_packed, "deadline": deadline,
-                            "version": spec.version})
+            sb.send(
+                p.RUN,
+                {"aid": act.activation_id, "args": job.args_packed, "deadline": deadline, "version": spec.version},
+            )
         except SandboxDied:
             fp.queue.appendleft(job)
             self.queued += 1
@@ -226,7 +285,14 @@ class Scheduler:
         act.wait_time = max(0, act.start - act.accepted - (act.init_time or 0))
         sb.runs += 1
         sb.inflight[act.activation_id] = job
-        job.timer = asyncio.get_running_loop().call_later(fp.spec.timeout_s, self._on_timeout, fp, sb, job)
+        job.begun = time.perf_counter()
+        if self.poll_us and fp.warm_runs >= PREFETCH_MIN_SAMPLES and fp.run_avg_ms <= POLL_MAX_RUN_MS:
+            self._plan_poll(fp, job)
+        # one timer per sandbox, not per activation: it is armed for the oldest deadline and, when it fires, re-armed
+        # for whatever runs then (a sandbox's deadlines only grow: one function version, one timeout)
+        job.deadline = self._loop.time() + fp.spec.timeout_s
+        if sb.timer is None:
+            sb.timer = self._loop.call_at(job.deadline, self._check_deadlines, fp, sb)
 
     def _new_sandbox(self, fp: FunctionPool) -> Sandbox:
         sb = self.pool.reserve(fp)
@@ -289,8 +355,6 @@ class Scheduler:
         job: Job | None = sb.inflight.pop(str(fields.get("aid")), None)
         if job is None:
             return  # already ended (timed out a moment ago)
-        if job.timer is not None:
-            job.timer.cancel()
         fp = job.fp
         # the frame is untrusted (the function's code can write to the channel too): whatever it holds, the
         # activation must still end here, since its timer is cancelled
@@ -308,8 +372,11 @@ class Scheduler:
         run_ms = fields.get("run_ms")
         if not isinstance(run_ms, int | float) or not 0 <= run_ms < _MAX_RUN_MS:
             run_ms = 0.0
-        fp.invocations += 1
-        fp.warm_ms += (run_ms - fp.warm_ms) / fp.invocations
+        cold = job.act.annotations.get("cold") is True
+        fp.record_run(run_ms, cold=cold)
+        if not cold and "pipelined" not in job.act.annotations:
+            # what the round trip adds to the run: transport, and waking the sandbox when it slept
+            fp.record_trip((time.perf_counter() - job.begun) * 1000 - run_ms)
         self.pool.stats["cold_runs" if job.act.annotations.get("cold") else "warm_runs"] += 1
         if sb.prefetched:
             self._begin(fp, sb, sb.prefetched.popleft(), cold=False)
@@ -337,25 +404,63 @@ class Scheduler:
         if not sb.inflight and sb.state == "ready":
             self.pool.became_idle(fp, sb, now)
 
-    def _on_timeout(self, fp: FunctionPool, sb: Sandbox, job: Job) -> None:
-        if sb.inflight.pop(job.act.activation_id, None) is None:
+    def _plan_poll(self, fp: FunctionPool, job: Job) -> None:
+        """Poll from a little before the result is due to a little after: its mean run time plus the mean time the
+        round trip adds, give or take twice the run time's mean deviation plus ``poll_us`` (as TCP times a
+        retransmission)."""
+        now = job.begun
+        due = now + (fp.run_avg_ms + fp.trip_avg_ms) / 1000
+        spread = self.poll_us / 1e6 + 2 * fp.run_dev_ms / 1000
+        opens, closes = max(now, due - spread), due + spread
+        if closes - opens > MAX_POLL_WINDOW_MS / 1000:
+            opens = max(now, due - MAX_POLL_WINDOW_MS / 3000)
+            closes = opens + MAX_POLL_WINDOW_MS / 1000
+        job.poll = (opens, closes)
+        self.polled.add(job)
+
+    def poll_window(self) -> PollWindow | None:
+        """The earliest window, among running activations, that has not closed yet."""
+        if not self.polled:
+            return None
+        now = time.perf_counter()
+        best: PollWindow | None = None
+        for job in self.polled:
+            window = job.poll
+            if window is not None and window[1] > now and (best is None or window[0] < best[0]):
+                best = window
+        return best
+
+    def _check_deadlines(self, fp: FunctionPool, sb: Sandbox) -> None:
+        sb.timer = None
+        if not sb.inflight or sb.state == "dead":
+            return
+        now = self._loop.time()
+        expired = [job for job in sb.inflight.values() if job.deadline <= now]
+        if not expired:
+            first = min(job.deadline for job in sb.inflight.values())
+            sb.timer = self._loop.call_at(first, self._check_deadlines, fp, sb)
             return
         timeout_ms = int(fp.spec.timeout_s * 1000)
-        sb.kill(f"activation {job.act.activation_id} timed out")
+        sb.kill(f"activation {expired[0].act.activation_id} timed out")
         self.pool.forget_dead(fp, sb)
-        self._finish(
-            job,
-            "developer_error",
-            {"error": f"The action exceeded its time limits of {timeout_ms} milliseconds."},
-            sb.take_stray(job.act.activation_id),
-            {"timeout": True},
-        )
+        for job in expired:
+            del sb.inflight[job.act.activation_id]
+            self._finish(
+                job,
+                "developer_error",
+                {"error": f"The action exceeded its time limits of {timeout_ms} milliseconds."},
+                sb.take_stray(job.act.activation_id),
+                {"timeout": True},
+            )
         self.pump(fp)
 
     def _on_died(self, sb: Sandbox, reason: str, status: int | None) -> None:
         fp: FunctionPool | None = sb.owner
         jobs: list[Job] = list(sb.inflight.values())
         sb.inflight.clear()
+        if sb.timer is not None:
+            sb.timer.cancel()
+            sb.timer = None
         if fp is not None:
             # queued inside the sandbox but never started: they go back to the front of the queue
             while sb.prefetched:
@@ -365,8 +470,6 @@ class Scheduler:
                 fp.queue.appendleft(job)
                 self.queued += 1
         for job in jobs:
-            if job.timer is not None:
-                job.timer.cancel()
             logs = sb.take_stray(job.act.activation_id)
             logs.append(log_line("stderr", f"minifaas: {reason}"))
             self._finish(
@@ -385,6 +488,9 @@ class Scheduler:
     ) -> None:
         if job.done.is_set():
             return  # already ended (by the engine's close): a record ends exactly once
+        if job.poll is not None:
+            job.poll = None
+            self.polled.discard(job)
         act = job.act
         act.end = now_ms()
         if not act.start:
@@ -408,7 +514,5 @@ class Scheduler:
 
     def fail_running(self, message: str) -> None:
         for job in list(self.jobs.values()):
-            if job.timer is not None:
-                job.timer.cancel()
             if not job.done.is_set():
                 self._finish(job, "internal_error", {"error": message}, [], {})

@@ -192,9 +192,7 @@ class SessionStore:
             if s is not None:
                 return s
             if self._db is not None:
-                row = self._db.execute(
-                    "SELECT data FROM sessions WHERE session_id = ?", (session_id,)
-                ).fetchone()
+                row = self._db.execute("SELECT data FROM sessions WHERE session_id = ?", (session_id,)).fetchone()
                 if row is not None:
                     return Session.from_dict(json.loads(row[0]))
         raise ActivationNotFound(f"no session {session_id!r}")

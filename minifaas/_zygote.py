@@ -200,7 +200,12 @@ class _Zygote:
         self.forks = 0
         self.send_lock = anyio.Lock()
         self.seq = itertools.count(1)
-        self.model_bytes = 0
+        #: path -> bytes the zygote holds, and path -> ms it took to pre-build its interpreter
+        self.model_sizes: dict[str, int] = {}
+        self.prebuilt: dict[str, float] = {}
+        self.prebuild_errors: dict[str, str] = {}
+        #: OS threads the zygote reported last (at HELLO, then after each LOAD_MODELS)
+        self.threads = 0
 
     # -- requests --------------------------------------------------------------------------------------------
     async def _send(self, frame: bytes, fds: Sequence[int] = ()) -> None:
@@ -212,19 +217,32 @@ class _Zygote:
                 else:
                     await self.stream.send(frame)
 
-    async def load_models(self, paths: Sequence[str]) -> dict[str, Any]:
+    async def load_models(
+        self, paths: Sequence[str], urls: Mapping[str, Sequence[str]], *, prebuild: bool
+    ) -> dict[str, Any]:
         seq = next(self.seq)
         req = self.pending[seq] = _Request()
+        fields = {
+            "seq": seq,
+            "paths": list(paths),
+            "urls": {k: list(v) for k, v in urls.items()},
+            "prebuild": prebuild,
+        }
         try:
-            await self._send(p.encode(z.LOAD_MODELS, {"seq": seq, "paths": list(paths)}))
+            await self._send(p.encode(z.LOAD_MODELS, fields))
         except (anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
             self.pending.pop(seq, None)
             self.terminate()
             self._lost()
             raise ZygoteError(f"zygote {self.pid} is gone") from exc
-        fields = await req.result()
-        self.model_bytes += sum(int(n) for n in (fields.get("loaded") or {}).values())
-        return fields
+        reply = await req.result()
+        self.model_sizes.update({str(k): int(v) for k, v in (reply.get("loaded") or {}).items()})
+        for path, ms in (reply.get("prebuilt") or {}).items():
+            # a path loaded again reports the (short) time to find its interpreter; keep the build's
+            self.prebuilt.setdefault(str(path), float(ms))
+        self.prebuild_errors.update({str(k): str(v) for k, v in (reply.get("prebuild_errors") or {}).items()})
+        self.threads = int(reply.get("threads") or self.threads)
+        return reply
 
     async def fork(self, env: Mapping[str, str]) -> _ForkedProcess:
         if self.gone.is_set():
@@ -370,6 +388,7 @@ class ZygoteLauncher:
     Use it inside ``async with`` (it owns a task group: the zygote's reader task), or let a
     :class:`ZygotePool` own it. ``env`` is the zygote's own environment (default: :func:`scrubbed_env`, which
     keeps numeric libraries single-threaded); each sandbox gets the env passed to :meth:`launch`.
+    ``prebuild`` (read at each model load): build TFLite interpreters in the zygote, not only share the bytes.
     """
 
     name = "zygote"
@@ -380,9 +399,13 @@ class ZygoteLauncher:
         models: Sequence[str] = (),
         *,
         env: Mapping[str, str] | None = None,
+        prebuild: bool = True,
     ) -> None:
         self.preload = tuple(preload)
         self.models = tuple(models)
+        self.prebuild = prebuild
+        #: model path -> urls sandboxes will load it by (sent along, so the zygote's interpreters are found)
+        self.model_urls: dict[str, tuple[str, ...]] = {}
         self._env = dict(env) if env is not None else scrubbed_env()
         self._spawn = SpawnLauncher(preload=self.preload)
         self._tg: anyio.abc.TaskGroup | None = None
@@ -468,27 +491,44 @@ class ZygoteLauncher:
         self._spawns_fallback += 1
         return await self._spawn.launch(env)
 
-    async def load_models(self, paths: Sequence[str]) -> dict[str, Any]:
+    async def load_models(self, paths: Sequence[str], urls: Sequence[str] | None = None) -> dict[str, Any]:
         """Read more model files into the zygote (and every zygote started after a restart); sandboxes forked
-        from now on find them in ``minifaas_sandbox._preloaded_models`` under their path."""
+        from now on find them in ``minifaas_sandbox._preloaded_models`` under their path.
+
+        When the zygote preloaded LiteRT, it also builds each TFLite model's interpreter before forking, and a
+        sandbox's first ``models.load`` of ``urls[i]`` (the url it will pass; or of ``paths[i]``) adopts it
+        from there. Raises ValueError when ``urls`` is not one url per path.
+        """
+        if urls is not None and len(urls) != len(paths):
+            raise ValueError(f"load_models got {len(paths)} paths but {len(urls)} urls")
+        for path, url in zip(paths, urls or (), strict=False):
+            self.model_urls[path] = tuple(dict.fromkeys((*self.model_urls.get(path, ()), url)))
         self.models = tuple(dict.fromkeys((*self.models, *paths)))
         zyg = await self._ensure_zygote()
         if zyg is None:
             raise ZygoteError(f"no zygote is running: {self.last_error}")
-        return await zyg.load_models(list(paths))
+        return await zyg.load_models(list(paths), self._urls_of(paths), prebuild=self.prebuild)
+
+    def _urls_of(self, paths: Sequence[str]) -> dict[str, tuple[str, ...]]:
+        return {path: self.model_urls[path] for path in paths if path in self.model_urls}
 
     def stats(self) -> dict[str, Any]:
         zyg = self._zygote
         alive = zyg is not None and not zyg.gone.is_set()
+        live = zyg if alive else None
         return {
             "forks": self._forks,
             "spawns_fallback": self._spawns_fallback,
             "zygote_restarts": self._restarts,
             "zygote_pid": zyg.pid if alive and zyg is not None else None,
             "preload_failed": dict(self._hello.get("failed") or {}),
-            #: OS threads the zygote had when it started serving: anything but 1 makes forking unsafe
-            "zygote_threads": int(self._hello.get("threads") or 0),
-            "model_bytes": zyg.model_bytes if alive and zyg is not None else 0,
+            #: OS threads the zygote had when it last reported (start, then after each model load): anything but
+            #: 1 makes forking unsafe
+            "zygote_threads": live.threads if live is not None else int(self._hello.get("threads") or 0),
+            "model_bytes": sum(live.model_sizes.values()) if live is not None else 0,
+            #: model path -> ms the zygote took to build (and warm) its interpreter before forking
+            "prebuilt_models": dict(live.prebuilt) if live is not None else {},
+            "prebuild_errors": dict(live.prebuild_errors) if live is not None else {},
         }
 
     async def _ensure_zygote(self) -> _Zygote | None:
@@ -541,8 +581,9 @@ class ZygoteLauncher:
         try:
             with anyio.fail_after(ZYGOTE_START_TIMEOUT_S):
                 self._hello = await zyg.hello.result()
+                zyg.threads = int(self._hello.get("threads") or 0)
                 if self.models:
-                    await zyg.load_models(self.models)
+                    await zyg.load_models(self.models, self._urls_of(self.models), prebuild=self.prebuild)
         except TimeoutError:
             zyg.terminate()
             raise ZygoteError(f"zygote {zyg.pid} did not start within {ZYGOTE_START_TIMEOUT_S} s") from None

@@ -16,6 +16,11 @@ Data flow::
     loader(path) -> object                (tflite Interpreter with tensors allocated, bytes, json, cascade,
                                            or any callable(path) -> object)
 
+A sandbox forked from a zygote may also find a TFLite interpreter the zygote built before forking
+(:func:`prebuild`): the first ``load`` of its url adopts it into the cache as a hit, without fetching or
+building. Its packed weights and plans stay shared copy-on-write with the zygote and the other sandboxes;
+only the pages an ``invoke`` writes (activations) become this sandbox's own.
+
 Each activation gets a record of what it loaded (:func:`take_activation_info`), which the runtime puts into
 the activation's annotations. The record is kept per thread: the runtime takes it on the thread that ran
 ``main``.
@@ -27,13 +32,14 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
 import tempfile
 import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +55,7 @@ __all__ = (
     "held",
     "host_fetcher",
     "load",
+    "prebuild",
     "report_timing",
     "set_fetcher",
     "stats",
@@ -61,6 +68,11 @@ DEFAULT_FETCH_MAX_BYTES = 2 << 30
 HTTP_TIMEOUT_S = 60.0
 COPY_CHUNK_BYTES = 1 << 20
 CACHE_DIR_ENV = "MINIFAAS_MODEL_CACHE"
+#: the FlatBuffer file identifier of a TFLite model, at bytes 4..8
+TFLITE_IDENTIFIER = b"TFL3"
+TFLITE_IDENTIFIER_OFFSET = 4
+#: a pre-built interpreter runs no thread of its own, so the zygote holding it stays safe to fork
+PREBUILT_NUM_THREADS = 1
 
 #: fetcher(url, sha256) -> path of a local file holding the model's bytes
 Fetcher = Callable[[str, "str | None"], str]
@@ -77,6 +89,8 @@ class _Entry:
     size_bytes: int
     # keeps bytes handed to Interpreter(model_content=...) alive as long as the interpreter
     keepalive: object = None
+    # built by the zygote before this process was forked
+    prebuilt: bool = False
 
 
 @dataclass
@@ -85,6 +99,7 @@ class _Counters:
     misses: int = 0
     evictions: int = 0
     uncacheable: int = 0
+    prebuilt: int = 0
 
 
 @dataclass
@@ -110,11 +125,23 @@ def _entry_size(entry: _Entry) -> int:
     return entry.size_bytes
 
 
+@dataclass
+class _Prebuilt:
+    """An interpreter the zygote built, waiting for the first ``load`` of one of its names in a sandbox."""
+
+    entry: _Entry
+    sha256: str
+    num_threads: int
+    names: frozenset[str]
+
+
 _lock = threading.Lock()
 _counters = _Counters()
 _cache = _ByteLRU(MODEL_CACHE_MAX_BYTES, _counters)
 _key_locks: dict[tuple[str, str], threading.Lock] = {}
 _local = threading.local()
+#: url or path -> interpreter built by the zygote (several spellings name one interpreter)
+_prebuilt: dict[str, _Prebuilt] = {}
 
 
 def _record() -> _Record:
@@ -148,12 +175,18 @@ def load(url: str, *, sha256: str | None = None, loader: Loader = "tflite", num_
     if isinstance(loader, str) and loader not in _LOADERS:
         raise ModelLoadError(f"unknown loader {loader!r}; expected one of {sorted(_LOADERS)} or a callable")
     key = (url, _loader_name(loader))
+    adopted = False
     with _lock:
         entry = _cache.get(key)
+        if entry is None and loader == "tflite":
+            entry = _adopt(url, sha256, num_threads)
+            if entry is not None:
+                adopted = True
+                _store(key, entry)
         if entry is None:
             key_lock = _key_locks.setdefault(key, threading.Lock())
     if entry is not None:
-        return _hit(url, entry)
+        return _hit(url, entry, prebuilt=adopted)
     # one thread loads a given key; the others wait for it and then find it cached
     with key_lock:
         with _lock:
@@ -168,30 +201,115 @@ def load(url: str, *, sha256: str | None = None, loader: Loader = "tflite", num_
             t2 = time.perf_counter()
             with _lock:
                 _counters.misses += 1
-                try:
-                    _cache[key] = entry
-                except ValueError:
-                    # larger than the whole cache: serve it uncached rather than evict everything for it
-                    _counters.uncacheable += 1
+                _store(key, entry)
         finally:
             with _lock:
                 _key_locks.pop(key, None)
-    _record().models.append(
-        {
-            "url": url,
-            "hit": False,
-            "download_ms": round((t1 - t0) * 1000, 3),
-            "load_ms": round((t2 - t1) * 1000, 3),
-        }
-    )
+    info: dict[str, Any] = {
+        "url": url,
+        "hit": False,
+        "download_ms": round((t1 - t0) * 1000, 3),
+        "load_ms": round((t2 - t1) * 1000, 3),
+    }
+    if entry.prebuilt:
+        info["prebuilt"] = True
+    _record().models.append(info)
     return entry.value
 
 
-def _hit(url: str, entry: _Entry) -> Any:
+def _store(key: tuple[str, str], entry: _Entry) -> None:
+    """Cache ``entry`` (the caller holds ``_lock``)."""
+    try:
+        _cache[key] = entry
+    except ValueError:
+        # larger than the whole cache: serve it uncached rather than evict everything for it
+        _counters.uncacheable += 1
+
+
+def _hit(url: str, entry: _Entry, *, prebuilt: bool = False) -> Any:
     with _lock:
         _counters.hits += 1
-    _record().models.append({"url": url, "hit": True, "download_ms": 0.0, "load_ms": 0.0})
+    info: dict[str, Any] = {"url": url, "hit": True, "download_ms": 0.0, "load_ms": 0.0}
+    if prebuilt:
+        info["prebuilt"] = True
+    _record().models.append(info)
     return entry.value
+
+
+def _adopt(name: str, sha256: str | None, num_threads: int) -> _Entry | None:
+    """Take the zygote's interpreter for ``name`` if it is the model asked for (the caller holds ``_lock``).
+
+    Adopting removes every spelling of it: one interpreter object must not end up under two cache keys (two
+    entries would count its bytes twice, and a second key expects an interpreter of its own).
+    """
+    found = _prebuilt.get(name)
+    if found is None or found.num_threads != num_threads:
+        return None
+    if sha256 is not None and sha256.lower() != found.sha256:
+        # not the content asked for: the normal path fetches it and reports the mismatch or loads the right one
+        return None
+    for alias in found.names:
+        _prebuilt.pop(alias, None)
+    _counters.prebuilt += 1
+    return found.entry
+
+
+def prebuild(content: bytes, names: Iterable[str], *, sha256: str | None = None) -> bool:
+    """Build and warm the interpreter of the TFLite model ``content`` now, for processes forked later.
+
+    Called by the zygote before it forks; each name (the url a function will pass to :func:`load`, or the
+    local path the fetcher will return) finds it once in a forked sandbox. The interpreter has its tensors
+    allocated and has run once on zeros, so the weights XNNPACK packs and the buffers it sets up on the first
+    ``invoke`` are made here and shared; variables are reset afterwards. It uses one thread, and creates none.
+
+    Returns False (nothing built) for content that is not a TFLite model, or when LiteRT was not imported in
+    this process (a zygote that did not preload it only shares the bytes). A name already pre-built gets the
+    existing interpreter. Raises :class:`ModelLoadError` when LiteRT cannot build or run the model.
+    """
+    names = set(names)
+    if not names:
+        return False
+    if content[TFLITE_IDENTIFIER_OFFSET : TFLITE_IDENTIFIER_OFFSET + len(TFLITE_IDENTIFIER)] != TFLITE_IDENTIFIER:
+        return False
+    if "ai_edge_litert.interpreter" not in sys.modules:
+        return False
+    digest = sha256.lower() if sha256 is not None else hashlib.sha256(content).hexdigest()
+    with _lock:
+        existing = next((_prebuilt[n] for n in names if n in _prebuilt), None)
+        if existing is not None and existing.sha256 == digest:
+            merged = _Prebuilt(existing.entry, digest, existing.num_threads, existing.names | names)
+            for alias in merged.names:
+                _prebuilt[alias] = merged
+            return True
+    try:
+        interp = _build_tflite(content, PREBUILT_NUM_THREADS)
+        _warm(interp)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot pre-build the TFLite model {sorted(names)[0]}: {exc}") from exc
+    entry = _Entry(interp, len(content), keepalive=content, prebuilt=True)
+    built = _Prebuilt(entry, digest, PREBUILT_NUM_THREADS, frozenset(names))
+    with _lock:
+        for alias in names:
+            _prebuilt[alias] = built
+    return True
+
+
+def _build_tflite(content: bytes, num_threads: int) -> Any:
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_content=content, num_threads=num_threads)
+    interp.allocate_tensors()
+    return interp
+
+
+def _warm(interp: Any) -> None:
+    import numpy as np
+
+    for detail in interp.get_input_details():
+        interp.set_tensor(detail["index"], np.zeros(detail["shape"], dtype=detail["dtype"]))
+    interp.invoke()
+    # a stateful model must start from its initial state in every sandbox, not from the warm-up's
+    interp.reset_all_variables()
 
 
 def _load_entry(url: str, path: str, loader: Loader, num_threads: int) -> _Entry:
@@ -214,6 +332,11 @@ def _load_tflite(url: str, path: str, size: int, num_threads: int) -> _Entry:
 
     from . import _preloaded_models
 
+    # the fetcher verified the file at ``path``: an interpreter the zygote built from it needs no build here
+    with _lock:
+        adopted = _adopt(path, None, num_threads)
+    if adopted is not None:
+        return adopted
     # bytes the zygote read before forking are shared copy-on-write: build from them instead of the file
     content = _preloaded_models.get(path) or _preloaded_models.get(url)
     if content is not None:
@@ -410,9 +533,10 @@ def configure(*, max_bytes: int = MODEL_CACHE_MAX_BYTES) -> None:
 
 
 def clear() -> None:
-    """Drop every cached model (counters are kept)."""
+    """Drop every cached model and every interpreter the zygote pre-built (counters are kept)."""
     with _lock:
         _cache.clear()
+        _prebuilt.clear()
 
 
 def stats() -> dict[str, int]:
@@ -426,6 +550,10 @@ def stats() -> dict[str, int]:
             "misses": _counters.misses,
             "evictions": _counters.evictions,
             "uncacheable": _counters.uncacheable,
+            #: loads answered by adopting an interpreter the zygote built (counted in hits or misses too)
+            "prebuilt_adopted": _counters.prebuilt,
+            #: interpreters the zygote built that this process has not adopted (yet)
+            "prebuilt_waiting": len({id(b) for b in _prebuilt.values()}),
         }
 
 

@@ -10,7 +10,8 @@ Data flow::
     host ZygoteLauncher                    zygote (one thread)                      forked sandbox
     +-----------------+  control socket  +----------------------+   os.fork()    +-------------------------+
     | reader task    <|---- HELLO -------| import preload set    |--------------->| setsid, fds 0/1/2, env, |
-    | launch()        |- LOAD_MODELS --->| read model bytes      |                | reseed, signals, close  |
+    | launch()        |- LOAD_MODELS --->| read model bytes,     |                | reseed, signals, close  |
+    |                 |                  | pre-build interpreters|                |                         |
     |                 |- FORK + 3 fds -->| fork, FORKED {pid}    |                | fds, runtime.serve(ch)  |
     |                <|---- EXITED ------| SIGCHLD -> waitpid    |                +-------------------------+
     +-----------------+                  +----------------------+
@@ -25,6 +26,10 @@ the child): the zygote is a single thread woken by a selector on the control soc
 numeric libraries start with one thread (the host passes OMP/OPENBLAS_NUM_THREADS=1) and OpenCV's pool is
 disabled. Model bytes read on LOAD_MODELS go to ``minifaas_sandbox._preloaded_models``, where the model cache
 of a forked child finds them: the pages stay shared copy-on-write between the zygote and all its children.
+When LiteRT is preloaded, each TFLite model also gets its interpreter built, allocated and run once here
+(``models.prebuild``, one thread, no thread pool): a child's first ``models.load`` of the model's url adopts
+it, and the weights XNNPACK repacked stay shared instead of being repacked into each child's private memory.
+MODELS_LOADED reports the zygote's thread count after building, so the host can see it is still one.
 When the host closes its end, the zygote exits, and its children with it (the runtime sets PR_SET_PDEATHSIG).
 """
 
@@ -34,6 +39,7 @@ import argparse
 import collections
 import contextlib
 import gc
+import hashlib
 import importlib
 import os
 import random
@@ -41,6 +47,7 @@ import selectors
 import signal
 import socket
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any, Final
@@ -50,8 +57,11 @@ from minifaas_sandbox import protocol as p
 
 # Control message types; distinct from the sandbox protocol's codes so a mixed-up socket fails loudly.
 HELLO: Final = 101  # Z>H pid, preloaded (list), failed {module: error}, threads (OS threads before forking)
-LOAD_MODELS: Final = 102  # H>Z seq, paths (list)
-MODELS_LOADED: Final = 103  # Z>H seq, loaded {path: bytes}, errors {path: error}
+#: H>Z seq, paths (list), urls {path: [url a sandbox will load it by]} (optional), prebuild (default true)
+LOAD_MODELS: Final = 102
+#: Z>H seq, loaded {path: bytes}, errors {path: error}, prebuilt {path: ms}, prebuild_errors {path: error},
+#: threads (OS threads of the zygote after loading)
+MODELS_LOADED: Final = 103
 FORK: Final = 104  # H>Z seq, env {name: value}; carries fds [channel, stdout w, stderr w]
 FORKED: Final = 105  # Z>H seq, pid; or seq, error
 EXITED: Final = 106  # Z>H pid, status (exit code, or minus the signal number)
@@ -82,6 +92,10 @@ CHILD_FAILURE_EXIT: Final = 70
 NUMPY_SEED_WORDS: Final = 4
 
 
+#: OpenCV's default thread count, saved when the zygote turned its pool off (None: cv2 not preloaded)
+_cv2_threads: int | None = None
+
+
 def _os_threads() -> int:
     try:
         return len(os.listdir("/proc/self/task"))
@@ -99,7 +113,10 @@ def _preload(modules: list[str]) -> tuple[list[str], dict[str, str]]:
             failed[name] = f"{type(exc).__name__}: {exc}"
             continue
         if name == "cv2":
-            # 0 = no thread pool at all: a pool created here would be dead (and its locks held) in every child
+            # 0 = no thread pool at all: a pool created here would be dead (and its locks held) in every child;
+            # each child gets OpenCV's own default back (its pool starts lazily, in the child)
+            global _cv2_threads
+            _cv2_threads = mod.getNumThreads()
             mod.setNumThreads(0)
         elif name == "numpy":
             # numpy 2 imports numpy.random lazily, which would cost every child ~30 ms of its own
@@ -108,10 +125,12 @@ def _preload(modules: list[str]) -> tuple[list[str], dict[str, str]]:
     return loaded, failed
 
 
-def _load_models(paths: list[str]) -> dict[str, Any]:
+def _load_models(paths: list[str], urls: dict[str, list[str]], *, prebuild: bool = True) -> dict[str, Any]:
     store = minifaas_sandbox._preloaded_models
     loaded: dict[str, int] = {}
     errors: dict[str, str] = {}
+    prebuilt: dict[str, float] = {}
+    prebuild_errors: dict[str, str] = {}
     for path in paths:
         try:
             with open(path, "rb") as f:
@@ -120,10 +139,36 @@ def _load_models(paths: list[str]) -> dict[str, Any]:
             errors[path] = f"{type(exc).__name__}: {exc}"
             continue
         # the model cache looks bytes up by the local path its fetcher returns: index every spelling of it
-        for key in {path, os.path.abspath(path), os.path.realpath(path)}:
-            store[key] = data
+        spellings = {path, os.path.abspath(path), os.path.realpath(path)}
+        for key in spellings:
+            known = store.get(key)
+            # the same content again (another function, a re-deploy): keep the copy children already share
+            store[key] = known if known == data else data
+        data = store[path]
         loaded[path] = len(data)
-    return {"loaded": loaded, "errors": errors}
+        if not prebuild:
+            continue
+        t0 = time.perf_counter()
+        try:
+            if _prebuild(data, spellings | set(urls.get(path, ()))):
+                prebuilt[path] = round((time.perf_counter() - t0) * 1000, 3)
+        except Exception as exc:  # the bytes still serve: a sandbox builds its own interpreter from them
+            prebuild_errors[path] = f"{type(exc).__name__}: {exc}"
+    return {
+        "loaded": loaded,
+        "errors": errors,
+        "prebuilt": prebuilt,
+        "prebuild_errors": prebuild_errors,
+        "threads": _os_threads(),
+    }
+
+
+def _prebuild(data: bytes, names: set[str]) -> bool:
+    models = sys.modules.get("minifaas_sandbox.models")
+    if models is None:
+        return False
+    sha256 = hashlib.sha256(data).hexdigest()
+    return bool(models.prebuild(data, names, sha256=sha256))
 
 
 class Zygote:
@@ -182,7 +227,9 @@ class Zygote:
             if kind == FORK:
                 self.fork(fields)
             elif kind == LOAD_MODELS:
-                reply = _load_models([str(x) for x in fields.get("paths", [])])
+                urls = {str(k): [str(u) for u in v] for k, v in (fields.get("urls") or {}).items()}
+                paths = [str(x) for x in fields.get("paths", [])]
+                reply = _load_models(paths, urls, prebuild=fields.get("prebuild", True) is not False)
                 self.send(MODELS_LOADED, {"seq": fields.get("seq"), **reply})
                 gc.freeze()
             else:
@@ -253,6 +300,9 @@ class Zygote:
         os.environ.update(env)
         sys.argv = sys.argv[:1]
         _reseed()
+        if _cv2_threads is not None:
+            # a sandbox decodes and resizes as fast as any process on this machine would
+            sys.modules["cv2"].setNumThreads(_cv2_threads)
         from minifaas_sandbox import runtime
 
         return runtime.serve(channel_fd, preloaded=tuple(self.preloaded))
@@ -270,9 +320,7 @@ def _reseed() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="minifaas_sandbox.zygote")
     parser.add_argument("--fd", type=int, required=True, help="fd of the control socket (AF_UNIX stream)")
-    parser.add_argument(
-        "--preload", default=",".join(DEFAULT_PRELOAD), help="comma-separated modules to import"
-    )
+    parser.add_argument("--preload", default=",".join(DEFAULT_PRELOAD), help="comma-separated modules to import")
     ns = parser.parse_args(argv)
     control = socket.socket(fileno=ns.fd)
     control.setblocking(True)
@@ -282,9 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     # objects that exist now are never collected: a collection in a child would dirty (copy) their pages
     gc.freeze()
     try:
-        zygote.send(
-            HELLO, {"pid": os.getpid(), "preloaded": preloaded, "failed": failed, "threads": _os_threads()}
-        )
+        zygote.send(HELLO, {"pid": os.getpid(), "preloaded": preloaded, "failed": failed, "threads": _os_threads()})
         return zygote.serve()
     except (BrokenPipeError, ConnectionResetError):
         return 0

@@ -206,9 +206,7 @@ PURE_CASES = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("comp", "args", "expected"), [x[1:] for x in PURE_CASES], ids=[x[0] for x in PURE_CASES]
-)
+@pytest.mark.parametrize(("comp", "args", "expected"), [x[1:] for x in PURE_CASES], ids=[x[0] for x in PURE_CASES])
 async def test_pure_combinators(comp: c.Composition, args: dict[str, Any], expected: dict[str, Any]) -> None:
     s = await run(None, comp, args)
     assert s.status == "success", s.result
@@ -441,9 +439,7 @@ async def test_ir_accepts_openwhisk_composer_json() -> None:
     comp = c.Composition.from_json(data)
     assert comp.type == "if_nosave" and comp.actions() == ["check", "a"]
     assert comp.find(".consequent[0]").name == "a"
-    js = {
-        "composition": {"type": "function", "function": {"exec": {"kind": "nodejs:default", "code": "x=>x"}}}
-    }
+    js = {"composition": {"type": "function", "function": {"exec": {"kind": "nodejs:default", "code": "x=>x"}}}}
     with pytest.raises(minifaas.CompositionError, match="only Python functions"):
         c.Composition.from_json(js)
 
@@ -588,9 +584,7 @@ async def test_action_errors_reach_handlers(engine: minifaas.Engine) -> None:
     assert [st.name for st in s.steps] == ["inc", "fail"]
 
 
-@pytest.mark.parametrize(
-    ("fail_times", "attempts", "ok"), [(2, 3, True), (5, 3, False)], ids=["recovers", "gives-up"]
-)
+@pytest.mark.parametrize(("fail_times", "attempts", "ok"), [(2, 3, True), (5, 3, False)], ids=["recovers", "gives-up"])
 async def test_retry_reruns_failing_action(
     engine: minifaas.Engine, tmp_path: Path, fail_times: int, attempts: int, ok: bool
 ) -> None:
@@ -605,9 +599,7 @@ async def test_retry_reruns_failing_action(
 
 
 async def test_dynamic_and_async(engine: minifaas.Engine) -> None:
-    s = await run(
-        engine, c.sequence(lambda p: {"type": "action", "name": "inc", "params": {"n": 41}}, c.dynamic()), {}
-    )
+    s = await run(engine, c.sequence(lambda p: {"type": "action", "name": "inc", "params": {"n": 41}}, c.dynamic()), {})
     assert s.result == {"n": 42}
     assert s.steps[-1].kind == "dynamic" and s.steps[-1].name == "inc" and s.steps[-1].activation_id
     s = await run(engine, c.sequence(c.async_("nap"), lambda p: {**p, "next": True}), {"s": 0.05, "i": 7})
@@ -631,20 +623,14 @@ async def test_parallel_is_concurrent(engine: minifaas.Engine) -> None:
     s, elapsed = await _timed(engine, comp, {})
     assert s.status == "success"
     assert [v["i"] for v in s.result["value"]] == list(range(PARALLEL_BRANCHES))
-    assert elapsed < NAP_S * 2, (
-        f"{PARALLEL_BRANCHES} branches of {NAP_S}s took {elapsed:.2f}s (sum would be more)"
-    )
+    assert elapsed < NAP_S * 2, f"{PARALLEL_BRANCHES} branches of {NAP_S}s took {elapsed:.2f}s (sum would be more)"
     naps = [st for st in s.steps if st.name == "nap"]
     assert len(naps) == PARALLEL_BRANCHES
-    assert max(st.start for st in naps) < min(st.start + st.duration_ms for st in naps), (
-        "steps did not overlap"
-    )
+    assert max(st.start for st in naps) < min(st.start + st.duration_ms for st in naps), "steps did not overlap"
 
 
 async def test_map_is_concurrent_and_branch_errors_do_not_cancel(engine: minifaas.Engine) -> None:
-    comp = c.map(
-        c.if_(lambda p: p["value"] == 1, "fail", c.sequence(lambda p: {"s": NAP_S, "i": p["value"]}, "nap"))
-    )
+    comp = c.map(c.if_(lambda p: p["value"] == 1, "fail", c.sequence(lambda p: {"s": NAP_S, "i": p["value"]}, "nap")))
     await run(engine, comp, {"value": [0, 1, 2, 3]})
     s, elapsed = await _timed(engine, comp, {"value": [0, 1, 2, 3]})
     assert s.status == "success", "a branch error is an array entry, not a session error"

@@ -196,6 +196,29 @@ async def test_prints_never_reach_the_protocol(minifaas_module_engine: minifaas.
     assert "stderr: to stderr" in joined
 
 
+async def test_raw_output_lands_in_its_own_activation(minifaas_module_engine: minifaas.Engine) -> None:
+    # fd 1/2 are pipes apart from the channel: a line written just before main returns must still be in this
+    # activation's logs, not the next one's, call after call with no pause
+    engine = minifaas_module_engine
+    code = textwrap.dedent("""
+        import os, subprocess
+        def main(args):
+            n = args["n"]
+            os.write(1, f"fd1 {n}\\n".encode())
+            os.write(2, f"fd2 {n}\\n".encode())
+            subprocess.run(["/bin/echo", f"child {n}"], check=True)
+            return {"n": n}
+    """)
+    await engine.deploy("raw", code=code)
+    for n in range(20):
+        act = await engine.call("raw", {"n": n})
+        assert_success(act)
+        joined = "\n".join(act.logs)
+        for line in (f"stdout: fd1 {n}", f"stderr: fd2 {n}", f"stdout: child {n}"):
+            assert line in joined, (n, act.logs)
+        assert f"fd1 {n - 1}" not in joined
+
+
 async def test_bundles_folder_zip_and_file(minifaas_module_engine: minifaas.Engine, tmp_path: Path) -> None:
     engine = minifaas_module_engine
     folder = tmp_path / "fn"
@@ -311,6 +334,42 @@ async def test_timeout_kills_and_replaces(minifaas_engine: minifaas.Engine) -> N
     again = await engine.call("slow", {"s": 0})
     assert_success(again)
     assert again.result["pid"] != first["pid"] and again.annotations["cold"] is True
+
+
+async def test_timeout_counts_from_each_activations_start(minifaas_engine: minifaas.Engine) -> None:
+    # one deadline timer per sandbox: armed by an earlier activation, it must be re-armed for the one running when
+    # it fires, so a later activation still gets its whole time limit, no more and no less
+    engine = minifaas_engine
+    await engine.deploy("late", code=SLEEP, timeout_s=1.0)
+    assert_success(await engine.call("late", {"s": 0}))
+    await anyio.sleep(0.6)
+    t0 = time.perf_counter()
+    act = await engine.call("late", {"s": 5})
+    elapsed = time.perf_counter() - t0
+    assert_status(act, "developer_error", error_contains="exceeded its time limits of 1000 milliseconds")
+    assert 0.95 <= elapsed < 2.0, elapsed
+
+
+async def test_timeouts_with_concurrency(minifaas_engine: minifaas.Engine) -> None:
+    # two activations in one sandbox both past their limit: both are recorded as timed out
+    engine = minifaas_engine
+    await engine.deploy("both", code=SLEEP, concurrency=2, max_sandboxes=1, timeout_s=0.5)
+    acts = await _gather(engine, [("both", {"s": 5}), ("both", {"s": 5})])
+    for act in acts:
+        assert_status(act, "developer_error", error_contains="exceeded its time limits")
+        assert act.annotations["timeout"] is True
+
+
+async def _gather(engine: minifaas.Engine, calls: list[tuple[str, dict[str, object]]]) -> list[minifaas.Activation]:
+    out: list[minifaas.Activation] = []
+
+    async def one(name: str, args: dict[str, object]) -> None:
+        out.append(await engine.call(name, args))
+
+    async with anyio.create_task_group() as tg:
+        for name, args in calls:
+            tg.start_soon(one, name, args)
+    return out
 
 
 async def test_memory_limit(minifaas_engine: minifaas.Engine) -> None:

@@ -169,6 +169,50 @@ def test_served_interpreter_matches_a_direct_one(cache: None) -> None:
     assert float(got[1].max()) > 0  # the footballer is detected: this is a real, non-trivial output
 
 
+def test_prebuilt_interpreter_is_adopted_once_under_any_of_its_names(cache: None) -> None:
+    """What a zygote-forked sandbox sees (here in-process): ``prebuild`` builds the interpreter, the first
+    ``load`` of one of its names takes it as a cache hit without fetching, and it outputs what a fresh one does."""
+    fetched: list[str] = []
+
+    def fetch(url: str, sha256: str | None) -> str:
+        fetched.append(url)
+        return models.default_fetcher(url, sha256)
+
+    models.set_fetcher(fetch)
+    content = DETECTOR.read_bytes()
+    url = DETECTOR.as_uri()
+    assert models.prebuild(b"not a model" * 10, ["x"]) is False
+    assert models.prebuild(content, [url, str(DETECTOR)], sha256=DETECTOR_SHA) is True
+    before = models.stats()
+    assert before["prebuilt_waiting"] == 1
+    # another content's digest, or another thread count, is not this interpreter: loaded the normal way
+    with pytest.raises(models.ModelLoadError, match="sha256 mismatch"):
+        models.load(url, sha256="0" * 64)
+    assert fetched == [url]
+    by_path = models.load(str(DETECTOR), num_threads=2)
+    assert models.stats()["prebuilt_waiting"] == 1
+    models.take_activation_info()
+
+    mid = models.stats()
+    served = models.load(url, sha256=DETECTOR_SHA)
+    info = models.take_activation_info()
+    assert info["model_cache"] == "hit"
+    assert info["models"] == [{"url": url, "hit": True, "download_ms": 0.0, "load_ms": 0.0, "prebuilt": True}]
+    assert fetched == [url, str(DETECTOR)]  # the two loads above fetched; the adopted one did not
+    stats = models.stats()
+    assert stats["prebuilt_adopted"] - before["prebuilt_adopted"] == 1
+    assert stats["hits"] - before["hits"] == 1
+    # both names were taken off the waiting list; the cache charges the adopted model once, at its size
+    assert stats["prebuilt_waiting"] == 0
+    assert (stats["entries"] - mid["entries"], stats["bytes"] - mid["bytes"]) == (1, len(content))
+    assert by_path is not served
+    x = _detector_input()
+    fresh = Interpreter(model_content=content, num_threads=1)
+    fresh.allocate_tensors()
+    for want, got in zip(_run(fresh, x), _run(served, x), strict=True):
+        np.testing.assert_array_equal(want, got)
+
+
 def test_lru_is_bounded_by_bytes_and_releases_evicted_models(cache: None) -> None:
     sizes = {p: p.stat().st_size for p in (DETECTOR, LANDMARK, CLASSIFIER)}
     # room for the detector with either other model, never all three
@@ -234,8 +278,7 @@ def test_pluggable_fetcher_is_called_once_per_model(cache: None) -> None:
     models.set_fetcher(fetch)
     got: list[object] = []
     threads = [
-        threading.Thread(target=lambda: got.append(models.load("store://pose_detection.tflite")))
-        for _ in range(4)
+        threading.Thread(target=lambda: got.append(models.load("store://pose_detection.tflite"))) for _ in range(4)
     ]
     for t in threads:
         t.start()

@@ -6,6 +6,7 @@ import glob
 import os
 import signal
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -16,12 +17,11 @@ import anyio
 import pytest
 from minifaas_sandbox import protocol as p
 
+import minifaas
 from minifaas._launch import Launched, SpawnLauncher, scrubbed_env
 from minifaas._zygote import DEFAULT_PRELOAD, ZygoteError, ZygoteLauncher, ZygotePool
 
-pytestmark = pytest.mark.skipif(
-    sys.platform != "linux", reason="fork server, pidfds and /proc are Linux-only"
-)
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="fork server, pidfds and /proc are Linux-only")
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "functions" / "models"
 MODELS = tuple(sorted(glob.glob(str(MODELS_DIR / "*.tflite"))))
@@ -71,9 +71,7 @@ class Channel:
 
     async def init(self, code: str) -> None:
         source = {"kind": "code", "code": code, "filename": "__main__.py"}
-        self.send(
-            p.INIT, {"name": "t", "version": "0.0.1", "namespace": "guest", "main": "main", "source": source}
-        )
+        self.send(p.INIT, {"name": "t", "version": "0.0.1", "namespace": "guest", "main": "main", "source": source})
         reply = await self.expect(p.INIT_DONE)
         assert reply["ok"], reply
 
@@ -429,5 +427,79 @@ def test_launch_outside_async_with_is_refused() -> None:
             pass
         with pytest.raises(ZygoteError):
             await launcher.launch(scrubbed_env())
+
+    _run(main)
+
+
+PREBUILT_PROBE = """
+import os
+import numpy as np
+from ai_edge_litert.interpreter import Interpreter
+from minifaas_sandbox import models
+
+def main(args):
+    rng = np.random.default_rng(7)
+    same = {}
+    for url in args["urls"]:
+        served = models.load(url)
+        fresh = Interpreter(model_path=url.removeprefix("file://"), num_threads=1)
+        fresh.allocate_tensors()
+        outs = []
+        for interp in (served, fresh):
+            x = [rng.random(d["shape"], dtype=np.float32) for d in interp.get_input_details()]
+            for d, v in zip(interp.get_input_details(), x):
+                interp.set_tensor(d["index"], v)
+            interp.invoke()
+            outs.append([interp.get_tensor(d["index"]).copy() for d in interp.get_output_details()])
+            rng = np.random.default_rng(7)  # the fresh interpreter gets the same inputs
+        same[os.path.basename(url)] = all(np.array_equal(a, b) for a, b in zip(*outs, strict=True))
+    return {"same": same, "stats": models.stats(), "threads": len(os.listdir("/proc/self/task"))}
+"""
+
+
+def test_sandbox_adopts_the_interpreter_the_zygote_built() -> None:
+    """Models named at deploy get their interpreters built in the zygote (one thread) before it forks: a forked
+    sandbox's first load is a cache hit without a load, and computes what a freshly built interpreter does."""
+    urls = [(MODELS_DIR / name).as_uri() for name in ("pose_detection.tflite", "pose_landmark_full.tflite")]
+
+    async def main() -> None:
+        async with minifaas.Engine(launcher="zygote") as engine:
+            await engine.deploy("probe", code=PREBUILT_PROBE, models=urls, memory_mb=1024)
+            stats = engine.stats()["launcher_stats"]
+            assert len(stats["prebuilt_models"]) == 2 and stats["prebuild_errors"] == {}
+            zygote = stats["zygote_pid"]
+            # building (and warming) the interpreters started no thread: the zygote can still fork safely
+            assert stats["zygote_threads"] == 1
+            assert len(os.listdir(f"/proc/{zygote}/task")) == 1
+            act = await engine.call("probe", {"urls": urls})
+            assert act.status == "success", act
+            assert act.annotations["launch"] == "fork" and act.annotations["cold"]
+            assert act.annotations["model_cache"] == "hit"
+            assert [m["url"] for m in act.annotations["models"]] == urls
+            assert all(m["prebuilt"] and m["load_ms"] == 0 for m in act.annotations["models"])
+            assert act.result["same"] == {"pose_detection.tflite": True, "pose_landmark_full.tflite": True}
+            cache = act.result["stats"]
+            sizes = sum(os.path.getsize(u.removeprefix("file://")) for u in urls)
+            assert (cache["entries"], cache["bytes"], cache["misses"]) == (2, sizes, 0)
+            assert (cache["prebuilt_adopted"], cache["prebuilt_waiting"]) == (2, 0)
+            assert len(os.listdir(f"/proc/{zygote}/task")) == 1
+
+    _run(main)
+
+
+def test_forked_sandbox_gets_opencvs_default_thread_pool_back() -> None:
+    # the zygote turns OpenCV's pool off before forking (a pool there would be dead in every child); its children
+    # must still decode and resize with as many threads as any process here would
+    default = subprocess.run(
+        [sys.executable, "-c", "import cv2; print(cv2.getNumThreads())"], capture_output=True, text=True, check=True
+    )
+    code = "import cv2\ndef main(args):\n    return {'threads': cv2.getNumThreads()}\n"
+
+    async def main() -> None:
+        async with minifaas.Engine(launcher="zygote") as engine:
+            await engine.deploy("cv", code=code)
+            act = await engine.call("cv")
+            assert act.annotations["launch"] == "fork"
+            assert act.result["threads"] == int(default.stdout)
 
     _run(main)

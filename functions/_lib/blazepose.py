@@ -131,9 +131,7 @@ class Pose:
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     # float64: exp(100) overflows float32
-    return 1.0 / (
-        1.0 + np.exp(-np.clip(np.asarray(x, dtype=np.float64), -DETECTOR_SCORE_CLIP, DETECTOR_SCORE_CLIP))
-    )
+    return 1.0 / (1.0 + np.exp(-np.clip(np.asarray(x, dtype=np.float64), -DETECTOR_SCORE_CLIP, DETECTOR_SCORE_CLIP)))
 
 
 def _letterbox(image_bgr: np.ndarray, size: int) -> tuple[np.ndarray, float, int, int]:
