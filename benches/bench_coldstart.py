@@ -6,7 +6,8 @@ sandboxes vs zygote + 1): it exists only to serve them, and leaving it out would
 it. The figure without it and each sandbox's private memory are printed too, for the interpreters built in the
 zygote (what the engine does) and, as the baseline, built in each sandbox from the zygote's model bytes.
 
-Run: ``python benches/bench_coldstart.py [--n 30]``. Prints ratios measured in this one run.
+Run: ``python benches/bench_coldstart.py [--n 30] [--only coldstart|memory]``. Prints ratios measured in this
+one run.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ NOOP = "def main(args):\n    return {}\n"
 MESSI = ROOT / "tests" / "data" / "images" / "messi5.jpg"
 #: warm activations timed on one sandbox (the median is reported)
 WARM_RUNS = 9
+#: memory is measured again this long after the last activation: longer than the runtime's IDLE_TRIM_AFTER_S, after
+#: which an idle sandbox returns its free heap (measured as well right after, when it still holds it)
+IDLE_SETTLE_S = 1.5
+#: pause before each cold-start sample (both launchers)
+SAMPLE_GAP_S = 0.2
 
 
 def pct(values: list[float], q: float) -> float:
@@ -42,6 +48,9 @@ async def cold_starts(launcher: str, n: int) -> list[float]:
         times = []
         for i in range(n):
             name = f"cold{i}"
+            # "zygote ready": each sample starts from an idle engine, as a cold start does after a quiet spell,
+            # not while the previous sample's sandbox is still being torn down
+            await anyio.sleep(SAMPLE_GAP_S)
             await engine.deploy(name, code=NOOP, idle_timeout_s=0.01)
             t = time.perf_counter()
             act = await engine.call(name)
@@ -109,6 +118,9 @@ async def crop_memory(prebuild: bool) -> dict[str, Any]:
         assert len(pids) == 1, pids
         one = rollup_kb(pids[0])
         zygote_one = rollup_kb(zygote)
+        await anyio.sleep(IDLE_SETTLE_S)
+        one_idle = rollup_kb(pids[0])
+        zygote_one_idle = rollup_kb(zygote)
         while len(pids) < 4:
             async with anyio.create_task_group() as tg:
                 for _ in range(8):
@@ -120,6 +132,9 @@ async def crop_memory(prebuild: bool) -> dict[str, Any]:
                     tg.start_soon(crop_invoke, engine, image)
         four = [rollup_kb(pid) for pid in pids[:4]]
         zygote_four = rollup_kb(zygote)
+        await anyio.sleep(IDLE_SETTLE_S)
+        four_idle = [rollup_kb(pid) for pid in pids[:4]]
+        zygote_four_idle = rollup_kb(zygote)
         return {
             "cold_ms": cold_ms,
             "cold_models": cold.annotations.get("models"),
@@ -129,6 +144,12 @@ async def crop_memory(prebuild: bool) -> dict[str, Any]:
             "zygote_one": zygote_one,
             "four": four,
             "zygote_four": zygote_four,
+            "idle": {
+                "one": one_idle,
+                "zygote_one": zygote_one_idle,
+                "four": four_idle,
+                "zygote_four": zygote_four_idle,
+            },
             "prebuilt": stats["launcher_stats"]["prebuilt_models"],
             "zygote_threads": stats["launcher_stats"]["zygote_threads"],
         }
@@ -145,41 +166,51 @@ async def spawned_memory() -> int:
 
 
 def report_memory(label: str, m: dict[str, Any], spawned_kb: int) -> None:
-    mib = 1024
-    one, zy1, four, zy4 = m["one"], m["zygote_one"], m["four"], m["zygote_four"]
-    total1 = one["Pss"] + zy1["Pss"]
-    total4 = sum(r["Pss"] for r in four) + zy4["Pss"]
-    four_pss = sum(r["Pss"] for r in four)
     print(f"-- {label}")
-    print(
-        f"   one sandbox: PSS {one['Pss'] / mib:.1f}, private {private_kb(one) / mib:.1f}; "
-        f"four: PSS {[round(r['Pss'] / mib, 1) for r in four]}, private "
-        f"{[round(private_kb(r) / mib, 1) for r in four]}; zygote PSS {zy1['Pss'] / mib:.1f} -> "
-        f"{zy4['Pss'] / mib:.1f} (threads {m['zygote_threads']})"
-    )
-    print(
-        f"   zygote + 1 sandbox {total1 / mib:.1f}; zygote + 4 sandboxes {total4 / mib:.1f}: "
-        f"{total4 / total1:.2f}x (goal <= 1.5x); {(total4 - total1) / 3 / mib:.1f} per extra sandbox; "
-        f"{total4 / spawned_kb:.2f}x one spawned sandbox"
-    )
-    print(f"   sandboxes only (zygote's share left out): four {four_pss / mib:.1f} = {four_pss / one['Pss']:.2f}x one")
+    report_pss("right after the last activation", m, spawned_kb)
+    report_pss(f"idle, {IDLE_SETTLE_S:g} s later", m["idle"], spawned_kb)
     print(
         f"   latency ms: cold first result {m['cold_ms']:.0f}; warm invoke p50 {m['warm_ms']:.1f}, "
         f"of which pose models p50 {m['pose_ms']:.1f}"
     )
 
 
+def report_pss(when: str, m: dict[str, Any], spawned_kb: int) -> None:
+    mib = 1024
+    one, zy1, four, zy4 = m["one"], m["zygote_one"], m["four"], m["zygote_four"]
+    total1 = one["Pss"] + zy1["Pss"]
+    total4 = sum(r["Pss"] for r in four) + zy4["Pss"]
+    four_pss = sum(r["Pss"] for r in four)
+    print(f"   {when}:")
+    print(
+        f"     one sandbox: PSS {one['Pss'] / mib:.1f}, private {private_kb(one) / mib:.1f}; "
+        f"four: PSS {[round(r['Pss'] / mib, 1) for r in four]}, private "
+        f"{[round(private_kb(r) / mib, 1) for r in four]}; zygote PSS {zy1['Pss'] / mib:.1f} -> "
+        f"{zy4['Pss'] / mib:.1f}"
+    )
+    print(
+        f"     zygote + 1 sandbox {total1 / mib:.1f}; zygote + 4 sandboxes {total4 / mib:.1f}: "
+        f"{total4 / total1:.2f}x (goal <= 1.5x); {(total4 - total1) / 3 / mib:.1f} per extra sandbox; "
+        f"{total4 / spawned_kb:.2f}x one spawned sandbox"
+    )
+    print(f"     sandboxes only (zygote's share left out): four {four_pss / mib:.1f} = {four_pss / one['Pss']:.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=30)
+    ap.add_argument("--only", choices=("coldstart", "memory"), help="run one of the two parts (default: both)")
     ns = ap.parse_args()
-    fork = anyio.run(cold_starts, "zygote", ns.n)
-    spawn = anyio.run(cold_starts, "spawn", ns.n)
-    print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
-    print(f"{'no-op cold start to first result':40s} {'p50 ms':>8s} {'p99 ms':>8s}")
-    print(f"{'fork from the zygote':40s} {pct(fork, 0.5):8.1f} {pct(fork, 0.99):8.1f}")
-    print(f"{'spawn sys.executable + same preload':40s} {pct(spawn, 0.5):8.1f} {pct(spawn, 0.99):8.1f}")
-    print(f"ratio spawn/fork at p50: {pct(spawn, 0.5) / pct(fork, 0.5):.1f}x (goals: fork p50 <= 10 ms, >= 20x)")
+    if ns.only != "memory":
+        fork = anyio.run(cold_starts, "zygote", ns.n)
+        spawn = anyio.run(cold_starts, "spawn", ns.n)
+        print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
+        print(f"{'no-op cold start to first result':40s} {'p50 ms':>8s} {'p99 ms':>8s}")
+        print(f"{'fork from the zygote':40s} {pct(fork, 0.5):8.1f} {pct(fork, 0.99):8.1f}")
+        print(f"{'spawn sys.executable + same preload':40s} {pct(spawn, 0.5):8.1f} {pct(spawn, 0.99):8.1f}")
+        print(f"ratio spawn/fork at p50: {pct(spawn, 0.5) / pct(fork, 0.5):.1f}x (goals: fork p50 <= 10 ms, >= 20x)")
+    if ns.only == "coldstart":
+        return
     built = anyio.run(crop_memory, True)
     own = anyio.run(crop_memory, False)
     spawned = anyio.run(spawned_memory)
@@ -188,7 +219,8 @@ def main() -> None:
     print(f"Private_Dirty from /proc/<pid>/smaps_rollup); one spawned sandbox on its own: PSS {spawned / 1024:.1f}")
     report_memory("interpreters built in the zygote before forking (the engine's way)", built, spawned)
     report_memory("interpreters built in each sandbox from the zygote's model bytes", own, spawned)
-    print(f"   zygote build+warm-up ms per model: {list(built['prebuilt'].values())}")
+    prebuilt_ms = list(built["prebuilt"].values())
+    print(f"   zygote build+warm-up ms per model: {prebuilt_ms}; zygote threads {built['zygote_threads']}")
 
 
 if __name__ == "__main__":

@@ -245,6 +245,19 @@ class PidsCgroups:
             return None
         return str(path)
 
+    def adopt(self, pid: int, path: str | None) -> str | None:
+        """Take over the cgroup a sandbox moved itself into (a zygote's spare does, ahead of demand, since the
+        move can take milliseconds); attach it here when it did not."""
+        parent = self.parent
+        if path is not None and parent is not None and path == str(parent / f"sb-{pid}"):
+            try:
+                with open(os.path.join(path, "cgroup.procs")) as f:
+                    if str(pid) in f.read().split():
+                        return path
+            except OSError:
+                pass
+        return self.attach(pid)
+
     def remove(self, path: str) -> None:
         """Drop a sandbox's cgroup once it is empty; one whose last processes are still dying is retried later."""
         try:

@@ -264,7 +264,7 @@ class Pool:
             if sb.proc is None:
                 # an env that replaces a preloaded package cannot run in a fork of the preloaded interpreter
                 launcher = SpawnLauncher(python=spec.python) if spec.python else self.launcher
-                await sb.start(launcher, scrubbed_env(SANDBOX_ENV), self.tg)
+                await sb.start(launcher, scrubbed_env(SANDBOX_ENV), self.tg, wait_ready=False)
                 self.stats["forks" if sb.launch_how == "fork" else "spawns"] += 1
             else:
                 self.stats["prewarmed_specializations"] += 1

@@ -364,8 +364,11 @@ class RaySandbox(Sandbox):
         self._early: dict[str, dict[str, Any]] = {}
 
     # -- lifecycle --------------------------------------------------------------------------------------------
-    async def start(self, launcher: Launcher, env: dict[str, str], tg: anyio.abc.TaskGroup) -> float:
-        """Create the actor and wait until Ray placed and started it; returns the time that took in ms."""
+    async def start(
+        self, launcher: Launcher, env: dict[str, str], tg: anyio.abc.TaskGroup, *, wait_ready: bool = True
+    ) -> float:
+        """Create the actor and wait until Ray placed and started it (whatever ``wait_ready`` says: an actor's
+        INIT cannot be sent ahead); returns the time that took in ms."""
         if self.state == "dead":
             raise SandboxDied("the sandbox was stopped before it started", None)
         t0 = anyio.current_time()

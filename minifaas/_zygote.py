@@ -36,7 +36,7 @@ from minifaas_sandbox import protocol as p
 from minifaas_sandbox import zygote as z
 
 from ._errors import MinifaasError
-from ._launch import PIDS, Launched, SpawnLauncher, kill_cgroup, make_pipes, scrubbed_env
+from ._launch import MAX_PIDS_PER_SANDBOX, PIDS, Launched, SpawnLauncher, kill_cgroup, make_pipes, scrubbed_env
 
 __all__ = ("DEFAULT_PRELOAD", "ZygoteError", "ZygoteLauncher", "ZygotePool")
 
@@ -79,12 +79,22 @@ class _ForkedProcess:
 
     how = "fork"
 
-    def __init__(self, pid: int, channel: socket.socket, out_r: int, err_r: int, zygote: _Zygote) -> None:
+    def __init__(
+        self,
+        pid: int,
+        channel: socket.socket,
+        out_r: int,
+        err_r: int,
+        zygote: _Zygote,
+        cgroup: str | None = None,
+    ) -> None:
         self.pid = pid
         self.channel = channel
         self.stdout_fd = out_r
         self.stderr_fd = err_r
         self._zygote = zygote
+        #: it was the zygote's spare, forked before it was asked for
+        self.ahead = False
         self._status: int | None = None
         self._orphaned = False
         self._killed = False
@@ -96,7 +106,7 @@ class _ForkedProcess:
             # already reaped by the zygote: its EXITED report is on the way
             self._pidfd = -1
         #: the sandbox's pids cgroup (None where unavailable), joined before the host sends it any function code
-        self.cgroup = PIDS.attach(pid) if self._pidfd >= 0 else None
+        self.cgroup = PIDS.adopt(pid, cgroup) if self._pidfd >= 0 else None
 
     def _exited(self, status: int) -> None:
         if self._status is None:
@@ -344,7 +354,11 @@ class _Zygote:
             req.error = str(fields.get("error") or "the zygote could not fork")
             return
         assert req.host is not None
-        child = _ForkedProcess(int(pid), req.host, req.fds[0], req.fds[1], self)
+        cgroup = fields.get("cgroup")
+        child = _ForkedProcess(
+            int(pid), req.host, req.fds[0], req.fds[1], self, cgroup if isinstance(cgroup, str) else None
+        )
+        child.ahead = fields.get("ahead") is True
         self.children[child.pid] = child
         status = self.early_exits.pop(child.pid, None)
         if status is not None:
@@ -389,6 +403,7 @@ class ZygoteLauncher:
     :class:`ZygotePool` own it. ``env`` is the zygote's own environment (default: :func:`scrubbed_env`, which
     keeps numeric libraries single-threaded); each sandbox gets the env passed to :meth:`launch`.
     ``prebuild`` (read at each model load): build TFLite interpreters in the zygote, not only share the bytes.
+    ``fork_ahead``: the zygote keeps one child forked ahead of demand, so a launch does not wait for fork().
     """
 
     name = "zygote"
@@ -400,8 +415,10 @@ class ZygoteLauncher:
         *,
         env: Mapping[str, str] | None = None,
         prebuild: bool = True,
+        fork_ahead: bool = True,
     ) -> None:
         self.preload = tuple(preload)
+        self.fork_ahead = fork_ahead
         self.models = tuple(models)
         self.prebuild = prebuild
         #: model path -> urls sandboxes will load it by (sent along, so the zygote's interpreters are found)
@@ -419,6 +436,7 @@ class ZygoteLauncher:
         self._failures = 0
         self._retry_at = 0.0
         self._forks = 0
+        self._forks_ahead = 0
         self._spawns_fallback = 0
         self._restarts = 0
         self._hello: dict[str, Any] = {}
@@ -484,6 +502,7 @@ class ZygoteLauncher:
                 self.last_error = str(exc)
                 continue
             self._forks += 1
+            self._forks_ahead += child.ahead
             self._failures = 0
             return child
         if self._closed:
@@ -518,6 +537,8 @@ class ZygoteLauncher:
         live = zyg if alive else None
         return {
             "forks": self._forks,
+            #: forks served by a child the zygote had forked ahead of the request
+            "forks_ahead": self._forks_ahead,
             "spawns_fallback": self._spawns_fallback,
             "zygote_restarts": self._restarts,
             "zygote_pid": zyg.pid if alive and zyg is not None else None,
@@ -561,6 +582,11 @@ class ZygoteLauncher:
         host, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         argv = [sys.executable, "-m", "minifaas_sandbox.zygote", "--fd", str(child.fileno())]
         argv += ["--preload", ",".join(self.preload)]
+        if not self.fork_ahead:
+            argv.append("--no-fork-ahead")
+        elif PIDS.parent is not None:
+            # its spare moves itself into a cgroup of its own while nobody waits for it
+            argv += ["--cgroup-parent", str(PIDS.parent), "--pids-max", str(MAX_PIDS_PER_SANDBOX)]
         try:
             proc = subprocess.Popen(
                 argv,

@@ -8,13 +8,22 @@ Run by the host (``minifaas._zygote``) as::
 Data flow::
 
     host ZygoteLauncher                    zygote (one thread)                      forked sandbox
-    +-----------------+  control socket  +----------------------+   os.fork()    +-------------------------+
-    | reader task    <|---- HELLO -------| import preload set    |--------------->| setsid, fds 0/1/2, env, |
-    | launch()        |- LOAD_MODELS --->| read model bytes,     |                | reseed, signals, close  |
-    |                 |                  | pre-build interpreters|                |                         |
-    |                 |- FORK + 3 fds -->| fork, FORKED {pid}    |                | fds, runtime.serve(ch)  |
-    |                <|---- EXITED ------| SIGCHLD -> waitpid    |                +-------------------------+
-    +-----------------+                  +----------------------+
+    +-----------------+  control socket  +-----------------------+  os.fork()   +-------------------------+
+    | reader task    <|---- HELLO -------| import preload set     |------------->| spare: setsid, signals, |
+    | launch()        |- LOAD_MODELS --->| read model bytes,      |  (ahead of   | close the zygote's fds, |
+    |                 |                  | pre-build interpreters;|   demand)    | wait for its request    |
+    |                 |                  | discard the spare      |              |                         |
+    |                 |- FORK + 3 fds -->| pass env + fds to the  |--- socket -->| fds 0/1/2, env, reseed, |
+    |                 |<-- FORKED pid ---| spare (or fork now);   |              | runtime.serve(channel)  |
+    |                 |                  | fork the next spare    |              +-------------------------+
+    |                <|---- EXITED ------| SIGCHLD -> waitpid     |
+    +-----------------+                  +-----------------------+
+
+Fork ahead: fork() of a process holding numpy, OpenCV and LiteRT takes 2-3 ms here, and the child runs only
+after it. So the zygote keeps one child forked ahead (the spare), waiting on a socket of its own; a FORK request
+passes it the env and fds and is answered at once, and the zygote forks the next spare when it is idle again.
+The spare is a fork like any other (it reseeds, takes its env and fds when its request comes); one forked before
+a LOAD_MODELS is discarded, since it would not hold those models.
 
 Control messages use :mod:`minifaas_sandbox.protocol` framing with their own type codes (below). A FORK
 frame is sent together with three fds (SCM_RIGHTS): the child's channel socket, and the write ends of its
@@ -63,7 +72,8 @@ LOAD_MODELS: Final = 102
 #: threads (OS threads of the zygote after loading)
 MODELS_LOADED: Final = 103
 FORK: Final = 104  # H>Z seq, env {name: value}; carries fds [channel, stdout w, stderr w]
-FORKED: Final = 105  # Z>H seq, pid; or seq, error
+#: Z>H seq, pid, ahead (true when a spare took it), cgroup (the spare's, or None); or seq, error
+FORKED: Final = 105
 EXITED: Final = 106  # Z>H pid, status (exit code, or minus the signal number)
 
 NAMES: Final[dict[int, str]] = {
@@ -172,7 +182,15 @@ def _prebuild(data: bytes, names: set[str]) -> bool:
 
 
 class Zygote:
-    def __init__(self, control: socket.socket, preloaded: list[str]) -> None:
+    def __init__(
+        self,
+        control: socket.socket,
+        preloaded: list[str],
+        *,
+        fork_ahead: bool = True,
+        cgroup_parent: str | None = None,
+        pids_max: int = 0,
+    ) -> None:
         self.control = control
         self.preloaded = preloaded
         self.decoder = p.FrameDecoder()
@@ -181,6 +199,16 @@ class Zygote:
         self.wake_r, self.wake_w = os.pipe()
         # handlers as the interpreter and the preloaded libraries left them, restored in each child
         self.saved_handlers: dict[signal.Signals, Callable[..., Any] | int] = {}
+        #: fork ahead: keep one child forked and waiting, so a FORK request does not wait for fork() itself
+        self.fork_ahead = fork_ahead
+        self.spare: _Spare | None = None
+        #: spares that were discarded (stale after LOAD_MODELS) or died waiting, and their cgroups: their exits
+        #: are nobody's business
+        self.discarded: dict[int, str | None] = {}
+        self.forks_ahead = 0
+        #: where a spare makes its own pids cgroup (the host's sandbox cgroups), None for none
+        self.cgroup_parent = cgroup_parent
+        self.pids_max = pids_max
 
     def install_sigchld(self) -> None:
         for fd in (self.wake_r, self.wake_w):
@@ -203,8 +231,13 @@ class Zygote:
 
     def serve(self) -> int:
         while True:
+            if self.fork_ahead and self.spare is None:
+                # between requests, off the path of any launch (the host is not waiting on this fork)
+                self.make_spare()
             for key, _ in self.selector.select():
-                if key.data == "sigchld":
+                if key.data == "spare":
+                    self.spare_status()
+                elif key.data == "sigchld":
                     with contextlib.suppress(BlockingIOError):
                         while os.read(self.wake_r, 512):
                             pass
@@ -229,6 +262,8 @@ class Zygote:
             elif kind == LOAD_MODELS:
                 urls = {str(k): [str(u) for u in v] for k, v in (fields.get("urls") or {}).items()}
                 paths = [str(x) for x in fields.get("paths", [])]
+                # a spare forked before these models were loaded would not have them
+                self.discard_spare()
                 reply = _load_models(paths, urls, prebuild=fields.get("prebuild", True) is not False)
                 self.send(MODELS_LOADED, {"seq": fields.get("seq"), **reply})
                 gc.freeze()
@@ -244,6 +279,14 @@ class Zygote:
                 return
             if pid == 0:
                 return
+            if self.spare is not None and pid == self.spare.pid:
+                self.discard_spare()  # died waiting: the next round forks another
+            if pid in self.discarded:
+                cgroup = self.discarded.pop(pid)
+                if cgroup is not None:
+                    with contextlib.suppress(OSError):
+                        os.rmdir(cgroup)
+                continue
             self.send(EXITED, {"pid": pid, "status": os.waitstatus_to_exitcode(status)})
 
     def fork(self, fields: dict[str, Any]) -> None:
@@ -252,6 +295,22 @@ class Zygote:
             raise p.ProtocolError(f"FORK {seq} arrived with {len(self.fds)} fds, expected {FDS_PER_FORK}")
         channel_fd, out_w, err_w = (self.fds.popleft() for _ in range(FDS_PER_FORK))
         env = {str(k): str(v) for k, v in (fields.get("env") or {}).items()}
+        spare = self.spare
+        if spare is not None and spare.ready:
+            self.spare = None
+            self._unwatch(spare)
+            try:
+                socket.send_fds(spare.sock, [p.encode(FORK, {"env": env})], [channel_fd, out_w, err_w])
+            except OSError:
+                self.discarded[spare.pid] = spare.cgroup  # it died: fork as usual below
+            else:
+                for fd in (channel_fd, out_w, err_w):
+                    os.close(fd)
+                self.forks_ahead += 1
+                self.send(FORKED, {"seq": seq, "pid": spare.pid, "ahead": True, "cgroup": spare.cgroup})
+                return
+            finally:
+                spare.sock.close()
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()
@@ -277,7 +336,75 @@ class Zygote:
         if pid > 0:
             self.send(FORKED, {"seq": seq, "pid": pid})
 
-    def become_sandbox(self, channel_fd: int, out_w: int, err_w: int, env: dict[str, str]) -> int:
+    def make_spare(self) -> None:
+        """Fork a child that waits for a FORK request's fds and env, then becomes that sandbox."""
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        try:
+            pid = os.fork()
+        except OSError:
+            mine.close()
+            theirs.close()
+            self.fork_ahead = False  # out of processes or memory: fork on request only
+            return
+        if pid == 0:
+            code = CHILD_FAILURE_EXIT
+            try:
+                mine.close()
+                self.detach()
+                # the move into a cgroup takes milliseconds on cgroup v1 (an RCU grace period): done now, while
+                # nobody waits, it is off the path of the launch that will take this spare
+                cgroup = _join_cgroup(self.cgroup_parent, self.pids_max) if self.cgroup_parent else None
+                theirs.sendall(b"A" + cgroup.encode() if cgroup else b"N")
+                request = _await_request(theirs)
+                if request is None:
+                    code = 0  # the zygote ended or discarded this spare
+                else:
+                    fds, env = request
+                    code = self.become_sandbox(*fds, env, detached=True)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    traceback.print_exc()
+            finally:
+                with contextlib.suppress(Exception):
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                os._exit(code)
+        theirs.close()
+        self.spare = _Spare(pid, mine)
+        self.selector.register(mine, selectors.EVENT_READ, "spare")
+
+    def spare_status(self) -> None:
+        """The spare says it is ready to serve, and in which cgroup it is (A<path>), or that it has none (N)."""
+        spare = self.spare
+        if spare is None:
+            return
+        try:
+            data = spare.sock.recv(RECV_BYTES)
+        except OSError:
+            data = b""
+        if data[:1] == b"A":
+            spare.cgroup = data[1:].decode()
+        if data:
+            spare.ready = True
+        # at the end of the stream it died: reap() hears of it
+        self._unwatch(spare)
+
+    def _unwatch(self, spare: _Spare) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(spare.sock)
+
+    def discard_spare(self) -> None:
+        spare, self.spare = self.spare, None
+        if spare is not None:
+            self.discarded[spare.pid] = spare.cgroup
+            self._unwatch(spare)
+            spare.sock.close()  # it reads the end of the stream and exits
+
+    def detach(self) -> None:
+        """The first steps of a child: its own session, default signal handling, none of the zygote's fds."""
         # own session and process group, so the host can kill the sandbox and whatever it starts with killpg
         os.setsid()
         signal.set_wakeup_fd(-1)
@@ -286,9 +413,19 @@ class Zygote:
                 signal.signal(sig, handler)
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
         self.selector.close()
+        # the host must see the zygote's end of the control socket close when the zygote dies, not when its
+        # last child does
         self.control.close()
         os.close(self.wake_r)
         os.close(self.wake_w)
+        if self.spare is not None:
+            self.spare.sock.close()
+
+    def become_sandbox(
+        self, channel_fd: int, out_w: int, err_w: int, env: dict[str, str], *, detached: bool = False
+    ) -> int:
+        if not detached:
+            self.detach()
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         os.dup2(out_w, 1)
@@ -308,6 +445,58 @@ class Zygote:
         return runtime.serve(channel_fd, preloaded=tuple(self.preloaded))
 
 
+class _Spare:
+    """A child forked ahead of demand, and the zygote's end of the socket it waits on."""
+
+    __slots__ = ("cgroup", "pid", "ready", "sock")
+
+    def __init__(self, pid: int, sock: socket.socket) -> None:
+        self.pid = pid
+        self.sock = sock
+        #: it has said it waits for a request (after joining its cgroup)
+        self.ready = False
+        self.cgroup: str | None = None
+
+
+def _join_cgroup(parent: str, pids_max: int) -> str | None:
+    """Move this process into ``<parent>/sb-<pid>`` with its process cap; None when that fails (the host then
+    attaches it itself)."""
+    path = os.path.join(parent, f"sb-{os.getpid()}")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "pids.max"), "w") as f:
+            f.write(str(pids_max))
+        with open(os.path.join(path, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
+        return None
+    return path
+
+
+def _await_request(sock: socket.socket) -> tuple[tuple[int, int, int], dict[str, str]] | None:
+    """In a spare: wait for its FORK (one frame, with the channel and the two pipe ends); None at end of stream."""
+    decoder = p.FrameDecoder()
+    fds: list[int] = []
+    while True:
+        try:
+            data, received, _flags, _addr = socket.recv_fds(sock, RECV_BYTES, FDS_PER_FORK)
+        except ConnectionResetError:
+            data, received = b"", []  # the zygote closed its end before reading our status: discarded
+        fds.extend(received)
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            return None
+        for _kind, fields in decoder.feed(data):
+            sock.close()
+            if len(fds) != FDS_PER_FORK:
+                raise p.ProtocolError(f"a spare got {len(fds)} fds, expected {FDS_PER_FORK}")
+            env = {str(k): str(v) for k, v in (fields.get("env") or {}).items()}
+            return (fds[0], fds[1], fds[2]), env
+
+
 def _reseed() -> None:
     """Forked children would otherwise all draw the same "random" numbers as their zygote."""
     random.seed()
@@ -321,11 +510,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="minifaas_sandbox.zygote")
     parser.add_argument("--fd", type=int, required=True, help="fd of the control socket (AF_UNIX stream)")
     parser.add_argument("--preload", default=",".join(DEFAULT_PRELOAD), help="comma-separated modules to import")
+    parser.add_argument("--no-fork-ahead", action="store_true", help="fork on request only, keep no spare child")
+    parser.add_argument("--cgroup-parent", default=None, help="pids cgroup directory where a spare makes its own")
+    parser.add_argument("--pids-max", type=int, default=0, help="pids.max of a spare's cgroup")
     ns = parser.parse_args(argv)
     control = socket.socket(fileno=ns.fd)
     control.setblocking(True)
     preloaded, failed = _preload([m for m in ns.preload.split(",") if m])
-    zygote = Zygote(control, preloaded)
+    zygote = Zygote(
+        control,
+        preloaded,
+        fork_ahead=not ns.no_fork_ahead,
+        cgroup_parent=ns.cgroup_parent,
+        pids_max=ns.pids_max,
+    )
     zygote.install_sigchld()
     # objects that exist now are never collected: a collection in a child would dirty (copy) their pages
     gc.freeze()

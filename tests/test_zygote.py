@@ -116,6 +116,19 @@ def _pss_kb(pid: int) -> dict[str, int]:
     return out
 
 
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            kids += [int(k) for k in f.read().split()]
+    return kids
+
+
+def _family_pss_kb(zygote: int) -> int:
+    """PSS of a zygote and every child it has (sandboxes, and the spare it forked ahead): their whole memory."""
+    return _pss_kb(zygote)["Pss"] + sum(_pss_kb(child)["Pss"] for child in _children(zygote))
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -263,8 +276,7 @@ async def _pss_per_extra_child_kb(models: tuple[str, ...]) -> tuple[float, int, 
             chans.append(ch)
 
         def total_pss_kb() -> int:
-            zygote = launcher.stats()["zygote_pid"]
-            return _pss_kb(zygote)["Pss"] + sum(_pss_kb(ch.proc.pid)["Pss"] for ch in chans)
+            return _family_pss_kb(launcher.stats()["zygote_pid"])
 
         try:
             await add_child()
@@ -501,5 +513,93 @@ def test_forked_sandbox_gets_opencvs_default_thread_pool_back() -> None:
             act = await engine.call("cv")
             assert act.annotations["launch"] == "fork"
             assert act.result["threads"] == int(default.stdout)
+
+    _run(main)
+
+
+async def _spare_of(launcher: ZygoteLauncher, known: set[int]) -> int:
+    """The pid of the child the zygote forked ahead (waits for it: the zygote forks it when idle)."""
+    zygote = launcher.stats()["zygote_pid"]
+    for _ in range(200):
+        spares = set(_children(zygote)) - known
+        if spares:
+            assert len(spares) == 1, spares
+            return spares.pop()
+        await anyio.sleep(0.01)
+    raise AssertionError("the zygote forked no spare")
+
+
+def test_fork_ahead_serves_launches_from_a_spare() -> None:
+    async def main() -> None:
+        env = scrubbed_env()
+        async with ZygoteLauncher() as launcher:
+            first = await launcher.launch(env)  # starts the zygote
+            spare = await _spare_of(launcher, {first.pid})
+            second = await launcher.launch(env)
+            # the launch took the child the zygote had forked before it was asked
+            assert second.pid == spare and getattr(second, "ahead", False)
+            third_spare = await _spare_of(launcher, {first.pid, second.pid})
+            third = await launcher.launch(env)
+            assert third.pid == third_spare
+            chans = [await _ready(proc) for proc in (first, second, third)]
+            runs = []
+            for ch in chans:
+                await ch.init(PROBE)
+                runs.append(await ch.run())
+            # each is a sandbox of its own: own session, reseeded, stdin /dev/null, one thread
+            assert len({r["pid"] for r in runs}) == 3
+            for r in runs:
+                assert r["sid"] == r["pid"] and r["stdin"] == "/dev/null" and r["threads"] == 1
+            assert len({r["random"] for r in runs}) == 3 and len({r["np_random"] for r in runs}) == 3
+            stats = launcher.stats()
+            assert stats["forks"] == 3 and stats["forks_ahead"] >= 2 and stats["zygote_threads"] == 1
+            for ch in chans:
+                await _end(ch.proc)
+
+    _run(main)
+
+
+def test_spare_forked_before_a_model_load_is_not_used() -> None:
+    async def main() -> None:
+        env = scrubbed_env()
+        async with ZygoteLauncher(preload=("minifaas_sandbox.runtime",)) as launcher:
+            first = await launcher.launch(env)
+            stale = await _spare_of(launcher, {first.pid})
+            await launcher.load_models(list(MODELS))
+            for _ in range(200):
+                if not _alive(stale):
+                    break
+                await anyio.sleep(0.01)
+            assert not _alive(stale)  # discarded: it would not hold the models
+            ch = await _ready(await launcher.launch(env))
+            await ch.init(HOLD_PROBE)
+            got = await ch.run({"paths": list(MODELS)})
+            assert len(got["preloaded"]) == len(MODEL_SHA256)
+            for proc in (first, ch.proc):
+                await _end(proc)
+
+    _run(main)
+
+
+def test_spare_ends_with_its_zygote_and_can_be_turned_off() -> None:
+    async def main() -> None:
+        env = scrubbed_env()
+        async with ZygoteLauncher(preload=("minifaas_sandbox.runtime",)) as launcher:
+            first = await launcher.launch(env)
+            spare = await _spare_of(launcher, {first.pid})
+            os.kill(launcher.stats()["zygote_pid"], signal.SIGKILL)
+            for _ in range(200):
+                if not _alive(spare):
+                    break
+                await anyio.sleep(0.01)
+            assert not _alive(spare)  # nothing is left behind by a dead zygote
+            await _end(first)
+        async with ZygoteLauncher(preload=("minifaas_sandbox.runtime",), fork_ahead=False) as launcher:
+            child = await launcher.launch(env)
+            await _ready(child)
+            await anyio.sleep(0.1)
+            assert _children(launcher.stats()["zygote_pid"]) == [child.pid]
+            assert launcher.stats()["forks_ahead"] == 0
+            await _end(child)
 
     _run(main)
