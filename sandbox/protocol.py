@@ -49,10 +49,11 @@ time; with more, up to that many may be outstanding and RESULTs come back in com
 from __future__ import annotations
 
 import os
+import select
 import socket
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Final
 
 import msgpack
@@ -149,14 +150,20 @@ class BlockingChannel:
     def send_frame(self, frame: bytes) -> None:
         self.sock.sendall(frame)
 
-    def recv(self) -> Message | None:
+    def recv(self, *, on_idle: Callable[[], None] | None = None, idle_s: float = 0.0) -> Message | None:
         """The next message, or None at end of stream.
 
         Before blocking, it polls for ``spin_s``: a caller invoking in a loop sends the next RUN within tens of
         microseconds of a RESULT, and catching it awake saves the wake-up of a sleeping process on an idle core.
+        With ``on_idle``, when nothing arrives during the spin nor ``idle_s`` after it, it calls ``on_idle`` once
+        before blocking: housekeeping that only a process with nothing to do should pay for.
         """
         while not self._pending:
             data = self._spin() if self.spin_s > 0 else None
+            if data is None and on_idle is not None:
+                if not select.select([self.sock], [], [], idle_s)[0]:
+                    on_idle()
+                on_idle = None
             if data is None:
                 data = self.sock.recv(1 << 16)
             if not data:

@@ -63,9 +63,7 @@ def private_dirty_mib(pid: int) -> float:
 
 
 async def test_idle_sandbox_returns_its_free_heap(tmp_path: Path) -> None:
-    idle_s = getattr(runtime, "IDLE_TRIM_AFTER_S", None)
-    if idle_s is None:
-        pytest.skip("minifaas_sandbox.runtime has no idle heap trim yet")
+    idle_s = runtime.IDLE_TRIM_AFTER_S
     async with minifaas.Engine(state_dir=tmp_path / "state") as engine:
         await engine.deploy("churn", code=CHURN)
         act = await engine.call("churn", {"mib": CHURN_MIB})
