@@ -2,13 +2,13 @@
 
 Waking a sleeping process on an idle core is slow on virtual machines: measured here, a RESULT that reaches a host
 asleep in ``epoll_wait`` costs 0.2-0.6 ms before the host runs, and the host's late RUN then finds the sandbox
-asleep too. For a no-op function that is several times the round trip itself; for a 17 ms classifier it is most of
-the engine's overhead over an in-process call.
+asleep too. For a no-op function that is several times the round trip itself.
 
 The scheduler knows when a result is due: a warm function's mean run time, measured by its sandboxes. For each
-running activation of a function with enough samples it publishes a window, from a little before the predicted end
-to a little after (``Scheduler.poll_window``). This module wraps the selector of asyncio's selector event loop so
-that, when the loop would otherwise sleep:
+running activation of a short function (``POLL_MAX_RUN_MS``: for longer ones the wake-up is a small share, and a
+polling host slows the busy sandbox next to it) with enough samples it publishes a window, from a little before
+the predicted end to a little after (``Scheduler.poll_window``). This module wraps the selector of asyncio's
+selector event loop so that, when the loop would otherwise sleep:
 
     no window, or one that ends in the past   -> block as usual
     the next window opens in the future         -> block until it opens (or an event, or the loop's own timeout),

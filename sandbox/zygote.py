@@ -59,7 +59,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 import minifaas_sandbox
 from minifaas_sandbox import protocol as p
@@ -311,26 +311,14 @@ class Zygote:
                 return
             finally:
                 spare.sock.close()
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
+        _flush_std()
         try:
             pid = os.fork()
         except OSError as exc:
             self.send(FORKED, {"seq": seq, "error": f"fork failed: {exc}"})
             pid = -1
         if pid == 0:
-            code = CHILD_FAILURE_EXIT
-            try:
-                code = self.become_sandbox(channel_fd, out_w, err_w, env)
-            except BaseException:  # whatever happens, a child must never return to the loop
-                with contextlib.suppress(Exception):
-                    traceback.print_exc()
-            finally:
-                with contextlib.suppress(Exception):
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                os._exit(code)
+            _child_exit(lambda: self.become_sandbox(channel_fd, out_w, err_w, env))
         for fd in (channel_fd, out_w, err_w):
             os.close(fd)
         if pid > 0:
@@ -339,9 +327,7 @@ class Zygote:
     def make_spare(self) -> None:
         """Fork a child that waits for a FORK request's fds and env, then becomes that sandbox."""
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
+        _flush_std()
         try:
             pid = os.fork()
         except OSError:
@@ -350,31 +336,24 @@ class Zygote:
             self.fork_ahead = False  # out of processes or memory: fork on request only
             return
         if pid == 0:
-            code = CHILD_FAILURE_EXIT
-            try:
-                mine.close()
-                self.detach()
-                # the move into a cgroup takes milliseconds on cgroup v1 (an RCU grace period): done now, while
-                # nobody waits, it is off the path of the launch that will take this spare
-                cgroup = _join_cgroup(self.cgroup_parent, self.pids_max) if self.cgroup_parent else None
-                theirs.sendall(b"A" + cgroup.encode() if cgroup else b"N")
-                request = _await_request(theirs)
-                if request is None:
-                    code = 0  # the zygote ended or discarded this spare
-                else:
-                    fds, env = request
-                    code = self.become_sandbox(*fds, env, detached=True)
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    traceback.print_exc()
-            finally:
-                with contextlib.suppress(Exception):
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                os._exit(code)
+            mine.close()
+            _child_exit(lambda: self.spare_main(theirs))
         theirs.close()
         self.spare = _Spare(pid, mine)
         self.selector.register(mine, selectors.EVENT_READ, "spare")
+
+    def spare_main(self, sock: socket.socket) -> int:
+        """A spare's life: detach, join its cgroup, say so, wait for its request, become that sandbox."""
+        self.detach()
+        # the move into a cgroup takes milliseconds on cgroup v1 (an RCU grace period): done now, while nobody
+        # waits, it is off the path of the launch that will take this spare
+        cgroup = _join_cgroup(self.cgroup_parent, self.pids_max) if self.cgroup_parent else None
+        sock.sendall(b"A" + cgroup.encode() if cgroup else b"N")
+        request = _await_request(sock)
+        if request is None:
+            return 0  # the zygote ended or discarded this spare
+        fds, env = request
+        return self.become_sandbox(*fds, env, detached=True)
 
     def spare_status(self) -> None:
         """The spare says it is ready to serve, and in which cgroup it is (A<path>), or that it has none (N)."""
@@ -443,6 +422,27 @@ class Zygote:
         from minifaas_sandbox import runtime
 
         return runtime.serve(channel_fd, preloaded=tuple(self.preloaded))
+
+
+def _flush_std() -> None:
+    # a fork copies unflushed buffers: the zygote's pending output would be written twice
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+
+
+def _child_exit(body: Callable[[], int]) -> NoReturn:
+    """Run a forked child's ``body`` and exit with its code: whatever happens, a child never returns to the
+    zygote's loop."""
+    code = CHILD_FAILURE_EXIT
+    try:
+        code = body()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            traceback.print_exc()
+    finally:
+        _flush_std()
+        os._exit(code)
 
 
 class _Spare:

@@ -51,6 +51,9 @@ async def test_poll_windows_follow_the_predicted_end() -> None:
     async with minifaas.Engine() as engine:
         sched = engine._sched
         assert sched is not None
+        # a 50 ms function is not polled for by default (see POLL_MAX_RUN_MS); here it is, to see the windows
+        assert sched.poll_max_run_ms < 50
+        sched.poll_max_run_ms = 1000
         await engine.deploy("noop", code=NOOP)
         await engine.deploy("slow", code=SLEEP)
         for _ in range(25):
@@ -90,7 +93,7 @@ async def test_a_slow_function_is_not_polled_for() -> None:
         await engine.deploy("slow", code=SLEEP)
         pool = sched.pool.function(engine._resolve("slow"))
         for _ in range(25):
-            pool.record_run(1500.0)  # as if it had run 25 times for 1.5 s
+            pool.record_run(50.0)  # as if it had run 25 times for 50 ms
         async with anyio.create_task_group() as tg:
             tg.start_soon(engine.call, "slow", {"s": 0.05})
             await anyio.sleep(0.02)

@@ -18,7 +18,7 @@ import pytest
 from minifaas_sandbox import protocol as p
 
 import minifaas
-from minifaas._launch import Launched, SpawnLauncher, scrubbed_env
+from minifaas._launch import PIDS, Launched, SpawnLauncher, scrubbed_env
 from minifaas._zygote import DEFAULT_PRELOAD, ZygoteError, ZygoteLauncher, ZygotePool
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="fork server, pidfds and /proc are Linux-only")
@@ -518,13 +518,21 @@ def test_forked_sandbox_gets_opencvs_default_thread_pool_back() -> None:
 
 
 async def _spare_of(launcher: ZygoteLauncher, known: set[int]) -> int:
-    """The pid of the child the zygote forked ahead (waits for it: the zygote forks it when idle)."""
+    """The pid of the child the zygote forked ahead, once it is ready to serve (the zygote forks it when idle,
+    and it serves once it has joined its cgroup)."""
     zygote = launcher.stats()["zygote_pid"]
-    for _ in range(200):
+    for _ in range(500):
         spares = set(_children(zygote)) - known
         if spares:
             assert len(spares) == 1, spares
-            return spares.pop()
+            spare = spares.pop()
+            if PIDS.parent is not None:
+                with open(f"/proc/{spare}/cgroup") as f:
+                    if f"sb-{spare}" not in f.read():
+                        await anyio.sleep(0.01)
+                        continue
+            await anyio.sleep(0.05)  # its status reaches the zygote
+            return spare
         await anyio.sleep(0.01)
     raise AssertionError("the zygote forked no spare")
 
