@@ -288,7 +288,14 @@ class Scheduler:
         sb.runs += 1
         sb.inflight[act.activation_id] = job
         job.begun = time.perf_counter()
-        if self.poll_us and fp.warm_runs >= PREFETCH_MIN_SAMPLES and fp.run_avg_ms <= self.poll_max_run_ms:
+        # with requests queued behind it the host has work to do when the result comes: polling would only take
+        # the core from the sandboxes
+        if (
+            self.poll_us
+            and not fp.queue
+            and fp.warm_runs >= PREFETCH_MIN_SAMPLES
+            and fp.run_avg_ms <= self.poll_max_run_ms
+        ):
             self._plan_poll(fp, job)
         # one timer per sandbox, not per activation: it is armed for the oldest deadline and, when it fires, re-armed
         # for whatever runs then (a sandbox's deadlines only grow: one function version, one timeout)
