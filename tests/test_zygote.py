@@ -517,6 +517,14 @@ def test_forked_sandbox_gets_opencvs_default_thread_pool_back() -> None:
     _run(main)
 
 
+async def _gone(pid: int, timeout_s: float = 2.0) -> bool:
+    """True once ``pid`` has ended (a zombie counts as ended), False if it is still alive after ``timeout_s``."""
+    with anyio.move_on_after(timeout_s):
+        while _alive(pid):
+            await anyio.sleep(0.01)
+    return not _alive(pid)
+
+
 async def _spare_of(launcher: ZygoteLauncher, known: set[int]) -> int:
     """The pid of the child the zygote forked ahead, once it is ready to serve (the zygote forks it when idle,
     and it serves once it has joined its cgroup)."""
@@ -574,11 +582,7 @@ def test_spare_forked_before_a_model_load_is_not_used() -> None:
             first = await launcher.launch(env)
             stale = await _spare_of(launcher, {first.pid})
             await launcher.load_models(list(MODELS))
-            for _ in range(200):
-                if not _alive(stale):
-                    break
-                await anyio.sleep(0.01)
-            assert not _alive(stale)  # discarded: it would not hold the models
+            assert await _gone(stale)  # discarded: it would not hold the models
             ch = await _ready(await launcher.launch(env))
             await ch.init(HOLD_PROBE)
             got = await ch.run({"paths": list(MODELS)})
@@ -596,11 +600,7 @@ def test_spare_ends_with_its_zygote_and_can_be_turned_off() -> None:
             first = await launcher.launch(env)
             spare = await _spare_of(launcher, {first.pid})
             os.kill(launcher.stats()["zygote_pid"], signal.SIGKILL)
-            for _ in range(200):
-                if not _alive(spare):
-                    break
-                await anyio.sleep(0.01)
-            assert not _alive(spare)  # nothing is left behind by a dead zygote
+            assert await _gone(spare)  # nothing is left behind by a dead zygote
             await _end(first)
         async with ZygoteLauncher(preload=("minifaas_sandbox.runtime",), fork_ahead=False) as launcher:
             child = await launcher.launch(env)
