@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import time
 
+import crop_params
 import cv2
 import image_input
 from minifaas_sandbox import models
 
-DEFAULT_UPPER = "eyes"
-DEFAULT_LOWER = "hips"
-DEFAULT_PADDING = 0.1
-MAX_PADDING = 2.0
 CASCADE_FILE = "haarcascade_frontalface_default.xml"
 HAAR_SCALE_FACTOR = 1.1
 HAAR_MIN_NEIGHBORS = 5
@@ -37,25 +34,6 @@ PROPORTIONS: dict[str, tuple[float, float]] = {
     "ankles": (7.0, 2.0),
 }
 PART_ORDER = tuple(PROPORTIONS)
-
-
-def _params(args: dict) -> tuple[str, str, float, str]:
-    parts = {}
-    for name, default in (("upper", DEFAULT_UPPER), ("lower", DEFAULT_LOWER)):
-        value = args.get(name, default)
-        if value not in PROPORTIONS:
-            raise ValueError(f"unknown body part {name}={value!r}; expected one of {list(PART_ORDER)}")
-        parts[name] = value
-    upper, lower = parts["upper"], parts["lower"]
-    if PART_ORDER.index(upper) > PART_ORDER.index(lower):
-        raise ValueError(f"upper={upper!r} is below lower={lower!r}; order is {list(PART_ORDER)}")
-    padding = args.get("padding", DEFAULT_PADDING)
-    if isinstance(padding, bool) or not isinstance(padding, int | float) or not 0 <= padding <= MAX_PADDING:
-        raise ValueError(f"padding must be a fraction in [0, {MAX_PADDING}], got {padding!r}")
-    fmt = args.get("format", "png")
-    if fmt not in ("png", "jpeg", "jpg"):
-        raise ValueError(f"format must be 'png' or 'jpeg', got {fmt!r}")
-    return upper, lower, float(padding), fmt
 
 
 def best_face(cascade, image) -> tuple[tuple[int, int, int, int], float] | None:
@@ -110,7 +88,7 @@ def body_box(
 def main(args: dict) -> dict:
     if "image" not in args:
         raise ValueError("missing parameter 'image' (bytes, a path or a URL)")
-    upper, lower, padding, fmt = _params(args)
+    upper, lower, padding, fmt = crop_params.parse(args, PART_ORDER)
     image = image_input.read_image(args["image"])
     cascade_url = args.get("cascade_url") or cv2.data.haarcascades + CASCADE_FILE
     cascade = models.load(cascade_url, sha256=args.get("cascade_sha256"), loader="cascade")

@@ -15,37 +15,17 @@ from __future__ import annotations
 import time
 
 import blazepose
+import crop_params
 import image_input
 import numpy as np
 from minifaas_sandbox import models
 
-DEFAULT_UPPER = "eyes"
-DEFAULT_LOWER = "hips"
-DEFAULT_PADDING = 0.1
-MAX_PADDING = 2.0
 VISIBLE_MIN = 0.5
-
-
-def _part(args: dict, name: str, default: str) -> str:
-    value = args.get(name, default)
-    if value not in blazepose.PART_LANDMARKS:
-        raise ValueError(f"unknown body part {name}={value!r}; expected one of {list(blazepose.PART_ORDER)}")
-    return value
 
 
 def parse_params(args: dict) -> tuple[str, str, float, str]:
     """(upper, lower, padding, format) validated; ValueError with the reason otherwise."""
-    upper = _part(args, "upper", DEFAULT_UPPER)
-    lower = _part(args, "lower", DEFAULT_LOWER)
-    if blazepose.PART_ORDER.index(upper) > blazepose.PART_ORDER.index(lower):
-        raise ValueError(f"upper={upper!r} is below lower={lower!r}; order is {list(blazepose.PART_ORDER)}")
-    padding = args.get("padding", DEFAULT_PADDING)
-    if isinstance(padding, bool) or not isinstance(padding, int | float) or not 0 <= padding <= MAX_PADDING:
-        raise ValueError(f"padding must be a fraction in [0, {MAX_PADDING}], got {padding!r}")
-    fmt = args.get("format", "png")
-    if fmt not in ("png", "jpeg", "jpg"):
-        raise ValueError(f"format must be 'png' or 'jpeg', got {fmt!r}")
-    return upper, lower, float(padding), fmt
+    return crop_params.parse(args, blazepose.PART_ORDER)
 
 
 def crop_box(
