@@ -50,6 +50,7 @@ import anyio.to_thread
 import cv2
 
 import minifaas
+from minifaas._proc import smaps_rollup_kb
 from minifaas.testing import call
 
 REPO = Path(__file__).resolve().parent.parent
@@ -121,13 +122,9 @@ def _rss_kib(pid: int) -> int:
 def _pss_kib(pid: int) -> int:
     """Proportional set size: walks the page tables (~1-2 ms a process), so it is read every PSS_INTERVAL_S."""
     try:
-        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        return smaps_rollup_kb(pid).get("Pss", 0)
     except OSError:
         return 0
-    for line in text.splitlines():
-        if line.startswith("Pss:"):
-            return int(line.split()[1])
-    return 0
 
 
 @dataclass

@@ -22,6 +22,8 @@ from typing import Any
 import anyio
 
 import minifaas
+from minifaas._proc import children
+from minifaas._proc import smaps_rollup_kb as rollup_kb
 from minifaas._zygote import ZygoteLauncher
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,27 +63,14 @@ async def cold_starts(launcher: str, n: int, prewarm: int = 0) -> list[float]:
         return times
 
 
-def rollup_kb(pid: int) -> dict[str, int]:
-    """The kB fields of /proc/<pid>/smaps_rollup (Pss: shared pages divided by their mappers; Private_*: own)."""
-    out: dict[str, int] = {}
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) == 3 and parts[2] == "kB":
-                out[parts[0].rstrip(":")] = int(parts[1])
-    return out
-
-
 def zygote_side_kb(zygote: int, sandboxes: list[int]) -> dict[str, int]:
     """The zygote's rollup plus that of the child it forked ahead (the spare, which waits to become the next
     sandbox and shares the zygote's pages): the memory that is there to serve the sandboxes."""
     total = rollup_kb(zygote)
-    for task in os.listdir(f"/proc/{zygote}/task"):
-        with open(f"/proc/{zygote}/task/{task}/children") as f:
-            for child in f.read().split():
-                if int(child) not in sandboxes:
-                    for key, value in rollup_kb(int(child)).items():
-                        total[key] = total.get(key, 0) + value
+    for child in children(zygote):
+        if child not in sandboxes:
+            for key, value in rollup_kb(child).items():
+                total[key] = total.get(key, 0) + value
     return total
 
 

@@ -36,6 +36,7 @@ import anyio
 
 import minifaas
 from minifaas._launch import MAX_PIDS_PER_SANDBOX, PIDS
+from minifaas._proc import descendants, proc_table, rss_kb
 
 ROOT = Path(__file__).resolve().parent.parent
 KILL_PERIOD_S = 0.1
@@ -51,38 +52,6 @@ def say(msg: str) -> None:
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(len(values) * q))] if values else float("nan")
-
-
-def rss_kb() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-
-
-def proc_table() -> dict[int, tuple[str, int, int]]:
-    table = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            table[int(entry)] = (fields[0], int(fields[1]), int(fields[3]))
-    return table
-
-
-def descendants(root: int, table: dict[int, tuple[str, int, int]]) -> set[int]:
-    children = collections.defaultdict(list)
-    for pid, (_, ppid, _) in table.items():
-        children[ppid].append(pid)
-    out: set[int] = set()
-    stack = [root]
-    while stack:
-        for child in children[stack.pop()]:
-            if child not in out:
-                out.add(child)
-                stack.append(child)
-    return out
 
 
 async def leftovers(before: set[int], parents: set[int], sessions: set[int]) -> set[int]:

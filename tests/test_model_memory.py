@@ -11,6 +11,7 @@ import pytest
 from minifaas_sandbox import runtime
 
 import minifaas
+from minifaas._proc import smaps_rollup_kb
 from minifaas.testing import assert_success
 
 pytestmark = pytest.mark.anyio
@@ -55,11 +56,7 @@ CHURN_MIB = 24
 
 
 def private_dirty_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            if line.startswith("Private_Dirty:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError(f"no Private_Dirty in /proc/{pid}/smaps_rollup")
+    return smaps_rollup_kb(pid)["Private_Dirty"] / 1024
 
 
 async def test_idle_sandbox_returns_its_free_heap(tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import socket
 import subprocess
 import sys
@@ -26,6 +25,7 @@ ray = pytest.importorskip("ray")  # an optional extra: pip install 'minifaas[ray
 from ray.cluster_utils import Cluster  # noqa: E402
 
 import minifaas  # noqa: E402
+from minifaas._proc import rss_kb as _rss_kb  # noqa: E402
 from minifaas.testing import assert_status, assert_success  # noqa: E402
 
 pytestmark = pytest.mark.anyio
@@ -111,14 +111,6 @@ async def _eventually(check: Callable[[], bool], timeout_s: float = 10.0) -> Non
     with anyio.fail_after(timeout_s):
         while not check():
             await anyio.sleep(0.05)
-
-
-def _rss_kb() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def _free_port() -> int:

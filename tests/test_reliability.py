@@ -21,6 +21,9 @@ import anyio
 import pytest
 
 import minifaas
+from minifaas._proc import descendants as _descendants
+from minifaas._proc import proc_table as _proc_table
+from minifaas._proc import rss_kb as _rss_kb
 from minifaas._store import HOST_DIED_MESSAGE
 
 pytestmark = pytest.mark.anyio
@@ -39,35 +42,6 @@ KILL_PERIOD_S = 0.1
 MIN_KILLS = 10
 #: how long killed processes may take to disappear from /proc on a loaded machine
 PROCESS_EXIT_S = 10.0
-
-
-def _proc_table() -> dict[int, tuple[str, int, int]]:
-    """pid -> (state, ppid, session) for every process."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        table[int(entry)] = (fields[0], int(fields[1]), int(fields[3]))
-    return table
-
-
-def _descendants(root: int, table: dict[int, tuple[str, int, int]]) -> set[int]:
-    children = collections.defaultdict(list)
-    for pid, (_, ppid, _) in table.items():
-        children[ppid].append(pid)
-    out: set[int] = set()
-    stack = [root]
-    while stack:
-        for child in children[stack.pop()]:
-            if child not in out:
-                out.add(child)
-                stack.append(child)
-    return out
 
 
 def _children() -> set[int]:
@@ -253,11 +227,6 @@ BACKPRESSURE_SUBMITS = 20_000
 #: a rejected submit is a few microseconds; this bound leaves room for a loaded CI machine
 REJECT_P99_S = 0.002
 RSS_GROWTH_MAX_KB = 32 << 10
-
-
-def _rss_kb() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
 @pytest.mark.parametrize("bound", ["function", "engine"], ids=["max_queue", "max_queued"])

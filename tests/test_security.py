@@ -27,6 +27,7 @@ from minifaas_sandbox import protocol as p
 
 import minifaas
 from minifaas._launch import MAX_PIDS_PER_SANDBOX, PIDS
+from minifaas._proc import rss_kb as _rss_kb
 from minifaas._sandbox import MAX_STRAY_BYTES
 from minifaas.testing import assert_status, assert_success
 
@@ -43,14 +44,6 @@ SANDBOX_BASE_TASKS_MAX = 8
 BOMB_TIMEOUT_S = 2.0
 #: how long the kernel may take to finish off a SIGKILLed fork bomb on a loaded machine
 BOMB_REAP_S = 15.0
-
-
-def _rss_kb() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS in /proc/self/status")
 
 
 def _stat(pid: int) -> list[str] | None:

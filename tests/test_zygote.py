@@ -19,6 +19,8 @@ from minifaas_sandbox import protocol as p
 
 import minifaas
 from minifaas._launch import PIDS, Launched, SpawnLauncher, scrubbed_env
+from minifaas._proc import children as _children
+from minifaas._proc import smaps_rollup_kb as _pss_kb
 from minifaas._zygote import DEFAULT_PRELOAD, ZygoteError, ZygoteLauncher, ZygotePool
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="fork server, pidfds and /proc are Linux-only")
@@ -104,24 +106,6 @@ async def _end(proc: Launched) -> int:
 
 def _run(fn: Callable[[], Awaitable[None]]) -> None:
     anyio.run(fn)
-
-
-def _pss_kb(pid: int) -> dict[str, int]:
-    out: dict[str, int] = {}
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) == 3 and parts[2] == "kB":
-                out[parts[0].rstrip(":")] = int(parts[1])
-    return out
-
-
-def _children(pid: int) -> list[int]:
-    kids: list[int] = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            kids += [int(k) for k in f.read().split()]
-    return kids
 
 
 def _family_pss_kb(zygote: int) -> int:
