@@ -105,3 +105,12 @@ def write_output(image: np.ndarray, output_path: str, fmt: str | None = None) ->
     except OSError as exc:
         raise ValueError(f"cannot write output_path {output_path}: {exc}") from exc
     return output_path
+
+
+def output_fields(image: np.ndarray, args: dict, fmt: str) -> dict:
+    """A function's image output: written to ``args["output_path"]`` when the caller gave one (the result then
+    carries the path and ``crop: None``), else returned inline as ``crop`` bytes in ``fmt``."""
+    output_path = args.get("output_path")
+    if output_path:
+        return {"output_path": write_output(image, output_path, args.get("format")), "crop": None}
+    return {"crop": encode(image, fmt), "format": "jpeg" if fmt == "jpg" else fmt}

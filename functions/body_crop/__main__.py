@@ -108,11 +108,5 @@ def main(args: dict) -> dict:
     x, y, w, h = box
     result.update({"x": x, "y": y, "w": w, "h": h})
     cropped = image[y : y + h, x : x + w]
-    output_path = args.get("output_path")
-    if output_path:
-        result["output_path"] = image_input.write_output(cropped, output_path, args.get("format"))
-        result["crop"] = None
-    else:
-        result["crop"] = image_input.encode(cropped, fmt)
-        result["format"] = "jpeg" if fmt == "jpg" else fmt
+    result.update(image_input.output_fields(cropped, args, fmt))
     return result

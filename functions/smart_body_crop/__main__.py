@@ -102,13 +102,7 @@ def main(args: dict) -> dict:
     x, y, w, h = box
     cropped = image[y : y + h, x : x + w]
     result = {"person": True, "x": x, "y": y, "w": w, "h": h, "keypoints": used, **base}
-    output_path = args.get("output_path")
-    if output_path:
-        result["output_path"] = image_input.write_output(cropped, output_path, args.get("format"))
-        result["crop"] = None
-    else:
-        result["crop"] = image_input.encode(cropped, fmt)
-        result["format"] = "jpeg" if fmt == "jpg" else fmt
+    result.update(image_input.output_fields(cropped, args, fmt))
     models.report_timing("crop_ms", (time.perf_counter() - t2) * 1000)
     models.report_timing("prepare_ms", (t1 - t0) * 1000)
     return result
