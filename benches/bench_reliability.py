@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import functools
 import json
 import os
 import random
@@ -27,7 +28,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from typing import Any
 import anyio
 
 import minifaas
+from minifaas._crashhost import run_host_and_kill
 from minifaas._launch import MAX_PIDS_PER_SANDBOX, PIDS
 from minifaas._proc import descendants, proc_table, rss_kb
 
@@ -153,47 +154,14 @@ async def bench_chaos(n: int, clients: int = 50) -> None:
 
 
 # -- host crash -----------------------------------------------------------------------------------------------
-HOST = textwrap.dedent("""
-    import random, sys, anyio, minifaas
-    SLEEP = "import time\\ndef main(a):\\n    time.sleep(a['s'])\\n    return {'i': a['i']}\\n"
-    async def main():
-        async with minifaas.Engine(state_dir=sys.argv[1]) as engine:
-            await engine.deploy("w", code=SLEEP, max_sandboxes=4)
-            await engine.deploy("q", code="def main(a):\\n    return {'i': a['i']}\\n", max_sandboxes=4)
-            await engine.invoke("q", {"i": -1})
-            engine.add_end_hook(lambda a: print("end", a.activation_id, a.status, flush=True))
-            print("ready", flush=True)
-            i = 0
-            while True:
-                for _ in range(50):
-                    aid = await engine.submit("w" if i % 2 else "q", {"i": i, "s": random.random() * 0.05})
-                    print("acc", aid, flush=True)
-                    i += 1
-                await anyio.sleep(0.01)
-    anyio.run(main)
-""")
-
-
-def run_host_and_kill(state: str, kill_after: float) -> tuple[list[list[str]], set[int]]:
-    proc = subprocess.Popen([sys.executable, "-c", HOST, state], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    while (line := proc.stdout.readline()) and line.strip() != "ready":
-        pass
-    time.sleep(kill_after)
-    family = descendants(proc.pid, proc_table())
-    proc.kill()
-    proc.wait()
-    lines = [line.split() for line in proc.stdout.read().splitlines()]
-    proc.stdout.close()
-    return lines, family
-
-
 async def bench_crash(rounds: int) -> None:
     totals: collections.Counter[str] = collections.Counter()
     for r in range(rounds):
         kill_after = random.uniform(1.0, 4.0)
         with tempfile.TemporaryDirectory() as state:
-            lines, family = await anyio.to_thread.run_sync(run_host_and_kill, state, kill_after)
+            lines, family = await anyio.to_thread.run_sync(
+                functools.partial(run_host_and_kill, state, kill_after, batch=50, max_sandboxes=4)
+            )
             left = await leftovers(set(), family, family)
             accepted = [x[1] for x in lines if x[:1] == ["acc"] and len(x) == 2]
             ended = {x[1]: x[2] for x in lines if x[:1] == ["end"] and len(x) == 3}

@@ -11,9 +11,6 @@ import collections
 import os
 import random
 import signal
-import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -21,7 +18,7 @@ import anyio
 import pytest
 
 import minifaas
-from minifaas._proc import descendants as _descendants
+from minifaas._crashhost import run_host_and_kill
 from minifaas._proc import proc_table as _proc_table
 from minifaas._proc import rss_kb as _rss_kb
 from minifaas._store import HOST_DIED_MESSAGE
@@ -159,47 +156,10 @@ async def test_chaos_with_the_spawn_launcher() -> None:
     await _await_no_leftovers(before, set(), seen)
 
 
-HOST = textwrap.dedent("""
-    import random, sys, anyio, minifaas
-    SLEEP = "import time\\ndef main(a):\\n    time.sleep(a['s'])\\n    return {'i': a['i']}\\n"
-    async def main():
-        async with minifaas.Engine(state_dir=sys.argv[1]) as engine:
-            engine.add_end_hook(lambda a: print("end", a.activation_id, a.status, flush=True))
-            await engine.deploy("w", code=SLEEP)
-            await engine.deploy("q", code="def main(a):\\n    return {'i': a['i']}\\n")
-            await engine.invoke("q", {"i": -1})
-            print("ready", flush=True)
-            i = 0
-            while True:
-                for _ in range(40):
-                    aid = await engine.submit("w" if i % 2 else "q", {"i": i, "s": random.random() * 0.05})
-                    print("acc", aid, flush=True)
-                    i += 1
-                await anyio.sleep(0.01)
-    anyio.run(main)
-""")
-
-
-def _run_host_and_kill(state_dir: Path, kill_after_s: float) -> tuple[list[list[str]], set[int]]:
-    """Start a host that submits without pause, kill -9 it; its output lines and the processes it had."""
-    proc = subprocess.Popen([sys.executable, "-c", HOST, str(state_dir)], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    head = []
-    while (line := proc.stdout.readline()) and line.strip() != "ready":
-        head.append(line.split())
-    time.sleep(kill_after_s)
-    family = _descendants(proc.pid, _proc_table())
-    proc.kill()  # SIGKILL: no clean-up of any kind runs in the host
-    proc.wait()
-    lines = head + [line.split() for line in proc.stdout.read().splitlines()]
-    proc.stdout.close()
-    return lines, family
-
-
 async def test_host_killed_with_hundreds_in_flight(tmp_path: Path) -> None:
     before = _children()
     kill_after = random.uniform(0.8, 1.6)
-    lines, family = await anyio.to_thread.run_sync(_run_host_and_kill, tmp_path, kill_after)
+    lines, family = await anyio.to_thread.run_sync(run_host_and_kill, tmp_path, kill_after)
     accepted = [parts[1] for parts in lines if parts[:1] == ["acc"] and len(parts) == 2]
     ended = {parts[1]: parts[2] for parts in lines if parts[:1] == ["end"] and len(parts) == 3}
     assert len(accepted) >= 100, f"only {len(accepted)} accepted in {kill_after:.1f} s"
