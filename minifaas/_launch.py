@@ -61,6 +61,9 @@ SANDBOX_ENV_DEFAULTS: Final[dict[str, str]] = {
     # ~390 pages of a vision function (measured: 1-3 ms per call, 0 faults with these)
     "MALLOC_MMAP_THRESHOLD_": str(4 << 20),
     "MALLOC_TRIM_THRESHOLD_": str(32 << 20),
+    # one heap arena per thread (OpenCV's pool) would reserve 64 MiB of address space each, counted against the
+    # sandbox's RLIMIT_AS; glibc reads these at process start, so they must be in the zygote's environment too
+    "MALLOC_ARENA_MAX": "2",
 }
 
 

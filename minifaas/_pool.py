@@ -34,7 +34,6 @@ RUN_AVG_GAIN: Final = 8
 RUN_DEV_GAIN: Final = 4
 #: a round trip's extra time beyond the run is clamped to this (ms): a stall of the host is not a trend
 MAX_TRIP_MS: Final = 5.0
-SANDBOX_ENV: Final = {"MALLOC_ARENA_MAX": "2"}
 
 
 def _last_used(sb: object) -> float:
@@ -264,7 +263,7 @@ class Pool:
             if sb.proc is None:
                 # an env that replaces a preloaded package cannot run in a fork of the preloaded interpreter
                 launcher = SpawnLauncher(python=spec.python) if spec.python else self.launcher
-                await sb.start(launcher, scrubbed_env(SANDBOX_ENV), self.tg, wait_ready=False)
+                await sb.start(launcher, scrubbed_env(), self.tg, wait_ready=False)
                 self.stats["forks" if sb.launch_how == "fork" else "spawns"] += 1
             else:
                 self.stats["prewarmed_specializations"] += 1
@@ -292,7 +291,7 @@ class Pool:
             sb = self.sandbox_factory("(stem)", self.services)
             self.live.add(sb)
             try:
-                await sb.start(self.launcher, scrubbed_env(SANDBOX_ENV), self.tg)
+                await sb.start(self.launcher, scrubbed_env(), self.tg)
                 self.stats["forks" if sb.launch_how == "fork" else "spawns"] += 1
             except (Exception, SandboxDied):
                 self.tg.start_soon(sb.stop)

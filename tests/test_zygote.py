@@ -18,7 +18,7 @@ import pytest
 from minifaas_sandbox import protocol as p
 
 import minifaas
-from minifaas._launch import PIDS, Launched, SpawnLauncher, scrubbed_env
+from minifaas._launch import PIDS, SANDBOX_ENV_DEFAULTS, Launched, SpawnLauncher, scrubbed_env
 from minifaas._proc import children as _children
 from minifaas._proc import smaps_rollup_kb as _pss_kb
 from minifaas._zygote import DEFAULT_PRELOAD, ZygoteError, ZygoteLauncher, ZygotePool
@@ -592,6 +592,20 @@ def test_spare_ends_with_its_zygote_and_can_be_turned_off() -> None:
             await anyio.sleep(0.1)
             assert _children(launcher.stats()["zygote_pid"]) == [child.pid]
             assert launcher.stats()["forks_ahead"] == 0
+            await _end(child)
+
+    _run(main)
+
+
+def test_zygote_starts_with_the_sandboxes_malloc_settings() -> None:
+    # glibc reads MALLOC_* when a process starts: forked sandboxes only have them if their zygote started with them
+    async def main() -> None:
+        async with ZygoteLauncher(preload=("minifaas_sandbox.runtime",)) as launcher:
+            child = await launcher.launch(scrubbed_env())
+            with open(f"/proc/{launcher.stats()['zygote_pid']}/environ", "rb") as f:
+                environ = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+            for name in ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+                assert environ[name.encode()] == SANDBOX_ENV_DEFAULTS[name].encode()
             await _end(child)
 
     _run(main)
