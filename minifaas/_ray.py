@@ -100,6 +100,11 @@ RAY_TERMINATE_TIMEOUT_S: Final = 2.0
 #: after a RESULT, how long the actor waits at most for fd 1/2 output written before it to be read
 RAY_STRAY_DRAIN_S: Final = 0.05
 BUNDLE_CACHE_DIR: Final = "minifaas-ray-bundles"
+#: connections to a Ray Client server (``ray://``) tried before giving up. Its proxy forks a server per client while
+#: its gRPC threads run, and that child may crash at birth (ray-project/ray#63202): the next connection gets a new one
+RAY_CLIENT_CONNECT_ATTEMPTS: Final = 3
+RAY_CLIENT_RETRY_PAUSE_S: Final = 0.5
+_CLIENT_SERVER_DIED: Final = "Starting Ray client server failed"
 _DEATH_CAUSE: Final = re.compile(r"The actor is dead because (.*?)(?:\s+Some common causes|\Z)", re.S)
 _EXIT_CODE: Final = re.compile(r"exits? with an exit code (-?\d+)")
 
@@ -620,6 +625,7 @@ class RayLauncher:
             "actors_killed": 0,
             "starts_abandoned": 0,
             "evictions_for_room": 0,
+            "client_connect_retries": 0,
         }
         self._owns_ray = False
         self._pool: Pool | None = None
@@ -630,8 +636,16 @@ class RayLauncher:
         if self.address and self.address.startswith("ray://") and importlib.util.find_spec("grpc") is None:
             raise BackendUnavailable(f"ray_address={self.address!r} needs Ray Client: pip install 'ray[client]'")
         if not ray.is_initialized():
-            # a worker thread: starting a local cluster takes seconds, the event loop keeps running meanwhile
-            await anyio.to_thread.run_sync(lambda: ray.init(address=self.address))
+            for attempt in range(1, RAY_CLIENT_CONNECT_ATTEMPTS + 1):
+                try:
+                    # a worker thread: starting a local cluster takes seconds, the event loop keeps running meanwhile
+                    await anyio.to_thread.run_sync(lambda: ray.init(address=self.address))
+                    break
+                except ConnectionAbortedError as exc:
+                    if _CLIENT_SERVER_DIED not in str(exc) or attempt == RAY_CLIENT_CONNECT_ATTEMPTS:
+                        raise
+                    self.counters["client_connect_retries"] += 1
+                    await anyio.sleep(RAY_CLIENT_RETRY_PAUSE_S)
             self._owns_ray = True
         groups = {RAY_CONTROL_GROUP: RAY_CONTROL_CONCURRENCY}
         self.actor_class = ray.remote(concurrency_groups=groups)(SandboxActor)  # type: ignore[call-overload]
