@@ -403,7 +403,8 @@ class ZygoteLauncher:
     :class:`ZygotePool` own it. ``env`` is the zygote's own environment (default: :func:`scrubbed_env`, which
     keeps numeric libraries single-threaded); each sandbox gets the env passed to :meth:`launch`.
     ``prebuild`` (read at each model load): build TFLite interpreters in the zygote, not only share the bytes.
-    ``fork_ahead``: the zygote keeps one child forked ahead of demand, so a launch does not wait for fork().
+    ``fork_ahead``: the zygote keeps one child forked ahead of demand, so a launch does not wait for fork();
+    ``refork_delay_s`` after a launch, it forks the next one (the launched sandbox's first steps go first).
     """
 
     name = "zygote"
@@ -416,9 +417,13 @@ class ZygoteLauncher:
         env: Mapping[str, str] | None = None,
         prebuild: bool = True,
         fork_ahead: bool = True,
+        refork_delay_s: float = z.SPARE_REFORK_DELAY_S,
     ) -> None:
+        if refork_delay_s < 0:
+            raise ValueError(f"refork_delay_s must be >= 0, got {refork_delay_s}")
         self.preload = tuple(preload)
         self.fork_ahead = fork_ahead
+        self.refork_delay_s = refork_delay_s
         self.models = tuple(models)
         self.prebuild = prebuild
         #: model path -> urls sandboxes will load it by (sent along, so the zygote's interpreters are found)
@@ -587,6 +592,7 @@ class ZygoteLauncher:
         elif PIDS.parent is not None:
             # its spare moves itself into a cgroup of its own while nobody waits for it
             argv += ["--cgroup-parent", str(PIDS.parent), "--pids-max", str(MAX_PIDS_PER_SANDBOX)]
+        argv += ["--refork-delay-ms", str(self.refork_delay_s * 1000)]
         try:
             proc = subprocess.Popen(
                 argv,

@@ -11,19 +11,23 @@ Data flow::
     +-----------------+  control socket  +-----------------------+  os.fork()   +-------------------------+
     | reader task    <|---- HELLO -------| import preload set     |------------->| spare: setsid, signals, |
     | launch()        |- LOAD_MODELS --->| read model bytes,      |  (ahead of   | close the zygote's fds, |
-    |                 |                  | pre-build interpreters;|   demand)    | wait for its request    |
-    |                 |                  | discard the spare      |              |                         |
-    |                 |- FORK + 3 fds -->| pass env + fds to the  |--- socket -->| fds 0/1/2, env, reseed, |
+    |                 |                  | pre-build interpreters;|   demand)    | reseed, rehearse a cold |
+    |                 |                  | discard the spare      |              | start, wait for request |
+    |                 |- FORK + 3 fds -->| pass env + fds to the  |--- socket -->| fds 0/1/2, env,         |
     |                 |<-- FORKED pid ---| spare (or fork now);   |              | runtime.serve(channel)  |
-    |                 |                  | fork the next spare    |              +-------------------------+
+    |                 |                  | 20 ms later, fork the  |              +-------------------------+
+    |                 |                  | next spare             |
     |                <|---- EXITED ------| SIGCHLD -> waitpid     |
     +-----------------+                  +-----------------------+
 
 Fork ahead: fork() of a process holding numpy, OpenCV and LiteRT takes 2-3 ms here, and the child runs only
 after it. So the zygote keeps one child forked ahead (the spare), waiting on a socket of its own; a FORK request
-passes it the env and fds and is answered at once, and the zygote forks the next spare when it is idle again.
-The spare is a fork like any other (it reseeds, takes its env and fds when its request comes); one forked before
-a LOAD_MODELS is discarded, since it would not hold those models.
+passes it the env and fds and is answered at once. The spare takes, before its request, every step of becoming a
+sandbox that does not need it: reseeding, the runtime's set-up, and a rehearsal (a no-op INIT and RUN), which
+pays the copy-on-write faults a fresh fork takes the first time it touches each shared page. The zygote forks
+the next spare SPARE_REFORK_DELAY_S after a launch, not at once: on two cores that fork competed with the
+launched sandbox's first steps. One forked before a LOAD_MODELS is discarded, since it would not hold those
+models.
 
 Control messages use :mod:`minifaas_sandbox.protocol` framing with their own type codes (below). A FORK
 frame is sent together with three fds (SCM_RIGHTS): the child's channel socket, and the write ends of its
@@ -94,6 +98,9 @@ DEFAULT_PRELOAD: Final = (
     "minifaas_sandbox.runtime",
 )
 FDS_PER_FORK: Final = 3
+#: after a launch, how long the zygote waits before forking the next spare: the launched sandbox's cold start
+#: (INIT, first RUN: 2-4 ms here) runs meanwhile without a fork of the zygote competing for the CPU
+SPARE_REFORK_DELAY_S: Final = 0.02
 RECV_BYTES: Final = 1 << 16
 #: fds accepted per recvmsg (Linux's SCM_MAX_FD); several FORK frames may arrive in one read
 MAX_FDS_PER_RECV: Final = 253
@@ -190,6 +197,7 @@ class Zygote:
         fork_ahead: bool = True,
         cgroup_parent: str | None = None,
         pids_max: int = 0,
+        refork_delay_s: float = SPARE_REFORK_DELAY_S,
     ) -> None:
         self.control = control
         self.preloaded = preloaded
@@ -206,6 +214,9 @@ class Zygote:
         #: are nobody's business
         self.discarded: dict[int, str | None] = {}
         self.forks_ahead = 0
+        #: monotonic time before which no spare is forked (set when a launch has just used the zygote)
+        self.refork_at = 0.0
+        self.refork_delay_s = refork_delay_s
         #: where a spare makes its own pids cgroup (the host's sandbox cgroups), None for none
         self.cgroup_parent = cgroup_parent
         self.pids_max = pids_max
@@ -231,10 +242,16 @@ class Zygote:
 
     def serve(self) -> int:
         while True:
+            timeout = None
             if self.fork_ahead and self.spare is None:
-                # between requests, off the path of any launch (the host is not waiting on this fork)
-                self.make_spare()
-            for key, _ in self.selector.select():
+                # between requests, off the path of any launch (the host is not waiting on this fork), and not
+                # while the sandbox just launched takes its first steps: on two cores, forking this process (2-3 ms
+                # of CPU) beside them delayed that sandbox's first result by as much
+                timeout = self.refork_at - time.monotonic()
+                if timeout <= 0:
+                    timeout = None
+                    self.make_spare()
+            for key, _ in self.selector.select(timeout):
                 if key.data == "spare":
                     self.spare_status()
                 elif key.data == "sigchld":
@@ -290,6 +307,7 @@ class Zygote:
             self.send(EXITED, {"pid": pid, "status": os.waitstatus_to_exitcode(status)})
 
     def fork(self, fields: dict[str, Any]) -> None:
+        self.refork_at = time.monotonic() + self.refork_delay_s
         seq = fields.get("seq")
         if len(self.fds) < FDS_PER_FORK:
             raise p.ProtocolError(f"FORK {seq} arrived with {len(self.fds)} fds, expected {FDS_PER_FORK}")
@@ -343,17 +361,29 @@ class Zygote:
         self.selector.register(mine, selectors.EVENT_READ, "spare")
 
     def spare_main(self, sock: socket.socket) -> int:
-        """A spare's life: detach, join its cgroup, say so, wait for its request, become that sandbox."""
+        """A spare's life: detach, join its cgroup, do every step of becoming a sandbox that does not need the
+        request, say it is ready, wait for its request, become that sandbox."""
         self.detach()
         # the move into a cgroup takes milliseconds on cgroup v1 (an RCU grace period): done now, while nobody
         # waits, it is off the path of the launch that will take this spare
         cgroup = _join_cgroup(self.cgroup_parent, self.pids_max) if self.cgroup_parent else None
-        sock.sendall(b"A" + cgroup.encode() if cgroup else b"N")
+        # so is the rest (measured 1.5-2.5 ms on the launch path: reseeding, the runtime's set-up, and the
+        # copy-on-write faults each of them takes in a fresh child)
+        os.closerange(3, sock.fileno())
+        os.closerange(sock.fileno() + 1, os.sysconf("SC_OPEN_MAX"))
+        _ready_child(rehearse=True)
+        try:
+            sock.sendall(b"A" + cgroup.encode() if cgroup else b"N")
+        except (BrokenPipeError, ConnectionResetError):
+            return 0  # discarded (or the zygote ended) while it got ready
         request = _await_request(sock)
         if request is None:
             return 0  # the zygote ended or discarded this spare
-        fds, env = request
-        return self.become_sandbox(*fds, env, detached=True)
+        (channel_fd, out_w, err_w), env = request
+        _take_fds(channel_fd, out_w, err_w, env)
+        from minifaas_sandbox import runtime
+
+        return runtime.serve(channel_fd, preloaded=tuple(self.preloaded), prepared=True)
 
     def spare_status(self) -> None:
         """The spare says it is ready to serve, and in which cgroup it is (A<path>), or that it has none (N)."""
@@ -400,28 +430,39 @@ class Zygote:
         if self.spare is not None:
             self.spare.sock.close()
 
-    def become_sandbox(
-        self, channel_fd: int, out_w: int, err_w: int, env: dict[str, str], *, detached: bool = False
-    ) -> int:
-        if not detached:
-            self.detach()
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)
-        os.dup2(out_w, 1)
-        os.dup2(err_w, 2)
-        # everything else inherited (other requests' fds, library handles) is not this sandbox's business
-        os.closerange(3, channel_fd)
-        os.closerange(channel_fd + 1, os.sysconf("SC_OPEN_MAX"))
-        os.environ.clear()
-        os.environ.update(env)
-        sys.argv = sys.argv[:1]
-        _reseed()
-        if _cv2_threads is not None:
-            # a sandbox decodes and resizes as fast as any process on this machine would
-            sys.modules["cv2"].setNumThreads(_cv2_threads)
+    def become_sandbox(self, channel_fd: int, out_w: int, err_w: int, env: dict[str, str]) -> int:
+        """A child forked for a request (no spare was ready): all the steps, in a row."""
+        self.detach()
+        _take_fds(channel_fd, out_w, err_w, env)
+        _ready_child()
         from minifaas_sandbox import runtime
 
-        return runtime.serve(channel_fd, preloaded=tuple(self.preloaded))
+        return runtime.serve(channel_fd, preloaded=tuple(self.preloaded), prepared=True)
+
+
+def _ready_child(*, rehearse: bool = False) -> None:
+    """The steps of becoming a sandbox that need no request (a spare also rehearses a cold start's)."""
+    sys.argv = sys.argv[:1]
+    _reseed()
+    if _cv2_threads is not None:
+        # a sandbox decodes and resizes as fast as any process on this machine would
+        sys.modules["cv2"].setNumThreads(_cv2_threads)
+    from minifaas_sandbox import runtime
+
+    runtime.prepare(rehearse=rehearse)
+
+
+def _take_fds(channel_fd: int, out_w: int, err_w: int, env: dict[str, str]) -> None:
+    """A request's fds become the sandbox's stdio (stdin: /dev/null), and its env the process's."""
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.dup2(out_w, 1)
+    os.dup2(err_w, 2)
+    # everything else inherited (other requests' fds, library handles) is not this sandbox's business
+    os.closerange(3, channel_fd)
+    os.closerange(channel_fd + 1, os.sysconf("SC_OPEN_MAX"))
+    os.environ.clear()
+    os.environ.update(env)
 
 
 def _flush_std() -> None:
@@ -513,6 +554,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-fork-ahead", action="store_true", help="fork on request only, keep no spare child")
     parser.add_argument("--cgroup-parent", default=None, help="pids cgroup directory where a spare makes its own")
     parser.add_argument("--pids-max", type=int, default=0, help="pids.max of a spare's cgroup")
+    parser.add_argument(
+        "--refork-delay-ms",
+        type=float,
+        default=SPARE_REFORK_DELAY_S * 1000,
+        help="after a launch, wait this long before forking the next spare",
+    )
     ns = parser.parse_args(argv)
     control = socket.socket(fileno=ns.fd)
     control.setblocking(True)
@@ -521,6 +568,7 @@ def main(argv: list[str] | None = None) -> int:
         control,
         preloaded,
         fork_ahead=not ns.no_fork_ahead,
+        refork_delay_s=max(0.0, ns.refork_delay_ms / 1000),
         cgroup_parent=ns.cgroup_parent,
         pids_max=ns.pids_max,
     )

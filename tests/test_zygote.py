@@ -509,6 +509,18 @@ async def _gone(pid: int, timeout_s: float = 2.0) -> bool:
     return not _alive(pid)
 
 
+#: where a spare sleeps once ready: in the read of its request from the zygote's socket
+WAITING_FOR_REQUEST = "unix_stream_read_generic"
+
+
+def _wchan(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/wchan") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 async def _spare_of(launcher: ZygoteLauncher, known: set[int]) -> int:
     """The pid of the child the zygote forked ahead, once it is ready to serve (the zygote forks it when idle,
     and it serves once it has joined its cgroup)."""
@@ -523,6 +535,9 @@ async def _spare_of(launcher: ZygoteLauncher, known: set[int]) -> int:
                     if f"sb-{spare}" not in f.read():
                         await anyio.sleep(0.01)
                         continue
+            if _wchan(spare) not in (WAITING_FOR_REQUEST, "0", ""):  # "0": the kernel does not tell
+                await anyio.sleep(0.01)  # still getting ready (its rehearsal of a cold start)
+                continue
             await anyio.sleep(0.05)  # its status reaches the zygote
             return spare
         await anyio.sleep(0.01)
@@ -555,6 +570,64 @@ def test_fork_ahead_serves_launches_from_a_spare() -> None:
             assert stats["forks"] == 3 and stats["forks_ahead"] >= 2 and stats["zygote_threads"] == 1
             for ch in chans:
                 await _end(ch.proc)
+
+    _run(main)
+
+
+def test_next_spare_is_forked_once_the_launch_has_settled() -> None:
+    """Forking the zygote (2-3 ms of CPU) beside a sandbox's first steps slows its cold start on two cores, so
+    the zygote forks the next spare ``refork_delay_s`` after the launch that took the last one."""
+
+    async def main() -> None:
+        env = scrubbed_env()
+        async with ZygoteLauncher(preload=("minifaas_sandbox.runtime",), refork_delay_s=0.5) as launcher:
+            first = await launcher.launch(env)
+            spare = await _spare_of(launcher, {first.pid})
+            second = await launcher.launch(env)
+            taken = time.monotonic()
+            assert second.pid == spare
+            zygote = launcher.stats()["zygote_pid"]
+            await anyio.sleep(0.3)
+            assert sorted(_children(zygote)) == sorted([first.pid, second.pid])  # no spare yet
+            nxt = await _spare_of(launcher, {first.pid, second.pid})
+            assert time.monotonic() - taken >= 0.5
+            third = await launcher.launch(env)
+            assert third.pid == nxt and getattr(third, "ahead", False)
+            for proc in (first, second, third):
+                await _end(proc)
+
+    _run(main)
+    with pytest.raises(ValueError, match="refork_delay_s"):
+        ZygoteLauncher(refork_delay_s=-1)
+
+
+def test_a_spares_rehearsal_leaves_nothing_behind() -> None:
+    """A spare runs a no-op INIT and RUN before its request (to take a fresh fork's first-touch costs early):
+    the function it becomes sees its own environment and module only, at import as in main."""
+    code = (
+        "import os, sys\n"
+        "AT_IMPORT = {k: v for k, v in os.environ.items() if k.startswith('__OW_')}\n"
+        "def main(args):\n"
+        "    return {'at_import': AT_IMPORT, 'aid': os.environ['__OW_ACTIVATION_ID'],\n"
+        "            'module': sys.modules['__minifaas_function__'].__file__,\n"
+        "            'pid': os.getpid()}\n"
+    )
+
+    async def main() -> None:
+        async with minifaas.Engine(launcher="zygote") as engine:
+            await engine.deploy("first", code="def main(args):\n    return {}\n")
+            await engine.invoke("first")
+            launcher = engine._launcher
+            assert isinstance(launcher, ZygoteLauncher)
+            known = set(engine.stats()["functions"]["guest/first@1"]["pids"])
+            spare = await _spare_of(launcher, known)
+            await engine.deploy("probe", code=code)
+            act = await engine.call("probe")
+            assert act.status == "success", act
+            assert act.result["pid"] == spare and act.annotations["cold"]
+            assert act.result["at_import"] == {}
+            assert act.result["aid"] == act.activation_id
+            assert act.result["module"] == "__main__.py"
 
     _run(main)
 
