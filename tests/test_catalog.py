@@ -329,3 +329,24 @@ def test_demo_runs_on_the_bundled_photos(tmp_path: Path) -> None:
     assert "session trace of messi5.jpg" in proc.stdout
     assert "passed: consequent" in proc.stdout
     assert f"{len(photos)} photos in" in proc.stdout
+
+
+async def test_deployed_functions_start_with_their_models_in_the_zygote() -> None:
+    """``deploy_functions`` (the demo's) names each function's models: the zygote reads them and builds their
+    interpreters, so a sandbox's first call finds them built (a cache hit, not a load)."""
+    async with minifaas.Engine(launcher="zygote") as engine:
+        await wf.deploy_functions(engine, max_sandboxes=1)
+        stats = engine.stats()["launcher_stats"]
+        built = {Path(path).name for path in stats["prebuilt_models"]}  # the model store names files by content
+        tflite = ("pose_detection.tflite", "pose_landmark_full.tflite", "efficientnet_lite0_int8.tflite")
+        assert built == {hashlib.sha256((FUNCTIONS / "models" / name).read_bytes()).hexdigest() for name in tflite}
+        assert not stats["prebuild_errors"] and stats["zygote_threads"] == 1
+        image = (IMAGES / PEOPLE[0]).read_bytes()
+        crop = await engine.call(wf.CROP_FUNCTION, {"image": image})
+        tag = await engine.call(wf.TAG_FUNCTION, {"image": image, "person": True})
+        for act in (crop, tag):
+            assert act.status == "success", act.result
+            assert act.annotations["cold"] and act.annotations["launch"] == "fork"
+            tflite = [m for m in act.annotations["models"] if m["url"].endswith(".tflite")]
+            assert tflite and all(m["hit"] and m.get("prebuilt") for m in tflite), act.annotations["models"]
+        assert crop.result["person"] is True and tag.result["labels"]
