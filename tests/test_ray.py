@@ -429,21 +429,20 @@ async def test_prewarmed_actor_and_close_leaves_no_actor(ray_cluster: Cluster) -
     await _eventually(lambda: not (_engine_actor_names() - before))
 
 
-async def test_remote_address_through_ray_client(ray_cluster: Cluster, tmp_path: Path) -> None:
-    """``ray_address="ray://host:port"``: an application on another machine (here: another process, connected to
-    the session's cluster only through a Ray Client server) gets the same records."""
-    pytest.importorskip("grpc", reason="Ray Client needs pip install 'ray[client]'")
+async def _client_app_through_proxy(
+    cluster: Cluster, server_log: Path, env: dict[str, str]
+) -> tuple[int, subprocess.CompletedProcess[bytes]]:
+    """Run CLIENT_APP in a process of its own, connected through a Ray Client proxy (``python -m
+    ray.util.client.server``, its output in ``server_log``, ``env`` added to its environment) to ``cluster``."""
     port = _free_port()
-    before = _engine_actor_names()
-    server_log = tmp_path / "ray_client_server.log"
     with server_log.open("wb") as log:
         server = subprocess.Popen(
-            [sys.executable, "-m", "ray.util.client.server", "--address", ray_cluster.address, "--port", str(port)],
+            [sys.executable, "-m", "ray.util.client.server", "--address", cluster.address, "--port", str(port)],
             stdout=log,
             stderr=subprocess.STDOUT,
             # the proxy forks a server per client while its gRPC threads run; with gRPC's fork handlers on, that
             # child can crash at once (SIGSEGV, empty logs: ray-project/ray#63202, here 1 connection in 3 or so)
-            env={**os.environ, "GRPC_ENABLE_FORK_SUPPORT": "false"},
+            env={**os.environ, "GRPC_ENABLE_FORK_SUPPORT": "false", **env},
         )
     try:
         with anyio.fail_after(90):
@@ -451,6 +450,16 @@ async def test_remote_address_through_ray_client(ray_cluster: Cluster, tmp_path:
     finally:
         server.terminate()
         server.wait(timeout=30)
+    return port, app
+
+
+async def test_remote_address_through_ray_client(ray_cluster: Cluster, tmp_path: Path) -> None:
+    """``ray_address="ray://host:port"``: an application on another machine (here: another process, connected to
+    the session's cluster only through a Ray Client server) gets the same records."""
+    pytest.importorskip("grpc", reason="Ray Client needs pip install 'ray[client]'")
+    before = _engine_actor_names()
+    server_log = tmp_path / "ray_client_server.log"
+    port, app = await _client_app_through_proxy(ray_cluster, server_log, {})
     assert app.returncode == 0, _client_server_failure(app.stderr.decode(), server_log)
     *acts, stats = [json.loads(line) for line in app.stdout.decode().splitlines() if line.startswith("{")]
     nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
@@ -485,27 +494,12 @@ async def test_ray_client_server_that_dies_at_birth_is_retried(ray_cluster: Clus
     (tmp_path / "inject").mkdir()
     (tmp_path / "inject" / "sitecustomize.py").write_text(CRASH_FIRST_CLIENT_SERVER)
     marker = tmp_path / "crashed-once"
-    port = _free_port()
     server_log = tmp_path / "ray_client_server.log"
     env = {
-        **os.environ,
-        "GRPC_ENABLE_FORK_SUPPORT": "false",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path / "inject"), os.environ.get("PYTHONPATH")])),
         "MINIFAAS_TEST_CRASHED_ONCE": str(marker),
     }
-    with server_log.open("wb") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "ray.util.client.server", "--address", ray_cluster.address, "--port", str(port)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-    try:
-        with anyio.fail_after(90):
-            app = await anyio.run_process([sys.executable, "-c", CLIENT_APP, f"ray://127.0.0.1:{port}"], check=False)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    _port, app = await _client_app_through_proxy(ray_cluster, server_log, env)
     assert marker.exists(), server_log.read_text()  # the first server did die
     assert "SpecificServer startup failed" in server_log.read_text()
     assert app.returncode == 0, _client_server_failure(app.stderr.decode(), server_log)
