@@ -594,8 +594,8 @@ def die_with_parent() -> None:
 
 
 def prepare(*, rehearse: bool = False) -> None:
-    """What a sandbox process does before it has a channel: a zygote's spare child does it ahead of its request,
-    and ``rehearse`` s a cold start's steps there too."""
+    """What a sandbox process does before it has a channel (a zygote's spare does it ahead of its request); with
+    ``rehearse``, it also runs a cold start's steps once (:func:`_rehearse`)."""
     die_with_parent()
     from minifaas_sandbox import models
 
@@ -636,7 +636,7 @@ def serve(channel_fd: int, *, preloaded: tuple[str, ...] = (), prepared: bool = 
     sock.setblocking(True)
     channel = p.BlockingChannel(sock)
     rt = Runtime(channel)
-    # models are fetched through the host's store (once per machine, shared by every sandbox), through this
+    # the model fetcher set in prepare() asks the host's store through this: once per machine, shared by all
     minifaas_sandbox._host_call = rt.host_call
     sys.stdout = _Capture("stdout", rt, sys.__stdout__ or sys.stdout)
     sys.stderr = _Capture("stderr", rt, sys.__stderr__ or sys.stderr)
