@@ -369,8 +369,7 @@ class Zygote:
         cgroup = _join_cgroup(self.cgroup_parent, self.pids_max) if self.cgroup_parent else None
         # so is the rest (measured 1.5-2.5 ms on the launch path: reseeding, the runtime's set-up, and the
         # copy-on-write faults each of them takes in a fresh child)
-        os.closerange(3, sock.fileno())
-        os.closerange(sock.fileno() + 1, os.sysconf("SC_OPEN_MAX"))
+        _close_fds_above_stdio_but(sock.fileno())
         _ready_child(rehearse=True)
         try:
             sock.sendall(b"A" + cgroup.encode() if cgroup else b"N")
@@ -381,9 +380,7 @@ class Zygote:
             return 0  # the zygote ended or discarded this spare
         (channel_fd, out_w, err_w), env = request
         _take_fds(channel_fd, out_w, err_w, env)
-        from minifaas_sandbox import runtime
-
-        return runtime.serve(channel_fd, preloaded=tuple(self.preloaded), prepared=True)
+        return self._serve(channel_fd)
 
     def spare_status(self) -> None:
         """The spare says it is ready to serve, and in which cgroup it is (A<path>), or that it has none (N)."""
@@ -435,6 +432,9 @@ class Zygote:
         self.detach()
         _take_fds(channel_fd, out_w, err_w, env)
         _ready_child()
+        return self._serve(channel_fd)
+
+    def _serve(self, channel_fd: int) -> int:
         from minifaas_sandbox import runtime
 
         return runtime.serve(channel_fd, preloaded=tuple(self.preloaded), prepared=True)
@@ -459,10 +459,14 @@ def _take_fds(channel_fd: int, out_w: int, err_w: int, env: dict[str, str]) -> N
     os.dup2(out_w, 1)
     os.dup2(err_w, 2)
     # everything else inherited (other requests' fds, library handles) is not this sandbox's business
-    os.closerange(3, channel_fd)
-    os.closerange(channel_fd + 1, os.sysconf("SC_OPEN_MAX"))
+    _close_fds_above_stdio_but(channel_fd)
     os.environ.clear()
     os.environ.update(env)
+
+
+def _close_fds_above_stdio_but(keep: int) -> None:
+    os.closerange(3, keep)
+    os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
 
 
 def _flush_std() -> None:
