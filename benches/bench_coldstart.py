@@ -22,7 +22,7 @@ from typing import Any
 import anyio
 
 import minifaas
-from minifaas._proc import children
+from minifaas._proc import SPARE_WCHAN, children, wchan
 from minifaas._proc import smaps_rollup_kb as rollup_kb
 from minifaas._zygote import ZygoteLauncher
 
@@ -34,6 +34,8 @@ WARM_RUNS = 9
 #: memory is measured again this long after the last activation: longer than the runtime's IDLE_TRIM_AFTER_S, after
 #: which an idle sandbox returns its free heap (measured as well right after, when it still holds it)
 IDLE_SETTLE_S = 1.5
+#: how long a measurement waits at most for the zygote's spare to be ready
+SPARE_WAIT_S = 5.0
 #: pause before each cold-start sample (both launchers)
 SAMPLE_GAP_S = 0.2
 
@@ -61,6 +63,14 @@ async def cold_starts(launcher: str, n: int, prewarm: int = 0) -> list[float]:
             assert act.status == "success" and act.annotations["cold"], act
             await engine.delete(name)
         return times
+
+
+async def spare_ready(zygote: int, sandboxes: list[int]) -> None:
+    """Wait for the zygote's spare to be forked and ready (it is forked a little after a launch, and grows while it
+    rehearses), so each measurement counts the same family."""
+    with anyio.fail_after(SPARE_WAIT_S):
+        while not any(wchan(c) in (SPARE_WCHAN, "0") for c in children(zygote) if c not in sandboxes):
+            await anyio.sleep(0.01)
 
 
 def zygote_side_kb(zygote: int, sandboxes: list[int]) -> dict[str, int]:
@@ -119,6 +129,7 @@ async def crop_memory(prebuild: bool) -> dict[str, Any]:
         zygote = stats["launcher_stats"]["zygote_pid"]
         pids = stats["functions"]["guest/crop@1"]["pids"]
         assert len(pids) == 1, pids
+        await spare_ready(zygote, pids)
         one = rollup_kb(pids[0])
         zygote_one = zygote_side_kb(zygote, pids)
         await anyio.sleep(IDLE_SETTLE_S)
@@ -133,6 +144,7 @@ async def crop_memory(prebuild: bool) -> dict[str, Any]:
             async with anyio.create_task_group() as tg:
                 for _ in range(4):
                     tg.start_soon(crop_invoke, engine, image)
+        await spare_ready(zygote, pids)
         four = [rollup_kb(pid) for pid in pids[:4]]
         zygote_four = zygote_side_kb(zygote, pids)
         await anyio.sleep(IDLE_SETTLE_S)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import collections
 import os
 
-__all__ = ("children", "descendants", "proc_table", "rss_kb", "smaps_rollup_kb")
+__all__ = ("SPARE_WCHAN", "children", "descendants", "proc_table", "rss_kb", "smaps_rollup_kb", "wchan")
 
 #: pid -> (state, parent pid, session id), as /proc/<pid>/stat gives them
 ProcTable = dict[int, tuple[str, int, int]]
@@ -53,6 +53,19 @@ def children(pid: int) -> list[int]:
         with open(f"/proc/{pid}/task/{task}/children") as f:
             kids += [int(k) for k in f.read().split()]
     return kids
+
+
+#: where a zygote's spare sleeps once it is ready: in the read of its request from the zygote's socket
+SPARE_WCHAN = "unix_stream_read_generic"
+
+
+def wchan(pid: int) -> str:
+    """The kernel function a process sleeps in ("0" where the kernel does not tell, "" when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/wchan") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def rss_kb(pid: int | str = "self") -> int:

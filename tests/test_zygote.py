@@ -19,6 +19,7 @@ from minifaas_sandbox import protocol as p
 
 import minifaas
 from minifaas._launch import PIDS, SANDBOX_ENV_DEFAULTS, Launched, SpawnLauncher, scrubbed_env
+from minifaas._proc import SPARE_WCHAN, wchan
 from minifaas._proc import children as _children
 from minifaas._proc import smaps_rollup_kb as _pss_kb
 from minifaas._zygote import DEFAULT_PRELOAD, ZygoteError, ZygoteLauncher, ZygotePool
@@ -259,15 +260,18 @@ async def _pss_per_extra_child_kb(models: tuple[str, ...]) -> tuple[float, int, 
             assert len(got["preloaded"]) == (len(MODEL_SHA256) if models else 0)
             chans.append(ch)
 
-        def total_pss_kb() -> int:
+        async def total_pss_kb() -> int:
+            # the same family each time: the children and one spare, ready (the zygote forks it a little after a
+            # launch, and it grows while it rehearses)
+            await _spare_of(launcher, {ch.proc.pid for ch in chans})
             return _family_pss_kb(launcher.stats()["zygote_pid"])
 
         try:
             await add_child()
-            one = total_pss_kb()
+            one = await total_pss_kb()
             for _ in range(3):
                 await add_child()
-            four = total_pss_kb()
+            four = await total_pss_kb()
         finally:
             for ch in chans:
                 await _end(ch.proc)
@@ -509,18 +513,6 @@ async def _gone(pid: int, timeout_s: float = 2.0) -> bool:
     return not _alive(pid)
 
 
-#: where a spare sleeps once ready: in the read of its request from the zygote's socket
-WAITING_FOR_REQUEST = "unix_stream_read_generic"
-
-
-def _wchan(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/wchan") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
 async def _spare_of(launcher: ZygoteLauncher, known: set[int]) -> int:
     """The pid of the child the zygote forked ahead, once it is ready to serve (the zygote forks it when idle,
     and it serves once it has joined its cgroup)."""
@@ -535,7 +527,7 @@ async def _spare_of(launcher: ZygoteLauncher, known: set[int]) -> int:
                     if f"sb-{spare}" not in f.read():
                         await anyio.sleep(0.01)
                         continue
-            if _wchan(spare) not in (WAITING_FOR_REQUEST, "0", ""):  # "0": the kernel does not tell
+            if wchan(spare) not in (SPARE_WCHAN, "0", ""):  # "0": the kernel does not tell
                 await anyio.sleep(0.01)  # still getting ready (its rehearsal of a cold start)
                 continue
             await anyio.sleep(0.05)  # its status reaches the zygote
