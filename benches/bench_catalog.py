@@ -50,8 +50,11 @@ import anyio.to_thread
 import cv2
 
 import minifaas
-from minifaas._proc import smaps_rollup_kb
 from minifaas.testing import call
+
+# tests.helpers (the /proc readings the tests share) is imported from the repository's root
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.helpers.proc import smaps_rollup_kb
 
 REPO = Path(__file__).resolve().parent.parent
 VIDEO = REPO / "benches" / "data" / "vtest.avi"

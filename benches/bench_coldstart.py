@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,12 @@ from typing import Any
 import anyio
 
 import minifaas
-from minifaas._proc import SPARE_WCHAN, children, wchan
-from minifaas._proc import smaps_rollup_kb as rollup_kb
-from minifaas._zygote import ZygoteLauncher
+from minifaas._core.zygote import ZygoteLauncher
+
+# tests.helpers (the /proc readings the tests share) is imported from the repository's root
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.helpers.proc import SPARE_WCHAN, children, wchan
+from tests.helpers.proc import smaps_rollup_kb as rollup_kb
 
 ROOT = Path(__file__).resolve().parent.parent
 NOOP = "def main(args):\n    return {}\n"

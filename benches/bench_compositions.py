@@ -18,10 +18,10 @@ from typing import Any
 import anyio
 
 import minifaas
-from minifaas import _composer as c
-from minifaas._activation import Activation
-from minifaas._conductor import call_composition, run_session
-from minifaas._sessions import SessionStore
+from minifaas import composer as c
+from minifaas._core.activation import Activation
+from minifaas._workflows.conductor import call_composition, run_session
+from minifaas._workflows.sessions import SessionStore
 
 NOOP = "def main(args):\n    return args\n"
 

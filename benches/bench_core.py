@@ -2,7 +2,7 @@
 
 Run: ``python benches/bench_core.py [--n 3000]``. Prints a table of ratios measured in this one run.
 
-By default the engine's event loop polls for a result around when it is due (``minifaas/_poll.py``), where the
+By default the engine's event loop polls for a result around when it is due (``minifaas/_core/poll.py``), where the
 two baselines sleep in ``recv``/``epoll_wait`` as they normally do; the engine is also measured with
 ``poll_us=0`` (sleeping like them), so the share of the polling in the figures is visible.
 """
@@ -21,7 +21,7 @@ import anyio
 import msgpack
 
 import minifaas
-from minifaas._poll import HOST_POLL_US
+from minifaas._core.poll import HOST_POLL_US
 
 NOOP = "def main(args):\n    return {}\n"
 

@@ -19,7 +19,7 @@ Usage::
     python benches/bench_keepalive.py --sensitivity         # + the histogram at other prices of a cold start
 
 Rows: "histogram" is the policy as minifaas runs it (the paper's window where its expected cost beats the
-best fixed window for the function, see minifaas/_keepalive.py); "histogram, paper windows" is the paper's
+best fixed window for the function, see minifaas/_core/keepalive.py); "histogram, paper windows" is the paper's
 window and fallback alone, with the pool's handling of extra sandboxes; "histogram, as published" also lets
 every idle sandbox follow the histogram.
 """
@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from trace_gen import SECONDS_PER_DAY, Invocation, Trace, generate
 
-from minifaas._keepalive import (
+from minifaas._core.keepalive import (
     COLD_START_COST_WINDOWS,
     Candidate,
     FixedPolicy,

@@ -35,9 +35,12 @@ from typing import Any
 import anyio
 
 import minifaas
-from minifaas._crashhost import run_host_and_kill
-from minifaas._launch import MAX_PIDS_PER_SANDBOX, PIDS
-from minifaas._proc import descendants, proc_table, rss_kb
+from minifaas._core.launch import MAX_PIDS_PER_SANDBOX, PIDS
+
+# tests.helpers (the /proc readings the tests share) is imported from the repository's root
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.helpers.crashhost import run_host_and_kill
+from tests.helpers.proc import descendants, proc_table, rss_kb
 
 ROOT = Path(__file__).resolve().parent.parent
 KILL_PERIOD_S = 0.1

@@ -21,7 +21,7 @@ import anyio
 import httpx
 
 import minifaas
-from minifaas._server import ServerHandle, serve
+from minifaas._server.app import ServerHandle, serve
 
 NOOP = "def main(args):\n    return args\n"
 BATCH = 50

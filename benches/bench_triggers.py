@@ -24,7 +24,7 @@ from typing import Any
 import anyio
 
 import minifaas
-from minifaas._triggers import TriggerManager
+from minifaas._events.triggers import TriggerManager
 
 
 class Submissions:

@@ -11,8 +11,9 @@
 
 from __future__ import annotations
 
-from . import _composer as composer
-from ._activation import Activation
+from . import composer
+from ._core.activation import Activation
+from ._deploy.versions import VersionInUse
 from ._engine import Activations, Engine
 from ._errors import (
     ActivationError,
@@ -31,10 +32,9 @@ from ._errors import (
     RateLimited,
     TriggerError,
 )
-from ._feeds import CronSchedule, FeedInfo
+from ._events.feeds import CronSchedule, FeedInfo
+from ._events.triggers import Rule, RuleOutcome, Trigger, TriggerActivation, TriggerManager
 from ._sync import SyncEngine
-from ._triggers import Rule, RuleOutcome, Trigger, TriggerActivation, TriggerManager
-from ._versions import VersionInUse
 
 __version__ = "0.1.0"
 

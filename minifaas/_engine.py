@@ -19,12 +19,19 @@ from typing import Any, Final, Literal
 import anyio
 import anyio.abc
 
-from ._activation import Activation, new_activation_id
-from ._bundle import load_bundle
-from ._composer import Composition
-from ._composer import task as _as_composition
-from ._conductor import DEFAULT_MAX_STEPS, call_composition
-from ._deps import default_env_root, ensure_env
+from ._core.activation import Activation, new_activation_id
+from ._core.function import DEFAULTS, FunctionSpec
+from ._core.launch import Launcher, SpawnLauncher
+from ._core.poll import HOST_POLL_US
+from ._core.poll import install as install_polling
+from ._core.poll import uninstall as uninstall_polling
+from ._core.pool import KEEPALIVE_POLICIES, MAX_SANDBOXES_TOTAL, Pool
+from ._core.sandbox import HostService
+from ._core.scheduler import ENGINE_MAX_QUEUED, Scheduler
+from ._core.store import ActivationStore, open_store
+from ._deploy.bundle import load_bundle
+from ._deploy.deps import default_env_root, ensure_env
+from ._deploy.versions import ALIASES_FILE_NAME, AliasTable, Routing, split_ref
 from ._errors import (
     ActivationError,
     ActivationNotFound,
@@ -34,18 +41,11 @@ from ._errors import (
     EngineClosed,
     FunctionNotFound,
 )
-from ._function import DEFAULTS, FunctionSpec
-from ._launch import Launcher, SpawnLauncher
-from ._poll import HOST_POLL_US
-from ._poll import install as install_polling
-from ._poll import uninstall as uninstall_polling
-from ._pool import KEEPALIVE_POLICIES, MAX_SANDBOXES_TOTAL, Pool
-from ._sandbox import HostService
-from ._scheduler import ENGINE_MAX_QUEUED, Scheduler
-from ._sessions import SessionStore
-from ._store import ActivationStore, open_store
-from ._triggers import TriggerManager
-from ._versions import ALIASES_FILE_NAME, AliasTable, Routing, split_ref
+from ._events.triggers import TriggerManager
+from ._workflows.conductor import DEFAULT_MAX_STEPS, call_composition
+from ._workflows.sessions import SessionStore
+from .composer import Composition
+from .composer import task as _as_composition
 
 __all__ = ("Activations", "Engine")
 
@@ -270,13 +270,13 @@ class Engine:
 
     def _make_launcher(self) -> Launcher:
         if self.backend == "ray":
-            from ._ray import RayLauncher
+            from ._backends.ray import RayLauncher
 
             root = (self.state_dir / "models") if self.state_dir is not None else _user_model_cache()
             return RayLauncher(self.ray_address, root)
         name = self.launcher_name
         if name in ("auto", "zygote"):
-            from ._zygote import DEFAULT_PRELOAD, FORK_AVAILABLE, ZygoteLauncher
+            from ._core.zygote import DEFAULT_PRELOAD, FORK_AVAILABLE, ZygoteLauncher
 
             if FORK_AVAILABLE or name == "zygote":
                 return ZygoteLauncher(preload=self.preload if self.preload is not None else DEFAULT_PRELOAD)
@@ -616,7 +616,7 @@ class Engine:
     def model_store(self) -> Any:
         """The host's content-addressed model store (created on first use)."""
         if self._model_store is None:
-            from ._modelstore import ModelStore
+            from ._deploy.modelstore import ModelStore
 
             root = (self.state_dir / "models") if self.state_dir is not None else _user_model_cache()
             self._model_store = ModelStore(root)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ._activation import Activation
+    from ._core.activation import Activation
 
 __all__ = (
     "ActivationError",

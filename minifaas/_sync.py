@@ -9,7 +9,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from ._activation import Activation
+from ._core.activation import Activation
 from ._engine import Engine
 
 __all__ = ("SyncEngine",)

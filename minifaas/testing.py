@@ -17,10 +17,10 @@ from typing import Any, Final, Literal
 
 from minifaas_sandbox import runtime as _rt
 
-from ._activation import Activation, new_activation_id, now_ms
-from ._bundle import Bundle, load_bundle
+from ._core.activation import Activation, new_activation_id, now_ms
+from ._core.function import MAX_LOG_BYTES, MAX_RESULT_BYTES, MEMORY_MB, TIMEOUT_S
+from ._deploy.bundle import Bundle, load_bundle
 from ._errors import ActivationError
-from ._function import MAX_LOG_BYTES, MAX_RESULT_BYTES, MEMORY_MB, TIMEOUT_S
 
 __all__ = ("FakeClock", "assert_status", "assert_success", "call", "run")
 

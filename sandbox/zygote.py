@@ -1,6 +1,6 @@
 """The zygote: a fork server that imported the heavy libraries once, so a new sandbox is a fork, not a start.
 
-Run by the host (``minifaas._zygote``) as::
+Run by the host (``minifaas._core.zygote``) as::
 
     python -m minifaas_sandbox.zygote --fd N \
         --preload numpy,cv2,ai_edge_litert.interpreter,minifaas_sandbox.models,minifaas_sandbox.runtime

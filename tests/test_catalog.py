@@ -3,7 +3,7 @@
 One module-scoped run drops the photos into an uploads folder watched by a folder feed; its trigger's rules run
 three deployments of the catalog composition (``crop`` at its latest version, ``crop@1`` = body_crop (Haar) and
 ``crop@2`` = smart_body_crop (BlazePose)). The tests then read what landed on disk and what the engine
-recorded. The demo runs once as ``python -m minifaas._demo``.
+recorded. The demo runs once as ``python -m minifaas._cli.demo``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -27,10 +28,18 @@ import cv2
 import pytest
 
 import minifaas
-from minifaas._composer import Composition
-from minifaas._sessions import Session
+from minifaas._workflows.sessions import Session
+from minifaas.composer import Composition
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(scope="module")
+async def shared_engine() -> AsyncIterator[minifaas.Engine]:
+    """One engine for the tests of this module that only read their own records (warm sandboxes are reused)."""
+    async with minifaas.Engine() as engine:
+        yield engine
+
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGES = REPO / "tests" / "data" / "images"
@@ -83,8 +92,8 @@ def drop(src: Path, folder: Path, name: str | None = None) -> None:
 
 
 @pytest.fixture(scope="module")
-async def run(minifaas_module_engine: minifaas.Engine, tmp_path_factory: pytest.TempPathFactory) -> Run:
-    engine = minifaas_module_engine
+async def run(shared_engine: minifaas.Engine, tmp_path_factory: pytest.TempPathFactory) -> Run:
+    engine = shared_engine
     root = tmp_path_factory.mktemp("catalog")
     uploads, ab = root / "uploads", root / "ab-uploads"
     for folder in (uploads, ab):
@@ -314,7 +323,7 @@ async def test_workflow_without_folders_fails_with_a_clear_error(run: Run) -> No
 
 def test_demo_runs_on_the_bundled_photos(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "minifaas._demo", str(tmp_path)],
+        [sys.executable, "-m", "minifaas._cli.demo", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=DEMO_TIMEOUT_S,

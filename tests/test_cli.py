@@ -24,9 +24,9 @@ import pytest
 from anyio.from_thread import start_blocking_portal
 
 import minifaas
-from minifaas._cli import _brief, _pairs, pack_folder
-from minifaas._server import ServerHandle, serve
-from minifaas._triggers import TriggerManager
+from minifaas._cli.main import _brief, _pairs, pack_folder
+from minifaas._events.triggers import TriggerManager
+from minifaas._server.app import ServerHandle, serve
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = ROOT / "tests" / "data" / "images"
@@ -34,7 +34,7 @@ FUNCTIONS = ROOT / "functions"
 HELLO = "def main(args):\n    print('hello', args.get('name'))\n    return {'hi': args.get('name')}\n"
 CLI_TIMEOUT_S = 120
 _SCRIPT = shutil.which("minifaas")
-CLI = [_SCRIPT] if _SCRIPT else [sys.executable, "-m", "minifaas._cli"]
+CLI = [_SCRIPT] if _SCRIPT else [sys.executable, "-m", "minifaas._cli.main"]
 
 
 @contextlib.asynccontextmanager

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +16,14 @@ import anyio
 import pytest
 
 import minifaas
-from minifaas import _composer as c
-from minifaas._activation import Activation, new_activation_id
-from minifaas._conductor import (
+from minifaas import composer as c
+from minifaas._core.activation import Activation, new_activation_id
+from minifaas._workflows.conductor import (
     TRACE_MAX_BYTES,
     call_composition,
     run_session,
 )
-from minifaas._sessions import Session, SessionStore, Step
+from minifaas._workflows.sessions import Session, SessionStore, Step
 
 pytestmark = pytest.mark.anyio
 
@@ -51,14 +52,15 @@ PARALLEL_BRANCHES = 3
 
 
 @pytest.fixture(scope="module")
-async def engine(minifaas_module_engine: minifaas.Engine) -> minifaas.Engine:
-    e = minifaas_module_engine
-    await e.deploy("inc", code=INC)
-    await e.deploy("fail", code=FAIL)
-    await e.deploy("crash", code=CRASH)
-    await e.deploy("nap", code=SLEEP, max_sandboxes=4)
-    await e.deploy("flaky", code=FLAKY)
-    return e
+async def minifaas_engine() -> AsyncIterator[minifaas.Engine]:
+    """One engine for the module (overrides the plugin's), with the actions the compositions call."""
+    async with minifaas.Engine() as e:
+        await e.deploy("inc", code=INC)
+        await e.deploy("fail", code=FAIL)
+        await e.deploy("crash", code=CRASH)
+        await e.deploy("nap", code=SLEEP, max_sandboxes=4)
+        await e.deploy("flaky", code=FLAKY)
+        yield e
 
 
 async def run(
@@ -541,8 +543,8 @@ def test_session_store_sqlite_persists(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------ real engine
 
 
-async def test_sequence_of_actions_trace(engine: minifaas.Engine) -> None:
-    s = await run(engine, c.sequence("inc", "inc", c.function(lambda p: {**p, "f": 1}), "inc"), {"n": 0})
+async def test_sequence_of_actions_trace(minifaas_engine: minifaas.Engine) -> None:
+    s = await run(minifaas_engine, c.sequence("inc", "inc", c.function(lambda p: {**p, "f": 1}), "inc"), {"n": 0})
     assert s.status == "success" and s.result == {"n": 3, "f": 1}
     assert [st.path for st in s.steps] == ["[0]", "[1]", "[2]", "[3]"]
     assert [st.kind for st in s.steps] == ["action", "action", "function", "action"]
@@ -555,19 +557,19 @@ async def test_sequence_of_actions_trace(engine: minifaas.Engine) -> None:
     assert starts == sorted(starts)
     for st in action_steps:
         assert st.activation_id is not None
-        act = await engine.activations.get(st.activation_id)
+        act = await minifaas_engine.activations.get(st.activation_id)
         assert act.cause == s.session_id
         assert act.name == "inc" and act.result == st.output and act.status == "success"
         assert st.duration_ms > 0
 
 
-async def test_action_errors_reach_handlers(engine: minifaas.Engine) -> None:
+async def test_action_errors_reach_handlers(minifaas_engine: minifaas.Engine) -> None:
     comp = c.sequence(
         c.try_("fail", lambda p: {"caught": p}),
         c.retain(c.try_("crash", lambda p: {"crashed": "kaput" in p["error"]})),
         c.merge(c.try_("no-such-function", lambda p: {"missing": "FunctionNotFound" in p["error"]})),
     )
-    s = await run(engine, comp, {})
+    s = await run(minifaas_engine, comp, {})
     assert s.status == "success", s.result
     # the handler sees the error object stripped to its error field ("detail" is gone)
     assert s.result == {"params": {"caught": {"error": "boom"}}, "result": {"crashed": True}, "missing": True}
@@ -577,19 +579,19 @@ async def test_action_errors_reach_handlers(engine: minifaas.Engine) -> None:
     assert statuses["no-such-function"] == "internal_error"
     fail_step = next(st for st in s.steps if st.name == "fail")
     assert fail_step.activation_id is not None
-    assert (await engine.activations.get(fail_step.activation_id)).result == {"error": "boom", "detail": 1}
+    assert (await minifaas_engine.activations.get(fail_step.activation_id)).result == {"error": "boom", "detail": 1}
     # without a handler the session ends with the action's error
-    s = await run(engine, c.sequence("inc", "fail", "inc"), {})
+    s = await run(minifaas_engine, c.sequence("inc", "fail", "inc"), {})
     assert s.status == "application_error" and s.result == {"error": "boom"}
     assert [st.name for st in s.steps] == ["inc", "fail"]
 
 
 @pytest.mark.parametrize(("fail_times", "attempts", "ok"), [(2, 3, True), (5, 3, False)], ids=["recovers", "gives-up"])
 async def test_retry_reruns_failing_action(
-    engine: minifaas.Engine, tmp_path: Path, fail_times: int, attempts: int, ok: bool
+    minifaas_engine: minifaas.Engine, tmp_path: Path, fail_times: int, attempts: int, ok: bool
 ) -> None:
     counter = tmp_path / "count"
-    s = await run(engine, c.retry(2, "flaky"), {"counter": str(counter), "fail_times": fail_times})
+    s = await run(minifaas_engine, c.retry(2, "flaky"), {"counter": str(counter), "fail_times": fail_times})
     assert int(counter.read_text()) == attempts
     assert len(s.steps) == attempts and all(st.input == s.steps[0].input for st in s.steps)
     if ok:
@@ -598,16 +600,18 @@ async def test_retry_reruns_failing_action(
         assert s.status == "application_error" and s.result == {"error": "attempt 2 failed"}
 
 
-async def test_dynamic_and_async(engine: minifaas.Engine) -> None:
-    s = await run(engine, c.sequence(lambda p: {"type": "action", "name": "inc", "params": {"n": 41}}, c.dynamic()), {})
+async def test_dynamic_and_async(minifaas_engine: minifaas.Engine) -> None:
+    s = await run(
+        minifaas_engine, c.sequence(lambda p: {"type": "action", "name": "inc", "params": {"n": 41}}, c.dynamic()), {}
+    )
     assert s.result == {"n": 42}
     assert s.steps[-1].kind == "dynamic" and s.steps[-1].name == "inc" and s.steps[-1].activation_id
-    s = await run(engine, c.sequence(c.async_("nap"), lambda p: {**p, "next": True}), {"s": 0.05, "i": 7})
+    s = await run(minifaas_engine, c.sequence(c.async_("nap"), lambda p: {**p, "next": True}), {"s": 0.05, "i": 7})
     assert s.status == "success" and s.result["method"] == "async" and s.result["next"] is True
     assert s.result["sessionId"] == s.session_id
     aid = s.result["activationId"]
     assert s.activation_ids == [aid] and s.steps[0].kind == "async"
-    act = await engine.activations.wait(aid, timeout_s=30)
+    act = await minifaas_engine.activations.wait(aid, timeout_s=30)
     assert act.status == "success" and act.result["i"] == 7 and act.cause == s.session_id
 
 
@@ -617,10 +621,10 @@ async def _timed(engine: minifaas.Engine, comp: c.Composition, args: dict[str, A
     return s, time.perf_counter() - t0
 
 
-async def test_parallel_is_concurrent(engine: minifaas.Engine) -> None:
+async def test_parallel_is_concurrent(minifaas_engine: minifaas.Engine) -> None:
     comp = c.parallel(*(c.sequence(c.literal({"s": NAP_S, "i": i}), "nap") for i in range(PARALLEL_BRANCHES)))
-    await run(engine, comp, {})  # warm the sandboxes: cold starts are not what this measures
-    s, elapsed = await _timed(engine, comp, {})
+    await run(minifaas_engine, comp, {})  # warm the sandboxes: cold starts are not what this measures
+    s, elapsed = await _timed(minifaas_engine, comp, {})
     assert s.status == "success"
     assert [v["i"] for v in s.result["value"]] == list(range(PARALLEL_BRANCHES))
     assert elapsed < NAP_S * 2, f"{PARALLEL_BRANCHES} branches of {NAP_S}s took {elapsed:.2f}s (sum would be more)"
@@ -629,10 +633,10 @@ async def test_parallel_is_concurrent(engine: minifaas.Engine) -> None:
     assert max(st.start for st in naps) < min(st.start + st.duration_ms for st in naps), "steps did not overlap"
 
 
-async def test_map_is_concurrent_and_branch_errors_do_not_cancel(engine: minifaas.Engine) -> None:
+async def test_map_is_concurrent_and_branch_errors_do_not_cancel(minifaas_engine: minifaas.Engine) -> None:
     comp = c.map(c.if_(lambda p: p["value"] == 1, "fail", c.sequence(lambda p: {"s": NAP_S, "i": p["value"]}, "nap")))
-    await run(engine, comp, {"value": [0, 1, 2, 3]})
-    s, elapsed = await _timed(engine, comp, {"value": [0, 1, 2, 3]})
+    await run(minifaas_engine, comp, {"value": [0, 1, 2, 3]})
+    s, elapsed = await _timed(minifaas_engine, comp, {"value": [0, 1, 2, 3]})
     assert s.status == "success", "a branch error is an array entry, not a session error"
     assert s.result["value"][1] == {"error": "boom"}
     assert [v.get("i") for v in s.result["value"]] == [0, None, 2, 3]
@@ -640,9 +644,9 @@ async def test_map_is_concurrent_and_branch_errors_do_not_cancel(engine: minifaa
     assert [st.status for st in s.steps if st.name == "nap"] == ["success"] * 3
 
 
-async def test_map_over_100_items(engine: minifaas.Engine) -> None:
+async def test_map_over_100_items(minifaas_engine: minifaas.Engine) -> None:
     n = 100
-    s = await run(engine, c.map("inc", "inc"), {"value": [{"n": i} for i in range(n)]})
+    s = await run(minifaas_engine, c.map("inc", "inc"), {"value": [{"n": i} for i in range(n)]})
     assert s.status == "success"
     assert [v["n"] for v in s.result["value"]] == [i + 2 for i in range(n)]
     assert len(s.steps) == 2 * n and len(set(s.activation_ids)) == 2 * n
@@ -650,31 +654,31 @@ async def test_map_over_100_items(engine: minifaas.Engine) -> None:
     assert {st.path for st in s.steps} == {"[0]", "[1]"}
     starts = [st.start for st in s.steps]
     assert starts == sorted(starts), "steps are recorded in start order"
-    acts = [await engine.activations.get(a) for a in s.activation_ids[:10]]
+    acts = [await minifaas_engine.activations.get(a) for a in s.activation_ids[:10]]
     assert all(a.cause == s.session_id and a.status == "success" for a in acts)
 
 
-async def test_step_limit_with_actions(engine: minifaas.Engine) -> None:
-    s = await run(engine, c.while_(lambda p: True, "inc"), {"n": 0}, max_steps=6)
+async def test_step_limit_with_actions(minifaas_engine: minifaas.Engine) -> None:
+    s = await run(minifaas_engine, c.while_(lambda p: True, "inc"), {"n": 0}, max_steps=6)
     assert s.status == "application_error" and "max_steps=6" in s.result["error"]
     assert len(s.steps) == 6 and len(s.activation_ids) == 3  # test, inc, test, inc, test, inc
 
 
-async def test_large_payloads_are_not_kept_in_traces(engine: minifaas.Engine) -> None:
+async def test_large_payloads_are_not_kept_in_traces(minifaas_engine: minifaas.Engine) -> None:
     big = "x" * (TRACE_MAX_BYTES + 10)
-    s = await run(engine, c.sequence("inc", lambda p: {"n": p["n"]}), {"blob": big})
+    s = await run(minifaas_engine, c.sequence("inc", lambda p: {"n": p["n"]}), {"blob": big})
     assert s.result == {"n": 1}
     assert s.steps[0].input == {"$truncated": True, "limit_bytes": TRACE_MAX_BYTES}
     assert s.steps[0].output == {"$truncated": True, "limit_bytes": TRACE_MAX_BYTES}
     assert s.steps[1].output == {"n": 1}
 
 
-async def test_primary_activation_and_session(engine: minifaas.Engine) -> None:
+async def test_primary_activation_and_session(minifaas_engine: minifaas.Engine) -> None:
     sessions = SessionStore()
     recorded: list[Activation] = []
     comp = c.sequence("inc", c.if_(lambda p: p["n"] > 5, "fail", "inc"))
     act = await call_composition(
-        engine,
+        minifaas_engine,
         "wf",
         comp,
         {"n": 0},
@@ -693,22 +697,22 @@ async def test_primary_activation_and_session(engine: minifaas.Engine) -> None:
     assert [r.status for r in recorded] == ["running", "success"]
     assert all(r.activation_id == act.activation_id for r in recorded)
     for aid in act.logs:
-        assert (await engine.activations.get(aid)).cause == act.activation_id
+        assert (await minifaas_engine.activations.get(aid)).cause == act.activation_id
     ow = act.to_openwhisk()
     assert {"key": "conductor", "value": True} in ow["annotations"]
 
 
-async def test_engine_deploy_composition(engine: minifaas.Engine) -> None:
-    if not hasattr(engine, "deploy_composition"):
+async def test_engine_deploy_composition(minifaas_engine: minifaas.Engine) -> None:
+    if not hasattr(minifaas_engine, "deploy_composition"):
         pytest.skip("Engine.deploy_composition is not wired yet")
-    await engine.deploy_composition("wf2", c.sequence("inc", "inc"))
-    assert await engine.invoke("wf2", {"n": 1}) == {"n": 3}
-    act = await engine.call("wf2", {"n": 1})
+    await minifaas_engine.deploy_composition("wf2", c.sequence("inc", "inc"))
+    assert await minifaas_engine.invoke("wf2", {"n": 1}) == {"n": 3}
+    act = await minifaas_engine.call("wf2", {"n": 1})
     assert act.annotations.get("conductor") is True and act.annotations.get("kind") == "sequence"
-    session = engine.sessions.get(act.activation_id)  # type: ignore[attr-defined]
+    session = minifaas_engine.sessions.get(act.activation_id)  # type: ignore[attr-defined]
     assert act.logs == session.activation_ids and len(act.logs) == 2
     for aid in act.logs:
-        assert (await engine.activations.get(aid)).cause == act.activation_id
-    await engine.deploy_composition("wf3", c.sequence("fail"))
+        assert (await minifaas_engine.activations.get(aid)).cause == act.activation_id
+    await minifaas_engine.deploy_composition("wf3", c.sequence("fail"))
     with pytest.raises(minifaas.ActivationError, match="boom"):
-        await engine.invoke("wf3", {})
+        await minifaas_engine.invoke("wf3", {})

@@ -19,7 +19,7 @@ import anyio
 import pytest
 
 import minifaas
-from minifaas import _deps
+from minifaas._deploy import deps as _deps
 from minifaas.testing import assert_success
 
 pytestmark = pytest.mark.anyio
@@ -100,7 +100,7 @@ def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-async def engine(state_dir: Path) -> AsyncIterator[minifaas.Engine]:
+async def minifaas_engine(state_dir: Path) -> AsyncIterator[minifaas.Engine]:
     async with minifaas.Engine(state_dir, preload=PRELOAD) as eng:
         yield eng
 
@@ -114,18 +114,18 @@ def test_demo_package_is_not_on_the_host() -> None:
 
 
 async def test_requirements_function_runs_in_its_env(
-    engine: minifaas.Engine, state_dir: Path, demo_req: str, tmp_path: Path
+    minifaas_engine: minifaas.Engine, state_dir: Path, demo_req: str, tmp_path: Path
 ) -> None:
     builds = _deps.stats["builds"]
     t0 = time.perf_counter()
-    info = await engine.deploy("demo", path=make_function(tmp_path / "demo", USE_DEMO, demo_req))
+    info = await minifaas_engine.deploy("demo", path=make_function(tmp_path / "demo", USE_DEMO, demo_req))
     build_s = time.perf_counter() - t0
     print(f"env build + deploy: {build_s:.2f} s")
     assert _deps.stats["builds"] == builds + 1
     [site_packages] = info["sys_path"]
     assert Path(site_packages).is_relative_to(state_dir / "envs")
     assert info["python"] is None  # nothing of the host is replaced: the preloaded interpreter is fine
-    act = await engine.call("demo", {"text": "hello"})
+    act = await minifaas_engine.call("demo", {"text": "hello"})
     assert_success(act)
     assert act.result["shout"] == "HELLO!" and act.result["version"] == PKG_VERSION
     assert Path(act.result["file"]).is_relative_to(site_packages)
@@ -136,12 +136,12 @@ async def test_requirements_function_runs_in_its_env(
     assert not list((state_dir / "envs").glob(".build-*"))
 
 
-async def test_same_requirements_reuse_the_env(engine: minifaas.Engine, demo_req: str, tmp_path: Path) -> None:
-    first = await engine.deploy("demo-a", path=make_function(tmp_path / "a", USE_DEMO, demo_req))
+async def test_same_requirements_reuse_the_env(minifaas_engine: minifaas.Engine, demo_req: str, tmp_path: Path) -> None:
+    first = await minifaas_engine.deploy("demo-a", path=make_function(tmp_path / "a", USE_DEMO, demo_req))
     builds, reuses = _deps.stats["builds"], _deps.stats["reuses"]
     # another function, other code, the same requirements (comments and blank lines do not count)
     t0 = time.perf_counter()
-    second = await engine.deploy(
+    second = await minifaas_engine.deploy(
         "demo-b", path=make_function(tmp_path / "b", USE_DEMO + "\n# v2\n", "\n" + demo_req + "\n# end\n")
     )
     reuse_s = time.perf_counter() - t0
@@ -149,7 +149,7 @@ async def test_same_requirements_reuse_the_env(engine: minifaas.Engine, demo_req
     assert _deps.stats["builds"] == builds and _deps.stats["reuses"] == reuses + 1
     assert reuse_s < REUSE_MAX_S
     assert second["sys_path"] == first["sys_path"]
-    assert (await engine.invoke("demo-b", {"text": "b"}))["shout"] == "B!"
+    assert (await minifaas_engine.invoke("demo-b", {"text": "b"}))["shout"] == "B!"
 
 
 async def test_concurrent_builds_of_one_env_are_single_flight(tmp_path: Path, demo_req: str) -> None:
@@ -200,25 +200,25 @@ def test_env_key_ignores_comments_but_not_pins() -> None:
 
 
 async def test_failing_install_is_a_deploy_error_with_pip_output(
-    engine: minifaas.Engine, state_dir: Path, tmp_path: Path
+    minifaas_engine: minifaas.Engine, state_dir: Path, tmp_path: Path
 ) -> None:
     failures = _deps.stats["failures"]
     req = "--no-index\nminifaas-no-such-package==9.9.9\n"
     folder = make_function(tmp_path / "broken", "def main(args):\n    return {}\n", req)
     with pytest.raises(minifaas.DeployError) as info:
-        await engine.deploy("broken", path=folder)
+        await minifaas_engine.deploy("broken", path=folder)
     msg = str(info.value)
     assert "pip could not install the requirements" in msg
     # pip's own words, so the developer sees why
     assert "No matching distribution found for minifaas-no-such-package==9.9.9" in msg
     assert _deps.stats["failures"] == failures + 1
     with pytest.raises(minifaas.FunctionNotFound):
-        await engine.get_function("broken")
+        await minifaas_engine.get_function("broken")
     assert not list((state_dir / "envs").glob(".build-*"))
     assert not (state_dir / "envs" / _deps.env_key(req)).exists()
 
 
-async def test_requirements_from_the_package_index(engine: minifaas.Engine, tmp_path: Path) -> None:
+async def test_requirements_from_the_package_index(minifaas_engine: minifaas.Engine, tmp_path: Path) -> None:
     code = textwrap.dedent(
         """
         import tabulate
@@ -228,8 +228,8 @@ async def test_requirements_from_the_package_index(engine: minifaas.Engine, tmp_
                     "version": tabulate.__version__}
         """
     )
-    await engine.deploy("table", path=make_function(tmp_path / "table", code, INDEX_REQ + "\n"))
-    out = await engine.invoke("table", {"rows": [["a", 1], ["b", 22]]})
+    await minifaas_engine.deploy("table", path=make_function(tmp_path / "table", code, INDEX_REQ + "\n"))
+    out = await minifaas_engine.invoke("table", {"rows": [["a", 1], ["b", 22]]})
     assert out["version"] == "0.9.0"
     assert out["table"].splitlines() == ["k      v", "a      1", "b     22"]
 
@@ -276,7 +276,7 @@ def test_host_in_a_venv_lends_its_packages(tmp_path: Path, wheel: Path, demo_req
         f"""
         import anyio, json, sys
         from pathlib import Path
-        from minifaas._deps import ensure_env
+        from minifaas._deploy.deps import ensure_env
         env = anyio.run(lambda: ensure_env({demo_req!r}, root=Path({str(tmp_path / "envs")!r})))
         print(json.dumps({{"site": str(env.site_packages), "python": str(env.python)}}))
         """

@@ -10,6 +10,7 @@ import sys
 import textwrap
 import time
 import zipfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
@@ -19,6 +20,14 @@ import minifaas
 from minifaas.testing import assert_status, assert_success
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(scope="module")
+async def shared_engine() -> AsyncIterator[minifaas.Engine]:
+    """One engine for the tests of this module that only read their own records (warm sandboxes are reused)."""
+    async with minifaas.Engine() as engine:
+        yield engine
+
 
 HELLO = "def main(args):\n    return {'hi': args.get('name')}\n"
 SLEEP = (
@@ -40,8 +49,8 @@ def _alive(pid: int) -> bool:
         return False
 
 
-async def test_hello_record_fields(minifaas_module_engine: minifaas.Engine) -> None:
-    engine = minifaas_module_engine
+async def test_hello_record_fields(shared_engine: minifaas.Engine) -> None:
+    engine = shared_engine
     await engine.deploy(
         "hello", code="def main(args):\n    print('hello', args['name'])\n    return {'hi': args['name']}"
     )
@@ -63,8 +72,8 @@ async def test_hello_record_fields(minifaas_module_engine: minifaas.Engine) -> N
     assert await engine.invoke("hello", {"name": "Cy"}) == {"hi": "Cy"}
 
 
-async def test_submit_wait_get_list(minifaas_module_engine: minifaas.Engine) -> None:
-    engine = minifaas_module_engine
+async def test_submit_wait_get_list(shared_engine: minifaas.Engine) -> None:
+    engine = shared_engine
     await engine.deploy("lister", code=HELLO)
     before = int(time.time() * 1000)
     ids = [await engine.submit("lister", {"name": str(i)}) for i in range(5)]
@@ -79,8 +88,8 @@ async def test_submit_wait_get_list(minifaas_module_engine: minifaas.Engine) -> 
         await engine.activations.get("0" * 32)
 
 
-async def test_default_params_and_ow_variables(minifaas_module_engine: minifaas.Engine) -> None:
-    engine = minifaas_module_engine
+async def test_default_params_and_ow_variables(shared_engine: minifaas.Engine) -> None:
+    engine = shared_engine
     code = textwrap.dedent("""
         import os
         def main(args):
@@ -99,8 +108,8 @@ async def test_default_params_and_ow_variables(minifaas_module_engine: minifaas.
     assert act.start + 59_000 <= deadline <= act.start + 61_000
 
 
-async def test_invoke_raises_activation_error(minifaas_module_engine: minifaas.Engine) -> None:
-    engine = minifaas_module_engine
+async def test_invoke_raises_activation_error(shared_engine: minifaas.Engine) -> None:
+    engine = shared_engine
     await engine.deploy("boom", code="def main(args):\n    raise ValueError('bad input: ' + str(args.get('x')))\n")
     with pytest.raises(minifaas.ActivationError) as info:
         await engine.invoke("boom", {"x": 7})
@@ -123,8 +132,8 @@ async def test_invoke_raises_activation_error(minifaas_module_engine: minifaas.E
     ],
     ids=["non-dict", "unserializable", "os-exit", "sigkill-self", "sys-exit"],
 )
-async def test_developer_errors(minifaas_module_engine: minifaas.Engine, code: str, error: str) -> None:
-    engine = minifaas_module_engine
+async def test_developer_errors(shared_engine: minifaas.Engine, code: str, error: str) -> None:
+    engine = shared_engine
     name = f"dev{abs(hash(code)) % 10**8}"
     await engine.deploy(name, code=code)
     act = await engine.call(name)
@@ -171,8 +180,8 @@ async def test_sigkill_from_outside(minifaas_engine: minifaas.Engine) -> None:
     assert again["pid"] != warm["pid"]
 
 
-async def test_prints_never_reach_the_protocol(minifaas_module_engine: minifaas.Engine) -> None:
-    engine = minifaas_module_engine
+async def test_prints_never_reach_the_protocol(shared_engine: minifaas.Engine) -> None:
+    engine = shared_engine
     code = textwrap.dedent("""
         import sys, os
         def main(args):
@@ -196,10 +205,10 @@ async def test_prints_never_reach_the_protocol(minifaas_module_engine: minifaas.
     assert "stderr: to stderr" in joined
 
 
-async def test_raw_output_lands_in_its_own_activation(minifaas_module_engine: minifaas.Engine) -> None:
+async def test_raw_output_lands_in_its_own_activation(shared_engine: minifaas.Engine) -> None:
     # fd 1/2 are pipes apart from the channel: a line written just before main returns must still be in this
     # activation's logs, not the next one's, call after call with no pause
-    engine = minifaas_module_engine
+    engine = shared_engine
     code = textwrap.dedent("""
         import os, subprocess
         def main(args):
@@ -219,8 +228,8 @@ async def test_raw_output_lands_in_its_own_activation(minifaas_module_engine: mi
         assert f"fd1 {n - 1}" not in joined
 
 
-async def test_bundles_folder_zip_and_file(minifaas_module_engine: minifaas.Engine, tmp_path: Path) -> None:
-    engine = minifaas_module_engine
+async def test_bundles_folder_zip_and_file(shared_engine: minifaas.Engine, tmp_path: Path) -> None:
+    engine = shared_engine
     folder = tmp_path / "fn"
     folder.mkdir()
     (folder / "__main__.py").write_text(
@@ -250,8 +259,8 @@ def _zip(tmp_path: Path, entries: dict[str, str]) -> Path:
     return z
 
 
-async def test_deploy_validation(minifaas_module_engine: minifaas.Engine, tmp_path: Path) -> None:
-    engine = minifaas_module_engine
+async def test_deploy_validation(shared_engine: minifaas.Engine, tmp_path: Path) -> None:
+    engine = shared_engine
     with pytest.raises(minifaas.DeployError, match=r"syntax error.*<code>, line 2"):
         await engine.deploy("bad", code="def main(args):\n    return {\n")
     with pytest.raises(minifaas.DeployError, match="no top-level function 'main'"):

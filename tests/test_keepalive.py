@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from minifaas._keepalive import (
+from minifaas._core.keepalive import (
     COLD_START_COST_WINDOWS,
     REPLAN_FRACTION,
     Candidate,

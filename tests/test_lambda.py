@@ -88,7 +88,7 @@ DEADLINE_AWARE = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-async def engine() -> AsyncIterator[minifaas.Engine]:
+async def minifaas_engine() -> AsyncIterator[minifaas.Engine]:
     async with minifaas.Engine(preload=PRELOAD) as eng:
         yield eng
 
@@ -98,10 +98,10 @@ async def deploy_lambda(engine: minifaas.Engine, name: str, code: str, **options
     return await engine.deploy(name, code=code, style="lambda", **options)
 
 
-async def test_api_gateway_handler_runs_unchanged(engine: minifaas.Engine) -> None:
-    await deploy_lambda(engine, "api", API_GATEWAY, main="lambda_handler", memory_mb=MEMORY_MB)
+async def test_api_gateway_handler_runs_unchanged(minifaas_engine: minifaas.Engine) -> None:
+    await deploy_lambda(minifaas_engine, "api", API_GATEWAY, main="lambda_handler", memory_mb=MEMORY_MB)
     event = {"httpMethod": "GET", "path": "/hello", "queryStringParameters": {"name": "Ada"}, "body": None}
-    act = await engine.call("api", event)
+    act = await minifaas_engine.call("api", event)
     assert_success(act)
     assert act.result["statusCode"] == 200
     assert act.result["headers"] == {"Content-Type": "application/json"}
@@ -113,14 +113,16 @@ async def test_api_gateway_handler_runs_unchanged(engine: minifaas.Engine) -> No
         "env_memory": str(MEMORY_MB),
     }
     assert len(act.logs) == 1 and act.logs[0].endswith(f"stdout: request {act.activation_id} for Ada")
-    default = await engine.invoke("api", {"httpMethod": "POST", "queryStringParameters": None})
+    default = await minifaas_engine.invoke("api", {"httpMethod": "POST", "queryStringParameters": None})
     assert json.loads(default["body"])["message"] == "hello world"
 
 
-async def test_context_fields(engine: minifaas.Engine) -> None:
-    await deploy_lambda(engine, "ctx", CONTEXT, memory_mb=MEMORY_MB, timeout_s=TIMEOUT_S, params={"stage": "test"})
-    first = await engine.call("ctx", {"a": 1})
-    second = await engine.call("ctx", {"a": 2})
+async def test_context_fields(minifaas_engine: minifaas.Engine) -> None:
+    await deploy_lambda(
+        minifaas_engine, "ctx", CONTEXT, memory_mb=MEMORY_MB, timeout_s=TIMEOUT_S, params={"stage": "test"}
+    )
+    first = await minifaas_engine.call("ctx", {"a": 1})
+    second = await minifaas_engine.call("ctx", {"a": 2})
     for act, a in ((first, 1), (second, 2)):
         assert_success(act)
         r = act.result
@@ -135,26 +137,26 @@ async def test_context_fields(engine: minifaas.Engine) -> None:
         assert r["event"] == {"stage": "test", "a": a}
     assert first.result["aws_request_id"] != second.result["aws_request_id"]
     # the version a context reports is the version that ran, pinned or through an alias
-    await deploy_lambda(engine, "ctx", CONTEXT, memory_mb=MEMORY_MB, timeout_s=TIMEOUT_S)
-    assert (await engine.invoke("ctx"))["function_version"] == "2"
-    assert (await engine.invoke("ctx@1"))["function_version"] == "1"
-    await engine.set_alias("ctx", "prod", "1")
-    act = await engine.call("ctx@prod")
+    await deploy_lambda(minifaas_engine, "ctx", CONTEXT, memory_mb=MEMORY_MB, timeout_s=TIMEOUT_S)
+    assert (await minifaas_engine.invoke("ctx"))["function_version"] == "2"
+    assert (await minifaas_engine.invoke("ctx@1"))["function_version"] == "1"
+    await minifaas_engine.set_alias("ctx", "prod", "1")
+    act = await minifaas_engine.call("ctx@prod")
     assert act.result["function_version"] == act.version == "1"
 
 
-async def test_remaining_time_counts_down(engine: minifaas.Engine) -> None:
-    await deploy_lambda(engine, "countdown", COUNTDOWN, timeout_s=TIMEOUT_S)
-    await engine.invoke("countdown", {"sleep_s": 0})  # warm: the cold start is not what is measured
-    out = await engine.invoke("countdown", {"sleep_s": SLEEP_S})
+async def test_remaining_time_counts_down(minifaas_engine: minifaas.Engine) -> None:
+    await deploy_lambda(minifaas_engine, "countdown", COUNTDOWN, timeout_s=TIMEOUT_S)
+    await minifaas_engine.invoke("countdown", {"sleep_s": 0})  # warm: the cold start is not what is measured
+    out = await minifaas_engine.invoke("countdown", {"sleep_s": SLEEP_S})
     assert TIMEOUT_S * 1000 - 500 < out["before"] <= TIMEOUT_S * 1000
     assert abs(out["before"] - out["after"] - SLEEP_S * 1000) < SLEEP_TOLERANCE_MS
 
 
-async def test_handler_stops_before_its_deadline(engine: minifaas.Engine) -> None:
-    await deploy_lambda(engine, "batch", DEADLINE_AWARE, timeout_s=1.0)
+async def test_handler_stops_before_its_deadline(minifaas_engine: minifaas.Engine) -> None:
+    await deploy_lambda(minifaas_engine, "batch", DEADLINE_AWARE, timeout_s=1.0)
     t0 = time.perf_counter()
-    act = await engine.call("batch", {"margin_ms": 300})
+    act = await minifaas_engine.call("batch", {"margin_ms": 300})
     elapsed = time.perf_counter() - t0
     assert_success(act)
     assert act.result["done"] > 0 and 0 < act.result["left_ms"] <= 300
@@ -162,16 +164,16 @@ async def test_handler_stops_before_its_deadline(engine: minifaas.Engine) -> Non
     assert elapsed < 1.0 + 0.5
 
 
-async def test_exception_is_an_application_error_with_lambda_fields(engine: minifaas.Engine) -> None:
+async def test_exception_is_an_application_error_with_lambda_fields(minifaas_engine: minifaas.Engine) -> None:
     code = "def handler(event, context):\n    raise ValueError(f\"bad input: {event['x']}\")\n"
-    await deploy_lambda(engine, "fails", code)
-    act = await engine.call("fails", {"x": 7})
+    await deploy_lambda(minifaas_engine, "fails", code)
+    act = await minifaas_engine.call("fails", {"x": 7})
     assert_status(act, "application_error")
     assert act.result["error"] == "bad input: 7"
     assert act.result["errorMessage"] == "bad input: 7" and act.result["errorType"] == "ValueError"
     assert any("Traceback" in line for line in act.logs)
     with pytest.raises(minifaas.ActivationError, match="bad input: 7"):
-        await engine.invoke("fails", {"x": 7})
+        await minifaas_engine.invoke("fails", {"x": 7})
 
 
 @pytest.mark.parametrize(
@@ -179,37 +181,39 @@ async def test_exception_is_an_application_error_with_lambda_fields(engine: mini
     [("None", None), ("'done'", "done"), ("[1, 2]", [1, 2]), ("42", 42)],
     ids=["none", "str", "list", "int"],
 )
-async def test_any_json_return_value(engine: minifaas.Engine, returned: str, expected: Any) -> None:
+async def test_any_json_return_value(minifaas_engine: minifaas.Engine, returned: str, expected: Any) -> None:
     # event processors (S3, SQS) return None and scripts return strings: AWS accepts any JSON value
-    await deploy_lambda(engine, "anyret", f"def handler(event, context):\n    return {returned}\n")
-    assert await engine.invoke("anyret") == {"result": expected}
-    await engine.delete("anyret")
+    await deploy_lambda(minifaas_engine, "anyret", f"def handler(event, context):\n    return {returned}\n")
+    assert await minifaas_engine.invoke("anyret") == {"result": expected}
+    await minifaas_engine.delete("anyret")
 
 
-async def test_an_error_key_is_just_data(engine: minifaas.Engine) -> None:
+async def test_an_error_key_is_just_data(minifaas_engine: minifaas.Engine) -> None:
     # OpenWhisk reads {"error": ...} as a failure; a Lambda invocation fails only by raising
     code = "def handler(event, context):\n    return {'statusCode': 400, 'error': 'missing name'}\n"
-    await deploy_lambda(engine, "errkey", code)
-    act = await engine.call("errkey")
+    await deploy_lambda(minifaas_engine, "errkey", code)
+    act = await minifaas_engine.call("errkey")
     assert_success(act)
     assert act.result == {"statusCode": 400, "error": "missing name"}
 
 
-async def test_openwhisk_style_still_requires_a_dict(engine: minifaas.Engine) -> None:
-    await engine.deploy("ow", code="def main(args):\n    return None\n")
-    act = await engine.call("ow")
+async def test_openwhisk_style_still_requires_a_dict(minifaas_engine: minifaas.Engine) -> None:
+    await minifaas_engine.deploy("ow", code="def main(args):\n    return None\n")
+    act = await minifaas_engine.call("ow")
     assert_status(act, "developer_error")
     assert "did not return a dictionary" in act.result["error"]
 
 
-async def test_lambda_handler_errors_at_deploy_and_call(engine: minifaas.Engine) -> None:
+async def test_lambda_handler_errors_at_deploy_and_call(minifaas_engine: minifaas.Engine) -> None:
     with pytest.raises(minifaas.DeployError, match="no top-level function 'lambda_handler'"):
-        await deploy_lambda(engine, "nohandler", "def handler(event, context):\n    return {}\n", main="lambda_handler")
+        await deploy_lambda(
+            minifaas_engine, "nohandler", "def handler(event, context):\n    return {}\n", main="lambda_handler"
+        )
     with pytest.raises(minifaas.DeployError, match="invalid style"):
-        await engine.deploy("badstyle", code="def main(args):\n    return {}\n", style="aws")  # type: ignore[arg-type]
+        await minifaas_engine.deploy("badstyle", code="def main(args):\n    return {}\n", style="aws")  # type: ignore[arg-type]
     # an OpenWhisk-style function deployed as lambda gets two arguments and says so
-    await deploy_lambda(engine, "onearg", "def handler(event):\n    return {}\n")
-    act = await engine.call("onearg")
+    await deploy_lambda(minifaas_engine, "onearg", "def handler(event):\n    return {}\n")
+    act = await minifaas_engine.call("onearg")
     assert_status(act, "application_error")
     assert act.result["errorType"] == "TypeError" and "positional argument" in act.result["error"]
 

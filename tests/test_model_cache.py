@@ -28,7 +28,7 @@ from ai_edge_litert.interpreter import Interpreter
 from minifaas_sandbox import models
 
 from minifaas import ModelError
-from minifaas._modelstore import ModelStore
+from minifaas._deploy.modelstore import ModelStore
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "functions" / "models"
 DETECTOR = MODELS_DIR / "pose_detection.tflite"

@@ -11,8 +11,8 @@ import pytest
 from minifaas_sandbox import runtime
 
 import minifaas
-from minifaas._proc import smaps_rollup_kb
 from minifaas.testing import assert_success
+from tests.helpers.proc import smaps_rollup_kb
 
 pytestmark = pytest.mark.anyio
 

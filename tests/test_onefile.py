@@ -46,7 +46,7 @@ def test_pyz_is_one_executable_zip(pyz: Path) -> None:
     assert pyz.read_bytes()[:40].startswith(b"#!/usr/bin/env python3.11\n")
     with zipfile.ZipFile(pyz) as zf:
         names = set(zf.namelist())
-    assert "site-packages/minifaas/_ui/app.js" in names
+    assert "site-packages/minifaas/_server/ui/app.js" in names
     assert "site-packages/minifaas_sandbox/runtime.py" in names
     assert not any("/tests/" in n and n.startswith("site-packages/minifaas/") for n in names)
 

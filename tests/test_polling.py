@@ -1,4 +1,4 @@
-"""The host polls its event loop's selector briefly while fast activations run (minifaas/_poll.py)."""
+"""The host polls its event loop's selector briefly while fast activations run (minifaas/_core/poll.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import anyio
 import pytest
 
 import minifaas
-from minifaas import _poll
+from minifaas._core import poll as _poll
 from minifaas.testing import assert_success
 
 pytestmark = pytest.mark.anyio

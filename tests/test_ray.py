@@ -25,8 +25,8 @@ ray = pytest.importorskip("ray")  # an optional extra: pip install 'minifaas[ray
 from ray.cluster_utils import Cluster  # noqa: E402
 
 import minifaas  # noqa: E402
-from minifaas._proc import rss_kb as _rss_kb  # noqa: E402
 from minifaas.testing import assert_status, assert_success  # noqa: E402
+from tests.helpers.proc import rss_kb as _rss_kb  # noqa: E402
 
 pytestmark = pytest.mark.anyio
 
@@ -170,7 +170,7 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def engine(backend: str, request: pytest.FixtureRequest) -> minifaas.Engine:
+def minifaas_engine(backend: str, request: pytest.FixtureRequest) -> minifaas.Engine:
     """The module's engine of ``backend`` (overrides the plugin's, so its ``deploy`` cleans up on this one)."""
     eng: minifaas.Engine = request.getfixturevalue(f"{backend}_engine")
     return eng
@@ -192,23 +192,27 @@ async def ray_deploy(ray_engine: minifaas.Engine) -> AsyncIterator[Deploy]:
 
 
 # -- the same behaviour on both backends ------------------------------------------------------------------------
-async def test_cold_then_warm_with_logs(engine: minifaas.Engine, deploy: Deploy, backend: str) -> None:
-    await deploy("hello", code="def main(args):\n    print('hello', args['name'])\n    return {'hi': args['name']}")
-    act = assert_success(await engine.call("hello", {"name": "Ada"}))
+async def test_cold_then_warm_with_logs(
+    minifaas_engine: minifaas.Engine, minifaas_deploy: Deploy, backend: str
+) -> None:
+    await minifaas_deploy(
+        "hello", code="def main(args):\n    print('hello', args['name'])\n    return {'hi': args['name']}"
+    )
+    act = assert_success(await minifaas_engine.call("hello", {"name": "Ada"}))
     assert act.result == {"hi": "Ada"}
     assert len(act.logs) == 1 and act.logs[0].endswith("stdout: hello Ada")
     assert act.annotations["cold"] is True and act.init_time is not None
     assert act.annotations["launch"] == ("ray" if backend == "ray" else act.annotations["launch"])
-    warm = assert_success(await engine.call("hello", {"name": "Bob"}))
+    warm = assert_success(await minifaas_engine.call("hello", {"name": "Bob"}))
     assert warm.annotations["cold"] is False and warm.annotations["sandbox"] == act.annotations["sandbox"]
     if backend == "ray":
         assert warm.annotations["ray_node_id"] == act.annotations["ray_node_id"]
 
 
-async def test_application_error(engine: minifaas.Engine, deploy: Deploy) -> None:
-    await deploy("boom", code="def main(args):\n    raise ValueError('bad input: ' + str(args.get('x')))\n")
+async def test_application_error(minifaas_engine: minifaas.Engine, minifaas_deploy: Deploy) -> None:
+    await minifaas_deploy("boom", code="def main(args):\n    raise ValueError('bad input: ' + str(args.get('x')))\n")
     with pytest.raises(minifaas.ActivationError) as info:
-        await engine.invoke("boom", {"x": 7})
+        await minifaas_engine.invoke("boom", {"x": 7})
     act = assert_status(info.value.activation, "application_error")
     assert act.result == {"error": "bad input: 7"}
     assert any("ValueError: bad input: 7" in line for line in act.logs)
@@ -225,75 +229,87 @@ async def test_application_error(engine: minifaas.Engine, deploy: Deploy) -> Non
     ids=["non-dict", "unserializable", "sys-exit", "result-too-large"],
 )
 async def test_developer_errors(
-    engine: minifaas.Engine, deploy: Deploy, code: str, options: dict[str, Any], error: str
+    minifaas_engine: minifaas.Engine, minifaas_deploy: Deploy, code: str, options: dict[str, Any], error: str
 ) -> None:
-    await deploy("dev", code=code, **options)
+    await minifaas_deploy("dev", code=code, **options)
     for _ in range(2):  # the sandbox keeps serving after each
-        assert_status(await engine.call("dev"), "developer_error", error_contains=error)
+        assert_status(await minifaas_engine.call("dev"), "developer_error", error_contains=error)
 
 
-async def test_timeout_kills_and_replaces(engine: minifaas.Engine, deploy: Deploy) -> None:
-    await deploy("slow", code=SLEEP, timeout_s=0.5)
-    first = await engine.invoke("slow", {"s": 0})
+async def test_timeout_kills_and_replaces(minifaas_engine: minifaas.Engine, minifaas_deploy: Deploy) -> None:
+    await minifaas_deploy("slow", code=SLEEP, timeout_s=0.5)
+    first = await minifaas_engine.invoke("slow", {"s": 0})
     t0 = time.perf_counter()
-    act = await engine.call("slow", {"s": 10})
+    act = await minifaas_engine.call("slow", {"s": 10})
     assert time.perf_counter() - t0 < 3
     assert_status(act, "developer_error", error_contains="exceeded its time limits of 500 milliseconds")
     assert act.annotations["timeout"] is True
     await _eventually(lambda: not _alive(first["pid"]), timeout_s=5)
-    again = assert_success(await engine.call("slow", {"s": 0}))
+    again = assert_success(await minifaas_engine.call("slow", {"s": 0}))
     assert again.result["pid"] != first["pid"] and again.annotations["cold"] is True
 
 
-async def test_crash_ends_only_its_activation(engine: minifaas.Engine, deploy: Deploy, backend: str) -> None:
-    await deploy("crashy", code=SLEEP, max_sandboxes=1)
-    first = await engine.submit("crashy", {"s": 0.3, "die": True})
-    queued = [await engine.submit("crashy", {}) for _ in range(3)]
-    crashed = await engine.activations.wait(first, timeout_s=30)
+async def test_crash_ends_only_its_activation(
+    minifaas_engine: minifaas.Engine, minifaas_deploy: Deploy, backend: str
+) -> None:
+    await minifaas_deploy("crashy", code=SLEEP, max_sandboxes=1)
+    first = await minifaas_engine.submit("crashy", {"s": 0.3, "die": True})
+    queued = [await minifaas_engine.submit("crashy", {}) for _ in range(3)]
+    crashed = await minifaas_engine.activations.wait(first, timeout_s=30)
     # the sandbox process under the actor crashed: the same record as locally
     assert_status(crashed, "developer_error", error_contains="the sandbox process exited with code 9")
     assert "did not complete" in crashed.result["error"]
     for aid in queued:
-        assert_success(await engine.activations.wait(aid, timeout_s=30))
+        assert_success(await minifaas_engine.activations.wait(aid, timeout_s=30))
 
 
-async def test_per_sandbox_concurrency(engine: minifaas.Engine, deploy: Deploy) -> None:
-    await deploy("multi", code=SLEEP, concurrency=4, max_sandboxes=1)
-    await engine.invoke("multi")
+async def test_per_sandbox_concurrency(minifaas_engine: minifaas.Engine, minifaas_deploy: Deploy) -> None:
+    await minifaas_deploy("multi", code=SLEEP, concurrency=4, max_sandboxes=1)
+    await minifaas_engine.invoke("multi")
     t0 = time.perf_counter()
-    ids = [await engine.submit("multi", {"s": 0.5}) for _ in range(4)]
-    acts = [assert_success(await engine.activations.wait(i, timeout_s=30)) for i in ids]
+    ids = [await minifaas_engine.submit("multi", {"s": 0.5}) for _ in range(4)]
+    acts = [assert_success(await minifaas_engine.activations.wait(i, timeout_s=30)) for i in ids]
     assert len({a.result["pid"] for a in acts}) == 1
     assert time.perf_counter() - t0 < 1.5, "four 0.5 s runs should overlap on one sandbox"
 
 
-async def test_scrubbed_environment(engine: minifaas.Engine, deploy: Deploy, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_scrubbed_environment(
+    minifaas_engine: minifaas.Engine, minifaas_deploy: Deploy, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv(SECRET_VAR, "hunter2")
-    await deploy("envfn", code="import os\ndef main(args):\n    return {'env': dict(os.environ)}\n", env={"MY": "on"})
-    env = (await engine.invoke("envfn"))["env"]
+    await minifaas_deploy(
+        "envfn", code="import os\ndef main(args):\n    return {'env': dict(os.environ)}\n", env={"MY": "on"}
+    )
+    env = (await minifaas_engine.invoke("envfn"))["env"]
     assert SECRET_VAR not in env
     assert env["MY"] == "on" and env["OMP_NUM_THREADS"] == "1"
 
 
 @pytest.mark.parametrize("alloc", list(ALLOCATIONS), ids=list(ALLOCATIONS))
-async def test_memory_limit_ends_only_the_activation(engine: minifaas.Engine, deploy: Deploy, alloc: str) -> None:
-    await deploy("small", code="def main(args):\n    b = bytearray(args['mb'] << 20)\n    return {'n': len(b)}\n")
-    await deploy("hog", code=ALLOCATIONS[alloc], memory_mb=128, timeout_s=30)
+async def test_memory_limit_ends_only_the_activation(
+    minifaas_engine: minifaas.Engine, minifaas_deploy: Deploy, alloc: str
+) -> None:
+    await minifaas_deploy(
+        "small", code="def main(args):\n    b = bytearray(args['mb'] << 20)\n    return {'n': len(b)}\n"
+    )
+    await minifaas_deploy("hog", code=ALLOCATIONS[alloc], memory_mb=128, timeout_s=30)
     rss0 = _rss_kb()
-    act = await engine.call("hog")
+    act = await minifaas_engine.call("hog")
     assert_status(act, "developer_error", error_contains="memory limit exceeded (128 MB)")
     assert any("MemoryError: memory limit exceeded" in line for line in act.logs)
     assert _rss_kb() - rss0 < HOST_RSS_SLACK_KB
     # the limit was the function's, not the host's or the actor's: other functions, and this one, run on
-    assert assert_success(await engine.call("small", {"mb": 64})).result == {"n": 64 << 20}
-    again = await engine.call("hog")
+    assert assert_success(await minifaas_engine.call("small", {"mb": 64})).result == {"n": 64 << 20}
+    again = await minifaas_engine.call("hog")
     assert_status(again, "developer_error", error_contains="memory limit exceeded (128 MB)")
 
 
-async def test_timeout_kills_what_the_function_started(engine: minifaas.Engine, deploy: Deploy, tmp_path: Path) -> None:
-    await deploy("spawner", code=SPAWNS_AND_HANGS, timeout_s=1)
+async def test_timeout_kills_what_the_function_started(
+    minifaas_engine: minifaas.Engine, minifaas_deploy: Deploy, tmp_path: Path
+) -> None:
+    await minifaas_deploy("spawner", code=SPAWNS_AND_HANGS, timeout_s=1)
     pidfile = tmp_path / "child.pid"
-    act = await engine.call("spawner", {"pidfile": str(pidfile)})
+    act = await minifaas_engine.call("spawner", {"pidfile": str(pidfile)})
     assert_status(act, "developer_error", error_contains="exceeded its time limits of 1000 milliseconds")
     child = int(pidfile.read_text())
     await _eventually(lambda: not _alive(child), timeout_s=10)
@@ -509,7 +525,7 @@ async def test_ray_client_server_that_dies_at_birth_is_retried(ray_cluster: Clus
 
 
 def test_bundle_shipped_to_a_node_that_cannot_see_it(tmp_path: Path) -> None:
-    from minifaas._ray import RayLauncher, _node_source
+    from minifaas._backends.ray import RayLauncher, _node_source
 
     folder = tmp_path / f"digest-{os.getpid()}-{time.time_ns()}"
     (folder / "pkg").mkdir(parents=True)

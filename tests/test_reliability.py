@@ -18,10 +18,10 @@ import anyio
 import pytest
 
 import minifaas
-from minifaas._crashhost import run_host_and_kill
-from minifaas._proc import proc_table as _proc_table
-from minifaas._proc import rss_kb as _rss_kb
-from minifaas._store import HOST_DIED_MESSAGE
+from minifaas._core.store import HOST_DIED_MESSAGE
+from tests.helpers.crashhost import run_host_and_kill
+from tests.helpers.proc import proc_table as _proc_table
+from tests.helpers.proc import rss_kb as _rss_kb
 
 pytestmark = pytest.mark.anyio
 

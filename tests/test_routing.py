@@ -58,7 +58,7 @@ def main(args):
 
 
 @pytest.fixture(scope="module")
-async def engine(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[minifaas.Engine]:
+async def minifaas_engine(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[minifaas.Engine]:
     # a state dir of its own: the host model store starts empty, so "downloads" counts this module's fetches only
     async with minifaas.Engine(state_dir=tmp_path_factory.mktemp("engine"), max_sandboxes=12) as eng:
         yield eng
@@ -96,13 +96,13 @@ async def wait_running(engine: minifaas.Engine, activation_id: str) -> None:
             await anyio.sleep(0.01)
 
 
-async def test_first_call_misses_and_downloads_second_hits(engine: minifaas.Engine, tmp_path: Path) -> None:
+async def test_first_call_misses_and_downloads_second_hits(minifaas_engine: minifaas.Engine, tmp_path: Path) -> None:
     url = model_copy(tmp_path, DETECTOR, "a")
-    before = engine.model_store.stats()
-    async with deployed(engine, "cache1", max_sandboxes=1):
-        first = await run(engine, "cache1", url)
-        second = await run(engine, "cache1", url)
-    after = engine.model_store.stats()
+    before = minifaas_engine.model_store.stats()
+    async with deployed(minifaas_engine, "cache1", max_sandboxes=1):
+        first = await run(minifaas_engine, "cache1", url)
+        second = await run(minifaas_engine, "cache1", url)
+    after = minifaas_engine.model_store.stats()
 
     assert first.result["input_shape"] == [1, 224, 224, 3]  # the real detector was loaded
     assert first.annotations["cold"] is True
@@ -137,22 +137,22 @@ async def _warm(engine: minifaas.Engine, name: str, urls: list[str]) -> dict[str
     return pids
 
 
-async def test_calls_go_to_the_sandbox_holding_their_model(engine: minifaas.Engine, tmp_path: Path) -> None:
+async def test_calls_go_to_the_sandbox_holding_their_model(minifaas_engine: minifaas.Engine, tmp_path: Path) -> None:
     a, b = model_copy(tmp_path, DETECTOR, "a"), model_copy(tmp_path, LANDMARK, "b")
-    async with deployed(engine, "affinity", max_sandboxes=2) as key:
-        holder = await _warm(engine, "affinity", [a, b])
-        assert pool(engine, key)["models"] == sorted([a, b])
+    async with deployed(minifaas_engine, "affinity", max_sandboxes=2) as key:
+        holder = await _warm(minifaas_engine, "affinity", [a, b])
+        assert pool(minifaas_engine, key)["models"] == sorted([a, b])
         # alternating, so that "most recently used" (the routing without a model) would be wrong every time
         for url in [a, b, a, b, b, a, a, b]:
-            act = await run(engine, "affinity", url)
+            act = await run(minifaas_engine, "affinity", url)
             assert act.result["pid"] == holder[url], f"{Path(url).name} went to the wrong sandbox"
             assert act.annotations["model_cache"] == "hit"
             assert act.result["held"] == [url]  # neither sandbox loaded the other's model
-        assert pool(engine, key)["sandboxes"] == 2
+        assert pool(minifaas_engine, key)["sandboxes"] == 2
 
 
 async def test_busy_holder_spills_to_the_idle_sandbox_with_fewest_models(
-    engine: minifaas.Engine, tmp_path: Path
+    minifaas_engine: minifaas.Engine, tmp_path: Path
 ) -> None:
     """Three warm sandboxes: S_a holds {A}, S_b holds {B, C}, S_c holds {C}; the function may start a fourth.
 
@@ -163,31 +163,31 @@ async def test_busy_holder_spills_to_the_idle_sandbox_with_fewest_models(
     a = model_copy(tmp_path, DETECTOR, "a")
     b = model_copy(tmp_path, LANDMARK, "b")
     c = model_copy(tmp_path, CLASSIFIER, "c")
-    async with deployed(engine, "spill", max_sandboxes=4) as key:
-        pid = await _warm(engine, "spill", [a, b, c])
+    async with deployed(minifaas_engine, "spill", max_sandboxes=4) as key:
+        pid = await _warm(minifaas_engine, "spill", [a, b, c])
         s_a, s_b, s_c = pid[a], pid[b], pid[c]
-        extra = await run(engine, "spill", b, also=[c])  # routed by B to S_b, which then also loads C
+        extra = await run(minifaas_engine, "spill", b, also=[c])  # routed by B to S_b, which then also loads C
         assert extra.result["pid"] == s_b and sorted(extra.result["held"]) == sorted([b, c])
-        cold_starts = engine.stats()["cold_starts"]
+        cold_starts = minifaas_engine.stats()["cold_starts"]
 
-        busy_id = await engine.submit("spill", {"model_url": a, "hold_s": BUSY_HOLD_S})
-        await wait_running(engine, busy_id)
-        spilled = await run(engine, "spill", a)
-        busy = assert_success(await engine.activations.wait(busy_id, timeout_s=WAIT_S))
+        busy_id = await minifaas_engine.submit("spill", {"model_url": a, "hold_s": BUSY_HOLD_S})
+        await wait_running(minifaas_engine, busy_id)
+        spilled = await run(minifaas_engine, "spill", a)
+        busy = assert_success(await minifaas_engine.activations.wait(busy_id, timeout_s=WAIT_S))
         assert busy.result["pid"] == s_a
         assert spilled.result["pid"] == s_c, f"went to {spilled.result['pid']}; S_a={s_a} S_b={s_b} S_c={s_c}"
         assert spilled.annotations["model_cache"] == "miss"
-        assert engine.stats()["cold_starts"] == cold_starts
-        assert pool(engine, key)["sandboxes"] == 3
+        assert minifaas_engine.stats()["cold_starts"] == cold_starts
+        assert pool(minifaas_engine, key)["sandboxes"] == 3
 
         for _ in range(6):
-            hot = await run(engine, "spill", a)
+            hot = await run(minifaas_engine, "spill", a)
             assert hot.result["pid"] in (s_a, s_c) and hot.annotations["model_cache"] == "hit"
         for _ in range(2):
-            other = await run(engine, "spill", b)
+            other = await run(minifaas_engine, "spill", b)
             assert other.result["pid"] == s_b and other.annotations["model_cache"] == "hit"
             assert a not in other.result["held"]
-        assert engine.stats()["cold_starts"] == cold_starts
+        assert minifaas_engine.stats()["cold_starts"] == cold_starts
 
 
 class SlowModelServer:
@@ -238,19 +238,21 @@ def slow_server() -> Iterator[SlowModelServer]:
         srv.close()
 
 
-async def test_concurrent_first_calls_download_once(engine: minifaas.Engine, slow_server: SlowModelServer) -> None:
+async def test_concurrent_first_calls_download_once(
+    minifaas_engine: minifaas.Engine, slow_server: SlowModelServer
+) -> None:
     url = f"{slow_server.base}/{DETECTOR.name}"
-    before = engine.model_store.stats()
+    before = minifaas_engine.model_store.stats()
     acts: list[minifaas.Activation] = []
 
     async def one() -> None:
         # no sha256: with one, the store would serve the bytes an earlier test brought under another url
-        acts.append(await run(engine, "burst", url))
+        acts.append(await run(minifaas_engine, "burst", url))
 
-    async with deployed(engine, "burst", max_sandboxes=4), anyio.create_task_group() as tg:
+    async with deployed(minifaas_engine, "burst", max_sandboxes=4), anyio.create_task_group() as tg:
         for _ in range(8):
             tg.start_soon(one)
-    after = engine.model_store.stats()
+    after = minifaas_engine.model_store.stats()
     delta = {k: after[k] - before[k] for k in after}
 
     pids = {act.result["pid"] for act in acts}
@@ -263,16 +265,16 @@ async def test_concurrent_first_calls_download_once(engine: minifaas.Engine, slo
     assert sum(act.annotations["model_cache"] == "miss" for act in acts) == len(pids)
 
 
-async def test_sha256_mismatch_is_an_application_error(engine: minifaas.Engine, tmp_path: Path) -> None:
+async def test_sha256_mismatch_is_an_application_error(minifaas_engine: minifaas.Engine, tmp_path: Path) -> None:
     url = model_copy(tmp_path, DETECTOR, "e")
-    async with deployed(engine, "badsha", max_sandboxes=1):
-        bad = await engine.call("badsha", {"model_url": url, "sha256": WRONG_SHA})
+    async with deployed(minifaas_engine, "badsha", max_sandboxes=1):
+        bad = await minifaas_engine.call("badsha", {"model_url": url, "sha256": WRONG_SHA})
         assert_status(bad, "application_error", error_contains="sha256 mismatch")
         assert WRONG_SHA in bad.result["error"] and DETECTOR_SHA in bad.result["error"]
         # the refused model was not cached: the same sandbox loads it once the right digest is given
-        good = await run(engine, "badsha", url, sha256=DETECTOR_SHA)
+        good = await run(minifaas_engine, "badsha", url, sha256=DETECTOR_SHA)
         assert good.annotations["model_cache"] == "miss"
         assert good.annotations["sandbox"] == bad.annotations["sandbox"]
     # the refused copy left nothing behind in the store (no partial file, nothing under the wrong digest)
-    assert not engine.model_store.content_path(WRONG_SHA).exists()
-    assert list((engine.model_store.root / "tmp").iterdir()) == []
+    assert not minifaas_engine.model_store.content_path(WRONG_SHA).exists()
+    assert list((minifaas_engine.model_store.root / "tmp").iterdir()) == []

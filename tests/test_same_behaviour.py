@@ -32,7 +32,7 @@ CASES = [(fn, photo) for fn in AI_FUNCTIONS for photo in PHOTOS]
 
 
 @pytest.fixture(scope="module")
-async def engine(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[minifaas.Engine]:
+async def minifaas_engine(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[minifaas.Engine]:
     async with minifaas.Engine(state_dir=tmp_path_factory.mktemp("engine"), max_sandboxes=4) as eng:
         for fn in AI_FUNCTIONS:
             await eng.deploy(fn, path=FUNCTIONS / fn, max_sandboxes=1)
@@ -49,10 +49,10 @@ def _kinds(value: Any) -> Any:
 
 
 @pytest.mark.parametrize(("fn", "photo"), CASES, ids=[f"{fn}-{photo}" for fn, photo in CASES])
-async def test_in_process_equals_sandbox(engine: minifaas.Engine, fn: str, photo: str) -> None:
+async def test_in_process_equals_sandbox(minifaas_engine: minifaas.Engine, fn: str, photo: str) -> None:
     args = {"image": PHOTOS[photo]}
     local = call(FUNCTIONS / fn, args)
-    remote = await engine.invoke(fn, args)
+    remote = await minifaas_engine.invoke(fn, args)
     assert _kinds(remote) == _kinds(local)
     assert remote == local
     if fn in ("smart_body_crop", "body_crop") and photo.startswith("messi"):

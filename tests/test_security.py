@@ -26,10 +26,10 @@ import pytest
 from minifaas_sandbox import protocol as p
 
 import minifaas
-from minifaas._launch import MAX_PIDS_PER_SANDBOX, PIDS
-from minifaas._proc import rss_kb as _rss_kb
-from minifaas._sandbox import MAX_STRAY_BYTES
+from minifaas._core.launch import MAX_PIDS_PER_SANDBOX, PIDS
+from minifaas._core.sandbox import MAX_STRAY_BYTES
 from minifaas.testing import assert_status, assert_success
+from tests.helpers.proc import rss_kb as _rss_kb
 
 pytestmark = pytest.mark.anyio
 
@@ -97,10 +97,12 @@ def assert_healthy(done: list[minifaas.Activation]) -> None:
 
 
 @pytest.fixture(scope="module")
-async def engine(minifaas_module_engine: minifaas.Engine) -> minifaas.Engine:
-    await minifaas_module_engine.deploy("healthy", code=HEALTHY)
-    await minifaas_module_engine.invoke("healthy", {"i": -1})
-    return minifaas_module_engine
+async def minifaas_engine() -> AsyncIterator[minifaas.Engine]:
+    """One engine for the module (overrides the plugin's), with the healthy neighbour every attack runs beside."""
+    async with minifaas.Engine() as engine:
+        await engine.deploy("healthy", code=HEALTHY)
+        await engine.invoke("healthy", {"i": -1})
+        yield engine
 
 
 # -- attacks --------------------------------------------------------------------------------------------------
@@ -168,34 +170,36 @@ ATTACKS: dict[str, tuple[str, dict[str, Any], str, str]] = {
 
 
 @pytest.mark.parametrize("attack", list(ATTACKS), ids=list(ATTACKS))
-async def test_attack_ends_as_documented_and_neighbours_are_unaffected(engine: minifaas.Engine, attack: str) -> None:
+async def test_attack_ends_as_documented_and_neighbours_are_unaffected(
+    minifaas_engine: minifaas.Engine, attack: str
+) -> None:
     code, options, status, error = ATTACKS[attack]
     name = f"attack-{attack}"
-    await engine.deploy(name, code=code, **options)
-    async with healthy_traffic(engine) as done:
+    await minifaas_engine.deploy(name, code=code, **options)
+    async with healthy_traffic(minifaas_engine) as done:
         await anyio.sleep(2 * HEALTHY_PERIOD_S)
         with anyio.fail_after(60):
-            act = await engine.call(name)
+            act = await minifaas_engine.call(name)
         await anyio.sleep(2 * HEALTHY_PERIOD_S)
     assert_status(act, status, error_contains=error)
     assert_healthy(done)
     # the function itself keeps being served (by a fresh sandbox where the attack killed its own)
     with anyio.fail_after(60):
-        again = await engine.call(name)
+        again = await minifaas_engine.call(name)
     assert again.status == status
     if "memory limit" in error:
         # a sandbox that ran out of memory is not trusted again (its function may hold the memory in globals)
         assert again.annotations["sandbox"] != act.annotations["sandbox"]
 
 
-async def test_deep_python_recursion_to_the_memory_limit(engine: minifaas.Engine) -> None:
+async def test_deep_python_recursion_to_the_memory_limit(minifaas_engine: minifaas.Engine) -> None:
     # a million Python frames fill the memory limit before any stack: MemoryError with every frame still held
     # (the sandbox used to die with exit code 70 after 12 s and no log), or CPython's own SystemError
     code = "import sys\nsys.setrecursionlimit(10**8)\ndef f(n):\n    return f(n + 1)\ndef main(args):\n    f(0)\n"
-    await engine.deploy("deep-heap", code=code, memory_mb=64, timeout_s=30)
-    async with healthy_traffic(engine) as done:
+    await minifaas_engine.deploy("deep-heap", code=code, memory_mb=64, timeout_s=30)
+    async with healthy_traffic(minifaas_engine) as done:
         t0 = time.perf_counter()
-        acts = [await engine.call("deep-heap") for _ in range(2)]
+        acts = [await minifaas_engine.call("deep-heap") for _ in range(2)]
         elapsed = time.perf_counter() - t0
     for act in acts:
         assert act.status in ("application_error", "developer_error"), act
@@ -220,13 +224,13 @@ FLOODS = {
 
 
 @pytest.mark.parametrize("flood", list(FLOODS), ids=list(FLOODS))
-async def test_log_flood_is_capped(engine: minifaas.Engine, flood: str) -> None:
+async def test_log_flood_is_capped(minifaas_engine: minifaas.Engine, flood: str) -> None:
     name = f"flood-{flood}"
-    await engine.deploy(name, code=FLOODS[flood], max_log_bytes=SMALL_LOG_BYTES, timeout_s=30)
+    await minifaas_engine.deploy(name, code=FLOODS[flood], max_log_bytes=SMALL_LOG_BYTES, timeout_s=30)
     rss0 = _rss_kb()
-    async with healthy_traffic(engine) as done:
+    async with healthy_traffic(minifaas_engine) as done:
         t0 = time.perf_counter()
-        act = await engine.call(name)
+        act = await minifaas_engine.call(name)
         elapsed = time.perf_counter() - t0
     assert_success(act)
     assert "Logs were truncated" in act.logs[-1]
@@ -252,13 +256,13 @@ PIPE_FLOODS = {
 
 
 @pytest.mark.parametrize("flood", list(PIPE_FLOODS), ids=list(PIPE_FLOODS))
-async def test_raw_fd_flood_keeps_host_memory_bounded(engine: minifaas.Engine, flood: str) -> None:
+async def test_raw_fd_flood_keeps_host_memory_bounded(minifaas_engine: minifaas.Engine, flood: str) -> None:
     name = f"pipe-{flood}"
-    await engine.deploy(name, code=PIPE_FLOODS[flood], timeout_s=30)
+    await minifaas_engine.deploy(name, code=PIPE_FLOODS[flood], timeout_s=30)
     rss0 = _rss_kb()
-    async with healthy_traffic(engine) as done:
+    async with healthy_traffic(minifaas_engine) as done:
         t0 = time.perf_counter()
-        act = await engine.call(name)
+        act = await minifaas_engine.call(name)
         elapsed = time.perf_counter() - t0
         # stray output may still be arriving for the next activation of that sandbox: it stays capped too
         await anyio.sleep(0.3)
@@ -299,12 +303,12 @@ def main(args):
 
 
 @pytest.mark.parametrize("frame", list(FRAMES), ids=list(FRAMES))
-async def test_forged_frames_from_function_code(engine: minifaas.Engine, frame: str) -> None:
+async def test_forged_frames_from_function_code(minifaas_engine: minifaas.Engine, frame: str) -> None:
     name = f"forge-{frame}"
-    await engine.deploy(name, code=FORGE, timeout_s=20)
+    await minifaas_engine.deploy(name, code=FORGE, timeout_s=20)
     t0 = time.perf_counter()
     with anyio.fail_after(20):
-        act = await engine.call(name, {"msg": FRAMES[frame], "times": 1000 if frame == "call-flood" else 1})
+        act = await minifaas_engine.call(name, {"msg": FRAMES[frame], "times": 1000 if frame == "call-flood" else 1})
     # ends at once, not at its timeout (a malformed frame used to raise in the host's reader and lose the RESULT)
     assert time.perf_counter() - t0 < 10
     assert act.done
@@ -315,10 +319,10 @@ async def test_forged_frames_from_function_code(engine: minifaas.Engine, frame: 
         assert_status(act, "developer_error", error_contains="protocol error")
     else:
         assert_success(act)
-    assert_success(await engine.call("healthy", {"i": 0}))
+    assert_success(await minifaas_engine.call("healthy", {"i": 0}))
 
 
-async def test_fork_bomb_is_capped_by_a_pids_cgroup(engine: minifaas.Engine) -> None:
+async def test_fork_bomb_is_capped_by_a_pids_cgroup(minifaas_engine: minifaas.Engine) -> None:
     if PIDS.parent is None:
         pytest.skip(f"no writable pids cgroup here ({PIDS.error}): an uncapped fork bomb would take the machine down")
     counted = textwrap.dedent("""
@@ -334,15 +338,15 @@ async def test_fork_bomb_is_capped_by_a_pids_cgroup(engine: minifaas.Engine) -> 
             except OSError as exc:
                 return {"error": str(exc), "forked": n}
     """)
-    await engine.deploy("fork-count", code=counted, timeout_s=30)
-    act = await engine.call("fork-count")
+    await minifaas_engine.deploy("fork-count", code=counted, timeout_s=30)
+    act = await minifaas_engine.call("fork-count")
     assert_status(act, "application_error", error_contains="Resource temporarily unavailable")
     assert MAX_PIDS_PER_SANDBOX - SANDBOX_BASE_TASKS_MAX <= act.result["forked"] < MAX_PIDS_PER_SANDBOX
-    (pid,) = _sandbox_pids(engine, "fork-count")
+    (pid,) = _sandbox_pids(minifaas_engine, "fork-count")
     cgroup = PIDS.parent / f"sb-{pid}"
     assert (cgroup / "pids.max").read_text().strip() == str(MAX_PIDS_PER_SANDBOX)
     assert str(pid) in (cgroup / "cgroup.procs").read_text().split()
-    await engine.delete("fork-count")
+    await minifaas_engine.delete("fork-count")
     # the sleeping children die with their sandbox, although nothing waits for them
     with anyio.fail_after(BOMB_REAP_S):
         while _live_in_session(pid):
@@ -357,19 +361,19 @@ async def test_fork_bomb_is_capped_by_a_pids_cgroup(engine: minifaas.Engine) -> 
                 except OSError:
                     time.sleep(0.01)
     """)
-    await engine.deploy("fork-bomb", code=bomb, timeout_s=BOMB_TIMEOUT_S)
-    async with healthy_traffic(engine) as done:
-        aid = await engine.submit("fork-bomb")
+    await minifaas_engine.deploy("fork-bomb", code=bomb, timeout_s=BOMB_TIMEOUT_S)
+    async with healthy_traffic(minifaas_engine) as done:
+        aid = await minifaas_engine.submit("fork-bomb")
         await anyio.sleep(BOMB_TIMEOUT_S / 2)
-        (pid,) = _sandbox_pids(engine, "fork-bomb")
+        (pid,) = _sandbox_pids(minifaas_engine, "fork-bomb")
         peak = 0
         while True:
             with contextlib.suppress(OSError):
                 peak = max(peak, int((PIDS.parent / f"sb-{pid}" / "pids.current").read_text()))
-            if (await engine.activations.get(aid)).done:
+            if (await minifaas_engine.activations.get(aid)).done:
                 break
             await anyio.sleep(0.05)
-    act = await engine.activations.wait(aid)
+    act = await minifaas_engine.activations.wait(aid)
     assert_status(act, "developer_error", error_contains=f"exceeded its time limits of {int(BOMB_TIMEOUT_S * 1000)}")
     assert 0 < peak <= MAX_PIDS_PER_SANDBOX
     assert_healthy(done)
@@ -377,7 +381,7 @@ async def test_fork_bomb_is_capped_by_a_pids_cgroup(engine: minifaas.Engine) -> 
     with anyio.fail_after(BOMB_REAP_S):
         while _live_in_session(pid):
             await anyio.sleep(0.1)
-    assert_success(await engine.call("healthy", {"i": 0}))
+    assert_success(await minifaas_engine.call("healthy", {"i": 0}))
 
 
 # -- isolation ------------------------------------------------------------------------------------------------
@@ -468,7 +472,7 @@ async def test_network_false_cannot_reach_the_host() -> None:
 
 
 async def test_server_binds_loopback_and_always_has_a_key() -> None:
-    from minifaas import _server
+    from minifaas._server import app as _server
 
     assert inspect.signature(_server.serve).parameters["host"].default == "127.0.0.1"
     ip = _non_loopback_ip()

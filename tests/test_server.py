@@ -30,8 +30,8 @@ import pytest
 from anyio.from_thread import start_blocking_portal
 
 import minifaas
-from minifaas._server import ServerHandle, create_app, new_auth, serve
-from minifaas._triggers import TriggerManager
+from minifaas._events.triggers import TriggerManager
+from minifaas._server.app import ServerHandle, create_app, new_auth, serve
 
 API = "/api/v1"
 NS = f"{API}/namespaces/_"

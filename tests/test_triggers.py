@@ -21,8 +21,8 @@ import anyio
 import pytest
 
 import minifaas
-from minifaas._feeds import CronSchedule, is_temporary_name
-from minifaas._triggers import TriggerManager
+from minifaas._events.feeds import CronSchedule, is_temporary_name
+from minifaas._events.triggers import TriggerManager
 from minifaas.testing import FakeClock
 
 pytestmark = pytest.mark.anyio

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 import minifaas
-from minifaas._versions import ALIASES_FILE_NAME, AliasTable, VersionInUse
+from minifaas._deploy.versions import ALIASES_FILE_NAME, AliasTable, VersionInUse
 from minifaas.testing import assert_success
 
 pytestmark = pytest.mark.anyio
@@ -109,7 +109,7 @@ def test_table_persists_atomically(tmp_path: Path) -> None:
 
 # -- through the engine --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-async def engine() -> AsyncIterator[minifaas.Engine]:
+async def minifaas_engine() -> AsyncIterator[minifaas.Engine]:
     async with minifaas.Engine(routing_seed=SEED, preload=PRELOAD) as eng:
         yield eng
 
@@ -120,49 +120,49 @@ async def deploy_versions(engine: minifaas.Engine, name: str, n: int) -> None:
         assert info["version"] == str(v)
 
 
-async def test_version_pinning(engine: minifaas.Engine) -> None:
-    await deploy_versions(engine, "pin", 3)
-    assert await engine.invoke("pin") == {"v": 3}
-    act = await engine.call("pin@1")
+async def test_version_pinning(minifaas_engine: minifaas.Engine) -> None:
+    await deploy_versions(minifaas_engine, "pin", 3)
+    assert await minifaas_engine.invoke("pin") == {"v": 3}
+    act = await minifaas_engine.call("pin@1")
     assert_success(act)
     assert act.result == {"v": 1} and act.version == "1" and "alias" not in act.annotations
-    assert await engine.invoke("pin@2") == {"v": 2}
+    assert await minifaas_engine.invoke("pin@2") == {"v": 2}
     with pytest.raises(minifaas.FunctionNotFound, match="no version '4'"):
-        await engine.invoke("pin@4")
-    await engine.delete("pin")
+        await minifaas_engine.invoke("pin@4")
+    await minifaas_engine.delete("pin")
 
 
-async def test_alias_to_one_version(engine: minifaas.Engine) -> None:
-    await deploy_versions(engine, "one", 2)
-    assert await engine.set_alias("one", "prod", "1") == {
+async def test_alias_to_one_version(minifaas_engine: minifaas.Engine) -> None:
+    await deploy_versions(minifaas_engine, "one", 2)
+    assert await minifaas_engine.set_alias("one", "prod", "1") == {
         "name": "one",
         "alias": "prod",
         "routing": {"1": 100.0},
     }
-    act = await engine.call("one@prod")
+    act = await minifaas_engine.call("one@prod")
     assert_success(act)
     assert act.result == {"v": 1} and act.version == "1" and act.annotations["alias"] == "prod"
-    record = await engine.activations.get(act.activation_id)
+    record = await minifaas_engine.activations.get(act.activation_id)
     assert record.annotations["alias"] == "prod"
     # a new deploy does not move the alias; repointing does, at once
-    await engine.deploy("one", code=VERSIONED.format(v=3))
-    assert await engine.invoke("one@prod") == {"v": 1}
-    await engine.set_alias("one", "prod", "3")
-    assert await engine.invoke("one@prod") == {"v": 3}
-    assert (await engine.get_alias("one", "prod"))["routing"] == {"3": 100.0}
-    assert (await engine.get_function("one"))["aliases"] == {"prod": {"3": 100.0}}
-    await engine.delete_alias("one", "prod")
+    await minifaas_engine.deploy("one", code=VERSIONED.format(v=3))
+    assert await minifaas_engine.invoke("one@prod") == {"v": 1}
+    await minifaas_engine.set_alias("one", "prod", "3")
+    assert await minifaas_engine.invoke("one@prod") == {"v": 3}
+    assert (await minifaas_engine.get_alias("one", "prod"))["routing"] == {"3": 100.0}
+    assert (await minifaas_engine.get_function("one"))["aliases"] == {"prod": {"3": 100.0}}
+    await minifaas_engine.delete_alias("one", "prod")
     with pytest.raises(minifaas.FunctionNotFound, match="no alias 'prod'"):
-        await engine.invoke("one@prod")
-    await engine.delete("one")
+        await minifaas_engine.invoke("one@prod")
+    await minifaas_engine.delete("one")
 
 
-async def test_ab_split_converges(engine: minifaas.Engine) -> None:
-    await deploy_versions(engine, "ab", 3)
-    await engine.set_alias("ab", "live", {"2": 90, "3": 10})
+async def test_ab_split_converges(minifaas_engine: minifaas.Engine) -> None:
+    await deploy_versions(minifaas_engine, "ab", 3)
+    await minifaas_engine.set_alias("ab", "live", {"2": 90, "3": 10})
     counts: Counter[str] = Counter()
     for i in range(AB_CALLS):
-        act = await engine.call("ab@live", {"i": i})
+        act = await minifaas_engine.call("ab@live", {"i": i})
         assert_success(act)
         assert act.result == {"v": int(act.version)} and act.annotations["alias"] == "live"
         counts[act.version] += 1
@@ -170,39 +170,39 @@ async def test_ab_split_converges(engine: minifaas.Engine) -> None:
     print(f"A/B 90/10 over {AB_CALLS} invocations: observed shares {shares}")
     assert set(counts) == {"2", "3"}  # version 1 is not in the alias, however latest or pinned it is
     assert abs(shares["3"] - 0.10) <= AB_TOLERANCE
-    await engine.delete("ab")
+    await minifaas_engine.delete("ab")
 
 
-async def test_delete_version_in_use_is_refused(engine: minifaas.Engine) -> None:
-    await deploy_versions(engine, "del", 3)
-    await engine.set_alias("del", "prod", {"1": 50, "2": 50})
+async def test_delete_version_in_use_is_refused(minifaas_engine: minifaas.Engine) -> None:
+    await deploy_versions(minifaas_engine, "del", 3)
+    await minifaas_engine.set_alias("del", "prod", {"1": 50, "2": 50})
     with pytest.raises(VersionInUse, match=r"version 1 of 'del' is in use by alias\(es\) del@prod"):
-        await engine.delete("del@1")
-    assert await engine.invoke("del@1") == {"v": 1}  # nothing was deleted
-    await engine.delete("del@3")  # not routed to: deletable
-    assert (await engine.get_function("del"))["versions"] == ["1", "2"]
-    await engine.set_alias("del", "prod", "2")
-    await engine.delete("del@1")
-    assert (await engine.get_function("del"))["versions"] == ["2"]
+        await minifaas_engine.delete("del@1")
+    assert await minifaas_engine.invoke("del@1") == {"v": 1}  # nothing was deleted
+    await minifaas_engine.delete("del@3")  # not routed to: deletable
+    assert (await minifaas_engine.get_function("del"))["versions"] == ["1", "2"]
+    await minifaas_engine.set_alias("del", "prod", "2")
+    await minifaas_engine.delete("del@1")
+    assert (await minifaas_engine.get_function("del"))["versions"] == ["2"]
     # deleting the whole function takes its aliases with it
-    await engine.delete("del")
-    await engine.deploy("del", code=VERSIONED.format(v=1))
+    await minifaas_engine.delete("del")
+    await minifaas_engine.deploy("del", code=VERSIONED.format(v=1))
     with pytest.raises(minifaas.FunctionNotFound, match="no alias 'prod'"):
-        await engine.get_alias("del", "prod")
-    await engine.delete("del")
+        await minifaas_engine.get_alias("del", "prod")
+    await minifaas_engine.delete("del")
 
 
-async def test_alias_errors(engine: minifaas.Engine) -> None:
+async def test_alias_errors(minifaas_engine: minifaas.Engine) -> None:
     with pytest.raises(minifaas.FunctionNotFound, match="no function named 'ghost'"):
-        await engine.set_alias("ghost", "prod", "1")
-    await deploy_versions(engine, "err", 1)
+        await minifaas_engine.set_alias("ghost", "prod", "1")
+    await deploy_versions(minifaas_engine, "err", 1)
     with pytest.raises(minifaas.DeployError, match=r"version\(s\) 2 that 'err' does not have"):
-        await engine.set_alias("err", "prod", "2")
+        await minifaas_engine.set_alias("err", "prod", "2")
     with pytest.raises(minifaas.DeployError, match="invalid alias"):
-        await engine.set_alias("err", "1", "1")
+        await minifaas_engine.set_alias("err", "1", "1")
     with pytest.raises(minifaas.FunctionNotFound):
-        await engine.delete_alias("err", "prod")
-    await engine.delete("err")
+        await minifaas_engine.delete_alias("err", "prod")
+    await minifaas_engine.delete("err")
 
 
 async def test_aliases_survive_a_restart(tmp_path: Path) -> None:

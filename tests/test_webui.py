@@ -23,10 +23,10 @@ import pytest
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 import minifaas
-from minifaas import _composer as c
-from minifaas._server import new_auth, serve
-from minifaas._sessions import Session, Step
-from minifaas._webui import GRAPH_MAX_COLUMNS, session_graph
+from minifaas import composer as c
+from minifaas._server.app import new_auth, serve
+from minifaas._server.webui import GRAPH_MAX_COLUMNS, session_graph
+from minifaas._workflows.sessions import Session, Step
 
 CHROMIUM = os.environ.get("MINIFAAS_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [

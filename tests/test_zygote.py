@@ -18,11 +18,11 @@ import pytest
 from minifaas_sandbox import protocol as p
 
 import minifaas
-from minifaas._launch import PIDS, SANDBOX_ENV_DEFAULTS, Launched, SpawnLauncher, scrubbed_env
-from minifaas._proc import SPARE_WCHAN, wchan
-from minifaas._proc import children as _children
-from minifaas._proc import smaps_rollup_kb as _pss_kb
-from minifaas._zygote import DEFAULT_PRELOAD, ZygoteError, ZygoteLauncher, ZygotePool
+from minifaas._core.launch import PIDS, SANDBOX_ENV_DEFAULTS, Launched, SpawnLauncher, scrubbed_env
+from minifaas._core.zygote import DEFAULT_PRELOAD, ZygoteError, ZygoteLauncher, ZygotePool
+from tests.helpers.proc import SPARE_WCHAN, wchan
+from tests.helpers.proc import children as _children
+from tests.helpers.proc import smaps_rollup_kb as _pss_kb
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="fork server, pidfds and /proc are Linux-only")
 

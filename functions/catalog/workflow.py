@@ -62,7 +62,7 @@ import anyio
 import anyio.to_thread
 
 from minifaas import Activation, Engine, MinifaasError
-from minifaas._composer import Composition, action, function, if_, let, sequence, try_
+from minifaas.composer import Composition, action, function, if_, let, sequence, try_
 
 __all__ = (
     "COMPOSITION_NAME",

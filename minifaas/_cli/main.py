@@ -31,7 +31,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from ._errors import MinifaasError
+from .._errors import MinifaasError
 
 if TYPE_CHECKING:
     import httpx
@@ -149,8 +149,8 @@ async def connect(args: argparse.Namespace) -> AsyncIterator[Api]:
     import httpx
 
     if args.local:
-        from ._engine import Engine
-        from ._server import create_app
+        from .._engine import Engine
+        from .._server.app import create_app
 
         async with Engine(state_dir=_state_dir(args)) as engine:
             app = create_app(engine, auth=None, namespace=engine.namespace)
@@ -700,8 +700,8 @@ def cmd_serve(args: argparse.Namespace, console: Console) -> int:
     import anyio
     import anyio.abc
 
-    from ._engine import Engine
-    from ._server import ServerHandle, new_auth, serve
+    from .._engine import Engine
+    from .._server.app import ServerHandle, new_auth, serve
 
     auth = args.auth or os.environ.get(ENV_AUTH) or new_auth()
     state_dir = args.state_dir or os.environ.get(ENV_STATE_DIR)
@@ -751,9 +751,9 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
     import anyio
 
     try:
-        from ._demo import run_demo  # type: ignore[import-not-found,unused-ignore]
+        from .demo import run_demo  # type: ignore[import-not-found,unused-ignore]
     except ModuleNotFoundError as exc:
-        if exc.name != "minifaas._demo":
+        if exc.name != "minifaas._cli.demo":
             raise
         console.print("[red]error:[/] the demo is not part of this build")
         return EXIT_FAILED

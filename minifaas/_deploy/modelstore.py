@@ -36,7 +36,7 @@ import anyio
 import anyio.from_thread
 import anyio.to_thread
 
-from ._errors import ModelError
+from .._errors import ModelError
 
 __all__ = ("ModelStore",)
 

@@ -17,7 +17,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from ._errors import ActivationNotFound
+from .._errors import ActivationNotFound
 
 __all__ = ("MAX_SESSIONS", "Session", "SessionStatus", "SessionStore", "Step", "StepKind", "StepStatus")
 

@@ -48,8 +48,8 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ._activation import Activation
-from ._errors import (
+from .._core.activation import Activation
+from .._errors import (
     ActivationNotFound,
     CompositionError,
     DeployError,
@@ -61,11 +61,11 @@ from ._errors import (
     PayloadTooLarge,
     TriggerError,
 )
-from ._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from ._metrics import Metrics
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import Metrics
 
 if TYPE_CHECKING:
-    from ._engine import Engine
+    from .._engine import Engine
 
 __all__ = ("ApiError", "ServerHandle", "create_app", "new_auth", "serve")
 
@@ -869,9 +869,9 @@ async def _on_error(request: Request, exc: Exception) -> Response:
 
 def _webui_routes(engine: Engine) -> list[BaseRoute] | None:
     try:
-        mod = importlib.import_module("minifaas._webui")
+        mod = importlib.import_module("minifaas._server.webui")
     except ModuleNotFoundError as exc:
-        if exc.name != "minifaas._webui":
+        if exc.name != "minifaas._server.webui":
             raise
         return None
     routes: list[BaseRoute] = list(mod.routes(engine))

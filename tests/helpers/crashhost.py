@@ -13,8 +13,9 @@ import textwrap
 import time
 from pathlib import Path
 
-from ._function import MAX_SANDBOXES
-from ._proc import descendants, proc_table
+from minifaas._core.function import MAX_SANDBOXES
+
+from .proc import descendants, proc_table
 
 __all__ = ("HOST", "run_host_and_kill")
 

@@ -65,11 +65,11 @@ import ray
 import ray.exceptions
 from minifaas_sandbox import protocol as p
 
-from ._errors import BackendUnavailable
-from ._function import FunctionSpec
-from ._launch import ENV_ALLOW, Launched, Launcher, SpawnLauncher
-from ._pool import FunctionPool, Pool
-from ._sandbox import SHUTDOWN_GRACE_S, HostService, Sandbox, SandboxDied
+from .._core.function import FunctionSpec
+from .._core.launch import ENV_ALLOW, Launched, Launcher, SpawnLauncher
+from .._core.pool import FunctionPool, Pool
+from .._core.sandbox import SHUTDOWN_GRACE_S, HostService, Sandbox, SandboxDied
+from .._errors import BackendUnavailable
 
 __all__ = ("RayLauncher", "RaySandbox", "SandboxActor", "describe_actor_death", "node_sandbox_env")
 
@@ -220,7 +220,7 @@ class SandboxActor:
     async def _fetch_model(self, args: dict[str, Any]) -> str:
         """The ``model.fetch`` host service of this node's sandbox: a model store of this node's own."""
         if self._store is None:
-            from ._modelstore import ModelStore
+            from .._deploy.modelstore import ModelStore
 
             self._store = ModelStore(self._model_root)
         return str(await self._store.fetch(str(args["url"]), sha256=args.get("sha256")))

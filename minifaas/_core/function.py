@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Final, Literal
 
-from ._bundle import Bundle
+from .._deploy.bundle import Bundle
 
 __all__ = ("DEFAULTS", "FunctionSpec")
 

@@ -11,7 +11,7 @@ The AI functions and the sample photos are read from the source checkout this pa
 (``pip install -e .``): ``functions/`` and ``tests/data/images/`` next to the ``minifaas`` package. They are not
 package data (the models alone are ~15 MB); an installed wheel has no demo and says so.
 
-``python -m minifaas._demo [workdir]`` runs it without the CLI.
+``python -m minifaas._cli.demo [workdir]`` runs it without the CLI.
 """
 
 from __future__ import annotations
@@ -40,16 +40,16 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
-from ._activation import Activation
-from ._composer import Composition
-from ._engine import Engine
-from ._errors import ActivationNotFound, MinifaasError
-from ._sessions import Session
-from ._triggers import TriggerManager
+from .._core.activation import Activation
+from .._engine import Engine
+from .._errors import ActivationNotFound, MinifaasError
+from .._events.triggers import TriggerManager
+from .._workflows.sessions import Session
+from ..composer import Composition
 
 __all__ = ("run_demo",)
 
-REPO_DIR: Final = Path(__file__).resolve().parent.parent
+REPO_DIR: Final = Path(__file__).resolve().parents[2]  # minifaas/_cli/demo.py -> the checkout
 FUNCTIONS_DIR: Final = REPO_DIR / "functions"
 SAMPLE_IMAGES_DIR: Final = REPO_DIR / "tests" / "data" / "images"
 IMAGE_SUFFIXES: Final = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -432,7 +432,7 @@ async def _load_sidecars(photos: Sequence[_Photo]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m minifaas._demo [workdir]``."""
+    """``python -m minifaas._cli.demo [workdir]``."""
     args = list(sys.argv[1:] if argv is None else argv)
     workdir = Path(args[0]) if args else Path(tempfile.mkdtemp(prefix="minifaas-demo-"))
     return anyio.run(run_demo, workdir)

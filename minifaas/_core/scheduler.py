@@ -24,13 +24,13 @@ import anyio.abc
 import anyio.lowlevel
 from minifaas_sandbox import protocol as p
 
-from ._activation import Activation, log_line, new_activation_id, now_ms
-from ._errors import InvalidPayload, Overloaded, PayloadTooLarge
-from ._function import FunctionSpec
-from ._poll import PollWindow
-from ._pool import FunctionPool, Pool
-from ._sandbox import Sandbox, SandboxDied
-from ._store import ActivationStore
+from .._errors import InvalidPayload, Overloaded, PayloadTooLarge
+from .activation import Activation, log_line, new_activation_id, now_ms
+from .function import FunctionSpec
+from .poll import PollWindow
+from .pool import FunctionPool, Pool
+from .sandbox import Sandbox, SandboxDied
+from .store import ActivationStore
 
 __all__ = ("Job", "Scheduler", "validate_args")
 

@@ -24,8 +24,8 @@ import anyio
 import anyio.abc
 from minifaas_sandbox import protocol as p
 
-from ._activation import log_line
-from ._launch import Launched, Launcher
+from .activation import log_line
+from .launch import Launched, Launcher
 
 __all__ = ("Sandbox", "SandboxDied", "describe_exit")
 

@@ -17,13 +17,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from ._errors import EngineClosed
+from .._errors import EngineClosed
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-    from ._activation import Activation
-    from ._engine import Engine
+    from .._core.activation import Activation
+    from .._engine import Engine
 
 __all__ = ("CONTENT_TYPE", "Metrics")
 

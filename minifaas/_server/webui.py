@@ -1,6 +1,6 @@
 """The dev server's web UI: a few HTML pages and the small JSON API under ``/ui/api`` that they poll.
 
-Every page is the same static shell (``_ui/index.html``); ``_ui/app.js`` picks what to draw from the URL and
+Every page is the same static shell (``ui/index.html``); ``ui/app.js`` picks what to draw from the URL and
 fetches the JSON endpoints here, which read the engine directly (no REST round trip, no auth of their own:
 the server's middleware guards them like the rest of the API). The session flow graph is laid out here, in
 Python, so its layout is tested without a browser; the page only draws it as SVG.
@@ -19,14 +19,14 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from ._activation import Activation
-from ._engine import Engine
-from ._errors import ActivationNotFound, EngineClosed, MinifaasError
-from ._sessions import Session, Step
+from .._core.activation import Activation
+from .._engine import Engine
+from .._errors import ActivationNotFound, EngineClosed, MinifaasError
+from .._workflows.sessions import Session, Step
 
 __all__ = ("UI_DIR", "routes", "session_graph")
 
-UI_DIR: Final = Path(__file__).with_name("_ui")
+UI_DIR: Final = Path(__file__).with_name("ui")
 LIST_LIMIT_DEFAULT: Final = 50
 LIST_LIMIT_MAX: Final = 500
 #: keys of a composition node that hold data, not sub-compositions

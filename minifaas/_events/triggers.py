@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -25,8 +24,9 @@ from typing import Any, Literal, Protocol
 import anyio
 import anyio.abc
 
-from ._errors import EngineClosed, InvalidPayload, RateLimited, TriggerError
-from ._feeds import Feed, FeedContext, FeedInfo, make_feed, write_json_atomic
+from .._errors import EngineClosed, InvalidPayload, RateLimited, TriggerError
+from .clock import Clock, SystemClock
+from .feeds import Feed, FeedContext, FeedInfo, make_feed, write_json_atomic
 
 __all__ = (
     "Clock",
@@ -60,27 +60,6 @@ class Submit(Protocol):
     """The engine's ``submit(name, args, *, cause)``: accept an invocation, return its activation id."""
 
     def __call__(self, name: str, args: dict[str, Any], /, *, cause: str | None) -> Awaitable[str]: ...
-
-
-class Clock(Protocol):
-    """Time source for rate limits and alarms: wall-clock seconds and a sleep that honours the same clock."""
-
-    def now(self) -> float: ...
-
-    async def sleep(self, seconds: float) -> None: ...
-
-
-class SystemClock:
-    """Real time: ``time.time()`` (wall clock, as cron schedules need) and ``anyio.sleep``.
-
-    Tests pass ``minifaas.testing.FakeClock`` instead.
-    """
-
-    def now(self) -> float:
-        return time.time()
-
-    async def sleep(self, seconds: float) -> None:
-        await anyio.sleep(seconds)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Any, Final, Protocol
 
 import msgpack
 
-from ._activation import Activation, now_ms
+from .activation import Activation, now_ms
 
 __all__ = ("ActivationStore", "MemoryStore", "SQLiteStore", "open_store")
 

@@ -41,7 +41,7 @@ from typing import Any, Final
 
 import anyio
 
-from ._errors import DeployError
+from .._errors import DeployError
 
 __all__ = ("DepsEnv", "default_env_root", "describe", "ensure_env", "env_key", "stats")
 

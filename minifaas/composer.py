@@ -14,7 +14,7 @@ The JSON form (:meth:`Composition.to_json`) has openwhisk-composer's shape:
 ``{"type": "if", "test": {...}, "consequent": {...}, "alternate": {...}, "path": "[1]"}``. Inline Python
 callables are stored by ``module:qualname`` reference and imported back by :meth:`Composition.from_json`.
 
-Semantics (run by ``minifaas._conductor``) follow docs/COMBINATORS.md of openwhisk-composer; see the docstring
+Semantics (run by ``minifaas._workflows.conductor``) follow docs/COMBINATORS.md of openwhisk-composer; see the docstring
 of each combinator.
 """
 

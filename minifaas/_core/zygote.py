@@ -35,8 +35,8 @@ import anyio.abc
 from minifaas_sandbox import protocol as p
 from minifaas_sandbox import zygote as z
 
-from ._errors import MinifaasError
-from ._launch import MAX_PIDS_PER_SANDBOX, PIDS, Launched, SpawnLauncher, kill_cgroup, make_pipes, scrubbed_env
+from .._errors import MinifaasError
+from .launch import MAX_PIDS_PER_SANDBOX, PIDS, Launched, SpawnLauncher, kill_cgroup, make_pipes, scrubbed_env
 
 __all__ = ("DEFAULT_PRELOAD", "ZygoteError", "ZygoteLauncher", "ZygotePool")
 
@@ -75,7 +75,7 @@ def _backoff_s(failures: int) -> float:
 
 
 class _ForkedProcess:
-    """A sandbox forked by a zygote (implements :class:`~minifaas._launch.Launched`)."""
+    """A sandbox forked by a zygote (implements :class:`~minifaas._core.launch.Launched`)."""
 
     how = "fork"
 

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
-from ._errors import DeployError, FunctionNotFound, MinifaasError
+from .._errors import DeployError, FunctionNotFound, MinifaasError
 
 __all__ = ("ALIASES_FILE_NAME", "AliasTable", "Routing", "VersionInUse", "split_ref")
 

@@ -33,10 +33,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 import anyio
 import anyio.to_thread
 
-from ._errors import RateLimited, TriggerError
+from .._errors import RateLimited, TriggerError
 
 if TYPE_CHECKING:
-    from ._triggers import Clock
+    from .clock import Clock
 
 __all__ = (
     "FEED_KINDS",

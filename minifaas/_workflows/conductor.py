@@ -29,10 +29,10 @@ from typing import Any, Final, Protocol, TypeAlias
 
 import anyio
 
-from ._activation import FINAL_STATUSES, Activation, new_activation_id, now_ms
-from ._composer import Composition
-from ._errors import CompositionError
-from ._sessions import Session, SessionStatus, SessionStore, Step, StepKind, StepStatus
+from .._core.activation import FINAL_STATUSES, Activation, new_activation_id, now_ms
+from .._errors import CompositionError
+from ..composer import Composition
+from .sessions import Session, SessionStatus, SessionStore, Step, StepKind, StepStatus
 
 __all__ = (
     "DEFAULT_MAX_STEPS",

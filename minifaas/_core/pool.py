@@ -18,10 +18,10 @@ from typing import Any, Final
 import anyio
 import anyio.abc
 
-from ._function import IDLE_TIMEOUT_S, FunctionSpec
-from ._keepalive import Candidate, FixedPolicy, GreedyDualEvictor, HistogramPolicy, KeepAlivePolicy
-from ._launch import Launcher, SpawnLauncher, scrubbed_env
-from ._sandbox import HostService, Sandbox, SandboxDied
+from .function import IDLE_TIMEOUT_S, FunctionSpec
+from .keepalive import Candidate, FixedPolicy, GreedyDualEvictor, HistogramPolicy, KeepAlivePolicy
+from .launch import Launcher, SpawnLauncher, scrubbed_env
+from .sandbox import HostService, Sandbox, SandboxDied
 
 __all__ = ("KEEPALIVE_POLICIES", "FunctionPool", "Pool")
 

@@ -18,7 +18,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Any, Final
 
-from ._errors import DeployError
+from .._errors import DeployError
 
 __all__ = ("MANIFEST_NAME", "Bundle", "load_bundle")
 
