@@ -34,6 +34,8 @@ from ._errors import (
 )
 from ._events.feeds import CronSchedule, FeedInfo
 from ._events.triggers import Rule, RuleOutcome, Trigger, TriggerActivation, TriggerManager
+from ._handles import Function, SyncFunction, function
+from ._map import MapIterator
 from ._sync import SyncEngine
 
 __version__ = "0.1.0"
@@ -51,8 +53,10 @@ __all__ = (
     "Engine",
     "EngineClosed",
     "FeedInfo",
+    "Function",
     "FunctionNotFound",
     "InvalidPayload",
+    "MapIterator",
     "MinifaasError",
     "ModelError",
     "Overloaded",
@@ -61,6 +65,7 @@ __all__ = (
     "Rule",
     "RuleOutcome",
     "SyncEngine",
+    "SyncFunction",
     "Trigger",
     "TriggerActivation",
     "TriggerError",
@@ -68,8 +73,18 @@ __all__ = (
     "VersionInUse",
     "__version__",
     "composer",
+    "function",
 )
 
-for _name in ("Activation", "Activations", "Engine", "SyncEngine"):
+for _name in (
+    "Activation",
+    "Activations",
+    "Engine",
+    "Function",
+    "MapIterator",
+    "SyncEngine",
+    "SyncFunction",
+    "function",
+):
     globals()[_name].__module__ = "minifaas"
 del _name

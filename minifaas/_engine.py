@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import inspect
+import json
 import os
 import random
 import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Literal
@@ -29,7 +32,8 @@ from ._core.pool import KEEPALIVE_POLICIES, MAX_SANDBOXES_TOTAL, Pool
 from ._core.sandbox import HostService
 from ._core.scheduler import ENGINE_MAX_QUEUED, Scheduler
 from ._core.store import ActivationStore, open_store
-from ._deploy.bundle import load_bundle
+from ._deploy.bundle import Bundle, load_bundle
+from ._deploy.callables import callable_bundle, pickle_callable, sandbox_sys_path
 from ._deploy.deps import default_env_root, ensure_env
 from ._deploy.versions import ALIASES_FILE_NAME, AliasTable, Routing, split_ref
 from ._errors import (
@@ -42,6 +46,8 @@ from ._errors import (
     FunctionNotFound,
 )
 from ._events.triggers import TriggerManager
+from ._handles import FUNCTION_OPTIONS_ATTR, Function
+from ._map import MapIterator
 from ._workflows.conductor import DEFAULT_MAX_STEPS, call_composition
 from ._workflows.sessions import SessionStore
 from .composer import Composition
@@ -103,9 +109,11 @@ class Activations:
         since: int | None = None,
         upto: int | None = None,
         namespace: str | None = None,
+        cause: str | None = None,
     ) -> list[Activation]:
+        """Records, newest first; ``cause`` selects those of one map (its ``map_id``) or one trigger fire."""
         return self._engine._store_or_raise().list(
-            name=name, namespace=namespace, limit=limit, skip=skip, since=since, upto=upto
+            name=name, namespace=namespace, limit=limit, skip=skip, since=since, upto=upto, cause=cause
         )
 
 
@@ -193,6 +201,10 @@ class Engine:
         self._model_store: Any = None
         self.started_at = 0.0
         self._end_hooks: list[Callable[[Activation], None]] = []
+        #: running maps by id (weakly: a map its consumer dropped goes away with it)
+        self._maps: weakref.WeakValueDictionary[str, MapIterator] = weakref.WeakValueDictionary()
+        #: the options each callable version was deployed with, to tell an identical re-deploy
+        self._options_of: dict[tuple[str, str], str] = {}
         self.recovered = 0
 
     # -- lifecycle --------------------------------------------------------------------------------------------
@@ -330,7 +342,9 @@ class Engine:
     # -- functions --------------------------------------------------------------------------------------------
     async def deploy(
         self,
-        name: str,
+        name: str | Callable[..., Any],
+        fn: Callable[..., Any] | None = None,
+        /,
         *,
         code: str | None = None,
         path: str | os.PathLike[str] | None = None,
@@ -354,9 +368,28 @@ class Engine:
         models: tuple[str, ...] | list[str] = (),
         preload: tuple[str, ...] | None = None,
         network: bool = True,
-    ) -> dict[str, Any]:
-        """Validate and register a new version of ``name``; returns its description (with ``version``)."""
+        modules: Iterable[Any] = (),
+        _bundle: Bundle | None = None,
+    ) -> Function:
+        """Validate and register a new version; returns a :class:`Function` handle (also its description dict).
+
+        What runs: ``code=`` (source text), ``path=`` (a .py file, a folder with ``__main__.py``, a zip), or a
+        Python callable given by value: ``deploy("name", fn)`` or ``deploy(fn)`` (the name is ``fn.__name__``), a
+        function ``fn(args) -> dict`` (``async def`` too) or a class (see ``minifaas_sandbox.callables``), pickled
+        with cloudpickle; ``modules=[...]`` sends those modules by value too. Options recorded by
+        ``@minifaas.function(...)`` apply where this call leaves an option at its default. Re-deploying the
+        identical callable with the same options returns the existing version.
+        """
         self._require()
+        if fn is None and not isinstance(name, str):
+            recorded = getattr(name, FUNCTION_OPTIONS_ATTR, None) or {}
+            fn = name
+            name = str(recorded.get("name") or getattr(fn, "__name__", ""))
+        if fn is not None:
+            given = {k: v for k, v in locals().items() if k in DEPLOY_OPTION_DEFAULTS}
+            return await self._deploy_callable(str(name), fn, given)
+        if modules:
+            raise DeployError("modules=[...] goes with a callable: deploy(name, fn, modules=[...])")
         if not isinstance(name, str) or not NAME_RE.match(name):
             raise DeployError(f"invalid function name {name!r}: use letters, digits, '_', '-', '.'")
         if not isinstance(main, str) or not main.isidentifier():
@@ -384,7 +417,12 @@ class Engine:
             raise DeployError(f"min_sandboxes must be between 0 and max_sandboxes ({limits['max_sandboxes']})")
         assert self._work_dir is not None
         work_dir = self._work_dir
-        bundle = await anyio.to_thread.run_sync(lambda: load_bundle(code=code, path=path, main=main, work_dir=work_dir))
+        if _bundle is not None:
+            bundle = _bundle
+        else:
+            bundle = await anyio.to_thread.run_sync(
+                lambda: load_bundle(code=code, path=path, main=main, work_dir=work_dir)
+            )
         sys_path: tuple[str, ...] = ()
         python: str | None = None
         if bundle.requirements is not None:
@@ -392,7 +430,7 @@ class Engine:
             sys_path = (str(deps.site_packages),)
             # a fork of the preloaded zygote may hold the host's version of a package the env replaces
             python = str(deps.python) if deps.conflicts_with_preload else None
-        versions = self._functions.setdefault(name, [])
+        versions = self._functions.get(name) or []
         version = str(int(versions[-1].version) + 1) if versions else "1"
         spec = FunctionSpec(
             name=name,
@@ -415,13 +453,52 @@ class Engine:
             network=network,
             **limits,
         )
+        return await self._register(spec)
+
+    async def _register(self, spec: FunctionSpec) -> Function:
         await self._preload_models(spec)
-        versions.append(spec)
+        self._functions.setdefault(spec.name, []).append(spec)
         if spec.min_sandboxes and self._pool is not None:
             # provisioned concurrency: warm them now, not at the first request
             self._pool.function(spec)
             self._pool.wake_reaper()
-        return spec.describe()
+        return Function(self, spec.describe(), ref=f"{spec.name}@{spec.version}")
+
+    async def _deploy_callable(self, name: str, fn: Callable[..., Any], given: dict[str, Any]) -> Function:
+        """``deploy(name, fn)``: the callable by value, with the decorator's options under the call's."""
+        recorded = getattr(fn, FUNCTION_OPTIONS_ATTR, None) or {}
+        options = {k: v for k, v in recorded.items() if k != "name"}
+        unknown = sorted(set(options) - set(DEPLOY_OPTION_DEFAULTS))
+        if unknown:
+            raise DeployError(f"@minifaas.function() got unknown option(s): {', '.join(unknown)}")
+        for key, value in given.items():
+            if key not in options or value != DEPLOY_OPTION_DEFAULTS[key]:
+                options[key] = value
+        if options.get("code") is not None or options.get("path") is not None:
+            raise DeployError("deploy(name, fn) takes the callable instead of code= or path=, not with them")
+        if not name or not NAME_RE.match(name):
+            raise DeployError(
+                f"invalid function name {name!r}: use letters, digits, '_', '-', '.' (a lambda needs an explicit name)"
+            )
+        sandbox_path = sandbox_sys_path()
+        pickled = await anyio.to_thread.run_sync(
+            lambda: pickle_callable(fn, modules=options.get("modules") or (), sandbox_path=sandbox_path)
+        )
+        bundle = callable_bundle(pickled, fn)
+        versions = self._functions.get(name) or []
+        latest = versions[-1] if versions else None
+        rest = {k: v for k, v in options.items() if k not in ("modules", "code", "path")}
+        same = _comparable(rest)
+        if (
+            latest is not None
+            and latest.bundle.digest == bundle.digest
+            and self._options_of.get((name, latest.version)) == same
+        ):
+            # the identical callable with the same options: the same version, warm sandboxes and all
+            return Function(self, latest.describe(), ref=f"{name}@{latest.version}")
+        info = await self.deploy(name, **rest, _bundle=bundle)
+        self._options_of[(name, info.version)] = same
+        return info
 
     async def deploy_composition(
         self,
@@ -626,7 +703,21 @@ class Engine:
         """Call ``hook(activation)`` whenever an activation ends (metrics, live UIs)."""
         self._end_hooks.append(hook)
 
+    def _register_map(self, it: MapIterator) -> None:
+        self._maps[it.map_id] = it
+
+    def _unregister_map(self, it: MapIterator) -> None:
+        self._maps.pop(it.map_id, None)
+
+    async def function(self, name: str) -> Function:
+        """A handle on a deployed function (``name``, ``name@version`` or ``name@alias``) for invoke/call/map."""
+        return Function(self, await self.get_function(name), ref=name)
+
     def _on_end(self, act: Activation) -> None:
+        if act.cause is not None and self._maps:
+            it = self._maps.get(act.cause)
+            if it is not None:
+                it._on_end(act)
         for hook in self._end_hooks:
             with contextlib.suppress(Exception):
                 hook(act)
@@ -675,3 +766,15 @@ def _limits(**given: Any) -> dict[str, Any]:
             raise DeployError(f"{key} must be a number between {lo:g} and {hi:g}, got {value!r}")
         out[key] = int(value) if isinstance(DEFAULTS[key], int) else float(value)
     return out
+
+
+#: every option of ``Engine.deploy`` with its default (what ``@minifaas.function(...)`` may record)
+DEPLOY_OPTION_DEFAULTS: Final[dict[str, Any]] = {
+    n: p.default
+    for n, p in inspect.signature(Engine.deploy).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY and not n.startswith("_")
+}
+
+
+def _comparable(options: dict[str, Any]) -> str:
+    return json.dumps(options, sort_keys=True, default=repr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar
@@ -11,6 +12,7 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from ._core.activation import Activation
 from ._engine import Engine
+from ._handles import Function, SyncFunction
 
 __all__ = ("SyncEngine",)
 
@@ -83,8 +85,20 @@ class SyncEngine:
         fn = getattr(self._engine, method)
         return self._portal.call(lambda: fn(*args, **kwargs))
 
-    def deploy(self, name: str, **kwargs: Any) -> dict[str, Any]:
-        return self._call("deploy", name, **kwargs)  # type: ignore[no-any-return]
+    def deploy(
+        self, name: str | Callable[..., Any], fn: Callable[..., Any] | None = None, /, **kwargs: Any
+    ) -> SyncFunction:
+        """``Engine.deploy``, returning a blocking handle (``invoke``, ``call``, ``submit``, ``map`` without await)."""
+        args = (name,) if fn is None else (name, fn)
+        handle: Function = self._call("deploy", *args, **kwargs)
+        assert self._portal is not None
+        return SyncFunction(self._portal, self._engine, dict(handle), ref=handle.ref)
+
+    def function(self, name: str) -> SyncFunction:
+        """A blocking handle on a deployed function (``name``, ``name@version`` or ``name@alias``)."""
+        info = self.get_function(name)
+        assert self._portal is not None
+        return SyncFunction(self._portal, self._engine, info, ref=name)
 
     def invoke(self, name: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
         return self._call("invoke", name, args)  # type: ignore[no-any-return]

@@ -42,6 +42,14 @@ code   name        dir   fields
 8      SHUTDOWN    H>S   (none): finish and exit 0
 =====  ==========  ====  ==================================================================================
 
+Values: msgpack's own types, plus numpy arrays as extension type 1 (no JSON or list detour)::
+
+    +--------------------------+-------------------------------------+----------------------------------+
+    | header length: uint16 BE | msgpack [dtype.str, shape]          | the array's bytes, C order       |
+    +--------------------------+-------------------------------------+----------------------------------+
+
+numpy scalars travel as Python numbers; arrays of Python objects are refused (they would need pickle).
+
 A RUN is answered by exactly one RESULT with the same ``aid``. With ``concurrency`` 1 the host sends one RUN at a
 time; with more, up to that many may be outstanding and RESULTs come back in completion order.
 """
@@ -78,6 +86,10 @@ NAMES: Final[dict[int, str]] = {
     SHUTDOWN: "SHUTDOWN",
 }
 
+#: msgpack extension type code of a numpy array (layout in the module docstring)
+NDARRAY_EXT: Final = 1
+_NDARRAY_HEADER: Final = struct.Struct(">H")
+
 HEADER: Final = struct.Struct(">I")
 HEADER_BYTES: Final = HEADER.size
 #: a frame larger than this is a protocol violation (payload and result limits are far below it)
@@ -90,18 +102,45 @@ class ProtocolError(Exception):
     """Raised on either side when a frame is malformed or too large."""
 
 
+def _default(obj: Any) -> Any:
+    """numpy values for msgpack: arrays as NDARRAY_EXT, scalars as Python numbers; anything else is refused."""
+    if type(obj).__module__ == "numpy":
+        import numpy as np
+
+        if isinstance(obj, np.ndarray):
+            if obj.dtype.hasobject:
+                raise TypeError("can not serialize 'ndarray' of dtype object (only numeric and string arrays cross)")
+            arr = np.ascontiguousarray(obj)
+            header = msgpack.packb([arr.dtype.str, list(arr.shape)], use_bin_type=True)
+            return msgpack.ExtType(NDARRAY_EXT, _NDARRAY_HEADER.pack(len(header)) + header + arr.tobytes())
+        if isinstance(obj, np.generic):
+            return obj.item()
+    raise TypeError(f"can not serialize {type(obj).__name__!r} object")
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code != NDARRAY_EXT:
+        return msgpack.ExtType(code, data)
+    import numpy as np
+
+    (n,) = _NDARRAY_HEADER.unpack_from(data)
+    dtype, shape = msgpack.unpackb(data[_NDARRAY_HEADER.size : _NDARRAY_HEADER.size + n], raw=False)
+    # a writable array of its own: the frame's buffer is reused for the next frame
+    return np.frombuffer(data, dtype=np.dtype(dtype), offset=_NDARRAY_HEADER.size + n).reshape(shape).copy()
+
+
 def encode(kind: int, fields: dict[str, Any]) -> bytes:
     """One frame, header included. Raises TypeError/ValueError from msgpack when a value cannot be encoded."""
-    body = msgpack.packb([kind, fields], use_bin_type=True)
+    body = msgpack.packb([kind, fields], use_bin_type=True, default=_default)
     return HEADER.pack(len(body)) + body
 
 
 def encode_body(value: Any) -> bytes:
-    return msgpack.packb(value, use_bin_type=True)
+    return msgpack.packb(value, use_bin_type=True, default=_default)
 
 
 def decode_body(data: bytes) -> Any:
-    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+    return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_ext_hook)
 
 
 class FrameDecoder:
@@ -126,7 +165,7 @@ class FrameDecoder:
                 break
             try:
                 kind, fields = msgpack.unpackb(
-                    memoryview(buf)[pos + HEADER_BYTES : end], raw=False, strict_map_key=False
+                    memoryview(buf)[pos + HEADER_BYTES : end], raw=False, strict_map_key=False, ext_hook=_ext_hook
                 )
             except Exception as exc:
                 raise ProtocolError(f"undecodable frame: {exc}") from exc

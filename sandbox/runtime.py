@@ -195,9 +195,17 @@ class Runtime:
         self._threaded = False
         #: an activation ran since the heap was last trimmed
         self._trim_due = False
+        #: a deployed class's teardown(), run at SHUTDOWN
+        self._teardown: Callable[[], None] | None = None
 
     # -- logs -----------------------------------------------------------------------------------------------------
     def current_logs(self) -> LogBuffer | None:
+        callables = sys.modules.get("minifaas_sandbox.callables")
+        if callables is not None:
+            # a coroutine on the sandbox's event loop carries its activation's buffer in a context variable
+            buf: LogBuffer | None = callables.ACTIVATION_LOGS.get()
+            if buf is not None:
+                return buf
         if self._threaded:
             return getattr(self._local, "logs", None)
         return self._main_logs
@@ -259,7 +267,12 @@ class Runtime:
                     # thread until then)
                     isolate_network()
             _prepend_sys_path([str(e) for e in fields.get("sys_path") or ()])
-            self.fn = _load_function(fields, chdir=not in_process)
+            if fields["source"].get("kind") == "pickle":
+                from minifaas_sandbox import callables
+
+                self.fn, self._teardown = callables.load(fields["source"], self.current_logs)
+            else:
+                self.fn = _load_function(fields, chdir=not in_process)
         except BaseException as exc:
             self._main_logs = None
             tb = traceback.format_exc()
@@ -400,6 +413,16 @@ class Runtime:
             out["retire"] = True
         return out
 
+    def teardown(self) -> None:
+        """A deployed class's ``teardown()``, once; what it raises is printed to the sandbox's stderr."""
+        end, self._teardown = self._teardown, None
+        if end is None:
+            return
+        try:
+            end()
+        except BaseException:
+            traceback.print_exc(file=sys.__stderr__)
+
     def _trim_heap(self) -> None:
         """Return the free heap to the OS: glibc keeps it (MALLOC_TRIM_THRESHOLD_) so busy activations reuse it."""
         self._trim_due = False
@@ -438,6 +461,7 @@ class Runtime:
             elif kind == p.SHUTDOWN:
                 if self._pool is not None:
                     self._pool.shutdown(wait=True)
+                self.teardown()
                 return 0
 
 

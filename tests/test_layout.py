@@ -22,8 +22,10 @@ ALLOWED: dict[str, set[str]] = {
     "_workflows": {"_errors", "_core", "composer"},
     "_events": {"_errors", "_core"},
     "_backends": {"_errors", "_core", "_deploy"},
-    "_engine": {"_errors", "_core", "_deploy", "_workflows", "_events", "composer"},
-    "_sync": {"_errors", "_core", "_deploy", "_workflows", "_events", "composer", "_engine"},
+    "_map": {"_errors", "_core", "_engine"},  # _engine for its type only (TYPE_CHECKING)
+    "_handles": {"_errors", "_core", "_map", "_engine"},  # likewise
+    "_engine": {"_errors", "_core", "_deploy", "_workflows", "_events", "composer", "_handles", "_map"},
+    "_sync": {"_errors", "_core", "_deploy", "_workflows", "_events", "composer", "_engine", "_handles"},
     "_server": {"_errors", "_core", "_deploy", "_workflows", "_events", "composer", "_engine"},
     "_cli": {"_errors", "_core", "_deploy", "_workflows", "_events", "composer", "_engine", "_server"},
     "testing": {"_errors", "_core", "_deploy", "_events"},

@@ -22,6 +22,16 @@ STATUS_CODES: Final[dict[str, int]] = {
 FINAL_STATUSES: Final[frozenset[str]] = frozenset(STATUS_CODES)
 
 
+def summarize_value(obj: Any) -> str | None:
+    """A record's text for a value that is data, not JSON (a numpy array): ``ndarray float32 (224, 224, 3)``.
+
+    The caller still gets the array itself; records, the REST API and the UI show this instead of the data.
+    """
+    if type(obj).__module__ == "numpy" and hasattr(obj, "dtype") and hasattr(obj, "shape"):
+        return f"ndarray {obj.dtype} {tuple(obj.shape)}"
+    return None
+
+
 def new_activation_id() -> str:
     """32 lowercase hex characters, like OpenWhisk's activation ids."""
     return os.urandom(16).hex()

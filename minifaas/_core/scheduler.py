@@ -109,7 +109,7 @@ class Job:
 
 
 def validate_args(args: Any, *, max_depth: int = MAX_PAYLOAD_DEPTH) -> dict[str, Any]:
-    """Arguments must be a dict with str keys holding JSON-like values (plus bytes)."""
+    """Arguments must be a dict with str keys holding JSON-like values (plus bytes and numpy arrays)."""
     if not isinstance(args, dict):
         raise InvalidPayload(f"arguments must be a dict, not {type(args).__name__}")
     stack: list[tuple[Any, int, str]] = [(args, 0, "args")]
@@ -131,6 +131,8 @@ def validate_args(args: Any, *, max_depth: int = MAX_PAYLOAD_DEPTH) -> dict[str,
                     stack.append((v, depth + 1, f"{where}[{i}]"))
         elif isinstance(value, float) and value != value:
             continue
+        elif type(value).__module__ == "numpy" and not getattr(getattr(value, "dtype", None), "hasobject", True):
+            continue  # an array or scalar of numbers or strings: it crosses as itself (protocol NDARRAY_EXT)
         elif not isinstance(value, _JSON_SCALARS):
             raise InvalidPayload(f"{where}: a {type(value).__name__} is not a JSON-like value")
     return args

@@ -14,7 +14,7 @@ from typing import Any, Final, Protocol
 
 import msgpack
 
-from .activation import Activation, now_ms
+from .activation import Activation, now_ms, summarize_value
 
 __all__ = ("ActivationStore", "MemoryStore", "SQLiteStore", "open_store")
 
@@ -38,6 +38,7 @@ class ActivationStore(Protocol):
         skip: int = 0,
         since: int | None = None,
         upto: int | None = None,
+        cause: str | None = None,
     ) -> list[Activation]: ...
 
     def recover(self) -> int:
@@ -47,8 +48,17 @@ class ActivationStore(Protocol):
     def close(self) -> None: ...
 
 
-def _matches(act: Activation, name: str | None, namespace: str | None, since: int | None, upto: int | None) -> bool:
+def _matches(
+    act: Activation,
+    name: str | None,
+    namespace: str | None,
+    since: int | None,
+    upto: int | None,
+    cause: str | None = None,
+) -> bool:
     if name is not None and act.name != name:
+        return False
+    if cause is not None and act.cause != cause:
         return False
     if namespace is not None and act.namespace != namespace:
         return False
@@ -89,11 +99,12 @@ class MemoryStore:
         skip: int = 0,
         since: int | None = None,
         upto: int | None = None,
+        cause: str | None = None,
     ) -> list[Activation]:
         out: list[Activation] = []
         skipped = 0
         for act in reversed(self._records.values()):
-            if not _matches(act, name, namespace, since, upto):
+            if not _matches(act, name, namespace, since, upto, cause):
                 continue
             if skipped < skip:
                 skipped += 1
@@ -128,12 +139,17 @@ class SQLiteStore:
         )
         self._db.execute("CREATE INDEX IF NOT EXISTS activations_ts ON activations (ts)")
         self._db.execute("CREATE INDEX IF NOT EXISTS activations_name_ts ON activations (name, ts)")
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(activations)")}
+        if "cause" not in columns:  # a state dir from before maps filtered their items by cause
+            self._db.execute("ALTER TABLE activations ADD COLUMN cause TEXT")
+        self._db.execute("CREATE INDEX IF NOT EXISTS activations_cause ON activations (cause)")
 
     def put(self, act: Activation) -> None:
         blob = msgpack.packb(act.to_dict(), use_bin_type=True, default=_fallback)
         self._db.execute(
-            "INSERT OR REPLACE INTO activations VALUES (?, ?, ?, ?, ?, ?)",
-            (act.activation_id, act.name, act.namespace, act.start or act.accepted, act.status, blob),
+            "INSERT OR REPLACE INTO activations (activation_id, name, namespace, ts, status, record, cause)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (act.activation_id, act.name, act.namespace, act.start or act.accepted, act.status, blob, act.cause),
         )
 
     def get(self, activation_id: str, *, namespace: str | None = None) -> Activation | None:
@@ -154,11 +170,13 @@ class SQLiteStore:
         skip: int = 0,
         since: int | None = None,
         upto: int | None = None,
+        cause: str | None = None,
     ) -> list[Activation]:
         where: list[str] = []
         args: list[Any] = []
         for clause, value in (
             ("name = ?", name),
+            ("cause = ?", cause),
             ("namespace = ?", namespace),
             ("ts >= ?", since),
             ("ts <= ?", upto),
@@ -190,8 +208,10 @@ class SQLiteStore:
 
 
 def _fallback(obj: Any) -> Any:
-    # records hold what functions returned; anything msgpack cannot store is kept as its JSON-ish text
-    return json.dumps(obj, default=repr)
+    # records hold what functions returned; anything msgpack cannot store is kept as its JSON-ish text, and an
+    # array as its summary (the caller got the data; the record is not a second copy of it)
+    summary = summarize_value(obj)
+    return summary if summary is not None else json.dumps(obj, default=repr)
 
 
 def _load(blob: bytes) -> Activation:

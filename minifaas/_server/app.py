@@ -48,7 +48,7 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .._core.activation import Activation
+from .._core.activation import Activation, summarize_value
 from .._errors import (
     ActivationNotFound,
     CompositionError,
@@ -120,7 +120,8 @@ def _default(o: object) -> object:
         return base64.b64encode(bytes(o)).decode("ascii")
     if isinstance(o, set | frozenset | tuple):
         return list(o)
-    return repr(o)
+    summary = summarize_value(o)
+    return summary if summary is not None else repr(o)
 
 
 def _finite(v: Any) -> Any:

@@ -19,7 +19,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from .._core.activation import Activation
+from .._core.activation import Activation, summarize_value
 from .._engine import Engine
 from .._errors import ActivationNotFound, EngineClosed, MinifaasError
 from .._workflows.sessions import Session, Step
@@ -57,7 +57,8 @@ def _finite(v: Any) -> Any:
         return {"$bytes": len(v)}
     if v is None or isinstance(v, str | int | bool):
         return v
-    return {"$repr": repr(v)[:200]}
+    summary = summarize_value(v)
+    return summary if summary is not None else {"$repr": repr(v)[:200]}
 
 
 def _json(data: Any, status_code: int = 200) -> Response:
