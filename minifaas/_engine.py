@@ -675,10 +675,13 @@ class Engine:
 
         async def run() -> None:
             try:
-                await self.call(name, args, cause=cause, session_id=sid)
+                act = await self.call(name, args, cause=cause, session_id=sid)
             finally:
                 done.set()
                 self._session_done.pop(sid, None)
+            it = self._maps.get(cause) if cause is not None else None
+            if it is not None:  # a map over a composition: its items are sessions
+                it._on_end(act)
 
         self._tg.start_soon(run, name=f"session-{sid}")
         return sid

@@ -29,11 +29,15 @@ __all__ = ("MAX_WINDOW", "MapIterator", "default_window")
 #: the most inputs one map keeps submitted and not yet handed back
 MAX_WINDOW: Final = 1024
 MIN_WINDOW: Final = 4
+#: sessions of a composition in flight at once by default (each runs its own steps on their functions' sandboxes)
+COMPOSITION_WINDOW: Final = 16
 #: in-flight inputs per sandbox slot: one running and one queued behind it, so a slot never waits on the host
 PER_SLOT: Final = 2
 
 
 def default_window(info: dict[str, Any]) -> int:
+    if info.get("kind") == "composition":
+        return COMPOSITION_WINDOW
     limits = info.get("limits") or {}
     slots = int(limits.get("max_sandboxes") or 1) * int(limits.get("concurrency") or 1)
     return max(MIN_WINDOW, min(MAX_WINDOW, PER_SLOT * slots))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar
@@ -76,8 +76,17 @@ class SyncEngine:
                 self._portal_cm.__exit__(None, None, None)
             self._portal = None
 
+    def start(self) -> SyncEngine:
+        """Start without a ``with`` block (a notebook keeps its engine across cells); ``close()`` when done."""
+        return self.__enter__()
+
     def close(self) -> None:
         self.__exit__(None, None, None)
+
+    @property
+    def sessions(self) -> Any:
+        """Composition sessions (``sessions.get(session_id)``): the engine's own store, read directly."""
+        return self._engine.sessions
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         if self._portal is None:
@@ -93,6 +102,15 @@ class SyncEngine:
         handle: Function = self._call("deploy", *args, **kwargs)
         assert self._portal is not None
         return SyncFunction(self._portal, self._engine, dict(handle), ref=handle.ref)
+
+    def deploy_composition(self, name: str, composition: Any, **kwargs: Any) -> dict[str, Any]:
+        return self._call("deploy_composition", name, composition, **kwargs)  # type: ignore[no-any-return]
+
+    def run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Run ``await fn(*args)`` on the engine's event loop (an async helper of yours that takes the Engine)."""
+        if self._portal is None:
+            raise RuntimeError("use `with SyncEngine() as engine:` or `engine.start()`")
+        return self._portal.call(fn, *args)
 
     def function(self, name: str) -> SyncFunction:
         """A blocking handle on a deployed function (``name``, ``name@version`` or ``name@alias``)."""

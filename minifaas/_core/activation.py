@@ -68,6 +68,10 @@ class Activation:
     #: when the engine accepted the invocation (epoch ms); ``start`` is when a sandbox began running it
     accepted: int = 0
 
+    def _repr_html_(self) -> str:
+        """A card for Jupyter: status, times, cold or warm, the result (arrays summarised) and the last logs."""
+        return activation_html(self)
+
     @property
     def status_code(self) -> int | None:
         """OpenWhisk's statusCode (0..3), ``None`` while the activation has not ended."""
@@ -121,3 +125,44 @@ class Activation:
             },
             "cause": self.cause,
         }
+
+
+#: how many log lines and result characters an activation's card in a notebook shows
+HTML_MAX_LOG_LINES: Final = 20
+HTML_MAX_RESULT_CHARS: Final = 2000
+STATUS_COLOURS: Final = {"success": "#1a7f37", "pending": "#9a6700", "running": "#9a6700"}
+
+
+def activation_html(act: Activation) -> str:
+    import html
+    import json
+
+    colour = STATUS_COLOURS.get(act.status, "#d12f2f")
+    cold = act.annotations.get("cold")
+    start = "cold start" if cold else "warm" if cold is not None else ""
+    times = [
+        f"duration {act.duration} ms" if act.duration is not None else "",
+        f"wait {act.wait_time} ms" if act.wait_time is not None else "",
+        f"init {act.init_time} ms" if act.init_time is not None else "",
+        start,
+    ]
+    result = json.dumps(act.result, default=lambda o: summarize_value(o) or repr(o), indent=1)
+    if len(result) > HTML_MAX_RESULT_CHARS:
+        result = result[:HTML_MAX_RESULT_CHARS] + " …"
+    logs = act.logs[-HTML_MAX_LOG_LINES:]
+    more = f"<div>… {len(act.logs) - len(logs)} earlier lines</div>" if len(act.logs) > len(logs) else ""
+    return (
+        f"<div class='minifaas-activation' style='border:1px solid #d0d7de;border-radius:6px;padding:6px 10px'>"
+        f"<b>{html.escape(act.name)}@{html.escape(act.version)}</b> "
+        f"<span style='color:{colour};font-weight:600'>{html.escape(act.status)}</span> "
+        f"<code>{html.escape(act.activation_id)}</code><br>"
+        f"<small>{html.escape(' · '.join(x for x in times if x))}</small>"
+        f"<pre style='margin:4px 0'>{html.escape(result)}</pre>"
+        + (
+            f"<details><summary>logs ({len(act.logs)})</summary>{more}<pre>{html.escape(chr(10).join(logs))}</pre>"
+            "</details>"
+            if act.logs
+            else ""
+        )
+        + "</div>"
+    )

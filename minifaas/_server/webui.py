@@ -2,8 +2,8 @@
 
 Every page is the same static shell (``ui/index.html``); ``ui/app.js`` picks what to draw from the URL and
 fetches the JSON endpoints here, which read the engine directly (no REST round trip, no auth of their own:
-the server's middleware guards them like the rest of the API). The session flow graph is laid out here, in
-Python, so its layout is tested without a browser; the page only draws it as SVG.
+the server's middleware guards them like the rest of the API). The session flow graph is laid out in
+``minifaas._workflows.graph`` (tested without a browser); the page only draws it as SVG.
 """
 
 from __future__ import annotations
@@ -22,23 +22,14 @@ from starlette.staticfiles import StaticFiles
 from .._core.activation import Activation, summarize_value
 from .._engine import Engine
 from .._errors import ActivationNotFound, EngineClosed, MinifaasError
-from .._workflows.sessions import Session, Step
+from .._workflows.graph import GRAPH_MAX_COLUMNS, session_graph
+from .._workflows.sessions import Session
 
-__all__ = ("UI_DIR", "routes", "session_graph")
+__all__ = ("GRAPH_MAX_COLUMNS", "UI_DIR", "routes", "session_graph")
 
 UI_DIR: Final = Path(__file__).with_name("ui")
 LIST_LIMIT_DEFAULT: Final = 50
 LIST_LIMIT_MAX: Final = 500
-#: keys of a composition node that hold data, not sub-compositions
-DATA_KEYS: Final = ("function", "value", "declarations")
-#: a session graph draws at most this many step nodes (a long loop would make an unreadable page anyway)
-GRAPH_MAX_STEPS: Final = 300
-#: a row of concurrent steps (parallel, map) wraps after this many nodes
-GRAPH_MAX_COLUMNS: Final = 8
-#: the last path segment of a branch a session may not take (if_, try_, while_)
-BRANCH_RE: Final = re.compile(r"\.(consequent|alternate|handler|body)$")
-#: which part of a combinator decides against a branch (a ``while_``'s ``body`` is decided by its test)
-DECIDED_BY: Final = {"consequent": "test", "alternate": "test", "handler": "body", "body": "test"}
 ID_RE: Final = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
 NO_STORE: Final = {"cache-control": "no-store"}
 
@@ -132,197 +123,6 @@ async def _composition_json(engine: Engine, name: str) -> dict[str, Any] | None:
 
 
 # ---------------------------------------------------------------------------------------------- flow graph
-
-
-def _parent(path: str) -> str:
-    return BRANCH_RE.sub("", path)
-
-
-def _role(path: str) -> str:
-    """The last label of a path: ``test``, ``consequent``, ``[2]`` ...; the root is ``root``."""
-    m = re.search(r"(\.[A-Za-z_]+|\[\d+\])$", path)
-    return m.group(1).lstrip(".") if m else "root"
-
-
-def _find_node(node: dict[str, Any], path: str) -> dict[str, Any] | None:
-    if node.get("path") == path:
-        return node
-    children = [v for k, v in node.items() if isinstance(v, dict) and k not in DATA_KEYS]
-    children += [c for c in node.get("components") or () if isinstance(c, dict)]
-    for child in children:
-        # a child's path extends its parent's; skip subtrees that cannot hold ``path``
-        cpath = child.get("path")
-        if isinstance(cpath, str) and path.startswith(cpath):
-            found = _find_node(child, path)
-            if found is not None:
-                return found
-    return None
-
-
-def _describe_untaken(comp: dict[str, Any] | None, path: str) -> tuple[str, str]:
-    """Label and kind of an untaken branch: its functions' names when the composition is known."""
-    node = _find_node(comp, path) if comp is not None else None
-    if node is None:
-        return _role(path), "branch"
-    names: list[str] = []
-    stack = [node]
-    while stack:
-        n = stack.pop(0)
-        if n.get("type") == "action" and isinstance(n.get("name"), str):
-            names.append(n["name"])
-        stack += [v for k, v in n.items() if isinstance(v, dict) and k not in DATA_KEYS]
-        stack += [c for c in n.get("components") or () if isinstance(c, dict)]
-    kind = str(node.get("type", "branch"))
-    if names:
-        label = " → ".join(names[:3]) + (" …" if len(names) > 3 else "")
-    elif kind == "empty" or (kind == "sequence" and not node.get("components")):
-        label, kind = "(nothing)", "empty"
-    else:
-        label = kind
-    return label, kind
-
-
-def _step_label(step: Step) -> str:
-    if step.kind == "function" and step.name:
-        return str(step.name).rpartition(":")[2] or str(step.name)
-    if step.name:
-        return str(step.name)
-    return str(step.kind)
-
-
-def session_graph(session: Session, composition: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Lay out a session's flow graph top-down: ``{"nodes", "edges", "rows", "columns", "truncated"}``.
-
-    Each step is a node in the row after the previous step's; steps that ran concurrently (``parallel``,
-    ``map``: a step that started before the previous one ended) share a row. A branch that was not taken sits
-    beside the step that follows its test (or the body of its ``try_``), greyed, joined by a dashed edge from
-    the last step that ran under the same combinator. Nodes carry ``row``/``col``; the page scales them.
-    """
-    steps = list(session.steps)[:GRAPH_MAX_STEPS]
-    nodes: list[dict[str, Any]] = []
-    edges: list[dict[str, Any]] = []
-    rows: list[list[int]] = []
-    start = {
-        "id": "start",
-        "kind": "start",
-        "label": session.name or "session",
-        "status": "start",
-        "taken": True,
-    }
-    nodes.append(start)
-    rows.append([0])
-    step_row: list[int] = []
-    prev_end: float | None = None
-    for i, step in enumerate(steps):
-        # ``start`` is whole ms and a function step lasts µs: only a full ms of overlap is concurrency
-        concurrent = prev_end is not None and step.start <= prev_end - 1
-        if not concurrent or len(rows[-1]) >= GRAPH_MAX_COLUMNS:
-            rows.append([])
-        row = len(rows) - 1
-        idx = len(nodes)
-        nodes.append(
-            {
-                "id": f"s{i}",
-                "step": i,
-                "kind": step.kind,
-                "label": _step_label(step),
-                "name": step.name,
-                "path": step.path,
-                "role": _role(step.path),
-                "status": step.status,
-                "activation_id": step.activation_id,
-                "duration_ms": round(float(step.duration_ms), 3),
-                "taken": True,
-            }
-        )
-        rows[row].append(idx)
-        step_row.append(row)
-        end = step.start + step.duration_ms
-        prev_end = end if not concurrent or prev_end is None else max(prev_end, end)
-    end_node = {
-        "id": "end",
-        "kind": "end",
-        "label": session.status,
-        "status": session.status,
-        "taken": True,
-    }
-    # taken edges: consecutive rows, fan-out / fan-in around concurrent rows
-    for r in range(len(rows) - 1):
-        a, b = rows[r], rows[r + 1]
-        pairs = list(zip(a, b, strict=True)) if len(a) == len(b) and len(a) > 1 else [(x, y) for x in a for y in b]
-        edges += [{"from": nodes[x]["id"], "to": nodes[y]["id"], "taken": True} for x, y in pairs]
-    # untaken branches: beside the row after their anchor (the last step that ran under the same combinator)
-    side: dict[int, list[int]] = {}
-    for path in session.not_taken:
-        anchor = _anchor(steps, path)
-        label, kind = _describe_untaken(composition, path)
-        idx = len(nodes)
-        anchor_id = f"s{anchor}" if anchor is not None else "start"
-        row = (step_row[anchor] if anchor is not None else 0) + 1
-        while row >= len(rows):
-            rows.append([])
-        side.setdefault(row, []).append(idx)
-        nodes.append(
-            {
-                "id": f"n{idx}",
-                "kind": kind,
-                "label": label,
-                "path": path,
-                "role": _role(path),
-                "status": "not_taken",
-                "activation_id": None,
-                "taken": False,
-            }
-        )
-        edges.append({"from": anchor_id, "to": f"n{idx}", "taken": False})
-    last_taken = next((r for r in reversed(rows) if r), [0])
-    nodes.append(end_node)
-    rows.append([len(nodes) - 1])
-    edges += [{"from": nodes[x]["id"], "to": "end", "taken": True} for x in last_taken]
-    placed: list[list[int | None]] = [list(r) for r in rows]
-    for row, extra in side.items():
-        # a row of untaken branches only keeps its middle free for the taken edge passing through it
-        placed[row] = [*(placed[row] or [None]), *extra]
-    columns = 1
-    for r, members in enumerate(placed):
-        columns = max(columns, len(members))
-        for c, member in enumerate(members):
-            if member is not None:
-                nodes[member].update(row=r, col=c, cols=len(members))
-    return {
-        "nodes": nodes,
-        "edges": edges,
-        "rows": len(placed),
-        "columns": columns,
-        "truncated": len(session.steps) > len(steps),
-    }
-
-
-def _under(path: str, prefix: str) -> bool:
-    return path == prefix or (path.startswith(prefix) and path[len(prefix)] in ".[")
-
-
-def _anchor(steps: list[Step], untaken: str) -> int | None:
-    """The step an untaken branch hangs from: the last one of the part that decided against it.
-
-    That is the ``test`` of an ``if_``/``while_`` and the ``body`` of a ``try_``; without such a step (an
-    empty test), the step just before the combinator's first one; None means the session's start.
-    """
-    parent = _parent(untaken)
-    decider = f"{parent}.{DECIDED_BY.get(_role(untaken), 'test')}"
-    anchor = None
-    first_under = None
-    for i, step in enumerate(steps):
-        if _under(step.path, decider):
-            anchor = i
-        if first_under is None and _under(step.path, parent):
-            first_under = i
-    if anchor is None and first_under is not None and first_under > 0:
-        anchor = first_under - 1
-    return anchor
-
-
-# ---------------------------------------------------------------------------------------------- routes
 
 
 def routes(engine: Engine) -> list[BaseRoute]:

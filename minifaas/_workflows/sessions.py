@@ -90,6 +90,19 @@ class Session:
     def success(self) -> bool:
         return self.status == "success"
 
+    def _repr_html_(self) -> str:
+        """Jupyter shows a session as its flow graph (the path taken, the branches not taken) and its outcome."""
+        import html
+
+        from .graph import session_graph, to_svg
+
+        return (
+            f"<div class='minifaas-session'><b>{html.escape(self.name or 'session')}</b> "
+            f"<code>{html.escape(self.session_id)}</code> {html.escape(self.status)}"
+            f"{f' · {self.duration} ms' if self.duration is not None else ''} · {len(self.steps)} steps<br>"
+            f"{to_svg(session_graph(self))}</div>"
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "session_id": self.session_id,
