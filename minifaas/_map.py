@@ -28,11 +28,12 @@ __all__ = ("MAX_WINDOW", "MapIterator", "default_window")
 
 #: the most inputs one map keeps submitted and not yet handed back
 MAX_WINDOW: Final = 1024
-MIN_WINDOW: Final = 4
+MIN_WINDOW: Final = 32
 #: sessions of a composition in flight at once by default (each runs its own steps on their functions' sandboxes)
 COMPOSITION_WINDOW: Final = 16
-#: in-flight inputs per sandbox slot: one running and one queued behind it, so a slot never waits on the host
-PER_SLOT: Final = 2
+#: in-flight inputs per sandbox slot: a fast function needs dozens queued to keep its sandboxes busy (the host's
+#: per-call work is then what limits throughput), and the window still bounds what a map holds
+PER_SLOT: Final = 16
 
 
 def default_window(info: dict[str, Any]) -> int:
@@ -208,6 +209,7 @@ class _Progress:
 
     @staticmethod
     def terminal(name: str, total: int | None) -> _Progress:
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         bar = Progress(
@@ -216,6 +218,7 @@ class _Progress:
             MofNCompleteColumn(),
             TextColumn("{task.fields[failed]} failed"),
             TimeRemainingColumn(),
+            console=Console(stderr=True),  # stdout stays the program's own
             transient=False,
         )
         bar.start()

@@ -417,3 +417,46 @@ def test_module_sent_by_value_on_request(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["installed copy", "edited in this process"]
+
+
+def test_progress_bar_in_a_terminal_and_silence_elsewhere(tmp_path: Path) -> None:
+    """``progress=True``: a rich bar on a terminal's stderr; nothing at all when stderr is not a terminal."""
+    import pty
+
+    script = tmp_path / "bar.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import minifaas
+
+            def one(args):
+                return {"i": args["i"]}
+
+            with minifaas.SyncEngine() as engine:
+                out = list(engine.deploy(one).map([{"i": i} for i in range(7)], progress=True))
+            print("done", len(out))
+            """
+        )
+    )
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=slave, cwd=tmp_path)
+        os.close(slave)
+        stdout, _ = proc.communicate(timeout=120)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(master, 1 << 16)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        os.close(master)
+    assert proc.returncode == 0
+    assert stdout.decode().strip() == "done 7"
+    assert b"7/7" in seen and b"0 failed" in seen, seen[-500:]
+    quiet = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert quiet.returncode == 0 and quiet.stdout.strip() == "done 7"
+    assert "7/7" not in quiet.stderr and "failed" not in quiet.stderr
