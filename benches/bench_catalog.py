@@ -14,7 +14,8 @@ with the same three functions:
   through ``minifaas.testing.call`` (in-process, under the sandbox contract) and writing the files;
 - ``engine``: ``functions/catalog/workflow.py`` deployed on an Engine; by default each frame is dropped into an
   uploads folder watched by a folder feed whose trigger's rule runs the composition (``--entry submit`` calls
-  ``engine.submit`` instead). At most ``--window`` photos are in flight; the next is dropped when one ends.
+  ``engine.submit`` instead, ``--entry map`` maps the composition's handle over the frames: ``Function.map``).
+  At most ``--window`` photos are in flight; the next is dropped when one ends.
   The window must cover the feed's delay as well as the sessions (Little's law): 8 left the cores idle here.
 
 Printed per variant: wall time, throughput, per-photo latency p50/p99 (baseline: one photo's processing time;
@@ -343,7 +344,16 @@ async def run_engine(
                 run_tg.start_soon(collect)
             t0 = time.perf_counter()
             cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-            for path in frames:
+            if entry == "map":
+                # Function.map over the composition: the handle streams the frames through its own window
+                catalog_fn = await engine.function(wf.COMPOSITION_NAME)
+                inputs = ({"path": str(path), "name": path.name} for path in frames)
+                async for out_ in catalog_fn.map(inputs, concurrency=window, return_exceptions=True):
+                    ok = isinstance(out_, dict)
+                    statuses[str(out_.get("photo") if ok else result.photos)] = "success" if ok else "failed"
+                    result.photos += 1
+                all_done.set()
+            for path in frames if entry != "map" else ():
                 await slots.acquire()
                 dropped[path.name] = time.perf_counter()
                 if entry == "trigger":
@@ -435,7 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frames", type=int, default=1000, help="how many frames (default 1000)")
     ap.add_argument("--window", type=int, default=16, help="engine: photos in flight at once (default 16)")
     ap.add_argument("--sandboxes", type=int, default=wf.DEFAULT_MAX_SANDBOXES, help="engine: max per function")
-    ap.add_argument("--entry", choices=("trigger", "submit"), default="trigger", help="engine: how photos arrive")
+    ap.add_argument(
+        "--entry", choices=("trigger", "submit", "map"), default="trigger", help="engine: how photos arrive"
+    )
     ap.add_argument("--feed-interval", type=float, default=FEED_INTERVAL_S, help="engine: folder feed poll (s)")
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--skip-engine", action="store_true")
