@@ -144,6 +144,8 @@ class Engine:
         keepalive: Literal["fixed", "histogram"] = "fixed",
         prewarm: int = 0,
         poll_us: int = HOST_POLL_US,
+        min_spares: int = 1,
+        max_spares: int = 8,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -174,6 +176,10 @@ class Engine:
         if keepalive not in KEEPALIVE_POLICIES:
             raise ValueError(f"unknown keep-alive policy {keepalive!r}; choose {', '.join(KEEPALIVE_POLICIES)}")
         self.keepalive = keepalive
+        if not 0 <= min_spares <= max_spares:
+            raise ValueError(f"spares need 0 <= min_spares <= max_spares, got {min_spares} and {max_spares}")
+        #: the zygote keeps between these many children forked ahead, sized by the bursts of cold starts
+        self.min_spares, self.max_spares = min_spares, max_spares
         if prewarm < 0:
             raise ValueError("prewarm must be >= 0")
         self.prewarm = prewarm
@@ -250,6 +256,9 @@ class Engine:
             idle_timeout_s=self.idle_timeout_s,
             prewarm=self.prewarm,
         )
+        spares_mb = getattr(self._launcher, "spares_mb", None)
+        if spares_mb is not None:
+            self._pool.reserved_mb = spares_mb  # idle spares count in the memory budget
         attach = getattr(self._launcher, "attach", None)
         if attach is not None:
             attach(self._pool)  # a backend (Ray) makes its own sandbox handles: pool.sandbox_factory
@@ -280,6 +289,14 @@ class Engine:
     ) -> None:
         await self.aclose()
 
+    def _spare_room(self, spare_mb: float) -> int | None:
+        """How many spares the memory budget leaves room for (None: no budget)."""
+        pool = self._pool
+        if pool is None or pool.memory_budget_mb is None:
+            return None
+        free = pool.memory_budget_mb - pool.memory_in_use(include_reserved=False)
+        return max(0, int(free // max(spare_mb, 1e-3)))
+
     def _make_launcher(self) -> Launcher:
         if self.backend == "ray":
             from ._backends.ray import RayLauncher
@@ -291,7 +308,12 @@ class Engine:
             from ._core.zygote import DEFAULT_PRELOAD, FORK_AVAILABLE, ZygoteLauncher
 
             if FORK_AVAILABLE or name == "zygote":
-                return ZygoteLauncher(preload=self.preload if self.preload is not None else DEFAULT_PRELOAD)
+                return ZygoteLauncher(
+                    preload=self.preload if self.preload is not None else DEFAULT_PRELOAD,
+                    min_spares=self.min_spares,
+                    max_spares=self.max_spares,
+                    room=self._spare_room,
+                )
         return SpawnLauncher(self.preload or ())
 
     async def aclose(self) -> None:

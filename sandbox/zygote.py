@@ -21,12 +21,15 @@ Data flow::
     +-----------------+                  +-----------------------+
 
 Fork ahead: fork() of a process holding numpy, OpenCV and LiteRT takes 2-3 ms here, and the child runs only
-after it. So the zygote keeps one child forked ahead (the spare), waiting on a socket of its own; a FORK request
-passes it the env and fds and is answered at once. The spare takes, before its request, every step of becoming a
+after it. So the zygote keeps children forked ahead (spares), each waiting on a socket of its own; a FORK request
+passes the oldest ready one the env and fds and is answered at once. How many: one by default, as many as the
+host's SPARES message asks (it sizes them by the bursts of cold starts it has seen); with none left, the zygote
+forks the next at once, one per turn of its loop, so FORK requests are still served between those forks.
+A spare takes, before its request, every step of becoming a
 sandbox that does not need it: reseeding, the runtime's set-up, and a rehearsal (a no-op INIT and RUN), which
-pays the copy-on-write faults a fresh fork takes the first time it touches each shared page. The zygote forks
-the next spare SPARE_REFORK_DELAY_S after a launch, not at once: on two cores that fork competed with the
-launched sandbox's first steps. One forked before a LOAD_MODELS is discarded, since it would not hold those
+pays the copy-on-write faults a fresh fork takes the first time it touches each shared page. While spares remain, the
+zygote forks the next one SPARE_REFORK_DELAY_S after a launch, not at once: on two cores that fork competed with
+the launched sandbox's first steps. One forked before a LOAD_MODELS is discarded, since it would not hold those
 models.
 
 Control messages use :mod:`minifaas_sandbox.protocol` framing with their own type codes (below). A FORK
@@ -54,6 +57,7 @@ import contextlib
 import gc
 import hashlib
 import importlib
+import math
 import os
 import random
 import selectors
@@ -79,6 +83,10 @@ FORK: Final = 104  # H>Z seq, env {name: value}; carries fds [channel, stdout w,
 #: Z>H seq, pid, ahead (true when a spare took it), cgroup (the spare's, or None); or seq, error
 FORKED: Final = 105
 EXITED: Final = 106  # Z>H pid, status (exit code, or minus the signal number)
+#: H>Z n: keep this many spares forked ahead (the host sizes it by demand; 0 = fork on request only)
+SPARES: Final = 107
+#: Z>H pids (every spare, ready or not), ready (the pids of those waiting for a request): after each change
+SPARES_STATE: Final = 108
 
 NAMES: Final[dict[int, str]] = {
     HELLO: "HELLO",
@@ -87,6 +95,8 @@ NAMES: Final[dict[int, str]] = {
     FORK: "FORK",
     FORKED: "FORKED",
     EXITED: "EXITED",
+    SPARES: "SPARES",
+    SPARES_STATE: "SPARES_STATE",
 }
 
 #: the runtime imports the model cache in every sandbox: importing it here spares each child that import
@@ -104,6 +114,8 @@ FDS_PER_FORK: Final = 3
 #: after a launch, how long the zygote waits before forking the next spare: the launched sandbox's cold start
 #: (INIT, first RUN: 2-4 ms here) runs meanwhile without a fork of the zygote competing for the CPU
 SPARE_REFORK_DELAY_S: Final = 0.02
+#: launches coming faster than that delay put a refill off at most this long after the first spare was taken
+MAX_REFILL_DEFER_S: Final = 0.1
 RECV_BYTES: Final = 1 << 16
 #: fds accepted per recvmsg (Linux's SCM_MAX_FD); several FORK frames may arrive in one read
 MAX_FDS_PER_RECV: Final = 253
@@ -210,15 +222,19 @@ class Zygote:
         self.wake_r, self.wake_w = os.pipe()
         # handlers as the interpreter and the preloaded libraries left them, restored in each child
         self.saved_handlers: dict[signal.Signals, Callable[..., Any] | int] = {}
-        #: fork ahead: keep one child forked and waiting, so a FORK request does not wait for fork() itself
+        #: fork ahead: keep children forked and waiting, so a FORK request does not wait for fork() itself
         self.fork_ahead = fork_ahead
-        self.spare: _Spare | None = None
+        #: how many (the host's SPARES message sets it: demand-sized), and the spares, oldest first
+        self.want_spares = 1 if fork_ahead else 0
+        self.spares: list[_Spare] = []
         #: spares that were discarded (stale after LOAD_MODELS) or died waiting, and their cgroups: their exits
         #: are nobody's business
         self.discarded: dict[int, str | None] = {}
         self.forks_ahead = 0
         #: monotonic time before which no spare is forked (set when a launch has just used the zygote)
         self.refork_at = 0.0
+        #: since when there are fewer spares than wanted (refills wait for a lull, but not longer than a bound)
+        self.deficit_since = math.inf
         self.refork_delay_s = refork_delay_s
         #: where a spare makes its own pids cgroup (the host's sandbox cgroups), None for none
         self.cgroup_parent = cgroup_parent
@@ -246,17 +262,24 @@ class Zygote:
     def serve(self) -> int:
         while True:
             timeout = None
-            if self.fork_ahead and self.spare is None:
+            if self.fork_ahead and len(self.spares) < self.want_spares:
                 # between requests, off the path of any launch (the host is not waiting on this fork), and not
                 # while the sandbox just launched takes its first steps: on two cores, forking this process (2-3 ms
-                # of CPU) beside them delayed that sandbox's first result by as much
-                timeout = self.refork_at - time.monotonic()
+                # of CPU) beside them delayed that sandbox's first result by as much. But when the host sized the
+                # spares for bursts and none is left, the next launch would wait for a fork anyway: fork now. And
+                # launches coming faster than the delay must not put refills off for ever.
+                now = time.monotonic()
+                burst = self.want_spares > 1 and not any(s.ready for s in self.spares)
+                due = min(self.refork_at, self.deficit_since + max(MAX_REFILL_DEFER_S, self.refork_delay_s))
+                timeout = 0.0 if burst else due - now
                 if timeout <= 0:
-                    timeout = None
                     self.make_spare()
+                    self.deficit_since = now if len(self.spares) < self.want_spares else math.inf
+                    # one fork per turn: a FORK request that arrived meanwhile is served before the next one
+                    timeout = 0.0
             for key, _ in self.selector.select(timeout):
-                if key.data == "spare":
-                    self.spare_status()
+                if isinstance(key.data, _Spare):
+                    self.spare_status(key.data)
                 elif key.data == "sigchld":
                     with contextlib.suppress(BlockingIOError):
                         while os.read(self.wake_r, 512):
@@ -279,11 +302,19 @@ class Zygote:
         for kind, fields in self.decoder.feed(data):
             if kind == FORK:
                 self.fork(fields)
+            elif kind == SPARES:
+                self.want_spares = max(0, int(fields.get("n") or 0)) if self.fork_ahead else 0
+                while len(self.spares) > self.want_spares:
+                    # the newest first: the oldest are the likeliest to be ready
+                    self.discard_spare(self.spares[-1])
+                self.report_spares()
             elif kind == LOAD_MODELS:
                 urls = {str(k): [str(u) for u in v] for k, v in (fields.get("urls") or {}).items()}
                 paths = [str(x) for x in fields.get("paths", [])]
                 # a spare forked before these models were loaded would not have them
-                self.discard_spare()
+                for spare in list(self.spares):
+                    self.discard_spare(spare)
+                self.report_spares()
                 reply = _load_models(paths, urls, prebuild=fields.get("prebuild", True) is not False)
                 self.send(MODELS_LOADED, {"seq": fields.get("seq"), **reply})
                 gc.freeze()
@@ -299,8 +330,10 @@ class Zygote:
                 return
             if pid == 0:
                 return
-            if self.spare is not None and pid == self.spare.pid:
-                self.discard_spare()  # died waiting: the next round forks another
+            died = next((s for s in self.spares if s.pid == pid), None)
+            if died is not None:
+                self.discard_spare(died)  # died waiting: the next round forks another
+                self.report_spares()
             if pid in self.discarded:
                 cgroup = self.discarded.pop(pid)
                 if cgroup is not None:
@@ -310,16 +343,19 @@ class Zygote:
             self.send(EXITED, {"pid": pid, "status": os.waitstatus_to_exitcode(status)})
 
     def fork(self, fields: dict[str, Any]) -> None:
-        self.refork_at = time.monotonic() + self.refork_delay_s
+        now = time.monotonic()
+        self.refork_at = now + self.refork_delay_s
         seq = fields.get("seq")
         if len(self.fds) < FDS_PER_FORK:
             raise p.ProtocolError(f"FORK {seq} arrived with {len(self.fds)} fds, expected {FDS_PER_FORK}")
         channel_fd, out_w, err_w = (self.fds.popleft() for _ in range(FDS_PER_FORK))
         env = {str(k): str(v) for k, v in (fields.get("env") or {}).items()}
-        spare = self.spare
-        if spare is not None and spare.ready:
-            self.spare = None
+        spare = next((s for s in self.spares if s.ready), None)
+        if spare is not None:
+            self.spares.remove(spare)
             self._unwatch(spare)
+            if self.deficit_since == math.inf:
+                self.deficit_since = now  # a spare short from now on
             try:
                 socket.send_fds(spare.sock, [p.encode(FORK, {"env": env})], [channel_fd, out_w, err_w])
             except OSError:
@@ -329,6 +365,7 @@ class Zygote:
                     os.close(fd)
                 self.forks_ahead += 1
                 self.send(FORKED, {"seq": seq, "pid": spare.pid, "ahead": True, "cgroup": spare.cgroup})
+                self.report_spares()
                 return
             finally:
                 spare.sock.close()
@@ -360,8 +397,9 @@ class Zygote:
             mine.close()
             _child_exit(lambda: self.spare_main(theirs))
         theirs.close()
-        self.spare = _Spare(pid, mine)
-        self.selector.register(mine, selectors.EVENT_READ, "spare")
+        spare = _Spare(pid, mine)
+        self.spares.append(spare)
+        self.selector.register(mine, selectors.EVENT_READ, spare)
 
     def spare_main(self, sock: socket.socket) -> int:
         """A spare's life: detach, join its cgroup, do every step of becoming a sandbox that does not need the
@@ -385,11 +423,8 @@ class Zygote:
         _take_fds(channel_fd, out_w, err_w, env)
         return self._serve(channel_fd)
 
-    def spare_status(self) -> None:
+    def spare_status(self, spare: _Spare) -> None:
         """The spare says it is ready to serve, and in which cgroup it is (A<path>), or that it has none (N)."""
-        spare = self.spare
-        if spare is None:
-            return
         try:
             data = spare.sock.recv(RECV_BYTES)
         except OSError:
@@ -398,6 +433,7 @@ class Zygote:
             spare.cgroup = data[1:].decode()
         if data:
             spare.ready = True
+            self.report_spares()
         # at the end of the stream it died: reap() hears of it
         self._unwatch(spare)
 
@@ -405,12 +441,18 @@ class Zygote:
         with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(spare.sock)
 
-    def discard_spare(self) -> None:
-        spare, self.spare = self.spare, None
-        if spare is not None:
-            self.discarded[spare.pid] = spare.cgroup
-            self._unwatch(spare)
-            spare.sock.close()  # it reads the end of the stream and exits
+    def discard_spare(self, spare: _Spare) -> None:
+        with contextlib.suppress(ValueError):
+            self.spares.remove(spare)
+        self.discarded[spare.pid] = spare.cgroup
+        self._unwatch(spare)
+        spare.sock.close()  # it reads the end of the stream and exits
+
+    def report_spares(self) -> None:
+        """Tell the host which spares exist (it measures their memory and counts it in its budget)."""
+        self.send(
+            SPARES_STATE, {"pids": [s.pid for s in self.spares], "ready": [s.pid for s in self.spares if s.ready]}
+        )
 
     def detach(self) -> None:
         """The first steps of a child: its own session, default signal handling, none of the zygote's fds."""
@@ -427,8 +469,10 @@ class Zygote:
         self.control.close()
         os.close(self.wake_r)
         os.close(self.wake_w)
-        if self.spare is not None:
-            self.spare.sock.close()
+        # the zygote's ends of the other spares' sockets: a spare must see the end of its stream when the zygote
+        # discards it, which it would not while a sibling held the zygote's end open
+        for spare in self.spares:
+            spare.sock.close()
 
     def become_sandbox(self, channel_fd: int, out_w: int, err_w: int, env: dict[str, str]) -> int:
         """A child forked for a request (no spare was ready): all the steps, in a row."""

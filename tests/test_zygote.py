@@ -18,9 +18,8 @@ import pytest
 from minifaas_sandbox import protocol as p
 
 import minifaas
-from minifaas._core.launch import PIDS, SANDBOX_ENV_DEFAULTS, Launched, SpawnLauncher, scrubbed_env
+from minifaas._core.launch import SANDBOX_ENV_DEFAULTS, Launched, SpawnLauncher, scrubbed_env
 from minifaas._core.zygote import DEFAULT_PRELOAD, ZygoteError, ZygoteLauncher, ZygotePool
-from tests.helpers.proc import SPARE_WCHAN, wchan
 from tests.helpers.proc import children as _children
 from tests.helpers.proc import smaps_rollup_kb as _pss_kb
 
@@ -248,7 +247,7 @@ def main(args):
 
 async def _pss_per_extra_child_kb(models: tuple[str, ...]) -> tuple[float, int, int]:
     """Hold the model files' bytes in 1, then 4 forked children: (PSS per extra child, total of 1, of 4)."""
-    async with ZygoteLauncher(models=models) as launcher:
+    async with ZygoteLauncher(models=models, max_spares=1) as launcher:  # one spare in every reading
         chans: list[Channel] = []
 
         async def add_child() -> None:
@@ -515,23 +514,12 @@ async def _gone(pid: int, timeout_s: float = 2.0) -> bool:
 
 async def _spare_of(launcher: ZygoteLauncher, known: set[int]) -> int:
     """The pid of the child the zygote forked ahead, once it is ready to serve (the zygote forks it when idle,
-    and it serves once it has joined its cgroup)."""
-    zygote = launcher.stats()["zygote_pid"]
-    for _ in range(500):
-        spares = set(_children(zygote)) - known
-        if spares:
-            assert len(spares) == 1, spares
-            spare = spares.pop()
-            if PIDS.parent is not None:
-                with open(f"/proc/{spare}/cgroup") as f:
-                    if f"sb-{spare}" not in f.read():
-                        await anyio.sleep(0.01)
-                        continue
-            if wchan(spare) not in (SPARE_WCHAN, "0", ""):  # "0": the kernel does not tell
-                await anyio.sleep(0.01)  # still getting ready (its rehearsal of a cold start)
-                continue
-            await anyio.sleep(0.05)  # its status reaches the zygote
-            return spare
+    and it reports it once it has joined its cgroup and rehearsed a cold start)."""
+    for _ in range(1000):
+        ready = [pid for pid in launcher.stats()["spares_ready"] if pid not in known]
+        if ready:
+            assert len(ready) == 1, ready
+            return int(ready[0])
         await anyio.sleep(0.01)
     raise AssertionError("the zygote forked no spare")
 
@@ -572,7 +560,7 @@ def test_next_spare_is_forked_once_the_launch_has_settled() -> None:
 
     async def main() -> None:
         env = scrubbed_env()
-        async with ZygoteLauncher(preload=("minifaas_sandbox.runtime",), refork_delay_s=0.5) as launcher:
+        async with ZygoteLauncher(preload=("minifaas_sandbox.runtime",), refork_delay_s=0.5, max_spares=1) as launcher:
             first = await launcher.launch(env)
             spare = await _spare_of(launcher, {first.pid})
             second = await launcher.launch(env)

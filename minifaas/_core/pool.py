@@ -116,6 +116,8 @@ class Pool:
         self.services = services
         self.max_total = max_total
         self.memory_budget_mb = memory_budget_mb
+        #: memory the launcher holds outside any sandbox (the zygote's idle spares), in MiB
+        self.reserved_mb: Callable[[], int] = lambda: 0
         #: the keep-alive clock (seconds); tests pass a fake clock's ``now``
         self.now = now
         fixed = FixedPolicy(idle_timeout_s if idle_timeout_s is not None else IDLE_TIMEOUT_S)
@@ -147,8 +149,10 @@ class Pool:
     def total(self) -> int:
         return sum(fp.size for fp in self.functions.values()) + len(self.stem) + self._stem_starting
 
-    def memory_in_use(self) -> int:
-        return sum(fp.size * fp.spec.memory_mb for fp in self.functions.values())
+    def memory_in_use(self, *, include_reserved: bool = True) -> int:
+        """Memory budget taken (MiB): each sandbox's ``memory_mb``, and what the launcher reserves (idle spares)."""
+        used = sum(fp.size * fp.spec.memory_mb for fp in self.functions.values())
+        return used + (self.reserved_mb() if include_reserved else 0)
 
     def function(self, spec: FunctionSpec) -> FunctionPool:
         fp = self.functions.get(spec.key)
@@ -191,7 +195,10 @@ class Pool:
             return True  # a stem cell will be specialized: the total does not grow
         budget = self.memory_budget_mb
         over_count = self.total - self.max_total + 1
-        over_mb = (self.memory_in_use() + fp.spec.memory_mb - budget) if budget is not None else 0
+        # idle spares only ever take the budget sandboxes leave free (the launcher sizes them by it) and a launch
+        # turns one into this sandbox: they give way, so they are not counted against it here
+        used = self.memory_in_use(include_reserved=False)
+        over_mb = (used + fp.spec.memory_mb - budget) if budget is not None else 0
         if over_count <= 0 and over_mb <= 0:
             return True
         if not evict:

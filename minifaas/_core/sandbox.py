@@ -148,6 +148,7 @@ class Sandbox:
         self.expires = math.inf
         self.init_ms = 0.0
         self.launch_how = ""
+        self.from_spare = False
         self.exit_status: int | None = None
         self.died = anyio.Event()
         #: set once the process is reaped and every fd the host held for it is closed
@@ -193,6 +194,8 @@ class Sandbox:
             raise SandboxDied("the sandbox was stopped while starting", None)
         self.proc = proc
         self.launch_how = proc.how
+        #: it was a zygote's spare, forked before it was asked for (its cold start skipped the fork)
+        self.from_spare = bool(getattr(proc, "ahead", False))
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self.proc.channel.fileno(), self._on_readable)
         tg.start_soon(self._watch, name=f"{self.id}-watch")

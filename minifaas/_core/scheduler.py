@@ -286,6 +286,8 @@ class Scheduler:
         if cold:
             act.init_time = round(sb.init_ms)
             ann["launch"] = sb.launch_how
+            if sb.from_spare:
+                ann["spare"] = True
         act.wait_time = max(0, act.start - act.accepted - (act.init_time or 0))
         sb.runs += 1
         sb.inflight[act.activation_id] = job

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Final
 
@@ -37,6 +38,7 @@ from minifaas_sandbox import zygote as z
 
 from .._errors import MinifaasError
 from .launch import MAX_PIDS_PER_SANDBOX, PIDS, Launched, SpawnLauncher, kill_cgroup, make_pipes, scrubbed_env
+from .spares import SpareSizer
 
 __all__ = ("DEFAULT_PRELOAD", "ZygoteError", "ZygoteLauncher", "ZygotePool")
 
@@ -55,6 +57,11 @@ RECV_BYTES: Final = 1 << 16
 #: exit status reported for a sandbox whose zygote died before reporting its end: the kernel SIGKILLs it
 #: then (PR_SET_PDEATHSIG), and its real status went to nobody the host can ask
 ORPHAN_EXIT_STATUS: Final = -signal.SIGKILL
+#: the most spares a zygote keeps by default (a burst of more cold starts waits for forks beyond these)
+DEFAULT_MAX_SPARES: Final = 8
+#: a spare's private memory before the first measurement (measured here: 2-4 MiB of PSS)
+SPARE_MB_ESTIMATE: Final = 4.0
+SPARE_PSS_READ_INTERVAL_S: Final = 5.0
 FORK_AVAILABLE: Final = hasattr(os, "fork") and hasattr(os, "pidfd_open") and hasattr(socket, "send_fds")
 
 
@@ -216,6 +223,9 @@ class _Zygote:
         self.prebuild_errors: dict[str, str] = {}
         #: OS threads the zygote reported last (at HELLO, then after each LOAD_MODELS)
         self.threads = 0
+        #: the spares it holds (SPARES_STATE), and those of them that wait ready for a request
+        self.spare_pids: list[int] = []
+        self.ready_spare_pids: list[int] = []
 
     # -- requests --------------------------------------------------------------------------------------------
     async def _send(self, frame: bytes, fds: Sequence[int] = ()) -> None:
@@ -253,6 +263,14 @@ class _Zygote:
         self.prebuild_errors.update({str(k): str(v) for k, v in (reply.get("prebuild_errors") or {}).items()})
         self.threads = int(reply.get("threads") or self.threads)
         return reply
+
+    async def set_spares(self, n: int) -> None:
+        """Ask the zygote to keep ``n`` spares forked ahead (no answer: SPARES_STATE reports what it holds)."""
+        try:
+            await self._send(p.encode(z.SPARES, {"n": n}))
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            self.terminate()
+            self._lost()
 
     async def fork(self, env: Mapping[str, str]) -> _ForkedProcess:
         if self.gone.is_set():
@@ -336,6 +354,10 @@ class _Zygote:
             else:
                 self.early_exits[pid] = status
             return
+        if kind == z.SPARES_STATE:
+            self.spare_pids = [int(x) for x in fields.get("pids") or ()]
+            self.ready_spare_pids = [int(x) for x in fields.get("ready") or ()]
+            return
         if kind == z.HELLO:
             req = self.hello
         else:
@@ -418,11 +440,25 @@ class ZygoteLauncher:
         prebuild: bool = True,
         fork_ahead: bool = True,
         refork_delay_s: float = z.SPARE_REFORK_DELAY_S,
+        min_spares: int = 1,
+        max_spares: int = DEFAULT_MAX_SPARES,
+        room: Callable[[float], int | None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if refork_delay_s < 0:
             raise ValueError(f"refork_delay_s must be >= 0, got {refork_delay_s}")
         self.preload = tuple(preload)
-        self.fork_ahead = fork_ahead
+        self.fork_ahead = fork_ahead and max_spares > 0
+        #: how many spares, by demand (see minifaas._core.spares); ``room(spare_mb)`` caps it by the memory budget
+        self.sizer = SpareSizer(min_spares=min(min_spares, max_spares), max_spares=max_spares)
+        self.room = room
+        #: the time the spares' demand is read at (a test passes a clock it moves)
+        self.clock = clock
+        self._spares_sent: int | None = None
+        self._spares_changed = anyio.Event()
+        #: a spare's private memory (PSS, MiB), measured now and then; an estimate until the first reading
+        self._spare_mb = SPARE_MB_ESTIMATE
+        self._spare_mb_read_at = -math.inf
         self.refork_delay_s = refork_delay_s
         self.models = tuple(models)
         self.prebuild = prebuild
@@ -478,6 +514,8 @@ class ZygoteLauncher:
                     task_status.started()
                     # warm up now, so the first launch finds the zygote ready
                     tg.start_soon(self._ensure_zygote)
+                    if self.fork_ahead:
+                        tg.start_soon(self._size_spares)
                     await anyio.sleep_forever()
         finally:
             self._tg = None
@@ -497,10 +535,16 @@ class ZygoteLauncher:
     async def launch(self, env: Mapping[str, str]) -> Launched:
         if self._tg is None:
             raise ZygoteError("ZygoteLauncher.launch needs the launcher entered (async with) and not closed")
+        if self.fork_ahead:
+            self.sizer.record(self.clock())
+            self._spares_changed.set()
         for _ in range(FORK_ATTEMPTS):
             zyg = await self._ensure_zygote()
             if zyg is None:
                 break
+            if self.fork_ahead and self._spares_target() != self._spares_sent:
+                # before this fork: a burst's next launches find spares being forked already
+                await self._send_spares(zyg)
             try:
                 child = await zyg.fork(env)
             except ZygoteError as exc:
@@ -533,6 +577,48 @@ class ZygoteLauncher:
             raise ZygoteError(f"no zygote is running: {self.last_error}")
         return await zyg.load_models(list(paths), self._urls_of(paths), prebuild=self.prebuild)
 
+    # -- spares sized by demand -------------------------------------------------------------------------------
+    def _spares_target(self) -> int:
+        room = self.room(self.spare_mb()) if self.room is not None else None
+        return self.sizer.target(self.clock(), room)
+
+    async def _send_spares(self, zyg: _Zygote) -> None:
+        n = self._spares_target()
+        self._spares_sent = n
+        await zyg.set_spares(n)
+
+    def resize_spares(self) -> None:
+        """Re-read the demand now (the sizing task wakes by itself when it decays; a moved clock needs this)."""
+        self._spares_changed.set()
+
+    async def _size_spares(self) -> None:
+        """Lower the spares as bursts decay (and raise them when a launch says so): sleeps while nothing changes."""
+        while True:
+            wait = self.sizer.next_change_s(self.clock())
+            with anyio.move_on_after(math.inf if wait is None else wait):
+                await self._spares_changed.wait()
+            self._spares_changed = anyio.Event()
+            zyg = self._zygote
+            if zyg is not None and not zyg.gone.is_set() and self._spares_target() != self._spares_sent:
+                await self._send_spares(zyg)
+
+    def spare_mb(self) -> float:
+        """A spare's private memory in MiB: the mean PSS of the zygote's spares, read at most every few seconds."""
+        zyg = self._zygote
+        now = time.monotonic()
+        if zyg is not None and zyg.spare_pids and now - self._spare_mb_read_at > SPARE_PSS_READ_INTERVAL_S:
+            readings = [kib for kib in map(_pss_kib, zyg.spare_pids) if kib > 0]
+            if readings:
+                self._spare_mb = sum(readings) / len(readings) / 1024
+                self._spare_mb_read_at = now
+        return self._spare_mb
+
+    def spares_mb(self) -> int:
+        """Memory the idle spares hold (MiB, rounded up): counted in the engine's memory budget."""
+        zyg = self._zygote
+        count = len(zyg.spare_pids) if zyg is not None and not zyg.gone.is_set() else 0
+        return math.ceil(count * self.spare_mb()) if count else 0
+
     def _urls_of(self, paths: Sequence[str]) -> dict[str, tuple[str, ...]]:
         return {path: self.model_urls[path] for path in paths if path in self.model_urls}
 
@@ -555,6 +641,12 @@ class ZygoteLauncher:
             #: model path -> ms the zygote took to build (and warm) its interpreter before forking
             "prebuilt_models": dict(live.prebuilt) if live is not None else {},
             "prebuild_errors": dict(live.prebuild_errors) if live is not None else {},
+            #: spares: how many the demand asks for now, how many exist and wait ready, and their private memory
+            "spares_target": self._spares_target() if self.fork_ahead else 0,
+            "spares": len(live.spare_pids) if live is not None else 0,
+            "spares_ready": list(live.ready_spare_pids) if live is not None else [],
+            "spares_pss_kib": [_pss_kib(pid) for pid in live.spare_pids] if live is not None else [],
+            "spares_demand": round(self.sizer.demand(self.clock()), 2),
         }
 
     async def _ensure_zygote(self) -> _Zygote | None:
@@ -614,6 +706,9 @@ class ZygoteLauncher:
             with anyio.fail_after(ZYGOTE_START_TIMEOUT_S):
                 self._hello = await zyg.hello.result()
                 zyg.threads = int(self._hello.get("threads") or 0)
+                if self.fork_ahead:
+                    self._spares_sent = None  # a new zygote starts with one: tell it what demand says
+                    await self._send_spares(zyg)
                 if self.models:
                     await zyg.load_models(self.models, self._urls_of(self.models), prebuild=self.prebuild)
         except TimeoutError:
@@ -670,3 +765,15 @@ class ZygotePool:
         self._tg = None
         for launcher in self._launchers.values():
             await launcher.aclose()
+
+
+def _pss_kib(pid: int) -> int:
+    """A process's proportional set size (KiB; 0 when it is gone or unreadable)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0

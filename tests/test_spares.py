@@ -1,0 +1,169 @@
+"""Spares sized by demand: the zygote keeps as many children forked ahead as recent bursts of cold starts asked for,
+back to one when they decay, within the engine's bound and memory budget. Real zygotes and forks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import anyio
+import pytest
+
+import minifaas
+from minifaas._core.launch import Launched, scrubbed_env
+from minifaas._core.spares import BURST_WINDOW_S, SpareSizer
+from minifaas._core.zygote import ZygoteLauncher
+from minifaas.testing import assert_success
+from tests.helpers.proc import children
+
+pytestmark = pytest.mark.anyio
+
+SLEEP = "import time\ndef main(args):\n    time.sleep(args.get('s', 0.02))\n    return {}\n"
+
+
+# -- the policy ------------------------------------------------------------------------------------------------
+def test_one_spare_for_single_cold_starts() -> None:
+    sizer = SpareSizer(min_spares=1, max_spares=8)
+    assert sizer.target(0.0) == 1
+    for t in (0.0, 1.0, 2.0, 3.0):  # one at a time, far apart
+        sizer.record(t)
+    assert sizer.target(3.0) == 1
+
+
+def test_a_burst_sets_the_spares_and_decays_by_half_lives() -> None:
+    sizer = SpareSizer(min_spares=1, max_spares=8, half_life_s=60.0)
+    times = [100.0 + i * BURST_WINDOW_S / 10 for i in range(8)]
+    for t in times:
+        sizer.record(t)
+    end = times[-1]
+    assert sizer.target(end) == 8
+    assert sizer.target(end + 60.0) == 4
+    assert sizer.target(end + 120.0) == 2
+    assert sizer.target(end + 600.0) == 1  # forgotten: back to the floor
+    assert sizer.next_change_s(end + 600.0) is None
+    wait = sizer.next_change_s(end)
+    assert wait is not None and sizer.target(end + wait + 0.01) == 7
+
+
+def test_bounds_and_room() -> None:
+    sizer = SpareSizer(min_spares=0, max_spares=4)
+    assert sizer.target(0.0) == 0
+    for _ in range(10):
+        sizer.record(5.0)
+    assert sizer.target(5.0) == 4  # the engine's bound
+    assert sizer.target(5.0, room=2) == 2  # what the memory budget leaves room for
+    assert sizer.target(5.0, room=0) == 0
+    with pytest.raises(ValueError, match="min_spares <= max_spares"):
+        SpareSizer(min_spares=3, max_spares=2)
+
+
+# -- the zygote ------------------------------------------------------------------------------------------------
+async def _until(check: Callable[[], bool], timeout_s: float = 20.0) -> None:
+    with anyio.fail_after(timeout_s):
+        while not check():
+            await anyio.sleep(0.01)
+
+
+async def _burst(launcher: ZygoteLauncher, n: int) -> list[Launched]:
+    procs: list[Launched] = []
+
+    async def one() -> None:
+        procs.append(await launcher.launch(scrubbed_env()))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(n):
+            tg.start_soon(one)
+    return procs
+
+
+async def _end(procs: list[Launched]) -> None:
+    for proc in procs:
+        proc.kill()
+        await proc.wait()
+        proc.close()
+
+
+async def test_a_burst_is_met_by_spares_the_next_time_and_they_go_back_to_one() -> None:
+    now = [1000.0]  # the demand's clock, moved by the test (the forks and processes are real)
+    async with ZygoteLauncher(preload=("minifaas_sandbox.runtime",), max_spares=8, clock=lambda: now[0]) as launcher:
+        await _until(lambda: len(launcher.stats()["spares_ready"]) == 1)
+        first = await _burst(launcher, 8)  # the first burst: nobody could have known
+        try:
+            assert launcher.stats()["spares_target"] == 8
+            await _until(lambda: len(launcher.stats()["spares_ready"]) == 8)
+            zygote = launcher.stats()["zygote_pid"]
+            spares = set(launcher.stats()["spares_ready"])
+            assert spares <= set(children(zygote))  # real processes, children of the zygote
+            ahead_before = launcher.stats()["forks_ahead"]
+            second = await _burst(launcher, 8)
+            assert launcher.stats()["forks_ahead"] - ahead_before == 8  # every one handed over, none forked late
+            assert {p.pid for p in second} == spares
+            await _end(second)
+            now[0] += 120.0  # two half-lives later: a burst of 16 counts as 4
+            launcher.resize_spares()
+            await _until(lambda: launcher.stats()["spares_target"] == 4 and launcher.stats()["spares"] == 4)
+            now[0] += 600.0  # forgotten: back to one
+            launcher.resize_spares()
+            await _until(lambda: launcher.stats()["spares"] == 1)
+            await _until(lambda: len(children(launcher.stats()["zygote_pid"])) == len(first) + 1)
+        finally:
+            await _end(first)
+
+
+async def test_no_spares_when_the_engine_says_none() -> None:
+    async with ZygoteLauncher(preload=("minifaas_sandbox.runtime",), min_spares=0, max_spares=0) as launcher:
+        procs = await _burst(launcher, 3)
+        try:
+            await anyio.sleep(0.3)
+            stats = launcher.stats()
+            assert stats["spares"] == 0 and stats["forks_ahead"] == 0 and stats["spares_target"] == 0
+            assert sorted(children(stats["zygote_pid"])) == sorted(p.pid for p in procs)
+        finally:
+            await _end(procs)
+
+
+# -- through the engine ----------------------------------------------------------------------------------------
+async def _burst_calls(engine: minifaas.Engine, name: str, n: int) -> list[minifaas.Activation]:
+    acts: list[minifaas.Activation] = []
+
+    async def one() -> None:
+        acts.append(assert_success(await engine.call(name, {"s": 0.2})))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(n):
+            tg.start_soon(one)
+    return acts
+
+
+async def test_engine_bursts_start_sandboxes_in_parallel_from_spares() -> None:
+    async with minifaas.Engine(launcher="zygote", max_spares=8) as engine:
+        await engine.deploy("warmup", code=SLEEP, max_sandboxes=8)
+        await _burst_calls(engine, "warmup", 8)  # teaches the engine that bursts of 8 happen
+        await _until(lambda: len(engine.stats()["launcher_stats"]["spares_ready"]) >= 8)
+        await engine.deploy("fresh", code=SLEEP, max_sandboxes=8)
+        acts = await _burst_calls(engine, "fresh", 8)
+        cold = [a for a in acts if a.annotations["cold"]]
+        assert len(cold) == 8 and len({a.annotations["sandbox"] for a in acts}) == 8
+        assert all(a.annotations.get("spare") is True for a in cold), [a.annotations for a in cold]
+        # they ran side by side: eight 0.2 s sleeps in well under 8 x 0.2 s
+        starts, ends = [a.start for a in acts], [a.end or 0 for a in acts]
+        assert max(ends) - min(starts) < 8 * 200 / 2
+        stats = engine.stats()["launcher_stats"]
+        assert all(kib > 0 for kib in stats["spares_pss_kib"]) and len(stats["spares_pss_kib"]) == stats["spares"]
+
+
+async def test_memory_budget_bounds_the_spares() -> None:
+    async with minifaas.Engine(launcher="zygote", max_spares=8, memory_budget_mb=512) as engine:
+        await engine.deploy("big", code=SLEEP, max_sandboxes=8, memory_mb=256)
+        # two sandboxes take the whole budget: no room is left for idle spares, whatever the burst asked
+        await _burst_calls(engine, "big", 2)
+        assert engine._pool is not None and engine._pool.memory_in_use(include_reserved=False) == 512
+        await _until(lambda: engine.stats()["launcher_stats"]["spares"] == 0)
+        assert engine.stats()["launcher_stats"]["spares_target"] == 0
+        await engine.delete("big")  # the budget is free again: spares come back
+        await _burst_calls_of(engine, 1)
+        await _until(lambda: engine.stats()["launcher_stats"]["spares"] >= 1)
+
+
+async def _burst_calls_of(engine: minifaas.Engine, n: int) -> None:
+    await engine.deploy("small", code=SLEEP, max_sandboxes=8, memory_mb=64)
+    await _burst_calls(engine, "small", n)
