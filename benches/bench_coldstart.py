@@ -7,8 +7,14 @@ them out would hide the pages the sandboxes share with them. The figure without 
 memory are printed too, for the interpreters built in the zygote (what the engine does) and, as the baseline,
 built in each sandbox from the zygote's model bytes.
 
-Run: ``python benches/bench_coldstart.py [--n 30] [--only coldstart|memory]``. Prints ratios measured in this
-one run.
+Bursts (``--only bursts``): spares sized by demand (``max_spares=8``) against one spare (``max_spares=1``), side by
+side: 20 new functions deployed and invoked back to back, and a burst of 8 concurrent requests (20 ms of work each,
+``max_sandboxes=8``) to a fresh function after a first burst taught the engine (every init, the slowest request);
+both again with a warm function running flat out, whose throughput during the burst is compared with a quiet window
+of the same length; and the PSS of the zygote and its idle spares with N = 1, 4, 8.
+
+Run: ``python benches/bench_coldstart.py [--n 30] [--only coldstart|memory|bursts]``. Prints ratios measured in
+this one run.
 """
 
 from __future__ import annotations
@@ -218,8 +224,12 @@ def report_pss(when: str, m: dict[str, Any], spawned_kb: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=30)
-    ap.add_argument("--only", choices=("coldstart", "memory"), help="run one of the two parts (default: both)")
+    ap.add_argument("--only", choices=("coldstart", "memory", "bursts"), help="run one part (default: all)")
     ns = ap.parse_args()
+    if ns.only in (None, "bursts"):
+        bursts(ns.n)
+        if ns.only == "bursts":
+            return
     if ns.only != "memory":
         fork = anyio.run(cold_starts, "zygote", ns.n)
         spawn = anyio.run(cold_starts, "spawn", ns.n)
@@ -244,6 +254,127 @@ def main() -> None:
     report_memory("interpreters built in each sandbox from the zygote's model bytes", own, spawned)
     prebuilt_ms = list(built["prebuilt"].values())
     print(f"   zygote build+warm-up ms per model: {prebuilt_ms}; zygote threads {built['zygote_threads']}")
+
+
+SLEEP_20MS = "import time\ndef main(args):\n    time.sleep(0.02)\n    return {}\n"
+BURST = 8
+#: the warm function's throughput is compared over windows this long (the burst and the refill of its spares)
+HOT_WINDOW_S = 0.5
+
+
+async def back_to_back(n: int, max_spares: int) -> list[float]:
+    """``n`` new functions deployed and invoked back to back, no pause: each one's cold start to first result."""
+    async with minifaas.Engine(launcher="zygote", max_sandboxes=n + 4, max_spares=max_spares) as engine:
+        await engine.deploy("warmup", code=NOOP)
+        await engine.invoke("warmup")
+        await anyio.sleep(SAMPLE_GAP_S)
+        times = []
+        for i in range(n):
+            await engine.deploy(f"b2b{i}", code=NOOP)
+            t = time.perf_counter()
+            act = await engine.call(f"b2b{i}")
+            times.append((time.perf_counter() - t) * 1000)
+            assert act.status == "success" and act.annotations["cold"], act
+        return times
+
+
+async def _hot_loop(engine: minifaas.Engine, stamps: list[float], stop: anyio.Event) -> None:
+    while not stop.is_set():
+        await engine.invoke("hot")
+        stamps.append(time.perf_counter())
+
+
+def _rate(stamps: list[float], start: float, length: float) -> float:
+    return sum(1 for s in stamps if start <= s < start + length) / length
+
+
+async def burst(max_spares: int, busy: bool) -> dict[str, Any]:
+    """A burst of BURST concurrent requests to a fresh function, after a first burst taught the engine."""
+    out: dict[str, Any] = {}
+    async with minifaas.Engine(launcher="zygote", max_sandboxes=3 * BURST, max_spares=max_spares) as engine:
+        await engine.deploy("teach", code=SLEEP_20MS, max_sandboxes=BURST)
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for _ in range(BURST):
+                    tg.start_soon(engine.invoke, "teach")
+            while len(engine.stats()["launcher_stats"]["spares_ready"]) < max_spares:
+                await anyio.sleep(0.01)
+        await engine.deploy("fresh", code=SLEEP_20MS, max_sandboxes=BURST)
+        stamps: list[float] = []
+        stop = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            if busy:
+                await engine.deploy("hot", code=NOOP, max_sandboxes=1)
+                await engine.invoke("hot")
+                tg.start_soon(_hot_loop, engine, stamps, stop)
+                await anyio.sleep(HOT_WINDOW_S)  # settled
+                quiet_start = time.perf_counter()
+                await anyio.sleep(HOT_WINDOW_S)
+            acts: list[minifaas.Activation] = []
+            t0 = time.perf_counter()
+            ends: list[float] = []
+
+            async def one() -> None:
+                acts.append(await engine.call("fresh"))
+                ends.append(time.perf_counter())
+
+            async with anyio.create_task_group() as burst_tg:
+                for _ in range(BURST):
+                    burst_tg.start_soon(one)
+            if busy:
+                await anyio.sleep(max(0.0, t0 + HOT_WINDOW_S - time.perf_counter()))
+                out["hot_quiet"] = _rate(stamps, quiet_start, HOT_WINDOW_S)
+                out["hot_burst"] = _rate(stamps, t0, HOT_WINDOW_S)
+            stop.set()
+        assert all(a.status == "success" for a in acts), acts
+        out["inits"] = sorted(float(a.init_time or 0) for a in acts)
+        out["slowest_ms"] = (max(ends) - t0) * 1000
+        out["from_spares"] = sum(1 for a in acts if a.annotations.get("spare"))
+    return out
+
+
+async def spares_pss(n: int) -> int:
+    """PSS (KiB) of an idle zygote and its ``n`` spares, once they are all ready."""
+    async with ZygoteLauncher(min_spares=n, max_spares=n) as launcher:
+        with anyio.fail_after(60):
+            while len(launcher.stats()["spares_ready"]) < n:
+                await anyio.sleep(0.05)
+        await anyio.sleep(IDLE_SETTLE_S)
+        zygote = launcher.stats()["zygote_pid"]
+        return sum(rollup_kb(pid)["Pss"] for pid in [zygote, *children(zygote)])
+
+
+def bursts(n: int) -> None:
+    spawn = anyio.run(cold_starts, "spawn", min(n, 20))
+    print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
+    print(f"{'20 new functions back to back, cold start':44s} {'p50 ms':>8s} {'p99 ms':>8s} {'vs spawn':>9s}")
+    for label, spares in (("spares by demand (max_spares=8)", 8), ("one spare (max_spares=1)", 1)):
+        b2b = anyio.run(back_to_back, 20, spares)
+        ratio = pct(spawn, 0.5) / pct(b2b, 0.5)
+        print(f"  {label:42s} {pct(b2b, 0.5):8.1f} {pct(b2b, 0.99):8.1f} {ratio:8.1f}x")
+    print(f"  {'spawn sys.executable + same preload':42s} {pct(spawn, 0.5):8.1f} {pct(spawn, 0.99):8.1f}")
+    print("  goal: demand-sized p50 <= 4 ms and >= 25x spawn")
+    print(f"burst of {BURST} concurrent requests (20 ms of work) to a fresh function, after a first burst")
+    for busy in (False, True):
+        for label, spares in (("spares by demand", 8), ("one spare", 1)):
+            r = anyio.run(burst, spares, busy)
+            inits = r["inits"]
+            tag = " + hot fn" if busy else ""
+            line = (
+                f"  {label:18s}{tag:9s} inits max {inits[-1]:5.1f} ms (p50 {inits[len(inits) // 2]:4.1f})"
+                f", slowest request {r['slowest_ms']:5.1f} ms, {r['from_spares']}/{BURST} from spares"
+            )
+            if busy:
+                line += f"; hot fn {r['hot_burst']:.0f}/s in the burst vs {r['hot_quiet']:.0f}/s quiet"
+                line += f" ({r['hot_burst'] / max(r['hot_quiet'], 1e-9):.2f}x)"
+            print(line)
+    print("  goals: every init <= 10 ms, slowest <= 35 ms, hot fn within 10% (>= 0.90x)")
+    print("idle zygote + N spares, PSS")
+    base = None
+    for k in (1, 4, 8):
+        kib = anyio.run(spares_pss, k)
+        base = base or kib
+        print(f"  N={k}: {kib / 1024:6.1f} MiB  (+{(kib - base) / 1024 / max(k - 1, 1):.1f} MiB per extra spare)")
 
 
 if __name__ == "__main__":
