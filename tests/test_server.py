@@ -527,6 +527,9 @@ def test_metrics(http: httpx.Client) -> None:
     assert value("minifaas_sandboxes_total") >= 2
     assert value('minifaas_pool_events_total{event="cold_starts"}') >= 2
     assert value("minifaas_in_flight") == 0
+    # the zygote's spares and what they hold in memory
+    assert value("minifaas_spares_target") >= 1 and value("minifaas_spares") >= 0
+    assert value("minifaas_spares_pss_bytes") >= 0
 
 
 # -- persistence and the JS client ---------------------------------------------------------------------------

@@ -108,6 +108,21 @@ class _EngineCollector(Collector):
             if isinstance(n, int) and not isinstance(n, bool) and event not in ("sandboxes", "queued", "in_flight"):
                 pool.add_metric([event], float(n))
         yield pool
+        launcher: dict[str, Any] = stats.get("launcher_stats") or {}
+        if "spares" in launcher:
+            yield GaugeMetricFamily(
+                f"{PREFIX}_spares", "Children the zygote keeps forked ahead of demand", value=float(launcher["spares"])
+            )
+            yield GaugeMetricFamily(
+                f"{PREFIX}_spares_target",
+                "Spares the recent bursts of cold starts ask for",
+                value=float(launcher.get("spares_target", 0)),
+            )
+            yield GaugeMetricFamily(
+                f"{PREFIX}_spares_pss_bytes",
+                "Proportional set size of the idle spares (what they cost in memory)",
+                value=float(sum(launcher.get("spares_pss_kib") or ()) * 1024),
+            )
         store = getattr(self._engine, "_model_store", None)  # only report a store the engine has created
         if store is not None and callable(getattr(store, "stats", None)):
             host = CounterMetricFamily(
