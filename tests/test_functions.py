@@ -23,6 +23,7 @@ from minifaas_sandbox import models
 ROOT = Path(__file__).resolve().parent.parent
 FUNCTIONS = ROOT / "functions"
 IMAGES = ROOT / "tests" / "data" / "images"
+LABELLED = ROOT / "tests" / "data" / "labelled"
 
 SHARP = ["messi5.jpg", "basketball1.png", "basketball2.png", "fruits.jpg", "baboon.jpg", "HappyFish.jpg",
          "squirrel_cls.jpg"]  # fmt: skip
@@ -198,14 +199,144 @@ def test_smart_crop_no_person(smart_crop: Fn, name: str) -> None:
         assert result["pose_score"] is None
 
 
-def test_smart_crop_refuses_a_part_outside_the_photo(smart_crop: Fn) -> None:
-    # the footballer with everything below the chest cut away: his hips are not in the photo
+def test_smart_crop_clips_a_part_cut_off_by_the_bottom_edge(smart_crop: Fn) -> None:
+    # the footballer with everything below the chest cut away: the model places his hips below the edge
     image = _cut("messi5.jpg", 170)
     result = smart_crop({"image": image})
-    assert result["person"] is True and result["crop"] is None
-    assert result["missing"] == ["hips"]
+    assert result["person"] is True and "missing" not in result
+    assert result["clipped"] == ["hips"]
+    hips = [result["keypoints"][k] for k in ("left_hip", "right_hip")]
+    assert all(kp["status"] == "clipped" and kp["y"] >= 170 for kp in hips), hips
+    # the crop runs from the eyes to the edge the hips lie beyond
+    assert result["y"] + result["h"] == 170
+    assert result["y"] <= result["keypoints"]["left_eye"]["y"]
+    assert _decode(result["crop"]).shape[:2] == (result["h"], result["w"])
     shoulders = smart_crop({"image": image, "lower": "shoulders"})
-    assert shoulders["crop"] is not None and shoulders["y"] + shoulders["h"] <= 170
+    assert shoulders["clipped"] == [] and shoulders["y"] + shoulders["h"] < 170
+
+
+def test_smart_crop_waist_up_portrait_is_clipped_not_missing(smart_crop: Fn) -> None:
+    # the astronaut photo ends at her waist: both hips are placed a few pixels below the bottom edge with
+    # visibility and presence above 0.5 (what made the old rule answer "missing: hips")
+    result = smart_crop({"image": str(LABELLED / "astronaut.png")})
+    assert result["person"] is True and result["clipped"] == ["hips"] and "missing" not in result
+    for name in ("left_hip", "right_hip"):
+        kp = result["keypoints"][name]
+        assert kp["status"] == "clipped" and result["height"] <= kp["y"] < 1.2 * result["height"], kp
+        assert kp["visibility"] >= 0.5 and kp["presence"] >= 0.5, kp
+    assert result["y"] + result["h"] == result["height"]  # runs to the bottom edge
+    eyes = [result["keypoints"][k]["y"] for k in ("left_eye", "right_eye")]
+    assert result["y"] < min(eyes) and result["keypoints"]["left_eye"]["status"] == "visible"
+    assert result["w"] < result["width"]
+
+
+def test_smart_crop_hidden_part_inside_the_photo_is_missing(smart_crop: Fn) -> None:
+    # the cameraman's knees lie inside the photo under his long coat: the model places them there (presence
+    # >= 0.9) but scores them not visible, so a crop down to the knees is refused, not guessed
+    result = smart_crop({"image": str(LABELLED / "camera.png"), "lower": "knees"})
+    assert result["person"] is True and result["crop"] is None and "x" not in result
+    assert result["missing"] == ["knees"] and result["clipped"] == []
+    for name in ("left_knee", "right_knee"):
+        kp = result["keypoints"][name]
+        assert kp["status"] == "hidden" and kp["visibility"] < 0.5 and kp["presence"] >= 0.5, kp
+        assert 0 <= kp["y"] < result["height"]
+    # his hips are visible: eyes to hips is cropped
+    hips = smart_crop({"image": str(LABELLED / "camera.png")})
+    assert hips["crop"] is not None and hips["clipped"] == [] and "missing" not in hips
+
+
+def _png(image: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", image)
+    assert ok
+    return buf.tobytes()
+
+
+def _height(image: np.ndarray, rows: int) -> np.ndarray:
+    """``image`` scaled to ``rows`` rows."""
+    return cv2.resize(image, (round(image.shape[1] * rows / image.shape[0]), rows), interpolation=cv2.INTER_AREA)
+
+
+def _side_by_side(*images: np.ndarray) -> np.ndarray:
+    height = max(i.shape[0] for i in images)
+    padded = []
+    for image in images:
+        canvas = np.full((height, image.shape[1], 3), 128, np.uint8)
+        canvas[: image.shape[0]] = image
+        padded.append(canvas)
+    return np.hstack(padded)
+
+
+def _box(result: dict[str, Any]) -> tuple[int, int, int, int]:
+    return result["x"], result["y"], result["w"], result["h"]
+
+
+def test_smart_crop_person_largest_and_most_confident(smart_crop: Fn) -> None:
+    # basketball2: the man on the left scores higher with the detector, the man on the right (nearer) is larger
+    photo = str(IMAGES / "basketball2.png")
+    largest = smart_crop({"image": photo})
+    confident = smart_crop({"image": photo, "person": "most_confident"})
+    assert largest["person_mode"] == "largest" and largest["people_count"] == confident["people_count"] == 2
+    cands = largest["candidates"]
+    chosen, other = cands[largest["selected"]], cands[confident["selected"]]
+    assert largest["selected"] != confident["selected"]
+    assert chosen["area"] > other["area"] and other["detector_score"] > chosen["detector_score"]
+    assert largest["x"] > 320 > confident["x"] + confident["w"]  # right man, left man
+    assert largest["detector_score"] == chosen["detector_score"]
+    # a composite where the difference is large: a full-size footballer beside a half-size copy of him
+    messi = _imread("messi5.jpg")
+    photo2 = _png(_side_by_side(_height(messi, 171), messi))
+    big = smart_crop({"image": photo2})
+    assert big["people_count"] == 2 and big["x"] > _height(messi, 171).shape[1]
+    with pytest.raises(ValueError, match="person must be one of"):
+        smart_crop({"image": photo, "person": "tallest"})
+
+
+@pytest.mark.parametrize(
+    ("layout", "count"),
+    [("messi-x3", 3), ("astronaut-x2", 2), ("messi-and-cameraman", 2), ("basketball2", 2)],
+    ids=["messi-x3", "astronaut-x2", "messi-and-cameraman", "basketball2"],
+)
+def test_smart_crop_all_finds_each_person_once(smart_crop: Fn, layout: str, count: int) -> None:
+    messi, astronaut = _imread("messi5.jpg"), cv2.imread(str(LABELLED / "astronaut.png"))
+    camera = cv2.imread(str(LABELLED / "camera.png"))
+    image = {
+        "messi-x3": lambda: _side_by_side(messi, messi, messi),
+        "astronaut-x2": lambda: _side_by_side(astronaut, astronaut),
+        "messi-and-cameraman": lambda: _side_by_side(_height(messi, 512), camera),
+        "basketball2": lambda: _imread("basketball2.png"),
+    }[layout]()
+    result = smart_crop({"image": _png(image), "person": "all"})
+    people = result["people"]
+    assert result["person"] is True and result["people_count"] == len(people) == count, result["candidates"]
+    # one box per person: no two people share a body (their pose boxes barely overlap)
+    boxes = [tuple(p["pose_box"]) for p in people]
+    for i in range(len(boxes)):
+        for j in range(i + 1, len(boxes)):
+            assert _iou(boxes[i], boxes[j]) < 0.3, (boxes[i], boxes[j])
+    # every extra detection of an already counted person is reported as its duplicate, not dropped silently
+    dups = [c for c in result["candidates"] if c["duplicate_of"] is not None]
+    assert all(result["candidates"][c["duplicate_of"]]["confirmed"] for c in dups)
+    for person in people:
+        assert person["confirmed"] and person["pose_score"] >= 0.5 and person["detector_score"] >= 0.5
+        assert _decode(person["crop"]).shape[:2] == (person["h"], person["w"])
+
+
+def test_smart_crop_mirrored_photo_gives_the_mirrored_box(smart_crop: Fn) -> None:
+    messi = _imread("messi5.jpg")
+    plain = smart_crop({"image": _png(messi)})
+    mirrored = smart_crop({"image": _png(messi[:, ::-1].copy())})
+    x, y, w, h = _box(plain)
+    flipped = (plain["width"] - x - w, y, w, h)
+    assert _iou(flipped, _box(mirrored)) > 0.8, (flipped, _box(mirrored))
+
+
+def test_smart_crop_all_writes_numbered_files(smart_crop: Fn, tmp_path: Path) -> None:
+    out = tmp_path / "people.jpg"
+    result = smart_crop({"image": str(IMAGES / "basketball2.png"), "person": "all", "output_path": str(out)})
+    paths = [p["output_path"] for p in result["people"]]
+    assert paths == [str(tmp_path / "people.0.jpg"), str(tmp_path / "people.1.jpg")]
+    for person in result["people"]:
+        assert _decode(Path(person["output_path"]).read_bytes()).shape[:2] == (person["h"], person["w"])
 
 
 def test_smart_crop_output_path_and_format(smart_crop: Fn, tmp_path: Path) -> None:

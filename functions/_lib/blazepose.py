@@ -29,6 +29,18 @@ PERSON_SCORE_MIN = 0.5
 POSE_SCORE_MIN = 0.5
 VISIBLE_MIN = 0.5
 NMS_IOU_MIN = 0.3
+#: a photo this much longer than wide (or wider than long) is also searched in square tiles
+TILE_ASPECT_MIN = 1.2
+TILE_OVERLAP_MIN = 0.33
+#: two confirmed poses whose head and torso landmarks lie this close (median distance over the smaller pose's
+#: torso size) are one person that two detector anchor groups led the landmark model to
+POSE_DUPLICATE_DISTANCE_MAX = 0.25
+#: the detector's box is around the head, its body circle around the whole body: a body is about 7.5 heads
+#: tall, and a waist-up portrait, whose body the model extrapolates, reaches 13 boxes. A body circle of more than
+#: 20 boxes is a pattern in a crowd or a texture, not a person (seen: 25-41 on a stadium crowd, pose flag 0.5-0.8)
+BODY_TO_BOX_MAX = 20.0
+#: nose, eyes, shoulders, hips: compared where both poses see them inside the photo
+ANCHOR_LANDMARKS = (0, 2, 5, 11, 12, 23, 24)
 ROI_SCALE = 1.25
 NUM_LANDMARKS = 33
 LANDMARK_VALUES = 5
@@ -115,6 +127,17 @@ class Pose:
     presence: np.ndarray  # (33,) in [0, 1]
     pose_score: float  # the landmark model's own "a pose is there" score
 
+    def box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """(x0, y0, x1, y1) around the 33 landmarks, clipped to a width x height image: the person's extent."""
+        xs = np.clip(self.points[:, 0], 0, width)
+        ys = np.clip(self.points[:, 1], 0, height)
+        return float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())
+
+    def area(self, width: int, height: int) -> float:
+        """Pixels of the photo the person's landmark box covers (what "largest" compares)."""
+        x0, y0, x1, y1 = self.box(width, height)
+        return (x1 - x0) * (y1 - y0)
+
     def usable(self, index: int, width: int, height: int, min_score: float = VISIBLE_MIN) -> bool:
         """Whether landmark ``index`` is visible, present and inside a width x height image.
 
@@ -157,12 +180,27 @@ def _iou(a: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area_a + areas - inter, 1e-9)
 
 
-def detect(detector, image_bgr: np.ndarray, *, min_score: float = PERSON_SCORE_MIN) -> list[Detection]:
-    """All people scoring at least ``min_score``, best first (weighted NMS merges overlapping anchors).
+def tiles(width: int, height: int) -> list[tuple[int, int, int]]:
+    """Square windows (x, y, side) the detector also looks at, besides the whole photo.
 
-    With ``min_score=0`` the best anchor is always returned, so a caller can report how far from a person it
-    was.
+    The detector sees a letterboxed 224x224 copy: in a wide photo (several people side by side) each person
+    shrinks below what it was trained on and is missed. Squares as high as the photo, overlapping by at least
+    TILE_OVERLAP_MIN along the long side, show each person at the scale of a portrait photo.
     """
+    long_side, short_side = max(width, height), min(width, height)
+    if long_side < TILE_ASPECT_MIN * short_side:
+        return []
+    step = short_side * (1 - TILE_OVERLAP_MIN)
+    count = 1 + math.ceil((long_side - short_side) / step)
+    starts = [round(i * (long_side - short_side) / (count - 1)) for i in range(count)]
+    if width >= height:
+        return [(x, 0, short_side) for x in starts]
+    return [(0, y, short_side) for y in starts]
+
+
+def _decode(detector, image_bgr: np.ndarray, x0: int, y0: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(scores (n,), boxes (n, 4), keypoints (n, 4, 2)) of every anchor, in the pixels of the photo that
+    ``image_bgr`` was cut from at (x0, y0)."""
     square, scale, pad_x, pad_y = _letterbox(image_bgr, DETECTOR_SIZE_PX)
     rgb = cv2.cvtColor(square, cv2.COLOR_BGR2RGB).astype(np.float32)
     x = (rgb / 127.5 - 1.0)[None]
@@ -171,8 +209,30 @@ def detect(detector, image_bgr: np.ndarray, *, min_score: float = PERSON_SCORE_M
     raw = raw_boxes[0] / DETECTOR_SIZE_PX
     centres = raw[:, 0:2] + ANCHORS
     half = raw[:, 2:4] / 2
-    boxes = np.concatenate([centres - half, centres + half], axis=1)
-    kps = raw[:, 4:12].reshape(-1, 4, 2) + ANCHORS[:, None, :]
+    corners = np.concatenate([centres - half, centres + half], axis=0)
+    kps = (raw[:, 4:12].reshape(-1, 4, 2) + ANCHORS[:, None, :]).reshape(-1, 2)
+    offset = np.array([x0, y0], dtype=np.float32)
+    corners_px = _unletterbox(corners, scale, pad_x, pad_y) + offset
+    n = scores.shape[0]
+    boxes = np.concatenate([corners_px[:n], corners_px[n:]], axis=1)
+    kps_px = (_unletterbox(kps, scale, pad_x, pad_y) + offset).reshape(n, 4, 2)
+    return scores, boxes, kps_px
+
+
+def detect(detector, image_bgr: np.ndarray, *, min_score: float = PERSON_SCORE_MIN) -> list[Detection]:
+    """All people scoring at least ``min_score``, best first.
+
+    The detector runs on the whole photo and on the square ``tiles`` of a wide or tall one; weighted NMS over
+    all their anchors (in photo pixels) merges the anchors, and the views, that see the same person. With
+    ``min_score=0`` the best anchor is always returned, so a caller can report how far from a person it was.
+    """
+    height, width = image_bgr.shape[:2]
+    views = [_decode(detector, image_bgr, 0, 0)]
+    for x0, y0, side in tiles(width, height):
+        views.append(_decode(detector, image_bgr[y0 : y0 + side, x0 : x0 + side], x0, y0))
+    scores = np.concatenate([v[0] for v in views])
+    boxes = np.concatenate([v[1] for v in views])
+    kps = np.concatenate([v[2] for v in views])
 
     order = np.argsort(-scores)
     order = order[:1] if min_score <= 0 else order[scores[order] >= min_score]
@@ -186,12 +246,11 @@ def detect(detector, image_bgr: np.ndarray, *, min_score: float = PERSON_SCORE_M
         weights = scores[group][:, None]
         box = (boxes[group] * weights).sum(0) / weights.sum()
         kp = (kps[group] * weights[:, :, None]).sum(0) / weights.sum()
-        x0, y0, x1, y1 = (float(v) for v in _unletterbox(box.reshape(2, 2), scale, pad_x, pad_y).ravel())
         found.append(
             Detection(
                 score=float(scores[best]),
-                box=(x0, y0, x1, y1),
-                keypoints=_unletterbox(kp, scale, pad_x, pad_y),
+                box=(float(box[0]), float(box[1]), float(box[2]), float(box[3])),
+                keypoints=kp.astype(np.float32),
             )
         )
     return found
@@ -270,3 +329,69 @@ def find_person(detector, landmarker, image_bgr: np.ndarray) -> Person:
     pose = landmarks(landmarker, image_bgr, best[0])
     confirmed = pose.pose_score >= POSE_SCORE_MIN
     return Person(detector_score=score, pose_score=pose.pose_score, pose=pose if confirmed else None)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One detector hit (after NMS) and what the landmark model said about it."""
+
+    detection: Detection
+    pose: Pose
+    confirmed: bool  # pose_score >= POSE_SCORE_MIN, body_to_box <= BODY_TO_BOX_MAX, not a duplicate
+    duplicate_of: int | None  # index of the confirmed candidate it duplicates
+    body_to_box: float  # the ROI's side over the detector box's side
+
+
+def body_to_box(detection: Detection) -> float:
+    """The landmark ROI's side over the detector box's (longer) side."""
+    x0, y0, x1, y1 = detection.box
+    return roi(detection)[2] / max(x1 - x0, y1 - y0, 1e-6)
+
+
+def find_people(detector, landmarker, image_bgr: np.ndarray) -> tuple[list[Candidate], float]:
+    """Every person the detector scores at least PERSON_SCORE_MIN, each checked by the landmark model; and
+    the best detector score seen (below PERSON_SCORE_MIN when the list is empty).
+
+    Confirmed: the landmark model's pose flag is at least POSE_SCORE_MIN, the body circle is at most
+    BODY_TO_BOX_MAX detector boxes across, and it is not a duplicate.
+
+    Weighted NMS in ``detect`` already merges overlapping anchors; a second pass here marks a confirmed pose
+    as a duplicate when its nose, shoulders and hips lie within POSE_DUPLICATE_DISTANCE_MAX torso sizes of a
+    more confident one's: two anchor groups (one box around the head, one around the whole body) can survive
+    NMS and lead the landmark model to the same body.
+    """
+    detections = detect(detector, image_bgr, min_score=PERSON_SCORE_MIN)
+    if not detections:
+        best = detect(detector, image_bgr, min_score=0.0)
+        return [], best[0].score if best else 0.0
+    found: list[Candidate] = []
+    for detection in detections:
+        pose = landmarks(landmarker, image_bgr, detection)
+        ratio = body_to_box(detection)
+        plausible = pose.pose_score >= POSE_SCORE_MIN and ratio <= BODY_TO_BOX_MAX
+        duplicate_of = None
+        if plausible:
+            for index, other in enumerate(found):
+                if other.confirmed and same_person(pose, other.pose, image_bgr.shape[:2]):
+                    duplicate_of = index
+                    break
+        confirmed = plausible and duplicate_of is None
+        found.append(Candidate(detection, pose, confirmed, duplicate_of, ratio))
+    return found, detections[0].score
+
+
+def torso_size(pose: Pose) -> float:
+    """Shoulder centre to hip centre, or the shoulder width when larger (a person seen from the side)."""
+    p = pose.points
+    shoulders, hips = (p[11] + p[12]) / 2, (p[23] + p[24]) / 2
+    return float(max(np.linalg.norm(shoulders - hips), np.linalg.norm(p[11] - p[12]), 1.0))
+
+
+def same_person(a: Pose, b: Pose, image_shape: tuple[int, int]) -> bool:
+    """Whether two poses put the nose, shoulders and hips of one body in the same places."""
+    # extrapolated points (outside the photo, or not seen) wander with the ROI: compare the seen ones
+    height, width = image_shape
+    seen = [i for i in ANCHOR_LANDMARKS if a.usable(i, width, height) and b.usable(i, width, height)]
+    idx = seen if len(seen) >= 2 else list(ANCHOR_LANDMARKS)
+    distance = float(np.median(np.linalg.norm(a.points[idx] - b.points[idx], axis=1)))
+    return distance <= POSE_DUPLICATE_DISTANCE_MAX * min(torso_size(a), torso_size(b))

@@ -305,6 +305,7 @@ def tag_request(params: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
         "box": box,
         "output_path": params.get("output_path"),
         "missing": params.get("missing"),
+        "clipped": params.get("clipped") or [],
         "method": params.get("method", "blazepose"),
     }
     request: dict[str, Any] = {"image": job["path"], "person": bool(params.get("person"))}
@@ -365,6 +366,8 @@ async def write_catalog(params: dict[str, Any], env: dict[str, Any]) -> dict[str
     }
     if crop.get("missing"):
         fields["missing"] = crop["missing"]
+    if crop.get("clipped"):
+        fields["clipped"] = crop["clipped"]
     record = _record(job, "catalog", functions, current_session_id(), **fields)
     sidecar = catalog / f"{job['stem']}{SIDECAR_SUFFIX}"
 
