@@ -9,12 +9,14 @@ from __future__ import annotations
 import http.server
 import importlib.util
 import json
+import re
 import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import ai_photos  # tests/ai_photos.py
 import cv2
 import numpy as np
 import pytest
@@ -163,6 +165,111 @@ def test_quality_threshold_param_and_inputs(quality: Fn, image_server: str) -> N
     assert by_url["score"] == by_file_url["score"] == lenient["score"]
     with pytest.raises(ValueError, match="threshold"):
         quality({"image": str(path), "threshold": 101})
+
+
+BLUR_PHOTOS = ["images/messi5.jpg", "images/basketball1.png", "labelled/camera.png"]
+MOTION_CASES = [(photo, length, angle) for photo in BLUR_PHOTOS for length in (9, 25) for angle in (0, 45, 90, 135)]
+DEFOCUS_CASES = [(photo, radius) for photo in BLUR_PHOTOS for radius in (3, 5)]
+SHARPNESS_REASON = re.compile(r"sharpness ([0-9.]+) is ([0-9.]+) below the minimum ([0-9.]+)")
+
+
+@pytest.mark.parametrize(
+    ("photo", "length", "angle"),
+    MOTION_CASES,
+    ids=[f"{Path(p).stem}-{n}px-{a}deg" for p, n, a in MOTION_CASES],
+)
+def test_quality_rejects_motion_blur(quality: Fn, photo: str, length: int, angle: int) -> None:
+    sharp = quality({"image": ai_photos.png(ai_photos.read(photo))})
+    blurred = quality({"image": ai_photos.png(ai_photos.motion_blur(ai_photos.read(photo), length, angle))})
+    assert sharp["passed"] is True, sharp
+    assert blurred["passed"] is False and blurred["weakest"] == "sharpness", blurred
+    assert blurred["sharpness"] < blurred["min_sharpness"] == 50
+    match = SHARPNESS_REASON.search(blurred["reason"])
+    assert match is not None, blurred["reason"]
+    value, short_by, minimum = (float(g) for g in match.groups())
+    assert value == blurred["sharpness"] and short_by == pytest.approx(minimum - value, abs=0.11)
+
+
+@pytest.mark.parametrize(("photo", "radius"), DEFOCUS_CASES, ids=[f"{Path(p).stem}-r{r}" for p, r in DEFOCUS_CASES])
+def test_quality_rejects_defocus(quality: Fn, photo: str, radius: int) -> None:
+    blurred = quality({"image": ai_photos.png(ai_photos.defocus(ai_photos.read(photo), radius))})
+    assert blurred["passed"] is False and blurred["weakest"] == "sharpness", blurred
+    assert "sharpness" in blurred["reason"] and "below the minimum" in blurred["reason"]
+    assert min(w for w in blurred["edge_widths_px"] if w is not None) > 3.0  # every orientation widened
+
+
+def test_quality_the_issues_25px_horizontal_blur_fails(quality: Fn) -> None:
+    # the case the old Laplacian measure let through (sharpness 43, score 62.4 >= 61)
+    result = quality({"image": ai_photos.png(ai_photos.motion_blur(_imread("messi5.jpg"), 25, 0))})
+    assert result["passed"] is False and result["weakest"] == "sharpness"
+    assert result["score"] < result["threshold"] and result["sharpness"] < 50
+    assert "score" in result["reason"] and "below the threshold 61.0" in result["reason"]
+
+
+@pytest.mark.parametrize("photo", ["labelled/camera.png", "grey-messi5"], ids=["cameraman", "grey-messi5"])
+def test_quality_passes_a_sharp_black_and_white_photo(quality: Fn, photo: str) -> None:
+    image = ai_photos.derive("images/messi5.jpg", [{"op": "grey"}]) if photo == "grey-messi5" else ai_photos.read(photo)
+    result = quality({"image": ai_photos.png(image)})
+    assert result["colourfulness"] < 5 and result["harmony"] == 100.0 and result["harmony_template"] is None
+    assert result["passed"] is True and "reason" not in result, result
+    assert result["sharpness"] >= 80
+
+
+def test_quality_reason_names_another_failing_measure(quality: Fn) -> None:
+    dark = (_imread("messi5.jpg") * 0.12).astype(np.uint8)  # sharp, but nearly black
+    result = quality({"image": ai_photos.png(dark)})
+    assert result["passed"] is False and result["weakest"] == "exposure" and result["sharpness"] >= 50
+    assert result["reason"] == (
+        f"score {result['score']} is {round(61.0 - result['score'], 1)} below the threshold 61.0"
+        f" (weakest: exposure {result['exposure']})"
+    )
+
+
+def _hue_board(hues: list[int]) -> np.ndarray:
+    """40 px squares of saturated ``hues`` (degrees), with the footballer's texture over them."""
+    hsv = np.zeros((320, 480, 3), np.uint8)
+    for row in range(8):
+        for col in range(12):
+            hue = hues[(row * 3 + col) % len(hues)]
+            hsv[row * 40 : (row + 1) * 40, col * 40 : (col + 1) * 40] = (hue // 2, 220, 200)
+    grey = cv2.cvtColor(cv2.cvtColor(_imread("messi5.jpg")[:320, :480], cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR)
+    return cv2.addWeighted(cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR), 0.8, grey, 0.2, 0)
+
+
+def test_quality_harmony_is_scored_but_weighs_only_when_asked(quality: Fn) -> None:
+    clash = ai_photos.png(_hue_board([0, 72, 144, 216, 288]))  # five hues evenly round the wheel
+    calm = ai_photos.png(_hue_board([10, 25, 40, 55]))  # neighbouring oranges
+    plain_clash, plain_calm = quality({"image": clash}), quality({"image": calm})
+    assert plain_calm["harmony"] - plain_clash["harmony"] > 20
+    assert "harmony" not in plain_clash["weights"] and "depth_of_field" not in plain_clash["weights"]
+    assert plain_clash["passed"] is True
+    # explicit zero weights change nothing; a weight makes the clash count, and the reason name it
+    zero = quality({"image": clash, "weights": {"harmony": 0, "depth_of_field": 0}})
+    assert zero["score"] == plain_clash["score"]
+    weighted = quality({"image": clash, "weights": {"harmony": 0.5}, "threshold": 90})
+    assert weighted["score"] < plain_clash["score"] and weighted["passed"] is False
+    assert weighted["weakest"] == "harmony" and "weakest: harmony" in weighted["reason"]
+    assert quality({"image": clash, "threshold": 90})["passed"] is True
+    with pytest.raises(ValueError, match="unknown measure 'beauty'"):
+        quality({"image": clash, "weights": {"beauty": 1}})
+    with pytest.raises(ValueError, match="weight of 'harmony'"):
+        quality({"image": clash, "weights": {"harmony": -1}})
+
+
+def test_quality_depth_of_field_uses_the_box(quality: Fn) -> None:
+    messi = _imread("messi5.jpg")
+    box = [85, 60, 290, 280]  # the footballer
+    x, y, w, h = box
+    shallow = cv2.GaussianBlur(messi, (0, 0), 4)
+    shallow[y : y + h, x : x + w] = messi[y : y + h, x : x + w]  # sharp subject, soft surroundings
+    deep = quality({"image": ai_photos.png(messi), "box": box})
+    soft = quality({"image": ai_photos.png(shallow), "box": box})
+    assert soft["depth_of_field"] >= 80 > 20 >= deep["depth_of_field"]
+    assert soft["passed"] is True and soft["score"] == quality({"image": ai_photos.png(shallow)})["score"]
+    dict_box = quality({"image": ai_photos.png(shallow), "box": {"x": x, "y": y, "w": w, "h": h}})
+    assert dict_box["depth_of_field"] == soft["depth_of_field"]
+    with pytest.raises(ValueError, match="'box' must be"):
+        quality({"image": ai_photos.png(messi), "box": [1, 2, 0, 4]})
 
 
 # --- smart_body_crop ----------------------------------------------------------------------------------------

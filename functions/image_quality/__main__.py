@@ -28,7 +28,8 @@ later step can repair.
 
 ``passed`` needs ``score >= threshold`` *and* ``sharpness >= min_sharpness`` (default 50): a blurred photo fails
 whatever its exposure and contrast. A failed photo's ``reason`` names the measure that failed and by how much,
-and ``weakest`` names it (the failed floor, else the weighted measure with the lowest score).
+and ``weakest`` names it (the failed floor, else the weighted measure that lowers the score most: the
+largest weight x log(100 / score)).
 
 Calibration (``benches/bench_ai_functions.py --calibrate``): the bundled sharp photos (OpenCV's samples, a
 black-and-white portrait and a colour portrait from scikit-image) have edges of 1.7-3.0 px and a balance of at
@@ -258,7 +259,8 @@ def verdict(result: dict[str, object], threshold: float, min_sharpness: float) -
     sharp = float(result["sharpness"])  # type: ignore[arg-type]
     weights: dict[str, float] = result["weights"]  # type: ignore[assignment]
     failures = []
-    weakest = min(weights, key=lambda k: float(result[k]))  # type: ignore[arg-type]
+    # the measure that pulls the geometric mean down most: weight times log of its distance from 100
+    weakest = max(weights, key=lambda k: weights[k] * math.log(100.0 / max(float(result[k]), SCORE_FLOOR)))  # type: ignore[arg-type]
     if sharp < min_sharpness:
         weakest = "sharpness"
         failures.append(
