@@ -552,3 +552,50 @@ def test_auto_tag_fruit_and_params(auto_tag: Fn) -> None:
     assert "person_score" not in one  # the caller knew: the pose models were not run
     with pytest.raises(ValueError, match="top_k"):
         auto_tag({"image": str(IMAGES / "fruits.jpg"), "top_k": 0})
+
+
+def test_auto_tag_min_score_default_drops_the_guesses(auto_tag: Fn) -> None:
+    messi = auto_tag({"image": str(IMAGES / "messi5.jpg"), "person": False})
+    assert messi["min_score"] == 0.15 and [t["label"] for t in messi["labels"]] == ["soccer ball"]
+    lenient = auto_tag({"image": str(IMAGES / "messi5.jpg"), "person": False, "min_score": 0.05})
+    assert [t["label"] for t in lenient["labels"]][:2] == ["soccer ball", "rugby ball"]
+    # a toy fish: ImageNet has no class for it, and its guesses ("table lamp" 0.13) stay out
+    fish = auto_tag({"image": str(IMAGES / "HappyFish.jpg"), "person": False})
+    assert fish["labels"] == [] and fish["tags"] == []
+
+
+def test_auto_tag_tags_are_unique_and_duplicate_classes_add_up(auto_tag: Fn) -> None:
+    # ImageNet names classes 836 and 837 both "sunglasses" (and two classes "missile")
+    names = json.loads((FUNCTIONS / "models" / "imagenet_labels.json").read_text())
+    assert names[836] == names[837] == "sunglasses"
+    photo = str(LABELLED / "astronaut.png")
+    result = auto_tag({"image": photo, "vocabulary": "garments", "top_k": 100, "min_score": 0, "person": False})
+    labels = [t["label"] for t in result["labels"]]
+    assert len(labels) == len(set(labels)) == len(result["tags"]) and "sunglasses" in labels
+    # the merged score is the sum of both classes' probabilities, as the model gives them
+    spec = importlib.util.spec_from_file_location("_auto_tag_module", FUNCTIONS / "auto_tag" / "__main__.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    classifier = models.load(str(FUNCTIONS / "models" / "efficientnet_lite0_int8.tflite"))
+    (probs,) = module.blazepose.run(classifier, [module.classifier_input(cv2.imread(photo))])
+    merged = next(t["score"] for t in result["labels"] if t["label"] == "sunglasses")
+    assert merged == round(float(probs[0, 836] + probs[0, 837]), 4)
+    # and only garment classes were considered
+    garment_names = {names[i] for i in module.GARMENT_CLASSES}
+    assert set(labels) <= garment_names and len(labels) == len(garment_names)
+
+
+def test_auto_tag_every_tag_carries_its_score(auto_tag: Fn) -> None:
+    found = auto_tag({"image": str(IMAGES / "messi5.jpg"), "tags": ["spring-2025", "soccer ball"]})
+    assert found["tags"] == ["soccer ball", "person", "spring-2025"]  # the caller's duplicate is dropped
+    scores = found["tag_scores"]
+    assert scores["soccer ball"] == found["labels"][0]["score"] >= 0.15
+    assert scores["person"] == found["person_score"] >= 0.5
+    assert scores["spring-2025"] is None  # the caller's own tag: nobody scored it
+    told = auto_tag({"image": str(IMAGES / "messi5.jpg"), "person": True, "person_score": 0.97})
+    assert told["tag_scores"]["person"] == 0.97 and "person_score" not in told
+    with pytest.raises(ValueError, match="vocabulary"):
+        auto_tag({"image": str(IMAGES / "messi5.jpg"), "vocabulary": "clothes"})
+    with pytest.raises(ValueError, match="person_score"):
+        auto_tag({"image": str(IMAGES / "messi5.jpg"), "person": True, "person_score": 2})
