@@ -258,23 +258,20 @@ def verdict(result: dict[str, object], threshold: float, min_sharpness: float) -
     score = float(result["score"])  # type: ignore[arg-type]
     sharp = float(result["sharpness"])  # type: ignore[arg-type]
     weights: dict[str, float] = result["weights"]  # type: ignore[assignment]
-    failures = []
     # the measure that pulls the geometric mean down most: weight times log of its distance from 100
     weakest = max(weights, key=lambda k: weights[k] * math.log(100.0 / max(float(result[k]), SCORE_FLOOR)))  # type: ignore[arg-type]
+    failures = []
+    if score < threshold:
+        failures.append(f"score {score} is {round(threshold - score, 1)} below the threshold {threshold}")
     if sharp < min_sharpness:
         weakest = "sharpness"
-        failures.append(
-            f"sharpness {sharp} is {round(min_sharpness - sharp, 1)} below the minimum {min_sharpness}"
-            f" (edges {result['edge_width_px']} px wide, directional balance {result['directional_balance']})"
-        )
-    if score < threshold:
-        failures.append(
-            f"score {score} is {round(threshold - score, 1)} below the threshold {threshold}"
-            f" (weakest: {weakest} {result[weakest]})"
-        )
+        failures.append(f"sharpness {sharp} is {round(min_sharpness - sharp, 1)} below the minimum {min_sharpness}")
+    detail = f"weakest: {weakest} {result[weakest]}"
+    if weakest == "sharpness":
+        detail += f"; edges {result['edge_width_px']} px wide, directional balance {result['directional_balance']}"
     out: dict[str, object] = {"passed": not failures, "weakest": weakest}
     if failures:
-        out["reason"] = "; ".join(failures)
+        out["reason"] = f"{' and '.join(failures)} ({detail})"
     return out
 
 
