@@ -105,9 +105,9 @@ def _linear(value: float, zero: float, full: float) -> float:
     return _clip100(100 * (value - zero) / (full - zero))
 
 
-def sharpness(grey: np.ndarray) -> dict[str, object]:
+def sharpness(grey: np.ndarray, found: blur_measures.Edges) -> dict[str, object]:
     """The sharpness score and the blur figures behind it."""
-    widths = blur_measures.edge_widths(grey)
+    widths = blur_measures.edge_widths(found)
     measured = [w for w in widths if w is not None]
     width = max(measured) if measured else None
     balance = blur_measures.directional_balance(grey)
@@ -122,7 +122,7 @@ def sharpness(grey: np.ndarray) -> dict[str, object]:
     }
 
 
-def depth_of_field(grey: np.ndarray, box: tuple[int, int, int, int] | None) -> float | None:
+def depth_of_field(grey: np.ndarray, found: blur_measures.Edges, box: tuple[int, int, int, int] | None) -> float | None:
     """Background edge width over the subject's, mapped to 0..100; None when a region has too few edges."""
     h, w = grey.shape
     if box is None:
@@ -133,8 +133,8 @@ def depth_of_field(grey: np.ndarray, box: tuple[int, int, int, int] | None) -> f
         x1, y1 = min(w, box[0] + box[2]), min(h, box[1] + box[3])
     subject = np.zeros((h, w), dtype=bool)
     subject[y0:y1, x0:x1] = True
-    inside = [v for v in blur_measures.edge_widths(grey, subject) if v is not None]
-    outside = [v for v in blur_measures.edge_widths(grey, ~subject) if v is not None]
+    inside = [v for v in blur_measures.edge_widths(found, subject) if v is not None]
+    outside = [v for v in blur_measures.edge_widths(found, ~subject) if v is not None]
     if not inside or not outside:
         return None
     ratio = float(np.median(outside)) / max(float(np.median(inside)), 1e-6)
@@ -194,10 +194,11 @@ def assess(
     small = _analysis_image(image)
     scale = small.shape[1] / image.shape[1]
     grey = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY).astype(np.float64)
-    result: dict[str, object] = dict(sharpness(grey))
+    found = blur_measures.edges(grey)
+    result: dict[str, object] = dict(sharpness(grey, found))
     harmony_score, template, deviation = hue_harmony.harmony(small)
     small_box = None if box is None else tuple(round(v * scale) for v in box)
-    dof = depth_of_field(grey, small_box)  # type: ignore[arg-type]
+    dof = depth_of_field(grey, found, small_box)  # type: ignore[arg-type]
     scores: dict[str, float | None] = {
         "sharpness": float(result["sharpness"]),  # type: ignore[arg-type]
         "exposure": exposure(grey),

@@ -16,6 +16,7 @@ over the largest. Motion blur removes fine detail along its direction only. This
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -25,6 +26,8 @@ DIRECTIONS: tuple[tuple[int, int], ...] = ((1, 0), (1, 1), (0, 1), (-1, 1))
 ORIENTATION_HALF_WIDTH_DEG = 22.5
 PROFILE_HALF_PX = 24
 EDGES_PER_ORIENTATION = 400
+#: edges measured per orientation, so that a region (the subject, its background) still has its strongest ones
+EDGES_SAMPLED = 1200
 MIN_EDGES = 30
 #: edges weaker than this fraction of the photo's 99th-percentile gradient, or than EDGE_MIN_GRADIENT, are noise
 EDGE_REL_MIN = 0.1
@@ -33,10 +36,14 @@ EDGE_QUANTILE = 25
 RISE_LOW, RISE_HIGH = 0.1, 0.9
 
 
-def _gradients(grey: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    gx = cv2.Sobel(grey, cv2.CV_64F, 1, 0, ksize=3)
-    gy = cv2.Sobel(grey, cv2.CV_64F, 0, 1, ksize=3)
-    return np.hypot(gx, gy), np.mod(np.degrees(np.arctan2(gy, gx)), 180.0)
+def _crossing(level: np.ndarray, valid: np.ndarray, t: float) -> np.ndarray:
+    """Per row, the fractional index where ``level`` (rising inside ``valid``) first reaches ``t``."""
+    reached = valid & (level >= t)
+    j = np.argmax(reached, axis=1)
+    rows = np.arange(len(level))
+    prev = np.maximum(j - 1, 0)
+    lo, hi = level[rows, prev], level[rows, j]
+    return prev + np.clip((t - lo) / np.maximum(hi - lo, 1e-12), 0.0, 1.0)
 
 
 def _rise_widths(profiles: np.ndarray) -> np.ndarray:
@@ -48,50 +55,73 @@ def _rise_widths(profiles: np.ndarray) -> np.ndarray:
     diffs = np.diff(rising, axis=1)
     after = np.cumprod(diffs[:, k:] > 0, axis=1).sum(axis=1)
     before = np.cumprod(diffs[:, :k][:, ::-1] > 0, axis=1).sum(axis=1)
-    widths = np.zeros(len(profiles))
-    for j in range(len(profiles)):
-        segment = rising[j, k - before[j] : k + after[j] + 1]
-        span = segment[-1] - segment[0]
-        if span <= 0 or len(segment) < 2:
-            continue
-        level = (segment - segment[0]) / span
-        steps = np.arange(len(segment), dtype=np.float64)
-        widths[j] = np.interp(RISE_HIGH, level, steps) - np.interp(RISE_LOW, level, steps)
-    return widths
+    rows = np.arange(len(profiles))
+    start, end = k - before, k + after
+    low, high = rising[rows, start], rising[rows, end]
+    span = high - low
+    level = (rising - low[:, None]) / np.maximum(span, 1e-12)[:, None]
+    index = np.arange(profiles.shape[1])[None, :]
+    valid = (index >= start[:, None]) & (index <= end[:, None])
+    widths = _crossing(level, valid, RISE_HIGH) - _crossing(level, valid, RISE_LOW)
+    return np.where(span > 0, widths, 0.0)
 
 
-def edge_widths(grey: np.ndarray, mask: np.ndarray | None = None) -> list[float | None]:
-    """Per orientation (0, 45, 90, 135 degrees), the lower quartile of the 10-90 % rise distance in pixels over
-    its strongest edges (inside ``mask`` when given); None where it has fewer than MIN_EDGES edges."""
-    magnitude, angle = _gradients(grey)
-    h, w = grey.shape
+@dataclass(frozen=True)
+class Edges:
+    """Per orientation, the strongest edge centres (strongest first): rows, columns and 10-90 % widths in px."""
+
+    ys: list[np.ndarray]
+    xs: list[np.ndarray]
+    widths: list[np.ndarray]
+
+
+def edges(grey: np.ndarray) -> Edges:
+    """The EDGES_SAMPLED strongest edge centres of each orientation and their widths."""
+    g = grey.astype(np.float32)
+    gx = cv2.Sobel(g, cv2.CV_32F, 1, 0, ksize=3)
+    gy = cv2.Sobel(g, cv2.CV_32F, 0, 1, ksize=3)
+    magnitude, angle = cv2.cartToPolar(gx, gy, angleInDegrees=True)
+    floor = max(EDGE_REL_MIN * float(np.quantile(magnitude, 0.99)), EDGE_MIN_GRADIENT)
+    strong = magnitude >= floor
+    strong[:2, :] = strong[-2:, :] = False
+    strong[:, :2] = strong[:, -2:] = False
+    ys_all, xs_all = np.nonzero(strong)
+    # orientation bins of 45 degrees centred on 0, 45, 90, 135 (a gradient and its opposite are one orientation)
+    bins = (((angle[ys_all, xs_all] + ORIENTATION_HALF_WIDTH_DEG) // 45.0) % 4).astype(np.int8)
     k = PROFILE_HALF_PX
     padded = np.pad(grey, k, mode="edge")
-    floor = max(EDGE_REL_MIN * float(np.quantile(magnitude, 0.99)), EDGE_MIN_GRADIENT)
     steps = np.arange(-k, k + 1)
-    out: list[float | None] = []
+    out_y, out_x, out_w = [], [], []
     for i, (dx, dy) in enumerate(DIRECTIONS):
-        off = np.abs((angle - i * 45.0 + 90.0) % 180.0 - 90.0)
-        selected = (off < ORIENTATION_HALF_WIDTH_DEG) & (magnitude >= floor)
-        if mask is not None:
-            selected &= mask
-        selected[:2, :] = selected[-2:, :] = False
-        selected[:, :2] = selected[:, -2:] = False
-        ys, xs = np.nonzero(selected)
+        ys, xs = ys_all[bins == i], xs_all[bins == i]
         m = magnitude[ys, xs]
         # edge centres: a gradient maximum along its own direction
-        ahead = magnitude[np.clip(ys + dy, 0, h - 1), np.clip(xs + dx, 0, w - 1)]
-        behind = magnitude[np.clip(ys - dy, 0, h - 1), np.clip(xs - dx, 0, w - 1)]
-        centre = (m >= ahead) & (m >= behind)
+        centre = (m >= magnitude[ys + dy, xs + dx]) & (m >= magnitude[ys - dy, xs - dx])
         ys, xs, m = ys[centre], xs[centre], m[centre]
-        if len(ys) < MIN_EDGES:
-            out.append(None)
-            continue
-        strongest = np.argsort(-m)[:EDGES_PER_ORIENTATION]
+        if len(m) > EDGES_SAMPLED:
+            top = np.argpartition(-m, EDGES_SAMPLED)[:EDGES_SAMPLED]
+            strongest = top[np.argsort(-m[top], kind="stable")]
+        else:
+            strongest = np.argsort(-m, kind="stable")
         ys, xs = ys[strongest], xs[strongest]
         profiles = padded[ys[:, None] + k + steps[None, :] * dy, xs[:, None] + k + steps[None, :] * dx]
         step_px = math.sqrt(2.0) if dx and dy else 1.0
-        out.append(float(np.percentile(_rise_widths(profiles) * step_px, EDGE_QUANTILE)))
+        out_y.append(ys)
+        out_x.append(xs)
+        out_w.append(_rise_widths(profiles) * step_px)
+    return Edges(out_y, out_x, out_w)
+
+
+def edge_widths(found: Edges, mask: np.ndarray | None = None) -> list[float | None]:
+    """Per orientation (0, 45, 90, 135 degrees), the lower quartile of the 10-90 % rise distance in pixels over
+    its EDGES_PER_ORIENTATION strongest edges (inside ``mask`` when given); None where it has fewer than
+    MIN_EDGES."""
+    out: list[float | None] = []
+    for ys, xs, widths in zip(found.ys, found.xs, found.widths, strict=True):
+        if mask is not None:
+            widths = widths[mask[ys, xs]]
+        widths = widths[:EDGES_PER_ORIENTATION]
+        out.append(float(np.percentile(widths, EDGE_QUANTILE)) if len(widths) >= MIN_EDGES else None)
     return out
 
 
