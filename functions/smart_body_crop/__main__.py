@@ -178,6 +178,7 @@ def main(args: dict) -> dict:
     t1 = time.perf_counter()
     candidates, best_score = blazepose.find_people(detector, landmarker, image)
     t2 = time.perf_counter()
+    models.report_timing("prepare_ms", (t1 - t0) * 1000)
     models.report_timing("pose_ms", (t2 - t1) * 1000)
     height, width = image.shape[:2]
     confirmed = [i for i, c in enumerate(candidates) if c.confirmed]
@@ -221,5 +222,4 @@ def main(args: dict) -> dict:
         **entry,
     }
     models.report_timing("crop_ms", (time.perf_counter() - t2) * 1000)
-    models.report_timing("prepare_ms", (t1 - t0) * 1000)
     return result
