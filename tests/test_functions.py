@@ -225,6 +225,14 @@ def test_quality_reason_names_another_failing_measure(quality: Fn) -> None:
     )
 
 
+def test_quality_blank_photo_fails_on_sharpness(quality: Fn) -> None:
+    # no edge at all: nothing shows detail, so nothing can pass as sharp
+    result = quality({"image": ai_photos.png(np.full((300, 400, 3), 140, np.uint8))})
+    assert result["passed"] is False and result["weakest"] == "sharpness"
+    assert result["edge_width_px"] is None and result["edge_widths_px"] == [None] * 4
+    assert "sharpness 0.0 is 50.0 below the minimum 50.0" in result["reason"]
+
+
 def _hue_board(hues: list[int]) -> np.ndarray:
     """40 px squares of saturated ``hues`` (degrees), with the footballer's texture over them."""
     hsv = np.zeros((320, 480, 3), np.uint8)
