@@ -1,8 +1,8 @@
 """smart_body_crop: crop a person from ``upper`` to ``lower`` body part with two-stage BlazePose on LiteRT.
 
-The detector finds people, the landmark model places 33 points on each (see ``blazepose.py``); the crop spans
-the keypoints of every part from ``upper`` down to ``lower`` (horizontally) and from the ``upper`` keypoints
-to the ``lower`` keypoints (vertically), grown by ``padding`` and cut at the photo's edges.
+The detector finds people, the landmark model places 33 points on each (``blazepose.py``, ``pose_people.py``);
+the crop spans the keypoints of every part from ``upper`` down to ``lower`` (horizontally) and from the
+``upper`` keypoints to the ``lower`` keypoints (vertically), grown by ``padding`` and cut at the photo's edges.
 
 Which person (``person`` param):
 
@@ -41,6 +41,7 @@ import blazepose
 import crop_params
 import image_input
 import numpy as np
+import pose_people
 from minifaas_sandbox import models
 
 VISIBLE_MIN = 0.5
@@ -132,7 +133,7 @@ def crop_box(
     return (left, up, right - left, down - up), keypoints, clipped, []
 
 
-def _scores(candidate: blazepose.Candidate, width: int, height: int) -> dict:
+def _scores(candidate: pose_people.Candidate, width: int, height: int) -> dict:
     x0, y0, x1, y1 = candidate.pose.box(width, height)
     return {
         "detector_score": round(candidate.detection.score, ROUND_SCORE),
@@ -176,7 +177,7 @@ def main(args: dict) -> dict:
     detector = models.load(args["detector_url"], sha256=args.get("detector_sha256"))
     landmarker = models.load(args["landmark_url"], sha256=args.get("landmark_sha256"))
     t1 = time.perf_counter()
-    candidates, best_score = blazepose.find_people(detector, landmarker, image)
+    candidates, best_score = pose_people.find_people(detector, landmarker, image)
     t2 = time.perf_counter()
     models.report_timing("prepare_ms", (t1 - t0) * 1000)
     models.report_timing("pose_ms", (t2 - t1) * 1000)
