@@ -246,7 +246,10 @@ def run_baseline(frames: list[Path], out: Path, cv2_threads: int | None) -> Resu
                 staging = catalog / f".{stem}.tmp.jpg"
                 crop = call(crop_fn, {"image": str(path), "output_path": str(staging), "format": "jpeg"})
                 tags = call(tag_fn, {"image": str(path), "person": bool(crop.get("person"))})
+                crop_tags = None
                 if crop.get("output_path"):
+                    # as the workflow does: the crop is tagged too, with garment classes
+                    crop_tags = call(tag_fn, {"image": str(staging), "person": False, "vocabulary": "garments"})
                     image = catalog / f"{stem}.jpg"
                     os.replace(staging, image)
                     box = {k: crop[k] for k in ("x", "y", "w", "h")}
@@ -255,6 +258,7 @@ def run_baseline(frames: list[Path], out: Path, cv2_threads: int | None) -> Resu
                     wf._copy_atomic(str(path), image)
                     box = None
                 record |= {"outcome": "catalog", "image": str(image), "box": box, "tags": tags["tags"]}
+                record["crop_tags"] = None if crop_tags is None else crop_tags["tags"]
                 wf._write_json_atomic(catalog / f"{stem}.json", record)
             else:
                 wf._copy_atomic(str(path), rejected / path.name)

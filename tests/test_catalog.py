@@ -47,6 +47,8 @@ FUNCTIONS = REPO / "functions"
 PEOPLE = ("messi5.jpg", "basketball1.png")
 BLURRED = ("text_defocus.jpg", "text_motion.jpg", "licenseplate_motion.jpg")
 NO_PERSON = "fruits.jpg"
+LABELLED = REPO / "tests" / "data" / "labelled"
+WAIST_UP = "astronaut.png"  # a waist-up portrait: hips below the bottom edge
 BROKEN = "notes.jpg"  # text, not an image: a step fails
 AB_PHOTO = "messi5.jpg"
 FEED_INTERVAL_S = 0.05
@@ -127,6 +129,8 @@ async def run(shared_engine: minifaas.Engine, tmp_path_factory: pytest.TempPathF
         names = [*PEOPLE, *BLURRED, NO_PERSON]
         for name in names:
             drop(IMAGES / name, uploads)
+        drop(LABELLED / WAIST_UP, uploads)
+        names.append(WAIST_UP)
         broken = root / BROKEN
         broken.write_text("meeting notes, not a photo\n")
         drop(broken, uploads)
@@ -177,8 +181,16 @@ async def test_person_is_cropped_and_tagged_into_the_catalog(run: Run, photo: st
     assert side["image"] == str(run.main.catalog / f"{Path(photo).stem}.jpg")
     assert crop is not None and crop.shape[:2] == (box["h"], box["w"])
     labels = [entry["label"] for entry in side["labels"]]
-    assert labels, "the classifier found no label"
     assert set(labels) <= set(side["tags"]) and "person" in side["tags"]
+    # every tag carries its score: the classifier's, the crop step's person score
+    assert list(side["tag_scores"]) == side["tags"]
+    assert all(side["tag_scores"][e["label"]] == e["score"] >= 0.15 for e in side["labels"])
+    assert side["tag_scores"]["person"] >= 0.5
+    # the crop was tagged too, apart from the photo, with garment and accessory classes only
+    assert isinstance(side["crop_tags"], list) and list(side["crop_tag_scores"]) == side["crop_tags"]
+    assert [e["label"] for e in side["crop_labels"]] == side["crop_tags"]
+    assert "person" not in side["crop_tags"]
+    assert set(side["steps"]) == {"quality", "crop", "tag", "crop_tag"}
     assert side["quality"]["passed"] is True and side["quality"]["score"] >= side["quality"]["threshold"]
     assert side["sha256"] == hashlib.sha256((IMAGES / photo).read_bytes()).hexdigest()
     # no staging leftovers: a sidecar means the entry is complete
@@ -191,8 +203,9 @@ async def test_sidecar_names_the_activation_of_each_step(run: Run) -> None:
     session_id = run.main.sessions[photo].activation_id
     assert side["session_id"] == session_id
     assert run.main.sessions[photo].cause == run.fires[photo]  # the trigger's fire caused the session
-    assert set(side["steps"]) == {"quality", "crop", "tag"}
-    for role, function in (("quality", "image_quality"), ("crop", "crop"), ("tag", "auto_tag")):
+    assert set(side["steps"]) == {"quality", "crop", "tag", "crop_tag"}
+    roles = (("quality", "image_quality"), ("crop", "crop"), ("tag", "auto_tag"), ("crop_tag", "auto_tag"))
+    for role, function in roles:
         step = side["steps"][role]
         act = await run.engine.activations.get(step["activation_id"])
         assert (act.name, act.cause, act.status) == (function, session_id, "success")
@@ -210,7 +223,26 @@ async def test_photo_without_person_is_catalogued_uncropped(run: Run) -> None:
     assert Path(side["image"]).read_bytes() == (IMAGES / NO_PERSON).read_bytes()
     labels = [entry["label"] for entry in side["labels"]]
     assert labels and side["tags"] == labels  # no "person" tag
-    assert set(side["steps"]) == {"quality", "crop", "tag"}
+    assert set(side["steps"]) == {"quality", "crop", "tag"}  # no crop, so no crop tagging
+    assert side["crop_tags"] is side["crop_labels"] is None
+
+
+async def test_waist_up_portrait_is_cropped_to_the_bottom_edge(run: Run) -> None:
+    act = run.main.sessions[WAIST_UP]
+    assert act.status == "success", act.result
+    side = sidecar(run.main.catalog, WAIST_UP)
+    assert side["outcome"] == "catalog" and side["person"] is True
+    assert side["clipped"] == ["hips"] and "missing" not in side
+    box, size = side["box"], side["size"]
+    assert box["y"] + box["h"] == size["height"]
+    # on her crop the tagger finds what she wears and holds; on the whole photo nothing scores 0.15
+    garments = json.loads((FUNCTIONS / "models" / "imagenet_labels.json").read_text())
+    assert side["crop_tags"], side["crop_labels"]
+    assert side["crop_tags"] != side["tags"] and set(side["crop_tags"]) <= set(garments)
+    session = run.engine.sessions.get(act.activation_id)
+    crop_tag = [s for s in session.steps if s.kind == "action" and s.name == "auto_tag"][1]
+    assert crop_tag.input["vocabulary"] == "garments" and crop_tag.input["image"].endswith(".jpg")
+    assert Path(crop_tag.input["image"]).parent == run.main.catalog  # the staged crop, not the original
 
 
 # ---------------------------------------------------------------------------------------------- rejected
@@ -226,6 +258,8 @@ async def test_blurred_photo_goes_to_rejected_with_its_scores(run: Run, photo: s
     assert quality["passed"] is False and quality["score"] < quality["threshold"]
     assert {"sharpness", "exposure", "contrast", "noise", "colourfulness"} <= set(quality)
     assert f"{quality['score']}" in side["reason"] and "threshold" in side["reason"]
+    assert quality["weakest"] == "sharpness" and "sharpness" in side["reason"]
+    assert "below the minimum" in side["reason"]
     assert (run.main.rejected / photo).read_bytes() == (IMAGES / photo).read_bytes()
     assert set(side["steps"]) == {"quality"}
     assert not (run.main.catalog / f"{Path(photo).stem}.json").exists()
@@ -259,13 +293,22 @@ async def test_trace_of_a_catalogued_photo_takes_the_consequent(run: Run) -> Non
         ("[0].body[2].consequent[1]", "action", "crop"),
         ("[0].body[2].consequent[2]", "function", "catalog.workflow:tag_request"),
         ("[0].body[2].consequent[3]", "action", "auto_tag"),
-        ("[0].body[2].consequent[4]", "function", "catalog.workflow:write_catalog"),
+        ("[0].body[2].consequent[4]", "function", "catalog.workflow:keep_photo_tags"),
+        ("[0].body[2].consequent[5].test", "function", "catalog.workflow:has_crop"),
+        ("[0].body[2].consequent[5].consequent[0]", "function", "catalog.workflow:crop_tag_request"),
+        ("[0].body[2].consequent[5].consequent[1]", "action", "auto_tag"),
+        ("[0].body[2].consequent[5].consequent[2]", "function", "catalog.workflow:keep_crop_tags"),
+        ("[0].body[2].consequent[6]", "function", "catalog.workflow:write_catalog"),
     ]
     assert session.steps[2].output == {"value": True}
-    assert sorted(session.not_taken) == ["[0].body[2].alternate", "[0].handler"]
+    assert sorted(session.not_taken) == [
+        "[0].body[2].alternate",
+        "[0].body[2].consequent[5].alternate",
+        "[0].handler",
+    ]
     side = sidecar(run.main.catalog, PEOPLE[0])
     assert [s.activation_id for s in session.steps if s.kind == "action"] == [
-        side["steps"][role]["activation_id"] for role in ("quality", "crop", "tag")
+        side["steps"][role]["activation_id"] for role in ("quality", "crop", "tag", "crop_tag")
     ]
 
 

@@ -29,6 +29,9 @@ PERSON_SCORE_MIN = 0.5
 POSE_SCORE_MIN = 0.5
 VISIBLE_MIN = 0.5
 NMS_IOU_MIN = 0.3
+#: a photo this much longer than wide (or wider than long) is also searched in square tiles
+TILE_ASPECT_MIN = 1.2
+TILE_OVERLAP_MIN = 0.33
 ROI_SCALE = 1.25
 NUM_LANDMARKS = 33
 LANDMARK_VALUES = 5
@@ -115,6 +118,17 @@ class Pose:
     presence: np.ndarray  # (33,) in [0, 1]
     pose_score: float  # the landmark model's own "a pose is there" score
 
+    def box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """(x0, y0, x1, y1) around the 33 landmarks, clipped to a width x height image: the person's extent."""
+        xs = np.clip(self.points[:, 0], 0, width)
+        ys = np.clip(self.points[:, 1], 0, height)
+        return float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())
+
+    def area(self, width: int, height: int) -> float:
+        """Pixels of the photo the person's landmark box covers (what "largest" compares)."""
+        x0, y0, x1, y1 = self.box(width, height)
+        return (x1 - x0) * (y1 - y0)
+
     def usable(self, index: int, width: int, height: int, min_score: float = VISIBLE_MIN) -> bool:
         """Whether landmark ``index`` is visible, present and inside a width x height image.
 
@@ -157,12 +171,27 @@ def _iou(a: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area_a + areas - inter, 1e-9)
 
 
-def detect(detector, image_bgr: np.ndarray, *, min_score: float = PERSON_SCORE_MIN) -> list[Detection]:
-    """All people scoring at least ``min_score``, best first (weighted NMS merges overlapping anchors).
+def tiles(width: int, height: int) -> list[tuple[int, int, int]]:
+    """Square windows (x, y, side) the detector also looks at, besides the whole photo.
 
-    With ``min_score=0`` the best anchor is always returned, so a caller can report how far from a person it
-    was.
+    The detector sees a letterboxed 224x224 copy: in a wide photo (several people side by side) each person
+    shrinks below what it was trained on and is missed. Squares as high as the photo, overlapping by at least
+    TILE_OVERLAP_MIN along the long side, show each person at the scale of a portrait photo.
     """
+    long_side, short_side = max(width, height), min(width, height)
+    if long_side < TILE_ASPECT_MIN * short_side:
+        return []
+    step = short_side * (1 - TILE_OVERLAP_MIN)
+    count = 1 + math.ceil((long_side - short_side) / step)
+    starts = [round(i * (long_side - short_side) / (count - 1)) for i in range(count)]
+    if width >= height:
+        return [(x, 0, short_side) for x in starts]
+    return [(0, y, short_side) for y in starts]
+
+
+def _decode(detector, image_bgr: np.ndarray, x0: int, y0: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(scores (n,), boxes (n, 4), keypoints (n, 4, 2)) of every anchor, in the pixels of the photo that
+    ``image_bgr`` was cut from at (x0, y0)."""
     square, scale, pad_x, pad_y = _letterbox(image_bgr, DETECTOR_SIZE_PX)
     rgb = cv2.cvtColor(square, cv2.COLOR_BGR2RGB).astype(np.float32)
     x = (rgb / 127.5 - 1.0)[None]
@@ -171,8 +200,30 @@ def detect(detector, image_bgr: np.ndarray, *, min_score: float = PERSON_SCORE_M
     raw = raw_boxes[0] / DETECTOR_SIZE_PX
     centres = raw[:, 0:2] + ANCHORS
     half = raw[:, 2:4] / 2
-    boxes = np.concatenate([centres - half, centres + half], axis=1)
-    kps = raw[:, 4:12].reshape(-1, 4, 2) + ANCHORS[:, None, :]
+    corners = np.concatenate([centres - half, centres + half], axis=0)
+    kps = (raw[:, 4:12].reshape(-1, 4, 2) + ANCHORS[:, None, :]).reshape(-1, 2)
+    offset = np.array([x0, y0], dtype=np.float32)
+    corners_px = _unletterbox(corners, scale, pad_x, pad_y) + offset
+    n = scores.shape[0]
+    boxes = np.concatenate([corners_px[:n], corners_px[n:]], axis=1)
+    kps_px = (_unletterbox(kps, scale, pad_x, pad_y) + offset).reshape(n, 4, 2)
+    return scores, boxes, kps_px
+
+
+def detect(detector, image_bgr: np.ndarray, *, min_score: float = PERSON_SCORE_MIN) -> list[Detection]:
+    """All people scoring at least ``min_score``, best first.
+
+    The detector runs on the whole photo and on the square ``tiles`` of a wide or tall one; weighted NMS over
+    all their anchors (in photo pixels) merges the anchors, and the views, that see the same person. With
+    ``min_score=0`` the best anchor is always returned, so a caller can report how far from a person it was.
+    """
+    height, width = image_bgr.shape[:2]
+    views = [_decode(detector, image_bgr, 0, 0)]
+    for x0, y0, side in tiles(width, height):
+        views.append(_decode(detector, image_bgr[y0 : y0 + side, x0 : x0 + side], x0, y0))
+    scores = np.concatenate([v[0] for v in views])
+    boxes = np.concatenate([v[1] for v in views])
+    kps = np.concatenate([v[2] for v in views])
 
     order = np.argsort(-scores)
     order = order[:1] if min_score <= 0 else order[scores[order] >= min_score]
@@ -186,12 +237,11 @@ def detect(detector, image_bgr: np.ndarray, *, min_score: float = PERSON_SCORE_M
         weights = scores[group][:, None]
         box = (boxes[group] * weights).sum(0) / weights.sum()
         kp = (kps[group] * weights[:, :, None]).sum(0) / weights.sum()
-        x0, y0, x1, y1 = (float(v) for v in _unletterbox(box.reshape(2, 2), scale, pad_x, pad_y).ravel())
         found.append(
             Detection(
                 score=float(scores[best]),
-                box=(x0, y0, x1, y1),
-                keypoints=_unletterbox(kp, scale, pad_x, pad_y),
+                box=(float(box[0]), float(box[1]), float(box[2]), float(box[3])),
+                keypoints=kp.astype(np.float32),
             )
         )
     return found

@@ -2,7 +2,10 @@
 
 ::
 
-    receive -> image_quality -> gate --passed--> crop_request -> crop -> tag_request -> auto_tag -> write_catalog
+    receive -> image_quality -> gate --passed--> crop_request -> crop -> tag_request -> auto_tag
+                                     |   -> keep_photo_tags -> has_crop --yes--> crop_tag_request -> auto_tag
+                                     |                                 |         -> keep_crop_tags --> write_catalog
+                                     |                                 \\--no--> no_crop_tags ------/
                                      \\--failed--> write_rejected
     (any error) ----------------------------------------------------------------------------> write_failed
 
@@ -19,10 +22,12 @@ gate's) and ``tags`` (extra tags for every entry, e.g. ``["spring-2025"]``).
 Outputs, for a photo ``<stem>.<ext>``:
 
 - passed the gate: ``catalog_dir/<stem>.jpg`` (the crop) and ``catalog_dir/<stem>.json``, the sidecar: quality
-  scores, ``person``, ``box`` (x, y, w, h in the original's pixels), ``tags`` and ``labels`` (the classifier's,
-  with scores), and ``steps``: per AI step the function, version, activation id, duration and cold/warm;
+  scores, ``person``, ``box`` (x, y, w, h in the original's pixels), ``clipped`` (requested parts cut off by the
+  photo's edge), the whole photo's ``tags``, ``labels`` (the classifier's, with scores) and ``tag_scores``
+  (every tag's score), the crop's ``crop_tags``, ``crop_labels`` and ``crop_tag_scores`` (garment and accessory
+  classes only), and ``steps``: per AI step the function, version, activation id, duration and cold/warm;
 - failed the gate: a copy of the original as ``rejected_dir/<stem>.<ext>`` and ``rejected_dir/<stem>.json``
-  with the scores and the ``reason`` (the score, the threshold, the weakest aspect);
+  with the scores and the ``reason`` (the gate's: the measure that failed, by how much, the weakest aspect);
 - a step failed (unreadable file, function error): ``rejected_dir/<stem>.json`` with ``outcome: "failed"`` and
   the error as ``reason`` (and the original, when it can be read); the session then ends with that error.
 
@@ -32,10 +37,13 @@ Decisions:
   visible, is catalogued *uncropped*: the original is copied as ``catalog_dir/<stem>.<ext>`` with
   ``person: false`` (or ``missing: [...]``) and ``box: null``. A product shot without a model is still a
   product; the sidecar says why it has no crop.
-- Tags describe the whole photo, not the crop: on an eyes-to-hips crop of a person the ImageNet classifier
-  (which has no "person" class) guesses objects ("ping-pong ball" for a footballer's shirt); on the whole photo
-  it sees the scene ("soccer ball"). The crop step's person decision is passed to ``auto_tag`` so that the
-  pose detector does not run twice on a photo.
+- Two tag sets, kept apart: ``tags`` describe the whole photo (the scene: "soccer ball"), ``crop_tags`` what the
+  person in the crop wears or carries. The tagger runs on the crop with ``vocabulary="garments"`` (ImageNet's
+  garment and accessory classes): asked about every class, the classifier (which has no "person" class) guesses
+  objects on an eyes-to-hips crop ("ping-pong ball" for a footballer's shirt). Both use the tagger's
+  ``min_score``, so a crop on which no garment class scores that high gets no crop tags rather than guesses.
+  The crop step's person decision (and score) is passed to ``auto_tag`` so that the pose detector does not
+  run twice on a photo.
 - Files appear whole: the crop is written under a hidden staging name (feeds and most tools skip dot-files),
   renamed into place, and the sidecar is written last, atomically: a sidecar means the entry is complete. A
   later photo with the same stem replaces the entry (like an overwritten object in a bucket).
@@ -100,8 +108,10 @@ FUNCTION_MODELS: Final[dict[str, tuple[str, ...]]] = {
     CROP_FUNCTION: ("detector_url", "landmark_url"),
     TAG_FUNCTION: ("classifier_url",),  # its labels are a small JSON file, parsed by each sandbox
 }
-#: the AI steps of a catalogued photo, in the order they run
-ROLES: Final = ("quality", "crop", "tag")
+#: the AI steps of a catalogued photo, in the order they run (``crop_tag`` only when there is a crop)
+ROLES: Final = ("quality", "crop", "tag", "crop_tag")
+#: what the tagger looks for on the crop
+CROP_TAG_VOCABULARY: Final = "garments"
 CROP_FORMAT: Final = "jpeg"
 CROP_SUFFIX: Final = ".jpg"
 SIDECAR_SUFFIX: Final = ".json"
@@ -110,11 +120,18 @@ QUALITY_KEYS: Final = (
     "score",
     "threshold",
     "passed",
+    "weakest",
+    "reason",
+    "min_sharpness",
     "sharpness",
+    "edge_width_px",
+    "directional_balance",
     "exposure",
     "contrast",
     "colourfulness",
     "noise",
+    "harmony",
+    "depth_of_field",
 )
 #: sub-scores that make up the overall quality score (colourfulness is reported only)
 QUALITY_ASPECTS: Final = ("sharpness", "exposure", "contrast", "noise")
@@ -305,12 +322,52 @@ def tag_request(params: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
         "box": box,
         "output_path": params.get("output_path"),
         "missing": params.get("missing"),
+        "clipped": params.get("clipped") or [],
         "method": params.get("method", "blazepose"),
     }
     request: dict[str, Any] = {"image": job["path"], "person": bool(params.get("person"))}
+    if params.get("person") and isinstance(params.get("detector_score"), int | float):
+        request["person_score"] = params["detector_score"]
     if job["tags"]:
         request["tags"] = job["tags"]
     return request
+
+
+def _tag_fields(params: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "tags": params.get("tags") or [],
+        "labels": params.get("labels") or [],
+        "tag_scores": params.get("tag_scores") or {},
+    }
+
+
+def keep_photo_tags(params: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
+    """Keep the whole photo's tags in the job."""
+    env["job"]["photo_tags"] = _tag_fields(params)
+    return {}
+
+
+def has_crop(params: dict[str, Any], env: dict[str, Any]) -> bool:
+    """The ``if_`` test: true when the crop step wrote a crop (then the tagger looks at it too)."""
+    return bool((env["job"].get("crop") or {}).get("output_path"))
+
+
+def crop_tag_request(params: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
+    """Ask the tagger what the person in the (staged) crop wears or carries."""
+    crop = env["job"]["crop"]
+    return {"image": crop["output_path"], "person": False, "vocabulary": CROP_TAG_VOCABULARY}
+
+
+def keep_crop_tags(params: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
+    """Keep the crop's tags in the job, apart from the photo's."""
+    env["job"]["crop_tags"] = _tag_fields(params)
+    return {}
+
+
+def no_crop_tags(params: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
+    """No crop, no crop tags."""
+    env["job"]["crop_tags"] = None
+    return {}
 
 
 def _record(
@@ -344,6 +401,7 @@ def _summary(record: dict[str, Any], sidecar: Path) -> dict[str, Any]:
         "person": record.get("person"),
         "box": record.get("box"),
         "tags": record.get("tags"),
+        "crop_tags": record.get("crop_tags"),
         "reason": record.get("reason"),
     }
 
@@ -360,11 +418,17 @@ async def write_catalog(params: dict[str, Any], env: dict[str, Any]) -> dict[str
         "person": crop.get("person", False),
         "box": crop.get("box"),
         "crop_function": functions.get("crop"),
-        "tags": params.get("tags") or [],
-        "labels": params.get("labels") or [],
     }
+    photo_tags = job.get("photo_tags") or _tag_fields({})
+    fields.update(photo_tags)
+    crop_tags = job.get("crop_tags")
+    fields["crop_tags"] = None if crop_tags is None else crop_tags["tags"]
+    fields["crop_labels"] = None if crop_tags is None else crop_tags["labels"]
+    fields["crop_tag_scores"] = None if crop_tags is None else crop_tags["tag_scores"]
     if crop.get("missing"):
         fields["missing"] = crop["missing"]
+    if crop.get("clipped"):
+        fields["clipped"] = crop["clipped"]
     record = _record(job, "catalog", functions, current_session_id(), **fields)
     sidecar = catalog / f"{job['stem']}{SIDECAR_SUFFIX}"
 
@@ -380,6 +444,9 @@ async def write_catalog(params: dict[str, Any], env: dict[str, Any]) -> dict[str
 
 
 def _reason(quality: dict[str, Any]) -> str:
+    if isinstance(quality.get("reason"), str):
+        return f"quality {quality['reason']}"
+    # a gate without its own reason (an older image_quality): the overall score and the lowest aspect
     aspects = {k: quality[k] for k in QUALITY_ASPECTS if isinstance(quality.get(k), int | float)}
     weakest = min(aspects, key=lambda k: aspects[k]) if aspects else None
     text = f"quality score {quality.get('score')} is below the threshold {quality.get('threshold')}"
@@ -445,6 +512,12 @@ def build_workflow(
         action(crop),
         function(tag_request),
         action(tag),
+        function(keep_photo_tags),
+        if_(
+            function(has_crop),
+            sequence(function(crop_tag_request), action(tag), function(keep_crop_tags)),
+            function(no_crop_tags),
+        ),
         function(write_catalog),
     )
     body = sequence(
@@ -452,7 +525,7 @@ def build_workflow(
         action(quality),
         if_(function(gate), catalogue, function(write_rejected)),
     )
-    functions = {"quality": quality, "crop": crop, "tag": tag}
+    functions = {"quality": quality, "crop": crop, "tag": tag, "crop_tag": tag}
     return let({"job": {}, "functions": functions}, try_(body, function(write_failed)))
 
 
