@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Final
 
-__all__ = ("ACTIVATION_LOGS", "load", "run_on_loop")
+__all__ = ("ACTIVATION_LOGS", "CLASS_ENTRY_POINTS", "defines_handler", "is_async", "load", "run_on_loop")
 
 #: how a class serves requests, in order of preference
 CLASS_ENTRY_POINTS: Final = ("__call__", "main")
@@ -61,7 +61,8 @@ def run_on_loop(fn: Callable[..., Any], *args: Any, logs: Any = None) -> Any:
     return asyncio.run_coroutine_threadsafe(bound(), _event_loop()).result()
 
 
-def _defines(cls: type, method: str) -> bool:
+def defines_handler(cls: type, method: str) -> bool:
+    """``method`` is defined by the class or a base other than ``object`` (whose ``__call__`` serves nothing)."""
     for klass in cls.__mro__:
         if klass is object:
             return False
@@ -70,7 +71,8 @@ def _defines(cls: type, method: str) -> bool:
     return False
 
 
-def _is_async(fn: Any) -> bool:
+def is_async(fn: Any) -> bool:
+    """A coroutine function, or an object whose ``__call__`` is one."""
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)
 
 
@@ -85,7 +87,7 @@ def load(
         setup = getattr(instance, "setup", None)
         if callable(setup):
             _call(setup, current_logs)
-        entry = next((m for m in CLASS_ENTRY_POINTS if _defines(type(instance), m)), None)
+        entry = next((m for m in CLASS_ENTRY_POINTS if defines_handler(type(instance), m)), None)
         if entry is None:
             raise TypeError(f"class {type(instance).__qualname__} has no __call__(self, args) or main(self, args)")
         handler = getattr(instance, entry)
@@ -97,7 +99,7 @@ def load(
 
     else:
         handler = obj
-    if _is_async(handler):
+    if is_async(handler):
         coroutine_fn = handler
 
         def on_loop(args: dict[str, Any]) -> Any:
@@ -108,6 +110,6 @@ def load(
 
 
 def _call(fn: Callable[[], Any], current_logs: Callable[[], Any]) -> Any:
-    if _is_async(fn):
+    if is_async(fn):
         return run_on_loop(fn, logs=current_logs())
     return fn()

@@ -27,6 +27,8 @@ import types
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final
 
+from minifaas_sandbox.callables import CLASS_ENTRY_POINTS, defines_handler, is_async
+
 from .._errors import DeployError
 from .bundle import Bundle
 
@@ -44,8 +46,6 @@ PICKLE_PROTOCOL: Final = 5
 MAX_CULPRIT_DEPTH: Final = 6
 #: a module the sandbox cannot import is sent by value; pickling again after registering it may name more
 MAX_BY_VALUE_PASSES: Final = 8
-#: the name deploy gives the instance method a class serves requests with, in order of preference
-CLASS_ENTRY_POINTS: Final = ("__call__", "main")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -65,7 +65,7 @@ class PickledCallable:
 def callable_kind(fn: Any) -> str:
     """``function``, ``async`` or ``class``; raises DeployError for what cannot serve requests."""
     if inspect.isclass(fn):
-        entry = next((m for m in CLASS_ENTRY_POINTS if _defines(fn, m)), None)
+        entry = next((m for m in CLASS_ENTRY_POINTS if defines_handler(fn, m)), None)
         if entry is None:
             raise DeployError(
                 f"class {fn.__qualname__} has no __call__(self, args) or main(self, args) method to serve requests"
@@ -74,21 +74,11 @@ def callable_kind(fn: Any) -> str:
     if not callable(fn):
         raise DeployError(f"cannot deploy {type(fn).__name__} object {fn!r}: it is not callable")
     target = fn.func if isinstance(fn, functools.partial) else fn
-    if inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(type(target).__call__):
+    if is_async(target):
         return "async"
     if inspect.isgeneratorfunction(target) or inspect.isasyncgenfunction(target):
         raise DeployError(f"cannot deploy generator function {_qualname(fn)}: main(args) must return a dict")
     return "function"
-
-
-def _defines(cls: type, method: str) -> bool:
-    """A method of the class or a base other than ``object``/``type`` (whose ``__call__`` is not a handler)."""
-    for klass in cls.__mro__:
-        if klass is object:
-            return False
-        if method in vars(klass) and callable(vars(klass)[method]):
-            return True
-    return False
 
 
 def _qualname(fn: Any) -> str:
