@@ -61,6 +61,7 @@ from ._errors import (
     PayloadTooLarge,
     TriggerError,
 )
+from ._httpguard import write_refusal
 from ._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ._metrics import Metrics
 
@@ -215,7 +216,8 @@ async def _read_json(request: Request, *, empty: object = None) -> Any:
 
 # -- auth and path normalization -----------------------------------------------------------------------------
 class _Gate:
-    """ASGI middleware: HTTP basic auth on all but ``/ping``; trailing slashes dropped from API paths."""
+    """ASGI middleware: HTTP basic auth on all but ``/ping``; cross-site and non-JSON writes refused (CSRF);
+    trailing slashes dropped from API paths."""
 
     def __init__(self, app: ASGIApp, auth: str | None) -> None:
         self.app = app
@@ -232,6 +234,10 @@ class _Gate:
         if path.startswith(API_PREFIX) and len(path) > 1 and path.endswith("/"):
             # the JS client of some versions asks for ``activations/{id}/``
             scope = dict(scope, path=path.rstrip("/"))
+        refusal = write_refusal(scope)
+        if refusal is not None:
+            await _error(*refusal)(scope, receive, send)
+            return
         if self.auth is not None and path != "/ping" and not self._authorized(scope):
             response = _error(
                 401, "The supplied authentication is invalid", {"WWW-Authenticate": 'Basic realm="minifaas"'}

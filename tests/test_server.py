@@ -560,3 +560,30 @@ def test_openwhisk_js_client(server: SimpleNamespace) -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ALL OK" in proc.stdout, proc.stdout
+
+
+# -- issue 24: browsers, abuse, correctness ------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("headers", "status", "fragment"),
+    [
+        pytest.param({"Content-Type": "text/plain"}, 415, "must be JSON", id="text-plain"),
+        pytest.param({"Content-Type": "application/x-www-form-urlencoded"}, 415, "must be JSON", id="form"),
+        pytest.param({"Origin": "http://evil.example"}, 403, "cross-site", id="foreign-origin"),
+        pytest.param({"Origin": "null"}, 403, "cross-site", id="null-origin"),
+        pytest.param({"Sec-Fetch-Site": "cross-site"}, 403, "cross-site", id="fetch-cross-site"),
+        pytest.param({"Sec-Fetch-Site": "same-site"}, 403, "cross-site", id="fetch-same-site"),
+    ],
+)
+def test_writes_refuse_cross_site_and_non_json(
+    http: httpx.Client, headers: dict[str, str], status: int, fragment: str, request: pytest.FixtureRequest
+) -> None:
+    name = "csrf_" + re.sub(r"\W", "_", request.node.callspec.id)
+    assert put_action(http, name, HELLO).status_code == 200
+    for method, path in (("POST", f"actions/{name}"), ("PUT", "triggers/csrf_t"), ("DELETE", "actions/x")):
+        r = http.request(method, f"{NS}/{path}", content=b"{}", headers=headers)
+        assert_error(r, status, fragment)
+    assert http.get(f"{NS}/activations", params={"name": name}).json() == []
+    # reads stay open to any origin's links; the server's own origin may write
+    assert http.get(f"{NS}/actions/{name}", headers=headers).status_code == 200
+    own = {"Origin": str(http.base_url).rstrip("/"), "Sec-Fetch-Site": "same-origin"}
+    assert http.post(f"{NS}/actions/{name}", json={}, headers=own, params={"blocking": "true"}).status_code == 200

@@ -8,10 +8,13 @@ measured page load times in ``load_times_ms.txt``. ``$MINIFAAS_CHROMIUM`` overri
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import http.server
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from functools import partial
@@ -581,5 +584,83 @@ def test_unknown_activation_page(browser_context: Any, live: Live) -> None:
         page.goto(live.base + "/ui/activations/0123456789abcdef0123456789abcdef")
         page.wait_for_selector(".empty")
         assert "Not found" in page.locator(".empty").inner_text()
+    finally:
+        page.close()
+
+
+# ------------------------------------------------------------------------------------------------ CSRF
+
+
+@contextlib.contextmanager
+def _second_origin(html: str) -> Iterator[str]:
+    """A page served by another origin (``localhost``, another port): what a hostile site would serve."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            data = html.encode("utf-8")
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://localhost:{httpd.server_address[1]}/"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def _greeted(live: Live, name: str) -> bool:
+    acts = live.run(live.engine.activations.list, "hello", limit=500)
+    return any(a.result == {"hi": name} for a in acts)
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [
+        pytest.param(
+            "<form id=f method=POST enctype=text/plain action='{url}'>"
+            "<input name='{{\"name\":\"csrf-form\",\"x\":\"' value='\"}}'></form>"
+            "<script>document.getElementById('f').submit()</script>",
+            id="text-plain-form",
+        ),
+        pytest.param(
+            "<form id=f method=POST action='{url}'><input name=name value=csrf-form></form>"
+            "<script>document.getElementById('f').submit()</script>",
+            id="urlencoded-form",
+        ),
+        pytest.param(
+            "<script>fetch('{url}', {{method: 'POST', mode: 'no-cors', credentials: 'include',"
+            " body: JSON.stringify({{name: 'csrf-form'}})}})</script>",
+            id="no-cors-fetch",
+        ),
+    ],
+)
+def test_another_site_cannot_invoke_through_a_logged_in_browser(browser_context: Any, live: Live, attack: str) -> None:
+    page = browser_context.new_page()  # not the `page` fixture: the browser logs the refused request
+    try:
+        page.goto(live.base + "/ui/")  # the user is logged in to the UI
+        # the server's own page may write: the browser sends its credential along (the attack's premise)
+        status = page.evaluate(
+            """async (url) => (await fetch(url, {method: 'POST', headers: {'content-type': 'application/json'},
+                   body: JSON.stringify({name: 'same-origin'})})).status""",
+            live.base + "/api/v1/namespaces/_/actions/hello?blocking=true",
+        )
+        assert status == 200
+        assert _greeted(live, "same-origin")
+        target = live.base + "/api/v1/namespaces/_/actions/hello?blocking=true"
+        with _second_origin(attack.format(url=target)) as evil:
+            with page.expect_response(lambda r: "/actions/hello" in r.url) as answer:
+                page.goto(evil)
+            assert answer.value.status == 403, answer.value.status
+        time.sleep(0.5)  # an accepted invocation would have ended by now (hello takes milliseconds)
+        assert not _greeted(live, "csrf-form")
     finally:
         page.close()
