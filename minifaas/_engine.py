@@ -43,6 +43,7 @@ from ._pool import KEEPALIVE_POLICIES, MAX_SANDBOXES_TOTAL, Pool
 from ._sandbox import HostService
 from ._scheduler import ENGINE_MAX_QUEUED, Scheduler
 from ._sessions import SessionStore
+from ._statedir import claim_state_dir, make_private
 from ._store import ActivationStore, open_store
 from ._triggers import TriggerManager
 from ._versions import ALIASES_FILE_NAME, AliasTable, Routing, split_ref
@@ -200,7 +201,7 @@ class Engine:
         if self._tg is not None:
             raise RuntimeError("the engine is already started")
         if self.state_dir is not None:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
+            claim_state_dir(self.state_dir, self.namespace)
             self._work_dir = self.state_dir / "bundles"
             self._work_dir.mkdir(exist_ok=True)
         else:
@@ -213,6 +214,7 @@ class Engine:
         self.recovered = self._store.recover()
         if self.state_dir is not None:
             self.sessions = SessionStore(self.state_dir / "sessions.sqlite3")
+            make_private(self.state_dir)
         self._launcher = self._make_launcher()
         tg = anyio.create_task_group()
         await tg.__aenter__()

@@ -64,6 +64,7 @@ from ._errors import (
 from ._httpguard import write_refusal
 from ._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ._metrics import Metrics
+from ._statedir import PRIVATE_DIR_MODE, write_private
 
 if TYPE_CHECKING:
     from ._engine import Engine
@@ -337,10 +338,8 @@ class _ActionStore:
         data = dumps(body.to_json())
 
         def write() -> None:
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp = folder / f".{name}.json.tmp"
-            tmp.write_bytes(data)
-            os.replace(tmp, folder / f"{name}.json")
+            folder.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
+            write_private(folder / f"{name}.json", data)
 
         await anyio.to_thread.run_sync(write)
 
@@ -873,14 +872,14 @@ async def _on_error(request: Request, exc: Exception) -> Response:
     return _error(500, f"internal error: {type(exc).__name__}: {exc}")
 
 
-def _webui_routes(engine: Engine) -> list[BaseRoute] | None:
+def _webui_routes(engine: Engine, namespace: str) -> list[BaseRoute] | None:
     try:
         mod = importlib.import_module("minifaas._webui")
     except ModuleNotFoundError as exc:
         if exc.name != "minifaas._webui":
             raise
         return None
-    routes: list[BaseRoute] = list(mod.routes(engine))
+    routes: list[BaseRoute] = list(mod.routes(engine, namespace=namespace))
     return routes
 
 
@@ -928,7 +927,7 @@ def create_app(
         Route(f"{ns}/sessions", api.list_sessions, methods=["GET"]),
         Route(f"{ns}/sessions/{{id}}", api.get_session, methods=["GET"]),
     ]
-    ui = _webui_routes(engine)
+    ui = _webui_routes(engine, namespace)
     routes += ui if ui is not None else [Route("/", api.index, methods=["GET"])]
 
     @contextlib.asynccontextmanager

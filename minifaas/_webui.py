@@ -115,6 +115,15 @@ def _session_or_none(engine: Engine, session_id: str | None) -> Session | None:
         return None
 
 
+async def _in_namespace(engine: Engine, activation_id: str, namespace: str) -> bool:
+    """Whether the activation (a session's id is its conductor's) is one of ``namespace``."""
+    try:
+        await engine.activations.get(activation_id, namespace=namespace)
+    except ActivationNotFound:
+        return False
+    return True
+
+
 async def _composition_json(engine: Engine, name: str) -> dict[str, Any] | None:
     """The deployed composition's JSON IR, when the engine describes it (used to label untaken branches)."""
     if not name:
@@ -324,8 +333,12 @@ def _anchor(steps: list[Step], untaken: str) -> int | None:
 # ---------------------------------------------------------------------------------------------- routes
 
 
-def routes(engine: Engine) -> list[BaseRoute]:
-    """The UI's routes, to mount at ``/`` of the dev server: pages under ``/ui``, JSON under ``/ui/api``."""
+def routes(engine: Engine, *, namespace: str | None = None) -> list[BaseRoute]:
+    """The UI's routes, to mount at ``/`` of the dev server: pages under ``/ui``, JSON under ``/ui/api``.
+
+    Records are read in ``namespace`` only (the server's; the engine's by default), as the REST API reads them.
+    """
+    ns = namespace or engine.namespace
     shell = (UI_DIR / "index.html").read_text(encoding="utf-8")
 
     async def page(request: Request) -> Response:
@@ -344,7 +357,7 @@ def routes(engine: Engine) -> list[BaseRoute]:
         counters = {k: v for k, v in stats.items() if isinstance(v, int | float | str) and not isinstance(v, bool)}
         return _json(
             {
-                "namespace": engine.namespace,
+                "namespace": ns,
                 "backend": engine.backend,
                 "started_at": engine.started_at,
                 "stats": counters,
@@ -378,7 +391,7 @@ def routes(engine: Engine) -> list[BaseRoute]:
         limit = _int_param(request, "limit", LIST_LIMIT_DEFAULT, 1, LIST_LIMIT_MAX)
         since = _int_param(request, "since", None, 0, 1 << 62)
         try:
-            acts = await engine.activations.list(name, limit=limit or LIST_LIMIT_DEFAULT, since=since)
+            acts = await engine.activations.list(name, limit=limit or LIST_LIMIT_DEFAULT, since=since, namespace=ns)
         except EngineClosed as e:
             return _error(503, str(e))
         return _json({"activations": [_summary(a) for a in acts]})
@@ -388,7 +401,7 @@ def routes(engine: Engine) -> list[BaseRoute]:
         if not ID_RE.match(aid):
             return _error(404, "no such activation")
         try:
-            act = await engine.activations.get(aid)
+            act = await engine.activations.get(aid, namespace=ns)
         except ActivationNotFound as e:
             return _error(404, str(e))
         except EngineClosed as e:
@@ -418,7 +431,7 @@ def routes(engine: Engine) -> list[BaseRoute]:
         store = engine.sessions
         name = request.query_params.get("name") or None
         limit = _int_param(request, "limit", LIST_LIMIT_DEFAULT, 1, LIST_LIMIT_MAX)
-        found = store.list(name, limit=limit or LIST_LIMIT_DEFAULT)
+        found = [s for s in store.list(name, limit=limit or LIST_LIMIT_DEFAULT) if await _in_namespace(engine, s.session_id, ns)]
         return _json(
             {
                 "sessions": [
@@ -440,6 +453,8 @@ def routes(engine: Engine) -> list[BaseRoute]:
     async def api_session(request: Request) -> Response:
         sid = request.path_params["session_id"]
         session = _session_or_none(engine, sid) if ID_RE.match(sid) else None
+        if session is not None and not await _in_namespace(engine, sid, ns):
+            session = None
         if session is None:
             return _error(404, f"no session {sid!r}")
         comp = await _composition_json(engine, session.name)

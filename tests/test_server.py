@@ -42,9 +42,11 @@ HEX32 = re.compile(r"^[0-9a-f]{32}$")
 
 
 @contextlib.asynccontextmanager
-async def serving(state_dir: Path | None = None) -> AsyncIterator[tuple[minifaas.Engine, ServerHandle]]:
+async def serving(
+    state_dir: Path | None = None, namespace: str = "guest"
+) -> AsyncIterator[tuple[minifaas.Engine, ServerHandle]]:
     """An engine and its server on a free port; a trigger manager is attached if the engine has none."""
-    async with minifaas.Engine(state_dir=state_dir) as engine, anyio.create_task_group() as tg:
+    async with minifaas.Engine(state_dir=state_dir, namespace=namespace) as engine, anyio.create_task_group() as tg:
         own: TriggerManager | None = None
         if getattr(engine, "triggers", None) is None:
             own = TriggerManager(engine.submit, state_dir=None, task_group=tg)
@@ -59,10 +61,10 @@ async def serving(state_dir: Path | None = None) -> AsyncIterator[tuple[minifaas
 
 
 @contextlib.contextmanager
-def server_thread(state_dir: Path | None = None) -> Iterator[SimpleNamespace]:
+def server_thread(state_dir: Path | None = None, namespace: str = "guest") -> Iterator[SimpleNamespace]:
     with (
         start_blocking_portal("asyncio") as portal,
-        portal.wrap_async_context_manager(serving(state_dir)) as (
+        portal.wrap_async_context_manager(serving(state_dir, namespace)) as (
             engine,
             handle,
         ),
@@ -587,3 +589,25 @@ def test_writes_refuse_cross_site_and_non_json(
     assert http.get(f"{NS}/actions/{name}", headers=headers).status_code == 200
     own = {"Origin": str(http.base_url).rstrip("/"), "Sec-Fetch-Site": "same-origin"}
     assert http.post(f"{NS}/actions/{name}", json={}, headers=own, params={"blocking": "true"}).status_code == 200
+
+
+def test_state_dir_belongs_to_one_namespace_and_is_private(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    secret = [{"key": "api_key", "value": "sk-first-namespace"}]
+    with server_thread(state) as first, client(first.handle) as http:
+        assert put_action(http, "keyed", HELLO, parameters=secret).status_code == 200
+        assert http.put(f"{NS}/triggers/tok", json={"parameters": [{"key": "token", "value": "t0k"}]}).status_code == 200
+        assert http.post(f"{NS}/actions/keyed", params={"blocking": "true"}).status_code == 200
+    # the same state dir under another namespace is refused: it would show the first one's key and token
+    with pytest.raises(minifaas.StateDirConflict, match="belongs to namespace 'guest'"):
+        with server_thread(state, namespace="alice"):
+            pass
+    with server_thread(state) as again, client(again.handle) as http:
+        params = http.get(f"{NS}/actions/keyed").json()["parameters"]
+        assert params == secret
+    assert state.stat().st_mode & 0o777 == 0o700
+    files = [p for p in state.rglob("*") if p.is_file() and "bundles" not in p.parts]
+    assert any(p.name == "keyed.json" for p in files) and any(p.suffix == ".sqlite3" for p in files)
+    for p in files:
+        if p.name == "keyed.json" or ".sqlite3" in p.name or p.parent.name == "triggers":
+            assert p.stat().st_mode & 0o777 == 0o600, p

@@ -664,3 +664,21 @@ def test_another_site_cannot_invoke_through_a_logged_in_browser(browser_context:
         assert not _greeted(live, "csrf-form")
     finally:
         page.close()
+
+
+def test_ui_api_reads_only_its_namespace(client: httpx.Client, live: Live, warm: dict[str, Any]) -> None:
+    from minifaas._activation import Activation, new_activation_id, now_ms
+
+    other = Activation(
+        new_activation_id(), "hello", namespace="intruder", status="success", start=now_ms(), end=now_ms(),
+        result={"secret": "of another namespace"}, logs=["theirs"],
+    )
+    live.run(live.engine._store.put, other)
+    # the record is there: the engine reads every namespace when asked to
+    assert live.run(live.engine.activations.get, other.activation_id).namespace == "intruder"
+    listed = client.get("/ui/api/activations", params={"limit": 500}).json()["activations"]
+    assert listed and other.activation_id not in {a["activation_id"] for a in listed}
+    assert client.get(f"/ui/api/activations/{other.activation_id}").status_code == 404
+    # REST agrees
+    r = client.get(f"/api/v1/namespaces/_/activations/{other.activation_id}")
+    assert r.status_code == 404
