@@ -29,7 +29,6 @@ import importlib
 import json
 import logging
 import math
-import os
 import secrets
 import socket
 import string
@@ -43,7 +42,7 @@ import anyio
 import anyio.abc
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -61,6 +60,7 @@ from ._errors import (
     PayloadTooLarge,
     TriggerError,
 )
+from ._function import MAX_PAYLOAD_BYTES
 from ._httpguard import write_refusal
 from ._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ._metrics import Metrics
@@ -80,9 +80,15 @@ BLOCKING_WAIT_MAX_S: Final = 60.0
 BLOCKING_GRACE_S: Final = 5.0
 #: request bodies above this are refused at once (an action's code may be 48 MiB, base64 makes it 64)
 MAX_REQUEST_BYTES: Final = 72 << 20
+#: bodies of trigger and rule writes and of trigger fires (an action's invoke body is capped at its payload limit)
+MAX_SMALL_BODY_BYTES: Final = 1 << 20
+#: request body bytes held by all requests together (a few action uploads at once, not hundreds)
+MAX_BODY_BYTES_IN_FLIGHT: Final = 256 << 20
 LIST_LIMIT_DEFAULT: Final = 30
 LIST_LIMIT_MAX: Final = 200
 COUNT_LIMIT: Final = 1_000_000
+#: integer query parameters (skip, since, upto) fit SQLite's signed 64-bit integers
+QUERY_INT_MAX: Final = (1 << 63) - 1
 SUPPORTED_KINDS: Final = ("python:3", "python:3.11", "python:default")
 DEFAULT_KIND: Final = "python:3"
 AUTH_KEY_CHARS: Final = 64
@@ -93,6 +99,9 @@ LOG_LIMIT_UNIT_BYTES: Final = 1 << 20  # OpenWhisk's ``limits.logs`` is in MB
 NOT_FOUND: Final = "The requested resource does not exist."
 ZIP_MAGIC: Final = b"PK\x03\x04"
 WS_POLICY_VIOLATION: Final = 1008
+INTERNAL_ERROR_MESSAGE: Final = "The server met an internal error; its log names it by the code below."
+#: nginx's status for a request whose client went away (never read by anyone, but logged by proxies)
+CLIENT_CLOSED_STATUS: Final = 499
 
 logger = logging.getLogger("minifaas.server")
 
@@ -184,8 +193,9 @@ def _int_arg(request: Request, name: str, default: int | None, lo: int = 0, hi: 
         value = int(raw)
     except ValueError:
         raise ApiError(400, f"query parameter {name!r} must be an integer, got {raw!r}") from None
-    if value < lo or (hi is not None and value > hi):
-        raise ApiError(400, f"query parameter {name!r} must be between {lo} and {hi}, got {value}")
+    top = QUERY_INT_MAX if hi is None else hi
+    if value < lo or value > top:
+        raise ApiError(400, f"query parameter {name!r} must be between {lo} and {top}, got {value}")
     return value
 
 
@@ -195,24 +205,50 @@ def _limit(request: Request) -> int:
     return limit or LIST_LIMIT_MAX  # OpenWhisk: 0 means the maximum
 
 
-async def _read_json(request: Request, *, empty: object = None) -> Any:
+class _BodyBudget:
+    """The request body bytes all requests hold at once, capped: many large bodies together answer 503."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.held = 0
+
+    def take(self, n: int) -> None:
+        if self.held + n > self.max_bytes:
+            raise ApiError(503, "The server holds too many request bytes right now; retry later.", {"Retry-After": "1"})
+        self.held += n
+
+    def give(self, n: int) -> None:
+        self.held -= n
+
+
+async def _read_json(
+    request: Request, budget: _BodyBudget, *, max_bytes: int = MAX_REQUEST_BYTES, empty: object = None
+) -> Any:
+    """The body as JSON, refused (413) as soon as it passes ``max_bytes``: nothing larger is ever held."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_REQUEST_BYTES:
-        raise ApiError(413, f"The request content is {declared} bytes, over the {MAX_REQUEST_BYTES} byte limit.")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise ApiError(413, f"The request content is {declared} bytes, over the {max_bytes} byte limit.")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_REQUEST_BYTES:
-            raise ApiError(413, f"The request content is over the {MAX_REQUEST_BYTES} byte limit.")
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    if not body.strip():
-        return empty
     try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"The request content was malformed: {exc}") from None
+        async for chunk in request.stream():
+            budget.take(len(chunk))
+            size += len(chunk)
+            if size > max_bytes:
+                raise ApiError(413, f"The request content is over the {max_bytes} byte limit.")
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        del chunks
+        if not body.strip():
+            return empty
+        try:
+            return json.loads(body)
+        except RecursionError:
+            raise ApiError(400, "The request content was malformed: JSON nested too deeply.") from None
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"The request content was malformed: {exc}") from None
+    finally:
+        budget.give(size)
 
 
 # -- auth and path normalization -----------------------------------------------------------------------------
@@ -370,6 +406,7 @@ class _Api:
         state_dir = getattr(engine, "state_dir", None)
         self.actions = _ActionStore(Path(state_dir) / ACTIONS_SUBDIR if state_dir is not None else None)
         self.metrics = Metrics(engine)
+        self.budget = _BodyBudget(MAX_BODY_BYTES_IN_FLIGHT)
         self._lock = anyio.Lock()
         self._restored = False
 
@@ -521,7 +558,7 @@ class _Api:
     async def put_action(self, request: Request) -> Response:
         self.ns(request)
         name = str(request.path_params["name"])
-        doc = await _read_json(request)
+        doc = await _read_json(request, self.budget)
         async with self._lock:
             exists = await self._exists(name)
             if exists and not _flag(request, "overwrite"):
@@ -558,7 +595,11 @@ class _Api:
     async def invoke(self, request: Request) -> Response:
         self.ns(request)
         name = str(request.path_params["name"])
-        args = await _read_json(request, empty={})
+        # the action's payload limit caps the body while it streams in: a larger one is never parsed
+        info = await self.engine.get_function(name)
+        limits = info.get("limits") or {}
+        max_bytes = int(limits.get("max_payload_bytes", MAX_PAYLOAD_BYTES))
+        args = await _read_json(request, self.budget, max_bytes=max_bytes, empty={})
         if not isinstance(args, dict):
             raise ApiError(400, "The request content must be a JSON object of parameters.")
         blocking = _flag(request, "blocking")
@@ -568,8 +609,7 @@ class _Api:
         if not blocking:
             return _json({"activationId": act_id}, 202, headers)
         wait_s = self.blocking_wait_s
-        with contextlib.suppress(MinifaasError):
-            limits = (await self.engine.get_function(name))["limits"]
+        if "timeout_s" in limits:
             wait_s = min(wait_s, float(limits["timeout_s"]) + BLOCKING_GRACE_S)
         if timeout_ms is not None:
             wait_s = min(wait_s, timeout_ms / 1000)
@@ -664,7 +704,7 @@ class _Api:
         self.ns(request)
         tm = self._triggers()
         name = str(request.path_params["name"])
-        doc = await _read_json(request, empty={})
+        doc = await _read_json(request, self.budget, max_bytes=MAX_SMALL_BODY_BYTES, empty={})
         if not isinstance(doc, dict):
             raise ApiError(400, "The request content must be a JSON object.")
         params = _from_kv(doc.get("parameters"), "parameters")
@@ -714,7 +754,7 @@ class _Api:
         tm = self._triggers()
         name = str(request.path_params["name"])
         self._lookup(tm.get_trigger, name)
-        payload = await _read_json(request, empty={})
+        payload = await _read_json(request, self.budget, max_bytes=MAX_SMALL_BODY_BYTES, empty={})
         if not isinstance(payload, dict):
             raise ApiError(400, "The trigger payload must be a JSON object.")
         enabled = [r for r in tm.list_rules(name) if r.enabled]
@@ -729,7 +769,7 @@ class _Api:
         self.ns(request)
         tm = self._triggers()
         name = str(request.path_params["name"])
-        doc = await _read_json(request, empty={})
+        doc = await _read_json(request, self.budget, max_bytes=MAX_SMALL_BODY_BYTES, empty={})
         if not isinstance(doc, dict):
             raise ApiError(400, "The request content must be a JSON object {trigger, action}.")
         trigger = self._short(doc.get("trigger"), "trigger")
@@ -751,7 +791,7 @@ class _Api:
         tm = self._triggers()
         name = str(request.path_params["name"])
         self._lookup(tm.get_rule, name)
-        doc = await _read_json(request, empty={})
+        doc = await _read_json(request, self.budget, max_bytes=MAX_SMALL_BODY_BYTES, empty={})
         status = doc.get("status") if isinstance(doc, dict) else None
         if status == "active":
             rule = tm.enable_rule(name)
@@ -868,8 +908,16 @@ async def _on_error(request: Request, exc: Exception) -> Response:
     for cls, status in _ERROR_STATUS:
         if isinstance(exc, cls):
             return _error(status, str(exc))
-    logger.exception("unexpected error answering %s %s", request.method, request.url.path)
-    return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+    if isinstance(exc, ClientDisconnect):
+        # nobody reads this answer: the client went away while sending its request
+        logger.info("client disconnected during %s %s", request.method, request.url.path)
+        return Response(status_code=CLIENT_CLOSED_STATUS)
+    if isinstance(exc, RecursionError):
+        return _error(400, "The request content was malformed: nested too deeply.")
+    # the message names the code to find in the log; exception text stays in the log, not in the answer
+    code = secrets.token_hex(16)
+    logger.error("unexpected error %s answering %s %s", code, request.method, request.url.path, exc_info=exc)
+    return _json({"error": INTERNAL_ERROR_MESSAGE, "code": code}, 500)
 
 
 def _webui_routes(engine: Engine, namespace: str) -> list[BaseRoute] | None:

@@ -431,7 +431,8 @@ def routes(engine: Engine, *, namespace: str | None = None) -> list[BaseRoute]:
         store = engine.sessions
         name = request.query_params.get("name") or None
         limit = _int_param(request, "limit", LIST_LIMIT_DEFAULT, 1, LIST_LIMIT_MAX)
-        found = [s for s in store.list(name, limit=limit or LIST_LIMIT_DEFAULT) if await _in_namespace(engine, s.session_id, ns)]
+        listed = store.list(name, limit=limit or LIST_LIMIT_DEFAULT)
+        found = [s for s in listed if await _in_namespace(engine, s.session_id, ns)]
         return _json(
             {
                 "sessions": [

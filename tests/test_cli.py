@@ -402,7 +402,9 @@ def test_basic_auth_is_never_sent_in_clear_beyond_loopback(tmp_path: Path) -> No
     assert "refusing to send credentials over plain http" in proc.stderr, proc.stderr
 
 
-def test_user_text_is_printed_verbatim(cli: functools.partial[subprocess.CompletedProcess[str]], tmp_path: Path) -> None:
+def test_user_text_is_printed_verbatim(
+    cli: functools.partial[subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
     # the server's 400 quotes the bad name: rich took `[/x]` for a closing tag and crashed
     proc = cli("invoke", "a[/x]")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -596,12 +597,15 @@ def test_state_dir_belongs_to_one_namespace_and_is_private(tmp_path: Path) -> No
     secret = [{"key": "api_key", "value": "sk-first-namespace"}]
     with server_thread(state) as first, client(first.handle) as http:
         assert put_action(http, "keyed", HELLO, parameters=secret).status_code == 200
-        assert http.put(f"{NS}/triggers/tok", json={"parameters": [{"key": "token", "value": "t0k"}]}).status_code == 200
+        token = [{"key": "token", "value": "t0k"}]
+        assert http.put(f"{NS}/triggers/tok", json={"parameters": token}).status_code == 200
         assert http.post(f"{NS}/actions/keyed", params={"blocking": "true"}).status_code == 200
     # the same state dir under another namespace is refused: it would show the first one's key and token
-    with pytest.raises(minifaas.StateDirConflict, match="belongs to namespace 'guest'"):
-        with server_thread(state, namespace="alice"):
-            pass
+    with (
+        pytest.raises(minifaas.StateDirConflict, match="belongs to namespace 'guest'"),
+        server_thread(state, namespace="alice"),
+    ):
+        pass
     with server_thread(state) as again, client(again.handle) as http:
         params = http.get(f"{NS}/actions/keyed").json()["parameters"]
         assert params == secret
@@ -611,3 +615,136 @@ def test_state_dir_belongs_to_one_namespace_and_is_private(tmp_path: Path) -> No
     for p in files:
         if p.name == "keyed.json" or ".sqlite3" in p.name or p.parent.name == "triggers":
             assert p.stat().st_mode & 0o777 == 0o600, p
+
+
+@contextlib.contextmanager
+def serve_process(
+    tmp_path: Path, *, nofile: int | None = None, env: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen[bytes], httpx.Client]]:
+    """``minifaas serve`` in its own process (own memory, own fd limit), with a client logged in to it."""
+    import resource
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    auth = new_auth()
+
+    def limit_fds() -> None:
+        if nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+    log = (tmp_path / "serve.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "minifaas._cli", "serve", "--port", str(port), "--auth", auth],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
+        preexec_fn=limit_fds,
+    )
+    user, _, key = auth.partition(":")
+    http = httpx.Client(base_url=f"http://127.0.0.1:{port}", auth=(user, key), timeout=30)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                if http.get("/ping").status_code == 200:
+                    break
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.1)
+        yield proc, http
+    finally:
+        http.close()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        log.close()
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_a_huge_invoke_body_is_refused_while_it_streams(tmp_path: Path) -> None:
+    chunk = b"{}," * (1 << 18)  # 768 KiB of empty objects: parsed, each becomes a dict of ~64 bytes
+
+    def body() -> Iterator[bytes]:
+        yield b'{"a": ['
+        for _ in range(70 << 20 // len(chunk)):
+            yield chunk
+        yield b"{}]}"
+
+    with serve_process(tmp_path) as (proc, http):
+        assert put_action(http, "sink", HELLO).status_code == 200
+        before_mb = _peak_rss_mb(proc.pid)
+        try:
+            r = http.post(f"{NS}/actions/sink", content=body(), headers={"Content-Type": "application/json"})
+        except (httpx.WriteError, httpx.RemoteProtocolError, httpx.ReadError):
+            r = None  # the server answered 413 and closed while the client was still sending
+        if r is not None:
+            assert_error(r, 413, "byte limit")
+        grown_mb = _peak_rss_mb(proc.pid) - before_mb
+        assert grown_mb < 100, f"the server grew by {grown_mb:.0f} MB for a refused body"
+        # a PUT of an action keeps its large cap: a 3 MB source is accepted
+        big = HELLO + "#" + "x" * (3 << 20) + "\n"
+        assert put_action(http, "big_source", big).status_code == 200
+        # the cap is the action's payload limit, not a server-wide one
+        assert put_action(http, "tiny", HELLO, limits={"payload": 1000}).status_code == 200
+        assert_error(http.post(f"{NS}/actions/tiny", json={"name": "x" * 2000}), 413, "1000 byte limit")
+        assert http.post(f"{NS}/actions/tiny", json={"name": "ok"}).status_code == 202
+
+
+@pytest.mark.parametrize("depth", [600, 2_000, 100_000], ids=["600", "2000", "100000"])
+def test_deep_json_is_a_400(http: httpx.Client, depth: int) -> None:
+    put_action(http, "deep", HELLO, overwrite=True)
+    deep = '{"a": ' + "[" * depth + "]" * depth + "}"
+    for method, path in (("POST", "actions/deep"), ("PUT", "actions/deep2"), ("PUT", "triggers/deep")):
+        r = http.request(method, f"{NS}/{path}", content=deep, headers={"Content-Type": "application/json"})
+        assert r.status_code in (400, 200, 202), r.text
+        if r.status_code == 400:
+            assert_error(r, 400)
+            assert "Traceback" not in r.text and "RecursionError" not in r.text
+
+
+@pytest.mark.parametrize("param", ["skip", "since", "upto", "limit"])
+def test_huge_query_integers_are_400(http: httpx.Client, param: str) -> None:
+    paths = ("activations",) if param in ("since", "upto") else ("activations", "actions", "triggers", "rules")
+    for path in paths:
+        r = http.get(f"{NS}/{path}", params={param: str(1 << 64)})
+        assert_error(r, 400, param)
+
+
+def test_internal_errors_carry_no_internals() -> None:
+    from starlette.requests import Request
+
+    from minifaas._server import _on_error
+
+    request = Request({"type": "http", "method": "GET", "path": "/x", "headers": [], "query_string": b""})
+    response = anyio.run(_on_error, request, KeyError("limits: /secret/path"))
+    assert response.status_code == 500
+    body = json.loads(bytes(response.body))
+    assert set(body) == {"error", "code"} and "secret" not in body["error"] and "KeyError" not in body["error"]
+
+
+def test_client_gone_mid_upload_is_logged_plainly(
+    server: SimpleNamespace, http: httpx.Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    put_action(http, "upload_target", HELLO, overwrite=True)
+    user, _, key = server.handle.auth.partition(":")
+    token = base64.b64encode(f"{user}:{key}".encode()).decode()
+    caplog.set_level(logging.INFO, logger="minifaas.server")
+    with socket.create_connection((server.handle.host, server.handle.port)) as s:
+        s.sendall(
+            f"PUT {NS}/actions/upload_target?overwrite=true HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {token}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{\"exec\": ".encode()
+        )
+        time.sleep(0.3)
+    deadline = time.monotonic() + 10
+    while not any("client disconnected" in r.getMessage() for r in caplog.records):
+        assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
+        time.sleep(0.05)
+    assert not any(r.exc_info or r.levelno >= logging.ERROR for r in caplog.records), caplog.text

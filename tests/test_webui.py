@@ -627,7 +627,7 @@ def _greeted(live: Live, name: str) -> bool:
     [
         pytest.param(
             "<form id=f method=POST enctype=text/plain action='{url}'>"
-            "<input name='{{\"name\":\"csrf-form\",\"x\":\"' value='\"}}'></form>"
+            '<input name=\'{{"name":"csrf-form","x":"\' value=\'"}}\'></form>'
             "<script>document.getElementById('f').submit()</script>",
             id="text-plain-form",
         ),
@@ -670,8 +670,14 @@ def test_ui_api_reads_only_its_namespace(client: httpx.Client, live: Live, warm:
     from minifaas._activation import Activation, new_activation_id, now_ms
 
     other = Activation(
-        new_activation_id(), "hello", namespace="intruder", status="success", start=now_ms(), end=now_ms(),
-        result={"secret": "of another namespace"}, logs=["theirs"],
+        new_activation_id(),
+        "hello",
+        namespace="intruder",
+        status="success",
+        start=now_ms(),
+        end=now_ms(),
+        result={"secret": "of another namespace"},
+        logs=["theirs"],
     )
     live.run(live.engine._store.put, other)
     # the record is there: the engine reads every namespace when asked to
