@@ -740,7 +740,7 @@ def test_client_gone_mid_upload_is_logged_plainly(
     with socket.create_connection((server.handle.host, server.handle.port)) as s:
         s.sendall(
             f"PUT {NS}/actions/upload_target?overwrite=true HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {token}\r\n"
-            "Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{\"exec\": ".encode()
+            'Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{"exec": '.encode()
         )
         time.sleep(0.3)
     deadline = time.monotonic() + 10
