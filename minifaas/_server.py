@@ -1046,8 +1046,11 @@ async def serve(
     """
     import uvicorn  # only the server needs it, not the CLI client
 
+    from ._connguard import connection_cap, guarded_protocol, raise_fd_limit
+
     auth = auth or new_auth()
     app = create_app(engine, auth=auth, namespace=namespace or engine.namespace, blocking_wait_s=blocking_wait_s)
+    max_connections = connection_cap(raise_fd_limit())
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto must say TCP: asyncio only sets TCP_NODELAY on accepted sockets that do, and without it a
     # keep-alive client waits out a 40 ms delayed ACK between uvicorn's header and body writes
@@ -1065,6 +1068,8 @@ async def serve(
             access_log=False,
             timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
             server_header=False,
+            http=guarded_protocol(max_connections=max_connections),
+            limit_concurrency=max_connections,
         )
         server = _quiet_server(uvicorn.Server)(config)
         failed: list[BaseException] = []

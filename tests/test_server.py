@@ -748,3 +748,48 @@ def test_client_gone_mid_upload_is_logged_plainly(
         assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
         time.sleep(0.05)
     assert not any(r.exc_info or r.levelno >= logging.ERROR for r in caplog.records), caplog.text
+
+
+def test_idle_connections_cannot_starve_the_server_under_a_low_fd_limit(tmp_path: Path) -> None:
+    import resource
+
+    from minifaas._connguard import HEADER_TIMEOUT_S
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1_400:
+        pytest.skip(f"this test needs 1,400 descriptors, the hard limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1_400), hard))
+    idle: list[socket.socket] = []
+    try:
+        with serve_process(tmp_path, nofile=1024) as (proc, http):
+            for _ in range(1_100):
+                s = socket.socket()
+                s.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    s.connect(("127.0.0.1", http.base_url.port or 0))
+                idle.append(s)
+            time.sleep(1)
+            for i, s in enumerate(idle):
+                if i % 2:  # half of them send half a request head, and nothing more
+                    with contextlib.suppress(OSError):
+                        s.send(b"GET /ping HTTP/1.1\r\nHost: x\r\n")
+            # /ping answers again once the idle connections are cut (the server holds none for ever)
+            t0 = time.monotonic()
+            answered = False
+            while time.monotonic() - t0 < HEADER_TIMEOUT_S + 20:
+                try:
+                    with httpx.Client(timeout=2) as fresh:
+                        answered = fresh.get(f"{http.base_url}/ping").status_code == 200
+                except httpx.TransportError:
+                    answered = False
+                if answered:
+                    break
+                time.sleep(0.2)
+            assert answered, f"/ping did not answer within {HEADER_TIMEOUT_S + 20} s with 1,100 idle connections"
+            assert proc.poll() is None
+            fds = len(os.listdir(f"/proc/{proc.pid}/fd"))
+            assert fds < 1024, fds
+    finally:
+        for s in idle:
+            s.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
