@@ -91,6 +91,8 @@ COUNT_LIMIT: Final = 1_000_000
 QUERY_INT_MAX: Final = (1 << 63) - 1
 SUPPORTED_KINDS: Final = ("python:3", "python:3.11", "python:default")
 DEFAULT_KIND: Final = "python:3"
+#: ``exec.kind`` of a composition (deployed with the composer, run by the conductor) in the actions API
+COMPOSITION_KIND: Final = "composition"
 AUTH_KEY_CHARS: Final = 64
 SHUTDOWN_GRACE_S: Final = 5
 STARTUP_POLL_S: Final = 0.005
@@ -451,7 +453,26 @@ class _Api:
         return n
 
     # -- actions ---------------------------------------------------------------------------------------------
+    def _composition_json(self, info: dict[str, Any], *, code: bool) -> dict[str, Any]:
+        """A composition as OpenWhisk shows a conductor action: its IR instead of code, no sandbox limits."""
+        exec_: dict[str, Any] = {"kind": COMPOSITION_KIND, "binary": False, "components": info.get("actions", [])}
+        if code and "composition" in info:
+            exec_["composition"] = info["composition"]
+        return {
+            "namespace": self.namespace,
+            "name": info["name"],
+            "version": "0.0.1",
+            "publish": False,
+            "exec": exec_,
+            "annotations": _kv({"exec": COMPOSITION_KIND, "conductor": True}),
+            "parameters": [],
+            "limits": {},
+            "updated": 0,
+        }
+
     def _action_json(self, info: dict[str, Any], *, code: bool = True) -> dict[str, Any]:
+        if info.get("kind") == COMPOSITION_KIND:
+            return self._composition_json(info, code=code)
         body = self.actions.bodies.get(info["name"])
         limits = info["limits"]
         kind = body.kind if body is not None else DEFAULT_KIND

@@ -793,3 +793,24 @@ def test_idle_connections_cannot_starve_the_server_under_a_low_fd_limit(tmp_path
         for s in idle:
             s.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_compositions_have_their_own_shape_in_the_actions_api(server: SimpleNamespace, http: httpx.Client) -> None:
+    from minifaas import _composer as c
+
+    put_action(http, "comp_step", HELLO, overwrite=True)
+    server.portal.call(server.engine.deploy_composition, "twice", c.sequence("comp_step", "comp_step"))
+    listed = http.get(f"{NS}/actions", params={"limit": 200})
+    assert listed.status_code == 200, listed.text
+    shapes = {a["name"]: a for a in listed.json()}
+    assert shapes["twice"]["exec"]["kind"] == "composition" and shapes["twice"]["limits"] == {}
+    assert shapes["comp_step"]["exec"]["kind"] == "python:3"
+    one = http.get(f"{NS}/actions/twice")
+    assert one.status_code == 200, one.text
+    assert one.json()["exec"]["composition"]["composition"]["type"] == "sequence"
+    before = len(server.engine.sessions.list("twice", limit=100))
+    r = http.post(f"{NS}/actions/twice", params={"blocking": "true", "result": "true"}, json={"name": "Ada"})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"hi": None}  # the second step saw the first one's result
+    assert len(server.engine.sessions.list("twice", limit=100)) == before + 1  # ran once, not retried
+    assert http.delete(f"{NS}/actions/twice").status_code == 200
