@@ -91,6 +91,8 @@ COUNT_LIMIT: Final = 1_000_000
 QUERY_INT_MAX: Final = (1 << 63) - 1
 SUPPORTED_KINDS: Final = ("python:3", "python:3.11", "python:default")
 DEFAULT_KIND: Final = "python:3"
+#: a trigger's fires per minute when its PUT names none (the trigger manager's default)
+TRIGGER_RATE_DEFAULT: Final = 60
 #: ``exec.kind`` of a composition (deployed with the composer, run by the conductor) in the actions API
 COMPOSITION_KIND: Final = "composition"
 AUTH_KEY_CHARS: Final = 64
@@ -731,20 +733,33 @@ class _Api:
         params = _from_kv(doc.get("parameters"), "parameters")
         annotations = _from_kv(doc.get("annotations"), "annotations")
         limits = doc.get("limits") or {}
-        rate = limits.get("rate_per_minute", 60) if isinstance(limits, dict) else 60
+        if not isinstance(limits, dict):
+            raise ApiError(400, "limits must be an object {rate_per_minute}.")
+        rate = limits.get("rate_per_minute", TRIGGER_RATE_DEFAULT)
+        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int) or rate < 1):
+            raise ApiError(400, f"limits.rate_per_minute must be a positive integer or null, got {rate!r}")
         async with self._lock:
-            rules = []
-            if name in {t.name for t in tm.list_triggers()}:
-                if not _flag(request, "overwrite"):
-                    raise ApiError(409, f"resource already exists: trigger {name!r} (use ?overwrite=true)")
-                if tm.list_feeds(name):
-                    raise ApiError(409, f"trigger {name!r} has feeds: delete and create it again to change it")
-                # the manager has no update: re-create it with its rules (deleting a trigger drops its rules)
-                rules = tm.list_rules(name)
-                tm.delete_trigger(name)
-            trigger = tm.create_trigger(name, params=params, annotations=annotations, rate_per_minute=rate)
-            for r in rules:
-                tm.create_rule(r.name, r.trigger, r.action, enabled=r.enabled)
+            if name not in {t.name for t in tm.list_triggers()}:
+                trigger = tm.create_trigger(name, params=params, annotations=annotations, rate_per_minute=rate)
+                return _json(self._trigger_json(tm, trigger))
+            if not _flag(request, "overwrite"):
+                raise ApiError(409, f"resource already exists: trigger {name!r} (use ?overwrite=true)")
+            if tm.list_feeds(name):
+                raise ApiError(409, f"trigger {name!r} has feeds: delete and create it again to change it")
+            # the manager has no update: re-create it with its rules (deleting a trigger drops its rules),
+            # and put the old one back if the new one is refused after all
+            old, rules = tm.get_trigger(name), tm.list_rules(name)
+            tm.delete_trigger(name)
+            try:
+                trigger = tm.create_trigger(name, params=params, annotations=annotations, rate_per_minute=rate)
+            except MinifaasError:
+                tm.create_trigger(
+                    name, params=old.params, annotations=old.annotations, rate_per_minute=old.rate_per_minute
+                )
+                raise
+            finally:
+                for r in rules:
+                    tm.create_rule(r.name, r.trigger, r.action, enabled=r.enabled)
         return _json(self._trigger_json(tm, trigger))
 
     async def get_trigger(self, request: Request) -> Response:
@@ -800,11 +815,17 @@ class _Api:
             raise ApiError(400, f"status must be 'active' or 'inactive', got {status!r}")
         self._lookup(tm.get_trigger, trigger)
         async with self._lock:
-            if name in {r.name for r in tm.list_rules()}:
+            old = next((r for r in tm.list_rules() if r.name == name), None)
+            if old is not None:
                 if not _flag(request, "overwrite"):
                     raise ApiError(409, f"resource already exists: rule {name!r} (use ?overwrite=true)")
                 tm.delete_rule(name)
-            rule = tm.create_rule(name, trigger, action, enabled=status == "active")
+            try:
+                rule = tm.create_rule(name, trigger, action, enabled=status == "active")
+            except MinifaasError:
+                if old is not None:  # a refused update leaves the rule as it was
+                    tm.create_rule(old.name, old.trigger, old.action, enabled=old.enabled)
+                raise
         return _json(self._rule_json(rule))
 
     async def set_rule_status(self, request: Request) -> Response:

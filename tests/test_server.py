@@ -814,3 +814,31 @@ def test_compositions_have_their_own_shape_in_the_actions_api(server: SimpleName
     assert r.json() == {"hi": None}  # the second step saw the first one's result
     assert len(server.engine.sessions.list("twice", limit=100)) == before + 1  # ran once, not retried
     assert http.delete(f"{NS}/actions/twice").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [{"rate_per_minute": 0}, {"rate_per_minute": "many"}, {"rate_per_minute": True}, "fast"],
+    ids=["zero", "string", "bool", "not-an-object"],
+)
+def test_a_refused_trigger_update_leaves_it_and_its_rules(http: httpx.Client, limits: Any) -> None:
+    params = [{"key": "name", "value": "kept"}]
+    http.delete(f"{NS}/triggers/upd-t")
+    assert http.put(f"{NS}/triggers/upd-t", json={"parameters": params}).status_code == 200
+    assert http.put(
+        f"{NS}/rules/upd-r", params={"overwrite": "true"}, json={"trigger": "upd-t", "action": "a"}
+    ).is_success
+    r = http.put(f"{NS}/triggers/upd-t", params={"overwrite": "true"}, json={"parameters": [], "limits": limits})
+    assert_error(r, 400, "rate_per_minute" if isinstance(limits, dict) else "limits")
+    trig = http.get(f"{NS}/triggers/upd-t")
+    assert trig.status_code == 200 and trig.json()["parameters"] == params
+    assert "guest/upd-r" in trig.json()["rules"]
+    assert http.get(f"{NS}/rules/upd-r").json()["action"]["name"] == "a"
+
+
+def test_a_refused_rule_update_leaves_the_rule(http: httpx.Client) -> None:
+    http.put(f"{NS}/triggers/upd-t2", json={})
+    assert http.put(f"{NS}/rules/upd-r2", json={"trigger": "upd-t2", "action": "first"}).status_code == 200
+    r = http.put(f"{NS}/rules/upd-r2", params={"overwrite": "true"}, json={"trigger": "upd-t2", "action": "x" * 300})
+    assert_error(r, 400, "invalid rule target")
+    assert http.get(f"{NS}/rules/upd-r2").json()["action"]["name"] == "first"
