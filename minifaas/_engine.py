@@ -104,10 +104,24 @@ class Activations:
         since: int | None = None,
         upto: int | None = None,
         namespace: str | None = None,
+        ended: bool = False,
     ) -> list[Activation]:
+        """Newest first; ``ended=True`` pages over ended activations only (in the store's query)."""
         return self._engine._store_or_raise().list(
-            name=name, namespace=namespace, limit=limit, skip=skip, since=since, upto=upto
+            name=name, namespace=namespace, limit=limit, skip=skip, since=since, upto=upto, ended=ended
         )
+
+    async def count(
+        self,
+        name: str | None = None,
+        *,
+        since: int | None = None,
+        upto: int | None = None,
+        namespace: str | None = None,
+        ended: bool = False,
+    ) -> int:
+        """How many records ``list`` finds, counted by the store (no record is decoded)."""
+        return self._engine._store_or_raise().count(name=name, namespace=namespace, since=since, upto=upto, ended=ended)
 
 
 class Engine:

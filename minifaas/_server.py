@@ -86,7 +86,6 @@ MAX_SMALL_BODY_BYTES: Final = 1 << 20
 MAX_BODY_BYTES_IN_FLIGHT: Final = 256 << 20
 LIST_LIMIT_DEFAULT: Final = 30
 LIST_LIMIT_MAX: Final = 200
-COUNT_LIMIT: Final = 1_000_000
 #: integer query parameters (skip, since, upto) fit SQLite's signed 64-bit integers
 QUERY_INT_MAX: Final = (1 << 63) - 1
 SUPPORTED_KINDS: Final = ("python:3", "python:3.11", "python:default")
@@ -652,16 +651,12 @@ class _Api:
         if name is not None:
             name = self._short(name, "name")
         if _flag(request, "count"):
-            acts = await self.engine.activations.list(
-                name, limit=COUNT_LIMIT, since=since, upto=upto, namespace=self.namespace
-            )
-            return _json({"activations": sum(1 for a in acts if a.done)})
+            n = await self.engine.activations.count(name, since=since, upto=upto, namespace=self.namespace, ended=True)
+            return _json({"activations": n})
         # records of running activations are in the store too; OpenWhisk lists ended ones only
-        in_flight = int(self.engine.stats().get("in_flight", 0))
-        acts = await self.engine.activations.list(
-            name, limit=limit + in_flight, skip=skip, since=since, upto=upto, namespace=self.namespace
+        done = await self.engine.activations.list(
+            name, limit=limit, skip=skip, since=since, upto=upto, namespace=self.namespace, ended=True
         )
-        done = [a for a in acts if a.done][:limit]
         if _flag(request, "docs"):
             return _json([a.to_openwhisk() for a in done])
         return _json([_summary(a) for a in done])

@@ -842,3 +842,24 @@ def test_a_refused_rule_update_leaves_the_rule(http: httpx.Client) -> None:
     r = http.put(f"{NS}/rules/upd-r2", params={"overwrite": "true"}, json={"trigger": "upd-t2", "action": "x" * 300})
     assert_error(r, 400, "invalid rule target")
     assert http.get(f"{NS}/rules/upd-r2").json()["action"]["name"] == "first"
+
+
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+def test_activation_paging_skips_running_records_in_the_query(tmp_path: Path, store: str) -> None:
+    with server_thread(tmp_path / "state" if store == "sqlite" else None) as s, client(s.handle) as http:
+        assert put_action(http, "pg_fast", HELLO).status_code == 200
+        assert put_action(http, "pg_slow", SLEEP, limits={"concurrency": 3}).status_code == 200
+        ended = [
+            http.post(f"{NS}/actions/pg_fast", params={"blocking": "true"}).json()["activationId"] for _ in range(4)
+        ]
+        running = [http.post(f"{NS}/actions/pg_slow", json={"s": 5}).json()["activationId"] for _ in range(3)]
+        deadline = time.monotonic() + 10
+        while s.engine.stats().get("in_flight", 0) < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        pages = [http.get(f"{NS}/activations", params={"limit": 1, "skip": k}).json() for k in range(5)]
+        seen = [p[0]["activationId"] for p in pages if p]
+        assert seen == list(reversed(ended)), (seen, ended)
+        assert pages[4] == []
+        assert http.get(f"{NS}/activations", params={"count": "true"}).json() == {"activations": 4}
+        assert not set(running) & {a["activationId"] for a in http.get(f"{NS}/activations").json()}
