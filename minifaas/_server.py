@@ -410,10 +410,24 @@ class _Api:
         self.actions = _ActionStore(Path(state_dir) / ACTIONS_SUBDIR if state_dir is not None else None)
         self.metrics = Metrics(engine)
         self.budget = _BodyBudget(MAX_BODY_BYTES_IN_FLIGHT)
+        #: set by ``begin_shutdown``: blocking waits answer 202 at once, new invocations are refused
+        self.stopping = False
+        self._waiting: set[anyio.CancelScope] = set()
         self._lock = anyio.Lock()
         self._restored = False
 
     # -- helpers ---------------------------------------------------------------------------------------------
+    def begin_shutdown(self) -> None:
+        """The server is stopping: requests waiting on a blocking invocation get 202 with its id now (as after
+        OpenWhisk's 60 s), so they do not hold the HTTP grace period; the engine then drains the work."""
+        self.stopping = True
+        for scope in list(self._waiting):
+            scope.cancel()
+
+    def _refuse_when_stopping(self) -> None:
+        if self.stopping:
+            raise ApiError(503, "The server is shutting down; nothing was invoked.", {"Retry-After": "5"})
+
     def ns(self, request: Request) -> str:
         ns = str(request.path_params["ns"])
         if ns not in ("_", self.namespace):
@@ -626,6 +640,7 @@ class _Api:
             raise ApiError(400, "The request content must be a JSON object of parameters.")
         blocking = _flag(request, "blocking")
         timeout_ms = _int_arg(request, "timeout", None, 1)
+        self._refuse_when_stopping()
         act_id = await self.engine.submit(name, args)
         headers = {"X-OpenWhisk-Activation-Id": act_id}
         if not blocking:
@@ -635,9 +650,15 @@ class _Api:
             wait_s = min(wait_s, float(limits["timeout_s"]) + BLOCKING_GRACE_S)
         if timeout_ms is not None:
             wait_s = min(wait_s, timeout_ms / 1000)
-        with anyio.move_on_after(wait_s):
-            act = await self.engine.activations.wait(act_id, timeout_s=None)
-            return _activation_response(act, result_only=_flag(request, "result"), headers=headers)
+        with anyio.move_on_after(wait_s) as waiting:
+            self._waiting.add(waiting)
+            if self.stopping:  # the stop came while the invocation was being submitted
+                waiting.cancel()
+            try:
+                act = await self.engine.activations.wait(act_id, timeout_s=None)
+                return _activation_response(act, result_only=_flag(request, "result"), headers=headers)
+            finally:
+                self._waiting.discard(waiting)
         return _json({"activationId": act_id}, 202, headers)
 
     # -- activations -----------------------------------------------------------------------------------------
@@ -789,6 +810,7 @@ class _Api:
         if not isinstance(payload, dict):
             raise ApiError(400, "The trigger payload must be a JSON object.")
         enabled = [r for r in tm.list_rules(name) if r.enabled]
+        self._refuse_when_stopping()
         ids = await tm.fire(name, payload)
         if not enabled:
             return Response(status_code=204)  # OpenWhisk: no active rule, nothing was activated
@@ -1060,7 +1082,10 @@ class ServerHandle:
         return bool(self._server is not None and self._server.should_exit)
 
     def stop(self) -> None:
-        """Ask the server to finish its requests (up to a few seconds) and return from ``serve``."""
+        """Ask the server to stop: blocking invocations still waiting answer 202 with their activation id at
+        once, other requests get up to ``SHUTDOWN_GRACE_S`` to finish, then ``serve`` returns. (The engine's
+        own close, after that, drains running activations within its ``close_timeout_s``.)"""
+        self.app.state.api.begin_shutdown()
         if self._server is not None:
             self._server.should_exit = True
 

@@ -619,7 +619,7 @@ def test_state_dir_belongs_to_one_namespace_and_is_private(tmp_path: Path) -> No
 
 @contextlib.contextmanager
 def serve_process(
-    tmp_path: Path, *, nofile: int | None = None, env: dict[str, str] | None = None
+    tmp_path: Path, *, nofile: int | None = None, args: list[str] | None = None
 ) -> Iterator[tuple[subprocess.Popen[bytes], httpx.Client]]:
     """``minifaas serve`` in its own process (own memory, own fd limit), with a client logged in to it."""
     import resource
@@ -636,10 +636,10 @@ def serve_process(
 
     log = (tmp_path / "serve.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "minifaas._cli", "serve", "--port", str(port), "--auth", auth],
+        [sys.executable, "-m", "minifaas._cli", "serve", "--port", str(port), "--auth", auth, *(args or [])],
         stdout=log,
         stderr=subprocess.STDOUT,
-        env={**os.environ, "COLUMNS": "200", **(env or {})},
+        env={**os.environ, "COLUMNS": "200"},
         preexec_fn=limit_fds,
     )
     user, _, key = auth.partition(":")
@@ -863,3 +863,38 @@ def test_activation_paging_skips_running_records_in_the_query(tmp_path: Path, st
         assert pages[4] == []
         assert http.get(f"{NS}/activations", params={"count": "true"}).json() == {"activations": 4}
         assert not set(running) & {a["activationId"] for a in http.get(f"{NS}/activations").json()}
+
+
+def test_sigterm_answers_blocking_invokes_202_and_drains(tmp_path: Path) -> None:
+    import concurrent.futures
+    import signal
+
+    from minifaas._engine import CLOSE_TIMEOUT_S
+    from minifaas._store import SQLiteStore
+
+    state = tmp_path / "state"
+    with serve_process(tmp_path, args=["--state-dir", str(state)]) as (proc, http):
+        assert put_action(http, "long", SLEEP, limits={"timeout": 60_000}).status_code == 200
+        assert put_action(http, "short", SLEEP).status_code == 200
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(http.post, f"{NS}/actions/long", params={"blocking": "true"}, json={"s": 20})
+            short_id = http.post(f"{NS}/actions/short", json={"s": 2}).json()["activationId"]
+            time.sleep(1.5)  # both run now
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            r = waiting.result(timeout=30)
+            answered_s = time.monotonic() - t0
+        assert r.status_code == 202, r.text
+        long_id = r.json()["activationId"]
+        assert r.headers["X-OpenWhisk-Activation-Id"] == long_id
+        assert answered_s < 3, f"the blocking request waited {answered_s:.1f} s after SIGTERM"
+        assert proc.wait(timeout=CLOSE_TIMEOUT_S + 20) == 0
+        exited_s = time.monotonic() - t0
+    assert exited_s < CLOSE_TIMEOUT_S + 5, exited_s
+    store = SQLiteStore(state / "activations.sqlite3")
+    try:
+        short, long = store.get(short_id), store.get(long_id)
+    finally:
+        store.close()
+    assert short is not None and short.status == "success"  # drained: it ended within the grace period
+    assert long is not None and long.status == "internal_error" and "closed" in long.result["error"]
