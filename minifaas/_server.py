@@ -401,6 +401,28 @@ class _ActionStore:
 
 
 # -- the API -------------------------------------------------------------------------------------------------
+class _EntityLocks:
+    """A lock per entity (kind and name), made on first use and dropped when no request holds or awaits it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[tuple[str, str], tuple[anyio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, kind: str, name: str) -> AsyncIterator[None]:
+        key = (kind, name)
+        lock, users = self._locks.get(key) or (anyio.Lock(), 0)
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
 class _Api:
     def __init__(self, engine: Engine, *, namespace: str, blocking_wait_s: float) -> None:
         self.engine = engine
@@ -413,7 +435,7 @@ class _Api:
         #: set by ``begin_shutdown``: blocking waits answer 202 at once, new invocations are refused
         self.stopping = False
         self._waiting: set[anyio.CancelScope] = set()
-        self._lock = anyio.Lock()
+        self._locks = _EntityLocks()
         self._restored = False
 
     # -- helpers ---------------------------------------------------------------------------------------------
@@ -595,7 +617,8 @@ class _Api:
         self.ns(request)
         name = str(request.path_params["name"])
         doc = await _read_json(request, self.budget)
-        async with self._lock:
+        # one lock per action: a deploy that builds an environment for minutes holds up that action only
+        async with self._locks.hold("action", name):
             exists = await self._exists(name)
             if exists and not _flag(request, "overwrite"):
                 raise ApiError(409, f"resource already exists: action {name!r} (use ?overwrite=true to update)")
@@ -612,7 +635,7 @@ class _Api:
     async def delete_action(self, request: Request) -> Response:
         self.ns(request)
         name = str(request.path_params["name"])
-        async with self._lock:
+        async with self._locks.hold("action", name.partition("@")[0]):
             info = await self.engine.get_function(name)
             shape = self._action_json(info, code=False)
             await self.engine.delete(name)
@@ -754,7 +777,7 @@ class _Api:
         rate = limits.get("rate_per_minute", TRIGGER_RATE_DEFAULT)
         if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int) or rate < 1):
             raise ApiError(400, f"limits.rate_per_minute must be a positive integer or null, got {rate!r}")
-        async with self._lock:
+        async with self._locks.hold("trigger", name):
             if name not in {t.name for t in tm.list_triggers()}:
                 trigger = tm.create_trigger(name, params=params, annotations=annotations, rate_per_minute=rate)
                 return _json(self._trigger_json(tm, trigger))
@@ -787,7 +810,7 @@ class _Api:
         self.ns(request)
         tm = self._triggers()
         name = str(request.path_params["name"])
-        async with self._lock:
+        async with self._locks.hold("trigger", name):
             shape = self._trigger_json(tm, self._lookup(tm.get_trigger, name))
             tm.delete_trigger(name)
         return _json(shape)
@@ -831,7 +854,7 @@ class _Api:
         if status not in ("active", "inactive"):
             raise ApiError(400, f"status must be 'active' or 'inactive', got {status!r}")
         self._lookup(tm.get_trigger, trigger)
-        async with self._lock:
+        async with self._locks.hold("rule", name):
             old = next((r for r in tm.list_rules() if r.name == name), None)
             if old is not None:
                 if not _flag(request, "overwrite"):

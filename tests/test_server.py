@@ -619,7 +619,7 @@ def test_state_dir_belongs_to_one_namespace_and_is_private(tmp_path: Path) -> No
 
 @contextlib.contextmanager
 def serve_process(
-    tmp_path: Path, *, nofile: int | None = None, args: list[str] | None = None
+    tmp_path: Path, *, nofile: int | None = None, args: list[str] | None = None, env: dict[str, str] | None = None
 ) -> Iterator[tuple[subprocess.Popen[bytes], httpx.Client]]:
     """``minifaas serve`` in its own process (own memory, own fd limit), with a client logged in to it."""
     import resource
@@ -639,7 +639,7 @@ def serve_process(
         [sys.executable, "-m", "minifaas._cli", "serve", "--port", str(port), "--auth", auth, *(args or [])],
         stdout=log,
         stderr=subprocess.STDOUT,
-        env={**os.environ, "COLUMNS": "200"},
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
         preexec_fn=limit_fds,
     )
     user, _, key = auth.partition(":")
@@ -898,3 +898,55 @@ def test_sigterm_answers_blocking_invokes_202_and_drains(tmp_path: Path) -> None
         store.close()
     assert short is not None and short.status == "success"  # drained: it ended within the grace period
     assert long is not None and long.status == "internal_error" and "closed" in long.result["error"]
+
+
+def test_a_hanging_environment_build_holds_up_only_its_own_action(tmp_path: Path) -> None:
+    import concurrent.futures
+
+    # a package index that accepts connections and never answers: pip waits on it
+    index = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stop = False
+
+    def accept() -> None:
+        index.settimeout(0.2)
+        while not stop:
+            with contextlib.suppress(TimeoutError, OSError):
+                held.append(index.accept()[0])
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("__main__.py", HELLO)
+        zf.writestr("requirements.txt", "minifaas-test-never-published==1.0\n")
+    zipped = {"exec": {"kind": "python:3", "code": base64.b64encode(buf.getvalue()).decode(), "binary": True}}
+    env = {
+        "PIP_INDEX_URL": f"http://127.0.0.1:{index.getsockname()[1]}/simple",
+        "XDG_CACHE_HOME": str(tmp_path / "cache"),
+        "PIP_NO_CACHE_DIR": "1",
+    }
+    try:
+        with (
+            concurrent.futures.ThreadPoolExecutor(2) as pool,
+            serve_process(tmp_path, args=["--state-dir", str(tmp_path / "state")], env=env) as (_, http),
+        ):
+            pool.submit(accept)
+            try:
+                assert put_action(http, "bystander", HELLO).status_code == 200
+                building = pool.submit(http.put, f"{NS}/actions/needs_deps", json=zipped)
+                deadline = time.monotonic() + 20
+                while not held:  # pip is now waiting on the index
+                    assert time.monotonic() < deadline and not building.done(), "pip never asked the index"
+                    time.sleep(0.05)
+                t0 = time.monotonic()
+                assert http.delete(f"{NS}/actions/bystander").status_code == 200
+                assert put_action(http, "another", HELLO).status_code == 200
+                took_s = time.monotonic() - t0
+                assert not building.done()
+                assert took_s < 3, f"unrelated deploys waited {took_s:.1f} s on another action's pip install"
+            finally:
+                stop = True
+    finally:
+        stop = True
+        for conn in held:
+            conn.close()
+        index.close()
