@@ -156,12 +156,18 @@ def dumps(obj: object) -> bytes:
     return text.encode("utf-8")
 
 
-def _json(obj: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+def json_response(obj: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """``obj`` encoded by :func:`dumps`: the one JSON encoder of the REST API and the web UI's JSON API."""
     return Response(dumps(obj), status_code=status, headers=headers, media_type="application/json")
 
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    return _json({"error": message, "code": secrets.token_hex(16)}, status, headers)
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    """OpenWhisk's error body ``{"error": message, "code": id}``."""
+    return json_response({"error": message, "code": secrets.token_hex(16)}, status, headers)
+
+
+_json = json_response
+_error = error_response
 
 
 def _kv(d: dict[str, Any]) -> list[dict[str, Any]]:
@@ -188,7 +194,8 @@ def _flag(request: Request, name: str) -> bool:
     return request.query_params.get(name, "false").lower() == "true"
 
 
-def _int_arg(request: Request, name: str, default: int | None, lo: int = 0, hi: int | None = None) -> int | None:
+def int_arg(request: Request, name: str, default: int | None, lo: int = 0, hi: int | None = None) -> int | None:
+    """An integer query parameter; out of ``lo..hi`` (or of SQLite's 64 bits) or not a number is a 400."""
     raw = request.query_params.get(name)
     if raw is None or raw == "":
         return default
@@ -202,8 +209,9 @@ def _int_arg(request: Request, name: str, default: int | None, lo: int = 0, hi: 
     return value
 
 
-def _limit(request: Request) -> int:
-    limit = _int_arg(request, "limit", LIST_LIMIT_DEFAULT, 0, LIST_LIMIT_MAX)
+def list_limit(request: Request) -> int:
+    """``limit`` of a listing: OpenWhisk's default and maximum, 0 meaning the maximum."""
+    limit = int_arg(request, "limit", LIST_LIMIT_DEFAULT, 0, LIST_LIMIT_MAX)
     assert limit is not None
     return limit or LIST_LIMIT_MAX  # OpenWhisk: 0 means the maximum
 
@@ -648,8 +656,8 @@ class _Api:
         infos = sorted(await self.engine.list_functions(), key=lambda i: i["name"])
         if _flag(request, "count"):
             return _json({"actions": len(infos)})
-        skip = _int_arg(request, "skip", 0) or 0
-        return _json([self._action_json(i, code=False) for i in infos[skip : skip + _limit(request)]])
+        skip = int_arg(request, "skip", 0) or 0
+        return _json([self._action_json(i, code=False) for i in infos[skip : skip + list_limit(request)]])
 
     async def invoke(self, request: Request) -> Response:
         self.ns(request)
@@ -662,7 +670,7 @@ class _Api:
         if not isinstance(args, dict):
             raise ApiError(400, "The request content must be a JSON object of parameters.")
         blocking = _flag(request, "blocking")
-        timeout_ms = _int_arg(request, "timeout", None, 1)
+        timeout_ms = int_arg(request, "timeout", None, 1)
         self._refuse_when_stopping()
         act_id = await self.engine.submit(name, args)
         headers = {"X-OpenWhisk-Activation-Id": act_id}
@@ -687,10 +695,10 @@ class _Api:
     # -- activations -----------------------------------------------------------------------------------------
     async def list_activations(self, request: Request) -> Response:
         self.ns(request)
-        limit = _limit(request)
-        skip = _int_arg(request, "skip", 0) or 0
-        since = _int_arg(request, "since", None)
-        upto = _int_arg(request, "upto", None)
+        limit = list_limit(request)
+        skip = int_arg(request, "skip", 0) or 0
+        since = int_arg(request, "since", None)
+        upto = int_arg(request, "upto", None)
         name = request.query_params.get("name") or None
         if name is not None:
             name = self._short(name, "name")
@@ -821,8 +829,8 @@ class _Api:
         triggers = tm.list_triggers()
         if _flag(request, "count"):
             return _json({"triggers": len(triggers)})
-        skip = _int_arg(request, "skip", 0) or 0
-        return _json([self._trigger_json(tm, t) for t in triggers[skip : skip + _limit(request)]])
+        skip = int_arg(request, "skip", 0) or 0
+        return _json([self._trigger_json(tm, t) for t in triggers[skip : skip + list_limit(request)]])
 
     async def fire_trigger(self, request: Request) -> Response:
         self.ns(request)
@@ -902,8 +910,8 @@ class _Api:
         rules = tm.list_rules()
         if _flag(request, "count"):
             return _json({"rules": len(rules)})
-        skip = _int_arg(request, "skip", 0) or 0
-        return _json([self._rule_json(r) for r in rules[skip : skip + _limit(request)]])
+        skip = int_arg(request, "skip", 0) or 0
+        return _json([self._rule_json(r) for r in rules[skip : skip + list_limit(request)]])
 
     # -- sessions (minifaas) ---------------------------------------------------------------------------------
     def _sessions(self) -> Any:
@@ -916,8 +924,8 @@ class _Api:
         self.ns(request)
         store = self._sessions()
         name = request.query_params.get("name") or None
-        skip = _int_arg(request, "skip", 0) or 0
-        return _json([s.to_dict() for s in store.list(name, limit=_limit(request), skip=skip)])
+        skip = int_arg(request, "skip", 0) or 0
+        return _json([s.to_dict() for s in store.list(name, limit=list_limit(request), skip=skip)])
 
     async def get_session(self, request: Request) -> Response:
         self.ns(request)

@@ -8,8 +8,6 @@ Python, so its layout is tested without a browser; the page only draws it as SVG
 
 from __future__ import annotations
 
-import json
-import math
 import re
 from pathlib import Path
 from typing import Any, Final
@@ -19,6 +17,8 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+# the REST app imports this module only when it builds its routes, so the cycle is harmless
+from . import _server as server
 from ._activation import Activation
 from ._engine import Engine
 from ._errors import ActivationNotFound, EngineClosed, MinifaasError
@@ -27,8 +27,6 @@ from ._sessions import Session, Step
 __all__ = ("UI_DIR", "routes", "session_graph")
 
 UI_DIR: Final = Path(__file__).with_name("_ui")
-LIST_LIMIT_DEFAULT: Final = 50
-LIST_LIMIT_MAX: Final = 500
 #: keys of a composition node that hold data, not sub-compositions
 DATA_KEYS: Final = ("function", "value", "declarations")
 #: a session graph draws at most this many step nodes (a long loop would make an unreadable page anyway)
@@ -45,42 +43,13 @@ NO_STORE: Final = {"cache-control": "no-store"}
 # ---------------------------------------------------------------------------------------------- JSON
 
 
-def _finite(v: Any) -> Any:
-    """A copy of ``v`` that strict JSON (and so the browser's JSON.parse) accepts."""
-    if isinstance(v, float):
-        return v if math.isfinite(v) else repr(v)
-    if isinstance(v, dict):
-        return {str(k): _finite(x) for k, x in v.items()}
-    if isinstance(v, list | tuple):
-        return [_finite(x) for x in v]
-    if isinstance(v, bytes | bytearray | memoryview):
-        return {"$bytes": len(v)}
-    if v is None or isinstance(v, str | int | bool):
-        return v
-    return {"$repr": repr(v)[:200]}
-
-
 def _json(data: Any, status_code: int = 200) -> Response:
-    try:
-        body = json.dumps(data, allow_nan=False, separators=(",", ":"))
-    except (TypeError, ValueError):
-        # results of sandboxes may hold bytes (msgpack) or NaN: the UI only needs to show they were there
-        body = json.dumps(_finite(data), separators=(",", ":"))
-    return Response(body, status_code, media_type="application/json", headers=NO_STORE)
+    # the REST API's encoder: NaN and infinities become null, bytes base64, as in ``GET /activations/{id}``
+    return server.json_response(data, status_code, NO_STORE)
 
 
 def _error(status_code: int, message: str) -> Response:
-    return _json({"error": message}, status_code)
-
-
-def _int_param(request: Request, name: str, default: int | None, lo: int, hi: int) -> int | None:
-    raw = request.query_params.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return max(lo, min(hi, int(raw)))
-    except ValueError:
-        return default
+    return server.error_response(status_code, message, NO_STORE)
 
 
 # ---------------------------------------------------------------------------------------------- records
@@ -388,10 +357,10 @@ def routes(engine: Engine, *, namespace: str | None = None) -> list[BaseRoute]:
 
     async def api_activations(request: Request) -> Response:
         name = request.query_params.get("name") or None
-        limit = _int_param(request, "limit", LIST_LIMIT_DEFAULT, 1, LIST_LIMIT_MAX)
-        since = _int_param(request, "since", None, 0, 1 << 62)
+        # the REST API's limits: a bad or out-of-range value is a 400 there and here
+        limit, since = server.list_limit(request), server.int_arg(request, "since", None)
         try:
-            acts = await engine.activations.list(name, limit=limit or LIST_LIMIT_DEFAULT, since=since, namespace=ns)
+            acts = await engine.activations.list(name, limit=limit, since=since, namespace=ns)
         except EngineClosed as e:
             return _error(503, str(e))
         return _json({"activations": [_summary(a) for a in acts]})
@@ -430,8 +399,7 @@ def routes(engine: Engine, *, namespace: str | None = None) -> list[BaseRoute]:
     async def api_sessions(request: Request) -> Response:
         store = engine.sessions
         name = request.query_params.get("name") or None
-        limit = _int_param(request, "limit", LIST_LIMIT_DEFAULT, 1, LIST_LIMIT_MAX)
-        listed = store.list(name, limit=limit or LIST_LIMIT_DEFAULT)
+        listed = store.list(name, limit=server.list_limit(request))
         found = [s for s in listed if await _in_namespace(engine, s.session_id, ns)]
         return _json(
             {

@@ -682,9 +682,29 @@ def test_ui_api_reads_only_its_namespace(client: httpx.Client, live: Live, warm:
     live.run(live.engine._store.put, other)
     # the record is there: the engine reads every namespace when asked to
     assert live.run(live.engine.activations.get, other.activation_id).namespace == "intruder"
-    listed = client.get("/ui/api/activations", params={"limit": 500}).json()["activations"]
+    listed = client.get("/ui/api/activations", params={"limit": 200}).json()["activations"]
     assert listed and other.activation_id not in {a["activation_id"] for a in listed}
     assert client.get(f"/ui/api/activations/{other.activation_id}").status_code == 404
     # REST agrees
     r = client.get(f"/api/v1/namespaces/_/activations/{other.activation_id}")
     assert r.status_code == 404
+
+
+def test_ui_and_rest_share_encoder_and_limit_rules(client: httpx.Client, live: Live) -> None:
+    code = "def main(args):\n    return {'b': b'\\x00\\xffab', 'nan': float('nan')}\n"
+    r = client.put("/api/v1/namespaces/_/actions/w_bytes", params={"overwrite": "true"}, json={"exec": {"code": code}})
+    assert r.status_code == 200, r.text
+    rest = client.post("/api/v1/namespaces/_/actions/w_bytes", params={"blocking": "true"}).json()
+    ui = client.get(f"/ui/api/activations/{rest['activationId']}").json()
+    assert ui["result"] == rest["response"]["result"] == {"b": "AP9hYg==", "nan": None}
+    for params in ({"limit": "1000"}, {"limit": "-1"}, {"limit": "many"}, {"since": str(1 << 64)}):
+        rest_r = client.get("/api/v1/namespaces/_/activations", params=params)
+        ui_r = client.get("/ui/api/activations", params=params)
+        assert rest_r.status_code == ui_r.status_code == 400, (params, rest_r.text, ui_r.text)
+        assert set(ui_r.json()) == set(rest_r.json()) == {"error", "code"}
+    # the same default and maximum: 0 means the maximum (200) in both
+    for params in ({}, {"limit": "0"}):
+        n_rest = len(client.get("/api/v1/namespaces/_/activations", params=params).json())
+        n_ui = len(client.get("/ui/api/activations", params=params).json()["activations"])
+        assert n_rest <= n_ui  # the UI lists running activations too, REST ended ones only
+        assert n_ui <= (30 if not params else 200)
