@@ -950,3 +950,34 @@ def test_a_hanging_environment_build_holds_up_only_its_own_action(tmp_path: Path
         for conn in held:
             conn.close()
         index.close()
+
+
+def test_request_bytes_in_flight_are_bounded_across_requests(server: SimpleNamespace, http: httpx.Client) -> None:
+    budget = server.handle.app.state.api.budget
+    saved = budget.max_bytes
+    budget.max_bytes = 100_000
+    user, _, key = server.handle.auth.partition(":")
+    token = base64.b64encode(f"{user}:{key}".encode()).decode()
+    try:
+        with socket.create_connection((server.handle.host, server.handle.port)) as slow:
+            # an upload that sends 80 kB of its 1 MB and then stalls: those bytes are held
+            slow.sendall(
+                f"PUT {NS}/actions/held HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {token}\r\n"
+                "Content-Type: application/json\r\nContent-Length: 1000000\r\n\r\n".encode()
+                + b'{"exec": {"code": "'
+                + b"#" * 80_000
+            )
+            deadline = time.monotonic() + 10
+            while budget.held < 80_000:
+                assert time.monotonic() < deadline, budget.held
+                time.sleep(0.02)
+            r = put_action(http, "second", HELLO + "#" * 50_000)
+            assert_error(r, 503, "too many request bytes")
+            assert r.headers["retry-after"] == "1"
+            assert put_action(http, "small_enough", HELLO).status_code == 200
+        deadline = time.monotonic() + 10
+        while budget.held:  # the stalled upload's bytes are given back when its client goes
+            assert time.monotonic() < deadline, budget.held
+            time.sleep(0.02)
+    finally:
+        budget.max_bytes = saved
