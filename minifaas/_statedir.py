@@ -19,6 +19,8 @@ __all__ = ("claim_state_dir", "make_private", "write_private")
 NAMESPACE_FILE_NAME: Final = "namespace"
 PRIVATE_DIR_MODE: Final = 0o700
 PRIVATE_FILE_MODE: Final = 0o600
+#: the activation store's file: a state dir from before the namespace marker has it
+STORE_FILE_NAME: Final = "activations.sqlite3"
 #: files an engine opens at the top of its state dir (SQLite makes its -wal/-shm files with the db's mode)
 DB_GLOB: Final = "*.sqlite3*"
 
@@ -39,9 +41,11 @@ def write_private(path: Path, data: bytes) -> None:
 
 def claim_state_dir(state_dir: Path, namespace: str) -> None:
     """Create ``state_dir`` (0700) for ``namespace``, or check that it was created for it."""
-    state_dir.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
-    os.chmod(state_dir, PRIVATE_DIR_MODE)
     marker = state_dir / NAMESPACE_FILE_NAME
+    state_dir.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
+    # a folder the user named that holds other things keeps its mode; ours (new, empty or marked) is private
+    if marker.exists() or (state_dir / STORE_FILE_NAME).exists() or not any(state_dir.iterdir()):
+        os.chmod(state_dir, PRIVATE_DIR_MODE)
     try:
         owner = marker.read_text("utf-8").strip()
     except FileNotFoundError:
