@@ -16,6 +16,12 @@ Action ``limits`` take OpenWhisk's ``timeout`` (ms), ``memory`` (MB), ``logs`` (
 invocations) and ``idle`` (keep-alive, ms). Errors have OpenWhisk's body ``{"error": message, "code": id}``.
 Results holding bytes are sent as base64 strings. With ``engine.state_dir`` set, actions created over the API
 are kept under ``state_dir/server/actions`` and deployed again when a server starts on that state dir.
+
+Writes from another origin and non-JSON bodies are refused (``_httpguard``); bodies are capped while they stream
+in (an invoke at its action's payload limit); connections must send their request head in time and are capped
+from the fd limit (``_connguard``). Shutdown is one rule: the HTTP server stops first (waiting blocking
+invocations answer 202 with their id at once, other requests get ``SHUTDOWN_GRACE_S``), then the engine drains
+running activations within its ``close_timeout_s``.
 """
 
 from __future__ import annotations
