@@ -450,6 +450,8 @@ class _Api:
         self.stopping = False
         self._waiting: set[anyio.CancelScope] = set()
         self._locks = _EntityLocks()
+        #: actions whose deploy (perhaps an environment build) runs now, outside any lock
+        self._deploying: set[str] = set()
         self._restored = False
 
     # -- helpers ---------------------------------------------------------------------------------------------
@@ -631,15 +633,26 @@ class _Api:
         self.ns(request)
         name = str(request.path_params["name"])
         doc = await _read_json(request, self.budget)
-        # one lock per action: a deploy that builds an environment for minutes holds up that action only
+        # no lock is held while the deploy runs (it may build an environment for minutes): the action is marked
+        # as being deployed instead, and other writes to it are refused meanwhile; other actions are untouched
         async with self._locks.hold("action", name):
+            self._refuse_while_deploying(name)
             exists = await self._exists(name)
             if exists and not _flag(request, "overwrite"):
                 raise ApiError(409, f"resource already exists: action {name!r} (use ?overwrite=true to update)")
             body = self._parse_action(name, doc, self.actions.bodies.get(name) if exists else None)
+            self._deploying.add(name)
+        try:
             info = await self._deploy(name, body)
-            await self.actions.save(name, body)
+            async with self._locks.hold("action", name):
+                await self.actions.save(name, body)
+        finally:
+            self._deploying.discard(name)
         return _json(self._action_json(info))
+
+    def _refuse_while_deploying(self, name: str) -> None:
+        if name in self._deploying:
+            raise ApiError(409, f"action {name!r} is being deployed by another request; retry when it is done")
 
     async def get_action(self, request: Request) -> Response:
         self.ns(request)
@@ -650,6 +663,7 @@ class _Api:
         self.ns(request)
         name = str(request.path_params["name"])
         async with self._locks.hold("action", name.partition("@")[0]):
+            self._refuse_while_deploying(name.partition("@")[0])
             info = await self.engine.get_function(name)
             shape = self._action_json(info, code=False)
             await self.engine.delete(name)

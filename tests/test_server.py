@@ -940,9 +940,12 @@ def test_a_hanging_environment_build_holds_up_only_its_own_action(tmp_path: Path
                 t0 = time.monotonic()
                 assert http.delete(f"{NS}/actions/bystander").status_code == 200
                 assert put_action(http, "another", HELLO).status_code == 200
+                # the same action is not queued behind its own build either: refused at once, to retry later
+                assert_error(http.put(f"{NS}/actions/needs_deps", json=zipped), 409, "being deployed")
+                assert_error(http.delete(f"{NS}/actions/needs_deps"), 409, "being deployed")
                 took_s = time.monotonic() - t0
                 assert not building.done()
-                assert took_s < 3, f"unrelated deploys waited {took_s:.1f} s on another action's pip install"
+                assert took_s < 3, f"deploys waited {took_s:.1f} s on an environment build"
             finally:
                 stop = True
     finally:
