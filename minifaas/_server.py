@@ -945,11 +945,15 @@ class _Api:
         store = self._sessions()
         name = request.query_params.get("name") or None
         skip = int_arg(request, "skip", 0) or 0
-        return _json([s.to_dict() for s in store.list(name, limit=list_limit(request), skip=skip)])
+        listed = store.list(name, limit=list_limit(request), skip=skip)
+        return _json([s.to_dict() for s in listed if await in_namespace(self.engine, s.session_id, self.namespace)])
 
     async def get_session(self, request: Request) -> Response:
         self.ns(request)
-        return _json(self._sessions().get(str(request.path_params["id"])).to_dict())
+        session_id = str(request.path_params["id"])
+        if not await in_namespace(self.engine, session_id, self.namespace):
+            raise ApiError(404, f"{NOT_FOUND} (session {session_id})")
+        return _json(self._sessions().get(session_id).to_dict())
 
     # -- misc ------------------------------------------------------------------------------------------------
     async def namespaces(self, request: Request) -> Response:
@@ -975,6 +979,15 @@ class _Api:
             f"<li><a href='{API_PREFIX}/namespaces/{ns}/rules'>rules</a>"
             "<li><a href='/metrics'>metrics</a></ul>"
         )
+
+
+async def in_namespace(engine: Engine, activation_id: str, namespace: str) -> bool:
+    """Whether the activation (a session's id is its conductor's) is one of ``namespace``."""
+    try:
+        await engine.activations.get(activation_id, namespace=namespace)
+    except ActivationNotFound:
+        return False
+    return True
 
 
 def _summary(act: Activation) -> dict[str, Any]:

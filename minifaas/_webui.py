@@ -84,15 +84,6 @@ def _session_or_none(engine: Engine, session_id: str | None) -> Session | None:
         return None
 
 
-async def _in_namespace(engine: Engine, activation_id: str, namespace: str) -> bool:
-    """Whether the activation (a session's id is its conductor's) is one of ``namespace``."""
-    try:
-        await engine.activations.get(activation_id, namespace=namespace)
-    except ActivationNotFound:
-        return False
-    return True
-
-
 async def _composition_json(engine: Engine, name: str) -> dict[str, Any] | None:
     """The deployed composition's JSON IR, when the engine describes it (used to label untaken branches)."""
     if not name:
@@ -400,7 +391,7 @@ def routes(engine: Engine, *, namespace: str | None = None) -> list[BaseRoute]:
         store = engine.sessions
         name = request.query_params.get("name") or None
         listed = store.list(name, limit=server.list_limit(request))
-        found = [s for s in listed if await _in_namespace(engine, s.session_id, ns)]
+        found = [s for s in listed if await server.in_namespace(engine, s.session_id, ns)]
         return _json(
             {
                 "sessions": [
@@ -422,7 +413,7 @@ def routes(engine: Engine, *, namespace: str | None = None) -> list[BaseRoute]:
     async def api_session(request: Request) -> Response:
         sid = request.path_params["session_id"]
         session = _session_or_none(engine, sid) if ID_RE.match(sid) else None
-        if session is not None and not await _in_namespace(engine, sid, ns):
+        if session is not None and not await server.in_namespace(engine, sid, ns):
             session = None
         if session is None:
             return _error(404, f"no session {sid!r}")
