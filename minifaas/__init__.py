@@ -30,6 +30,7 @@ from ._errors import (
     Overloaded,
     PayloadTooLarge,
     RateLimited,
+    StateDirConflict,
     TriggerError,
 )
 from ._events.feeds import CronSchedule, FeedInfo
@@ -64,6 +65,7 @@ __all__ = (
     "RateLimited",
     "Rule",
     "RuleOutcome",
+    "StateDirConflict",
     "SyncEngine",
     "SyncFunction",
     "Trigger",

@@ -31,6 +31,7 @@ from ._core.poll import uninstall as uninstall_polling
 from ._core.pool import KEEPALIVE_POLICIES, MAX_SANDBOXES_TOTAL, Pool
 from ._core.sandbox import HostService
 from ._core.scheduler import ENGINE_MAX_QUEUED, Scheduler
+from ._core.statedir import claim_state_dir, make_private
 from ._core.store import ActivationStore, open_store
 from ._deploy.bundle import Bundle, load_bundle
 from ._deploy.callables import callable_bundle, pickle_callable, sandbox_sys_path
@@ -109,12 +110,26 @@ class Activations:
         since: int | None = None,
         upto: int | None = None,
         namespace: str | None = None,
+        ended: bool = False,
         cause: str | None = None,
     ) -> list[Activation]:
-        """Records, newest first; ``cause`` selects those of one map (its ``map_id``) or one trigger fire."""
+        """Newest first; ``ended=True`` pages over ended activations only (in the store's query); ``cause``
+        selects those of one map (its ``map_id``) or one trigger fire."""
         return self._engine._store_or_raise().list(
-            name=name, namespace=namespace, limit=limit, skip=skip, since=since, upto=upto, cause=cause
+            name=name, namespace=namespace, limit=limit, skip=skip, since=since, upto=upto, ended=ended, cause=cause
         )
+
+    async def count(
+        self,
+        name: str | None = None,
+        *,
+        since: int | None = None,
+        upto: int | None = None,
+        namespace: str | None = None,
+        ended: bool = False,
+    ) -> int:
+        """How many records ``list`` finds, counted by the store (no record is decoded)."""
+        return self._engine._store_or_raise().count(name=name, namespace=namespace, since=since, upto=upto, ended=ended)
 
 
 class Engine:
@@ -218,7 +233,7 @@ class Engine:
         if self._tg is not None:
             raise RuntimeError("the engine is already started")
         if self.state_dir is not None:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
+            claim_state_dir(self.state_dir, self.namespace)
             self._work_dir = self.state_dir / "bundles"
             self._work_dir.mkdir(exist_ok=True)
         else:
@@ -231,6 +246,7 @@ class Engine:
         self.recovered = self._store.recover()
         if self.state_dir is not None:
             self.sessions = SessionStore(self.state_dir / "sessions.sqlite3")
+            make_private(self.state_dir)
         self._launcher = self._make_launcher()
         tg = anyio.create_task_group()
         await tg.__aenter__()

@@ -26,6 +26,7 @@ __all__ = (
     "Overloaded",
     "PayloadTooLarge",
     "RateLimited",
+    "StateDirConflict",
     "TriggerError",
 )
 
@@ -104,6 +105,10 @@ class TriggerError(MinifaasError):
 
 class BackendUnavailable(MinifaasError, ImportError):
     """Raised by ``Engine(backend=...)`` when a backend's optional dependency is missing."""
+
+
+class StateDirConflict(MinifaasError):
+    """Raised by ``Engine`` start when its ``state_dir`` was created for another namespace."""
 
 
 for _name in __all__:

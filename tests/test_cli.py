@@ -331,3 +331,89 @@ def test_serve_on_a_taken_port_fails_clearly() -> None:
         taken.listen()
         proc = run("serve", "--port", str(taken.getsockname()[1]))
     assert proc.returncode == 1 and "Address already in use" in proc.stderr, proc.stderr
+
+
+# -- issue 24 ------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _listener() -> Iterator[tuple[str, list[bytes]]]:
+    """A loopback HTTP listener that records what it receives and answers every request with ``[]``."""
+    import threading
+
+    srv = socket.create_server(("127.0.0.1", 0))
+    seen: list[bytes] = []
+
+    def loop() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                data = b""
+                with contextlib.suppress(OSError):
+                    while b"\r\n\r\n" not in data:
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            break
+                        data += chunk
+                    seen.append(data)
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n[]")
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{srv.getsockname()[1]}", seen
+    finally:
+        srv.close()
+        thread.join(5)
+
+
+def test_wskprops_credential_goes_only_to_its_own_apihost(tmp_path: Path) -> None:
+    import base64
+
+    secret = "prod-user:PRODUCTION-KEY-1234"
+    leaked = base64.b64encode(secret.encode()).decode()
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("MINIFAAS_", "WSK_"))}
+    env = {**base, "HOME": str(tmp_path), "COLUMNS": "200"}
+    with _listener() as (hostport, seen):
+        # ~/.wskprops names production (scheme-less, as `wsk property set` writes it); the user points elsewhere
+        (tmp_path / ".wskprops").write_text(f"APIHOST=openwhisk.prod.example\nAUTH={secret}\n")
+        ok(run("action", "list", "--json", env={**env, "MINIFAAS_APIHOST": f"http://{hostport}"}))
+        ok(run("action", "list", "--json", "--apihost", f"http://{hostport}", env=env))
+        assert len(seen) == 2
+        assert not any(leaked.encode() in s or b"authorization" in s.lower() for s in seen), seen
+        # with its own APIHOST (scheme-less loopback: plain http) the key is sent: the listener does see it
+        (tmp_path / ".wskprops").write_text(f"APIHOST={hostport}\nAUTH={secret}\n")
+        ok(run("action", "list", "--json", env=env))
+        assert leaked.encode() in seen[-1]
+
+
+def test_basic_auth_is_never_sent_in_clear_beyond_loopback(tmp_path: Path) -> None:
+    from minifaas._cli.main import _normalized
+
+    assert _normalized("openwhisk.prod.example") == "https://openwhisk.prod.example"
+    assert _normalized("127.0.0.1:3233") == "http://127.0.0.1:3233"
+    assert _normalized("localhost:3233/") == "http://localhost:3233"
+    env = {**os.environ, "HOME": str(tmp_path), "COLUMNS": "200"}
+    # 192.0.2.1 (TEST-NET-1) is never routed: the refusal comes before any connection attempt
+    proc = run("action", "list", "--apihost", "http://192.0.2.1:3233", "--auth", "a:b", env=env)
+    assert proc.returncode == 1
+    assert "refusing to send credentials over plain http" in proc.stderr, proc.stderr
+
+
+def test_user_text_is_printed_verbatim(
+    cli: functools.partial[subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
+    # the server's 400 quotes the bad name: rich took `[/x]` for a closing tag and crashed
+    proc = cli("invoke", "a[/x]")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "a[/x]" in proc.stderr, proc.stderr
+    src = tmp_path / "shout.py"
+    line = ":thumbs_up: [bold]not bold[/bold] :x:"
+    src.write_text(f"def main(args):\n    print({line!r})\n    return {{'said': {line!r}}}\n")
+    ok(cli("deploy", "cli-shout", str(src)))
+    act_id = json.loads(ok(cli("invoke", "cli-shout", "--blocking")))["activationId"]
+    assert ok(cli("activation", "logs", act_id, "--strip")).strip() == line
+    assert line in ok(cli("activation", "logs", act_id))
+    assert json.loads(ok(cli("invoke", "cli-shout", "-r"))) == {"said": line}

@@ -514,12 +514,21 @@ async def test_namespaces_cannot_read_each_others_activations(tmp_path: Path) ->
             with pytest.raises(minifaas.ActivationNotFound, match="no activation with id"):
                 await get(alice.activations, aid, namespace="bob")
         await alice.activations.wait(running)
-    async with minifaas.Engine(state_dir=tmp_path, namespace="bob") as bob:
-        with pytest.raises(minifaas.ActivationNotFound):
-            await get(bob.activations, ended.activation_id, namespace="bob")
-        assert await bob.activations.list(namespace="bob") == []
-        # the embedding program itself (namespace=None) reads every namespace
-        assert (await bob.activations.get(ended.activation_id)).namespace == "alice"
+    # alice's state dir is hers: an engine for bob on it does not start (issue 24)
+    with pytest.raises(minifaas.StateDirConflict, match="belongs to namespace 'alice'"):
+        async with minifaas.Engine(state_dir=tmp_path, namespace="bob"):
+            pass
+    # and the store itself filters by namespace; without one (the embedding program) it reads every namespace
+    from minifaas._core.store import SQLiteStore
+
+    store = SQLiteStore(tmp_path / "activations.sqlite3")
+    try:
+        assert store.get(ended.activation_id, namespace="bob") is None
+        assert store.list(namespace="bob") == [] and store.count(namespace="bob") == 0
+        found = store.get(ended.activation_id)
+        assert found is not None and found.namespace == "alice"
+    finally:
+        store.close()
 
 
 def test_forged_frames_are_well_formed_msgpack() -> None:

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -42,9 +43,11 @@ HEX32 = re.compile(r"^[0-9a-f]{32}$")
 
 
 @contextlib.asynccontextmanager
-async def serving(state_dir: Path | None = None) -> AsyncIterator[tuple[minifaas.Engine, ServerHandle]]:
+async def serving(
+    state_dir: Path | None = None, namespace: str = "guest"
+) -> AsyncIterator[tuple[minifaas.Engine, ServerHandle]]:
     """An engine and its server on a free port; a trigger manager is attached if the engine has none."""
-    async with minifaas.Engine(state_dir=state_dir) as engine, anyio.create_task_group() as tg:
+    async with minifaas.Engine(state_dir=state_dir, namespace=namespace) as engine, anyio.create_task_group() as tg:
         own: TriggerManager | None = None
         if getattr(engine, "triggers", None) is None:
             own = TriggerManager(engine.submit, state_dir=None, task_group=tg)
@@ -59,10 +62,10 @@ async def serving(state_dir: Path | None = None) -> AsyncIterator[tuple[minifaas
 
 
 @contextlib.contextmanager
-def server_thread(state_dir: Path | None = None) -> Iterator[SimpleNamespace]:
+def server_thread(state_dir: Path | None = None, namespace: str = "guest") -> Iterator[SimpleNamespace]:
     with (
         start_blocking_portal("asyncio") as portal,
-        portal.wrap_async_context_manager(serving(state_dir)) as (
+        portal.wrap_async_context_manager(serving(state_dir, namespace)) as (
             engine,
             handle,
         ),
@@ -563,3 +566,424 @@ def test_openwhisk_js_client(server: SimpleNamespace) -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ALL OK" in proc.stdout, proc.stdout
+
+
+# -- issue 24: browsers, abuse, correctness ------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("headers", "status", "fragment"),
+    [
+        pytest.param({"Content-Type": "text/plain"}, 415, "must be JSON", id="text-plain"),
+        pytest.param({"Content-Type": "application/x-www-form-urlencoded"}, 415, "must be JSON", id="form"),
+        pytest.param({"Origin": "http://evil.example"}, 403, "cross-site", id="foreign-origin"),
+        pytest.param({"Origin": "null"}, 403, "cross-site", id="null-origin"),
+        pytest.param({"Sec-Fetch-Site": "cross-site"}, 403, "cross-site", id="fetch-cross-site"),
+        pytest.param({"Sec-Fetch-Site": "same-site"}, 403, "cross-site", id="fetch-same-site"),
+    ],
+)
+def test_writes_refuse_cross_site_and_non_json(
+    http: httpx.Client, headers: dict[str, str], status: int, fragment: str, request: pytest.FixtureRequest
+) -> None:
+    name = "csrf_" + re.sub(r"\W", "_", request.node.callspec.id)
+    assert put_action(http, name, HELLO).status_code == 200
+    for method, path in (("POST", f"actions/{name}"), ("PUT", "triggers/csrf_t"), ("DELETE", "actions/x")):
+        r = http.request(method, f"{NS}/{path}", content=b"{}", headers=headers)
+        assert_error(r, status, fragment)
+    assert http.get(f"{NS}/activations", params={"name": name}).json() == []
+    # reads stay open to any origin's links; the server's own origin may write
+    assert http.get(f"{NS}/actions/{name}", headers=headers).status_code == 200
+    own = {"Origin": str(http.base_url).rstrip("/"), "Sec-Fetch-Site": "same-origin"}
+    assert http.post(f"{NS}/actions/{name}", json={}, headers=own, params={"blocking": "true"}).status_code == 200
+
+
+def test_state_dir_belongs_to_one_namespace_and_is_private(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    secret = [{"key": "api_key", "value": "sk-first-namespace"}]
+    with server_thread(state) as first, client(first.handle) as http:
+        assert put_action(http, "keyed", HELLO, parameters=secret).status_code == 200
+        token = [{"key": "token", "value": "t0k"}]
+        assert http.put(f"{NS}/triggers/tok", json={"parameters": token}).status_code == 200
+        assert http.post(f"{NS}/actions/keyed", params={"blocking": "true"}).status_code == 200
+    # the same state dir under another namespace is refused: it would show the first one's key and token
+    with (
+        pytest.raises(minifaas.StateDirConflict, match="belongs to namespace 'guest'"),
+        server_thread(state, namespace="alice"),
+    ):
+        pass
+    with server_thread(state) as again, client(again.handle) as http:
+        params = http.get(f"{NS}/actions/keyed").json()["parameters"]
+        assert params == secret
+    assert state.stat().st_mode & 0o777 == 0o700
+    files = [p for p in state.rglob("*") if p.is_file() and "bundles" not in p.parts]
+    assert any(p.name == "keyed.json" for p in files) and any(p.suffix == ".sqlite3" for p in files)
+    for p in files:
+        if p.name == "keyed.json" or ".sqlite3" in p.name or p.parent.name == "triggers":
+            assert p.stat().st_mode & 0o777 == 0o600, p
+
+
+@contextlib.contextmanager
+def serve_process(
+    tmp_path: Path, *, nofile: int | None = None, args: list[str] | None = None, env: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen[bytes], httpx.Client]]:
+    """``minifaas serve`` in its own process (own memory, own fd limit), with a client logged in to it."""
+    import resource
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    auth = new_auth()
+
+    def limit_fds() -> None:
+        if nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+    log = (tmp_path / "serve.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "minifaas._cli.main", "serve", "--port", str(port), "--auth", auth, *(args or [])],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
+        preexec_fn=limit_fds,
+    )
+    user, _, key = auth.partition(":")
+    http = httpx.Client(base_url=f"http://127.0.0.1:{port}", auth=(user, key), timeout=30)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                if http.get("/ping").status_code == 200:
+                    break
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.1)
+        yield proc, http
+    finally:
+        http.close()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        log.close()
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_a_huge_invoke_body_is_refused_while_it_streams(tmp_path: Path) -> None:
+    chunk = b"{}," * (1 << 18)  # 768 KiB of empty objects: parsed, each becomes a dict of ~64 bytes
+
+    def body() -> Iterator[bytes]:
+        yield b'{"a": ['
+        for _ in range(70 << 20 // len(chunk)):
+            yield chunk
+        yield b"{}]}"
+
+    with serve_process(tmp_path) as (proc, http):
+        assert put_action(http, "sink", HELLO).status_code == 200
+        before_mb = _peak_rss_mb(proc.pid)
+        try:
+            r = http.post(f"{NS}/actions/sink", content=body(), headers={"Content-Type": "application/json"})
+        except (httpx.WriteError, httpx.RemoteProtocolError, httpx.ReadError):
+            r = None  # the server answered 413 and closed while the client was still sending
+        if r is not None:
+            assert_error(r, 413, "byte limit")
+        grown_mb = _peak_rss_mb(proc.pid) - before_mb
+        assert grown_mb < 100, f"the server grew by {grown_mb:.0f} MB for a refused body"
+        # a PUT of an action keeps its large cap: a 3 MB source is accepted
+        big = HELLO + "#" + "x" * (3 << 20) + "\n"
+        assert put_action(http, "big_source", big).status_code == 200
+        # the cap is the action's payload limit, not a server-wide one
+        assert put_action(http, "tiny", HELLO, limits={"payload": 1000}).status_code == 200
+        assert_error(http.post(f"{NS}/actions/tiny", json={"name": "x" * 2000}), 413, "1000 byte limit")
+        assert http.post(f"{NS}/actions/tiny", json={"name": "ok"}).status_code == 202
+
+
+@pytest.mark.parametrize("depth", [600, 2_000, 100_000], ids=["600", "2000", "100000"])
+def test_deep_json_is_a_400(http: httpx.Client, depth: int) -> None:
+    put_action(http, "deep", HELLO, overwrite=True)
+    deep = '{"a": ' + "[" * depth + "]" * depth + "}"
+    for method, path in (("POST", "actions/deep"), ("PUT", "actions/deep2"), ("PUT", "triggers/deep")):
+        r = http.request(method, f"{NS}/{path}", content=deep, headers={"Content-Type": "application/json"})
+        assert r.status_code in (400, 200, 202), r.text
+        if r.status_code == 400:
+            assert_error(r, 400)
+            assert "Traceback" not in r.text and "RecursionError" not in r.text
+
+
+@pytest.mark.parametrize("param", ["skip", "since", "upto", "limit"])
+def test_huge_query_integers_are_400(http: httpx.Client, param: str) -> None:
+    paths = ("activations",) if param in ("since", "upto") else ("activations", "actions", "triggers", "rules")
+    for path in paths:
+        r = http.get(f"{NS}/{path}", params={param: str(1 << 64)})
+        assert_error(r, 400, param)
+
+
+def test_internal_errors_carry_no_internals() -> None:
+    from starlette.requests import Request
+
+    from minifaas._server.app import _on_error
+
+    request = Request({"type": "http", "method": "GET", "path": "/x", "headers": [], "query_string": b""})
+    response = anyio.run(_on_error, request, KeyError("limits: /secret/path"))
+    assert response.status_code == 500
+    body = json.loads(bytes(response.body))
+    assert set(body) == {"error", "code"} and "secret" not in body["error"] and "KeyError" not in body["error"]
+
+
+def test_client_gone_mid_upload_is_logged_plainly(
+    server: SimpleNamespace, http: httpx.Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    put_action(http, "upload_target", HELLO, overwrite=True)
+    user, _, key = server.handle.auth.partition(":")
+    token = base64.b64encode(f"{user}:{key}".encode()).decode()
+    caplog.set_level(logging.INFO, logger="minifaas.server")
+    with socket.create_connection((server.handle.host, server.handle.port)) as s:
+        s.sendall(
+            f"PUT {NS}/actions/upload_target?overwrite=true HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {token}\r\n"
+            'Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{"exec": '.encode()
+        )
+        time.sleep(0.3)
+    deadline = time.monotonic() + 10
+    while not any("client disconnected" in r.getMessage() for r in caplog.records):
+        assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
+        time.sleep(0.05)
+    assert not any(r.exc_info or r.levelno >= logging.ERROR for r in caplog.records), caplog.text
+
+
+def test_idle_connections_cannot_starve_the_server_under_a_low_fd_limit(tmp_path: Path) -> None:
+    import resource
+
+    from minifaas._server.connguard import HEADER_TIMEOUT_S
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1_400:
+        pytest.skip(f"this test needs 1,400 descriptors, the hard limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1_400), hard))
+    idle: list[socket.socket] = []
+    try:
+        with serve_process(tmp_path, nofile=1024) as (proc, http):
+            for _ in range(1_100):
+                s = socket.socket()
+                s.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    s.connect(("127.0.0.1", http.base_url.port or 0))
+                idle.append(s)
+            time.sleep(1)
+            for i, s in enumerate(idle):
+                if i % 2:  # half of them send half a request head, and nothing more
+                    with contextlib.suppress(OSError):
+                        s.send(b"GET /ping HTTP/1.1\r\nHost: x\r\n")
+            # /ping answers again once the idle connections are cut (the server holds none for ever)
+            t0 = time.monotonic()
+            answered = False
+            while time.monotonic() - t0 < HEADER_TIMEOUT_S + 20:
+                try:
+                    with httpx.Client(timeout=2) as fresh:
+                        answered = fresh.get(f"{http.base_url}/ping").status_code == 200
+                except httpx.TransportError:
+                    answered = False
+                if answered:
+                    break
+                time.sleep(0.2)
+            assert answered, f"/ping did not answer within {HEADER_TIMEOUT_S + 20} s with 1,100 idle connections"
+            assert proc.poll() is None
+            fds = len(os.listdir(f"/proc/{proc.pid}/fd"))
+            assert fds < 1024, fds
+    finally:
+        for s in idle:
+            s.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_compositions_have_their_own_shape_in_the_actions_api(server: SimpleNamespace, http: httpx.Client) -> None:
+    from minifaas import composer as c
+
+    put_action(http, "comp_step", HELLO, overwrite=True)
+    server.portal.call(server.engine.deploy_composition, "twice", c.sequence("comp_step", "comp_step"))
+    listed = http.get(f"{NS}/actions", params={"limit": 200})
+    assert listed.status_code == 200, listed.text
+    shapes = {a["name"]: a for a in listed.json()}
+    assert shapes["twice"]["exec"]["kind"] == "composition" and shapes["twice"]["limits"] == {}
+    assert shapes["comp_step"]["exec"]["kind"] == "python:3"
+    one = http.get(f"{NS}/actions/twice")
+    assert one.status_code == 200, one.text
+    assert one.json()["exec"]["composition"]["composition"]["type"] == "sequence"
+    before = len(server.engine.sessions.list("twice", limit=100))
+    r = http.post(f"{NS}/actions/twice", params={"blocking": "true", "result": "true"}, json={"name": "Ada"})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"hi": None}  # the second step saw the first one's result
+    assert len(server.engine.sessions.list("twice", limit=100)) == before + 1  # ran once, not retried
+    assert http.delete(f"{NS}/actions/twice").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [{"rate_per_minute": 0}, {"rate_per_minute": "many"}, {"rate_per_minute": True}, "fast"],
+    ids=["zero", "string", "bool", "not-an-object"],
+)
+def test_a_refused_trigger_update_leaves_it_and_its_rules(http: httpx.Client, limits: Any) -> None:
+    params = [{"key": "name", "value": "kept"}]
+    http.delete(f"{NS}/triggers/upd-t")
+    assert http.put(f"{NS}/triggers/upd-t", json={"parameters": params}).status_code == 200
+    assert http.put(
+        f"{NS}/rules/upd-r", params={"overwrite": "true"}, json={"trigger": "upd-t", "action": "a"}
+    ).is_success
+    r = http.put(f"{NS}/triggers/upd-t", params={"overwrite": "true"}, json={"parameters": [], "limits": limits})
+    assert_error(r, 400, "rate_per_minute" if isinstance(limits, dict) else "limits")
+    trig = http.get(f"{NS}/triggers/upd-t")
+    assert trig.status_code == 200 and trig.json()["parameters"] == params
+    assert "guest/upd-r" in trig.json()["rules"]
+    assert http.get(f"{NS}/rules/upd-r").json()["action"]["name"] == "a"
+
+
+def test_a_refused_rule_update_leaves_the_rule(http: httpx.Client) -> None:
+    http.put(f"{NS}/triggers/upd-t2", json={})
+    assert http.put(f"{NS}/rules/upd-r2", json={"trigger": "upd-t2", "action": "first"}).status_code == 200
+    r = http.put(f"{NS}/rules/upd-r2", params={"overwrite": "true"}, json={"trigger": "upd-t2", "action": "x" * 300})
+    assert_error(r, 400, "invalid rule target")
+    assert http.get(f"{NS}/rules/upd-r2").json()["action"]["name"] == "first"
+
+
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+def test_activation_paging_skips_running_records_in_the_query(tmp_path: Path, store: str) -> None:
+    with server_thread(tmp_path / "state" if store == "sqlite" else None) as s, client(s.handle) as http:
+        assert put_action(http, "pg_fast", HELLO).status_code == 200
+        assert put_action(http, "pg_slow", SLEEP, limits={"concurrency": 3}).status_code == 200
+        ended = [
+            http.post(f"{NS}/actions/pg_fast", params={"blocking": "true"}).json()["activationId"] for _ in range(4)
+        ]
+        running = [http.post(f"{NS}/actions/pg_slow", json={"s": 5}).json()["activationId"] for _ in range(3)]
+        deadline = time.monotonic() + 10
+        while s.engine.stats().get("in_flight", 0) < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        pages = [http.get(f"{NS}/activations", params={"limit": 1, "skip": k}).json() for k in range(5)]
+        seen = [p[0]["activationId"] for p in pages if p]
+        assert seen == list(reversed(ended)), (seen, ended)
+        assert pages[4] == []
+        assert http.get(f"{NS}/activations", params={"count": "true"}).json() == {"activations": 4}
+        assert not set(running) & {a["activationId"] for a in http.get(f"{NS}/activations").json()}
+
+
+def test_sigterm_answers_blocking_invokes_202_and_drains(tmp_path: Path) -> None:
+    import concurrent.futures
+    import signal
+
+    from minifaas._core.store import SQLiteStore
+    from minifaas._engine import CLOSE_TIMEOUT_S
+
+    state = tmp_path / "state"
+    with serve_process(tmp_path, args=["--state-dir", str(state)]) as (proc, http):
+        assert put_action(http, "long", SLEEP, limits={"timeout": 60_000}).status_code == 200
+        assert put_action(http, "short", SLEEP).status_code == 200
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(http.post, f"{NS}/actions/long", params={"blocking": "true"}, json={"s": 20})
+            short_id = http.post(f"{NS}/actions/short", json={"s": 2}).json()["activationId"]
+            time.sleep(1.5)  # both run now
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            r = waiting.result(timeout=30)
+            answered_s = time.monotonic() - t0
+        assert r.status_code == 202, r.text
+        long_id = r.json()["activationId"]
+        assert r.headers["X-OpenWhisk-Activation-Id"] == long_id
+        assert answered_s < 3, f"the blocking request waited {answered_s:.1f} s after SIGTERM"
+        assert proc.wait(timeout=CLOSE_TIMEOUT_S + 20) == 0
+        exited_s = time.monotonic() - t0
+    assert exited_s < CLOSE_TIMEOUT_S + 5, exited_s
+    store = SQLiteStore(state / "activations.sqlite3")
+    try:
+        short, long = store.get(short_id), store.get(long_id)
+    finally:
+        store.close()
+    assert short is not None and short.status == "success"  # drained: it ended within the grace period
+    assert long is not None and long.status == "internal_error" and "closed" in long.result["error"]
+
+
+def test_a_hanging_environment_build_holds_up_only_its_own_action(tmp_path: Path) -> None:
+    import concurrent.futures
+
+    # a package index that accepts connections and never answers: pip waits on it
+    index = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stop = False
+
+    def accept() -> None:
+        index.settimeout(0.2)
+        while not stop:
+            with contextlib.suppress(TimeoutError, OSError):
+                held.append(index.accept()[0])
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("__main__.py", HELLO)
+        zf.writestr("requirements.txt", "minifaas-test-never-published==1.0\n")
+    zipped = {"exec": {"kind": "python:3", "code": base64.b64encode(buf.getvalue()).decode(), "binary": True}}
+    env = {
+        "PIP_INDEX_URL": f"http://127.0.0.1:{index.getsockname()[1]}/simple",
+        "XDG_CACHE_HOME": str(tmp_path / "cache"),
+        "PIP_NO_CACHE_DIR": "1",
+    }
+    try:
+        with (
+            concurrent.futures.ThreadPoolExecutor(2) as pool,
+            serve_process(tmp_path, args=["--state-dir", str(tmp_path / "state")], env=env) as (_, http),
+        ):
+            pool.submit(accept)
+            try:
+                assert put_action(http, "bystander", HELLO).status_code == 200
+                building = pool.submit(http.put, f"{NS}/actions/needs_deps", json=zipped)
+                deadline = time.monotonic() + 20
+                while not held:  # pip is now waiting on the index
+                    assert time.monotonic() < deadline and not building.done(), "pip never asked the index"
+                    time.sleep(0.05)
+                t0 = time.monotonic()
+                assert http.delete(f"{NS}/actions/bystander").status_code == 200
+                assert put_action(http, "another", HELLO).status_code == 200
+                # the same action is not queued behind its own build either: refused at once, to retry later
+                assert_error(http.put(f"{NS}/actions/needs_deps", json=zipped), 409, "being deployed")
+                assert_error(http.delete(f"{NS}/actions/needs_deps"), 409, "being deployed")
+                took_s = time.monotonic() - t0
+                assert not building.done()
+                assert took_s < 3, f"deploys waited {took_s:.1f} s on an environment build"
+            finally:
+                stop = True
+    finally:
+        stop = True
+        for conn in held:
+            conn.close()
+        index.close()
+
+
+def test_request_bytes_in_flight_are_bounded_across_requests(server: SimpleNamespace, http: httpx.Client) -> None:
+    budget = server.handle.app.state.api.budget
+    saved = budget.max_bytes
+    budget.max_bytes = 100_000
+    user, _, key = server.handle.auth.partition(":")
+    token = base64.b64encode(f"{user}:{key}".encode()).decode()
+    try:
+        with socket.create_connection((server.handle.host, server.handle.port)) as slow:
+            # an upload that sends 80 kB of its 1 MB and then stalls: those bytes are held
+            slow.sendall(
+                f"PUT {NS}/actions/held HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {token}\r\n"
+                "Content-Type: application/json\r\nContent-Length: 1000000\r\n\r\n".encode()
+                + b'{"exec": {"code": "'
+                + b"#" * 80_000
+            )
+            deadline = time.monotonic() + 10
+            while budget.held < 80_000:
+                assert time.monotonic() < deadline, budget.held
+                time.sleep(0.02)
+            r = put_action(http, "second", HELLO + "#" * 50_000)
+            assert_error(r, 503, "too many request bytes")
+            assert r.headers["retry-after"] == "1"
+            assert put_action(http, "small_enough", HELLO).status_code == 200
+        deadline = time.monotonic() + 10
+        while budget.held:  # the stalled upload's bytes are given back when its client goes
+            assert time.monotonic() < deadline, budget.held
+            time.sleep(0.02)
+    finally:
+        budget.max_bytes = saved

@@ -8,10 +8,13 @@ measured page load times in ``load_times_ms.txt``. ``$MINIFAAS_CHROMIUM`` overri
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import http.server
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from functools import partial
@@ -583,3 +586,125 @@ def test_unknown_activation_page(browser_context: Any, live: Live) -> None:
         assert "Not found" in page.locator(".empty").inner_text()
     finally:
         page.close()
+
+
+# ------------------------------------------------------------------------------------------------ CSRF
+
+
+@contextlib.contextmanager
+def _second_origin(html: str) -> Iterator[str]:
+    """A page served by another origin (``localhost``, another port): what a hostile site would serve."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            data = html.encode("utf-8")
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://localhost:{httpd.server_address[1]}/"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def _greeted(live: Live, name: str) -> bool:
+    acts = live.run(live.engine.activations.list, "hello", limit=500)
+    return any(a.result == {"hi": name} for a in acts)
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [
+        pytest.param(
+            "<form id=f method=POST enctype=text/plain action='{url}'>"
+            '<input name=\'{{"name":"csrf-form","x":"\' value=\'"}}\'></form>'
+            "<script>document.getElementById('f').submit()</script>",
+            id="text-plain-form",
+        ),
+        pytest.param(
+            "<form id=f method=POST action='{url}'><input name=name value=csrf-form></form>"
+            "<script>document.getElementById('f').submit()</script>",
+            id="urlencoded-form",
+        ),
+        pytest.param(
+            "<script>fetch('{url}', {{method: 'POST', mode: 'no-cors', credentials: 'include',"
+            " body: JSON.stringify({{name: 'csrf-form'}})}})</script>",
+            id="no-cors-fetch",
+        ),
+    ],
+)
+def test_another_site_cannot_invoke_through_a_logged_in_browser(browser_context: Any, live: Live, attack: str) -> None:
+    page = browser_context.new_page()  # not the `page` fixture: the browser logs the refused request
+    try:
+        page.goto(live.base + "/ui/")  # the user is logged in to the UI
+        # the server's own page may write: the browser sends its credential along (the attack's premise)
+        status = page.evaluate(
+            """async (url) => (await fetch(url, {method: 'POST', headers: {'content-type': 'application/json'},
+                   body: JSON.stringify({name: 'same-origin'})})).status""",
+            live.base + "/api/v1/namespaces/_/actions/hello?blocking=true",
+        )
+        assert status == 200
+        assert _greeted(live, "same-origin")
+        target = live.base + "/api/v1/namespaces/_/actions/hello?blocking=true"
+        with _second_origin(attack.format(url=target)) as evil:
+            with page.expect_response(lambda r: "/actions/hello" in r.url) as answer:
+                page.goto(evil)
+            assert answer.value.status == 403, answer.value.status
+        time.sleep(0.5)  # an accepted invocation would have ended by now (hello takes milliseconds)
+        assert not _greeted(live, "csrf-form")
+    finally:
+        page.close()
+
+
+def test_ui_api_reads_only_its_namespace(client: httpx.Client, live: Live, warm: dict[str, Any]) -> None:
+    from minifaas._core.activation import Activation, new_activation_id, now_ms
+
+    other = Activation(
+        new_activation_id(),
+        "hello",
+        namespace="intruder",
+        status="success",
+        start=now_ms(),
+        end=now_ms(),
+        result={"secret": "of another namespace"},
+        logs=["theirs"],
+    )
+    live.run(live.engine._store.put, other)
+    # the record is there: the engine reads every namespace when asked to
+    assert live.run(live.engine.activations.get, other.activation_id).namespace == "intruder"
+    listed = client.get("/ui/api/activations", params={"limit": 200}).json()["activations"]
+    assert listed and other.activation_id not in {a["activation_id"] for a in listed}
+    assert client.get(f"/ui/api/activations/{other.activation_id}").status_code == 404
+    # REST agrees
+    r = client.get(f"/api/v1/namespaces/_/activations/{other.activation_id}")
+    assert r.status_code == 404
+
+
+def test_ui_and_rest_share_encoder_and_limit_rules(client: httpx.Client, live: Live) -> None:
+    code = "def main(args):\n    return {'b': b'\\x00\\xffab', 'nan': float('nan')}\n"
+    r = client.put("/api/v1/namespaces/_/actions/w_bytes", params={"overwrite": "true"}, json={"exec": {"code": code}})
+    assert r.status_code == 200, r.text
+    rest = client.post("/api/v1/namespaces/_/actions/w_bytes", params={"blocking": "true"}).json()
+    ui = client.get(f"/ui/api/activations/{rest['activationId']}").json()
+    assert ui["result"] == rest["response"]["result"] == {"b": "AP9hYg==", "nan": None}
+    for params in ({"limit": "1000"}, {"limit": "-1"}, {"limit": "many"}, {"since": str(1 << 64)}):
+        rest_r = client.get("/api/v1/namespaces/_/activations", params=params)
+        ui_r = client.get("/ui/api/activations", params=params)
+        assert rest_r.status_code == ui_r.status_code == 400, (params, rest_r.text, ui_r.text)
+        assert set(ui_r.json()) == set(rest_r.json()) == {"error", "code"}
+    # the same default and maximum: 0 means the maximum (200) in both
+    for params in ({}, {"limit": "0"}):
+        n_rest = len(client.get("/api/v1/namespaces/_/activations", params=params).json())
+        n_ui = len(client.get("/ui/api/activations", params=params).json()["activations"])
+        assert n_rest <= n_ui  # the UI lists running activations too, REST ended ones only
+        assert n_ui <= (30 if not params else 200)

@@ -119,16 +119,48 @@ def _state_dir(args: argparse.Namespace) -> Path:
 
 
 def _credentials(args: argparse.Namespace) -> tuple[str, str | None]:
-    apihost = args.apihost or os.environ.get(ENV_APIHOST)
+    """The server URL and the credential for it.
+
+    ``~/.wskprops`` gives its AUTH only to its own APIHOST: a key for production must not go to the host that
+    ``--apihost`` or $MINIFAAS_APIHOST name. A host without a scheme is https (as ``wsk`` reads it), but for
+    loopback, where the dev server speaks plain http. Basic auth over plain http leaves this machine only never.
+    """
+    given = args.apihost or os.environ.get(ENV_APIHOST)
     auth = args.auth or os.environ.get(ENV_AUTH)
-    if not apihost or not auth:
-        props = _wskprops()
-        apihost = apihost or props.get("APIHOST")
-        auth = auth or props.get("AUTH")
-    apihost = apihost or DEFAULT_APIHOST
+    props = _wskprops()
+    props_host = _normalized(props["APIHOST"]) if props.get("APIHOST") else None
+    apihost = _normalized(given) if given else props_host or DEFAULT_APIHOST
+    if auth is None and props.get("AUTH") and props_host == apihost:
+        auth = props["AUTH"]
+    if auth and apihost.startswith("http://") and not _is_loopback(apihost):
+        raise CliError(
+            f"refusing to send credentials over plain http to {apihost}: use https:// "
+            "(the dev server's plain http is for 127.0.0.1/localhost only)"
+        )
+    return apihost, auth
+
+
+def _normalized(apihost: str) -> str:
     if "://" not in apihost:
-        apihost = f"http://{apihost}"
-    return apihost.rstrip("/"), auth
+        scheme = "http" if _is_loopback(f"http://{apihost}") else "https"
+        apihost = f"{scheme}://{apihost}"
+    return apihost.rstrip("/")
+
+
+def _is_loopback(url: str) -> bool:
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    try:
+        host = urlsplit(url).hostname or ""
+    except ValueError:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _wskprops() -> dict[str, str]:
@@ -226,6 +258,13 @@ def _annotation(record: dict[str, Any], key: str) -> Any:
         if item.get("key") == key:
             return item.get("value")
     return None
+
+
+def _verbatim(text: str) -> Any:
+    """A table cell showing ``text`` as it is (no markup, no emoji codes)."""
+    from rich.text import Text
+
+    return Text(text)
 
 
 def _print_json(console: Console, data: Any) -> None:
@@ -533,7 +572,7 @@ async def cmd_trigger(api: Api, args: argparse.Namespace, console: Console) -> i
         for t in triggers:
             params = {p["key"]: p["value"] for p in t.get("parameters", [])}
             rules = ", ".join(f"{k.split('/')[-1]} ({v['status']})" for k, v in (t.get("rules") or {}).items())
-            table.add_row(t["name"], _brief(params), rules or "-")
+            table.add_row(t["name"], _verbatim(_brief(params)), rules or "-")
         console.print(table)
     return EXIT_OK
 
@@ -676,11 +715,11 @@ async def cmd_invoke_batch(api: Api, args: argparse.Namespace, console: Console)
         for r in rows:
             color = "green" if r.status == "success" else "red"
             table.add_row(
-                r.file,
+                _verbatim(r.file),
                 f"[{color}]{r.status}[/]",
                 r.start,
                 f"{r.duration_ms} ms",
-                _brief(r.result),
+                _verbatim(_brief(r.result)),
             )
         console.print(table)
     ok = sum(1 for r in rows if r.status == "success")
@@ -971,12 +1010,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``minifaas`` console script."""
     from rich.console import Console
+    from rich.markup import escape
 
     args = build_parser().parse_args(argv)
     # piped output is not cut to 80 columns: ids and JSON lines stay whole for grep and scripts
     width = None if sys.stdout.isatty() or "COLUMNS" in os.environ else PIPE_WIDTH
-    console = Console(highlight=False, width=width)
-    errors = Console(stderr=True, highlight=False, width=width)
+    # user text (names, logs, results, server messages) is printed verbatim: no :emoji: codes anywhere, and
+    # markup only in the CLI's own message templates, with user values escaped
+    console = Console(highlight=False, width=width, emoji=False)
+    errors = Console(stderr=True, highlight=False, width=width, emoji=False)
     try:
         run = getattr(args, "run", None)
         if run is not None:
@@ -984,10 +1026,10 @@ def main(argv: list[str] | None = None) -> int:
             return code
         return _run_call(args, console)
     except CliError as exc:
-        errors.print(f"[red]error:[/] {exc}", markup=True, soft_wrap=True)
+        errors.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
         return EXIT_FAILED
     except MinifaasError as exc:
-        errors.print(f"[red]error:[/] {type(exc).__name__}: {exc}", soft_wrap=True)
+        errors.print(f"[red]error:[/] {type(exc).__name__}: {escape(str(exc))}", soft_wrap=True)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED

@@ -19,6 +19,8 @@ from .activation import Activation, now_ms, summarize_value
 __all__ = ("ActivationStore", "MemoryStore", "SQLiteStore", "open_store")
 
 MEMORY_STORE_MAX_RECORDS: Final = 10_000
+#: statuses of records whose activation has not ended (every other status is final)
+UNENDED_STATUSES: Final = ("pending", "running")
 HOST_DIED_MESSAGE: Final = "the host process ended while this activation was in flight"
 
 
@@ -38,8 +40,24 @@ class ActivationStore(Protocol):
         skip: int = 0,
         since: int | None = None,
         upto: int | None = None,
+        ended: bool = False,
         cause: str | None = None,
-    ) -> list[Activation]: ...
+    ) -> list[Activation]:
+        """Newest first; ``ended`` leaves out records of activations still pending or running."""
+        ...
+
+    def count(
+        self,
+        *,
+        name: str | None = None,
+        namespace: str | None = None,
+        since: int | None = None,
+        upto: int | None = None,
+        ended: bool = False,
+        cause: str | None = None,
+    ) -> int:
+        """How many records ``list`` would walk through without a limit."""
+        ...
 
     def recover(self) -> int:
         """Mark records left pending/running by a dead host as failed; returns how many."""
@@ -54,11 +72,14 @@ def _matches(
     namespace: str | None,
     since: int | None,
     upto: int | None,
+    ended: bool = False,
     cause: str | None = None,
 ) -> bool:
-    if name is not None and act.name != name:
-        return False
     if cause is not None and act.cause != cause:
+        return False
+    if ended and not act.done:
+        return False
+    if name is not None and act.name != name:
         return False
     if namespace is not None and act.namespace != namespace:
         return False
@@ -99,12 +120,13 @@ class MemoryStore:
         skip: int = 0,
         since: int | None = None,
         upto: int | None = None,
+        ended: bool = False,
         cause: str | None = None,
     ) -> list[Activation]:
         out: list[Activation] = []
         skipped = 0
         for act in reversed(self._records.values()):
-            if not _matches(act, name, namespace, since, upto, cause):
+            if not _matches(act, name, namespace, since, upto, ended, cause):
                 continue
             if skipped < skip:
                 skipped += 1
@@ -113,6 +135,18 @@ class MemoryStore:
             if len(out) >= limit:
                 break
         return out
+
+    def count(
+        self,
+        *,
+        name: str | None = None,
+        namespace: str | None = None,
+        since: int | None = None,
+        upto: int | None = None,
+        ended: bool = False,
+        cause: str | None = None,
+    ) -> int:
+        return sum(1 for act in self._records.values() if _matches(act, name, namespace, since, upto, ended, cause))
 
     def recover(self) -> int:
         return 0
@@ -170,26 +204,26 @@ class SQLiteStore:
         skip: int = 0,
         since: int | None = None,
         upto: int | None = None,
+        ended: bool = False,
         cause: str | None = None,
     ) -> list[Activation]:
-        where: list[str] = []
-        args: list[Any] = []
-        for clause, value in (
-            ("name = ?", name),
-            ("cause = ?", cause),
-            ("namespace = ?", namespace),
-            ("ts >= ?", since),
-            ("ts <= ?", upto),
-        ):
-            if value is not None:
-                where.append(clause)
-                args.append(value)
-        sql = "SELECT record FROM activations"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY ts DESC, rowid DESC LIMIT ? OFFSET ?"
-        args += [limit, skip]
-        return [_load(r[0]) for r in self._db.execute(sql, args).fetchall()]
+        where, args = _where(name, namespace, since, upto, ended, cause)
+        sql = f"SELECT record FROM activations{where} ORDER BY ts DESC, rowid DESC LIMIT ? OFFSET ?"
+        return [_load(r[0]) for r in self._db.execute(sql, [*args, limit, skip]).fetchall()]
+
+    def count(
+        self,
+        *,
+        name: str | None = None,
+        namespace: str | None = None,
+        since: int | None = None,
+        upto: int | None = None,
+        ended: bool = False,
+        cause: str | None = None,
+    ) -> int:
+        where, args = _where(name, namespace, since, upto, ended, cause)
+        row = self._db.execute(f"SELECT COUNT(*) FROM activations{where}", args).fetchone()
+        return int(row[0])
 
     def recover(self) -> int:
         rows = self._db.execute("SELECT record FROM activations WHERE status IN ('pending', 'running')").fetchall()
@@ -205,6 +239,28 @@ class SQLiteStore:
 
     def close(self) -> None:
         self._db.close()
+
+
+def _where(
+    name: str | None, namespace: str | None, since: int | None, upto: int | None, ended: bool, cause: str | None = None
+) -> tuple[str, list[Any]]:
+    """The WHERE clause (with its leading space, or empty) and arguments of a listing or a count."""
+    clauses: list[str] = []
+    args: list[Any] = []
+    for clause, value in (
+        ("name = ?", name),
+        ("namespace = ?", namespace),
+        ("ts >= ?", since),
+        ("ts <= ?", upto),
+        ("cause = ?", cause),
+    ):
+        if value is not None:
+            clauses.append(clause)
+            args.append(value)
+    if ended:
+        clauses.append(f"status NOT IN ({', '.join('?' * len(UNENDED_STATUSES))})")
+        args += UNENDED_STATUSES
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), args
 
 
 def _fallback(obj: Any) -> Any:

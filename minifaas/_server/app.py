@@ -16,6 +16,12 @@ Action ``limits`` take OpenWhisk's ``timeout`` (ms), ``memory`` (MB), ``logs`` (
 invocations) and ``idle`` (keep-alive, ms). Errors have OpenWhisk's body ``{"error": message, "code": id}``.
 Results holding bytes are sent as base64 strings. With ``engine.state_dir`` set, actions created over the API
 are kept under ``state_dir/server/actions`` and deployed again when a server starts on that state dir.
+
+Writes from another origin and non-JSON bodies are refused (``_httpguard``); bodies are capped while they stream
+in (an invoke at its action's payload limit); connections must send their request head in time and are capped
+from the fd limit (``_connguard``). Shutdown is one rule: the HTTP server stops first (waiting blocking
+invocations answer 202 with their id at once, other requests get ``SHUTDOWN_GRACE_S``), then the engine drains
+running activations within its ``close_timeout_s``.
 """
 
 from __future__ import annotations
@@ -29,7 +35,6 @@ import importlib
 import json
 import logging
 import math
-import os
 import secrets
 import socket
 import string
@@ -43,12 +48,14 @@ import anyio
 import anyio.abc
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .._core.activation import Activation, summarize_value
+from .._core.function import MAX_PAYLOAD_BYTES
+from .._core.statedir import PRIVATE_DIR_MODE, write_private
 from .._errors import (
     ActivationNotFound,
     CompositionError,
@@ -61,6 +68,7 @@ from .._errors import (
     PayloadTooLarge,
     TriggerError,
 )
+from .httpguard import write_refusal
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 
@@ -78,11 +86,20 @@ BLOCKING_WAIT_MAX_S: Final = 60.0
 BLOCKING_GRACE_S: Final = 5.0
 #: request bodies above this are refused at once (an action's code may be 48 MiB, base64 makes it 64)
 MAX_REQUEST_BYTES: Final = 72 << 20
+#: bodies of trigger and rule writes and of trigger fires (an action's invoke body is capped at its payload limit)
+MAX_SMALL_BODY_BYTES: Final = 1 << 20
+#: request body bytes held by all requests together (a few action uploads at once, not hundreds)
+MAX_BODY_BYTES_IN_FLIGHT: Final = 256 << 20
 LIST_LIMIT_DEFAULT: Final = 30
 LIST_LIMIT_MAX: Final = 200
-COUNT_LIMIT: Final = 1_000_000
+#: integer query parameters (skip, since, upto) fit SQLite's signed 64-bit integers
+QUERY_INT_MAX: Final = (1 << 63) - 1
 SUPPORTED_KINDS: Final = ("python:3", "python:3.11", "python:default")
 DEFAULT_KIND: Final = "python:3"
+#: a trigger's fires per minute when its PUT names none (the trigger manager's default)
+TRIGGER_RATE_DEFAULT: Final = 60
+#: ``exec.kind`` of a composition (deployed with the composer, run by the conductor) in the actions API
+COMPOSITION_KIND: Final = "composition"
 AUTH_KEY_CHARS: Final = 64
 SHUTDOWN_GRACE_S: Final = 5
 STARTUP_POLL_S: Final = 0.005
@@ -91,6 +108,9 @@ LOG_LIMIT_UNIT_BYTES: Final = 1 << 20  # OpenWhisk's ``limits.logs`` is in MB
 NOT_FOUND: Final = "The requested resource does not exist."
 ZIP_MAGIC: Final = b"PK\x03\x04"
 WS_POLICY_VIOLATION: Final = 1008
+INTERNAL_ERROR_MESSAGE: Final = "The server met an internal error; its log names it by the code below."
+#: nginx's status for a request whose client went away (never read by anyone, but logged by proxies)
+CLIENT_CLOSED_STATUS: Final = 499
 
 logger = logging.getLogger("minifaas.server")
 
@@ -143,12 +163,18 @@ def dumps(obj: object) -> bytes:
     return text.encode("utf-8")
 
 
-def _json(obj: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+def json_response(obj: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """``obj`` encoded by :func:`dumps`: the one JSON encoder of the REST API and the web UI's JSON API."""
     return Response(dumps(obj), status_code=status, headers=headers, media_type="application/json")
 
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    return _json({"error": message, "code": secrets.token_hex(16)}, status, headers)
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    """OpenWhisk's error body ``{"error": message, "code": id}``."""
+    return json_response({"error": message, "code": secrets.token_hex(16)}, status, headers)
+
+
+_json = json_response
+_error = error_response
 
 
 def _kv(d: dict[str, Any]) -> list[dict[str, Any]]:
@@ -175,7 +201,8 @@ def _flag(request: Request, name: str) -> bool:
     return request.query_params.get(name, "false").lower() == "true"
 
 
-def _int_arg(request: Request, name: str, default: int | None, lo: int = 0, hi: int | None = None) -> int | None:
+def int_arg(request: Request, name: str, default: int | None, lo: int = 0, hi: int | None = None) -> int | None:
+    """An integer query parameter; out of ``lo..hi`` (or of SQLite's 64 bits) or not a number is a 400."""
     raw = request.query_params.get(name)
     if raw is None or raw == "":
         return default
@@ -183,40 +210,69 @@ def _int_arg(request: Request, name: str, default: int | None, lo: int = 0, hi: 
         value = int(raw)
     except ValueError:
         raise ApiError(400, f"query parameter {name!r} must be an integer, got {raw!r}") from None
-    if value < lo or (hi is not None and value > hi):
-        raise ApiError(400, f"query parameter {name!r} must be between {lo} and {hi}, got {value}")
+    top = QUERY_INT_MAX if hi is None else hi
+    if value < lo or value > top:
+        raise ApiError(400, f"query parameter {name!r} must be between {lo} and {top}, got {value}")
     return value
 
 
-def _limit(request: Request) -> int:
-    limit = _int_arg(request, "limit", LIST_LIMIT_DEFAULT, 0, LIST_LIMIT_MAX)
+def list_limit(request: Request) -> int:
+    """``limit`` of a listing: OpenWhisk's default and maximum, 0 meaning the maximum."""
+    limit = int_arg(request, "limit", LIST_LIMIT_DEFAULT, 0, LIST_LIMIT_MAX)
     assert limit is not None
     return limit or LIST_LIMIT_MAX  # OpenWhisk: 0 means the maximum
 
 
-async def _read_json(request: Request, *, empty: object = None) -> Any:
+class _BodyBudget:
+    """The request body bytes all requests hold at once, capped: many large bodies together answer 503."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.held = 0
+
+    def take(self, n: int) -> None:
+        if self.held + n > self.max_bytes:
+            raise ApiError(503, "The server holds too many request bytes right now; retry later.", {"Retry-After": "1"})
+        self.held += n
+
+    def give(self, n: int) -> None:
+        self.held -= n
+
+
+async def _read_json(
+    request: Request, budget: _BodyBudget, *, max_bytes: int = MAX_REQUEST_BYTES, empty: object = None
+) -> Any:
+    """The body as JSON, refused (413) as soon as it passes ``max_bytes``: nothing larger is ever held."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_REQUEST_BYTES:
-        raise ApiError(413, f"The request content is {declared} bytes, over the {MAX_REQUEST_BYTES} byte limit.")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise ApiError(413, f"The request content is {declared} bytes, over the {max_bytes} byte limit.")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_REQUEST_BYTES:
-            raise ApiError(413, f"The request content is over the {MAX_REQUEST_BYTES} byte limit.")
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    if not body.strip():
-        return empty
     try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"The request content was malformed: {exc}") from None
+        async for chunk in request.stream():
+            budget.take(len(chunk))
+            size += len(chunk)
+            if size > max_bytes:
+                raise ApiError(413, f"The request content is over the {max_bytes} byte limit.")
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        del chunks
+        if not body.strip():
+            return empty
+        try:
+            return json.loads(body)
+        except RecursionError:
+            raise ApiError(400, "The request content was malformed: JSON nested too deeply.") from None
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"The request content was malformed: {exc}") from None
+    finally:
+        budget.give(size)
 
 
 # -- auth and path normalization -----------------------------------------------------------------------------
 class _Gate:
-    """ASGI middleware: HTTP basic auth on all but ``/ping``; trailing slashes dropped from API paths."""
+    """ASGI middleware: HTTP basic auth on all but ``/ping``; cross-site and non-JSON writes refused (CSRF);
+    trailing slashes dropped from API paths."""
 
     def __init__(self, app: ASGIApp, auth: str | None) -> None:
         self.app = app
@@ -233,6 +289,10 @@ class _Gate:
         if path.startswith(API_PREFIX) and len(path) > 1 and path.endswith("/"):
             # the JS client of some versions asks for ``activations/{id}/``
             scope = dict(scope, path=path.rstrip("/"))
+        refusal = write_refusal(scope)
+        if refusal is not None:
+            await _error(*refusal)(scope, receive, send)
+            return
         if self.auth is not None and path != "/ping" and not self._authorized(scope):
             response = _error(
                 401, "The supplied authentication is invalid", {"WWW-Authenticate": 'Basic realm="minifaas"'}
@@ -332,10 +392,8 @@ class _ActionStore:
         data = dumps(body.to_json())
 
         def write() -> None:
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp = folder / f".{name}.json.tmp"
-            tmp.write_bytes(data)
-            os.replace(tmp, folder / f"{name}.json")
+            folder.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
+            write_private(folder / f"{name}.json", data)
 
         await anyio.to_thread.run_sync(write)
 
@@ -358,6 +416,28 @@ class _ActionStore:
 
 
 # -- the API -------------------------------------------------------------------------------------------------
+class _EntityLocks:
+    """A lock per entity (kind and name), made on first use and dropped when no request holds or awaits it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[tuple[str, str], tuple[anyio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, kind: str, name: str) -> AsyncIterator[None]:
+        key = (kind, name)
+        lock, users = self._locks.get(key) or (anyio.Lock(), 0)
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
 class _Api:
     def __init__(self, engine: Engine, *, namespace: str, blocking_wait_s: float) -> None:
         self.engine = engine
@@ -366,10 +446,27 @@ class _Api:
         state_dir = getattr(engine, "state_dir", None)
         self.actions = _ActionStore(Path(state_dir) / ACTIONS_SUBDIR if state_dir is not None else None)
         self.metrics = Metrics(engine)
-        self._lock = anyio.Lock()
+        self.budget = _BodyBudget(MAX_BODY_BYTES_IN_FLIGHT)
+        #: set by ``begin_shutdown``: blocking waits answer 202 at once, new invocations are refused
+        self.stopping = False
+        self._waiting: set[anyio.CancelScope] = set()
+        self._locks = _EntityLocks()
+        #: actions whose deploy (perhaps an environment build) runs now, outside any lock
+        self._deploying: set[str] = set()
         self._restored = False
 
     # -- helpers ---------------------------------------------------------------------------------------------
+    def begin_shutdown(self) -> None:
+        """The server is stopping: requests waiting on a blocking invocation get 202 with its id now (as after
+        OpenWhisk's 60 s), so they do not hold the HTTP grace period; the engine then drains the work."""
+        self.stopping = True
+        for scope in list(self._waiting):
+            scope.cancel()
+
+    def _refuse_when_stopping(self) -> None:
+        if self.stopping:
+            raise ApiError(503, "The server is shutting down; nothing was invoked.", {"Retry-After": "5"})
+
     def ns(self, request: Request) -> str:
         ns = str(request.path_params["ns"])
         if ns not in ("_", self.namespace):
@@ -410,7 +507,26 @@ class _Api:
         return n
 
     # -- actions ---------------------------------------------------------------------------------------------
+    def _composition_json(self, info: dict[str, Any], *, code: bool) -> dict[str, Any]:
+        """A composition as OpenWhisk shows a conductor action: its IR instead of code, no sandbox limits."""
+        exec_: dict[str, Any] = {"kind": COMPOSITION_KIND, "binary": False, "components": info.get("actions", [])}
+        if code and "composition" in info:
+            exec_["composition"] = info["composition"]
+        return {
+            "namespace": self.namespace,
+            "name": info["name"],
+            "version": "0.0.1",
+            "publish": False,
+            "exec": exec_,
+            "annotations": _kv({"exec": COMPOSITION_KIND, "conductor": True}),
+            "parameters": [],
+            "limits": {},
+            "updated": 0,
+        }
+
     def _action_json(self, info: dict[str, Any], *, code: bool = True) -> dict[str, Any]:
+        if info.get("kind") == COMPOSITION_KIND:
+            return self._composition_json(info, code=code)
         body = self.actions.bodies.get(info["name"])
         limits = info["limits"]
         kind = body.kind if body is not None else DEFAULT_KIND
@@ -517,15 +633,27 @@ class _Api:
     async def put_action(self, request: Request) -> Response:
         self.ns(request)
         name = str(request.path_params["name"])
-        doc = await _read_json(request)
-        async with self._lock:
+        doc = await _read_json(request, self.budget)
+        # no lock is held while the deploy runs (it may build an environment for minutes): the action is marked
+        # as being deployed instead, and other writes to it are refused meanwhile; other actions are untouched
+        async with self._locks.hold("action", name):
+            self._refuse_while_deploying(name)
             exists = await self._exists(name)
             if exists and not _flag(request, "overwrite"):
                 raise ApiError(409, f"resource already exists: action {name!r} (use ?overwrite=true to update)")
             body = self._parse_action(name, doc, self.actions.bodies.get(name) if exists else None)
+            self._deploying.add(name)
+        try:
             info = await self._deploy(name, body)
-            await self.actions.save(name, body)
+            async with self._locks.hold("action", name):
+                await self.actions.save(name, body)
+        finally:
+            self._deploying.discard(name)
         return _json(self._action_json(info))
+
+    def _refuse_while_deploying(self, name: str) -> None:
+        if name in self._deploying:
+            raise ApiError(409, f"action {name!r} is being deployed by another request; retry when it is done")
 
     async def get_action(self, request: Request) -> Response:
         self.ns(request)
@@ -535,7 +663,8 @@ class _Api:
     async def delete_action(self, request: Request) -> Response:
         self.ns(request)
         name = str(request.path_params["name"])
-        async with self._lock:
+        async with self._locks.hold("action", name.partition("@")[0]):
+            self._refuse_while_deploying(name.partition("@")[0])
             info = await self.engine.get_function(name)
             shape = self._action_json(info, code=False)
             await self.engine.delete(name)
@@ -548,53 +677,59 @@ class _Api:
         infos = sorted(await self.engine.list_functions(), key=lambda i: i["name"])
         if _flag(request, "count"):
             return _json({"actions": len(infos)})
-        skip = _int_arg(request, "skip", 0) or 0
-        return _json([self._action_json(i, code=False) for i in infos[skip : skip + _limit(request)]])
+        skip = int_arg(request, "skip", 0) or 0
+        return _json([self._action_json(i, code=False) for i in infos[skip : skip + list_limit(request)]])
 
     async def invoke(self, request: Request) -> Response:
         self.ns(request)
         name = str(request.path_params["name"])
-        args = await _read_json(request, empty={})
+        # the action's payload limit caps the body while it streams in: a larger one is never parsed
+        info = await self.engine.get_function(name)
+        limits = info.get("limits") or {}
+        max_bytes = int(limits.get("max_payload_bytes", MAX_PAYLOAD_BYTES))
+        args = await _read_json(request, self.budget, max_bytes=max_bytes, empty={})
         if not isinstance(args, dict):
             raise ApiError(400, "The request content must be a JSON object of parameters.")
         blocking = _flag(request, "blocking")
-        timeout_ms = _int_arg(request, "timeout", None, 1)
+        timeout_ms = int_arg(request, "timeout", None, 1)
+        self._refuse_when_stopping()
         act_id = await self.engine.submit(name, args)
         headers = {"X-OpenWhisk-Activation-Id": act_id}
         if not blocking:
             return _json({"activationId": act_id}, 202, headers)
         wait_s = self.blocking_wait_s
-        with contextlib.suppress(MinifaasError):
-            limits = (await self.engine.get_function(name))["limits"]
+        if "timeout_s" in limits:
             wait_s = min(wait_s, float(limits["timeout_s"]) + BLOCKING_GRACE_S)
         if timeout_ms is not None:
             wait_s = min(wait_s, timeout_ms / 1000)
-        with anyio.move_on_after(wait_s):
-            act = await self.engine.activations.wait(act_id, timeout_s=None)
-            return _activation_response(act, result_only=_flag(request, "result"), headers=headers)
+        with anyio.move_on_after(wait_s) as waiting:
+            self._waiting.add(waiting)
+            if self.stopping:  # the stop came while the invocation was being submitted
+                waiting.cancel()
+            try:
+                act = await self.engine.activations.wait(act_id, timeout_s=None)
+                return _activation_response(act, result_only=_flag(request, "result"), headers=headers)
+            finally:
+                self._waiting.discard(waiting)
         return _json({"activationId": act_id}, 202, headers)
 
     # -- activations -----------------------------------------------------------------------------------------
     async def list_activations(self, request: Request) -> Response:
         self.ns(request)
-        limit = _limit(request)
-        skip = _int_arg(request, "skip", 0) or 0
-        since = _int_arg(request, "since", None)
-        upto = _int_arg(request, "upto", None)
+        limit = list_limit(request)
+        skip = int_arg(request, "skip", 0) or 0
+        since = int_arg(request, "since", None)
+        upto = int_arg(request, "upto", None)
         name = request.query_params.get("name") or None
         if name is not None:
             name = self._short(name, "name")
         if _flag(request, "count"):
-            acts = await self.engine.activations.list(
-                name, limit=COUNT_LIMIT, since=since, upto=upto, namespace=self.namespace
-            )
-            return _json({"activations": sum(1 for a in acts if a.done)})
+            n = await self.engine.activations.count(name, since=since, upto=upto, namespace=self.namespace, ended=True)
+            return _json({"activations": n})
         # records of running activations are in the store too; OpenWhisk lists ended ones only
-        in_flight = int(self.engine.stats().get("in_flight", 0))
-        acts = await self.engine.activations.list(
-            name, limit=limit + in_flight, skip=skip, since=since, upto=upto, namespace=self.namespace
+        done = await self.engine.activations.list(
+            name, limit=limit, skip=skip, since=since, upto=upto, namespace=self.namespace, ended=True
         )
-        done = [a for a in acts if a.done][:limit]
         if _flag(request, "docs"):
             return _json([a.to_openwhisk() for a in done])
         return _json([_summary(a) for a in done])
@@ -660,26 +795,39 @@ class _Api:
         self.ns(request)
         tm = self._triggers()
         name = str(request.path_params["name"])
-        doc = await _read_json(request, empty={})
+        doc = await _read_json(request, self.budget, max_bytes=MAX_SMALL_BODY_BYTES, empty={})
         if not isinstance(doc, dict):
             raise ApiError(400, "The request content must be a JSON object.")
         params = _from_kv(doc.get("parameters"), "parameters")
         annotations = _from_kv(doc.get("annotations"), "annotations")
         limits = doc.get("limits") or {}
-        rate = limits.get("rate_per_minute", 60) if isinstance(limits, dict) else 60
-        async with self._lock:
-            rules = []
-            if name in {t.name for t in tm.list_triggers()}:
-                if not _flag(request, "overwrite"):
-                    raise ApiError(409, f"resource already exists: trigger {name!r} (use ?overwrite=true)")
-                if tm.list_feeds(name):
-                    raise ApiError(409, f"trigger {name!r} has feeds: delete and create it again to change it")
-                # the manager has no update: re-create it with its rules (deleting a trigger drops its rules)
-                rules = tm.list_rules(name)
-                tm.delete_trigger(name)
-            trigger = tm.create_trigger(name, params=params, annotations=annotations, rate_per_minute=rate)
-            for r in rules:
-                tm.create_rule(r.name, r.trigger, r.action, enabled=r.enabled)
+        if not isinstance(limits, dict):
+            raise ApiError(400, "limits must be an object {rate_per_minute}.")
+        rate = limits.get("rate_per_minute", TRIGGER_RATE_DEFAULT)
+        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int) or rate < 1):
+            raise ApiError(400, f"limits.rate_per_minute must be a positive integer or null, got {rate!r}")
+        async with self._locks.hold("trigger", name):
+            if name not in {t.name for t in tm.list_triggers()}:
+                trigger = tm.create_trigger(name, params=params, annotations=annotations, rate_per_minute=rate)
+                return _json(self._trigger_json(tm, trigger))
+            if not _flag(request, "overwrite"):
+                raise ApiError(409, f"resource already exists: trigger {name!r} (use ?overwrite=true)")
+            if tm.list_feeds(name):
+                raise ApiError(409, f"trigger {name!r} has feeds: delete and create it again to change it")
+            # the manager has no update: re-create it with its rules (deleting a trigger drops its rules),
+            # and put the old one back if the new one is refused after all
+            old, rules = tm.get_trigger(name), tm.list_rules(name)
+            tm.delete_trigger(name)
+            try:
+                trigger = tm.create_trigger(name, params=params, annotations=annotations, rate_per_minute=rate)
+            except MinifaasError:
+                tm.create_trigger(
+                    name, params=old.params, annotations=old.annotations, rate_per_minute=old.rate_per_minute
+                )
+                raise
+            finally:
+                for r in rules:
+                    tm.create_rule(r.name, r.trigger, r.action, enabled=r.enabled)
         return _json(self._trigger_json(tm, trigger))
 
     async def get_trigger(self, request: Request) -> Response:
@@ -691,7 +839,7 @@ class _Api:
         self.ns(request)
         tm = self._triggers()
         name = str(request.path_params["name"])
-        async with self._lock:
+        async with self._locks.hold("trigger", name):
             shape = self._trigger_json(tm, self._lookup(tm.get_trigger, name))
             tm.delete_trigger(name)
         return _json(shape)
@@ -702,18 +850,19 @@ class _Api:
         triggers = tm.list_triggers()
         if _flag(request, "count"):
             return _json({"triggers": len(triggers)})
-        skip = _int_arg(request, "skip", 0) or 0
-        return _json([self._trigger_json(tm, t) for t in triggers[skip : skip + _limit(request)]])
+        skip = int_arg(request, "skip", 0) or 0
+        return _json([self._trigger_json(tm, t) for t in triggers[skip : skip + list_limit(request)]])
 
     async def fire_trigger(self, request: Request) -> Response:
         self.ns(request)
         tm = self._triggers()
         name = str(request.path_params["name"])
         self._lookup(tm.get_trigger, name)
-        payload = await _read_json(request, empty={})
+        payload = await _read_json(request, self.budget, max_bytes=MAX_SMALL_BODY_BYTES, empty={})
         if not isinstance(payload, dict):
             raise ApiError(400, "The trigger payload must be a JSON object.")
         enabled = [r for r in tm.list_rules(name) if r.enabled]
+        self._refuse_when_stopping()
         ids = await tm.fire(name, payload)
         if not enabled:
             return Response(status_code=204)  # OpenWhisk: no active rule, nothing was activated
@@ -725,7 +874,7 @@ class _Api:
         self.ns(request)
         tm = self._triggers()
         name = str(request.path_params["name"])
-        doc = await _read_json(request, empty={})
+        doc = await _read_json(request, self.budget, max_bytes=MAX_SMALL_BODY_BYTES, empty={})
         if not isinstance(doc, dict):
             raise ApiError(400, "The request content must be a JSON object {trigger, action}.")
         trigger = self._short(doc.get("trigger"), "trigger")
@@ -734,12 +883,18 @@ class _Api:
         if status not in ("active", "inactive"):
             raise ApiError(400, f"status must be 'active' or 'inactive', got {status!r}")
         self._lookup(tm.get_trigger, trigger)
-        async with self._lock:
-            if name in {r.name for r in tm.list_rules()}:
+        async with self._locks.hold("rule", name):
+            old = next((r for r in tm.list_rules() if r.name == name), None)
+            if old is not None:
                 if not _flag(request, "overwrite"):
                     raise ApiError(409, f"resource already exists: rule {name!r} (use ?overwrite=true)")
                 tm.delete_rule(name)
-            rule = tm.create_rule(name, trigger, action, enabled=status == "active")
+            try:
+                rule = tm.create_rule(name, trigger, action, enabled=status == "active")
+            except MinifaasError:
+                if old is not None:  # a refused update leaves the rule as it was
+                    tm.create_rule(old.name, old.trigger, old.action, enabled=old.enabled)
+                raise
         return _json(self._rule_json(rule))
 
     async def set_rule_status(self, request: Request) -> Response:
@@ -747,7 +902,7 @@ class _Api:
         tm = self._triggers()
         name = str(request.path_params["name"])
         self._lookup(tm.get_rule, name)
-        doc = await _read_json(request, empty={})
+        doc = await _read_json(request, self.budget, max_bytes=MAX_SMALL_BODY_BYTES, empty={})
         status = doc.get("status") if isinstance(doc, dict) else None
         if status == "active":
             rule = tm.enable_rule(name)
@@ -776,8 +931,8 @@ class _Api:
         rules = tm.list_rules()
         if _flag(request, "count"):
             return _json({"rules": len(rules)})
-        skip = _int_arg(request, "skip", 0) or 0
-        return _json([self._rule_json(r) for r in rules[skip : skip + _limit(request)]])
+        skip = int_arg(request, "skip", 0) or 0
+        return _json([self._rule_json(r) for r in rules[skip : skip + list_limit(request)]])
 
     # -- sessions (minifaas) ---------------------------------------------------------------------------------
     def _sessions(self) -> Any:
@@ -790,12 +945,16 @@ class _Api:
         self.ns(request)
         store = self._sessions()
         name = request.query_params.get("name") or None
-        skip = _int_arg(request, "skip", 0) or 0
-        return _json([s.to_dict() for s in store.list(name, limit=_limit(request), skip=skip)])
+        skip = int_arg(request, "skip", 0) or 0
+        listed = store.list(name, limit=list_limit(request), skip=skip)
+        return _json([s.to_dict() for s in listed if await in_namespace(self.engine, s.session_id, self.namespace)])
 
     async def get_session(self, request: Request) -> Response:
         self.ns(request)
-        return _json(self._sessions().get(str(request.path_params["id"])).to_dict())
+        session_id = str(request.path_params["id"])
+        if not await in_namespace(self.engine, session_id, self.namespace):
+            raise ApiError(404, f"{NOT_FOUND} (session {session_id})")
+        return _json(self._sessions().get(session_id).to_dict())
 
     # -- misc ------------------------------------------------------------------------------------------------
     async def namespaces(self, request: Request) -> Response:
@@ -821,6 +980,15 @@ class _Api:
             f"<li><a href='{API_PREFIX}/namespaces/{ns}/rules'>rules</a>"
             "<li><a href='/metrics'>metrics</a></ul>"
         )
+
+
+async def in_namespace(engine: Engine, activation_id: str, namespace: str) -> bool:
+    """Whether the activation (a session's id is its conductor's) is one of ``namespace``."""
+    try:
+        await engine.activations.get(activation_id, namespace=namespace)
+    except ActivationNotFound:
+        return False
+    return True
 
 
 def _summary(act: Activation) -> dict[str, Any]:
@@ -864,18 +1032,26 @@ async def _on_error(request: Request, exc: Exception) -> Response:
     for cls, status in _ERROR_STATUS:
         if isinstance(exc, cls):
             return _error(status, str(exc))
-    logger.exception("unexpected error answering %s %s", request.method, request.url.path)
-    return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+    if isinstance(exc, ClientDisconnect):
+        # nobody reads this answer: the client went away while sending its request
+        logger.info("client disconnected during %s %s", request.method, request.url.path)
+        return Response(status_code=CLIENT_CLOSED_STATUS)
+    if isinstance(exc, RecursionError):
+        return _error(400, "The request content was malformed: nested too deeply.")
+    # the message names the code to find in the log; exception text stays in the log, not in the answer
+    code = secrets.token_hex(16)
+    logger.error("unexpected error %s answering %s %s", code, request.method, request.url.path, exc_info=exc)
+    return _json({"error": INTERNAL_ERROR_MESSAGE, "code": code}, 500)
 
 
-def _webui_routes(engine: Engine) -> list[BaseRoute] | None:
+def _webui_routes(engine: Engine, namespace: str) -> list[BaseRoute] | None:
     try:
         mod = importlib.import_module("minifaas._server.webui")
     except ModuleNotFoundError as exc:
         if exc.name != "minifaas._server.webui":
             raise
         return None
-    routes: list[BaseRoute] = list(mod.routes(engine))
+    routes: list[BaseRoute] = list(mod.routes(engine, namespace=namespace))
     return routes
 
 
@@ -923,7 +1099,7 @@ def create_app(
         Route(f"{ns}/sessions", api.list_sessions, methods=["GET"]),
         Route(f"{ns}/sessions/{{id}}", api.get_session, methods=["GET"]),
     ]
-    ui = _webui_routes(engine)
+    ui = _webui_routes(engine, namespace)
     routes += ui if ui is not None else [Route("/", api.index, methods=["GET"])]
 
     @contextlib.asynccontextmanager
@@ -971,7 +1147,10 @@ class ServerHandle:
         return bool(self._server is not None and self._server.should_exit)
 
     def stop(self) -> None:
-        """Ask the server to finish its requests (up to a few seconds) and return from ``serve``."""
+        """Ask the server to stop: blocking invocations still waiting answer 202 with their activation id at
+        once, other requests get up to ``SHUTDOWN_GRACE_S`` to finish, then ``serve`` returns. (The engine's
+        own close, after that, drains running activations within its ``close_timeout_s``.)"""
+        self.app.state.api.begin_shutdown()
         if self._server is not None:
             self._server.should_exit = True
 
@@ -994,8 +1173,11 @@ async def serve(
     """
     import uvicorn  # only the server needs it, not the CLI client
 
+    from .connguard import connection_cap, guarded_protocol, raise_fd_limit
+
     auth = auth or new_auth()
     app = create_app(engine, auth=auth, namespace=namespace or engine.namespace, blocking_wait_s=blocking_wait_s)
+    max_connections = connection_cap(raise_fd_limit())
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto must say TCP: asyncio only sets TCP_NODELAY on accepted sockets that do, and without it a
     # keep-alive client waits out a 40 ms delayed ACK between uvicorn's header and body writes
@@ -1013,6 +1195,8 @@ async def serve(
             access_log=False,
             timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
             server_header=False,
+            http=guarded_protocol(max_connections=max_connections),
+            limit_concurrency=max_connections,
         )
         server = _quiet_server(uvicorn.Server)(config)
         failed: list[BaseException] = []

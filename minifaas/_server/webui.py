@@ -8,8 +8,6 @@ the server's middleware guards them like the rest of the API). The session flow 
 
 from __future__ import annotations
 
-import json
-import math
 import re
 from pathlib import Path
 from typing import Any, Final
@@ -19,60 +17,31 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from .._core.activation import Activation, summarize_value
+from .._core.activation import Activation
 from .._engine import Engine
 from .._errors import ActivationNotFound, EngineClosed, MinifaasError
 from .._workflows.graph import GRAPH_MAX_COLUMNS, session_graph
 from .._workflows.sessions import Session
 
+# the REST app imports this module only when it builds its routes, so the cycle is harmless
+from . import app as server
+
 __all__ = ("GRAPH_MAX_COLUMNS", "UI_DIR", "routes", "session_graph")
 
 UI_DIR: Final = Path(__file__).with_name("ui")
-LIST_LIMIT_DEFAULT: Final = 50
-LIST_LIMIT_MAX: Final = 500
 ID_RE: Final = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
 NO_STORE: Final = {"cache-control": "no-store"}
 
 # ---------------------------------------------------------------------------------------------- JSON
 
 
-def _finite(v: Any) -> Any:
-    """A copy of ``v`` that strict JSON (and so the browser's JSON.parse) accepts."""
-    if isinstance(v, float):
-        return v if math.isfinite(v) else repr(v)
-    if isinstance(v, dict):
-        return {str(k): _finite(x) for k, x in v.items()}
-    if isinstance(v, list | tuple):
-        return [_finite(x) for x in v]
-    if isinstance(v, bytes | bytearray | memoryview):
-        return {"$bytes": len(v)}
-    if v is None or isinstance(v, str | int | bool):
-        return v
-    summary = summarize_value(v)
-    return summary if summary is not None else {"$repr": repr(v)[:200]}
-
-
 def _json(data: Any, status_code: int = 200) -> Response:
-    try:
-        body = json.dumps(data, allow_nan=False, separators=(",", ":"))
-    except (TypeError, ValueError):
-        # results of sandboxes may hold bytes (msgpack) or NaN: the UI only needs to show they were there
-        body = json.dumps(_finite(data), separators=(",", ":"))
-    return Response(body, status_code, media_type="application/json", headers=NO_STORE)
+    # the REST API's encoder: NaN and infinities become null, bytes base64, as in ``GET /activations/{id}``
+    return server.json_response(data, status_code, NO_STORE)
 
 
 def _error(status_code: int, message: str) -> Response:
-    return _json({"error": message}, status_code)
-
-
-def _int_param(request: Request, name: str, default: int | None, lo: int, hi: int) -> int | None:
-    raw = request.query_params.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return max(lo, min(hi, int(raw)))
-    except ValueError:
-        return default
+    return server.error_response(status_code, message, NO_STORE)
 
 
 # ---------------------------------------------------------------------------------------------- records
@@ -125,8 +94,12 @@ async def _composition_json(engine: Engine, name: str) -> dict[str, Any] | None:
 # ---------------------------------------------------------------------------------------------- flow graph
 
 
-def routes(engine: Engine) -> list[BaseRoute]:
-    """The UI's routes, to mount at ``/`` of the dev server: pages under ``/ui``, JSON under ``/ui/api``."""
+def routes(engine: Engine, *, namespace: str | None = None) -> list[BaseRoute]:
+    """The UI's routes, to mount at ``/`` of the dev server: pages under ``/ui``, JSON under ``/ui/api``.
+
+    Records are read in ``namespace`` only (the server's; the engine's by default), as the REST API reads them.
+    """
+    ns = namespace or engine.namespace
     shell = (UI_DIR / "index.html").read_text(encoding="utf-8")
 
     async def page(request: Request) -> Response:
@@ -145,7 +118,7 @@ def routes(engine: Engine) -> list[BaseRoute]:
         counters = {k: v for k, v in stats.items() if isinstance(v, int | float | str) and not isinstance(v, bool)}
         return _json(
             {
-                "namespace": engine.namespace,
+                "namespace": ns,
                 "backend": engine.backend,
                 "started_at": engine.started_at,
                 "stats": counters,
@@ -176,10 +149,10 @@ def routes(engine: Engine) -> list[BaseRoute]:
 
     async def api_activations(request: Request) -> Response:
         name = request.query_params.get("name") or None
-        limit = _int_param(request, "limit", LIST_LIMIT_DEFAULT, 1, LIST_LIMIT_MAX)
-        since = _int_param(request, "since", None, 0, 1 << 62)
+        # the REST API's limits: a bad or out-of-range value is a 400 there and here
+        limit, since = server.list_limit(request), server.int_arg(request, "since", None)
         try:
-            acts = await engine.activations.list(name, limit=limit or LIST_LIMIT_DEFAULT, since=since)
+            acts = await engine.activations.list(name, limit=limit, since=since, namespace=ns)
         except EngineClosed as e:
             return _error(503, str(e))
         return _json({"activations": [_summary(a) for a in acts]})
@@ -189,7 +162,7 @@ def routes(engine: Engine) -> list[BaseRoute]:
         if not ID_RE.match(aid):
             return _error(404, "no such activation")
         try:
-            act = await engine.activations.get(aid)
+            act = await engine.activations.get(aid, namespace=ns)
         except ActivationNotFound as e:
             return _error(404, str(e))
         except EngineClosed as e:
@@ -218,8 +191,8 @@ def routes(engine: Engine) -> list[BaseRoute]:
     async def api_sessions(request: Request) -> Response:
         store = engine.sessions
         name = request.query_params.get("name") or None
-        limit = _int_param(request, "limit", LIST_LIMIT_DEFAULT, 1, LIST_LIMIT_MAX)
-        found = store.list(name, limit=limit or LIST_LIMIT_DEFAULT)
+        listed = store.list(name, limit=server.list_limit(request))
+        found = [s for s in listed if await server.in_namespace(engine, s.session_id, ns)]
         return _json(
             {
                 "sessions": [
@@ -241,6 +214,8 @@ def routes(engine: Engine) -> list[BaseRoute]:
     async def api_session(request: Request) -> Response:
         sid = request.path_params["session_id"]
         session = _session_or_none(engine, sid) if ID_RE.match(sid) else None
+        if session is not None and not await server.in_namespace(engine, sid, ns):
+            session = None
         if session is None:
             return _error(404, f"no session {sid!r}")
         comp = await _composition_json(engine, session.name)
