@@ -103,7 +103,8 @@ async def test_exception_whose_str_raises(minifaas_engine: minifaas.Engine, conc
 
 
 async def test_init_failure_whose_str_raises(minifaas_engine: minifaas.Engine) -> None:
-    code = "class E(Exception):\n    def __str__(self):\n        raise ValueError\nraise E()\n"
+    code = "class E(Exception):\n    def __str__(self):\n        raise ValueError\n"
+    code += "raise E()\ndef main(args):\n    return {}\n"
     await minifaas_engine.deploy("badinit", code=code)
     with anyio.fail_after(10):
         act = await minifaas_engine.call("badinit")
