@@ -34,7 +34,7 @@ from ._errors import (
 from ._feeds import CronSchedule, FeedInfo
 from ._sync import SyncEngine
 from ._triggers import Rule, RuleOutcome, Trigger, TriggerActivation, TriggerManager
-from ._versions import VersionInUse
+from ._versions import AliasMismatch, VersionInUse
 
 __version__ = "0.1.0"
 
@@ -44,6 +44,7 @@ __all__ = (
     "ActivationNotFound",
     "ActivationTimeout",
     "Activations",
+    "AliasMismatch",
     "BackendUnavailable",
     "CompositionError",
     "CronSchedule",

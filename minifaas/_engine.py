@@ -393,7 +393,8 @@ class Engine:
             # a fork of the preloaded zygote may hold the host's version of a package the env replaces
             python = str(deps.python) if deps.conflicts_with_preload else None
         versions = self._functions.setdefault(name, [])
-        version = str(int(versions[-1].version) + 1) if versions else "1"
+        # persisted and never reused: `f@3` names the same code for as long as the state dir lives
+        version = self._aliases.next_version(name, [s.version for s in versions])
         spec = FunctionSpec(
             name=name,
             version=version,
@@ -457,7 +458,8 @@ class Engine:
     def _route(self, name: str) -> tuple[FunctionSpec, str | None]:
         """The version ``name``, ``name@3`` or ``name@alias`` runs now, and the alias it went through."""
         specs = self._functions.get(split_ref(name)[0]) or []
-        version, alias = self._aliases.resolve(name, [s.version for s in specs])
+        digests = {s.version: s.bundle.digest for s in specs}
+        version, alias = self._aliases.resolve(name, [s.version for s in specs], digests=digests)
         return next(s for s in specs if s.version == version), alias
 
     def _resolve(self, name: str) -> FunctionSpec:
@@ -518,7 +520,13 @@ class Engine:
         versions = self._functions.get(name)
         if not versions:
             raise FunctionNotFound(f"no function named {name!r} is deployed")
-        routing = self._aliases.set_alias(name, alias, target, versions=[s.version for s in versions])
+        routing = self._aliases.set_alias(
+            name,
+            alias,
+            target,
+            versions=[s.version for s in versions],
+            digests={s.version: s.bundle.digest for s in versions},
+        )
         return {"name": name, "alias": alias, "routing": routing}
 
     async def get_alias(self, name: str, alias: str) -> dict[str, Any]:
