@@ -133,6 +133,7 @@ class Engine:
         clock: Any = None,
         routing_seed: int | None = None,
         pip_index_url: str | None = None,
+        pip_allow_index_options: bool = False,
         keepalive: Literal["fixed", "histogram"] = "fixed",
         prewarm: int = 0,
         poll_us: int = HOST_POLL_US,
@@ -161,6 +162,8 @@ class Engine:
         self.clock = clock
         #: pip's index for functions with a requirements.txt; None = pip's configuration (PIP_INDEX_URL...)
         self.pip_index_url = pip_index_url
+        #: let a bundle's requirements.txt choose pip's index (--index-url, --find-links...): off, it is the host's pip
+        self.pip_allow_index_options = pip_allow_index_options
         # seeded, the traffic split of aliases replays the same version sequence (tests, simulations)
         self._aliases = AliasTable(rng=random.Random(routing_seed))
         if keepalive not in KEEPALIVE_POLICIES:
@@ -388,7 +391,12 @@ class Engine:
         sys_path: tuple[str, ...] = ()
         python: str | None = None
         if bundle.requirements is not None:
-            deps = await ensure_env(bundle.requirements, root=self._env_root(), index_url=self.pip_index_url)
+            deps = await ensure_env(
+                bundle.requirements,
+                root=self._env_root(),
+                index_url=self.pip_index_url,
+                allow_index_options=self.pip_allow_index_options,
+            )
             sys_path = (str(deps.site_packages),)
             # a fork of the preloaded zygote may hold the host's version of a package the env replaces
             python = str(deps.python) if deps.conflicts_with_preload else None
