@@ -81,7 +81,6 @@ INDEX_OPTIONS: Final = (
     "--extra-index-url",
     "--find-links",
     "--trusted-host",
-    "--no-index",
     "--requirement",
     "--constraint",
     "-i",

@@ -175,7 +175,7 @@ async def test_concurrent_failing_builds_run_pip_once(tmp_path: Path) -> None:
 
     async def one() -> None:
         with pytest.raises(minifaas.DeployError) as info:
-            await _deps.ensure_env(req, root=tmp_path, allow_index_options=True)
+            await _deps.ensure_env(req, root=tmp_path)
         errors.append(str(info.value))
 
     async with anyio.create_task_group() as tg:
