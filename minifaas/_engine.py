@@ -35,6 +35,7 @@ from ._errors import (
     FunctionNotFound,
 )
 from ._function import DEFAULTS, FunctionSpec
+from ._gc import GC_BUDGET_BYTES, GcReport, Roots, collect, touch
 from ._launch import Launcher, SpawnLauncher
 from ._poll import HOST_POLL_US
 from ._poll import install as install_polling
@@ -134,6 +135,7 @@ class Engine:
         routing_seed: int | None = None,
         pip_index_url: str | None = None,
         pip_allow_index_options: bool = False,
+        gc_budget_bytes: int = GC_BUDGET_BYTES,
         keepalive: Literal["fixed", "histogram"] = "fixed",
         prewarm: int = 0,
         poll_us: int = HOST_POLL_US,
@@ -164,6 +166,10 @@ class Engine:
         self.pip_index_url = pip_index_url
         #: let a bundle's requirements.txt choose pip's index (--index-url, --find-links...): off, it is the host's pip
         self.pip_allow_index_options = pip_allow_index_options
+        if gc_budget_bytes < 0:
+            raise ValueError("gc_budget_bytes must be >= 0")
+        #: staged bundles, environments and model files no deployed function uses go beyond this (see gc())
+        self.gc_budget_bytes = gc_budget_bytes
         # seeded, the traffic split of aliases replays the same version sequence (tests, simulations)
         self._aliases = AliasTable(rng=random.Random(routing_seed))
         if keepalive not in KEEPALIVE_POLICIES:
@@ -214,6 +220,8 @@ class Engine:
         if self.state_dir is not None:
             self._aliases = AliasTable(self.state_dir / ALIASES_FILE_NAME, rng=self._aliases.rng)
         self.recovered = self._store.recover()
+        # what killed builds and downloads left, and unused things over the budget (nothing is deployed yet)
+        await self.gc()
         if self.state_dir is not None:
             self.sessions = SessionStore(self.state_dir / "sessions.sqlite3")
         self._launcher = self._make_launcher()
@@ -398,6 +406,7 @@ class Engine:
                 allow_index_options=self.pip_allow_index_options,
             )
             sys_path = (str(deps.site_packages),)
+            touch(deps.path)
             # a fork of the preloaded zygote may hold the host's version of a package the env replaces
             python = str(deps.python) if deps.conflicts_with_preload else None
         versions = self._functions.setdefault(name, [])
@@ -425,6 +434,8 @@ class Engine:
             **limits,
         )
         await self._preload_models(spec)
+        if bundle.root is not None:
+            touch(bundle.root)
         versions.append(spec)
         if spec.min_sandboxes and self._pool is not None:
             # provisioned concurrency: warm them now, not at the first request
@@ -520,6 +531,30 @@ class Engine:
                 sched.fail_queued(fp, f"function {spec.name} was deleted before this activation ran")
         if not versions:
             del self._functions[base]
+        await self.gc()
+
+    async def gc(self, budget_bytes: int | None = None) -> dict[str, Any]:
+        """Remove leftovers of killed builds and downloads, then the staged bundles, environments and model files
+        no deployed function uses, least recently used first, while they take more than ``budget_bytes``
+        (default ``gc_budget_bytes``). Runs on start and after each delete; returns what it removed."""
+        if self._work_dir is None:
+            raise EngineClosed("the engine is not running: use `async with Engine() as engine:`")
+        roots = Roots(self._work_dir, self._env_root(), self._model_root())
+        in_use: list[Path] = []
+        for specs in self._functions.values():
+            for spec in specs:
+                if spec.bundle.root is not None:
+                    in_use.append(spec.bundle.root)
+                # <venv>/lib/pythonX.Y/site-packages
+                in_use += [Path(p).parents[2] for p in spec.sys_path]
+                if self._model_store is not None:
+                    in_use += [p for p in map(self._model_store.known_path, spec.models) if p is not None]
+        budget = self.gc_budget_bytes if budget_bytes is None else budget_bytes
+        report: GcReport = await anyio.to_thread.run_sync(lambda: collect(roots, in_use, budget_bytes=budget))
+        return report.as_dict()
+
+    def _model_root(self) -> Path:
+        return (self.state_dir / "models") if self.state_dir is not None else _user_model_cache()
 
     # -- aliases ----------------------------------------------------------------------------------------------
     async def set_alias(self, name: str, alias: str, target: Routing) -> dict[str, Any]:
@@ -634,8 +669,7 @@ class Engine:
         if self._model_store is None:
             from ._modelstore import ModelStore
 
-            root = (self.state_dir / "models") if self.state_dir is not None else _user_model_cache()
-            self._model_store = ModelStore(root)
+            self._model_store = ModelStore(self._model_root())
         return self._model_store
 
     def add_end_hook(self, hook: Callable[[Activation], None]) -> None:

@@ -40,6 +40,7 @@ from minifaas_sandbox.http_fetch import Abort, DownloadError, FetchLimits
 from minifaas_sandbox.http_fetch import download as http_download
 
 from ._errors import ModelError
+from ._gc import touch
 
 __all__ = ("ModelStore",)
 
@@ -137,6 +138,11 @@ class ModelStore:
             "errors": self.errors,
         }
 
+    def known_path(self, url: str) -> Path | None:
+        """Where the store keeps ``url``'s content, as far as this store's index knows (no I/O)."""
+        entry = (self._index or {}).get(_source(url).key)
+        return self.content_path(str(entry["sha256"])) if entry is not None else None
+
     def content_path(self, sha256: str) -> Path:
         """Where the model with this sha256 is (or would be) stored."""
         return self.root / "sha256" / sha256
@@ -215,11 +221,16 @@ class ModelStore:
             if sha is not None and src.local is None:
                 # content-addressed: the bytes asked for are already here, whatever url brought them
                 known = self.content_path(sha)
-                return known if known.is_file() else None
+                if not known.is_file():
+                    return None
+                touch(known)
+                return known
             return None
         path = self.content_path(str(entry["sha256"]))
         if not path.is_file():
             return None
+        # used now: the collector (engine.gc) removes the least recently used model files first
+        touch(path)
         if src.local is not None:
             try:
                 st = src.local.stat()
