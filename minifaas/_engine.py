@@ -35,7 +35,7 @@ from ._errors import (
     FunctionNotFound,
 )
 from ._function import DEFAULTS, FunctionSpec
-from ._gc import GC_BUDGET_BYTES, GcReport, Roots, collect, touch
+from ._gc import GC_BUDGET_BYTES, EnvHolds, GcReport, Roots, collect, touch
 from ._launch import Launcher, SpawnLauncher
 from ._poll import HOST_POLL_US
 from ._poll import install as install_polling
@@ -170,6 +170,7 @@ class Engine:
             raise ValueError("gc_budget_bytes must be >= 0")
         #: staged bundles, environments and model files no deployed function uses go beyond this (see gc())
         self.gc_budget_bytes = gc_budget_bytes
+        self._env_holds = EnvHolds()
         # seeded, the traffic split of aliases replays the same version sequence (tests, simulations)
         self._aliases = AliasTable(rng=random.Random(routing_seed))
         if keepalive not in KEEPALIVE_POLICIES:
@@ -325,6 +326,7 @@ class Engine:
             if self._store is not None:
                 self._store.close()
             self.sessions.close()
+            self._env_holds.close()
             if self._tmp_dir is not None:
                 shutil.rmtree(self._tmp_dir, ignore_errors=True)
 
@@ -437,6 +439,7 @@ class Engine:
         if bundle.root is not None:
             touch(bundle.root)
         versions.append(spec)
+        self._env_holds.update(self._envs_in_use())
         if spec.min_sandboxes and self._pool is not None:
             # provisioned concurrency: warm them now, not at the first request
             self._pool.function(spec)
@@ -540,18 +543,22 @@ class Engine:
         if self._work_dir is None:
             raise EngineClosed("the engine is not running: use `async with Engine() as engine:`")
         roots = Roots(self._work_dir, self._env_root(), self._model_root())
-        in_use: list[Path] = []
+        envs = self._envs_in_use()
+        self._env_holds.update(envs)
+        in_use: list[Path] = list(envs)
         for specs in self._functions.values():
             for spec in specs:
                 if spec.bundle.root is not None:
                     in_use.append(spec.bundle.root)
-                # <venv>/lib/pythonX.Y/site-packages
-                in_use += [Path(p).parents[2] for p in spec.sys_path]
                 if self._model_store is not None:
                     in_use += [p for p in map(self._model_store.known_path, spec.models) if p is not None]
         budget = self.gc_budget_bytes if budget_bytes is None else budget_bytes
         report: GcReport = await anyio.to_thread.run_sync(lambda: collect(roots, in_use, budget_bytes=budget))
         return report.as_dict()
+
+    def _envs_in_use(self) -> set[Path]:
+        # sys_path holds <venv>/lib/pythonX.Y/site-packages
+        return {Path(p).parents[2] for specs in self._functions.values() for s in specs for p in s.sys_path}
 
     def _model_root(self) -> Path:
         return (self.state_dir / "models") if self.state_dir is not None else _user_model_cache()

@@ -8,7 +8,10 @@ Two kinds of things go:
 - when everything together is over ``budget_bytes``: staged bundles, per-function environments and model files
   no deployed function uses, least recently used first, until under the budget. Anything used within
   ``min_age_s`` stays (another engine sharing the folders may have just deployed it), and so does everything a
-  deployed function uses, whatever the budget.
+  deployed function uses, whatever the budget. An environment a function of any engine on this machine uses is
+  held with a shared lock on ``<root>/.<key>.use`` (:class:`EnvHolds`), and stays: environments are shared by
+  every engine without a state dir, and a sandbox cannot start without its environment (a removed model file is
+  only fetched again).
 
 Deploys and model fetches touch what they use (its mtime), which is what "recently used" reads.
 """
@@ -27,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-__all__ = ("GC_BUDGET_BYTES", "GcReport", "Roots", "collect", "touch")
+__all__ = ("GC_BUDGET_BYTES", "EnvHolds", "GcReport", "Roots", "collect", "touch")
 
 #: what the collectable folders may hold together before unused things go (10 GiB)
 GC_BUDGET_BYTES: Final = 10 << 30
@@ -67,6 +70,33 @@ class GcReport:
         }
 
 
+class EnvHolds:
+    """Shared locks on the environments this engine's functions use (see the module's docstring)."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+
+    def update(self, envs: Iterable[Path]) -> None:
+        """Hold exactly ``envs`` from now on."""
+        wanted = set(envs)
+        for env in [e for e in self._fds if e not in wanted]:
+            os.close(self._fds.pop(env))  # closing releases the lock
+        for env in wanted - set(self._fds):
+            try:
+                fd = os.open(_use_lock(env), os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError:
+                continue
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            self._fds[env] = fd
+
+    def close(self) -> None:
+        self.update(())
+
+
+def _use_lock(env: Path) -> Path:
+    return env.parent / f".{env.name}.use"
+
+
 def touch(path: Path) -> None:
     """Mark ``path`` used now (the collector removes the least recently used first)."""
     with contextlib.suppress(OSError):
@@ -101,7 +131,7 @@ def collect(
             used = item.lstat().st_mtime
         except OSError:
             continue
-        if item.resolve() not in keep and used < t - min_age_s:
+        if item.resolve() not in keep and used < t - min_age_s and not _locked(_use_lock(item)):
             candidates.append((used, size, item))
     for _used, size, item in sorted(candidates):
         if total <= budget_bytes:
@@ -198,6 +228,8 @@ def _remove(path: Path, report: GcReport) -> bool:
             path.unlink()
     except OSError:
         return False
+    with contextlib.suppress(OSError):
+        _use_lock(path).unlink()  # an environment's, when nobody holds it any more
     report.removed.append(str(path))
     report.freed_bytes += size
     return True

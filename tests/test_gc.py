@@ -114,3 +114,19 @@ def test_gc_command(tmp_path: Path) -> None:
     # the leftover went when the command's engine started, the unused bundle with the command's budget
     assert report["removed"] == [str(old)] and report["budget_bytes"] == 0
     assert not old.exists() and not stage.exists()
+
+
+async def test_an_environment_another_engine_uses_stays(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    held = _blob(state / "envs", ENV_KEY, 10_000, 5 * HOUR_S)
+    free = _blob(state / "envs", "12" * 16, 10_000, 5 * HOUR_S)
+    (state / "envs" / f".{free.name}.use").touch()  # left by an engine that closed
+    other = _gc.EnvHolds()  # what another engine whose function uses the environment holds
+    other.update([held])
+    try:
+        async with minifaas.Engine(state, preload=PRELOAD) as engine:
+            report = await engine.gc(0)
+    finally:
+        other.close()
+    assert report["removed"] == [str(free)] and held.is_dir()
+    assert not (state / "envs" / f".{free.name}.use").exists()
