@@ -16,6 +16,8 @@ import socket
 import threading
 import time
 import urllib.parse
+import urllib.request
+from base64 import b64encode
 from dataclasses import dataclass
 from typing import BinaryIO, Final
 
@@ -136,10 +138,25 @@ def _request(
         raise DownloadError(f"cannot fetch {url}: not an http(s) URL")
     timeout = min(limits.read_timeout_s, _remaining(url, deadline))
     cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    conn = cls(parts.hostname, parts.port, timeout=timeout)
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
+    headers = {"Accept-Encoding": "identity", "User-Agent": "minifaas"}
+    proxy = _proxy_for(parts)
+    if proxy is None:
+        conn = cls(parts.hostname, parts.port, timeout=timeout)
+    else:
+        # as urllib did: http_proxy/https_proxy/no_proxy from the environment, CONNECT for https
+        auth = {}
+        if proxy.username:
+            creds = f"{urllib.parse.unquote(proxy.username)}:{urllib.parse.unquote(proxy.password or '')}"
+            auth = {"Proxy-Authorization": "Basic " + b64encode(creds.encode()).decode()}
+        conn = cls(proxy.hostname or "", proxy.port, timeout=timeout)
+        if parts.scheme == "https":
+            conn.set_tunnel(parts.hostname, parts.port, headers=auth)
+        else:
+            path = urllib.parse.urlunsplit(parts._replace(fragment=""))
+            headers.update(auth)
     try:
         conn.connect()
         # kept here: the connection forgets its socket when the answer says "Connection: close"
@@ -148,7 +165,7 @@ def _request(
         abort._attach(sock)
         if abort.aborted:
             raise DownloadError(f"cannot fetch {url}: cancelled")
-        conn.request("GET", path, headers={"Accept-Encoding": "identity", "User-Agent": "minifaas"})
+        conn.request("GET", path, headers=headers)
         return conn, sock, conn.getresponse()
     except (OSError, http.client.HTTPException) as exc:
         abort._attach(None)
@@ -158,6 +175,13 @@ def _request(
         abort._attach(None)
         conn.close()
         raise
+
+
+def _proxy_for(parts: urllib.parse.SplitResult) -> urllib.parse.SplitResult | None:
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if not proxy or urllib.request.proxy_bypass(parts.netloc):
+        return None
+    return urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
 
 
 def _read_body(

@@ -681,3 +681,46 @@ def test_store_retries_transient_errors_with_backoff(tmp_path: Path, server: Mod
         )
     with pytest.raises(ModelError, match="404"):
         anyio.run(fetch, ModelStore(tmp_path / "c", backoff_s=0.01), server.url("absent.json", "flaky0"))
+
+
+def test_store_downloads_through_the_environments_proxy(
+    tmp_path: Path, server: ModelServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import urllib.request
+
+    seen: list[str] = []
+
+    class Proxy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            # a forward proxy gets the absolute URL
+            seen.append(self.path)
+            direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            with direct.open(self.path, timeout=10) as upstream:
+                body = upstream.read()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    thread = threading.Thread(target=proxy.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    url = server.url("imagenet_labels.json", "proxied")
+    try:
+        monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{proxy.server_address[1]}")
+        monkeypatch.delenv("no_proxy", raising=False)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        store = ModelStore(tmp_path)
+
+        async def fetch() -> Path:
+            return await store.fetch(url, sha256=LABELS_SHA)
+
+        assert anyio.run(fetch).name == LABELS_SHA
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+        thread.join(timeout=5)
+    assert seen == [url] and server.count("imagenet_labels.json", "proxied") == 1
