@@ -745,7 +745,9 @@ def cmd_gc(args: argparse.Namespace, console: Console) -> int:
 
     async def run() -> dict[str, Any]:
         async with Engine(state_dir=_state_dir(args), launcher="spawn", preload=()) as engine:
-            # the actions a server keeps here are deployed first: what they use is in use
+            # the actions a server keeps here are deployed first: what they use is in use (on a detached alias
+            # table: these deploys must not use up version numbers)
+            engine._aliases = engine._aliases.detached()
             app = create_app(engine, auth=None, namespace=engine.namespace)
             await app.state.api.restore()
             budget = None if args.budget_mb is None else int(args.budget_mb * (1 << 20))

@@ -83,6 +83,14 @@ class AliasTable:
         if path is not None:
             self._table, self._last, self._digests = _load(path)
 
+    def detached(self) -> AliasTable:
+        """A copy that is never saved (what ``minifaas gc`` deploys to learn what is in use must not count)."""
+        copy = AliasTable(rng=self.rng)
+        copy._table = {n: dict(a) for n, a in self._table.items()}
+        copy._last = dict(self._last)
+        copy._digests = {n: dict(d) for n, d in self._digests.items()}
+        return copy
+
     # -- versions -------------------------------------------------------------------------------------------
     def next_version(self, name: str, deployed: Sequence[str] = ()) -> str:
         """A version number ``name`` never had (persisted before it is returned)."""

@@ -130,3 +130,21 @@ async def test_an_environment_another_engine_uses_stays(tmp_path: Path) -> None:
         other.close()
     assert report["removed"] == [str(free)] and held.is_dir()
     assert not (state / "envs" / f".{free.name}.use").exists()
+
+
+def test_gc_command_keeps_what_saved_actions_use(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    fn = _function(tmp_path, "saved")
+    cli = [sys.executable, "-m", "minifaas._cli"]
+    local = ["--local", "--state-dir", str(state)]
+    subprocess.run([*cli, "action", "create", "saved", str(fn), *local], capture_output=True, timeout=120, check=True)
+    bundles = [p for p in (state / "bundles").iterdir() if not p.name.startswith(".")]
+    assert len(bundles) == 1
+    for b in bundles:
+        _age(b, 5 * HOUR_S)
+    versions = json.loads((state / "aliases.json").read_text())["last_versions"]
+    cmd = [*cli, "gc", "--state-dir", str(state), "--budget-mb", "0", "--json"]
+    report = json.loads(subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout)
+    assert report["removed"] == [] and all(b.is_dir() for b in bundles)
+    # deploying the saved actions to see what they use did not use up version numbers
+    assert json.loads((state / "aliases.json").read_text())["last_versions"] == versions
