@@ -245,7 +245,9 @@ def _finish_staged(
             if not inside:
                 raise DeployError(f"bundle contains a symbolic link leading outside it: {rel}", file=origin)
             h.update(rel.encode() + b"\0link\0" + os.readlink(f).encode() + b"\0")
-            continue
+            if f.is_dir():
+                continue
+            # a link to a file is checked as the file (a linked __main__.py must still define main)
         if f.is_file():
             rel = f.relative_to(staging).as_posix()
             h.update(rel.encode() + b"\0")

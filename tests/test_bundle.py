@@ -56,6 +56,15 @@ def test_loop_and_inner_links_stay_links(tmp_path: Path) -> None:
     assert sum(1 for _ in bundle.root.rglob("labels.txt")) == 1
 
 
+def test_linked_entry_is_still_validated(tmp_path: Path) -> None:
+    folder = tmp_path / "p"
+    folder.mkdir()
+    (folder / "real.py").write_text("def handler(args):\n    return {}\n")
+    (folder / "__main__.py").symlink_to("real.py")
+    with pytest.raises(minifaas.DeployError, match="no top-level function 'main'"):
+        _load(folder, tmp_path / "work")
+
+
 def test_broken_link_is_refused(tmp_path: Path) -> None:
     folder = _folder(tmp_path / "p")
     (folder / "gone").symlink_to(folder / "nowhere")
