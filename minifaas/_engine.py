@@ -480,7 +480,8 @@ class Engine:
     def _route(self, name: str) -> tuple[FunctionSpec, str | None]:
         """The version ``name``, ``name@3`` or ``name@alias`` runs now, and the alias it went through."""
         specs = self._functions.get(split_ref(name)[0]) or []
-        digests = {s.version: s.bundle.digest for s in specs}
+        # only an alias compares digests: a plain invocation (the hot path) builds nothing
+        digests = {s.version: s.bundle.digest for s in specs} if "@" in name else None
         version, alias = self._aliases.resolve(name, [s.version for s in specs], digests=digests)
         return next(s for s in specs if s.version == version), alias
 
