@@ -1,7 +1,7 @@
 """Reliability and security bench: the long versions of tests/test_reliability.py, test_security.py, test_fuzz.py.
 
 Run: ``python benches/bench_reliability.py`` (all sections, ~3 min on 2 cores), or pick sections with
-``--only chaos,crash,attacks,backpressure,fuzz``; ``--invocations``, ``--crashes``, ``--submits`` scale them.
+``--only chaos,crash,attacks,backpressure,fuzz,runtime``; ``--invocations``, ``--crashes``, ``--submits`` scale them.
 Prints one line per measurement and a Markdown summary (the README "Reliability" figures); ``--json FILE`` keeps
 the raw figures.
 
@@ -13,6 +13,9 @@ the raw figures.
   recursion, C-stack overflow, each next to a healthy function called every 20 ms.
 - backpressure: 100,000 submits against a bounded queue: the time of a rejected submit and the host's memory.
 - fuzz: tests/test_fuzz.py with ``HYPOTHESIS_PROFILE=long``.
+- runtime: a function whose threads print (every line must arrive whole), an exception whose ``__str__`` raises
+  (with concurrency 1 and 4: every call ends at once, the sandbox lives on), and model downloads from a server
+  dripping bytes or cutting the body short (the deadline, cancellation and Content-Length check hold).
 """
 
 from __future__ import annotations
@@ -342,6 +345,141 @@ def bench_fuzz() -> None:
         say(proc.stdout[-4000:])
 
 
+# -- runtime: threaded logging, failing __str__, slow downloads ------------------------------------------------
+LOG_THREADS = 8
+LOG_LINES_PER_THREAD = 12_500
+THREADED_PRINTS = (
+    "import threading\n"
+    "def spam(t):\n"
+    f"    for i in range({LOG_LINES_PER_THREAD}):\n"
+    "        print(f'{t}-', end='')\n"
+    "        print(f'{i}')\n"
+    "def main(args):\n"
+    f"    ts = [threading.Thread(target=spam, args=(t,)) for t in range({LOG_THREADS})]\n"
+    "    [t.start() for t in ts]\n"
+    "    [t.join() for t in ts]\n"
+    "    return {}\n"
+)
+BAD_STR = (
+    "class E(Exception):\n    def __str__(self):\n        raise RuntimeError('no str')\n"
+    "def main(args):\n    if args.get('fail'):\n        raise E()\n    return {'pid': __import__('os').getpid()}\n"
+)
+DRIP_DEADLINE_S = 2.0
+DRIP_CANCEL_S = 0.5
+
+
+def _drip_server() -> tuple[str, Any]:
+    """A loopback HTTP server: /drip sends one byte every 0.2 s of a declared 1,000; /short 500 of 1,000."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            with contextlib.suppress(OSError):
+                if self.path == "/short":
+                    self.wfile.write(b"A" * 500)
+                    return
+                for _ in range(1000):
+                    self.wfile.write(b"B")
+                    self.wfile.flush()
+                    time.sleep(0.2)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}", server
+
+
+async def bench_runtime(calls: int = 5) -> None:
+    import dataclasses
+
+    rows: dict[str, Any] = {}
+    async with minifaas.Engine() as engine:
+        await engine.deploy("threaded-prints", code=THREADED_PRINTS, timeout_s=120)
+        arrived = merged = failed = 0
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            act = await engine.call("threaded-prints")
+            failed += act.status != "success"
+            payload = [line.split(" stdout: ", 1)[1] for line in act.logs if " stdout: " in line]
+            arrived += len(payload)
+            merged += sum(1 for p in payload if p.count("-") != 1)
+        rows["threaded_logging"] = {
+            "calls": calls,
+            "expected_lines": calls * LOG_THREADS * LOG_LINES_PER_THREAD,
+            "arrived_lines": arrived,
+            "merged_lines": merged,
+            "failed_calls": failed,
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+        say(f"runtime threaded logging: {rows['threaded_logging']}")
+
+        for concurrency in (1, 4):
+            fn = f"bad-str-{concurrency}"
+            await engine.deploy(fn, code=BAD_STR, concurrency=concurrency, timeout_s=30)
+            pids = {(await engine.invoke(fn))["pid"]}
+            t0 = time.perf_counter()
+            acts: list[minifaas.Activation] = []
+
+            async def one(i: int, fn: str, acts: list[minifaas.Activation]) -> None:
+                acts.append(await engine.call(fn, {"fail": i % 2 == 0}))
+
+            async with anyio.create_task_group() as tg:
+                for i in range(200):
+                    tg.start_soon(one, i, fn, acts)
+            elapsed = time.perf_counter() - t0
+            pids |= {a.result["pid"] for a in acts if a.status == "success"}
+            rows[f"failing_str_c{concurrency}"] = {
+                "calls": len(acts),
+                "application_error": sum(1 for a in acts if a.status == "application_error"),
+                "success": sum(1 for a in acts if a.status == "success"),
+                "other": sum(1 for a in acts if a.status not in ("success", "application_error")),
+                "slowest_s": round(max((a.duration or 0) for a in acts) / 1000, 3),
+                "seconds": round(elapsed, 2),
+                "sandbox_pids": len(pids),
+            }
+            say(f"runtime failing __str__, concurrency {concurrency}: {rows[f'failing_str_c{concurrency}']}")
+
+        base, server = _drip_server()
+        try:
+            store = engine.model_store
+            store.limits = dataclasses.replace(store.limits, deadline_s=DRIP_DEADLINE_S, backoff_s=0.05)
+            code = (
+                "from minifaas_sandbox import models\n"
+                "def main(args):\n    return {'n': len(models.load(args['url'], loader='bytes'))}\n"
+            )
+            await engine.deploy("loader", code=code, timeout_s=30)
+            t0 = time.perf_counter()
+            drip = await engine.call("loader", {"url": f"{base}/drip"})
+            drip_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            with anyio.move_on_after(DRIP_CANCEL_S):
+                await store.fetch(f"{base}/drip?cancel")
+            cancel_s = time.perf_counter() - t0
+            short = await engine.call("loader", {"url": f"{base}/short"})
+        finally:
+            server.shutdown()
+            server.server_close()
+        rows["slow_downloads"] = {
+            "deadline_s": DRIP_DEADLINE_S,
+            "drip_status": drip.status,
+            "drip_error": str(drip.result.get("error", ""))[-60:],
+            "drip_seconds": round(drip_s, 2),
+            "cancel_after_s": DRIP_CANCEL_S,
+            "cancel_returned_s": round(cancel_s, 2),
+            "short_status": short.status,
+            "short_error": str(short.result.get("error", ""))[-60:],
+        }
+        say(f"runtime slow downloads: {rows['slow_downloads']}")
+    FIGURES["runtime"] = rows
+
+
 # -- summary --------------------------------------------------------------------------------------------------
 def summary() -> str:
     out = ["| what | load | faults / bad inputs | outcome |", "|---|---|---|---|"]
@@ -375,6 +513,28 @@ def summary() -> str:
             f"p50 {b['reject_p50_us']} us, p99 {b['reject_p99_us']} us; RSS {b['rss_before_mb']} -> "
             f"{b['rss_after_mb']} MB; {b['accepted_succeeded']}/{b['accepted']} accepted succeeded |"
         )
+    if "runtime" in FIGURES:
+        r = FIGURES["runtime"]
+        t = r["threaded_logging"]
+        out.append(
+            f"| threaded logging | {t['calls']} calls, {LOG_THREADS} threads printing pieces of lines | "
+            f"{t['expected_lines']} lines | {t['arrived_lines']} arrived, {t['merged_lines']} merged, "
+            f"{t['failed_calls']} calls failed ({t['seconds']} s) |"
+        )
+        for c in (1, 4):
+            b = r[f"failing_str_c{c}"]
+            out.append(
+                f"| failing `__str__`, concurrency {c} | {b['calls']} calls, half raising | {b['calls'] // 2} "
+                f"exceptions whose `__str__` raises | {b['application_error']} application_error + {b['success']} "
+                f"success, {b['other']} other; slowest {b['slowest_s']} s; {b['sandbox_pids']} sandbox pids |"
+            )
+        s = r["slow_downloads"]
+        out.append(
+            f"| slow downloads | a model server dripping 5 bytes/s; one cutting the body at 500 of 1,000 bytes | "
+            f"deadline {s['deadline_s']} s, cancel at {s['cancel_after_s']} s | drip: {s['drip_status']} after "
+            f"{s['drip_seconds']} s (...{s['drip_error']}); cancel returned after {s['cancel_returned_s']} s; "
+            f"short body: {s['short_status']} (...{s['short_error']}) |"
+        )
     if "fuzz" in FIGURES:
         f = FIGURES["fuzz"]
         out.append(
@@ -385,7 +545,7 @@ def summary() -> str:
 
 
 async def main_async(args: argparse.Namespace) -> None:
-    only = set(args.only.split(",")) if args.only else {"chaos", "crash", "attacks", "backpressure", "fuzz"}
+    only = set(args.only.split(",")) if args.only else {"chaos", "crash", "attacks", "backpressure", "fuzz", "runtime"}
     say(f"minifaas reliability bench on {os.cpu_count()} cores; pids cgroup: {PIDS.parent or PIDS.error}")
     say(f"process cap per sandbox: {MAX_PIDS_PER_SANDBOX if PIDS.parent else 'none'}")
     if "chaos" in only:
@@ -396,13 +556,15 @@ async def main_async(args: argparse.Namespace) -> None:
         await bench_attacks()
     if "backpressure" in only:
         await bench_backpressure(args.submits)
+    if "runtime" in only:
+        await bench_runtime()
     if "fuzz" in only:
         await anyio.to_thread.run_sync(bench_fuzz)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--only", default="", help="comma-separated: chaos,crash,attacks,backpressure,fuzz")
+    parser.add_argument("--only", default="", help="comma-separated: chaos,crash,attacks,backpressure,fuzz,runtime")
     parser.add_argument("--invocations", type=int, default=5000)
     parser.add_argument("--crashes", type=int, default=3)
     parser.add_argument("--submits", type=int, default=100_000)
@@ -418,10 +580,19 @@ def main() -> None:
         or FIGURES.get("chaos", {}).get("hung")
         or FIGURES.get("crash", {}).get("missing")
         or (FIGURES.get("fuzz") and not FIGURES["fuzz"]["passed"])
+        or _runtime_failed(FIGURES.get("runtime"))
     )
     if failed:
         say("FAILED: see above")
         sys.exit(1)
+
+
+def _runtime_failed(r: dict[str, Any] | None) -> bool:
+    if not r:
+        return False
+    t = r["threaded_logging"]
+    bad_str = any(r[f"failing_str_c{c}"]["other"] for c in (1, 4))
+    return t["arrived_lines"] != t["expected_lines"] or t["merged_lines"] > 0 or bad_str
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from . import composer
 from ._core.activation import Activation
-from ._deploy.versions import VersionInUse
+from ._deploy.versions import AliasMismatch, VersionInUse
 from ._engine import Activations, Engine
 from ._errors import (
     ActivationError,
@@ -47,6 +47,7 @@ __all__ = (
     "ActivationNotFound",
     "ActivationTimeout",
     "Activations",
+    "AliasMismatch",
     "BackendUnavailable",
     "CompositionError",
     "CronSchedule",

@@ -36,6 +36,7 @@ from ._core.store import ActivationStore, open_store
 from ._deploy.bundle import Bundle, load_bundle
 from ._deploy.callables import callable_bundle, pickle_callable, sandbox_sys_path
 from ._deploy.deps import default_env_root, ensure_env
+from ._deploy.gc import GC_BUDGET_BYTES, EnvHolds, GcReport, Roots, collect, touch
 from ._deploy.versions import ALIASES_FILE_NAME, AliasTable, Routing, split_ref
 from ._errors import (
     ActivationError,
@@ -156,6 +157,8 @@ class Engine:
         clock: Any = None,
         routing_seed: int | None = None,
         pip_index_url: str | None = None,
+        pip_allow_index_options: bool = False,
+        gc_budget_bytes: int = GC_BUDGET_BYTES,
         keepalive: Literal["fixed", "histogram"] = "fixed",
         prewarm: int = 0,
         poll_us: int = HOST_POLL_US,
@@ -186,6 +189,13 @@ class Engine:
         self.clock = clock
         #: pip's index for functions with a requirements.txt; None = pip's configuration (PIP_INDEX_URL...)
         self.pip_index_url = pip_index_url
+        #: let a bundle's requirements.txt choose pip's index (--index-url, --find-links...): off, it is the host's pip
+        self.pip_allow_index_options = pip_allow_index_options
+        if gc_budget_bytes < 0:
+            raise ValueError("gc_budget_bytes must be >= 0")
+        #: staged bundles, environments and model files no deployed function uses go beyond this (see gc())
+        self.gc_budget_bytes = gc_budget_bytes
+        self._env_holds = EnvHolds()
         # seeded, the traffic split of aliases replays the same version sequence (tests, simulations)
         self._aliases = AliasTable(rng=random.Random(routing_seed))
         if keepalive not in KEEPALIVE_POLICIES:
@@ -244,6 +254,8 @@ class Engine:
         if self.state_dir is not None:
             self._aliases = AliasTable(self.state_dir / ALIASES_FILE_NAME, rng=self._aliases.rng)
         self.recovered = self._store.recover()
+        # what killed builds and downloads left, and unused things over the budget (nothing is deployed yet)
+        await self.gc()
         if self.state_dir is not None:
             self.sessions = SessionStore(self.state_dir / "sessions.sqlite3")
             make_private(self.state_dir)
@@ -364,6 +376,7 @@ class Engine:
             if self._store is not None:
                 self._store.close()
             self.sessions.close()
+            self._env_holds.close()
             if self._tmp_dir is not None:
                 shutil.rmtree(self._tmp_dir, ignore_errors=True)
 
@@ -464,12 +477,19 @@ class Engine:
         sys_path: tuple[str, ...] = ()
         python: str | None = None
         if bundle.requirements is not None:
-            deps = await ensure_env(bundle.requirements, root=self._env_root(), index_url=self.pip_index_url)
+            deps = await ensure_env(
+                bundle.requirements,
+                root=self._env_root(),
+                index_url=self.pip_index_url,
+                allow_index_options=self.pip_allow_index_options,
+            )
             sys_path = (str(deps.site_packages),)
+            touch(deps.path)
             # a fork of the preloaded zygote may hold the host's version of a package the env replaces
             python = str(deps.python) if deps.conflicts_with_preload else None
         versions = self._functions.get(name) or []
-        version = str(int(versions[-1].version) + 1) if versions else "1"
+        # persisted and never reused: `f@3` names the same code for as long as the state dir lives
+        version = self._aliases.next_version(name, [s.version for s in versions])
         spec = FunctionSpec(
             name=name,
             version=version,
@@ -495,7 +515,10 @@ class Engine:
 
     async def _register(self, spec: FunctionSpec) -> Function:
         await self._preload_models(spec)
+        if spec.bundle.root is not None:
+            touch(spec.bundle.root)
         self._functions.setdefault(spec.name, []).append(spec)
+        self._env_holds.update(self._envs_in_use())
         if spec.min_sandboxes and self._pool is not None:
             # provisioned concurrency: warm them now, not at the first request
             self._pool.function(spec)
@@ -572,7 +595,9 @@ class Engine:
     def _route(self, name: str) -> tuple[FunctionSpec, str | None]:
         """The version ``name``, ``name@3`` or ``name@alias`` runs now, and the alias it went through."""
         specs = self._functions.get(split_ref(name)[0]) or []
-        version, alias = self._aliases.resolve(name, [s.version for s in specs])
+        # only an alias compares digests: a plain invocation (the hot path) builds nothing
+        digests = {s.version: s.bundle.digest for s in specs} if "@" in name else None
+        version, alias = self._aliases.resolve(name, [s.version for s in specs], digests=digests)
         return next(s for s in specs if s.version == version), alias
 
     def _resolve(self, name: str) -> FunctionSpec:
@@ -625,6 +650,34 @@ class Engine:
                 sched.fail_queued(fp, f"function {spec.name} was deleted before this activation ran")
         if not versions:
             del self._functions[base]
+        await self.gc()
+
+    async def gc(self, budget_bytes: int | None = None) -> dict[str, Any]:
+        """Remove leftovers of killed builds and downloads, then the staged bundles, environments and model files
+        no deployed function uses, least recently used first, while they take more than ``budget_bytes``
+        (default ``gc_budget_bytes``). Runs on start and after each delete; returns what it removed."""
+        if self._work_dir is None:
+            raise EngineClosed("the engine is not running: use `async with Engine() as engine:`")
+        roots = Roots(self._work_dir, self._env_root(), self._model_root())
+        envs = self._envs_in_use()
+        self._env_holds.update(envs)
+        in_use: list[Path] = list(envs)
+        for specs in self._functions.values():
+            for spec in specs:
+                if spec.bundle.root is not None:
+                    in_use.append(spec.bundle.root)
+                if self._model_store is not None:
+                    in_use += [p for p in map(self._model_store.known_path, spec.models) if p is not None]
+        budget = self.gc_budget_bytes if budget_bytes is None else budget_bytes
+        report: GcReport = await anyio.to_thread.run_sync(lambda: collect(roots, in_use, budget_bytes=budget))
+        return report.as_dict()
+
+    def _envs_in_use(self) -> set[Path]:
+        # sys_path holds <venv>/lib/pythonX.Y/site-packages
+        return {Path(p).parents[2] for specs in self._functions.values() for s in specs for p in s.sys_path}
+
+    def _model_root(self) -> Path:
+        return (self.state_dir / "models") if self.state_dir is not None else _user_model_cache()
 
     # -- aliases ----------------------------------------------------------------------------------------------
     async def set_alias(self, name: str, alias: str, target: Routing) -> dict[str, Any]:
@@ -633,7 +686,13 @@ class Engine:
         versions = self._functions.get(name)
         if not versions:
             raise FunctionNotFound(f"no function named {name!r} is deployed")
-        routing = self._aliases.set_alias(name, alias, target, versions=[s.version for s in versions])
+        routing = self._aliases.set_alias(
+            name,
+            alias,
+            target,
+            versions=[s.version for s in versions],
+            digests={s.version: s.bundle.digest for s in versions},
+        )
         return {"name": name, "alias": alias, "routing": routing}
 
     async def get_alias(self, name: str, alias: str) -> dict[str, Any]:
@@ -736,8 +795,7 @@ class Engine:
         if self._model_store is None:
             from ._deploy.modelstore import ModelStore
 
-            root = (self.state_dir / "models") if self.state_dir is not None else _user_model_cache()
-            self._model_store = ModelStore(root)
+            self._model_store = ModelStore(self._model_root())
         return self._model_store
 
     def add_end_hook(self, hook: Callable[[Activation], None]) -> None:

@@ -39,12 +39,16 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cachetools import LRUCache
+
+from .http_fetch import DownloadError, FetchLimits
+from .http_fetch import download as http_download
 
 __all__ = (
     "MODEL_CACHE_MAX_BYTES",
@@ -65,7 +69,11 @@ __all__ = (
 MODEL_CACHE_MAX_BYTES = 512 << 20
 #: a download of the default fetcher larger than this is refused (the host store has its own limit)
 DEFAULT_FETCH_MAX_BYTES = 2 << 30
+#: each read of a download waits at most this long; the whole download (every attempt) at most DOWNLOAD_DEADLINE_S
 HTTP_TIMEOUT_S = 60.0
+DOWNLOAD_DEADLINE_S = 600.0
+DOWNLOAD_ATTEMPTS = 3
+DOWNLOAD_BACKOFF_S = 0.5
 COPY_CHUNK_BYTES = 1 << 20
 CACHE_DIR_ENV = "MINIFAAS_MODEL_CACHE"
 #: the FlatBuffer file identifier of a TFLite model, at bytes 4..8
@@ -91,6 +99,8 @@ class _Entry:
     keepalive: object = None
     # built by the zygote before this process was forked
     prebuilt: bool = False
+    #: the sha256 of the file the value was loaded from: a later load passing sha256 is compared with it
+    sha256: str | None = None
 
 
 @dataclass
@@ -118,6 +128,7 @@ class _ByteLRU(LRUCache[tuple[str, str], _Entry]):
     def popitem(self) -> tuple[tuple[str, str], _Entry]:
         item = super().popitem()
         self._counters.evictions += 1
+        _remember_loose(*item)
         return item
 
 
@@ -138,10 +149,53 @@ class _Prebuilt:
 _lock = threading.Lock()
 _counters = _Counters()
 _cache = _ByteLRU(MODEL_CACHE_MAX_BYTES, _counters)
-_key_locks: dict[tuple[str, str], threading.Lock] = {}
+_flights: dict[tuple[str, str], _Flight] = {}
+#: models out of the cache (evicted, or too large for it) that the function still holds: a load of the same key
+#: takes them back instead of building a second copy next to the one still in use
+_loose: dict[tuple[str, str], tuple[weakref.ref[Any], _Entry]] = {}
 _local = threading.local()
 #: url or path -> interpreter built by the zygote (several spellings name one interpreter)
 _prebuilt: dict[str, _Prebuilt] = {}
+
+
+@dataclass
+class _Flight:
+    """The one load of a key in progress: others wait on its lock, then share what it loaded or try again."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    #: threads that hold or wait for ``lock``; the flight leaves ``_flights`` when the last one is done with it
+    users: int = 0
+    entry: _Entry | None = None
+
+
+def _remember_loose(key: tuple[str, str], entry: _Entry) -> None:
+    """Keep a weak reference to a model leaving (or never entering) the cache (the caller holds ``_lock``)."""
+    try:
+        ref = weakref.ref(entry.value, lambda _ref: _forget_loose(key, _ref))
+    except TypeError:
+        return  # bytes, dicts: no weak references, and nothing a second copy of would cost much
+    # the entry without its value: a strong reference here would keep an unused model alive
+    _loose[key] = (ref, _Entry(None, entry.size_bytes, entry.keepalive, entry.prebuilt, entry.sha256))
+
+
+def _forget_loose(key: tuple[str, str], ref: weakref.ref[Any]) -> None:
+    found = _loose.get(key)
+    if found is not None and found[0] is ref:
+        _loose.pop(key, None)
+
+
+def _revive(key: tuple[str, str]) -> _Entry | None:
+    """The model of ``key`` still alive out of the cache, put back into it (the caller holds ``_lock``)."""
+    found = _loose.pop(key, None)
+    if found is None:
+        return None
+    ref, meta = found
+    value = ref()
+    if value is None:
+        return None
+    entry = _Entry(value, meta.size_bytes, meta.keepalive, meta.prebuilt, meta.sha256)
+    _store(key, entry)
+    return entry
 
 
 def _record() -> _Record:
@@ -174,37 +228,47 @@ def load(url: str, *, sha256: str | None = None, loader: Loader = "tflite", num_
         raise ModelLoadError(f"model url must be a non-empty string, got {url!r}")
     if isinstance(loader, str) and loader not in _LOADERS:
         raise ModelLoadError(f"unknown loader {loader!r}; expected one of {sorted(_LOADERS)} or a callable")
+    if sha256 is not None:
+        sha256 = sha256.strip().lower()
     key = (url, _loader_name(loader))
     adopted = False
     with _lock:
-        entry = _cache.get(key)
+        entry = _cache.get(key) or _revive(key)
         if entry is None and loader == "tflite":
             entry = _adopt(url, sha256, num_threads)
             if entry is not None:
                 adopted = True
                 _store(key, entry)
         if entry is None:
-            key_lock = _key_locks.setdefault(key, threading.Lock())
+            flight = _flights.setdefault(key, _Flight())
+            flight.users += 1
     if entry is not None:
-        return _hit(url, entry, prebuilt=adopted)
-    # one thread loads a given key; the others wait for it and then find it cached
-    with key_lock:
-        with _lock:
-            entry = _cache.get(key)
-        if entry is not None:
-            return _hit(url, entry)
-        try:
+        return _hit(url, entry, sha256, prebuilt=adopted)
+    # one thread loads a given key; the others wait for it and share what it loaded (cached or not), or, when it
+    # failed, try again one at a time: the flight stays registered until its last waiter is done with it
+    try:
+        with flight.lock:
+            with _lock:
+                entry = _cache.get(key) or flight.entry or _revive(key)
+            if entry is not None:
+                return _hit(url, entry, sha256)
             t0 = time.perf_counter()
             path = _fetcher(url, sha256)
             t1 = time.perf_counter()
             entry = _load_entry(url, path, loader, num_threads)
+            if entry.sha256 is None:
+                entry.sha256 = sha256 if sha256 is not None else _digest_of(path)
             t2 = time.perf_counter()
             with _lock:
                 _counters.misses += 1
-                _store(key, entry)
-        finally:
-            with _lock:
-                _key_locks.pop(key, None)
+                flight.entry = entry
+                if not _store(key, entry):
+                    _remember_loose(key, entry)
+    finally:
+        with _lock:
+            flight.users -= 1
+            if flight.users == 0 and _flights.get(key) is flight:
+                del _flights[key]
     info: dict[str, Any] = {
         "url": url,
         "hit": False,
@@ -217,16 +281,30 @@ def load(url: str, *, sha256: str | None = None, loader: Loader = "tflite", num_
     return entry.value
 
 
-def _store(key: tuple[str, str], entry: _Entry) -> None:
-    """Cache ``entry`` (the caller holds ``_lock``)."""
+def _store(key: tuple[str, str], entry: _Entry) -> bool:
+    """Cache ``entry``; False when it is too large to (the caller holds ``_lock``)."""
     try:
         _cache[key] = entry
     except ValueError:
         # larger than the whole cache: serve it uncached rather than evict everything for it
         _counters.uncacheable += 1
+        return False
+    return True
 
 
-def _hit(url: str, entry: _Entry, *, prebuilt: bool = False) -> Any:
+def _digest_of(path: str) -> str:
+    """The sha256 of a fetched file: its name in a content-addressed directory (the host's store, the default
+    fetcher's), else hashed."""
+    p = Path(path)
+    if p.parent.name == "sha256" and len(p.name) == 64 and all(c in "0123456789abcdef" for c in p.name):
+        return p.name
+    return _sha256_file(path)
+
+
+def _hit(url: str, entry: _Entry, sha256: str | None, *, prebuilt: bool = False) -> Any:
+    if sha256 is not None and entry.sha256 != sha256:
+        # the cache holds other content under this url than the one asked for now: never serve it
+        raise ModelLoadError(f"sha256 mismatch for {url}: expected {sha256}, the cached model has {entry.sha256}")
     with _lock:
         _counters.hits += 1
     info: dict[str, Any] = {"url": url, "hit": True, "download_ms": 0.0, "load_ms": 0.0}
@@ -251,6 +329,7 @@ def _adopt(name: str, sha256: str | None, num_threads: int) -> _Entry | None:
     for alias in found.names:
         _prebuilt.pop(alias, None)
     _counters.prebuilt += 1
+    found.entry.sha256 = found.sha256
     return found.entry
 
 
@@ -407,16 +486,6 @@ def _check_sha(url: str, actual: str, expected: str | None) -> None:
 @contextlib.contextmanager
 def _open_remote(url: str) -> Iterator[Any]:
     scheme = urllib.parse.urlparse(url).scheme
-    if scheme in ("http", "https"):
-        # stdlib rather than fsspec's HTTP filesystem, which needs aiohttp
-        try:
-            resp = urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S)
-        except urllib.error.HTTPError as exc:
-            exc.close()  # it holds the error response's socket
-            raise ModelLoadError(f"cannot fetch {url}: {exc}") from exc
-        with resp:
-            yield resp
-        return
     import fsspec
 
     try:
@@ -457,20 +526,22 @@ def _download(url: str, sha256: str | None, root: Path, url_index: Path) -> str:
     url_index.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".part-", dir=root)
     try:
-        h = hashlib.sha256()
-        total = 0
         with os.fdopen(fd, "wb") as out:
-            try:
-                with _open_remote(url) as src:
-                    while chunk := src.read(COPY_CHUNK_BYTES):
-                        total += len(chunk)
-                        if total > DEFAULT_FETCH_MAX_BYTES:
-                            raise ModelLoadError(f"{url} is larger than {DEFAULT_FETCH_MAX_BYTES} bytes")
-                        h.update(chunk)
-                        out.write(chunk)
-            except OSError as exc:
-                raise ModelLoadError(f"cannot fetch {url}: {exc}") from exc
-        digest = h.hexdigest()
+            if urllib.parse.urlparse(url).scheme in ("http", "https"):
+                # stdlib rather than fsspec's HTTP filesystem (which needs aiohttp), with an overall deadline
+                limits = FetchLimits(
+                    deadline_s=DOWNLOAD_DEADLINE_S,
+                    read_timeout_s=HTTP_TIMEOUT_S,
+                    max_bytes=DEFAULT_FETCH_MAX_BYTES,
+                    attempts=DOWNLOAD_ATTEMPTS,
+                    backoff_s=DOWNLOAD_BACKOFF_S,
+                )
+                try:
+                    _total, digest = http_download(url, out, limits)
+                except DownloadError as exc:
+                    raise ModelLoadError(str(exc)) from exc
+            else:
+                digest = _copy_remote(url, out)
         _check_sha(url, digest, sha256)
         dest = root / "sha256" / digest
         os.replace(tmp, dest)
@@ -479,6 +550,26 @@ def _download(url: str, sha256: str | None, root: Path, url_index: Path) -> str:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def _copy_remote(url: str, out: Any) -> str:
+    """Copy an fsspec URL's object into ``out``, checking its size against the one the backend declares."""
+    h = hashlib.sha256()
+    total = 0
+    try:
+        with _open_remote(url) as src:
+            declared = getattr(src, "size", None)
+            while chunk := src.read(COPY_CHUNK_BYTES):
+                total += len(chunk)
+                if total > DEFAULT_FETCH_MAX_BYTES:
+                    raise ModelLoadError(f"{url} is larger than {DEFAULT_FETCH_MAX_BYTES} bytes")
+                h.update(chunk)
+                out.write(chunk)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot fetch {url}: {exc}") from exc
+    if isinstance(declared, int) and total != declared:
+        raise ModelLoadError(f"cannot fetch {url}: got {total} of {declared} bytes")
+    return h.hexdigest()
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -537,6 +628,7 @@ def clear() -> None:
     with _lock:
         _cache.clear()
         _prebuilt.clear()
+        _loose.clear()
 
 
 def stats() -> dict[str, int]:

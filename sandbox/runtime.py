@@ -9,6 +9,7 @@ but the protocol ever goes over the channel.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import functools
 import importlib.util
@@ -21,13 +22,17 @@ import threading
 import time
 import traceback
 import types
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any, Final, TextIO
+from typing import TYPE_CHECKING, Any, Final, TextIO
 
 import minifaas_sandbox
 from minifaas_sandbox import protocol as p
+
+if TYPE_CHECKING:
+    # imported when an async main first runs: importing asyncio costs every spawned sandbox's start ~20-150 ms
+    import asyncio
 
 DEFAULT_MAX_LOG_BYTES: Final = 10 << 20
 DEFAULT_MAX_RESULT_BYTES: Final = 1 << 20
@@ -53,6 +58,13 @@ IFF_UP: Final = 0x1
 #: innermost frames of a traceback put in the logs: formatting all of a 500,000-frame one takes longer than a timeout
 MAX_TRACEBACK_FRAMES: Final = 100
 TRUNCATED_MESSAGE: Final = "Logs were truncated because the total bytes size exceeds the limit of {} bytes."
+#: the variables OpenWhisk sets per activation; with concurrency > 1 each activation sees its own (ActivationEnviron)
+OW_VAR_PREFIX: Final = "__OW_"
+
+#: the log buffer of the activation this context runs, when activations run in threads (concurrency > 1)
+_ACTIVATION_LOGS: contextvars.ContextVar[LogBuffer | None] = contextvars.ContextVar("minifaas_logs", default=None)
+#: the __OW_* variables of the activation this context runs, when activations run in threads (concurrency > 1)
+_ACTIVATION_ENV: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("minifaas_env", default=None)
 
 
 def _now_iso(ts: float) -> str:
@@ -62,21 +74,34 @@ def _now_iso(ts: float) -> str:
 class LogBuffer:
     """One activation's log lines, formatted as OpenWhisk does, capped by bytes with a truncation line."""
 
-    __slots__ = ("_partial", "_pending", "_size", "lines", "max_bytes", "truncated")
+    __slots__ = ("_lock", "_partial", "_pending", "_size", "closed", "lines", "max_bytes", "truncated")
 
     def __init__(self, max_bytes: int) -> None:
+        #: the function's own threads print too: without it lines were lost, merged, or write raised KeyError
+        self._lock = threading.Lock()
+        self.closed = False
         self.lines: list[str] = []
         self.max_bytes = max_bytes
         self._size = 0
-        #: per stream, the pieces of a line not ended yet; joining them at every write would be quadratic
-        self._partial: dict[str, list[str]] = {}
+        #: per stream and thread, the pieces of a line not ended yet (joining them at every write would be quadratic);
+        #: per thread, so that two threads printing pieces of lines never merge them into one
+        self._partial: dict[tuple[str, int], list[str]] = {}
         self._pending = 0
         self.truncated = False
 
-    def write(self, stream: str, text: str) -> None:
+    def write(self, stream: str, text: str) -> bool:
+        """Add text; False once the activation's logs are finished (the caller sends the text elsewhere)."""
+        with self._lock:
+            if self.closed:
+                return False
+            self._write(stream, text)
+            return True
+
+    def _write(self, stream: str, text: str) -> None:
         if self.truncated or not text:
             return
-        parts = self._partial.setdefault(stream, [])
+        key = (stream, threading.get_ident())
+        parts = self._partial.setdefault(key, [])
         parts.append(text)
         if "\n" not in text:
             self._pending += len(text)
@@ -84,14 +109,14 @@ class LogBuffer:
                 self._truncate()
             return
         pending = "".join(parts)
-        del self._partial[stream]
+        del self._partial[key]
         self._pending -= len(pending) - len(text)
         *complete, rest = pending.split("\n")
         ts = _now_iso(time.time())
         for line in complete:
             self._add(f"{ts} {stream}: {line}")
         if rest and not self.truncated:
-            self._partial[stream] = [rest]
+            self._partial[key] = [rest]
             self._pending += len(rest)
             if self._size + self._pending > self.max_bytes:
                 self._truncate()
@@ -112,7 +137,12 @@ class LogBuffer:
         self.lines.append(f"{_now_iso(time.time())} stderr: {TRUNCATED_MESSAGE.format(self.max_bytes)}")
 
     def finish(self) -> list[str]:
-        for stream, parts in list(self._partial.items()):
+        with self._lock:
+            self.closed = True
+            return self._finish()
+
+    def _finish(self) -> list[str]:
+        for (stream, _thread), parts in list(self._partial.items()):
             self._add(f"{_now_iso(time.time())} {stream}: {''.join(parts)}")
         self._partial.clear()
         self._pending = 0
@@ -131,9 +161,9 @@ class _Capture:
 
     def write(self, text: str) -> int:
         buf = self._runtime.current_logs()
-        if buf is None:
+        if buf is None or not buf.write(self._stream, text):
+            # outside any activation, or a thread printing after its activation ended: the host reads fd 1/2
             return self._fallback.write(text)
-        buf.write(self._stream, text)
         return len(text)
 
     def writelines(self, lines: list[str]) -> None:
@@ -184,7 +214,6 @@ class Runtime:
         self.send_lock = threading.Lock()
         self.fn: Callable[..., Any] | None = None
         self.config: dict[str, Any] = {}
-        self._local = threading.local()
         self._main_logs: LogBuffer | None = None
         self._init_logs: list[str] = []
         self._pool: ThreadPoolExecutor | None = None
@@ -197,22 +226,21 @@ class Runtime:
         self._trim_due = False
         #: a deployed class's teardown(), run at SHUTDOWN
         self._teardown: Callable[[], None] | None = None
+        #: runs ``async def main`` in the main thread (concurrency 1): kept, so what a call leaves scheduled lives on
+        self._loop: asyncio.AbstractEventLoop | None = None
+        #: runs ``async def main`` for activation threads (concurrency > 1), or in-process under a running loop
+        self._loop_thread: tuple[asyncio.AbstractEventLoop, threading.Thread] | None = None
 
     # -- logs -----------------------------------------------------------------------------------------------------
     def current_logs(self) -> LogBuffer | None:
-        callables = sys.modules.get("minifaas_sandbox.callables")
-        if callables is not None:
-            # a coroutine on the sandbox's event loop carries its activation's buffer in a context variable
-            buf: LogBuffer | None = callables.ACTIVATION_LOGS.get()
-            if buf is not None:
-                return buf
         if self._threaded:
-            return getattr(self._local, "logs", None)
+            # a context variable, not a thread-local: an async main's tasks run on the loop thread with a copy of it
+            return _ACTIVATION_LOGS.get()
         return self._main_logs
 
     def _set_logs(self, buf: LogBuffer | None) -> None:
         if self._threaded:
-            self._local.logs = buf
+            _ACTIVATION_LOGS.set(buf)
         else:
             self._main_logs = buf
 
@@ -262,6 +290,9 @@ class Runtime:
                 if fields.get("style") == "lambda":
                     os.environ.update(_lambda_env(fields))
                 os.environ.update({str(k): str(v) for k, v in (fields.get("env") or {}).items()})
+                if int(fields.get("concurrency") or 1) > 1:
+                    # before the function's import, so that its `from os import environ` gets the per-activation view
+                    install_activation_environ()
                 if fields.get("network") is False:
                     # before any of the function's code runs, and before any thread exists (a namespace is per
                     # thread until then)
@@ -270,12 +301,12 @@ class Runtime:
             if fields["source"].get("kind") == "pickle":
                 from minifaas_sandbox import callables
 
-                self.fn, self._teardown = callables.load(fields["source"], self.current_logs)
+                self.fn, self._teardown = callables.load(fields["source"], self._await)
             else:
                 self.fn = _load_function(fields, chdir=not in_process)
         except BaseException as exc:
             self._main_logs = None
-            tb = traceback.format_exc()
+            tb = _format_exception(exc, None)
             for line in tb.rstrip().splitlines():
                 buf.write("stderr", line + "\n")
             self._init_logs = buf.finish()
@@ -299,6 +330,28 @@ class Runtime:
 
     # -- run ----------------------------------------------------------------------------------------------------
     def run(self, fields: dict[str, Any]) -> None:
+        """Answer one RUN with exactly one RESULT, whatever the function did (a RUN left unanswered hangs its caller
+        to the timeout, and the kill then takes the sandbox's other activations with it)."""
+        try:
+            self._run(fields)
+        except (BrokenPipeError, ConnectionResetError):
+            raise
+        except BaseException as exc:
+            out = {
+                "aid": fields.get("aid", ""),
+                "status": "developer_error",
+                "result": {"error": f"the sandbox runtime failed to answer: {type(exc).__name__}"},
+                "logs": [],
+                "annotations": {},
+                "run_ms": 0.0,
+                "models": [],
+                "retire": True,
+            }
+            with self.send_lock:
+                assert self.channel is not None
+                self.channel.send_frame(p.encode(p.RESULT, out))
+
+    def _run(self, fields: dict[str, Any]) -> None:
         assert self.channel is not None
         out = self.execute(fields)
         max_result = int(self.config.get("max_result_bytes") or DEFAULT_MAX_RESULT_BYTES)
@@ -315,7 +368,7 @@ class Runtime:
                     error = "The action produced a response that exceeded the allowed length: "
                     error += f"{size} > {max_result} bytes."
         except (TypeError, ValueError, OverflowError) as exc:
-            error = f"The action returned a result that cannot be serialized: {exc}"
+            error = f"The action returned a result that cannot be serialized: {_describe(exc)}"
         except MemoryError:
             # a result that fits in memory once but not twice: answer instead of dying
             error = f"memory limit exceeded ({self.config.get('memory_mb')} MB) while encoding the result"
@@ -347,6 +400,16 @@ class Runtime:
                 environ["__OW_ACTION_NAME"] = f"/{cfg.get('namespace', 'guest')}/{cfg.get('name', '')}"
                 environ["__OW_ACTION_VERSION"] = version
                 environ["__OW_NAMESPACE"] = str(cfg.get("namespace", "guest"))
+        else:
+            _ACTIVATION_ENV.set(
+                {
+                    "__OW_ACTIVATION_ID": aid,
+                    "__OW_DEADLINE": str(deadline),
+                    "__OW_ACTION_NAME": f"/{cfg.get('namespace', 'guest')}/{cfg.get('name', '')}",
+                    "__OW_ACTION_VERSION": version,
+                    "__OW_NAMESPACE": str(cfg.get("namespace", "guest")),
+                }
+            )
         status = "success"
         result: Any = None
         out_of_memory = broken = False
@@ -359,11 +422,15 @@ class Runtime:
             if cfg.get("style") == "lambda":
                 ctx = LambdaContext(aid, str(cfg.get("name", "")), version, int(cfg.get("memory_mb") or 0), deadline)
                 result = self.fn(args, ctx)
+                if _is_awaitable(result):
+                    result = self._await(result)
                 if not isinstance(result, dict):
                     # a Lambda handler may return any JSON value (None, for event processors): keep it whole
                     result = {"result": result}
             else:
                 result = self.fn(args)
+                if _is_awaitable(result):
+                    result = self._await(result)
             if not isinstance(result, dict):
                 status = "developer_error"
                 result = {"error": f"The action did not return a dictionary (returned {type(result).__name__})."}
@@ -377,7 +444,7 @@ class Runtime:
         except RecursionError as exc:
             status = "application_error"
             result = {"error": f"RecursionError: {exc}"}
-            buf.write("stderr", "".join(traceback.format_exception(exc, limit=-20)))
+            buf.write("stderr", _format_exception(exc, -20))
         except SystemExit as exc:
             status = "developer_error"
             result = {"error": f"The action called sys.exit({exc.code!r})."}
@@ -387,8 +454,8 @@ class Runtime:
             # CPython's own failure, e.g. a frame it could not allocate at the memory limit: do not trust it again
             broken = isinstance(exc, SystemError)
             if cfg.get("style") == "lambda":
-                result.update(errorMessage=str(exc), errorType=type(exc).__name__)
-            buf.write("stderr", "".join(traceback.format_exception(exc, limit=-MAX_TRACEBACK_FRAMES)))
+                result.update(errorMessage=_safe_str(exc), errorType=type(exc).__name__)
+            buf.write("stderr", _format_exception(exc, -MAX_TRACEBACK_FRAMES))
         if out_of_memory:
             status = "developer_error"
             result = {"error": f"memory limit exceeded ({cfg.get('memory_mb')} MB)"}
@@ -398,6 +465,8 @@ class Runtime:
             sys.stdout.flush()
             sys.stderr.flush()
         self._set_logs(None)
+        if self._threaded:
+            _ACTIVATION_ENV.set(None)
         out = {
             "aid": aid,
             "status": status,
@@ -422,6 +491,26 @@ class Runtime:
             end()
         except BaseException:
             traceback.print_exc(file=sys.__stderr__)
+
+    def _await(self, awaitable: Awaitable[Any]) -> Any:
+        """Run what an ``async def main`` returned to completion on an event loop of the sandbox's own."""
+        import asyncio
+
+        if not self._threaded and not _loop_running_here():
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+            return self._loop.run_until_complete(_as_coroutine(awaitable))
+        # one loop for every activation thread: their coroutines share it as async code expects; the task gets a
+        # copy of this thread's context, so it sees this activation's logs and __OW_* variables
+        if self._loop_thread is None:
+            with self.send_lock:
+                if self._loop_thread is None:
+                    loop = asyncio.new_event_loop()
+                    thread = threading.Thread(target=loop.run_forever, name="minifaas-asyncio", daemon=True)
+                    thread.start()
+                    self._loop_thread = (loop, thread)
+        loop = self._loop_thread[0]
+        return asyncio.run_coroutine_threadsafe(_as_coroutine(awaitable), loop).result()
 
     def _trim_heap(self) -> None:
         """Return the free heap to the OS: glibc keeps it (MALLOC_TRIM_THRESHOLD_) so busy activations reuse it."""
@@ -462,6 +551,10 @@ class Runtime:
                 if self._pool is not None:
                     self._pool.shutdown(wait=True)
                 self.teardown()
+                if self._loop_thread is not None:
+                    loop, thread = self._loop_thread
+                    loop.call_soon_threadsafe(loop.stop)
+                    thread.join(timeout=1.0)
                 return 0
 
 
@@ -488,9 +581,98 @@ def _prepend_sys_path(entries: list[str]) -> None:
     importlib.invalidate_caches()
 
 
+def _safe_str(exc: BaseException) -> str:
+    """str(exc), or a note saying it failed: describing an error must never raise (a user's __str__ can)."""
+    try:
+        msg = str(exc)
+    except BaseException as err:
+        return f"<{type(exc).__name__}: str() raised {type(err).__name__}>"
+    return msg if isinstance(msg, str) else type(exc).__name__
+
+
 def _describe(exc: BaseException) -> str:
-    msg = str(exc)
+    msg = _safe_str(exc)
     return msg if msg else type(exc).__name__
+
+
+def _format_exception(exc: BaseException, limit: int | None) -> str:
+    """The traceback as text; traceback guards a failing __str__ only against Exception, so guard the rest here."""
+    try:
+        return "".join(traceback.format_exception(exc, limit=limit))
+    except BaseException as err:
+        return f"{type(exc).__name__} (its traceback could not be formatted: {type(err).__name__})\n"
+
+
+def _is_awaitable(value: object) -> bool:
+    # what an `async def` returns; a dict (every regular result) is never one
+    return not isinstance(value, dict) and hasattr(type(value), "__await__")
+
+
+def _loop_running_here() -> bool:
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+async def _as_coroutine(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
+
+
+class ActivationEnviron(os._Environ):  # type: ignore[type-arg]
+    """``os.environ`` for a sandbox that runs activations in threads (concurrency > 1): the ``__OW_*`` variables
+    come from the activation running in the calling context (a context variable), everything else from the process
+    environment, shared as before. ``os.getenv``, ``os.environ.get/[]/in/copy()`` all see this view; child processes
+    and ``os.environb`` see the process environment only, which holds no per-activation values."""
+
+    def __init__(self, base: os._Environ[str]) -> None:
+        # share the process environment's dict: a change through either object is seen by both
+        super().__init__(base._data, base.encodekey, base.decodekey, base.encodevalue, base.decodevalue)  # type: ignore[attr-defined]
+
+    def __getitem__(self, key: str) -> str:
+        own = _ACTIVATION_ENV.get()
+        if own is not None and key in own:
+            return own[key]
+        return super().__getitem__(key)  # type: ignore[no-any-return]
+
+    def __setitem__(self, key: str, value: str) -> None:
+        own = _ACTIVATION_ENV.get()
+        if own is not None and key.startswith(OW_VAR_PREFIX):
+            if not isinstance(value, str):
+                raise TypeError(f"str expected, not {type(value).__name__}")
+            own[key] = value
+            return
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        own = _ACTIVATION_ENV.get()
+        if own is not None and key in own:
+            del own[key]
+            return
+        super().__delitem__(key)
+
+    def __iter__(self) -> Iterator[str]:
+        own = _ACTIVATION_ENV.get()
+        if own is None:
+            yield from super().__iter__()
+            return
+        yield from own
+        for key in list(super().__iter__()):
+            if key not in own:
+                yield key
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def install_activation_environ() -> None:
+    """Put :class:`ActivationEnviron` in place of ``os.environ`` (once)."""
+    if not isinstance(os.environ, ActivationEnviron):
+        # the same variables, seen through a per-activation overlay: nothing to clear
+        os.environ = ActivationEnviron(os.environ)  # noqa: B003
 
 
 def _load_function(fields: dict[str, Any], *, chdir: bool = True) -> Callable[..., Any]:
@@ -508,15 +690,16 @@ def _load_function(fields: dict[str, Any], *, chdir: bool = True) -> Callable[..
         folder = os.path.dirname(path)
         if folder not in sys.path:
             sys.path.insert(0, folder)
+        if chdir:
+            # before the import, as OpenWhisk runs init in the action's folder: module-level code opens its own files
+            with contextlib.suppress(OSError):
+                os.chdir(folder)
         spec = importlib.util.spec_from_file_location(MODULE_NAME, path)
         if spec is None or spec.loader is None:
             raise ImportError(f"cannot load {path}")
         module = importlib.util.module_from_spec(spec)
         sys.modules[MODULE_NAME] = module
         spec.loader.exec_module(module)
-        if chdir:
-            with contextlib.suppress(OSError):
-                os.chdir(folder)
     else:
         raise ValueError(f"unknown source kind {kind!r}")
     fn = getattr(module, main_name, None)

@@ -287,3 +287,91 @@ def test_host_in_a_venv_lends_its_packages(tmp_path: Path, wheel: Path, demo_req
     probe = [env["python"], "-c", f"import {PKG_MODULE}, sys; print({PKG_MODULE}.__file__)"]
     where = subprocess.run(probe, check=True, capture_output=True, text=True, cwd=tmp_path).stdout.strip()
     assert Path(where).is_relative_to(host)
+
+
+ENV_BACKEND = textwrap.dedent(
+    """
+    import json, os, zipfile
+
+    RECORD = {record!r}
+    NAME, VERSION = "envprobe", "0.1"
+
+    def get_requires_for_build_wheel(config_settings=None):
+        return []
+
+    def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+        # a requirement's build code runs here, with whatever environment pip was given
+        with open(RECORD, "w") as f:
+            json.dump(dict(os.environ), f)
+        info = f"{{NAME}}-{{VERSION}}.dist-info"
+        files = {{
+            f"{{NAME}}/__init__.py": "",
+            f"{{info}}/METADATA": f"Metadata-Version: 2.1\\nName: {{NAME}}\\nVersion: {{VERSION}}\\n",
+            f"{{info}}/WHEEL": "Wheel-Version: 1.0\\nGenerator: probe\\nRoot-Is-Purelib: true\\nTag: py3-none-any\\n",
+        }}
+        files[f"{{info}}/RECORD"] = "".join(f"{{n}},,\\n" for n in [*files, f"{{info}}/RECORD"])
+        name = f"{{NAME}}-{{VERSION}}-py3-none-any.whl"
+        with zipfile.ZipFile(os.path.join(wheel_directory, name), "w") as zf:
+            for path, text in files.items():
+                zf.writestr(path, text)
+        return name
+    """
+)
+
+
+async def test_build_code_gets_a_scrubbed_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    project = tmp_path / "envprobe"
+    project.mkdir()
+    record = tmp_path / "seen-env.json"
+    (project / "envbackend.py").write_text(ENV_BACKEND.format(record=str(record)))
+    (project / "pyproject.toml").write_text(
+        '[build-system]\nrequires = []\nbuild-backend = "envbackend"\nbackend-path = ["."]\n'
+    )
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "host-secret")
+    monkeypatch.setenv("MINIFAAS_TEST_TOKEN", "host-token")
+    monkeypatch.setenv("PIP_DEFAULT_TIMEOUT", "17")
+    env = await _deps.ensure_env(f"envprobe @ {project.as_uri()}\n", root=tmp_path / "envs")
+    assert (env.site_packages / "envprobe" / "__init__.py").is_file()
+    seen = json.loads(record.read_text())
+    assert "AWS_SECRET_ACCESS_KEY" not in seen and "MINIFAAS_TEST_TOKEN" not in seen
+    # what a sandbox gets, plus pip's own settings
+    assert seen["OMP_NUM_THREADS"] == "1" and seen["PIP_DEFAULT_TIMEOUT"] == "17"
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "--index-url https://mirror.example/simple",
+        "-i https://mirror.example/simple",
+        "--extra-index-url=https://mirror.example/simple",
+        "--find-links /tmp/wheels",
+        "--trusted-host mirror.example",
+        "-r /etc/other-requirements.txt",
+    ],
+    ids=["index-url", "short-i", "extra-index-url", "find-links", "trusted-host", "nested-r"],
+)
+async def test_index_options_in_requirements_are_refused(tmp_path: Path, line: str) -> None:
+    folder = make_function(tmp_path / "fn", "def main(args):\n    return {}\n", f"tabulate==0.9.0\n{line}\n")
+    async with minifaas.Engine(tmp_path / "state", preload=PRELOAD) as engine:
+        with pytest.raises(minifaas.DeployError, match=r"requirements.txt line 2: -.* chooses where pip downloads"):
+            await engine.deploy("fn", path=folder)
+    assert not (tmp_path / "state" / "envs").exists() or not any((tmp_path / "state" / "envs").iterdir())
+
+
+async def test_index_options_when_allowed(tmp_path: Path, wheel: Path) -> None:
+    req = f"--no-index\n--find-links {wheel.parent}\n{PKG_NAME}=={PKG_VERSION}\n"
+    folder = make_function(tmp_path / "fn", USE_DEMO, req)
+    async with minifaas.Engine(tmp_path / "state", preload=PRELOAD, pip_allow_index_options=True) as engine:
+        await engine.deploy("fn", path=folder)
+        assert (await engine.invoke("fn", {"text": "ok"}))["shout"] == "OK!"
+
+
+async def test_index_url_is_part_of_the_env_key(tmp_path: Path, demo_req: str) -> None:
+    assert _deps.env_key(demo_req) != _deps.env_key(demo_req, "https://mirror.example/simple")
+    assert _deps.env_key(demo_req, "https://a.example/simple") != _deps.env_key(demo_req, "https://b.example/simple")
+    builds = _deps.stats["builds"]
+    plain = await _deps.ensure_env(demo_req, root=tmp_path)
+    # a direct-URL requirement never asks the index, so an unreachable one still builds: a second environment
+    other = await _deps.ensure_env(demo_req, root=tmp_path, index_url="http://127.0.0.1:9/simple")
+    assert plain.path != other.path and _deps.stats["builds"] == builds + 2
+    assert (await _deps.ensure_env(demo_req, root=tmp_path, index_url="http://127.0.0.1:9/simple")).path == other.path

@@ -15,13 +15,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "minifaas"
 
 #: room -> the rooms it may import (besides itself, the standard library and third-party packages)
 ALLOWED: dict[str, set[str]] = {
-    "_errors": {"_core"},  # only for the Activation type an ActivationError carries (TYPE_CHECKING)
-    "_deploy": {"_errors"},
-    "_core": {"_errors", "_deploy"},
+    "_errors": {"_core"},
+    "_environ": set(),  # only for the Activation type an ActivationError carries (TYPE_CHECKING)
+    "_deploy": {"_errors", "_environ"},
+    "_core": {"_errors", "_deploy", "_environ"},
     "composer": {"_errors"},
     "_workflows": {"_errors", "_core", "composer"},
     "_events": {"_errors", "_core"},
-    "_backends": {"_errors", "_core", "_deploy"},
+    "_backends": {"_errors", "_core", "_deploy", "_environ"},
     "_map": {"_errors", "_core", "_engine"},  # _engine for its type only (TYPE_CHECKING)
     "_handles": {"_errors", "_core", "_map", "_engine"},  # likewise
     "_engine": {"_errors", "_core", "_deploy", "_workflows", "_events", "composer", "_handles", "_map"},

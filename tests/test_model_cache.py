@@ -39,13 +39,16 @@ DETECTOR_SHA = "9ba9dd3d42efaaba86b4ff0122b06f29c4122e756b329d89dca1e297fd8f866c
 LABELS_SHA = "e46cf90316006d7a615d0ae06860b7f438ee44e69558cb129a959c63c026d77b"
 MESSI = Path(__file__).resolve().parent / "data" / "images" / "messi5.jpg"
 SLOW_RESPONSE_S = 0.3
+DRIP_BYTES = 100
+DRIP_EVERY_S = 0.05
 
 
 class ModelServer:
     """A real HTTP server on 127.0.0.1 serving functions/models, counting the GETs per path.
 
     Path prefixes change how it answers: /slow/ waits SLOW_RESPONSE_S first, /truncated/ announces the whole
-    length but closes after half the body, /nolength/ sends no Content-Length (body ends at close).
+    length but closes after half the body, /nolength/ sends no Content-Length (body ends at close), /drip/ sends
+    DRIP_BYTES every DRIP_EVERY_S (never finishing within a test), /flaky<N>/ answers 503 to its first N GETs.
     """
 
     def __init__(self) -> None:
@@ -63,6 +66,20 @@ class ModelServer:
                 body = file.read_bytes()
                 if mode == "slow":
                     time.sleep(SLOW_RESPONSE_S)
+                if mode.startswith("flaky") and owner.gets[self.path] <= int(mode.removeprefix("flaky")):
+                    self.send_error(503)
+                    return
+                if mode == "drip":
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                        for start in range(0, len(body), DRIP_BYTES):
+                            self.wfile.write(body[start : start + DRIP_BYTES])
+                            self.wfile.flush()
+                            time.sleep(DRIP_EVERY_S)
+                    self.close_connection = True
+                    return
                 self.send_response(200)
                 self.send_header("Content-Type", "application/octet-stream")
                 if mode != "nolength":
@@ -433,7 +450,7 @@ def test_store_cancelled_fetch_hands_over_to_a_waiter(tmp_path: Path, server: Mo
 def test_store_keeps_nothing_corrupt(
     tmp_path: Path, server: ModelServer, mode: str, max_bytes: int, sha256: str | None, message: str
 ) -> None:
-    store = ModelStore(tmp_path, max_bytes=max_bytes)
+    store = ModelStore(tmp_path, max_bytes=max_bytes, backoff_s=0.01)
     url = server.url("pose_detection.tflite", mode)
     before = server.count("pose_detection.tflite", mode)
 
@@ -442,7 +459,8 @@ def test_store_keeps_nothing_corrupt(
 
     with pytest.raises(ModelError, match=message):
         anyio.run(fetch)
-    assert server.count("pose_detection.tflite", mode) == before + 1
+    # a short body may be a dropped connection: tried again (3 attempts), the others are final at once
+    assert server.count("pose_detection.tflite", mode) == before + (3 if mode == "truncated" else 1)
     assert [f for f in _files(tmp_path) if f != "index.json"] == []  # no content, no temp file
     assert store.errors == 1 and store.downloads == 0
 
@@ -497,3 +515,212 @@ def test_store_serves_known_content_for_a_new_url(tmp_path: Path, server: ModelS
     local, remote = anyio.run(scenario)
     assert local == remote and server.count("pose_detection.tflite", "mirror") == 0
     assert store.downloads == 1 and store.hits == 1
+
+
+# --- verification on hits, single flight, loose models -------------------------------------------------------
+
+
+def test_sha256_is_checked_on_a_cache_hit(cache: None) -> None:
+    assert models.load(str(LABELS), sha256=LABELS_SHA, loader="json")[805] == "soccer ball"
+    with pytest.raises(models.ModelLoadError, match="sha256 mismatch.*cached model has " + LABELS_SHA):
+        models.load(str(LABELS), sha256="0" * 64, loader="json")
+    # loaded without a digest first: a later load passing one is still compared
+    models.load(str(LABELS), loader="bytes")
+    with pytest.raises(models.ModelLoadError, match="sha256 mismatch"):
+        models.load(str(LABELS), sha256=DETECTOR_SHA, loader="bytes")
+    assert hashlib.sha256(models.load(str(LABELS), sha256=LABELS_SHA.upper(), loader="bytes")).hexdigest() == LABELS_SHA
+
+
+def test_single_flight_holds_after_a_failed_load(cache: None) -> None:
+    running = 0
+    peak = 0
+    calls = 0
+    lock = threading.Lock()
+
+    def fetch(url: str, sha256: str | None) -> str:
+        nonlocal running, peak, calls
+        with lock:
+            running += 1
+            calls += 1
+            first = calls == 1
+            peak = max(peak, running)
+        time.sleep(0.15)
+        with lock:
+            running -= 1
+        if first:
+            raise models.ModelLoadError("the first fetch fails")
+        return str(LABELS)
+
+    models.set_fetcher(fetch)
+    results: list[object] = []
+
+    def load() -> None:
+        with contextlib.suppress(models.ModelLoadError):
+            results.append(models.load("store://labels", loader="json"))
+
+    threads = []
+    # some threads wait on the failing first load, others arrive after it failed: still one load at a time
+    for _ in range(6):
+        t = threading.Thread(target=load)
+        t.start()
+        threads.append(t)
+        time.sleep(0.05)
+    for t in threads:
+        t.join()
+    assert peak == 1
+    assert len(results) == 5 and all(r is results[0] for r in results)
+
+
+def test_waiters_share_an_uncacheable_load(cache: None) -> None:
+    models.configure(max_bytes=1 << 20)  # smaller than the detector
+    calls: list[str] = []
+
+    def fetch(url: str, sha256: str | None) -> str:
+        calls.append(url)
+        time.sleep(0.1)
+        return str(DETECTOR)
+
+    models.set_fetcher(fetch)
+    got: list[object] = []
+    threads = [threading.Thread(target=lambda: got.append(models.load("store://detector"))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == ["store://detector"]
+    assert len(got) == 4 and all(g is got[0] for g in got)
+    assert models.held() == []
+
+
+def test_an_evicted_model_still_in_use_is_not_built_twice(cache: None) -> None:
+    sizes = {p: p.stat().st_size for p in (DETECTOR, CLASSIFIER)}
+    models.configure(max_bytes=max(sizes.values()) + 1)  # one model at a time
+    detector = models.load(str(DETECTOR), sha256=DETECTOR_SHA)
+    models.load(str(CLASSIFIER))
+    assert models.held() == [str(CLASSIFIER)]
+    # the function still holds the evicted detector: the next load takes it back instead of building another
+    assert models.load(str(DETECTOR), sha256=DETECTOR_SHA) is detector
+    assert models.held() == [str(DETECTOR)]
+    with pytest.raises(models.ModelLoadError, match="sha256 mismatch"):
+        models.load(str(CLASSIFIER), sha256=DETECTOR_SHA)
+
+
+# --- downloads: deadline, cancellation, Content-Length, retries ----------------------------------------------
+
+
+def test_default_fetcher_rejects_a_truncated_download(
+    cache: None, server: ModelServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MINIFAAS_MODEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "DOWNLOAD_BACKOFF_S", 0.01)
+    url = server.url("imagenet_labels.json", "truncated")
+    before = server.count("imagenet_labels.json", "truncated")
+    for _ in range(2):
+        with pytest.raises(models.ModelLoadError, match=r"got \d+ of \d+ bytes \(after 3 attempts\)"):
+            models.load(url, loader="bytes")
+    # nothing half-written is kept or indexed: each load went to the server again (3 attempts each)
+    assert server.count("imagenet_labels.json", "truncated") == before + 6
+    assert [f for f in _files(tmp_path) if not f.startswith("urls/")] == []
+
+
+def test_default_fetcher_has_an_overall_deadline(
+    cache: None, server: ModelServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MINIFAAS_MODEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "DOWNLOAD_DEADLINE_S", 0.5)
+    t0 = time.monotonic()
+    with pytest.raises(models.ModelLoadError, match="deadline passed"):
+        models.load(server.url("pose_detection.tflite", "drip"))
+    # every read of the drip returns within its timeout: only an overall deadline stops it
+    assert time.monotonic() - t0 < 2.0
+
+
+def test_store_download_has_an_overall_deadline(tmp_path: Path, server: ModelServer) -> None:
+    store = ModelStore(tmp_path, deadline_s=0.5, read_timeout_s=5.0)
+
+    async def fetch() -> Path:
+        return await store.fetch(server.url("pose_detection.tflite", "drip"))
+
+    t0 = time.monotonic()
+    with pytest.raises(ModelError, match="deadline passed"):
+        anyio.run(fetch)
+    assert time.monotonic() - t0 < 2.0
+    assert [f for f in _files(tmp_path) if f != "index.json"] == []
+
+
+def test_store_cancellation_is_prompt(tmp_path: Path, server: ModelServer) -> None:
+    store = ModelStore(tmp_path)
+    url = server.url("imagenet_labels.json", "drip")
+
+    async def scenario() -> float:
+        t0 = time.monotonic()
+        with anyio.move_on_after(0.3):
+            await store.fetch(url)
+        elapsed = time.monotonic() - t0
+        # the worker thread ends too (its socket was shut): the .part file goes within a read
+        with anyio.fail_after(3):
+            while any(f.startswith("tmp/") for f in _files(tmp_path)):
+                await anyio.sleep(0.02)
+        return elapsed
+
+    assert anyio.run(scenario) < 1.0
+
+
+def test_store_retries_transient_errors_with_backoff(tmp_path: Path, server: ModelServer) -> None:
+    async def fetch(store: ModelStore, url: str) -> Path:
+        return await store.fetch(url, sha256=LABELS_SHA)
+
+    url = server.url("imagenet_labels.json", "flaky2")
+    t0 = time.monotonic()
+    assert anyio.run(fetch, ModelStore(tmp_path / "a", backoff_s=0.1), url).name == LABELS_SHA
+    # two 503s, then the body: backoff 0.1 s then 0.2 s
+    assert server.count("imagenet_labels.json", "flaky2") == 3 and time.monotonic() - t0 >= 0.3
+    with pytest.raises(ModelError, match=r"HTTP 503.*after 2 attempts"):
+        anyio.run(
+            fetch, ModelStore(tmp_path / "b", attempts=2, backoff_s=0.01), server.url("imagenet_labels.json", "flaky5")
+        )
+    with pytest.raises(ModelError, match="404"):
+        anyio.run(fetch, ModelStore(tmp_path / "c", backoff_s=0.01), server.url("absent.json", "flaky0"))
+
+
+def test_store_downloads_through_the_environments_proxy(
+    tmp_path: Path, server: ModelServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import urllib.request
+
+    seen: list[str] = []
+
+    class Proxy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            # a forward proxy gets the absolute URL
+            seen.append(self.path)
+            direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            with direct.open(self.path, timeout=10) as upstream:
+                body = upstream.read()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    thread = threading.Thread(target=proxy.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    url = server.url("imagenet_labels.json", "proxied")
+    try:
+        monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{proxy.server_address[1]}")
+        monkeypatch.delenv("no_proxy", raising=False)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        store = ModelStore(tmp_path)
+
+        async def fetch() -> Path:
+            return await store.fetch(url, sha256=LABELS_SHA)
+
+        assert anyio.run(fetch).name == LABELS_SHA
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+        thread.join(timeout=5)
+    assert seen == [url] and server.count("imagenet_labels.json", "proxied") == 1

@@ -213,3 +213,61 @@ async def test_aliases_survive_a_restart(tmp_path: Path) -> None:
     assert saved["aliases"] == {"keep": {"prod": [["1", 25.0], ["2", 75.0]]}}
     async with minifaas.Engine(tmp_path, preload=PRELOAD) as engine:
         assert (await engine.get_alias("keep", "prod"))["routing"] == {"1": 25.0, "2": 75.0}
+
+
+def test_version_numbers_are_never_reused(tmp_path: Path) -> None:
+    path = tmp_path / ALIASES_FILE_NAME
+    table = AliasTable(path)
+    assert [table.next_version("f", []) for _ in range(3)] == ["1", "2", "3"]
+    # after deleting version 3 (or the whole function) and a restart, the next deploy is 4
+    assert AliasTable(path).next_version("f", ["1", "2"]) == "4"
+    assert AliasTable(path).next_version("g", []) == "1"
+    # an old table (format 1) is still read; the deployed versions keep the counter ahead of them
+    path.write_text('{"format": 1, "aliases": {}}')
+    assert AliasTable(path).next_version("f", ["1", "7"]) == "8"
+
+
+def test_alias_refuses_a_version_whose_code_changed() -> None:
+    table = AliasTable()
+    table.set_alias("f", "prod", "1", versions=["1", "2"], digests={"1": "a" * 64, "2": "b" * 64})
+    assert table.resolve("f@prod", ["1", "2"], digests={"1": "a" * 64, "2": "b" * 64}) == ("1", "prod")
+    with pytest.raises(minifaas.AliasMismatch, match="set on version 1 with bundle digest aaaaaaaaaaaa"):
+        table.resolve("f@prod", ["1"], digests={"1": "c" * 64})
+    assert issubclass(minifaas.AliasMismatch, minifaas.FunctionNotFound)
+
+
+async def test_deleted_version_numbers_stay_retired_across_restarts(tmp_path: Path) -> None:
+    code = {c: f"def main(args):\n    return {{'code': '{c}'}}\n" for c in "ABC"}
+    async with minifaas.Engine(tmp_path, preload=PRELOAD) as engine:
+        await engine.deploy("f", code=code["A"])
+        await engine.deploy("f", code=code["B"])
+        await engine.set_alias("f", "prod", "1")
+        assert (await engine.deploy("f", code=code["C"]))["version"] == "3"
+        await engine.delete("f@3")
+        assert (await engine.deploy("f", code=code["A"]))["version"] == "4"
+        with pytest.raises(minifaas.FunctionNotFound, match="no version '3'"):
+            await engine.invoke("f@3")
+    async with minifaas.Engine(tmp_path, preload=PRELOAD) as engine:
+        # the app redeploys other code first: it gets version 5, and the alias does not silently run it
+        assert (await engine.deploy("f", code=code["B"]))["version"] == "5"
+        with pytest.raises(minifaas.FunctionNotFound, match="routes to version '1', which is not deployed"):
+            await engine.invoke("f@prod")
+        await engine.delete("f")
+        assert (await engine.deploy("f", code=code["C"]))["version"] == "6"
+
+
+async def test_alias_mismatch_after_the_counter_was_lost(tmp_path: Path) -> None:
+    async with minifaas.Engine(tmp_path, preload=PRELOAD) as engine:
+        await engine.deploy("f", code="def main(args):\n    return {'code': 'A'}\n")
+        await engine.set_alias("f", "prod", "1")
+        assert await engine.invoke("f@prod") == {"code": "A"}
+    # an older minifaas (or a hand edit) left the table without counters: version 1 is given again
+    saved = json.loads((tmp_path / ALIASES_FILE_NAME).read_text())
+    saved.pop("last_versions")
+    (tmp_path / ALIASES_FILE_NAME).write_text(json.dumps(saved))
+    async with minifaas.Engine(tmp_path, preload=PRELOAD) as engine:
+        await engine.deploy("f", code="def main(args):\n    return {'code': 'B'}\n")
+        with pytest.raises(minifaas.AliasMismatch, match="now runs bundle"):
+            await engine.invoke("f@prod")
+        await engine.set_alias("f", "prod", "1")
+        assert await engine.invoke("f@prod") == {"code": "B"}

@@ -18,8 +18,9 @@ import pytest
 from minifaas_sandbox import protocol as p
 
 import minifaas
-from minifaas._core.launch import SANDBOX_ENV_DEFAULTS, Launched, SpawnLauncher, scrubbed_env
+from minifaas._core.launch import Launched, SpawnLauncher
 from minifaas._core.zygote import DEFAULT_PRELOAD, ZygoteError, ZygoteLauncher, ZygotePool
+from minifaas._environ import SANDBOX_ENV_DEFAULTS, scrubbed_env
 from tests.helpers.proc import children as _children
 from tests.helpers.proc import smaps_rollup_kb as _pss_kb
 

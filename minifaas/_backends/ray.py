@@ -66,9 +66,10 @@ import ray.exceptions
 from minifaas_sandbox import protocol as p
 
 from .._core.function import FunctionSpec
-from .._core.launch import ENV_ALLOW, Launched, Launcher, SpawnLauncher
+from .._core.launch import Launched, Launcher, SpawnLauncher
 from .._core.pool import FunctionPool, Pool
 from .._core.sandbox import SHUTDOWN_GRACE_S, HostService, Sandbox, SandboxDied
+from .._environ import ENV_ALLOW
 from .._errors import BackendUnavailable
 
 __all__ = ("RayLauncher", "RaySandbox", "SandboxActor", "describe_actor_death", "node_sandbox_env")

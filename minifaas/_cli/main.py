@@ -775,6 +775,36 @@ def cmd_serve(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
+def cmd_gc(args: argparse.Namespace, console: Console) -> int:
+    """Collect the state dir: leftovers of killed builds and downloads, unused things over the budget."""
+    import anyio
+
+    from .._engine import Engine
+    from .._server.app import create_app
+
+    async def run() -> dict[str, Any]:
+        async with Engine(state_dir=_state_dir(args), launcher="spawn", preload=()) as engine:
+            # the actions a server keeps here are deployed first: what they use is in use (on a detached alias
+            # table: these deploys must not use up version numbers)
+            engine._aliases = engine._aliases.detached()
+            app = create_app(engine, auth=None, namespace=engine.namespace)
+            await app.state.api.restore()
+            budget = None if args.budget_mb is None else int(args.budget_mb * (1 << 20))
+            return await engine.gc(budget)
+
+    report = anyio.run(run)
+    if args.json:
+        console.print_json(data=report)
+    else:
+        for path in report["removed"]:
+            console.print(f"removed {path}", soft_wrap=True)
+        console.print(
+            f"freed {report['freed_bytes'] / (1 << 20):.1f} MiB; {report['kept_bytes'] / (1 << 20):.1f} MiB kept "
+            f"(budget {report['budget_bytes'] / (1 << 20):.0f} MiB)"
+        )
+    return EXIT_OK
+
+
 def _banner(console: Console, handle: Any, state_dir: str | None) -> None:
     console.print(
         f"[bold green]minifaas[/] serving the OpenWhisk API at [bold]{handle.url}[/] "
@@ -1000,6 +1030,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb(sv, "get", "show a session with its steps")
     p.add_argument("id")
     p.set_defaults(call=cmd_session)
+
+    p = verb(verbs, "gc", "remove leftovers and unused bundles, environments and models of the state dir")
+    p.add_argument("--budget-mb", type=float, help="keep unused things up to this many MiB (default 10 GiB)")
+    p.set_defaults(run=cmd_gc)
 
     p = verbs.add_parser("demo", help="deploy the sample AI functions and run them on sample photos")
     p.add_argument("--workdir", help="folder for the demo's files (default: a new temporary folder)")

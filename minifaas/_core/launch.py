@@ -22,6 +22,8 @@ from typing import Final, Protocol
 
 import anyio
 
+from .._environ import scrubbed_env
+
 __all__ = ("PIDS", "Launched", "Launcher", "PidsCgroups", "SpawnLauncher", "make_pipes", "scrubbed_env")
 
 #: tasks (processes and threads) one sandbox may have at once where a pids cgroup is available: a fork bomb stops
@@ -30,49 +32,6 @@ MAX_PIDS_PER_SANDBOX: Final = 256
 CGROUP_PREFIX: Final = "minifaas-"
 #: rounds of "list the cgroup's processes, SIGKILL the new ones" before leaving a cgroup that keeps refilling
 CGROUP_KILL_ROUNDS: Final = 100
-
-#: host variables a sandbox may inherit; everything else (tokens, keys, cloud credentials) is dropped
-ENV_ALLOW: Final[frozenset[str]] = frozenset(
-    {
-        "PATH",
-        "HOME",
-        "LANG",
-        "LC_ALL",
-        "LC_CTYPE",
-        "TZ",
-        "TMPDIR",
-        "PYTHONHASHSEED",
-        "OPENBLAS_CORETYPE",
-        "OPENBLAS_L2_SIZE",
-        "PYTHONPATH",
-        "VIRTUAL_ENV",
-        "SYSTEMROOT",
-        "MINIFAAS_MODEL_CACHE",
-    }
-)
-#: thread pools of numeric libraries are pinned to one thread per sandbox: sandboxes, not threads, give parallelism
-SANDBOX_ENV_DEFAULTS: Final[dict[str, str]] = {
-    "OMP_NUM_THREADS": "1",
-    "OPENBLAS_NUM_THREADS": "1",
-    "MKL_NUM_THREADS": "1",
-    "PYTHONUNBUFFERED": "1",
-    "PYTHONDONTWRITEBYTECODE": "1",
-    # keep freed image-sized buffers in the heap: otherwise glibc returns them and every activation re-faults
-    # ~390 pages of a vision function (measured: 1-3 ms per call, 0 faults with these)
-    "MALLOC_MMAP_THRESHOLD_": str(4 << 20),
-    "MALLOC_TRIM_THRESHOLD_": str(32 << 20),
-    # one heap arena per thread (OpenCV's pool) would reserve 64 MiB of address space each, counted against the
-    # sandbox's RLIMIT_AS; glibc reads these at process start, so they must be in the zygote's environment too
-    "MALLOC_ARENA_MAX": "2",
-}
-
-
-def scrubbed_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k in ENV_ALLOW}
-    env.update(SANDBOX_ENV_DEFAULTS)
-    if extra:
-        env.update(extra)
-    return env
 
 
 def make_pipes() -> tuple[socket.socket, socket.socket, tuple[int, int], tuple[int, int]]:

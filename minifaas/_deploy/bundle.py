@@ -19,6 +19,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Final
 
 from .._errors import DeployError
+from .bundlecopy import CopyBudget, copy_folder, include_into
 
 __all__ = ("MANIFEST_NAME", "Bundle", "load_bundle")
 
@@ -150,26 +151,17 @@ def _load_dir(folder: Path, main: str, work_dir: Path) -> Bundle:
     manifest = _read_manifest(folder)
     staging = Path(tempfile.mkdtemp(prefix=".stage-", dir=work_dir))
     try:
-        shutil.copytree(
-            folder,
-            staging,
-            dirs_exist_ok=True,
-            symlinks=False,
-            ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".git"),
-        )
-        for inc in manifest.get("include", []):
-            src = (folder / str(inc)).resolve()
-            if not src.exists():
-                raise DeployError(f"included file {inc!r} does not exist", file=str(folder / MANIFEST_NAME))
-            dest = staging / src.name
-            if src.is_dir():
-                shutil.copytree(src, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-            else:
-                shutil.copy2(src, dest)
-        models = {str(k): (folder / str(v)).resolve().as_uri() for k, v in manifest.get("models", {}).items()}
-        for param, uri in models.items():
-            if not Path(uri.removeprefix("file://")).is_file():
-                raise DeployError(f"model file for {param!r} does not exist: {uri}", file=str(folder / MANIFEST_NAME))
+        # links stay links (confined to the folder), and bytes and entries are capped while copying
+        budget = CopyBudget(str(folder))
+        copy_folder(folder, staging, budget)
+        include_into(folder, manifest.get("include", []), staging, budget, str(folder / MANIFEST_NAME))
+        models: dict[str, str] = {}
+        for param, rel in manifest.get("models", {}).items():
+            model = (folder / str(rel)).resolve()
+            if not model.is_file():
+                raise DeployError(f"model file for {param!r} does not exist: {model}", file=str(folder / MANIFEST_NAME))
+            # a file:// URI: a name with spaces or '%' is percent-encoded, and decoded by whoever opens it
+            models[str(param)] = model.as_uri()
         return _finish_staged(staging, main, work_dir, origin=str(folder), manifest=manifest, models=models)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -207,11 +199,25 @@ def _load_zip(zpath: Path, main: str, work_dir: Path) -> Bundle:
                 # corrupt data (zlib.error, lzma.LZMAError, EOFError), bad names (ValueError), disk errors (OSError)
                 raise DeployError(f"cannot unpack zip: {type(exc).__name__}: {exc}", file=str(zpath)) from None
         manifest = _read_manifest(staging)
+        if manifest.get("include"):
+            raise DeployError(
+                "'include' is not supported in a zip bundle: put the shared files into the zip",
+                file=f"{zpath}/{MANIFEST_NAME}",
+            )
         # model files inside a zip live where the bundle ends up (resolved in _finish_staged)
         return _finish_staged(staging, main, work_dir, origin=str(zpath), manifest=manifest, models=None)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _walk(root: Path) -> list[Path]:
+    """Every path under ``root``, sorted, without following links to folders (a ``loop -> .`` stays one entry)."""
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        here = Path(dirpath)
+        found += [here / n for n in dirnames] + [here / n for n in filenames]
+    return sorted(found)
 
 
 def _finish_staged(
@@ -227,9 +233,21 @@ def _finish_staged(
     if not entry.is_file():
         raise DeployError(f"bundle has no {ENTRY_NAME} at its root", file=origin)
     h = hashlib.sha256()
-    for f in sorted(staging.rglob("*")):
+    real_staging = staging.resolve()
+    for f in _walk(staging):
         if f.is_symlink():
-            raise DeployError(f"bundle contains a symbolic link: {f.relative_to(staging)}", file=origin)
+            # a folder's links were checked while copying (zips refuse links): check again, and hash the target
+            rel = f.relative_to(staging).as_posix()
+            try:
+                inside = f.resolve(strict=True).is_relative_to(real_staging)
+            except (OSError, RuntimeError):
+                inside = False
+            if not inside:
+                raise DeployError(f"bundle contains a symbolic link leading outside it: {rel}", file=origin)
+            h.update(rel.encode() + b"\0link\0" + os.readlink(f).encode() + b"\0")
+            if f.is_dir():
+                continue
+            # a link to a file is checked as the file (a linked __main__.py must still define main)
         if f.is_file():
             rel = f.relative_to(staging).as_posix()
             h.update(rel.encode() + b"\0")

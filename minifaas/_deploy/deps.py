@@ -41,6 +41,7 @@ from typing import Any, Final
 
 import anyio
 
+from .._environ import scrubbed_env
 from .._errors import DeployError
 
 __all__ = ("DepsEnv", "default_env_root", "describe", "ensure_env", "env_key", "stats")
@@ -57,6 +58,36 @@ LOCK_POLL_S: Final = 0.2
 PIP_OUTPUT_TAIL_CHARS: Final = 4000
 #: pip settings that would send the install somewhere other than the venv
 PIP_ENV_DROP: Final = frozenset({"PIP_USER", "PIP_TARGET", "PIP_PREFIX", "PIP_ROOT", "PIP_REQUIRE_VIRTUALENV"})
+#: what pip needs, on top of a sandbox's scrubbed environment, to reach its index (its own PIP_* settings too)
+PIP_NETWORK_ENV: Final = frozenset(
+    {
+        "http_proxy",
+        "https_proxy",
+        "no_proxy",
+        "all_proxy",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "NO_PROXY",
+        "ALL_PROXY",
+        "SSL_CERT_FILE",
+        "SSL_CERT_DIR",
+        "REQUESTS_CA_BUNDLE",
+        "CURL_CA_BUNDLE",
+    }
+)
+#: requirements.txt options that change where pip downloads from (or read more options from elsewhere)
+INDEX_OPTIONS: Final = (
+    "--index-url",
+    "--extra-index-url",
+    "--find-links",
+    "--trusted-host",
+    "--requirement",
+    "--constraint",
+    "-i",
+    "-f",
+    "-r",
+    "-c",
+)
 
 #: process-wide counters: builds (pip ran), reuses (a finished env was found), waits (joined another's build),
 #: failures (pip or venv failed)
@@ -92,13 +123,31 @@ def default_env_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "minifaas" / "envs"
 
 
-def env_key(requirements: str) -> str:
-    """The content hash naming an environment: the requirements' lines and the interpreter they are for."""
+def env_key(requirements: str, index_url: str | None = None) -> str:
+    """The content hash naming an environment: the requirements' lines, the index they come from and the
+    interpreter they are for."""
     lines = [line.strip() for line in requirements.splitlines()]
     normalized = "\n".join(line for line in lines if line and not line.startswith("#"))
     # the venv links to this interpreter and sees its site-packages, so both are part of what it is
     interp = f"{sys.implementation.cache_tag}|{platform.machine()}|{os.path.realpath(sys.prefix)}|{ENV_FORMAT}"
-    return hashlib.sha256(f"{interp}\n{normalized}".encode()).hexdigest()[:32]
+    # "pkg==1.0" from another index may be other code: an env built from one index is not reused for another
+    index = f"\n--index-url {index_url}" if index_url else ""
+    return hashlib.sha256(f"{interp}\n{normalized}{index}".encode()).hexdigest()[:32]
+
+
+def check_requirements(requirements: str) -> None:
+    """Refuse options in ``requirements.txt`` that choose where pip downloads from: a bundle must not send the
+    host's pip to an index of its choosing (``Engine(pip_allow_index_options=True)`` allows them)."""
+    joined = requirements.replace("\\\n", " ")
+    for number, line in enumerate(joined.splitlines(), 1):
+        # pip's comments: '#' at the start or after whitespace ('#' inside a URL is not one)
+        for token in re.sub(r"(^|\s)#.*$", "", line).split():
+            option = token.split("=", 1)[0] if token.startswith("--") else token[:2]
+            if option in INDEX_OPTIONS:
+                raise DeployError(
+                    f"requirements.txt line {number}: {option} chooses where pip downloads from; set the index "
+                    "with Engine(pip_index_url=...), or allow such options with Engine(pip_allow_index_options=True)"
+                )
 
 
 class _Flight:
@@ -112,14 +161,19 @@ class _Flight:
 _flights: dict[Path, _Flight] = {}
 
 
-async def ensure_env(requirements: str, *, root: Path, index_url: str | None = None) -> DepsEnv:
+async def ensure_env(
+    requirements: str, *, root: Path, index_url: str | None = None, allow_index_options: bool = False
+) -> DepsEnv:
     """The environment for ``requirements`` under ``root``: reused if built before, else built now.
 
     Raises :class:`DeployError` (with the tail of pip's output) when the requirements cannot be installed.
     ``index_url`` replaces pip's index (else pip's own configuration applies, ``PIP_INDEX_URL`` included).
-    Relative paths in the requirements are not supported: the build runs in a temporary folder.
+    Relative paths in the requirements are not supported: the build runs in a temporary folder. Options that
+    choose an index (``--index-url``, ``--find-links``, ``-r``...) are refused unless ``allow_index_options``.
     """
-    key = env_key(requirements)
+    if not allow_index_options:
+        check_requirements(requirements)
+    key = env_key(requirements, index_url)
     final = Path(root).expanduser().resolve() / key
     while True:
         env = _read_env(final, key)
@@ -251,7 +305,7 @@ async def _install(requirements: str, venv: Path, index_url: str | None) -> dict
 
 
 async def _run(argv: list[str], timeout_s: float, what: str, *, cwd: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in PIP_ENV_DROP and k != "PYTHONHOME"}
+    env = pip_env()
     # the tail of pip's output ends up in an exception message: no escape codes in it
     env["PIP_NO_COLOR"] = "1"
     try:
@@ -272,6 +326,17 @@ async def _run(argv: list[str], timeout_s: float, what: str, *, cwd: Path) -> No
         if len(out) > len(tail):
             tail = "...\n" + tail
         raise DeployError(f"{what} (exit status {proc.returncode}); its output ends with:\n{tail}")
+
+
+def pip_env() -> dict[str, str]:
+    """The environment pip (and every requirement's build code it runs) gets: a sandbox's scrubbed environment,
+    pip's own settings and what reaching an index takes; no tokens, keys or cloud credentials of the host."""
+    env = scrubbed_env()
+    env.pop("PYTHONHOME", None)
+    for key, value in os.environ.items():
+        if key in PIP_NETWORK_ENV or (key.startswith("PIP_") and key not in PIP_ENV_DROP):
+            env[key] = value
+    return env
 
 
 def _shadowed(site_packages: Path) -> dict[str, str]:

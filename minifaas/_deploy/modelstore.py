@@ -7,8 +7,9 @@ Layout under ``root``::
     root/tmp/<random>.part  downloads in progress (renamed into sha256/ with os.replace once verified)
 
 Sources: plain paths and file:// (copied in, so a sandbox always loads a verified immutable file; copied again
-when the source's size or mtime changes), http(s):// (stdlib urllib: fsspec's HTTP filesystem would need
-aiohttp), and every other fsspec protocol whose backend is installed (s3:// needs
+when the source's size or mtime changes), http(s):// (``minifaas_sandbox.http_fetch``, stdlib http.client: an
+overall deadline, prompt cancellation, Content-Length checked, bounded retries; fsspec's HTTP filesystem would
+need aiohttp), and every other fsspec protocol whose backend is installed (s3:// needs
 ``pip install 'minifaas[s3]'``).
 
 Concurrent fetches of one url share a single download; a sha256 mismatch or an object over ``max_bytes``
@@ -35,13 +36,20 @@ from typing import IO, Any
 import anyio
 import anyio.from_thread
 import anyio.to_thread
+from minifaas_sandbox.http_fetch import Abort, DownloadError, FetchLimits
+from minifaas_sandbox.http_fetch import download as http_download
 
 from .._errors import ModelError
+from .gc import touch
 
 __all__ = ("ModelStore",)
 
 MODEL_STORE_MAX_BYTES = 2 << 30
+#: each read of an HTTP download waits at most this long; the whole download (all attempts) DOWNLOAD_DEADLINE_S
 HTTP_TIMEOUT_S = 60.0
+DOWNLOAD_DEADLINE_S = 600.0
+DOWNLOAD_ATTEMPTS = 3
+DOWNLOAD_BACKOFF_S = 0.5
 CHUNK_BYTES = 1 << 20
 INDEX_NAME = "index.json"
 #: pip command that installs the fsspec backend of a protocol, for the error when it is missing
@@ -94,11 +102,23 @@ def _normalise_sha(sha256: str | None) -> str | None:
 class ModelStore:
     """Content-addressed model files under ``root``; ``max_bytes`` is the largest single model accepted."""
 
-    def __init__(self, root: Path, max_bytes: int = MODEL_STORE_MAX_BYTES) -> None:
+    def __init__(
+        self,
+        root: Path,
+        max_bytes: int = MODEL_STORE_MAX_BYTES,
+        *,
+        deadline_s: float = DOWNLOAD_DEADLINE_S,
+        read_timeout_s: float = HTTP_TIMEOUT_S,
+        attempts: int = DOWNLOAD_ATTEMPTS,
+        backoff_s: float = DOWNLOAD_BACKOFF_S,
+    ) -> None:
         if max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+        if deadline_s <= 0 or read_timeout_s <= 0 or attempts < 1 or backoff_s < 0:
+            raise ValueError("deadline_s and read_timeout_s must be positive, attempts at least 1, backoff_s >= 0")
         self.root = Path(root)
         self.max_bytes = max_bytes
+        self.limits = FetchLimits(deadline_s, read_timeout_s, max_bytes, attempts, backoff_s, "the model store's limit")
         self._index: dict[str, dict[str, Any]] | None = None
         self._index_lock = anyio.Lock()
         self._inflight: dict[str, _Flight] = {}
@@ -117,6 +137,11 @@ class ModelStore:
             "bytes": self.bytes_downloaded,
             "errors": self.errors,
         }
+
+    def known_path(self, url: str) -> Path | None:
+        """Where the store keeps ``url``'s content, as far as this store's index knows (no I/O)."""
+        entry = (self._index or {}).get(_source(url).key)
+        return self.content_path(str(entry["sha256"])) if entry is not None else None
 
     def content_path(self, sha256: str) -> Path:
         """Where the model with this sha256 is (or would be) stored."""
@@ -196,11 +221,16 @@ class ModelStore:
             if sha is not None and src.local is None:
                 # content-addressed: the bytes asked for are already here, whatever url brought them
                 known = self.content_path(sha)
-                return known if known.is_file() else None
+                if not known.is_file():
+                    return None
+                touch(known)
+                return known
             return None
         path = self.content_path(str(entry["sha256"]))
         if not path.is_file():
             return None
+        # used now: the collector (engine.gc) removes the least recently used model files first
+        touch(path)
         if src.local is not None:
             try:
                 st = src.local.stat()
@@ -211,7 +241,16 @@ class ModelStore:
         return path
 
     async def _download(self, url: str, src: _Source, sha: str | None) -> Path:
-        digest, size, mtime_ns = await anyio.to_thread.run_sync(self._transfer, url, src, sha)
+        abort = Abort()
+        try:
+            # abandoned when cancelled, and the abort shuts its socket: the fetch returns at once and the thread
+            # follows within one read, where it used to hold a worker thread (and every waiter) for minutes
+            digest, size, mtime_ns = await anyio.to_thread.run_sync(
+                self._transfer, url, src, sha, abort, abandon_on_cancel=True
+            )
+        except anyio.get_cancelled_exc_class():
+            abort.abort()
+            raise
         path = self.content_path(digest)
         self.downloads += 1
         self.bytes_downloaded += size
@@ -238,13 +277,20 @@ class ModelStore:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
 
-    def _transfer(self, url: str, src: _Source, sha: str | None) -> tuple[str, int, int | None]:
+    def _transfer(self, url: str, src: _Source, sha: str | None, abort: Abort) -> tuple[str, int, int | None]:
         """Stream the source into a temp file while hashing it, verify, rename into place (worker thread)."""
         tmp_dir = self.root / "tmp"
         tmp_dir.mkdir(parents=True, exist_ok=True)
         (self.root / "sha256").mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".part", dir=tmp_dir)
         try:
+            if src.local is None and urllib.parse.urlparse(url).scheme in ("http", "https"):
+                with os.fdopen(fd, "wb") as out:
+                    try:
+                        total, digest = http_download(url, out, self.limits, abort)
+                    except DownloadError as exc:
+                        raise ModelError(str(exc)) from exc
+                return self._keep(url, tmp, digest, sha, total, None)
             h = hashlib.sha256()
             total = 0
             with os.fdopen(fd, "wb") as out, self._open(url, src) as (reader, declared, mtime_ns):
@@ -266,15 +312,20 @@ class ModelStore:
                     out.write(chunk)
             if declared is not None and total != declared:
                 raise ModelError(f"cannot fetch {url}: got {total} of {declared} bytes")
-            digest = h.hexdigest()
-            if sha is not None and digest != sha:
-                raise ModelError(f"sha256 mismatch for {url}: expected {sha}, got {digest}")
-            os.chmod(tmp, 0o444)
-            os.replace(tmp, self.content_path(digest))
-            return digest, total, mtime_ns
+            return self._keep(url, tmp, h.hexdigest(), sha, total, mtime_ns)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+
+    def _keep(
+        self, url: str, tmp: str, digest: str, sha: str | None, total: int, mtime_ns: int | None
+    ) -> tuple[str, int, int | None]:
+        """Verify a complete temp file and rename it into the store."""
+        if sha is not None and digest != sha:
+            raise ModelError(f"sha256 mismatch for {url}: expected {sha}, got {digest}")
+        os.chmod(tmp, 0o444)
+        os.replace(tmp, self.content_path(digest))
+        return digest, total, mtime_ns
 
     @contextlib.contextmanager
     def _open(self, url: str, src: _Source) -> Iterator[tuple[IO[bytes], int | None, int | None]]:
@@ -288,20 +339,7 @@ class ModelStore:
                 st = os.fstat(f.fileno())
                 yield f, st.st_size, st.st_mtime_ns
             return
-        scheme = urllib.parse.urlparse(url).scheme
-        if scheme in ("http", "https"):
-            try:
-                resp = urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S)
-            except urllib.error.HTTPError as exc:
-                exc.close()  # it holds the error response's socket
-                raise ModelError(f"cannot fetch {url}: {exc}") from exc
-            except (OSError, ValueError) as exc:
-                raise ModelError(f"cannot fetch {url}: {exc}") from exc
-            with resp:
-                length = resp.headers.get("Content-Length")
-                yield resp, (int(length) if length and length.isdigit() else None), None
-            return
-        yield from self._open_fsspec(url, scheme)
+        yield from self._open_fsspec(url, urllib.parse.urlparse(url).scheme)
 
     def _open_fsspec(self, url: str, scheme: str) -> Iterator[tuple[IO[bytes], int | None, int | None]]:
         import fsspec

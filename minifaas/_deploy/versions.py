@@ -6,6 +6,12 @@ invocation draws one version with a seedable :class:`random.Random`, so a canary
 traffic and a test or a replay can fix the draws. Versions are decimal numbers, so an alias name never looks
 like one.
 
+Version numbers are never reused: the table keeps the highest number each function name was given (also after
+the version, or the whole function, is deleted), so ``f@3`` never names other code than it did. Each version an
+alias routes to is stored with its bundle's digest; an invocation through the alias whose version now runs other
+code (a state dir whose counters were lost, an old table) is refused with :class:`AliasMismatch` rather than
+silently switched.
+
 The table is small and changes rarely: it lives in memory and, with a state dir, is rewritten whole to
 ``aliases.json`` after each change (a temporary file, then a rename: a crash leaves the old or the new table,
 never half of one).
@@ -26,10 +32,12 @@ from typing import Final
 
 from .._errors import DeployError, FunctionNotFound, MinifaasError
 
-__all__ = ("ALIASES_FILE_NAME", "AliasTable", "Routing", "VersionInUse", "split_ref")
+__all__ = ("ALIASES_FILE_NAME", "AliasMismatch", "AliasTable", "Routing", "VersionInUse", "split_ref")
 
 ALIASES_FILE_NAME: Final = "aliases.json"
-ALIASES_FILE_FORMAT: Final = 1
+#: 2 adds the version counters and the digests of alias targets; a format 1 table is still read
+ALIASES_FILE_FORMAT: Final = 2
+READABLE_FORMATS: Final = (1, 2)
 #: starts with a letter or '_' so that it can never be mistaken for a version number
 ALIAS_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,63}$")
 VERSION_RE: Final = re.compile(r"^[0-9]{1,18}$")
@@ -47,6 +55,13 @@ class VersionInUse(MinifaasError, ValueError):
 VersionInUse.__module__ = "minifaas"
 
 
+class AliasMismatch(FunctionNotFound):
+    """Raised when an alias routes to a version number that now runs other code than when the alias was set."""
+
+
+AliasMismatch.__module__ = "minifaas"
+
+
 def split_ref(ref: str) -> tuple[str, str]:
     """``"f@prod"`` -> ``("f", "prod")``; ``"f"`` -> ``("f", "")``."""
     base, _, qualifier = ref.partition("@")
@@ -61,14 +76,41 @@ class AliasTable:
         #: draws the version of each invocation through a split alias; seed it to replay a sequence
         self.rng = rng if rng is not None else random.Random()
         self._table: dict[str, dict[str, list[tuple[str, float]]]] = {}
+        #: name -> the highest version number ever given to it
+        self._last: dict[str, int] = {}
+        #: name -> version -> the bundle digest it had when an alias was pointed at it
+        self._digests: dict[str, dict[str, str]] = {}
         if path is not None:
-            self._table = _load(path)
+            self._table, self._last, self._digests = _load(path)
+
+    def detached(self) -> AliasTable:
+        """A copy that is never saved (what ``minifaas gc`` deploys to learn what is in use must not count)."""
+        copy = AliasTable(rng=self.rng)
+        copy._table = {n: dict(a) for n, a in self._table.items()}
+        copy._last = dict(self._last)
+        copy._digests = {n: dict(d) for n, d in self._digests.items()}
+        return copy
+
+    # -- versions -------------------------------------------------------------------------------------------
+    def next_version(self, name: str, deployed: Sequence[str] = ()) -> str:
+        """A version number ``name`` never had (persisted before it is returned)."""
+        last = max([self._last.get(name, 0), *(int(v) for v in deployed if VERSION_RE.match(v))])
+        self._last[name] = last + 1
+        self._save()
+        return str(last + 1)
 
     # -- editing --------------------------------------------------------------------------------------------
     def set_alias(
-        self, name: str, alias: str, target: Routing, *, versions: Sequence[str] | None = None
+        self,
+        name: str,
+        alias: str,
+        target: Routing,
+        *,
+        versions: Sequence[str] | None = None,
+        digests: Mapping[str, str] | None = None,
     ) -> dict[str, float]:
-        """Point ``name@alias`` at ``target``; ``versions`` (when given) are the versions that exist now.
+        """Point ``name@alias`` at ``target``; ``versions`` (when given) are the versions that exist now,
+        ``digests`` their bundle digests (kept for the versions the alias routes to).
 
         Returns the routing as stored: version -> weight. Raises :class:`DeployError` for a bad alias name,
         an unknown version or bad weights.
@@ -88,6 +130,9 @@ class AliasTable:
                     f"(versions: {have})"
                 )
         self._table.setdefault(name, {})[alias] = routes
+        if digests:
+            known = self._digests.setdefault(name, {})
+            known.update({v: digests[v] for v, _ in routes if v in digests})
         self._save()
         return dict(routes)
 
@@ -123,18 +168,24 @@ class AliasTable:
             )
 
     def drop_function(self, name: str) -> None:
-        """Forget every alias of ``name`` (the function itself is being deleted)."""
-        if self._table.pop(name, None) is not None:
+        """Forget every alias of ``name`` (the function itself is being deleted); its version counter stays."""
+        if self._table.pop(name, None) is not None or self._digests.pop(name, None) is not None:
             self._save()
 
     # -- routing --------------------------------------------------------------------------------------------
     def resolve(
-        self, name_or_ref: str, versions: Sequence[str], rng: random.Random | None = None
+        self,
+        name_or_ref: str,
+        versions: Sequence[str],
+        rng: random.Random | None = None,
+        *,
+        digests: Mapping[str, str] | None = None,
     ) -> tuple[str, str | None]:
         """Pick the version an invocation of ``name_or_ref`` runs: ``(version, alias or None)``.
 
-        ``versions`` are the deployed versions of the function, oldest first. ``name`` is the latest version,
-        ``name@3`` version 3, ``name@prod`` one of the alias's versions drawn by weight.
+        ``versions`` are the deployed versions of the function, oldest first, ``digests`` their bundle digests.
+        ``name`` is the latest version, ``name@3`` version 3, ``name@prod`` one of the alias's versions drawn by
+        weight, checked against the digest it had when the alias was set.
         """
         name, qualifier = split_ref(name_or_ref)
         if not versions:
@@ -157,6 +208,13 @@ class AliasTable:
         if version not in versions:
             # only possible for a table loaded from disk whose versions did not survive the restart
             raise FunctionNotFound(f"alias {name}@{qualifier} routes to version {version!r}, which is not deployed")
+        expected = self._digests.get(name, {}).get(version)
+        actual = (digests or {}).get(version)
+        if expected is not None and actual is not None and expected != actual:
+            raise AliasMismatch(
+                f"alias {name}@{qualifier} was set on version {version} with bundle digest {expected[:12]}, but "
+                f"version {version} now runs bundle {actual[:12]}: point the alias again (set_alias)"
+            )
         return version, qualifier
 
     # -- persistence ----------------------------------------------------------------------------------------
@@ -176,6 +234,8 @@ class AliasTable:
                 name: {alias: [[v, w] for v, w in routes] for alias, routes in aliases.items()}
                 for name, aliases in self._table.items()
             },
+            "last_versions": dict(self._last),
+            "digests": {name: dict(d) for name, d in self._digests.items() if d},
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".aliases-", suffix=".tmp", dir=self.path.parent)
@@ -216,21 +276,30 @@ def _routes(target: Routing) -> list[tuple[str, float]]:
     return routes
 
 
-def _load(path: Path) -> dict[str, dict[str, list[tuple[str, float]]]]:
+_Loaded = tuple[dict[str, dict[str, list[tuple[str, float]]]], dict[str, int], dict[str, dict[str, str]]]
+
+
+def _load(path: Path) -> _Loaded:
     try:
         raw = path.read_text("utf-8")
     except FileNotFoundError:
-        return {}
+        return {}, {}, {}
     except OSError as exc:
         raise MinifaasError(f"cannot read the alias table {path}: {exc}") from None
     try:
         data = json.loads(raw)
-        if data.get("format") != ALIASES_FILE_FORMAT:
+        if data.get("format") not in READABLE_FORMATS:
             raise ValueError(f"unknown format {data.get('format')!r}")
-        return {
+        table = {
             str(name): {str(a): _routes({str(v): float(w) for v, w in routes}) for a, routes in aliases.items()}
             for name, aliases in data["aliases"].items()
         }
+        last = {str(name): int(n) for name, n in data.get("last_versions", {}).items()}
+        digests = {
+            str(name): {str(v): str(d) for v, d in versions.items()}
+            for name, versions in data.get("digests", {}).items()
+        }
+        return table, last, digests
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         # refusing to start beats silently dropping a production alias
         raise MinifaasError(f"the alias table {path} is corrupt ({exc}); fix or remove it") from None
