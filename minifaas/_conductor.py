@@ -22,6 +22,7 @@ becomes that branch's error entry. ``MAX_SESSION_STEPS`` bounds the whole sessio
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -31,15 +32,17 @@ import anyio
 
 from ._activation import FINAL_STATUSES, Activation, new_activation_id, now_ms
 from ._composer import Composition
-from ._errors import CompositionError
+from ._errors import CompositionError, EngineClosed
 from ._sessions import Session, SessionStatus, SessionStore, Step, StepKind, StepStatus
 
 __all__ = (
     "DEFAULT_MAX_STEPS",
     "MAX_SESSION_STEPS",
+    "SESSION_ABORTED_MESSAGE",
     "StepInvoker",
     "StepSubmitter",
     "call_composition",
+    "current_session_id",
     "run_as_activation",
     "run_composition",
     "run_session",
@@ -54,6 +57,16 @@ MAX_SESSION_STEPS: Final[int] = 10_000
 MAX_CONCURRENT_STEPS: Final[int] = 64
 #: step inputs/outputs larger than this are not kept in the trace
 TRACE_MAX_BYTES: Final[int] = 64 * 1024
+#: the result of a session that a closing engine stopped between steps (it did not fail: it did not finish)
+SESSION_ABORTED_MESSAGE: Final[str] = "the engine closed before this session finished"
+
+#: the session whose conductor runs the current task (inherited by parallel branches and by steps)
+_CURRENT_SESSION: contextvars.ContextVar[str | None] = contextvars.ContextVar("minifaas_session", default=None)
+
+
+def current_session_id() -> str | None:
+    """The id of the composition session running the caller (a host function step), or None outside one."""
+    return _CURRENT_SESSION.get()
 
 #: ``(function name, params, cause=session id) -> ended Activation`` (``engine.call``)
 StepInvoker: TypeAlias = Callable[[str, dict[str, Any], str], Awaitable[Activation]]
@@ -270,18 +283,21 @@ class _Run:
         return out
 
     async def _call(self, path: str, kind: StepKind, name: str, p: Params, budget: _Budget) -> Params:
-        step = self._begin(path, kind, name, p, budget)
-        t0 = time.perf_counter()
-        try:
-            async with self.limiter:
+        # the step (and its timing) starts once it holds a slot: waiting for one is not the function's time
+        async with self.limiter:
+            step = self._begin(path, kind, name, p, budget)
+            t0 = time.perf_counter()
+            try:
                 act = await self.invoke(name, p, self.session.session_id)
-        except Exception as e:  # FunctionNotFound, Overloaded ...: an error object the composition may handle
-            return self._end(
-                step,
-                t0,
-                {"error": f"cannot invoke {name!r} at AST node root{path}: {type(e).__name__}: {e}"},
-                "internal_error",
-            )
+            except EngineClosed:
+                raise  # the session is aborted, not failed: no handler of the composition may see this
+            except Exception as e:  # FunctionNotFound, Overloaded ...: an error object the composition may handle
+                return self._end(
+                    step,
+                    t0,
+                    {"error": f"cannot invoke {name!r} at AST node root{path}: {type(e).__name__}: {e}"},
+                    "internal_error",
+                )
         step.activation_id = act.activation_id
         out = act.result if isinstance(act.result, dict) else {"value": act.result}
         if act.status != "success" and "error" not in out:
@@ -310,6 +326,8 @@ class _Run:
         sid = self.session.session_id
         try:
             aid = await self.submit(target.name, p, sid)
+        except EngineClosed:
+            raise
         except Exception as e:
             err = {
                 "error": f"Async combinator failed to invoke {target.name!r} at AST node root{n.path}: "
@@ -528,34 +546,53 @@ async def run_composition(
     session_id: str,
     max_steps: int = DEFAULT_MAX_STEPS,
     name: str = "",
+    session: Session | None = None,
 ) -> Session:
     """Run ``comp`` on ``args`` to the end and return its Session (never raises for the composition's errors).
 
     Each action step is ``await invoke(function_name, params, session_id)``; each ``async_`` step is
     ``await submit(function_name, params, session_id)``. ``status`` is ``success``, ``application_error`` (an
     error object reached the top, or a step limit was exceeded) or ``internal_error`` (a conductor bug).
+    ``session``, if given, is the record to fill in as the run goes (readers see its steps live).
+    A step raising EngineClosed aborts the session: it ends ``internal_error`` with SESSION_ABORTED_MESSAGE
+    (no ``try_`` handler runs) and EngineClosed is raised.
     """
     if max_steps < 1:
         raise CompositionError(f"max_steps must be >= 1, not {max_steps}")
-    session = Session(session_id=session_id, name=name, start=now_ms())
+    if session is None:
+        session = Session(session_id=session_id, name=name, start=now_ms())
     run = _Run(session, invoke, submit, max_steps)
     t0 = time.perf_counter()
     out: Params = {"error": "Internal error: the session did not run"}
     status: SessionStatus = "internal_error"
+    aborted = False
+    token = _CURRENT_SESSION.set(session_id)
     try:
         p = _inspect(args)
         out = p if "error" in p else await run.node(comp, p, (), _Budget())
         status = "application_error" if "error" in out else "success"
+    except* EngineClosed:
+        aborted = True
+        out, status = {"error": SESSION_ABORTED_MESSAGE}, "internal_error"
     except* (_StepLimit, _SessionLimit) as eg:
         out, status = {"error": _first_message(eg)}, "application_error"
     except* Exception as eg:
         out, status = {"error": f"Internal error: {_first_message(eg)}"}, "internal_error"
+    finally:
+        _CURRENT_SESSION.reset(token)
+    if aborted:
+        out, status = {"error": SESSION_ABORTED_MESSAGE}, "internal_error"
+        for step in session.steps:
+            if step.status == "running":
+                step.status = "internal_error"
     session.result = out
-    session.status = status
     session.duration = round((time.perf_counter() - t0) * 1e3)
     session.end = session.start + session.duration
     session.activation_ids = [s.activation_id for s in session.steps if s.activation_id is not None]
     session.not_taken = _not_taken(comp, run.entered)
+    session.status = status  # last: a reader that sees the session done sees all of it
+    if aborted:
+        raise EngineClosed(SESSION_ABORTED_MESSAGE)
     return session
 
 
@@ -568,10 +605,18 @@ async def run_session(
     session_id: str,
     max_steps: int = DEFAULT_MAX_STEPS,
     name: str = "",
+    session: Session | None = None,
 ) -> Session:
     """The engine's entry point: :func:`run_composition` under the name the engine uses."""
     return await run_composition(
-        comp, args, invoke=invoke, submit=submit, session_id=session_id, max_steps=max_steps, name=name
+        comp,
+        args,
+        invoke=invoke,
+        submit=submit,
+        session_id=session_id,
+        max_steps=max_steps,
+        name=name,
+        session=session,
     )
 
 
@@ -608,6 +653,7 @@ async def run_as_activation(
     max_steps: int = DEFAULT_MAX_STEPS,
     namespace: str = "guest",
     version: str = "0.0.1",
+    session: Session | None = None,
 ) -> tuple[Session, Activation]:
     """Run a composition as one invocation: its Session and its primary Activation (same id)."""
     session = await run_session(
@@ -618,6 +664,7 @@ async def run_as_activation(
         session_id=session_id or new_activation_id(),
         max_steps=max_steps,
         name=name,
+        session=session,
     )
     return session, session_activation(session, namespace=namespace, version=version)
 
@@ -641,6 +688,7 @@ async def call_composition(
     params: dict[str, Any] | None = None,
     cause: str | None = None,
     session_id: str | None = None,
+    session: Session | None = None,
     max_steps: int = DEFAULT_MAX_STEPS,
     namespace: str = "guest",
     version: str = "0.0.1",
@@ -652,9 +700,10 @@ async def call_composition(
     ``running`` record when the session starts and with the ended one at the end (the engine's activation
     store ``put``); the Session is put in ``sessions`` at both times too.
     """
-    sid = session_id or new_activation_id()
+    sid = session.session_id if session is not None else session_id or new_activation_id()
     merged = {**params, **args} if params else args
-    running = Session(session_id=sid, name=name, start=now_ms())
+    # one Session object from start to end: what sessions.get returns mid-run is the live record
+    running = session if session is not None else Session(session_id=sid, name=name, start=now_ms())
     sessions.put(running)
     if record is not None:
         act = session_activation(running, namespace=namespace, version=version)
@@ -662,24 +711,36 @@ async def call_composition(
         record(act)
 
     async def invoke(fn: str, p: dict[str, Any], c: str) -> Activation:
-        return await engine.call(fn, p, cause=c)
+        act = await engine.call(fn, p, cause=c)
+        if act.status == "internal_error" and getattr(engine, "_closing", False):
+            raise EngineClosed(f"the engine closed while step {fn!r} ran")  # not the step's failure
+        return act
 
     async def submit(fn: str, p: dict[str, Any], c: str) -> str:
         return await engine.submit(fn, p, cause=c)
 
-    session, act = await run_as_activation(
-        comp,
-        name,
-        merged,
-        invoke=invoke,
-        submit=submit,
-        session_id=sid,
-        max_steps=max_steps,
-        namespace=namespace,
-        version=version,
-    )
+    try:
+        ended, act = await run_as_activation(
+            comp,
+            name,
+            merged,
+            invoke=invoke,
+            submit=submit,
+            session_id=sid,
+            max_steps=max_steps,
+            namespace=namespace,
+            version=version,
+            session=running,
+        )
+    except EngineClosed:
+        sessions.put(running)
+        if record is not None:
+            aborted = session_activation(running, namespace=namespace, version=version)
+            aborted.cause = cause
+            record(aborted)
+        raise
     act.cause = cause
-    sessions.put(session)
+    sessions.put(ended)
     if record is not None:
         record(act)
     return act

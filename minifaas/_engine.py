@@ -23,7 +23,7 @@ from ._activation import Activation, new_activation_id
 from ._bundle import load_bundle
 from ._composer import Composition
 from ._composer import task as _as_composition
-from ._conductor import DEFAULT_MAX_STEPS, call_composition
+from ._conductor import DEFAULT_MAX_STEPS, SESSION_ABORTED_MESSAGE, call_composition
 from ._deps import default_env_root, ensure_env
 from ._errors import (
     ActivationError,
@@ -42,7 +42,7 @@ from ._poll import uninstall as uninstall_polling
 from ._pool import KEEPALIVE_POLICIES, MAX_SANDBOXES_TOTAL, Pool
 from ._sandbox import HostService
 from ._scheduler import ENGINE_MAX_QUEUED, Scheduler
-from ._sessions import SessionStore
+from ._sessions import Session, SessionStore
 from ._store import ActivationStore, open_store
 from ._triggers import TriggerManager
 from ._versions import ALIASES_FILE_NAME, AliasTable, Routing, split_ref
@@ -52,6 +52,7 @@ __all__ = ("Activations", "Engine")
 CLOSE_TIMEOUT_S: Final = 10.0
 NAME_RE: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,255}$")
 ENGINE_CLOSED_MESSAGE: Final = "the engine closed before this activation finished"
+ENGINE_DIED_MESSAGE: Final = "the host stopped before this session finished (recovered at start-up)"
 BACKENDS: Final = ("local", "ray")
 
 
@@ -213,6 +214,7 @@ class Engine:
         self.recovered = self._store.recover()
         if self.state_dir is not None:
             self.sessions = SessionStore(self.state_dir / "sessions.sqlite3")
+            self.sessions.recover(ENGINE_DIED_MESSAGE)
         self._launcher = self._make_launcher()
         tg = anyio.create_task_group()
         await tg.__aenter__()
@@ -256,7 +258,14 @@ class Engine:
         loop = asyncio.get_running_loop()
         if polling and install_polling(loop, id(self), self._sched.poll_window):
             self._polling_loop = loop
-        self.triggers = TriggerManager(self.submit, state_dir=self.state_dir, task_group=tg, clock=self.clock)
+        self.triggers = TriggerManager(
+            self.submit,
+            state_dir=self.state_dir,
+            task_group=tg,
+            clock=self.clock,
+            wait=self._await_end,
+            exists=self._target_exists,
+        )
         self.started_at = time.time()
         return self
 
@@ -287,20 +296,24 @@ class Engine:
         tg, sched, pool = self._tg, self._sched, self._pool
         if tg is None or sched is None or pool is None or self._closing:
             return
-        try:
-            if self.triggers is not None:
-                await self.triggers.aclose()  # feeds stop before submit closes
-        finally:
-            self._closing = True
+        if self.triggers is not None:
+            # feeds fire nothing more, but keep waiting for their sessions: one that ends while the engine
+            # drains marks its file handled, one that the close aborts leaves it in flight for the next run
+            self.triggers.stop_polling()
+        self._closing = True
         try:
             with anyio.move_on_after(self.close_timeout_s):
                 for job in list(sched.jobs.values()):
                     await job.done.wait()
+                for done in list(self._session_done.values()):
+                    await done.wait()
             for fp in list(pool.functions.values()):
                 sched.fail_queued(fp, ENGINE_CLOSED_MESSAGE, status="internal_error")
             sched.fail_running(ENGINE_CLOSED_MESSAGE)
             self._fail_sessions()
             with anyio.CancelScope(shield=True):
+                if self.triggers is not None:
+                    await self.triggers.aclose()
                 await pool.close_all()
                 if self._launcher is not None:
                     await self._launcher.aclose()
@@ -421,6 +434,8 @@ class Engine:
             # provisioned concurrency: warm them now, not at the first request
             self._pool.function(spec)
             self._pool.wake_reaper()
+        if self.triggers is not None:
+            self.triggers.targets_changed()
         return spec.describe()
 
     async def deploy_composition(
@@ -439,6 +454,8 @@ class Engine:
             raise DeployError(f"{name!r} is already a deployed function; delete it first")
         comp = Composition.from_json(composition) if isinstance(composition, dict) else _as_composition(composition)
         self._compositions[name] = (comp, dict(params or {}), max_steps)
+        if self.triggers is not None:
+            self.triggers.targets_changed()
         return {"name": name, "kind": "composition", "actions": comp.actions(), "composition": comp.to_json()}
 
     async def _preload_models(self, spec: FunctionSpec) -> None:
@@ -547,6 +564,7 @@ class Engine:
         *,
         cause: str | None = None,
         session_id: str | None = None,
+        session: Session | None = None,
     ) -> Activation:
         """Invoke and wait; returns the ended Activation whatever its status."""
         sched = self._require()
@@ -563,6 +581,7 @@ class Engine:
                 params=params,
                 cause=cause,
                 session_id=session_id,
+                session=session,
                 max_steps=max_steps,
                 namespace=self.namespace,
             )
@@ -590,21 +609,55 @@ class Engine:
                 act.end = act.end or int(time.time() * 1000)
                 if store is not None:
                     store.put(act)
+            with contextlib.suppress(ActivationNotFound):
+                session = self.sessions.get(sid)
+                if not session.done:
+                    session.status = "internal_error"
+                    session.result = {"error": ENGINE_CLOSED_MESSAGE}
+                    session.end = session.end or int(time.time() * 1000)
+                    session.duration = session.end - session.start
+                    self.sessions.put(session)
 
     def _submit_session(self, name: str, args: dict[str, Any] | None, cause: str | None) -> str:
         assert self._tg is not None
         sid = new_activation_id()
         done = self._session_done[sid] = anyio.Event()
+        # the one Session object of this run, readable by its id before submit returns
+        session = Session(session_id=sid, name=name, start=int(time.time() * 1000))
+        self.sessions.put(session)
 
         async def run() -> None:
             try:
-                await self.call(name, args, cause=cause, session_id=sid)
+                await self.call(name, args, cause=cause, session_id=sid, session=session)
+            except EngineClosed:
+                pass  # the session record says it was aborted; the engine is going away
             finally:
                 done.set()
                 self._session_done.pop(sid, None)
 
         self._tg.start_soon(run, name=f"session-{sid}")
         return sid
+
+    def _target_exists(self, name: str) -> bool:
+        return name in self._compositions or split_ref(name)[0] in self._functions
+
+    async def _await_end(self, activation_id: str) -> bool:
+        """Wait until an activation (or session) ends; False if the engine's close aborted it."""
+        done = self._session_done.get(activation_id)
+        if done is not None:
+            await done.wait()
+        else:
+            job = self._sched.jobs.get(activation_id) if self._sched is not None else None
+            if job is not None:
+                await job.done.wait()
+        store = self._store
+        act = store.get(activation_id) if store is not None else None
+        if act is None:
+            return True  # dropped from a bounded in-memory store: it ended long ago
+        if not act.done:
+            return False
+        error = act.result.get("error") if isinstance(act.result, dict) else None
+        return not (act.status == "internal_error" and error in (ENGINE_CLOSED_MESSAGE, SESSION_ABORTED_MESSAGE))
 
     # -- services and observability ---------------------------------------------------------------------------
     async def _svc_model_fetch(self, args: dict[str, Any]) -> str:

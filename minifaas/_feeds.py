@@ -6,12 +6,17 @@ Three kinds, all polling (no inotify or bucket notifications, so they behave the
 - ``fsspec``: any fsspec URL (``s3://bucket/prefix/``, ``gs://...``, ``file:///...``); objects fire once.
 - ``alarm``: an interval (``interval_s``) or a 5-field cron expression (``cron``).
 
-Once-only delivery rests on a cursor: for every handled file the feed keeps its ``(size, version)`` key
-(version = ``mtime_ns`` locally, the ETag or modification time remotely) and writes it atomically to a JSON
-file under the state dir after each batch. A restart reloads it, so a file handled before a stop does not fire
-again, and a file that arrived meanwhile does. A file whose key changes later (rewritten) fires again, like an
-overwritten object in a bucket. Across a crash (not a clean stop) the files of the unfinished batch may fire
-twice: at-least-once there, exactly-once across clean restarts.
+Delivery rests on a cursor: for every file the feed keeps its ``(size, version)`` key (version = ``mtime_ns``
+locally, the ETag or modification time remotely), as *in flight* from the moment its rules' targets were
+submitted and as *handled* once the activations they started have ended. The cursor is a JSON snapshot plus an
+append-only log under the state dir, one line per fire and per end, so a ``kill -9`` at any point loses at most
+the line being written. A restart reloads it: a handled file does not fire again, a file that arrived meanwhile
+does, and an in-flight one (its session never ended) fires again with the same ``idempotency_key`` (a hash of
+its path and content) so that the workflow can tell a repeat from a new photo. A rule whose submit fails (its
+target is not deployed yet, the engine is overloaded) leaves the file unhandled: the feed retries it with
+backoff and shows the error as ``last_error``. A file whose key changes later (rewritten) fires again, like an
+overwritten object in a bucket. Whole files only: a file renamed in fires on sight; one written in place fires
+once its key has not changed for ``settle_s`` (a writer that pauses shorter than that is not cut in half).
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ import logging
 import math
 import os
 import tempfile
+import threading
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
@@ -31,12 +38,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
+import anyio.abc
 import anyio.to_thread
 
-from ._errors import RateLimited, TriggerError
+from ._errors import EngineClosed, RateLimited, TriggerError
 
 if TYPE_CHECKING:
-    from ._triggers import Clock
+    from ._triggers import Clock, TriggerActivation
 
 __all__ = (
     "FEED_KINDS",
@@ -48,6 +56,8 @@ __all__ = (
     "PollingFeed",
     "is_temporary_name",
     "make_feed",
+    "WaitFn",
+    "idempotency_key",
     "write_json_atomic",
 )
 
@@ -59,14 +69,21 @@ HASH_CHUNK_BYTES = 1 << 20
 ERROR_BACKOFF_MAX_S = 30.0
 MIN_RETRY_S = 0.05
 CRON_SEARCH_YEARS = 30
-CURSOR_VERSION = 1
+CURSOR_VERSION = 2
+#: how long a file written in place must stay unchanged before it fires (a renamed-in file fires on sight)
+FOLDER_SETTLE_S = 2.0
+#: the cursor log is folded into the snapshot once it has this many lines more than the snapshot has entries
+CURSOR_COMPACT_LINES = 1000
 TEMP_PREFIXES = (".",)
 TEMP_SUFFIXES = (".tmp", ".part", ".crdownload", "~")
 
 logger = logging.getLogger("minifaas.feeds")
 
-FireFn = Callable[[str, dict[str, Any]], Awaitable[list[str]]]
+#: ``(trigger, payload, rules or None for all) -> the fire's record``
+FireFn = Callable[[str, dict[str, Any], "frozenset[str] | None"], Awaitable["TriggerActivation"]]
 RetryAfterFn = Callable[[str], float]
+#: ``activation id -> True once it ended, False if the engine closed under it (the event is not done)``
+WaitFn = Callable[[str], Awaitable[bool]]
 Key = tuple[int, str]
 
 
@@ -245,6 +262,8 @@ class FeedContext:
     fire: FireFn
     retry_after_s: RetryAfterFn
     clock: Clock
+    #: None: an event is done once submitted (nothing to wait for)
+    wait: WaitFn | None = None
 
 
 @dataclass(frozen=True)
@@ -261,7 +280,11 @@ class FeedInfo:
 
 
 class Feed:
-    """A feed task: ``run`` in the owner's task group, ``stop`` to end it."""
+    """A feed task: ``run`` in the owner's task group, ``cancel``/``stop`` to end it.
+
+    ``stop_polling`` ends the search for new events but lets the feed keep waiting for the activations it
+    started (an engine drains them before it closes); ``cancel``/``stop`` end both.
+    """
 
     kind = ""
 
@@ -274,9 +297,15 @@ class Feed:
         self.last_error: str | None = None
         self._ctx = ctx
         self._scope = anyio.CancelScope()
+        self._outer = anyio.CancelScope()
+        self._tg: anyio.abc.TaskGroup | None = None
         self._done = anyio.Event()
         self._started = False
         self._removed = False
+
+    @property
+    def started(self) -> bool:
+        return self._started
 
     def info(self) -> FeedInfo:
         return FeedInfo(self.feed_id, self.trigger, self.kind, dict(self.options), self.fires, 0, self.last_error)
@@ -286,19 +315,32 @@ class Feed:
 
     async def run(self) -> None:
         self._started = True
-        with self._scope:
-            try:
-                await self._run()
-            finally:
-                self._done.set()
+        try:
+            with self._outer:
+                # owns the tasks waiting for the ends of the activations this feed started
+                async with anyio.create_task_group() as tg:
+                    self._tg = tg
+                    with self._scope:
+                        await self._run()
+        finally:
+            self._release()
+            self._done.set()
+
+    def _release(self) -> None:
+        """Close what the feed holds open, once it and its waiters have ended."""
 
     async def _run(self) -> None:
         raise NotImplementedError
+
+    def stop_polling(self) -> None:
+        """Look for no more events; keep waiting for the ends of the activations already started."""
+        self._scope.cancel()
 
     def cancel(self, *, removed: bool = False) -> None:
         """Stop at the next checkpoint; ``removed`` also stops every later write of the feed's state."""
         self._removed = self._removed or removed
         self._scope.cancel()
+        self._outer.cancel()
 
     def forget(self) -> None:
         """Delete the feed's persisted state (after ``cancel(removed=True)``)."""
@@ -312,15 +354,18 @@ class Feed:
         """Fire, waiting out the trigger's rate limit: a limited event is late, not lost."""
         while True:
             try:
-                await self._ctx.fire(self.trigger, payload)
+                record = await self._ctx.fire(self.trigger, payload, None)
             except RateLimited:
                 await self._ctx.clock.sleep(max(self._ctx.retry_after_s(self.trigger), MIN_RETRY_S))
             else:
                 self.fires += 1
+                failed = [o for o in record.outcomes if o.error is not None]
+                if failed:
+                    self.last_error = f"rule {failed[0].rule} -> {failed[0].action}: {failed[0].error}"
                 return
 
-    def _note_error(self, exc: BaseException, what: str) -> None:
-        message = f"{type(exc).__name__}: {exc}"
+    def _note_error(self, exc: BaseException | str, what: str) -> None:
+        message = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
         if message != self.last_error:
             logger.warning("feed %s: %s failed: %s", self.feed_id, what, message)
         self.last_error = message
@@ -482,35 +527,143 @@ class FsspecSource:
 
 
 class Cursor:
-    """The handled ``name -> key`` map of a polling feed, persisted atomically (or kept in memory)."""
+    """A polling feed's ``name -> key`` maps of handled and in-flight files, persisted (or kept in memory).
+
+    On disk: a JSON snapshot (``<id>.json``) and an append-only log beside it (``<id>.log``, one JSON line per
+    change). A change costs one short ``write`` (no fsync: a killed process loses nothing the kernel has; a
+    power cut may lose the last lines, and those files then fire again with the same idempotency key). The log
+    is folded into the snapshot when it grows past the snapshot's size: renamed to ``.log.old`` first, so that
+    whatever a crash interrupts, snapshot + old log + log replays to the same maps (each line sets a value).
+    """
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self.handled: dict[str, Key] = {}
+        self.inflight: dict[str, Key] = {}
+        self._log: Any = None
+        self._lines = 0
+        self._lock = threading.Lock()
+
+    @property
+    def _log_path(self) -> Path:
+        assert self.path is not None
+        return self.path.with_suffix(".log")
+
+    @property
+    def _old_log_path(self) -> Path:
+        assert self.path is not None
+        return self.path.with_suffix(".log.old")
 
     def load(self) -> bool:
         """Load the saved cursor; False if there is none (the feed never ran)."""
-        if self.path is None or not self.path.exists():
+        if self.path is None:
             return False
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-            self.handled = {name: (int(k[0]), str(k[1])) for name, k in data["handled"].items()}
-        except (ValueError, KeyError, TypeError, IndexError) as exc:
-            raise TriggerError(f"feed cursor {self.path} is unreadable: {exc}") from exc
-        return True
+        found = False
+        if self.path.exists():
+            found = True
+            try:
+                data = json.loads(self.path.read_text(encoding="utf-8"))
+                self.handled = {name: (int(k[0]), str(k[1])) for name, k in data["handled"].items()}
+                self.inflight = {name: (int(k[0]), str(k[1])) for name, k in data.get("inflight", {}).items()}
+            except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+                raise TriggerError(f"feed cursor {self.path} is unreadable: {exc}") from exc
+        for log in (self._old_log_path, self._log_path):
+            if log.exists():
+                found = True
+                self._replay(log)
+        return found
+
+    def _replay(self, log: Path) -> None:
+        with open(log, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    op = json.loads(line)
+                    self._apply(op["op"], op["n"], None if op.get("k") is None else (int(op["k"][0]), str(op["k"][1])))
+                except (ValueError, KeyError, TypeError, IndexError):
+                    # only the last line can be torn (a kill mid-write); its change never happened
+                    continue
+                self._lines += 1
+
+    def _apply(self, op: str, name: str, key: Key | None) -> None:
+        if op == "fired" and key is not None:
+            self.inflight[name] = key
+        elif op == "done" and key is not None:
+            self.handled[name] = key
+            if self.inflight.get(name) == key:
+                del self.inflight[name]
+        elif op == "gone":
+            self.handled.pop(name, None)
+            self.inflight.pop(name, None)
+
+    def record(self, op: str, name: str, key: Key | None = None) -> None:
+        """Apply a change (``fired``, ``done`` or ``gone``) and append it to the log."""
+        with self._lock:
+            self._apply(op, name, key)
+            if self.path is None:
+                return
+            if self._log is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._log = open(self._log_path, "a", encoding="utf-8")  # noqa: SIM115 - kept open, closed in close()
+            line = {"op": op, "n": name} if key is None else {"op": op, "n": name, "k": list(key)}
+            self._log.write(json.dumps(line, separators=(",", ":")) + "\n")
+            self._log.flush()
+            self._lines += 1
+
+    @property
+    def needs_compaction(self) -> bool:
+        return self.path is not None and self._lines > CURSOR_COMPACT_LINES + len(self.handled)
 
     def save(self) -> None:
-        if self.path is not None:
-            data = {"version": CURSOR_VERSION, "handled": {n: list(k) for n, k in self.handled.items()}}
-            write_json_atomic(self.path, data)
+        """Write the snapshot and start an empty log (blocking: call it from a worker thread when large)."""
+        if self.path is None:
+            return
+        with self._lock:
+            if self._log is not None:
+                self._log.close()
+                self._log = None
+            if self._log_path.exists():
+                os.replace(self._log_path, self._old_log_path)
+            data = {
+                "version": CURSOR_VERSION,
+                "handled": {n: list(k) for n, k in self.handled.items()},
+                "inflight": {n: list(k) for n, k in self.inflight.items()},
+            }
+            self._lines = 0
+        write_json_atomic(self.path, data)
+        self._old_log_path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._log is not None:
+                self._log.close()
+                self._log = None
 
     def delete(self) -> None:
+        self.close()
         if self.path is not None:
-            self.path.unlink(missing_ok=True)
+            for p in (self.path, self._log_path, self._old_log_path):
+                p.unlink(missing_ok=True)
+
+
+def idempotency_key(path: str, digest: str | None, key: Key) -> str:
+    """The same for every fire of one version of one file: its path and content hash (or version key)."""
+    content = digest if digest else f"{key[0]}:{key[1]}"
+    return hashlib.sha256(f"{path}\0{content}".encode()).hexdigest()[:32]
+
+
+@dataclass
+class _Retry:
+    """A file whose fire did not reach every rule: which rules are left, and when to try again."""
+
+    key: Key
+    rules: frozenset[str] | None
+    ids: list[str]
+    attempts: int
+    next_at: float
 
 
 class PollingFeed(Feed):
-    """Polls a source; fires each new file once complete (stable across two polls, or whole on sight)."""
+    """Polls a source; fires each new file once complete (renamed in, or unchanged for ``settle_s``)."""
 
     def __init__(
         self,
@@ -523,16 +676,22 @@ class PollingFeed(Feed):
         interval_s: float,
         fire_existing: bool,
         cursor_dir: Path | None,
+        settle_s: float = 0.0,
     ) -> None:
         self.kind = kind
         super().__init__(trigger, options, ctx)
         self.source = source
         self.interval_s = interval_s
+        self.settle_s = settle_s
         self.fire_existing = fire_existing
         name = hashlib.sha256(self.feed_id.encode()).hexdigest()[:24] + ".json"
         self.cursor = Cursor(None if cursor_dir is None else cursor_dir / name)
         self._primed = False
-        self._prev: dict[str, Key] = {}
+        #: name -> (key, monotonic time it was first seen with that key)
+        self._seen: dict[str, tuple[Key, float]] = {}
+        #: files fired by this run whose activations have not all ended yet
+        self._active: dict[str, Key] = {}
+        self._retry: dict[str, _Retry] = {}
         self._pending = 0
 
     def info(self) -> FeedInfo:
@@ -550,13 +709,16 @@ class PollingFeed(Feed):
         await anyio.to_thread.run_sync(self.source.check)
         existed = await anyio.to_thread.run_sync(self.cursor.load)
         listing = await anyio.to_thread.run_sync(self.source.list)
+        now = time.monotonic()
         if not existed:
             if not self.fire_existing:
                 self.cursor.handled = {name: e.key for name, e in listing.items()}
             # Saved even when empty: on restart, a cursor file means "files not in it are new".
             if not self._removed:
                 await anyio.to_thread.run_sync(self.cursor.save)
-        self._prev = {name: e.key for name, e in listing.items()}
+        elif self.cursor.needs_compaction and not self._removed:
+            await anyio.to_thread.run_sync(self.cursor.save)
+        self._seen = {name: (e.key, now) for name, e in listing.items()}
         self._primed = True
 
     async def _run(self) -> None:
@@ -575,49 +737,111 @@ class PollingFeed(Feed):
                 self._note_error(exc, "poll")
             await self._ctx.clock.sleep(wait)
 
+    def _release(self) -> None:
+        self.cursor.close()
+
+    def _settled(self, name: str, entry: Entry, now: float) -> bool:
+        """Whole: renamed in, or unchanged since the last poll and quiet for ``settle_s``."""
+        seen = self._seen.get(name)
+        if seen is None or seen[0] != entry.key:
+            self._seen[name] = (entry.key, now)
+            return entry.complete_on_sight
+        if entry.complete_on_sight:
+            return True
+        quiet = now - seen[1]
+        if entry.mtime is not None:
+            quiet = max(quiet, time.time() - entry.mtime)
+        return quiet >= self.settle_s
+
     async def _poll(self) -> float:
         listing = await anyio.to_thread.run_sync(self.source.list)
-        handled = self.cursor.handled
-        dirty = False
-        for gone in handled.keys() - listing.keys():
-            del handled[gone]  # so a later file of the same name is new
-            dirty = True
+        cursor = self.cursor
+        now = time.monotonic()
+        for gone in (cursor.handled.keys() | cursor.inflight.keys()) - listing.keys():
+            if gone not in self._active:
+                cursor.record("gone", gone)  # so a later file of the same name is new
+        for gone in self._seen.keys() - listing.keys():
+            del self._seen[gone]
+            self._retry.pop(gone, None)
         ready = [
             (name, e)
             for name, e in listing.items()
-            if handled.get(name) != e.key and (e.complete_on_sight or self._prev.get(name) == e.key)
+            if cursor.handled.get(name) != e.key and self._active.get(name) != e.key and self._settled(name, e, now)
         ]
-        self._prev = {name: e.key for name, e in listing.items()}
         ready.sort(key=lambda item: (item[1].mtime or 0.0, item[0]))
         wait = self.interval_s
-        unreadable = False
+        problems = 0
         try:
             for name, entry in ready:
+                retry = self._retry.get(name)
+                if retry is not None and retry.key != entry.key:
+                    retry = None  # a new version starts afresh
+                    del self._retry[name]
+                if retry is not None and retry.next_at > now:
+                    problems += 1
+                    wait = min(wait, max(retry.next_at - now, MIN_RETRY_S))
+                    continue
                 try:
                     payload = await anyio.to_thread.run_sync(self.source.payload, name, entry)
                 except Exception as exc:  # one unreadable file must not hold up the others
                     self._note_error(exc, f"reading {name!r}")
-                    unreadable = True
+                    problems += 1
                     continue
                 if payload is None:
                     continue
+                payload["idempotency_key"] = idempotency_key(str(payload["path"]), payload.get("sha256"), entry.key)
                 try:
-                    await self._ctx.fire(self.trigger, payload)
+                    record = await self._ctx.fire(self.trigger, payload, None if retry is None else retry.rules)
                 except RateLimited:
                     # Left unhandled, so the next poll offers it again: late, not lost.
                     wait = max(wait, self._ctx.retry_after_s(self.trigger), MIN_RETRY_S)
                     break
-                handled[name] = entry.key
+                ids = (retry.ids if retry is not None else []) + record.activation_ids
+                failed = [o for o in record.outcomes if o.error is not None]
+                if failed:
+                    # Not handled: the target may simply not be deployed yet (a restart). Try again, later each time.
+                    attempts = 1 if retry is None else retry.attempts + 1
+                    delay = min(self.interval_s * 2**attempts, ERROR_BACKOFF_MAX_S)
+                    self._retry[name] = _Retry(entry.key, frozenset(o.rule for o in failed), ids, attempts, now + delay)
+                    o = failed[0]
+                    self._note_error(f"{name}: rule {o.rule} -> {o.action}: {o.error}", "fire")
+                    problems += 1
+                    wait = min(wait, delay)
+                    continue
+                self._retry.pop(name, None)
                 self.fires += 1
-                dirty = True
+                if self._ctx.wait is None or not ids or self._removed:
+                    cursor.record("done", name, entry.key)
+                else:
+                    cursor.record("fired", name, entry.key)
+                    self._active[name] = entry.key
+                    assert self._tg is not None
+                    self._tg.start_soon(self._await_end, name, entry.key, ids)
         finally:
-            self._pending = sum(1 for name, e in listing.items() if handled.get(name) != e.key)
-            if dirty and not self._removed:
-                # Synchronous on purpose: even when cancelled mid-batch, what fired is recorded.
-                self.cursor.save()
-        if not unreadable:
+            self._pending = sum(1 for name, e in listing.items() if cursor.handled.get(name) != e.key)
+        if cursor.needs_compaction and not self._removed:
+            await anyio.to_thread.run_sync(cursor.save)
+        if not problems:
             self.last_error = None
         return wait
+
+    async def _await_end(self, name: str, key: Key, ids: list[str]) -> None:
+        """Mark a file handled once every activation its fire started has ended (not when the engine closed)."""
+        wait = self._ctx.wait
+        assert wait is not None
+        try:
+            for aid in ids:
+                if not await wait(aid):
+                    return  # aborted by a closing engine: stays in flight, fires again after a restart
+        except EngineClosed:
+            return
+        except Exception as exc:  # a lost record must not stop the feed; firing again is the safe side
+            self._note_error(exc, f"waiting for the end of {name!r}")
+            return
+        if self._active.get(name) == key:
+            del self._active[name]
+        if not self._removed:
+            self.cursor.record("done", name, key)
 
     def forget(self) -> None:
         self.cursor.delete()
@@ -681,8 +905,8 @@ class AlarmFeed(Feed):
 
 
 _KIND_OPTIONS = {
-    "folder": {"path", "interval_s", "pattern", "fire_existing"},
-    "fsspec": {"url", "interval_s", "pattern", "recursive", "fire_existing", "storage_options", "atomic"},
+    "folder": {"path", "interval_s", "pattern", "fire_existing", "settle_s"},
+    "fsspec": {"url", "interval_s", "pattern", "recursive", "fire_existing", "storage_options", "atomic", "settle_s"},
     "alarm": {"interval_s", "cron", "payload", "tz"},
 }
 
@@ -699,6 +923,17 @@ def _interval(options: Mapping[str, Any], default: float | None) -> float | None
     if value is not None and (isinstance(value, bool) or not value >= MIN_POLL_INTERVAL_S):
         raise TriggerError(f"feed option interval_s={value!r} must be a number >= {MIN_POLL_INTERVAL_S}")
     return None if value is None else float(value)
+
+
+def _settle(options: Mapping[str, Any], norm: dict[str, Any]) -> float:
+    value = _opt(options, "settle_s", (int, float), None)
+    if value is None:
+        return FOLDER_SETTLE_S
+    if isinstance(value, bool) or not value >= 0:
+        raise TriggerError(f"feed option settle_s={value!r} must be a number >= 0")
+    # only when given: the options make the feed's id, and a feed saved before settle_s existed keeps its cursor
+    norm["settle_s"] = float(value)
+    return float(value)
 
 
 def _timezone(name: str) -> tzinfo:
@@ -736,6 +971,7 @@ def make_feed(trigger: str, kind: str, options: Mapping[str, Any], ctx: FeedCont
         interval = _interval(options, FOLDER_POLL_INTERVAL_S)
         assert interval is not None
         norm = {"path": str(path), "interval_s": interval, "pattern": pattern, "fire_existing": fire_existing}
+        settle = _settle(options, norm)
         return PollingFeed(
             kind,
             trigger,
@@ -745,6 +981,7 @@ def make_feed(trigger: str, kind: str, options: Mapping[str, Any], ctx: FeedCont
             interval_s=interval,
             fire_existing=fire_existing,
             cursor_dir=cursor_dir,
+            settle_s=settle,
         )
     if kind == "fsspec":
         url = _opt(options, "url", str, None)
@@ -764,6 +1001,7 @@ def make_feed(trigger: str, kind: str, options: Mapping[str, Any], ctx: FeedCont
             "storage_options": storage_options,
             "atomic": atomic,
         }
+        settle = _settle(options, norm)
         return PollingFeed(
             kind,
             trigger,
@@ -773,6 +1011,7 @@ def make_feed(trigger: str, kind: str, options: Mapping[str, Any], ctx: FeedCont
             interval_s=interval,
             fire_existing=fire_existing,
             cursor_dir=cursor_dir,
+            settle_s=settle,
         )
     interval = _interval(options, None)
     cron_text = _opt(options, "cron", str, None)

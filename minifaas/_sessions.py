@@ -185,6 +185,31 @@ class SessionStore:
                         (self._max_persisted,),
                     )
 
+    def recover(self, message: str) -> int:
+        """End the sessions a dead host left ``running`` as ``internal_error`` with ``message``; how many."""
+        if self._db is None:
+            return 0
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT data FROM sessions WHERE json_extract(data, '$.status') = 'running'"
+            ).fetchall()
+            for (data,) in rows:
+                session = Session.from_dict(json.loads(data))
+                session.status = "internal_error"
+                session.result = {"error": message}
+                if session.end is None:
+                    last = max((s.start + round(s.duration_ms) for s in session.steps), default=session.start)
+                    session.end = max(last, session.start)
+                    session.duration = session.end - session.start
+                for step in session.steps:
+                    if step.status == "running":
+                        step.status = "internal_error"
+                self._db.execute(
+                    "UPDATE sessions SET data = ? WHERE session_id = ?",
+                    (dumps(session.to_dict()), session.session_id),
+                )
+        return len(rows)
+
     def get(self, session_id: str) -> Session:
         """The session with this id; raises ActivationNotFound (a session id is an activation id)."""
         with self._lock:
