@@ -72,7 +72,7 @@ CRON_SEARCH_YEARS = 30
 CURSOR_VERSION = 2
 #: how long a file written in place must stay unchanged before it fires (a renamed-in file fires on sight)
 FOLDER_SETTLE_S = 2.0
-#: the cursor log is folded into the snapshot once it has this many lines more than the snapshot has entries
+#: the cursor log is folded into the snapshot once it has more lines than this and than the snapshot has entries
 CURSOR_COMPACT_LINES = 1000
 TEMP_PREFIXES = (".",)
 TEMP_SUFFIXES = (".tmp", ".part", ".crdownload", "~")
@@ -611,7 +611,7 @@ class Cursor:
 
     @property
     def needs_compaction(self) -> bool:
-        return self.path is not None and self._lines > CURSOR_COMPACT_LINES + len(self.handled)
+        return self.path is not None and self._lines > max(CURSOR_COMPACT_LINES, len(self.handled) + len(self.inflight))
 
     def save(self) -> None:
         """Write the snapshot and start an empty log (blocking: call it from a worker thread when large)."""
