@@ -68,6 +68,7 @@ def current_session_id() -> str | None:
     """The id of the composition session running the caller (a host function step), or None outside one."""
     return _CURRENT_SESSION.get()
 
+
 #: ``(function name, params, cause=session id) -> ended Activation`` (``engine.call``)
 StepInvoker: TypeAlias = Callable[[str, dict[str, Any], str], Awaitable[Activation]]
 #: ``(function name, params, cause=session id) -> activation id``, returning at once (``engine.submit``)

@@ -54,10 +54,10 @@ __all__ = (
     "FeedContext",
     "FeedInfo",
     "PollingFeed",
-    "is_temporary_name",
-    "make_feed",
     "WaitFn",
     "idempotency_key",
+    "is_temporary_name",
+    "make_feed",
     "write_json_atomic",
 )
 

@@ -242,18 +242,21 @@ def trace(run: Run, photo: str) -> Session:
 async def test_trace_of_a_catalogued_photo_takes_the_consequent(run: Run) -> None:
     session = trace(run, PEOPLE[0])
     steps = [(s.path, s.kind, s.name) for s in session.steps]
+    fresh, passed = "[0].body[1].consequent", "[0].body[1].consequent[2].consequent"
     assert steps == [
         ("[0].body[0]", "function", "catalog.workflow:receive"),
-        ("[0].body[1]", "action", "image_quality"),
-        ("[0].body[2].test", "function", "catalog.workflow:gate"),
-        ("[0].body[2].consequent[0]", "function", "catalog.workflow:crop_request"),
-        ("[0].body[2].consequent[1]", "action", "crop"),
-        ("[0].body[2].consequent[2]", "function", "catalog.workflow:tag_request"),
-        ("[0].body[2].consequent[3]", "action", "auto_tag"),
-        ("[0].body[2].consequent[4]", "function", "catalog.workflow:write_catalog"),
+        ("[0].body[1].test", "function", "catalog.workflow:is_fresh"),
+        (f"{fresh}[0]", "function", "catalog.workflow:quality_request"),
+        (f"{fresh}[1]", "action", "image_quality"),
+        (f"{fresh}[2].test", "function", "catalog.workflow:gate"),
+        (f"{passed}[0]", "function", "catalog.workflow:crop_request"),
+        (f"{passed}[1]", "action", "crop"),
+        (f"{passed}[2]", "function", "catalog.workflow:tag_request"),
+        (f"{passed}[3]", "action", "auto_tag"),
+        (f"{passed}[4]", "function", "catalog.workflow:write_catalog"),
     ]
-    assert session.steps[2].output == {"value": True}
-    assert sorted(session.not_taken) == ["[0].body[2].alternate", "[0].handler"]
+    assert session.steps[1].output == {"value": True} and session.steps[4].output == {"value": True}
+    assert sorted(session.not_taken) == ["[0].body[1].alternate", f"{fresh}[2].alternate", "[0].handler"]
     side = sidecar(run.main.catalog, PEOPLE[0])
     assert [s.activation_id for s in session.steps if s.kind == "action"] == [
         side["steps"][role]["activation_id"] for role in ("quality", "crop", "tag")
@@ -262,14 +265,51 @@ async def test_trace_of_a_catalogued_photo_takes_the_consequent(run: Run) -> Non
 
 async def test_trace_of_a_rejected_photo_takes_the_alternate(run: Run) -> None:
     session = trace(run, BLURRED[0])
+    fresh = "[0].body[1].consequent"
     assert [s.path for s in session.steps] == [
         "[0].body[0]",
-        "[0].body[1]",
-        "[0].body[2].test",
-        "[0].body[2].alternate",
+        "[0].body[1].test",
+        f"{fresh}[0]",
+        f"{fresh}[1]",
+        f"{fresh}[2].test",
+        f"{fresh}[2].alternate",
     ]
-    assert session.steps[2].output == {"value": False}
-    assert sorted(session.not_taken) == ["[0].body[2].consequent", "[0].handler"]
+    assert session.steps[4].output == {"value": False}
+    assert sorted(session.not_taken) == ["[0].body[1].alternate", f"{fresh}[2].consequent", "[0].handler"]
+
+
+async def test_a_repeated_event_is_recognised_by_its_idempotency_key(run: Run) -> None:
+    """A feed fires a photo again when its session never ended (a crash); the entry is written once."""
+    photo = PEOPLE[0]
+    side = sidecar(run.main.catalog, photo)
+    assert side["idempotency_key"]  # the folder feed's key travelled into the sidecar
+    before = {p.name: p.stat().st_mtime_ns for p in run.main.catalog.iterdir()}
+    repeat = {
+        "path": side["source"],
+        "name": photo,
+        "sha256": side["sha256"],
+        "idempotency_key": side["idempotency_key"],
+    }
+    act = await run.engine.call("catalog", repeat)
+    assert act.status == "success", act.result
+    assert act.result == {
+        "photo": photo,
+        "outcome": "duplicate",
+        "sidecar": str(run.main.catalog / f"{Path(photo).stem}.json"),
+    }
+    assert {p.name: p.stat().st_mtime_ns for p in run.main.catalog.iterdir()} == before  # nothing rewritten
+
+
+async def test_a_photo_whose_bytes_changed_after_its_event_is_refused(run: Run, tmp_path: Path) -> None:
+    photo = tmp_path / "changing.jpg"
+    shutil.copyfile(IMAGES / PEOPLE[1], photo)
+    stale = hashlib.sha256(b"the bytes the feed saw").hexdigest()
+    out = tmp_path / "out"
+    args = {"path": str(photo), "sha256": stale, "catalog_dir": str(out / "c"), "rejected_dir": str(out / "r")}
+    act = await run.engine.call("catalog", args)
+    assert act.status == "success", act.result
+    assert act.result["outcome"] == "superseded"
+    assert list((out / "c").iterdir()) == [] and list((out / "r").iterdir()) == []  # no entry, no snapshot left
 
 
 # ---------------------------------------------------------------------------------------------- versions

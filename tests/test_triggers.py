@@ -957,7 +957,6 @@ anyio.run(main)
 
 
 async def test_kill_9_mid_session_recovers_it_as_failed_and_fires_the_file_again(tmp_path: Path) -> None:
-    import subprocess
     import sys
 
     from minifaas import composer as cmp
