@@ -712,3 +712,79 @@ async def test_engine_deploy_composition(engine: minifaas.Engine) -> None:
     await engine.deploy_composition("wf3", c.sequence("fail"))
     with pytest.raises(minifaas.ActivationError, match="boom"):
         await engine.invoke("wf3", {})
+
+
+# ------------------------------------------------------------------------------------------- session records
+
+SEEN_SESSIONS: list[str | None] = []
+
+
+def note_session(p: dict[str, Any]) -> None:
+    from minifaas._conductor import current_session_id
+
+    SEEN_SESSIONS.append(current_session_id())
+
+
+async def test_submitted_session_is_one_record_readable_at_once(engine: minifaas.Engine) -> None:
+    await engine.deploy_composition("naps", c.sequence("nap", "nap"))
+    sid = await engine.submit("naps", {"s": NAP_S})
+    first = engine.sessions.get(sid)  # before the session's task has even started
+    assert first.status == "running" and first.steps == []
+    with anyio.fail_after(30):
+        while not first.steps:  # the object returned by get fills in as the session runs
+            await anyio.sleep(0.01)
+    assert engine.sessions.get(sid) is first and first.status == "running"
+    act = await engine.activations.wait(sid, timeout_s=60)
+    assert act.status == "success"
+    assert first.status == "success" and len(first.steps) == 2 and engine.sessions.get(sid) is first
+
+
+async def test_session_id_reaches_steps_under_call_and_in_branches(engine: minifaas.Engine) -> None:
+    SEEN_SESSIONS.clear()
+    await engine.deploy_composition(
+        "noted", c.sequence(note_session, c.parallel(note_session, note_session), c.map(note_session))
+    )
+    act = await engine.call("noted", {})
+    assert act.status == "success", act.result
+    # the map runs over the parallel's output list: two more branches
+    assert SEEN_SESSIONS == [act.activation_id] * 5
+    sid = await engine.submit("noted", {})
+    await engine.activations.wait(sid, timeout_s=60)
+    assert SEEN_SESSIONS[5:] == [sid] * 5
+
+
+async def test_step_timing_excludes_the_wait_for_a_step_slot() -> None:
+    from minifaas._conductor import MAX_CONCURRENT_STEPS
+
+    step_s = 0.1
+
+    async def invoke(name: str, p: dict[str, Any], cause: str) -> Activation:
+        await anyio.sleep(step_s)
+        return Activation(
+            activation_id=new_activation_id(), name=name, version="1", namespace="g", status="success", result=p
+        )
+
+    async def submit(name: str, p: dict[str, Any], cause: str) -> str:
+        raise AssertionError("no async steps here")
+
+    n = 2 * MAX_CONCURRENT_STEPS  # half the steps wait a whole step for a slot
+    s = await run_session(
+        c.map("work"), {"value": list(range(n))}, invoke=invoke, submit=submit, session_id="s", max_steps=n
+    )
+    assert s.status == "success" and len(s.steps) == n
+    durations = sorted(st.duration_ms for st in s.steps)
+    assert durations[-1] < 1.9 * step_s * 1e3, durations[-5:]
+
+
+async def test_sessions_left_running_by_a_dead_host_are_failed_at_start_up(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    with SessionStore(state / "sessions.sqlite3") as store:
+        store.put(
+            Session(session_id="dead", name="wf", start=1000, steps=[Step(path="[0]", kind="action", start=1000)])
+        )
+        store.put(Session(session_id="done", name="wf", start=1000, status="success", end=1500, duration=500))
+    async with minifaas.Engine(state_dir=state) as engine:
+        dead = engine.sessions.get("dead")
+        assert dead.status == "internal_error" and "stopped" in dead.result["error"]
+        assert dead.end is not None and dead.steps[0].status == "internal_error"
+        assert engine.sessions.get("done").status == "success"
