@@ -747,7 +747,7 @@ async def test_session_id_reaches_steps_under_call_and_in_branches(engine: minif
     act = await engine.call("noted", {})
     assert act.status == "success", act.result
     # the map runs over the parallel's output list: two more branches
-    assert SEEN_SESSIONS == [act.activation_id] * 5
+    assert [act.activation_id] * 5 == SEEN_SESSIONS
     sid = await engine.submit("noted", {})
     await engine.activations.wait(sid, timeout_s=60)
     assert SEEN_SESSIONS[5:] == [sid] * 5
