@@ -1,8 +1,10 @@
 """Feeds: event sources that fire a trigger by themselves.
 
-Three kinds, all polling (no inotify or bucket notifications, so they behave the same on every platform):
+Three kinds, polling at ``interval_s``; a folder feed on Linux also listens to inotify (``events=True``):
 
-- ``folder``: a local folder, the stand-in for a storage bucket. A file fires once it is completely written.
+- ``folder``: a local folder, the stand-in for a storage bucket. A file fires once it is completely written:
+  renamed in, or closed by its writer (inotify), or else unchanged for ``settle_s``. With inotify a poll
+  looks only at the names events touched (a full listing every ``FULL_RESCAN_S`` as a safety net).
 - ``fsspec``: any fsspec URL (``s3://bucket/prefix/``, ``gs://...``, ``file:///...``); objects fire once.
 - ``alarm``: an interval (``interval_s``) or a 5-field cron expression (``cron``).
 
@@ -15,8 +17,9 @@ does, and an in-flight one (its session never ended) fires again with the same `
 its path and content) so that the workflow can tell a repeat from a new photo. A rule whose submit fails (its
 target is not deployed yet, the engine is overloaded) leaves the file unhandled: the feed retries it with
 backoff and shows the error as ``last_error``. A file whose key changes later (rewritten) fires again, like an
-overwritten object in a bucket. Whole files only: a file renamed in fires on sight; one written in place fires
-once its key has not changed for ``settle_s`` (a writer that pauses shorter than that is not cut in half).
+overwritten object in a bucket. Whole files only: a file renamed in (or closed after writing, where inotify
+tells) fires on sight; otherwise once its key has not changed for ``settle_s`` (a writer that pauses shorter
+than that is not cut in half).
 """
 
 from __future__ import annotations
@@ -28,10 +31,11 @@ import json
 import logging
 import math
 import os
+import stat
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
@@ -42,6 +46,7 @@ import anyio.abc
 import anyio.to_thread
 
 from ._errors import EngineClosed, RateLimited, TriggerError
+from ._inotify import DirWatch
 
 if TYPE_CHECKING:
     from ._triggers import Clock, TriggerActivation
@@ -72,6 +77,8 @@ CRON_SEARCH_YEARS = 30
 CURSOR_VERSION = 2
 #: how long a file written in place must stay unchanged before it fires (a renamed-in file fires on sight)
 FOLDER_SETTLE_S = 2.0
+#: with inotify, a full listing of the folder this often anyway (a safety net under the events)
+FULL_RESCAN_S = 60.0
 #: the cursor log is folded into the snapshot once it has more lines than this and than the snapshot has entries
 CURSOR_COMPACT_LINES = 1000
 TEMP_PREFIXES = (".",)
@@ -400,26 +407,45 @@ class FolderSource:
         if not self.path.is_dir():
             raise TriggerError(f"folder feed: {self.path} is not a directory")
 
+    def _entry(self, st: os.stat_result) -> Entry:
+        # A write sets mtime and ctime together; a later rename (or copy2's copystat) moves ctime
+        # only. So ctime > mtime means the last data write is over: renamed or copied in whole.
+        # (Renamed within one clock tick, both stay equal: then the quiet period applies.)
+        return Entry(
+            key=(st.st_size, str(st.st_mtime_ns)),
+            mtime=st.st_mtime,
+            complete_on_sight=st.st_ctime_ns > st.st_mtime_ns,
+        )
+
+    def wanted(self, name: str) -> bool:
+        return not is_temporary_name(name) and fnmatch.fnmatchcase(name, self.pattern)
+
     def list(self) -> dict[str, Entry]:
         out: dict[str, Entry] = {}
         with os.scandir(self.path) as it:
             for de in it:
-                if is_temporary_name(de.name) or not fnmatch.fnmatchcase(de.name, self.pattern):
+                if not self.wanted(de.name):
                     continue
                 try:
                     if not de.is_file(follow_symlinks=False):
                         continue
-                    st = de.stat(follow_symlinks=False)
+                    out[de.name] = self._entry(de.stat(follow_symlinks=False))
                 except FileNotFoundError:
                     continue
-                # A write sets mtime and ctime together; a later rename (or copy2's copystat) moves ctime
-                # only. So ctime > mtime means the last data write is over: renamed or copied in whole.
-                # (Renamed within one clock tick, both stay equal: then the two-poll rule applies.)
-                out[de.name] = Entry(
-                    key=(st.st_size, str(st.st_mtime_ns)),
-                    mtime=st.st_mtime,
-                    complete_on_sight=st.st_ctime_ns > st.st_mtime_ns,
-                )
+        return out
+
+    def stat_names(self, names: Iterable[str]) -> dict[str, Entry]:
+        """The entries of just ``names`` (those that exist and are wanted regular files)."""
+        out: dict[str, Entry] = {}
+        for name in names:
+            if not self.wanted(name):
+                continue
+            try:
+                st = os.stat(self.path / name, follow_symlinks=False)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            if stat.S_ISREG(st.st_mode):
+                out[name] = self._entry(st)
         return out
 
     def payload(self, name: str, entry: Entry) -> dict[str, Any] | None:
@@ -677,12 +703,14 @@ class PollingFeed(Feed):
         fire_existing: bool,
         cursor_dir: Path | None,
         settle_s: float = 0.0,
+        events: bool = False,
     ) -> None:
         self.kind = kind
         super().__init__(trigger, options, ctx)
         self.source = source
         self.interval_s = interval_s
         self.settle_s = settle_s
+        self.events = events
         self.fire_existing = fire_existing
         name = hashlib.sha256(self.feed_id.encode()).hexdigest()[:24] + ".json"
         self.cursor = Cursor(None if cursor_dir is None else cursor_dir / name)
@@ -693,6 +721,12 @@ class PollingFeed(Feed):
         self._active: dict[str, Key] = {}
         self._retry: dict[str, _Retry] = {}
         self._pending = 0
+        #: inotify on a local folder (None: poll only); with it, a poll lists only the names events touched
+        self._watch: DirWatch | None = None
+        self._listing: dict[str, Entry] = {}
+        self._last_full = -math.inf
+        #: listed names not handled yet (still settling, retrying or in flight): looked at on every poll
+        self._unsettled: set[str] = set()
 
     def info(self) -> FeedInfo:
         return FeedInfo(
@@ -705,11 +739,18 @@ class PollingFeed(Feed):
             self.last_error,
         )
 
+    def _open_watch(self) -> None:
+        if self.events and isinstance(self.source, FolderSource) and self._watch is None:
+            self._watch = DirWatch.open(self.source.path)  # before listing: no event falls in between
+
     async def prime(self) -> None:
         await anyio.to_thread.run_sync(self.source.check)
         existed = await anyio.to_thread.run_sync(self.cursor.load)
+        self._open_watch()
         listing = await anyio.to_thread.run_sync(self.source.list)
         now = time.monotonic()
+        # the first poll lists in full: files deleted while the feed was stopped leave the cursor there
+        self._listing, self._last_full = listing, -math.inf
         if not existed:
             if not self.fire_existing:
                 self.cursor.handled = {name: e.key for name, e in listing.items()}
@@ -735,38 +776,104 @@ class PollingFeed(Feed):
                 failures += 1
                 wait = min(self.interval_s * 2**failures, ERROR_BACKOFF_MAX_S)
                 self._note_error(exc, "poll")
-            await self._ctx.clock.sleep(wait)
+            await self._sleep(wait)
+
+    async def _sleep(self, seconds: float) -> None:
+        """The poll interval, cut short by a folder event."""
+        watch = self._watch
+        if watch is None or watch.lost:
+            await self._ctx.clock.sleep(seconds)
+            return
+        async with anyio.create_task_group() as tg:
+
+            async def sleep() -> None:
+                await self._ctx.clock.sleep(seconds)
+                tg.cancel_scope.cancel()
+
+            async def event() -> None:
+                await watch.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(sleep)
+            tg.start_soon(event)
+        watch.read()
+
+    async def _list(self) -> tuple[dict[str, Entry], set[str] | None]:
+        """This poll's view of the source and the names that may have changed (None: all of them).
+
+        Without inotify, or after a lost event, or every FULL_RESCAN_S: a full listing. Otherwise the last
+        listing updated with a stat of the names events touched and of those still settling.
+        """
+        watch = self._watch
+        now = time.monotonic()
+        if watch is not None and watch.lost:
+            watch.close()
+            self._watch = watch = None
+        if watch is None:
+            self._open_watch()
+        elif not watch.overflow and now - self._last_full < FULL_RESCAN_S:
+            watch.read()
+            names = watch.touched | self._unsettled
+            watch.touched = set()
+            if names:
+                assert isinstance(self.source, FolderSource)
+                fresh = await anyio.to_thread.run_sync(self.source.stat_names, names)
+                for name in names:
+                    if name in fresh:
+                        self._listing[name] = fresh[name]
+                    else:
+                        self._listing.pop(name, None)
+            return self._listing, names
+        if self._watch is not None:
+            self._watch.read()
+            self._watch.touched, self._watch.overflow = set(), False
+        self._listing = await anyio.to_thread.run_sync(self.source.list)
+        self._last_full = now
+        return self._listing, None
 
     def _release(self) -> None:
         self.cursor.close()
+        if self._watch is not None:
+            self._watch.close()
 
     def _settled(self, name: str, entry: Entry, now: float) -> bool:
         """Whole: renamed in, or unchanged since the last poll and quiet for ``settle_s``."""
         seen = self._seen.get(name)
         if seen is None or seen[0] != entry.key:
             self._seen[name] = (entry.key, now)
-            return entry.complete_on_sight
-        if entry.complete_on_sight:
-            return True
+            return entry.complete_on_sight or (self._watch is not None and name in self._watch.whole)
+        if entry.complete_on_sight or (self._watch is not None and name in self._watch.whole):
+            return True  # renamed in, or closed by its writer (and not written since)
         quiet = now - seen[1]
         if entry.mtime is not None:
             quiet = max(quiet, time.time() - entry.mtime)
         return quiet >= self.settle_s
 
     async def _poll(self) -> float:
-        listing = await anyio.to_thread.run_sync(self.source.list)
+        listing, changed = await self._list()
         cursor = self.cursor
         now = time.monotonic()
-        for gone in (cursor.handled.keys() | cursor.inflight.keys()) - listing.keys():
+        if changed is None:  # a full listing: look at everything
+            names: Iterable[str] = listing.keys()
+            known = cursor.handled.keys() | cursor.inflight.keys()
+            seen = set(self._seen)
+        else:  # events: only the names they touched and those still settling matter
+            names = changed
+            known = {n for n in changed if n in cursor.handled or n in cursor.inflight}
+            seen = {n for n in changed if n in self._seen}
+        for gone in known - listing.keys():
             if gone not in self._active:
                 cursor.record("gone", gone)  # so a later file of the same name is new
-        for gone in self._seen.keys() - listing.keys():
+        for gone in seen - listing.keys():
             del self._seen[gone]
             self._retry.pop(gone, None)
         ready = [
             (name, e)
-            for name, e in listing.items()
-            if cursor.handled.get(name) != e.key and self._active.get(name) != e.key and self._settled(name, e, now)
+            for name in names
+            if (e := listing.get(name)) is not None
+            and cursor.handled.get(name) != e.key
+            and self._active.get(name) != e.key
+            and self._settled(name, e, now)
         ]
         ready.sort(key=lambda item: (item[1].mtime or 0.0, item[0]))
         wait = self.interval_s
@@ -818,7 +925,11 @@ class PollingFeed(Feed):
                     assert self._tg is not None
                     self._tg.start_soon(self._await_end, name, entry.key, ids)
         finally:
-            self._pending = sum(1 for name, e in listing.items() if cursor.handled.get(name) != e.key)
+            looked = listing.keys() if changed is None else changed
+            self._unsettled = {
+                n for n in looked if (e := listing.get(n)) is not None and cursor.handled.get(n) != e.key
+            }
+            self._pending = len(self._unsettled)
         if cursor.needs_compaction and not self._removed:
             await anyio.to_thread.run_sync(cursor.save)
         if not problems:
@@ -905,7 +1016,7 @@ class AlarmFeed(Feed):
 
 
 _KIND_OPTIONS = {
-    "folder": {"path", "interval_s", "pattern", "fire_existing", "settle_s"},
+    "folder": {"path", "interval_s", "pattern", "fire_existing", "settle_s", "events"},
     "fsspec": {"url", "interval_s", "pattern", "recursive", "fire_existing", "storage_options", "atomic", "settle_s"},
     "alarm": {"interval_s", "cron", "payload", "tz"},
 }
@@ -972,6 +1083,9 @@ def make_feed(trigger: str, kind: str, options: Mapping[str, Any], ctx: FeedCont
         assert interval is not None
         norm = {"path": str(path), "interval_s": interval, "pattern": pattern, "fire_existing": fire_existing}
         settle = _settle(options, norm)
+        events = _opt(options, "events", bool, True)
+        if "events" in options:
+            norm["events"] = events
         return PollingFeed(
             kind,
             trigger,
@@ -982,6 +1096,7 @@ def make_feed(trigger: str, kind: str, options: Mapping[str, Any], ctx: FeedCont
             fire_existing=fire_existing,
             cursor_dir=cursor_dir,
             settle_s=settle,
+            events=events,
         )
     if kind == "fsspec":
         url = _opt(options, "url", str, None)

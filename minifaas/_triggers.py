@@ -461,9 +461,10 @@ class TriggerManager:
         """Start a feed (``"folder"``, ``"fsspec"`` or ``"alarm"``) firing ``trigger``; return its id.
 
         Adding the same feed (same trigger, kind and options) again returns the running one's id.
-        Folder: ``path``, ``interval_s=0.5``, ``pattern="*"``, ``fire_existing=False``.
+        Folder: ``path``, ``interval_s=0.5``, ``pattern="*"``, ``fire_existing=False``, ``settle_s=2.0`` (quiet
+        time before a file written in place fires), ``events=True`` (inotify where available).
         fsspec: ``url``, ``interval_s=5.0``, ``pattern``, ``recursive=True``, ``fire_existing``,
-        ``storage_options={}``, ``atomic=None`` (auto: True unless local).
+        ``storage_options={}``, ``atomic=None`` (auto: True unless local), ``settle_s``.
         Alarm: ``interval_s`` or ``cron`` (5 fields or @hourly...), ``payload={}``, ``tz="UTC"``.
         """
         self._check_open()

@@ -458,21 +458,41 @@ async def test_folder_slow_writer_fires_once_when_complete(tmp_path: Path) -> No
         assert fired >= done
 
 
-async def test_folder_renamed_in_file_fires_on_first_sight(tmp_path: Path) -> None:
+@pytest.mark.parametrize("events", [True, False], ids=["inotify", "polling"])
+async def test_folder_renamed_in_file_fires_on_first_sight(tmp_path: Path, events: bool) -> None:
     sub = Submissions()
     async with manager(sub) as tm:
         tm.create_trigger("t")
         tm.create_rule("r", "t", "f")
-        await tm.add_feed("t", "folder", path=tmp_path, interval_s=0.5)
+        await tm.add_feed("t", "folder", path=tmp_path, interval_s=0.5, events=events)
         tmp = drop(tmp_path, ".upload.jpg.part", b"jpeg bytes")
         await anyio.sleep(0.05)  # the rename lands on a later clock tick than the last write
-        os.replace(tmp, tmp_path / "upload.jpg")
-        drop(tmp_path, "direct.jpg", b"written in place")
+        with open(tmp_path / "direct.jpg", "wb") as f:
+            f.write(b"written in place")
+            f.flush()
+            os.replace(tmp, tmp_path / "upload.jpg")
+            await wait_until(lambda: len(sub.calls) >= 1, 5)
+            await anyio.sleep(0.6)
+            assert sub.names() == ["upload.jpg"]  # the open file is not whole yet, on either path
         await wait_until(lambda: len(sub.calls) >= 2, 5)
     fired = {args["name"]: t for _, args, _, t in sub.calls}
-    # Renamed in (ctime > mtime): whole on first sight. Written in place: must look the same on two polls,
-    # so it fires at least one poll interval later although both appeared together.
-    assert fired["direct.jpg"] - fired["upload.jpg"] >= 0.4
+    # Renamed in (ctime > mtime, or IN_MOVED_TO): whole on first sight. Written in place: once its writer
+    # closed it (IN_CLOSE_WRITE), or else after the quiet period.
+    assert fired["direct.jpg"] - fired["upload.jpg"] >= 0.5
+
+
+async def test_folder_events_wake_the_feed_between_polls(tmp_path: Path) -> None:
+    sub = Submissions()
+    async with manager(sub) as tm:
+        tm.create_trigger("t")
+        tm.create_rule("r", "t", "f")
+        await tm.add_feed("t", "folder", path=tmp_path, interval_s=60.0)  # a poll a minute
+        await anyio.sleep(0.2)
+        drop(tmp_path, "closed.jpg", b"written and closed")
+        tmp = drop(tmp_path, ".renamed.jpg.part", b"staged")
+        os.replace(tmp, tmp_path / "renamed.jpg")
+        await wait_until(lambda: len(sub.calls) >= 2, 10)  # long before the next poll
+    assert sorted(sub.names()) == ["closed.jpg", "renamed.jpg"]
 
 
 async def test_folder_restart_neither_refires_nor_misses(tmp_path: Path) -> None:
@@ -715,12 +735,13 @@ async def test_saved_feeds_wait_for_their_targets_or_start(tmp_path: Path) -> No
     assert sub.names() == ["second.jpg"]
 
 
-async def test_stalled_writer_fires_once_after_the_quiet_period(tmp_path: Path) -> None:
+@pytest.mark.parametrize("events", [True, False], ids=["inotify", "polling"])
+async def test_stalled_writer_fires_once_after_the_quiet_period(tmp_path: Path, events: bool) -> None:
     sub = Submissions()
     async with manager(sub) as tm:
         tm.create_trigger("t")
         tm.create_rule("r", "t", "f")
-        await tm.add_feed("t", "folder", path=tmp_path, interval_s=POLL_S)  # default settle_s
+        await tm.add_feed("t", "folder", path=tmp_path, interval_s=POLL_S, events=events)  # default settle_s
         half = os.urandom(8192)
         with open(tmp_path / "photo.jpg", "wb") as f:
             f.write(half)
