@@ -63,6 +63,7 @@ __all__ = (
     "idempotency_key",
     "is_temporary_name",
     "make_feed",
+    "monotonic_of",
     "write_json_atomic",
 )
 
@@ -74,6 +75,10 @@ HASH_CHUNK_BYTES = 1 << 20
 ERROR_BACKOFF_MAX_S = 30.0
 MIN_RETRY_S = 0.05
 CRON_SEARCH_YEARS = 30
+#: a cron alarm re-reads the wall clock at least this often (a suspend, an NTP step)
+CRON_SLICE_S = 30.0
+#: daylight-saving shifts are smaller than this (the search for a zone's instants looks this far around)
+MAX_DST_SHIFT = timedelta(hours=3)
 CURSOR_VERSION = 2
 #: how long a file written in place must stay unchanged before it fires (a renamed-in file fires on sight)
 FOLDER_SETTLE_S = 2.0
@@ -92,6 +97,12 @@ RetryAfterFn = Callable[[str], float]
 #: ``activation id -> True once it ended, False if the engine closed under it (the event is not done)``
 WaitFn = Callable[[str], Awaitable[bool]]
 Key = tuple[int, str]
+
+
+def monotonic_of(clock: Clock) -> Callable[[], float]:
+    """The clock's monotonic time (``time.monotonic`` for a clock without one, which sleeps in real time)."""
+    mono = getattr(clock, "monotonic", None)
+    return mono if callable(mono) else time.monotonic
 
 
 def is_temporary_name(name: str) -> bool:
@@ -199,6 +210,8 @@ class CronSchedule:
     weekdays: frozenset[int]
     day_star: bool
     weekday_star: bool
+    #: the minute or hour field starts with ``*`` (Vixie's wildcard job, which DST changes treat differently)
+    wildcard: bool = False
 
     @classmethod
     def parse(cls, expression: str) -> CronSchedule:
@@ -224,6 +237,7 @@ class CronSchedule:
             weekdays=weekdays,
             day_star=parts[2].startswith("*"),
             weekday_star=parts[4].startswith("*"),
+            wildcard=parts[0].startswith("*") or parts[1].startswith("*"),
         )
         # Catches "0 0 31 2 *" and the like at parse time rather than in a feed task years later.
         schedule.next_after(datetime(2000, 1, 1, tzinfo=UTC))
@@ -241,7 +255,49 @@ class CronSchedule:
         return dt.minute in self.minutes and dt.hour in self.hours and dt.month in self.months and self._day_matches(dt)
 
     def next_after(self, dt: datetime) -> datetime:
-        """The first due minute strictly after ``dt``, in ``dt``'s time zone (wall clock)."""
+        """The first due instant strictly after ``dt``, in ``dt``'s time zone.
+
+        Across daylight-saving changes (a ``ZoneInfo`` zone), as Vixie cron: in the hour repeated when DST
+        ends, a job whose minute or hour field is ``*`` runs in both passes, a fixed-time job once; a time
+        skipped when DST starts runs right after the gap for a fixed-time job, not at all for a ``*`` one.
+        """
+        tz = dt.tzinfo
+        if tz is None or tz is UTC or not hasattr(tz, "key"):  # UTC or a fixed offset: wall time is linear
+            return self._next_wall(dt)
+        after = dt.timestamp()
+        wall = dt.astimezone(tz).replace(tzinfo=None) - MAX_DST_SHIFT
+        best: tuple[float, datetime] | None = None
+        while True:
+            wall = self._next_wall(wall)
+            if best is not None and wall > best[1] + MAX_DST_SHIFT:
+                return datetime.fromtimestamp(best[0], tz)
+            for instant in self._instants(wall, tz):
+                if instant > after and (best is None or instant < best[0]):
+                    best = (instant, wall)
+
+    def _instants(self, wall: datetime, tz: tzinfo) -> list[float]:
+        """The instants at which the zone's clocks show ``wall`` and the job should run."""
+        first, second = wall.replace(tzinfo=tz, fold=0).timestamp(), wall.replace(tzinfo=tz, fold=1).timestamp()
+        if first == second:
+            return [first]
+
+        def shows(t: float) -> bool:
+            return datetime.fromtimestamp(t, tz).replace(tzinfo=None) == wall
+
+        if shows(first) and shows(second):  # the repeated hour
+            return sorted((first, second)) if self.wildcard else [min(first, second)]
+        if self.wildcard:
+            return []  # skipped by the clocks: a "*" job has other minutes to run at
+        # skipped: run at the first instant after the gap (clocks change on a whole minute)
+        lo, hi = min(first, second), max(first, second)
+        offset = datetime.fromtimestamp(lo, tz).utcoffset()
+        t = lo - lo % 60
+        while t < hi and datetime.fromtimestamp(t, tz).utcoffset() == offset:
+            t += 60
+        return [t]
+
+    def _next_wall(self, dt: datetime) -> datetime:
+        """The first due minute strictly after ``dt`` in wall-clock arithmetic (no DST)."""
         t = dt.replace(second=0, microsecond=0) + timedelta(minutes=1)
         limit_year = t.year + CRON_SEARCH_YEARS
         while t.year <= limit_year:
@@ -988,6 +1044,7 @@ class AlarmFeed(Feed):
         self.payload = payload
 
     def next_due(self, now: float, last: float | None) -> float:
+        """The next due time after ``now``: monotonic seconds for an interval, wall-clock seconds for cron."""
         if self.interval_s is not None:
             if last is None:
                 return now + self.interval_s
@@ -996,20 +1053,43 @@ class AlarmFeed(Feed):
                 due += math.floor((now - due) / self.interval_s + 1) * self.interval_s
             return due
         assert self.cron is not None
-        return self.cron.next_after(datetime.fromtimestamp(now, self.tz)).timestamp()
+        start = now if last is None else max(now, last)
+        return self.cron.next_after(datetime.fromtimestamp(start, self.tz)).timestamp()
 
     async def _run(self) -> None:
         clock = self._ctx.clock
+        if self.interval_s is not None:
+            await self._run_interval(clock)
+        else:
+            await self._run_cron(clock)
+
+    async def _run_interval(self, clock: Clock) -> None:
+        # On the monotonic clock: stepping the wall clock (NTP, an operator) neither stalls nor rushes it.
+        mono = monotonic_of(clock)
+        due = self.next_due(mono(), None)
+        while True:
+            while (left := due - mono()) > 0:
+                await clock.sleep(left)
+            scheduled = datetime.fromtimestamp(clock.now() - (mono() - due), self.tz).isoformat()
+            await self._fire_tick(scheduled)
+            due = self.next_due(mono(), due)
+
+    async def _run_cron(self, clock: Clock) -> None:
+        # Wall-clock schedule, slept in slices: after a suspend or a forward step the next slice sees the new
+        # time and fires (once, for every tick missed); after a backward step it waits for the clock to catch
+        # up, so no tick runs twice.
         due = self.next_due(clock.now(), None)
         while True:
             while (left := due - clock.now()) > 0:
-                await clock.sleep(left)
-            scheduled = datetime.fromtimestamp(due, self.tz).isoformat()
-            try:
-                await self._fire_retrying({**self.payload, "scheduled": scheduled})
-            except Exception as exc:  # e.g. the trigger was deleted under us; the alarm keeps its schedule
-                self._note_error(exc, "fire")
+                await clock.sleep(min(left, CRON_SLICE_S))
+            await self._fire_tick(datetime.fromtimestamp(due, self.tz).isoformat())
             due = self.next_due(clock.now(), due)
+
+    async def _fire_tick(self, scheduled: str) -> None:
+        try:
+            await self._fire_retrying({**self.payload, "scheduled": scheduled})
+        except Exception as exc:  # e.g. the trigger was deleted under us; the alarm keeps its schedule
+            self._note_error(exc, "fire")
 
 
 # -------------------------------------------------------------------------------------------- factory

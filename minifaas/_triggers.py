@@ -30,7 +30,7 @@ import anyio
 import anyio.abc
 
 from ._errors import EngineClosed, InvalidPayload, RateLimited, TriggerError
-from ._feeds import Feed, FeedContext, FeedInfo, WaitFn, make_feed, write_json_atomic
+from ._feeds import Feed, FeedContext, FeedInfo, WaitFn, make_feed, monotonic_of, write_json_atomic
 
 __all__ = (
     "Clock",
@@ -41,6 +41,7 @@ __all__ = (
     "Trigger",
     "TriggerActivation",
     "TriggerManager",
+    "monotonic_of",
 )
 
 TRIGGER_RATE_PER_MINUTE = 60
@@ -67,7 +68,11 @@ class Submit(Protocol):
 
 
 class Clock(Protocol):
-    """Time source for rate limits and alarms: wall-clock seconds and a sleep that honours the same clock."""
+    """Time source for rate limits and alarms: wall-clock seconds (``now``) and a sleep.
+
+    A clock may also have ``monotonic()``, the time ``sleep`` runs on, which the wall clock may leave when an
+    operator or NTP steps it: rate windows and interval alarms use it (see :func:`monotonic_of`).
+    """
 
     def now(self) -> float: ...
 
@@ -75,13 +80,16 @@ class Clock(Protocol):
 
 
 class SystemClock:
-    """Real time: ``time.time()`` (wall clock, as cron schedules need) and ``anyio.sleep``.
+    """Real time: ``time.time()`` (wall clock, as cron schedules need), ``time.monotonic()`` and ``anyio.sleep``.
 
     Tests pass ``minifaas.testing.FakeClock`` instead.
     """
 
     def now(self) -> float:
         return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
 
     async def sleep(self, seconds: float) -> None:
         await anyio.sleep(seconds)
@@ -187,6 +195,7 @@ class TriggerManager:
         self._submit = submit
         self._tg = task_group
         self._clock: Clock = clock if clock is not None else SystemClock()
+        self._mono = monotonic_of(self._clock)
         self._on_fire = on_fire
         self._dir = None if state_dir is None else Path(state_dir) / STATE_SUBDIR
         self._triggers: dict[str, Trigger] = {}
@@ -330,7 +339,7 @@ class TriggerManager:
         times = self._fire_times.get(name)
         if trigger is None or trigger.rate_per_minute is None or not times:
             return 0.0
-        now = self._clock.now()
+        now = self._mono()  # a wall clock stepped back an hour must not block a trigger for an hour
         while times and times[0] <= now - RATE_WINDOW_S:
             times.popleft()
         if len(times) < trigger.rate_per_minute:
@@ -344,9 +353,10 @@ class TriggerManager:
         if wait > 0:
             raise RateLimited(
                 f"trigger {trigger.name!r} exceeded its rate limit of {trigger.rate_per_minute} fires per"
-                f" minute; retry in {wait:.1f} s"
+                f" minute; retry in {wait:.1f} s",
+                retry_after_s=wait,
             )
-        self._fire_times.setdefault(trigger.name, deque()).append(self._clock.now())
+        self._fire_times.setdefault(trigger.name, deque()).append(self._mono())
 
     async def fire(self, name: str, payload: dict[str, Any] | None = None) -> list[str]:
         """Fire trigger ``name``; return the activation ids of the enabled rules' targets (maybe none).

@@ -63,8 +63,25 @@ class ScaledClock:
     def now(self) -> float:
         return 1_700_000_000.0 + (time.monotonic() - self._t0) * self.factor
 
+    def monotonic(self) -> float:
+        return (time.monotonic() - self._t0) * self.factor
+
     async def sleep(self, seconds: float) -> None:
         await anyio.sleep(seconds / self.factor)
+
+
+class SteppedClock(FakeClock):
+    """A FakeClock whose wall clock (``now``) an operator or NTP can step; ``monotonic`` and ``sleep`` go on."""
+
+    def __init__(self, start: float = 1_000_000.0) -> None:
+        super().__init__(start)
+        self.wall_offset_s = 0.0
+
+    def now(self) -> float:
+        return super().now() + self.wall_offset_s
+
+    def monotonic(self) -> float:
+        return super().now()
 
 
 @contextlib.asynccontextmanager
@@ -1011,3 +1028,85 @@ async def test_kill_9_mid_session_recovers_it_as_failed_and_fires_the_file_again
         act = await engine.activations.wait(record.activation_ids[0], timeout_s=60)
         assert act.status == "success"
         await wait_until(lambda: tm.list_feeds()[0].pending == 0)
+
+
+# ------------------------------------------------------------------------------------------------ clocks
+
+
+def _cron_instants(expr: str, tz: str, start: datetime, hours: float) -> list[str]:
+    """Every due instant of ``expr`` in ``tz`` from ``start`` for ``hours``, as UTC HH:MM."""
+    from minifaas._feeds import _timezone
+
+    schedule, zone = CronSchedule.parse(expr), _timezone(tz)
+    t, end, out = start.astimezone(zone), start.timestamp() + hours * 3600, []
+    while (t := schedule.next_after(t)).timestamp() < end:
+        out.append(t.astimezone(UTC).strftime("%H:%M"))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("expr", "start", "expected"),
+    [
+        # Europe/Berlin falls back at 01:00 UTC: 02:00-02:59 local comes twice. "*" jobs run in both passes.
+        (
+            "*/10 * * * *",
+            datetime(2025, 10, 25, 23, 0, tzinfo=UTC),
+            [f"{h:02}:{m:02}" for h in (23, 0, 1, 2) for m in range(0, 60, 10)][1:],
+        ),
+        ("0 * * * *", datetime(2025, 10, 25, 23, 0, tzinfo=UTC), ["00:00", "01:00", "02:00"]),
+        # a fixed-time job runs once in the repeated hour, in its first pass
+        ("30 2 * * *", datetime(2025, 10, 25, 23, 0, tzinfo=UTC), ["00:30"]),
+        # spring forward at 01:00 UTC: 02:00-02:59 local never happens; a fixed-time job runs right after the gap
+        ("30 2 * * *", datetime(2025, 3, 29, 23, 0, tzinfo=UTC), ["01:00"]),
+        ("15 * * * *", datetime(2025, 3, 29, 23, 0, tzinfo=UTC), ["23:15", "00:15", "01:15", "02:15"]),
+    ],
+    ids=[
+        "every-10-min-fall-back",
+        "hourly-fall-back",
+        "fixed-fall-back",
+        "fixed-spring-forward",
+        "hourly-spring-forward",
+    ],
+)
+def test_cron_across_dst_in_europe_berlin(expr: str, start: datetime, expected: list[str]) -> None:
+    assert _cron_instants(expr, "Europe/Berlin", start, 4) == expected
+
+
+async def test_interval_alarm_and_rate_window_ignore_wall_clock_steps() -> None:
+    clock = SteppedClock()
+    sub = Submissions()
+    async with manager(sub, clock=clock) as tm:
+        tm.create_trigger("tick", rate_per_minute=None)
+        tm.create_rule("r", "tick", "f")
+        await tm.add_feed("tick", "alarm", interval_s=10)
+        await advance(clock, 25)
+        assert len(sub.calls) == 2
+        clock.wall_offset_s = -3600.0  # NTP steps the wall clock back an hour
+        await advance(clock, 20)
+        assert len(sub.calls) == 4  # still every 10 s
+        clock.wall_offset_s = 0.0
+        tm.create_trigger("hook")  # 60 a minute
+        for _ in range(60):
+            await tm.fire("hook")
+        clock.wall_offset_s = -3600.0
+        assert 0 < tm.retry_after_s("hook") <= 60  # not 3660 s
+        with pytest.raises(minifaas.RateLimited) as info:
+            await tm.fire("hook")
+        assert info.value.retry_after_s == pytest.approx(tm.retry_after_s("hook"))
+        await advance(clock, 60, step=5)
+        await tm.fire("hook")
+
+
+async def test_cron_alarm_notices_a_forward_wall_clock_step_within_a_slice() -> None:
+    from minifaas._feeds import CRON_SLICE_S
+
+    clock = SteppedClock(datetime(2024, 3, 10, 10, 0, 30, tzinfo=UTC).timestamp())
+    sub = Submissions()
+    async with manager(sub, clock=clock) as tm:
+        tm.create_trigger("tick")
+        tm.create_rule("r", "tick", "f")
+        await tm.add_feed("tick", "alarm", cron="0 * * * *")  # due at 11:00, 59.5 min away
+        await advance(clock, 10)
+        clock.wall_offset_s = 3600.0  # a suspended laptop wakes up an hour later
+        await advance(clock, CRON_SLICE_S, step=CRON_SLICE_S / 6)
+        assert [args["scheduled"] for _, args, _, _ in sub.calls] == ["2024-03-10T11:00:00+00:00"]
