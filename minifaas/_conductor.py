@@ -8,15 +8,21 @@ Semantics are openwhisk-composer's (docs/COMBINATORS.md, conductor.js):
 * an output with an ``error`` key is an *error object*: it is stripped to ``{"error": ...}`` and skips
   everything up to the nearest enclosing ``try_`` handler or ``finally_`` finalizer, else it ends the session;
 * an input with an ``error`` key ends the session at once (Composer inspects the input when it resumes);
-* a condition is true iff its output's ``value`` is exactly ``True``;
+* a condition takes its branch on the JavaScript truthiness of its output's ``value``, as conductor.js does
+  (``p.params.value ? then : else``): ``None``/missing, ``False``, ``0``, ``NaN`` and ``""`` are false,
+  anything else (``1``, ``"no"``, ``[]``, ``{}``) is true. ``conditions="strict"`` takes the branch only on
+  exactly ``True`` (a stricter rule that catches a condition returning the wrong thing);
 * ``parallel``/``map`` branches run concurrently, each with a copy of the ``let`` variables; a branch's error
   is an entry of the output array and cancels nothing.
 
-Step limit: as in OpenWhisk, where each conductor activation may run at most 50 steps and every parallel
-branch is a conductor activation of its own, ``max_steps`` bounds the leaf steps (action, function, literal,
-dynamic, async) of each thread of control: the session's top level and each ``parallel``/``map`` branch.
-Exceeding it at the top level ends the session (application_error, the error names the limit); in a branch it
-becomes that branch's error entry. ``MAX_SESSION_STEPS`` bounds the whole session regardless.
+Step limit: as in OpenWhisk, where a conductor action may run at most 50 component activations and every
+parallel branch is a conductor activation of its own, ``max_steps`` bounds the component activations (action,
+dynamic and async steps; function and literal steps run inside the conductor and do not count) of each thread
+of control: the session's top level and each ``parallel``/``map`` branch. A composition invoked by an action
+step shares the budget of the thread that invoked it, and compositions nest at most ``MAX_NESTING_DEPTH``
+deep (a composition calling itself ends with a clear error, not a RecursionError). Exceeding the limit at the
+top level ends the session (application_error, the error names the limit); in a branch it becomes that
+branch's error entry. ``MAX_SESSION_STEPS`` bounds the steps of every kind of the whole session regardless.
 """
 
 from __future__ import annotations
@@ -36,7 +42,9 @@ from ._errors import CompositionError, EngineClosed
 from ._sessions import Session, SessionStatus, SessionStore, Step, StepKind, StepStatus
 
 __all__ = (
+    "CONDITIONS",
     "DEFAULT_MAX_STEPS",
+    "MAX_NESTING_DEPTH",
     "MAX_SESSION_STEPS",
     "SESSION_ABORTED_MESSAGE",
     "StepInvoker",
@@ -53,6 +61,10 @@ __all__ = (
 DEFAULT_MAX_STEPS: Final[int] = 50
 #: leaf steps of a whole session, all branches together
 MAX_SESSION_STEPS: Final[int] = 10_000
+#: compositions invoked from compositions (a composition calling itself stops here)
+MAX_NESTING_DEPTH: Final[int] = 16
+#: how a condition's ``value`` is read: JavaScript truthiness (Composer's) or exactly ``True``
+CONDITIONS: Final = ("js", "strict")
 #: step invocations of one session in flight at once (a map over 10k items must not flood the engine's queues)
 MAX_CONCURRENT_STEPS: Final[int] = 64
 #: step inputs/outputs larger than this are not kept in the trace
@@ -62,6 +74,8 @@ SESSION_ABORTED_MESSAGE: Final[str] = "the engine closed before this session fin
 
 #: the session whose conductor runs the current task (inherited by parallel branches and by steps)
 _CURRENT_SESSION: contextvars.ContextVar[str | None] = contextvars.ContextVar("minifaas_session", default=None)
+#: set by an action step while it runs: the budget and nesting depth a composition it invokes inherits
+_NESTING: contextvars.ContextVar[tuple[_Budget, int] | None] = contextvars.ContextVar("minifaas_nesting", default=None)
 
 
 def current_session_id() -> str | None:
@@ -132,8 +146,19 @@ def _inspect(out: Any) -> Params:
     return out
 
 
-def _is_true(out: Params) -> bool:
-    return out.get("value") is True
+def _js_truthy(v: Any) -> bool:
+    """JavaScript's truthiness of a JSON value (objects and arrays are true, even empty)."""
+    if v is None or v is False:
+        return False
+    if isinstance(v, int | float):
+        return v == v and v != 0  # NaN is false
+    if isinstance(v, str):
+        return v != ""
+    return True
+
+
+def _strict_true(v: Any) -> bool:
+    return v is True
 
 
 def _scan(v: Any, budget: list[int]) -> bool:
@@ -208,11 +233,22 @@ def _copy_stack(stack: Stack) -> Stack:
 class _Run:
     """The state of one session while it runs."""
 
-    def __init__(self, session: Session, invoke: StepInvoker, submit: StepSubmitter, max_steps: int) -> None:
+    def __init__(
+        self,
+        session: Session,
+        invoke: StepInvoker,
+        submit: StepSubmitter,
+        max_steps: int,
+        *,
+        depth: int = 0,
+        conditions: str = "js",
+    ) -> None:
         self.session = session
         self.invoke = invoke
         self.submit = submit
         self.max_steps = max_steps
+        self.depth = depth
+        self.truthy = _strict_true if conditions == "strict" else _js_truthy
         self.total = 0
         self.entered: set[str] = set()
         self.limiter = anyio.CapacityLimiter(MAX_CONCURRENT_STEPS)
@@ -259,9 +295,13 @@ class _Run:
     # ------------------------------------------------------------------ steps
 
     def _begin(self, path: str, kind: StepKind, name: str | None, p: Params, budget: _Budget) -> Step:
-        budget.used += 1
-        if budget.used > self.max_steps:
-            raise _StepLimit(f"composition exceeded its step limit (max_steps={self.max_steps}) at AST node root{path}")
+        if kind in ("action", "dynamic", "async"):  # component activations; function/literal run in here
+            budget.used += 1
+            if budget.used > self.max_steps:
+                raise _StepLimit(
+                    f"composition exceeded its step limit (max_steps={self.max_steps} component activations)"
+                    f" at AST node root{path}"
+                )
         self.total += 1
         if self.total > MAX_SESSION_STEPS:
             raise _SessionLimit(
@@ -288,6 +328,8 @@ class _Run:
         async with self.limiter:
             step = self._begin(path, kind, name, p, budget)
             t0 = time.perf_counter()
+            # a composition this step invokes shares this thread's budget, one level deeper
+            token = _NESTING.set((budget, self.depth))
             try:
                 act = await self.invoke(name, p, self.session.session_id)
             except EngineClosed:
@@ -299,6 +341,8 @@ class _Run:
                     {"error": f"cannot invoke {name!r} at AST node root{path}: {type(e).__name__}: {e}"},
                     "internal_error",
                 )
+            finally:
+                _NESTING.reset(token)
         step.activation_id = act.activation_id
         out = act.result if isinstance(act.result, dict) else {"value": act.result}
         if act.status != "success" and "error" not in out:
@@ -325,6 +369,7 @@ class _Run:
         step = self._begin(target.path, "async", target.name, p, budget)
         t0 = time.perf_counter()
         sid = self.session.session_id
+        token = _NESTING.set(None)  # an async session is a session of its own, with its own budget
         try:
             aid = await self.submit(target.name, p, sid)
         except EngineClosed:
@@ -335,6 +380,8 @@ class _Run:
                 f"{type(e).__name__}: {e}"
             }
             return self._end(step, t0, err, "internal_error")
+        finally:
+            _NESTING.reset(token)
         step.activation_id = aid
         return self._end(step, t0, {"method": "async", "activationId": aid, "sessionId": sid}, "success")
 
@@ -399,7 +446,7 @@ class _Run:
         t = await self.node(n.args["test"], p, stack, budget)
         if "error" in t:
             return t
-        branch = n.args["consequent"] if _is_true(t) else n.args["alternate"]
+        branch = n.args["consequent"] if self.truthy(t.get("value")) else n.args["alternate"]
         return await self.node(branch, p if n.type == "if" else t, stack, budget)
 
     async def _while(self, n: Composition, p: Params, stack: Stack, budget: _Budget) -> Params:
@@ -407,7 +454,7 @@ class _Run:
             t = await self.node(n.args["test"], p, stack, budget)
             if "error" in t:
                 return t
-            if not _is_true(t):
+            if not self.truthy(t.get("value")):
                 return p
             p = await self.node(n.args["body"], p, stack, budget)
             if "error" in p:
@@ -416,7 +463,7 @@ class _Run:
     async def _while_nosave(self, n: Composition, p: Params, stack: Stack, budget: _Budget) -> Params:
         while True:
             t = await self.node(n.args["test"], p, stack, budget)
-            if "error" in t or not _is_true(t):
+            if "error" in t or not self.truthy(t.get("value")):
                 return t
             p = await self.node(n.args["body"], t, stack, budget)
             if "error" in p:
@@ -430,7 +477,7 @@ class _Run:
             t = await self.node(n.args["test"], p, stack, budget)
             if "error" in t:
                 return t
-            if not _is_true(t):
+            if not self.truthy(t.get("value")):
                 return p
 
     async def _dowhile_nosave(self, n: Composition, p: Params, stack: Stack, budget: _Budget) -> Params:
@@ -439,7 +486,7 @@ class _Run:
             if "error" in p:
                 return p
             p = await self.node(n.args["test"], p, stack, budget)
-            if "error" in p or not _is_true(p):
+            if "error" in p or not self.truthy(p.get("value")):
                 return p
 
     async def _repeat(self, n: Composition, p: Params, stack: Stack, budget: _Budget) -> Params:
@@ -548,6 +595,7 @@ async def run_composition(
     max_steps: int = DEFAULT_MAX_STEPS,
     name: str = "",
     session: Session | None = None,
+    conditions: str = "js",
 ) -> Session:
     """Run ``comp`` on ``args`` to the end and return its Session (never raises for the composition's errors).
 
@@ -560,9 +608,14 @@ async def run_composition(
     """
     if max_steps < 1:
         raise CompositionError(f"max_steps must be >= 1, not {max_steps}")
+    if conditions not in CONDITIONS:
+        raise CompositionError(f"conditions must be one of {', '.join(CONDITIONS)}, not {conditions!r}")
     if session is None:
         session = Session(session_id=session_id, name=name, start=now_ms())
-    run = _Run(session, invoke, submit, max_steps)
+    outer = _NESTING.get()  # set when an action step of another session invoked this composition
+    depth = 0 if outer is None else outer[1] + 1
+    budget = _Budget() if outer is None else outer[0]
+    run = _Run(session, invoke, submit, max_steps, depth=depth, conditions=conditions)
     t0 = time.perf_counter()
     out: Params = {"error": "Internal error: the session did not run"}
     status: SessionStatus = "internal_error"
@@ -570,7 +623,13 @@ async def run_composition(
     token = _CURRENT_SESSION.set(session_id)
     try:
         p = _inspect(args)
-        out = p if "error" in p else await run.node(comp, p, (), _Budget())
+        if depth > MAX_NESTING_DEPTH:
+            out = {
+                "error": f"composition {name or '?'} is nested {depth} deep, more than MAX_NESTING_DEPTH="
+                f"{MAX_NESTING_DEPTH} (does it invoke itself?)"
+            }
+        else:
+            out = p if "error" in p else await run.node(comp, p, (), budget)
         status = "application_error" if "error" in out else "success"
     except* EngineClosed:
         aborted = True
@@ -607,6 +666,7 @@ async def run_session(
     max_steps: int = DEFAULT_MAX_STEPS,
     name: str = "",
     session: Session | None = None,
+    conditions: str = "js",
 ) -> Session:
     """The engine's entry point: :func:`run_composition` under the name the engine uses."""
     return await run_composition(
@@ -618,6 +678,7 @@ async def run_session(
         max_steps=max_steps,
         name=name,
         session=session,
+        conditions=conditions,
     )
 
 
@@ -655,6 +716,7 @@ async def run_as_activation(
     namespace: str = "guest",
     version: str = "0.0.1",
     session: Session | None = None,
+    conditions: str = "js",
 ) -> tuple[Session, Activation]:
     """Run a composition as one invocation: its Session and its primary Activation (same id)."""
     session = await run_session(
@@ -666,6 +728,7 @@ async def run_as_activation(
         max_steps=max_steps,
         name=name,
         session=session,
+        conditions=conditions,
     )
     return session, session_activation(session, namespace=namespace, version=version)
 
@@ -693,6 +756,7 @@ async def call_composition(
     max_steps: int = DEFAULT_MAX_STEPS,
     namespace: str = "guest",
     version: str = "0.0.1",
+    conditions: str = "js",
 ) -> Activation:
     """Engine glue: one invocation of ``comp`` deployed as ``name``; returns the ended primary activation.
 
@@ -732,6 +796,7 @@ async def call_composition(
             namespace=namespace,
             version=version,
             session=running,
+            conditions=conditions,
         )
     except EngineClosed:
         sessions.put(running)

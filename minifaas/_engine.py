@@ -23,7 +23,7 @@ from ._activation import Activation, new_activation_id
 from ._bundle import load_bundle
 from ._composer import Composition
 from ._composer import task as _as_composition
-from ._conductor import DEFAULT_MAX_STEPS, SESSION_ABORTED_MESSAGE, call_composition
+from ._conductor import CONDITIONS, DEFAULT_MAX_STEPS, SESSION_ABORTED_MESSAGE, call_composition
 from ._deps import default_env_root, ensure_env
 from ._errors import (
     ActivationError,
@@ -178,6 +178,8 @@ class Engine:
         self.activations = Activations(self)
         self._functions: dict[str, list[FunctionSpec]] = {}
         self._compositions: dict[str, tuple[Composition, dict[str, Any], int]] = {}
+        #: composition name -> how its conditions read a value ("js" truthiness unless deployed "strict")
+        self._conditions: dict[str, str] = {}
         self._session_done: dict[str, anyio.Event] = {}
         #: composition sessions (traces of the path taken), by session id = primary activation id
         self.sessions = SessionStore()
@@ -445,15 +447,23 @@ class Engine:
         *,
         params: dict[str, Any] | None = None,
         max_steps: int = DEFAULT_MAX_STEPS,
+        conditions: Literal["js", "strict"] = "js",
     ) -> dict[str, Any]:
-        """Register a composition (a combinator tree, or its JSON IR) under ``name``; invoke it like a function."""
+        """Register a composition (a combinator tree, or its JSON IR) under ``name``; invoke it like a function.
+
+        ``conditions="js"`` takes a branch on the JavaScript truthiness of the condition's ``value``, as
+        openwhisk-composer does; ``"strict"`` only on exactly ``True``.
+        """
         self._require()
         if not isinstance(name, str) or not NAME_RE.match(name):
             raise DeployError(f"invalid composition name {name!r}: use letters, digits, '_', '-', '.'")
         if name in self._functions:
             raise DeployError(f"{name!r} is already a deployed function; delete it first")
         comp = Composition.from_json(composition) if isinstance(composition, dict) else _as_composition(composition)
+        if conditions not in CONDITIONS:
+            raise DeployError(f"conditions must be one of {', '.join(CONDITIONS)}, not {conditions!r}")
         self._compositions[name] = (comp, dict(params or {}), max_steps)
+        self._conditions[name] = conditions
         if self.triggers is not None:
             self.triggers.targets_changed()
         return {"name": name, "kind": "composition", "actions": comp.actions(), "composition": comp.to_json()}
@@ -584,6 +594,7 @@ class Engine:
                 session=session,
                 max_steps=max_steps,
                 namespace=self.namespace,
+                conditions=self._conditions.get(name, "js"),
             )
         spec, alias = self._route(name)
         annotations = {"alias": alias} if alias else None

@@ -145,10 +145,10 @@ PURE_CASES = [
     ("if-false", c.when(is_even, c.literal({"r": "even"}), c.literal({"r": "odd"})), {"n": 3}, {"r": "odd"}),
     ("if-no-alternate", c.if_(is_even, halve), {"n": 3}, {"n": 3}),
     (
-        "if-truthy-is-not-true",
+        "if-truthy-takes-then",  # openwhisk-composer's conductor: p.params.value ? then : else
         c.if_(lambda p: 1, c.literal({"r": "t"}), c.literal({"r": "f"})),
         {},
-        {"r": "f"},
+        {"r": "t"},
     ),
     ("if-branch-sees-input", c.if_(lambda p: {"value": True, "junk": 1}, c.empty()), {"n": 1}, {"n": 1}),
     ("if_nosave", c.if_nosave(set_flag, halve), {"n": 28}, {"n": 14, "value": True}),
@@ -340,24 +340,118 @@ async def test_paths_and_not_taken() -> None:
     assert shared.components[0].path == "[0]"
 
 
-async def test_step_limit_ends_session() -> None:
-    s = await run(None, c.while_(lambda p: True, lambda p: p), {}, max_steps=7)
+async def echo_invoke(name: str, params: dict[str, Any], cause: str) -> Activation:
+    """The engine's invoke interface, answering every action with its input plus one to ``n``."""
+    result = {**params, "n": params.get("n", 0) + 1}
+    return Activation(activation_id=new_activation_id(), name=name, status="success", result=result)
+
+
+async def no_submit(name: str, params: dict[str, Any], cause: str) -> str:
+    raise AssertionError("no async steps here")
+
+
+async def run_echo(
+    comp: c.Composition, args: dict[str, Any], *, max_steps: int = 50, conditions: str = "js"
+) -> Session:
+    return await run_session(
+        comp,
+        args,
+        invoke=echo_invoke,
+        submit=no_submit,
+        session_id=new_activation_id(),
+        max_steps=max_steps,
+        conditions=conditions,
+    )
+
+
+async def test_step_limit_counts_component_activations_only() -> None:
+    # 30 iterations: 30 actions and 31 host tests; OpenWhisk's limit (50) counts the 30 actions only
+    s = await run_echo(c.while_(lambda p: p["n"] < 30, "inc"), {"n": 0}, max_steps=50)
+    assert s.status == "success" and s.result["n"] == 30
+    s = await run_echo(c.while_(lambda p: True, "inc"), {"n": 0}, max_steps=7)
     assert s.status == "application_error"
     assert "max_steps=7" in s.result["error"] and "step limit" in s.result["error"]
-    assert len(s.steps) == 7
+    assert len([st for st in s.steps if st.kind == "action"]) == 7
     # a try_ cannot swallow the limit
-    s = await run(None, c.try_(c.repeat(100, lambda p: p), lambda p: {"caught": True}), {}, max_steps=5)
+    s = await run_echo(c.try_(c.repeat(100, "inc"), lambda p: {"caught": True}), {}, max_steps=5)
     assert s.status == "application_error" and "max_steps=5" in s.result["error"]
+    # host functions alone are bounded by the session limit, not the component one
+    s = await run(None, c.repeat(60, lambda p: p), {}, max_steps=5)
+    assert s.status == "success"
+    s = await run(None, c.while_(lambda p: True, lambda p: p), {}, max_steps=5)
+    assert s.status == "application_error" and "MAX_SESSION_STEPS" in s.result["error"]
 
 
 async def test_step_limit_is_per_branch_in_map() -> None:
     # like OpenWhisk, where each map/parallel branch is a conductor activation with its own limit
-    body = c.if_(lambda p: p["value"] == 2, c.repeat(10, lambda p: p), c.empty())
-    s = await run(None, c.map(body), {"value": [1, 2, 3]}, max_steps=5)
+    body = c.if_(lambda p: p["value"] == 2, c.repeat(10, "inc"), c.empty())
+    s = await run_echo(c.map(body), {"value": [1, 2, 3]}, max_steps=5)
     assert s.status == "success"
     values = s.result["value"]
     assert values[0] == {"value": 1} and values[2] == {"value": 3}
     assert "max_steps=5" in values[1]["error"]
+
+
+# openwhisk-composer's conductor.js: ``choice`` takes ``p.params.value ? then : else`` (JavaScript truthiness)
+TRUTHINESS_CASES = [
+    ("true", True, True, True),
+    ("false", False, False, False),
+    ("one", 1, True, False),
+    ("zero", 0, False, False),
+    ("half", 0.5, True, False),
+    ("nan", float("nan"), False, False),
+    ("string-no", "no", True, False),
+    ("empty-string", "", False, False),
+    ("empty-list", [], True, False),
+    ("empty-object", {}, True, False),
+    ("null", None, False, False),
+]
+
+
+@pytest.mark.parametrize(
+    ("value", "js", "strict"), [x[1:] for x in TRUTHINESS_CASES], ids=[x[0] for x in TRUTHINESS_CASES]
+)
+async def test_conditions_follow_composer_truthiness_or_the_strict_flag(value: Any, js: bool, strict: bool) -> None:
+    comp = c.if_(lambda p: {"value": value}, c.literal({"r": "then"}), c.literal({"r": "else"}))
+    for conditions, expected in (("js", js), ("strict", strict)):
+        s = await run_echo(comp, {}, conditions=conditions)
+        assert s.result == {"r": "then" if expected else "else"}, conditions
+
+
+async def test_while_on_a_counter_loops_as_in_composer() -> None:
+    countdown = c.while_(lambda p: p["left"], lambda p: {"left": p["left"] - 1, "laps": p.get("laps", 0) + 1})
+    assert (await run_echo(countdown, {"left": 3})).result == {"left": 0, "laps": 3}
+    assert (await run_echo(countdown, {"left": 3}, conditions="strict")).result == {"left": 3}
+    missing = c.if_(lambda p: {"other": 1}, c.literal({"r": "then"}), c.literal({"r": "else"}))
+    assert (await run_echo(missing, {})).result == {"r": "else"}  # no value: undefined, false
+
+
+async def test_nested_compositions_share_the_step_budget_and_cannot_recurse_for_ever() -> None:
+    from minifaas._conductor import MAX_NESTING_DEPTH
+
+    async with minifaas.Engine() as engine:
+        await engine.deploy("inc", code=INC)
+        await engine.deploy_composition("inner", c.repeat(4, "inc"), max_steps=5)
+        await engine.deploy_composition("outer", c.sequence("inc", "inner"), max_steps=5)
+        act = await engine.call("outer", {"n": 0})
+        # outer: inc (1) + the call of inner (2) + inner's 4 incs = 6 component activations > 5
+        assert act.status == "application_error" and "max_steps=5" in act.result["error"]
+        await engine.deploy_composition("outer-ok", c.sequence("inner"), max_steps=5)
+        assert (await engine.invoke("outer-ok", {"n": 0})) == {"n": 4}
+        await engine.deploy_composition("rec", c.sequence(lambda p: {"d": p.get("d", 0) + 1}, "rec"), max_steps=1000)
+        act = await engine.call("rec", {})
+        assert act.status == "application_error"
+        assert "MAX_NESTING_DEPTH" in act.result["error"] and "RecursionError" not in act.result["error"]
+        deepest = max(
+            (
+                st.output.get("d", 0)
+                for st_s in engine.sessions.list(limit=1000)
+                for st in st_s.steps[:1]
+                if isinstance(st.output, dict)
+            ),
+            default=0,
+        )
+        assert deepest == MAX_NESTING_DEPTH + 1
 
 
 async def test_with_load_functions_false_only_display() -> None:
@@ -655,9 +749,9 @@ async def test_map_over_100_items(engine: minifaas.Engine) -> None:
 
 
 async def test_step_limit_with_actions(engine: minifaas.Engine) -> None:
-    s = await run(engine, c.while_(lambda p: True, "inc"), {"n": 0}, max_steps=6)
-    assert s.status == "application_error" and "max_steps=6" in s.result["error"]
-    assert len(s.steps) == 6 and len(s.activation_ids) == 3  # test, inc, test, inc, test, inc
+    s = await run(engine, c.while_(lambda p: True, "inc"), {"n": 0}, max_steps=3)
+    assert s.status == "application_error" and "max_steps=3" in s.result["error"]
+    assert len(s.activation_ids) == 3  # test, inc, test, inc, test, inc, test, (the 4th inc: over)
 
 
 async def test_large_payloads_are_not_kept_in_traces(engine: minifaas.Engine) -> None:
