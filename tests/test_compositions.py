@@ -6,6 +6,7 @@ mask ...) run in the host and need no sandbox.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -515,6 +516,67 @@ async def test_ir_unloadable_function(fn: Any, needle: str) -> None:
         data["composition"]["components"][1]["function"]["exec"]["ref"] = "no_such_module_xyz:f"
     with pytest.raises(minifaas.CompositionError, match=needle):
         c.Composition.from_json(data)
+
+
+class Scaler:
+    """A callable instance (and a class with a method): neither round-trips by reference."""
+
+    def __init__(self, k: int = 10) -> None:
+        self.k = k
+
+    def __call__(self, p: dict[str, Any]) -> dict[str, Any]:
+        return {"n": p["n"] * self.k}
+
+    def bump(self, p: dict[str, Any]) -> dict[str, Any]:
+        return {"n": p["n"] + self.k}
+
+
+def add(p: dict[str, Any], k: int) -> dict[str, Any]:
+    return {"n": p["n"] + k}
+
+
+SCALE3 = Scaler(3)
+ADD5 = functools.partial(add, k=5)
+
+
+@pytest.mark.parametrize(
+    "fn", [SCALE3, Scaler(7).bump, ADD5, lambda p: p], ids=["callable-instance", "bound-method", "partial", "lambda"]
+)
+async def test_ir_round_trip_is_lossless_or_refuses(fn: Any) -> None:
+    comp = c.sequence(c.function(fn))
+    before = await run(None, comp, {"n": 1})
+    assert before.status == "success"
+    ir = json.loads(json.dumps(comp.to_json()))
+    assert "<" in ir["composition"]["components"][0]["function"]["exec"]["ref"]
+    with pytest.raises(minifaas.CompositionError, match="not importable"):
+        c.Composition.from_json(ir)
+
+
+async def test_equality_tells_different_callables_apart() -> None:
+    assert c.function(lambda p: 1) != c.function(lambda p: 2)
+    f = lambda p: 1  # noqa: E731
+    assert c.sequence(f, "a") == c.sequence(f, "a")
+    assert c.function(halve) == c.Composition.from_json(json.loads(json.dumps(c.function(halve).to_json())))
+    assert c.function(Scaler(1).bump) != c.function(Scaler(2).bump)
+
+
+async def test_ir_prefers_composers_source_tree() -> None:
+    # openwhisk-composer 0.12 writes the source tree ("ast") and the lowered one ("composition")
+    data = {
+        "ast": {"type": "retain", "components": [{"type": "action", "name": "/_/a", "path": "[0]"}], "path": ""},
+        "composition": {
+            "type": "let",
+            "declarations": {"params": None},
+            "components": [
+                {"type": "finally", "body": {"type": "action", "name": "/_/a"}, "finalizer": {"type": "empty"}}
+            ],
+        },
+        "version": "0.12.0",
+    }
+    comp = c.Composition.from_json(data)
+    assert comp.type == "retain" and comp.actions() == ["a"]
+    s = await run_echo(comp, {"n": 1})
+    assert s.result == {"params": {"n": 1}, "result": {"n": 2}}
 
 
 async def test_ir_accepts_openwhisk_composer_json() -> None:
