@@ -35,7 +35,7 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
@@ -82,10 +82,14 @@ MAX_DST_SHIFT = timedelta(hours=3)
 CURSOR_VERSION = 2
 #: how long a file written in place must stay unchanged before it fires (a renamed-in file fires on sight)
 FOLDER_SETTLE_S = 2.0
-#: with inotify, a full listing of the folder this often anyway (a safety net under the events)
+#: with inotify, or polling a folder whose mtime did not change, a full listing this often anyway
 FULL_RESCAN_S = 60.0
+#: a folder mtime this much older than the listing that read it cannot hide a change in the same clock tick
+DIR_MTIME_QUIET_NS = 1_000_000_000
 #: the cursor log is folded into the snapshot once it has more lines than this and than the snapshot has entries
 CURSOR_COMPACT_LINES = 1000
+#: cursor snapshot entries encoded per call (the encoder holds the GIL while it runs)
+SNAPSHOT_CHUNK_ENTRIES = 500
 TEMP_PREFIXES = (".",)
 TEMP_SUFFIXES = (".tmp", ".part", ".crdownload", "~")
 
@@ -113,11 +117,16 @@ def is_temporary_name(name: str) -> bool:
 
 def write_json_atomic(path: Path, obj: object) -> None:
     """Write ``obj`` as JSON so that a reader (or a crash) sees either the old file or the new one, whole."""
+    _write_chunks_atomic(path, [json.dumps(obj, separators=(",", ":"), sort_keys=True)])
+
+
+def _write_chunks_atomic(path: Path, chunks: Iterable[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, separators=(",", ":"), sort_keys=True)
+            for chunk in chunks:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -705,13 +714,9 @@ class Cursor:
                 self._log = None
             if self._log_path.exists():
                 os.replace(self._log_path, self._old_log_path)
-            data = {
-                "version": CURSOR_VERSION,
-                "handled": {n: list(k) for n, k in self.handled.items()},
-                "inflight": {n: list(k) for n, k in self.inflight.items()},
-            }
+            handled, inflight = dict(self.handled), dict(self.inflight)  # copies: the loop keeps recording
             self._lines = 0
-        write_json_atomic(self.path, data)
+        _write_chunks_atomic(self.path, _snapshot_chunks(handled, inflight))
         self._old_log_path.unlink(missing_ok=True)
 
     def close(self) -> None:
@@ -725,6 +730,20 @@ class Cursor:
         if self.path is not None:
             for p in (self.path, self._log_path, self._old_log_path):
                 p.unlink(missing_ok=True)
+
+
+def _snapshot_chunks(handled: dict[str, Key], inflight: dict[str, Key]) -> Iterator[str]:
+    """The cursor snapshot's JSON text in pieces: one C-encoded call for 50k entries would hold the GIL (and
+    so stall the event loop) for the whole encoding."""
+    yield f'{{"version":{CURSOR_VERSION}'
+    for field, entries in (("handled", handled), ("inflight", inflight)):
+        yield f',"{field}":{{'
+        items = list(entries.items())
+        for i in range(0, len(items), SNAPSHOT_CHUNK_ENTRIES):
+            part = json.dumps({n: list(k) for n, k in items[i : i + SNAPSHOT_CHUNK_ENTRIES]}, separators=(",", ":"))
+            yield ("," if i else "") + part[1:-1]
+        yield "}"
+    yield "}"
 
 
 def idempotency_key(path: str, digest: str | None, key: Key) -> str:
@@ -783,6 +802,9 @@ class PollingFeed(Feed):
         self._last_full = -math.inf
         #: listed names not handled yet (still settling, retrying or in flight): looked at on every poll
         self._unsettled: set[str] = set()
+        #: polling a folder: its mtime at the last full listing, and whether it was old enough to trust
+        self._dir_mtime: int | None = None
+        self._dir_quiet = False
 
     def info(self) -> FeedInfo:
         return FeedInfo(
@@ -804,18 +826,18 @@ class PollingFeed(Feed):
         existed = await anyio.to_thread.run_sync(self.cursor.load)
         self._open_watch()
         listing = await anyio.to_thread.run_sync(self.source.list)
-        now = time.monotonic()
         # the first poll lists in full: files deleted while the feed was stopped leave the cursor there
         self._listing, self._last_full = listing, -math.inf
         if not existed:
             if not self.fire_existing:
-                self.cursor.handled = {name: e.key for name, e in listing.items()}
+                self.cursor.handled = await anyio.to_thread.run_sync(lambda: {n: e.key for n, e in listing.items()})
             # Saved even when empty: on restart, a cursor file means "files not in it are new".
             if not self._removed:
                 await anyio.to_thread.run_sync(self.cursor.save)
         elif self.cursor.needs_compaction and not self._removed:
             await anyio.to_thread.run_sync(self.cursor.save)
-        self._seen = {name: (e.key, now) for name, e in listing.items()}
+        # handled files need no settling record: one rewritten later is seen afresh then
+        self._seen = {}
         self._primed = True
 
     async def _run(self) -> None:
@@ -880,11 +902,30 @@ class PollingFeed(Feed):
                     else:
                         self._listing.pop(name, None)
             return self._listing, names
+        dir_mtime: int | None = None
         if self._watch is not None:
             self._watch.read()
             self._watch.touched, self._watch.overflow = set(), False
+        elif isinstance(self.source, FolderSource):
+            # Polling a folder: a file created, renamed or deleted changes the folder's mtime. If it has not
+            # changed since a listing that began well after it (a change within the same clock tick would
+            # hide), and nothing is settling or retrying, the listing still holds. A handled file rewritten in
+            # place shows at the next full listing (FULL_RESCAN_S).
+            with contextlib.suppress(OSError):
+                dir_mtime = os.stat(self.source.path).st_mtime_ns
+            if (
+                dir_mtime is not None
+                and dir_mtime == self._dir_mtime
+                and self._dir_quiet
+                and not self._unsettled
+                and not self._retry
+                and now - self._last_full < FULL_RESCAN_S
+            ):
+                return self._listing, set()
         self._listing = await anyio.to_thread.run_sync(self.source.list)
         self._last_full = now
+        self._dir_mtime = dir_mtime
+        self._dir_quiet = dir_mtime is not None and time.time_ns() - dir_mtime > DIR_MTIME_QUIET_NS
         return self._listing, None
 
     def _release(self) -> None:
@@ -909,18 +950,23 @@ class PollingFeed(Feed):
         listing, changed = await self._list()
         cursor = self.cursor
         now = time.monotonic()
-        if changed is None:  # a full listing: look at everything
-            names: Iterable[str] = listing.keys()
-            known = cursor.handled.keys() | cursor.inflight.keys()
-            seen = set(self._seen)
+        names: Iterable[str]
+        if changed is None:  # a full listing: compare it all, in a worker thread (50k names take a while)
+            handled, inflight, seen_before = dict(cursor.handled), set(cursor.inflight), set(self._seen)
+
+            def compare() -> tuple[list[str], set[str], set[str]]:
+                new = [n for n, e in listing.items() if handled.get(n) != e.key]
+                return new, handled.keys() | inflight, seen_before
+
+            names, known, seen = await anyio.to_thread.run_sync(compare)
         else:  # events: only the names they touched and those still settling matter
             names = changed
             known = {n for n in changed if n in cursor.handled or n in cursor.inflight}
             seen = {n for n in changed if n in self._seen}
-        for gone in known - listing.keys():
+        for gone in known.difference(listing):
             if gone not in self._active:
                 cursor.record("gone", gone)  # so a later file of the same name is new
-        for gone in seen - listing.keys():
+        for gone in seen.difference(listing):
             del self._seen[gone]
             self._retry.pop(gone, None)
         ready = [
@@ -981,7 +1027,7 @@ class PollingFeed(Feed):
                     assert self._tg is not None
                     self._tg.start_soon(self._await_end, name, entry.key, ids)
         finally:
-            looked = listing.keys() if changed is None else changed
+            looked = names  # the others were handled when this poll began
             self._unsettled = {
                 n for n in looked if (e := listing.get(n)) is not None and cursor.handled.get(n) != e.key
             }
