@@ -1110,3 +1110,35 @@ async def test_cron_alarm_notices_a_forward_wall_clock_step_within_a_slice() -> 
         clock.wall_offset_s = 3600.0  # a suspended laptop wakes up an hour later
         await advance(clock, CRON_SLICE_S, step=CRON_SLICE_S / 6)
         assert [args["scheduled"] for _, args, _, _ in sub.calls] == ["2024-03-10T11:00:00+00:00"]
+
+
+@pytest.mark.parametrize("events", [True, False], ids=["inotify", "polling"])
+async def test_a_quiet_folder_is_not_listed_again_at_every_poll(
+    tmp_path: Path, events: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from minifaas._feeds import FolderSource
+
+    listings: list[float] = []
+    real_list = FolderSource.list
+
+    def counted(self: FolderSource) -> Any:
+        listings.append(time.monotonic())
+        return real_list(self)
+
+    monkeypatch.setattr(FolderSource, "list", counted)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(50):
+        drop(folder, f"old{i}.jpg", b"x")
+    await anyio.sleep(1.1)  # the folder's mtime is now old enough to be trusted
+    sub = Submissions()
+    async with manager(sub, tmp_path / "state") as tm:
+        tm.create_trigger("t", rate_per_minute=None)
+        tm.create_rule("r", "t", "f")
+        await tm.add_feed("t", "folder", path=folder, interval_s=POLL_S, events=events)
+        await anyio.sleep(20 * POLL_S)
+        assert len(listings) <= 3  # the start, the first poll: not twenty
+        tmp = drop(folder, ".new.jpg.part", b"new")
+        await anyio.sleep(0.02)
+        os.replace(tmp, folder / "new.jpg")
+        await wait_until(lambda: sub.names() == ["new.jpg"])
