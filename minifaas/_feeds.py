@@ -5,7 +5,8 @@ Three kinds, polling at ``interval_s``; a folder feed on Linux also listens to i
 - ``folder``: a local folder, the stand-in for a storage bucket. A file fires once it is completely written:
   renamed in, or closed by its writer (inotify), or else unchanged for ``settle_s``. With inotify a poll
   looks only at the names events touched (a full listing every ``FULL_RESCAN_S`` as a safety net).
-- ``fsspec``: any fsspec URL (``s3://bucket/prefix/``, ``gs://...``, ``file:///...``); objects fire once.
+- ``fsspec``: any fsspec URL (``s3://bucket/prefix/``, ``gs://...``, ``file:///...``); objects fire once. On
+  an object store the event carries the object's ``etag`` (no download); local files carry their ``sha256``.
 - ``alarm``: an interval (``interval_s``) or a 5-field cron expression (``cron``).
 
 Delivery rests on a cursor: for every file the feed keeps its ``(size, version)`` key (version = ``mtime_ns``
@@ -597,6 +598,25 @@ class FsspecSource:
 
     def payload(self, name: str, entry: Entry) -> dict[str, Any] | None:
         path = self.root.rstrip("/") + "/" + name
+        if not self.local:
+            # An object store names each version by its ETag: a HEAD says the object is still that version,
+            # with no download (the event carries the ETag; a workflow that wants a hash computes it).
+            try:
+                self.fs.invalidate_cache(path)
+                info = self.fs.info(path)
+            except FileNotFoundError:
+                return None
+            etag = info.get("ETag") or info.get("etag")
+            if etag:
+                if _info_key(info) != entry.key:
+                    return None  # replaced since the listing; the new version fires on a later poll
+                return {
+                    "path": self.fs.unstrip_protocol(path),
+                    "name": name,
+                    "size": entry.key[0],
+                    "mtime": entry.mtime,
+                    "etag": str(etag),
+                }
         digest = hashlib.sha256()
         try:
             with self.fs.open(path, "rb") as f:
