@@ -47,6 +47,7 @@ __all__ = (
     "MAX_NESTING_DEPTH",
     "MAX_SESSION_STEPS",
     "SESSION_ABORTED_MESSAGE",
+    "SESSION_TRACE_MAX_BYTES",
     "StepInvoker",
     "StepSubmitter",
     "call_composition",
@@ -69,6 +70,8 @@ CONDITIONS: Final = ("js", "strict")
 MAX_CONCURRENT_STEPS: Final[int] = 64
 #: step inputs/outputs larger than this are not kept in the trace
 TRACE_MAX_BYTES: Final[int] = 64 * 1024
+#: step inputs/outputs a session's trace keeps in all (a 2,000-item map of 60 KB outputs would hold 120 MB)
+SESSION_TRACE_MAX_BYTES: Final[int] = 4 * 1024 * 1024
 #: the result of a session that a closing engine stopped between steps (it did not fail: it did not finish)
 SESSION_ABORTED_MESSAGE: Final[str] = "the engine closed before this session finished"
 
@@ -200,13 +203,18 @@ def _sanitize(v: Any) -> Any:
     return {"$repr": repr(v)[:200]}
 
 
-def _trace(v: Any) -> Any:
-    """What a step record keeps of a value: the value itself (never mutated later), or a placeholder."""
+def _trace(v: Any, left_bytes: int = TRACE_MAX_BYTES) -> tuple[Any, int]:
+    """What a step record keeps of a value (the value itself, never mutated later, or a placeholder) and the
+    rough bytes that costs; at most ``left_bytes`` of the session's trace budget."""
+    limit = min(TRACE_MAX_BYTES, left_bytes)
+    budget = [limit]
     try:
-        odd = _scan(v, [TRACE_MAX_BYTES])
+        odd = _scan(v, budget)
     except _TooBig:
-        return {"$truncated": True, "limit_bytes": TRACE_MAX_BYTES}
-    return _sanitize(v) if odd else v
+        if limit < TRACE_MAX_BYTES:
+            return {"$truncated": True, "session_limit_bytes": SESSION_TRACE_MAX_BYTES}, 64
+        return {"$truncated": True, "limit_bytes": TRACE_MAX_BYTES}, 64
+    return (_sanitize(v) if odd else v), limit - budget[0]
 
 
 def _view(stack: Stack) -> list[dict[str, Any]]:
@@ -254,6 +262,7 @@ class _Run:
         self.limiter = anyio.CapacityLimiter(MAX_CONCURRENT_STEPS)
         # a step's output is usually the next step's input: trace it once (values are never mutated in place)
         self._traced: tuple[Any, Any] = (None, None)
+        self.trace_left = SESSION_TRACE_MAX_BYTES
         self.handlers: dict[str, Callable[[Composition, Params, Stack, _Budget], Awaitable[Any]]] = {
             "sequence": self._sequence,
             "empty": self._sequence,
@@ -314,7 +323,9 @@ class _Run:
 
     def _trace(self, v: Any) -> Any:
         if self._traced[0] is not v:
-            self._traced = (v, _trace(v))
+            kept, cost = _trace(v, self.trace_left)
+            self.trace_left -= cost
+            self._traced = (v, kept)
         return self._traced[1]
 
     def _end(self, step: Step, t0: float, out: Params, status: StepStatus) -> Params:

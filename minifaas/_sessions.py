@@ -11,6 +11,8 @@ from __future__ import annotations
 import builtins
 import dataclasses
 import json
+import logging
+import queue
 import sqlite3
 import threading
 from collections import OrderedDict
@@ -20,6 +22,8 @@ from typing import Any, Final, Literal
 from ._errors import ActivationNotFound
 
 __all__ = ("MAX_SESSIONS", "Session", "SessionStatus", "SessionStore", "Step", "StepKind", "StepStatus")
+
+logger = logging.getLogger("minifaas.sessions")
 
 #: sessions kept in memory by default; the oldest are dropped first
 MAX_SESSIONS: Final[int] = 1000
@@ -135,8 +139,9 @@ def dumps(obj: object) -> str:
 class SessionStore:
     """Sessions by id: the newest ``max_sessions`` in memory, and (up to a bound) all in SQLite at ``path``.
 
-    Methods are synchronous and cheap (a dict look-up; one small SQLite write per ``put`` in WAL mode without
-    fsync), so the engine may call them from its event loop.
+    Methods are synchronous and cheap (a dict look-up; ``put`` queues the SQLite write for the store's writer
+    thread, which serializes the session there), so the engine may call them from its event loop. ``list`` and
+    ``len`` wait for queued writes first; ``close`` drains them.
     """
 
     def __init__(
@@ -154,6 +159,9 @@ class SessionStore:
         self._puts = 0
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
+        self._queue: queue.Queue[Session | None] | None = None
+        self._pending: dict[str, Session] = {}
+        self._writer: threading.Thread | None = None
         if path is not None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
@@ -164,6 +172,10 @@ class SessionStore:
                 "start INTEGER NOT NULL, data TEXT NOT NULL)"
             )
             self._db.execute("CREATE INDEX IF NOT EXISTS sessions_start ON sessions (start)")
+            # owned by the store: close() drains it and joins it
+            self._queue = queue.Queue()
+            self._writer = threading.Thread(target=self._write_loop, name="minifaas-sessions-writer", daemon=True)
+            self._writer.start()
 
     def put(self, session: Session) -> None:
         """Record (or replace) a session."""
@@ -172,18 +184,42 @@ class SessionStore:
             self._mem.move_to_end(session.session_id)
             while len(self._mem) > self._max:
                 self._mem.popitem(last=False)
-            if self._db is not None:
-                self._db.execute(
-                    "INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?)",
-                    (session.session_id, session.name, session.start, dumps(session.to_dict())),
-                )
-                self._puts += 1
-                if self._puts % PRUNE_EVERY_PUTS == 0:
+            if self._queue is not None:
+                self._pending[session.session_id] = session
+                self._queue.put(session)
+
+    def _write_loop(self) -> None:
+        """The writer thread: serialize and store what ``put`` queued, in order (a big trace costs the loop
+        nothing)."""
+        assert self._queue is not None
+        while (session := self._queue.get()) is not None:
+            try:
+                data = dumps(session.to_dict())
+            except (RuntimeError, ValueError, TypeError):  # changed while serialized: its next put writes it
+                logger.warning("session %s could not be serialized this time", session.session_id, exc_info=True)
+                data = None
+            with self._lock:
+                if data is not None and self._db is not None:
                     self._db.execute(
-                        "DELETE FROM sessions WHERE session_id NOT IN "
-                        "(SELECT session_id FROM sessions ORDER BY start DESC LIMIT ?)",
-                        (self._max_persisted,),
+                        "INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?)",
+                        (session.session_id, session.name, session.start, data),
                     )
+                    self._puts += 1
+                    if self._puts % PRUNE_EVERY_PUTS == 0:
+                        self._db.execute(
+                            "DELETE FROM sessions WHERE session_id NOT IN "
+                            "(SELECT session_id FROM sessions ORDER BY start DESC LIMIT ?)",
+                            (self._max_persisted,),
+                        )
+                if self._pending.get(session.session_id) is session:
+                    del self._pending[session.session_id]
+            self._queue.task_done()
+        self._queue.task_done()
+
+    def flush(self) -> None:
+        """Wait until every queued write is in the database."""
+        if self._queue is not None and self._writer is not None and self._writer.is_alive():
+            self._queue.join()
 
     def recover(self, message: str) -> int:
         """End the sessions a dead host left ``running`` as ``internal_error`` with ``message``; how many."""
@@ -213,7 +249,7 @@ class SessionStore:
     def get(self, session_id: str) -> Session:
         """The session with this id; raises ActivationNotFound (a session id is an activation id)."""
         with self._lock:
-            s = self._mem.get(session_id)
+            s = self._mem.get(session_id) or self._pending.get(session_id)
             if s is not None:
                 return s
             if self._db is not None:
@@ -235,6 +271,7 @@ class SessionStore:
         self, name: str | None = None, *, limit: int = DEFAULT_LIST_LIMIT, skip: int = 0
     ) -> builtins.list[Session]:
         """Newest first (by start time), optionally only those of composition ``name``."""
+        self.flush()
         with self._lock:
             if self._db is not None:
                 q = "SELECT data FROM sessions"
@@ -250,12 +287,17 @@ class SessionStore:
         return found[skip : skip + limit]
 
     def __len__(self) -> int:
+        self.flush()
         with self._lock:
             if self._db is not None:
                 return int(self._db.execute("SELECT COUNT(*) FROM sessions").fetchone()[0])
             return len(self._mem)
 
     def close(self) -> None:
+        if self._queue is not None and self._writer is not None:
+            self._queue.put(None)
+            self._writer.join()
+            self._writer = None
         with self._lock:
             if self._db is not None:
                 self._db.close()

@@ -944,3 +944,39 @@ async def test_sessions_left_running_by_a_dead_host_are_failed_at_start_up(tmp_p
         assert dead.status == "internal_error" and "stopped" in dead.result["error"]
         assert dead.end is not None and dead.steps[0].status == "internal_error"
         assert engine.sessions.get("done").status == "success"
+
+
+def big_tag(p: dict[str, Any]) -> dict[str, Any]:
+    return {"v": p["value"], "blob": "y" * 60_000}
+
+
+async def test_a_sessions_trace_is_bounded_and_stored_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from minifaas import _sessions
+    from minifaas._conductor import SESSION_TRACE_MAX_BYTES
+
+    comp = c.sequence(lambda p: {"value": list(range(300))}, c.map(big_tag))
+    s = await run(None, comp, {})
+    assert s.status == "success" and len(s.steps) == 301 and len(s.result["value"]) == 300
+    kept = sum(len(json.dumps(st.output)) for st in s.steps if st.output is not None)
+    assert kept <= SESSION_TRACE_MAX_BYTES * 1.1  # 300 outputs of 60 KB would be 18 MB
+    assert {"$truncated": True, "session_limit_bytes": SESSION_TRACE_MAX_BYTES} in [st.output for st in s.steps]
+    threads: list[str] = []
+    real_dumps = _sessions.dumps
+
+    def spy(obj: object) -> str:
+        threads.append(threading.current_thread().name)
+        return real_dumps(obj)
+
+    monkeypatch.setattr(_sessions, "dumps", spy)
+    with SessionStore(tmp_path / "s.sqlite3") as store:
+        store.put(s)
+        assert store.get(s.session_id) is s  # readable at once
+        assert [x.session_id for x in store.list()] == [s.session_id]  # list waits for the write
+    assert threads == ["minifaas-sessions-writer"]
+    with SessionStore(tmp_path / "s.sqlite3") as store:
+        again = store.get(s.session_id)
+    assert again.status == "success" and len(again.steps) == 301
