@@ -390,3 +390,21 @@ async def test_deployed_functions_start_with_their_models_in_the_zygote() -> Non
             tflite = [m for m in act.annotations["models"] if m["url"].endswith(".tflite")]
             assert tflite and all(m["hit"] and m.get("prebuilt") for m in tflite), act.annotations["models"]
         assert crop.result["person"] is True and tag.result["labels"]
+
+
+async def test_deploying_sweeps_staging_files_left_by_a_crash(run: Run, tmp_path: Path) -> None:
+    catalog, rejected = tmp_path / "catalog", tmp_path / "rejected"
+    catalog.mkdir()
+    rejected.mkdir()
+    stale = [
+        catalog / ".p0001.0123456789ab.src.jpg",  # a snapshot
+        catalog / ".p0001.0123456789ab.jpg",  # a crop not yet renamed into place
+        rejected / ".p0002.json.deadbeef.tmp",  # an atomic write cut short
+    ]
+    kept = [catalog / ".keep.jpg", catalog / "p0003.jpg", catalog / "p0003.json"]
+    for path in stale + kept:
+        path.write_bytes(b"x")
+    params = {"catalog_dir": str(catalog), "rejected_dir": str(rejected)}
+    await wf.deploy_catalog(run.engine, "catalog-swept", params=params)
+    assert [p.name for p in stale if p.exists()] == []
+    assert all(p.exists() for p in kept)

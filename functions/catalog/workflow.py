@@ -57,6 +57,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import threading
 import uuid
@@ -87,6 +88,7 @@ __all__ = (
     "deploy_catalog",
     "deploy_functions",
     "install",
+    "sweep_staging",
 )
 
 #: the repository's ``functions/`` folder, where the AI functions this workflow calls live
@@ -201,6 +203,11 @@ def _steps(functions: dict[str, str], session_id: str | None) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- files
+
+
+#: hidden names of this module's staging files: ``.<stem>.<token>.src<ext>``, ``.<stem>.<token>.jpg`` (a crop),
+#: ``.<name>.<8 hex>.tmp`` (an atomic write)
+_STAGING_RE: Final = re.compile(r"\..+\.(?:[0-9a-f]{12}(?:\.src)?\.[A-Za-z0-9]+|[0-9a-f]{8}\.tmp)")
 
 
 def _temp_path(dst: Path) -> Path:
@@ -591,6 +598,25 @@ async def deploy_catalog(
     and the event's payload override them.
     """
     comp = build_workflow(quality=quality, crop=crop, tag=tag)
+    folders = [str(params[k]) for k in ("catalog_dir", "rejected_dir") if isinstance((params or {}).get(k), str)]
+    await anyio.to_thread.run_sync(sweep_staging, folders)
     await engine.deploy_composition(name, comp, params=params)
     install(engine)
     return comp
+
+
+def sweep_staging(folders: list[str]) -> int:
+    """Delete the hidden snapshots, crops and temporary files that sessions cut short by a crash left behind.
+
+    Called when the composition is deployed, before any of its sessions runs (their events fire again, with new
+    staging names). Only names this module makes are touched; returns how many were deleted.
+    """
+    removed = 0
+    for folder in folders:
+        with contextlib.suppress(FileNotFoundError), os.scandir(folder) as entries:
+            for entry in entries:
+                if _STAGING_RE.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+                        removed += 1
+    return removed
