@@ -192,102 +192,32 @@ async def bench_crash(rounds: int) -> None:
 
 
 # -- catalog under crashes -------------------------------------------------------------------------------------
-CATALOG_HOST = """
-import sys, anyio, minifaas
-sys.path.insert(0, sys.argv[2])
-from catalog import workflow as wf
-state, root, mode = sys.argv[1], sys.argv[3], sys.argv[4]
-async def main():
-    async with minifaas.Engine(state_dir=state) as engine:
-        tm = engine.triggers
-        if mode == "setup":
-            tm.create_trigger("photos", rate_per_minute=None)
-            tm.create_rule("to-catalog", "photos", "catalog")
-            await tm.add_feed("photos", "folder", path=root + "/uploads", interval_s=0.2, settle_s=0.5)
-            return
-        await wf.deploy_functions(engine)
-        params = {"catalog_dir": root + "/catalog", "rejected_dir": root + "/rejected"}
-        await wf.deploy_catalog(engine, params=params)  # the saved feed starts now: its target exists
-        print("ready", flush=True)
-        while True:
-            await anyio.sleep(0.2)
-            feed = tm.list_feeds()[0]
-            print("pending", feed.pending, feed.fires, flush=True)
-anyio.run(main)
-"""
-
-
-def _catalog_host(state: Path, root: Path, mode: str) -> subprocess.Popen[str]:
-    argv = [sys.executable, "-c", CATALOG_HOST, str(state), str(ROOT / "functions"), str(root), mode]
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
-
-
-def _catalog_run(state: Path, root: Path, kill_after_s: float | None) -> tuple[int, set[int]]:
-    """Run the host; kill -9 it ``kill_after_s`` after it is ready (None: once nothing is pending). Returns the
-    fires it reported and its processes just before the kill."""
-    proc = _catalog_host(state, root, "run")
-    assert proc.stdout is not None
-    fires = 0
-    ready_at: float | None = None
-    quiet = 0
-    while line := proc.stdout.readline():
-        words = line.split()
-        if words == ["ready"]:
-            ready_at = time.monotonic()
-        elif words[:1] == ["pending"]:
-            fires = int(words[2])
-            quiet = quiet + 1 if words[1] == "0" else 0
-        if ready_at is not None and (
-            (kill_after_s is not None and time.monotonic() - ready_at >= kill_after_s)
-            or (kill_after_s is None and quiet >= 25)
-        ):
-            break
-    family = descendants(proc.pid, proc_table())
-    proc.kill()
-    proc.wait()
-    proc.stdout.close()
-    return fires, family
-
-
 async def bench_catalog_crashes(photos: int, kills: int) -> None:
+    sys.path.insert(0, str(ROOT / "functions"))
+    from catalog import crashrun
+
     images = sorted(p for p in (ROOT / "tests" / "data" / "images").iterdir() if p.suffix in (".jpg", ".png"))
     with tempfile.TemporaryDirectory() as d:
         root, state = Path(d), Path(d) / "state"
-        (root / "uploads").mkdir()
-        setup = _catalog_host(state, root, "setup")
-        setup.wait()
-        for i in range(photos):
-            src = images[i % len(images)]
-            tmp = root / "uploads" / f".p{i:04}{src.suffix}.part"
-            tmp.write_bytes(src.read_bytes())
-            os.replace(tmp, root / "uploads" / f"p{i:04}{src.suffix}")
+        await anyio.to_thread.run_sync(crashrun.setup, state, root)
+        stems = crashrun.drop_photos(root, images, photos)
         t0 = time.monotonic()
         fires_per_run: list[int] = []
         left_total = 0
         for k in range(kills + 1):
             kill_after = random.uniform(3.0, 12.0) if k < kills else None
-            fires, family = await anyio.to_thread.run_sync(_catalog_run, state, root, kill_after)
+            fires, family = await anyio.to_thread.run_sync(crashrun.run_host, state, root, kill_after)
             left_total += len(await leftovers(set(), family, family))
             fires_per_run.append(fires)
             how = f"killed -9 after {kill_after:.1f} s" if kill_after is not None else "ran to the end"
             say(f"catalog run {k + 1}: {how}, {fires} fires")
-        stems = [f"p{i:04}" for i in range(photos)]
-        where = {s: [f for f in ("catalog", "rejected") if (root / f / f"{s}.json").exists()] for s in stems}
-        outcomes = collections.Counter(
-            json.loads((root / w[0] / f"{s}.json").read_text())["outcome"] for s, w in where.items() if len(w) == 1
-        )
-        leftovers_hidden = [p.name for f in ("catalog", "rejected") for p in (root / f).glob(".*")]
         FIGURES["catalog"] = {
             "photos": photos,
             "kills": kills,
             "seconds": round(time.monotonic() - t0, 1),
-            "exactly_once": sum(1 for w in where.values() if len(w) == 1),
-            "in_both": sum(1 for w in where.values() if len(w) > 1),
-            "missing": sum(1 for w in where.values() if not w),
+            **crashrun.tally(root, stems),
             "fires": sum(fires_per_run),
             "refired_after_kills": sum(fires_per_run) - photos,
-            "outcomes": dict(outcomes),
-            "staging_files_left": len(leftovers_hidden),
             "processes_left": left_total,
         }
     say(f"catalog: {FIGURES['catalog']}")

@@ -408,3 +408,25 @@ async def test_deploying_sweeps_staging_files_left_by_a_crash(run: Run, tmp_path
     await wf.deploy_catalog(run.engine, "catalog-swept", params=params)
     assert [p.name for p in stale if p.exists()] == []
     assert all(p.exists() for p in kept)
+
+
+def test_photos_end_exactly_once_when_the_host_is_killed_mid_run(tmp_path: Path) -> None:
+    """The short version of ``bench_reliability.py --only catalog``: a host killed -9 while sessions run."""
+    from catalog import crashrun
+
+    root, state = tmp_path, tmp_path / "state"
+    crashrun.setup(state, root)
+    images = sorted(p for p in IMAGES.iterdir() if p.name in (*PEOPLE, *BLURRED, NO_PERSON))
+    count = 40  # at ~30 photos/s on 2 cores, more than a second of work
+    stems = crashrun.drop_photos(root, images, count)
+    first, family = crashrun.run_host(state, root, kill_after_s=0.5)  # sessions in flight
+    assert first > 0, "nothing fired before the kill"
+    filed_before = crashrun.tally(root, stems)["exactly_once"]
+    assert filed_before < count, "the kill came too late to cut a session short"
+    again, _ = crashrun.run_host(state, root, kill_after_s=None)
+    assert again >= count - filed_before  # the unfinished ones fired again (and maybe filed-but-unended ones)
+    counts = crashrun.tally(root, stems)
+    assert counts["exactly_once"] == count and counts["in_both"] == 0 and counts["missing"] == 0
+    assert counts["staging_files_left"] == 0
+    time.sleep(1.0)
+    assert not [pid for pid in family if os.path.exists(f"/proc/{pid}")], "processes left behind"
