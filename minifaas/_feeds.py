@@ -374,11 +374,14 @@ class Feed:
         self._tg: anyio.abc.TaskGroup | None = None
         self._done = anyio.Event()
         self._started = False
+        #: handed to a task group (its owner sets this; ``run`` may not have begun yet)
+        self.scheduled = False
         self._removed = False
 
     @property
     def started(self) -> bool:
-        return self._started
+        """Running, or handed to a task group to run."""
+        return self._started or self.scheduled
 
     def info(self) -> FeedInfo:
         return FeedInfo(self.feed_id, self.trigger, self.kind, dict(self.options), self.fires, 0, self.last_error)

@@ -243,7 +243,7 @@ class TriggerManager:
 
     def _start_feed(self, feed: Feed) -> None:
         if not feed.started and not self._closed:
-            feed._started = True  # at once, so that two calls in one tick start it once
+            feed.scheduled = True  # at once, so that two calls in one tick start it once
             self._tg.start_soon(feed.run, name=f"minifaas feed {feed.feed_id}")
 
     def start(self) -> None:
