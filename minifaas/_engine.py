@@ -649,8 +649,13 @@ class Engine:
         self._tg.start_soon(run, name=f"session-{sid}")
         return sid
 
-    def _target_exists(self, name: str) -> bool:
-        return name in self._compositions or split_ref(name)[0] in self._functions
+    def _target_exists(self, name: str, _depth: int = 0) -> bool:
+        """A rule's target is deployed: a function, or a composition whose named functions all are."""
+        dep = self._compositions.get(name)
+        if dep is None:
+            return split_ref(name)[0] in self._functions
+        # a composition deployed before its functions would fail each photo's first step
+        return _depth < 8 and all(self._target_exists(a, _depth + 1) for a in dep[0].actions() if a != name)
 
     async def _await_end(self, activation_id: str) -> bool:
         """Wait until an activation (or session) ends; False if the engine's close aborted it."""

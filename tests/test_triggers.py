@@ -823,10 +823,10 @@ async def test_restart_with_files_waiting_fires_them_once_the_targets_are_back(t
         assert tm is not None
         await anyio.sleep(1.0)  # the application is still deploying (pip, models, ...)
         assert tm.list_fires("up") == []
-        await engine.deploy("f", code=ECHO)
-        await anyio.sleep(0.5)
-        assert tm.list_fires("up") == []  # the rule's target "wf" is not back yet
         await engine.deploy_composition("wf", cmp.sequence("f"))
+        await anyio.sleep(0.5)
+        assert tm.list_fires("up") == []  # the rule's target "wf" is back, but not the function it calls
+        await engine.deploy("f", code=ECHO)
         await wait_until(lambda: bool(tm.list_fires("up")))
         record = tm.list_fires("up")[0]
         assert [o.error for o in record.outcomes] == [None]
