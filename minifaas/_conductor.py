@@ -661,6 +661,7 @@ async def run_composition(
     session.end = session.start + session.duration
     session.activation_ids = [s.activation_id for s in session.steps if s.activation_id is not None]
     session.not_taken = _not_taken(comp, run.entered)
+    session.trace_bytes = SESSION_TRACE_MAX_BYTES - run.trace_left
     session.status = status  # last: a reader that sees the session done sees all of it
     if aborted:
         raise EngineClosed(SESSION_ABORTED_MESSAGE)

@@ -27,6 +27,8 @@ logger = logging.getLogger("minifaas.sessions")
 
 #: sessions kept in memory by default; the oldest are dropped first
 MAX_SESSIONS: Final[int] = 1000
+#: trace bytes of the sessions kept in memory (each trace is at most the conductor's SESSION_TRACE_MAX_BYTES)
+MAX_MEMORY_BYTES: Final[int] = 256 * 1024 * 1024
 #: sessions kept in the SQLite file by default (pruned every PRUNE_EVERY_PUTS puts)
 MAX_PERSISTED_SESSIONS: Final[int] = 100_000
 PRUNE_EVERY_PUTS: Final[int] = 500
@@ -85,6 +87,8 @@ class Session:
     steps: list[Step] = dataclasses.field(default_factory=list)
     not_taken: list[str] = dataclasses.field(default_factory=list)
     activation_ids: list[str] = dataclasses.field(default_factory=list)
+    #: rough bytes of step inputs/outputs the trace holds (the conductor's count; not persisted)
+    trace_bytes: int = dataclasses.field(default=0, repr=False, compare=False)
 
     @property
     def done(self) -> bool:
@@ -137,7 +141,8 @@ def dumps(obj: object) -> str:
 
 
 class SessionStore:
-    """Sessions by id: the newest ``max_sessions`` in memory, and (up to a bound) all in SQLite at ``path``.
+    """Sessions by id: the newest ``max_sessions`` (and ``max_bytes`` of traces) in memory, and (up to a bound)
+    all in SQLite at ``path``.
 
     Methods are synchronous and cheap (a dict look-up; ``put`` queues the SQLite write for the store's writer
     thread, which serializes the session there), so the engine may call them from its event loop. ``list`` and
@@ -150,10 +155,14 @@ class SessionStore:
         *,
         max_sessions: int = MAX_SESSIONS,
         max_persisted: int = MAX_PERSISTED_SESSIONS,
+        max_bytes: int = MAX_MEMORY_BYTES,
     ) -> None:
         if max_sessions < 1:
             raise ValueError("max_sessions must be >= 1")
         self._mem: OrderedDict[str, Session] = OrderedDict()
+        self._mem_sizes: dict[str, int] = {}
+        self._mem_bytes = 0
+        self._max_bytes = max_bytes
         self._max = max_sessions
         self._max_persisted = max_persisted
         self._puts = 0
@@ -180,13 +189,24 @@ class SessionStore:
     def put(self, session: Session) -> None:
         """Record (or replace) a session."""
         with self._lock:
+            self._mem_bytes += session.trace_bytes - self._mem_sizes.get(session.session_id, 0)
+            self._mem_sizes[session.session_id] = session.trace_bytes
             self._mem[session.session_id] = session
             self._mem.move_to_end(session.session_id)
-            while len(self._mem) > self._max:
-                self._mem.popitem(last=False)
+            self._evict()
             if self._queue is not None:
                 self._pending[session.session_id] = session
                 self._queue.put(session)
+
+    def _evict(self) -> None:
+        """Drop the oldest sessions from memory past ``max_sessions`` or ``max_bytes`` (running ones stay)."""
+        for sid in list(self._mem):
+            if len(self._mem) <= self._max and self._mem_bytes <= self._max_bytes:
+                return
+            if not self._mem[sid].done and len(self._mem) <= self._max:
+                continue  # a live record readers follow; it ends (and is counted) soon
+            del self._mem[sid]
+            self._mem_bytes -= self._mem_sizes.pop(sid, 0)
 
     def _write_loop(self) -> None:
         """The writer thread: serialize and store what ``put`` queued, in order (a big trace costs the loop

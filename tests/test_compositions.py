@@ -980,3 +980,13 @@ async def test_a_sessions_trace_is_bounded_and_stored_off_the_event_loop(
     with SessionStore(tmp_path / "s.sqlite3") as store:
         again = store.get(s.session_id)
     assert again.status == "success" and len(again.steps) == 301
+
+
+def test_session_store_memory_is_bounded_in_trace_bytes() -> None:
+    store = SessionStore(max_bytes=250)
+    running = Session(session_id="live", name="wf", start=1)
+    store.put(running)
+    for i in range(3):
+        store.put(Session(session_id=f"s{i}", name="wf", start=2 + i, status="success", trace_bytes=100))
+    assert "s0" not in store and "s1" in store and "s2" in store  # 300 bytes > 250: the oldest ended one went
+    assert store.get("live") is running  # a running session is not dropped for its size
