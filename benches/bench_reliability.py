@@ -16,6 +16,9 @@ the raw figures.
 - runtime: a function whose threads print (every line must arrive whole), an exception whose ``__str__`` raises
   (with concurrency 1 and 4: every call ends at once, the sandbox lives on), and model downloads from a server
   dripping bytes or cutting the body short (the deadline, cancellation and Content-Length check hold).
+- catalog: the catalog workflow (real models) fed by a folder feed, 1,000 photos (``--photos``), the host killed
+  -9 at random points (``--catalog-kills``) and restarted until done: every photo must end exactly once in
+  ``catalog/`` or ``rejected/`` (none in both, none missing), whatever the kills interrupted.
 """
 
 from __future__ import annotations
@@ -192,6 +195,38 @@ async def bench_crash(rounds: int) -> None:
         totals.update(c)
     FIGURES["crash"] = {"rounds": rounds, **dict(totals)}
     say(f"crash: {FIGURES['crash']}")
+
+
+# -- catalog under crashes -------------------------------------------------------------------------------------
+async def bench_catalog_crashes(photos: int, kills: int) -> None:
+    sys.path.insert(0, str(ROOT / "functions"))
+    from tests.helpers import catalog_crash as crashrun
+
+    images = sorted(p for p in (ROOT / "tests" / "data" / "images").iterdir() if p.suffix in (".jpg", ".png"))
+    with tempfile.TemporaryDirectory() as d:
+        root, state = Path(d), Path(d) / "state"
+        await anyio.to_thread.run_sync(crashrun.setup, state, root)
+        stems = crashrun.drop_photos(root, images, photos)
+        t0 = time.monotonic()
+        fires_per_run: list[int] = []
+        left_total = 0
+        for k in range(kills + 1):
+            kill_after = random.uniform(3.0, 12.0) if k < kills else None
+            fires, family = await anyio.to_thread.run_sync(crashrun.run_host, state, root, kill_after)
+            left_total += len(await leftovers(set(), family, family))
+            fires_per_run.append(fires)
+            how = f"killed -9 after {kill_after:.1f} s" if kill_after is not None else "ran to the end"
+            say(f"catalog run {k + 1}: {how}, {fires} fires")
+        FIGURES["catalog"] = {
+            "photos": photos,
+            "kills": kills,
+            "seconds": round(time.monotonic() - t0, 1),
+            **crashrun.tally(root, stems),
+            "fires": sum(fires_per_run),
+            "refired_after_kills": sum(fires_per_run) - photos,
+            "processes_left": left_total,
+        }
+    say(f"catalog: {FIGURES['catalog']}")
 
 
 # -- attacks --------------------------------------------------------------------------------------------------
@@ -535,6 +570,14 @@ def summary() -> str:
             f"{s['drip_seconds']} s (...{s['drip_error']}); cancel returned after {s['cancel_returned_s']} s; "
             f"short body: {s['short_status']} (...{s['short_error']}) |"
         )
+    if "catalog" in FIGURES:
+        c = FIGURES["catalog"]
+        out.append(
+            f"| catalog under crashes | {c['photos']} photos through the catalog workflow ({c['seconds']} s) | "
+            f"host killed -9 {c['kills']} times at random points | {c['exactly_once']} exactly once in catalog/ or "
+            f"rejected/, {c['in_both']} in both, {c['missing']} missing; {c['refired_after_kills']} fired again "
+            f"after a kill; {c['processes_left']} processes left |"
+        )
     if "fuzz" in FIGURES:
         f = FIGURES["fuzz"]
         out.append(
@@ -545,7 +588,11 @@ def summary() -> str:
 
 
 async def main_async(args: argparse.Namespace) -> None:
-    only = set(args.only.split(",")) if args.only else {"chaos", "crash", "attacks", "backpressure", "fuzz", "runtime"}
+    only = (
+        set(args.only.split(","))
+        if args.only
+        else {"chaos", "crash", "attacks", "backpressure", "fuzz", "runtime", "catalog"}
+    )
     say(f"minifaas reliability bench on {os.cpu_count()} cores; pids cgroup: {PIDS.parent or PIDS.error}")
     say(f"process cap per sandbox: {MAX_PIDS_PER_SANDBOX if PIDS.parent else 'none'}")
     if "chaos" in only:
@@ -560,11 +607,17 @@ async def main_async(args: argparse.Namespace) -> None:
         await bench_runtime()
     if "fuzz" in only:
         await anyio.to_thread.run_sync(bench_fuzz)
+    if "catalog" in only:
+        await bench_catalog_crashes(args.photos, args.catalog_kills)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--only", default="", help="comma-separated: chaos,crash,attacks,backpressure,fuzz,runtime")
+    parser.add_argument(
+        "--only", default="", help="comma-separated: chaos,crash,attacks,backpressure,fuzz,runtime,catalog"
+    )
+    parser.add_argument("--photos", type=int, default=1000)
+    parser.add_argument("--catalog-kills", type=int, default=5)
     parser.add_argument("--invocations", type=int, default=5000)
     parser.add_argument("--crashes", type=int, default=3)
     parser.add_argument("--submits", type=int, default=100_000)
@@ -579,6 +632,8 @@ def main() -> None:
         or FIGURES.get("chaos", {}).get("not_ended_exactly_once")
         or FIGURES.get("chaos", {}).get("hung")
         or FIGURES.get("crash", {}).get("missing")
+        or FIGURES.get("catalog", {}).get("missing")
+        or FIGURES.get("catalog", {}).get("in_both")
         or (FIGURES.get("fuzz") and not FIGURES["fuzz"]["passed"])
         or _runtime_failed(FIGURES.get("runtime"))
     )

@@ -50,8 +50,8 @@ from ._errors import (
 from ._events.triggers import TriggerManager
 from ._handles import FUNCTION_OPTIONS_ATTR, Function
 from ._map import MapIterator
-from ._workflows.conductor import DEFAULT_MAX_STEPS, call_composition
-from ._workflows.sessions import SessionStore
+from ._workflows.conductor import CONDITIONS, DEFAULT_MAX_STEPS, SESSION_ABORTED_MESSAGE, call_composition
+from ._workflows.sessions import Session, SessionStore
 from .composer import Composition
 from .composer import task as _as_composition
 
@@ -60,6 +60,7 @@ __all__ = ("Activations", "Engine")
 CLOSE_TIMEOUT_S: Final = 10.0
 NAME_RE: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,255}$")
 ENGINE_CLOSED_MESSAGE: Final = "the engine closed before this activation finished"
+ENGINE_DIED_MESSAGE: Final = "the host stopped before this session finished (recovered at start-up)"
 BACKENDS: Final = ("local", "ray")
 
 
@@ -216,6 +217,8 @@ class Engine:
         self.activations = Activations(self)
         self._functions: dict[str, list[FunctionSpec]] = {}
         self._compositions: dict[str, tuple[Composition, dict[str, Any], int]] = {}
+        #: composition name -> how its conditions read a value ("js" truthiness unless deployed "strict")
+        self._conditions: dict[str, str] = {}
         self._session_done: dict[str, anyio.Event] = {}
         #: composition sessions (traces of the path taken), by session id = primary activation id
         self.sessions = SessionStore()
@@ -259,6 +262,7 @@ class Engine:
         if self.state_dir is not None:
             self.sessions = SessionStore(self.state_dir / "sessions.sqlite3")
             make_private(self.state_dir)
+            self.sessions.recover(ENGINE_DIED_MESSAGE)
         self._launcher = self._make_launcher()
         tg = anyio.create_task_group()
         await tg.__aenter__()
@@ -305,7 +309,14 @@ class Engine:
         loop = asyncio.get_running_loop()
         if polling and install_polling(loop, id(self), self._sched.poll_window):
             self._polling_loop = loop
-        self.triggers = TriggerManager(self.submit, state_dir=self.state_dir, task_group=tg, clock=self.clock)
+        self.triggers = TriggerManager(
+            self.submit,
+            state_dir=self.state_dir,
+            task_group=tg,
+            clock=self.clock,
+            wait=self._await_end,
+            exists=self._target_exists,
+        )
         self.started_at = time.time()
         return self
 
@@ -349,20 +360,24 @@ class Engine:
         tg, sched, pool = self._tg, self._sched, self._pool
         if tg is None or sched is None or pool is None or self._closing:
             return
-        try:
-            if self.triggers is not None:
-                await self.triggers.aclose()  # feeds stop before submit closes
-        finally:
-            self._closing = True
+        if self.triggers is not None:
+            # feeds fire nothing more, but keep waiting for their sessions: one that ends while the engine
+            # drains marks its file handled, one that the close aborts leaves it in flight for the next run
+            self.triggers.stop_polling()
+        self._closing = True
         try:
             with anyio.move_on_after(self.close_timeout_s):
                 for job in list(sched.jobs.values()):
                     await job.done.wait()
+                for done in list(self._session_done.values()):
+                    await done.wait()
             for fp in list(pool.functions.values()):
                 sched.fail_queued(fp, ENGINE_CLOSED_MESSAGE, status="internal_error")
             sched.fail_running(ENGINE_CLOSED_MESSAGE)
             self._fail_sessions()
             with anyio.CancelScope(shield=True):
+                if self.triggers is not None:
+                    await self.triggers.aclose()
                 await pool.close_all()
                 if self._launcher is not None:
                     await self._launcher.aclose()
@@ -523,6 +538,8 @@ class Engine:
             # provisioned concurrency: warm them now, not at the first request
             self._pool.function(spec)
             self._pool.wake_reaper()
+        if self.triggers is not None:
+            self.triggers.targets_changed()
         return Function(self, spec.describe(), ref=f"{spec.name}@{spec.version}")
 
     async def _deploy_callable(self, name: str, fn: Callable[..., Any], given: dict[str, Any]) -> Function:
@@ -568,15 +585,25 @@ class Engine:
         *,
         params: dict[str, Any] | None = None,
         max_steps: int = DEFAULT_MAX_STEPS,
+        conditions: Literal["js", "strict"] = "js",
     ) -> dict[str, Any]:
-        """Register a composition (a combinator tree, or its JSON IR) under ``name``; invoke it like a function."""
+        """Register a composition (a combinator tree, or its JSON IR) under ``name``; invoke it like a function.
+
+        ``conditions="js"`` takes a branch on the JavaScript truthiness of the condition's ``value``, as
+        openwhisk-composer does; ``"strict"`` only on exactly ``True``.
+        """
         self._require()
         if not isinstance(name, str) or not NAME_RE.match(name):
             raise DeployError(f"invalid composition name {name!r}: use letters, digits, '_', '-', '.'")
         if name in self._functions:
             raise DeployError(f"{name!r} is already a deployed function; delete it first")
         comp = Composition.from_json(composition) if isinstance(composition, dict) else _as_composition(composition)
+        if conditions not in CONDITIONS:
+            raise DeployError(f"conditions must be one of {', '.join(CONDITIONS)}, not {conditions!r}")
         self._compositions[name] = (comp, dict(params or {}), max_steps)
+        self._conditions[name] = conditions
+        if self.triggers is not None:
+            self.triggers.targets_changed()
         return {"name": name, "kind": "composition", "actions": comp.actions(), "composition": comp.to_json()}
 
     async def _preload_models(self, spec: FunctionSpec) -> None:
@@ -721,6 +748,7 @@ class Engine:
         *,
         cause: str | None = None,
         session_id: str | None = None,
+        session: Session | None = None,
     ) -> Activation:
         """Invoke and wait; returns the ended Activation whatever its status."""
         sched = self._require()
@@ -737,8 +765,10 @@ class Engine:
                 params=params,
                 cause=cause,
                 session_id=session_id,
+                session=session,
                 max_steps=max_steps,
                 namespace=self.namespace,
+                conditions=self._conditions.get(name, "js"),
             )
         spec, alias = self._route(name)
         annotations = {"alias": alias} if alias else None
@@ -764,24 +794,64 @@ class Engine:
                 act.end = act.end or int(time.time() * 1000)
                 if store is not None:
                     store.put(act)
+            with contextlib.suppress(ActivationNotFound):
+                session = self.sessions.get(sid)
+                if not session.done:
+                    session.status = "internal_error"
+                    session.result = {"error": ENGINE_CLOSED_MESSAGE}
+                    session.end = session.end or int(time.time() * 1000)
+                    session.duration = session.end - session.start
+                    self.sessions.put(session)
 
     def _submit_session(self, name: str, args: dict[str, Any] | None, cause: str | None) -> str:
         assert self._tg is not None
         sid = new_activation_id()
         done = self._session_done[sid] = anyio.Event()
+        # the one Session object of this run, readable by its id before submit returns
+        session = Session(session_id=sid, name=name, start=int(time.time() * 1000))
+        self.sessions.put(session)
 
         async def run() -> None:
+            act: Activation | None = None
             try:
-                act = await self.call(name, args, cause=cause, session_id=sid)
+                act = await self.call(name, args, cause=cause, session_id=sid, session=session)
+            except EngineClosed:
+                pass  # the session record says it was aborted; the engine is going away
             finally:
                 done.set()
                 self._session_done.pop(sid, None)
             it = self._maps.get(cause) if cause is not None else None
-            if it is not None:  # a map over a composition: its items are sessions
+            if it is not None and act is not None:  # a map over a composition: its items are sessions
                 it._on_end(act)
 
         self._tg.start_soon(run, name=f"session-{sid}")
         return sid
+
+    def _target_exists(self, name: str, _depth: int = 0) -> bool:
+        """A rule's target is deployed: a function, or a composition whose named functions all are."""
+        dep = self._compositions.get(name)
+        if dep is None:
+            return split_ref(name)[0] in self._functions
+        # a composition deployed before its functions would fail each photo's first step
+        return _depth < 8 and all(self._target_exists(a, _depth + 1) for a in dep[0].actions() if a != name)
+
+    async def _await_end(self, activation_id: str) -> bool:
+        """Wait until an activation (or session) ends; False if the engine's close aborted it."""
+        done = self._session_done.get(activation_id)
+        if done is not None:
+            await done.wait()
+        else:
+            job = self._sched.jobs.get(activation_id) if self._sched is not None else None
+            if job is not None:
+                await job.done.wait()
+        store = self._store
+        act = store.get(activation_id) if store is not None else None
+        if act is None:
+            return True  # dropped from a bounded in-memory store: it ended long ago
+        if not act.done:
+            return False
+        error = act.result.get("error") if isinstance(act.result, dict) else None
+        return not (act.status == "internal_error" and error in (ENGINE_CLOSED_MESSAGE, SESSION_ABORTED_MESSAGE))
 
     # -- services and observability ---------------------------------------------------------------------------
     async def _svc_model_fetch(self, args: dict[str, Any]) -> str:

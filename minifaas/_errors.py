@@ -66,6 +66,11 @@ class Overloaded(MinifaasError):
 class RateLimited(Overloaded):
     """Raised when a trigger or namespace is fired more often than its rate limit allows."""
 
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        #: seconds until a retry may succeed (an HTTP 429 says it as Retry-After), when known
+        self.retry_after_s = retry_after_s
+
 
 class EngineClosed(MinifaasError, RuntimeError):
     """Raised by every ``Engine`` method called before the engine is started or after it is closed."""

@@ -12,7 +12,10 @@ and a component appends ``[i]``; so the alternate of an ``if_`` that is the seco
 The JSON form (:meth:`Composition.to_json`) has openwhisk-composer's shape:
 ``{"composition": <node>, "version": ..., "actions": [{"name": ...}, ...]}`` where a node is
 ``{"type": "if", "test": {...}, "consequent": {...}, "alternate": {...}, "path": "[1]"}``. Inline Python
-callables are stored by ``module:qualname`` reference and imported back by :meth:`Composition.from_json`.
+callables are stored by ``module:qualname`` reference and imported back by :meth:`Composition.from_json`; a
+callable that would not come back as itself (a lambda, a nested function, a bound method, a partial, a callable
+instance) is written as a ``<...>`` description that ``from_json`` refuses: the round trip is lossless or fails.
+Of openwhisk-composer's output, ``from_json`` reads the source tree (``ast``) in preference to the lowered one.
 
 Semantics (run by ``minifaas._workflows.conductor``) follow docs/COMBINATORS.md of openwhisk-composer; see the docstring
 of each combinator.
@@ -21,9 +24,11 @@ of each combinator.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import inspect
 import json
+import sys
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any, Final, TypeAlias
 
@@ -217,10 +222,17 @@ class Composition:
     def __repr__(self) -> str:
         return f"<Composition {self.type} at root{self.path}>"
 
+    def _identity(self) -> tuple[Any, ...]:
+        """What makes two trees the same: their JSON form, and each function step's callable itself."""
+        fns = tuple(n.fn if n.fn is not None else n.fn_ref for n in self.walk() if n.type == "function")
+        return (json.dumps(self.to_json(), sort_keys=True, default=repr), fns)
+
     def __eq__(self, other: object) -> bool:
+        # two lambdas share a reference ("mod:<lambda>"): equal only if they are the same callable
         if not isinstance(other, Composition):
             return NotImplemented
-        return self.to_json() == other.to_json()
+        mine, theirs = self._identity(), other._identity()
+        return mine[0] == theirs[0] and all(a is b or a == b for a, b in zip(mine[1], theirs[1], strict=True))
 
     def __hash__(self) -> int:
         return hash(json.dumps(self.to_json(), sort_keys=True, default=repr))
@@ -265,6 +277,11 @@ class Composition:
         if not isinstance(data, Mapping):
             raise CompositionError(f"a composition must be a JSON object, not {type(data).__name__}")
         node = data.get("composition", data) if "type" not in data else data
+        ast = data.get("ast") if "type" not in data else None
+        # openwhisk-composer writes the source tree ("ast") beside the lowered one: the source keeps the
+        # combinators (retain, merge, if ...) that lowering rewrites into let/mask/finally
+        if isinstance(ast, list) or (isinstance(ast, Mapping) and isinstance(ast.get("type"), str)):
+            node = ast
         # openwhisk-composer stores a list at the root when several compositions are concatenated
         if isinstance(node, list):
             node = {"type": "sequence", "components": node}
@@ -317,8 +334,9 @@ def _import_ref(ref: str) -> StepFunction:
         raise CompositionError(f"function reference {ref!r} is not of the form 'module:qualname'")
     if "<" in qualname:
         raise CompositionError(
-            f"cannot load function {ref!r}: lambdas and nested functions are not importable; "
-            "define the function at module top level to serialize the composition"
+            f"cannot load function {ref!r}: lambdas and nested functions are not importable, nor are bound"
+            " methods, partials and callable instances; define the function at module top level to serialize"
+            " the composition"
         )
     try:
         obj: Any = importlib.import_module(module_name)
@@ -379,10 +397,34 @@ def _arity(fn: StepFunction) -> int:
     return min(positional, 2)
 
 
+def _resolves_to(module: str, qualname: str, fn: object) -> bool:
+    """True if ``module:qualname`` names ``fn`` itself (looked up in the loaded module, nothing imported)."""
+    obj: object = sys.modules.get(module)
+    for part in qualname.split("."):
+        if obj is None:
+            return False
+        obj = getattr(obj, part, None)
+    return obj is fn
+
+
 def _ref(fn: StepFunction) -> str:
-    module = getattr(fn, "__module__", None) or "?"
-    qualname = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__qualname__
-    return f"{module}:{qualname}"
+    """``module:qualname`` when importing that gives ``fn`` back; else a description with ``<...>``, which
+    ``from_json`` refuses (a bound method, a partial, a callable instance would come back as something else)."""
+    qualname = getattr(fn, "__qualname__", None)
+    module = getattr(fn, "__module__", None)
+    if (
+        isinstance(qualname, str)
+        and isinstance(module, str)
+        and ("<" in qualname or _resolves_to(module, qualname, fn))
+    ):
+        return f"{module}:{qualname}"  # importable, or a lambda/nested function (refused by the "<")
+    if inspect.ismethod(fn):
+        return f"{module}:<bound method {qualname}>"
+    if isinstance(fn, functools.partial):
+        inner = fn.func
+        return f"{getattr(inner, '__module__', '?')}:<partial of {getattr(inner, '__qualname__', '?')}>"
+    kind = type(fn)
+    return f"{kind.__module__}:<{kind.__qualname__} instance>"
 
 
 # ---------------------------------------------------------------------------------------------- primitives

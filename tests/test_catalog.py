@@ -285,25 +285,29 @@ def trace(run: Run, photo: str) -> Session:
 async def test_trace_of_a_catalogued_photo_takes_the_consequent(run: Run) -> None:
     session = trace(run, PEOPLE[0])
     steps = [(s.path, s.kind, s.name) for s in session.steps]
+    fresh, passed = "[0].body[1].consequent", "[0].body[1].consequent[2].consequent"
     assert steps == [
         ("[0].body[0]", "function", "catalog.workflow:receive"),
-        ("[0].body[1]", "action", "image_quality"),
-        ("[0].body[2].test", "function", "catalog.workflow:gate"),
-        ("[0].body[2].consequent[0]", "function", "catalog.workflow:crop_request"),
-        ("[0].body[2].consequent[1]", "action", "crop"),
-        ("[0].body[2].consequent[2]", "function", "catalog.workflow:tag_request"),
-        ("[0].body[2].consequent[3]", "action", "auto_tag"),
-        ("[0].body[2].consequent[4]", "function", "catalog.workflow:keep_photo_tags"),
-        ("[0].body[2].consequent[5].test", "function", "catalog.workflow:has_crop"),
-        ("[0].body[2].consequent[5].consequent[0]", "function", "catalog.workflow:crop_tag_request"),
-        ("[0].body[2].consequent[5].consequent[1]", "action", "auto_tag"),
-        ("[0].body[2].consequent[5].consequent[2]", "function", "catalog.workflow:keep_crop_tags"),
-        ("[0].body[2].consequent[6]", "function", "catalog.workflow:write_catalog"),
+        ("[0].body[1].test", "function", "catalog.workflow:is_fresh"),
+        (f"{fresh}[0]", "function", "catalog.workflow:quality_request"),
+        (f"{fresh}[1]", "action", "image_quality"),
+        (f"{fresh}[2].test", "function", "catalog.workflow:gate"),
+        (f"{passed}[0]", "function", "catalog.workflow:crop_request"),
+        (f"{passed}[1]", "action", "crop"),
+        (f"{passed}[2]", "function", "catalog.workflow:tag_request"),
+        (f"{passed}[3]", "action", "auto_tag"),
+        (f"{passed}[4]", "function", "catalog.workflow:keep_photo_tags"),
+        (f"{passed}[5].test", "function", "catalog.workflow:has_crop"),
+        (f"{passed}[5].consequent[0]", "function", "catalog.workflow:crop_tag_request"),
+        (f"{passed}[5].consequent[1]", "action", "auto_tag"),
+        (f"{passed}[5].consequent[2]", "function", "catalog.workflow:keep_crop_tags"),
+        (f"{passed}[6]", "function", "catalog.workflow:write_catalog"),
     ]
-    assert session.steps[2].output == {"value": True}
+    assert session.steps[1].output == {"value": True} and session.steps[4].output == {"value": True}
     assert sorted(session.not_taken) == [
-        "[0].body[2].alternate",
-        "[0].body[2].consequent[5].alternate",
+        "[0].body[1].alternate",
+        f"{fresh}[2].alternate",
+        f"{passed}[5].alternate",
         "[0].handler",
     ]
     side = sidecar(run.main.catalog, PEOPLE[0])
@@ -314,14 +318,51 @@ async def test_trace_of_a_catalogued_photo_takes_the_consequent(run: Run) -> Non
 
 async def test_trace_of_a_rejected_photo_takes_the_alternate(run: Run) -> None:
     session = trace(run, BLURRED[0])
+    fresh = "[0].body[1].consequent"
     assert [s.path for s in session.steps] == [
         "[0].body[0]",
-        "[0].body[1]",
-        "[0].body[2].test",
-        "[0].body[2].alternate",
+        "[0].body[1].test",
+        f"{fresh}[0]",
+        f"{fresh}[1]",
+        f"{fresh}[2].test",
+        f"{fresh}[2].alternate",
     ]
-    assert session.steps[2].output == {"value": False}
-    assert sorted(session.not_taken) == ["[0].body[2].consequent", "[0].handler"]
+    assert session.steps[4].output == {"value": False}
+    assert sorted(session.not_taken) == ["[0].body[1].alternate", f"{fresh}[2].consequent", "[0].handler"]
+
+
+async def test_a_repeated_event_is_recognised_by_its_idempotency_key(run: Run) -> None:
+    """A feed fires a photo again when its session never ended (a crash); the entry is written once."""
+    photo = PEOPLE[0]
+    side = sidecar(run.main.catalog, photo)
+    assert side["idempotency_key"]  # the folder feed's key travelled into the sidecar
+    before = {p.name: p.stat().st_mtime_ns for p in run.main.catalog.iterdir()}
+    repeat = {
+        "path": side["source"],
+        "name": photo,
+        "sha256": side["sha256"],
+        "idempotency_key": side["idempotency_key"],
+    }
+    act = await run.engine.call("catalog", repeat)
+    assert act.status == "success", act.result
+    assert act.result == {
+        "photo": photo,
+        "outcome": "duplicate",
+        "sidecar": str(run.main.catalog / f"{Path(photo).stem}.json"),
+    }
+    assert {p.name: p.stat().st_mtime_ns for p in run.main.catalog.iterdir()} == before  # nothing rewritten
+
+
+async def test_a_photo_whose_bytes_changed_after_its_event_is_refused(run: Run, tmp_path: Path) -> None:
+    photo = tmp_path / "changing.jpg"
+    shutil.copyfile(IMAGES / PEOPLE[1], photo)
+    stale = hashlib.sha256(b"the bytes the feed saw").hexdigest()
+    out = tmp_path / "out"
+    args = {"path": str(photo), "sha256": stale, "catalog_dir": str(out / "c"), "rejected_dir": str(out / "r")}
+    act = await run.engine.call("catalog", args)
+    assert act.status == "success", act.result
+    assert act.result["outcome"] == "superseded"
+    assert list((out / "c").iterdir()) == [] and list((out / "r").iterdir()) == []  # no entry, no snapshot left
 
 
 # ---------------------------------------------------------------------------------------------- versions
@@ -402,3 +443,43 @@ async def test_deployed_functions_start_with_their_models_in_the_zygote() -> Non
             tflite = [m for m in act.annotations["models"] if m["url"].endswith(".tflite")]
             assert tflite and all(m["hit"] and m.get("prebuilt") for m in tflite), act.annotations["models"]
         assert crop.result["person"] is True and tag.result["labels"]
+
+
+async def test_deploying_sweeps_staging_files_left_by_a_crash(run: Run, tmp_path: Path) -> None:
+    catalog, rejected = tmp_path / "catalog", tmp_path / "rejected"
+    catalog.mkdir()
+    rejected.mkdir()
+    stale = [
+        catalog / ".p0001.0123456789ab.src.jpg",  # a snapshot
+        catalog / ".p0001.0123456789ab.jpg",  # a crop not yet renamed into place
+        rejected / ".p0002.json.deadbeef.tmp",  # an atomic write cut short
+    ]
+    kept = [catalog / ".keep.jpg", catalog / "p0003.jpg", catalog / "p0003.json"]
+    for path in stale + kept:
+        path.write_bytes(b"x")
+    params = {"catalog_dir": str(catalog), "rejected_dir": str(rejected)}
+    await wf.deploy_catalog(run.engine, "catalog-swept", params=params)
+    assert [p.name for p in stale if p.exists()] == []
+    assert all(p.exists() for p in kept)
+
+
+def test_photos_end_exactly_once_when_the_host_is_killed_mid_run(tmp_path: Path) -> None:
+    """The short version of ``bench_reliability.py --only catalog``: a host killed -9 while sessions run."""
+    from tests.helpers import catalog_crash as crashrun
+
+    root, state = tmp_path, tmp_path / "state"
+    crashrun.setup(state, root)
+    images = sorted(p for p in IMAGES.iterdir() if p.name in (*PEOPLE, *BLURRED, NO_PERSON))
+    count = 40  # at ~30 photos/s on 2 cores, more than a second of work
+    stems = crashrun.drop_photos(root, images, count)
+    first, family = crashrun.run_host(state, root, kill_after_s=0.5)  # sessions in flight
+    assert first > 0, "nothing fired before the kill"
+    filed_before = crashrun.tally(root, stems)["exactly_once"]
+    assert filed_before < count, "the kill came too late to cut a session short"
+    again, _ = crashrun.run_host(state, root, kill_after_s=None)
+    assert again >= count - filed_before  # the unfinished ones fired again (and maybe filed-but-unended ones)
+    counts = crashrun.tally(root, stems)
+    assert counts["exactly_once"] == count and counts["in_both"] == 0 and counts["missing"] == 0
+    assert counts["staging_files_left"] == 0
+    time.sleep(1.0)
+    assert not [pid for pid in family if os.path.exists(f"/proc/{pid}")], "processes left behind"

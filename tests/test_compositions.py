@@ -6,6 +6,7 @@ mask ...) run in the host and need no sandbox.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import AsyncIterator
@@ -147,10 +148,10 @@ PURE_CASES = [
     ("if-false", c.when(is_even, c.literal({"r": "even"}), c.literal({"r": "odd"})), {"n": 3}, {"r": "odd"}),
     ("if-no-alternate", c.if_(is_even, halve), {"n": 3}, {"n": 3}),
     (
-        "if-truthy-is-not-true",
+        "if-truthy-takes-then",  # openwhisk-composer's conductor: p.params.value ? then : else
         c.if_(lambda p: 1, c.literal({"r": "t"}), c.literal({"r": "f"})),
         {},
-        {"r": "f"},
+        {"r": "t"},
     ),
     ("if-branch-sees-input", c.if_(lambda p: {"value": True, "junk": 1}, c.empty()), {"n": 1}, {"n": 1}),
     ("if_nosave", c.if_nosave(set_flag, halve), {"n": 28}, {"n": 14, "value": True}),
@@ -342,24 +343,118 @@ async def test_paths_and_not_taken() -> None:
     assert shared.components[0].path == "[0]"
 
 
-async def test_step_limit_ends_session() -> None:
-    s = await run(None, c.while_(lambda p: True, lambda p: p), {}, max_steps=7)
+async def echo_invoke(name: str, params: dict[str, Any], cause: str) -> Activation:
+    """The engine's invoke interface, answering every action with its input plus one to ``n``."""
+    result = {**params, "n": params.get("n", 0) + 1}
+    return Activation(activation_id=new_activation_id(), name=name, status="success", result=result)
+
+
+async def no_submit(name: str, params: dict[str, Any], cause: str) -> str:
+    raise AssertionError("no async steps here")
+
+
+async def run_echo(
+    comp: c.Composition, args: dict[str, Any], *, max_steps: int = 50, conditions: str = "js"
+) -> Session:
+    return await run_session(
+        comp,
+        args,
+        invoke=echo_invoke,
+        submit=no_submit,
+        session_id=new_activation_id(),
+        max_steps=max_steps,
+        conditions=conditions,
+    )
+
+
+async def test_step_limit_counts_component_activations_only() -> None:
+    # 30 iterations: 30 actions and 31 host tests; OpenWhisk's limit (50) counts the 30 actions only
+    s = await run_echo(c.while_(lambda p: p["n"] < 30, "inc"), {"n": 0}, max_steps=50)
+    assert s.status == "success" and s.result["n"] == 30
+    s = await run_echo(c.while_(lambda p: True, "inc"), {"n": 0}, max_steps=7)
     assert s.status == "application_error"
     assert "max_steps=7" in s.result["error"] and "step limit" in s.result["error"]
-    assert len(s.steps) == 7
+    assert len([st for st in s.steps if st.kind == "action"]) == 7
     # a try_ cannot swallow the limit
-    s = await run(None, c.try_(c.repeat(100, lambda p: p), lambda p: {"caught": True}), {}, max_steps=5)
+    s = await run_echo(c.try_(c.repeat(100, "inc"), lambda p: {"caught": True}), {}, max_steps=5)
     assert s.status == "application_error" and "max_steps=5" in s.result["error"]
+    # host functions alone are bounded by the session limit, not the component one
+    s = await run(None, c.repeat(60, lambda p: p), {}, max_steps=5)
+    assert s.status == "success"
+    s = await run(None, c.while_(lambda p: True, lambda p: p), {}, max_steps=5)
+    assert s.status == "application_error" and "MAX_SESSION_STEPS" in s.result["error"]
 
 
 async def test_step_limit_is_per_branch_in_map() -> None:
     # like OpenWhisk, where each map/parallel branch is a conductor activation with its own limit
-    body = c.if_(lambda p: p["value"] == 2, c.repeat(10, lambda p: p), c.empty())
-    s = await run(None, c.map(body), {"value": [1, 2, 3]}, max_steps=5)
+    body = c.if_(lambda p: p["value"] == 2, c.repeat(10, "inc"), c.empty())
+    s = await run_echo(c.map(body), {"value": [1, 2, 3]}, max_steps=5)
     assert s.status == "success"
     values = s.result["value"]
     assert values[0] == {"value": 1} and values[2] == {"value": 3}
     assert "max_steps=5" in values[1]["error"]
+
+
+# openwhisk-composer's conductor.js: ``choice`` takes ``p.params.value ? then : else`` (JavaScript truthiness)
+TRUTHINESS_CASES = [
+    ("true", True, True, True),
+    ("false", False, False, False),
+    ("one", 1, True, False),
+    ("zero", 0, False, False),
+    ("half", 0.5, True, False),
+    ("nan", float("nan"), False, False),
+    ("string-no", "no", True, False),
+    ("empty-string", "", False, False),
+    ("empty-list", [], True, False),
+    ("empty-object", {}, True, False),
+    ("null", None, False, False),
+]
+
+
+@pytest.mark.parametrize(
+    ("value", "js", "strict"), [x[1:] for x in TRUTHINESS_CASES], ids=[x[0] for x in TRUTHINESS_CASES]
+)
+async def test_conditions_follow_composer_truthiness_or_the_strict_flag(value: Any, js: bool, strict: bool) -> None:
+    comp = c.if_(lambda p: {"value": value}, c.literal({"r": "then"}), c.literal({"r": "else"}))
+    for conditions, expected in (("js", js), ("strict", strict)):
+        s = await run_echo(comp, {}, conditions=conditions)
+        assert s.result == {"r": "then" if expected else "else"}, conditions
+
+
+async def test_while_on_a_counter_loops_as_in_composer() -> None:
+    countdown = c.while_(lambda p: p["left"], lambda p: {"left": p["left"] - 1, "laps": p.get("laps", 0) + 1})
+    assert (await run_echo(countdown, {"left": 3})).result == {"left": 0, "laps": 3}
+    assert (await run_echo(countdown, {"left": 3}, conditions="strict")).result == {"left": 3}
+    missing = c.if_(lambda p: {"other": 1}, c.literal({"r": "then"}), c.literal({"r": "else"}))
+    assert (await run_echo(missing, {})).result == {"r": "else"}  # no value: undefined, false
+
+
+async def test_nested_compositions_share_the_step_budget_and_cannot_recurse_for_ever() -> None:
+    from minifaas._workflows.conductor import MAX_NESTING_DEPTH
+
+    async with minifaas.Engine() as engine:
+        await engine.deploy("inc", code=INC)
+        await engine.deploy_composition("inner", c.repeat(4, "inc"), max_steps=5)
+        await engine.deploy_composition("outer", c.sequence("inc", "inner"), max_steps=5)
+        act = await engine.call("outer", {"n": 0})
+        # outer: inc (1) + the call of inner (2) + inner's 4 incs = 6 component activations > 5
+        assert act.status == "application_error" and "max_steps=5" in act.result["error"]
+        await engine.deploy_composition("outer-ok", c.sequence("inner"), max_steps=5)
+        assert (await engine.invoke("outer-ok", {"n": 0})) == {"n": 4}
+        await engine.deploy_composition("rec", c.sequence(lambda p: {"d": p.get("d", 0) + 1}, "rec"), max_steps=1000)
+        act = await engine.call("rec", {})
+        assert act.status == "application_error"
+        assert "MAX_NESTING_DEPTH" in act.result["error"] and "RecursionError" not in act.result["error"]
+        deepest = max(
+            (
+                st.output.get("d", 0)
+                for st_s in engine.sessions.list(limit=1000)
+                for st in st_s.steps[:1]
+                if isinstance(st.output, dict)
+            ),
+            default=0,
+        )
+        assert deepest == MAX_NESTING_DEPTH + 1
 
 
 async def test_with_load_functions_false_only_display() -> None:
@@ -423,6 +518,67 @@ async def test_ir_unloadable_function(fn: Any, needle: str) -> None:
         data["composition"]["components"][1]["function"]["exec"]["ref"] = "no_such_module_xyz:f"
     with pytest.raises(minifaas.CompositionError, match=needle):
         c.Composition.from_json(data)
+
+
+class Scaler:
+    """A callable instance (and a class with a method): neither round-trips by reference."""
+
+    def __init__(self, k: int = 10) -> None:
+        self.k = k
+
+    def __call__(self, p: dict[str, Any]) -> dict[str, Any]:
+        return {"n": p["n"] * self.k}
+
+    def bump(self, p: dict[str, Any]) -> dict[str, Any]:
+        return {"n": p["n"] + self.k}
+
+
+def add(p: dict[str, Any], k: int) -> dict[str, Any]:
+    return {"n": p["n"] + k}
+
+
+SCALE3 = Scaler(3)
+ADD5 = functools.partial(add, k=5)
+
+
+@pytest.mark.parametrize(
+    "fn", [SCALE3, Scaler(7).bump, ADD5, lambda p: p], ids=["callable-instance", "bound-method", "partial", "lambda"]
+)
+async def test_ir_round_trip_is_lossless_or_refuses(fn: Any) -> None:
+    comp = c.sequence(c.function(fn))
+    before = await run(None, comp, {"n": 1})
+    assert before.status == "success"
+    ir = json.loads(json.dumps(comp.to_json()))
+    assert "<" in ir["composition"]["components"][0]["function"]["exec"]["ref"]
+    with pytest.raises(minifaas.CompositionError, match="not importable"):
+        c.Composition.from_json(ir)
+
+
+async def test_equality_tells_different_callables_apart() -> None:
+    assert c.function(lambda p: 1) != c.function(lambda p: 2)
+    f = lambda p: 1  # noqa: E731
+    assert c.sequence(f, "a") == c.sequence(f, "a")
+    assert c.function(halve) == c.Composition.from_json(json.loads(json.dumps(c.function(halve).to_json())))
+    assert c.function(Scaler(1).bump) != c.function(Scaler(2).bump)
+
+
+async def test_ir_prefers_composers_source_tree() -> None:
+    # openwhisk-composer 0.12 writes the source tree ("ast") and the lowered one ("composition")
+    data = {
+        "ast": {"type": "retain", "components": [{"type": "action", "name": "/_/a", "path": "[0]"}], "path": ""},
+        "composition": {
+            "type": "let",
+            "declarations": {"params": None},
+            "components": [
+                {"type": "finally", "body": {"type": "action", "name": "/_/a"}, "finalizer": {"type": "empty"}}
+            ],
+        },
+        "version": "0.12.0",
+    }
+    comp = c.Composition.from_json(data)
+    assert comp.type == "retain" and comp.actions() == ["a"]
+    s = await run_echo(comp, {"n": 1})
+    assert s.result == {"params": {"n": 1}, "result": {"n": 2}}
 
 
 async def test_ir_accepts_openwhisk_composer_json() -> None:
@@ -659,9 +815,9 @@ async def test_map_over_100_items(minifaas_engine: minifaas.Engine) -> None:
 
 
 async def test_step_limit_with_actions(minifaas_engine: minifaas.Engine) -> None:
-    s = await run(minifaas_engine, c.while_(lambda p: True, "inc"), {"n": 0}, max_steps=6)
-    assert s.status == "application_error" and "max_steps=6" in s.result["error"]
-    assert len(s.steps) == 6 and len(s.activation_ids) == 3  # test, inc, test, inc, test, inc
+    s = await run(minifaas_engine, c.while_(lambda p: True, "inc"), {"n": 0}, max_steps=3)
+    assert s.status == "application_error" and "max_steps=3" in s.result["error"]
+    assert len(s.activation_ids) == 3  # test, inc, test, inc, test, inc, test, (the 4th inc: over)
 
 
 async def test_large_payloads_are_not_kept_in_traces(minifaas_engine: minifaas.Engine) -> None:
@@ -716,3 +872,125 @@ async def test_engine_deploy_composition(minifaas_engine: minifaas.Engine) -> No
     await minifaas_engine.deploy_composition("wf3", c.sequence("fail"))
     with pytest.raises(minifaas.ActivationError, match="boom"):
         await minifaas_engine.invoke("wf3", {})
+
+
+# ------------------------------------------------------------------------------------------- session records
+
+SEEN_SESSIONS: list[str | None] = []
+
+
+def note_session(p: dict[str, Any]) -> None:
+    from minifaas._workflows.conductor import current_session_id
+
+    SEEN_SESSIONS.append(current_session_id())
+
+
+async def test_submitted_session_is_one_record_readable_at_once(minifaas_engine: minifaas.Engine) -> None:
+    await minifaas_engine.deploy_composition("naps", c.sequence("nap", "nap"))
+    sid = await minifaas_engine.submit("naps", {"s": NAP_S})
+    first = minifaas_engine.sessions.get(sid)  # before the session's task has even started
+    assert first.status == "running" and first.steps == []
+    with anyio.fail_after(30):
+        while not first.steps:  # the object returned by get fills in as the session runs
+            await anyio.sleep(0.01)
+    assert minifaas_engine.sessions.get(sid) is first and first.status == "running"
+    act = await minifaas_engine.activations.wait(sid, timeout_s=60)
+    assert act.status == "success"
+    assert first.status == "success" and len(first.steps) == 2 and minifaas_engine.sessions.get(sid) is first
+
+
+async def test_session_id_reaches_steps_under_call_and_in_branches(minifaas_engine: minifaas.Engine) -> None:
+    SEEN_SESSIONS.clear()
+    await minifaas_engine.deploy_composition(
+        "noted", c.sequence(note_session, c.parallel(note_session, note_session), c.map(note_session))
+    )
+    act = await minifaas_engine.call("noted", {})
+    assert act.status == "success", act.result
+    # the map runs over the parallel's output list: two more branches
+    assert [act.activation_id] * 5 == SEEN_SESSIONS
+    sid = await minifaas_engine.submit("noted", {})
+    await minifaas_engine.activations.wait(sid, timeout_s=60)
+    assert SEEN_SESSIONS[5:] == [sid] * 5
+
+
+async def test_step_timing_excludes_the_wait_for_a_step_slot() -> None:
+    from minifaas._workflows.conductor import MAX_CONCURRENT_STEPS
+
+    step_s = 0.1
+
+    async def invoke(name: str, p: dict[str, Any], cause: str) -> Activation:
+        await anyio.sleep(step_s)
+        return Activation(
+            activation_id=new_activation_id(), name=name, version="1", namespace="g", status="success", result=p
+        )
+
+    async def submit(name: str, p: dict[str, Any], cause: str) -> str:
+        raise AssertionError("no async steps here")
+
+    n = 2 * MAX_CONCURRENT_STEPS  # half the steps wait a whole step for a slot
+    s = await run_session(
+        c.map("work"), {"value": list(range(n))}, invoke=invoke, submit=submit, session_id="s", max_steps=n
+    )
+    assert s.status == "success" and len(s.steps) == n
+    durations = sorted(st.duration_ms for st in s.steps)
+    assert durations[-1] < 1.9 * step_s * 1e3, durations[-5:]
+
+
+async def test_sessions_left_running_by_a_dead_host_are_failed_at_start_up(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    with SessionStore(state / "sessions.sqlite3") as store:
+        store.put(
+            Session(session_id="dead", name="wf", start=1000, steps=[Step(path="[0]", kind="action", start=1000)])
+        )
+        store.put(Session(session_id="done", name="wf", start=1000, status="success", end=1500, duration=500))
+    async with minifaas.Engine(state_dir=state) as engine:
+        dead = engine.sessions.get("dead")
+        assert dead.status == "internal_error" and "stopped" in dead.result["error"]
+        assert dead.end is not None and dead.steps[0].status == "internal_error"
+        assert engine.sessions.get("done").status == "success"
+
+
+def big_tag(p: dict[str, Any]) -> dict[str, Any]:
+    return {"v": p["value"], "blob": "y" * 60_000}
+
+
+async def test_a_sessions_trace_is_bounded_and_stored_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from minifaas._workflows import sessions as _sessions
+    from minifaas._workflows.conductor import SESSION_TRACE_MAX_BYTES
+
+    comp = c.sequence(lambda p: {"value": list(range(300))}, c.map(big_tag))
+    s = await run(None, comp, {})
+    assert s.status == "success" and len(s.steps) == 301 and len(s.result["value"]) == 300
+    kept = sum(len(json.dumps(st.output)) for st in s.steps if st.output is not None)
+    assert kept <= SESSION_TRACE_MAX_BYTES * 1.1  # 300 outputs of 60 KB would be 18 MB
+    assert {"$truncated": True, "session_limit_bytes": SESSION_TRACE_MAX_BYTES} in [st.output for st in s.steps]
+    threads: list[str] = []
+    real_dumps = _sessions.dumps
+
+    def spy(obj: object) -> str:
+        threads.append(threading.current_thread().name)
+        return real_dumps(obj)
+
+    monkeypatch.setattr(_sessions, "dumps", spy)
+    with SessionStore(tmp_path / "s.sqlite3") as store:
+        store.put(s)
+        assert store.get(s.session_id) is s  # readable at once
+        assert [x.session_id for x in store.list()] == [s.session_id]  # list waits for the write
+    assert threads == ["minifaas-sessions-writer"]
+    with SessionStore(tmp_path / "s.sqlite3") as store:
+        again = store.get(s.session_id)
+    assert again.status == "success" and len(again.steps) == 301
+
+
+def test_session_store_memory_is_bounded_in_trace_bytes() -> None:
+    store = SessionStore(max_bytes=250)
+    running = Session(session_id="live", name="wf", start=1)
+    store.put(running)
+    for i in range(3):
+        store.put(Session(session_id=f"s{i}", name="wf", start=2 + i, status="success", trace_bytes=100))
+    assert "s0" not in store and "s1" in store and "s2" in store  # 300 bytes > 250: the oldest ended one went
+    assert store.get("live") is running  # a running session is not dropped for its size

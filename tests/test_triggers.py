@@ -63,8 +63,25 @@ class ScaledClock:
     def now(self) -> float:
         return 1_700_000_000.0 + (time.monotonic() - self._t0) * self.factor
 
+    def monotonic(self) -> float:
+        return (time.monotonic() - self._t0) * self.factor
+
     async def sleep(self, seconds: float) -> None:
         await anyio.sleep(seconds / self.factor)
+
+
+class SteppedClock(FakeClock):
+    """A FakeClock whose wall clock (``now``) an operator or NTP can step; ``monotonic`` and ``sleep`` go on."""
+
+    def __init__(self, start: float = 1_000_000.0) -> None:
+        super().__init__(start)
+        self.wall_offset_s = 0.0
+
+    def now(self) -> float:
+        return super().now() + self.wall_offset_s
+
+    def monotonic(self) -> float:
+        return super().now()
 
 
 @contextlib.asynccontextmanager
@@ -458,21 +475,41 @@ async def test_folder_slow_writer_fires_once_when_complete(tmp_path: Path) -> No
         assert fired >= done
 
 
-async def test_folder_renamed_in_file_fires_on_first_sight(tmp_path: Path) -> None:
+@pytest.mark.parametrize("events", [True, False], ids=["inotify", "polling"])
+async def test_folder_renamed_in_file_fires_on_first_sight(tmp_path: Path, events: bool) -> None:
     sub = Submissions()
     async with manager(sub) as tm:
         tm.create_trigger("t")
         tm.create_rule("r", "t", "f")
-        await tm.add_feed("t", "folder", path=tmp_path, interval_s=0.5)
+        await tm.add_feed("t", "folder", path=tmp_path, interval_s=0.5, events=events)
         tmp = drop(tmp_path, ".upload.jpg.part", b"jpeg bytes")
         await anyio.sleep(0.05)  # the rename lands on a later clock tick than the last write
-        os.replace(tmp, tmp_path / "upload.jpg")
-        drop(tmp_path, "direct.jpg", b"written in place")
+        with open(tmp_path / "direct.jpg", "wb") as f:
+            f.write(b"written in place")
+            f.flush()
+            os.replace(tmp, tmp_path / "upload.jpg")
+            await wait_until(lambda: len(sub.calls) >= 1, 5)
+            await anyio.sleep(0.6)
+            assert sub.names() == ["upload.jpg"]  # the open file is not whole yet, on either path
         await wait_until(lambda: len(sub.calls) >= 2, 5)
     fired = {args["name"]: t for _, args, _, t in sub.calls}
-    # Renamed in (ctime > mtime): whole on first sight. Written in place: must look the same on two polls,
-    # so it fires at least one poll interval later although both appeared together.
-    assert fired["direct.jpg"] - fired["upload.jpg"] >= 0.4
+    # Renamed in (ctime > mtime, or IN_MOVED_TO): whole on first sight. Written in place: once its writer
+    # closed it (IN_CLOSE_WRITE), or else after the quiet period.
+    assert fired["direct.jpg"] - fired["upload.jpg"] >= 0.5
+
+
+async def test_folder_events_wake_the_feed_between_polls(tmp_path: Path) -> None:
+    sub = Submissions()
+    async with manager(sub) as tm:
+        tm.create_trigger("t")
+        tm.create_rule("r", "t", "f")
+        await tm.add_feed("t", "folder", path=tmp_path, interval_s=60.0)  # a poll a minute
+        await anyio.sleep(0.2)
+        drop(tmp_path, "closed.jpg", b"written and closed")
+        tmp = drop(tmp_path, ".renamed.jpg.part", b"staged")
+        os.replace(tmp, tmp_path / "renamed.jpg")
+        await wait_until(lambda: len(sub.calls) >= 2, 10)  # long before the next poll
+    assert sorted(sub.names()) == ["closed.jpg", "renamed.jpg"]
 
 
 async def test_folder_restart_neither_refires_nor_misses(tmp_path: Path) -> None:
@@ -519,9 +556,9 @@ async def test_fire_existing_and_remove_feed(tmp_path: Path) -> None:
         await wait_until(lambda: len(sub.calls) >= 1)
         assert sub.names() == ["old.txt"]
         cursors = list((state / "triggers" / "cursors").iterdir())
-        assert len(cursors) == 1
+        assert len({c.name.split(".")[0] for c in cursors}) == 1  # one feed: its snapshot and its log
         await tm.remove_feed(feed_id)
-        assert tm.list_feeds() == [] and not cursors[0].exists()
+        assert tm.list_feeds() == [] and not any(c.exists() for c in cursors)
         drop(folder, "new.txt", b"new")
         await anyio.sleep(4 * POLL_S)
         assert sub.names() == ["old.txt"]
@@ -605,8 +642,10 @@ async def test_fsspec_s3_feed_once_only_across_restart(s3_endpoint: Any, tmp_pat
     assert sorted(first.names()) == ["a.jpg", "day1/b.jpg"]
     args = next(a for _, a, _, _ in first.calls if a["name"] == "a.jpg")
     assert args["path"] == "s3://inbox/photos/a.jpg"
-    assert (args["size"], args["sha256"]) == (3, hashlib.sha256(b"aaa").hexdigest())
-    assert isinstance(args["mtime"], float)
+    # the ETag names the version: no object is downloaded to hash it
+    etag = client.head_object(Bucket="inbox", Key="photos/a.jpg")["ETag"]
+    assert (args["size"], args["etag"]) == (3, etag) and "sha256" not in args
+    assert args["idempotency_key"] and isinstance(args["mtime"], float)
 
     await anyio.to_thread.run_sync(put, "photos/e.jpg", b"eeeee")  # while stopped
     second = Submissions()
@@ -642,3 +681,466 @@ async def test_file_drop_runs_function_through_real_engine(tmp_path: Path) -> No
     assert act.status == "success", act.result
     assert act.result == {"got": "scan.png", "sha": hashlib.sha256(data).hexdigest(), "size": 2048}
     assert act.cause == record.activation_id
+
+
+# ------------------------------------------------------------------------- delivery: neither lost nor twice
+
+FAILURES: list[dict[str, Any]] = []
+
+
+def record_failure(params: dict[str, Any]) -> dict[str, Any]:
+    """A ``try_`` handler that files the photo as failed (what the catalog's write_failed does)."""
+    FAILURES.append(params)
+    return params
+
+
+ECHO = "def main(args):\n    return {'got': args['name'], 'key': args['idempotency_key']}\n"
+NAP = "import time\ndef main(args):\n    time.sleep(args.get('nap_s', 1.0))\n    return {'n': 1}\n"
+INC = "def main(args):\n    return {'n': args.get('n', 0) + 1}\n"
+
+
+async def test_failed_submit_is_not_handled_but_retried_with_backoff(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    sub = Submissions(missing=("f",))
+    async with manager(sub, tmp_path / "state") as tm:
+        tm.create_trigger("t", rate_per_minute=None)
+        tm.create_rule("r", "t", "f")
+        feed_id = await tm.add_feed("t", "folder", path=folder, interval_s=POLL_S, settle_s=0.2)
+        drop(folder, "a.jpg", b"a")
+        await wait_until(lambda: tm.get_feed(feed_id).last_error is not None)
+        error = str(tm.get_feed(feed_id).last_error)
+        assert "FunctionNotFound" in error and "a.jpg" in error and "r -> f" in error
+        assert tm.get_feed(feed_id).pending == 1
+        before = len(tm.list_fires("t"))
+        await anyio.sleep(10 * POLL_S)
+        # backoff: ten polls went by, the failing fire was not repeated at each
+        assert len(tm.list_fires("t")) - before <= 3
+        sub.missing = ()  # deployed at last
+        await wait_until(lambda: len(sub.calls) == 1)
+        await wait_until(lambda: tm.get_feed(feed_id).last_error is None)
+        assert tm.get_feed(feed_id).pending == 0
+        await anyio.sleep(5 * POLL_S)
+        assert sub.names() == ["a.jpg"]
+    again = Submissions()
+    async with manager(again, tmp_path / "state") as tm:
+        await anyio.sleep(5 * POLL_S)
+    assert again.calls == []  # handled once it reached its rule, and only then
+
+
+async def test_saved_feeds_wait_for_their_targets_or_start(tmp_path: Path) -> None:
+    folder, state = tmp_path / "in", tmp_path / "state"
+    folder.mkdir()
+    async with manager(Submissions(), state) as tm:
+        tm.create_trigger("t", rate_per_minute=None)
+        tm.create_rule("r", "t", "f")
+        await tm.add_feed("t", "folder", path=folder, interval_s=POLL_S, settle_s=0.0)
+    drop(folder, "while_down.jpg", b"x")
+    deployed: set[str] = set()
+    sub = Submissions()
+    async with manager(sub, state, exists=deployed.__contains__) as tm:
+        await anyio.sleep(5 * POLL_S)
+        assert sub.calls == [] and tm.list_fires() == []  # "f" is not deployed: the feed has not started
+        deployed.add("f")
+        tm.targets_changed()
+        await wait_until(lambda: len(sub.calls) == 1)
+    drop(folder, "second.jpg", b"y")
+    sub = Submissions()
+    async with manager(sub, state, exists=lambda name: False) as tm:
+        await anyio.sleep(3 * POLL_S)
+        assert sub.calls == []
+        tm.start()  # the application says so
+        await wait_until(lambda: len(sub.calls) == 1)
+    assert sub.names() == ["second.jpg"]
+
+
+@pytest.mark.parametrize("events", [True, False], ids=["inotify", "polling"])
+async def test_stalled_writer_fires_once_after_the_quiet_period(tmp_path: Path, events: bool) -> None:
+    sub = Submissions()
+    async with manager(sub) as tm:
+        tm.create_trigger("t")
+        tm.create_rule("r", "t", "f")
+        await tm.add_feed("t", "folder", path=tmp_path, interval_s=POLL_S, events=events)  # default settle_s
+        half = os.urandom(8192)
+        with open(tmp_path / "photo.jpg", "wb") as f:
+            f.write(half)
+            f.flush()
+            await anyio.sleep(1.2)  # the writer stalls (a slow upload, a network hiccup)
+            f.write(half)
+        await wait_until(lambda: len(sub.calls) >= 1, 10)
+        await anyio.sleep(5 * POLL_S)
+    assert len(sub.calls) == 1
+    args = sub.calls[0][1]
+    assert (args["size"], args["sha256"]) == (2 * len(half), hashlib.sha256(half + half).hexdigest())
+
+
+def test_cursor_log_replays_after_a_torn_line_and_compacts(tmp_path: Path) -> None:
+    from minifaas._events.feeds import CURSOR_COMPACT_LINES, Cursor
+
+    path = tmp_path / "c.json"
+    cur = Cursor(path)
+    assert not cur.load()
+    cur.save()
+    cur.record("fired", "a", (1, "10"))
+    cur.record("done", "a", (1, "10"))
+    cur.record("fired", "b", (2, "20"))
+    cur.record("fired", "c", (3, "30"))
+    cur.record("gone", "c")
+    cur.close()
+    with open(path.with_suffix(".log"), "a") as f:
+        f.write('{"op":"done","n":"b","k":[2,')  # a kill -9 in the middle of a line
+    again = Cursor(path)
+    assert again.load()
+    assert again.handled == {"a": (1, "10")} and again.inflight == {"b": (2, "20")}
+    for i in range(CURSOR_COMPACT_LINES + 5):
+        again.record("done", f"f{i}", (i, str(i)))
+    assert again.needs_compaction
+    again.save()
+    assert not path.with_suffix(".log").exists() or path.with_suffix(".log").stat().st_size == 0
+    again.record("done", "b", (2, "20"))
+    again.close()
+    third = Cursor(path)
+    third.load()
+    assert third.inflight == {} and third.handled["b"] == (2, "20") and len(third.handled) == CURSOR_COMPACT_LINES + 7
+
+
+async def test_restart_with_files_waiting_fires_them_once_the_targets_are_back(tmp_path: Path) -> None:
+    from minifaas import composer as cmp
+
+    folder, state = tmp_path / "in", tmp_path / "state"
+    folder.mkdir()
+    async with minifaas.Engine(state_dir=state) as engine:
+        await engine.deploy("f", code=ECHO)
+        await engine.deploy_composition("wf", cmp.sequence("f"))
+        tm = engine.triggers
+        assert tm is not None
+        tm.create_trigger("up")
+        tm.create_rule("r", "up", "wf")
+        await tm.add_feed("up", "folder", path=str(folder), interval_s=POLL_S, settle_s=0.2)
+    drop(folder, "while_down.jpg", b"x" * 100)
+    async with minifaas.Engine(state_dir=state) as engine:
+        tm = engine.triggers
+        assert tm is not None
+        await anyio.sleep(1.0)  # the application is still deploying (pip, models, ...)
+        assert tm.list_fires("up") == []
+        await engine.deploy_composition("wf", cmp.sequence("f"))
+        await anyio.sleep(0.5)
+        assert tm.list_fires("up") == []  # the rule's target "wf" is back, but not the function it calls
+        await engine.deploy("f", code=ECHO)
+        await wait_until(lambda: bool(tm.list_fires("up")))
+        record = tm.list_fires("up")[0]
+        assert [o.error for o in record.outcomes] == [None]
+        act = await engine.activations.wait(record.activation_ids[0], timeout_s=60)
+        assert act.status == "success" and act.result["got"] == "while_down.jpg"
+        await wait_until(lambda: tm.list_feeds()[0].pending == 0)
+    async with minifaas.Engine(state_dir=state) as engine:
+        await engine.deploy("f", code=ECHO)
+        await engine.deploy_composition("wf", cmp.sequence("f"))
+        await anyio.sleep(1.0)
+        assert engine.triggers is not None and engine.triggers.list_fires("up") == []
+
+
+async def test_clean_close_mid_session_aborts_it_and_the_file_fires_again(tmp_path: Path) -> None:
+    from minifaas import composer as cmp
+    from minifaas._workflows.conductor import SESSION_ABORTED_MESSAGE
+    from minifaas._workflows.sessions import SessionStore
+
+    folder, state = tmp_path / "in", tmp_path / "state"
+    folder.mkdir()
+    FAILURES.clear()
+    comp = cmp.try_(cmp.sequence("nap", "inc"), cmp.function(record_failure))
+    async with minifaas.Engine(state_dir=state) as engine:
+        await engine.deploy("nap", code=NAP)
+        await engine.deploy("inc", code=INC)
+        await engine.deploy_composition("wf", comp)
+        tm = engine.triggers
+        assert tm is not None
+        tm.create_trigger("up")
+        tm.create_rule("r", "up", "wf")
+        await tm.add_feed("up", "folder", path=str(folder), interval_s=POLL_S, settle_s=0.1)
+        drop(folder, "photo.jpg", b"x" * 100)
+        await wait_until(lambda: bool(tm.list_fires("up")))
+        record = tm.list_fires("up")[0]
+        sid = record.activation_ids[0]
+        key = record.args["idempotency_key"]
+        await wait_until(lambda: len(engine.sessions.get(sid).steps) == 1)
+        live = engine.sessions.get(sid)
+        assert live.status == "running" and live.steps[0].name == "nap"  # the live record, mid-run
+    assert FAILURES == []  # the close is no error of the photo's: the handler did not run
+    with SessionStore(state / "sessions.sqlite3") as store:
+        ended = store.get(sid)
+    assert (ended.status, ended.result) == ("internal_error", {"error": SESSION_ABORTED_MESSAGE})
+    # "inc" was refused by the closing engine: aborted, with no activation (no handler saw an error object)
+    assert [(s.name, s.status, s.activation_id is None) for s in ended.steps] == [
+        ("nap", "success", False),
+        ("inc", "internal_error", True),
+    ]
+    async with minifaas.Engine(state_dir=state) as engine:
+        await engine.deploy("nap", code=NAP)
+        await engine.deploy("inc", code=INC)
+        await engine.deploy_composition("wf", comp)
+        tm = engine.triggers
+        assert tm is not None
+        await wait_until(lambda: bool(tm.list_fires("up")))
+        again = tm.list_fires("up")[0]
+        assert again.args["idempotency_key"] == key  # the workflow can tell it is the same photo
+        act = await engine.activations.wait(again.activation_ids[0], timeout_s=60)
+        assert act.status == "success" and act.result == {"n": 2}
+        await wait_until(lambda: tm.list_feeds()[0].pending == 0)
+        first = await engine.activations.get(sid)
+        assert first.status == "internal_error"
+    async with minifaas.Engine(state_dir=state) as engine:
+        await engine.deploy("nap", code=NAP)
+        await engine.deploy("inc", code=INC)
+        await engine.deploy_composition("wf", comp)
+        await anyio.sleep(1.0)
+        assert engine.triggers is not None and engine.triggers.list_fires("up") == []
+    assert FAILURES == []
+
+
+DUP_CHILD = """
+import os, sys, anyio
+from pathlib import Path
+from minifaas._events.triggers import TriggerManager
+
+state, folder, log, mode = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+
+async def submit(name, args, *, cause):
+    with open(log, "a") as f:
+        f.write(args["name"] + " " + args["idempotency_key"] + "\\n")
+        f.flush()
+        os.fsync(f.fileno())
+    await anyio.sleep(0.02)  # the engine's submit, a little work
+    return cause
+
+async def main():
+    async with anyio.create_task_group() as tg:
+        tm = TriggerManager(submit, state_dir=state, task_group=tg)
+        if mode == "setup":
+            tm.create_trigger("t", rate_per_minute=None)
+            tm.create_rule("r", "t", "wf")
+            await tm.add_feed("t", "folder", path=folder, interval_s=0.2, settle_s=0.0)
+            await tm.aclose()
+            return
+        await anyio.sleep(60)
+
+anyio.run(main)
+"""
+
+
+def _log_lines(path: Path) -> list[tuple[str, str]]:
+    if not path.exists():
+        return []
+    return [tuple(line.split()) for line in path.read_text().splitlines() if line.count(" ") == 1]  # type: ignore[misc]
+
+
+def test_kill_9_mid_batch_fires_nothing_twice(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    folder, state = tmp_path / "in", tmp_path / "state"
+    folder.mkdir()
+    child = tmp_path / "child.py"
+    child.write_text(DUP_CHILD)
+    logs = [tmp_path / "log1", tmp_path / "log2"]
+    subprocess.run([sys.executable, str(child), str(state), str(folder), str(logs[0]), "setup"], check=True)
+    for i in range(100):
+        (folder / f"img{i:03}.jpg").write_bytes(os.urandom(1000))
+    for log, until in ((logs[0], 40), (logs[1], 100)):
+        proc = subprocess.Popen([sys.executable, str(child), str(state), str(folder), str(log), "run"])
+        try:
+            deadline = time.monotonic() + WAIT_S
+            done = len({n for lg in logs for n, _ in _log_lines(lg)})
+            while done < until and time.monotonic() < deadline:
+                time.sleep(0.005)
+                done = len({n for lg in logs for n, _ in _log_lines(lg)})
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    first, second = _log_lines(logs[0]), _log_lines(logs[1])
+    names = {n for n, _ in first} | {n for n, _ in second}
+    assert len(names) == 100  # none lost
+    twice = {n for n, _ in first} & {n for n, _ in second}
+    # At most the fire the kill cut between its submit and its cursor line, and that one with the same key.
+    assert len(twice) <= 1, sorted(twice)
+    assert {(n, k) for n, k in first if n in twice} == {(n, k) for n, k in second if n in twice}
+
+
+KILL_CHILD = """
+import sys, anyio
+import minifaas
+from minifaas import composer as cmp
+
+NAP = "import time\\ndef main(args):\\n    time.sleep(60)\\n    return {}\\n"
+
+async def main():
+    async with minifaas.Engine(state_dir=sys.argv[1]) as engine:
+        await engine.deploy("nap", code=NAP)
+        await engine.deploy_composition("wf", cmp.sequence("nap"))
+        tm = engine.triggers
+        tm.create_trigger("up")
+        tm.create_rule("r", "up", "wf")
+        await tm.add_feed("up", "folder", path=sys.argv[2], interval_s=0.1, settle_s=0.0)
+        with open(sys.argv[2] + "/photo.jpg", "wb") as f:
+            f.write(b"p" * 100)
+        while not tm.list_fires("up"):
+            await anyio.sleep(0.01)
+        sid = tm.list_fires("up")[0].activation_ids[0]
+        while not engine.sessions.get(sid).steps:
+            await anyio.sleep(0.01)
+        print(sid, tm.list_fires("up")[0].args["idempotency_key"], flush=True)
+        await anyio.sleep(120)
+
+anyio.run(main)
+"""
+
+
+async def test_kill_9_mid_session_recovers_it_as_failed_and_fires_the_file_again(tmp_path: Path) -> None:
+    import sys
+
+    from minifaas import composer as cmp
+
+    folder, state = tmp_path / "in", tmp_path / "state"
+    folder.mkdir()
+    child = tmp_path / "child.py"
+    child.write_text(KILL_CHILD)
+    proc = await anyio.open_process([sys.executable, str(child), str(state), str(folder)])
+    try:
+        assert proc.stdout is not None
+        with anyio.fail_after(60):
+            line = b""
+            while not line.endswith(b"\n"):
+                line += await proc.stdout.receive()
+    finally:
+        proc.kill()  # SIGKILL: no clean close, no cursor save
+        await proc.wait()
+        await proc.aclose()
+    sid, key = line.decode().split()
+    async with minifaas.Engine(state_dir=state) as engine:
+        session = engine.sessions.get(sid)
+        assert session.status == "internal_error" and "stopped" in str(session.result["error"])
+        await engine.deploy("nap", code=INC)  # fixed: no more 60 s naps
+        await engine.deploy_composition("wf", cmp.sequence("nap"))
+        tm = engine.triggers
+        assert tm is not None
+        await wait_until(lambda: bool(tm.list_fires("up")))
+        record = tm.list_fires("up")[0]
+        assert record.args["name"] == "photo.jpg" and record.args["idempotency_key"] == key
+        act = await engine.activations.wait(record.activation_ids[0], timeout_s=60)
+        assert act.status == "success"
+        await wait_until(lambda: tm.list_feeds()[0].pending == 0)
+
+
+# ------------------------------------------------------------------------------------------------ clocks
+
+
+def _cron_instants(expr: str, tz: str, start: datetime, hours: float) -> list[str]:
+    """Every due instant of ``expr`` in ``tz`` from ``start`` for ``hours``, as UTC HH:MM."""
+    from minifaas._events.feeds import _timezone
+
+    schedule, zone = CronSchedule.parse(expr), _timezone(tz)
+    t, end, out = start.astimezone(zone), start.timestamp() + hours * 3600, []
+    while (t := schedule.next_after(t)).timestamp() < end:
+        out.append(t.astimezone(UTC).strftime("%H:%M"))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("expr", "start", "expected"),
+    [
+        # Europe/Berlin falls back at 01:00 UTC: 02:00-02:59 local comes twice. "*" jobs run in both passes.
+        (
+            "*/10 * * * *",
+            datetime(2025, 10, 25, 23, 0, tzinfo=UTC),
+            [f"{h:02}:{m:02}" for h in (23, 0, 1, 2) for m in range(0, 60, 10)][1:],
+        ),
+        ("0 * * * *", datetime(2025, 10, 25, 23, 0, tzinfo=UTC), ["00:00", "01:00", "02:00"]),
+        # a fixed-time job runs once in the repeated hour, in its first pass
+        ("30 2 * * *", datetime(2025, 10, 25, 23, 0, tzinfo=UTC), ["00:30"]),
+        # spring forward at 01:00 UTC: 02:00-02:59 local never happens; a fixed-time job runs right after the gap
+        ("30 2 * * *", datetime(2025, 3, 29, 23, 0, tzinfo=UTC), ["01:00"]),
+        ("15 * * * *", datetime(2025, 3, 29, 23, 0, tzinfo=UTC), ["23:15", "00:15", "01:15", "02:15"]),
+    ],
+    ids=[
+        "every-10-min-fall-back",
+        "hourly-fall-back",
+        "fixed-fall-back",
+        "fixed-spring-forward",
+        "hourly-spring-forward",
+    ],
+)
+def test_cron_across_dst_in_europe_berlin(expr: str, start: datetime, expected: list[str]) -> None:
+    assert _cron_instants(expr, "Europe/Berlin", start, 4) == expected
+
+
+async def test_interval_alarm_and_rate_window_ignore_wall_clock_steps() -> None:
+    clock = SteppedClock()
+    sub = Submissions()
+    async with manager(sub, clock=clock) as tm:
+        tm.create_trigger("tick", rate_per_minute=None)
+        tm.create_rule("r", "tick", "f")
+        await tm.add_feed("tick", "alarm", interval_s=10)
+        await advance(clock, 25)
+        assert len(sub.calls) == 2
+        clock.wall_offset_s = -3600.0  # NTP steps the wall clock back an hour
+        await advance(clock, 20)
+        assert len(sub.calls) == 4  # still every 10 s
+        clock.wall_offset_s = 0.0
+        tm.create_trigger("hook")  # 60 a minute
+        for _ in range(60):
+            await tm.fire("hook")
+        clock.wall_offset_s = -3600.0
+        assert 0 < tm.retry_after_s("hook") <= 60  # not 3660 s
+        with pytest.raises(minifaas.RateLimited) as info:
+            await tm.fire("hook")
+        assert info.value.retry_after_s == pytest.approx(tm.retry_after_s("hook"))
+        await advance(clock, 60, step=5)
+        await tm.fire("hook")
+
+
+async def test_cron_alarm_notices_a_forward_wall_clock_step_within_a_slice() -> None:
+    from minifaas._events.feeds import CRON_SLICE_S
+
+    clock = SteppedClock(datetime(2024, 3, 10, 10, 0, 30, tzinfo=UTC).timestamp())
+    sub = Submissions()
+    async with manager(sub, clock=clock) as tm:
+        tm.create_trigger("tick")
+        tm.create_rule("r", "tick", "f")
+        await tm.add_feed("tick", "alarm", cron="0 * * * *")  # due at 11:00, 59.5 min away
+        await advance(clock, 10)
+        clock.wall_offset_s = 3600.0  # a suspended laptop wakes up an hour later
+        await advance(clock, CRON_SLICE_S, step=CRON_SLICE_S / 6)
+        assert [args["scheduled"] for _, args, _, _ in sub.calls] == ["2024-03-10T11:00:00+00:00"]
+
+
+@pytest.mark.parametrize("events", [True, False], ids=["inotify", "polling"])
+async def test_a_quiet_folder_is_not_listed_again_at_every_poll(
+    tmp_path: Path, events: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from minifaas._events.feeds import FolderSource
+
+    listings: list[float] = []
+    real_list = FolderSource.list
+
+    def counted(self: FolderSource) -> Any:
+        listings.append(time.monotonic())
+        return real_list(self)
+
+    monkeypatch.setattr(FolderSource, "list", counted)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(50):
+        drop(folder, f"old{i}.jpg", b"x")
+    await anyio.sleep(1.1)  # the folder's mtime is now old enough to be trusted
+    sub = Submissions()
+    async with manager(sub, tmp_path / "state") as tm:
+        tm.create_trigger("t", rate_per_minute=None)
+        tm.create_rule("r", "t", "f")
+        await tm.add_feed("t", "folder", path=folder, interval_s=POLL_S, events=events)
+        await anyio.sleep(20 * POLL_S)
+        assert len(listings) <= 3  # the start, the first poll: not twenty
+        tmp = drop(folder, ".new.jpg.part", b"new")
+        await anyio.sleep(0.02)
+        os.replace(tmp, folder / "new.jpg")
+        await wait_until(lambda: sub.names() == ["new.jpg"])

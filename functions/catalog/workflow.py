@@ -49,16 +49,25 @@ Decisions:
   later photo with the same stem replaces the entry (like an overwritten object in a bucket).
 - Activation ids: the engine records which activation ran each step with ``cause`` = the session id. The
   ``RECORDER`` end hook (``install(engine)``) keeps them per session, and the write steps put them in the
-  sidecar. A session started with ``engine.submit`` (a trigger's rule, the benchmark) knows its id; one run
-  with ``engine.call`` writes ``steps: {}`` and ``session_id: null``.
+  sidecar, with the session id (``minifaas._workflows.conductor.current_session_id``).
+- Exactly once: a feed fires a photo again after a crash if its session never ended, with the same
+  ``idempotency_key`` (its path and content hash). The sidecar keeps that key, so a repeat whose entry is
+  already written ends at once with ``outcome: "duplicate"`` and writes nothing.
+- What the steps read is a snapshot: ``receive`` copies the photo under a hidden name (hashing it on the way)
+  and every AI step reads the copy. A photo whose bytes differ from the event's ``sha256`` is being rewritten:
+  the session ends with ``outcome: "superseded"`` and writes nothing (the new version fires an event of its
+  own). Writes of one stem take a lock, and an entry never replaces one received later.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import re
 import shutil
+import threading
 import uuid
 import weakref
 from collections import OrderedDict
@@ -70,6 +79,7 @@ import anyio
 import anyio.to_thread
 
 from minifaas import Activation, Engine, MinifaasError
+from minifaas._workflows.conductor import current_session_id
 from minifaas.composer import Composition, action, function, if_, let, sequence, try_
 
 __all__ = (
@@ -86,6 +96,7 @@ __all__ = (
     "deploy_catalog",
     "deploy_functions",
     "install",
+    "sweep_staging",
 )
 
 #: the repository's ``functions/`` folder, where the AI functions this workflow calls live
@@ -137,8 +148,7 @@ QUALITY_KEYS: Final = (
 QUALITY_ASPECTS: Final = ("sharpness", "exposure", "contrast", "noise")
 #: sessions whose step activations RECORDER keeps at once; older ones are dropped first
 MAX_TRACKED_SESSIONS: Final = 4096
-#: the engine runs a submitted composition in a task named "session-<session id>"
-SESSION_TASK_PREFIX: Final = "session-"
+HASH_CHUNK_BYTES: Final = 1 << 20
 #: sandboxes per AI function: the machines this is tuned for have 2 cores, more only costs memory
 DEFAULT_MAX_SANDBOXES: Final = 2
 
@@ -196,17 +206,6 @@ def install(engine: Engine) -> None:
         _installed.add(engine)
 
 
-def current_session_id() -> str | None:
-    """The id of the composition session running this host step, when the engine started it with ``submit``."""
-    try:
-        name = anyio.get_current_task().name
-    except RuntimeError:
-        return None
-    if isinstance(name, str) and name.startswith(SESSION_TASK_PREFIX):
-        return name[len(SESSION_TASK_PREFIX) :]
-    return None
-
-
 def _steps(functions: dict[str, str], session_id: str | None) -> dict[str, Any]:
     """role -> the activation that ran that AI step (matched by function name, in order)."""
     records = RECORDER.pop(session_id) if session_id is not None else []
@@ -221,6 +220,11 @@ def _steps(functions: dict[str, str], session_id: str | None) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- files
+
+
+#: hidden names of this module's staging files: ``.<stem>.<token>.src<ext>``, ``.<stem>.<token>.jpg`` (a crop),
+#: ``.<name>.<8 hex>.tmp`` (an atomic write)
+_STAGING_RE: Final = re.compile(r"\..+\.(?:[0-9a-f]{12}(?:\.src)?\.[A-Za-z0-9]+|[0-9a-f]{8}\.tmp)")
 
 
 def _temp_path(dst: Path) -> Path:
@@ -252,6 +256,36 @@ def _copy_atomic(src: str, dst: Path) -> None:
         raise
 
 
+_stem_locks: dict[str, threading.Lock] = {}
+_stem_locks_guard = threading.Lock()
+
+
+@contextlib.contextmanager
+def _stem_lock(job: dict[str, Any]) -> Any:
+    """One writer per stem at a time (two versions of a photo may finish together)."""
+    with _stem_locks_guard:
+        lock = _stem_locks.setdefault(job["stem"], threading.Lock())
+    with lock:
+        yield
+
+
+def _newer_entry_exists(job: dict[str, Any]) -> bool:
+    """True if either folder holds an entry for this stem received after this job (a newer version won)."""
+    for folder in (job["catalog_dir"], job["rejected_dir"]):
+        with contextlib.suppress(OSError, ValueError):
+            other = json.loads((Path(folder) / f"{job['stem']}{SIDECAR_SUFFIX}").read_text(encoding="utf-8"))
+            if str(other.get("received") or "") > job["received"]:
+                return True
+    return False
+
+
+def _drop_snapshot(job: dict[str, Any]) -> None:
+    snapshot = job.get("snapshot")
+    if snapshot:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(snapshot)
+
+
 def _now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
@@ -266,8 +300,30 @@ def _folder(params: dict[str, Any], key: str) -> str:
 # ---------------------------------------------------------------------------------------------- host steps
 
 
-def receive(params: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
-    """Check the input, open the ``job`` and ask the quality gate about the photo."""
+def _earlier_entry(job: dict[str, Any], key: object) -> Path | None:
+    """The sidecar a previous run of this very event wrote (same idempotency key), if any."""
+    if not isinstance(key, str) or not key:
+        return None
+    for folder in (job["catalog_dir"], job["rejected_dir"]):
+        sidecar = Path(folder) / f"{job['stem']}{SIDECAR_SUFFIX}"
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(sidecar.read_text(encoding="utf-8")).get("idempotency_key") == key:
+                return sidecar
+    return None
+
+
+def _snapshot(src: str, dst: str) -> str:
+    """Copy ``src`` to ``dst``, returning the sha256 of the bytes copied."""
+    digest = hashlib.sha256()
+    with open(src, "rb") as fin, open(dst, "xb") as fout:
+        while chunk := fin.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+            fout.write(chunk)
+    return digest.hexdigest()
+
+
+async def receive(params: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
+    """Check the input, open the ``job``, snapshot the photo; the ``if_`` after it runs the steps if fresh."""
     path = params.get("path")
     if not isinstance(path, str) or not path:
         raise CatalogError(f"the input names no photo: 'path' is {path!r}")
@@ -276,26 +332,58 @@ def receive(params: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
     tags = params.get("tags") or []
     if not isinstance(tags, list) or not all(isinstance(t, str) and t for t in tags):
         raise CatalogError(f"'tags' must be a list of non-empty strings, got {tags!r}")
-    env["job"] = {
+    job: dict[str, Any] = {
         "path": path,
         "name": name,
         "stem": Path(name).stem or name,
         "sha256": params.get("sha256"),
+        "idempotency_key": params.get("idempotency_key"),
         "catalog_dir": catalog_dir,
         "rejected_dir": rejected_dir,
         "tags": tags,
         "token": uuid.uuid4().hex[:12],
         "received": _now_iso(),
     }
-    # a stat and two mkdirs of existing folders: cheaper inline than a hop to a worker thread
+    env["job"] = job
     if not os.path.isfile(path):
         raise CatalogError(f"photo {path} does not exist (or is not a file)")
     for folder in (catalog_dir, rejected_dir):
         os.makedirs(folder, exist_ok=True)
-    request: dict[str, Any] = {"image": path}
+    earlier = _earlier_entry(job, job["idempotency_key"])
+    if earlier is not None:
+        job["skip"] = {"outcome": "duplicate", "sidecar": str(earlier)}
+        return {"fresh": False}
+    snapshot = os.path.join(catalog_dir, f".{job['stem']}.{job['token']}.src{Path(name).suffix}")
+    digest = await anyio.to_thread.run_sync(_snapshot, path, snapshot)
+    job["snapshot"] = snapshot
+    if job["sha256"] is None:
+        job["sha256"] = digest
+    elif digest != job["sha256"]:
+        os.unlink(snapshot)
+        job.pop("snapshot")
+        job["skip"] = {"outcome": "superseded", "sidecar": None, "reason": "the photo changed after its event"}
+        return {"fresh": False}
+    request: dict[str, Any] = {"image": snapshot}
     if "threshold" in params:
         request["threshold"] = params["threshold"]
+    return {"fresh": True, "request": request}
+
+
+def is_fresh(params: dict[str, Any], env: dict[str, Any]) -> bool:
+    """The ``if_`` test after ``receive``: false for a repeat of a catalogued event or a rewritten photo."""
+    return params.get("fresh") is True
+
+
+def quality_request(params: dict[str, Any]) -> dict[str, Any]:
+    """The quality gate's parameters, as ``receive`` prepared them."""
+    request: dict[str, Any] = params["request"]
     return request
+
+
+def skip(params: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
+    """End a repeat or a superseded photo without writing anything."""
+    job = env["job"]
+    return {"photo": job["name"], **job["skip"]}
 
 
 def gate(params: dict[str, Any], env: dict[str, Any]) -> bool:
@@ -310,7 +398,7 @@ def crop_request(params: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
     job = env["job"]
     staging = os.path.join(job["catalog_dir"], f".{job['stem']}.{job['token']}{CROP_SUFFIX}")
     job["staging"] = staging
-    return {"image": job["path"], "output_path": staging, "format": CROP_FORMAT}
+    return {"image": job["snapshot"], "output_path": staging, "format": CROP_FORMAT}
 
 
 def tag_request(params: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
@@ -325,7 +413,7 @@ def tag_request(params: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
         "clipped": params.get("clipped") or [],
         "method": params.get("method", "blazepose"),
     }
-    request: dict[str, Any] = {"image": job["path"], "person": bool(params.get("person"))}
+    request: dict[str, Any] = {"image": job["snapshot"], "person": bool(params.get("person"))}
     if params.get("person") and isinstance(params.get("detector_score"), int | float):
         request["person_score"] = params["detector_score"]
     if job["tags"]:
@@ -378,6 +466,7 @@ def _record(
         "photo": job.get("name"),
         "source": job.get("path"),
         "sha256": job.get("sha256"),
+        "idempotency_key": job.get("idempotency_key"),
         "outcome": outcome,
         **fields,
         "quality": job.get("quality"),
@@ -433,11 +522,17 @@ async def write_catalog(params: dict[str, Any], env: dict[str, Any]) -> dict[str
     sidecar = catalog / f"{job['stem']}{SIDECAR_SUFFIX}"
 
     def commit() -> None:
-        if staged:
-            os.replace(staged, image)
-        else:
-            _copy_atomic(job["path"], image)
-        _write_json_atomic(sidecar, record)
+        with _stem_lock(job):
+            if _newer_entry_exists(job):
+                if staged:
+                    os.unlink(staged)
+            elif staged:
+                os.replace(staged, image)
+                _write_json_atomic(sidecar, record)
+            else:
+                _copy_atomic(job["snapshot"], image)
+                _write_json_atomic(sidecar, record)
+        _drop_snapshot(job)
 
     await anyio.to_thread.run_sync(commit)
     return _summary(record, sidecar)
@@ -463,8 +558,11 @@ async def write_rejected(params: dict[str, Any], env: dict[str, Any]) -> dict[st
     sidecar = rejected / f"{job['stem']}{SIDECAR_SUFFIX}"
 
     def commit() -> None:
-        _copy_atomic(job["path"], image)
-        _write_json_atomic(sidecar, record)
+        with _stem_lock(job):
+            if not _newer_entry_exists(job):
+                _copy_atomic(job["snapshot"], image)
+                _write_json_atomic(sidecar, record)
+        _drop_snapshot(job)
 
     await anyio.to_thread.run_sync(commit)
     return _summary(record, sidecar)
@@ -484,13 +582,19 @@ async def write_failed(params: dict[str, Any], env: dict[str, Any]) -> dict[str,
         if staging:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(staging)
-        image: str | None = None
-        if os.path.isfile(job["path"]):
-            target = rejected / job["name"]
-            _copy_atomic(job["path"], target)
-            image = str(target)
-        record = _record(job, "failed", functions, session_id, image=image, reason=str(error))
-        _write_json_atomic(rejected / f"{job['stem']}{SIDECAR_SUFFIX}", record)
+        source = job.get("snapshot") or job["path"]
+        with _stem_lock(job):
+            if job.get("received") and _newer_entry_exists(job):
+                _drop_snapshot(job)
+                return
+            image: str | None = None
+            if os.path.isfile(source):
+                target = rejected / job["name"]
+                _copy_atomic(source, target)
+                image = str(target)
+            record = _record(job, "failed", functions, session_id, image=image, reason=str(error))
+            _write_json_atomic(rejected / f"{job['stem']}{SIDECAR_SUFFIX}", record)
+        _drop_snapshot(job)
 
     try:
         await anyio.to_thread.run_sync(report)
@@ -520,11 +624,12 @@ def build_workflow(
         ),
         function(write_catalog),
     )
-    body = sequence(
-        function(receive),
+    steps = sequence(
+        function(quality_request),
         action(quality),
         if_(function(gate), catalogue, function(write_rejected)),
     )
+    body = sequence(function(receive), if_(function(is_fresh), steps, function(skip)))
     functions = {"quality": quality, "crop": crop, "tag": tag, "crop_tag": tag}
     return let({"job": {}, "functions": functions}, try_(body, function(write_failed)))
 
@@ -566,6 +671,25 @@ async def deploy_catalog(
     and the event's payload override them.
     """
     comp = build_workflow(quality=quality, crop=crop, tag=tag)
+    folders = [str(params[k]) for k in ("catalog_dir", "rejected_dir") if isinstance((params or {}).get(k), str)]
+    await anyio.to_thread.run_sync(sweep_staging, folders)
     await engine.deploy_composition(name, comp, params=params)
     install(engine)
     return comp
+
+
+def sweep_staging(folders: list[str]) -> int:
+    """Delete the hidden snapshots, crops and temporary files that sessions cut short by a crash left behind.
+
+    Called when the composition is deployed, before any of its sessions runs (their events fire again, with new
+    staging names). Only names this module makes are touched; returns how many were deleted.
+    """
+    removed = 0
+    for folder in folders:
+        with contextlib.suppress(FileNotFoundError), os.scandir(folder) as entries:
+            for entry in entries:
+                if _STAGING_RE.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+                        removed += 1
+    return removed

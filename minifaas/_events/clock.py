@@ -14,7 +14,11 @@ __all__ = ("Clock", "SystemClock")
 
 
 class Clock(Protocol):
-    """Time source for rate limits and alarms: wall-clock seconds and a sleep that honours the same clock."""
+    """Time source for rate limits and alarms: wall-clock seconds (``now``) and a sleep.
+
+    A clock may also have ``monotonic()``, the time ``sleep`` runs on, which the wall clock may leave when an
+    operator or NTP steps it: rate windows and interval alarms use it (see ``feeds.monotonic_of``).
+    """
 
     def now(self) -> float: ...
 
@@ -22,13 +26,16 @@ class Clock(Protocol):
 
 
 class SystemClock:
-    """Real time: ``time.time()`` (wall clock, as cron schedules need) and ``anyio.sleep``.
+    """Real time: ``time.time()`` (wall clock, as cron schedules need), ``time.monotonic()`` and ``anyio.sleep``.
 
     Tests pass ``minifaas.testing.FakeClock`` instead.
     """
 
     def now(self) -> float:
         return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
 
     async def sleep(self, seconds: float) -> None:
         await anyio.sleep(seconds)

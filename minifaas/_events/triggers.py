@@ -7,6 +7,10 @@ graph many-to-many: one trigger can drive many targets, one target can hang off 
 
 Each trigger has a fire rate limit (OpenWhisk's default: 60 per minute) enforced over a sliding 60 s window.
 Feeds (``_feeds``) fire triggers by themselves and wait out that limit instead of dropping events.
+
+Feeds saved in the state dir do not resume when the manager is built: the application has not redeployed its
+functions and compositions yet. A saved feed starts once every active rule of its trigger names a target that
+exists (``exists``, checked again on ``targets_changed()``), or when the application calls ``start()``.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import anyio.abc
 
 from .._errors import EngineClosed, InvalidPayload, RateLimited, TriggerError
 from .clock import Clock, SystemClock
-from .feeds import Feed, FeedContext, FeedInfo, make_feed, write_json_atomic
+from .feeds import Feed, FeedContext, FeedInfo, WaitFn, make_feed, monotonic_of, write_json_atomic
 
 __all__ = (
     "Clock",
@@ -37,6 +41,7 @@ __all__ = (
     "Trigger",
     "TriggerActivation",
     "TriggerManager",
+    "monotonic_of",
 )
 
 TRIGGER_RATE_PER_MINUTE = 60
@@ -142,7 +147,10 @@ class TriggerManager:
 
     ``submit`` is the engine's non-blocking submit returning an activation id. Feed tasks run in
     ``task_group`` (the engine's); ``aclose`` ends them. With a ``state_dir``, triggers, rules, feeds and feed
-    cursors live under ``state_dir/triggers/`` and feeds resume on construction.
+    cursors live under ``state_dir/triggers/``. ``wait(activation_id)`` (the engine's) tells a feed when the
+    activation its event started has ended, so that the event counts as handled only then; without it an
+    event is handled once submitted. ``exists(name)`` says whether a rule's target is deployed: saved feeds
+    start once their targets exist (or on ``start()``); without it they start at once.
     """
 
     def __init__(
@@ -153,10 +161,13 @@ class TriggerManager:
         task_group: anyio.abc.TaskGroup,
         clock: Clock | None = None,
         on_fire: Callable[[TriggerActivation], object] | None = None,
+        wait: WaitFn | None = None,
+        exists: Callable[[str], bool] | None = None,
     ) -> None:
         self._submit = submit
         self._tg = task_group
         self._clock: Clock = clock if clock is not None else SystemClock()
+        self._mono = monotonic_of(self._clock)
         self._on_fire = on_fire
         self._dir = None if state_dir is None else Path(state_dir) / STATE_SUBDIR
         self._triggers: dict[str, Trigger] = {}
@@ -164,10 +175,15 @@ class TriggerManager:
         self._feeds: dict[str, Feed] = {}
         self._fire_times: dict[str, deque[float]] = {}
         self._fires: deque[TriggerActivation] = deque(maxlen=MAX_FIRE_RECORDS)
-        self._ctx = FeedContext(fire=self.fire, retry_after_s=self.retry_after_s, clock=self._clock)
+        self._exists = exists
+        self._ctx = FeedContext(fire=self._fire, retry_after_s=self.retry_after_s, clock=self._clock, wait=wait)
         self._closed = False
         if self._dir is not None:
             self._load()
+        if exists is None:
+            self.start()
+        else:
+            self.targets_changed()
 
     # ------------------------------------------------------------------------------------- persistence
 
@@ -196,7 +212,27 @@ class TriggerManager:
                 logger.error("cannot resume %s feed of trigger %s: %s", kind, trigger, exc)
                 continue
             self._feeds[feed.feed_id] = feed
+
+    def _start_feed(self, feed: Feed) -> None:
+        if not feed.started and not self._closed:
+            feed.scheduled = True  # at once, so that two calls in one tick start it once
             self._tg.start_soon(feed.run, name=f"minifaas feed {feed.feed_id}")
+
+    def start(self) -> None:
+        """Start every feed that is not running yet (saved feeds wait for this or for their targets)."""
+        for feed in list(self._feeds.values()):
+            self._start_feed(feed)
+
+    def targets_changed(self) -> None:
+        """Start the waiting feeds whose trigger's active rules all name an existing target (call after deploys)."""
+        if self._exists is None:
+            return
+        for feed in list(self._feeds.values()):
+            if feed.started:
+                continue
+            rules = [r for r in self._rules.values() if r.trigger == feed.trigger and r.enabled]
+            if rules and all(self._exists(r.action) for r in rules):
+                self._start_feed(feed)
 
     def _save(self) -> None:
         if self._dir is None:
@@ -275,7 +311,7 @@ class TriggerManager:
         times = self._fire_times.get(name)
         if trigger is None or trigger.rate_per_minute is None or not times:
             return 0.0
-        now = self._clock.now()
+        now = self._mono()  # a wall clock stepped back an hour must not block a trigger for an hour
         while times and times[0] <= now - RATE_WINDOW_S:
             times.popleft()
         if len(times) < trigger.rate_per_minute:
@@ -289,9 +325,10 @@ class TriggerManager:
         if wait > 0:
             raise RateLimited(
                 f"trigger {trigger.name!r} exceeded its rate limit of {trigger.rate_per_minute} fires per"
-                f" minute; retry in {wait:.1f} s"
+                f" minute; retry in {wait:.1f} s",
+                retry_after_s=wait,
             )
-        self._fire_times.setdefault(trigger.name, deque()).append(self._clock.now())
+        self._fire_times.setdefault(trigger.name, deque()).append(self._mono())
 
     async def fire(self, name: str, payload: dict[str, Any] | None = None) -> list[str]:
         """Fire trigger ``name``; return the activation ids of the enabled rules' targets (maybe none).
@@ -301,13 +338,21 @@ class TriggerManager:
         engine is shutting down. A rule whose submit fails otherwise (unknown function, overload) is recorded
         in the trigger activation and does not stop the others.
         """
+        record = await self._fire(name, payload, None)
+        return record.activation_ids
+
+    async def _fire(self, name: str, payload: dict[str, Any] | None, only: frozenset[str] | None) -> TriggerActivation:
+        """Fire ``name`` to its enabled rules (only those named in ``only``, if given); return the record."""
         self._check_open()
         trigger = self.get_trigger(name)
         args = {**trigger.params, **_check_json("trigger payload", payload)}
         self._take_rate_token(trigger)
         fire_id = uuid.uuid4().hex
         start = self._clock.now()
-        rules = sorted((r for r in self._rules.values() if r.trigger == name and r.enabled), key=lambda r: r.name)
+        rules = sorted(
+            (r for r in self._rules.values() if r.trigger == name and r.enabled and (only is None or r.name in only)),
+            key=lambda r: r.name,
+        )
         outcomes: list[RuleOutcome] = []
         for rule in rules:
             try:
@@ -326,7 +371,7 @@ class TriggerManager:
                 self._on_fire(record)
             except Exception:  # an observer must not turn a done fire into a failed (and re-fired) one
                 logger.exception("trigger %s: on_fire hook failed", name)
-        return record.activation_ids
+        return record
 
     def get_fire(self, activation_id: str) -> TriggerActivation:
         """The record of one fire (of the last ``MAX_FIRE_RECORDS``)."""
@@ -359,6 +404,7 @@ class TriggerManager:
         rule = Rule(name, trigger, action, "active" if enabled else "inactive", self._clock.now())
         self._rules[name] = rule
         self._save()
+        self.targets_changed()
         return rule
 
     def get_rule(self, name: str) -> Rule:
@@ -397,15 +443,17 @@ class TriggerManager:
         """Start a feed (``"folder"``, ``"fsspec"`` or ``"alarm"``) firing ``trigger``; return its id.
 
         Adding the same feed (same trigger, kind and options) again returns the running one's id.
-        Folder: ``path``, ``interval_s=0.5``, ``pattern="*"``, ``fire_existing=False``.
+        Folder: ``path``, ``interval_s=0.5``, ``pattern="*"``, ``fire_existing=False``, ``settle_s=2.0`` (quiet
+        time before a file written in place fires), ``events=True`` (inotify where available).
         fsspec: ``url``, ``interval_s=5.0``, ``pattern``, ``recursive=True``, ``fire_existing``,
-        ``storage_options={}``, ``atomic=None`` (auto: True unless local).
+        ``storage_options={}``, ``atomic=None`` (auto: True unless local), ``settle_s``.
         Alarm: ``interval_s`` or ``cron`` (5 fields or @hourly...), ``payload={}``, ``tz="UTC"``.
         """
         self._check_open()
         self.get_trigger(trigger)
         feed = make_feed(trigger, kind, options, self._ctx, self._cursor_dir)
         if feed.feed_id in self._feeds:
+            self._start_feed(self._feeds[feed.feed_id])  # a saved feed the application asks for again: resume it
             return feed.feed_id
         try:
             await feed.prime()
@@ -419,7 +467,7 @@ class TriggerManager:
             return feed.feed_id
         self._feeds[feed.feed_id] = feed
         self._save()
-        self._tg.start_soon(feed.run, name=f"minifaas feed {feed.feed_id}")
+        self._start_feed(feed)
         return feed.feed_id
 
     async def remove_feed(self, feed_id: str) -> None:
@@ -445,11 +493,19 @@ class TriggerManager:
         except KeyError:
             raise TriggerError(f"no feed {feed_id!r}") from None
 
+    def stop_polling(self) -> None:
+        """No more fires (``fire`` raises EngineClosed); feeds keep waiting for the ends of what they started.
+
+        An engine calls this before it drains its in-flight work, then ``aclose``: a session that ends while
+        the engine drains marks its file handled; one the close aborts leaves it in flight for the next run.
+        """
+        self._closed = True
+        for feed in self._feeds.values():
+            feed.stop_polling()
+
     async def aclose(self) -> None:
         """Stop every feed (they resume from their cursors with the next manager on the same state dir)."""
-        if self._closed:
-            return
-        self._closed = True
+        self.stop_polling()
         feeds = list(self._feeds.values())
         for feed in feeds:
             feed.cancel()

@@ -1031,7 +1031,9 @@ async def _on_error(request: Request, exc: Exception) -> Response:
         return _error(exc.status_code, detail, dict(exc.headers or {}))
     for cls, status in _ERROR_STATUS:
         if isinstance(exc, cls):
-            return _error(status, str(exc))
+            retry = getattr(exc, "retry_after_s", None)
+            headers = {"Retry-After": str(max(1, math.ceil(retry)))} if isinstance(retry, int | float) else None
+            return _error(status, str(exc), headers)
     if isinstance(exc, ClientDisconnect):
         # nobody reads this answer: the client went away while sending its request
         logger.info("client disconnected during %s %s", request.method, request.url.path)

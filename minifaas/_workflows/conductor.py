@@ -8,20 +8,27 @@ Semantics are openwhisk-composer's (docs/COMBINATORS.md, conductor.js):
 * an output with an ``error`` key is an *error object*: it is stripped to ``{"error": ...}`` and skips
   everything up to the nearest enclosing ``try_`` handler or ``finally_`` finalizer, else it ends the session;
 * an input with an ``error`` key ends the session at once (Composer inspects the input when it resumes);
-* a condition is true iff its output's ``value`` is exactly ``True``;
+* a condition takes its branch on the JavaScript truthiness of its output's ``value``, as conductor.js does
+  (``p.params.value ? then : else``): ``None``/missing, ``False``, ``0``, ``NaN`` and ``""`` are false,
+  anything else (``1``, ``"no"``, ``[]``, ``{}``) is true. ``conditions="strict"`` takes the branch only on
+  exactly ``True`` (a stricter rule that catches a condition returning the wrong thing);
 * ``parallel``/``map`` branches run concurrently, each with a copy of the ``let`` variables; a branch's error
   is an entry of the output array and cancels nothing.
 
-Step limit: as in OpenWhisk, where each conductor activation may run at most 50 steps and every parallel
-branch is a conductor activation of its own, ``max_steps`` bounds the leaf steps (action, function, literal,
-dynamic, async) of each thread of control: the session's top level and each ``parallel``/``map`` branch.
-Exceeding it at the top level ends the session (application_error, the error names the limit); in a branch it
-becomes that branch's error entry. ``MAX_SESSION_STEPS`` bounds the whole session regardless.
+Step limit: as in OpenWhisk, where a conductor action may run at most 50 component activations and every
+parallel branch is a conductor activation of its own, ``max_steps`` bounds the component activations (action,
+dynamic and async steps; function and literal steps run inside the conductor and do not count) of each thread
+of control: the session's top level and each ``parallel``/``map`` branch. A composition invoked by an action
+step shares the budget of the thread that invoked it, and compositions nest at most ``MAX_NESTING_DEPTH``
+deep (a composition calling itself ends with a clear error, not a RecursionError). Exceeding the limit at the
+top level ends the session (application_error, the error names the limit); in a branch it becomes that
+branch's error entry. ``MAX_SESSION_STEPS`` bounds the steps of every kind of the whole session regardless.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -30,16 +37,21 @@ from typing import Any, Final, Protocol, TypeAlias
 import anyio
 
 from .._core.activation import FINAL_STATUSES, Activation, new_activation_id, now_ms
-from .._errors import CompositionError
+from .._errors import CompositionError, EngineClosed
 from ..composer import Composition
 from .sessions import Session, SessionStatus, SessionStore, Step, StepKind, StepStatus
 
 __all__ = (
+    "CONDITIONS",
     "DEFAULT_MAX_STEPS",
+    "MAX_NESTING_DEPTH",
     "MAX_SESSION_STEPS",
+    "SESSION_ABORTED_MESSAGE",
+    "SESSION_TRACE_MAX_BYTES",
     "StepInvoker",
     "StepSubmitter",
     "call_composition",
+    "current_session_id",
     "run_as_activation",
     "run_composition",
     "run_session",
@@ -50,10 +62,29 @@ __all__ = (
 DEFAULT_MAX_STEPS: Final[int] = 50
 #: leaf steps of a whole session, all branches together
 MAX_SESSION_STEPS: Final[int] = 10_000
+#: compositions invoked from compositions (a composition calling itself stops here)
+MAX_NESTING_DEPTH: Final[int] = 16
+#: how a condition's ``value`` is read: JavaScript truthiness (Composer's) or exactly ``True``
+CONDITIONS: Final = ("js", "strict")
 #: step invocations of one session in flight at once (a map over 10k items must not flood the engine's queues)
 MAX_CONCURRENT_STEPS: Final[int] = 64
 #: step inputs/outputs larger than this are not kept in the trace
 TRACE_MAX_BYTES: Final[int] = 64 * 1024
+#: step inputs/outputs a session's trace keeps in all (a 2,000-item map of 60 KB outputs would hold 120 MB)
+SESSION_TRACE_MAX_BYTES: Final[int] = 4 * 1024 * 1024
+#: the result of a session that a closing engine stopped between steps (it did not fail: it did not finish)
+SESSION_ABORTED_MESSAGE: Final[str] = "the engine closed before this session finished"
+
+#: the session whose conductor runs the current task (inherited by parallel branches and by steps)
+_CURRENT_SESSION: contextvars.ContextVar[str | None] = contextvars.ContextVar("minifaas_session", default=None)
+#: set by an action step while it runs: the budget and nesting depth a composition it invokes inherits
+_NESTING: contextvars.ContextVar[tuple[_Budget, int] | None] = contextvars.ContextVar("minifaas_nesting", default=None)
+
+
+def current_session_id() -> str | None:
+    """The id of the composition session running the caller (a host function step), or None outside one."""
+    return _CURRENT_SESSION.get()
+
 
 #: ``(function name, params, cause=session id) -> ended Activation`` (``engine.call``)
 StepInvoker: TypeAlias = Callable[[str, dict[str, Any], str], Awaitable[Activation]]
@@ -118,8 +149,19 @@ def _inspect(out: Any) -> Params:
     return out
 
 
-def _is_true(out: Params) -> bool:
-    return out.get("value") is True
+def _js_truthy(v: Any) -> bool:
+    """JavaScript's truthiness of a JSON value (objects and arrays are true, even empty)."""
+    if v is None or v is False:
+        return False
+    if isinstance(v, int | float):
+        return v == v and v != 0  # NaN is false
+    if isinstance(v, str):
+        return v != ""
+    return True
+
+
+def _strict_true(v: Any) -> bool:
+    return v is True
 
 
 def _scan(v: Any, budget: list[int]) -> bool:
@@ -161,13 +203,18 @@ def _sanitize(v: Any) -> Any:
     return {"$repr": repr(v)[:200]}
 
 
-def _trace(v: Any) -> Any:
-    """What a step record keeps of a value: the value itself (never mutated later), or a placeholder."""
+def _trace(v: Any, left_bytes: int = TRACE_MAX_BYTES) -> tuple[Any, int]:
+    """What a step record keeps of a value (the value itself, never mutated later, or a placeholder) and the
+    rough bytes that costs; at most ``left_bytes`` of the session's trace budget."""
+    limit = min(TRACE_MAX_BYTES, left_bytes)
+    budget = [limit]
     try:
-        odd = _scan(v, [TRACE_MAX_BYTES])
+        odd = _scan(v, budget)
     except _TooBig:
-        return {"$truncated": True, "limit_bytes": TRACE_MAX_BYTES}
-    return _sanitize(v) if odd else v
+        if limit < TRACE_MAX_BYTES:
+            return {"$truncated": True, "session_limit_bytes": SESSION_TRACE_MAX_BYTES}, 64
+        return {"$truncated": True, "limit_bytes": TRACE_MAX_BYTES}, 64
+    return (_sanitize(v) if odd else v), limit - budget[0]
 
 
 def _view(stack: Stack) -> list[dict[str, Any]]:
@@ -194,16 +241,28 @@ def _copy_stack(stack: Stack) -> Stack:
 class _Run:
     """The state of one session while it runs."""
 
-    def __init__(self, session: Session, invoke: StepInvoker, submit: StepSubmitter, max_steps: int) -> None:
+    def __init__(
+        self,
+        session: Session,
+        invoke: StepInvoker,
+        submit: StepSubmitter,
+        max_steps: int,
+        *,
+        depth: int = 0,
+        conditions: str = "js",
+    ) -> None:
         self.session = session
         self.invoke = invoke
         self.submit = submit
         self.max_steps = max_steps
+        self.depth = depth
+        self.truthy = _strict_true if conditions == "strict" else _js_truthy
         self.total = 0
         self.entered: set[str] = set()
         self.limiter = anyio.CapacityLimiter(MAX_CONCURRENT_STEPS)
         # a step's output is usually the next step's input: trace it once (values are never mutated in place)
         self._traced: tuple[Any, Any] = (None, None)
+        self.trace_left = SESSION_TRACE_MAX_BYTES
         self.handlers: dict[str, Callable[[Composition, Params, Stack, _Budget], Awaitable[Any]]] = {
             "sequence": self._sequence,
             "empty": self._sequence,
@@ -245,9 +304,13 @@ class _Run:
     # ------------------------------------------------------------------ steps
 
     def _begin(self, path: str, kind: StepKind, name: str | None, p: Params, budget: _Budget) -> Step:
-        budget.used += 1
-        if budget.used > self.max_steps:
-            raise _StepLimit(f"composition exceeded its step limit (max_steps={self.max_steps}) at AST node root{path}")
+        if kind in ("action", "dynamic", "async"):  # component activations; function/literal run in here
+            budget.used += 1
+            if budget.used > self.max_steps:
+                raise _StepLimit(
+                    f"composition exceeded its step limit (max_steps={self.max_steps} component activations)"
+                    f" at AST node root{path}"
+                )
         self.total += 1
         if self.total > MAX_SESSION_STEPS:
             raise _SessionLimit(
@@ -260,7 +323,9 @@ class _Run:
 
     def _trace(self, v: Any) -> Any:
         if self._traced[0] is not v:
-            self._traced = (v, _trace(v))
+            kept, cost = _trace(v, self.trace_left)
+            self.trace_left -= cost
+            self._traced = (v, kept)
         return self._traced[1]
 
     def _end(self, step: Step, t0: float, out: Params, status: StepStatus) -> Params:
@@ -270,18 +335,25 @@ class _Run:
         return out
 
     async def _call(self, path: str, kind: StepKind, name: str, p: Params, budget: _Budget) -> Params:
-        step = self._begin(path, kind, name, p, budget)
-        t0 = time.perf_counter()
-        try:
-            async with self.limiter:
+        # the step (and its timing) starts once it holds a slot: waiting for one is not the function's time
+        async with self.limiter:
+            step = self._begin(path, kind, name, p, budget)
+            t0 = time.perf_counter()
+            # a composition this step invokes shares this thread's budget, one level deeper
+            token = _NESTING.set((budget, self.depth))
+            try:
                 act = await self.invoke(name, p, self.session.session_id)
-        except Exception as e:  # FunctionNotFound, Overloaded ...: an error object the composition may handle
-            return self._end(
-                step,
-                t0,
-                {"error": f"cannot invoke {name!r} at AST node root{path}: {type(e).__name__}: {e}"},
-                "internal_error",
-            )
+            except EngineClosed:
+                raise  # the session is aborted, not failed: no handler of the composition may see this
+            except Exception as e:  # FunctionNotFound, Overloaded ...: an error object the composition may handle
+                return self._end(
+                    step,
+                    t0,
+                    {"error": f"cannot invoke {name!r} at AST node root{path}: {type(e).__name__}: {e}"},
+                    "internal_error",
+                )
+            finally:
+                _NESTING.reset(token)
         step.activation_id = act.activation_id
         out = act.result if isinstance(act.result, dict) else {"value": act.result}
         if act.status != "success" and "error" not in out:
@@ -308,14 +380,19 @@ class _Run:
         step = self._begin(target.path, "async", target.name, p, budget)
         t0 = time.perf_counter()
         sid = self.session.session_id
+        token = _NESTING.set(None)  # an async session is a session of its own, with its own budget
         try:
             aid = await self.submit(target.name, p, sid)
+        except EngineClosed:
+            raise
         except Exception as e:
             err = {
                 "error": f"Async combinator failed to invoke {target.name!r} at AST node root{n.path}: "
                 f"{type(e).__name__}: {e}"
             }
             return self._end(step, t0, err, "internal_error")
+        finally:
+            _NESTING.reset(token)
         step.activation_id = aid
         return self._end(step, t0, {"method": "async", "activationId": aid, "sessionId": sid}, "success")
 
@@ -380,7 +457,7 @@ class _Run:
         t = await self.node(n.args["test"], p, stack, budget)
         if "error" in t:
             return t
-        branch = n.args["consequent"] if _is_true(t) else n.args["alternate"]
+        branch = n.args["consequent"] if self.truthy(t.get("value")) else n.args["alternate"]
         return await self.node(branch, p if n.type == "if" else t, stack, budget)
 
     async def _while(self, n: Composition, p: Params, stack: Stack, budget: _Budget) -> Params:
@@ -388,7 +465,7 @@ class _Run:
             t = await self.node(n.args["test"], p, stack, budget)
             if "error" in t:
                 return t
-            if not _is_true(t):
+            if not self.truthy(t.get("value")):
                 return p
             p = await self.node(n.args["body"], p, stack, budget)
             if "error" in p:
@@ -397,7 +474,7 @@ class _Run:
     async def _while_nosave(self, n: Composition, p: Params, stack: Stack, budget: _Budget) -> Params:
         while True:
             t = await self.node(n.args["test"], p, stack, budget)
-            if "error" in t or not _is_true(t):
+            if "error" in t or not self.truthy(t.get("value")):
                 return t
             p = await self.node(n.args["body"], t, stack, budget)
             if "error" in p:
@@ -411,7 +488,7 @@ class _Run:
             t = await self.node(n.args["test"], p, stack, budget)
             if "error" in t:
                 return t
-            if not _is_true(t):
+            if not self.truthy(t.get("value")):
                 return p
 
     async def _dowhile_nosave(self, n: Composition, p: Params, stack: Stack, budget: _Budget) -> Params:
@@ -420,7 +497,7 @@ class _Run:
             if "error" in p:
                 return p
             p = await self.node(n.args["test"], p, stack, budget)
-            if "error" in p or not _is_true(p):
+            if "error" in p or not self.truthy(p.get("value")):
                 return p
 
     async def _repeat(self, n: Composition, p: Params, stack: Stack, budget: _Budget) -> Params:
@@ -528,34 +605,66 @@ async def run_composition(
     session_id: str,
     max_steps: int = DEFAULT_MAX_STEPS,
     name: str = "",
+    session: Session | None = None,
+    conditions: str = "js",
 ) -> Session:
     """Run ``comp`` on ``args`` to the end and return its Session (never raises for the composition's errors).
 
     Each action step is ``await invoke(function_name, params, session_id)``; each ``async_`` step is
     ``await submit(function_name, params, session_id)``. ``status`` is ``success``, ``application_error`` (an
     error object reached the top, or a step limit was exceeded) or ``internal_error`` (a conductor bug).
+    ``session``, if given, is the record to fill in as the run goes (readers see its steps live).
+    A step raising EngineClosed aborts the session: it ends ``internal_error`` with SESSION_ABORTED_MESSAGE
+    (no ``try_`` handler runs) and EngineClosed is raised.
     """
     if max_steps < 1:
         raise CompositionError(f"max_steps must be >= 1, not {max_steps}")
-    session = Session(session_id=session_id, name=name, start=now_ms())
-    run = _Run(session, invoke, submit, max_steps)
+    if conditions not in CONDITIONS:
+        raise CompositionError(f"conditions must be one of {', '.join(CONDITIONS)}, not {conditions!r}")
+    if session is None:
+        session = Session(session_id=session_id, name=name, start=now_ms())
+    outer = _NESTING.get()  # set when an action step of another session invoked this composition
+    depth = 0 if outer is None else outer[1] + 1
+    budget = _Budget() if outer is None else outer[0]
+    run = _Run(session, invoke, submit, max_steps, depth=depth, conditions=conditions)
     t0 = time.perf_counter()
     out: Params = {"error": "Internal error: the session did not run"}
     status: SessionStatus = "internal_error"
+    aborted = False
+    token = _CURRENT_SESSION.set(session_id)
     try:
         p = _inspect(args)
-        out = p if "error" in p else await run.node(comp, p, (), _Budget())
+        if depth > MAX_NESTING_DEPTH:
+            out = {
+                "error": f"composition {name or '?'} is nested {depth} deep, more than MAX_NESTING_DEPTH="
+                f"{MAX_NESTING_DEPTH} (does it invoke itself?)"
+            }
+        else:
+            out = p if "error" in p else await run.node(comp, p, (), budget)
         status = "application_error" if "error" in out else "success"
+    except* EngineClosed:
+        aborted = True
+        out, status = {"error": SESSION_ABORTED_MESSAGE}, "internal_error"
     except* (_StepLimit, _SessionLimit) as eg:
         out, status = {"error": _first_message(eg)}, "application_error"
     except* Exception as eg:
         out, status = {"error": f"Internal error: {_first_message(eg)}"}, "internal_error"
+    finally:
+        _CURRENT_SESSION.reset(token)
+    if aborted:
+        out, status = {"error": SESSION_ABORTED_MESSAGE}, "internal_error"
+        for step in session.steps:
+            if step.status == "running":
+                step.status = "internal_error"
     session.result = out
-    session.status = status
     session.duration = round((time.perf_counter() - t0) * 1e3)
     session.end = session.start + session.duration
     session.activation_ids = [s.activation_id for s in session.steps if s.activation_id is not None]
     session.not_taken = _not_taken(comp, run.entered)
+    session.trace_bytes = SESSION_TRACE_MAX_BYTES - run.trace_left
+    session.status = status  # last: a reader that sees the session done sees all of it
+    if aborted:
+        raise EngineClosed(SESSION_ABORTED_MESSAGE)
     return session
 
 
@@ -568,10 +677,20 @@ async def run_session(
     session_id: str,
     max_steps: int = DEFAULT_MAX_STEPS,
     name: str = "",
+    session: Session | None = None,
+    conditions: str = "js",
 ) -> Session:
     """The engine's entry point: :func:`run_composition` under the name the engine uses."""
     return await run_composition(
-        comp, args, invoke=invoke, submit=submit, session_id=session_id, max_steps=max_steps, name=name
+        comp,
+        args,
+        invoke=invoke,
+        submit=submit,
+        session_id=session_id,
+        max_steps=max_steps,
+        name=name,
+        session=session,
+        conditions=conditions,
     )
 
 
@@ -608,6 +727,8 @@ async def run_as_activation(
     max_steps: int = DEFAULT_MAX_STEPS,
     namespace: str = "guest",
     version: str = "0.0.1",
+    session: Session | None = None,
+    conditions: str = "js",
 ) -> tuple[Session, Activation]:
     """Run a composition as one invocation: its Session and its primary Activation (same id)."""
     session = await run_session(
@@ -618,6 +739,8 @@ async def run_as_activation(
         session_id=session_id or new_activation_id(),
         max_steps=max_steps,
         name=name,
+        session=session,
+        conditions=conditions,
     )
     return session, session_activation(session, namespace=namespace, version=version)
 
@@ -641,9 +764,11 @@ async def call_composition(
     params: dict[str, Any] | None = None,
     cause: str | None = None,
     session_id: str | None = None,
+    session: Session | None = None,
     max_steps: int = DEFAULT_MAX_STEPS,
     namespace: str = "guest",
     version: str = "0.0.1",
+    conditions: str = "js",
 ) -> Activation:
     """Engine glue: one invocation of ``comp`` deployed as ``name``; returns the ended primary activation.
 
@@ -652,9 +777,10 @@ async def call_composition(
     ``running`` record when the session starts and with the ended one at the end (the engine's activation
     store ``put``); the Session is put in ``sessions`` at both times too.
     """
-    sid = session_id or new_activation_id()
+    sid = session.session_id if session is not None else session_id or new_activation_id()
     merged = {**params, **args} if params else args
-    running = Session(session_id=sid, name=name, start=now_ms())
+    # one Session object from start to end: what sessions.get returns mid-run is the live record
+    running = session if session is not None else Session(session_id=sid, name=name, start=now_ms())
     sessions.put(running)
     if record is not None:
         act = session_activation(running, namespace=namespace, version=version)
@@ -662,24 +788,37 @@ async def call_composition(
         record(act)
 
     async def invoke(fn: str, p: dict[str, Any], c: str) -> Activation:
-        return await engine.call(fn, p, cause=c)
+        act = await engine.call(fn, p, cause=c)
+        if act.status == "internal_error" and getattr(engine, "_closing", False):
+            raise EngineClosed(f"the engine closed while step {fn!r} ran")  # not the step's failure
+        return act
 
     async def submit(fn: str, p: dict[str, Any], c: str) -> str:
         return await engine.submit(fn, p, cause=c)
 
-    session, act = await run_as_activation(
-        comp,
-        name,
-        merged,
-        invoke=invoke,
-        submit=submit,
-        session_id=sid,
-        max_steps=max_steps,
-        namespace=namespace,
-        version=version,
-    )
+    try:
+        ended, act = await run_as_activation(
+            comp,
+            name,
+            merged,
+            invoke=invoke,
+            submit=submit,
+            session_id=sid,
+            max_steps=max_steps,
+            namespace=namespace,
+            version=version,
+            session=running,
+            conditions=conditions,
+        )
+    except EngineClosed:
+        sessions.put(running)
+        if record is not None:
+            aborted = session_activation(running, namespace=namespace, version=version)
+            aborted.cause = cause
+            record(aborted)
+        raise
     act.cause = cause
-    sessions.put(session)
+    sessions.put(ended)
     if record is not None:
         record(act)
     return act

@@ -11,6 +11,8 @@ from __future__ import annotations
 import builtins
 import dataclasses
 import json
+import logging
+import queue
 import sqlite3
 import threading
 from collections import OrderedDict
@@ -21,8 +23,12 @@ from .._errors import ActivationNotFound
 
 __all__ = ("MAX_SESSIONS", "Session", "SessionStatus", "SessionStore", "Step", "StepKind", "StepStatus")
 
+logger = logging.getLogger("minifaas.sessions")
+
 #: sessions kept in memory by default; the oldest are dropped first
 MAX_SESSIONS: Final[int] = 1000
+#: trace bytes of the sessions kept in memory (each trace is at most the conductor's SESSION_TRACE_MAX_BYTES)
+MAX_MEMORY_BYTES: Final[int] = 256 * 1024 * 1024
 #: sessions kept in the SQLite file by default (pruned every PRUNE_EVERY_PUTS puts)
 MAX_PERSISTED_SESSIONS: Final[int] = 100_000
 PRUNE_EVERY_PUTS: Final[int] = 500
@@ -81,6 +87,8 @@ class Session:
     steps: list[Step] = dataclasses.field(default_factory=list)
     not_taken: list[str] = dataclasses.field(default_factory=list)
     activation_ids: list[str] = dataclasses.field(default_factory=list)
+    #: rough bytes of step inputs/outputs the trace holds (the conductor's count; not persisted)
+    trace_bytes: int = dataclasses.field(default=0, repr=False, compare=False)
 
     @property
     def done(self) -> bool:
@@ -146,10 +154,12 @@ def dumps(obj: object) -> str:
 
 
 class SessionStore:
-    """Sessions by id: the newest ``max_sessions`` in memory, and (up to a bound) all in SQLite at ``path``.
+    """Sessions by id: the newest ``max_sessions`` (and ``max_bytes`` of traces) in memory, and (up to a bound)
+    all in SQLite at ``path``.
 
-    Methods are synchronous and cheap (a dict look-up; one small SQLite write per ``put`` in WAL mode without
-    fsync), so the engine may call them from its event loop.
+    Methods are synchronous and cheap (a dict look-up; ``put`` queues the SQLite write for the store's writer
+    thread, which serializes the session there), so the engine may call them from its event loop. ``list`` and
+    ``len`` wait for queued writes first; ``close`` drains them.
     """
 
     def __init__(
@@ -158,15 +168,22 @@ class SessionStore:
         *,
         max_sessions: int = MAX_SESSIONS,
         max_persisted: int = MAX_PERSISTED_SESSIONS,
+        max_bytes: int = MAX_MEMORY_BYTES,
     ) -> None:
         if max_sessions < 1:
             raise ValueError("max_sessions must be >= 1")
         self._mem: OrderedDict[str, Session] = OrderedDict()
+        self._mem_sizes: dict[str, int] = {}
+        self._mem_bytes = 0
+        self._max_bytes = max_bytes
         self._max = max_sessions
         self._max_persisted = max_persisted
         self._puts = 0
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
+        self._queue: queue.Queue[Session | None] | None = None
+        self._pending: dict[str, Session] = {}
+        self._writer: threading.Thread | None = None
         if path is not None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
@@ -177,31 +194,95 @@ class SessionStore:
                 "start INTEGER NOT NULL, data TEXT NOT NULL)"
             )
             self._db.execute("CREATE INDEX IF NOT EXISTS sessions_start ON sessions (start)")
+            # owned by the store: close() drains it and joins it
+            self._queue = queue.Queue()
+            self._writer = threading.Thread(target=self._write_loop, name="minifaas-sessions-writer", daemon=True)
+            self._writer.start()
 
     def put(self, session: Session) -> None:
         """Record (or replace) a session."""
         with self._lock:
+            self._mem_bytes += session.trace_bytes - self._mem_sizes.get(session.session_id, 0)
+            self._mem_sizes[session.session_id] = session.trace_bytes
             self._mem[session.session_id] = session
             self._mem.move_to_end(session.session_id)
-            while len(self._mem) > self._max:
-                self._mem.popitem(last=False)
-            if self._db is not None:
-                self._db.execute(
-                    "INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?)",
-                    (session.session_id, session.name, session.start, dumps(session.to_dict())),
-                )
-                self._puts += 1
-                if self._puts % PRUNE_EVERY_PUTS == 0:
+            self._evict()
+            if self._queue is not None:
+                self._pending[session.session_id] = session
+                self._queue.put(session)
+
+    def _evict(self) -> None:
+        """Drop the oldest sessions from memory past ``max_sessions`` or ``max_bytes`` (running ones stay)."""
+        for sid in list(self._mem):
+            if len(self._mem) <= self._max and self._mem_bytes <= self._max_bytes:
+                return
+            if not self._mem[sid].done and len(self._mem) <= self._max:
+                continue  # a live record readers follow; it ends (and is counted) soon
+            del self._mem[sid]
+            self._mem_bytes -= self._mem_sizes.pop(sid, 0)
+
+    def _write_loop(self) -> None:
+        """The writer thread: serialize and store what ``put`` queued, in order (a big trace costs the loop
+        nothing)."""
+        assert self._queue is not None
+        while (session := self._queue.get()) is not None:
+            try:
+                data = dumps(session.to_dict())
+            except (RuntimeError, ValueError, TypeError):  # changed while serialized: its next put writes it
+                logger.warning("session %s could not be serialized this time", session.session_id, exc_info=True)
+                data = None
+            with self._lock:
+                if data is not None and self._db is not None:
                     self._db.execute(
-                        "DELETE FROM sessions WHERE session_id NOT IN "
-                        "(SELECT session_id FROM sessions ORDER BY start DESC LIMIT ?)",
-                        (self._max_persisted,),
+                        "INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?)",
+                        (session.session_id, session.name, session.start, data),
                     )
+                    self._puts += 1
+                    if self._puts % PRUNE_EVERY_PUTS == 0:
+                        self._db.execute(
+                            "DELETE FROM sessions WHERE session_id NOT IN "
+                            "(SELECT session_id FROM sessions ORDER BY start DESC LIMIT ?)",
+                            (self._max_persisted,),
+                        )
+                if self._pending.get(session.session_id) is session:
+                    del self._pending[session.session_id]
+            self._queue.task_done()
+        self._queue.task_done()
+
+    def flush(self) -> None:
+        """Wait until every queued write is in the database."""
+        if self._queue is not None and self._writer is not None and self._writer.is_alive():
+            self._queue.join()
+
+    def recover(self, message: str) -> int:
+        """End the sessions a dead host left ``running`` as ``internal_error`` with ``message``; how many."""
+        if self._db is None:
+            return 0
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT data FROM sessions WHERE json_extract(data, '$.status') = 'running'"
+            ).fetchall()
+            for (data,) in rows:
+                session = Session.from_dict(json.loads(data))
+                session.status = "internal_error"
+                session.result = {"error": message}
+                if session.end is None:
+                    last = max((s.start + round(s.duration_ms) for s in session.steps), default=session.start)
+                    session.end = max(last, session.start)
+                    session.duration = session.end - session.start
+                for step in session.steps:
+                    if step.status == "running":
+                        step.status = "internal_error"
+                self._db.execute(
+                    "UPDATE sessions SET data = ? WHERE session_id = ?",
+                    (dumps(session.to_dict()), session.session_id),
+                )
+        return len(rows)
 
     def get(self, session_id: str) -> Session:
         """The session with this id; raises ActivationNotFound (a session id is an activation id)."""
         with self._lock:
-            s = self._mem.get(session_id)
+            s = self._mem.get(session_id) or self._pending.get(session_id)
             if s is not None:
                 return s
             if self._db is not None:
@@ -223,6 +304,7 @@ class SessionStore:
         self, name: str | None = None, *, limit: int = DEFAULT_LIST_LIMIT, skip: int = 0
     ) -> builtins.list[Session]:
         """Newest first (by start time), optionally only those of composition ``name``."""
+        self.flush()
         with self._lock:
             if self._db is not None:
                 q = "SELECT data FROM sessions"
@@ -238,12 +320,17 @@ class SessionStore:
         return found[skip : skip + limit]
 
     def __len__(self) -> int:
+        self.flush()
         with self._lock:
             if self._db is not None:
                 return int(self._db.execute("SELECT COUNT(*) FROM sessions").fetchone()[0])
             return len(self._mem)
 
     def close(self) -> None:
+        if self._queue is not None and self._writer is not None:
+            self._queue.put(None)
+            self._writer.join()
+            self._writer = None
         with self._lock:
             if self._db is not None:
                 self._db.close()
