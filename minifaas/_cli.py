@@ -703,8 +703,14 @@ def cmd_serve(args: argparse.Namespace, console: Console) -> int:
     from ._engine import Engine
     from ._server import ServerHandle, new_auth, serve
 
-    auth = args.auth or os.environ.get(ENV_AUTH) or new_auth()
     state_dir = args.state_dir or os.environ.get(ENV_STATE_DIR)
+    auth = args.auth or os.environ.get(ENV_AUTH)
+    auth_file: Path | None = None
+    if not auth and state_dir:
+        from ._serverauth import stored_auth
+
+        auth, auth_file = stored_auth(state_dir, new_auth())
+    auth = auth or new_auth()
 
     async def run() -> None:
         async with (
@@ -717,7 +723,7 @@ def cmd_serve(args: argparse.Namespace, console: Console) -> int:
                 tg.cancel_scope.cancel()  # stopped: end the signal watcher too
 
             handle: ServerHandle = await tg.start(serving)
-            _banner(console, handle, state_dir)
+            _banner(console, handle, state_dir, auth_file)
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for _ in signals:
                     if handle.stopping:
@@ -736,12 +742,18 @@ def cmd_serve(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
-def _banner(console: Console, handle: Any, state_dir: str | None) -> None:
+def _banner(console: Console, handle: Any, state_dir: str | None, auth_file: Path | None = None) -> None:
     console.print(
         f"[bold green]minifaas[/] serving the OpenWhisk API at [bold]{handle.url}[/] "
         f"(state: {state_dir or 'in memory'})"
     )
-    console.print(f"web UI: {handle.url}/   metrics: {handle.url}/metrics   (HTTP basic auth below)")
+    user, _, key = handle.auth.partition(":")
+    console.print(f"web UI: {handle.url}/ui/   metrics: {handle.url}/metrics")
+    print(f"log in with user {user} and password {key} (HTTP basic auth), or open:", flush=True)
+    scheme, _, host = handle.url.partition("://")
+    print(f"{scheme}://{user}:{key}@{host}/ui/", flush=True)
+    if auth_file is not None:
+        console.print(f"[dim]the key is kept in {auth_file}: it stays the same across restarts[/]", soft_wrap=True)
     # plain prints: a terminal-width wrap would break these copy-and-paste lines
     print(f"export {ENV_APIHOST}={handle.url} {ENV_AUTH}={handle.auth}", flush=True)
     print(f"wsk property set --apihost {handle.url} --auth {handle.auth}", flush=True)
@@ -821,6 +833,14 @@ def _id_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--last", action="store_true", help="the most recent activation")
 
 
+def _version() -> str:
+    from . import __version__
+
+    # where it is installed and on which Python: the first thing to ask when two installs disagree
+    where = Path(__file__).resolve().parent.parent
+    return f"minifaas {__version__} ({where}, Python {sys.version.split()[0]})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _common(suppress=True)
     parser = argparse.ArgumentParser(
@@ -828,6 +848,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[_common(suppress=False)],
         description="minifaas: a lightweight FaaS for Python AI functions, with an OpenWhisk-compatible dev server.",
     )
+    parser.add_argument("--version", action="version", version=_version())
     verbs = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def verb(sub: Any, name: str, help_text: str, **kw: Any) -> argparse.ArgumentParser:
@@ -838,7 +859,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=3233, help="port (default 3233, as OpenWhisk standalone; 0: any)")
     p.add_argument("--state-dir", help=f"keep activations, bundles and actions here (env {ENV_STATE_DIR})")
-    p.add_argument("--auth", "-u", help="uuid:key to accept (default: a fresh one, printed)")
+    p.add_argument(
+        "--auth", "-u", help="uuid:key to accept (default: the one kept in the state dir, else a fresh one; printed)"
+    )
     p.add_argument("--namespace", dest="server_namespace", default="guest", help="namespace (default guest)")
     p.set_defaults(run=cmd_serve)
 

@@ -17,6 +17,7 @@ __all__ = (
     "ActivationTimeout",
     "BackendUnavailable",
     "CompositionError",
+    "CredentialsError",
     "DeployError",
     "EngineClosed",
     "FunctionNotFound",
@@ -104,6 +105,10 @@ class TriggerError(MinifaasError):
 
 class BackendUnavailable(MinifaasError, ImportError):
     """Raised by ``Engine(backend=...)`` when a backend's optional dependency is missing."""
+
+
+class CredentialsError(MinifaasError, ValueError):
+    """Raised by ``minifaas serve`` when the ``uuid:key`` kept in its state dir is unreadable or malformed."""
 
 
 for _name in __all__:

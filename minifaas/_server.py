@@ -91,6 +91,14 @@ LOG_LIMIT_UNIT_BYTES: Final = 1 << 20  # OpenWhisk's ``limits.logs`` is in MB
 NOT_FOUND: Final = "The requested resource does not exist."
 ZIP_MAGIC: Final = b"PK\x03\x04"
 WS_POLICY_VIOLATION: Final = 1008
+AUTH_MISSING: Final = "The resource requires authentication, which was not supplied with the request."
+AUTH_INVALID: Final = "The supplied authentication is invalid."
+#: a 401 says how to get in: the newcomer holding a uuid:key does not know which half is the user
+AUTH_HOW: Final = (
+    "Use HTTP basic auth with the uuid:key that `minifaas serve` printed (kept in <state dir>/server/auth with "
+    "--state-dir): the uuid is the user, the key the password. The minifaas CLI reads it from MINIFAAS_AUTH, "
+    "--auth uuid:key or ~/.wskprops."
+)
 
 logger = logging.getLogger("minifaas.server")
 
@@ -233,9 +241,9 @@ class _Gate:
             # the JS client of some versions asks for ``activations/{id}/``
             scope = dict(scope, path=path.rstrip("/"))
         if self.auth is not None and path != "/ping" and not self._authorized(scope):
-            response = _error(
-                401, "The supplied authentication is invalid", {"WWW-Authenticate": 'Basic realm="minifaas"'}
-            )
+            given = any(k == b"authorization" for k, _ in scope.get("headers", ()))
+            why = AUTH_INVALID if given else AUTH_MISSING
+            response = _error(401, f"{why} {AUTH_HOW}", {"WWW-Authenticate": 'Basic realm="minifaas"'})
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)

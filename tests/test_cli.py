@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.metadata
 import json
 import os
 import re
@@ -33,7 +34,8 @@ IMAGES = ROOT / "tests" / "data" / "images"
 FUNCTIONS = ROOT / "functions"
 HELLO = "def main(args):\n    print('hello', args.get('name'))\n    return {'hi': args.get('name')}\n"
 CLI_TIMEOUT_S = 120
-_SCRIPT = shutil.which("minifaas")
+# the console script of the interpreter running the tests: one found first on PATH may be another install's
+_SCRIPT = shutil.which("minifaas", path=str(Path(sys.executable).parent))
 CLI = [_SCRIPT] if _SCRIPT else [sys.executable, "-m", "minifaas._cli"]
 
 
@@ -331,3 +333,98 @@ def test_serve_on_a_taken_port_fails_clearly() -> None:
         taken.listen()
         proc = run("serve", "--port", str(taken.getsockname()[1]))
     assert proc.returncode == 1 and "Address already in use" in proc.stderr, proc.stderr
+
+
+@contextlib.contextmanager
+def serve_process(*argv: str) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
+    """``minifaas serve ...`` running until its banner's ``export`` line; stopped with SIGINT afterwards."""
+    proc = subprocess.Popen(
+        [*CLI, "serve", "--port", "0", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("MINIFAAS_")} | {"COLUMNS": "200"},
+    )
+    try:
+        assert proc.stdout is not None
+        lines: list[str] = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (lines and lines[-1].startswith("export ")):
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+        assert lines and lines[-1].startswith("export "), "".join(lines) + (proc.stderr.read() if proc.stderr else "")
+        yield proc, lines
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0, proc.stderr.read() if proc.stderr else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def _exported(lines: list[str]) -> tuple[str, str]:
+    m = re.match(r"export MINIFAAS_APIHOST=(\S+) MINIFAAS_AUTH=(\S+)$", lines[-1].strip())
+    assert m, "".join(lines)
+    return m[1], m[2]
+
+
+def test_serve_with_a_state_dir_keeps_its_key(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    with serve_process("--state-dir", str(state)) as (_, lines):
+        url, auth = _exported(lines)
+        user, _, key = auth.partition(":")
+        # the banner says which half is the user, and gives a URL to paste in a browser
+        text = "".join(lines)
+        assert f"user {user} and password {key}" in text, text
+        assert f"http://{user}:{key}@{url.removeprefix('http://')}/ui/\n" in text
+        with httpx.Client(base_url=url, auth=(user, key), timeout=10) as http:
+            assert http.get("/api/v1/namespaces").json() == ["guest"]
+    key_file = state / "server" / "auth"
+    assert key_file.read_text().strip() == auth
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    # a restart on the same state dir: the same credentials, so clients and bookmarks keep working
+    with serve_process("--state-dir", str(state)) as (_, lines):
+        url2, auth2 = _exported(lines)
+        assert auth2 == auth
+        with httpx.Client(base_url=url2, auth=(user, key), timeout=10) as http:
+            assert http.get("/api/v1/namespaces").status_code == 200
+    # --auth wins over the kept key, and does not replace it
+    with serve_process("--state-dir", str(state), "--auth", "me:secret") as (_, lines):
+        assert _exported(lines)[1] == "me:secret"
+    assert key_file.read_text().strip() == auth
+
+
+def test_serve_refuses_a_malformed_key_file(tmp_path: Path) -> None:
+    key_file = tmp_path / "server" / "auth"
+    key_file.parent.mkdir(parents=True)
+    key_file.write_text("not a credential\n")
+    proc = run("serve", "--port", "0", "--state-dir", str(tmp_path))
+    assert proc.returncode == 1
+    assert f"{key_file} does not hold one uuid:key line" in proc.stderr.replace("\n", ""), proc.stderr
+
+
+def test_a_401_says_how_to_authenticate(server: SimpleNamespace) -> None:
+    with httpx.Client(base_url=server.handle.url, timeout=10) as http:
+        missing = http.get("/api/v1/namespaces/_/actions")
+        wrong = http.get("/api/v1/namespaces/_/actions", auth=("x", "y"))
+    assert missing.status_code == wrong.status_code == 401
+    assert "not supplied" in missing.json()["error"] and "is invalid" in wrong.json()["error"]
+    for r in (missing, wrong):
+        msg = r.json()["error"]
+        assert "the uuid is the user, the key the password" in msg
+        assert "MINIFAAS_AUTH" in msg and "--auth" in msg
+    # the CLI shows the server's explanation
+    env = {**os.environ, "MINIFAAS_APIHOST": server.handle.url, "MINIFAAS_AUTH": "a:b"}
+    proc = run("action", "list", env=env)
+    assert proc.returncode == 1 and "MINIFAAS_AUTH" in proc.stderr, proc.stderr
+
+
+def test_version() -> None:
+    out = ok(run("--version"))
+    assert out.split()[:2] == ["minifaas", minifaas.__version__]
+    assert minifaas.__version__ == importlib.metadata.version("minifaas")

@@ -330,28 +330,40 @@ def test_graph_labels_untaken_branch_from_composition() -> None:
 
 
 @pytest.fixture(scope="module")
-def browser_context(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+def playwright() -> Iterator[Any]:
     if not Path(CHROMIUM).exists():
         pytest.skip(f"no Chromium at {CHROMIUM}: apt-get install -y chromium (CI installs it)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (CI installs it)")
     pw = sync_api.sync_playwright().start()
     try:
-        ctx = pw.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium-profile")),
-            executable_path=CHROMIUM,
-            headless=True,
-            args=CHROMIUM_ARGS,
-            viewport={"width": 1360, "height": 900},
-            color_scheme="light",
-            http_credentials={"username": USER, "password": KEY},
-        )
-        ctx.set_default_timeout(PAGE_TIMEOUT_MS)
-        try:
-            yield ctx
-        finally:
-            ctx.close()
+        yield pw
     finally:
         pw.stop()
+
+
+def _chromium(pw: Any, profile: Path, **options: Any) -> Any:
+    ctx = pw.chromium.launch_persistent_context(
+        str(profile),
+        executable_path=CHROMIUM,
+        headless=True,
+        args=CHROMIUM_ARGS,
+        viewport={"width": 1360, "height": 900},
+        color_scheme="light",
+        **options,
+    )
+    ctx.set_default_timeout(PAGE_TIMEOUT_MS)
+    return ctx
+
+
+@pytest.fixture(scope="module")
+def browser_context(playwright: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    ctx = _chromium(
+        playwright, tmp_path_factory.mktemp("chromium-profile"), http_credentials={"username": USER, "password": KEY}
+    )
+    try:
+        yield ctx
+    finally:
+        ctx.close()
 
 
 @pytest.fixture
@@ -583,3 +595,26 @@ def test_unknown_activation_page(browser_context: Any, live: Live) -> None:
         assert "Not found" in page.locator(".empty").inner_text()
     finally:
         page.close()
+
+
+def test_ui_opened_with_credentials_in_the_url(
+    playwright: Any, live: Live, warm: dict[str, Any], tmp_path: Path
+) -> None:
+    # what a newcomer pastes: http://uuid:key@host/ui/. The browser then refuses fetch() of any URL resolved
+    # against the page's (it carries the credentials): the UI must ask for its data by origin, which has none
+    ctx = _chromium(playwright, tmp_path / "profile")  # no http_credentials: only those in the URL
+    try:
+        page = ctx.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        host = live.base.removeprefix("http://")
+        page.goto(f"http://{USER}:{KEY}@{host}/ui/")
+        page.wait_for_selector("[data-function=hello] [data-pool]", state="visible")
+        assert page.locator("#conn").inner_text() == "live"
+        page.goto(f"http://{USER}:{KEY}@{host}/ui/activations/{warm['acts'][0].activation_id}")
+        page.wait_for_selector("text=Ada 0")
+        assert page.locator("#conn").inner_text() == "live"
+        assert errors == [], f"the page logged errors: {errors}"
+    finally:
+        ctx.close()

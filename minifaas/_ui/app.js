@@ -38,7 +38,10 @@ function append(el, children) {
   }
 }
 
-const url = (path) => ROOT + path;
+// By origin, never relative to the page: opened as http://uuid:key@host/ui/, the page's URL carries the
+// credentials, and the browser refuses to fetch any URL resolved against it (the origin has none; the browser
+// still sends the credentials it was given for this server).
+const url = (path) => location.origin + ROOT + path;
 const main = () => document.getElementById("main");
 
 // Replaces el's children; like h(), accepts nested arrays and skips null/false.
