@@ -723,8 +723,10 @@ def cmd_serve(args: argparse.Namespace, console: Console) -> int:
                 tg.cancel_scope.cancel()  # stopped: end the signal watcher too
 
             handle: ServerHandle = await tg.start(serving)
-            _banner(console, handle, state_dir, auth_file)
+            # listening before the banner: a client that stops the server as soon as it has read the banner
+            # must not hit Python's default SIGINT handler
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                _banner(console, handle, state_dir, auth_file)
                 async for _ in signals:
                     if handle.stopping:
                         tg.cancel_scope.cancel()  # a second signal: do not wait for requests in flight

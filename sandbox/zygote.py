@@ -62,7 +62,7 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Final, NoReturn
 
 import minifaas_sandbox
@@ -101,6 +101,8 @@ FDS_PER_FORK: Final = 3
 #: after a launch, how long the zygote waits before forking the next spare: the launched sandbox's cold start
 #: (INIT, first RUN: 2-4 ms here) runs meanwhile without a fork of the zygote competing for the CPU
 SPARE_REFORK_DELAY_S: Final = 0.02
+#: lines LiteRT writes on fd 2 while the zygote builds interpreters that the host's terminal does not need
+PREBUILD_QUIET_PREFIX: Final = b"INFO: "
 RECV_BYTES: Final = 1 << 16
 #: fds accepted per recvmsg (Linux's SCM_MAX_FD); several FORK frames may arrive in one read
 MAX_FDS_PER_RECV: Final = 253
@@ -185,7 +187,33 @@ def _prebuild(data: bytes, names: set[str]) -> bool:
     if models is None:
         return False
     sha256 = hashlib.sha256(data).hexdigest()
-    return bool(models.prebuild(data, names, sha256=sha256))
+    with _without_info_lines():
+        return bool(models.prebuild(data, names, sha256=sha256))
+
+
+@contextlib.contextmanager
+def _without_info_lines() -> Iterator[None]:
+    """Drop the ``INFO:`` lines LiteRT writes on fd 2 while building interpreters; pass anything else on.
+
+    The zygote's fd 2 is the host's terminal: LiteRT's "INFO: Created TensorFlow Lite XNNPACK delegate for
+    CPU." (once per process) would land in the middle of whatever the host prints. Sandboxes need no such
+    care: their fd 2 is captured into the activation's logs.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    captured = os.memfd_create("minifaas-prebuild-stderr")
+    os.dup2(captured, 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.lseek(captured, 0, os.SEEK_SET)
+        with os.fdopen(captured, "rb") as f:
+            kept = [line for line in f if not line.startswith(PREBUILD_QUIET_PREFIX)]
+        if kept:
+            os.write(2, b"".join(kept))
 
 
 class Zygote:

@@ -38,10 +38,11 @@ function append(el, children) {
   }
 }
 
-// By origin, never relative to the page: opened as http://uuid:key@host/ui/, the page's URL carries the
+const url = (path) => ROOT + path;
+// Fetched by origin, never relative to the page: opened as http://uuid:key@host/ui/, the page's URL carries the
 // credentials, and the browser refuses to fetch any URL resolved against it (the origin has none; the browser
-// still sends the credentials it was given for this server).
-const url = (path) => location.origin + ROOT + path;
+// still sends the credentials it was given for this server). Links stay relative.
+const apiUrl = (path) => location.origin + ROOT + path;
 const main = () => document.getElementById("main");
 
 // Replaces el's children; like h(), accepts nested arrays and skips null/false.
@@ -56,7 +57,7 @@ const setMain = (...children) => fill(main(), ...children);
 async function getJSON(path) {
   const conn = document.getElementById("conn");
   try {
-    const r = await fetch(url(path), { headers: { accept: "application/json" }, cache: "no-store" });
+    const r = await fetch(apiUrl(path), { headers: { accept: "application/json" }, cache: "no-store" });
     const data = await r.json().catch(() => ({ error: `HTTP ${r.status}` }));
     conn.classList.remove("down");
     conn.textContent = "live";
