@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.server
 import importlib.util
 import json
+import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -314,3 +315,20 @@ def test_auto_tag_fruit_and_params(auto_tag: Fn) -> None:
     assert "person_score" not in one  # the caller knew: the pose models were not run
     with pytest.raises(ValueError, match="top_k"):
         auto_tag({"image": str(IMAGES / "fruits.jpg"), "top_k": 0})
+
+
+def test_testing_call_leaves_no_folder_behind(tmp_path: Path) -> None:
+    # `minifaas.testing.call` stages bundles in a temporary folder of its own: gone when the process ends
+    script = (
+        "import sys\n"
+        "from minifaas import testing\n"
+        "assert testing.call(sys.argv[1], {'n': 2}) == {'n': 4}\n"
+        "print(testing._staging_dir())\n"
+    )
+    fn = tmp_path / "double.py"
+    fn.write_text("def main(args):\n    return {'n': args['n'] * 2}\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(fn)], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    staged = Path(proc.stdout.strip())
+    assert staged.name.startswith("minifaas-testing-")
+    assert not staged.exists()
