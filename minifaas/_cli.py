@@ -44,6 +44,8 @@ ENV_AUTH: Final = "MINIFAAS_AUTH"
 ENV_STATE_DIR: Final = "MINIFAAS_STATE_DIR"
 DEFAULT_APIHOST: Final = "http://127.0.0.1:3233"
 LOCAL_BASE_URL: Final = "http://minifaas.local"
+#: the action annotation naming the file or folder an action was created from (the dev server shows it)
+ORIGIN_ANNOTATION: Final = "origin"
 #: a blocking invocation may wait 60 s on the server, plus transfer time
 HTTP_TIMEOUT_S: Final = 75.0
 WAIT_POLL_S: Final = 0.2
@@ -309,8 +311,12 @@ def _action_body(args: argparse.Namespace, *, need_path: bool) -> dict[str, Any]
         raise CliError("give the action's code: a .py file, a folder with __main__.py, or a .zip")
     if args.param or args.param_file:
         body["parameters"] = _kv(_pairs(args.param, args.param_file))
-    if args.annotation:
-        body["annotations"] = _kv(_pairs(args.annotation))
+    annotations = _pairs(args.annotation) if args.annotation else {}
+    if args.path is not None:
+        # the server deploys what it was sent from a temporary file: this says, in its UI, where it came from
+        annotations.setdefault(ORIGIN_ANNOTATION, str(Path(args.path).expanduser().resolve()))
+    if annotations:
+        body["annotations"] = _kv(annotations)
     limits = {
         "timeout": args.timeout,
         "memory": args.memory,

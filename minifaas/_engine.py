@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import importlib
 import os
 import random
@@ -354,8 +355,12 @@ class Engine:
         models: tuple[str, ...] | list[str] = (),
         preload: tuple[str, ...] | None = None,
         network: bool = True,
+        origin: str | None = None,
     ) -> dict[str, Any]:
-        """Validate and register a new version of ``name``; returns its description (with ``version``)."""
+        """Validate and register a new version of ``name``; returns its description (with ``version``).
+
+        ``origin`` says where the code came from (the web UI shows it); by default the path, or ``"code"``.
+        """
         self._require()
         if not isinstance(name, str) or not NAME_RE.match(name):
             raise DeployError(f"invalid function name {name!r}: use letters, digits, '_', '-', '.'")
@@ -385,6 +390,10 @@ class Engine:
         assert self._work_dir is not None
         work_dir = self._work_dir
         bundle = await anyio.to_thread.run_sync(lambda: load_bundle(code=code, path=path, main=main, work_dir=work_dir))
+        if origin is not None:
+            if not isinstance(origin, str):
+                raise DeployError(f"origin must be a str, not {type(origin).__name__}")
+            bundle = dataclasses.replace(bundle, origin=origin)
         sys_path: tuple[str, ...] = ()
         python: str | None = None
         if bundle.requirements is not None:

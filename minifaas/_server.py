@@ -91,6 +91,8 @@ LOG_LIMIT_UNIT_BYTES: Final = 1 << 20  # OpenWhisk's ``limits.logs`` is in MB
 NOT_FOUND: Final = "The requested resource does not exist."
 ZIP_MAGIC: Final = b"PK\x03\x04"
 WS_POLICY_VIOLATION: Final = 1008
+#: the action annotation in which the minifaas CLI names the file or folder an action was created from
+ORIGIN_ANNOTATION: Final = "origin"
 AUTH_MISSING: Final = "The resource requires authentication, which was not supplied with the request."
 AUTH_INVALID: Final = "The supplied authentication is invalid."
 #: a 401 says how to get in: the newcomer holding a uuid:key does not know which half is the user
@@ -455,6 +457,10 @@ class _Api:
             env=body.env,
             **_deploy_limits(body.limits),
         )
+        # where the code came from, for the web UI: the file the minifaas CLI names in an annotation, else what
+        # was uploaded (never the temporary zip it is deployed from)
+        named = body.annotations.get(ORIGIN_ANNOTATION)
+        kwargs["origin"] = named if isinstance(named, str) else "uploaded zip" if body.binary else "uploaded code"
         if not body.binary:
             return await self.engine.deploy(name, code=body.code, **kwargs)
         try:

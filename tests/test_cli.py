@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
 import importlib.metadata
+import io
 import json
 import os
 import re
@@ -428,3 +430,29 @@ def test_version() -> None:
     out = ok(run("--version"))
     assert out.split()[:2] == ["minifaas", minifaas.__version__]
     assert minifaas.__version__ == importlib.metadata.version("minifaas")
+
+
+def test_functions_page_says_where_an_action_came_from(
+    server: SimpleNamespace, cli: functools.partial[subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
+    src = tmp_path / "hello.py"
+    src.write_text(HELLO)
+    ok(cli("action", "create", "from-file", str(src)))
+    ok(cli("action", "create", "from-folder", str(FUNCTIONS / "image_quality")))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("__main__.py", HELLO)
+    user, _, key = server.handle.auth.partition(":")
+    with httpx.Client(base_url=server.handle.url, auth=(user, key), timeout=30) as http:
+        # what another client (wsk, the JS client) sends: no annotation naming a file
+        zipped = {"exec": {"kind": "python:3", "binary": True, "code": base64.b64encode(buf.getvalue()).decode()}}
+        assert http.put("/api/v1/namespaces/_/actions/from-zip", json=zipped).status_code == 200
+        plain = {"exec": {"kind": "python:3", "code": HELLO}}
+        assert http.put("/api/v1/namespaces/_/actions/from-text", json=plain).status_code == 200
+        functions = {f["name"]: f for f in http.get("/ui/api/functions").json()["functions"]}
+    assert functions["from-file"]["origin"] == str(src.resolve())
+    assert functions["from-folder"]["origin"] == str((FUNCTIONS / "image_quality").resolve())
+    assert functions["from-zip"]["origin"] == "uploaded zip"  # not the server's temporary copy
+    assert functions["from-text"]["origin"] == "uploaded code"
+    for name in ("from-file", "from-folder", "from-zip", "from-text"):
+        ok(cli("action", "delete", name))

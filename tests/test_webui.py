@@ -618,3 +618,33 @@ def test_ui_opened_with_credentials_in_the_url(
         assert errors == [], f"the page logged errors: {errors}"
     finally:
         ctx.close()
+
+
+def test_activation_page_wraps_long_annotations(page: Any, live: Live) -> None:
+    # a model function's "models" annotation is one long JSON line (file URLs, digests): it must wrap inside its
+    # panel, not push the page sideways
+    root = Path(__file__).resolve().parent.parent
+    live.run(live.engine.deploy, "w_crop", path=root / "functions" / "smart_body_crop")
+    image = (root / "tests" / "data" / "images" / "messi5.jpg").read_bytes()
+    act = live.run(live.engine.call, "w_crop", {"image": image})
+    assert act.status == "success", act.result
+    assert len(str(act.annotations["models"])) > 200
+    _open(page, live, f"/ui/activations/{act.activation_id}", "#annotations dd", "activation-long-annotations")
+    panel = page.locator("#annotations")
+    assert "pose_detection" in panel.inner_text()
+    sizes = page.evaluate(
+        """() => {
+            const panel = document.querySelector('#annotations');
+            return {panel: panel.getBoundingClientRect().right, scroll: panel.scrollWidth, client: panel.clientWidth,
+                    page: document.documentElement.scrollWidth, viewport: window.innerWidth};
+        }"""
+    )
+    assert sizes["scroll"] <= sizes["client"] and sizes["panel"] <= sizes["viewport"], sizes
+    assert sizes["page"] <= sizes["viewport"], sizes
+    _shot(page, "activation-long-annotations")
+    # the Functions page says where it came from: the folder, not a staging copy
+    _open(page, live, "/ui/", "[data-function=w_crop] .origin", "functions-origin")
+    origin = page.locator("[data-function=w_crop] .origin")
+    assert origin.inner_text() == "from functions/smart_body_crop"
+    assert origin.get_attribute("title") == str(root / "functions" / "smart_body_crop")
+    live.run(live.engine.delete, "w_crop")

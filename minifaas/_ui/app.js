@@ -175,6 +175,12 @@ function compositionCard(fn) {
       h("a", { href: url(`/ui/sessions?name=${encodeURIComponent(fn.name)}`) }, "Sessions →")));
 }
 
+// A file or folder by its last two path parts (the card is narrow; the title has it whole); else as given:
+// "uploaded zip", "uploaded code", "code".
+function originText(origin) {
+  return origin.startsWith("/") ? origin.split("/").filter(Boolean).slice(-2).join("/") : origin;
+}
+
 function functionCard(fn) {
   if (fn.kind === "composition") return compositionCard(fn);
   const p = fn.pool;
@@ -193,7 +199,7 @@ function functionCard(fn) {
       fn.kind ? h("span", { class: "badge nodot" }, fn.kind) : null,
       h("span", { class: "spacer" }),
       p.busy ? h("span", { class: "badge running" }, "busy") : (p.sandboxes ? h("span", { class: "badge warm nodot" }, "warm") : h("span", { class: "badge nodot" }, "cold"))),
-    fn.origin ? h("div", { class: "origin", title: fn.origin }, fn.origin) : null,
+    fn.origin ? h("div", { class: "origin", title: fn.origin }, "from ", originText(fn.origin)) : null,
     h("div", {},
       h("div", { class: "pips" }, pips.length ? pips : h("span", { class: "muted small" }, "no sandbox (next call starts cold)")),
       h("div", { class: "pool-line", "data-pool": "" },
