@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     import httpx
     from rich.console import Console
 
+    from ._engine import Engine
+
 __all__ = ("CliError", "main", "pack_folder")
 
 ENV_APIHOST: Final = "MINIFAAS_APIHOST"
@@ -701,13 +703,8 @@ async def cmd_invoke_batch(api: Api, args: argparse.Namespace, console: Console)
 
 # -- commands that do not talk to a server -------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace, console: Console) -> int:
-    import signal
-
-    import anyio
-    import anyio.abc
-
     from ._engine import Engine
-    from ._server import ServerHandle, new_auth, serve
+    from ._server import new_auth
 
     state_dir = args.state_dir or os.environ.get(ENV_STATE_DIR)
     auth = args.auth or os.environ.get(ENV_AUTH)
@@ -719,26 +716,45 @@ def cmd_serve(args: argparse.Namespace, console: Console) -> int:
     auth = auth or new_auth()
 
     async def run() -> None:
-        async with (
-            Engine(state_dir=state_dir, namespace=args.server_namespace) as engine,
-            anyio.create_task_group() as tg,
-        ):
+        async with Engine(state_dir=state_dir, namespace=args.server_namespace) as engine:
+            await _serve_until_signal(engine, args.host, args.port, auth, console, state_dir, auth_file)
 
-            async def serving(*, task_status: anyio.abc.TaskStatus[ServerHandle]) -> None:
-                await serve(engine, args.host, args.port, auth, task_status=task_status)
-                tg.cancel_scope.cancel()  # stopped: end the signal watcher too
+    _run_server(run, args.host, args.port)
+    return EXIT_OK
 
-            handle: ServerHandle = await tg.start(serving)
-            # listening before the banner: a client that stops the server as soon as it has read the banner
-            # must not hit Python's default SIGINT handler
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                _banner(console, handle, state_dir, auth_file)
-                async for _ in signals:
-                    if handle.stopping:
-                        tg.cancel_scope.cancel()  # a second signal: do not wait for requests in flight
-                        break
-                    console.print("[dim]stopping (finishing requests in flight)...[/]")
-                    handle.stop()
+
+async def _serve_until_signal(
+    engine: Engine, host: str, port: int, auth: str, console: Console, state_dir: str | None, auth_file: Path | None
+) -> None:
+    """Serve ``engine`` until SIGINT or SIGTERM (a second one does not wait for requests in flight)."""
+    import signal
+
+    import anyio
+    import anyio.abc
+
+    from ._server import ServerHandle, serve
+
+    async with anyio.create_task_group() as tg:
+
+        async def serving(*, task_status: anyio.abc.TaskStatus[ServerHandle]) -> None:
+            await serve(engine, host, port, auth, task_status=task_status)
+            tg.cancel_scope.cancel()  # stopped: end the signal watcher too
+
+        handle: ServerHandle = await tg.start(serving)
+        # listening before the banner: a client that stops the server as soon as it has read the banner
+        # must not hit Python's default SIGINT handler
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            _banner(console, handle, state_dir, auth_file)
+            async for _ in signals:
+                if handle.stopping:
+                    tg.cancel_scope.cancel()  # a second signal: do not wait for requests in flight
+                    break
+                console.print("[dim]stopping (finishing requests in flight)...[/]")
+                handle.stop()
+
+
+def _run_server(run: Callable[[], Awaitable[Any]], host: str, port: int) -> None:
+    import anyio
 
     failures: list[OSError] = []
     try:
@@ -746,8 +762,7 @@ def cmd_serve(args: argparse.Namespace, console: Console) -> int:
     except* OSError as group:  # the port is taken, the state dir unwritable...
         failures += [e for e in group.exceptions if isinstance(e, OSError)]
     if failures:
-        raise CliError(f"cannot serve on {args.host}:{args.port}: {failures[0]}")
-    return EXIT_OK
+        raise CliError(f"cannot serve on {host}:{port}: {failures[0]}")
 
 
 def _banner(console: Console, handle: Any, state_dir: str | None, auth_file: Path | None = None) -> None:
@@ -779,8 +794,27 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
         return EXIT_FAILED
     workdir = Path(args.workdir).expanduser() if args.workdir else Path(tempfile.mkdtemp(prefix="minifaas-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    code: int = anyio.run(run_demo, workdir, console)
-    return code
+    if not args.serve:
+        code: int = anyio.run(run_demo, workdir, console)
+        return code
+    from ._server import new_auth
+
+    auth = args.auth or os.environ.get(ENV_AUTH) or new_auth()
+    outcome: list[int] = []
+
+    async def keep_serving(engine: Engine) -> None:
+        console.rule("[bold]dev server")
+        console.print(
+            "The demo's engine stays up: its functions, activations and sessions are in the web UI below, and "
+            "photos dropped into uploads/ still go through the workflow. Ctrl-C stops it."
+        )
+        await _serve_until_signal(engine, args.host, args.port, auth, console, None, None)
+
+    async def run() -> None:
+        outcome.append(await run_demo(workdir, console, keep=keep_serving))
+
+    _run_server(run, args.host, args.port)
+    return outcome[0] if outcome else EXIT_FAILED
 
 
 # -- argument parsing ----------------------------------------------------------------------------------------
@@ -995,6 +1029,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("demo", help="deploy the sample AI functions and run them on sample photos")
     p.add_argument("--workdir", help="folder for the demo's files (default: a new temporary folder)")
+    p.add_argument("--serve", action="store_true", help="afterwards, keep a dev server up on the demo's engine")
+    p.add_argument("--host", default="127.0.0.1", help="with --serve: address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=3233, help="with --serve: port (default 3233; 0: any)")
+    p.add_argument("--auth", "-u", help="with --serve: uuid:key to accept (default: a fresh one, printed)")
     p.set_defaults(run=cmd_demo)
     return parser
 

@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Final
@@ -314,8 +314,18 @@ def _files(root: Path, folder: str) -> str:
 # ------------------------------------------------------------------------------------------------ the demo
 
 
-async def run_demo(workdir: Path, console: Console | None = None, *, images: list[Path] | None = None) -> int:
-    """Run the catalog workflow demo in ``workdir``; returns 0 when every photo went through the workflow."""
+async def run_demo(
+    workdir: Path,
+    console: Console | None = None,
+    *,
+    images: list[Path] | None = None,
+    keep: Callable[[Engine], Awaitable[None]] | None = None,
+) -> int:
+    """Run the catalog workflow demo in ``workdir``; returns 0 when every photo went through the workflow.
+
+    ``keep``, when given, is awaited with the demo's engine once the run is over and before the engine closes
+    (``minifaas demo --serve`` serves it until Ctrl-C).
+    """
     console = console if console is not None else Console()
     t0 = time.perf_counter()
     try:
@@ -383,9 +393,11 @@ async def run_demo(workdir: Path, console: Console | None = None, *, images: lis
         if traced is not None and traced.session_id is not None:
             with contextlib.suppress(ActivationNotFound):
                 console.print(_trace(engine.sessions.get(traced.session_id), comp, traced.name))
-    console.print(f"\n[bold]catalog:[/]  {escape(_files(workdir, 'catalog'))}")
-    console.print(f"[bold]rejected:[/] {escape(_files(workdir, 'rejected'))}")
-    console.print(f"done in {time.perf_counter() - t0:.1f} s")
+        console.print(f"\n[bold]catalog:[/]  {escape(_files(workdir, 'catalog'))}")
+        console.print(f"[bold]rejected:[/] {escape(_files(workdir, 'rejected'))}")
+        console.print(f"done in {time.perf_counter() - t0:.1f} s")
+        if keep is not None:
+            await keep(engine)
     return EXIT_OK if finished and failed == 0 else EXIT_FAILED
 
 

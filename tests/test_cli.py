@@ -338,10 +338,12 @@ def test_serve_on_a_taken_port_fails_clearly() -> None:
 
 
 @contextlib.contextmanager
-def serve_process(*argv: str) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
+def serve_process(
+    *argv: str, command: tuple[str, ...] = ("serve", "--port", "0"), wait_s: float = 30
+) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
     """``minifaas serve ...`` running until its banner's ``export`` line; stopped with SIGINT afterwards."""
     proc = subprocess.Popen(
-        [*CLI, "serve", "--port", "0", *argv],
+        [*CLI, *command, *argv],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -350,7 +352,7 @@ def serve_process(*argv: str) -> Iterator[tuple[subprocess.Popen[str], list[str]
     try:
         assert proc.stdout is not None
         lines: list[str] = []
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline and not (lines and lines[-1].startswith("export ")):
             line = proc.stdout.readline()
             if not line:
@@ -456,3 +458,21 @@ def test_functions_page_says_where_an_action_came_from(
     assert functions["from-text"]["origin"] == "uploaded code"
     for name in ("from-file", "from-folder", "from-zip", "from-text"):
         ok(cli("action", "delete", name))
+
+
+def test_demo_serve_keeps_a_dev_server_with_the_demo_sessions(tmp_path: Path) -> None:
+    command = ("demo", "--serve", "--port", "0", "--workdir", str(tmp_path / "demo"))
+    with serve_process(command=command, wait_s=CLI_TIMEOUT_S) as (_, lines):
+        text = "".join(lines)
+        assert "done in" in text  # the demo ran first
+        url, auth = _exported(lines)
+        user, _, key = auth.partition(":")
+        assert f"user {user} and password {key}" in text and f"@{url.removeprefix('http://')}/ui/" in text
+        photos = sorted((tmp_path / "demo" / "uploads").iterdir())
+        with httpx.Client(base_url=url, auth=(user, key), timeout=10) as http:
+            sessions = http.get("/ui/api/sessions", params={"name": "catalog", "limit": 100}).json()["sessions"]
+            assert len(sessions) == len(photos) and {s["status"] for s in sessions} == {"success"}
+            page = http.get(f"/ui/sessions/{sessions[0]['session_id']}")
+            assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+            names = {f["name"] for f in http.get("/ui/api/functions").json()["functions"]}
+            assert {"catalog", "image_quality", "crop", "auto_tag"} <= names
