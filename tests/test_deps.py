@@ -8,6 +8,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -389,7 +390,17 @@ def test_pinned_host_package_with_each_kind_of_install(tmp_path: Path, editable:
     lend_this_interpreters_packages(site_dir, process_pth=False)
     # --target, not --prefix: with --prefix, pip uninstalls the minifaas of the interpreter running this test
     pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", site_dir]
-    run([*pip, *(["-e", ROOT] if editable else [ROOT])], env=env, cwd=tmp_path)
+    if editable:
+        run([*pip, "-e", ROOT], env=env, cwd=tmp_path)
+    else:
+        # from a copy: building a wheel in place would leave a build/ folder in the checkout
+        src = tmp_path / "src"
+        src.mkdir()
+        for name in ("pyproject.toml", "README.md"):
+            shutil.copy2(ROOT / name, src / name)
+        for name in ("minifaas", "sandbox"):
+            shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+        run([*pip, src], env=env, cwd=tmp_path)
     folder = make_function(tmp_path / "pinned", PINNED_FUNCTION, PINNED_HOST_PKG + "\n")
     out = json.loads(run([py, "-c", PINNED_SCRIPT, tmp_path / "state", folder], env=env, cwd=tmp_path).stdout)
     installed = ROOT if editable else site_dir
