@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import importlib
 import inspect
 import json
@@ -435,6 +436,7 @@ class Engine:
         preload: tuple[str, ...] | None = None,
         network: bool = True,
         modules: Iterable[Any] = (),
+        origin: str | None = None,
         _bundle: Bundle | None = None,
     ) -> Function:
         """Validate and register a new version; returns a :class:`Function` handle (also its description dict).
@@ -445,6 +447,8 @@ class Engine:
         with cloudpickle; ``modules=[...]`` sends those modules by value too. Options recorded by
         ``@minifaas.function(...)`` apply where this call leaves an option at its default. Re-deploying the
         identical callable with the same options returns the existing version.
+
+        ``origin`` says where the code came from (the web UI shows it); by default the path, or ``"code"``.
         """
         self._require()
         if fn is None and not isinstance(name, str):
@@ -489,6 +493,10 @@ class Engine:
             bundle = await anyio.to_thread.run_sync(
                 lambda: load_bundle(code=code, path=path, main=main, work_dir=work_dir)
             )
+        if origin is not None:
+            if not isinstance(origin, str):
+                raise DeployError(f"origin must be a str, not {type(origin).__name__}")
+            bundle = dataclasses.replace(bundle, origin=origin)
         sys_path: tuple[str, ...] = ()
         python: str | None = None
         if bundle.requirements is not None:

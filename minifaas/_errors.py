@@ -17,6 +17,7 @@ __all__ = (
     "ActivationTimeout",
     "BackendUnavailable",
     "CompositionError",
+    "CredentialsError",
     "DeployError",
     "EngineClosed",
     "FunctionNotFound",
@@ -114,6 +115,10 @@ class BackendUnavailable(MinifaasError, ImportError):
 
 class StateDirConflict(MinifaasError):
     """Raised by ``Engine`` start when its ``state_dir`` was created for another namespace."""
+
+
+class CredentialsError(MinifaasError, ValueError):
+    """Raised by ``minifaas serve`` when the ``uuid:key`` kept in its state dir is unreadable or malformed."""
 
 
 for _name in __all__:

@@ -7,8 +7,10 @@ the calling process, so function logic can be developed test-first at the speed 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -39,6 +41,7 @@ def _staging_dir() -> Path:
     global _work_dir
     if _work_dir is None:
         _work_dir = Path(tempfile.mkdtemp(prefix="minifaas-testing-"))
+        atexit.register(shutil.rmtree, _work_dir, ignore_errors=True)
     return _work_dir
 
 

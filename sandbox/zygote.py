@@ -66,7 +66,7 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Final, NoReturn
 
 import minifaas_sandbox
@@ -116,6 +116,8 @@ FDS_PER_FORK: Final = 3
 SPARE_REFORK_DELAY_S: Final = 0.02
 #: launches coming faster than that delay put a refill off at most this long after the first spare was taken
 MAX_REFILL_DEFER_S: Final = 0.1
+#: lines LiteRT writes on fd 2 while the zygote builds interpreters that the host's terminal does not need
+PREBUILD_QUIET_PREFIX: Final = b"INFO: "
 RECV_BYTES: Final = 1 << 16
 #: fds accepted per recvmsg (Linux's SCM_MAX_FD); several FORK frames may arrive in one read
 MAX_FDS_PER_RECV: Final = 253
@@ -200,7 +202,33 @@ def _prebuild(data: bytes, names: set[str]) -> bool:
     if models is None:
         return False
     sha256 = hashlib.sha256(data).hexdigest()
-    return bool(models.prebuild(data, names, sha256=sha256))
+    with _without_info_lines():
+        return bool(models.prebuild(data, names, sha256=sha256))
+
+
+@contextlib.contextmanager
+def _without_info_lines() -> Iterator[None]:
+    """Drop the ``INFO:`` lines LiteRT writes on fd 2 while building interpreters; pass anything else on.
+
+    The zygote's fd 2 is the host's terminal: LiteRT's "INFO: Created TensorFlow Lite XNNPACK delegate for
+    CPU." (once per process) would land in the middle of whatever the host prints. Sandboxes need no such
+    care: their fd 2 is captured into the activation's logs.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    captured = os.memfd_create("minifaas-prebuild-stderr")
+    os.dup2(captured, 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.lseek(captured, 0, os.SEEK_SET)
+        with os.fdopen(captured, "rb") as f:
+            kept = [line for line in f if not line.startswith(PREBUILD_QUIET_PREFIX)]
+        if kept:
+            os.write(2, b"".join(kept))
 
 
 class Zygote:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
+import importlib.metadata
+import io
 import json
 import os
 import re
@@ -33,7 +36,8 @@ IMAGES = ROOT / "tests" / "data" / "images"
 FUNCTIONS = ROOT / "functions"
 HELLO = "def main(args):\n    print('hello', args.get('name'))\n    return {'hi': args.get('name')}\n"
 CLI_TIMEOUT_S = 120
-_SCRIPT = shutil.which("minifaas")
+# the console script of the interpreter running the tests: one found first on PATH may be another install's
+_SCRIPT = shutil.which("minifaas", path=str(Path(sys.executable).parent))
 CLI = [_SCRIPT] if _SCRIPT else [sys.executable, "-m", "minifaas._cli.main"]
 
 
@@ -417,3 +421,144 @@ def test_user_text_is_printed_verbatim(
     assert ok(cli("activation", "logs", act_id, "--strip")).strip() == line
     assert line in ok(cli("activation", "logs", act_id))
     assert json.loads(ok(cli("invoke", "cli-shout", "-r"))) == {"said": line}
+
+
+@contextlib.contextmanager
+def serve_process(
+    *argv: str, command: tuple[str, ...] = ("serve", "--port", "0"), wait_s: float = 30
+) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
+    """``minifaas serve ...`` running until its banner's ``export`` line; stopped with SIGINT afterwards."""
+    proc = subprocess.Popen(
+        [*CLI, *command, *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("MINIFAAS_")} | {"COLUMNS": "200"},
+    )
+    try:
+        assert proc.stdout is not None
+        lines: list[str] = []
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and not (lines and lines[-1].startswith("export ")):
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+        assert lines and lines[-1].startswith("export "), "".join(lines) + (proc.stderr.read() if proc.stderr else "")
+        yield proc, lines
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0, proc.stderr.read() if proc.stderr else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def _exported(lines: list[str]) -> tuple[str, str]:
+    m = re.match(r"export MINIFAAS_APIHOST=(\S+) MINIFAAS_AUTH=(\S+)$", lines[-1].strip())
+    assert m, "".join(lines)
+    return m[1], m[2]
+
+
+def test_serve_with_a_state_dir_keeps_its_key(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    with serve_process("--state-dir", str(state)) as (_, lines):
+        url, auth = _exported(lines)
+        user, _, key = auth.partition(":")
+        # the banner says which half is the user, and gives a URL to paste in a browser
+        text = "".join(lines)
+        assert f"user {user} and password {key}" in text, text
+        assert f"http://{user}:{key}@{url.removeprefix('http://')}/ui/\n" in text
+        with httpx.Client(base_url=url, auth=(user, key), timeout=10) as http:
+            assert http.get("/api/v1/namespaces").json() == ["guest"]
+    key_file = state / "server" / "auth"
+    assert key_file.read_text().strip() == auth
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    # a restart on the same state dir: the same credentials, so clients and bookmarks keep working
+    with serve_process("--state-dir", str(state)) as (_, lines):
+        url2, auth2 = _exported(lines)
+        assert auth2 == auth
+        with httpx.Client(base_url=url2, auth=(user, key), timeout=10) as http:
+            assert http.get("/api/v1/namespaces").status_code == 200
+    # --auth wins over the kept key, and does not replace it
+    with serve_process("--state-dir", str(state), "--auth", "me:secret") as (_, lines):
+        assert _exported(lines)[1] == "me:secret"
+    assert key_file.read_text().strip() == auth
+
+
+def test_serve_refuses_a_malformed_key_file(tmp_path: Path) -> None:
+    key_file = tmp_path / "server" / "auth"
+    key_file.parent.mkdir(parents=True)
+    key_file.write_text("not a credential\n")
+    proc = run("serve", "--port", "0", "--state-dir", str(tmp_path))
+    assert proc.returncode == 1
+    assert f"{key_file} does not hold one uuid:key line" in proc.stderr.replace("\n", ""), proc.stderr
+
+
+def test_a_401_says_how_to_authenticate(server: SimpleNamespace) -> None:
+    with httpx.Client(base_url=server.handle.url, timeout=10) as http:
+        missing = http.get("/api/v1/namespaces/_/actions")
+        wrong = http.get("/api/v1/namespaces/_/actions", auth=("x", "y"))
+    assert missing.status_code == wrong.status_code == 401
+    assert "not supplied" in missing.json()["error"] and "is invalid" in wrong.json()["error"]
+    for r in (missing, wrong):
+        msg = r.json()["error"]
+        assert "the uuid is the user, the key the password" in msg
+        assert "MINIFAAS_AUTH" in msg and "--auth" in msg
+    # the CLI shows the server's explanation
+    env = {**os.environ, "MINIFAAS_APIHOST": server.handle.url, "MINIFAAS_AUTH": "a:b"}
+    proc = run("action", "list", env=env)
+    assert proc.returncode == 1 and "MINIFAAS_AUTH" in proc.stderr, proc.stderr
+
+
+def test_version() -> None:
+    out = ok(run("--version"))
+    assert out.split()[:2] == ["minifaas", minifaas.__version__]
+    assert minifaas.__version__ == importlib.metadata.version("minifaas")
+
+
+def test_functions_page_says_where_an_action_came_from(
+    server: SimpleNamespace, cli: functools.partial[subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
+    src = tmp_path / "hello.py"
+    src.write_text(HELLO)
+    ok(cli("action", "create", "from-file", str(src)))
+    ok(cli("action", "create", "from-folder", str(FUNCTIONS / "image_quality")))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("__main__.py", HELLO)
+    user, _, key = server.handle.auth.partition(":")
+    with httpx.Client(base_url=server.handle.url, auth=(user, key), timeout=30) as http:
+        # what another client (wsk, the JS client) sends: no annotation naming a file
+        zipped = {"exec": {"kind": "python:3", "binary": True, "code": base64.b64encode(buf.getvalue()).decode()}}
+        assert http.put("/api/v1/namespaces/_/actions/from-zip", json=zipped).status_code == 200
+        plain = {"exec": {"kind": "python:3", "code": HELLO}}
+        assert http.put("/api/v1/namespaces/_/actions/from-text", json=plain).status_code == 200
+        functions = {f["name"]: f for f in http.get("/ui/api/functions").json()["functions"]}
+    assert functions["from-file"]["origin"] == str(src.resolve())
+    assert functions["from-folder"]["origin"] == str((FUNCTIONS / "image_quality").resolve())
+    assert functions["from-zip"]["origin"] == "uploaded zip"  # not the server's temporary copy
+    assert functions["from-text"]["origin"] == "uploaded code"
+    for name in ("from-file", "from-folder", "from-zip", "from-text"):
+        ok(cli("action", "delete", name))
+
+
+def test_demo_serve_keeps_a_dev_server_with_the_demo_sessions(tmp_path: Path) -> None:
+    command = ("demo", "--serve", "--port", "0", "--workdir", str(tmp_path / "demo"))
+    with serve_process(command=command, wait_s=CLI_TIMEOUT_S) as (_, lines):
+        text = "".join(lines)
+        assert "done in" in text  # the demo ran first
+        url, auth = _exported(lines)
+        user, _, key = auth.partition(":")
+        assert f"user {user} and password {key}" in text and f"@{url.removeprefix('http://')}/ui/" in text
+        photos = sorted((tmp_path / "demo" / "uploads").iterdir())
+        with httpx.Client(base_url=url, auth=(user, key), timeout=10) as http:
+            sessions = http.get("/ui/api/sessions", params={"name": "catalog", "limit": 100}).json()["sessions"]
+            assert len(sessions) == len(photos) and {s["status"] for s in sessions} == {"success"}
+            page = http.get(f"/ui/sessions/{sessions[0]['session_id']}")
+            assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+            names = {f["name"] for f in http.get("/ui/api/functions").json()["functions"]}
+            assert {"catalog", "image_quality", "crop", "auto_tag"} <= names

@@ -7,6 +7,8 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -263,15 +265,58 @@ async def test_env_replacing_a_preloaded_package_spawns_its_own_python(tmp_path:
         assert await engine.invoke("plain") == {"v": host_version}
 
 
+ROOT = Path(__file__).resolve().parents[1]
+#: the pin of the editable-install report: another version than the host's, which the sandbox must import
+PINNED_HOST_PKG = "cachetools==5.3.3"
+
+
+def run(argv: list[str | Path], **kwargs: object) -> subprocess.CompletedProcess[str]:
+    """subprocess.run that, when the command fails, fails the test with the command's own stderr."""
+    proc = subprocess.run([str(a) for a in argv], capture_output=True, text=True, check=False, **kwargs)  # type: ignore[call-overload]
+    if proc.returncode != 0:
+        pytest.fail(
+            f"{' '.join(map(str, argv))[:300]}\nexit status {proc.returncode}\n"
+            f"--- stdout (end) ---\n{proc.stdout[-2000:]}\n--- stderr (end) ---\n{proc.stderr[-6000:]}",
+            pytrace=False,
+        )
+    return proc
+
+
+def site_packages_of(prefix: Path) -> Path:
+    return prefix / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+
+
+def lend_this_interpreters_packages(site_dir: Path, *, process_pth: bool) -> None:
+    """Make the packages of the interpreter running pytest importable from another prefix's ``site_dir``.
+
+    pytest itself often runs in a venv (the README's test command, CI): a venv made from ``sys.executable`` is
+    then a child of the *base* interpreter and sees none of this venv's packages. With ``process_pth`` the
+    folders' .pth files run too (this interpreter's editable minifaas comes along); without, only plain
+    packages do (the dependencies), and the prefix brings its own minifaas.
+    """
+    site_dir.mkdir(parents=True, exist_ok=True)
+    dirs = _deps.host_site_dirs()
+    if process_pth:
+        text = "".join(f"import site; site.addsitedir({d!r})\n" for d in dirs)
+    else:
+        text = "".join(f"{d}\n" for d in dirs)
+    (site_dir / "zz_lent_by_pytest.pth").write_text(text)
+
+
+def new_venv(path: Path) -> Path:
+    # from the base interpreter, without its site-packages: only what the test lends or installs is there
+    run([sys.executable, "-m", "venv", "--without-pip", path])
+    return path / "bin" / "python"
+
+
 def test_host_in_a_venv_lends_its_packages(tmp_path: Path, wheel: Path, demo_req: str) -> None:
     # minifaas itself often runs in a venv: --system-site-packages alone would reach the base interpreter's
     # packages, not the host venv's. Here the host venv has the demo package; an env requiring it must see it
     # there (pip installs nothing) and its python must import it.
     host = tmp_path / "host-venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", host], check=True)
-    py = host / "bin" / "python"
-    pip = [py, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-index", wheel]
-    subprocess.run(pip, check=True, capture_output=True)
+    py = new_venv(host)
+    lend_this_interpreters_packages(site_packages_of(host), process_pth=True)
+    run([py, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-index", wheel])
     script = textwrap.dedent(
         f"""
         import anyio, json, sys
@@ -281,11 +326,11 @@ def test_host_in_a_venv_lends_its_packages(tmp_path: Path, wheel: Path, demo_req
         print(json.dumps({{"site": str(env.site_packages), "python": str(env.python)}}))
         """
     )
-    out = subprocess.run([py, "-c", script], check=True, capture_output=True, text=True, cwd=tmp_path)
+    out = run([py, "-c", script], cwd=tmp_path)
     env = json.loads(out.stdout.splitlines()[-1])
     assert not list(Path(env["site"]).glob(f"{PKG_MODULE}*"))  # satisfied by the host venv: not reinstalled
     probe = [env["python"], "-c", f"import {PKG_MODULE}, sys; print({PKG_MODULE}.__file__)"]
-    where = subprocess.run(probe, check=True, capture_output=True, text=True, cwd=tmp_path).stdout.strip()
+    where = run(probe, cwd=tmp_path).stdout.strip()
     assert Path(where).is_relative_to(host)
 
 
@@ -375,3 +420,79 @@ async def test_index_url_is_part_of_the_env_key(tmp_path: Path, demo_req: str) -
     other = await _deps.ensure_env(demo_req, root=tmp_path, index_url="http://127.0.0.1:9/simple")
     assert plain.path != other.path and _deps.stats["builds"] == builds + 2
     assert (await _deps.ensure_env(demo_req, root=tmp_path, index_url="http://127.0.0.1:9/simple")).path == other.path
+
+
+def test_a_failing_subprocess_shows_its_stderr() -> None:
+    with pytest.raises(pytest.fail.Exception) as info:
+        run([sys.executable, "-c", "import sys; sys.exit('the real reason, on stderr')"])
+    assert "the real reason, on stderr" in str(info.value) and "exit status 1" in str(info.value)
+
+
+PINNED_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+
+    import anyio
+    import minifaas
+
+    async def main():
+        # cachetools preloaded: the pinned function needs a sandbox started from its env's own python
+        async with minifaas.Engine(Path(sys.argv[1]), preload=("cachetools", "minifaas_sandbox.runtime")) as eng:
+            info = await eng.deploy("pinned", path=sys.argv[2])
+            out = await eng.invoke("pinned")
+        print(json.dumps({"host_minifaas": minifaas.__file__, "python": info["python"], **out}))
+
+    anyio.run(main)
+    """
+)
+PINNED_FUNCTION = textwrap.dedent(
+    """
+    import sys
+    import cachetools
+    import minifaas_sandbox
+
+    def main(args):
+        return {"version": cachetools.__version__, "runtime": minifaas_sandbox.__file__, "prefix": sys.prefix}
+    """
+)
+
+
+@pytest.mark.parametrize("editable", [True, False], ids=["editable", "regular"])
+@pytest.mark.parametrize("where", ["venv", "user-site"], ids=["in-a-venv", "out-of-a-venv"])
+def test_pinned_host_package_with_each_kind_of_install(tmp_path: Path, editable: bool, where: str) -> None:
+    # the newcomer's report: an editable install in a venv, a function pinning another cachetools, and the
+    # sandbox died with "No module named minifaas_sandbox" (the host's site-packages were lent as bare paths,
+    # so the editable install's .pth never ran in the function's env). Every kind of host install, for real:
+    # pip installs this checkout into a fresh venv, or into the user site of the base interpreter (no venv).
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONUSERBASE")}
+    if where == "venv":
+        prefix = tmp_path / "host-venv"
+        py = new_venv(prefix)
+    else:
+        prefix = tmp_path / "userbase"
+        py = Path(getattr(sys, "_base_executable", sys.executable))
+        env["PYTHONUSERBASE"] = str(prefix)
+    site_dir = site_packages_of(prefix)
+    # minifaas's dependencies come from this interpreter; minifaas itself from the install below
+    lend_this_interpreters_packages(site_dir, process_pth=False)
+    # --target, not --prefix: with --prefix, pip uninstalls the minifaas of the interpreter running this test
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", site_dir]
+    if editable:
+        run([*pip, "-e", ROOT], env=env, cwd=tmp_path)
+    else:
+        # from a copy: building a wheel in place would leave a build/ folder in the checkout
+        src = tmp_path / "src"
+        src.mkdir()
+        for name in ("pyproject.toml", "README.md"):
+            shutil.copy2(ROOT / name, src / name)
+        for name in ("minifaas", "sandbox"):
+            shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+        run([*pip, src], env=env, cwd=tmp_path)
+    folder = make_function(tmp_path / "pinned", PINNED_FUNCTION, PINNED_HOST_PKG + "\n")
+    out = json.loads(run([py, "-c", PINNED_SCRIPT, tmp_path / "state", folder], env=env, cwd=tmp_path).stdout)
+    installed = ROOT if editable else site_dir
+    assert Path(out["host_minifaas"]).is_relative_to(installed)
+    assert out["python"] is not None  # the sandbox started from the env's python, not a fork of the host
+    assert out["version"] == PINNED_HOST_PKG.split("==")[1]
+    assert Path(out["runtime"]).is_relative_to(installed / ("sandbox" if editable else "minifaas_sandbox"))

@@ -10,6 +10,7 @@ import http.server
 import importlib.util
 import json
 import re
+import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -607,3 +608,20 @@ def test_auto_tag_every_tag_carries_its_score(auto_tag: Fn) -> None:
         auto_tag({"image": str(IMAGES / "messi5.jpg"), "vocabulary": "clothes"})
     with pytest.raises(ValueError, match="person_score"):
         auto_tag({"image": str(IMAGES / "messi5.jpg"), "person": True, "person_score": 2})
+
+
+def test_testing_call_leaves_no_folder_behind(tmp_path: Path) -> None:
+    # `minifaas.testing.call` stages bundles in a temporary folder of its own: gone when the process ends
+    script = (
+        "import sys\n"
+        "from minifaas import testing\n"
+        "assert testing.call(sys.argv[1], {'n': 2}) == {'n': 4}\n"
+        "print(testing._staging_dir())\n"
+    )
+    fn = tmp_path / "double.py"
+    fn.write_text("def main(args):\n    return {'n': args['n'] * 2}\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(fn)], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    staged = Path(proc.stdout.strip())
+    assert staged.name.startswith("minifaas-testing-")
+    assert not staged.exists()

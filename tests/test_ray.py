@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -147,9 +149,12 @@ def ray_cluster() -> Iterator[Cluster]:
     finally:
         del os.environ[SECRET_VAR]
     ray.init(address=cluster.address)
+    session = cluster.head_node.get_session_dir_path()
     yield cluster
     ray.shutdown()
     cluster.shutdown()  # type: ignore[no-untyped-call]
+    # Ray keeps a stopped session's folder (logs, sockets) in its temp dir for good: the suite leaves none
+    shutil.rmtree(session, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -546,3 +551,34 @@ def test_bundle_shipped_to_a_node_that_cannot_see_it(tmp_path: Path) -> None:
         import shutil
 
         shutil.rmtree(entry.parent, ignore_errors=True)
+
+
+def test_engine_that_started_ray_removes_its_session_folder() -> None:
+    # a fresh Ray temp dir: ray.init() without an address would join a cluster it finds in the shared one; short,
+    # because Ray's socket paths in it must stay under 108 bytes
+    ray_tmp = Path(tempfile.mkdtemp(prefix="mf-ray-"))
+    script = textwrap.dedent(
+        """
+        import anyio, minifaas, ray
+
+        async def main():
+            async with minifaas.Engine(backend="ray") as eng:
+                await eng.deploy("hi", code="def main(args):\\n    return {'ok': True}\\n")
+                assert await eng.invoke("hi") == {"ok": True}
+                print(ray._private.worker._global_node.get_session_dir_path())
+
+        anyio.run(main)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(ray_tmp)}
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240, check=False
+        )
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        session = Path(proc.stdout.strip().splitlines()[-1])
+        assert session.is_relative_to(ray_tmp) and session.name.startswith("session_")
+        assert not session.exists()
+        assert not list((ray_tmp / "ray").glob("session_2*"))
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)

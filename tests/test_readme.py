@@ -46,3 +46,21 @@ def test_readme_embedding_example(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["[200 200 200]", "100 results, in order"]
+
+
+def test_ci_runs_the_test_command_in_a_fresh_venv() -> None:
+    # CI runs the way a newcomer does: a new virtualenv, activated, then README's test command word for word,
+    # so nothing installed by hand into the machine's interpreter can hide a missing step
+    import subprocess
+
+    script = ROOT / ".ci" / "run"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    lines = [line.strip() for line in script.read_text().splitlines() if not line.strip().startswith("#")]
+    venv = next(i for i, line in enumerate(lines) if " -m venv " in line)
+    activate = next(i for i, line in enumerate(lines) if line.startswith("source ") and "/bin/activate" in line)
+    test = lines.index("pip install -e '.[dev,ray]' && python -m pytest")
+    assert venv < activate < test
+    assert not any("--system-site-packages" in line for line in lines)
+    # what pip cannot install, CI does: Chromium for the browser tests, npm for the JS client's test
+    text = script.read_text()
+    assert "apt_install chromium" in text and "apt_install npm" in text and "npm ci" in text

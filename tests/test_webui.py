@@ -333,28 +333,40 @@ def test_graph_labels_untaken_branch_from_composition() -> None:
 
 
 @pytest.fixture(scope="module")
-def browser_context(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+def playwright() -> Iterator[Any]:
     if not Path(CHROMIUM).exists():
         pytest.skip(f"no Chromium at {CHROMIUM}: apt-get install -y chromium (CI installs it)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (CI installs it)")
     pw = sync_api.sync_playwright().start()
     try:
-        ctx = pw.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium-profile")),
-            executable_path=CHROMIUM,
-            headless=True,
-            args=CHROMIUM_ARGS,
-            viewport={"width": 1360, "height": 900},
-            color_scheme="light",
-            http_credentials={"username": USER, "password": KEY},
-        )
-        ctx.set_default_timeout(PAGE_TIMEOUT_MS)
-        try:
-            yield ctx
-        finally:
-            ctx.close()
+        yield pw
     finally:
         pw.stop()
+
+
+def _chromium(pw: Any, profile: Path, **options: Any) -> Any:
+    ctx = pw.chromium.launch_persistent_context(
+        str(profile),
+        executable_path=CHROMIUM,
+        headless=True,
+        args=CHROMIUM_ARGS,
+        viewport={"width": 1360, "height": 900},
+        color_scheme="light",
+        **options,
+    )
+    ctx.set_default_timeout(PAGE_TIMEOUT_MS)
+    return ctx
+
+
+@pytest.fixture(scope="module")
+def browser_context(playwright: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    ctx = _chromium(
+        playwright, tmp_path_factory.mktemp("chromium-profile"), http_credentials={"username": USER, "password": KEY}
+    )
+    try:
+        yield ctx
+    finally:
+        ctx.close()
 
 
 @pytest.fixture
@@ -708,3 +720,56 @@ def test_ui_and_rest_share_encoder_and_limit_rules(client: httpx.Client, live: L
         n_ui = len(client.get("/ui/api/activations", params=params).json()["activations"])
         assert n_rest <= n_ui  # the UI lists running activations too, REST ended ones only
         assert n_ui <= (30 if not params else 200)
+
+
+def test_ui_opened_with_credentials_in_the_url(
+    playwright: Any, live: Live, warm: dict[str, Any], tmp_path: Path
+) -> None:
+    # what a newcomer pastes: http://uuid:key@host/ui/. The browser then refuses fetch() of any URL resolved
+    # against the page's (it carries the credentials): the UI must ask for its data by origin, which has none
+    ctx = _chromium(playwright, tmp_path / "profile")  # no http_credentials: only those in the URL
+    try:
+        page = ctx.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        host = live.base.removeprefix("http://")
+        page.goto(f"http://{USER}:{KEY}@{host}/ui/")
+        page.wait_for_selector("[data-function=hello] [data-pool]", state="visible")
+        assert page.locator("#conn").inner_text() == "live"
+        page.goto(f"http://{USER}:{KEY}@{host}/ui/activations/{warm['acts'][0].activation_id}")
+        page.wait_for_selector("text=Ada 0")
+        assert page.locator("#conn").inner_text() == "live"
+        assert errors == [], f"the page logged errors: {errors}"
+    finally:
+        ctx.close()
+
+
+def test_activation_page_wraps_long_annotations(page: Any, live: Live) -> None:
+    # a model function's "models" annotation is one long JSON line (file URLs, digests): it must wrap inside its
+    # panel, not push the page sideways
+    root = Path(__file__).resolve().parent.parent
+    live.run(live.engine.deploy, "w_crop", path=root / "functions" / "smart_body_crop")
+    image = (root / "tests" / "data" / "images" / "messi5.jpg").read_bytes()
+    act = live.run(live.engine.call, "w_crop", {"image": image})
+    assert act.status == "success", act.result
+    assert len(str(act.annotations["models"])) > 200
+    _open(page, live, f"/ui/activations/{act.activation_id}", "#annotations dd", "activation-long-annotations")
+    panel = page.locator("#annotations")
+    assert "pose_detection" in panel.inner_text()
+    sizes = page.evaluate(
+        """() => {
+            const panel = document.querySelector('#annotations');
+            return {panel: panel.getBoundingClientRect().right, scroll: panel.scrollWidth, client: panel.clientWidth,
+                    page: document.documentElement.scrollWidth, viewport: window.innerWidth};
+        }"""
+    )
+    assert sizes["scroll"] <= sizes["client"] and sizes["panel"] <= sizes["viewport"], sizes
+    assert sizes["page"] <= sizes["viewport"], sizes
+    _shot(page, "activation-long-annotations")
+    # the Functions page says where it came from: the folder, not a staging copy
+    _open(page, live, "/ui/", "[data-function=w_crop] .origin", "functions-origin")
+    origin = page.locator("[data-function=w_crop] .origin")
+    assert origin.inner_text() == "from functions/smart_body_crop"
+    assert origin.get_attribute("title") == str(root / "functions" / "smart_body_crop")
+    live.run(live.engine.delete, "w_crop")

@@ -138,7 +138,7 @@ def _node_source(source: dict[str, Any]) -> dict[str, Any] | None:
     archive = source.get("archive")
     if not isinstance(archive, bytes):
         return None
-    root = Path(tempfile.gettempdir()) / BUNDLE_CACHE_DIR
+    root = _bundle_cache_root()
     target = root / str(source["digest"])
     entry = target / os.path.basename(path)
     if not entry.is_file():
@@ -151,6 +151,22 @@ def _node_source(source: dict[str, Any]) -> dict[str, Any] | None:
         except OSError:  # another actor of this node unpacked it first
             shutil.rmtree(staging, ignore_errors=True)
     return {"kind": "dir", "path": str(entry)}
+
+
+def _session_dir(node: Any) -> Path | None:
+    """The Ray session folder of ``node`` (a ``ray._private.node.Node``), None when Ray does not say."""
+    try:
+        return Path(node.get_session_dir_path())
+    except (AttributeError, TypeError):  # a private API: a Ray that changed it costs the clean-up, nothing else
+        return None
+
+
+def _bundle_cache_root() -> Path:
+    """Where this node unpacks shipped bundles: in Ray's session folder, so that it goes when the session does."""
+    worker = getattr(getattr(ray, "_private", None), "worker", None)
+    node = getattr(getattr(worker, "global_worker", None), "node", None)
+    session = _session_dir(node) if node is not None else None
+    return (session if session is not None else Path(tempfile.gettempdir())) / BUNDLE_CACHE_DIR
 
 
 def node_sandbox_env(host_env: Mapping[str, str], node_id: str) -> dict[str, str]:
@@ -629,6 +645,8 @@ class RayLauncher:
             "client_connect_retries": 0,
         }
         self._owns_ray = False
+        #: the session folder of the local cluster this launcher started (its head node): removed at close
+        self._started_session: Path | None = None
         self._pool: Pool | None = None
         self._archives: dict[str, bytes] = {}
 
@@ -648,6 +666,10 @@ class RayLauncher:
                     self.counters["client_connect_retries"] += 1
                     await anyio.sleep(RAY_CLIENT_RETRY_PAUSE_S)
             self._owns_ray = True
+            # ray.init() without an address joins a cluster it finds running; only one it started is ours to clean
+            node = getattr(ray._private.worker, "_global_node", None)
+            if node is not None and getattr(node, "head", False):
+                self._started_session = _session_dir(node)
         groups = {RAY_CONTROL_GROUP: RAY_CONTROL_CONCURRENCY}
         self.actor_class = ray.remote(concurrency_groups=groups)(SandboxActor)  # type: ignore[call-overload]
 
@@ -698,3 +720,7 @@ class RayLauncher:
         if self._owns_ray:
             self._owns_ray = False
             await anyio.to_thread.run_sync(ray.shutdown)
+            session, self._started_session = self._started_session, None
+            if session is not None:
+                # Ray leaves a stopped session's folder (logs, sockets, unpacked bundles) in its temp dir for good
+                await anyio.to_thread.run_sync(lambda: shutil.rmtree(session, ignore_errors=True))

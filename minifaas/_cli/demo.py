@@ -26,13 +26,14 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Final
 
 import anyio
 import anyio.to_thread
+from rich import box
 from rich.console import Console
 from rich.live import Live
 from rich.markup import escape
@@ -64,6 +65,8 @@ DROP_MTIME_BACK_S: Final = 1.0
 REFRESH_S: Final = 0.1
 DEMO_TIMEOUT_S: Final = 120.0
 MAX_FIRES_LISTED: Final = 1000
+#: the summary table's photo column, in characters: longer names fold
+PHOTO_COLUMN_MAX: Final = 16
 #: the photo whose session trace is shown, when it is among the photos
 TRACE_PHOTO: Final = "messi5.jpg"
 EXIT_OK: Final = 0
@@ -158,7 +161,8 @@ class _Row:
 def _step_text(role: str, status: str, duration_ms: float | None, cold: bool) -> Text:
     if status != "success":
         return Text(f"{role} {status}", style="red")
-    return Text.assemble(f"{role} {_ms(duration_ms)}", (" cold" if cold else " warm", "cyan" if cold else "dim"))
+    took = "" if duration_ms is None else f"{duration_ms:,.0f}"
+    return Text.assemble(f"{role:<7} {took:>5}", (" cold" if cold else " warm", "cyan" if cold else "dim"))
 
 
 def _score_text(quality: dict[str, Any] | None) -> str:
@@ -248,18 +252,20 @@ def _done_line(row: _Row) -> Text:
 
 
 def _table(rows: Sequence[_Row], title: str) -> Table:
-    table = Table(title=title, title_justify="left", show_lines=True)
-    table.add_column("photo", overflow="fold", min_width=10)
-    table.add_column("outcome", min_width=10)
-    table.add_column("crop box / why rejected", min_width=12)
-    table.add_column("tags", min_width=12)
-    table.add_column("steps: run time, cold start or warm", min_width=18)
+    # fits an 80-column terminal: no vertical rules, four columns, and the step times never wrap (the others
+    # wrap between words, a long photo name anywhere)
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_lines=True, padding=(0, 1))
+    table.add_column("photo", overflow="fold", max_width=PHOTO_COLUMN_MAX)
+    table.add_column("outcome")
+    table.add_column("crop box, tags / why rejected")
+    table.add_column("steps, ms", no_wrap=True)
     for r in rows:
         outcome = Text.assemble(r.outcome, "\n" if r.score else "", r.score)
+        detail = Text.assemble(r.detail, "\n" if r.detail and r.tags else "", r.tags)
         lines = [r.steps[k] for k in ROLES if k in r.steps]
         if r.total:
-            lines.append(Text(f"session {r.total}", style="bold"))
-        table.add_row(r.photo, outcome, r.detail, r.tags, Text("\n").join(lines))
+            lines.append(Text(f"session {r.total.removesuffix(' ms'):>5}", style="bold"))
+        table.add_row(r.photo, outcome, detail, Text("\n").join(lines))
     return table
 
 
@@ -286,10 +292,8 @@ def _trace(session: Session, comp: Composition, photo: str) -> Tree:
             line.append(f"  {step.activation_id[:12]}…", style="dim")
         if step.path.endswith(".test"):
             taken = isinstance(step.output, dict) and step.output.get("value") is True
-            line.append(
-                "  passed: consequent" if taken else "  failed: alternate",
-                style="bold green" if taken else "bold magenta",
-            )
+            # short enough for an 80-column line; the colour says passed or failed
+            line.append("  → consequent" if taken else "  → alternate", style="bold green" if taken else "bold magenta")
         tree.add(line)
     for path in session.not_taken:
         try:
@@ -310,8 +314,18 @@ def _files(root: Path, folder: str) -> str:
 # ------------------------------------------------------------------------------------------------ the demo
 
 
-async def run_demo(workdir: Path, console: Console | None = None, *, images: list[Path] | None = None) -> int:
-    """Run the catalog workflow demo in ``workdir``; returns 0 when every photo went through the workflow."""
+async def run_demo(
+    workdir: Path,
+    console: Console | None = None,
+    *,
+    images: list[Path] | None = None,
+    keep: Callable[[Engine], Awaitable[None]] | None = None,
+) -> int:
+    """Run the catalog workflow demo in ``workdir``; returns 0 when every photo went through the workflow.
+
+    ``keep``, when given, is awaited with the demo's engine once the run is over and before the engine closes
+    (``minifaas demo --serve`` serves it until Ctrl-C).
+    """
     console = console if console is not None else Console()
     t0 = time.perf_counter()
     try:
@@ -379,9 +393,11 @@ async def run_demo(workdir: Path, console: Console | None = None, *, images: lis
         if traced is not None and traced.session_id is not None:
             with contextlib.suppress(ActivationNotFound):
                 console.print(_trace(engine.sessions.get(traced.session_id), comp, traced.name))
-    console.print(f"\n[bold]catalog:[/]  {escape(_files(workdir, 'catalog'))}")
-    console.print(f"[bold]rejected:[/] {escape(_files(workdir, 'rejected'))}")
-    console.print(f"done in {time.perf_counter() - t0:.1f} s")
+        console.print(f"\n[bold]catalog:[/]  {escape(_files(workdir, 'catalog'))}")
+        console.print(f"[bold]rejected:[/] {escape(_files(workdir, 'rejected'))}")
+        console.print(f"done in {time.perf_counter() - t0:.1f} s")
+        if keep is not None:
+            await keep(engine)
     return EXIT_OK if finished and failed == 0 else EXIT_FAILED
 
 

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     import httpx
     from rich.console import Console
 
+    from .._engine import Engine
+
 __all__ = ("CliError", "main", "pack_folder")
 
 ENV_APIHOST: Final = "MINIFAAS_APIHOST"
@@ -44,6 +46,8 @@ ENV_AUTH: Final = "MINIFAAS_AUTH"
 ENV_STATE_DIR: Final = "MINIFAAS_STATE_DIR"
 DEFAULT_APIHOST: Final = "http://127.0.0.1:3233"
 LOCAL_BASE_URL: Final = "http://minifaas.local"
+#: the action annotation naming the file or folder an action was created from (the dev server shows it)
+ORIGIN_ANNOTATION: Final = "origin"
 #: a blocking invocation may wait 60 s on the server, plus transfer time
 HTTP_TIMEOUT_S: Final = 75.0
 WAIT_POLL_S: Final = 0.2
@@ -348,8 +352,12 @@ def _action_body(args: argparse.Namespace, *, need_path: bool) -> dict[str, Any]
         raise CliError("give the action's code: a .py file, a folder with __main__.py, or a .zip")
     if args.param or args.param_file:
         body["parameters"] = _kv(_pairs(args.param, args.param_file))
-    if args.annotation:
-        body["annotations"] = _kv(_pairs(args.annotation))
+    annotations = _pairs(args.annotation) if args.annotation else {}
+    if args.path is not None:
+        # the server deploys what it was sent from a temporary file: this says, in its UI, where it came from
+        annotations.setdefault(ORIGIN_ANNOTATION, str(Path(args.path).expanduser().resolve()))
+    if annotations:
+        body["annotations"] = _kv(annotations)
     limits = {
         "timeout": args.timeout,
         "memory": args.memory,
@@ -734,36 +742,58 @@ async def cmd_invoke_batch(api: Api, args: argparse.Namespace, console: Console)
 
 # -- commands that do not talk to a server -------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace, console: Console) -> int:
+    from .._engine import Engine
+    from .._server.app import new_auth
+
+    state_dir = args.state_dir or os.environ.get(ENV_STATE_DIR)
+    auth = args.auth or os.environ.get(ENV_AUTH)
+    auth_file: Path | None = None
+    if not auth and state_dir:
+        from .._server.auth import stored_auth
+
+        auth, auth_file = stored_auth(state_dir, new_auth())
+    auth = auth or new_auth()
+
+    async def run() -> None:
+        async with Engine(state_dir=state_dir, namespace=args.server_namespace) as engine:
+            await _serve_until_signal(engine, args.host, args.port, auth, console, state_dir, auth_file)
+
+    _run_server(run, args.host, args.port)
+    return EXIT_OK
+
+
+async def _serve_until_signal(
+    engine: Engine, host: str, port: int, auth: str, console: Console, state_dir: str | None, auth_file: Path | None
+) -> None:
+    """Serve ``engine`` until SIGINT or SIGTERM (a second one does not wait for requests in flight)."""
     import signal
 
     import anyio
     import anyio.abc
 
-    from .._engine import Engine
-    from .._server.app import ServerHandle, new_auth, serve
+    from .._server.app import ServerHandle, serve
 
-    auth = args.auth or os.environ.get(ENV_AUTH) or new_auth()
-    state_dir = args.state_dir or os.environ.get(ENV_STATE_DIR)
+    async with anyio.create_task_group() as tg:
 
-    async def run() -> None:
-        async with (
-            Engine(state_dir=state_dir, namespace=args.server_namespace) as engine,
-            anyio.create_task_group() as tg,
-        ):
+        async def serving(*, task_status: anyio.abc.TaskStatus[ServerHandle]) -> None:
+            await serve(engine, host, port, auth, task_status=task_status)
+            tg.cancel_scope.cancel()  # stopped: end the signal watcher too
 
-            async def serving(*, task_status: anyio.abc.TaskStatus[ServerHandle]) -> None:
-                await serve(engine, args.host, args.port, auth, task_status=task_status)
-                tg.cancel_scope.cancel()  # stopped: end the signal watcher too
+        handle: ServerHandle = await tg.start(serving)
+        # listening before the banner: a client that stops the server as soon as it has read the banner
+        # must not hit Python's default SIGINT handler
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            _banner(console, handle, state_dir, auth_file)
+            async for _ in signals:
+                if handle.stopping:
+                    tg.cancel_scope.cancel()  # a second signal: do not wait for requests in flight
+                    break
+                console.print("[dim]stopping (finishing requests in flight)...[/]")
+                handle.stop()
 
-            handle: ServerHandle = await tg.start(serving)
-            _banner(console, handle, state_dir)
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for _ in signals:
-                    if handle.stopping:
-                        tg.cancel_scope.cancel()  # a second signal: do not wait for requests in flight
-                        break
-                    console.print("[dim]stopping (finishing requests in flight)...[/]")
-                    handle.stop()
+
+def _run_server(run: Callable[[], Awaitable[Any]], host: str, port: int) -> None:
+    import anyio
 
     failures: list[OSError] = []
     try:
@@ -771,8 +801,7 @@ def cmd_serve(args: argparse.Namespace, console: Console) -> int:
     except* OSError as group:  # the port is taken, the state dir unwritable...
         failures += [e for e in group.exceptions if isinstance(e, OSError)]
     if failures:
-        raise CliError(f"cannot serve on {args.host}:{args.port}: {failures[0]}")
-    return EXIT_OK
+        raise CliError(f"cannot serve on {host}:{port}: {failures[0]}")
 
 
 def cmd_gc(args: argparse.Namespace, console: Console) -> int:
@@ -805,12 +834,18 @@ def cmd_gc(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
-def _banner(console: Console, handle: Any, state_dir: str | None) -> None:
+def _banner(console: Console, handle: Any, state_dir: str | None, auth_file: Path | None = None) -> None:
     console.print(
         f"[bold green]minifaas[/] serving the OpenWhisk API at [bold]{handle.url}[/] "
         f"(state: {state_dir or 'in memory'})"
     )
-    console.print(f"web UI: {handle.url}/   metrics: {handle.url}/metrics   (HTTP basic auth below)")
+    user, _, key = handle.auth.partition(":")
+    console.print(f"web UI: {handle.url}/ui/   metrics: {handle.url}/metrics")
+    print(f"log in with user {user} and password {key} (HTTP basic auth), or open:", flush=True)
+    scheme, _, host = handle.url.partition("://")
+    print(f"{scheme}://{user}:{key}@{host}/ui/", flush=True)
+    if auth_file is not None:
+        console.print(f"[dim]the key is kept in {auth_file}: it stays the same across restarts[/]", soft_wrap=True)
     # plain prints: a terminal-width wrap would break these copy-and-paste lines
     print(f"export {ENV_APIHOST}={handle.url} {ENV_AUTH}={handle.auth}", flush=True)
     print(f"wsk property set --apihost {handle.url} --auth {handle.auth}", flush=True)
@@ -828,8 +863,27 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
         return EXIT_FAILED
     workdir = Path(args.workdir).expanduser() if args.workdir else Path(tempfile.mkdtemp(prefix="minifaas-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    code: int = anyio.run(run_demo, workdir, console)
-    return code
+    if not args.serve:
+        code: int = anyio.run(run_demo, workdir, console)
+        return code
+    from .._server.app import new_auth
+
+    auth = args.auth or os.environ.get(ENV_AUTH) or new_auth()
+    outcome: list[int] = []
+
+    async def keep_serving(engine: Engine) -> None:
+        console.rule("[bold]dev server")
+        console.print(
+            "The demo's engine stays up: its functions, activations and sessions are in the web UI below, and "
+            "photos dropped into uploads/ still go through the workflow. Ctrl-C stops it."
+        )
+        await _serve_until_signal(engine, args.host, args.port, auth, console, None, None)
+
+    async def run() -> None:
+        outcome.append(await run_demo(workdir, console, keep=keep_serving))
+
+    _run_server(run, args.host, args.port)
+    return outcome[0] if outcome else EXIT_FAILED
 
 
 # -- argument parsing ----------------------------------------------------------------------------------------
@@ -890,6 +944,14 @@ def _id_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--last", action="store_true", help="the most recent activation")
 
 
+def _version() -> str:
+    from .. import __version__
+
+    # where it is installed and on which Python: the first thing to ask when two installs disagree
+    where = Path(__file__).resolve().parent.parent
+    return f"minifaas {__version__} ({where}, Python {sys.version.split()[0]})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _common(suppress=True)
     parser = argparse.ArgumentParser(
@@ -897,6 +959,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[_common(suppress=False)],
         description="minifaas: a lightweight FaaS for Python AI functions, with an OpenWhisk-compatible dev server.",
     )
+    parser.add_argument("--version", action="version", version=_version())
     verbs = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def verb(sub: Any, name: str, help_text: str, **kw: Any) -> argparse.ArgumentParser:
@@ -907,7 +970,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=3233, help="port (default 3233, as OpenWhisk standalone; 0: any)")
     p.add_argument("--state-dir", help=f"keep activations, bundles and actions here (env {ENV_STATE_DIR})")
-    p.add_argument("--auth", "-u", help="uuid:key to accept (default: a fresh one, printed)")
+    p.add_argument(
+        "--auth", "-u", help="uuid:key to accept (default: the one kept in the state dir, else a fresh one; printed)"
+    )
     p.add_argument("--namespace", dest="server_namespace", default="guest", help="namespace (default guest)")
     p.set_defaults(run=cmd_serve)
 
@@ -1037,6 +1102,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("demo", help="deploy the sample AI functions and run them on sample photos")
     p.add_argument("--workdir", help="folder for the demo's files (default: a new temporary folder)")
+    p.add_argument("--serve", action="store_true", help="afterwards, keep a dev server up on the demo's engine")
+    p.add_argument("--host", default="127.0.0.1", help="with --serve: address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=3233, help="with --serve: port (default 3233; 0: any)")
+    p.add_argument("--auth", "-u", help="with --serve: uuid:key to accept (default: a fresh one, printed)")
     p.set_defaults(run=cmd_demo)
     return parser
 

@@ -47,10 +47,11 @@ from .._errors import DeployError
 __all__ = ("DepsEnv", "default_env_root", "describe", "ensure_env", "env_key", "stats")
 
 #: bump when the layout or the marker of an environment changes: old environments are then rebuilt, not reused
-ENV_FORMAT: Final = 1
+ENV_FORMAT: Final = 2
 MARKER_NAME: Final = "minifaas-env.json"
 REQUIREMENTS_NAME: Final = "requirements.txt"
 HOST_SITE_PTH_NAME: Final = "_minifaas_host_site.pth"
+HOST_SITE_MODULE: Final = "_minifaas_host_site"
 VENV_TIMEOUT_S: Final = 120.0
 PIP_TIMEOUT_S: Final = 900.0
 LOCK_POLL_S: Final = 0.2
@@ -275,12 +276,7 @@ async def _install(requirements: str, venv: Path, index_url: str | None) -> dict
     """Create the venv in ``venv`` and pip-install ``requirements``; returns the host packages it shadows."""
     venv_argv = [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)]
     await _run(venv_argv, VENV_TIMEOUT_S, "could not create a virtual environment", cwd=venv.parent)
-    site_packages = _site_packages(venv)
-    if sys.prefix != sys.base_prefix:
-        # the host is itself a venv: --system-site-packages would reach the base interpreter, not the host's
-        # packages, so point the new venv at them explicitly
-        host_sites = [p for p in site.getsitepackages() if Path(p).is_dir()]
-        (site_packages / HOST_SITE_PTH_NAME).write_text("".join(f"{p}\n" for p in host_sites), "utf-8")
+    _lend_host_sites(_site_packages(venv))
     req_file = venv / REQUIREMENTS_NAME
     req_file.write_text(requirements, "utf-8")
     # the venv has no pip of its own: the host's pip, seen through the system site-packages, installs into the
@@ -301,7 +297,54 @@ async def _install(requirements: str, venv: Path, index_url: str | None) -> dict
     if index_url:
         pip_argv += ["--index-url", index_url]
     await _run(pip_argv, PIP_TIMEOUT_S, "pip could not install the requirements", cwd=venv)
-    return _shadowed(site_packages)
+    return _shadowed(_site_packages(venv))
+
+
+def host_site_dirs() -> list[str]:
+    """The host's site-packages folders (user site included), in the order the host searches them."""
+    dirs = list(site.getsitepackages())
+    if site.ENABLE_USER_SITE:
+        dirs.append(site.getusersitepackages())
+    found = [d for d in dict.fromkeys(dirs) if Path(d).is_dir()]
+    rank = {p: i for i, p in reversed(list(enumerate(sys.path)))}
+    return sorted(found, key=lambda d: rank.get(d, len(rank)))
+
+
+def _lend_host_sites(site_packages: Path) -> None:
+    """Make the host's packages importable in the venv, processing their ``.pth`` files.
+
+    ``--system-site-packages`` reaches the base interpreter's folders only: a host that is itself a venv, or one
+    whose packages are in a user site the sandbox's scrubbed environment does not point to, would be missing.
+    Bare paths in a ``.pth`` are not enough either: the ``.pth`` files in them (an editable install's finder
+    that maps ``minifaas_sandbox`` to ``sandbox/``) would be skipped, so a sandbox started from the venv's
+    python could not import its own runtime. ``site.addsitedir`` processes them.
+    """
+    module = f"""\
+# Written by minifaas: lends the host's site-packages to this environment, their .pth files included.
+import os
+import site
+import sys
+
+HOST_SITES = {host_site_dirs()!r}
+
+
+def _lend():
+    before = len(sys.path)
+    for path in HOST_SITES:
+        if path not in sys.path:
+            site.addsitedir(path)
+    added = sys.path[before:]
+    del sys.path[before:]
+    # right behind this environment's own packages: the host's versions win over the base interpreter's
+    here = os.path.dirname(os.path.abspath(__file__))
+    at = sys.path.index(here) + 1 if here in sys.path else len(sys.path)
+    sys.path[at:at] = added
+
+
+_lend()
+"""
+    (site_packages / f"{HOST_SITE_MODULE}.py").write_text(module, "utf-8")
+    (site_packages / HOST_SITE_PTH_NAME).write_text(f"import {HOST_SITE_MODULE}\n", "utf-8")
 
 
 async def _run(argv: list[str], timeout_s: float, what: str, *, cwd: Path) -> None:

@@ -111,6 +111,16 @@ WS_POLICY_VIOLATION: Final = 1008
 INTERNAL_ERROR_MESSAGE: Final = "The server met an internal error; its log names it by the code below."
 #: nginx's status for a request whose client went away (never read by anyone, but logged by proxies)
 CLIENT_CLOSED_STATUS: Final = 499
+#: the action annotation in which the minifaas CLI names the file or folder an action was created from
+ORIGIN_ANNOTATION: Final = "origin"
+AUTH_MISSING: Final = "The resource requires authentication, which was not supplied with the request."
+AUTH_INVALID: Final = "The supplied authentication is invalid."
+#: a 401 says how to get in: the newcomer holding a uuid:key does not know which half is the user
+AUTH_HOW: Final = (
+    "Use HTTP basic auth with the uuid:key that `minifaas serve` printed (kept in <state dir>/server/auth with "
+    "--state-dir): the uuid is the user, the key the password. The minifaas CLI reads it from MINIFAAS_AUTH, "
+    "--auth uuid:key or ~/.wskprops."
+)
 
 logger = logging.getLogger("minifaas.server")
 
@@ -294,9 +304,9 @@ class _Gate:
             await _error(*refusal)(scope, receive, send)
             return
         if self.auth is not None and path != "/ping" and not self._authorized(scope):
-            response = _error(
-                401, "The supplied authentication is invalid", {"WWW-Authenticate": 'Basic realm="minifaas"'}
-            )
+            given = any(k == b"authorization" for k, _ in scope.get("headers", ()))
+            why = AUTH_INVALID if given else AUTH_MISSING
+            response = _error(401, f"{why} {AUTH_HOW}", {"WWW-Authenticate": 'Basic realm="minifaas"'})
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
@@ -564,6 +574,10 @@ class _Api:
             env=body.env,
             **_deploy_limits(body.limits),
         )
+        # where the code came from, for the web UI: the file the minifaas CLI names in an annotation, else what
+        # was uploaded (never the temporary zip it is deployed from)
+        named = body.annotations.get(ORIGIN_ANNOTATION)
+        kwargs["origin"] = named if isinstance(named, str) else "uploaded zip" if body.binary else "uploaded code"
         if not body.binary:
             return await self.engine.deploy(name, code=body.code, **kwargs)
         try:

@@ -39,6 +39,10 @@ function append(el, children) {
 }
 
 const url = (path) => ROOT + path;
+// Fetched by origin, never relative to the page: opened as http://uuid:key@host/ui/, the page's URL carries the
+// credentials, and the browser refuses to fetch any URL resolved against it (the origin has none; the browser
+// still sends the credentials it was given for this server). Links stay relative.
+const apiUrl = (path) => location.origin + ROOT + path;
 const main = () => document.getElementById("main");
 
 // Replaces el's children; like h(), accepts nested arrays and skips null/false.
@@ -53,7 +57,7 @@ const setMain = (...children) => fill(main(), ...children);
 async function getJSON(path) {
   const conn = document.getElementById("conn");
   try {
-    const r = await fetch(url(path), { headers: { accept: "application/json" }, cache: "no-store" });
+    const r = await fetch(apiUrl(path), { headers: { accept: "application/json" }, cache: "no-store" });
     const data = await r.json().catch(() => ({ error: `HTTP ${r.status}` }));
     conn.classList.remove("down");
     conn.textContent = "live";
@@ -171,6 +175,12 @@ function compositionCard(fn) {
       h("a", { href: url(`/ui/sessions?name=${encodeURIComponent(fn.name)}`) }, "Sessions →")));
 }
 
+// A file or folder by its last two path parts (the card is narrow; the title has it whole); else as given:
+// "uploaded zip", "uploaded code", "code".
+function originText(origin) {
+  return origin.startsWith("/") ? origin.split("/").filter(Boolean).slice(-2).join("/") : origin;
+}
+
 function functionCard(fn) {
   if (fn.kind === "composition") return compositionCard(fn);
   const p = fn.pool;
@@ -189,7 +199,7 @@ function functionCard(fn) {
       fn.kind ? h("span", { class: "badge nodot" }, fn.kind) : null,
       h("span", { class: "spacer" }),
       p.busy ? h("span", { class: "badge running" }, "busy") : (p.sandboxes ? h("span", { class: "badge warm nodot" }, "warm") : h("span", { class: "badge nodot" }, "cold"))),
-    fn.origin ? h("div", { class: "origin", title: fn.origin }, fn.origin) : null,
+    fn.origin ? h("div", { class: "origin", title: fn.origin }, "from ", originText(fn.origin)) : null,
     h("div", {},
       h("div", { class: "pips" }, pips.length ? pips : h("span", { class: "muted small" }, "no sandbox (next call starts cold)")),
       h("div", { class: "pool-line", "data-pool": "" },
