@@ -273,7 +273,7 @@ class Engine:
             from ._ray import RayLauncher
 
             root = (self.state_dir / "models") if self.state_dir is not None else _user_model_cache()
-            return RayLauncher(self.ray_address, root)
+            return RayLauncher(self.ray_address, root, self._env_root(), self.pip_index_url)
         name = self.launcher_name
         if name in ("auto", "zygote"):
             from ._zygote import DEFAULT_PRELOAD, FORK_AVAILABLE, ZygoteLauncher
@@ -354,8 +354,13 @@ class Engine:
         models: tuple[str, ...] | list[str] = (),
         preload: tuple[str, ...] | None = None,
         network: bool = True,
+        resources: dict[str, float] | None = None,
+        placement: Literal["pack", "spread"] = "pack",
     ) -> dict[str, Any]:
-        """Validate and register a new version of ``name``; returns its description (with ``version``)."""
+        """Validate and register a new version of ``name``; returns its description (with ``version``).
+
+        ``resources`` (Ray backend): ``num_cpus``, ``num_gpus`` and custom Ray resources of each sandbox;
+        ``placement``: pack the sandboxes onto few nodes, or spread them over the nodes."""
         self._require()
         if not isinstance(name, str) or not NAME_RE.match(name):
             raise DeployError(f"invalid function name {name!r}: use letters, digits, '_', '-', '.'")
@@ -369,6 +374,9 @@ class Engine:
             raise DeployError(f"network must be True or False, not {network!r}")
         if params is not None and not isinstance(params, dict):
             raise DeployError(f"params must be a dict, not {type(params).__name__}")
+        if placement not in ("pack", "spread"):
+            raise DeployError(f"invalid placement {placement!r}: use 'pack' or 'spread'")
+        checked_resources = _check_resources(resources, self.backend)
         limits = _limits(
             timeout_s=timeout_s,
             memory_mb=memory_mb,
@@ -413,8 +421,13 @@ class Engine:
             python=python,
             created=int(time.time() * 1000),
             network=network,
+            resources=checked_resources,
+            placement=placement,
             **limits,
         )
+        admit = getattr(self._launcher, "admit", None)
+        if admit is not None:
+            await admit(spec)  # Ray: no node of the cluster could ever host it
         await self._preload_models(spec)
         versions.append(spec)
         if spec.min_sandboxes and self._pool is not None:
@@ -645,6 +658,22 @@ class Engine:
         if callable(launcher_stats):
             out["launcher_stats"] = launcher_stats()
         return out
+
+
+def _check_resources(resources: dict[str, float] | None, backend: str) -> dict[str, float]:
+    """A deploy's ``resources``, validated; other than ``num_cpus`` they are Ray's (placement on a node)."""
+    if resources is None:
+        return {}
+    if backend != "ray":
+        if not isinstance(resources, dict) or set(resources) - {"num_cpus"}:
+            raise DeployError(
+                f"resources={resources!r}: GPUs and custom resources are placed by the Ray backend only "
+                "(Engine(backend='ray'))"
+            )
+        return {k: float(v) for k, v in resources.items()}
+    from ._rayplace import validate_resources
+
+    return validate_resources(resources)
 
 
 def _user_model_cache() -> Path:

@@ -271,6 +271,8 @@ class Pool:
             reply = await sb.init(spec.init_fields())
         except (Exception, SandboxDied) as exc:
             reply = {"ok": False, "error": f"the sandbox failed to start: {exc}"}
+            if getattr(exc, "internal", False):
+                reply["internal"] = True  # the backend failed (e.g. a Ray cluster without room), not the function
         finally:
             fp.starting -= 1
         sb.init_ms = (time.perf_counter() - t0) * 1000

@@ -44,16 +44,13 @@ import asyncio
 import contextlib
 import fcntl
 import importlib.util
-import io
 import math
 import os
 import re
 import secrets
-import shutil
 import struct
-import tempfile
 import termios
-import zipfile
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
@@ -65,17 +62,27 @@ import ray
 import ray.exceptions
 from minifaas_sandbox import protocol as p
 
-from ._errors import BackendUnavailable
+from ._errors import BackendUnavailable, ModelError
 from ._function import FunctionSpec
 from ._launch import ENV_ALLOW, Launched, Launcher, SpawnLauncher
 from ._pool import FunctionPool, Pool
+from ._rayplace import (
+    Demand,
+    alive_node_totals,
+    best_fit_node,
+    check_fits_some_node,
+    demand_of,
+    evictions_for,
+    fits,
+    free_per_node,
+)
+from ._rayship import Shipments, store_model_bytes, unpack_bundle
 from ._sandbox import SHUTDOWN_GRACE_S, HostService, Sandbox, SandboxDied
 
-__all__ = ("RayLauncher", "RaySandbox", "SandboxActor", "describe_actor_death", "node_sandbox_env")
+__all__ = ("RayBackendFailure", "RayLauncher", "RaySandbox", "SandboxActor", "describe_actor_death", "node_sandbox_env")
 
 #: Ray namespace of the named sandbox actors (``ray.util.list_named_actors(all_namespaces=True)`` lists them)
 RAY_NAMESPACE: Final = "minifaas"
-RAY_NUM_CPUS: Final = 1.0
 #: a generic pre-warmed (stem) actor does not know its function yet: this many activations may run on it at once
 RAY_STEM_MAX_CONCURRENCY: Final = 8
 #: how long an actor may take to be placed and started (worker process, ``import minifaas``) before the start fails
@@ -99,7 +106,10 @@ RAY_CONTROL_CONCURRENCY: Final = 2
 RAY_TERMINATE_TIMEOUT_S: Final = 2.0
 #: after a RESULT, how long the actor waits at most for fd 1/2 output written before it to be read
 RAY_STRAY_DRAIN_S: Final = 0.05
-BUNDLE_CACHE_DIR: Final = "minifaas-ray-bundles"
+#: after losing the connection to the cluster, the pause between two attempts to connect again
+RAY_RECONNECT_PAUSE_S: Final = 1.0
+#: the sandbox's view of the GPUs Ray gave its actor ("" when none: it must not see every GPU of its node)
+CUDA_ENV: Final = "CUDA_VISIBLE_DEVICES"
 #: connections to a Ray Client server (``ray://``) tried before giving up. Its proxy forks a server per client while
 #: its gRPC threads run, and that child may crash at birth (ray-project/ray#63202): the next connection gets a new one
 RAY_CLIENT_CONNECT_ATTEMPTS: Final = 3
@@ -127,31 +137,6 @@ def _unread_bytes(fd: int) -> int:
         return 0
 
 
-def _node_source(source: dict[str, Any]) -> dict[str, Any] | None:
-    """The INIT source as this node sees it; None for a dir bundle it cannot see when no archive came with it."""
-    if source.get("kind") != "dir":
-        return source
-    path = str(source["path"])
-    if os.path.isfile(path):
-        return {"kind": "dir", "path": path}
-    archive = source.get("archive")
-    if not isinstance(archive, bytes):
-        return None
-    root = Path(tempfile.gettempdir()) / BUNDLE_CACHE_DIR
-    target = root / str(source["digest"])
-    entry = target / os.path.basename(path)
-    if not entry.is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".part-", dir=root))
-        with zipfile.ZipFile(io.BytesIO(archive)) as zf:
-            zf.extractall(staging)
-        try:
-            os.replace(staging, target)
-        except OSError:  # another actor of this node unpacked it first
-            shutil.rmtree(staging, ignore_errors=True)
-    return {"kind": "dir", "path": str(entry)}
-
-
 def node_sandbox_env(host_env: Mapping[str, str], node_id: str) -> dict[str, str]:
     """A sandbox's environment on this node: the host's sandbox defaults, this node's own PATH, HOME, ..."""
     env = {k: v for k, v in os.environ.items() if k in ENV_ALLOW}
@@ -169,6 +154,23 @@ def _mark_asyncio() -> None:
         sniffio.current_async_library_cvar.set("asyncio")
 
 
+class RayBackendFailure(SandboxDied):
+    """Internal: Ray, not the function, failed a sandbox (no room, connection lost): its records are internal_error."""
+
+    internal = True
+
+
+def _is_host_path(url: str) -> bool:
+    scheme = urllib.parse.urlparse(url).scheme
+    return scheme in ("", "file") or len(scheme) == 1
+
+
+def _task_cause(exc: BaseException) -> str:
+    """The error an actor method raised, without Ray's traceback wrapping."""
+    cause = getattr(exc, "cause", None)
+    return str(cause) if cause is not None else str(exc).strip().splitlines()[-1]
+
+
 class SandboxActor:
     """One sandbox as a Ray actor: it supervises a real sandbox process on its node, as the local host does.
 
@@ -178,12 +180,23 @@ class SandboxActor:
     (an async actor: every call runs on the event loop of its concurrency group).
     """
 
-    def __init__(self, model_root: str, env: dict[str, str], python: str | None) -> None:
+    def __init__(self, config: dict[str, Any]) -> None:
         self._node_id = str(ray.get_runtime_context().get_node_id())
-        self._model_root = Path(model_root) / "ray-nodes" / self._node_id
-        self._env = node_sandbox_env(env, self._node_id)
-        # a function's own interpreter (its dependencies' venv) where this node has it, else the worker's
-        self._python = python if python and os.access(python, os.X_OK) else None
+        #: not the driver's node: no path of the host's disk means anything here
+        self._remote = config.get("driver_node") != self._node_id
+        self._model_root = Path(config["model_root"]) / "ray-nodes" / self._node_id
+        self._env = node_sandbox_env(config["env"], self._node_id)
+        # the GPUs Ray assigned this actor, and only those (none: an empty list hides them all)
+        self._env[CUDA_ENV] = ",".join(str(g) for g in ray.get_gpu_ids())
+        self._requirements: str | None = config.get("requirements")
+        env_root = Path(config["env_root"])
+        # the driver's node reuses the environment built at deploy; another builds its own, by the same hash
+        self._env_root = env_root / "ray-nodes" / self._node_id if self._remote else env_root
+        self._index_url: str | None = config.get("index_url")
+        self._python: str | None = None
+        self._sys_path: list[str] = []
+        #: url -> (sha256, object reference) of the models the host shipped
+        self._shipped: dict[str, tuple[str, Any]] = {}
         self._sb: Sandbox | None = None
         self._started: asyncio.Future[dict[str, Any]] | None = None
         self._supervisor: asyncio.Task[None] | None = None
@@ -205,25 +218,76 @@ class SandboxActor:
         sb.on_died = self._on_died
         self._sb = sb
         try:
+            if self._requirements:
+                await self._build_env(self._requirements)
             async with anyio.create_task_group() as tg:
                 await sb.start(SpawnLauncher(python=self._python), self._env, tg)
                 assert sb.proc is not None
-                started.set_result({"pid": sb.proc.pid, "actor_pid": os.getpid(), "node_id": self._node_id})
+                started.set_result(
+                    {
+                        "pid": sb.proc.pid,
+                        "actor_pid": os.getpid(),
+                        "node_id": self._node_id,
+                        "limits": self._limits(sb),
+                    }
+                )
                 # the supervisor (and its task group) ends with the sandbox process: a crash, or terminate()
                 await sb.died.wait()
         except BaseException as exc:
             if not started.done():
-                started.set_exception(RuntimeError(f"the sandbox process did not start: {exc}"))
+                where = f"on Ray node {self._node_id}"
+                started.set_exception(RuntimeError(f"the sandbox process did not start {where}: {exc}"))
             if not isinstance(exc, Exception):
                 raise
 
+    async def _build_env(self, requirements: str) -> None:
+        """The function's requirements as an environment of this node (built once per content hash)."""
+        from ._deps import ensure_env
+
+        try:
+            deps = await ensure_env(requirements, root=self._env_root, index_url=self._index_url)
+        except Exception as exc:
+            raise RuntimeError(f"its requirements could not be installed on this node: {exc}") from exc
+        self._sys_path = [str(deps.site_packages)]
+        # as on the host: an env that replaces a preloaded package needs its own interpreter
+        self._python = str(deps.python) if deps.conflicts_with_preload else None
+
+    def _limits(self, sb: Sandbox) -> dict[str, Any]:
+        """Which limits this node could apply to its sandbox (the record says so: ``ray_limits``)."""
+        from ._launch import PIDS
+
+        return {
+            "memory": "rlimit_as",
+            "pids_cgroup": getattr(sb.proc, "cgroup", None) is not None,
+            "pids_cgroup_error": PIDS.error,
+            # unshare(CLONE_NEWNET) for network=False functions needs root (CAP_SYS_ADMIN)
+            "network_namespace": os.geteuid() == 0,
+            "isolation": "process",
+            "gpus": self._env[CUDA_ENV],
+        }
+
     async def _fetch_model(self, args: dict[str, Any]) -> str:
-        """The ``model.fetch`` host service of this node's sandbox: a model store of this node's own."""
+        """The ``model.fetch`` host service of this node's sandbox: a model store of this node's own, and the
+        models the host shipped (by content hash); a path of the host's disk cannot be read from another node."""
+        url = str(args["url"])
         if self._store is None:
             from ._modelstore import ModelStore
 
             self._store = ModelStore(self._model_root)
-        return str(await self._store.fetch(str(args["url"]), sha256=args.get("sha256")))
+        shipped = self._shipped.get(url)
+        if shipped is not None:
+            sha, ref = shipped
+            path = self._store.content_path(sha)
+            if not path.is_file():
+                data: bytes = await ref
+                path = await anyio.to_thread.run_sync(store_model_bytes, self._model_root, sha, data)
+            return str(path)
+        if self._remote and _is_host_path(url):
+            raise ModelError(
+                f"{url} is a file of the host's disk, which Ray node {self._node_id} does not see: name the model "
+                "in the bundle's minifaas.json or in deploy(models=...), or use a URL every node can read"
+            )
+        return str(await self._store.fetch(url, sha256=args.get("sha256")))
 
     def _on_result(self, sb: Sandbox, fields: dict[str, Any]) -> None:
         fut = sb.inflight.get(str(fields.get("aid")))
@@ -246,11 +310,15 @@ class SandboxActor:
         sb = self._sb
         if sb is None:
             return {"ok": False, "error": "the sandbox process was not started"}
-        source = _node_source(dict(fields["source"]))
-        if source is None:
-            return {"ok": False, "need_bundle": True, "error": "this node cannot see the bundle folder"}
+        source = dict(fields["source"])
+        if "archive" in source:
+            archive: bytes = await source["archive"]
+            path = await anyio.to_thread.run_sync(unpack_bundle, source["digest"], source["entry"], archive)
+            source = {"kind": "dir", "path": path}
+        self._shipped.update(fields.pop("ray_models", None) or {})
         try:
-            reply = await sb.init({**fields, "source": source})
+            # the function's environment as this node built it, not the host's paths
+            reply = await sb.init({**fields, "source": source, "sys_path": self._sys_path})
         except SandboxDied as exc:
             reply = {"ok": False, "error": exc.reason, "died": True}
         if not reply.get("ok"):
@@ -330,17 +398,6 @@ def describe_actor_death(name: str, exc: BaseException | None) -> tuple[str, int
     return f"the Ray actor {name} died: {cause}", int(code.group(1)) if code else None
 
 
-def _num_cpus(spec: FunctionSpec | None) -> float:
-    if spec is None:
-        return RAY_NUM_CPUS
-    value = getattr(spec, "num_cpus", None)
-    if value is None:
-        value = spec.annotations.get("num_cpus", RAY_NUM_CPUS)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ValueError(f"num_cpus must be a positive number (a fraction is fine), got {value!r}")
-    return float(value)
-
-
 class RayProcess:
     """``Sandbox.proc`` of a Ray sandbox: its sandbox process on a node (``pid`` in stats and snapshots), and the
     actor's worker process supervising it."""
@@ -363,6 +420,14 @@ class RaySandbox(Sandbox):
         self.actor_name = f"minifaas-{backend.token}-{self.id}"
         self.node_id = ""
         self.launch_how = "ray"
+        #: what the actor reserves on its node (known once it is created)
+        self.demand: Demand | None = None
+        #: which limits the actor's node could apply (its describe() says)
+        self.limits: dict[str, Any] = {}
+        #: the connection to the cluster was lost: the records it ends are internal_error, not the function's fault
+        self.backend_lost = False
+        #: keys of the shipments (bundle archive, models) this sandbox holds in the object store
+        self._holds: list[str] = []
         self._reported = False
         self._reaping = False
         #: RESULT fields of pipelined runs that arrived before the run ahead of them ended, by activation id
@@ -381,34 +446,54 @@ class RaySandbox(Sandbox):
         self._env = dict(env)
         fp: FunctionPool | None = self.owner
         spec = fp.spec if fp is not None else None
-        num_cpus = _num_cpus(spec)
-        memory = (spec.memory_mb if spec is not None else 0) << 20
-        total: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
-        if total.get("CPU", 0.0) < num_cpus or total.get("memory", 0.0) < memory:
-            raise SandboxDied(
-                f"the Ray cluster cannot host this sandbox: it asks for {num_cpus:g} CPU and {memory >> 20} MiB, "
-                f"the cluster has {total.get('CPU', 0.0):g} CPU and {int(total.get('memory', 0.0)) >> 20} MiB",
-                None,
-            )
+        demand = self.demand = demand_of(spec)
+        backend = self.backend
+        await backend.wait_connected()
+        backend.live.add(self)
+        try:
+            strategy = await backend.placement(demand, spec)
+        except RayBackendFailure as exc:
+            self._report_death(exc.reason, None)
+            raise
         options: dict[str, Any] = {
             "name": self.actor_name,
             "namespace": RAY_NAMESPACE,
-            "num_cpus": num_cpus,
             "max_concurrency": spec.concurrency if spec is not None else RAY_STEM_MAX_CONCURRENCY,
             "max_restarts": 0,
-            "scheduling_strategy": "SPREAD",
+            "scheduling_strategy": strategy,
+            **demand.actor_options(),
         }
-        if memory:
-            options["memory"] = memory
-        python = spec.python if spec is not None else None
-        self.actor = self.backend.actor_class.options(**options).remote(str(self.backend.model_root), env, python)
-        self.backend.counters["actors_started"] += 1
+        config = {
+            "model_root": str(backend.model_root),
+            "env": env,
+            "requirements": spec.bundle.requirements if spec is not None else None,
+            "env_root": str(backend.env_root),
+            "index_url": backend.index_url,
+            "driver_node": backend.driver_node,
+        }
         try:
-            info = await self._wait_started(num_cpus, memory)
+            self.actor = backend.actor_class.options(**options).remote(config)
+        except Exception as exc:  # Ray itself is gone
+            reason = backend.failed(exc)
+            self._report_death(reason, None)
+            raise RayBackendFailure(reason, None) from None
+        backend.counters["actors_started"] += 1
+        try:
+            info = await self._wait_started(demand)
+        except ray.exceptions.RayTaskError as exc:
+            # describe() failed: the sandbox process (or the function's environment) could not be made there
+            self._kill_actor()
+            reason = _task_cause(exc)
+            self._report_death(reason, None)
+            raise SandboxDied(reason, None) from None
         except ray.exceptions.RayError as exc:
             reason, status = describe_actor_death(self.actor_name, exc)
             self._report_death(reason, status)
             raise SandboxDied(reason, status) from None
+        except RayBackendFailure as exc:
+            self._kill_actor()
+            self._report_death(exc.reason, None)
+            raise
         except BaseException:
             self._kill_actor()
             self._report_death(f"the Ray actor {self.actor_name} did not start", None)
@@ -419,29 +504,38 @@ class RaySandbox(Sandbox):
             raise SandboxDied("the sandbox was stopped while starting", None)
         self.proc = RayProcess(int(info["pid"]), int(info["actor_pid"]), str(info["node_id"]))  # type: ignore[assignment]
         self.node_id = str(info["node_id"])
+        self.limits = dict(info.get("limits") or {})
         return (anyio.current_time() - t0) * 1000
 
-    async def _wait_started(self, num_cpus: float, memory: int) -> dict[str, Any]:
-        fut = asyncio.ensure_future(self.actor.describe.remote())
+    async def _wait_started(self, demand: Demand) -> dict[str, Any]:
+        try:
+            fut = asyncio.ensure_future(self.actor.describe.remote())
+        except Exception as exc:  # Ray itself is gone
+            raise RayBackendFailure(self.backend.failed(exc), None) from None
         evicted_at = -math.inf
         try:
             with anyio.fail_after(RAY_START_TIMEOUT_S):
                 while True:
                     with anyio.move_on_after(RAY_PLACEMENT_GRACE_S):
-                        info: dict[str, Any] = await asyncio.shield(fut)
+                        try:
+                            info: dict[str, Any] = await asyncio.shield(fut)
+                        except ray.exceptions.RayError:
+                            raise
+                        except Exception as exc:  # the connection to the cluster, not the actor
+                            raise RayBackendFailure(self.backend.failed(exc), None) from None
                         return info
-                    if await self.backend.has_room(num_cpus, memory):
+                    if await self.backend.has_room(demand):
                         continue  # the worker process is just slow to start
                     if self._no_longer_needed():
                         self.backend.counters["starts_abandoned"] += 1
                         raise SandboxDied("abandoned: the Ray cluster had no room and nothing waits for it", None)
                     if anyio.current_time() >= evicted_at + RAY_EVICTION_SETTLE_S:
                         evicted_at = anyio.current_time()
-                        self.backend.make_room(self)
+                        await self.backend.make_room(self, demand)
         except TimeoutError:
-            raise SandboxDied(
-                f"the Ray actor {self.actor_name} did not start within {RAY_START_TIMEOUT_S:g} s "
-                "(is the cluster full?)",
+            raise RayBackendFailure(
+                f"the Ray actor {self.actor_name} ({demand.describe()}) was not placed and started within "
+                f"{RAY_START_TIMEOUT_S:g} s: no node of the Ray cluster had room",
                 None,
             ) from None
         finally:
@@ -455,15 +549,25 @@ class RaySandbox(Sandbox):
         return any(sb.state == "ready" for sb in fp.sandboxes)
 
     async def init(self, fields: dict[str, Any]) -> dict[str, Any]:
+        fp: FunctionPool | None = self.owner
+        if self.node_id != self.backend.driver_node:
+            # another node: the bundle and the models it names go through the object store, not as host paths
+            ship = self.backend.shipments
+            fields = {**fields, "source": await ship.bundle(dict(fields["source"]), self._holds)}
+            if fp is not None:
+                urls = [*fp.spec.params.values(), *fp.spec.models]
+                try:
+                    fields["ray_models"] = await ship.models(urls, self._holds)
+                except ModelError as exc:
+                    return {"ok": False, "error": f"a model of the function cannot be shipped to its node: {exc}"}
         try:
             reply: dict[str, Any] = await self.actor.init.remote(fields)
-            if reply.get("need_bundle"):
-                # a node of another machine: ship the bundle folder (zipped once per digest)
-                shipped = {**fields, "source": self.backend.ship(fields["source"])}
-                reply = await self.actor.init.remote(shipped)
         except ray.exceptions.RayError as exc:
             reason, status = self._on_call_error(exc)
             raise SandboxDied(reason, status) from None
+        except Exception as exc:  # the connection to the cluster, not the actor
+            reason = self.backend.failed(exc)
+            raise RayBackendFailure(reason, None) from None
         if reply.get("ok") and self.state == "starting":
             self.state = "ready"
         return reply
@@ -522,8 +626,9 @@ class RaySandbox(Sandbox):
 
     def _on_call_error(self, exc: ray.exceptions.RayError) -> tuple[str, int | None]:
         reason, status = describe_actor_death(self.actor_name, exc)
-        if not isinstance(exc, ray.exceptions.RayActorError):
-            # a lost object or an OOM kill of the worker: the actor cannot be trusted with another run
+        if not isinstance(exc, ray.exceptions.ActorDiedError):
+            # unreachable (ActorUnavailableError: a partition), a lost object, an OOM kill of the worker: the actor
+            # may still be alive; killed, it frees its resources and cannot finish a run already recorded as failed
             self._kill_actor()
         self._report_death(reason, status)
         return reason, status
@@ -532,6 +637,9 @@ class RaySandbox(Sandbox):
         if self._reported:
             return
         self._reported = True
+        self.backend.live.discard(self)
+        self.backend.shipments.release(self._holds)
+        self._holds.clear()
         if self._killed_reason:
             reason = f"{reason} ({self._killed_reason})"
         self.exit_status = status
@@ -552,7 +660,7 @@ class RaySandbox(Sandbox):
             try:
                 ref = self.actor.execute.remote(fields)
             except Exception as exc:  # Ray itself is gone
-                raise SandboxDied(f"the Ray actor {self.actor_name} is unreachable: {exc}", None) from exc
+                raise SandboxDied(self.backend.failed(exc), None) from exc
             self._tg.start_soon(self._await_result, str(fields["aid"]), ref)
         elif kind == p.SHUTDOWN:
             self._tg.start_soon(self.stop)
@@ -577,6 +685,14 @@ class RaySandbox(Sandbox):
         except ray.exceptions.RayError as exc:
             self._on_call_error(exc)
             return
+        except Exception as exc:
+            # Ray Client's ConnectionError (the connection to the cluster is lost) or another failure of Ray itself:
+            # it must end this sandbox's activations, never the engine's task group
+            self.backend.failed(exc)
+            if not self._reported:
+                self.backend_lost = True
+                self._report_death(f"the Ray backend failed: {type(exc).__name__}: {exc}", None)
+            return
         fields: dict[str, Any] = p.decode_body(body)
         if "died" in fields:
             # the sandbox process under the actor ended (a crash, the memory killer): the same record as locally
@@ -595,6 +711,7 @@ class RaySandbox(Sandbox):
             ann = fields["annotations"] = {}
         ann["ray_node_id"] = self.node_id
         ann["ray_actor"] = self.actor_name
+        ann["ray_limits"] = self.limits
         if aid not in self.inflight and any(job.act.activation_id == aid for job in self.prefetched):
             # a pipelined RUN (queued behind the current one) whose RESULT overtook the current one's on the way
             # back: the scheduler begins it only when the current one ends, so hold it until then
@@ -610,45 +727,121 @@ class RaySandbox(Sandbox):
 
 
 class RayLauncher:
-    """The Ray backend, in the engine's launcher slot: connects to Ray, makes RaySandbox handles, closes."""
+    """The Ray backend, in the engine's launcher slot: connects to Ray, makes RaySandbox handles, closes; when the
+    connection to the cluster is lost, fails what ran on it and connects again."""
 
     name = "ray"
 
-    def __init__(self, address: str | None, model_root: Path) -> None:
+    def __init__(
+        self, address: str | None, model_root: Path, env_root: Path | None = None, index_url: str | None = None
+    ) -> None:
         self.address = address
         self.model_root = model_root
+        #: the engine's root of function environments (requirements.txt); other nodes build theirs under it
+        self.env_root = env_root if env_root is not None else model_root.parent / "envs"
+        self.index_url = index_url
         #: tells this engine's actors apart from other engines' on a shared cluster
         self.token = secrets.token_hex(4)
         self.actor_class: Any = None
+        #: the node this process is a driver of (None through Ray Client): only its actors see the host's disk
+        self.driver_node: str | None = None
         self.counters: dict[str, int] = {
             "actors_started": 0,
             "actors_killed": 0,
             "starts_abandoned": 0,
             "evictions_for_room": 0,
             "client_connect_retries": 0,
+            "connections_lost": 0,
+            "reconnects": 0,
         }
+        #: sandboxes with an actor (or one being created) on the current connection
+        self.live: set[RaySandbox] = set()
+        self.shipments = Shipments(model_root)
+        self.connected = anyio.Event()
+        self.last_error = ""
         self._owns_ray = False
         self._pool: Pool | None = None
-        self._archives: dict[str, bytes] = {}
+        self._tg: anyio.abc.TaskGroup | None = None
 
     async def start_in(self, tg: anyio.abc.TaskGroup) -> None:
         """Connect: reuse a ``ray.init`` the application made, else start or join the cluster at ``address``."""
         if self.address and self.address.startswith("ray://") and importlib.util.find_spec("grpc") is None:
             raise BackendUnavailable(f"ray_address={self.address!r} needs Ray Client: pip install 'ray[client]'")
+        self._tg = tg
         if not ray.is_initialized():
-            for attempt in range(1, RAY_CLIENT_CONNECT_ATTEMPTS + 1):
-                try:
-                    # a worker thread: starting a local cluster takes seconds, the event loop keeps running meanwhile
-                    await anyio.to_thread.run_sync(lambda: ray.init(address=self.address))
-                    break
-                except ConnectionAbortedError as exc:
-                    if _CLIENT_SERVER_DIED not in str(exc) or attempt == RAY_CLIENT_CONNECT_ATTEMPTS:
-                        raise
-                    self.counters["client_connect_retries"] += 1
-                    await anyio.sleep(RAY_CLIENT_RETRY_PAUSE_S)
+            await self._connect()
             self._owns_ray = True
+        self._connected()
+
+    async def _connect(self) -> None:
+        for attempt in range(1, RAY_CLIENT_CONNECT_ATTEMPTS + 1):
+            try:
+                # a worker thread: starting a local cluster takes seconds, the event loop keeps running meanwhile
+                await anyio.to_thread.run_sync(lambda: ray.init(address=self.address), abandon_on_cancel=True)
+                return
+            except ConnectionAbortedError as exc:
+                if _CLIENT_SERVER_DIED not in str(exc) or attempt == RAY_CLIENT_CONNECT_ATTEMPTS:
+                    raise
+                self.counters["client_connect_retries"] += 1
+                await anyio.sleep(RAY_CLIENT_RETRY_PAUSE_S)
+
+    def _connected(self) -> None:
         groups = {RAY_CONTROL_GROUP: RAY_CONTROL_CONCURRENCY}
+        # made again on each connection: a Ray Client class handle belongs to the connection it was made on
         self.actor_class = ray.remote(concurrency_groups=groups)(SandboxActor)  # type: ignore[call-overload]
+        client = bool(ray.util.client.ray.is_connected())  # type: ignore[no-untyped-call]
+        self.driver_node = None if client else str(ray.get_runtime_context().get_node_id())
+        self.connected.set()
+
+    async def wait_connected(self) -> None:
+        """Wait while the backend reconnects (up to the start timeout): then it failed, as Ray's fault."""
+        if self.connected.is_set():
+            return
+        with anyio.move_on_after(RAY_START_TIMEOUT_S):
+            await self.connected.wait()
+            return
+        raise RayBackendFailure(
+            f"the connection to the Ray cluster is lost and was not made again within {RAY_START_TIMEOUT_S:g} s "
+            f"({self.last_error})",
+            None,
+        )
+
+    def failed(self, exc: BaseException) -> str:
+        """A Ray call failed outside any actor. A ``ConnectionError`` (Ray Client lost its server) ends every
+        sandbox of this connection (their activations: ``internal_error``) and starts connecting again."""
+        reason = f"the Ray backend failed: {type(exc).__name__}: {exc}"
+        if not isinstance(exc, ConnectionError):
+            return reason
+        reason = f"the connection to the Ray cluster was lost ({type(exc).__name__}: {exc})"
+        if not self.connected.is_set():
+            return reason  # already reconnecting
+        self.connected = anyio.Event()
+        self.last_error = reason
+        self.counters["connections_lost"] += 1
+        for sb in list(self.live):
+            sb.backend_lost = True
+            sb._report_death(reason, None)
+        self.live.clear()
+        if self._tg is not None and self._owns_ray:
+            self._tg.start_soon(self._reconnect)
+        return reason
+
+    async def _reconnect(self) -> None:
+        """Drop the broken connection and connect again until it works (or the engine closes)."""
+        while True:
+            with contextlib.suppress(Exception):
+                await anyio.to_thread.run_sync(ray.shutdown, abandon_on_cancel=True)
+            try:
+                await self._connect()
+                break
+            except Exception as exc:
+                self.last_error = f"connecting again: {type(exc).__name__}: {exc}"
+                await anyio.sleep(RAY_RECONNECT_PAUSE_S)
+        self.shipments = Shipments(self.model_root)  # the old connection's object references are gone with it
+        self.counters["reconnects"] += 1
+        self._connected()
+        if self._pool is not None:
+            self._pool.on_capacity()  # queued requests: start sandboxes on the new connection
 
     def attach(self, pool: Pool) -> None:
         """Make ``pool`` create Ray sandboxes (called by the engine once its pool exists)."""
@@ -661,36 +854,82 @@ class RayLauncher:
     async def launch(self, env: Mapping[str, str]) -> Launched:
         raise RuntimeError("the Ray backend starts sandboxes as actors (RaySandbox.start), not as processes")
 
-    @staticmethod
-    async def has_room(num_cpus: float, memory: int) -> bool:
-        """True when the cluster has the CPUs and memory an actor asks for free (summed over nodes)."""
-        free = await anyio.to_thread.run_sync(ray.available_resources)
-        return bool(free.get("CPU", 0.0) >= num_cpus and free.get("memory", 0.0) >= memory)
+    async def admit(self, spec: FunctionSpec) -> None:
+        """At deploy: refuse (DeployError) a function no node of the cluster could ever host."""
+        if not self.connected.is_set():
+            return  # reconnecting: its starts fail (internal_error) if the cluster cannot host it
+        try:
+            demand_of(spec)
+        except ValueError as exc:
+            from ._errors import DeployError
 
-    def make_room(self, sb: RaySandbox) -> None:
-        """An actor waits for placement on a full cluster: evict one idle sandbox of another function."""
-        fp: FunctionPool | None = sb.owner
-        if self._pool is not None and fp is not None and self._pool._evict(fp, 1, 0):
+            raise DeployError(str(exc)) from None
+        totals = await anyio.to_thread.run_sync(alive_node_totals)
+        check_fits_some_node(spec, totals)
+
+    async def _free(self) -> dict[str, dict[str, float]]:
+        try:
+            return await anyio.to_thread.run_sync(free_per_node)
+        except Exception as exc:
+            raise RayBackendFailure(self.failed(exc), None) from None
+
+    async def placement(self, demand: Demand, spec: FunctionSpec | None) -> Any:
+        """Ray's scheduling strategy for a new actor: packed onto the fullest node with room (best fit), unless the
+        function asks for ``placement="spread"``; RayBackendFailure when no alive node can host it at all."""
+        if spec is not None:
+            totals = await anyio.to_thread.run_sync(alive_node_totals)
+            if not any(fits(demand, t) for t in totals.values()):
+                raise RayBackendFailure(
+                    f"no alive node of the Ray cluster can host a sandbox asking for {demand.describe()}", None
+                )
+        if spec is not None and getattr(spec, "placement", "pack") == "spread":
+            return "SPREAD"
+        node = best_fit_node(demand, await self._free())
+        if node is None:
+            return "DEFAULT"  # no room now: Ray places it where room appears (make_room helps)
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # soft: if that node fills up meanwhile, Ray places it on another
+        return NodeAffinitySchedulingStrategy(node_id=node, soft=True)
+
+    async def has_room(self, demand: Demand) -> bool:
+        """True when some node has the resources an actor asks for free (per node, never summed)."""
+        return any(fits(demand, room) for room in (await self._free()).values())
+
+    async def make_room(self, sb: RaySandbox, demand: Demand) -> None:
+        """An actor waits for placement on a full cluster: evict idle sandboxes of other functions on the node where
+        that frees enough (the fewest, least recently used first); none when no node would get enough."""
+        pool = self._pool
+        if pool is None:
+            return
+        owner: FunctionPool | None = sb.owner
+        idle: list[tuple[str, Demand, float, Any]] = []
+        for fp in pool.functions.values():
+            if fp is owner:
+                continue
+            for other in fp.idle():
+                if isinstance(other, RaySandbox) and other.node_id and other.demand is not None:
+                    idle.append((other.node_id, other.demand, other.last_used, (fp, other)))
+        for other in pool.stem:
+            if isinstance(other, RaySandbox) and other.node_id and other.demand is not None:
+                idle.append((other.node_id, other.demand, other.last_used, (None, other)))
+        for fp_, victim in evictions_for(demand, await self._free(), idle):
             self.counters["evictions_for_room"] += 1
-
-    def ship(self, source: dict[str, Any]) -> dict[str, Any]:
-        """Attach a zip of a dir bundle, for nodes that cannot see the host's bundle folder (one zip per digest)."""
-        if source.get("kind") != "dir":
-            return source
-        folder = Path(str(source["path"])).parent
-        digest = folder.name
-        archive = self._archives.get(digest)
-        if archive is None:
-            buf = io.BytesIO()
-            with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-                for f in sorted(folder.rglob("*")):
-                    if f.is_file() and "__pycache__" not in f.parts:
-                        zf.write(f, f.relative_to(folder).as_posix())
-            archive = self._archives[digest] = buf.getvalue()
-        return {**source, "archive": archive, "digest": digest}
+            pool.stats["evictions_capacity"] += 1
+            if fp_ is None:
+                pool.stem.remove(victim)
+                pool.tg.start_soon(victim.stop)
+            else:
+                pool.retire(fp_, victim)
 
     def stats(self) -> dict[str, Any]:
-        return {"address": self.address or "local", **self.counters}
+        return {
+            "address": self.address or "local",
+            "connected": self.connected.is_set(),
+            "shipments_held": self.shipments.held(),
+            "shipment_puts": self.shipments.puts,
+            **self.counters,
+        }
 
     async def aclose(self) -> None:
         self._pool = None
