@@ -106,6 +106,9 @@ RAY_CONTROL_CONCURRENCY: Final = 2
 RAY_TERMINATE_TIMEOUT_S: Final = 2.0
 #: after a RESULT, how long the actor waits at most for fd 1/2 output written before it to be read
 RAY_STRAY_DRAIN_S: Final = 0.05
+#: how long after an actor started Ray's per-node free resources may still not show its reservation: until then
+#: the launcher subtracts it itself, or two actors started together would both be packed onto the same free CPU
+RAY_VIEW_LAG_S: Final = 2.0
 #: after losing the connection to the cluster, the pause between two attempts to connect again
 RAY_RECONNECT_PAUSE_S: Final = 1.0
 #: the sandbox's view of the GPUs Ray gave its actor ("" when none: it must not see every GPU of its node)
@@ -451,7 +454,7 @@ class RaySandbox(Sandbox):
         await backend.wait_connected()
         backend.live.add(self)
         try:
-            strategy = await backend.placement(demand, spec)
+            strategy = await backend.placement(self, demand, spec)
         except RayBackendFailure as exc:
             self._report_death(exc.reason, None)
             raise
@@ -505,6 +508,7 @@ class RaySandbox(Sandbox):
         self.proc = RayProcess(int(info["pid"]), int(info["actor_pid"]), str(info["node_id"]))  # type: ignore[assignment]
         self.node_id = str(info["node_id"])
         self.limits = dict(info.get("limits") or {})
+        backend.placed(self, self.node_id)
         return (anyio.current_time() - t0) * 1000
 
     async def _wait_started(self, demand: Demand) -> dict[str, Any]:
@@ -638,6 +642,7 @@ class RaySandbox(Sandbox):
             return
         self._reported = True
         self.backend.live.discard(self)
+        self.backend.planned.pop(self, None)
         self.backend.shipments.release(self._holds)
         self._holds.clear()
         if self._killed_reason:
@@ -756,6 +761,8 @@ class RayLauncher:
         }
         #: sandboxes with an actor (or one being created) on the current connection
         self.live: set[RaySandbox] = set()
+        #: actors packed onto a node whose reservation Ray may not show yet: node, demand, time it started (or inf)
+        self.planned: dict[RaySandbox, tuple[str, Demand, float]] = {}
         self.shipments = Shipments(model_root)
         self.connected = anyio.Event()
         self.last_error = ""
@@ -873,7 +880,26 @@ class RayLauncher:
         except Exception as exc:
             raise RayBackendFailure(self.failed(exc), None) from None
 
-    async def placement(self, demand: Demand, spec: FunctionSpec | None) -> Any:
+    def placed(self, sb: RaySandbox, node: str) -> None:
+        entry = self.planned.get(sb)
+        if entry is not None:
+            self.planned[sb] = (node, entry[1], anyio.current_time())
+
+    async def _free_now(self) -> dict[str, dict[str, float]]:
+        """Free resources per node, less the actors this launcher placed that Ray's view may not show yet."""
+        free = await self._free()
+        now = anyio.current_time()
+        for sb, (node, demand, started) in list(self.planned.items()):
+            if now - started > RAY_VIEW_LAG_S:
+                del self.planned[sb]
+                continue
+            room = free.get(node)
+            if room is not None:
+                for name, value in demand.as_resources().items():
+                    room[name] = room.get(name, 0.0) - value
+        return free
+
+    async def placement(self, sb: RaySandbox, demand: Demand, spec: FunctionSpec | None) -> Any:
         """Ray's scheduling strategy for a new actor: packed onto the fullest node with room (best fit), unless the
         function asks for ``placement="spread"``; RayBackendFailure when no alive node can host it at all."""
         if spec is not None:
@@ -884,12 +910,13 @@ class RayLauncher:
                 )
         if spec is not None and getattr(spec, "placement", "pack") == "spread":
             return "SPREAD"
-        node = best_fit_node(demand, await self._free())
+        node = best_fit_node(demand, await self._free_now())
         if node is None:
             return "DEFAULT"  # no room now: Ray places it where room appears (make_room helps)
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        # soft: if that node fills up meanwhile, Ray places it on another
+        self.planned[sb] = (node, demand, math.inf)
+        # soft: a node that left the cluster meanwhile is no reason not to start elsewhere
         return NodeAffinitySchedulingStrategy(node_id=node, soft=True)
 
     async def has_room(self, demand: Demand) -> bool:
