@@ -75,6 +75,7 @@ from ._rayplace import (
     evictions_for,
     fits,
     free_per_node,
+    roomiest_node,
 )
 from ._rayship import Shipments, store_model_bytes, unpack_bundle
 from ._sandbox import SHUTDOWN_GRACE_S, HostService, Sandbox, SandboxDied
@@ -900,17 +901,17 @@ class RayLauncher:
         return free
 
     async def placement(self, sb: RaySandbox, demand: Demand, spec: FunctionSpec | None) -> Any:
-        """Ray's scheduling strategy for a new actor: packed onto the fullest node with room (best fit), unless the
-        function asks for ``placement="spread"``; RayBackendFailure when no alive node can host it at all."""
+        """Ray's scheduling strategy for a new actor: packed onto the fullest node with room (best fit), or with
+        ``placement="spread"`` onto the emptiest; RayBackendFailure when no alive node can host it at all."""
         if spec is not None:
             totals = await anyio.to_thread.run_sync(alive_node_totals)
             if not any(fits(demand, t) for t in totals.values()):
                 raise RayBackendFailure(
                     f"no alive node of the Ray cluster can host a sandbox asking for {demand.describe()}", None
                 )
-        if spec is not None and getattr(spec, "placement", "pack") == "spread":
-            return "SPREAD"
-        node = best_fit_node(demand, await self._free_now())
+        spread = spec is not None and getattr(spec, "placement", "pack") == "spread"
+        # chosen here, not by Ray's SPREAD: that one put two actors started together on one node
+        node = (roomiest_node if spread else best_fit_node)(demand, await self._free_now())
         if node is None:
             return "DEFAULT"  # no room now: Ray places it where room appears (make_room helps)
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy

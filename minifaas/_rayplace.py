@@ -160,6 +160,17 @@ def best_fit_node(demand: Demand, free: Mapping[str, Mapping[str, float]]) -> st
     return best[2] if best is not None else None
 
 
+def roomiest_node(demand: Demand, free: Mapping[str, Mapping[str, float]]) -> str | None:
+    """Spread: of the nodes with room, the one with the most free CPUs (then memory), or None."""
+    best: tuple[float, float, str] | None = None
+    for node, room in free.items():
+        if fits(demand, room):
+            key = (-room.get("CPU", 0.0), -room.get("memory", 0.0), node)
+            if best is None or key < best:
+                best = key
+    return best[2] if best is not None else None
+
+
 def evictions_for(
     demand: Demand, free: Mapping[str, Mapping[str, float]], idle: Iterable[tuple[str, Demand, float, Any]]
 ) -> list[Any]:
