@@ -18,24 +18,36 @@ event loop), so the memory limit (``memory_mb`` is an RLIMIT_AS in the process: 
 activation's logs), network isolation and the pids cgroup behave identically. The sandbox process learns its node
 from ``MINIFAAS_RAY_NODE_ID``; it is no Ray worker.
 
-Actors are created with the function's ``num_cpus`` (``annotations={"num_cpus": 0.5}``, default 1), ``memory`` =
-``memory_mb`` MiB (a scheduling reservation; the actor's own worker comes on top), ``max_concurrency`` = the
-function's concurrency (plus a small "control" group, so terminate and pings never wait behind activations),
-``max_restarts=0`` and the SPREAD strategy, so a function's sandboxes land on different nodes. A timeout kills the
-actor; a dead actor ends only the activations it was running. A pipelined RUN (queued behind a running one, see the
-scheduler) works too: the sandbox runs them in order, and a RESULT that overtakes the one ahead of it on the way
-back is held until the scheduler has begun its activation.
+Actors reserve, on ONE node, the function's ``resources`` (``num_cpus``, default 1, ``num_gpus``, custom Ray
+resources) and ``memory`` = ``memory_mb`` + ``RAY_ACTOR_OVERHEAD_MB`` (the worker and the sandbox runtime, so Ray's
+memory monitor sees what is really used); see :mod:`._rayplace`. Room is per node: a function no node can ever host
+is refused at deploy; a new actor is packed onto the fullest node with room (``placement="spread"``: the emptiest);
+without room, idle sandboxes of other functions are evicted on the node where that frees enough, and a start that
+finds no room within ``RAY_START_TIMEOUT_S`` fails its activation as ``internal_error`` (Ray's fault, not the
+function's). ``max_concurrency`` = the function's concurrency (plus a small "control" group, so terminate and pings
+never wait behind activations), ``max_restarts=0``. The sandbox sees the GPUs Ray assigned its actor, and only
+those (``CUDA_VISIBLE_DEVICES``); each record says which limits its node applied (``ray_limits``). A timeout kills
+the actor; a dead actor ends only the activations it was running; an unreachable one (``ActorUnavailableError``)
+is killed too. A pipelined RUN (queued behind a running one, see the scheduler) works too: the sandbox runs them in
+order, and a RESULT that overtakes the one ahead of it on the way back is held until the scheduler has begun it.
+
+No path of the host's disk reaches another node (:mod:`._rayship`): a dir bundle goes out as an object-store
+archive (once per digest, held while a sandbox uses it), the models it names by content hash, its
+``requirements.txt`` as text (each node builds its environment under ``<env root>/ray-nodes/<node id>``). A file
+path a function names only at invoke time fails loudly on another node.
+
+Losing the connection to the cluster (Ray Client's ``ConnectionError``) ends every sandbox of that connection (their
+activations: ``internal_error``, one record each), never the engine: the launcher connects again, and requests
+queued meanwhile start on the new connection.
 
 Requirements and limits of the backend (documented in the README by the lead):
 
 - every node needs minifaas installed: the actor class lives in this module, so a worker imports ``minifaas``
-  (about 0.35 s, once per actor), then starts the sandbox process (about 0.1 s); models are fetched into a store of
-  the actor's node (``<model root>/ray-nodes/<node id>``; the model root is the engine's, created on each node);
-- function bundles deployed by path are shipped to nodes that cannot see the host's bundle folder; model URLs
-  must be readable from every node (http(s), s3, or a shared file system for ``file://``);
+  (about 0.35 s, once per actor), then starts the sandbox process (about 0.1 s); models are kept in a store of the
+  actor's node (``<model root>/ray-nodes/<node id>``; the model root is the engine's, created on each node);
+- model URLs given at invoke time must be readable from every node (http(s), s3);
 - ``ray_address="ray://host:10001"`` (Ray Client) needs ``pip install 'ray[client]'`` (grpcio);
-- a pending actor (the cluster has no room) waits up to ``RAY_START_TIMEOUT_S``; meanwhile idle sandboxes of other
-  functions are evicted to make room, and the start is abandoned once nothing waits for it.
+- a pending actor waits up to ``RAY_START_TIMEOUT_S``, and its start is abandoned once nothing waits for it.
 """
 
 from __future__ import annotations
@@ -694,10 +706,11 @@ class RaySandbox(Sandbox):
         except Exception as exc:
             # Ray Client's ConnectionError (the connection to the cluster is lost) or another failure of Ray itself:
             # it must end this sandbox's activations, never the engine's task group
-            self.backend.failed(exc)
+            reason = self.backend.failed(exc)
             if not self._reported:
                 self.backend_lost = True
-                self._report_death(f"the Ray backend failed: {type(exc).__name__}: {exc}", None)
+                self._kill_actor()
+                self._report_death(reason, None)
             return
         fields: dict[str, Any] = p.decode_body(body)
         if "died" in fields:
