@@ -86,6 +86,7 @@ from ._rayplace import (
     demand_of,
     evictions_for,
     fits,
+    forget_connection,
     free_per_node,
     roomiest_node,
 )
@@ -810,6 +811,7 @@ class RayLauncher:
         groups = {RAY_CONTROL_GROUP: RAY_CONTROL_CONCURRENCY}
         # made again on each connection: a Ray Client class handle belongs to the connection it was made on
         self.actor_class = ray.remote(concurrency_groups=groups)(SandboxActor)  # type: ignore[call-overload]
+        forget_connection()
         client = bool(ray.util.client.ray.is_connected())  # type: ignore[no-untyped-call]
         self.driver_node = None if client else str(ray.get_runtime_context().get_node_id())
         self.connected.set()
@@ -930,8 +932,9 @@ class RayLauncher:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         self.planned[sb] = (node, demand, math.inf)
-        # soft: a node that left the cluster meanwhile is no reason not to start elsewhere
-        return NodeAffinitySchedulingStrategy(node_id=node, soft=True)
+        # soft, and spilling when that node is full by the time Ray places it (room taken by another engine or task
+        # since we looked): elsewhere beats waiting for that node (a private option of Ray's, stable since 2.7)
+        return NodeAffinitySchedulingStrategy(node_id=node, soft=True, _spill_on_unavailable=True)
 
     async def has_room(self, demand: Demand) -> bool:
         """True when some node has the resources an actor asks for free (per node, never summed)."""

@@ -134,6 +134,12 @@ def free_per_node() -> dict[str, dict[str, float]]:
     return free
 
 
+def forget_connection() -> None:
+    """A new connection to the cluster: a Ray Client function handle belongs to the connection it was made on."""
+    global _free_per_node_remote
+    _free_per_node_remote = None
+
+
 def check_fits_some_node(spec: FunctionSpec, totals: Mapping[str, Mapping[str, float]]) -> None:
     """Refuse (DeployError) a function whose sandbox no alive node could ever host, with each node's size."""
     demand = demand_of(spec)
