@@ -856,3 +856,22 @@ async def test_lost_ray_client_connection_fails_inflight_work_and_reconnects(
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proxy.pid, signal.SIGKILL)
         proxy.wait()
+
+
+async def test_requirements_a_node_cannot_install_fail_loudly(
+    ray_engine: minifaas.Engine, ray_deploy: Deploy, head_only: Path, demo_requirements: str
+) -> None:
+    # the wheel lies on the head's disk only: the head builds the env at deploy, the other node cannot
+    wheel = Path(demo_requirements.split(" @ ", 1)[1].strip().removeprefix("file://"))
+    private = head_only / f"wheels-{time.time_ns()}"
+    private.mkdir()
+    (private / wheel.name).write_bytes(wheel.read_bytes())
+    folder = head_only / f"needs-{time.time_ns()}"
+    folder.mkdir()
+    (folder / "__main__.py").write_text("import minifaas_demo_pkg\ndef main(args):\n    return {}\n")
+    (folder / "requirements.txt").write_text(f"minifaas-demo-pkg @ {(private / wheel.name).as_uri()}\n")
+    await ray_deploy("needs", path=folder, resources={ELSEWHERE: 1})
+    act = assert_status(await ray_engine.call("needs"), "developer_error")
+    error = act.result["error"]
+    assert "failed to initialize" in error and f"on Ray node {_elsewhere_node()}" in error, error
+    assert "could not be installed on this node" in error, error
