@@ -244,6 +244,9 @@ class Pool:
             self.stem.pop()
         # a stem cell is a fork of the preloaded interpreter: not for a function that needs its env's python
         use_stem = bool(self.stem) and fp.spec.python is None
+        can_serve = getattr(self.stem[-1], "can_serve", None) if use_stem else None
+        if can_serve is not None and not can_serve(fp.spec):
+            use_stem = False  # a Ray stem actor reserved other resources, or lacks the function's environment
         sb = self.stem.pop() if use_stem else self.sandbox_factory(fp.spec.key, self.services)
         sb.fn_key = fp.spec.key
         sb.owner = fp

@@ -450,6 +450,17 @@ class RaySandbox(Sandbox):
         #: RESULT fields of pipelined runs that arrived before the run ahead of them ended, by activation id
         self._early: dict[str, dict[str, Any]] = {}
 
+    def can_serve(self, spec: FunctionSpec) -> bool:
+        """Whether this generic pre-warmed (stem) actor may become ``spec``'s sandbox: only with the same CPUs, GPUs
+        and custom resources, and no environment to build (its sandbox process already runs without one). Its
+        memory reservation stays the stem's (the function's ``memory_mb`` still limits the sandbox process)."""
+        mine, theirs = self.demand, demand_of(spec)
+        return (
+            spec.bundle.requirements is None
+            and mine is not None
+            and (mine.num_cpus, mine.num_gpus, mine.custom) == (theirs.num_cpus, theirs.num_gpus, theirs.custom)
+        )
+
     # -- lifecycle --------------------------------------------------------------------------------------------
     async def start(
         self, launcher: Launcher, env: dict[str, str], tg: anyio.abc.TaskGroup, *, wait_ready: bool = True

@@ -495,6 +495,11 @@ async def test_prewarmed_actor_and_close_leaves_no_actor(ray_cluster: Cluster) -
         assert await eng.invoke("hello", {"name": "Ada"}) == {"hi": "Ada"}
         assert eng.stats()["prewarmed_specializations"] == 1
         assert eng.stats()["launcher"] == "ray"
+        # a new stem, reserving 1 CPU and no GPU: a GPU function does not take it, it gets an actor with its GPU
+        await _eventually(lambda: eng.stats().get("spawns") == 2, timeout_s=30)
+        await eng.deploy("gpu", code=GPU_VIEW, resources={"num_gpus": 1, "num_cpus": 0.5})
+        assert await eng.invoke("gpu") == {"cuda": "0"}
+        assert eng.stats()["prewarmed_specializations"] == 1
     await _eventually(lambda: not (_engine_actor_names() - before))
 
 
