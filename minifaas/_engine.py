@@ -35,11 +35,13 @@ from ._errors import (
     FunctionNotFound,
 )
 from ._function import DEFAULTS, FunctionSpec
+from ._gpus import GpuSandbox, GpuShares, host_gpus
 from ._launch import Launcher, SpawnLauncher
 from ._poll import HOST_POLL_US
 from ._poll import install as install_polling
 from ._poll import uninstall as uninstall_polling
 from ._pool import KEEPALIVE_POLICIES, MAX_SANDBOXES_TOTAL, Pool
+from ._resources import validate_resources
 from ._sandbox import HostService
 from ._scheduler import ENGINE_MAX_QUEUED, Scheduler
 from ._sessions import SessionStore
@@ -191,6 +193,7 @@ class Engine:
         self._tmp_dir: str | None = None
         self._closing = False
         self._model_store: Any = None
+        self._gpu_shares: GpuShares | None = None
         self.started_at = 0.0
         self._end_hooks: list[Callable[[Activation], None]] = []
         self.recovered = 0
@@ -241,6 +244,8 @@ class Engine:
         attach = getattr(self._launcher, "attach", None)
         if attach is not None:
             attach(self._pool)  # a backend (Ray) makes its own sandbox handles: pool.sandbox_factory
+        else:
+            self._share_gpus(self._pool, await anyio.to_thread.run_sync(host_gpus))
         if self.clock is not None and hasattr(self.clock, "on_advance"):
             self.clock.on_advance(self._pool.wake_reaper)
         polling = self.backend == "local" and self.poll_us > 0
@@ -267,6 +272,12 @@ class Engine:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+    def _share_gpus(self, pool: Pool, gpus: list[str]) -> None:
+        """Local sandboxes see the host's GPUs their function asked for (``resources={"num_gpus": n}``), and only
+        those (Ray assigns them on the Ray backend)."""
+        shares = self._gpu_shares = GpuShares(gpus)
+        pool.sandbox_factory = lambda key, services: GpuSandbox(key, services, shares)
 
     def _make_launcher(self) -> Launcher:
         if self.backend == "ray":
@@ -377,6 +388,12 @@ class Engine:
         if placement not in ("pack", "spread"):
             raise DeployError(f"invalid placement {placement!r}: use 'pack' or 'spread'")
         checked_resources = _check_resources(resources, self.backend)
+        wanted_gpus = checked_resources.get("num_gpus", 0.0)
+        if self._gpu_shares is not None and wanted_gpus > len(self._gpu_shares.gpus):
+            raise DeployError(
+                f"resources: {wanted_gpus:g} GPU asked for, this host has {len(self._gpu_shares.gpus)} "
+                "(its CUDA_VISIBLE_DEVICES, else nvidia-smi)"
+            )
         limits = _limits(
             timeout_s=timeout_s,
             memory_mb=memory_mb,
@@ -664,16 +681,13 @@ def _check_resources(resources: dict[str, float] | None, backend: str) -> dict[s
     """A deploy's ``resources``, validated; other than ``num_cpus`` they are Ray's (placement on a node)."""
     if resources is None:
         return {}
-    if backend != "ray":
-        if not isinstance(resources, dict) or set(resources) - {"num_cpus"}:
-            raise DeployError(
-                f"resources={resources!r}: GPUs and custom resources are placed by the Ray backend only "
-                "(Engine(backend='ray'))"
-            )
-        return {k: float(v) for k, v in resources.items()}
-    from ._rayplace import validate_resources
-
-    return validate_resources(resources)
+    checked = validate_resources(resources)
+    custom = set(checked) - {"num_cpus", "num_gpus"}
+    if backend != "ray" and custom:
+        raise DeployError(
+            f"resources {sorted(custom)}: custom resources are placed by the Ray backend only (Engine(backend='ray'))"
+        )
+    return checked
 
 
 def _user_model_cache() -> Path:

@@ -9,7 +9,6 @@ evict exactly those (:func:`evictions_for`).
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
@@ -26,10 +25,6 @@ RAY_NUM_CPUS: Final = 1.0
 RAY_ACTOR_OVERHEAD_MB: Final = 128
 #: Ray rounds resource quantities to 1/10000
 _EPSILON: Final = 1e-4
-#: names a function may ask for in ``resources`` that are Ray's own options, not custom resources
-_BUILTIN: Final = frozenset({"num_cpus", "num_gpus"})
-#: Ray's names of its predefined resources, reserved: a custom resource cannot be called that
-_RESERVED: Final = frozenset({"CPU", "GPU", "memory", "object_store_memory"})
 PLACEMENTS: Final = ("pack", "spread")
 
 
@@ -64,26 +59,6 @@ class Demand:
             parts.append(f"{self.num_gpus:g} GPU")
         parts += [f"{v:g} {k}" for k, v in self.custom]
         return ", ".join(parts)
-
-
-def validate_resources(resources: Mapping[str, Any] | None) -> dict[str, float]:
-    """``resources`` of a deploy, checked: ``num_cpus``, ``num_gpus`` and custom Ray resources, each >= 0."""
-    if resources is None:
-        return {}
-    if not isinstance(resources, Mapping):
-        raise DeployError(f"resources must be a dict such as {{'num_gpus': 1}}, not {type(resources).__name__}")
-    out: dict[str, float] = {}
-    for name, value in resources.items():
-        if not isinstance(name, str) or not name:
-            raise DeployError(f"resources: {name!r} is not a resource name")
-        if name in _RESERVED:
-            raise DeployError(f"resources: {name!r} is Ray's own name; ask for num_cpus, num_gpus or memory_mb")
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-            raise DeployError(f"resources[{name!r}] must be a number >= 0, got {value!r}")
-        if name == "num_cpus" and value <= 0:
-            raise DeployError(f"resources['num_cpus'] must be > 0 (a fraction is fine), got {value!r}")
-        out[name] = float(value)
-    return out
 
 
 def demand_of(spec: FunctionSpec | None) -> Demand:

@@ -694,8 +694,28 @@ async def test_bad_resources_are_refused(ray_engine: minifaas.Engine, local_engi
         await ray_engine.deploy("bad", code=WHERE, resources={"num_gpus": -1})
     with pytest.raises(minifaas.DeployError, match="'CPU' is Ray's own name"):
         await ray_engine.deploy("bad", code=WHERE, resources={"CPU": 1})
-    with pytest.raises(minifaas.DeployError, match="Ray backend only"):
-        await local_engine.deploy("bad", code=WHERE, resources={"num_gpus": 1})
+    with pytest.raises(minifaas.DeployError, match="custom resources are placed by the Ray backend only"):
+        await local_engine.deploy("bad", code=WHERE, resources={ELSEWHERE: 1})
+
+
+async def test_local_gpus_shared_out_per_sandbox(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Locally the host's GPU list (here a logical one in CUDA_VISIBLE_DEVICES) is shared out: each sandbox of a
+    GPU function sees its own GPU, the least used first; other sandboxes see none."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    async with minifaas.Engine() as eng:
+        with pytest.raises(minifaas.DeployError, match="3 GPU asked for, this host has 2"):
+            await eng.deploy("greedy", code=GPU_VIEW, resources={"num_gpus": 3})
+        await eng.deploy(
+            "gpu",
+            code=WHERE.replace("'pid': os.getpid()", "'cuda': os.environ['CUDA_VISIBLE_DEVICES']"),
+            resources={"num_gpus": 1},
+            max_sandboxes=2,
+        )
+        ids = await _together(eng, "gpu", tmp_path / "barrier", 2)
+        acts = [assert_success(await eng.activations.wait(i, timeout_s=60)) for i in ids]
+        assert sorted(a.result["cuda"] for a in acts) == ["3", "5"]
+        await eng.deploy("plain", code=GPU_VIEW)
+        assert await eng.invoke("plain") == {"cuda": ""}  # not every GPU of the host
 
 
 async def test_sandboxes_packed_by_default_spread_on_request(
