@@ -74,6 +74,7 @@ import ray
 import ray.exceptions
 from minifaas_sandbox import protocol as p
 
+from ._deps import PIP_TIMEOUT_S, VENV_TIMEOUT_S
 from ._errors import BackendUnavailable, ModelError
 from ._function import FunctionSpec
 from ._launch import ENV_ALLOW, Launched, Launcher, SpawnLauncher
@@ -101,14 +102,18 @@ RAY_NAMESPACE: Final = "minifaas"
 RAY_STEM_MAX_CONCURRENCY: Final = 8
 #: how long an actor may take to be placed and started (worker process, ``import minifaas``) before the start fails
 RAY_START_TIMEOUT_S: Final = 60.0
+#: how long a placed actor may take to start when it first builds the function's environment on its node (a venv
+#: and a pip run: their own time limits, plus the start itself)
+RAY_ENV_START_TIMEOUT_S: Final = VENV_TIMEOUT_S + PIP_TIMEOUT_S + RAY_START_TIMEOUT_S
 #: an actor not started after this long is probably waiting for room: evict an idle sandbox elsewhere, re-check.
 #: Ray tells "waiting for room" and "placed, worker starting" apart only through its dashboard (not in ray core), so
 #: this must exceed a worker's start (0.3-2 s on 2 cores), or a placed actor is taken for a pending one
 RAY_PLACEMENT_GRACE_S: Final = 3.0
 #: after ``ray.kill``, how long to wait for Ray to confirm the actor is dead before treating it as dead anyway
 RAY_KILL_CONFIRM_TIMEOUT_S: Final = 5.0
-#: after evicting a sandbox to make room, how long Ray gets to free its resources before another one goes
-RAY_EVICTION_SETTLE_S: Final = 5.0
+#: after evicting a sandbox to make room, how long Ray gets to free its resources, and the waiting actor to take
+#: them and start its worker (up to 5 s seen on a loaded 2-core machine), before another one goes
+RAY_EVICTION_SETTLE_S: Final = 10.0
 RAY_KILL_POLL_S: Final = 0.02
 RAY_STOP_POLL_S: Final = 0.01
 #: the sandbox's variable naming the Ray node it runs on (also in each activation's ``ray_node_id`` annotation)
@@ -542,8 +547,9 @@ class RaySandbox(Sandbox):
         except Exception as exc:  # Ray itself is gone
             raise RayBackendFailure(self.backend.failed(exc), None) from None
         evicted_at = -math.inf
+        placed = False
         try:
-            with anyio.fail_after(RAY_START_TIMEOUT_S):
+            with anyio.CancelScope(deadline=anyio.current_time() + RAY_START_TIMEOUT_S) as scope:
                 while True:
                     with anyio.move_on_after(RAY_PLACEMENT_GRACE_S):
                         try:
@@ -553,23 +559,41 @@ class RaySandbox(Sandbox):
                         except Exception as exc:  # the connection to the cluster, not the actor
                             raise RayBackendFailure(self.backend.failed(exc), None) from None
                         return info
+                    if await self.backend.is_placed(self.actor):
+                        if not placed:
+                            # its worker runs on a node: building the function's environment there may take long
+                            placed = True
+                            scope.deadline = anyio.current_time() + self._start_budget_s()
+                        continue
                     if await self.backend.has_room(demand):
-                        continue  # the worker process is just slow to start
+                        continue  # the worker process is just slow to start: nothing to evict for it
                     if self._no_longer_needed():
                         self.backend.counters["starts_abandoned"] += 1
                         raise SandboxDied("abandoned: the Ray cluster had no room and nothing waits for it", None)
                     if anyio.current_time() >= evicted_at + RAY_EVICTION_SETTLE_S:
                         evicted_at = anyio.current_time()
                         await self.backend.make_room(self, demand)
-        except TimeoutError:
-            raise RayBackendFailure(
-                f"the Ray actor {self.actor_name} ({demand.describe()}) was not placed and started within "
-                f"{RAY_START_TIMEOUT_S:g} s: no node of the Ray cluster had room",
-                None,
-            ) from None
         finally:
             if not fut.done():
                 fut.cancel()
+        assert scope.cancelled_caught
+        if placed:
+            raise RayBackendFailure(
+                f"the Ray actor {self.actor_name} was placed on a node, but its sandbox did not start within "
+                f"{self._start_budget_s():g} s",
+                None,
+            )
+        raise RayBackendFailure(
+            f"the Ray actor {self.actor_name} ({demand.describe()}) was not placed and started within "
+            f"{RAY_START_TIMEOUT_S:g} s: no node of the Ray cluster had room",
+            None,
+        )
+
+    def _start_budget_s(self) -> float:
+        fp: FunctionPool | None = self.owner
+        if fp is not None and fp.spec.bundle.requirements is not None:
+            return RAY_ENV_START_TIMEOUT_S
+        return RAY_START_TIMEOUT_S
 
     def _no_longer_needed(self) -> bool:
         fp: FunctionPool | None = self.owner
@@ -946,6 +970,24 @@ class RayLauncher:
         # soft, and spilling when that node is full by the time Ray places it (room taken by another engine or task
         # since we looked): elsewhere beats waiting for that node (a private option of Ray's, stable since 2.7)
         return NodeAffinitySchedulingStrategy(node_id=node, soft=True, _spill_on_unavailable=True)
+
+    async def is_placed(self, actor: Any) -> bool:
+        """True when Ray leased the actor a worker on a node (its constructor or describe() runs); False when it
+        waits for room, or when that cannot be told (through Ray Client)."""
+        if not self.driver_node:
+            return False
+        actor_id = actor._actor_id.hex()
+
+        def placed() -> bool:
+            from ray._private.state import state
+
+            entry = state.actor_table(actor_id)
+            return bool(entry and entry.get("Pid"))
+
+        try:
+            return await anyio.to_thread.run_sync(placed)
+        except Exception:  # a private table of Ray's: without it, evictions decide by room alone
+            return False
 
     async def has_room(self, demand: Demand) -> bool:
         """True when some node has the resources an actor asks for free (per node, never summed)."""

@@ -210,6 +210,11 @@ def ray_cluster(head_only: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         cluster.shutdown()  # type: ignore[no-untyped-call]
 
 
+async def _cluster_idle() -> None:
+    """Wait until the actors of earlier tests are gone: a placement test needs both nodes empty."""
+    await _eventually(lambda: ray.available_resources().get("CPU") == ray.cluster_resources()["CPU"], timeout_s=30)
+
+
 def _elsewhere_node() -> str:
     [node] = [n["NodeID"] for n in ray.nodes() if n["Alive"] and ELSEWHERE in n["Resources"]]
     return str(node)
@@ -474,6 +479,7 @@ async def test_models_fetched_into_each_nodes_store(ray_engine: minifaas.Engine,
 async def test_full_cluster_evicts_an_idle_sandbox(
     ray_engine: minifaas.Engine, ray_deploy: Deploy, tmp_path: Path
 ) -> None:
+    await _cluster_idle()
     await ray_deploy("hog", code=WHERE, max_sandboxes=2)
     for aid in await _together(ray_engine, "hog", tmp_path / "barrier", 2):
         assert_success(await ray_engine.activations.wait(aid, timeout_s=60))
@@ -723,14 +729,13 @@ async def test_sandboxes_packed_by_default_spread_on_request(
 ) -> None:
     nodes: dict[str, set[str]] = {}
     for placement in ("pack", "spread"):
+        await _cluster_idle()
         await ray_deploy(placement, code=WHERE, resources={"num_cpus": 0.5}, max_sandboxes=2, placement=placement)
         ids = await _together(ray_engine, placement, tmp_path / placement, 2)
         acts = [assert_success(await ray_engine.activations.wait(i, timeout_s=60)) for i in ids]
         assert len({a.result["pid"] for a in acts}) == 2
         nodes[placement] = {a.result["node"] for a in acts}
         await ray_engine.delete(placement)
-        # both nodes empty again before the next placement
-        await _eventually(lambda: ray.available_resources().get("CPU") == ray.cluster_resources()["CPU"])
     assert len(nodes["pack"]) == 1 and len(nodes["spread"]) == 2
 
 
@@ -738,6 +743,7 @@ async def test_room_is_per_node_half_free_nodes_evict_for_a_whole_cpu(
     ray_engine: minifaas.Engine, ray_deploy: Deploy, tmp_path: Path
 ) -> None:
     # two 0.5-CPU sandboxes, one per node: the cluster has 1.0 CPU free in all, but no node has a whole one
+    await _cluster_idle()
     await ray_deploy("half", code=WHERE, resources={"num_cpus": 0.5}, max_sandboxes=2, placement="spread")
     ids = await _together(ray_engine, "half", tmp_path / "barrier", 2)
     acts = [assert_success(await ray_engine.activations.wait(i, timeout_s=60)) for i in ids]
@@ -756,6 +762,7 @@ async def test_no_room_within_the_start_timeout_is_an_internal_error(
     import minifaas._ray
 
     monkeypatch.setattr(minifaas._ray, "RAY_START_TIMEOUT_S", 4.0)
+    await _cluster_idle()
     await ray_deploy("busy", code=WHERE, max_sandboxes=2)
     ids = await _together(ray_engine, "busy", tmp_path / "barrier", 2, s=8)  # every CPU busy (not evictable)
     await _eventually(lambda: len(list((tmp_path / "barrier").iterdir())) == 2, timeout_s=60)
