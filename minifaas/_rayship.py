@@ -18,7 +18,6 @@ import os
 import shutil
 import tempfile
 import urllib.parse
-import urllib.request
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -154,7 +153,3 @@ def store_model_bytes(root: Path, sha256: str, data: bytes) -> Path:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
     return path
-
-
-def url_path(url: str) -> str:
-    return urllib.request.url2pathname(urllib.parse.urlparse(url).path)
