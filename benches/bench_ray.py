@@ -1,8 +1,10 @@
-"""Ray backend vs local backend: warm latency (p50/p99) and throughput of a no-op and of a pose crop, in one run.
+"""Ray backend vs local backend: cold start, warm latency (p50/p99) and throughput of a no-op and of a pose crop,
+on a 1-node and a 2-node Ray cluster, against a bare Ray actor call measured in the same run.
 
-Run: ``python benches/bench_ray.py [--n 2000] [--total 5000] [--crop-n 100] [--crop-total 300]``
-(needs ``pip install 'minifaas[ray]'``). The Ray engine starts its own local Ray instance (one node, every core);
-each function gets ``max_sandboxes=2`` on both backends. Prints a table with the ratio Ray / local per figure.
+Run: ``python benches/bench_ray.py [--n 2000] [--total 5000] [--crop-n 100] [--crop-total 300] [--nodes 1,2]``
+(needs ``pip install 'minifaas[ray]'``). Each Ray case starts a ``ray.cluster_utils.Cluster`` on this machine: one
+node with every core, or two nodes sharing the cores; each function gets ``max_sandboxes=2`` on every backend.
+Prints a table with the ratio Ray / local per figure.
 """
 
 from __future__ import annotations
@@ -66,12 +68,45 @@ async def _warm(engine: minifaas.Engine, name: str, args: dict[str, Any], rounds
                 tg.start_soon(engine.call, name, args)
 
 
+class _Bare:
+    """A bare Ray actor: the floor of one actor call from this driver."""
+
+    def noop(self, args: dict[str, Any]) -> dict[str, Any]:
+        return args
+
+
+async def _bare_actor_ms(n: int) -> list[float]:
+    import ray
+
+    actor = ray.remote(num_cpus=0)(_Bare).remote()  # type: ignore[call-overload]
+    await actor.noop.remote({})
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        await actor.noop.remote({})
+        times.append(time.perf_counter() - t)
+    ray.kill(actor)
+    return times
+
+
 async def bench(backend: str, ns: argparse.Namespace) -> dict[str, Any]:
     image = IMAGE_PATH.read_bytes()
     out: dict[str, Any] = {}
     t0 = time.perf_counter()
     async with minifaas.Engine(backend=backend, max_queued=1_000_000) as engine:  # type: ignore[arg-type]
         out["start_s"] = time.perf_counter() - t0
+        if backend == "ray":
+            out["bare_lat"] = await _bare_actor_ms(ns.n)
+        colds = []
+        for i in range(ns.cold_n):
+            # a new function each time: its first call starts a sandbox (actor) from nothing
+            await engine.deploy(f"cold{i}", code=NOOP)
+            t = time.perf_counter()
+            act = await engine.call(f"cold{i}", {})
+            colds.append((time.perf_counter() - t) * 1000)
+            assert act.status == "success", act
+            await engine.delete(f"cold{i}")
+        out["cold_ms"] = sorted(colds)[len(colds) // 2]
         cases: list[tuple[str, dict[str, Any], dict[str, Any], int, int, int]] = [
             ("noop", {"code": NOOP}, {}, ns.n, ns.total, 50),
             ("crop", {"path": CROP_PATH}, {"image": image}, ns.crop_n, ns.crop_total, 5),
@@ -91,6 +126,25 @@ async def bench(backend: str, ns: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def bench_ray_nodes(nodes: int, ns: argparse.Namespace) -> dict[str, Any]:
+    """``bench("ray")`` on a cluster of ``nodes`` nodes of this machine, sharing its cores."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cores = os.cpu_count() or 2
+    per_node = max(1, cores // nodes)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": per_node})
+    for _ in range(nodes - 1):
+        cluster.add_node(num_cpus=per_node)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    try:
+        return anyio.run(bench, "ray", ns)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()  # type: ignore[no-untyped-call]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=2000, help="no-op latency samples")
@@ -98,28 +152,36 @@ def main() -> None:
     ap.add_argument("--crop-n", type=int, default=100, help="pose-crop latency samples")
     ap.add_argument("--crop-total", type=int, default=300, help="pose-crop throughput invocations")
     ap.add_argument("--inflight", type=int, default=32, help="clients with one invocation outstanding each")
+    ap.add_argument("--cold-n", type=int, default=3, help="cold starts measured (median)")
+    ap.add_argument("--nodes", default="1,2", help="Ray cluster sizes to measure, comma-separated")
     ns = ap.parse_args()
     local = anyio.run(bench, "local", ns)
-    ray_ = anyio.run(bench, "ray", ns)
+    rays = {int(n): bench_ray_nodes(int(n), ns) for n in ns.nodes.split(",")}
     import ray
 
     print(
         f"python {sys.version.split()[0]}, {os.cpu_count()} cores, ray {ray.__version__}, "
         f"{SANDBOXES} sandboxes per function, {ns.inflight} clients in flight for throughput"
     )
-    print(f"engine start: local {local['start_s']:.2f} s, ray {ray_['start_s']:.2f} s (starts a local Ray instance)")
-    print(f"{'figure':38s} {'local':>11s} {'ray':>11s} {'ray/local':>10s}")
     ms = 1000.0
+    for nodes, ray_ in rays.items():
+        starts = f"engine start: local {local['start_s']:.2f} s, ray {ray_['start_s']:.2f} s"
+        print(f"\n== Ray, {nodes} node(s) == {starts}")
+        print(f"{'figure':38s} {'local':>11s} {'ray':>11s} {'ray/local':>10s}")
 
-    def row(label: str, a: float, b: float, unit: str) -> None:
-        print(f"{label:38s} {a:9.2f}{unit:>2s} {b:9.2f}{unit:>2s} {b / a:9.2f}x")
+        def row(label: str, a: float, b: float, unit: str) -> None:
+            print(f"{label:38s} {a:9.2f}{unit:>2s} {b:9.2f}{unit:>2s} {b / a:9.2f}x")
 
-    for name, label in (("noop", "no-op"), ("crop", "pose crop (messi5.jpg)")):
-        row(f"{label} cold call", local[f"{name}_cold_ms"], ray_[f"{name}_cold_ms"], "ms")
-        row(f"{label} warm p50", pct(local[f"{name}_lat"], 0.5) * ms, pct(ray_[f"{name}_lat"], 0.5) * ms, "ms")
-        row(f"{label} warm p99", pct(local[f"{name}_lat"], 0.99) * ms, pct(ray_[f"{name}_lat"], 0.99) * ms, "ms")
-        row(f"{label} throughput", local[f"{name}_rate"], ray_[f"{name}_rate"], "/s")
-    print(f"ray launcher stats: {ray_['stats'].get('launcher_stats')}")
+        row("cold start (new function, no-op)", local["cold_ms"], ray_["cold_ms"], "ms")
+        for name, label in (("noop", "no-op"), ("crop", "pose crop (messi5.jpg)")):
+            row(f"{label} first call", local[f"{name}_cold_ms"], ray_[f"{name}_cold_ms"], "ms")
+            row(f"{label} warm p50", pct(local[f"{name}_lat"], 0.5) * ms, pct(ray_[f"{name}_lat"], 0.5) * ms, "ms")
+            row(f"{label} warm p99", pct(local[f"{name}_lat"], 0.99) * ms, pct(ray_[f"{name}_lat"], 0.99) * ms, "ms")
+            row(f"{label} throughput", local[f"{name}_rate"], ray_[f"{name}_rate"], "/s")
+        bare = pct(ray_["bare_lat"], 0.5) * ms
+        noop = pct(ray_["noop_lat"], 0.5) * ms
+        print(f"bare Ray actor call p50 {bare:.2f} ms; minifaas no-op p50 on Ray {noop:.2f} ms ({noop / bare:.2f}x)")
+        print(f"ray launcher stats: {ray_['stats'].get('launcher_stats')}")
 
 
 if __name__ == "__main__":

@@ -25,11 +25,13 @@ import anyio.abc
 
 from ._core.activation import Activation, new_activation_id
 from ._core.function import DEFAULTS, FunctionSpec
+from ._core.gpus import GpuSandbox, GpuShares, host_gpus
 from ._core.launch import Launcher, SpawnLauncher
 from ._core.poll import HOST_POLL_US
 from ._core.poll import install as install_polling
 from ._core.poll import uninstall as uninstall_polling
 from ._core.pool import KEEPALIVE_POLICIES, MAX_SANDBOXES_TOTAL, Pool
+from ._core.resources import validate_resources
 from ._core.sandbox import HostService
 from ._core.scheduler import ENGINE_MAX_QUEUED, Scheduler
 from ._core.statedir import claim_state_dir, make_private
@@ -234,6 +236,7 @@ class Engine:
         self._tmp_dir: str | None = None
         self._closing = False
         self._model_store: Any = None
+        self._gpu_shares: GpuShares | None = None
         self.started_at = 0.0
         self._end_hooks: list[Callable[[Activation], None]] = []
         #: running maps by id (weakly: a map its consumer dropped goes away with it)
@@ -295,6 +298,8 @@ class Engine:
         attach = getattr(self._launcher, "attach", None)
         if attach is not None:
             attach(self._pool)  # a backend (Ray) makes its own sandbox handles: pool.sandbox_factory
+        else:
+            self._share_gpus(self._pool, await anyio.to_thread.run_sync(host_gpus))
         if self.clock is not None and hasattr(self.clock, "on_advance"):
             self.clock.on_advance(self._pool.wake_reaper)
         polling = self.backend == "local" and self.poll_us > 0
@@ -337,12 +342,18 @@ class Engine:
         free = pool.memory_budget_mb - pool.memory_in_use(include_reserved=False)
         return max(0, int(free // max(spare_mb, 1e-3)))
 
+    def _share_gpus(self, pool: Pool, gpus: list[str]) -> None:
+        """Local sandboxes see the host's GPUs their function asked for (``resources={"num_gpus": n}``), and only
+        those (Ray assigns them on the Ray backend)."""
+        shares = self._gpu_shares = GpuShares(gpus)
+        pool.sandbox_factory = lambda key, services: GpuSandbox(key, services, shares)
+
     def _make_launcher(self) -> Launcher:
         if self.backend == "ray":
             from ._backends.ray import RayLauncher
 
             root = (self.state_dir / "models") if self.state_dir is not None else _user_model_cache()
-            return RayLauncher(self.ray_address, root)
+            return RayLauncher(self.ray_address, root, self._env_root(), self.pip_index_url)
         name = self.launcher_name
         if name in ("auto", "zygote"):
             from ._core.zygote import DEFAULT_PRELOAD, FORK_AVAILABLE, ZygoteLauncher
@@ -437,6 +448,8 @@ class Engine:
         network: bool = True,
         modules: Iterable[Any] = (),
         origin: str | None = None,
+        resources: dict[str, float] | None = None,
+        placement: Literal["pack", "spread"] = "pack",
         _bundle: Bundle | None = None,
     ) -> Function:
         """Validate and register a new version; returns a :class:`Function` handle (also its description dict).
@@ -449,6 +462,8 @@ class Engine:
         identical callable with the same options returns the existing version.
 
         ``origin`` says where the code came from (the web UI shows it); by default the path, or ``"code"``.
+        ``resources`` (Ray backend): ``num_cpus``, ``num_gpus`` and custom Ray resources of each sandbox;
+        ``placement``: pack the sandboxes onto few nodes, or spread them over the nodes.
         """
         self._require()
         if fn is None and not isinstance(name, str):
@@ -472,6 +487,15 @@ class Engine:
             raise DeployError(f"network must be True or False, not {network!r}")
         if params is not None and not isinstance(params, dict):
             raise DeployError(f"params must be a dict, not {type(params).__name__}")
+        if placement not in ("pack", "spread"):
+            raise DeployError(f"invalid placement {placement!r}: use 'pack' or 'spread'")
+        checked_resources = _check_resources(resources, self.backend)
+        wanted_gpus = checked_resources.get("num_gpus", 0.0)
+        if self._gpu_shares is not None and wanted_gpus > len(self._gpu_shares.gpus):
+            raise DeployError(
+                f"resources: {wanted_gpus:g} GPU asked for, this host has {len(self._gpu_shares.gpus)} "
+                "(its CUDA_VISIBLE_DEVICES, else nvidia-smi)"
+            )
         limits = _limits(
             timeout_s=timeout_s,
             memory_mb=memory_mb,
@@ -532,8 +556,13 @@ class Engine:
             python=python,
             created=int(time.time() * 1000),
             network=network,
+            resources=checked_resources,
+            placement=placement,
             **limits,
         )
+        admit = getattr(self._launcher, "admit", None)
+        if admit is not None:
+            await admit(spec)  # Ray: no node of the cluster could ever host it
         return await self._register(spec)
 
     async def _register(self, spec: FunctionSpec) -> Function:
@@ -913,6 +942,19 @@ class Engine:
         if callable(launcher_stats):
             out["launcher_stats"] = launcher_stats()
         return out
+
+
+def _check_resources(resources: dict[str, float] | None, backend: str) -> dict[str, float]:
+    """A deploy's ``resources``, validated; other than ``num_cpus`` they are Ray's (placement on a node)."""
+    if resources is None:
+        return {}
+    checked = validate_resources(resources)
+    custom = set(checked) - {"num_cpus", "num_gpus"}
+    if backend != "ray" and custom:
+        raise DeployError(
+            f"resources {sorted(custom)}: custom resources are placed by the Ray backend only (Engine(backend='ray'))"
+        )
+    return checked
 
 
 def _user_model_cache() -> Path:

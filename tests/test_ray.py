@@ -1,14 +1,21 @@
-"""The Ray backend: sandboxes as Ray actors on a simulated two-node cluster, same behaviour as the local backend.
+"""The Ray backend: sandboxes as Ray actors on a two-node cluster, same behaviour as the local backend.
 
-One cluster (``ray.cluster_utils.Cluster``, two nodes of 1 CPU each) serves the whole session; real actors, real
-worker processes, real ``ray.kill``. Tests parametrized over ``backend`` run the same assertions on both backends.
+One cluster serves the whole session: a head node (``ray.cluster_utils.Cluster``, 1 CPU, this process its driver)
+and a second node that does NOT share the head's view of the disk: ``ray start`` in a mount namespace of its own
+(``unshare --mount``, root) with a tmpfs over the engines' state folders (bundles, models, environments) and over the
+repository's ``functions`` folder, 1 CPU, one logical GPU and a custom resource naming it. Real actors, real worker
+processes, real ``ray.kill``. Tests parametrized over ``backend`` run the same assertions on both backends.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -35,6 +42,9 @@ pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ("local", "ray")
 NODE_OBJECT_STORE_BYTES = 100 << 20
+#: a custom resource only the node without the head's disk has: a function asking for it runs there
+ELSEWHERE = "elsewhere"
+NODE_JOIN_TIMEOUT_S = 60.0
 #: present in the environment the cluster's workers inherit: a sandbox must not see it
 SECRET_VAR = "MINIFAAS_TEST_SECRET"
 SLEEP = textwrap.dedent("""
@@ -137,24 +147,82 @@ def _client_server_failure(app_stderr: str, server_log: Path) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[Cluster]:
+def head_only(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the Ray engines of these tests keep their state (bundles, models, environments): the second node sees
+    an empty tmpfs there."""
+    return tmp_path_factory.mktemp("head-only")
+
+
+def _start_node_elsewhere(address: str, masked: list[Path], log: Path) -> subprocess.Popen[bytes]:
+    """``ray start`` joining ``address`` in a mount namespace of its own, with an empty tmpfs over each of ``masked``
+    (it, its raylet and every worker and sandbox process it starts see them empty)."""
+    mounts = " && ".join(f"mount -t tmpfs minifaas-test {shlex.quote(str(m))}" for m in masked)
+    ray_start = [
+        sys.executable,
+        "-c",
+        "from ray.scripts.scripts import main; main()",
+        "start",
+        f"--address={address}",
+        "--num-cpus=1",
+        "--num-gpus=1",
+        f"--resources={json.dumps({ELSEWHERE: 100})}",
+        f"--object-store-memory={NODE_OBJECT_STORE_BYTES}",
+        "--block",
+    ]
+    script = f"{mounts} && exec {shlex.join(ray_start)}"
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, SECRET_VAR: "hunter2"},
+            start_new_session=True,
+        )
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(head_only: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     os.environ[SECRET_VAR] = "hunter2"  # the raylets, hence every worker, inherit it
     try:
         cluster = Cluster(
             initialize_head=True,
             head_node_args={"num_cpus": 1, "object_store_memory": NODE_OBJECT_STORE_BYTES},
         )
-        cluster.add_node(num_cpus=1, object_store_memory=NODE_OBJECT_STORE_BYTES)
-        cluster.wait_for_nodes()
     finally:
         del os.environ[SECRET_VAR]
-    ray.init(address=cluster.address)
+    log = tmp_path_factory.mktemp("node-elsewhere") / "ray-start.log"
+    node = _start_node_elsewhere(cluster.address, [head_only, ROOT / "functions"], log)
     session = cluster.head_node.get_session_dir_path()
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()  # type: ignore[no-untyped-call]
-    # Ray keeps a stopped session's folder (logs, sockets) in its temp dir for good: the suite leaves none
-    shutil.rmtree(session, ignore_errors=True)
+    try:
+        ray.init(address=cluster.address)
+        deadline = time.monotonic() + NODE_JOIN_TIMEOUT_S
+        while len([n for n in ray.nodes() if n["Alive"]]) < 2:
+            assert node.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, f"the second node did not join: {log.read_text()}"
+            time.sleep(0.2)
+        yield cluster
+    finally:
+        ray.shutdown()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(node.pid, signal.SIGTERM)  # ray start --block stops its raylet and workers
+        try:
+            node.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(node.pid, signal.SIGKILL)
+            node.wait()
+        cluster.shutdown()  # type: ignore[no-untyped-call]
+        # Ray keeps a stopped session's folder (logs, sockets) in its temp dir for good: the suite leaves none
+        shutil.rmtree(session, ignore_errors=True)
+
+
+async def _cluster_idle() -> None:
+    """Wait until the actors of earlier tests are gone: a placement test needs both nodes empty."""
+    await _eventually(lambda: ray.available_resources().get("CPU") == ray.cluster_resources()["CPU"], timeout_s=30)
+
+
+def _elsewhere_node() -> str:
+    [node] = [n["NodeID"] for n in ray.nodes() if n["Alive"] and ELSEWHERE in n["Resources"]]
+    return str(node)
 
 
 @pytest.fixture(scope="module")
@@ -164,8 +232,9 @@ async def local_engine() -> AsyncIterator[minifaas.Engine]:
 
 
 @pytest.fixture(scope="module")
-async def ray_engine(ray_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[minifaas.Engine]:
-    async with minifaas.Engine(tmp_path_factory.mktemp("ray-state"), backend="ray") as eng:
+async def ray_engine(ray_cluster: Cluster, head_only: Path) -> AsyncIterator[minifaas.Engine]:
+    state = head_only / f"ray-state-{time.time_ns()}"
+    async with minifaas.Engine(state, backend="ray") as eng:
         yield eng
 
 
@@ -193,7 +262,8 @@ async def ray_deploy(ray_engine: minifaas.Engine) -> AsyncIterator[Deploy]:
 
     yield _deploy
     for name in names:
-        await ray_engine.delete(name)
+        with contextlib.suppress(minifaas.FunctionNotFound):  # the test deleted it already
+            await ray_engine.delete(name)
 
 
 # -- the same behaviour on both backends ------------------------------------------------------------------------
@@ -415,8 +485,12 @@ async def test_models_fetched_into_each_nodes_store(ray_engine: minifaas.Engine,
     spec = await ray_engine.get_function("crop")
     digest = spec["params"]["detector_sha256"]
     assert ray_engine.state_dir is not None
+    # each node has its own store: the head's is on this disk, the other node's in its own (the head cannot see it)
+    head = ray.get_runtime_context().get_node_id()
     for node in nodes:
-        assert (ray_engine.state_dir / "models" / "ray-nodes" / node / "sha256" / digest).is_file()
+        visible = (ray_engine.state_dir / "models" / "ray-nodes" / node / "sha256" / digest).is_file()
+        assert visible is (node == head)
+    assert ray_engine.stats()["launcher_stats"]["shipment_puts"] >= 2  # the two models (and the bundle) shipped
     warm = assert_success(await ray_engine.call("crop", {"image": image}))
     assert warm.annotations["model_cache"] == "hit"
     held = ray_engine.stats()["functions"]["guest/crop@1"]["models"]
@@ -426,6 +500,7 @@ async def test_models_fetched_into_each_nodes_store(ray_engine: minifaas.Engine,
 async def test_full_cluster_evicts_an_idle_sandbox(
     ray_engine: minifaas.Engine, ray_deploy: Deploy, tmp_path: Path
 ) -> None:
+    await _cluster_idle()
     await ray_deploy("hog", code=WHERE, max_sandboxes=2)
     for aid in await _together(ray_engine, "hog", tmp_path / "barrier", 2):
         assert_success(await ray_engine.activations.wait(aid, timeout_s=60))
@@ -447,6 +522,11 @@ async def test_prewarmed_actor_and_close_leaves_no_actor(ray_cluster: Cluster) -
         assert await eng.invoke("hello", {"name": "Ada"}) == {"hi": "Ada"}
         assert eng.stats()["prewarmed_specializations"] == 1
         assert eng.stats()["launcher"] == "ray"
+        # a new stem, reserving 1 CPU and no GPU: a GPU function does not take it, it gets an actor with its GPU
+        await _eventually(lambda: eng.stats().get("spawns") == 2, timeout_s=30)
+        await eng.deploy("gpu", code=GPU_VIEW, resources={"num_gpus": 1, "num_cpus": 0.5})
+        assert await eng.invoke("gpu") == {"cuda": "0"}
+        assert eng.stats()["prewarmed_specializations"] == 1
     await _eventually(lambda: not (_engine_actor_names() - before))
 
 
@@ -529,28 +609,325 @@ async def test_ray_client_server_that_dies_at_birth_is_retried(ray_cluster: Clus
     assert stats["launcher"]["client_connect_retries"] == 1
 
 
-def test_bundle_shipped_to_a_node_that_cannot_see_it(tmp_path: Path) -> None:
-    from minifaas._backends.ray import RayLauncher, _node_source
+async def test_archives_put_once_per_digest_and_released(ray_cluster: Cluster, tmp_path: Path) -> None:
+    from minifaas._backends.rayship import Shipments, unpack_bundle
 
     folder = tmp_path / f"digest-{os.getpid()}-{time.time_ns()}"
     (folder / "pkg").mkdir(parents=True)
     (folder / "__main__.py").write_text("from pkg.helper import x\ndef main(args):\n    return {'x': x}\n")
     (folder / "pkg" / "helper.py").write_text("x = 42\n")
-    source = RayLauncher(None, tmp_path).ship({"kind": "dir", "path": str(folder / "__main__.py")})
-    elsewhere = {**source, "path": f"/nonexistent/{folder.name}/__main__.py"}
-    assert _node_source({k: v for k, v in elsewhere.items() if k != "archive"}) is None
-    unpacked = _node_source(elsewhere)
-    assert unpacked is not None
-    entry = Path(unpacked["path"])
+    ship = Shipments(tmp_path / "models")
+    first: list[str] = []
+    second: list[str] = []
+    source = {"kind": "dir", "path": str(folder / "__main__.py")}
+    shipped = await ship.bundle(source, first)
+    again = await ship.bundle(source, second)
+    assert "path" not in shipped  # no path of the host's disk goes out
+    assert ship.puts == 1 and again["archive"] is shipped["archive"] and ship.held() == 1
+    entry = Path(unpack_bundle(shipped["digest"], shipped["entry"], ray.get(shipped["archive"])))
     try:
         assert entry.read_text() == (folder / "__main__.py").read_text()
         assert (entry.parent / "pkg" / "helper.py").read_text() == "x = 42\n"
-        assert _node_source(elsewhere) == unpacked  # a second actor of the node reuses it
-        assert _node_source(source) == {"kind": "dir", "path": str(folder / "__main__.py")}  # visible: used in place
     finally:
         import shutil
 
         shutil.rmtree(entry.parent, ignore_errors=True)
+    ship.release(first)
+    assert ship.held() == 1  # the second sandbox still uses it
+    ship.release(second)
+    assert ship.held() == 0  # no live sandbox of that code: the object store may free it
+
+
+# -- a real cluster: a node without the head's disk, per-node room, resources, a lost connection -------------------
+#: loads a model the bundle names and imports a package only its requirements.txt provides
+BUNDLED = textwrap.dedent("""
+    import hashlib, os
+    import minifaas_demo_pkg
+    from minifaas_sandbox import models
+
+    def _read(path):
+        with open(path, 'rb') as f:
+            return f.read()
+
+    def main(args):
+        data = models.load(args.get('url') or args['weights_url'], loader=_read)
+        return {'shout': minifaas_demo_pkg.shout('hi'), 'sha': hashlib.sha256(data).hexdigest(),
+                'node': os.environ['MINIFAAS_RAY_NODE_ID'], 'pkg': minifaas_demo_pkg.__file__}
+""")
+GPU_VIEW = "import os\ndef main(args):\n    return {'cuda': os.environ.get('CUDA_VISIBLE_DEVICES')}\n"
+
+
+@pytest.fixture(scope="module")
+def demo_requirements(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The demo package as a local wheel, in a folder every node sees (like a package index would be)."""
+    from test_deps import PKG_DIR, PKG_NAME, build_wheel
+
+    wheel = build_wheel(PKG_DIR, tmp_path_factory.mktemp("wheelhouse"))
+    return f"{PKG_NAME} @ {wheel.as_uri()}\n"
+
+
+async def test_bundle_with_models_and_requirements_runs_on_a_node_without_the_hosts_disk(
+    ray_engine: minifaas.Engine, ray_deploy: Deploy, head_only: Path, demo_requirements: str
+) -> None:
+    folder = head_only / f"bundle-{time.time_ns()}"  # on the head's disk only, as the engine's state is
+    folder.mkdir()
+    (folder / "__main__.py").write_text(BUNDLED)
+    (folder / "requirements.txt").write_text(demo_requirements)
+    (folder / "minifaas.json").write_text(json.dumps({"models": {"weights_url": "weights.bin"}}))
+    weights = os.urandom(200_000)
+    (folder / "weights.bin").write_bytes(weights)
+    await ray_deploy("bundled", path=folder, resources={ELSEWHERE: 1})
+    node = _elsewhere_node()
+    act = assert_success(await ray_engine.call("bundled"))
+    assert act.annotations["ray_node_id"] == node == act.result["node"]
+    assert act.result["shout"] == "HI!"
+    assert act.result["sha"] == hashlib.sha256(weights).hexdigest()  # shipped by content hash
+    assert ray_engine.state_dir is not None
+    # the node built the environment on its own disk: the head does not see it
+    assert act.result["pkg"].startswith(str(ray_engine.state_dir / "envs" / "ray-nodes" / node))
+    assert not Path(act.result["pkg"]).exists()
+    warm = assert_success(await ray_engine.call("bundled"))
+    assert warm.annotations["cold"] is False
+    # a model file named only at invoke time is a path of the head's disk: refused loudly, not read as missing
+    (folder / "other.bin").write_bytes(weights)
+    other = await ray_engine.call("bundled", {"url": (folder / "other.bin").as_uri()})
+    assert_status(other, "application_error")
+    assert "does not see" in other.result["error"], other.result
+
+
+@pytest.mark.parametrize(
+    ("options", "asked"),
+    [
+        ({"resources": {"num_cpus": 1.5}}, "1.5 CPU"),
+        ({"resources": {"num_gpus": 2}}, "2 GPU"),
+        ({"resources": {"num_cpus": 1, ELSEWHERE: 101}}, f"101 {ELSEWHERE}"),
+        ({"resources": {"nowhere": 1}}, "1 nowhere"),
+    ],
+    ids=["cpus-over-each-node", "gpus-over-each-node", "custom-over-its-node", "unknown-resource"],
+)
+async def test_function_no_node_can_host_is_refused_at_deploy(
+    ray_engine: minifaas.Engine, options: dict[str, Any], asked: str
+) -> None:
+    # the cluster has 2 CPUs and 1 GPU in all, but one CPU per node: 1.5 CPUs fit nowhere
+    with pytest.raises(minifaas.DeployError, match="no node of the Ray cluster can host") as info:
+        await ray_engine.deploy("huge", code=WHERE, **options)
+    assert asked in str(info.value)
+    with pytest.raises(minifaas.FunctionNotFound):
+        await ray_engine.invoke("huge")
+
+
+async def test_bad_resources_are_refused(ray_engine: minifaas.Engine, local_engine: minifaas.Engine) -> None:
+    with pytest.raises(minifaas.DeployError, match=r"resources\['num_gpus'\] must be a number >= 0"):
+        await ray_engine.deploy("bad", code=WHERE, resources={"num_gpus": -1})
+    with pytest.raises(minifaas.DeployError, match="'CPU' is Ray's own name"):
+        await ray_engine.deploy("bad", code=WHERE, resources={"CPU": 1})
+    with pytest.raises(minifaas.DeployError, match="custom resources are placed by the Ray backend only"):
+        await local_engine.deploy("bad", code=WHERE, resources={ELSEWHERE: 1})
+
+
+async def test_local_gpus_shared_out_per_sandbox(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Locally the host's GPU list (here a logical one in CUDA_VISIBLE_DEVICES) is shared out: each sandbox of a
+    GPU function sees its own GPU, the least used first; other sandboxes see none."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    async with minifaas.Engine() as eng:
+        with pytest.raises(minifaas.DeployError, match="3 GPU asked for, this host has 2"):
+            await eng.deploy("greedy", code=GPU_VIEW, resources={"num_gpus": 3})
+        await eng.deploy(
+            "gpu",
+            code=WHERE.replace("'pid': os.getpid()", "'cuda': os.environ['CUDA_VISIBLE_DEVICES']"),
+            resources={"num_gpus": 1},
+            max_sandboxes=2,
+        )
+        ids = await _together(eng, "gpu", tmp_path / "barrier", 2)
+        acts = [assert_success(await eng.activations.wait(i, timeout_s=60)) for i in ids]
+        assert sorted(a.result["cuda"] for a in acts) == ["3", "5"]
+        await eng.deploy("plain", code=GPU_VIEW)
+        assert await eng.invoke("plain") == {"cuda": ""}  # not every GPU of the host
+
+
+async def test_sandboxes_packed_by_default_spread_on_request(
+    ray_engine: minifaas.Engine, ray_deploy: Deploy, tmp_path: Path
+) -> None:
+    nodes: dict[str, set[str]] = {}
+    for placement in ("pack", "spread"):
+        await _cluster_idle()
+        await ray_deploy(placement, code=WHERE, resources={"num_cpus": 0.5}, max_sandboxes=2, placement=placement)
+        ids = await _together(ray_engine, placement, tmp_path / placement, 2)
+        acts = [assert_success(await ray_engine.activations.wait(i, timeout_s=60)) for i in ids]
+        assert len({a.result["pid"] for a in acts}) == 2
+        nodes[placement] = {a.result["node"] for a in acts}
+        await ray_engine.delete(placement)
+    assert len(nodes["pack"]) == 1 and len(nodes["spread"]) == 2
+
+
+async def test_room_is_per_node_half_free_nodes_evict_for_a_whole_cpu(
+    ray_engine: minifaas.Engine, ray_deploy: Deploy, tmp_path: Path
+) -> None:
+    # two 0.5-CPU sandboxes, one per node: the cluster has 1.0 CPU free in all, but no node has a whole one
+    await _cluster_idle()
+    await ray_deploy("half", code=WHERE, resources={"num_cpus": 0.5}, max_sandboxes=2, placement="spread")
+    ids = await _together(ray_engine, "half", tmp_path / "barrier", 2)
+    acts = [assert_success(await ray_engine.activations.wait(i, timeout_s=60)) for i in ids]
+    assert len({a.result["node"] for a in acts}) == 2
+    evicted = ray_engine.stats()["launcher_stats"]["evictions_for_room"]
+    await ray_deploy("whole", code=WHERE)
+    with anyio.fail_after(30):
+        assert_success(await ray_engine.call("whole"))
+    assert ray_engine.stats()["launcher_stats"]["evictions_for_room"] == evicted + 1
+    assert ray_engine.stats()["functions"]["guest/half@1"]["sandboxes"] == 1
+
+
+async def test_no_room_within_the_start_timeout_is_an_internal_error(
+    ray_engine: minifaas.Engine, ray_deploy: Deploy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import minifaas._backends.ray
+
+    monkeypatch.setattr(minifaas._backends.ray, "RAY_START_TIMEOUT_S", 4.0)
+    await _cluster_idle()
+    await ray_deploy("busy", code=WHERE, max_sandboxes=2)
+    ids = await _together(ray_engine, "busy", tmp_path / "barrier", 2, s=8)  # every CPU busy (not evictable)
+    await _eventually(lambda: len(list((tmp_path / "barrier").iterdir())) == 2, timeout_s=60)
+    await ray_deploy("late", code=WHERE)
+    act = await ray_engine.call("late")
+    assert_status(act, "internal_error", error_contains="no node of the Ray cluster had room")
+    for aid in ids:
+        assert_success(await ray_engine.activations.wait(aid, timeout_s=60))
+
+
+async def test_gpu_request_lands_on_the_gpu_node_with_cuda_visible_devices(
+    ray_engine: minifaas.Engine, ray_deploy: Deploy
+) -> None:
+    await ray_deploy("gpu", code=GPU_VIEW, resources={"num_gpus": 1})
+    act = assert_success(await ray_engine.call("gpu"))
+    assert act.annotations["ray_node_id"] == _elsewhere_node()
+    assert act.result == {"cuda": "0"}  # the (logical) GPU Ray assigned, through the scrubbed environment
+    limits = act.annotations["ray_limits"]
+    assert limits["gpus"] == "0" and limits["memory"] == "rlimit_as" and limits["isolation"] == "process"
+    assert limits["pids_cgroup"] is True and limits["network_namespace"] is True  # root here
+    await ray_engine.delete("gpu")  # frees the GPU
+    # on the same node without asking for a GPU: it sees none, not every GPU of the node
+    await ray_deploy("nogpu", code=GPU_VIEW, resources={ELSEWHERE: 1})
+    act = assert_success(await ray_engine.call("nogpu"))
+    assert act.annotations["ray_node_id"] == _elsewhere_node() and act.result == {"cuda": ""}
+
+
+async def test_actor_memory_reservation_covers_its_overhead(ray_engine: minifaas.Engine, ray_deploy: Deploy) -> None:
+    from minifaas._backends.rayplace import RAY_ACTOR_OVERHEAD_MB
+
+    await ray_deploy("mem", code=WHERE, memory_mb=128)
+    act = assert_success(await ray_engine.call("mem"))
+    node = act.annotations["ray_node_id"]
+    from ray._private.state import available_resources_per_node, total_resources_per_node
+
+    used = total_resources_per_node()[node]["memory"] - available_resources_per_node()[node]["memory"]
+    assert used >= (128 + RAY_ACTOR_OVERHEAD_MB) << 20
+
+
+async def test_unavailable_actor_is_killed(ray_engine: minifaas.Engine, ray_deploy: Deploy) -> None:
+    """A partition (ActorUnavailableError: the actor may still be alive) kills the actor: it frees its resources and
+    cannot finish an activation already recorded as failed. (The error is raised here on a real actor's handle: a
+    real partition is not reproducible on one machine.)"""
+    from minifaas._backends.ray import RaySandbox
+
+    await ray_deploy("part", code=WHERE)
+    assert_success(await ray_engine.call("part"))
+    assert ray_engine._pool is not None
+    [sb] = ray_engine._pool.functions["guest/part@1"].sandboxes
+    assert isinstance(sb, RaySandbox) and sb.actor_name in _engine_actor_names()
+    sb._on_call_error(ray.exceptions.ActorUnavailableError("the node is unreachable", None))
+    await _eventually(lambda: sb.actor_name not in _engine_actor_names(), timeout_s=15)
+    assert_success(await ray_engine.call("part"))  # a new sandbox serves
+
+
+#: an application connected through Ray Client: an activation runs when the connection is lost, then another one
+CLIENT_LOSS_APP = textwrap.dedent("""
+    import json, sys, anyio, minifaas
+    CODE = ("import time\\ndef main(args):\\n  m = args.get('mark')\\n  m and open(m, 'w').close()\\n"
+            "  time.sleep(args.get('s', 0))\\n  return {}")
+    async def main():
+        async with minifaas.Engine(backend="ray", ray_address=sys.argv[1]) as eng:
+            await eng.deploy("slow", code=CODE)
+            aid = await eng.submit("slow", {"s": 60, "mark": sys.argv[2]})
+            act = await eng.activations.wait(aid, timeout_s=120)
+            print(json.dumps({"status": act.status, "error": act.result.get("error")}), flush=True)
+            act = await eng.call("slow", {})
+            print(json.dumps({"status": act.status, "error": act.result.get("error"),
+                              "launcher": eng.stats()["launcher_stats"]}), flush=True)
+    anyio.run(main)
+""")
+
+
+def _start_proxy(cluster: Cluster, port: int, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "ray.util.client.server", "--address", cluster.address, "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "GRPC_ENABLE_FORK_SUPPORT": "false"},
+            start_new_session=True,  # its per-client servers die with it (killpg): the machine is gone
+        )
+
+
+async def test_lost_ray_client_connection_fails_inflight_work_and_reconnects(
+    ray_cluster: Cluster, tmp_path: Path
+) -> None:
+    pytest.importorskip("grpc", reason="Ray Client needs pip install 'ray[client]'")
+    port = _free_port()
+    log = tmp_path / "proxy.log"
+    mark = tmp_path / "running"
+    proxy = _start_proxy(ray_cluster, port, log)
+    with (tmp_path / "app.err").open("wb") as err:
+        app = subprocess.Popen(
+            [sys.executable, "-c", CLIENT_LOSS_APP, f"ray://127.0.0.1:{port}", str(mark)],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            # Ray Client's own wait for the server to come back: short, the test restarts the proxy much later
+            env={**os.environ, "RAY_CLIENT_RECONNECT_GRACE_PERIOD": "2"},
+        )
+    try:
+        await _eventually(mark.exists, timeout_s=90)  # the activation runs
+        os.killpg(proxy.pid, signal.SIGKILL)  # the connection is killed mid-activation
+        proxy.wait()
+        assert app.stdout is not None
+        line = await anyio.to_thread.run_sync(app.stdout.readline)
+        first = json.loads(line or b"null")
+        assert first is not None, (tmp_path / "app.err").read_text()[-3000:]
+        assert first["status"] == "internal_error", first
+        assert "connection to the Ray cluster was lost" in first["error"]
+        proxy = _start_proxy(ray_cluster, port, log)  # the cluster is reachable again: the engine reconnects
+        second = json.loads(await anyio.to_thread.run_sync(app.stdout.readline) or b"null")
+        assert second is not None, (tmp_path / "app.err").read_text()[-3000:]
+        assert second["status"] == "success", second
+        assert second["launcher"]["connections_lost"] == 1 and second["launcher"]["reconnects"] == 1
+        assert await anyio.to_thread.run_sync(lambda: app.wait(timeout=60)) == 0
+    finally:
+        if app.poll() is None:
+            app.kill()
+            app.wait()
+        assert app.stdout is not None
+        app.stdout.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proxy.pid, signal.SIGKILL)
+        proxy.wait()
+
+
+async def test_requirements_a_node_cannot_install_fail_loudly(
+    ray_engine: minifaas.Engine, ray_deploy: Deploy, head_only: Path, demo_requirements: str
+) -> None:
+    # the wheel lies on the head's disk only: the head builds the env at deploy, the other node cannot
+    wheel = Path(demo_requirements.split(" @ ", 1)[1].strip().removeprefix("file://"))
+    private = head_only / f"wheels-{time.time_ns()}"
+    private.mkdir()
+    (private / wheel.name).write_bytes(wheel.read_bytes())
+    folder = head_only / f"needs-{time.time_ns()}"
+    folder.mkdir()
+    (folder / "__main__.py").write_text("import minifaas_demo_pkg\ndef main(args):\n    return {}\n")
+    (folder / "requirements.txt").write_text(f"minifaas-demo-pkg @ {(private / wheel.name).as_uri()}\n")
+    await ray_deploy("needs", path=folder, resources={ELSEWHERE: 1})
+    act = assert_status(await ray_engine.call("needs"), "developer_error")
+    error = act.result["error"]
+    assert "failed to initialize" in error and f"on Ray node {_elsewhere_node()}" in error, error
+    assert "could not be installed on this node" in error, error
 
 
 def test_engine_that_started_ray_removes_its_session_folder() -> None:

@@ -18,24 +18,36 @@ event loop), so the memory limit (``memory_mb`` is an RLIMIT_AS in the process: 
 activation's logs), network isolation and the pids cgroup behave identically. The sandbox process learns its node
 from ``MINIFAAS_RAY_NODE_ID``; it is no Ray worker.
 
-Actors are created with the function's ``num_cpus`` (``annotations={"num_cpus": 0.5}``, default 1), ``memory`` =
-``memory_mb`` MiB (a scheduling reservation; the actor's own worker comes on top), ``max_concurrency`` = the
-function's concurrency (plus a small "control" group, so terminate and pings never wait behind activations),
-``max_restarts=0`` and the SPREAD strategy, so a function's sandboxes land on different nodes. A timeout kills the
-actor; a dead actor ends only the activations it was running. A pipelined RUN (queued behind a running one, see the
-scheduler) works too: the sandbox runs them in order, and a RESULT that overtakes the one ahead of it on the way
-back is held until the scheduler has begun its activation.
+Actors reserve, on ONE node, the function's ``resources`` (``num_cpus``, default 1, ``num_gpus``, custom Ray
+resources) and ``memory`` = ``memory_mb`` + ``RAY_ACTOR_OVERHEAD_MB`` (the worker and the sandbox runtime, so Ray's
+memory monitor sees what is really used); see :mod:`._rayplace`. Room is per node: a function no node can ever host
+is refused at deploy; a new actor is packed onto the fullest node with room (``placement="spread"``: the emptiest);
+without room, idle sandboxes of other functions are evicted on the node where that frees enough, and a start that
+finds no room within ``RAY_START_TIMEOUT_S`` fails its activation as ``internal_error`` (Ray's fault, not the
+function's). ``max_concurrency`` = the function's concurrency (plus a small "control" group, so terminate and pings
+never wait behind activations), ``max_restarts=0``. The sandbox sees the GPUs Ray assigned its actor, and only
+those (``CUDA_VISIBLE_DEVICES``); each record says which limits its node applied (``ray_limits``). A timeout kills
+the actor; a dead actor ends only the activations it was running; an unreachable one (``ActorUnavailableError``)
+is killed too. A pipelined RUN (queued behind a running one, see the scheduler) works too: the sandbox runs them in
+order, and a RESULT that overtakes the one ahead of it on the way back is held until the scheduler has begun it.
+
+No path of the host's disk reaches another node (:mod:`._rayship`): a dir bundle goes out as an object-store
+archive (once per digest, held while a sandbox uses it), the models it names by content hash, its
+``requirements.txt`` as text (each node builds its environment under ``<env root>/ray-nodes/<node id>``). A file
+path a function names only at invoke time fails loudly on another node.
+
+Losing the connection to the cluster (Ray Client's ``ConnectionError``) ends every sandbox of that connection (their
+activations: ``internal_error``, one record each), never the engine: the launcher connects again, and requests
+queued meanwhile start on the new connection.
 
 Requirements and limits of the backend (documented in the README by the lead):
 
 - every node needs minifaas installed: the actor class lives in this module, so a worker imports ``minifaas``
-  (about 0.35 s, once per actor), then starts the sandbox process (about 0.1 s); models are fetched into a store of
-  the actor's node (``<model root>/ray-nodes/<node id>``; the model root is the engine's, created on each node);
-- function bundles deployed by path are shipped to nodes that cannot see the host's bundle folder; model URLs
-  must be readable from every node (http(s), s3, or a shared file system for ``file://``);
+  (about 0.35 s, once per actor), then starts the sandbox process (about 0.1 s); models are kept in a store of the
+  actor's node (``<model root>/ray-nodes/<node id>``; the model root is the engine's, created on each node);
+- model URLs given at invoke time must be readable from every node (http(s), s3);
 - ``ray_address="ray://host:10001"`` (Ray Client) needs ``pip install 'ray[client]'`` (grpcio);
-- a pending actor (the cluster has no room) waits up to ``RAY_START_TIMEOUT_S``; meanwhile idle sandboxes of other
-  functions are evicted to make room, and the start is abandoned once nothing waits for it.
+- a pending actor waits up to ``RAY_START_TIMEOUT_S``, and its start is abandoned once nothing waits for it.
 """
 
 from __future__ import annotations
@@ -44,16 +56,14 @@ import asyncio
 import contextlib
 import fcntl
 import importlib.util
-import io
 import math
 import os
 import re
 import secrets
 import shutil
 import struct
-import tempfile
 import termios
-import zipfile
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
@@ -69,26 +79,43 @@ from .._core.function import FunctionSpec
 from .._core.launch import Launched, Launcher, SpawnLauncher
 from .._core.pool import FunctionPool, Pool
 from .._core.sandbox import SHUTDOWN_GRACE_S, HostService, Sandbox, SandboxDied
+from .._deploy.deps import PIP_TIMEOUT_S, VENV_TIMEOUT_S
 from .._environ import ENV_ALLOW
-from .._errors import BackendUnavailable
+from .._errors import BackendUnavailable, ModelError
+from .rayplace import (
+    Demand,
+    alive_node_totals,
+    best_fit_node,
+    check_fits_some_node,
+    demand_of,
+    evictions_for,
+    fits,
+    forget_connection,
+    free_per_node,
+    roomiest_node,
+)
+from .rayship import Shipments, store_model_bytes, unpack_bundle
 
-__all__ = ("RayLauncher", "RaySandbox", "SandboxActor", "describe_actor_death", "node_sandbox_env")
+__all__ = ("RayBackendFailure", "RayLauncher", "RaySandbox", "SandboxActor", "describe_actor_death", "node_sandbox_env")
 
 #: Ray namespace of the named sandbox actors (``ray.util.list_named_actors(all_namespaces=True)`` lists them)
 RAY_NAMESPACE: Final = "minifaas"
-RAY_NUM_CPUS: Final = 1.0
 #: a generic pre-warmed (stem) actor does not know its function yet: this many activations may run on it at once
 RAY_STEM_MAX_CONCURRENCY: Final = 8
 #: how long an actor may take to be placed and started (worker process, ``import minifaas``) before the start fails
 RAY_START_TIMEOUT_S: Final = 60.0
+#: how long a placed actor may take to start when it first builds the function's environment on its node (a venv
+#: and a pip run: their own time limits, plus the start itself)
+RAY_ENV_START_TIMEOUT_S: Final = VENV_TIMEOUT_S + PIP_TIMEOUT_S + RAY_START_TIMEOUT_S
 #: an actor not started after this long is probably waiting for room: evict an idle sandbox elsewhere, re-check.
 #: Ray tells "waiting for room" and "placed, worker starting" apart only through its dashboard (not in ray core), so
 #: this must exceed a worker's start (0.3-2 s on 2 cores), or a placed actor is taken for a pending one
 RAY_PLACEMENT_GRACE_S: Final = 3.0
 #: after ``ray.kill``, how long to wait for Ray to confirm the actor is dead before treating it as dead anyway
 RAY_KILL_CONFIRM_TIMEOUT_S: Final = 5.0
-#: after evicting a sandbox to make room, how long Ray gets to free its resources before another one goes
-RAY_EVICTION_SETTLE_S: Final = 5.0
+#: after evicting a sandbox to make room, how long Ray gets to free its resources, and the waiting actor to take
+#: them and start its worker (up to 5 s seen on a loaded 2-core machine), before another one goes
+RAY_EVICTION_SETTLE_S: Final = 10.0
 RAY_KILL_POLL_S: Final = 0.02
 RAY_STOP_POLL_S: Final = 0.01
 #: the sandbox's variable naming the Ray node it runs on (also in each activation's ``ray_node_id`` annotation)
@@ -100,7 +127,13 @@ RAY_CONTROL_CONCURRENCY: Final = 2
 RAY_TERMINATE_TIMEOUT_S: Final = 2.0
 #: after a RESULT, how long the actor waits at most for fd 1/2 output written before it to be read
 RAY_STRAY_DRAIN_S: Final = 0.05
-BUNDLE_CACHE_DIR: Final = "minifaas-ray-bundles"
+#: how long after an actor started Ray's per-node free resources may still not show its reservation: until then
+#: the launcher subtracts it itself, or two actors started together would both be packed onto the same free CPU
+RAY_VIEW_LAG_S: Final = 2.0
+#: after losing the connection to the cluster, the pause between two attempts to connect again
+RAY_RECONNECT_PAUSE_S: Final = 1.0
+#: the sandbox's view of the GPUs Ray gave its actor ("" when none: it must not see every GPU of its node)
+CUDA_ENV: Final = "CUDA_VISIBLE_DEVICES"
 #: connections to a Ray Client server (``ray://``) tried before giving up. Its proxy forks a server per client while
 #: its gRPC threads run, and that child may crash at birth (ray-project/ray#63202): the next connection gets a new one
 RAY_CLIENT_CONNECT_ATTEMPTS: Final = 3
@@ -128,45 +161,12 @@ def _unread_bytes(fd: int) -> int:
         return 0
 
 
-def _node_source(source: dict[str, Any]) -> dict[str, Any] | None:
-    """The INIT source as this node sees it; None for a dir bundle it cannot see when no archive came with it."""
-    if source.get("kind") != "dir":
-        return source
-    path = str(source["path"])
-    if os.path.isfile(path):
-        return {"kind": "dir", "path": path}
-    archive = source.get("archive")
-    if not isinstance(archive, bytes):
-        return None
-    root = _bundle_cache_root()
-    target = root / str(source["digest"])
-    entry = target / os.path.basename(path)
-    if not entry.is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".part-", dir=root))
-        with zipfile.ZipFile(io.BytesIO(archive)) as zf:
-            zf.extractall(staging)
-        try:
-            os.replace(staging, target)
-        except OSError:  # another actor of this node unpacked it first
-            shutil.rmtree(staging, ignore_errors=True)
-    return {"kind": "dir", "path": str(entry)}
-
-
 def _session_dir(node: Any) -> Path | None:
     """The Ray session folder of ``node`` (a ``ray._private.node.Node``), None when Ray does not say."""
     try:
         return Path(node.get_session_dir_path())
     except (AttributeError, TypeError):  # a private API: a Ray that changed it costs the clean-up, nothing else
         return None
-
-
-def _bundle_cache_root() -> Path:
-    """Where this node unpacks shipped bundles: in Ray's session folder, so that it goes when the session does."""
-    worker = getattr(getattr(ray, "_private", None), "worker", None)
-    node = getattr(getattr(worker, "global_worker", None), "node", None)
-    session = _session_dir(node) if node is not None else None
-    return (session if session is not None else Path(tempfile.gettempdir())) / BUNDLE_CACHE_DIR
 
 
 def node_sandbox_env(host_env: Mapping[str, str], node_id: str) -> dict[str, str]:
@@ -186,6 +186,23 @@ def _mark_asyncio() -> None:
         sniffio.current_async_library_cvar.set("asyncio")
 
 
+class RayBackendFailure(SandboxDied):
+    """Internal: Ray, not the function, failed a sandbox (no room, connection lost): its records are internal_error."""
+
+    internal = True
+
+
+def _is_host_path(url: str) -> bool:
+    scheme = urllib.parse.urlparse(url).scheme
+    return scheme in ("", "file") or len(scheme) == 1
+
+
+def _task_cause(exc: BaseException) -> str:
+    """The error an actor method raised, without Ray's traceback wrapping."""
+    cause = getattr(exc, "cause", None)
+    return str(cause) if cause is not None else str(exc).strip().splitlines()[-1]
+
+
 class SandboxActor:
     """One sandbox as a Ray actor: it supervises a real sandbox process on its node, as the local host does.
 
@@ -195,12 +212,23 @@ class SandboxActor:
     (an async actor: every call runs on the event loop of its concurrency group).
     """
 
-    def __init__(self, model_root: str, env: dict[str, str], python: str | None) -> None:
+    def __init__(self, config: dict[str, Any]) -> None:
         self._node_id = str(ray.get_runtime_context().get_node_id())
-        self._model_root = Path(model_root) / "ray-nodes" / self._node_id
-        self._env = node_sandbox_env(env, self._node_id)
-        # a function's own interpreter (its dependencies' venv) where this node has it, else the worker's
-        self._python = python if python and os.access(python, os.X_OK) else None
+        #: not the driver's node: no path of the host's disk means anything here
+        self._remote = config.get("driver_node") != self._node_id
+        self._model_root = Path(config["model_root"]) / "ray-nodes" / self._node_id
+        self._env = node_sandbox_env(config["env"], self._node_id)
+        # the GPUs Ray assigned this actor, and only those (none: an empty list hides them all)
+        self._env[CUDA_ENV] = ",".join(str(g) for g in ray.get_gpu_ids())
+        self._requirements: str | None = config.get("requirements")
+        env_root = Path(config["env_root"])
+        # the driver's node reuses the environment built at deploy; another builds its own, by the same hash
+        self._env_root = env_root / "ray-nodes" / self._node_id if self._remote else env_root
+        self._index_url: str | None = config.get("index_url")
+        self._python: str | None = None
+        self._sys_path: list[str] = []
+        #: url -> (sha256, object reference) of the models the host shipped
+        self._shipped: dict[str, tuple[str, Any]] = {}
         self._sb: Sandbox | None = None
         self._started: asyncio.Future[dict[str, Any]] | None = None
         self._supervisor: asyncio.Task[None] | None = None
@@ -222,25 +250,76 @@ class SandboxActor:
         sb.on_died = self._on_died
         self._sb = sb
         try:
+            if self._requirements:
+                await self._build_env(self._requirements)
             async with anyio.create_task_group() as tg:
                 await sb.start(SpawnLauncher(python=self._python), self._env, tg)
                 assert sb.proc is not None
-                started.set_result({"pid": sb.proc.pid, "actor_pid": os.getpid(), "node_id": self._node_id})
+                started.set_result(
+                    {
+                        "pid": sb.proc.pid,
+                        "actor_pid": os.getpid(),
+                        "node_id": self._node_id,
+                        "limits": self._limits(sb),
+                    }
+                )
                 # the supervisor (and its task group) ends with the sandbox process: a crash, or terminate()
                 await sb.died.wait()
         except BaseException as exc:
             if not started.done():
-                started.set_exception(RuntimeError(f"the sandbox process did not start: {exc}"))
+                where = f"on Ray node {self._node_id}"
+                started.set_exception(RuntimeError(f"the sandbox process did not start {where}: {exc}"))
             if not isinstance(exc, Exception):
                 raise
 
+    async def _build_env(self, requirements: str) -> None:
+        """The function's requirements as an environment of this node (built once per content hash)."""
+        from .._deploy.deps import ensure_env
+
+        try:
+            deps = await ensure_env(requirements, root=self._env_root, index_url=self._index_url)
+        except Exception as exc:
+            raise RuntimeError(f"its requirements could not be installed on this node: {exc}") from exc
+        self._sys_path = [str(deps.site_packages)]
+        # as on the host: an env that replaces a preloaded package needs its own interpreter
+        self._python = str(deps.python) if deps.conflicts_with_preload else None
+
+    def _limits(self, sb: Sandbox) -> dict[str, Any]:
+        """Which limits this node could apply to its sandbox (the record says so: ``ray_limits``)."""
+        from .._core.launch import PIDS
+
+        return {
+            "memory": "rlimit_as",
+            "pids_cgroup": getattr(sb.proc, "cgroup", None) is not None,
+            "pids_cgroup_error": PIDS.error,
+            # unshare(CLONE_NEWNET) for network=False functions needs root (CAP_SYS_ADMIN)
+            "network_namespace": os.geteuid() == 0,
+            "isolation": "process",
+            "gpus": self._env[CUDA_ENV],
+        }
+
     async def _fetch_model(self, args: dict[str, Any]) -> str:
-        """The ``model.fetch`` host service of this node's sandbox: a model store of this node's own."""
+        """The ``model.fetch`` host service of this node's sandbox: a model store of this node's own, and the
+        models the host shipped (by content hash); a path of the host's disk cannot be read from another node."""
+        url = str(args["url"])
         if self._store is None:
             from .._deploy.modelstore import ModelStore
 
             self._store = ModelStore(self._model_root)
-        return str(await self._store.fetch(str(args["url"]), sha256=args.get("sha256")))
+        shipped = self._shipped.get(url)
+        if shipped is not None:
+            sha, ref = shipped
+            path = self._store.content_path(sha)
+            if not path.is_file():
+                data: bytes = await ref
+                path = await anyio.to_thread.run_sync(store_model_bytes, self._model_root, sha, data)
+            return str(path)
+        if self._remote and _is_host_path(url):
+            raise ModelError(
+                f"{url} is a file of the host's disk, which Ray node {self._node_id} does not see: name the model "
+                "in the bundle's minifaas.json or in deploy(models=...), or use a URL every node can read"
+            )
+        return str(await self._store.fetch(url, sha256=args.get("sha256")))
 
     def _on_result(self, sb: Sandbox, fields: dict[str, Any]) -> None:
         fut = sb.inflight.get(str(fields.get("aid")))
@@ -263,11 +342,15 @@ class SandboxActor:
         sb = self._sb
         if sb is None:
             return {"ok": False, "error": "the sandbox process was not started"}
-        source = _node_source(dict(fields["source"]))
-        if source is None:
-            return {"ok": False, "need_bundle": True, "error": "this node cannot see the bundle folder"}
+        source = dict(fields["source"])
+        if "archive" in source:
+            archive: bytes = await source["archive"]
+            path = await anyio.to_thread.run_sync(unpack_bundle, source["digest"], source["entry"], archive)
+            source = {"kind": "dir", "path": path}
+        self._shipped.update(fields.pop("ray_models", None) or {})
         try:
-            reply = await sb.init({**fields, "source": source})
+            # the function's environment as this node built it, not the host's paths
+            reply = await sb.init({**fields, "source": source, "sys_path": self._sys_path})
         except SandboxDied as exc:
             reply = {"ok": False, "error": exc.reason, "died": True}
         if not reply.get("ok"):
@@ -347,17 +430,6 @@ def describe_actor_death(name: str, exc: BaseException | None) -> tuple[str, int
     return f"the Ray actor {name} died: {cause}", int(code.group(1)) if code else None
 
 
-def _num_cpus(spec: FunctionSpec | None) -> float:
-    if spec is None:
-        return RAY_NUM_CPUS
-    value = getattr(spec, "num_cpus", None)
-    if value is None:
-        value = spec.annotations.get("num_cpus", RAY_NUM_CPUS)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ValueError(f"num_cpus must be a positive number (a fraction is fine), got {value!r}")
-    return float(value)
-
-
 class RayProcess:
     """``Sandbox.proc`` of a Ray sandbox: its sandbox process on a node (``pid`` in stats and snapshots), and the
     actor's worker process supervising it."""
@@ -380,10 +452,29 @@ class RaySandbox(Sandbox):
         self.actor_name = f"minifaas-{backend.token}-{self.id}"
         self.node_id = ""
         self.launch_how = "ray"
+        #: what the actor reserves on its node (known once it is created)
+        self.demand: Demand | None = None
+        #: which limits the actor's node could apply (its describe() says)
+        self.limits: dict[str, Any] = {}
+        #: the connection to the cluster was lost: the records it ends are internal_error, not the function's fault
+        self.backend_lost = False
+        #: keys of the shipments (bundle archive, models) this sandbox holds in the object store
+        self._holds: list[str] = []
         self._reported = False
         self._reaping = False
         #: RESULT fields of pipelined runs that arrived before the run ahead of them ended, by activation id
         self._early: dict[str, dict[str, Any]] = {}
+
+    def can_serve(self, spec: FunctionSpec) -> bool:
+        """Whether this generic pre-warmed (stem) actor may become ``spec``'s sandbox: only with the same CPUs, GPUs
+        and custom resources, and no environment to build (its sandbox process already runs without one). Its
+        memory reservation stays the stem's (the function's ``memory_mb`` still limits the sandbox process)."""
+        mine, theirs = self.demand, demand_of(spec)
+        return (
+            spec.bundle.requirements is None
+            and mine is not None
+            and (mine.num_cpus, mine.num_gpus, mine.custom) == (theirs.num_cpus, theirs.num_gpus, theirs.custom)
+        )
 
     # -- lifecycle --------------------------------------------------------------------------------------------
     async def start(
@@ -398,34 +489,54 @@ class RaySandbox(Sandbox):
         self._env = dict(env)
         fp: FunctionPool | None = self.owner
         spec = fp.spec if fp is not None else None
-        num_cpus = _num_cpus(spec)
-        memory = (spec.memory_mb if spec is not None else 0) << 20
-        total: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
-        if total.get("CPU", 0.0) < num_cpus or total.get("memory", 0.0) < memory:
-            raise SandboxDied(
-                f"the Ray cluster cannot host this sandbox: it asks for {num_cpus:g} CPU and {memory >> 20} MiB, "
-                f"the cluster has {total.get('CPU', 0.0):g} CPU and {int(total.get('memory', 0.0)) >> 20} MiB",
-                None,
-            )
+        demand = self.demand = demand_of(spec)
+        backend = self.backend
+        await backend.wait_connected()
+        backend.live.add(self)
+        try:
+            strategy = await backend.placement(self, demand, spec)
+        except RayBackendFailure as exc:
+            self._report_death(exc.reason, None)
+            raise
         options: dict[str, Any] = {
             "name": self.actor_name,
             "namespace": RAY_NAMESPACE,
-            "num_cpus": num_cpus,
             "max_concurrency": spec.concurrency if spec is not None else RAY_STEM_MAX_CONCURRENCY,
             "max_restarts": 0,
-            "scheduling_strategy": "SPREAD",
+            "scheduling_strategy": strategy,
+            **demand.actor_options(),
         }
-        if memory:
-            options["memory"] = memory
-        python = spec.python if spec is not None else None
-        self.actor = self.backend.actor_class.options(**options).remote(str(self.backend.model_root), env, python)
-        self.backend.counters["actors_started"] += 1
+        config = {
+            "model_root": str(backend.model_root),
+            "env": env,
+            "requirements": spec.bundle.requirements if spec is not None else None,
+            "env_root": str(backend.env_root),
+            "index_url": backend.index_url,
+            "driver_node": backend.driver_node,
+        }
         try:
-            info = await self._wait_started(num_cpus, memory)
+            self.actor = backend.actor_class.options(**options).remote(config)
+        except Exception as exc:  # Ray itself is gone
+            reason = backend.failed(exc)
+            self._report_death(reason, None)
+            raise RayBackendFailure(reason, None) from None
+        backend.counters["actors_started"] += 1
+        try:
+            info = await self._wait_started(demand)
+        except ray.exceptions.RayTaskError as exc:
+            # describe() failed: the sandbox process (or the function's environment) could not be made there
+            self._kill_actor()
+            reason = _task_cause(exc)
+            self._report_death(reason, None)
+            raise SandboxDied(reason, None) from None
         except ray.exceptions.RayError as exc:
             reason, status = describe_actor_death(self.actor_name, exc)
             self._report_death(reason, status)
             raise SandboxDied(reason, status) from None
+        except RayBackendFailure as exc:
+            self._kill_actor()
+            self._report_death(exc.reason, None)
+            raise
         except BaseException:
             self._kill_actor()
             self._report_death(f"the Ray actor {self.actor_name} did not start", None)
@@ -436,34 +547,63 @@ class RaySandbox(Sandbox):
             raise SandboxDied("the sandbox was stopped while starting", None)
         self.proc = RayProcess(int(info["pid"]), int(info["actor_pid"]), str(info["node_id"]))  # type: ignore[assignment]
         self.node_id = str(info["node_id"])
+        self.limits = dict(info.get("limits") or {})
+        backend.placed(self, self.node_id)
         return (anyio.current_time() - t0) * 1000
 
-    async def _wait_started(self, num_cpus: float, memory: int) -> dict[str, Any]:
-        fut = asyncio.ensure_future(self.actor.describe.remote())
-        evicted_at = -math.inf
+    async def _wait_started(self, demand: Demand) -> dict[str, Any]:
         try:
-            with anyio.fail_after(RAY_START_TIMEOUT_S):
+            fut = asyncio.ensure_future(self.actor.describe.remote())
+        except Exception as exc:  # Ray itself is gone
+            raise RayBackendFailure(self.backend.failed(exc), None) from None
+        evicted_at = -math.inf
+        placed = False
+        try:
+            with anyio.CancelScope(deadline=anyio.current_time() + RAY_START_TIMEOUT_S) as scope:
                 while True:
                     with anyio.move_on_after(RAY_PLACEMENT_GRACE_S):
-                        info: dict[str, Any] = await asyncio.shield(fut)
+                        try:
+                            info: dict[str, Any] = await asyncio.shield(fut)
+                        except ray.exceptions.RayError:
+                            raise
+                        except Exception as exc:  # the connection to the cluster, not the actor
+                            raise RayBackendFailure(self.backend.failed(exc), None) from None
                         return info
-                    if await self.backend.has_room(num_cpus, memory):
-                        continue  # the worker process is just slow to start
+                    if await self.backend.is_placed(self.actor):
+                        if not placed:
+                            # its worker runs on a node: building the function's environment there may take long
+                            placed = True
+                            scope.deadline = anyio.current_time() + self._start_budget_s()
+                        continue
+                    if await self.backend.has_room(demand):
+                        continue  # the worker process is just slow to start: nothing to evict for it
                     if self._no_longer_needed():
                         self.backend.counters["starts_abandoned"] += 1
                         raise SandboxDied("abandoned: the Ray cluster had no room and nothing waits for it", None)
                     if anyio.current_time() >= evicted_at + RAY_EVICTION_SETTLE_S:
                         evicted_at = anyio.current_time()
-                        self.backend.make_room(self)
-        except TimeoutError:
-            raise SandboxDied(
-                f"the Ray actor {self.actor_name} did not start within {RAY_START_TIMEOUT_S:g} s "
-                "(is the cluster full?)",
-                None,
-            ) from None
+                        await self.backend.make_room(self, demand)
         finally:
             if not fut.done():
                 fut.cancel()
+        assert scope.cancelled_caught
+        if placed:
+            raise RayBackendFailure(
+                f"the Ray actor {self.actor_name} was placed on a node, but its sandbox did not start within "
+                f"{self._start_budget_s():g} s",
+                None,
+            )
+        raise RayBackendFailure(
+            f"the Ray actor {self.actor_name} ({demand.describe()}) was not placed and started within "
+            f"{RAY_START_TIMEOUT_S:g} s: no node of the Ray cluster had room",
+            None,
+        )
+
+    def _start_budget_s(self) -> float:
+        fp: FunctionPool | None = self.owner
+        if fp is not None and fp.spec.bundle.requirements is not None:
+            return RAY_ENV_START_TIMEOUT_S
+        return RAY_START_TIMEOUT_S
 
     def _no_longer_needed(self) -> bool:
         fp: FunctionPool | None = self.owner
@@ -472,15 +612,25 @@ class RaySandbox(Sandbox):
         return any(sb.state == "ready" for sb in fp.sandboxes)
 
     async def init(self, fields: dict[str, Any]) -> dict[str, Any]:
+        fp: FunctionPool | None = self.owner
+        if self.node_id != self.backend.driver_node:
+            # another node: the bundle and the models it names go through the object store, not as host paths
+            ship = self.backend.shipments
+            fields = {**fields, "source": await ship.bundle(dict(fields["source"]), self._holds)}
+            if fp is not None:
+                urls = [*fp.spec.params.values(), *fp.spec.models]
+                try:
+                    fields["ray_models"] = await ship.models(urls, self._holds)
+                except ModelError as exc:
+                    return {"ok": False, "error": f"a model of the function cannot be shipped to its node: {exc}"}
         try:
             reply: dict[str, Any] = await self.actor.init.remote(fields)
-            if reply.get("need_bundle"):
-                # a node of another machine: ship the bundle folder (zipped once per digest)
-                shipped = {**fields, "source": self.backend.ship(fields["source"])}
-                reply = await self.actor.init.remote(shipped)
         except ray.exceptions.RayError as exc:
             reason, status = self._on_call_error(exc)
             raise SandboxDied(reason, status) from None
+        except Exception as exc:  # the connection to the cluster, not the actor
+            reason = self.backend.failed(exc)
+            raise RayBackendFailure(reason, None) from None
         if reply.get("ok") and self.state == "starting":
             self.state = "ready"
         return reply
@@ -539,8 +689,9 @@ class RaySandbox(Sandbox):
 
     def _on_call_error(self, exc: ray.exceptions.RayError) -> tuple[str, int | None]:
         reason, status = describe_actor_death(self.actor_name, exc)
-        if not isinstance(exc, ray.exceptions.RayActorError):
-            # a lost object or an OOM kill of the worker: the actor cannot be trusted with another run
+        if not isinstance(exc, ray.exceptions.ActorDiedError):
+            # unreachable (ActorUnavailableError: a partition), a lost object, an OOM kill of the worker: the actor
+            # may still be alive; killed, it frees its resources and cannot finish a run already recorded as failed
             self._kill_actor()
         self._report_death(reason, status)
         return reason, status
@@ -549,6 +700,10 @@ class RaySandbox(Sandbox):
         if self._reported:
             return
         self._reported = True
+        self.backend.live.discard(self)
+        self.backend.planned.pop(self, None)
+        self.backend.shipments.release(self._holds)
+        self._holds.clear()
         if self._killed_reason:
             reason = f"{reason} ({self._killed_reason})"
         self.exit_status = status
@@ -569,7 +724,7 @@ class RaySandbox(Sandbox):
             try:
                 ref = self.actor.execute.remote(fields)
             except Exception as exc:  # Ray itself is gone
-                raise SandboxDied(f"the Ray actor {self.actor_name} is unreachable: {exc}", None) from exc
+                raise SandboxDied(self.backend.failed(exc), None) from exc
             self._tg.start_soon(self._await_result, str(fields["aid"]), ref)
         elif kind == p.SHUTDOWN:
             self._tg.start_soon(self.stop)
@@ -594,6 +749,15 @@ class RaySandbox(Sandbox):
         except ray.exceptions.RayError as exc:
             self._on_call_error(exc)
             return
+        except Exception as exc:
+            # Ray Client's ConnectionError (the connection to the cluster is lost) or another failure of Ray itself:
+            # it must end this sandbox's activations, never the engine's task group
+            reason = self.backend.failed(exc)
+            if not self._reported:
+                self.backend_lost = True
+                self._kill_actor()
+                self._report_death(reason, None)
+            return
         fields: dict[str, Any] = p.decode_body(body)
         if "died" in fields:
             # the sandbox process under the actor ended (a crash, the memory killer): the same record as locally
@@ -612,6 +776,7 @@ class RaySandbox(Sandbox):
             ann = fields["annotations"] = {}
         ann["ray_node_id"] = self.node_id
         ann["ray_actor"] = self.actor_name
+        ann["ray_limits"] = self.limits
         if aid not in self.inflight and any(job.act.activation_id == aid for job in self.prefetched):
             # a pipelined RUN (queued behind the current one) whose RESULT overtook the current one's on the way
             # back: the scheduler begins it only when the current one ends, so hold it until then
@@ -627,51 +792,130 @@ class RaySandbox(Sandbox):
 
 
 class RayLauncher:
-    """The Ray backend, in the engine's launcher slot: connects to Ray, makes RaySandbox handles, closes."""
+    """The Ray backend, in the engine's launcher slot: connects to Ray, makes RaySandbox handles, closes; when the
+    connection to the cluster is lost, fails what ran on it and connects again."""
 
     name = "ray"
 
-    def __init__(self, address: str | None, model_root: Path) -> None:
+    def __init__(
+        self, address: str | None, model_root: Path, env_root: Path | None = None, index_url: str | None = None
+    ) -> None:
         self.address = address
         self.model_root = model_root
+        #: the engine's root of function environments (requirements.txt); other nodes build theirs under it
+        self.env_root = env_root if env_root is not None else model_root.parent / "envs"
+        self.index_url = index_url
         #: tells this engine's actors apart from other engines' on a shared cluster
         self.token = secrets.token_hex(4)
         self.actor_class: Any = None
+        #: the node this process is a driver of (None through Ray Client): only its actors see the host's disk
+        self.driver_node: str | None = None
         self.counters: dict[str, int] = {
             "actors_started": 0,
             "actors_killed": 0,
             "starts_abandoned": 0,
             "evictions_for_room": 0,
             "client_connect_retries": 0,
+            "connections_lost": 0,
+            "reconnects": 0,
         }
+        #: sandboxes with an actor (or one being created) on the current connection
+        self.live: set[RaySandbox] = set()
+        #: actors packed onto a node whose reservation Ray may not show yet: node, demand, time it started (or inf)
+        self.planned: dict[RaySandbox, tuple[str, Demand, float]] = {}
+        self.shipments = Shipments(model_root)
+        self.connected = anyio.Event()
+        self.last_error = ""
         self._owns_ray = False
         #: the session folder of the local cluster this launcher started (its head node): removed at close
         self._started_session: Path | None = None
         self._pool: Pool | None = None
-        self._archives: dict[str, bytes] = {}
+        self._tg: anyio.abc.TaskGroup | None = None
 
     async def start_in(self, tg: anyio.abc.TaskGroup) -> None:
         """Connect: reuse a ``ray.init`` the application made, else start or join the cluster at ``address``."""
         if self.address and self.address.startswith("ray://") and importlib.util.find_spec("grpc") is None:
             raise BackendUnavailable(f"ray_address={self.address!r} needs Ray Client: pip install 'ray[client]'")
+        self._tg = tg
         if not ray.is_initialized():
-            for attempt in range(1, RAY_CLIENT_CONNECT_ATTEMPTS + 1):
-                try:
-                    # a worker thread: starting a local cluster takes seconds, the event loop keeps running meanwhile
-                    await anyio.to_thread.run_sync(lambda: ray.init(address=self.address))
-                    break
-                except ConnectionAbortedError as exc:
-                    if _CLIENT_SERVER_DIED not in str(exc) or attempt == RAY_CLIENT_CONNECT_ATTEMPTS:
-                        raise
-                    self.counters["client_connect_retries"] += 1
-                    await anyio.sleep(RAY_CLIENT_RETRY_PAUSE_S)
+            await self._connect()
             self._owns_ray = True
             # ray.init() without an address joins a cluster it finds running; only one it started is ours to clean
             node = getattr(ray._private.worker, "_global_node", None)
             if node is not None and getattr(node, "head", False):
                 self._started_session = _session_dir(node)
+        self._connected()
+
+    async def _connect(self) -> None:
+        for attempt in range(1, RAY_CLIENT_CONNECT_ATTEMPTS + 1):
+            try:
+                # a worker thread: starting a local cluster takes seconds, the event loop keeps running meanwhile
+                await anyio.to_thread.run_sync(lambda: ray.init(address=self.address), abandon_on_cancel=True)
+                return
+            except ConnectionAbortedError as exc:
+                if _CLIENT_SERVER_DIED not in str(exc) or attempt == RAY_CLIENT_CONNECT_ATTEMPTS:
+                    raise
+                self.counters["client_connect_retries"] += 1
+                await anyio.sleep(RAY_CLIENT_RETRY_PAUSE_S)
+
+    def _connected(self) -> None:
         groups = {RAY_CONTROL_GROUP: RAY_CONTROL_CONCURRENCY}
+        # made again on each connection: a Ray Client class handle belongs to the connection it was made on
         self.actor_class = ray.remote(concurrency_groups=groups)(SandboxActor)  # type: ignore[call-overload]
+        forget_connection()
+        client = bool(ray.util.client.ray.is_connected())  # type: ignore[no-untyped-call]
+        self.driver_node = None if client else str(ray.get_runtime_context().get_node_id())
+        self.connected.set()
+
+    async def wait_connected(self) -> None:
+        """Wait while the backend reconnects (up to the start timeout): then it failed, as Ray's fault."""
+        if self.connected.is_set():
+            return
+        with anyio.move_on_after(RAY_START_TIMEOUT_S):
+            await self.connected.wait()
+            return
+        raise RayBackendFailure(
+            f"the connection to the Ray cluster is lost and was not made again within {RAY_START_TIMEOUT_S:g} s "
+            f"({self.last_error})",
+            None,
+        )
+
+    def failed(self, exc: BaseException) -> str:
+        """A Ray call failed outside any actor. A ``ConnectionError`` (Ray Client lost its server) ends every
+        sandbox of this connection (their activations: ``internal_error``) and starts connecting again."""
+        reason = f"the Ray backend failed: {type(exc).__name__}: {exc}"
+        if not isinstance(exc, ConnectionError):
+            return reason
+        reason = f"the connection to the Ray cluster was lost ({type(exc).__name__}: {exc})"
+        if not self.connected.is_set():
+            return reason  # already reconnecting
+        self.connected = anyio.Event()
+        self.last_error = reason
+        self.counters["connections_lost"] += 1
+        for sb in list(self.live):
+            sb.backend_lost = True
+            sb._report_death(reason, None)
+        self.live.clear()
+        if self._tg is not None and self._owns_ray:
+            self._tg.start_soon(self._reconnect)
+        return reason
+
+    async def _reconnect(self) -> None:
+        """Drop the broken connection and connect again until it works (or the engine closes)."""
+        while True:
+            with contextlib.suppress(Exception):
+                await anyio.to_thread.run_sync(ray.shutdown, abandon_on_cancel=True)
+            try:
+                await self._connect()
+                break
+            except Exception as exc:
+                self.last_error = f"connecting again: {type(exc).__name__}: {exc}"
+                await anyio.sleep(RAY_RECONNECT_PAUSE_S)
+        self.shipments = Shipments(self.model_root)  # the old connection's object references are gone with it
+        self.counters["reconnects"] += 1
+        self._connected()
+        if self._pool is not None:
+            self._pool.on_capacity()  # queued requests: start sandboxes on the new connection
 
     def attach(self, pool: Pool) -> None:
         """Make ``pool`` create Ray sandboxes (called by the engine once its pool exists)."""
@@ -684,36 +928,121 @@ class RayLauncher:
     async def launch(self, env: Mapping[str, str]) -> Launched:
         raise RuntimeError("the Ray backend starts sandboxes as actors (RaySandbox.start), not as processes")
 
-    @staticmethod
-    async def has_room(num_cpus: float, memory: int) -> bool:
-        """True when the cluster has the CPUs and memory an actor asks for free (summed over nodes)."""
-        free = await anyio.to_thread.run_sync(ray.available_resources)
-        return bool(free.get("CPU", 0.0) >= num_cpus and free.get("memory", 0.0) >= memory)
+    async def admit(self, spec: FunctionSpec) -> None:
+        """At deploy: refuse (DeployError) a function no node of the cluster could ever host."""
+        if not self.connected.is_set():
+            return  # reconnecting: its starts fail (internal_error) if the cluster cannot host it
+        try:
+            demand_of(spec)
+        except ValueError as exc:
+            from .._errors import DeployError
 
-    def make_room(self, sb: RaySandbox) -> None:
-        """An actor waits for placement on a full cluster: evict one idle sandbox of another function."""
-        fp: FunctionPool | None = sb.owner
-        if self._pool is not None and fp is not None and self._pool._evict(fp, 1, 0):
+            raise DeployError(str(exc)) from None
+        totals = await anyio.to_thread.run_sync(alive_node_totals)
+        check_fits_some_node(spec, totals)
+
+    async def _free(self) -> dict[str, dict[str, float]]:
+        try:
+            return await anyio.to_thread.run_sync(free_per_node)
+        except Exception as exc:
+            raise RayBackendFailure(self.failed(exc), None) from None
+
+    def placed(self, sb: RaySandbox, node: str) -> None:
+        entry = self.planned.get(sb)
+        if entry is not None:
+            self.planned[sb] = (node, entry[1], anyio.current_time())
+
+    async def _free_now(self) -> dict[str, dict[str, float]]:
+        """Free resources per node, less the actors this launcher placed that Ray's view may not show yet."""
+        free = await self._free()
+        now = anyio.current_time()
+        for sb, (node, demand, started) in list(self.planned.items()):
+            if now - started > RAY_VIEW_LAG_S:
+                del self.planned[sb]
+                continue
+            room = free.get(node)
+            if room is not None:
+                for name, value in demand.as_resources().items():
+                    room[name] = room.get(name, 0.0) - value
+        return free
+
+    async def placement(self, sb: RaySandbox, demand: Demand, spec: FunctionSpec | None) -> Any:
+        """Ray's scheduling strategy for a new actor: packed onto the fullest node with room (best fit), or with
+        ``placement="spread"`` onto the emptiest; RayBackendFailure when no alive node can host it at all."""
+        if spec is not None:
+            totals = await anyio.to_thread.run_sync(alive_node_totals)
+            if not any(fits(demand, t) for t in totals.values()):
+                raise RayBackendFailure(
+                    f"no alive node of the Ray cluster can host a sandbox asking for {demand.describe()}", None
+                )
+        spread = spec is not None and getattr(spec, "placement", "pack") == "spread"
+        # chosen here, not by Ray's SPREAD: that one put two actors started together on one node
+        node = (roomiest_node if spread else best_fit_node)(demand, await self._free_now())
+        if node is None:
+            return "DEFAULT"  # no room now: Ray places it where room appears (make_room helps)
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        self.planned[sb] = (node, demand, math.inf)
+        # soft, and spilling when that node is full by the time Ray places it (room taken by another engine or task
+        # since we looked): elsewhere beats waiting for that node (a private option of Ray's, stable since 2.7)
+        return NodeAffinitySchedulingStrategy(node_id=node, soft=True, _spill_on_unavailable=True)
+
+    async def is_placed(self, actor: Any) -> bool:
+        """True when Ray leased the actor a worker on a node (its constructor or describe() runs); False when it
+        waits for room, or when that cannot be told (through Ray Client)."""
+        if not self.driver_node:
+            return False
+        actor_id = actor._actor_id.hex()
+
+        def placed() -> bool:
+            from ray._private.state import state
+
+            entry = state.actor_table(actor_id)
+            return bool(entry and entry.get("Pid"))
+
+        try:
+            return await anyio.to_thread.run_sync(placed)
+        except Exception:  # a private table of Ray's: without it, evictions decide by room alone
+            return False
+
+    async def has_room(self, demand: Demand) -> bool:
+        """True when some node has the resources an actor asks for free (per node, never summed)."""
+        return any(fits(demand, room) for room in (await self._free()).values())
+
+    async def make_room(self, sb: RaySandbox, demand: Demand) -> None:
+        """An actor waits for placement on a full cluster: evict idle sandboxes of other functions on the node where
+        that frees enough (the fewest, least recently used first); none when no node would get enough."""
+        pool = self._pool
+        if pool is None:
+            return
+        owner: FunctionPool | None = sb.owner
+        idle: list[tuple[str, Demand, float, Any]] = []
+        for fp in pool.functions.values():
+            if fp is owner:
+                continue
+            for other in fp.idle():
+                if isinstance(other, RaySandbox) and other.node_id and other.demand is not None:
+                    idle.append((other.node_id, other.demand, other.last_used, (fp, other)))
+        for other in pool.stem:
+            if isinstance(other, RaySandbox) and other.node_id and other.demand is not None:
+                idle.append((other.node_id, other.demand, other.last_used, (None, other)))
+        for fp_, victim in evictions_for(demand, await self._free(), idle):
             self.counters["evictions_for_room"] += 1
-
-    def ship(self, source: dict[str, Any]) -> dict[str, Any]:
-        """Attach a zip of a dir bundle, for nodes that cannot see the host's bundle folder (one zip per digest)."""
-        if source.get("kind") != "dir":
-            return source
-        folder = Path(str(source["path"])).parent
-        digest = folder.name
-        archive = self._archives.get(digest)
-        if archive is None:
-            buf = io.BytesIO()
-            with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-                for f in sorted(folder.rglob("*")):
-                    if f.is_file() and "__pycache__" not in f.parts:
-                        zf.write(f, f.relative_to(folder).as_posix())
-            archive = self._archives[digest] = buf.getvalue()
-        return {**source, "archive": archive, "digest": digest}
+            pool.stats["evictions_capacity"] += 1
+            if fp_ is None:
+                pool.stem.remove(victim)
+                pool.tg.start_soon(victim.stop)
+            else:
+                pool.retire(fp_, victim)
 
     def stats(self) -> dict[str, Any]:
-        return {"address": self.address or "local", **self.counters}
+        return {
+            "address": self.address or "local",
+            "connected": self.connected.is_set(),
+            "shipments_held": self.shipments.held(),
+            "shipment_puts": self.shipments.puts,
+            **self.counters,
+        }
 
     async def aclose(self) -> None:
         self._pool = None

@@ -70,6 +70,10 @@ class FunctionSpec:
     created: int = 0
     #: False: the sandbox runs in a network namespace of its own, with no interface but its loopback
     network: bool = True
+    #: Ray resources of each sandbox actor: num_cpus, num_gpus and custom resources (backend="ray")
+    resources: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: where the Ray backend puts its actors: "pack" (fill a node first) or "spread" (over the nodes)
+    placement: str = "pack"
 
     @property
     def key(self) -> str:
@@ -117,5 +121,7 @@ class FunctionSpec:
             "sys_path": list(self.sys_path),
             "python": self.python,
             "network": self.network,
+            "resources": dict(self.resources),
+            "placement": self.placement,
             "created": self.created,
         }

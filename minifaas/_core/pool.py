@@ -251,6 +251,9 @@ class Pool:
             self.stem.pop()
         # a stem cell is a fork of the preloaded interpreter: not for a function that needs its env's python
         use_stem = bool(self.stem) and fp.spec.python is None
+        can_serve = getattr(self.stem[-1], "can_serve", None) if use_stem else None
+        if can_serve is not None and not can_serve(fp.spec):
+            use_stem = False  # a Ray stem actor reserved other resources, or lacks the function's environment
         sb = self.stem.pop() if use_stem else self.sandbox_factory(fp.spec.key, self.services)
         sb.fn_key = fp.spec.key
         sb.owner = fp
@@ -278,6 +281,8 @@ class Pool:
             reply = await sb.init(spec.init_fields())
         except (Exception, SandboxDied) as exc:
             reply = {"ok": False, "error": f"the sandbox failed to start: {exc}"}
+            if getattr(exc, "internal", False):
+                reply["internal"] = True  # the backend failed (e.g. a Ray cluster without room), not the function
         finally:
             fp.starting -= 1
         sb.init_ms = (time.perf_counter() - t0) * 1000

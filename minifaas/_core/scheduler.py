@@ -328,10 +328,12 @@ class Scheduler:
             act.init_time = round(sb.init_ms)
             logs = list(reply.get("logs") or [])
             logs += [line for lines in sb.stray.values() for line in lines]
+            internal = reply.get("internal") is True
+            what = "could not start" if internal else "failed to initialize"
             self._finish(
                 job,
-                "developer_error",
-                {"error": f"The action failed to initialize: {reply.get('error')}"},
+                "internal_error" if internal else "developer_error",
+                {"error": f"The action {what}: {reply.get('error')}"},
                 logs,
                 {"cold": True, "sandbox": sb.id, "init_failed": True},
             )
@@ -482,12 +484,14 @@ class Scheduler:
                 job.act.annotations.pop("pipelined", None)
                 fp.queue.appendleft(job)
                 self.queued += 1
+        # a backend that lost its connection (Ray) ended the sandbox: not the function's fault
+        status_name = "internal_error" if getattr(sb, "backend_lost", False) else "developer_error"
         for job in jobs:
             logs = sb.take_stray(job.act.activation_id)
             logs.append(log_line("stderr", f"minifaas: {reason}"))
             self._finish(
                 job,
-                "developer_error",
+                status_name,
                 {"error": f"The action did not complete: {reason}."},
                 logs,
                 {"exit_status": status},
