@@ -430,7 +430,7 @@ def test_demo_runs_on_the_bundled_photos(tmp_path: Path) -> None:
     assert done == sorted(Path(p).stem for p in photos)
     assert sorted(p.stem for p in (tmp_path / "rejected").glob("*.json")) == sorted(Path(p).stem for p in BLURRED)
     assert "session trace of messi5.jpg" in proc.stdout
-    assert re.search(r"\.test +function +gate .* → consequent$", proc.stdout, re.M), proc.stdout
+    assert re.search(r"\.test +function +gate .* → then$", proc.stdout, re.M), proc.stdout
     assert f"{len(photos)} photos in" in proc.stdout
 
 

@@ -528,7 +528,7 @@ async def _spare_of(launcher: ZygoteLauncher, known: set[int]) -> int:
 def test_fork_ahead_serves_launches_from_a_spare() -> None:
     async def main() -> None:
         env = scrubbed_env()
-        async with ZygoteLauncher() as launcher:
+        async with ZygoteLauncher(max_spares=1) as launcher:  # one spare: bursts are tests/test_spares.py's
             first = await launcher.launch(env)  # starts the zygote
             spare = await _spare_of(launcher, {first.pid})
             second = await launcher.launch(env)
@@ -616,7 +616,7 @@ def test_a_spares_rehearsal_leaves_nothing_behind() -> None:
 def test_spare_forked_before_a_model_load_is_not_used() -> None:
     async def main() -> None:
         env = scrubbed_env()
-        async with ZygoteLauncher(preload=("minifaas_sandbox.runtime",)) as launcher:
+        async with ZygoteLauncher(preload=("minifaas_sandbox.runtime",), max_spares=1) as launcher:
             first = await launcher.launch(env)
             stale = await _spare_of(launcher, {first.pid})
             await launcher.load_models(list(MODELS))
@@ -634,7 +634,7 @@ def test_spare_forked_before_a_model_load_is_not_used() -> None:
 def test_spare_ends_with_its_zygote_and_can_be_turned_off() -> None:
     async def main() -> None:
         env = scrubbed_env()
-        async with ZygoteLauncher(preload=("minifaas_sandbox.runtime",)) as launcher:
+        async with ZygoteLauncher(preload=("minifaas_sandbox.runtime",), max_spares=1) as launcher:
             first = await launcher.launch(env)
             spare = await _spare_of(launcher, {first.pid})
             os.kill(launcher.stats()["zygote_pid"], signal.SIGKILL)

@@ -269,6 +269,13 @@ def _table(rows: Sequence[_Row], title: str) -> Table:
     return table
 
 
+def _short_path(path: str) -> str:
+    """A step's path for an 80-column trace (the records keep the full one): without the ``try_`` body every step
+    is under (``[0].body``), an if_'s branches as ``then``/``else``."""
+    path = path.removeprefix("[0].body") or path
+    return path.replace(".consequent", ".then").replace(".alternate", ".else")
+
+
 def _trace(session: Session, comp: Composition, photo: str) -> Tree:
     """The steps of one session in order, the gate's decision, and the branches not taken."""
     tree = Tree(
@@ -283,17 +290,15 @@ def _trace(session: Session, comp: Composition, photo: str) -> Tree:
         if step.kind == "function" and ":" in label:
             label = label.rsplit(":", 1)[1]
         line = Text.assemble(
-            (f"{step.path:<26}", "dim"),
+            (f"{_short_path(step.path):<24}", "dim"),
             (f" {step.kind:<8} ", "cyan" if step.kind == "action" else "dim"),
-            (f"{label:<14}", "bold" if step.kind == "action" else ""),
+            (f"{label:<16}", "bold" if step.kind == "action" else ""),
             f"{step.duration_ms:7.1f} ms",
         )
-        if step.activation_id:
-            line.append(f"  {step.activation_id[:12]}…", style="dim")
         if step.path.endswith(".test"):
             taken = isinstance(step.output, dict) and step.output.get("value") is True
             # short enough for an 80-column line; the colour says passed or failed
-            line.append("  → consequent" if taken else "  → alternate", style="bold green" if taken else "bold magenta")
+            line.append("  → then" if taken else "  → else", style="bold green" if taken else "bold magenta")
         tree.add(line)
     for path in session.not_taken:
         try:
@@ -301,7 +306,7 @@ def _trace(session: Session, comp: Composition, photo: str) -> Tree:
             what = node.name or (node.fn_ref or "").rsplit(":", 1)[-1] or node.type
         except MinifaasError:
             what = "?"
-        tree.add(Text(f"{path:<26} not taken {what}", style="dim"))
+        tree.add(Text(f"{_short_path(path):<24} not taken {what}", style="dim"))
     return tree
 
 
