@@ -234,7 +234,9 @@ class Pool:
                 self.stem.remove(sb)
                 self.tg.start_soon(sb.stop)
             else:
-                self.retire(fp, sb)
+                # the caller takes the freed capacity: announcing it would let the scheduler re-enter and start a
+                # sandbox for the same request in it (two starts per eviction, the total growing past the cap)
+                self.retire(fp, sb, notify=False)
         return True
 
     # -- lifecycle --------------------------------------------------------------------------------------------
@@ -301,14 +303,15 @@ class Pool:
             self.stem.append(sb)
             self.on_capacity()
 
-    def retire(self, fp: FunctionPool, sb: Sandbox) -> None:
-        """Take a sandbox out of service and stop it in the background."""
+    def retire(self, fp: FunctionPool, sb: Sandbox, *, notify: bool = True) -> None:
+        """Take a sandbox out of service and stop it in the background; ``notify``: tell the scheduler."""
         if sb in fp.sandboxes:
             fp.sandboxes.remove(sb)
         self.evictor.forget(sb)
         if sb.state != "dead":
             self.tg.start_soon(sb.stop)
-        self.on_capacity()
+        if notify:
+            self.on_capacity()
 
     def forget_dead(self, fp: FunctionPool, sb: Sandbox) -> None:
         if sb in fp.sandboxes:
