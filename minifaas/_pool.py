@@ -12,7 +12,7 @@ from __future__ import annotations
 import collections
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 import anyio
@@ -280,7 +280,10 @@ class Pool:
             self.retire(fp, sb)
         else:
             sb.last_used = self.now()
-            sb.expires = math.inf
+            if not math.isfinite(sb.expires):
+                # a pre-warm has its expiry already (the policy's keep-alive end); any other sandbox unused after
+                # its start (its request went to another one) gets the function's idle window, never for ever
+                sb.expires = sb.last_used + fp.spec.idle_timeout_s
             n = self.stats["cold_starts"] = self.stats["cold_starts"] + 1
             fp.cold_ms += (sb.init_ms - fp.cold_ms) / n
         self.wake_reaper()
@@ -357,35 +360,51 @@ class Pool:
         self.tg.start_soon(self._refill_stem)
         while True:
             now = self.now()
-            next_check = REAP_INTERVAL_MAX_S
-            for fp in list(self.functions.values()):
-                spec = fp.spec
-                for sb in sorted(fp.idle(), key=lambda s: s.last_used):
-                    if fp.size <= spec.min_sandboxes:
-                        break
-                    if sb.expires <= now:
-                        self.stats["expired_idle"] += 1
-                        self.retire(fp, sb)
-                    else:
-                        next_check = min(next_check, sb.expires - now)
-                if fp.deleted:
-                    continue
-                if fp.size < spec.min_sandboxes and self.may_start(fp, evict=False):
-                    self.stats["min_sandboxes_started"] += 1
-                    self.warm_up(fp)
-                if fp.prewarm_at is not None:
-                    if fp.prewarm_at <= now:
-                        fp.prewarm_at = None
-                        if not fp.idle() and not fp.starting and self.may_start(fp, evict=False):
-                            self.stats["policy_prewarms"] += 1
-                            self.warm_up(fp)
-                    else:
-                        next_check = min(next_check, fp.prewarm_at - now)
-            delay = max(next_check, REAP_INTERVAL_MIN_S)
+            delay = max(self.reap(now), REAP_INTERVAL_MIN_S)
             self._reaper_next = now + delay
             with anyio.move_on_after(delay):
                 await self._reaper_wake.wait()
             self._reaper_wake = anyio.Event()
+
+    def reap(
+        self, now: float, functions: Iterable[FunctionPool] | None = None, *, max_delay_s: float = REAP_INTERVAL_MAX_S
+    ) -> float:
+        """One round of the reaper at ``now`` (over ``functions``, default all): expire, top up, pre-warm.
+
+        Returns the seconds until something is due (at most ``max_delay_s``). The reaper task calls it on the
+        pool's clock; the keep-alive bench calls it on a fake clock, so the bench runs this very code.
+        """
+        next_check = max_delay_s
+        for fp in list(self.functions.values()) if functions is None else functions:
+            spec = fp.spec
+            for sb in sorted(fp.idle(), key=lambda s: s.last_used):
+                if fp.size <= spec.min_sandboxes:
+                    break
+                if sb.expires <= now:
+                    self.stats["expired_idle"] += 1
+                    if sb.prewarmed and not sb.runs:
+                        self.stats["prewarms_expired_unused"] += 1
+                    self.retire(fp, sb)
+                else:
+                    next_check = min(next_check, sb.expires - now)
+            if fp.deleted:
+                continue
+            if fp.size < spec.min_sandboxes and self.may_start(fp, evict=False):
+                self.stats["min_sandboxes_started"] += 1
+                self.warm_up(fp)
+            if fp.prewarm_at is not None:
+                if fp.prewarm_at <= now:
+                    fp.prewarm_at = None
+                    if not fp.idle() and not fp.starting and self.may_start(fp, evict=False):
+                        self.stats["policy_prewarms"] += 1
+                        self.warm_up(fp)
+                        if fp.sandboxes:
+                            # the pre-warmed sandbox is kept until the policy's keep-alive end, then stopped unused
+                            fp.sandboxes[-1].expires = fp.prewarm_until
+                            next_check = min(next_check, max(fp.prewarm_until - now, 0.0))
+                else:
+                    next_check = min(next_check, fp.prewarm_at - now)
+        return next_check
 
     async def close_all(self) -> None:
         """Stop every sandbox this pool ever started and wait until each is reaped and its fds closed."""
