@@ -44,7 +44,12 @@ Policies:
 * :class:`GreedyDualEvictor`: FaasCache (Fuerst and Sharma, ASPLOS'21) treats warm sandboxes as a cache:
   evict the lowest priority = clock + frequency x (cold cost - warm cost) / memory, then raise the clock to
   the evicted priority (Greedy-Dual aging): a costly model function survives a burst of cheap ones, but not
-  forever.
+  forever. Frequency is counted as FaasCache does, over the function's live sandboxes (the pool passes the
+  calls its current sandboxes served): once all of them are gone it starts again from 0, so a function hot
+  long ago does not keep a high priority for ever. A sandbox never used (a pre-warm no call reached yet, a
+  stem cell) has frequency 0: its priority is the clock when it was loaded (the pool touches a sandbox when
+  it is ready; a stem cell, never touched, gets the current clock), so it goes before a sandbox loaded at the
+  same time that served calls, and after one whose priority has aged below it.
 """
 
 from __future__ import annotations
@@ -425,7 +430,7 @@ class Candidate:
     cold_cost_ms: float
     #: latency of an invocation on a warm sandbox
     warm_cost_ms: float
-    #: how often the function is invoked (a count or a rate: only the comparison between candidates matters)
+    #: how often the function is invoked: the calls its live sandboxes served (0 for a never-used sandbox)
     frequency: float
     #: the pool's handle on the sandbox (default: the function name); ``touch`` stamps it
     key: Hashable = None

@@ -53,6 +53,7 @@ class FunctionPool:
         self.deleted = False
         #: cost figures for Greedy-Dual eviction: mean cold start and warm run, in ms
         self.cold_ms = 0.0
+        self.cold_starts = 0
         self.warm_ms = 0.0
         self.invocations = 0
         self.warm_runs = 0
@@ -86,6 +87,11 @@ class FunctionPool:
     def free(self) -> list[Sandbox]:
         c = self.spec.concurrency
         return [sb for sb in self.sandboxes if sb.state == "ready" and len(sb.inflight) < c]
+
+    def live_runs(self) -> int:
+        """Greedy-Dual's frequency: the calls the function's live sandboxes served (FaasCache counts per live
+        container set, so a function hot long ago, all of whose sandboxes have gone, starts again from 0)."""
+        return sum(sb.runs for sb in self.sandboxes)
 
     def idle(self) -> list[Sandbox]:
         return [sb for sb in self.sandboxes if sb.state == "ready" and not sb.inflight]
@@ -211,7 +217,7 @@ class Pool:
                 memory_mb=(fp.spec.memory_mb if fp else 0),
                 cold_cost_ms=(fp.cold_ms + fp.warm_ms) if fp else 0.0,
                 warm_cost_ms=fp.warm_ms if fp else 0.0,
-                frequency=fp.invocations if fp else 0,
+                frequency=fp.live_runs() if fp else 0,
                 key=sb,
             )
             for fp, sb in idle
@@ -284,8 +290,12 @@ class Pool:
                 # a pre-warm has its expiry already (the policy's keep-alive end); any other sandbox unused after
                 # its start (its request went to another one) gets the function's idle window, never for ever
                 sb.expires = sb.last_used + fp.spec.idle_timeout_s
-            n = self.stats["cold_starts"] = self.stats["cold_starts"] + 1
-            fp.cold_ms += (sb.init_ms - fp.cold_ms) / n
+            # Greedy-Dual: a loaded sandbox's priority starts from the clock now, frequency 0 until it serves calls
+            self.evictor.touch(sb)
+            self.stats["cold_starts"] += 1
+            # Greedy-Dual's cold cost is this function's mean start (not a mean over the engine's starts)
+            fp.cold_starts += 1
+            fp.cold_ms += (sb.init_ms - fp.cold_ms) / fp.cold_starts
         self.wake_reaper()
         return reply
 

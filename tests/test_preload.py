@@ -125,3 +125,29 @@ async def test_a_prewarmed_sandbox_nobody_uses_expires(fake_clock: minifaas.test
                 await anyio.sleep(0.02)
         stats = engine.stats()
         assert stats["prewarms_expired_unused"] == 1 and stats["policy_prewarms"] == prewarms + 1
+
+
+async def test_greedy_dual_forgets_a_function_hot_long_ago(fake_clock: minifaas.testing.FakeClock) -> None:
+    # frequency counts over a function's live sandboxes (FaasCache): 100 calls long ago do not protect it now
+    async with minifaas.Engine(clock=fake_clock, memory_budget_mb=512) as engine:
+        noop = "def main(a):\n    return {}\n"
+        await engine.deploy("steady", code=noop, memory_mb=256)
+        await engine.deploy("once-hot", code=noop, memory_mb=256, idle_timeout_s=60)
+        await engine.deploy("newcomer", code=noop, memory_mb=256)
+        await engine.deploy("first", code=noop, memory_mb=256, idle_timeout_s=1)
+        await engine.invoke("first")  # the engine's first start (its zygote's) is slower than the rest
+        fake_clock.advance(2)
+        for _ in range(100):
+            await engine.invoke("once-hot")
+        fake_clock.advance(120)  # its sandbox expires: all its live sandboxes are gone
+        with anyio.fail_after(10):
+            while engine.stats()["functions"]["guest/once-hot@1"]["sandboxes"]:
+                await anyio.sleep(0.02)
+        for _ in range(30):
+            await engine.invoke("steady")
+        await engine.invoke("once-hot")  # back, on a new sandbox: 1 call on it
+        await engine.invoke("newcomer")  # the budget is full: one idle sandbox must go
+        functions = engine.stats()["functions"]
+        assert functions["guest/steady@1"]["sandboxes"] == 1
+        assert functions["guest/once-hot@1"]["sandboxes"] == 0
+        assert engine.stats()["evictions_memory"] == 1
