@@ -111,9 +111,9 @@ def test_histogram_falls_back_when_idle_times_are_flat_or_out_of_bounds() -> Non
     # idle times of 5 hours, beyond the 4-hour histogram: the paper's policy keeps the fixed window in vain
     starts = [i * 5 * 3600.0 for i in range(20)]
     end = starts[-1]
-    paper = HistogramPolicy(fallback_s=300, cost_aware=False)
+    paper = HistogramPolicy(fallback_s=300, cost_aware=False, predict_long_idle=False)
     assert replay(paper, "rare", starts, 0.0) == Decision(None, None, end + 300)
-    rare = HistogramPolicy(fallback_s=300)
+    rare = HistogramPolicy(fallback_s=300, predict_long_idle=False)
     d = replay(rare, "rare", starts, 0.0)
     assert rare.describe("rare")["out_of_bounds"] == 19
     assert not rare.representative("rare")
@@ -327,3 +327,33 @@ def test_replay_of_a_mixed_trace_histogram_beats_fixed_at_less_idle_time() -> No
     assert paper.idle_sandbox_s > fixed.idle_sandbox_s
     assert hist.idle_sandbox_s <= fixed.idle_sandbox_s
     assert hist.cold_starts <= 0.5 * fixed.cold_starts
+
+
+def test_long_idle_predictor_prewarms_a_timer_beyond_the_histogram() -> None:
+    # a timer every 6 hours (all idle times beyond the 4-hour histogram): pre-warm a minute before it fires
+    starts = [i * 6 * 3600.0 + (7.0 if i % 2 else 0.0) for i in range(12)]  # a few seconds of jitter
+    end = starts[-1]
+    policy = HistogramPolicy(fallback_s=300)
+    d = replay(policy, "timer", starts, 0.0)
+    assert not policy.representative("timer")
+    assert policy.describe("timer")["rule"] == "predicted"
+    assert d.unload_at == end
+    assert d.prewarm_at is not None and 6 * 3600 - 2 * MIN < d.prewarm_at - end < 6 * 3600
+    assert 6 * 3600 < d.keep_until - end < 6 * 3600 + 2 * MIN
+    # without the predictor the same function is unloaded at once and every call is cold
+    plain = HistogramPolicy(fallback_s=300, predict_long_idle=False)
+    assert replay(plain, "timer", starts, 0.0) == Decision(unload_at=end, prewarm_at=None, keep_until=end)
+
+
+def test_long_idle_predictor_leaves_a_poisson_function_unloaded() -> None:
+    import random
+
+    rng = random.Random(7)
+    t, starts = 0.0, []
+    for _ in range(40):  # Poisson, a mean gap of 6 hours: an idle time cannot be predicted
+        starts.append(t)
+        t += rng.expovariate(1 / (6 * 3600.0))
+    policy = HistogramPolicy(fallback_s=300)
+    d = replay(policy, "poisson", starts, 0.0)
+    assert policy.describe("poisson")["rule"] == "learned"
+    assert d == Decision(unload_at=starts[-1], prewarm_at=None, keep_until=starts[-1])
