@@ -432,7 +432,12 @@ class HistogramPolicy:
         """The schedule that follows an invocation of ``fn`` ending now."""
         h = self._fns.get(fn)
         if h is None or h.samples < self.min_samples:
-            return Schedule(0.0, self._fallback_s(fn), "fixed")
+            fixed = Schedule(0.0, self._fallback_s(fn), "fixed")
+            # a function called every few hours takes days to fill a histogram: the predictor needs fewer
+            early = None if h is None else self._long_idle(h)
+            if early is not None and (not self.cost_aware or self._cheaper(early, fixed, fn)):
+                return early[0]
+            return fixed
         # one more idle time barely moves a histogram of many: weigh again only after REPLAN_FRACTION more
         plan = h.plan
         if (
@@ -460,12 +465,16 @@ class HistogramPolicy:
         if paper is not None and curve.cost(paper, cold_cost_s) <= curve.cost(learned, cold_cost_s):
             return paper
         predicted = self._long_idle(h)
-        if predicted is not None:
-            schedule, idle_times = predicted
-            # both measured on the predictor's own sample of what the next idle time may be
-            if _sample_cost(schedule, idle_times, cold_cost_s) < _sample_cost(learned, idle_times, cold_cost_s):
-                return schedule
+        if predicted is not None and self._cheaper(predicted, learned, fn):
+            return predicted[0]
         return learned
+
+    def _cheaper(self, predicted: tuple[Schedule, list[float]], other: Schedule, fn: str) -> bool:
+        """The predictor's schedule costs less than ``other``, both measured on the predictor's own sample of
+        what the next idle time may be."""
+        schedule, idle_times = predicted
+        cold_cost_s = self.cold_cost(fn)
+        return _sample_cost(schedule, idle_times, cold_cost_s) < _sample_cost(other, idle_times, cold_cost_s)
 
     def _long_idle(self, h: _IdleHistogram) -> tuple[Schedule, list[float]] | None:
         """The long-idle predictor's schedule where the histogram's range misses most idle times, else None."""

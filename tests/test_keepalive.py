@@ -372,3 +372,15 @@ def test_replay_through_the_pool_counts_prewarm_loads_and_lets_unused_ones_go() 
     assert r.cold_load_cpu_s == pytest.approx(r.cold_starts * 2.0)
     # idle time stays within the calls' span plus one keep-alive window: nothing kept warm for the 45 hours after
     assert r.idle_sandbox_s < 4 * 3600
+
+
+def test_long_idle_predictor_does_not_wait_for_a_full_histogram() -> None:
+    # a timer every 8 hours gives 9 idle times in 3 days, fewer than the histogram's 10: the predictor, needing
+    # 4 prediction errors, pre-warms it from its 6th call on
+    starts = [i * 8 * 3600.0 for i in range(7)]
+    policy = HistogramPolicy(fallback_s=300)
+    d = replay(policy, "timer", starts, 0.0)
+    assert policy.describe("timer")["rule"] == "predicted"
+    assert d.prewarm_at == starts[-1] + 8 * 3600 - MIN and d.keep_until == starts[-1] + 8 * 3600 + MIN
+    fewer = HistogramPolicy(fallback_s=300)
+    assert replay(fewer, "timer", starts[:5], 0.0).prewarm_at is None  # 3 errors: not yet
