@@ -240,16 +240,20 @@ def run_baseline(frames: list[Path], out: Path, cv2_threads: int | None) -> Resu
         for path in frames:
             t = time.perf_counter()
             stem = path.stem
-            quality = call(quality_fn, {"image": str(path)})
+            quality = call(quality_fn, {"image": str(path)}, in_process=True)
             record: dict[str, Any] = {"photo": path.name, "source": str(path), "quality": quality}
             if quality["passed"]:
                 staging = catalog / f".{stem}.tmp.jpg"
-                crop = call(crop_fn, {"image": str(path), "output_path": str(staging), "format": "jpeg"})
-                tags = call(tag_fn, {"image": str(path), "person": bool(crop.get("person"))})
+                crop = call(
+                    crop_fn, {"image": str(path), "output_path": str(staging), "format": "jpeg"}, in_process=True
+                )
+                tags = call(tag_fn, {"image": str(path), "person": bool(crop.get("person"))}, in_process=True)
                 crop_tags = None
                 if crop.get("output_path"):
                     # as the workflow does: the crop is tagged too, with garment classes
-                    crop_tags = call(tag_fn, {"image": str(staging), "person": False, "vocabulary": "garments"})
+                    crop_tags = call(
+                        tag_fn, {"image": str(staging), "person": False, "vocabulary": "garments"}, in_process=True
+                    )
                     image = catalog / f"{stem}.jpg"
                     os.replace(staging, image)
                     box = {k: crop[k] for k in ("x", "y", "w", "h")}

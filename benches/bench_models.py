@@ -138,7 +138,7 @@ async def bench_function(fn: str, n: int, cold_n: int, scratch: Path, launcher: 
 
         # interleaved warm samples: engine, in-process (OpenCV threads as they are), in-process single-threaded
         for _ in range(WARM_UP_CALLS):
-            call_in_process(FUNCTIONS / fn, args)
+            call_in_process(FUNCTIONS / fn, args, in_process=True)
         cv2_threads = cv2.getNumThreads()
         variants: dict[str, Callable[[], None]] = {
             "in_process": lambda: cv2.setNumThreads(cv2_threads),
@@ -163,7 +163,7 @@ async def bench_function(fn: str, n: int, cold_n: int, scratch: Path, launcher: 
                     continue
                 variants[key]()
                 t = time.perf_counter()
-                local_act = run_in_process(FUNCTIONS / fn, args)
+                local_act = run_in_process(FUNCTIONS / fn, args, in_process=True)
                 local[key].append(time.perf_counter() - t)
                 if local_act.status != "success":
                     raise SystemExit(f"{fn} failed in-process: {local_act.result}")

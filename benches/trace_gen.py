@@ -5,7 +5,7 @@ of the applications have timer triggers (near-periodic idle times), that 45% are
 and that the rest have heavy-tailed, bursty inter-arrival times. This generator mixes five kinds of functions:
 
 =========  =======================================================================================
-periodic   timer triggers: a period of 1 minute to 4 hours, a random phase and a few seconds of jitter
+periodic   timer triggers: a period of 1 minute to 8 hours, a random phase and a few seconds of jitter
 pareto     Pareto inter-arrival times (alpha 1.2-2.0, median 30 s-1 h): short gaps, a long tail of long ones
 lognormal  lognormal inter-arrival times, median 1 minute-4 hours
 bursty     on/off: bursts of ~20 calls a few seconds apart, separated by 20-90 minute lognormal gaps
@@ -36,8 +36,9 @@ DEFAULT_MIX: dict[str, float] = {
     "bursty": 0.15,
     "rare": 0.20,
 }
-TIMER_PERIODS_S = (60.0, 300.0, 600.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0)
-TIMER_PERIOD_WEIGHTS = (2, 3, 2, 2, 2, 3, 2, 1)
+#: up to 8 hours: timers beyond a 4-hour idle-time histogram exist (Azure's include daily ones)
+TIMER_PERIODS_S = (60.0, 300.0, 600.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 21600.0, 28800.0)
+TIMER_PERIOD_WEIGHTS = (2, 3, 2, 2, 2, 3, 2, 1, 1, 1)
 TIMER_JITTER_S = 2.0
 MODEL_FUNCTION_SHARE = 1 / 3
 

@@ -189,7 +189,8 @@ class Engine:
         self.idle_timeout_s = idle_timeout_s
         self.close_timeout_s = close_timeout_s
         self.ray_address = ray_address
-        #: keep-alive clock: an object with ``now()`` in seconds (e.g. minifaas.testing.FakeClock); None = real time
+        #: fake time (e.g. minifaas.testing.FakeClock): keep-alive reads its ``monotonic()`` (else ``now()``), triggers
+        #: its wall ``now()`` and ``sleep()``; None = real time
         self.clock = clock
         #: pip's index for functions with a requirements.txt; None = pip's configuration (PIP_INDEX_URL...)
         self.pip_index_url = pip_index_url
@@ -244,6 +245,7 @@ class Engine:
         #: the options each callable version was deployed with, to tell an identical re-deploy
         self._options_of: dict[tuple[str, str], str] = {}
         self.recovered = 0
+        self._clock_unsubscribe: Any = None
 
     # -- lifecycle --------------------------------------------------------------------------------------------
     async def __aenter__(self) -> Engine:
@@ -287,7 +289,7 @@ class Engine:
             services,
             max_total=self.max_sandboxes,
             memory_budget_mb=self.memory_budget_mb,
-            now=self.clock.now if self.clock is not None else time.monotonic,
+            now=_monotonic_of(self.clock),
             keepalive=self.keepalive,
             idle_timeout_s=self.idle_timeout_s,
             prewarm=self.prewarm,
@@ -301,7 +303,8 @@ class Engine:
         else:
             self._share_gpus(self._pool, await anyio.to_thread.run_sync(host_gpus))
         if self.clock is not None and hasattr(self.clock, "on_advance"):
-            self.clock.on_advance(self._pool.wake_reaper)
+            # the clock may outlive this engine (a session fixture): the engine drops its listener when it closes
+            self._clock_unsubscribe = self.clock.on_advance(self._pool.wake_reaper)
         polling = self.backend == "local" and self.poll_us > 0
         self._sched = Scheduler(
             tg,
@@ -397,6 +400,9 @@ class Engine:
             if self._polling_loop is not None:
                 uninstall_polling(self._polling_loop, id(self))
                 self._polling_loop = None
+            if callable(self._clock_unsubscribe):
+                self._clock_unsubscribe()
+            self._clock_unsubscribe = None
             tg.cancel_scope.cancel()
             await tg.__aexit__(None, None, None)
             self._tg = None
@@ -955,6 +961,14 @@ def _check_resources(resources: dict[str, float] | None, backend: str) -> dict[s
             f"resources {sorted(custom)}: custom resources are placed by the Ray backend only (Engine(backend='ray'))"
         )
     return checked
+
+
+def _monotonic_of(clock: Any) -> Callable[[], float]:
+    """The keep-alive time source of ``clock``: its monotonic time if it has one (FakeClock), else its ``now``."""
+    if clock is None:
+        return time.monotonic
+    source: Callable[[], float] = getattr(clock, "monotonic", clock.now)
+    return source
 
 
 def _user_model_cache() -> Path:

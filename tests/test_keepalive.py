@@ -21,7 +21,7 @@ from minifaas._core.keepalive import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benches"))
 
-import bench_keepalive
+import pool_replay
 import trace_gen
 
 MIN = 60.0
@@ -111,9 +111,9 @@ def test_histogram_falls_back_when_idle_times_are_flat_or_out_of_bounds() -> Non
     # idle times of 5 hours, beyond the 4-hour histogram: the paper's policy keeps the fixed window in vain
     starts = [i * 5 * 3600.0 for i in range(20)]
     end = starts[-1]
-    paper = HistogramPolicy(fallback_s=300, cost_aware=False)
+    paper = HistogramPolicy(fallback_s=300, cost_aware=False, predict_long_idle=False)
     assert replay(paper, "rare", starts, 0.0) == Decision(None, None, end + 300)
-    rare = HistogramPolicy(fallback_s=300)
+    rare = HistogramPolicy(fallback_s=300, predict_long_idle=False)
     d = replay(rare, "rare", starts, 0.0)
     assert rare.describe("rare")["out_of_bounds"] == 19
     assert not rare.representative("rare")
@@ -280,8 +280,8 @@ def test_replay_of_timer_functions_histogram_beats_fixed() -> None:
     assert slow, periods
     trace.invocations = [inv for inv in trace.invocations if inv.fn in slow]
     trace.functions = {fn: trace.functions[fn] for fn in slow}
-    fixed = bench_keepalive.PoolSim(trace, FixedPolicy(600), name="fixed", budget_mb=None).run()
-    hist = bench_keepalive.PoolSim(trace, HistogramPolicy(fallback_s=600), name="hist", budget_mb=None).run()
+    fixed = pool_replay.PoolReplay(trace, FixedPolicy(600), name="fixed", budget_mb=None).run()
+    hist = pool_replay.PoolReplay(trace, HistogramPolicy(fallback_s=600), name="hist", budget_mb=None).run()
     assert fixed.cold_starts == fixed.invocations  # every idle time exceeds the window
     assert hist.cold_starts <= len(slow) * 12  # cold only while the histogram learns
     assert hist.idle_sandbox_s < fixed.idle_sandbox_s
@@ -301,11 +301,11 @@ def test_replay_greedy_dual_keeps_the_model_through_bursts_of_cheap_functions() 
     trace = trace_gen.Trace({p.name: p for p in [model, *cheap]}, invs, cycles * 300.0, seed=0)
     budget = 2048  # the model and 4 cheap sandboxes
     results = {}
-    for name, evictor in (("lru", None), ("greedy-dual", GreedyDualEvictor())):
-        sim = bench_keepalive.PoolSim(trace, FixedPolicy(math.inf), name=name, budget_mb=budget, evictor=evictor)
+    for name, evictor in (("lru", pool_replay.LruEvictor()), ("greedy-dual", GreedyDualEvictor())):
+        sim = pool_replay.PoolReplay(trace, FixedPolicy(math.inf), name=name, budget_mb=budget, evictor=evictor)
         results[name] = sim.run()
         assert results[name].peak_mb <= budget
-        assert results[name].overflows == 0
+        assert results[name].waits == 0
     assert results["lru"].cold_by_fn["model"] == cycles  # least recently used when every burst comes
     assert results["greedy-dual"].cold_by_fn["model"] == 1  # only its first call
     assert results["greedy-dual"].cold_cost_s < results["lru"].cold_cost_s
@@ -316,10 +316,10 @@ def test_replay_of_a_mixed_trace_histogram_beats_fixed_at_less_idle_time() -> No
     which the paper's policy alone misses by spending more idle time than the fixed window."""
     trace = trace_gen.generate(n_functions=30, duration_s=2 * trace_gen.SECONDS_PER_DAY, seed=3)
     runs = {
-        name: bench_keepalive.PoolSim(trace, pol, name=name, budget_mb=None).run()
+        name: pool_replay.PoolReplay(trace, pol, name=name, budget_mb=None).run()
         for name, pol in (
             ("fixed", FixedPolicy(600)),
-            ("paper", HistogramPolicy(fallback_s=600, cost_aware=False)),
+            ("paper", HistogramPolicy(fallback_s=600, cost_aware=False, predict_long_idle=False)),
             ("hist", HistogramPolicy(fallback_s=600)),
         )
     }
@@ -327,3 +327,60 @@ def test_replay_of_a_mixed_trace_histogram_beats_fixed_at_less_idle_time() -> No
     assert paper.idle_sandbox_s > fixed.idle_sandbox_s
     assert hist.idle_sandbox_s <= fixed.idle_sandbox_s
     assert hist.cold_starts <= 0.5 * fixed.cold_starts
+
+
+def test_long_idle_predictor_prewarms_a_timer_beyond_the_histogram() -> None:
+    # a timer every 6 hours (all idle times beyond the 4-hour histogram): pre-warm a minute before it fires
+    starts = [i * 6 * 3600.0 + (7.0 if i % 2 else 0.0) for i in range(12)]  # a few seconds of jitter
+    end = starts[-1]
+    policy = HistogramPolicy(fallback_s=300)
+    d = replay(policy, "timer", starts, 0.0)
+    assert not policy.representative("timer")
+    assert policy.describe("timer")["rule"] == "predicted"
+    assert d.unload_at == end
+    assert d.prewarm_at is not None and 6 * 3600 - 2 * MIN < d.prewarm_at - end < 6 * 3600
+    assert 6 * 3600 < d.keep_until - end < 6 * 3600 + 2 * MIN
+    # without the predictor the same function is unloaded at once and every call is cold
+    plain = HistogramPolicy(fallback_s=300, predict_long_idle=False)
+    assert replay(plain, "timer", starts, 0.0) == Decision(unload_at=end, prewarm_at=None, keep_until=end)
+
+
+def test_long_idle_predictor_leaves_a_poisson_function_unloaded() -> None:
+    import random
+
+    rng = random.Random(7)
+    t, starts = 0.0, []
+    for _ in range(40):  # Poisson, a mean gap of 6 hours: an idle time cannot be predicted
+        starts.append(t)
+        t += rng.expovariate(1 / (6 * 3600.0))
+    policy = HistogramPolicy(fallback_s=300)
+    d = replay(policy, "poisson", starts, 0.0)
+    assert policy.describe("poisson")["rule"] == "learned"
+    assert d == Decision(unload_at=starts[-1], prewarm_at=None, keep_until=starts[-1])
+
+
+def test_replay_through_the_pool_counts_prewarm_loads_and_lets_unused_ones_go() -> None:
+    """A 5-minute timer that stops after 3 hours, replayed through minifaas's pool for 2 days: the histogram
+    pre-warms it, the loads are counted at their CPU cost, and the last pre-warm (no call comes) expires."""
+    prof = trace_gen.FunctionProfile("timer", "periodic", memory_mb=512, cold_ms=2000.0, warm_ms=50.0)
+    invs = [trace_gen.Invocation(k * 300.0, "timer", 0.05) for k in range(36)]
+    trace = trace_gen.Trace({"timer": prof}, invs, 2 * trace_gen.SECONDS_PER_DAY, seed=0)
+    r = pool_replay.PoolReplay(trace, HistogramPolicy(fallback_s=600), name="hist", budget_mb=None).run()
+    assert r.prewarms >= 20 and r.prewarms_used == r.prewarms - 1
+    assert r.prewarms_expired == 1
+    assert r.prewarm_load_cpu_s == pytest.approx(r.prewarms * 2.0)
+    assert r.cold_load_cpu_s == pytest.approx(r.cold_starts * 2.0)
+    # idle time stays within the calls' span plus one keep-alive window: nothing kept warm for the 45 hours after
+    assert r.idle_sandbox_s < 4 * 3600
+
+
+def test_long_idle_predictor_does_not_wait_for_a_full_histogram() -> None:
+    # a timer every 8 hours gives 9 idle times in 3 days, fewer than the histogram's 10: the predictor, needing
+    # 4 prediction errors, pre-warms it from its 6th call on
+    starts = [i * 8 * 3600.0 for i in range(7)]
+    policy = HistogramPolicy(fallback_s=300)
+    d = replay(policy, "timer", starts, 0.0)
+    assert policy.describe("timer")["rule"] == "predicted"
+    assert d.prewarm_at == starts[-1] + 8 * 3600 - MIN and d.keep_until == starts[-1] + 8 * 3600 + MIN
+    fewer = HistogramPolicy(fallback_s=300)
+    assert replay(fewer, "timer", starts[:5], 0.0).prewarm_at is None  # 3 errors: not yet

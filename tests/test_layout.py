@@ -29,7 +29,10 @@ ALLOWED: dict[str, set[str]] = {
     "_sync": {"_errors", "_core", "_deploy", "_workflows", "_events", "composer", "_engine", "_handles"},
     "_server": {"_errors", "_core", "_deploy", "_workflows", "_events", "composer", "_engine"},
     "_cli": {"_errors", "_core", "_deploy", "_workflows", "_events", "composer", "_engine", "_server"},
-    "testing": {"_errors", "_core", "_deploy", "_events"},
+    "testing": {"_errors", "_core", "_deploy", "_events", "_fakeclock", "_inprocess", "_testkit"},
+    "_fakeclock": set(),
+    "_inprocess": {"_errors", "_core", "_deploy"},
+    "_testkit": {"_errors", "_core", "_deploy", "_sync"},
     "pytest_plugin": {"_errors", "_engine", "testing", "_pytest_backend"},
     "_pytest_backend": set(),
 }

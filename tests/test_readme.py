@@ -33,7 +33,7 @@ def test_readme_pytest_examples(pytester: pytest.Pytester) -> None:
     (pytester.path / "tests").mkdir()
     (pytester.path / "tests" / "data").symlink_to(ROOT / "tests" / "data")
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "error")
-    result.assert_outcomes(passed=3)
+    result.assert_outcomes(passed=4)
 
 
 def test_readme_embedding_example(tmp_path: Path) -> None:

@@ -51,7 +51,7 @@ def _kinds(value: Any) -> Any:
 @pytest.mark.parametrize(("fn", "photo"), CASES, ids=[f"{fn}-{photo}" for fn, photo in CASES])
 async def test_in_process_equals_sandbox(minifaas_engine: minifaas.Engine, fn: str, photo: str) -> None:
     args = {"image": PHOTOS[photo]}
-    local = call(FUNCTIONS / fn, args)
+    local = call(FUNCTIONS / fn, args, in_process=True)
     remote = await minifaas_engine.invoke(fn, args)
     assert _kinds(remote) == _kinds(local)
     assert remote == local

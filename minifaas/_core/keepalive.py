@@ -32,8 +32,16 @@ Policies:
     histogram's range): a window p5..p99 so wide that the idle time it costs outweighs the cold starts it
     saves loses, and so does a window that keeps a bursty function warm for hours after each call;
   - a histogram that is not representative falls back to that learned window instead of the configured one;
-  - an idle time beyond the range counts as longer than any window: a function idle mostly for longer than
-    4 hours (Poisson-like, the paper's ARIMA case) is unloaded at once rather than kept in vain;
+  - an idle time beyond the range counts as longer than any window;
+  - a function idle mostly for longer than the range (the paper's ARIMA case) gets a window from a long-idle
+    predictor, simpler than ARIMA: the next idle time is predicted as the exponential moving average of the
+    log idle times (gain ``PREDICTOR_GAIN``: exact for a timer, the geometric mean's trend otherwise), and the
+    window spans the last ``PREDICTOR_HISTORY`` prediction errors (smallest to largest ratio of actual to
+    predicted idle time), widened either side by the paper's 10% of its width and at least one bin (a timer's
+    window: its period +- 1 minute): pre-warm at its start, keep until its end. Its expected
+    cost is measured on those same errors, and it is used only where it beats the learned window, so a timer
+    firing every 6 hours is pre-warmed just in time while a Poisson-like function (errors spread over orders
+    of magnitude) is still unloaded at once rather than kept in vain;
   - until ``min_samples`` idle times are known, the configured fixed window applies.
 
   Adaptation to a pool with several sandboxes per function: the paper manages one instance per application,
@@ -44,11 +52,17 @@ Policies:
 * :class:`GreedyDualEvictor`: FaasCache (Fuerst and Sharma, ASPLOS'21) treats warm sandboxes as a cache:
   evict the lowest priority = clock + frequency x (cold cost - warm cost) / memory, then raise the clock to
   the evicted priority (Greedy-Dual aging): a costly model function survives a burst of cheap ones, but not
-  forever.
+  forever. Frequency is counted as FaasCache does, over the function's live sandboxes (the pool passes the
+  calls its current sandboxes served): once all of them are gone it starts again from 0, so a function hot
+  long ago does not keep a high priority for ever. A sandbox never used (a pre-warm no call reached yet, a
+  stem cell) has frequency 0: its priority is the clock when it was loaded (the pool touches a sandbox when
+  it is ready; a stem cell, never touched, gets the current clock), so it goes before a sandbox loaded at the
+  same time that served calls, and after one whose priority has aged below it.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 from collections.abc import Hashable, Iterable
@@ -83,6 +97,12 @@ MAX_OUT_OF_BOUNDS_FRACTION: Final = 0.5
 COLD_START_COST_WINDOWS: Final = 4.0
 #: a function's schedule is chosen again once its histogram holds this share more idle times than then
 REPLAN_FRACTION: Final = 0.05
+#: long-idle predictor: idle times and prediction errors remembered per function
+PREDICTOR_HISTORY: Final = 16
+#: long-idle predictor: prediction errors to see before a predicted window is tried
+PREDICTOR_MIN_SAMPLES: Final = 4
+#: long-idle predictor: weight of the newest idle time in the moving average of log idle times
+PREDICTOR_GAIN: Final = 0.5
 #: Greedy-Dual divides by memory: a sandbox declaring 0 MB must not get an infinite priority
 MIN_MEMORY_MB: Final = 1.0
 
@@ -149,7 +169,8 @@ class Schedule:
 
     prewarm_s: float
     keep_s: float
-    #: which rule chose it: "fixed" (configured window), "learned" (best fixed window) or "histogram" (paper)
+    #: which rule chose it: "fixed" (configured window), "learned" (best fixed window), "histogram" (paper) or
+    #: "predicted" (long-idle predictor)
     rule: str
 
     def decision(self, now: float) -> Decision:
@@ -164,7 +185,18 @@ class Schedule:
 
 
 class _IdleHistogram:
-    __slots__ = ("busy", "counts", "idle_since", "out_of_bounds", "plan", "plan_samples", "samples", "sums")
+    __slots__ = (
+        "busy",
+        "counts",
+        "idle_since",
+        "log_predicted",
+        "out_of_bounds",
+        "plan",
+        "plan_samples",
+        "ratios",
+        "samples",
+        "sums",
+    )
 
     def __init__(self, bins: int) -> None:
         self.counts = [0] * bins
@@ -178,6 +210,27 @@ class _IdleHistogram:
         #: the schedule last chosen, and the number of idle times it was chosen from
         self.plan: Schedule | None = None
         self.plan_samples = 0
+        #: long-idle predictor: log of the predicted next idle time, and recent actual / predicted ratios
+        self.log_predicted: float | None = None
+        self.ratios: collections.deque[float] = collections.deque(maxlen=PREDICTOR_HISTORY)
+
+    def observe(self, idle: float) -> None:
+        """Feed the long-idle predictor one idle time (seconds)."""
+        log_idle = math.log(max(idle, 1.0))
+        if self.log_predicted is None:
+            self.log_predicted = log_idle
+            return
+        self.ratios.append(math.exp(log_idle - self.log_predicted))
+        self.log_predicted += PREDICTOR_GAIN * (log_idle - self.log_predicted)
+
+    def predicted(self, margin: float, min_width_s: float) -> tuple[Schedule, list[float]] | None:
+        """The predictor's schedule and the idle times its errors imply for the next one; None while unsure."""
+        if self.log_predicted is None or len(self.ratios) < PREDICTOR_MIN_SAMPLES:
+            return None
+        guess = math.exp(self.log_predicted)
+        first, last = min(self.ratios) * guess, max(self.ratios) * guess
+        pad = max(margin * (last - first), min_width_s)
+        return Schedule(max(first - pad, 0.0), last + pad, "predicted"), [r * guess for r in self.ratios]
 
     def percentile_bin(self, pct: float) -> int:
         in_bounds = self.samples - self.out_of_bounds
@@ -245,11 +298,25 @@ class _IdleCurve:
         return Schedule(0.0, k * self.bin_s, "learned")
 
 
+def _sample_cost(s: Schedule, idle_times: list[float], cold_cost_s: float) -> float:
+    """Mean cost (idle sandbox-seconds + cold cost x cold starts) of ``s`` over these next idle times."""
+    total = 0.0
+    for t in idle_times:
+        if t < s.prewarm_s:
+            total += cold_cost_s  # the call comes before the pre-warm: cold, and nothing was kept
+        elif t <= s.keep_s:
+            total += t - s.prewarm_s
+        else:
+            total += s.keep_s - s.prewarm_s + cold_cost_s
+    return total / len(idle_times)
+
+
 class HistogramPolicy:
     """The hybrid histogram keep-alive policy of "Serverless in the Wild" (ATC'20); see the module doc.
 
     ``cost_aware=False`` is the paper's policy alone: its window while the histogram is representative, the
-    configured fixed window otherwise.
+    long-idle predictor's window (unweighed, standing in for the paper's ARIMA) where most idle times are out of
+    range, the configured fixed window otherwise.
     """
 
     name = "histogram"
@@ -268,6 +335,7 @@ class HistogramPolicy:
         fallback_s: float = IDLE_TIMEOUT_S,
         cold_cost_s: float | None = None,
         cost_aware: bool = True,
+        predict_long_idle: bool = True,
     ) -> None:
         if bin_s <= 0 or range_s < bin_s:
             raise ValueError(f"need 0 < bin_s <= range_s, got bin_s={bin_s}, range_s={range_s}")
@@ -288,6 +356,8 @@ class HistogramPolicy:
         #: None: COLD_START_COST_WINDOWS x the function's fallback window
         self.cold_cost_s = cold_cost_s
         self.cost_aware = cost_aware
+        #: the long-idle predictor for functions idle mostly beyond the range (see the module doc)
+        self.predict_long_idle = predict_long_idle
         self._fns: dict[str, _IdleHistogram] = {}
 
     def configure(self, fn: str, idle_timeout_s: float | None) -> None:
@@ -309,6 +379,7 @@ class HistogramPolicy:
             # an invocation overlapping another one is not preceded by idle time
             idle = max(0.0, now - h.idle_since)
             h.samples += 1
+            h.observe(idle)
             if idle >= self.range_s:
                 h.out_of_bounds += 1
             else:
@@ -361,10 +432,20 @@ class HistogramPolicy:
         """The schedule that follows an invocation of ``fn`` ending now."""
         h = self._fns.get(fn)
         if h is None or h.samples < self.min_samples:
-            return Schedule(0.0, self._fallback_s(fn), "fixed")
+            fixed = Schedule(0.0, self._fallback_s(fn), "fixed")
+            # a function called every few hours takes days to fill a histogram: the predictor needs fewer
+            early = None if h is None else self._long_idle(h)
+            if early is not None and (not self.cost_aware or self._cheaper(early, fixed, fn)):
+                return early[0]
+            return fixed
         # one more idle time barely moves a histogram of many: weigh again only after REPLAN_FRACTION more
         plan = h.plan
-        if plan is None or h.samples >= h.plan_samples * (1.0 + REPLAN_FRACTION) or not self.cost_aware:
+        if (
+            plan is None
+            or h.samples >= h.plan_samples * (1.0 + REPLAN_FRACTION)
+            or not self.cost_aware
+            or plan.rule == "predicted"  # a prediction moves with every idle time
+        ):
             plan = h.plan = self._choose(fn, h)
             h.plan_samples = h.samples
         return plan
@@ -375,12 +456,31 @@ class HistogramPolicy:
         cold_cost_s = self.cold_cost(fn)
         if not self.cost_aware or not math.isfinite(cold_cost_s):
             # an infinitely costly cold start: nothing to weigh, the configured (infinite) window is right
-            return paper if paper is not None else Schedule(0.0, self._fallback_s(fn), "fixed")
+            if paper is not None:
+                return paper
+            predicted = self._long_idle(h) if self.cost_aware is False else None
+            return predicted[0] if predicted is not None else Schedule(0.0, self._fallback_s(fn), "fixed")
         curve = _IdleCurve(h, self.bin_s)
         learned = curve.best_fixed(cold_cost_s)
         if paper is not None and curve.cost(paper, cold_cost_s) <= curve.cost(learned, cold_cost_s):
             return paper
+        predicted = self._long_idle(h)
+        if predicted is not None and self._cheaper(predicted, learned, fn):
+            return predicted[0]
         return learned
+
+    def _cheaper(self, predicted: tuple[Schedule, list[float]], other: Schedule, fn: str) -> bool:
+        """The predictor's schedule costs less than ``other``, both measured on the predictor's own sample of
+        what the next idle time may be."""
+        schedule, idle_times = predicted
+        cold_cost_s = self.cold_cost(fn)
+        return _sample_cost(schedule, idle_times, cold_cost_s) < _sample_cost(other, idle_times, cold_cost_s)
+
+    def _long_idle(self, h: _IdleHistogram) -> tuple[Schedule, list[float]] | None:
+        """The long-idle predictor's schedule where the histogram's range misses most idle times, else None."""
+        if not self.predict_long_idle or h.out_of_bounds <= self.max_out_of_bounds * h.samples:
+            return None
+        return h.predicted(self.margin, self.bin_s)
 
     def decide(self, fn: str, now: float, *, warm: int = 0) -> Decision:
         s = self.plan(fn)
@@ -425,7 +525,7 @@ class Candidate:
     cold_cost_ms: float
     #: latency of an invocation on a warm sandbox
     warm_cost_ms: float
-    #: how often the function is invoked (a count or a rate: only the comparison between candidates matters)
+    #: how often the function is invoked: the calls its live sandboxes served (0 for a never-used sandbox)
     frequency: float
     #: the pool's handle on the sandbox (default: the function name); ``touch`` stamps it
     key: Hashable = None

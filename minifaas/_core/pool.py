@@ -12,7 +12,7 @@ from __future__ import annotations
 import collections
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 import anyio
@@ -53,6 +53,7 @@ class FunctionPool:
         self.deleted = False
         #: cost figures for Greedy-Dual eviction: mean cold start and warm run, in ms
         self.cold_ms = 0.0
+        self.cold_starts = 0
         self.warm_ms = 0.0
         self.invocations = 0
         self.warm_runs = 0
@@ -86,6 +87,11 @@ class FunctionPool:
     def free(self) -> list[Sandbox]:
         c = self.spec.concurrency
         return [sb for sb in self.sandboxes if sb.state == "ready" and len(sb.inflight) < c]
+
+    def live_runs(self) -> int:
+        """Greedy-Dual's frequency: the calls the function's live sandboxes served (FaasCache counts per live
+        container set, so a function hot long ago, all of whose sandboxes have gone, starts again from 0)."""
+        return sum(sb.runs for sb in self.sandboxes)
 
     def idle(self) -> list[Sandbox]:
         return [sb for sb in self.sandboxes if sb.state == "ready" and not sb.inflight]
@@ -218,7 +224,7 @@ class Pool:
                 memory_mb=(fp.spec.memory_mb if fp else 0),
                 cold_cost_ms=(fp.cold_ms + fp.warm_ms) if fp else 0.0,
                 warm_cost_ms=fp.warm_ms if fp else 0.0,
-                frequency=fp.invocations if fp else 0,
+                frequency=fp.live_runs() if fp else 0,
                 key=sb,
             )
             for fp, sb in idle
@@ -241,7 +247,9 @@ class Pool:
                 self.stem.remove(sb)
                 self.tg.start_soon(sb.stop)
             else:
-                self.retire(fp, sb)
+                # the caller takes the freed capacity: announcing it would let the scheduler re-enter and start a
+                # sandbox for the same request in it (two starts per eviction, the total growing past the cap)
+                self.retire(fp, sb, notify=False)
         return True
 
     # -- lifecycle --------------------------------------------------------------------------------------------
@@ -290,9 +298,16 @@ class Pool:
             self.retire(fp, sb)
         else:
             sb.last_used = self.now()
-            sb.expires = math.inf
-            n = self.stats["cold_starts"] = self.stats["cold_starts"] + 1
-            fp.cold_ms += (sb.init_ms - fp.cold_ms) / n
+            if not math.isfinite(sb.expires):
+                # a pre-warm has its expiry already (the policy's keep-alive end); any other sandbox unused after
+                # its start (its request went to another one) gets the function's idle window, never for ever
+                sb.expires = sb.last_used + fp.spec.idle_timeout_s
+            # Greedy-Dual: a loaded sandbox's priority starts from the clock now, frequency 0 until it serves calls
+            self.evictor.touch(sb)
+            self.stats["cold_starts"] += 1
+            # Greedy-Dual's cold cost is this function's mean start (not a mean over the engine's starts)
+            fp.cold_starts += 1
+            fp.cold_ms += (sb.init_ms - fp.cold_ms) / fp.cold_starts
         self.wake_reaper()
         return reply
 
@@ -313,14 +328,15 @@ class Pool:
             self.stem.append(sb)
             self.on_capacity()
 
-    def retire(self, fp: FunctionPool, sb: Sandbox) -> None:
-        """Take a sandbox out of service and stop it in the background."""
+    def retire(self, fp: FunctionPool, sb: Sandbox, *, notify: bool = True) -> None:
+        """Take a sandbox out of service and stop it in the background; ``notify``: tell the scheduler."""
         if sb in fp.sandboxes:
             fp.sandboxes.remove(sb)
         self.evictor.forget(sb)
         if sb.state != "dead":
             self.tg.start_soon(sb.stop)
-        self.on_capacity()
+        if notify:
+            self.on_capacity()
 
     def forget_dead(self, fp: FunctionPool, sb: Sandbox) -> None:
         if sb in fp.sandboxes:
@@ -366,35 +382,51 @@ class Pool:
         self.tg.start_soon(self._refill_stem)
         while True:
             now = self.now()
-            next_check = REAP_INTERVAL_MAX_S
-            for fp in list(self.functions.values()):
-                spec = fp.spec
-                for sb in sorted(fp.idle(), key=lambda s: s.last_used):
-                    if fp.size <= spec.min_sandboxes:
-                        break
-                    if sb.expires <= now:
-                        self.stats["expired_idle"] += 1
-                        self.retire(fp, sb)
-                    else:
-                        next_check = min(next_check, sb.expires - now)
-                if fp.deleted:
-                    continue
-                if fp.size < spec.min_sandboxes and self.may_start(fp, evict=False):
-                    self.stats["min_sandboxes_started"] += 1
-                    self.warm_up(fp)
-                if fp.prewarm_at is not None:
-                    if fp.prewarm_at <= now:
-                        fp.prewarm_at = None
-                        if not fp.idle() and not fp.starting and self.may_start(fp, evict=False):
-                            self.stats["policy_prewarms"] += 1
-                            self.warm_up(fp)
-                    else:
-                        next_check = min(next_check, fp.prewarm_at - now)
-            delay = max(next_check, REAP_INTERVAL_MIN_S)
+            delay = max(self.reap(now), REAP_INTERVAL_MIN_S)
             self._reaper_next = now + delay
             with anyio.move_on_after(delay):
                 await self._reaper_wake.wait()
             self._reaper_wake = anyio.Event()
+
+    def reap(
+        self, now: float, functions: Iterable[FunctionPool] | None = None, *, max_delay_s: float = REAP_INTERVAL_MAX_S
+    ) -> float:
+        """One round of the reaper at ``now`` (over ``functions``, default all): expire, top up, pre-warm.
+
+        Returns the seconds until something is due (at most ``max_delay_s``). The reaper task calls it on the
+        pool's clock; the keep-alive bench calls it on a fake clock, so the bench runs this very code.
+        """
+        next_check = max_delay_s
+        for fp in list(self.functions.values()) if functions is None else functions:
+            spec = fp.spec
+            for sb in sorted(fp.idle(), key=lambda s: s.last_used):
+                if fp.size <= spec.min_sandboxes:
+                    break
+                if sb.expires <= now:
+                    self.stats["expired_idle"] += 1
+                    if sb.prewarmed and not sb.runs:
+                        self.stats["prewarms_expired_unused"] += 1
+                    self.retire(fp, sb)
+                else:
+                    next_check = min(next_check, sb.expires - now)
+            if fp.deleted:
+                continue
+            if fp.size < spec.min_sandboxes and self.may_start(fp, evict=False):
+                self.stats["min_sandboxes_started"] += 1
+                self.warm_up(fp)
+            if fp.prewarm_at is not None:
+                if fp.prewarm_at <= now:
+                    fp.prewarm_at = None
+                    if not fp.idle() and not fp.starting and self.may_start(fp, evict=False):
+                        self.stats["policy_prewarms"] += 1
+                        self.warm_up(fp)
+                        if fp.sandboxes:
+                            # the pre-warmed sandbox is kept until the policy's keep-alive end, then stopped unused
+                            fp.sandboxes[-1].expires = fp.prewarm_until
+                            next_check = min(next_check, max(fp.prewarm_until - now, 0.0))
+                else:
+                    next_check = min(next_check, fp.prewarm_at - now)
+        return next_check
 
     async def close_all(self) -> None:
         """Stop every sandbox this pool ever started and wait until each is reaped and its fds closed."""
