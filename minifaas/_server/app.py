@@ -1127,7 +1127,14 @@ def create_app(
 
     app = Starlette(
         routes=routes,
-        exception_handlers={Exception: _on_error, HTTPException: _on_error, MinifaasError: _on_error},
+        # a handler of its own: one registered only under Exception answers from ServerErrorMiddleware, which then
+        # re-raises, and uvicorn logs a client that went away as an error with a traceback
+        exception_handlers={
+            Exception: _on_error,
+            HTTPException: _on_error,
+            MinifaasError: _on_error,
+            ClientDisconnect: _on_error,
+        },
         lifespan=lifespan,
     )
     app.state.api = api
