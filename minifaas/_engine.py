@@ -312,7 +312,8 @@ class Engine:
             await tg.__aexit__(None, None, None)
             self._tg = None
             if self._store is not None:
-                self._store.close()
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(self._store.close)
             self.sessions.close()
             if self._tmp_dir is not None:
                 shutil.rmtree(self._tmp_dir, ignore_errors=True)
@@ -537,7 +538,10 @@ class Engine:
             return self._submit_session(name, args, cause)
         spec, alias = self._route(name)
         annotations = {"alias": alias} if alias else None
-        job = sched.submit(spec, {} if args is None else args, cause=cause, annotations=annotations)
+        job = sched.submit(spec, {} if args is None else args, cause=cause, annotations=annotations, durable=True)
+        accepted = job.accepted
+        if accepted is not None and not accepted.is_set():
+            await accepted.wait()  # the promise: an id handed out is an id on record
         return job.act.activation_id
 
     async def call(
@@ -640,6 +644,7 @@ class Engine:
         out["queued"] = self._sched.queued
         out["in_flight"] = len(self._sched.jobs)
         out["functions"] = self._pool.snapshot()
+        out["store"] = self._store_or_raise().stats()
         out["launcher"] = getattr(self._launcher, "name", "?")
         launcher_stats = getattr(self._launcher, "stats", None)
         if callable(launcher_stats):

@@ -14,6 +14,7 @@ engine's close records the ones that never ran.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -92,14 +93,19 @@ class Done:
 
 
 class Job:
-    __slots__ = ("act", "args_packed", "begun", "deadline", "done", "fp", "model", "poll")
+    __slots__ = ("accepted", "act", "args_packed", "begun", "deadline", "done", "ended", "fp", "model", "poll")
 
     def __init__(self, act: Activation, args_packed: bytes, fp: FunctionPool, model: str | None) -> None:
         self.act = act
         self.args_packed = args_packed
         self.fp = fp
         self.model = model
+        #: set once the activation has ended and its final record is stored (or the store reported it could not)
         self.done = Done()
+        #: the activation has ended in memory (its final record may still be on its way to the store)
+        self.ended = False
+        #: set once the accepted record is stored (when the submitter asked to wait for that)
+        self.accepted: Done | None = None
         #: event-loop time at which the activation times out (set when it starts)
         self.deadline = math.inf
         #: ``time.perf_counter()`` when it started on a sandbox
@@ -172,7 +178,9 @@ class Scheduler:
         cause: str | None = None,
         activation_id: str | None = None,
         annotations: dict[str, Any] | None = None,
+        durable: bool = False,
     ) -> Job:
+        """Admit an invocation; with ``durable``, ``job.accepted`` is set once its accepted record is stored."""
         validate_args(args)
         merged = {**spec.params, **args} if spec.params else args
         try:
@@ -210,7 +218,11 @@ class Scheduler:
             },
         )
         job = Job(act, packed, fp, model if isinstance(model, str) else None)
-        self.store.put(act)
+        if durable:
+            accepted = job.accepted = Done()
+            self.store.put(act, accepted.set)
+        else:
+            self.store.put(act)
         self.jobs[act.activation_id] = job
         fp.queue.append(job)
         self.queued += 1
@@ -495,8 +507,9 @@ class Scheduler:
     def _finish(
         self, job: Job, status: str, result: dict[str, Any], logs: list[str], annotations: dict[str, Any]
     ) -> None:
-        if job.done.is_set():
+        if job.ended:
             return  # already ended (by the engine's close): a record ends exactly once
+        job.ended = True
         if job.poll is not None:
             job.poll = None
             self.polled.discard(job)
@@ -509,10 +522,13 @@ class Scheduler:
         act.result = result
         act.logs = logs
         act.annotations.update(annotations)
-        self.store.put(act)
-        self.jobs.pop(act.activation_id, None)
+        # the caller sees the end once the final record is stored: the store calls back (at once in memory)
+        self.store.put(act, functools.partial(self._settle, job))
+
+    def _settle(self, job: Job) -> None:
+        self.jobs.pop(job.act.activation_id, None)
         job.done.set()
-        self.on_end(act)
+        self.on_end(job.act)
 
     def fail_queued(self, fp: FunctionPool, message: str, status: str = "developer_error") -> None:
         """End every request still waiting in ``fp``'s queue (function deleted, engine closing)."""
@@ -523,5 +539,5 @@ class Scheduler:
 
     def fail_running(self, message: str) -> None:
         for job in list(self.jobs.values()):
-            if not job.done.is_set():
+            if not job.ended:
                 self._finish(job, "internal_error", {"error": message}, [], {})
