@@ -349,6 +349,7 @@ class Engine:
         max_result_bytes: int | None = None,
         max_log_bytes: int | None = None,
         max_queue: int | None = None,
+        max_queue_wait_s: float | None = None,
         keepalive: Literal["fixed", "histogram"] | None = None,
         style: Literal["openwhisk", "lambda"] = "openwhisk",
         model_param: str | None = None,
@@ -380,6 +381,7 @@ class Engine:
             max_result_bytes=max_result_bytes,
             max_log_bytes=max_log_bytes,
             max_queue=max_queue,
+            max_queue_wait_s=max_queue_wait_s,
         )
         if min_sandboxes < 0 or min_sandboxes > limits["max_sandboxes"]:
             raise DeployError(f"min_sandboxes must be between 0 and max_sandboxes ({limits['max_sandboxes']})")
@@ -671,6 +673,7 @@ def _limits(**given: Any) -> dict[str, Any]:
         "max_result_bytes": (1, 1 << 30),
         "max_log_bytes": (1, 1 << 30),
         "max_queue": (0, 10_000_000),
+        "max_queue_wait_s": (0.01, 30 * 24 * 3600),
     }
     for key, value in given.items():
         if value is None:

@@ -268,7 +268,7 @@ class Pool:
             else:
                 self.stats["prewarmed_specializations"] += 1
                 self.tg.start_soon(self._refill_stem)
-            reply = await sb.init(spec.init_fields())
+            reply = await sb.init(spec.init_fields(), spec.timeout_s)
         except (Exception, SandboxDied) as exc:
             reply = {"ok": False, "error": f"the sandbox failed to start: {exc}"}
         finally:

@@ -454,7 +454,8 @@ class RaySandbox(Sandbox):
             return False
         return any(sb.state == "ready" for sb in fp.sandboxes)
 
-    async def init(self, fields: dict[str, Any]) -> dict[str, Any]:
+    async def init(self, fields: dict[str, Any], timeout_s: float = math.inf) -> dict[str, Any]:
+        # ``timeout_s`` is enforced inside the sandbox (the runtime's init time limit, ``fields["timeout_ms"]``)
         try:
             reply: dict[str, Any] = await self.actor.init.remote(fields)
             if reply.get("need_bundle"):

@@ -33,6 +33,9 @@ START_TIMEOUT_S: Final = 60.0
 #: after the channel closes, how long to wait for the pipes to drain (a crash's last words on stderr)
 DRAIN_TIMEOUT_S: Final = 0.5
 SHUTDOWN_GRACE_S: Final = 2.0
+#: the runtime ends an initialization that outlives the function's timeout itself, with its logs; the host kills a
+#: sandbox whose INIT_DONE is this much later still (its code is stuck where a signal cannot reach it)
+INIT_KILL_GRACE_S: Final = 1.0
 #: how long a failed write may wait for the watcher to report the sandbox's exit status
 DEATH_REPORT_TIMEOUT_S: Final = 5.0
 READ_CHUNK_BYTES: Final = 1 << 18
@@ -204,8 +207,9 @@ class Sandbox:
                 await self._ready.get()
         return (time.perf_counter() - t0) * 1000
 
-    async def init(self, fields: dict[str, Any]) -> dict[str, Any]:
-        """Send INIT and wait for INIT_DONE. Sent right after the launch, INIT waits in the channel for the runtime,
+    async def init(self, fields: dict[str, Any], timeout_s: float = math.inf) -> dict[str, Any]:
+        """Send INIT and wait for INIT_DONE, up to ``timeout_s`` once the runtime is READY (then the sandbox is
+        killed and the reply says so). Sent right after the launch, INIT waits in the channel for the runtime,
         which reads it as soon as it has sent READY: a cold start spares that round trip."""
         try:
             self.send(p.INIT, fields)
@@ -220,7 +224,13 @@ class Sandbox:
                 raise
         with anyio.fail_after(START_TIMEOUT_S):
             await self._ready.get()
-        reply: dict[str, Any] = await self._init.get()
+        reply: dict[str, Any] = {}
+        with anyio.move_on_after(timeout_s + INIT_KILL_GRACE_S) as scope:
+            reply = await self._init.get()
+        if scope.cancelled_caught:
+            ms = round(timeout_s * 1000)
+            self.kill(f"its initialization exceeded its time limit of {ms} milliseconds")
+            return {"ok": False, "error": f"the initialization exceeded its time limit of {ms} milliseconds"}
         if reply.get("ok"):
             self.state = "ready"
         return reply

@@ -93,7 +93,19 @@ class Done:
 
 
 class Job:
-    __slots__ = ("accepted", "act", "args_packed", "begun", "deadline", "done", "ended", "fp", "model", "poll")
+    __slots__ = (
+        "accepted",
+        "act",
+        "args_packed",
+        "begun",
+        "deadline",
+        "done",
+        "ended",
+        "fp",
+        "model",
+        "poll",
+        "queued_at",
+    )
 
     def __init__(self, act: Activation, args_packed: bytes, fp: FunctionPool, model: str | None) -> None:
         self.act = act
@@ -106,6 +118,8 @@ class Job:
         self.ended = False
         #: set once the accepted record is stored (when the submitter asked to wait for that)
         self.accepted: Done | None = None
+        #: event-loop time at which it was queued (first), for ``max_queue_wait_s``
+        self.queued_at = 0.0
         #: event-loop time at which the activation times out (set when it starts)
         self.deadline = math.inf
         #: ``time.perf_counter()`` when it started on a sandbox
@@ -166,6 +180,8 @@ class Scheduler:
         self.polled: set[Job] = set()
         self.poll_max_run_ms = POLL_MAX_RUN_MS
         self._loop = asyncio.get_running_loop()
+        #: one timer per function with requests queued: it ends those that waited longer than max_queue_wait_s
+        self._queue_timers: dict[FunctionPool, asyncio.TimerHandle] = {}
         pool.on_capacity = self.pump_all
         pool.warm_up = self._warm_up
 
@@ -224,10 +240,41 @@ class Scheduler:
         else:
             self.store.put(act)
         self.jobs[act.activation_id] = job
+        job.queued_at = self._loop.time()
         fp.queue.append(job)
         self.queued += 1
+        if fp not in self._queue_timers:
+            self._arm_queue_timer(fp)
         self.pump(fp)
         return job
+
+    def _requeue(self, fp: FunctionPool, job: Job) -> None:
+        """Give a request that never ran back to the front of its queue."""
+        job.act.status = "pending"
+        fp.queue.appendleft(job)
+        self.queued += 1
+        if fp not in self._queue_timers:
+            self._arm_queue_timer(fp)
+
+    def _arm_queue_timer(self, fp: FunctionPool) -> None:
+        oldest = min(job.queued_at for job in fp.queue)
+        self._queue_timers[fp] = self._loop.call_at(oldest + fp.spec.max_queue_wait_s, self._expire_queued, fp)
+
+    def _expire_queued(self, fp: FunctionPool) -> None:
+        del self._queue_timers[fp]
+        limit = fp.spec.max_queue_wait_s
+        now = self._loop.time()
+        expired = [job for job in fp.queue if job.queued_at + limit <= now]
+        for job in expired:
+            fp.queue.remove(job)
+            self.queued -= 1
+            message = (
+                f"{fp.spec.name} waited {limit:g} s in its queue and no sandbox took it "
+                f"(the function's max_queue_wait_s is {limit:g} s)"
+            )
+            self._finish(job, "internal_error", {"error": message}, [], {"queue_timeout": True})
+        if fp.queue:
+            self._arm_queue_timer(fp)
 
     # -- dispatch ---------------------------------------------------------------------------------------------
     def pump_all(self) -> None:
@@ -277,8 +324,7 @@ class Scheduler:
                 {"aid": act.activation_id, "args": job.args_packed, "deadline": deadline, "version": spec.version},
             )
         except SandboxDied:
-            fp.queue.appendleft(job)
-            self.queued += 1
+            self._requeue(fp, job)
             self.pool.forget_dead(fp, sb)
             return
         act.annotations["pipelined"] = True
@@ -365,9 +411,7 @@ class Scheduler:
             )
         except SandboxDied:
             # it never ran: give it back to the queue, a healthy sandbox takes it
-            act.status = "pending"
-            fp.queue.appendleft(job)
-            self.queued += 1
+            self._requeue(fp, job)
             self.pool.forget_dead(fp, sb)
             return
         self._begin(fp, sb, job, cold=sb.runs == 0 and not sb.prewarmed)
@@ -486,10 +530,8 @@ class Scheduler:
             # queued inside the sandbox but never started: they go back to the front of the queue
             while sb.prefetched:
                 job = sb.prefetched.pop()
-                job.act.status = "pending"
                 job.act.annotations.pop("pipelined", None)
-                fp.queue.appendleft(job)
-                self.queued += 1
+                self._requeue(fp, job)
         for job in jobs:
             logs = sb.take_stray(job.act.activation_id)
             logs.append(log_line("stderr", f"minifaas: {reason}"))

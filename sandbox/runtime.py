@@ -14,6 +14,7 @@ import functools
 import importlib.util
 import os
 import resource
+import signal
 import site
 import socket
 import sys
@@ -21,7 +22,7 @@ import threading
 import time
 import traceback
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, Final, TextIO
@@ -259,7 +260,8 @@ class Runtime:
                     # thread until then)
                     isolate_network()
             _prepend_sys_path([str(e) for e in fields.get("sys_path") or ()])
-            self.fn = _load_function(fields, chdir=not in_process)
+            with _init_time_limit(0 if in_process else int(fields.get("timeout_ms") or 0)):
+                self.fn = _load_function(fields, chdir=not in_process)
         except BaseException as exc:
             self._main_logs = None
             tb = traceback.format_exc()
@@ -462,6 +464,31 @@ def _prepend_sys_path(entries: list[str]) -> None:
     added = [e for e in sys.path if e not in before]
     sys.path[:] = added + before
     importlib.invalidate_caches()
+
+
+class InitTimeout(BaseException):
+    """The function's module-level code outlived its time limit (a BaseException: ``except Exception`` in the
+    function's code must not swallow it)."""
+
+
+@contextlib.contextmanager
+def _init_time_limit(timeout_ms: int) -> Iterator[None]:
+    """Interrupt the import after ``timeout_ms`` (as OpenWhisk applies the action's timeout to /init), so its
+    record ends with the logs written so far; code stuck in C is killed by the host a little later."""
+    if timeout_ms <= 0 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum: int, frame: types.FrameType | None) -> None:
+        raise InitTimeout(f"the initialization exceeded its time limit of {timeout_ms} milliseconds")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, timeout_ms / 1000)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _describe(exc: BaseException) -> str:

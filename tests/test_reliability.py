@@ -220,3 +220,55 @@ async def test_backpressure_rejects_at_once_and_memory_stays_bounded(bound: str)
             assert (await engine.activations.wait(aid, timeout_s=60)).status == "success"
         # the queue drained: the engine accepts again
         assert await engine.invoke("a", {"i": 0}) == {"i": 0}
+
+
+# -- faults the review reproduced (shared/repro) --------------------------------------------------------------------
+INIT_HANG_CODE = {
+    # the runtime interrupts the import itself and the record keeps what it printed
+    "interruptible": "import time\nprint('loading weights')\ntime.sleep(3600)\ndef main(a):\n    return {}\n",
+    # SIGALRM blocked: only the host's kill ends it
+    "stuck": (
+        "import signal, time\nprint('loading weights')\nsignal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGALRM])\n"
+        "time.sleep(3600)\ndef main(a):\n    return {}\n"
+    ),
+}
+#: the init timeout, and how long after it the record must have ended (the host's kill grace and a loaded machine)
+INIT_TIMEOUT_S = 1.0
+INIT_END_BY_S = 8.0
+
+
+@pytest.mark.parametrize("kind", list(INIT_HANG_CODE), ids=list(INIT_HANG_CODE))
+async def test_init_that_outlives_the_timeout_ends_its_activation(kind: str) -> None:
+    """init_hang.py: module-level code that sleeps left the record pending for ever."""
+    async with minifaas.Engine(close_timeout_s=1) as engine:
+        await engine.deploy("hang", code=INIT_HANG_CODE[kind], timeout_s=INIT_TIMEOUT_S)
+        t0 = time.monotonic()
+        aid = await engine.submit("hang", {})
+        with anyio.fail_after(INIT_END_BY_S):
+            act = await engine.activations.wait(aid, timeout_s=None)
+        assert time.monotonic() - t0 >= INIT_TIMEOUT_S
+        assert act.status == "developer_error"
+        assert "exceeded its time limit of 1000 milliseconds" in act.result["error"], act.result
+        assert act.annotations.get("init_failed") is True
+        if kind == "interruptible":
+            assert any("loading weights" in line for line in act.logs), act.logs
+        stats = engine.stats()
+        assert stats["in_flight"] == 0 and stats["queued"] == 0
+
+
+async def test_queue_wait_is_bounded() -> None:
+    slow = "import time\ndef main(a):\n    time.sleep(a['s'])\n    return {}\n"
+    async with minifaas.Engine(close_timeout_s=1) as engine:
+        await engine.deploy("one", code=slow, max_sandboxes=1, max_queue_wait_s=0.5)
+        await engine.invoke("one", {"s": 0})
+        busy = await engine.submit("one", {"s": 2.0})
+        t0 = time.monotonic()
+        waiting = await engine.submit("one", {"s": 0})
+        with anyio.fail_after(1.8):
+            act = await engine.activations.wait(waiting, timeout_s=None)
+        assert time.monotonic() - t0 >= 0.5
+        assert act.status == "internal_error" and act.annotations["queue_timeout"] is True
+        assert "max_queue_wait_s is 0.5 s" in act.result["error"]
+        assert (await engine.activations.wait(busy)).status == "success"
+        with pytest.raises(minifaas.DeployError, match="max_queue_wait_s"):
+            await engine.deploy("bad", code=slow, max_queue_wait_s=-1)
