@@ -29,6 +29,7 @@ from ._errors import (
     Overloaded,
     PayloadTooLarge,
     RateLimited,
+    StateDirLocked,
     TriggerError,
 )
 from ._feeds import CronSchedule, FeedInfo
@@ -60,6 +61,7 @@ __all__ = (
     "RateLimited",
     "Rule",
     "RuleOutcome",
+    "StateDirLocked",
     "SyncEngine",
     "Trigger",
     "TriggerActivation",

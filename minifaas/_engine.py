@@ -43,6 +43,7 @@ from ._pool import KEEPALIVE_POLICIES, MAX_SANDBOXES_TOTAL, Pool
 from ._sandbox import HostService
 from ._scheduler import ENGINE_MAX_QUEUED, Scheduler
 from ._sessions import SessionStore
+from ._statelock import StateDirLock
 from ._store import ActivationStore, open_store
 from ._triggers import TriggerManager
 from ._versions import ALIASES_FILE_NAME, AliasTable, Routing, split_ref
@@ -183,6 +184,10 @@ class Engine:
         #: triggers, rules and feeds (event-driven invocation); created when the engine starts
         self.triggers: TriggerManager | None = None
         self._tg: anyio.abc.TaskGroup | None = None
+        #: what ``__aenter__`` started, undone in reverse order by ``__aexit__``
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._store_closed = False
+        self._state_lock: StateDirLock | None = None
         self._store: ActivationStore | None = None
         self._sched: Scheduler | None = None
         self._pool: Pool | None = None
@@ -197,66 +202,82 @@ class Engine:
 
     # -- lifecycle --------------------------------------------------------------------------------------------
     async def __aenter__(self) -> Engine:
-        if self._tg is not None:
-            raise RuntimeError("the engine is already started")
-        if self.state_dir is not None:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-            self._work_dir = self.state_dir / "bundles"
-            self._work_dir.mkdir(exist_ok=True)
-        else:
-            self._tmp_dir = tempfile.mkdtemp(prefix="minifaas-")
-            self._work_dir = Path(self._tmp_dir) / "bundles"
-            self._work_dir.mkdir()
-        self._store = open_store(self.state_dir)
-        if self.state_dir is not None:
-            self._aliases = AliasTable(self.state_dir / ALIASES_FILE_NAME, rng=self._aliases.rng)
-        self.recovered = self._store.recover()
-        if self.state_dir is not None:
-            self.sessions = SessionStore(self.state_dir / "sessions.sqlite3")
-        self._launcher = self._make_launcher()
-        tg = anyio.create_task_group()
-        await tg.__aenter__()
-        self._tg = tg
-        start_in = getattr(self._launcher, "start_in", None)
-        if start_in is not None:
-            try:
-                await start_in(tg)
-            except BaseException:
-                tg.cancel_scope.cancel()
-                await tg.__aexit__(None, None, None)
-                self._tg = None
-                raise
-        services: dict[str, HostService] = {"model.fetch": self._svc_model_fetch}
-        self._pool = Pool(
-            tg,
-            self._launcher,
-            services,
-            max_total=self.max_sandboxes,
-            memory_budget_mb=self.memory_budget_mb,
-            now=self.clock.now if self.clock is not None else time.monotonic,
-            keepalive=self.keepalive,
-            idle_timeout_s=self.idle_timeout_s,
-            prewarm=self.prewarm,
-        )
-        attach = getattr(self._launcher, "attach", None)
-        if attach is not None:
-            attach(self._pool)  # a backend (Ray) makes its own sandbox handles: pool.sandbox_factory
-        if self.clock is not None and hasattr(self.clock, "on_advance"):
-            self.clock.on_advance(self._pool.wake_reaper)
-        polling = self.backend == "local" and self.poll_us > 0
-        self._sched = Scheduler(
-            tg,
-            self._pool,
-            self._store,
-            max_queued=self.max_queued,
-            on_end=self._on_end,
-            poll_us=self.poll_us if polling else 0,
-        )
-        tg.start_soon(self._pool.reaper, name="minifaas-reaper")
-        loop = asyncio.get_running_loop()
-        if polling and install_polling(loop, id(self), self._sched.poll_window):
-            self._polling_loop = loop
-        self.triggers = TriggerManager(self.submit, state_dir=self.state_dir, task_group=tg, clock=self.clock)
+        """Start every part in order; a failure on the way closes what was started (nothing is left running)."""
+        if self._stack is not None or self._closing:
+            raise RuntimeError("the engine is already started (an Engine is started once)")
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                if self.state_dir is not None:
+                    self.state_dir.mkdir(parents=True, exist_ok=True)
+                    lock = self._state_lock = StateDirLock(self.state_dir)
+                    lock.acquire()  # before recover(): it ends the pending records of any engine but a dead one
+                    stack.callback(lock.release)
+                    self._work_dir = self.state_dir / "bundles"
+                    self._work_dir.mkdir(exist_ok=True)
+                else:
+                    self._tmp_dir = tmp_dir = tempfile.mkdtemp(prefix="minifaas-")
+                    stack.callback(shutil.rmtree, tmp_dir, ignore_errors=True)
+                    self._work_dir = Path(tmp_dir) / "bundles"
+                    self._work_dir.mkdir()
+                store = self._store = open_store(self.state_dir)
+                stack.push_async_callback(self._close_store)
+                if self.state_dir is not None:
+                    self._aliases = AliasTable(self.state_dir / ALIASES_FILE_NAME, rng=self._aliases.rng)
+                self.recovered = store.recover()
+                if self.state_dir is not None:
+                    self.sessions = SessionStore(self.state_dir / "sessions.sqlite3")
+                stack.callback(self.sessions.close)
+                self._launcher = self._make_launcher()
+                # the task group lives exactly as long as the engine's ``async with``; everything registered after it
+                # is undone before it exits (its tasks are cancelled then)
+                tg = self._tg = await stack.enter_async_context(anyio.create_task_group())
+                stack.callback(tg.cancel_scope.cancel)
+                start_in = getattr(self._launcher, "start_in", None)
+                if start_in is not None:
+                    await start_in(tg)
+                stack.push_async_callback(self._close_launcher)
+                services: dict[str, HostService] = {"model.fetch": self._svc_model_fetch}
+                self._pool = Pool(
+                    tg,
+                    self._launcher,
+                    services,
+                    max_total=self.max_sandboxes,
+                    memory_budget_mb=self.memory_budget_mb,
+                    now=self.clock.now if self.clock is not None else time.monotonic,
+                    keepalive=self.keepalive,
+                    idle_timeout_s=self.idle_timeout_s,
+                    prewarm=self.prewarm,
+                )
+                stack.push_async_callback(self._close_pool)
+                attach = getattr(self._launcher, "attach", None)
+                if attach is not None:
+                    attach(self._pool)  # a backend (Ray) makes its own sandbox handles: pool.sandbox_factory
+                if self.clock is not None and hasattr(self.clock, "on_advance"):
+                    self.clock.on_advance(self._pool.wake_reaper)
+                polling = self.backend == "local" and self.poll_us > 0
+                self._sched = Scheduler(
+                    tg,
+                    self._pool,
+                    store,
+                    max_queued=self.max_queued,
+                    on_end=self._on_end,
+                    poll_us=self.poll_us if polling else 0,
+                )
+                tg.start_soon(self._pool.reaper, name="minifaas-reaper")
+                loop = asyncio.get_running_loop()
+                if polling and install_polling(loop, id(self), self._sched.poll_window):
+                    self._polling_loop = loop
+                    stack.callback(self._uninstall_polling)
+                self.triggers = TriggerManager(self.submit, state_dir=self.state_dir, task_group=tg, clock=self.clock)
+                # a clean close drains first (aclose); a failed start skips that and only undoes what was started
+                stack.push_async_callback(self.aclose)
+                self._stack = stack.pop_all()
+        except BaseExceptionGroup as group:
+            # the task group wraps a start-up error: the caller wants the error itself (a TriggerError...)
+            leaves = _leaves(group)
+            if len(leaves) == 1:
+                raise leaves[0] from None
+            raise
         self.started_at = time.time()
         return self
 
@@ -266,7 +287,12 @@ class Engine:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.aclose()
+        stack, self._stack = self._stack, None
+        try:
+            if stack is not None:
+                await stack.__aexit__(exc_type, exc, tb)
+        finally:
+            self._tg = None
 
     def _make_launcher(self) -> Launcher:
         if self.backend == "ray":
@@ -283,9 +309,11 @@ class Engine:
         return SpawnLauncher(self.preload or ())
 
     async def aclose(self) -> None:
-        """Finish in-flight work (up to ``close_timeout_s``), record the rest as failed, stop every sandbox."""
-        tg, sched, pool = self._tg, self._sched, self._pool
-        if tg is None or sched is None or pool is None or self._closing:
+        """Finish in-flight work (up to ``close_timeout_s``), record the rest as failed, stop every sandbox, the
+        launcher and the store. Safe inside any cancel scope (``with fail_after(...): await engine.aclose()``)
+        and more than once; the engine's task group itself ends with its ``async with`` block."""
+        sched, pool = self._sched, self._pool
+        if sched is None or pool is None or self._closing:
             return
         try:
             if self.triggers is not None:
@@ -300,23 +328,41 @@ class Engine:
                 sched.fail_queued(fp, ENGINE_CLOSED_MESSAGE, status="internal_error")
             sched.fail_running(ENGINE_CLOSED_MESSAGE)
             self._fail_sessions()
-            with anyio.CancelScope(shield=True):
-                await pool.close_all()
-                if self._launcher is not None:
-                    await self._launcher.aclose()
         finally:
-            if self._polling_loop is not None:
-                uninstall_polling(self._polling_loop, id(self))
-                self._polling_loop = None
-            tg.cancel_scope.cancel()
-            await tg.__aexit__(None, None, None)
-            self._tg = None
-            if self._store is not None:
-                with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(self._store.close)
+            await self._close_pool()
+            await self._close_launcher()
+            self._uninstall_polling()
+            if self._tg is not None:
+                self._tg.cancel_scope.cancel()
+            await self._close_store()
             self.sessions.close()
             if self._tmp_dir is not None:
                 shutil.rmtree(self._tmp_dir, ignore_errors=True)
+            if self._state_lock is not None:
+                self._state_lock.release()
+
+    async def _close_pool(self) -> None:
+        if self._pool is not None:
+            with anyio.CancelScope(shield=True):
+                await self._pool.close_all()
+
+    async def _close_launcher(self) -> None:
+        launcher = self._launcher
+        if launcher is not None:
+            with anyio.CancelScope(shield=True):
+                await launcher.aclose()
+
+    async def _close_store(self) -> None:
+        store = self._store
+        if store is not None and not self._store_closed:
+            self._store_closed = True
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(store.close)
+
+    def _uninstall_polling(self) -> None:
+        if self._polling_loop is not None:
+            uninstall_polling(self._polling_loop, id(self))
+            self._polling_loop = None
 
     def _require(self) -> Scheduler:
         if self._sched is None or self._closing:
@@ -652,6 +698,13 @@ class Engine:
         if callable(launcher_stats):
             out["launcher_stats"] = launcher_stats()
         return out
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return out
 
 
 def _user_model_cache() -> Path:
