@@ -34,6 +34,10 @@ RUN_AVG_GAIN: Final = 8
 RUN_DEV_GAIN: Final = 4
 #: a round trip's extra time beyond the run is clamped to this (ms): a stall of the host is not a trend
 MAX_TRIP_MS: Final = 5.0
+#: after a function's sandbox fails to initialize, no new one starts for this long, doubling with each failure in
+#: a row up to the cap; a success resets it (a crash loop costs a few forks a minute, not hundreds a second)
+INIT_BACKOFF_FIRST_S: Final = 0.1
+INIT_BACKOFF_MAX_S: Final = 30.0
 
 
 def _last_used(sb: object) -> float:
@@ -64,6 +68,18 @@ class FunctionPool:
         #: the keep-alive policy asked for a fresh sandbox at this time (pool clock), kept until ``prewarm_until``
         self.prewarm_at: float | None = None
         self.prewarm_until = 0.0
+        #: initializations failed in a row, and until when (``time.monotonic()``) no new sandbox starts
+        self.init_failures = 0
+        self.backoff_until = 0.0
+        #: the last failed initialization's error and logs, for the records failed during the back-off
+        self.last_init_error = ""
+        self.last_init_logs: list[str] = []
+
+    def backoff_left_s(self) -> float:
+        """Seconds until a new sandbox may start after failed initializations (0 when it may now)."""
+        if not self.init_failures:
+            return 0.0
+        return max(0.0, self.backoff_until - time.monotonic())
 
     def record_run(self, run_ms: float, *, cold: bool = False) -> None:
         self.invocations += 1
@@ -185,7 +201,7 @@ class Pool:
 
     def may_start(self, fp: FunctionPool, *, evict: bool = True) -> bool:
         """True when ``fp`` may start one more sandbox now, evicting idle ones elsewhere if the engine is full."""
-        if fp.size >= fp.spec.max_sandboxes:
+        if fp.size >= fp.spec.max_sandboxes or fp.backoff_left_s() > 0:
             return False
         if self.stem and self.total >= self.max_total:
             return True  # a stem cell will be specialized: the total does not grow
@@ -275,8 +291,15 @@ class Pool:
             fp.starting -= 1
         sb.init_ms = (time.perf_counter() - t0) * 1000
         if not reply.get("ok"):
+            fp.init_failures += 1
+            delay = min(INIT_BACKOFF_FIRST_S * 2 ** (fp.init_failures - 1), INIT_BACKOFF_MAX_S)
+            fp.backoff_until = time.monotonic() + delay
+            fp.last_init_error = str(reply.get("error"))
+            fp.last_init_logs = list(reply.get("logs") or [])
+            self.stats["init_failures"] += 1
             self.retire(fp, sb)
         else:
+            fp.init_failures = 0
             sb.last_used = self.now()
             sb.expires = math.inf
             n = self.stats["cold_starts"] = self.stats["cold_starts"] + 1
@@ -367,6 +390,9 @@ class Pool:
                         next_check = min(next_check, sb.expires - now)
                 if fp.deleted:
                     continue
+                backoff = fp.backoff_left_s()
+                if backoff > 0 and fp.size < spec.min_sandboxes:
+                    next_check = min(next_check, backoff)
                 if fp.size < spec.min_sandboxes and self.may_start(fp, evict=False):
                     self.stats["min_sandboxes_started"] += 1
                     self.warm_up(fp)
@@ -411,5 +437,7 @@ class Pool:
                 "models": sorted({m for sb in fp.sandboxes for m in sb.models}),
                 "pids": [sb.proc.pid for sb in fp.sandboxes if sb.proc is not None],
                 "keepalive": getattr(fp.policy, "name", "?"),
+                "init_failures": fp.init_failures,
+                "init_backoff_s": round(fp.backoff_left_s(), 3),
             }
         return out

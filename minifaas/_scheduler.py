@@ -303,7 +303,23 @@ class Scheduler:
             if fp.starting * fp.spec.concurrency < len(queue) and self.pool.may_start(fp):
                 self._new_sandbox(fp)
                 continue
+            if not fp.sandboxes and fp.backoff_left_s() > 0:
+                # nothing runs this function and nothing may start for a while: failing now says why, where
+                # waiting would only fail later
+                self._fail_backing_off(fp)
             break
+
+    def _fail_backing_off(self, fp: FunctionPool) -> None:
+        left = fp.backoff_left_s()
+        error = (
+            f"The action failed to initialize: {fp.last_init_error} ({fp.init_failures} failed initializations in a "
+            f"row; no new sandbox starts for {left:.1f} s)"
+        )
+        annotations = {"init_failed": True, "init_failures": fp.init_failures, "init_backoff_s": round(left, 3)}
+        while fp.queue:
+            job = fp.queue.popleft()
+            self.queued -= 1
+            self._finish(job, "developer_error", {"error": error}, list(fp.last_init_logs), dict(annotations))
 
     @staticmethod
     def _prefetch_target(fp: FunctionPool) -> Sandbox | None:
@@ -382,12 +398,26 @@ class Scheduler:
             act.init_time = round(sb.init_ms)
             logs = list(reply.get("logs") or [])
             logs += [line for lines in sb.stray.values() for line in lines]
+            left = fp.backoff_left_s()
             self._finish(
                 job,
                 "developer_error",
-                {"error": f"The action failed to initialize: {reply.get('error')}"},
+                {
+                    "error": f"The action failed to initialize: {reply.get('error')}"
+                    + (
+                        f" ({fp.init_failures} failed initializations in a row; the next try in {left:.1f} s)"
+                        if left
+                        else ""
+                    )
+                },
                 logs,
-                {"cold": True, "sandbox": sb.id, "init_failed": True},
+                {
+                    "cold": True,
+                    "sandbox": sb.id,
+                    "init_failed": True,
+                    "init_failures": fp.init_failures,
+                    "init_backoff_s": round(left, 3),
+                },
             )
         self.pump(fp)
 

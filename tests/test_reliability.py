@@ -272,3 +272,45 @@ async def test_queue_wait_is_bounded() -> None:
         assert (await engine.activations.wait(busy)).status == "success"
         with pytest.raises(minifaas.DeployError, match="max_queue_wait_s"):
             await engine.deploy("bad", code=slow, max_queue_wait_s=-1)
+
+
+CRASH_AT_IMPORT = "raise RuntimeError('boom at import')\ndef main(a):\n    return {}\n"
+#: back-off 0.1, 0.2, 0.4, 0.8, 1.6 s...: in 3 s a crash loop gets about six launches (it got hundreds)
+CRASH_LOOP_WATCH_S = 3.0
+CRASH_LOOP_MAX_LAUNCHES = 10
+
+
+async def test_crash_loop_backs_off_and_says_so(tmp_path: Path) -> None:
+    """crashloop.py: a function whose import raises, with min_sandboxes=1, was re-forked hundreds of times a second."""
+    from minifaas._metrics import Metrics
+
+    async with minifaas.Engine() as engine:
+        await engine.deploy("bad", code=CRASH_AT_IMPORT, min_sandboxes=1)
+        await anyio.sleep(CRASH_LOOP_WATCH_S)
+        stats = engine.stats()
+        launches = stats.get("forks", 0) + stats.get("spawns", 0)
+        assert 3 <= launches <= CRASH_LOOP_MAX_LAUNCHES, stats
+        fn = stats["functions"]["guest/bad@1"]
+        assert fn["init_failures"] >= 3 and fn["init_backoff_s"] > 0
+        assert stats["init_failures"] == fn["init_failures"]
+        act = await engine.call("bad", {})
+        assert act.status == "developer_error" and act.annotations["init_failed"] is True
+        assert "boom at import" in act.result["error"]
+        assert "failed initializations in a row" in act.result["error"], act.result
+        assert any("RuntimeError: boom at import" in line for line in act.logs), act.logs
+        text = Metrics(engine).render().decode()
+        assert 'minifaas_init_backoff_seconds{function="bad",version="1"}' in text
+        assert 'minifaas_pool_events_total{event="init_failures"}' in text
+
+        # a success resets the back-off
+        flag = tmp_path / "once"
+        flaky = (
+            f"import os\nif not os.path.exists({str(flag)!r}):\n    open({str(flag)!r}, 'w').close()\n"
+            "    raise RuntimeError('first import fails')\ndef main(a):\n    return {'ok': 1}\n"
+        )
+        await engine.deploy("flaky", code=flaky)
+        first = await engine.call("flaky", {})
+        assert first.status == "developer_error" and first.annotations["init_failures"] == 1
+        await anyio.sleep(first.annotations["init_backoff_s"] + 0.05)
+        assert await engine.invoke("flaky", {}) == {"ok": 1}
+        assert engine.stats()["functions"]["guest/flaky@1"]["init_failures"] == 0
