@@ -256,7 +256,7 @@ class Pool:
     # -- lifecycle --------------------------------------------------------------------------------------------
     def reserve(self, fp: FunctionPool) -> Sandbox:
         """Count a new sandbox for ``fp`` at once (so caps hold) before :meth:`boot` starts it."""
-        while self.stem and self.stem[-1].state == "dead":
+        while self.stem and self.stem[-1].gone:
             self.stem.pop()
         # a stem cell is a fork of the preloaded interpreter: not for a function that needs its env's python
         use_stem = bool(self.stem) and fp.spec.python is None

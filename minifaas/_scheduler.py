@@ -527,7 +527,7 @@ class Scheduler:
 
     def _check_deadlines(self, fp: FunctionPool, sb: Sandbox) -> None:
         sb.timer = None
-        if not sb.inflight or sb.state == "dead":
+        if not sb.inflight or sb.gone:
             return
         now = self._loop.time()
         expired = [job for job in sb.inflight.values() if job.deadline <= now]
@@ -563,6 +563,11 @@ class Scheduler:
                 job.act.annotations.pop("pipelined", None)
                 self._requeue(fp, job)
         for job in jobs:
+            if fp is not None and job.act.activation_id in sb.unstarted:
+                # its RUN was still unread in the channel: the function never started, another sandbox runs it
+                self._unstart(job)
+                self._requeue(fp, job)
+                continue
             logs = sb.take_stray(job.act.activation_id)
             logs.append(log_line("stderr", f"minifaas: {reason}"))
             self._finish(
@@ -575,6 +580,19 @@ class Scheduler:
         if fp is not None:
             self.pool.forget_dead(fp, sb)
             self.pump(fp)
+
+    def _unstart(self, job: Job) -> None:
+        """Undo ``_begin`` for a request that never started where it was sent."""
+        if job.poll is not None:
+            job.poll = None
+            self.polled.discard(job)
+        act = job.act
+        act.start = 0
+        act.init_time = act.wait_time = None
+        for key in ("sandbox", "cold", "launch", "pipelined"):
+            act.annotations.pop(key, None)
+        act.annotations["resent"] = act.annotations.get("resent", 0) + 1
+        job.deadline = math.inf
 
     def _finish(
         self, job: Job, status: str, result: dict[str, Any], logs: list[str], annotations: dict[str, Any]

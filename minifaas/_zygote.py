@@ -55,6 +55,8 @@ RECV_BYTES: Final = 1 << 16
 #: exit status reported for a sandbox whose zygote died before reporting its end: the kernel SIGKILLs it
 #: then (PR_SET_PDEATHSIG), and its real status went to nobody the host can ask
 ORPHAN_EXIT_STATUS: Final = -signal.SIGKILL
+#: once a forked sandbox's pidfd says it ended, how long to wait for its zygote to report the exit status
+EXIT_REPORT_WAIT_S: Final = 1.0
 FORK_AVAILABLE: Final = hasattr(os, "fork") and hasattr(os, "pidfd_open") and hasattr(socket, "send_fds")
 
 
@@ -87,9 +89,11 @@ class _ForkedProcess:
         err_r: int,
         zygote: _Zygote,
         cgroup: str | None = None,
+        peer: socket.socket | None = None,
     ) -> None:
         self.pid = pid
         self.channel = channel
+        self.peer = peer
         self.stdout_fd = out_r
         self.stderr_fd = err_r
         self._zygote = zygote
@@ -118,15 +122,18 @@ class _ForkedProcess:
         self._changed.set()
 
     async def wait(self) -> int:
-        while self._status is None:
-            if not self._orphaned:
-                await self._changed.wait()
-                continue
+        """The exit status. The end itself is seen on the pidfd, not through the zygote: a stalled zygote delays
+        a death's report by at most ``EXIT_REPORT_WAIT_S`` (then the status is the one a kill gives)."""
+        if self._status is None:
             async with self._pidfd_lock:
-                if self._status is None:
-                    if self._pidfd >= 0:
-                        await anyio.wait_readable(self._pidfd)
-                    self._status = -signal.SIGKILL if self._killed else ORPHAN_EXIT_STATUS
+                if self._status is None and self._pidfd >= 0:
+                    await anyio.wait_readable(self._pidfd)
+            # ended: only its parent, the zygote, can read how; it reports at once unless it is stalled or gone
+            if self._status is None and not self._orphaned:
+                with anyio.move_on_after(EXIT_REPORT_WAIT_S):
+                    await self._changed.wait()
+            if self._status is None:
+                self._status = -signal.SIGKILL if self._killed else ORPHAN_EXIT_STATUS
         return self._status
 
     def kill(self) -> None:
@@ -150,6 +157,8 @@ class _ForkedProcess:
                     os.close(fd)
         self._pidfd = self.stdout_fd = self.stderr_fd = -1
         self.channel.close()
+        if self.peer is not None:
+            self.peer.close()
         if self.cgroup is not None:
             kill_cgroup(self.cgroup)
             PIDS.remove(self.cgroup)
@@ -162,10 +171,14 @@ class _ForkedProcess:
 class _Request:
     """One outstanding control request; for a FORK it holds the host ends until the child exists."""
 
-    __slots__ = ("abandoned", "error", "event", "fds", "fields", "host", "value")
+    __slots__ = ("abandoned", "error", "event", "fds", "fields", "host", "peer", "value")
 
-    def __init__(self, host: socket.socket | None = None, fds: tuple[int, int] = (-1, -1)) -> None:
+    def __init__(
+        self, host: socket.socket | None = None, fds: tuple[int, int] = (-1, -1), peer: socket.socket | None = None
+    ) -> None:
         self.event = anyio.Event()
+        #: the host's copy of the child's end of the channel (kept, see Sandbox.unstarted)
+        self.peer = peer
         self.fields: dict[str, Any] = {}
         self.error: str | None = None
         self.value: _ForkedProcess | None = None
@@ -178,6 +191,9 @@ class _Request:
         if self.host is not None:
             self.host.close()
             self.host = None
+        if self.peer is not None:
+            self.peer.close()
+            self.peer = None
         for fd in self.fds:
             if fd >= 0:
                 with contextlib.suppress(OSError):
@@ -259,7 +275,7 @@ class _Zygote:
             raise ZygoteError(f"zygote {self.pid} is gone")
         host, child, (out_r, out_w), (err_r, err_w) = make_pipes()
         seq = next(self.seq)
-        req = self.pending[seq] = _Request(host, (out_r, err_r))
+        req = self.pending[seq] = _Request(host, (out_r, err_r), child)
         try:
             await self._send(p.encode(z.FORK, {"seq": seq, "env": dict(env)}), (child.fileno(), out_w, err_w))
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
@@ -270,8 +286,8 @@ class _Zygote:
             self._lost()
             raise ZygoteError(f"cannot send a fork request to zygote {self.pid}: {exc}") from exc
         finally:
-            # the zygote holds its own copies now (SCM_RIGHTS duplicates them in flight)
-            child.close()
+            # the zygote holds its own copies now (SCM_RIGHTS duplicates them in flight); the host keeps its
+            # copy of the channel's child end (req.peer)
             os.close(out_w)
             os.close(err_w)
         try:
@@ -356,8 +372,9 @@ class _Zygote:
         assert req.host is not None
         cgroup = fields.get("cgroup")
         child = _ForkedProcess(
-            int(pid), req.host, req.fds[0], req.fds[1], self, cgroup if isinstance(cgroup, str) else None
+            int(pid), req.host, req.fds[0], req.fds[1], self, cgroup if isinstance(cgroup, str) else None, req.peer
         )
+        req.peer = None
         child.ahead = fields.get("ahead") is True
         self.children[child.pid] = child
         status = self.early_exits.pop(child.pid, None)

@@ -659,6 +659,8 @@ def serve(channel_fd: int, *, preloaded: tuple[str, ...] = (), prepared: bool = 
     """Run the sandbox on an inherited channel fd until the host closes it or sends SHUTDOWN."""
     if not prepared:
         prepare()
+    # nothing the function starts inherits the channel (a daemon holding it would make the sandbox look alive)
+    os.set_inheritable(channel_fd, False)
     sock = socket.socket(fileno=channel_fd)
     sock.setblocking(True)
     channel = p.BlockingChannel(sock)

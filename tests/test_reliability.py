@@ -314,3 +314,78 @@ async def test_crash_loop_backs_off_and_says_so(tmp_path: Path) -> None:
         await anyio.sleep(first.annotations["init_backoff_s"] + 0.05)
         assert await engine.invoke("flaky", {}) == {"ok": 1}
         assert engine.stats()["functions"]["guest/flaky@1"]["init_failures"] == 0
+
+
+FD_REPORT = """import os
+def main(a):
+    out = {}
+    for fd in os.listdir('/proc/self/fd'):
+        try:
+            out[fd] = [os.readlink(f'/proc/self/fd/{fd}'), os.get_inheritable(int(fd))]
+        except OSError:
+            pass
+    return out
+"""
+DAEMONIZE = """import os, time
+def main(a):
+    if os.fork() == 0:  # a library daemonizing a helper (fork + setsid): it keeps every fd of the sandbox
+        os.setsid()
+        time.sleep(40)
+        os._exit(0)
+    return {'ok': 1}
+"""
+#: a close that waited for the daemon (40 s) or for ever failed; this leaves room for a loaded machine
+DAEMON_CLOSE_MAX_S = 12.0
+
+
+@pytest.mark.parametrize("launcher", ["zygote", "spawn"], ids=["zygote", "spawn"])
+async def test_sandbox_channel_is_not_inheritable(launcher: str) -> None:
+    """fds.py: the channel socket reached the sandbox inheritable on both launch paths."""
+    async with minifaas.Engine(launcher=launcher) as engine:  # type: ignore[arg-type]
+        await engine.deploy("fds", code=FD_REPORT)
+        fds = await engine.invoke("fds", {})
+    sockets = {fd: inheritable for fd, (path, inheritable) in fds.items() if path.startswith("socket:")}
+    assert sockets, fds
+    assert not any(sockets.values()), f"inheritable sockets in the sandbox: {sockets}"
+
+
+@pytest.mark.parametrize("cgroup", [True, False], ids=["pids_cgroup", "no_cgroup"])
+async def test_daemon_holding_the_channel_does_not_block_close(cgroup: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """daemon_hang.py: a setsid() grandchild kept the channel open; aclose() blocked (for ever without a cgroup)."""
+    from minifaas import _launch
+
+    if not cgroup:  # what a non-root host gets
+        monkeypatch.setattr(_launch.PIDS, "_probed", True)
+        monkeypatch.setattr(_launch.PIDS, "_parent", None)
+    async with minifaas.Engine(close_timeout_s=1) as engine:
+        await engine.deploy("d", code=DAEMONIZE, timeout_s=5)
+        assert await engine.invoke("d", {}) == {"ok": 1}
+        t0 = time.monotonic()
+        with anyio.fail_after(DAEMON_CLOSE_MAX_S):
+            await engine.aclose()
+    assert time.monotonic() - t0 < DAEMON_CLOSE_MAX_S
+
+
+async def test_sandbox_death_is_reported_while_a_daemon_holds_its_channel() -> None:
+    async with minifaas.Engine(close_timeout_s=1) as engine:
+        await engine.deploy("d", code=DAEMONIZE, timeout_s=5)
+        await engine.invoke("d", {})
+        pid = engine.stats()["functions"]["guest/d@1"]["pids"][0]
+        os.kill(pid, signal.SIGKILL)
+        with anyio.fail_after(5):
+            while engine.stats()["functions"]["guest/d@1"]["pids"] == [pid]:
+                await anyio.sleep(0.02)
+        assert await engine.invoke("d", {}) == {"ok": 1}  # on a new sandbox
+
+
+async def test_a_sandbox_killed_between_requests_costs_no_activation() -> None:
+    """A SIGKILL landing between two requests: the host routes the next one before it sees the death."""
+    async with minifaas.Engine() as engine:
+        await engine.deploy("f", code="def main(a):\n    return {'i': a['i']}\n", max_sandboxes=1)
+        for i in range(20):
+            assert await engine.invoke("f", {"i": -1}) == {"i": -1}
+            pid = engine.stats()["functions"]["guest/f@1"]["pids"][0]
+            os.kill(pid, signal.SIGKILL)
+            # no await in between: the host has not read the end of the channel yet
+            act = await engine.call("f", {"i": i})
+            assert act.status == "success", act.result
