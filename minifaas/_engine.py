@@ -429,6 +429,12 @@ class Engine:
             max_queue=max_queue,
             max_queue_wait_s=max_queue_wait_s,
         )
+        budget = self.memory_budget_mb
+        if budget is not None and limits["memory_mb"] > budget:
+            raise DeployError(
+                f"memory_mb={limits['memory_mb']} is over the engine's memory_budget_mb={budget}: "
+                "no sandbox of it could ever start"
+            )
         if min_sandboxes < 0 or min_sandboxes > limits["max_sandboxes"]:
             raise DeployError(f"min_sandboxes must be between 0 and max_sandboxes ({limits['max_sandboxes']})")
         assert self._work_dir is not None

@@ -154,6 +154,9 @@ class Pool:
         self.stats: collections.Counter[str] = collections.Counter()
         #: every sandbox not yet fully closed, in a pool or not (retired ones still shutting down)
         self.live: set[Sandbox] = set()
+        #: sandboxes retired and not gone yet, and the memory they hold (MB)
+        self.closing = 0
+        self.closing_mb = 0
         self._reaper_wake = anyio.Event()
         #: when the reaper will look next (pool clock); an earlier expiry wakes it
         self._reaper_next = 0.0
@@ -203,16 +206,21 @@ class Pool:
         """True when ``fp`` may start one more sandbox now, evicting idle ones elsewhere if the engine is full."""
         if fp.size >= fp.spec.max_sandboxes or fp.backoff_left_s() > 0:
             return False
-        if self.stem and self.total >= self.max_total:
-            return True  # a stem cell will be specialized: the total does not grow
         budget = self.memory_budget_mb
-        over_count = self.total - self.max_total + 1
-        over_mb = (self.memory_in_use() + fp.spec.memory_mb - budget) if budget is not None else 0
+        # a stem cell would be specialized: the count does not grow, the memory of the function does; sandboxes
+        # still closing count until they are gone
+        stem = 1 if self.stem and fp.spec.python is None else 0
+        over_count = self.total + self.closing - stem - self.max_total + 1
+        over_mb = (self.memory_in_use() + self.closing_mb + fp.spec.memory_mb - budget) if budget is not None else 0
         if over_count <= 0 and over_mb <= 0:
             return True
         if not evict:
             return False
-        return self._evict(fp, over_count, over_mb)
+        need_count, need_mb = over_count - self.closing, over_mb - self.closing_mb
+        if need_count > 0 or need_mb > 0:
+            self._evict(fp, max(need_count, 0), max(need_mb, 0))
+        # the evicted sandboxes count until they are gone: their end calls on_capacity, which starts this one
+        return False
 
     def _evict(self, exclude: FunctionPool, count: int, need_mb: int) -> bool:
         idle = [(fp, sb) for fp in self.functions.values() if fp is not exclude for sb in fp.idle()]
@@ -248,7 +256,7 @@ class Pool:
             self.stats[reason] += 1
             if fp is None:
                 self.stem.remove(sb)
-                self.tg.start_soon(sb.stop)
+                self.tg.start_soon(self._stop_retired, sb, 0)
             else:
                 self.retire(fp, sb)
         return True
@@ -330,8 +338,19 @@ class Pool:
             fp.sandboxes.remove(sb)
         self.evictor.forget(sb)
         if sb.state != "dead":
-            self.tg.start_soon(sb.stop)
+            self.tg.start_soon(self._stop_retired, sb, fp.spec.memory_mb)
         self.on_capacity()
+
+    async def _stop_retired(self, sb: Sandbox, memory_mb: int) -> None:
+        """Stop a sandbox taken out of service; it counts against the caps until it is gone."""
+        self.closing += 1
+        self.closing_mb += memory_mb
+        try:
+            await sb.stop()
+        finally:
+            self.closing -= 1
+            self.closing_mb -= memory_mb
+            self.on_capacity()
 
     def forget_dead(self, fp: FunctionPool, sb: Sandbox) -> None:
         if sb in fp.sandboxes:

@@ -518,14 +518,17 @@ class Sandbox:
     async def _watch(self) -> None:
         """Wait for the sandbox to go (its channel ends, or its process exits while something it started still
         holds the channel), then collect the exit status and report the death once."""
-        await self._gone.wait()
+        # shielded: a death is reported even when the engine's tasks are being cancelled (its close stops
+        # every sandbox first, so this ends)
         with anyio.CancelScope(shield=True):
+            await self._gone.wait()
             await self._on_gone()
 
     async def _watch_process(self) -> None:
         assert self.proc is not None
         try:
-            self._status = await self.proc.wait()
+            with anyio.CancelScope(shield=True):
+                self._status = await self.proc.wait()
         finally:
             self._exited.set()
         if not self._reader_closed:

@@ -498,6 +498,9 @@ class Scheduler:
             self.pump(fp)
         if not sb.inflight and sb.state == "ready":
             self.pool.became_idle(fp, sb, now)
+            if self.queued > len(fp.queue):
+                # requests of other functions wait for room: this idle sandbox may be evicted for them
+                self.pump_all()
 
     def _plan_poll(self, fp: FunctionPool, job: Job) -> None:
         """Poll from a little before the result is due to a little after: its mean run time plus the mean time the

@@ -389,3 +389,42 @@ async def test_a_sandbox_killed_between_requests_costs_no_activation() -> None:
             # no await in between: the host has not read the end of the channel yet
             act = await engine.call("f", {"i": i})
             assert act.status == "success", act.result
+
+
+async def test_memory_budget_cannot_be_bypassed() -> None:
+    """budget.py: a function over the budget waited for ever; a stem cell ran it over the budget."""
+    async with minifaas.Engine(max_sandboxes=1, memory_budget_mb=100, close_timeout_s=0.5) as engine:
+        with pytest.raises(minifaas.DeployError, match="memory_mb=256 is over the engine's memory_budget_mb=100"):
+            await engine.deploy("big", code="def main(a):\n    return {}\n", memory_mb=256)
+    async with minifaas.Engine(prewarm=1, max_sandboxes=2, memory_budget_mb=300, close_timeout_s=0.5) as engine:
+        sleep = "import time\ndef main(a):\n    time.sleep(a['s'])\n    return {}\n"
+        await engine.deploy("a", code=sleep, memory_mb=200)
+        await engine.deploy("b", code=sleep, memory_mb=200)
+        with anyio.fail_after(10):
+            while not engine._pool.stem:  # type: ignore[union-attr]
+                await anyio.sleep(0.05)
+        busy = await engine.submit("a", {"s": 1.0})
+        await anyio.sleep(0.3)
+        waiting = await engine.submit("b", {"s": 0})
+        await anyio.sleep(0.3)
+        pool = engine._pool
+        assert pool is not None and pool.memory_in_use() <= 300  # the stem cell did not take b over the budget
+        assert (await engine.activations.get(waiting)).status == "pending"
+        assert (await engine.activations.wait(busy)).status == "success"
+        assert (await engine.activations.wait(waiting, timeout_s=10)).status == "success"
+
+
+async def test_closing_sandboxes_count_until_gone() -> None:
+    slow_exit = "import atexit, time\natexit.register(time.sleep, 1.0)\ndef main(a):\n    return {}\n"
+    async with minifaas.Engine(max_sandboxes=1, close_timeout_s=0.5) as engine:
+        await engine.deploy("a", code=slow_exit)
+        await engine.deploy("b", code="def main(a):\n    return {}\n")
+        await engine.invoke("a", {})
+        pid_a = engine.stats()["functions"]["guest/a@1"]["pids"][0]
+        aid = await engine.submit("b", {})  # evicts a; b starts once a has exited, not beside it
+        await engine.activations.wait(aid)
+        assert not _alive(pid_a)
+
+
+def _alive(pid: int) -> bool:
+    return pid in _proc_table() and _proc_table()[pid][0] != "Z"
