@@ -37,9 +37,9 @@ __all__ = ("Job", "Scheduler", "validate_args")
 
 MAX_PAYLOAD_DEPTH: Final = 64
 ENGINE_MAX_QUEUED: Final = 100_000
-#: a function whose warm runs average under this may get one RUN queued inside a busy sandbox (pipelining, as
-#: ProcessPoolExecutor's call queue does): its next request starts the moment the current one ends, with no round
-#: trip through the host; slower functions scale out to new sandboxes instead
+#: a function whose recent warm runs predict a wait under this may get one RUN queued inside a busy sandbox
+#: (pipelining, as ProcessPoolExecutor's call queue does): its next request starts the moment the current one
+#: ends, with no round trip through the host; slower functions scale out to new sandboxes instead
 PREFETCH_MAX_RUN_MS: Final = 2.0
 #: warm runs observed before pipelining is considered
 PREFETCH_MIN_SAMPLES: Final = 20
@@ -292,7 +292,7 @@ class Scheduler:
                 self.queued -= 1
                 self._dispatch(fp, sb, job)
                 continue
-            if fp.warm_runs >= PREFETCH_MIN_SAMPLES and fp.warm_ms < PREFETCH_MAX_RUN_MS:
+            if fp.warm_runs >= PREFETCH_MIN_SAMPLES and self._pipelining_pays(fp):
                 sb = self._prefetch_target(fp)
                 if sb is not None:
                     queue.popleft()
@@ -320,6 +320,18 @@ class Scheduler:
             job = fp.queue.popleft()
             self.queued -= 1
             self._finish(job, "developer_error", {"error": error}, list(fp.last_init_logs), dict(annotations))
+
+    def _pipelining_pays(self, fp: FunctionPool) -> bool:
+        """One rule: queue a request behind a busy sandbox's run only when that wait, predicted from the recent
+        run times (moving average plus twice their deviation, as TCP bounds a round trip), is short, and shorter
+        than a cold start when a sandbox is starting or may start for it. A lifetime mean would keep pipelining
+        long after a function's runs turned slow."""
+        predicted_ms = fp.run_avg_ms + 2 * fp.run_dev_ms
+        if predicted_ms >= PREFETCH_MAX_RUN_MS:
+            return False
+        if fp.starting or self.pool.may_start(fp, evict=False):
+            return predicted_ms < fp.cold_ms
+        return True
 
     @staticmethod
     def _prefetch_target(fp: FunctionPool) -> Sandbox | None:
