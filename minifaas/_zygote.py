@@ -57,6 +57,8 @@ RECV_BYTES: Final = 1 << 16
 ORPHAN_EXIT_STATUS: Final = -signal.SIGKILL
 #: once a forked sandbox's pidfd says it ended, how long to wait for its zygote to report the exit status
 EXIT_REPORT_WAIT_S: Final = 1.0
+#: how often a retired zygote is checked for children still running
+RETIRED_POLL_S: Final = 0.5
 FORK_AVAILABLE: Final = hasattr(os, "fork") and hasattr(os, "pidfd_open") and hasattr(socket, "send_fds")
 
 
@@ -232,6 +234,8 @@ class _Zygote:
         self.prebuild_errors: dict[str, str] = {}
         #: OS threads the zygote reported last (at HELLO, then after each LOAD_MODELS)
         self.threads = 0
+        #: stalled (a fork request timed out): it gets no more work and is stopped once its children are gone
+        self.retired = False
 
     # -- requests --------------------------------------------------------------------------------------------
     async def _send(self, frame: bytes, fds: Sequence[int] = ()) -> None:
@@ -295,7 +299,8 @@ class _Zygote:
                 await req.result()
         except TimeoutError:
             self._abandon(seq, req)
-            self.terminate()
+            # retired, not killed: its children (warm sandboxes of other functions) would die with it
+            self.retired = True
             raise ZygoteError(f"zygote {self.pid} did not answer a fork within {FORK_TIMEOUT_S} s") from None
         except ZygoteError:
             req.close_fds()
@@ -399,6 +404,13 @@ class _Zygote:
         for child in self.children.values():
             child._orphan()
 
+    async def retire_when_idle(self) -> None:
+        """Stop a retired zygote once the sandboxes it forked have ended (it cannot outlive the launcher: its
+        reader task, in the same task group, stops it at close)."""
+        while self.children and not self.gone.is_set():
+            await anyio.sleep(RETIRED_POLL_S)
+        self.terminate()
+
     async def _reap(self) -> None:
         # closing our end is what tells a live zygote to exit
         await self.stream.aclose()
@@ -461,6 +473,7 @@ class ZygoteLauncher:
         self._forks_ahead = 0
         self._spawns_fallback = 0
         self._restarts = 0
+        self._retired = 0
         self._hello: dict[str, Any] = {}
         self.last_error: str | None = None
 
@@ -563,6 +576,8 @@ class ZygoteLauncher:
             "forks_ahead": self._forks_ahead,
             "spawns_fallback": self._spawns_fallback,
             "zygote_restarts": self._restarts,
+            #: zygotes that stalled and were replaced, their sandboxes left running
+            "zygotes_retired": self._retired,
             "zygote_pid": zyg.pid if alive and zyg is not None else None,
             "preload_failed": dict(self._hello.get("failed") or {}),
             #: OS threads the zygote had when it last reported (start, then after each model load): anything but
@@ -578,6 +593,10 @@ class ZygoteLauncher:
         """The running zygote, a restarted one, or None while restarting is pointless (back-off)."""
         async with self._lock:
             zyg = self._zygote
+            if zyg is not None and zyg.retired and not zyg.gone.is_set() and self._tg is not None:
+                self._tg.start_soon(zyg.retire_when_idle, name=f"zygote-{zyg.pid}-retired")
+                self._retired += 1
+                self._zygote = zyg = None
             if zyg is not None and not zyg.gone.is_set():
                 return zyg
             if zyg is not None:

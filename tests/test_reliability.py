@@ -8,6 +8,7 @@ Short versions for CI; ``benches/bench_reliability.py`` runs the long ones (5,00
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import random
 import signal
@@ -428,3 +429,30 @@ async def test_closing_sandboxes_count_until_gone() -> None:
 
 def _alive(pid: int) -> bool:
     return pid in _proc_table() and _proc_table()[pid][0] != "Z"
+
+
+async def test_stalled_zygote_is_retired_without_killing_its_sandboxes() -> None:
+    """blast.py: a zygote that stopped answering was SIGKILLed after a FORK timed out, and every warm sandbox it
+    had forked died with it (PDEATHSIG)."""
+    async with minifaas.Engine(launcher="zygote", close_timeout_s=1) as engine:
+        await engine.deploy("long", code="import time\ndef main(a):\n    time.sleep(a['s'])\n    return {'ok': 1}\n")
+        await engine.deploy("other", code="def main(a):\n    return {}\n")
+        await engine.invoke("long", {"s": 0})
+        aid = await engine.submit("long", {"s": 14.0})
+        await anyio.sleep(0.5)
+        zygote = engine.stats()["launcher_stats"]["zygote_pid"]
+        os.kill(zygote, signal.SIGSTOP)  # stands in for a zygote busy past FORK_TIMEOUT_S (a slow model pre-build)
+        try:
+            act = await engine.call("other", {})  # a cold start: its FORK times out, another zygote serves it
+            assert act.status == "success", act.result
+            stats = engine.stats()["launcher_stats"]
+            assert stats["zygotes_retired"] == 1 and stats["zygote_pid"] not in (None, zygote)
+            long = await engine.activations.wait(aid, timeout_s=30)
+            assert long.status == "success", long.result  # the stalled zygote's sandbox ran on
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(zygote, signal.SIGCONT)
+        await engine.delete("long")  # its last sandbox goes
+        with anyio.fail_after(5):  # its children gone, the retired zygote is stopped
+            while _alive(zygote):
+                await anyio.sleep(0.1)
