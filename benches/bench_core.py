@@ -2,6 +2,9 @@
 
 Run: ``python benches/bench_core.py [--n 3000]``. Prints a table of ratios measured in this one run.
 
+The engine runs with the in-memory store and with a durable one (a ``state_dir``: SQLite, written by the store's
+writer thread with group commit), alternating round after round with the baselines; medians are compared.
+
 By default the engine's event loop polls for a result around when it is due (``minifaas/_core/poll.py``), where the
 two baselines sleep in ``recv``/``epoll_wait`` as they normally do; the engine is also measured with
 ``poll_us=0`` (sleeping like them), so the share of the polling in the figures is visible.
@@ -12,8 +15,10 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
@@ -98,9 +103,21 @@ def bench_ppe_throughput(total: int, inflight: int) -> float:
 
 
 async def bench_engine(
-    n: int, total: int, inflight: int, launcher: str, poll_us: int = HOST_POLL_US
+    n: int, total: int, inflight: int, launcher: str, poll_us: int = HOST_POLL_US, durable: bool = False
 ) -> tuple[list[float], float, dict]:
-    async with minifaas.Engine(launcher=launcher, poll_us=poll_us) as engine:  # type: ignore[arg-type]
+    state_dir = tempfile.mkdtemp(prefix="minifaas-bench-") if durable else None
+    try:
+        return await _bench_engine(n, total, inflight, launcher, poll_us, state_dir)
+    finally:
+        if state_dir is not None:
+            shutil.rmtree(state_dir, ignore_errors=True)
+
+
+async def _bench_engine(
+    n: int, total: int, inflight: int, launcher: str, poll_us: int, state_dir: str | None
+) -> tuple[list[float], float, dict]:
+    engine_ = minifaas.Engine(state_dir, launcher=launcher, poll_us=poll_us)  # type: ignore[arg-type]
+    async with engine_ as engine:
         await engine.deploy("noop", code=NOOP, max_sandboxes=2, max_queue=100_000)
         for _ in range(200):
             await engine.call("noop")
@@ -150,10 +167,21 @@ def main() -> None:
     eng_rates: list[float] = []
     sleepy_rates: list[float] = []
     ppe_rates: list[float] = []
+    durable_lats: list[float] = []
+    durable_rates: list[float] = []
+    durable_p50s: list[float] = []
+    memory_p50s: list[float] = []
     for _ in range(ns.rounds):
         lat, rate, stats = anyio.run(bench_engine, ns.n, ns.total, ns.inflight, ns.launcher)
         eng_lats += lat
         eng_rates.append(rate)
+        memory_p50s.append(pct(lat, 0.5))
+        # the same with records in SQLite under a state_dir (durable: an accepted record is stored before submit
+        # returns, a final one before the caller sees it)
+        lat, rate, _ = anyio.run(bench_engine, ns.n, ns.total, ns.inflight, ns.launcher, HOST_POLL_US, True)
+        durable_lats += lat
+        durable_rates.append(rate)
+        durable_p50s.append(pct(lat, 0.5))
         # the same without the host's polling (Engine(poll_us=0)): it sleeps in epoll_wait like the two baselines
         lat, rate, _ = anyio.run(bench_engine, ns.n, ns.total, ns.inflight, ns.launcher, 0)
         sleepy_lats += lat
@@ -168,6 +196,7 @@ def main() -> None:
     rows = [
         ("minifaas engine.call (full record)", pct(eng_lat, 0.5) * us, pct(eng_lat, 0.99) * us),
         ("minifaas engine.call, poll_us=0", pct(sleepy_lat, 0.5) * us, pct(sleepy_lat, 0.99) * us),
+        ("minifaas engine.call, durable (state_dir)", pct(durable_lats, 0.5) * us, pct(durable_lats, 0.99) * us),
         ("ProcessPoolExecutor.submit().result()", pct(ppe_lat, 0.5) * us, pct(ppe_lat, 0.99) * us),
         ("raw socketpair round trip", pct(raw, 0.5) * us, pct(raw, 0.99) * us),
     ]
@@ -175,9 +204,17 @@ def main() -> None:
     print(f"{'warm round trip (no-op)':42s} {'p50 us':>9s} {'p99 us':>9s}")
     for name, p50, p99 in rows:
         print(f"{name:42s} {p50:9.1f} {p99:9.1f}")
-    print(f"ratio p50 minifaas / ProcessPoolExecutor: {rows[0][1] / rows[2][1]:.2f}x (goal <= 0.5x)")
-    print(f"ratio p50 minifaas, poll_us=0 / ProcessPoolExecutor: {rows[1][1] / rows[2][1]:.2f}x")
-    print(f"ratio p50 minifaas / raw pipe: {rows[0][1] / rows[3][1]:.2f}x (the raw pipe blocks in recv)")
+    print(f"ratio p50 minifaas / ProcessPoolExecutor: {rows[0][1] / rows[3][1]:.2f}x (goal <= 0.5x)")
+    print(f"ratio p50 durable / ProcessPoolExecutor: {rows[2][1] / rows[3][1]:.2f}x")
+    print(f"ratio p50 minifaas, poll_us=0 / ProcessPoolExecutor: {rows[1][1] / rows[3][1]:.2f}x")
+    print(f"ratio p50 minifaas / raw pipe: {rows[0][1] / rows[4][1]:.2f}x (the raw pipe blocks in recv)")
+    lat_ratio = statistics.median(d / m for d, m in zip(durable_p50s, memory_p50s, strict=True))
+    rate_ratio = statistics.median(d / m for d, m in zip(durable_rates, eng_rates, strict=True))
+    print(
+        f"durable / in-memory: warm p50 {lat_ratio:.2f}x (goal <= 1.3x), throughput {rate_ratio:.2f}x (goal >= 0.8x), "
+        f"medians of per-round ratios; durable throughput {statistics.median(durable_rates):,.0f}/s, "
+        f"{statistics.median(durable_rates) / ppe_rate:.2f}x ProcessPoolExecutor"
+    )
     print(f"mean minifaas {statistics.mean(eng_lat) * us:.1f} us")
     print()
     print(
@@ -186,7 +223,10 @@ def main() -> None:
         f"median of per-round ratios {paired:.2f}x (goal >= 2x); with poll_us=0 {sleepy_rate:,.0f}/s, "
         f"{sleepy_rate / ppe_rate:.2f}x"
     )
-    print(f"rounds: minifaas {[round(r) for r in eng_rates]}, ProcessPoolExecutor {[round(r) for r in ppe_rates]}")
+    print(
+        f"rounds: minifaas {[round(r) for r in eng_rates]}, durable {[round(r) for r in durable_rates]}, "
+        f"ProcessPoolExecutor {[round(r) for r in ppe_rates]}"
+    )
 
 
 if __name__ == "__main__":

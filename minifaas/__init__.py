@@ -32,6 +32,7 @@ from ._errors import (
     PayloadTooLarge,
     RateLimited,
     StateDirConflict,
+    StateDirLocked,
     TriggerError,
 )
 from ._events.feeds import CronSchedule, FeedInfo
@@ -69,6 +70,7 @@ __all__ = (
     "Rule",
     "RuleOutcome",
     "StateDirConflict",
+    "StateDirLocked",
     "SyncEngine",
     "SyncFunction",
     "Trigger",

@@ -35,6 +35,7 @@ from ._core.resources import validate_resources
 from ._core.sandbox import HostService
 from ._core.scheduler import ENGINE_MAX_QUEUED, Scheduler
 from ._core.statedir import claim_state_dir, make_private
+from ._core.statelock import StateDirLock
 from ._core.store import ActivationStore, open_store
 from ._deploy.bundle import Bundle, load_bundle
 from ._deploy.callables import callable_bundle, pickle_callable, sandbox_sys_path
@@ -229,6 +230,10 @@ class Engine:
         #: triggers, rules and feeds (event-driven invocation); created when the engine starts
         self.triggers: TriggerManager | None = None
         self._tg: anyio.abc.TaskGroup | None = None
+        #: what ``__aenter__`` started, undone in reverse order by ``__aexit__``
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._store_closed = False
+        self._state_lock: StateDirLock | None = None
         self._store: ActivationStore | None = None
         self._sched: Scheduler | None = None
         self._pool: Pool | None = None
@@ -249,83 +254,101 @@ class Engine:
 
     # -- lifecycle --------------------------------------------------------------------------------------------
     async def __aenter__(self) -> Engine:
-        if self._tg is not None:
-            raise RuntimeError("the engine is already started")
-        if self.state_dir is not None:
-            claim_state_dir(self.state_dir, self.namespace)
-            self._work_dir = self.state_dir / "bundles"
-            self._work_dir.mkdir(exist_ok=True)
-        else:
-            self._tmp_dir = tempfile.mkdtemp(prefix="minifaas-")
-            self._work_dir = Path(self._tmp_dir) / "bundles"
-            self._work_dir.mkdir()
-        self._store = open_store(self.state_dir)
-        if self.state_dir is not None:
-            self._aliases = AliasTable(self.state_dir / ALIASES_FILE_NAME, rng=self._aliases.rng)
-        self.recovered = self._store.recover()
-        # what killed builds and downloads left, and unused things over the budget (nothing is deployed yet)
-        await self.gc()
-        if self.state_dir is not None:
-            self.sessions = SessionStore(self.state_dir / "sessions.sqlite3")
-            make_private(self.state_dir)
-            self.sessions.recover(ENGINE_DIED_MESSAGE)
-        self._launcher = self._make_launcher()
-        tg = anyio.create_task_group()
-        await tg.__aenter__()
-        self._tg = tg
-        start_in = getattr(self._launcher, "start_in", None)
-        if start_in is not None:
-            try:
-                await start_in(tg)
-            except BaseException:
-                tg.cancel_scope.cancel()
-                await tg.__aexit__(None, None, None)
-                self._tg = None
-                raise
-        services: dict[str, HostService] = {"model.fetch": self._svc_model_fetch}
-        self._pool = Pool(
-            tg,
-            self._launcher,
-            services,
-            max_total=self.max_sandboxes,
-            memory_budget_mb=self.memory_budget_mb,
-            now=_monotonic_of(self.clock),
-            keepalive=self.keepalive,
-            idle_timeout_s=self.idle_timeout_s,
-            prewarm=self.prewarm,
-        )
-        spares_mb = getattr(self._launcher, "spares_mb", None)
-        if spares_mb is not None:
-            self._pool.reserved_mb = spares_mb  # idle spares count in the memory budget
-        attach = getattr(self._launcher, "attach", None)
-        if attach is not None:
-            attach(self._pool)  # a backend (Ray) makes its own sandbox handles: pool.sandbox_factory
-        else:
-            self._share_gpus(self._pool, await anyio.to_thread.run_sync(host_gpus))
-        if self.clock is not None and hasattr(self.clock, "on_advance"):
-            # the clock may outlive this engine (a session fixture): the engine drops its listener when it closes
-            self._clock_unsubscribe = self.clock.on_advance(self._pool.wake_reaper)
-        polling = self.backend == "local" and self.poll_us > 0
-        self._sched = Scheduler(
-            tg,
-            self._pool,
-            self._store,
-            max_queued=self.max_queued,
-            on_end=self._on_end,
-            poll_us=self.poll_us if polling else 0,
-        )
-        tg.start_soon(self._pool.reaper, name="minifaas-reaper")
-        loop = asyncio.get_running_loop()
-        if polling and install_polling(loop, id(self), self._sched.poll_window):
-            self._polling_loop = loop
-        self.triggers = TriggerManager(
-            self.submit,
-            state_dir=self.state_dir,
-            task_group=tg,
-            clock=self.clock,
-            wait=self._await_end,
-            exists=self._target_exists,
-        )
+        """Start every part in order; a failure on the way closes what was started (nothing is left running)."""
+        if self._stack is not None or self._closing:
+            raise RuntimeError("the engine is already started (an Engine is started once)")
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                if self.state_dir is not None:
+                    self.state_dir.mkdir(parents=True, exist_ok=True)
+                    lock = self._state_lock = StateDirLock(self.state_dir)
+                    lock.acquire()  # before recover(): it ends the pending records of any engine but a dead one
+                    stack.callback(lock.release)
+                    claim_state_dir(self.state_dir, self.namespace)
+                    self._work_dir = self.state_dir / "bundles"
+                    self._work_dir.mkdir(exist_ok=True)
+                else:
+                    self._tmp_dir = tmp_dir = tempfile.mkdtemp(prefix="minifaas-")
+                    stack.callback(shutil.rmtree, tmp_dir, ignore_errors=True)
+                    self._work_dir = Path(tmp_dir) / "bundles"
+                    self._work_dir.mkdir()
+                store = self._store = open_store(self.state_dir)
+                stack.push_async_callback(self._close_store)
+                if self.state_dir is not None:
+                    self._aliases = AliasTable(self.state_dir / ALIASES_FILE_NAME, rng=self._aliases.rng)
+                self.recovered = store.recover()
+                # what killed builds and downloads left, and unused things over the budget (nothing is deployed yet)
+                await self.gc()
+                if self.state_dir is not None:
+                    self.sessions = SessionStore(self.state_dir / "sessions.sqlite3")
+                    make_private(self.state_dir)
+                    self.sessions.recover(ENGINE_DIED_MESSAGE)
+                stack.callback(self.sessions.close)
+                self._launcher = self._make_launcher()
+                # the task group lives exactly as long as the engine's ``async with``; everything registered after it
+                # is undone before it exits (its tasks are cancelled then)
+                tg = self._tg = await stack.enter_async_context(anyio.create_task_group())
+                stack.callback(tg.cancel_scope.cancel)
+                start_in = getattr(self._launcher, "start_in", None)
+                if start_in is not None:
+                    await start_in(tg)
+                stack.push_async_callback(self._close_launcher)
+                services: dict[str, HostService] = {"model.fetch": self._svc_model_fetch}
+                self._pool = Pool(
+                    tg,
+                    self._launcher,
+                    services,
+                    max_total=self.max_sandboxes,
+                    memory_budget_mb=self.memory_budget_mb,
+                    now=_monotonic_of(self.clock),
+                    keepalive=self.keepalive,
+                    idle_timeout_s=self.idle_timeout_s,
+                    prewarm=self.prewarm,
+                )
+                stack.push_async_callback(self._close_pool)
+                spares_mb = getattr(self._launcher, "spares_mb", None)
+                if spares_mb is not None:
+                    self._pool.reserved_mb = spares_mb  # idle spares are reported against the memory budget
+                attach = getattr(self._launcher, "attach", None)
+                if attach is not None:
+                    attach(self._pool)  # a backend (Ray) makes its own sandbox handles: pool.sandbox_factory
+                else:
+                    self._share_gpus(self._pool, await anyio.to_thread.run_sync(host_gpus))
+                if self.clock is not None and hasattr(self.clock, "on_advance"):
+                    # the clock may outlive this engine (a session fixture): the engine drops its listener on close
+                    self._clock_unsubscribe = self.clock.on_advance(self._pool.wake_reaper)
+                    stack.callback(self._drop_clock_listener)
+                polling = self.backend == "local" and self.poll_us > 0
+                self._sched = Scheduler(
+                    tg,
+                    self._pool,
+                    store,
+                    max_queued=self.max_queued,
+                    on_end=self._on_end,
+                    poll_us=self.poll_us if polling else 0,
+                )
+                tg.start_soon(self._pool.reaper, name="minifaas-reaper")
+                loop = asyncio.get_running_loop()
+                if polling and install_polling(loop, id(self), self._sched.poll_window):
+                    self._polling_loop = loop
+                    stack.callback(self._uninstall_polling)
+                self.triggers = TriggerManager(
+                    self.submit,
+                    state_dir=self.state_dir,
+                    task_group=tg,
+                    clock=self.clock,
+                    wait=self._await_end,
+                    exists=self._target_exists,
+                )
+                # a clean close drains first (aclose); a failed start skips that and only undoes what was started
+                stack.push_async_callback(self.aclose)
+                self._stack = stack.pop_all()
+        except BaseExceptionGroup as group:
+            # the task group wraps a start-up error: the caller wants the error itself (a TriggerError...)
+            leaves = _leaves(group)
+            if len(leaves) == 1:
+                raise leaves[0] from None
+            raise
         self.started_at = time.time()
         return self
 
@@ -335,7 +358,12 @@ class Engine:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.aclose()
+        stack, self._stack = self._stack, None
+        try:
+            if stack is not None:
+                await stack.__aexit__(exc_type, exc, tb)
+        finally:
+            self._tg = None
 
     def _spare_room(self, spare_mb: float) -> int | None:
         """How many spares the memory budget leaves room for (None: no budget)."""
@@ -371,9 +399,11 @@ class Engine:
         return SpawnLauncher(self.preload or ())
 
     async def aclose(self) -> None:
-        """Finish in-flight work (up to ``close_timeout_s``), record the rest as failed, stop every sandbox."""
-        tg, sched, pool = self._tg, self._sched, self._pool
-        if tg is None or sched is None or pool is None or self._closing:
+        """Finish in-flight work (up to ``close_timeout_s``), record the rest as failed, stop every sandbox, the
+        launcher and the store. Safe inside any cancel scope (``with fail_after(...): await engine.aclose()``)
+        and more than once; the engine's task group itself ends with its ``async with`` block."""
+        sched, pool = self._sched, self._pool
+        if sched is None or pool is None or self._closing:
             return
         if self.triggers is not None:
             # feeds fire nothing more, but keep waiting for their sessions: one that ends while the engine
@@ -390,28 +420,51 @@ class Engine:
                 sched.fail_queued(fp, ENGINE_CLOSED_MESSAGE, status="internal_error")
             sched.fail_running(ENGINE_CLOSED_MESSAGE)
             self._fail_sessions()
-            with anyio.CancelScope(shield=True):
-                if self.triggers is not None:
-                    await self.triggers.aclose()
-                await pool.close_all()
-                if self._launcher is not None:
-                    await self._launcher.aclose()
         finally:
-            if self._polling_loop is not None:
-                uninstall_polling(self._polling_loop, id(self))
-                self._polling_loop = None
-            if callable(self._clock_unsubscribe):
-                self._clock_unsubscribe()
-            self._clock_unsubscribe = None
-            tg.cancel_scope.cancel()
-            await tg.__aexit__(None, None, None)
-            self._tg = None
-            if self._store is not None:
-                self._store.close()
+            if self.triggers is not None:
+                with anyio.CancelScope(shield=True):
+                    await self.triggers.aclose()
+            await self._close_pool()
+            await self._close_launcher()
+            self._uninstall_polling()
+            self._drop_clock_listener()
+            if self._tg is not None:
+                self._tg.cancel_scope.cancel()
+            await self._close_store()
             self.sessions.close()
             self._env_holds.close()
             if self._tmp_dir is not None:
                 shutil.rmtree(self._tmp_dir, ignore_errors=True)
+            if self._state_lock is not None:
+                self._state_lock.release()
+
+    async def _close_pool(self) -> None:
+        if self._pool is not None:
+            with anyio.CancelScope(shield=True):
+                await self._pool.close_all()
+
+    async def _close_launcher(self) -> None:
+        launcher = self._launcher
+        if launcher is not None:
+            with anyio.CancelScope(shield=True):
+                await launcher.aclose()
+
+    async def _close_store(self) -> None:
+        store = self._store
+        if store is not None and not self._store_closed:
+            self._store_closed = True
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(store.close)
+
+    def _drop_clock_listener(self) -> None:
+        unsubscribe, self._clock_unsubscribe = self._clock_unsubscribe, None
+        if callable(unsubscribe):
+            unsubscribe()
+
+    def _uninstall_polling(self) -> None:
+        if self._polling_loop is not None:
+            uninstall_polling(self._polling_loop, id(self))
+            self._polling_loop = None
 
     def _require(self) -> Scheduler:
         if self._sched is None or self._closing:
@@ -446,6 +499,7 @@ class Engine:
         max_result_bytes: int | None = None,
         max_log_bytes: int | None = None,
         max_queue: int | None = None,
+        max_queue_wait_s: float | None = None,
         keepalive: Literal["fixed", "histogram"] | None = None,
         style: Literal["openwhisk", "lambda"] = "openwhisk",
         model_param: str | None = None,
@@ -512,7 +566,14 @@ class Engine:
             max_result_bytes=max_result_bytes,
             max_log_bytes=max_log_bytes,
             max_queue=max_queue,
+            max_queue_wait_s=max_queue_wait_s,
         )
+        budget = self.memory_budget_mb
+        if budget is not None and limits["memory_mb"] > budget:
+            raise DeployError(
+                f"memory_mb={limits['memory_mb']} is over the engine's memory_budget_mb={budget}: "
+                "no sandbox of it could ever start"
+            )
         if min_sandboxes < 0 or min_sandboxes > limits["max_sandboxes"]:
             raise DeployError(f"min_sandboxes must be between 0 and max_sandboxes ({limits['max_sandboxes']})")
         assert self._work_dir is not None
@@ -781,7 +842,10 @@ class Engine:
             return self._submit_session(name, args, cause)
         spec, alias = self._route(name)
         annotations = {"alias": alias} if alias else None
-        job = sched.submit(spec, {} if args is None else args, cause=cause, annotations=annotations)
+        job = sched.submit(spec, {} if args is None else args, cause=cause, annotations=annotations, durable=True)
+        accepted = job.accepted
+        if accepted is not None and not accepted.is_set():
+            await accepted.wait()  # the promise: an id handed out is an id on record
         return job.act.activation_id
 
     async def call(
@@ -943,6 +1007,7 @@ class Engine:
         out["queued"] = self._sched.queued
         out["in_flight"] = len(self._sched.jobs)
         out["functions"] = self._pool.snapshot()
+        out["store"] = self._store_or_raise().stats()
         out["launcher"] = getattr(self._launcher, "name", "?")
         launcher_stats = getattr(self._launcher, "stats", None)
         if callable(launcher_stats):
@@ -971,6 +1036,13 @@ def _monotonic_of(clock: Any) -> Callable[[], float]:
     return source
 
 
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return out
+
+
 def _user_model_cache() -> Path:
     env = os.environ.get("MINIFAAS_MODEL_CACHE")
     if env:
@@ -990,6 +1062,7 @@ def _limits(**given: Any) -> dict[str, Any]:
         "max_result_bytes": (1, 1 << 30),
         "max_log_bytes": (1, 1 << 30),
         "max_queue": (0, 10_000_000),
+        "max_queue_wait_s": (0.01, 30 * 24 * 3600),
     }
     for key, value in given.items():
         if value is None:

@@ -28,6 +28,7 @@ __all__ = (
     "PayloadTooLarge",
     "RateLimited",
     "StateDirConflict",
+    "StateDirLocked",
     "TriggerError",
 )
 
@@ -75,6 +76,10 @@ class RateLimited(Overloaded):
 
 class EngineClosed(MinifaasError, RuntimeError):
     """Raised by every ``Engine`` method called before the engine is started or after it is closed."""
+
+
+class StateDirLocked(MinifaasError, RuntimeError):
+    """Raised by ``Engine.__aenter__`` when another engine (any process) holds the same ``state_dir``."""
 
 
 class ActivationNotFound(MinifaasError, LookupError):

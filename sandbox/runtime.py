@@ -15,6 +15,7 @@ import functools
 import importlib.util
 import os
 import resource
+import signal
 import site
 import socket
 import sys
@@ -298,12 +299,14 @@ class Runtime:
                     # thread until then)
                     isolate_network()
             _prepend_sys_path([str(e) for e in fields.get("sys_path") or ()])
-            if fields["source"].get("kind") == "pickle":
-                from minifaas_sandbox import callables
+            with _init_time_limit(0 if in_process else int(fields.get("timeout_ms") or 0)):
+                if fields["source"].get("kind") == "pickle":
+                    from minifaas_sandbox import callables
 
-                self.fn, self._teardown = callables.load(fields["source"], self._await)
-            else:
-                self.fn = _load_function(fields, chdir=not in_process)
+                    # a class's setup() runs here: it is the cold start's init, under the same time limit
+                    self.fn, self._teardown = callables.load(fields["source"], self._await)
+                else:
+                    self.fn = _load_function(fields, chdir=not in_process)
         except BaseException as exc:
             self._main_logs = None
             tb = _format_exception(exc, None)
@@ -590,6 +593,31 @@ def _safe_str(exc: BaseException) -> str:
     return msg if isinstance(msg, str) else type(exc).__name__
 
 
+class InitTimeout(BaseException):
+    """The function's module-level code outlived its time limit (a BaseException: ``except Exception`` in the
+    function's code must not swallow it)."""
+
+
+@contextlib.contextmanager
+def _init_time_limit(timeout_ms: int) -> Iterator[None]:
+    """Interrupt the import after ``timeout_ms`` (as OpenWhisk applies the action's timeout to /init), so its
+    record ends with the logs written so far; code stuck in C is killed by the host a little later."""
+    if timeout_ms <= 0 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum: int, frame: types.FrameType | None) -> None:
+        raise InitTimeout(f"the initialization exceeded its time limit of {timeout_ms} milliseconds")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, timeout_ms / 1000)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def _describe(exc: BaseException) -> str:
     msg = _safe_str(exc)
     return msg if msg else type(exc).__name__
@@ -839,6 +867,8 @@ def serve(channel_fd: int, *, preloaded: tuple[str, ...] = (), prepared: bool = 
     """Run the sandbox on an inherited channel fd until the host closes it or sends SHUTDOWN."""
     if not prepared:
         prepare()
+    # nothing the function starts inherits the channel (a daemon holding it would make the sandbox look alive)
+    os.set_inheritable(channel_fd, False)
     sock = socket.socket(fileno=channel_fd)
     sock.setblocking(True)
     channel = p.BlockingChannel(sock)

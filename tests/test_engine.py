@@ -572,3 +572,85 @@ def test_errors_are_public() -> None:
         assert cls.__module__ == "minifaas"
         assert cls.__doc__ and "raise" in cls.__doc__.lower()
         assert issubclass(cls, minifaas.MinifaasError)
+
+
+def _descendants() -> set[int]:
+    from tests.helpers.proc import descendants, proc_table
+
+    return set(descendants(os.getpid(), proc_table()))
+
+
+async def _no_descendants(before: set[int]) -> set[int]:
+    with anyio.move_on_after(10):
+        while _descendants() - before:
+            await anyio.sleep(0.05)
+    return _descendants() - before
+
+
+async def test_aclose_inside_a_cancel_scope() -> None:
+    """scope.py: a shutdown bounded with fail_after raised "exit a cancel scope that isn't the current one"."""
+    before = _descendants()
+    engine = minifaas.Engine()
+    await engine.__aenter__()
+    await engine.deploy("f", code=HELLO)
+    await engine.invoke("f", {})
+    with anyio.fail_after(30):
+        await engine.aclose()
+    with pytest.raises(minifaas.EngineClosed):
+        await engine.invoke("f")
+    await engine.__aexit__(None, None, None)
+    assert not await _no_descendants(before)
+    async with minifaas.Engine() as again:
+        await again.deploy("f", code=HELLO)
+        with anyio.fail_after(30):
+            await again.aclose()
+        await again.aclose()  # twice is fine
+
+
+async def test_close_inside_a_cancelled_scope_is_bounded() -> None:
+    before = _descendants()
+    with anyio.fail_after(20):
+        with anyio.CancelScope() as outer:
+            async with minifaas.Engine(close_timeout_s=1) as engine:
+                await engine.deploy("sleep", code=SLEEP)
+                await engine.submit("sleep", {"s": 30})
+                await anyio.sleep(0.3)
+                outer.cancel()
+    assert not await _no_descendants(before)
+
+
+async def test_failed_start_leaves_nothing_running(tmp_path: Path) -> None:
+    """aenter_leak2.py: a corrupt triggers state file failed __aenter__ and left the zygote and its spare running."""
+    before = _descendants()
+    (tmp_path / "triggers").mkdir()
+    (tmp_path / "triggers" / "state.json").write_text("{not json")
+    with pytest.raises(minifaas.TriggerError, match="unreadable"):
+        async with minifaas.Engine(tmp_path):
+            pass
+    await anyio.sleep(2)  # a zygote started in the background would be up by now
+    assert not await _no_descendants(before)
+    (tmp_path / "triggers" / "state.json").unlink()
+    async with minifaas.Engine(tmp_path) as engine:  # the state dir was released too
+        await engine.deploy("f", code=HELLO)
+        assert await engine.invoke("f", {"name": "x"}) == {"hi": "x"}
+
+
+async def test_second_engine_on_a_state_dir_is_refused(tmp_path: Path) -> None:
+    """twoengines.py: a second engine recovered (ended) the first one's running activation: two final records."""
+    async with minifaas.Engine(tmp_path) as first:
+        await first.deploy("long", code=SLEEP)
+        aid = await first.submit("long", {"s": 1.0})
+        await anyio.sleep(0.3)
+        with pytest.raises(minifaas.StateDirLocked, match=rf"in use by another engine \(process {os.getpid()}\)"):
+            async with minifaas.Engine(tmp_path, launcher="spawn"):
+                pass
+        # from another process too (a CLI, a second server)
+        code = f"import anyio, minifaas\nanyio.run(minifaas.Engine({str(tmp_path)!r}).__aenter__)"
+        proc = await anyio.run_process([sys.executable, "-c", code], check=False)
+        assert proc.returncode != 0 and b"StateDirLocked" in proc.stderr
+        act = await first.activations.wait(aid)
+        assert act.status == "success" and not act.annotations.get("recovered")
+    async with minifaas.Engine(tmp_path, launcher="spawn") as later:
+        assert later.recovered == 0
+        stored = await later.activations.get(aid)
+        assert stored.status == "success" and not stored.annotations.get("recovered")

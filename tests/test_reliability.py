@@ -8,6 +8,7 @@ Short versions for CI; ``benches/bench_reliability.py`` runs the long ones (5,00
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import random
 import signal
@@ -220,3 +221,238 @@ async def test_backpressure_rejects_at_once_and_memory_stays_bounded(bound: str)
             assert (await engine.activations.wait(aid, timeout_s=60)).status == "success"
         # the queue drained: the engine accepts again
         assert await engine.invoke("a", {"i": 0}) == {"i": 0}
+
+
+# -- faults the review reproduced (shared/repro) --------------------------------------------------------------------
+INIT_HANG_CODE = {
+    # the runtime interrupts the import itself and the record keeps what it printed
+    "interruptible": "import time\nprint('loading weights')\ntime.sleep(3600)\ndef main(a):\n    return {}\n",
+    # SIGALRM blocked: only the host's kill ends it
+    "stuck": (
+        "import signal, time\nprint('loading weights')\nsignal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGALRM])\n"
+        "time.sleep(3600)\ndef main(a):\n    return {}\n"
+    ),
+}
+#: the init timeout, and how long after it the record must have ended (the host's kill grace and a loaded machine)
+INIT_TIMEOUT_S = 1.0
+INIT_END_BY_S = 8.0
+
+
+@pytest.mark.parametrize("kind", list(INIT_HANG_CODE), ids=list(INIT_HANG_CODE))
+async def test_init_that_outlives_the_timeout_ends_its_activation(kind: str) -> None:
+    """init_hang.py: module-level code that sleeps left the record pending for ever."""
+    async with minifaas.Engine(close_timeout_s=1) as engine:
+        await engine.deploy("hang", code=INIT_HANG_CODE[kind], timeout_s=INIT_TIMEOUT_S)
+        t0 = time.monotonic()
+        aid = await engine.submit("hang", {})
+        with anyio.fail_after(INIT_END_BY_S):
+            act = await engine.activations.wait(aid, timeout_s=None)
+        assert time.monotonic() - t0 >= INIT_TIMEOUT_S
+        assert act.status == "developer_error"
+        assert "exceeded its time limit of 1000 milliseconds" in act.result["error"], act.result
+        assert act.annotations.get("init_failed") is True
+        if kind == "interruptible":
+            assert any("loading weights" in line for line in act.logs), act.logs
+        stats = engine.stats()
+        assert stats["in_flight"] == 0 and stats["queued"] == 0
+
+
+async def test_queue_wait_is_bounded() -> None:
+    slow = "import time\ndef main(a):\n    time.sleep(a['s'])\n    return {}\n"
+    async with minifaas.Engine(close_timeout_s=1) as engine:
+        await engine.deploy("one", code=slow, max_sandboxes=1, max_queue_wait_s=0.5)
+        await engine.invoke("one", {"s": 0})
+        busy = await engine.submit("one", {"s": 2.0})
+        t0 = time.monotonic()
+        waiting = await engine.submit("one", {"s": 0})
+        with anyio.fail_after(1.8):
+            act = await engine.activations.wait(waiting, timeout_s=None)
+        assert time.monotonic() - t0 >= 0.5
+        assert act.status == "internal_error" and act.annotations["queue_timeout"] is True
+        assert "max_queue_wait_s is 0.5 s" in act.result["error"]
+        assert (await engine.activations.wait(busy)).status == "success"
+        with pytest.raises(minifaas.DeployError, match="max_queue_wait_s"):
+            await engine.deploy("bad", code=slow, max_queue_wait_s=-1)
+
+
+CRASH_AT_IMPORT = "raise RuntimeError('boom at import')\ndef main(a):\n    return {}\n"
+#: back-off 0.1, 0.2, 0.4, 0.8, 1.6 s...: in 3 s a crash loop gets about six launches (it got hundreds)
+CRASH_LOOP_WATCH_S = 3.0
+CRASH_LOOP_MAX_LAUNCHES = 10
+
+
+async def test_crash_loop_backs_off_and_says_so(tmp_path: Path) -> None:
+    """crashloop.py: a function whose import raises, with min_sandboxes=1, was re-forked hundreds of times a second."""
+    from minifaas._server.metrics import Metrics
+
+    async with minifaas.Engine() as engine:
+        await engine.deploy("bad", code=CRASH_AT_IMPORT, min_sandboxes=1)
+        await anyio.sleep(CRASH_LOOP_WATCH_S)
+        stats = engine.stats()
+        launches = stats.get("forks", 0) + stats.get("spawns", 0)
+        assert 3 <= launches <= CRASH_LOOP_MAX_LAUNCHES, stats
+        fn = stats["functions"]["guest/bad@1"]
+        assert fn["init_failures"] >= 3 and fn["init_backoff_s"] > 0
+        assert stats["init_failures"] == fn["init_failures"]
+        act = await engine.call("bad", {})
+        assert act.status == "developer_error" and act.annotations["init_failed"] is True
+        assert "boom at import" in act.result["error"]
+        assert "failed initializations in a row" in act.result["error"], act.result
+        assert any("RuntimeError: boom at import" in line for line in act.logs), act.logs
+        text = Metrics(engine).render().decode()
+        assert 'minifaas_init_backoff_seconds{function="bad",version="1"}' in text
+        assert 'minifaas_pool_events_total{event="init_failures"}' in text
+
+        # a success resets the back-off
+        flag = tmp_path / "once"
+        flaky = (
+            f"import os\nif not os.path.exists({str(flag)!r}):\n    open({str(flag)!r}, 'w').close()\n"
+            "    raise RuntimeError('first import fails')\ndef main(a):\n    return {'ok': 1}\n"
+        )
+        await engine.deploy("flaky", code=flaky)
+        first = await engine.call("flaky", {})
+        assert first.status == "developer_error" and first.annotations["init_failures"] == 1
+        await anyio.sleep(first.annotations["init_backoff_s"] + 0.05)
+        assert await engine.invoke("flaky", {}) == {"ok": 1}
+        assert engine.stats()["functions"]["guest/flaky@1"]["init_failures"] == 0
+
+
+FD_REPORT = """import os
+def main(a):
+    out = {}
+    for fd in os.listdir('/proc/self/fd'):
+        try:
+            out[fd] = [os.readlink(f'/proc/self/fd/{fd}'), os.get_inheritable(int(fd))]
+        except OSError:
+            pass
+    return out
+"""
+DAEMONIZE = """import os, time
+def main(a):
+    if os.fork() == 0:  # a library daemonizing a helper (fork + setsid): it keeps every fd of the sandbox
+        os.setsid()
+        time.sleep(40)
+        os._exit(0)
+    return {'ok': 1}
+"""
+#: a close that waited for the daemon (40 s) or for ever failed; this leaves room for a loaded machine
+DAEMON_CLOSE_MAX_S = 12.0
+
+
+@pytest.mark.parametrize("launcher", ["zygote", "spawn"], ids=["zygote", "spawn"])
+async def test_sandbox_channel_is_not_inheritable(launcher: str) -> None:
+    """fds.py: the channel socket reached the sandbox inheritable on both launch paths."""
+    async with minifaas.Engine(launcher=launcher) as engine:  # type: ignore[arg-type]
+        await engine.deploy("fds", code=FD_REPORT)
+        fds = await engine.invoke("fds", {})
+    sockets = {fd: inheritable for fd, (path, inheritable) in fds.items() if path.startswith("socket:")}
+    assert sockets, fds
+    assert not any(sockets.values()), f"inheritable sockets in the sandbox: {sockets}"
+
+
+@pytest.mark.parametrize("cgroup", [True, False], ids=["pids_cgroup", "no_cgroup"])
+async def test_daemon_holding_the_channel_does_not_block_close(cgroup: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """daemon_hang.py: a setsid() grandchild kept the channel open; aclose() blocked (for ever without a cgroup)."""
+    from minifaas._core import launch as _launch
+
+    if not cgroup:  # what a non-root host gets
+        monkeypatch.setattr(_launch.PIDS, "_probed", True)
+        monkeypatch.setattr(_launch.PIDS, "_parent", None)
+    async with minifaas.Engine(close_timeout_s=1) as engine:
+        await engine.deploy("d", code=DAEMONIZE, timeout_s=5)
+        assert await engine.invoke("d", {}) == {"ok": 1}
+        t0 = time.monotonic()
+        with anyio.fail_after(DAEMON_CLOSE_MAX_S):
+            await engine.aclose()
+    assert time.monotonic() - t0 < DAEMON_CLOSE_MAX_S
+
+
+async def test_sandbox_death_is_reported_while_a_daemon_holds_its_channel() -> None:
+    async with minifaas.Engine(close_timeout_s=1) as engine:
+        await engine.deploy("d", code=DAEMONIZE, timeout_s=5)
+        await engine.invoke("d", {})
+        pid = engine.stats()["functions"]["guest/d@1"]["pids"][0]
+        os.kill(pid, signal.SIGKILL)
+        with anyio.fail_after(5):
+            while engine.stats()["functions"]["guest/d@1"]["pids"] == [pid]:
+                await anyio.sleep(0.02)
+        assert await engine.invoke("d", {}) == {"ok": 1}  # on a new sandbox
+
+
+async def test_a_sandbox_killed_between_requests_costs_no_activation() -> None:
+    """A SIGKILL landing between two requests: the host routes the next one before it sees the death."""
+    async with minifaas.Engine() as engine:
+        await engine.deploy("f", code="def main(a):\n    return {'i': a['i']}\n", max_sandboxes=1)
+        for i in range(20):
+            assert await engine.invoke("f", {"i": -1}) == {"i": -1}
+            pid = engine.stats()["functions"]["guest/f@1"]["pids"][0]
+            os.kill(pid, signal.SIGKILL)
+            # no await in between: the host has not read the end of the channel yet
+            act = await engine.call("f", {"i": i})
+            assert act.status == "success", act.result
+
+
+async def test_memory_budget_cannot_be_bypassed() -> None:
+    """budget.py: a function over the budget waited for ever; a stem cell ran it over the budget."""
+    async with minifaas.Engine(max_sandboxes=1, memory_budget_mb=100, close_timeout_s=0.5) as engine:
+        with pytest.raises(minifaas.DeployError, match="memory_mb=256 is over the engine's memory_budget_mb=100"):
+            await engine.deploy("big", code="def main(a):\n    return {}\n", memory_mb=256)
+    async with minifaas.Engine(prewarm=1, max_sandboxes=2, memory_budget_mb=300, close_timeout_s=0.5) as engine:
+        sleep = "import time\ndef main(a):\n    time.sleep(a['s'])\n    return {}\n"
+        await engine.deploy("a", code=sleep, memory_mb=200)
+        await engine.deploy("b", code=sleep, memory_mb=200)
+        with anyio.fail_after(10):
+            while not engine._pool.stem:  # type: ignore[union-attr]
+                await anyio.sleep(0.05)
+        busy = await engine.submit("a", {"s": 1.0})
+        await anyio.sleep(0.3)
+        waiting = await engine.submit("b", {"s": 0})
+        await anyio.sleep(0.3)
+        pool = engine._pool
+        assert pool is not None and pool.memory_in_use() <= 300  # the stem cell did not take b over the budget
+        assert (await engine.activations.get(waiting)).status == "pending"
+        assert (await engine.activations.wait(busy)).status == "success"
+        assert (await engine.activations.wait(waiting, timeout_s=10)).status == "success"
+
+
+async def test_closing_sandboxes_count_until_gone() -> None:
+    slow_exit = "import atexit, time\natexit.register(time.sleep, 1.0)\ndef main(a):\n    return {}\n"
+    async with minifaas.Engine(max_sandboxes=1, close_timeout_s=0.5) as engine:
+        await engine.deploy("a", code=slow_exit)
+        await engine.deploy("b", code="def main(a):\n    return {}\n")
+        await engine.invoke("a", {})
+        pid_a = engine.stats()["functions"]["guest/a@1"]["pids"][0]
+        aid = await engine.submit("b", {})  # evicts a; b starts once a has exited, not beside it
+        await engine.activations.wait(aid)
+        assert not _alive(pid_a)
+
+
+def _alive(pid: int) -> bool:
+    return pid in _proc_table() and _proc_table()[pid][0] != "Z"
+
+
+async def test_stalled_zygote_is_retired_without_killing_its_sandboxes() -> None:
+    """blast.py: a zygote that stopped answering was SIGKILLed after a FORK timed out, and every warm sandbox it
+    had forked died with it (PDEATHSIG)."""
+    async with minifaas.Engine(launcher="zygote", close_timeout_s=1) as engine:
+        await engine.deploy("long", code="import time\ndef main(a):\n    time.sleep(a['s'])\n    return {'ok': 1}\n")
+        await engine.deploy("other", code="def main(a):\n    return {}\n")
+        await engine.invoke("long", {"s": 0})
+        aid = await engine.submit("long", {"s": 14.0})
+        await anyio.sleep(0.5)
+        zygote = engine.stats()["launcher_stats"]["zygote_pid"]
+        os.kill(zygote, signal.SIGSTOP)  # stands in for a zygote busy past FORK_TIMEOUT_S (a slow model pre-build)
+        try:
+            act = await engine.call("other", {})  # a cold start: its FORK times out, another zygote serves it
+            assert act.status == "success", act.result
+            stats = engine.stats()["launcher_stats"]
+            assert stats["zygotes_retired"] == 1 and stats["zygote_pid"] not in (None, zygote)
+            long = await engine.activations.wait(aid, timeout_s=30)
+            assert long.status == "success", long.result  # the stalled zygote's sandbox ran on
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(zygote, signal.SIGCONT)
+        await engine.delete("long")  # its last sandbox goes
+        with anyio.fail_after(5):  # its children gone, the retired zygote is stopped
+            while _alive(zygote):
+                await anyio.sleep(0.1)

@@ -278,3 +278,27 @@ async def test_sha256_mismatch_is_an_application_error(minifaas_engine: minifaas
     # the refused copy left nothing behind in the store (no partial file, nothing under the wrong digest)
     assert not minifaas_engine.model_store.content_path(WRONG_SHA).exists()
     assert list((minifaas_engine.model_store.root / "tmp").iterdir()) == []
+
+
+async def test_pipelining_follows_recent_run_times() -> None:
+    """hol.py: after many fast calls the lifetime mean stayed low, so slow calls were queued behind each other."""
+    async with minifaas.Engine() as engine:
+        code = "import time\ndef main(a):\n    time.sleep(a['s'])\n    return {}\n"
+        await engine.deploy("f", code=code, max_sandboxes=8)
+        for _ in range(2000):  # a lifetime mean of these stays under the pipelining threshold after slow runs
+            await engine.invoke("f", {"s": 0})
+        pipelined: list[list[bool]] = []
+        for _ in range(3):
+            burst: list[bool] = []
+
+            async def one(burst: list[bool] = burst) -> None:
+                act = await engine.call("f", {"s": 0.2})
+                burst.append(bool(act.annotations.get("pipelined")))
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(4):
+                    tg.start_soon(one)
+            pipelined.append(burst)
+            await anyio.sleep(0.05)
+        # the first burst runs before any slow result is known; after it, slow calls scale out instead
+        assert not any(pipelined[1]) and not any(pipelined[2]), pipelined

@@ -611,7 +611,8 @@ class RaySandbox(Sandbox):
             return False
         return any(sb.state == "ready" for sb in fp.sandboxes)
 
-    async def init(self, fields: dict[str, Any]) -> dict[str, Any]:
+    async def init(self, fields: dict[str, Any], timeout_s: float = math.inf) -> dict[str, Any]:
+        # ``timeout_s`` is enforced inside the sandbox (the runtime's init time limit, ``fields["timeout_ms"]``)
         fp: FunctionPool | None = self.owner
         if self.node_id != self.backend.driver_node:
             # another node: the bundle and the models it names go through the object store, not as host paths

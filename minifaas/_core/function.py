@@ -18,6 +18,8 @@ MAX_PAYLOAD_BYTES: Final = 1 << 20
 MAX_RESULT_BYTES: Final = 1 << 20
 MAX_LOG_BYTES: Final = 10 << 20
 MAX_QUEUE: Final = 10_000
+#: how long a request may wait in its function's queue for a sandbox before it ends as failed
+MAX_QUEUE_WAIT_S: Final = 600.0
 
 DEFAULTS: Final[dict[str, Any]] = {
     "timeout_s": TIMEOUT_S,
@@ -29,6 +31,7 @@ DEFAULTS: Final[dict[str, Any]] = {
     "max_result_bytes": MAX_RESULT_BYTES,
     "max_log_bytes": MAX_LOG_BYTES,
     "max_queue": MAX_QUEUE,
+    "max_queue_wait_s": MAX_QUEUE_WAIT_S,
 }
 
 
@@ -54,6 +57,7 @@ class FunctionSpec:
     max_result_bytes: int = MAX_RESULT_BYTES
     max_log_bytes: int = MAX_LOG_BYTES
     max_queue: int = MAX_QUEUE
+    max_queue_wait_s: float = MAX_QUEUE_WAIT_S
     style: Literal["openwhisk", "lambda"] = "openwhisk"
     #: the parameter whose value names a model (for model-affinity routing), e.g. "model_url"
     model_param: str | None = None
@@ -94,6 +98,8 @@ class FunctionSpec:
             "style": self.style,
             "sys_path": list(self.sys_path),
             "network": self.network,
+            # the runtime ends a module-level import that outlives it with its logs (the host kills it later)
+            "timeout_ms": int(self.timeout_s * 1000),
         }
 
     def describe(self) -> dict[str, Any]:
@@ -116,6 +122,7 @@ class FunctionSpec:
                 "max_payload_bytes": self.max_payload_bytes,
                 "max_result_bytes": self.max_result_bytes,
                 "max_log_bytes": self.max_log_bytes,
+                "max_queue_wait_s": self.max_queue_wait_s,
             },
             "style": self.style,
             "sys_path": list(self.sys_path),

@@ -54,6 +54,8 @@ class Launched(Protocol):
     stderr_fd: int
     #: "spawn" or "fork"
     how: str
+    #: the host's copy of the sandbox's end of the channel (None where the launcher keeps none)
+    peer: socket.socket | None
 
     async def wait(self) -> int:
         """The exit status, as subprocess reports it: the exit code, or minus the signal number."""
@@ -237,10 +239,13 @@ PIDS: Final = PidsCgroups()
 
 
 class _SpawnedProcess:
-    def __init__(self, proc: subprocess.Popen[bytes], channel: socket.socket, out_r: int, err_r: int) -> None:
+    def __init__(
+        self, proc: subprocess.Popen[bytes], channel: socket.socket, out_r: int, err_r: int, peer: socket.socket
+    ) -> None:
         self._proc = proc
         self.pid = proc.pid
         self.channel = channel
+        self.peer: socket.socket | None = peer
         self.stdout_fd = out_r
         self.stderr_fd = err_r
         self.how = "spawn"
@@ -275,6 +280,8 @@ class _SpawnedProcess:
                 os.close(fd)
         self._pidfd = self.stdout_fd = self.stderr_fd = -1
         self.channel.close()
+        if self.peer is not None:
+            self.peer.close()
         if self.cgroup is not None:
             kill_cgroup(self.cgroup)
             PIDS.remove(self.cgroup)
@@ -308,14 +315,15 @@ class SpawnLauncher:
             )
         except BaseException:
             host.close()
+            child.close()
             for fd in (out_r, err_r):
                 os.close(fd)
             raise
         finally:
-            child.close()
             os.close(out_w)
             os.close(err_w)
-        return _SpawnedProcess(proc, host, out_r, err_r)
+        # the host keeps the sandbox's end too: after a death, what it left unread there is known (see Sandbox)
+        return _SpawnedProcess(proc, host, out_r, err_r, peer=child)
 
     async def aclose(self) -> None:
         return None

@@ -34,6 +34,10 @@ RUN_AVG_GAIN: Final = 8
 RUN_DEV_GAIN: Final = 4
 #: a round trip's extra time beyond the run is clamped to this (ms): a stall of the host is not a trend
 MAX_TRIP_MS: Final = 5.0
+#: after a function's sandbox fails to initialize, no new one starts for this long, doubling with each failure in
+#: a row up to the cap; a success resets it (a crash loop costs a few forks a minute, not hundreds a second)
+INIT_BACKOFF_FIRST_S: Final = 0.1
+INIT_BACKOFF_MAX_S: Final = 30.0
 
 
 def _last_used(sb: object) -> float:
@@ -65,6 +69,18 @@ class FunctionPool:
         #: the keep-alive policy asked for a fresh sandbox at this time (pool clock), kept until ``prewarm_until``
         self.prewarm_at: float | None = None
         self.prewarm_until = 0.0
+        #: initializations failed in a row, and until when (``time.monotonic()``) no new sandbox starts
+        self.init_failures = 0
+        self.backoff_until = 0.0
+        #: the last failed initialization's error and logs, for the records failed during the back-off
+        self.last_init_error = ""
+        self.last_init_logs: list[str] = []
+
+    def backoff_left_s(self) -> float:
+        """Seconds until a new sandbox may start after failed initializations (0 when it may now)."""
+        if not self.init_failures:
+            return 0.0
+        return max(0.0, self.backoff_until - time.monotonic())
 
     def record_run(self, run_ms: float, *, cold: bool = False) -> None:
         self.invocations += 1
@@ -146,6 +162,9 @@ class Pool:
         self.stats: collections.Counter[str] = collections.Counter()
         #: every sandbox not yet fully closed, in a pool or not (retired ones still shutting down)
         self.live: set[Sandbox] = set()
+        #: sandboxes retired and not gone yet, and the memory they hold (MB)
+        self.closing = 0
+        self.closing_mb = 0
         self._reaper_wake = anyio.Event()
         #: when the reaper will look next (pool clock); an earlier expiry wakes it
         self._reaper_next = 0.0
@@ -195,21 +214,25 @@ class Pool:
 
     def may_start(self, fp: FunctionPool, *, evict: bool = True) -> bool:
         """True when ``fp`` may start one more sandbox now, evicting idle ones elsewhere if the engine is full."""
-        if fp.size >= fp.spec.max_sandboxes:
+        if fp.size >= fp.spec.max_sandboxes or fp.backoff_left_s() > 0:
             return False
-        if self.stem and self.total >= self.max_total:
-            return True  # a stem cell will be specialized: the total does not grow
         budget = self.memory_budget_mb
-        over_count = self.total - self.max_total + 1
-        # idle spares only ever take the budget sandboxes leave free (the launcher sizes them by it) and a launch
-        # turns one into this sandbox: they give way, so they are not counted against it here
-        used = self.memory_in_use(include_reserved=False)
+        # a stem cell would be specialized: the count does not grow, the memory of the function does; sandboxes
+        # still closing count until they are gone; idle spares only take the budget sandboxes leave free (the
+        # launcher sizes them by it) and give way to a launch, so they are not counted
+        stem = 1 if self.stem and fp.spec.python is None else 0
+        over_count = self.total + self.closing - stem - self.max_total + 1
+        used = self.memory_in_use(include_reserved=False) + self.closing_mb
         over_mb = (used + fp.spec.memory_mb - budget) if budget is not None else 0
         if over_count <= 0 and over_mb <= 0:
             return True
         if not evict:
             return False
-        return self._evict(fp, over_count, over_mb)
+        need_count, need_mb = over_count - self.closing, over_mb - self.closing_mb
+        if need_count > 0 or need_mb > 0:
+            self._evict(fp, max(need_count, 0), max(need_mb, 0))
+        # the evicted sandboxes count until they are gone: their end calls on_capacity, which starts this one
+        return False
 
     def _evict(self, exclude: FunctionPool, count: int, need_mb: int) -> bool:
         idle = [(fp, sb) for fp in self.functions.values() if fp is not exclude for sb in fp.idle()]
@@ -245,7 +268,7 @@ class Pool:
             self.stats[reason] += 1
             if fp is None:
                 self.stem.remove(sb)
-                self.tg.start_soon(sb.stop)
+                self.tg.start_soon(self._stop_retired, sb, 0)
             else:
                 # the caller takes the freed capacity: announcing it would let the scheduler re-enter and start a
                 # sandbox for the same request in it (two starts per eviction, the total growing past the cap)
@@ -255,7 +278,7 @@ class Pool:
     # -- lifecycle --------------------------------------------------------------------------------------------
     def reserve(self, fp: FunctionPool) -> Sandbox:
         """Count a new sandbox for ``fp`` at once (so caps hold) before :meth:`boot` starts it."""
-        while self.stem and self.stem[-1].state == "dead":
+        while self.stem and self.stem[-1].gone:
             self.stem.pop()
         # a stem cell is a fork of the preloaded interpreter: not for a function that needs its env's python
         use_stem = bool(self.stem) and fp.spec.python is None
@@ -286,7 +309,7 @@ class Pool:
             else:
                 self.stats["prewarmed_specializations"] += 1
                 self.tg.start_soon(self._refill_stem)
-            reply = await sb.init(spec.init_fields())
+            reply = await sb.init(spec.init_fields(), spec.timeout_s)
         except (Exception, SandboxDied) as exc:
             reply = {"ok": False, "error": f"the sandbox failed to start: {exc}"}
             if getattr(exc, "internal", False):
@@ -295,8 +318,15 @@ class Pool:
             fp.starting -= 1
         sb.init_ms = (time.perf_counter() - t0) * 1000
         if not reply.get("ok"):
+            fp.init_failures += 1
+            delay = min(INIT_BACKOFF_FIRST_S * 2 ** (fp.init_failures - 1), INIT_BACKOFF_MAX_S)
+            fp.backoff_until = time.monotonic() + delay
+            fp.last_init_error = str(reply.get("error"))
+            fp.last_init_logs = list(reply.get("logs") or [])
+            self.stats["init_failures"] += 1
             self.retire(fp, sb)
         else:
+            fp.init_failures = 0
             sb.last_used = self.now()
             if not math.isfinite(sb.expires):
                 # a pre-warm has its expiry already (the policy's keep-alive end); any other sandbox unused after
@@ -334,8 +364,19 @@ class Pool:
             fp.sandboxes.remove(sb)
         self.evictor.forget(sb)
         if sb.state != "dead":
-            self.tg.start_soon(sb.stop)
+            self.tg.start_soon(self._stop_retired, sb, fp.spec.memory_mb)
         if notify:
+            self.on_capacity()
+
+    async def _stop_retired(self, sb: Sandbox, memory_mb: int) -> None:
+        """Stop a sandbox taken out of service; it counts against the caps until it is gone."""
+        self.closing += 1
+        self.closing_mb += memory_mb
+        try:
+            await sb.stop()
+        finally:
+            self.closing -= 1
+            self.closing_mb -= memory_mb
             self.on_capacity()
 
     def forget_dead(self, fp: FunctionPool, sb: Sandbox) -> None:
@@ -411,6 +452,9 @@ class Pool:
                     next_check = min(next_check, sb.expires - now)
             if fp.deleted:
                 continue
+            backoff = fp.backoff_left_s()
+            if backoff > 0 and fp.size < spec.min_sandboxes:
+                next_check = min(next_check, backoff)
             if fp.size < spec.min_sandboxes and self.may_start(fp, evict=False):
                 self.stats["min_sandboxes_started"] += 1
                 self.warm_up(fp)
@@ -455,5 +499,7 @@ class Pool:
                 "models": sorted({m for sb in fp.sandboxes for m in sb.models}),
                 "pids": [sb.proc.pid for sb in fp.sandboxes if sb.proc is not None],
                 "keepalive": getattr(fp.policy, "name", "?"),
+                "init_failures": fp.init_failures,
+                "init_backoff_s": round(fp.backoff_left_s(), 3),
             }
         return out

@@ -11,11 +11,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import fcntl
 import itertools
 import math
 import os
 import select
 import signal
+import struct
+import termios
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
@@ -33,8 +36,18 @@ START_TIMEOUT_S: Final = 60.0
 #: after the channel closes, how long to wait for the pipes to drain (a crash's last words on stderr)
 DRAIN_TIMEOUT_S: Final = 0.5
 SHUTDOWN_GRACE_S: Final = 2.0
+#: the runtime ends an initialization that outlives the function's timeout itself, with its logs; the host kills a
+#: sandbox whose INIT_DONE is this much later still (its code is stuck where a signal cannot reach it)
+INIT_KILL_GRACE_S: Final = 1.0
 #: how long a failed write may wait for the watcher to report the sandbox's exit status
 DEATH_REPORT_TIMEOUT_S: Final = 5.0
+#: after a SIGKILL, how long to wait for the exit status before reporting the death without it (a process in
+#: uninterruptible sleep, a stalled zygote that has not reaped it): no wait after a kill is unbounded
+KILL_WAIT_S: Final = 5.0
+#: the states a sandbox goes through, in order; ``lost``: the host has seen it go (its channel ended or its process
+#: exited) and is collecting its status; ``dead``: reported (``on_died`` called). Routing, sending and the
+#: scheduler read this one field (``Sandbox.gone``), never the events, which are only for waiting
+SANDBOX_STATES: Final = ("starting", "ready", "closing", "lost", "dead")
 READ_CHUNK_BYTES: Final = 1 << 18
 MAX_STRAY_LINES: Final = 1000
 #: output that bypasses the runtime's capture (os.write to fd 1/2, C code) is kept per activation up to these caps,
@@ -132,7 +145,7 @@ class Sandbox:
         self.fn_key = fn_key
         self.services = services
         self.proc: Launched | None = None
-        self.state = "starting"  # starting -> ready -> closing -> dead
+        self.state = "starting"  # see SANDBOX_STATES
         #: activation id -> the scheduler's job, for every RUN sent and not yet answered
         self.inflight: dict[str, Any] = {}
         #: jobs whose RUN was sent while another ran: the sandbox starts them in order (see the scheduler)
@@ -164,17 +177,40 @@ class Sandbox:
         self._init = _Waiter()
         self._out = bytearray()
         self._writer_wake = anyio.Event()
-        self._eof = anyio.Event()
+        #: set when the state becomes ``lost``: wakes the watcher
+        self._gone = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._decoder = p.FrameDecoder()
         self._pipes_done = 0
         self._pipes_drained = anyio.Event()
         self._killed_reason: str | None = None
+        self._reader_closed = False
+        #: stop() asked it to exit: its end is expected
+        self._stopping = False
+        #: set (with ``_status``) once the process has exited
+        self._exited = anyio.Event()
+        self._status: int | None = None
+        #: bytes handed to send() so far, and where each unanswered RUN's frame ends in that count
+        self._sent = 0
+        self._run_ends: dict[str, int] = {}
+        #: activation ids whose RUN the sandbox never read (known once it is dead): they never started
+        self.unstarted: set[str] = set()
         self._calls = 0
         #: fd -> state of the task reading that output pipe
         self._pipes: dict[int, _PipeState] = {}
         self._pipe_poll = select.poll()
+
+    @property
+    def gone(self) -> bool:
+        """The sandbox has ended, whether or not its end is reported yet: nothing is routed or sent to it."""
+        return self.state == "lost" or self.state == "dead"
+
+    def _lose(self) -> None:
+        if not self.gone:
+            self.state = "lost"
+        self._gone.set()
+        self._writer_wake.set()
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
     async def start(
@@ -185,7 +221,7 @@ class Sandbox:
         t0 = time.perf_counter()
         self._tg = tg
         proc = await launcher.launch(env)
-        if self.state == "dead":
+        if self.gone:
             # stopped (engine closing) while the launch was under way: do not let the new process outlive us
             proc.kill()
             with anyio.CancelScope(shield=True):
@@ -199,6 +235,7 @@ class Sandbox:
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self.proc.channel.fileno(), self._on_readable)
         tg.start_soon(self._watch, name=f"{self.id}-watch")
+        tg.start_soon(self._watch_process, name=f"{self.id}-exit")
         tg.start_soon(self._read_pipe, self.proc.stdout_fd, "stdout", name=f"{self.id}-stdout")
         tg.start_soon(self._read_pipe, self.proc.stderr_fd, "stderr", name=f"{self.id}-stderr")
         tg.start_soon(self._write_loop, name=f"{self.id}-writer")
@@ -207,8 +244,9 @@ class Sandbox:
                 await self._ready.get()
         return (time.perf_counter() - t0) * 1000
 
-    async def init(self, fields: dict[str, Any]) -> dict[str, Any]:
-        """Send INIT and wait for INIT_DONE. Sent right after the launch, INIT waits in the channel for the runtime,
+    async def init(self, fields: dict[str, Any], timeout_s: float = math.inf) -> dict[str, Any]:
+        """Send INIT and wait for INIT_DONE, up to ``timeout_s`` once the runtime is READY (then the sandbox is
+        killed and the reply says so). Sent right after the launch, INIT waits in the channel for the runtime,
         which reads it as soon as it has sent READY: a cold start spares that round trip."""
         try:
             self.send(p.INIT, fields)
@@ -223,8 +261,14 @@ class Sandbox:
                 raise
         with anyio.fail_after(START_TIMEOUT_S):
             await self._ready.get()
-        reply: dict[str, Any] = await self._init.get()
-        if reply.get("ok"):
+        reply: dict[str, Any] = {}
+        with anyio.move_on_after(timeout_s + INIT_KILL_GRACE_S) as scope:
+            reply = await self._init.get()
+        if scope.cancelled_caught:
+            ms = round(timeout_s * 1000)
+            self.kill(f"its initialization exceeded its time limit of {ms} milliseconds")
+            return {"ok": False, "error": f"the initialization exceeded its time limit of {ms} milliseconds"}
+        if reply.get("ok") and self.state == "starting":
             self.state = "ready"
         return reply
 
@@ -233,6 +277,7 @@ class Sandbox:
             self._killed_reason = reason
         if self.state != "dead" and self.proc is not None:
             self.proc.kill()
+            self._lose()
 
     async def stop(self) -> None:
         """Ask the sandbox to exit; kill it if it does not within the grace period."""
@@ -243,23 +288,42 @@ class Sandbox:
             self.died.set()
             self.closed.set()
             return
-        self.state = "closing"
+        self._stopping = True
+        if not self.gone:
+            self.state = "closing"
         with contextlib.suppress(SandboxDied):
             self.send(p.SHUTDOWN, {})
         with anyio.move_on_after(SHUTDOWN_GRACE_S):
             await self.died.wait()
         if not self.died.is_set():
             self.kill("shutdown")
-            await self.died.wait()
+            await self.died.wait()  # bounded: the watcher reports within KILL_WAIT_S of a kill
+
+    def _never_read(self) -> set[str]:
+        """The RUNs whose frame the sandbox had not read (completely) from the channel when it died: what it left
+        in its end (which the host keeps a copy of, so a death does not discard it) plus what the host never got
+        to write. Frames it read may have started; these certainly did not."""
+        peer = getattr(self.proc, "peer", None)
+        if peer is None or not self._run_ends:
+            return set()
+        try:
+            unread = struct.unpack("i", fcntl.ioctl(peer.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+        except OSError:
+            return set()
+        consumed = self._sent - len(self._out) - unread
+        return {aid for aid, end in self._run_ends.items() if end > consumed}
 
     def take_stray(self, aid: str) -> list[str]:
         return self.stray.pop(aid, [])
 
     # -- I/O ----------------------------------------------------------------------------------------------------
     def send(self, kind: int, fields: dict[str, Any]) -> None:
-        if self.state == "dead" or self.proc is None or self._eof.is_set():
+        if self.gone or self.proc is None:
             raise SandboxDied("the sandbox is gone", self.exit_status)
         frame = p.encode(kind, fields)
+        self._sent += len(frame)
+        if kind == p.RUN:
+            self._run_ends[fields["aid"]] = self._sent
         if not self._out:
             try:
                 n = self.proc.channel.send(frame)
@@ -276,7 +340,7 @@ class Sandbox:
     async def _write_loop(self) -> None:
         assert self.proc is not None
         sock = self.proc.channel
-        while not self._eof.is_set():
+        while not self.gone:
             if not self._out:
                 await self._writer_wake.wait()
                 self._writer_wake = anyio.Event()
@@ -321,15 +385,16 @@ class Sandbox:
                 return  # drained: the loop calls back when more arrives (saves an EAGAIN recv per frame)
 
     def _close_reader(self) -> None:
-        if self._loop is not None and self.proc is not None and not self._eof.is_set():
+        if self._loop is not None and self.proc is not None and not self._reader_closed:
+            self._reader_closed = True
             self._loop.remove_reader(self.proc.channel.fileno())
-        self._eof.set()
-        self._writer_wake.set()
+        self._lose()
 
     def _dispatch(self, kind: int, fields: dict[str, Any]) -> None:
         if not isinstance(fields, dict):
             raise p.ProtocolError(f"frame of type {kind!r} has no field map")
         if kind == p.RESULT:
+            self._run_ends.pop(fields.get("aid"), None)  # type: ignore[arg-type]
             self._drain_pipes()
             models = fields.get("models")
             if models is not None:
@@ -454,22 +519,41 @@ class Sandbox:
                 bucket.append(line)
 
     async def _watch(self) -> None:
-        """Wait for the channel to end, then collect the exit status and report the death once."""
-        await self._eof.wait()
+        """Wait for the sandbox to go (its channel ends, or its process exits while something it started still
+        holds the channel), then collect the exit status and report the death once."""
+        # shielded: a death is reported even when the engine's tasks are being cancelled (its close stops
+        # every sandbox first, so this ends)
         with anyio.CancelScope(shield=True):
-            await self._on_channel_closed()
+            await self._gone.wait()
+            await self._on_gone()
 
-    async def _on_channel_closed(self) -> None:
+    async def _watch_process(self) -> None:
+        assert self.proc is not None
+        try:
+            with anyio.CancelScope(shield=True):
+                self._status = await self.proc.wait()
+        finally:
+            self._exited.set()
+        if not self._reader_closed:
+            self._on_readable()  # a last RESULT may wait in the channel
+            self._close_reader()
+
+    async def _on_gone(self) -> None:
         proc = self.proc
         assert proc is not None
-        if self.state != "closing":
+        if not self._stopping:
             # an unexpected end: make sure the whole process group is gone before collecting the status
             proc.kill()
-        status = await proc.wait()
+        with anyio.move_on_after(KILL_WAIT_S):
+            await self._exited.wait()
+        status = self._status
+        if status is None:
+            proc.kill()
         with anyio.move_on_after(DRAIN_TIMEOUT_S):
             await self._pipes_drained.wait()
         proc.kill()  # stragglers in its process group keep no pipe open
         self.exit_status = status
+        self.unstarted = self._never_read()
         self.state = "dead"
         reason = describe_exit(status)
         if self._killed_reason:

@@ -14,6 +14,7 @@ engine's close records the ones that never ran.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -36,9 +37,9 @@ __all__ = ("Job", "Scheduler", "validate_args")
 
 MAX_PAYLOAD_DEPTH: Final = 64
 ENGINE_MAX_QUEUED: Final = 100_000
-#: a function whose warm runs average under this may get one RUN queued inside a busy sandbox (pipelining, as
-#: ProcessPoolExecutor's call queue does): its next request starts the moment the current one ends, with no round
-#: trip through the host; slower functions scale out to new sandboxes instead
+#: a function whose recent warm runs predict a wait under this may get one RUN queued inside a busy sandbox
+#: (pipelining, as ProcessPoolExecutor's call queue does): its next request starts the moment the current one
+#: ends, with no round trip through the host; slower functions scale out to new sandboxes instead
 PREFETCH_MAX_RUN_MS: Final = 2.0
 #: warm runs observed before pipelining is considered
 PREFETCH_MIN_SAMPLES: Final = 20
@@ -92,14 +93,33 @@ class Done:
 
 
 class Job:
-    __slots__ = ("act", "args_packed", "begun", "deadline", "done", "fp", "model", "poll")
+    __slots__ = (
+        "accepted",
+        "act",
+        "args_packed",
+        "begun",
+        "deadline",
+        "done",
+        "ended",
+        "fp",
+        "model",
+        "poll",
+        "queued_at",
+    )
 
     def __init__(self, act: Activation, args_packed: bytes, fp: FunctionPool, model: str | None) -> None:
         self.act = act
         self.args_packed = args_packed
         self.fp = fp
         self.model = model
+        #: set once the activation has ended and its final record is stored (or the store reported it could not)
         self.done = Done()
+        #: the activation has ended in memory (its final record may still be on its way to the store)
+        self.ended = False
+        #: set once the accepted record is stored (when the submitter asked to wait for that)
+        self.accepted: Done | None = None
+        #: event-loop time at which it was queued (first), for ``max_queue_wait_s``
+        self.queued_at = 0.0
         #: event-loop time at which the activation times out (set when it starts)
         self.deadline = math.inf
         #: ``time.perf_counter()`` when it started on a sandbox
@@ -162,6 +182,8 @@ class Scheduler:
         self.polled: set[Job] = set()
         self.poll_max_run_ms = POLL_MAX_RUN_MS
         self._loop = asyncio.get_running_loop()
+        #: one timer per function with requests queued: it ends those that waited longer than max_queue_wait_s
+        self._queue_timers: dict[FunctionPool, asyncio.TimerHandle] = {}
         pool.on_capacity = self.pump_all
         pool.warm_up = self._warm_up
 
@@ -174,7 +196,9 @@ class Scheduler:
         cause: str | None = None,
         activation_id: str | None = None,
         annotations: dict[str, Any] | None = None,
+        durable: bool = False,
     ) -> Job:
+        """Admit an invocation; with ``durable``, ``job.accepted`` is set once its accepted record is stored."""
         validate_args(args)
         merged = {**spec.params, **args} if spec.params else args
         try:
@@ -212,12 +236,47 @@ class Scheduler:
             },
         )
         job = Job(act, packed, fp, model if isinstance(model, str) else None)
-        self.store.put(act)
+        if durable:
+            accepted = job.accepted = Done()
+            self.store.put(act, accepted.set)
+        else:
+            self.store.put(act)
         self.jobs[act.activation_id] = job
+        job.queued_at = self._loop.time()
         fp.queue.append(job)
         self.queued += 1
+        if fp not in self._queue_timers:
+            self._arm_queue_timer(fp)
         self.pump(fp)
         return job
+
+    def _requeue(self, fp: FunctionPool, job: Job) -> None:
+        """Give a request that never ran back to the front of its queue."""
+        job.act.status = "pending"
+        fp.queue.appendleft(job)
+        self.queued += 1
+        if fp not in self._queue_timers:
+            self._arm_queue_timer(fp)
+
+    def _arm_queue_timer(self, fp: FunctionPool) -> None:
+        oldest = min(job.queued_at for job in fp.queue)
+        self._queue_timers[fp] = self._loop.call_at(oldest + fp.spec.max_queue_wait_s, self._expire_queued, fp)
+
+    def _expire_queued(self, fp: FunctionPool) -> None:
+        del self._queue_timers[fp]
+        limit = fp.spec.max_queue_wait_s
+        now = self._loop.time()
+        expired = [job for job in fp.queue if job.queued_at + limit <= now]
+        for job in expired:
+            fp.queue.remove(job)
+            self.queued -= 1
+            message = (
+                f"{fp.spec.name} waited {limit:g} s in its queue and no sandbox took it "
+                f"(the function's max_queue_wait_s is {limit:g} s)"
+            )
+            self._finish(job, "internal_error", {"error": message}, [], {"queue_timeout": True})
+        if fp.queue:
+            self._arm_queue_timer(fp)
 
     # -- dispatch ---------------------------------------------------------------------------------------------
     def pump_all(self) -> None:
@@ -235,7 +294,7 @@ class Scheduler:
                 self.queued -= 1
                 self._dispatch(fp, sb, job)
                 continue
-            if fp.warm_runs >= PREFETCH_MIN_SAMPLES and fp.warm_ms < PREFETCH_MAX_RUN_MS:
+            if fp.warm_runs >= PREFETCH_MIN_SAMPLES and self._pipelining_pays(fp):
                 sb = self._prefetch_target(fp)
                 if sb is not None:
                     queue.popleft()
@@ -246,7 +305,35 @@ class Scheduler:
             if fp.starting * fp.spec.concurrency < len(queue) and self.pool.may_start(fp):
                 self._new_sandbox(fp)
                 continue
+            if not fp.sandboxes and fp.backoff_left_s() > 0:
+                # nothing runs this function and nothing may start for a while: failing now says why, where
+                # waiting would only fail later
+                self._fail_backing_off(fp)
             break
+
+    def _fail_backing_off(self, fp: FunctionPool) -> None:
+        left = fp.backoff_left_s()
+        error = (
+            f"The action failed to initialize: {fp.last_init_error} ({fp.init_failures} failed initializations in a "
+            f"row; no new sandbox starts for {left:.1f} s)"
+        )
+        annotations = {"init_failed": True, "init_failures": fp.init_failures, "init_backoff_s": round(left, 3)}
+        while fp.queue:
+            job = fp.queue.popleft()
+            self.queued -= 1
+            self._finish(job, "developer_error", {"error": error}, list(fp.last_init_logs), dict(annotations))
+
+    def _pipelining_pays(self, fp: FunctionPool) -> bool:
+        """One rule: queue a request behind a busy sandbox's run only when that wait, predicted from the recent
+        run times (moving average plus twice their deviation, as TCP bounds a round trip), is short, and shorter
+        than a cold start when a sandbox is starting or may start for it. A lifetime mean would keep pipelining
+        long after a function's runs turned slow."""
+        predicted_ms = fp.run_avg_ms + 2 * fp.run_dev_ms
+        if predicted_ms >= PREFETCH_MAX_RUN_MS:
+            return False
+        if fp.starting or self.pool.may_start(fp, evict=False):
+            return predicted_ms < fp.cold_ms
+        return True
 
     @staticmethod
     def _prefetch_target(fp: FunctionPool) -> Sandbox | None:
@@ -267,8 +354,7 @@ class Scheduler:
                 {"aid": act.activation_id, "args": job.args_packed, "deadline": deadline, "version": spec.version},
             )
         except SandboxDied:
-            fp.queue.appendleft(job)
-            self.queued += 1
+            self._requeue(fp, job)
             self.pool.forget_dead(fp, sb)
             return
         act.annotations["pipelined"] = True
@@ -330,12 +416,26 @@ class Scheduler:
             logs += [line for lines in sb.stray.values() for line in lines]
             internal = reply.get("internal") is True
             what = "could not start" if internal else "failed to initialize"
+            left = fp.backoff_left_s()
             self._finish(
                 job,
                 "internal_error" if internal else "developer_error",
-                {"error": f"The action {what}: {reply.get('error')}"},
+                {
+                    "error": f"The action {what}: {reply.get('error')}"
+                    + (
+                        f" ({fp.init_failures} failed initializations in a row; the next try in {left:.1f} s)"
+                        if left
+                        else ""
+                    )
+                },
                 logs,
-                {"cold": True, "sandbox": sb.id, "init_failed": True},
+                {
+                    "cold": True,
+                    "sandbox": sb.id,
+                    "init_failed": True,
+                    "init_failures": fp.init_failures,
+                    "init_backoff_s": round(left, 3),
+                },
             )
         self.pump(fp)
 
@@ -359,9 +459,7 @@ class Scheduler:
             )
         except SandboxDied:
             # it never ran: give it back to the queue, a healthy sandbox takes it
-            act.status = "pending"
-            fp.queue.appendleft(job)
-            self.queued += 1
+            self._requeue(fp, job)
             self.pool.forget_dead(fp, sb)
             return
         self._begin(fp, sb, job, cold=sb.runs == 0 and not sb.prewarmed)
@@ -418,6 +516,9 @@ class Scheduler:
             self.pump(fp)
         if not sb.inflight and sb.state == "ready":
             self.pool.became_idle(fp, sb, now)
+            if self.queued > len(fp.queue):
+                # requests of other functions wait for room: this idle sandbox may be evicted for them
+                self.pump_all()
 
     def _plan_poll(self, fp: FunctionPool, job: Job) -> None:
         """Poll from a little before the result is due to a little after: its mean run time plus the mean time the
@@ -447,7 +548,7 @@ class Scheduler:
 
     def _check_deadlines(self, fp: FunctionPool, sb: Sandbox) -> None:
         sb.timer = None
-        if not sb.inflight or sb.state == "dead":
+        if not sb.inflight or sb.gone:
             return
         now = self._loop.time()
         expired = [job for job in sb.inflight.values() if job.deadline <= now]
@@ -480,13 +581,16 @@ class Scheduler:
             # queued inside the sandbox but never started: they go back to the front of the queue
             while sb.prefetched:
                 job = sb.prefetched.pop()
-                job.act.status = "pending"
                 job.act.annotations.pop("pipelined", None)
-                fp.queue.appendleft(job)
-                self.queued += 1
+                self._requeue(fp, job)
         # a backend that lost its connection (Ray) ended the sandbox: not the function's fault
         status_name = "internal_error" if getattr(sb, "backend_lost", False) else "developer_error"
         for job in jobs:
+            if fp is not None and job.act.activation_id in sb.unstarted:
+                # its RUN was still unread in the channel: the function never started, another sandbox runs it
+                self._unstart(job)
+                self._requeue(fp, job)
+                continue
             logs = sb.take_stray(job.act.activation_id)
             logs.append(log_line("stderr", f"minifaas: {reason}"))
             self._finish(
@@ -500,11 +604,25 @@ class Scheduler:
             self.pool.forget_dead(fp, sb)
             self.pump(fp)
 
+    def _unstart(self, job: Job) -> None:
+        """Undo ``_begin`` for a request that never started where it was sent."""
+        if job.poll is not None:
+            job.poll = None
+            self.polled.discard(job)
+        act = job.act
+        act.start = 0
+        act.init_time = act.wait_time = None
+        for key in ("sandbox", "cold", "launch", "pipelined"):
+            act.annotations.pop(key, None)
+        act.annotations["resent"] = act.annotations.get("resent", 0) + 1
+        job.deadline = math.inf
+
     def _finish(
         self, job: Job, status: str, result: dict[str, Any], logs: list[str], annotations: dict[str, Any]
     ) -> None:
-        if job.done.is_set():
+        if job.ended:
             return  # already ended (by the engine's close): a record ends exactly once
+        job.ended = True
         if job.poll is not None:
             job.poll = None
             self.polled.discard(job)
@@ -517,10 +635,13 @@ class Scheduler:
         act.result = result
         act.logs = logs
         act.annotations.update(annotations)
-        self.store.put(act)
-        self.jobs.pop(act.activation_id, None)
+        # the caller sees the end once the final record is stored: the store calls back (at once in memory)
+        self.store.put(act, functools.partial(self._settle, job))
+
+    def _settle(self, job: Job) -> None:
+        self.jobs.pop(job.act.activation_id, None)
         job.done.set()
-        self.on_end(act)
+        self.on_end(job.act)
 
     def fail_queued(self, fp: FunctionPool, message: str, status: str = "developer_error") -> None:
         """End every request still waiting in ``fp``'s queue (function deleted, engine closing)."""
@@ -531,5 +652,5 @@ class Scheduler:
 
     def fail_running(self, message: str) -> None:
         for job in list(self.jobs.values()):
-            if not job.done.is_set():
+            if not job.ended:
                 self._finish(job, "internal_error", {"error": message}, [], {})

@@ -2,13 +2,26 @@
 
 Records are written when an invocation is accepted (status ``pending``) and again when it ends, so a host that dies
 leaves its in-flight records behind; the next engine on the same ``state_dir`` marks them failed instead of losing them.
+
+The SQLite store never writes on the event loop: ``put`` encodes the record into flat columns and hands the row to
+one writer thread, which commits every row that arrived while the previous transaction committed in one transaction
+(group commit), then calls each row's ``on_durable`` back on the loop. Until then ``get`` answers from memory. A
+write that fails (the database locked by another connection, a full disk) is retried by the writer with a capped
+back-off and reported (``stats()``, the ``minifaas`` logger); the records wait in memory meanwhile, so nothing is
+lost and nothing waits for ever.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
 import sqlite3
+import threading
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -22,10 +35,54 @@ MEMORY_STORE_MAX_RECORDS: Final = 10_000
 #: statuses of records whose activation has not ended (every other status is final)
 UNENDED_STATUSES: Final = ("pending", "running")
 HOST_DIED_MESSAGE: Final = "the host process ended while this activation was in flight"
+DB_FILE_NAME: Final = "activations.sqlite3"
+#: the writer's own wait for a lock held by another connection, before the write counts as failed (callers
+#: waiting for it are then released and the writer keeps retrying)
+WRITE_BUSY_TIMEOUT_S: Final = 1.0
+#: back-off between retries of a failed write: doubles from the first to the last
+RETRY_FIRST_S: Final = 0.05
+RETRY_MAX_S: Final = 2.0
+#: at close, how long the writer may keep retrying rows it could not write yet before they are given up (reported)
+CLOSE_FLUSH_TIMEOUT_S: Final = 5.0
+#: a read on the event loop waits at most this for a lock (WAL readers are not blocked by writers in practice)
+READ_BUSY_TIMEOUT_S: Final = 0.2
+
+_log = logging.getLogger("minifaas.store")
+OnDurable = Callable[[], None]
+
+_COLUMNS: Final = (
+    "activation_id",
+    "name",
+    "namespace",
+    "version",
+    "ts",
+    "status",
+    "start",
+    "end",
+    "duration",
+    "wait_time",
+    "init_time",
+    "accepted",
+    "cause",
+    "result",
+    "logs",
+    "annotations",
+)
+_SELECT: Final = "SELECT " + ", ".join(f'"{c}"' for c in _COLUMNS) + " FROM records"
+_UPSERT: Final = (
+    "INSERT INTO records VALUES ("
+    + ", ".join("?" * len(_COLUMNS))
+    + ") ON CONFLICT(activation_id) DO UPDATE SET "
+    + ", ".join(f'"{c}" = excluded."{c}"' for c in _COLUMNS[1:])
+)
+_EMPTY_MAP: Final = msgpack.packb({})
+_EMPTY_LIST: Final = msgpack.packb([])
 
 
 class ActivationStore(Protocol):
-    def put(self, act: Activation) -> None: ...
+    def put(self, act: Activation, on_durable: OnDurable | None = None) -> None:
+        """Record ``act`` as it is now; ``on_durable`` is called (on the event loop) once it is stored."""
+        ...
 
     def get(self, activation_id: str, *, namespace: str | None = None) -> Activation | None:
         """The record, or None; with ``namespace``, None too for a record of another namespace (not revealed)."""
@@ -63,6 +120,8 @@ class ActivationStore(Protocol):
         """Mark records left pending/running by a dead host as failed; returns how many."""
         ...
 
+    def stats(self) -> dict[str, Any]: ...
+
     def close(self) -> None: ...
 
 
@@ -96,7 +155,7 @@ class MemoryStore:
         self.max_records = max_records
         self._records: OrderedDict[str, Activation] = OrderedDict()
 
-    def put(self, act: Activation) -> None:
+    def put(self, act: Activation, on_durable: OnDurable | None = None) -> None:
         records = self._records
         if act.activation_id not in records:
             records[act.activation_id] = act
@@ -104,6 +163,8 @@ class MemoryStore:
                 records.popitem(last=False)
         else:
             records[act.activation_id] = act
+        if on_durable is not None:
+            on_durable()
 
     def get(self, activation_id: str, *, namespace: str | None = None) -> Activation | None:
         act = self._records.get(activation_id)
@@ -151,49 +212,252 @@ class MemoryStore:
     def recover(self) -> int:
         return 0
 
+    def stats(self) -> dict[str, Any]:
+        return {"kind": "memory", "records": len(self._records)}
+
     def close(self) -> None:
         self._records.clear()
 
 
+def _pack(obj: Any) -> bytes:
+    if not obj:
+        return _EMPTY_MAP if isinstance(obj, dict) else _EMPTY_LIST
+    return msgpack.packb(obj, use_bin_type=True, default=_fallback)
+
+
+def _row(act: Activation) -> tuple[Any, ...]:
+    """The record as flat column values (a snapshot: the record object may change after this)."""
+    return (
+        act.activation_id,
+        act.name,
+        act.namespace,
+        act.version,
+        act.start or act.accepted,
+        act.status,
+        act.start,
+        act.end,
+        act.duration,
+        act.wait_time,
+        act.init_time,
+        act.accepted,
+        act.cause,
+        _pack(act.result),
+        _pack(act.logs),
+        _pack(act.annotations),
+    )
+
+
+def _unpack(blob: bytes) -> Any:
+    return msgpack.unpackb(blob, raw=False, strict_map_key=False)
+
+
+def _from_row(row: tuple[Any, ...]) -> Activation:
+    aid, name, namespace, version, _, status, start, end, duration, wait, init, accepted, cause, res, logs, ann = row
+    return Activation(
+        activation_id=aid,
+        name=name,
+        version=version,
+        namespace=namespace,
+        start=start,
+        end=end,
+        duration=duration,
+        wait_time=wait,
+        init_time=init,
+        status=status,
+        result=_unpack(res),
+        logs=_unpack(logs),
+        annotations=_unpack(ann),
+        cause=cause,
+        accepted=accepted,
+    )
+
+
+def _connect(path: Path, timeout_s: float) -> sqlite3.Connection:
+    db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=timeout_s)
+    db.execute("PRAGMA journal_mode=WAL")
+    # a commit reaches the OS before the callers are told, so a killed host loses nothing; fsync per commit is
+    # not needed for that and would cost milliseconds
+    db.execute("PRAGMA synchronous=NORMAL")
+    return db
+
+
+def _create_schema(db: sqlite3.Connection) -> None:
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS records ("
+        " activation_id TEXT PRIMARY KEY, name TEXT NOT NULL, namespace TEXT NOT NULL, version TEXT NOT NULL,"
+        ' ts INTEGER NOT NULL, status TEXT NOT NULL, start INTEGER NOT NULL, "end" INTEGER, duration INTEGER,'
+        " wait_time INTEGER, init_time INTEGER, accepted INTEGER NOT NULL, cause TEXT,"
+        " result BLOB NOT NULL, logs BLOB NOT NULL, annotations BLOB NOT NULL)"
+    )
+    db.execute("CREATE INDEX IF NOT EXISTS records_ts ON records (ts)")
+    db.execute("CREATE INDEX IF NOT EXISTS records_name_ts ON records (name, ts)")
+    old = db.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'activations'").fetchone()
+    if old is not None:
+        # a state dir written before records had columns: one blob per record
+        db.execute("BEGIN IMMEDIATE")
+        for (blob,) in db.execute("SELECT record FROM activations ORDER BY rowid").fetchall():
+            db.execute(_UPSERT, _row(Activation.from_dict(_unpack(blob))))
+        db.execute("DROP TABLE activations")
+        db.execute("COMMIT")
+
+
+class _Pending:
+    """Rows handed to the writer and not committed yet, in arrival order (one per record: the newest wins)."""
+
+    __slots__ = ("callbacks", "rows")
+
+    def __init__(self) -> None:
+        self.rows: dict[str, tuple[Any, ...]] = {}
+        self.callbacks: list[OnDurable] = []
+
+
 class SQLiteStore:
-    """Records and logs in ``<state_dir>/activations.sqlite3``; survives a restart (or a kill -9) of the host."""
+    """Records and logs in ``<state_dir>/activations.sqlite3``; survives a restart (or a kill -9) of the host.
+
+    Writes go through one writer thread (see the module's docstring); reads run on the caller's thread on a
+    connection of their own and see the records not written yet from memory.
+    """
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # a commit reaches the OS before put() returns, so a killed host loses nothing; fsync per record is not
-        # needed for that and would cost milliseconds
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS activations ("
-            " activation_id TEXT PRIMARY KEY, name TEXT NOT NULL, namespace TEXT NOT NULL,"
-            " ts INTEGER NOT NULL, status TEXT NOT NULL, record BLOB NOT NULL)"
-        )
-        self._db.execute("CREATE INDEX IF NOT EXISTS activations_ts ON activations (ts)")
-        self._db.execute("CREATE INDEX IF NOT EXISTS activations_name_ts ON activations (name, ts)")
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(activations)")}
-        if "cause" not in columns:  # a state dir from before maps filtered their items by cause
-            self._db.execute("ALTER TABLE activations ADD COLUMN cause TEXT")
-        self._db.execute("CREATE INDEX IF NOT EXISTS activations_cause ON activations (cause)")
+        self._wdb = _connect(path, WRITE_BUSY_TIMEOUT_S)
+        _create_schema(self._wdb)
+        self._db = _connect(path, READ_BUSY_TIMEOUT_S)
+        #: activation id -> the record object, for records put and not committed yet
+        self._unwritten: dict[str, Activation] = {}
+        self._seq: dict[str, int] = {}
+        self._next_seq = 0
+        self._cond = threading.Condition()
+        self._pending = _Pending()
+        self._pending_seqs: dict[str, int] = {}
+        self._closing = False
+        self._close_deadline = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._counts = {"rows_written": 0, "commits": 0, "write_errors": 0, "rows_lost": 0}
+        self.last_error: str | None = None
+        #: the last write failed and its rows wait in memory for a retry
+        self.failing = False
 
-    def put(self, act: Activation) -> None:
-        blob = msgpack.packb(act.to_dict(), use_bin_type=True, default=_fallback)
-        self._db.execute(
-            "INSERT OR REPLACE INTO activations (activation_id, name, namespace, ts, status, record, cause)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (act.activation_id, act.name, act.namespace, act.start or act.accepted, act.status, blob, act.cause),
-        )
+    # -- writing ----------------------------------------------------------------------------------------------
+    def put(self, act: Activation, on_durable: OnDurable | None = None) -> None:
+        row = _row(act)
+        aid = act.activation_id
+        self._next_seq += 1
+        seq = self._seq[aid] = self._next_seq
+        self._unwritten[aid] = act
+        if self._thread is None:
+            self._ensure_writer()
+        with self._cond:
+            pending = self._pending
+            pending.rows[aid] = row
+            self._pending_seqs[aid] = seq
+            if on_durable is not None:
+                pending.callbacks.append(on_durable)
+            self._cond.notify()
 
+    def _ensure_writer(self) -> None:
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None  # used off a loop (a script, a test): callbacks run on the writer thread
+        self._thread = threading.Thread(target=self._write_loop, name="minifaas-store-writer", daemon=True)
+        self._thread.start()
+
+    def _write_loop(self) -> None:
+        delay = RETRY_FIRST_S
+        failing = False
+        batch: dict[str, tuple[Any, ...]] = {}
+        seqs: dict[str, int] = {}
+        callbacks: list[OnDurable] = []
+        while True:
+            with self._cond:
+                while not self._pending.rows and not batch and not self._closing:
+                    self._cond.wait()
+                if not self._pending.rows and not batch:
+                    return
+                taken, self._pending = self._pending, _Pending()
+                taken_seqs, self._pending_seqs = self._pending_seqs, {}
+            for aid, row in taken.rows.items():
+                batch.pop(aid, None)  # keep arrival order: a newer row of a record goes last
+                batch[aid] = row
+            seqs.update(taken_seqs)
+            callbacks += taken.callbacks
+            try:
+                self._commit(list(batch.values()))
+            except sqlite3.Error as exc:
+                self._counts["write_errors"] += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                self.failing = True
+                if not failing:
+                    failing = True
+                    _log.error("cannot write %d activation records (kept in memory, retrying): %s", len(batch), exc)
+                # the callers are not kept waiting on a database that may stay locked: their records are final in
+                # memory, readable through get(), and written as soon as the database lets the writer
+                self._done(callbacks, {})
+                callbacks = []
+                if self._closing and time.monotonic() >= self._close_deadline:
+                    self._counts["rows_lost"] += len(batch)
+                    _log.error("gave up writing %d activation records at close: %s", len(batch), exc)
+                    return
+                with self._cond:
+                    self._cond.wait(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+                continue
+            if failing:
+                failing = self.failing = False
+                _log.warning("activation records are written again after: %s", self.last_error)
+            delay = RETRY_FIRST_S
+            self._counts["rows_written"] += len(batch)
+            self._counts["commits"] += 1
+            self._done(callbacks, seqs)
+            batch, seqs, callbacks = {}, {}, []
+
+    def _commit(self, rows: list[tuple[Any, ...]]) -> None:
+        db = self._wdb
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(_UPSERT, rows)
+            db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
+
+    def _done(self, callbacks: list[OnDurable], seqs: dict[str, int]) -> None:
+        if not callbacks and not seqs:
+            return
+        loop = self._loop
+        if loop is None:
+            self._on_loop(callbacks, seqs)
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+            loop.call_soon_threadsafe(self._on_loop, callbacks, seqs)
+
+    def _on_loop(self, callbacks: list[OnDurable], seqs: dict[str, int]) -> None:
+        for aid, seq in seqs.items():
+            if self._seq.get(aid) == seq:  # not put again since
+                del self._seq[aid]
+                self._unwritten.pop(aid, None)
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                _log.exception("an activation record's on_durable callback failed")
+
+    # -- reading ----------------------------------------------------------------------------------------------
     def get(self, activation_id: str, *, namespace: str | None = None) -> Activation | None:
-        sql = "SELECT record FROM activations WHERE activation_id = ?"
+        act = self._unwritten.get(activation_id)
+        if act is not None:
+            return act if namespace is None or act.namespace == namespace else None
+        sql = _SELECT + " WHERE activation_id = ?"
         args: tuple[str, ...] = (activation_id,)
         if namespace is not None:
             sql += " AND namespace = ?"
             args += (namespace,)
         row = self._db.execute(sql, args).fetchone()
-        return _load(row[0]) if row else None
+        return _from_row(row) if row else None
 
     def list(
         self,
@@ -208,8 +472,18 @@ class SQLiteStore:
         cause: str | None = None,
     ) -> list[Activation]:
         where, args = _where(name, namespace, since, upto, ended, cause)
-        sql = f"SELECT record FROM activations{where} ORDER BY ts DESC, rowid DESC LIMIT ? OFFSET ?"
-        return [_load(r[0]) for r in self._db.execute(sql, [*args, limit, skip]).fetchall()]
+        sql = f"{_SELECT}{where} ORDER BY ts DESC, rowid DESC LIMIT ? OFFSET ?"
+        # records not written yet may belong in the page, or have left it: read enough to merge them in
+        unwritten = dict(self._unwritten)
+        rows = self._db.execute(sql, [*args, limit + skip + len(unwritten), 0]).fetchall()
+        found = {act.activation_id: act for act in map(_from_row, rows)}
+        for aid, act in unwritten.items():
+            if _matches(act, name, namespace, since, upto, ended, cause):
+                found[aid] = act
+            else:
+                found.pop(aid, None)  # its table row is older than the record (e.g. running then, ended now)
+        ordered = sorted(found.values(), key=lambda a: a.start or a.accepted, reverse=True)
+        return ordered[skip : skip + limit]
 
     def count(
         self,
@@ -222,22 +496,58 @@ class SQLiteStore:
         cause: str | None = None,
     ) -> int:
         where, args = _where(name, namespace, since, upto, ended, cause)
-        row = self._db.execute(f"SELECT COUNT(*) FROM activations{where}", args).fetchone()
-        return int(row[0])
+        n = int(self._db.execute(f"SELECT COUNT(*) FROM records{where}", args).fetchone()[0])
+        unwritten = dict(self._unwritten)
+        if not unwritten:
+            return n
+        # the table's rows of records not written yet are stale: count those records as they are in memory
+        ids = list(unwritten)
+        marks = ", ".join("?" * len(ids))
+        clause = f"{where} AND activation_id IN ({marks})" if where else f" WHERE activation_id IN ({marks})"
+        stale = int(self._db.execute(f"SELECT COUNT(*) FROM records{clause}", [*args, *ids]).fetchone()[0])
+        fresh = sum(1 for act in unwritten.values() if _matches(act, name, namespace, since, upto, ended, cause))
+        return n - stale + fresh
 
     def recover(self) -> int:
-        rows = self._db.execute("SELECT record FROM activations WHERE status IN ('pending', 'running')").fetchall()
+        """Runs at start, before anything else uses the store (the writer thread is not running yet)."""
+        rows = self._wdb.execute(_SELECT + " WHERE status IN ('pending', 'running')").fetchall()
         end = now_ms()
-        for (blob,) in rows:
-            act = _load(blob)
+        fixed = []
+        for row in rows:
+            act = _from_row(row)
             act.status = "internal_error"
             act.result = {"error": HOST_DIED_MESSAGE}
             act.end = end
             act.annotations["recovered"] = True
-            self.put(act)
+            fixed.append(_row(act))
+        if fixed:
+            self._commit(fixed)
         return len(rows)
 
+    def stats(self) -> dict[str, Any]:
+        with self._cond:
+            queued = len(self._pending.rows)
+        return {
+            "kind": "sqlite",
+            **self._counts,
+            "unwritten": len(self._unwritten),
+            "queued": queued,
+            "failing": self.failing,
+            "last_error": self.last_error,
+        }
+
     def close(self) -> None:
+        """Write what is left (retrying up to ``CLOSE_FLUSH_TIMEOUT_S``), stop the writer, close the database."""
+        thread = self._thread
+        if thread is not None:
+            with self._cond:
+                self._closing = True
+                self._close_deadline = time.monotonic() + CLOSE_FLUSH_TIMEOUT_S
+                self._cond.notify()
+            thread.join()
+        elif self._pending.rows:
+            self._commit(list(self._pending.rows.values()))
+        self._wdb.close()
         self._db.close()
 
 
@@ -270,11 +580,7 @@ def _fallback(obj: Any) -> Any:
     return summary if summary is not None else json.dumps(obj, default=repr)
 
 
-def _load(blob: bytes) -> Activation:
-    return Activation.from_dict(msgpack.unpackb(blob, raw=False, strict_map_key=False))
-
-
 def open_store(state_dir: Path | None, max_records: int = MEMORY_STORE_MAX_RECORDS) -> ActivationStore:
     if state_dir is None:
         return MemoryStore(max_records)
-    return SQLiteStore(state_dir / "activations.sqlite3")
+    return SQLiteStore(state_dir / DB_FILE_NAME)

@@ -62,6 +62,10 @@ DEFAULT_MAX_SPARES: Final = 8
 #: a spare's private memory before the first measurement (measured here: 2-4 MiB of PSS)
 SPARE_MB_ESTIMATE: Final = 4.0
 SPARE_PSS_READ_INTERVAL_S: Final = 5.0
+#: once a forked sandbox's pidfd says it ended, how long to wait for its zygote to report the exit status
+EXIT_REPORT_WAIT_S: Final = 1.0
+#: how often a retired zygote is checked for children still running
+RETIRED_POLL_S: Final = 0.5
 FORK_AVAILABLE: Final = hasattr(os, "fork") and hasattr(os, "pidfd_open") and hasattr(socket, "send_fds")
 
 
@@ -94,9 +98,11 @@ class _ForkedProcess:
         err_r: int,
         zygote: _Zygote,
         cgroup: str | None = None,
+        peer: socket.socket | None = None,
     ) -> None:
         self.pid = pid
         self.channel = channel
+        self.peer = peer
         self.stdout_fd = out_r
         self.stderr_fd = err_r
         self._zygote = zygote
@@ -125,15 +131,18 @@ class _ForkedProcess:
         self._changed.set()
 
     async def wait(self) -> int:
-        while self._status is None:
-            if not self._orphaned:
-                await self._changed.wait()
-                continue
+        """The exit status. The end itself is seen on the pidfd, not through the zygote: a stalled zygote delays
+        a death's report by at most ``EXIT_REPORT_WAIT_S`` (then the status is the one a kill gives)."""
+        if self._status is None:
             async with self._pidfd_lock:
-                if self._status is None:
-                    if self._pidfd >= 0:
-                        await anyio.wait_readable(self._pidfd)
-                    self._status = -signal.SIGKILL if self._killed else ORPHAN_EXIT_STATUS
+                if self._status is None and self._pidfd >= 0:
+                    await anyio.wait_readable(self._pidfd)
+            # ended: only its parent, the zygote, can read how; it reports at once unless it is stalled or gone
+            if self._status is None and not self._orphaned:
+                with anyio.move_on_after(EXIT_REPORT_WAIT_S):
+                    await self._changed.wait()
+            if self._status is None:
+                self._status = -signal.SIGKILL if self._killed else ORPHAN_EXIT_STATUS
         return self._status
 
     def kill(self) -> None:
@@ -157,6 +166,8 @@ class _ForkedProcess:
                     os.close(fd)
         self._pidfd = self.stdout_fd = self.stderr_fd = -1
         self.channel.close()
+        if self.peer is not None:
+            self.peer.close()
         if self.cgroup is not None:
             kill_cgroup(self.cgroup)
             PIDS.remove(self.cgroup)
@@ -169,10 +180,14 @@ class _ForkedProcess:
 class _Request:
     """One outstanding control request; for a FORK it holds the host ends until the child exists."""
 
-    __slots__ = ("abandoned", "error", "event", "fds", "fields", "host", "value")
+    __slots__ = ("abandoned", "error", "event", "fds", "fields", "host", "peer", "value")
 
-    def __init__(self, host: socket.socket | None = None, fds: tuple[int, int] = (-1, -1)) -> None:
+    def __init__(
+        self, host: socket.socket | None = None, fds: tuple[int, int] = (-1, -1), peer: socket.socket | None = None
+    ) -> None:
         self.event = anyio.Event()
+        #: the host's copy of the child's end of the channel (kept, see Sandbox.unstarted)
+        self.peer = peer
         self.fields: dict[str, Any] = {}
         self.error: str | None = None
         self.value: _ForkedProcess | None = None
@@ -185,6 +200,9 @@ class _Request:
         if self.host is not None:
             self.host.close()
             self.host = None
+        if self.peer is not None:
+            self.peer.close()
+            self.peer = None
         for fd in self.fds:
             if fd >= 0:
                 with contextlib.suppress(OSError):
@@ -226,6 +244,8 @@ class _Zygote:
         #: the spares it holds (SPARES_STATE), and those of them that wait ready for a request
         self.spare_pids: list[int] = []
         self.ready_spare_pids: list[int] = []
+        #: stalled (a fork request timed out): it gets no more work and is stopped once its children are gone
+        self.retired = False
 
     # -- requests --------------------------------------------------------------------------------------------
     async def _send(self, frame: bytes, fds: Sequence[int] = ()) -> None:
@@ -277,7 +297,7 @@ class _Zygote:
             raise ZygoteError(f"zygote {self.pid} is gone")
         host, child, (out_r, out_w), (err_r, err_w) = make_pipes()
         seq = next(self.seq)
-        req = self.pending[seq] = _Request(host, (out_r, err_r))
+        req = self.pending[seq] = _Request(host, (out_r, err_r), child)
         try:
             await self._send(p.encode(z.FORK, {"seq": seq, "env": dict(env)}), (child.fileno(), out_w, err_w))
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
@@ -288,8 +308,8 @@ class _Zygote:
             self._lost()
             raise ZygoteError(f"cannot send a fork request to zygote {self.pid}: {exc}") from exc
         finally:
-            # the zygote holds its own copies now (SCM_RIGHTS duplicates them in flight)
-            child.close()
+            # the zygote holds its own copies now (SCM_RIGHTS duplicates them in flight); the host keeps its
+            # copy of the channel's child end (req.peer)
             os.close(out_w)
             os.close(err_w)
         try:
@@ -297,7 +317,8 @@ class _Zygote:
                 await req.result()
         except TimeoutError:
             self._abandon(seq, req)
-            self.terminate()
+            # retired, not killed: its children (warm sandboxes of other functions) would die with it
+            self.retired = True
             raise ZygoteError(f"zygote {self.pid} did not answer a fork within {FORK_TIMEOUT_S} s") from None
         except ZygoteError:
             req.close_fds()
@@ -378,8 +399,9 @@ class _Zygote:
         assert req.host is not None
         cgroup = fields.get("cgroup")
         child = _ForkedProcess(
-            int(pid), req.host, req.fds[0], req.fds[1], self, cgroup if isinstance(cgroup, str) else None
+            int(pid), req.host, req.fds[0], req.fds[1], self, cgroup if isinstance(cgroup, str) else None, req.peer
         )
+        req.peer = None
         child.ahead = fields.get("ahead") is True
         self.children[child.pid] = child
         status = self.early_exits.pop(child.pid, None)
@@ -403,6 +425,13 @@ class _Zygote:
         self.pending.clear()
         for child in self.children.values():
             child._orphan()
+
+    async def retire_when_idle(self) -> None:
+        """Stop a retired zygote once the sandboxes it forked have ended (it cannot outlive the launcher: its
+        reader task, in the same task group, stops it at close)."""
+        while self.children and not self.gone.is_set():
+            await anyio.sleep(RETIRED_POLL_S)
+        self.terminate()
 
     async def _reap(self) -> None:
         # closing our end is what tells a live zygote to exit
@@ -480,6 +509,7 @@ class ZygoteLauncher:
         self._forks_ahead = 0
         self._spawns_fallback = 0
         self._restarts = 0
+        self._retired = 0
         self._hello: dict[str, Any] = {}
         self.last_error: str | None = None
 
@@ -632,6 +662,8 @@ class ZygoteLauncher:
             "forks_ahead": self._forks_ahead,
             "spawns_fallback": self._spawns_fallback,
             "zygote_restarts": self._restarts,
+            #: zygotes that stalled and were replaced, their sandboxes left running
+            "zygotes_retired": self._retired,
             "zygote_pid": zyg.pid if alive and zyg is not None else None,
             "preload_failed": dict(self._hello.get("failed") or {}),
             #: OS threads the zygote had when it last reported (start, then after each model load): anything but
@@ -653,6 +685,10 @@ class ZygoteLauncher:
         """The running zygote, a restarted one, or None while restarting is pointless (back-off)."""
         async with self._lock:
             zyg = self._zygote
+            if zyg is not None and zyg.retired and not zyg.gone.is_set() and self._tg is not None:
+                self._tg.start_soon(zyg.retire_when_idle, name=f"zygote-{zyg.pid}-retired")
+                self._retired += 1
+                self._zygote = zyg = None
             if zyg is not None and not zyg.gone.is_set():
                 return zyg
             if zyg is not None:

@@ -80,14 +80,21 @@ class _EngineCollector(Collector):
             "Invocations waiting for a sandbox, per function version",
             labels=["function", "version"],
         )
+        backoff = GaugeMetricFamily(
+            f"{PREFIX}_init_backoff_seconds",
+            "Seconds until a function whose initializations keep failing may start a sandbox again",
+            labels=["function", "version"],
+        )
         functions: dict[str, dict[str, Any]] = stats.get("functions", {})
         for key, fs in functions.items():
             name, version = _split_key(key)
             for state in SANDBOX_STATES:
                 sandboxes.add_metric([name, version, state], float(fs.get(state, 0)))
             queue.add_metric([name, version], float(fs.get("queued", 0)))
+            backoff.add_metric([name, version], float(fs.get("init_backoff_s", 0)))
         yield sandboxes
         yield queue
+        yield backoff
         yield GaugeMetricFamily(
             f"{PREFIX}_sandboxes_total", "Sandboxes of every function", value=float(stats.get("sandboxes", 0))
         )

@@ -1,0 +1,156 @@
+"""The durable activation store under faults: the database locked by another connection, writes that fail, and
+the promise that an accepted record is stored before ``submit`` returns and a final one before the caller sees it."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import anyio
+import pytest
+
+import minifaas
+from minifaas._core.store import DB_FILE_NAME, SQLiteStore
+
+pytestmark = pytest.mark.anyio
+
+SLOW = "import time\ndef main(a):\n    time.sleep(a.get('s', 0.3))\n    return {'ok': 1}\n"
+CRASH = "import os, time\ndef main(a):\n    time.sleep(0.3)\n    os._exit(3)\n"
+#: a heartbeat late by more than this means something blocked the event loop
+MAX_LOOP_STALL_S = 0.5
+#: how long the records may take to reach the database once the lock is gone (the writer's back-off is capped)
+UNLOCKED_WRITE_S = 10.0
+
+
+@contextmanager
+def locked(db: Path) -> Iterator[sqlite3.Connection]:
+    """A write lock on the database, held by another connection (a backup, a CLI, a second process)."""
+    other = sqlite3.connect(str(db), isolation_level=None, timeout=0)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        yield other
+    finally:
+        other.execute("COMMIT")
+        other.close()
+
+
+def _row_status(db: Path, aid: str) -> str | None:
+    with sqlite3.connect(str(db)) as conn:
+        row = conn.execute("SELECT status FROM records WHERE activation_id = ?", (aid,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+async def _wait_row(db: Path, aid: str, status: str) -> None:
+    with anyio.fail_after(UNLOCKED_WRITE_S):
+        while _row_status(db, aid) != status:
+            await anyio.sleep(0.05)
+
+
+async def test_locked_database_neither_loses_nor_hangs_an_activation(tmp_path: Path) -> None:
+    """sqlite_lock2.py: the job ended, the loop did not stall, the store reports, the row follows the lock."""
+    db = tmp_path / DB_FILE_NAME
+    stall = 0.0
+
+    async def heartbeat() -> None:
+        nonlocal stall
+        while True:
+            t = time.monotonic()
+            await anyio.sleep(0.01)
+            stall = max(stall, time.monotonic() - t - 0.01)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(heartbeat)
+        async with minifaas.Engine(tmp_path, close_timeout_s=1) as engine:
+            await engine.deploy("slow", code=SLOW)
+            await engine.invoke("slow", {"s": 0})
+            aid = await engine.submit("slow", {})
+            assert _row_status(db, aid) == "pending"  # on record before submit returned
+            with locked(db):
+                with anyio.fail_after(5):
+                    act = await engine.activations.wait(aid, timeout_s=None)
+                assert act.status == "success"
+                assert (await engine.activations.get(aid)).status == "success"  # from memory: not written yet
+                assert _row_status(db, aid) == "pending"
+                store = engine.stats()["store"]
+                assert store["failing"] and store["write_errors"] >= 1 and "locked" in store["last_error"]
+                # and the engine keeps serving while the database is locked
+                assert await engine.invoke("slow", {"s": 0}) == {"ok": 1}
+            await _wait_row(db, aid, "success")
+            assert not engine.stats()["store"]["failing"]
+        tg.cancel_scope.cancel()
+    assert stall < MAX_LOOP_STALL_S, f"the event loop stalled {stall:.2f} s"
+
+
+async def test_sandbox_death_while_database_locked_keeps_engine_up(tmp_path: Path) -> None:
+    """sqlite_death.py: the death's record fails to write; before, that error ended the engine's task group."""
+    db = tmp_path / DB_FILE_NAME
+    async with minifaas.Engine(tmp_path, close_timeout_s=1) as engine:
+        await engine.deploy("crash", code=CRASH)
+        await engine.deploy("ok", code="def main(a):\n    return {}\n")
+        aid = await engine.submit("crash", {})
+        await anyio.sleep(0.1)
+        with locked(db):
+            with anyio.fail_after(10):
+                act = await engine.activations.wait(aid, timeout_s=None)
+            assert act.status == "developer_error" and "exited with code 3" in act.result["error"]
+        assert await engine.invoke("ok", {}) == {}
+        await _wait_row(db, aid, "developer_error")
+
+
+async def test_records_locked_at_close_are_written_when_the_lock_goes(tmp_path: Path) -> None:
+    db = tmp_path / DB_FILE_NAME
+    other = sqlite3.connect(str(db), isolation_level=None, timeout=0, check_same_thread=False)
+    unlock = threading.Timer(0.5, other.execute, ("COMMIT",))
+    async with minifaas.Engine(tmp_path, close_timeout_s=1) as engine:
+        await engine.deploy("slow", code=SLOW)
+        other.execute("BEGIN IMMEDIATE")
+        act = await engine.call("slow", {"s": 0})
+        assert act.status == "success"
+        unlock.start()  # while the engine closes
+    unlock.join()
+    # the close waited for the lock (within its flush time) instead of dropping the record
+    assert _row_status(db, act.activation_id) == "success"
+    other.close()
+
+
+async def test_final_record_is_stored_before_the_caller_sees_it(tmp_path: Path) -> None:
+    db = tmp_path / DB_FILE_NAME
+    ended: list[str] = []
+    async with minifaas.Engine(tmp_path) as engine:
+        engine.add_end_hook(lambda act: ended.append(str(_row_status(db, act.activation_id))))
+        await engine.deploy("slow", code=SLOW)
+        acts = [await engine.call("slow", {"s": 0}) for _ in range(20)]
+        for act in acts:
+            assert _row_status(db, act.activation_id) == "success"
+        ids = [await engine.submit("slow", {"s": 0}) for _ in range(20)]
+        for aid in ids:
+            assert _row_status(db, aid) in ("pending", "running", "success")
+        for aid in ids:
+            await engine.activations.wait(aid)
+    assert ended == ["success"] * 40  # end hooks run once the record is stored
+
+
+def test_old_single_blob_databases_are_migrated(tmp_path: Path) -> None:
+    import msgpack
+
+    db = tmp_path / DB_FILE_NAME
+    act = minifaas.Activation(activation_id="a" * 32, name="f", status="success", result={"x": 1}, accepted=5)
+    with sqlite3.connect(str(db)) as conn:
+        conn.execute(
+            "CREATE TABLE activations (activation_id TEXT PRIMARY KEY, name TEXT NOT NULL, namespace TEXT NOT NULL,"
+            " ts INTEGER NOT NULL, status TEXT NOT NULL, record BLOB NOT NULL)"
+        )
+        blob = msgpack.packb(act.to_dict(), use_bin_type=True)
+        conn.execute(
+            "INSERT INTO activations VALUES (?, ?, ?, ?, ?, ?)", (act.activation_id, "f", "guest", 5, "success", blob)
+        )
+    store = SQLiteStore(db)
+    try:
+        assert store.get(act.activation_id) == act
+        assert store.list() == [act]
+    finally:
+        store.close()
