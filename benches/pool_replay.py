@@ -57,7 +57,7 @@ class TraceSandbox(Sandbox):
     async def start(self, launcher: Any, env: Any, tg: Any, *, wait_ready: bool = True) -> None:
         self.launch_how = "fork"
 
-    async def init(self, fields: dict[str, Any]) -> dict[str, Any]:  # type: ignore[override]
+    async def init(self, fields: dict[str, Any], timeout_s: float = math.inf) -> dict[str, Any]:
         self.state = "ready"
         self.loaded_at = self.clock.monotonic()
         return {"ok": True}
@@ -145,6 +145,8 @@ class PoolReplay:
         self.loading: dict[int, bool] = {}
         self.pump_all_due = False
         self.waited: set[int] = set()
+        #: functions whose queue could not start a sandbox in this event (a wait, unless a stop frees room)
+        self.blocked: set[FunctionPool] = set()
         self.reap_at: dict[int, float] = {}
         fixed = policy if isinstance(policy, FixedPolicy) else getattr(policy, "fallback", None)
         self.window_s = fixed.idle_timeout_s if isinstance(fixed, FixedPolicy) else FIXED_WINDOW_S
@@ -215,6 +217,12 @@ class PoolReplay:
                         if fp.queue:
                             self._pump(fp)
                 await anyio.lowlevel.checkpoint()  # let retired sandboxes' stop() run at this time
+                if self.pump_all_due:  # their stop() freed capacity: the queues try again at this same time
+                    self.pump_all_due = False
+                    for fp in list(pool.functions.values()):
+                        if fp.queue:
+                            self._pump(fp)
+                self._count_waits()
             self.clock.advance(max(0.0, end - self.clock.monotonic()))
             self._finish(end)
             tg.cancel_scope.cancel()
@@ -223,6 +231,15 @@ class PoolReplay:
     # -- the scheduler's part ----------------------------------------------------------------------------------
     def _push(self, t: float, kind: int, payload: Any) -> None:
         heapq.heappush(self.heap, (self.t0 + t if kind == ARRIVE else t, next(self.seq), kind, payload))
+
+    def _count_waits(self) -> None:
+        blocked, self.blocked = self.blocked, set()
+        for fp in blocked:
+            if fp.queue and fp.starting < len(fp.queue):
+                head = id(fp.queue[0][0])
+                if head not in self.waited:
+                    self.waited.add(head)  # no memory even after evicting: it waits for a sandbox to end or expire
+                    self.r.waits += 1
 
     def _capacity_freed(self) -> None:
         self.pump_all_due = True
@@ -245,10 +262,8 @@ class PoolReplay:
             if fp.starting < len(fp.queue) and pool.may_start(fp):
                 self._start(fp, prewarm=False)
                 continue
-            head = id(fp.queue[0][0])
-            if fp.starting < len(fp.queue) and head not in self.waited:
-                self.waited.add(head)  # no memory even after evicting: it waits for a sandbox to end or expire
-                self.r.waits += 1
+            if fp.starting < len(fp.queue):
+                self.blocked.add(fp)  # counted as a wait if still so once retired sandboxes had their stop() run
             break
 
     def _start(self, fp: FunctionPool, *, prewarm: bool) -> TraceSandbox:

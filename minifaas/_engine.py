@@ -362,6 +362,11 @@ class Engine:
         try:
             if stack is not None:
                 await stack.__aexit__(exc_type, exc, tb)
+        except BaseExceptionGroup as group:
+            # the task group wraps the error of the ``async with`` body on its way out: the caller gets it as it
+            # raised it (returning lets it propagate unchanged); anything else the close raised is raised
+            if exc is None or _leaves(group) != [exc]:
+                raise
         finally:
             self._tg = None
 

@@ -14,8 +14,10 @@ sandbox's pipes; here it goes to the test's own output), the scrubbed host envir
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import shutil
 import sys
 import tempfile
 import types
@@ -71,6 +73,7 @@ def _staging_dir() -> Path:
     global _work_dir
     if _work_dir is None:
         _work_dir = Path(tempfile.mkdtemp(prefix="minifaas-testing-"))
+        atexit.register(shutil.rmtree, _work_dir, ignore_errors=True)  # the process's staged bundles go with it
     return _work_dir
 
 

@@ -16,6 +16,7 @@ import atexit
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import threading
 from pathlib import Path
@@ -49,13 +50,17 @@ def _kit() -> tuple[SyncEngine, Path]:
 
 
 def close() -> None:
-    """Stop the kit's engine and its sandboxes (also done at exit); the next call starts a new one."""
-    global _engine
+    """Stop the kit's engine and its sandboxes and remove its staging folder (also done at exit); the next call
+    starts a new one."""
+    global _engine, _stage_dir
     with _lock:
         eng, _engine = _engine, None
+        stage, _stage_dir = _stage_dir, None
         _versions.clear()
     if eng is not None:
         eng.close()
+    if stage is not None:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def _content_key(digest: str, options: dict[str, Any]) -> str:

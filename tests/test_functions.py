@@ -614,14 +614,16 @@ def test_testing_call_leaves_no_folder_behind(tmp_path: Path) -> None:
     # `minifaas.testing.call` stages bundles in a temporary folder of its own: gone when the process ends
     script = (
         "import sys\n"
-        "from minifaas import testing\n"
+        "from minifaas import _inprocess, _testkit, testing\n"
         "assert testing.call(sys.argv[1], {'n': 2}) == {'n': 4}\n"
-        "print(testing._staging_dir())\n"
+        "assert testing.call(sys.argv[1], {'n': 2}, in_process=True) == {'n': 4}\n"
+        "print(_testkit._kit()[1])\n"
+        "print(_inprocess._staging_dir())\n"
     )
     fn = tmp_path / "double.py"
     fn.write_text("def main(args):\n    return {'n': args['n'] * 2}\n")
     proc = subprocess.run([sys.executable, "-c", script, str(fn)], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
-    staged = Path(proc.stdout.strip())
-    assert staged.name.startswith("minifaas-testing-")
-    assert not staged.exists()
+    kit, local = (Path(line) for line in proc.stdout.split())
+    assert kit.name.startswith("minifaas-testkit-") and local.name.startswith("minifaas-testing-")
+    assert not kit.exists() and not local.exists()

@@ -799,7 +799,14 @@ def _run_server(run: Callable[[], Awaitable[Any]], host: str, port: int) -> None
     try:
         anyio.run(run)
     except* OSError as group:  # the port is taken, the state dir unwritable...
-        failures += [e for e in group.exceptions if isinstance(e, OSError)]
+        # ``except*`` keeps the groups' nesting (the server's task group inside the engine's): collect the leaves
+        pending: list[BaseException] = [group]
+        while pending:
+            e = pending.pop()
+            if isinstance(e, BaseExceptionGroup):
+                pending.extend(e.exceptions)
+            elif isinstance(e, OSError):
+                failures.append(e)
     if failures:
         raise CliError(f"cannot serve on {host}:{port}: {failures[0]}")
 

@@ -313,10 +313,9 @@ class Scheduler:
 
     def _fail_backing_off(self, fp: FunctionPool) -> None:
         left = fp.backoff_left_s()
-        error = (
-            f"The action failed to initialize: {fp.last_init_error} ({fp.init_failures} failed initializations in a "
-            f"row; no new sandbox starts for {left:.1f} s)"
-        )
+        error = f"The action failed to initialize: {fp.last_init_error}"
+        if fp.init_failures > 1:  # one failure is not a crash loop: OpenWhisk's message alone
+            error += f" ({fp.init_failures} failed initializations in a row; no new sandbox starts for {left:.1f} s)"
         annotations = {"init_failed": True, "init_failures": fp.init_failures, "init_backoff_s": round(left, 3)}
         while fp.queue:
             job = fp.queue.popleft()
@@ -424,7 +423,7 @@ class Scheduler:
                     "error": f"The action {what}: {reply.get('error')}"
                     + (
                         f" ({fp.init_failures} failed initializations in a row; the next try in {left:.1f} s)"
-                        if left
+                        if left and fp.init_failures > 1  # one failure is not a crash loop: OpenWhisk's message
                         else ""
                     )
                 },
