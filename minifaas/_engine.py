@@ -35,6 +35,7 @@ from ._core.store import ActivationStore, open_store
 from ._deploy.bundle import Bundle, load_bundle
 from ._deploy.callables import callable_bundle, pickle_callable, sandbox_sys_path
 from ._deploy.deps import default_env_root, ensure_env
+from ._deploy.isolation import Isolation, check_grants, check_isolation, own_paths, require_sandbox
 from ._deploy.versions import ALIASES_FILE_NAME, AliasTable, Routing, split_ref
 from ._errors import (
     ActivationError,
@@ -146,6 +147,7 @@ class Engine:
         poll_us: int = HOST_POLL_US,
         min_spares: int = 1,
         max_spares: int = 8,
+        isolation: Isolation = "process",
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -160,6 +162,8 @@ class Engine:
         self.namespace = namespace
         self.backend = backend
         self.launcher_name = launcher
+        #: the isolation of functions deployed without their own (``deploy(..., isolation=...)``)
+        self.isolation: Isolation = _engine_isolation(isolation)
         self.preload = preload
         self.max_sandboxes = max_sandboxes
         self.memory_budget_mb = memory_budget_mb
@@ -390,6 +394,9 @@ class Engine:
         models: tuple[str, ...] | list[str] = (),
         preload: tuple[str, ...] | None = None,
         network: bool = True,
+        isolation: Isolation | None = None,
+        read_paths: Iterable[str | os.PathLike[str]] = (),
+        write_paths: Iterable[str | os.PathLike[str]] = (),
         modules: Iterable[Any] = (),
         _bundle: Bundle | None = None,
     ) -> Function:
@@ -424,6 +431,12 @@ class Engine:
             raise DeployError(f"network must be True or False, not {network!r}")
         if params is not None and not isinstance(params, dict):
             raise DeployError(f"params must be a dict, not {type(params).__name__}")
+        mode = check_isolation(self.isolation if isolation is None else isolation)
+        grants_ro = check_grants("read_paths", read_paths)
+        grants_rw = check_grants("write_paths", write_paths)
+        if mode == "sandbox":
+            # never silently unconfined: a machine that cannot set a sandbox up fails the deploy, saying why
+            await anyio.to_thread.run_sync(require_sandbox)
         limits = _limits(
             timeout_s=timeout_s,
             memory_mb=memory_mb,
@@ -473,9 +486,22 @@ class Engine:
             python=python,
             created=int(time.time() * 1000),
             network=network,
+            isolation=mode,
+            read_paths=grants_ro,
+            write_paths=grants_rw,
             **limits,
         )
+        if mode == "sandbox":
+            model_root = Path(self.model_store.root)
+            model_root.mkdir(parents=True, exist_ok=True)
+            spec.own_paths = own_paths(bundle.source, sys_path, model_root)
+            spec.hidden_paths = self._hidden_paths()
         return await self._register(spec)
+
+    def _hidden_paths(self) -> tuple[str, ...]:
+        """The engine's own files, which no sandbox may see: records, bundles, environments."""
+        out = [str(p) for p in (self.state_dir, self._tmp_dir, self._work_dir, self._env_root()) if p is not None]
+        return tuple(os.path.abspath(p) for p in out)
 
     async def _register(self, spec: FunctionSpec) -> Function:
         await self._preload_models(spec)
@@ -761,6 +787,12 @@ class Engine:
         if callable(launcher_stats):
             out["launcher_stats"] = launcher_stats()
         return out
+
+
+def _engine_isolation(value: Any) -> Isolation:
+    if value not in ("process", "sandbox"):
+        raise ValueError(f"unknown isolation {value!r}; choose 'process' or 'sandbox'")
+    return "sandbox" if value == "sandbox" else "process"
 
 
 def _user_model_cache() -> Path:

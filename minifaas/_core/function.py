@@ -70,6 +70,15 @@ class FunctionSpec:
     created: int = 0
     #: False: the sandbox runs in a network namespace of its own, with no interface but its loopback
     network: bool = True
+    #: "sandbox": namespaces, an unprivileged uid, a read-only view, seccomp (see minifaas_sandbox.isolation)
+    isolation: Literal["process", "sandbox"] = "process"
+    #: host folders bound into a sandbox's view, read-only and writable
+    read_paths: tuple[str, ...] = ()
+    write_paths: tuple[str, ...] = ()
+    #: what a sandbox's view must not show: the engine's state (records, bundles, environments)
+    hidden_paths: tuple[str, ...] = ()
+    #: what it shows read-only besides the grants: its own bundle, environment and the model store
+    own_paths: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
@@ -90,6 +99,15 @@ class FunctionSpec:
             "style": self.style,
             "sys_path": list(self.sys_path),
             "network": self.network,
+            "isolation": self.sandbox_view() if self.isolation == "sandbox" else None,
+        }
+
+    def sandbox_view(self) -> dict[str, Any]:
+        """The INIT field that makes the runtime shut itself in (None in INIT: an unconfined process)."""
+        return {
+            "ro": [*self.own_paths, *self.read_paths],
+            "rw": list(self.write_paths),
+            "hide": list(self.hidden_paths),
         }
 
     def describe(self) -> dict[str, Any]:
@@ -117,5 +135,8 @@ class FunctionSpec:
             "sys_path": list(self.sys_path),
             "python": self.python,
             "network": self.network,
+            "isolation": self.isolation,
+            "read_paths": list(self.read_paths),
+            "write_paths": list(self.write_paths),
             "created": self.created,
         }
