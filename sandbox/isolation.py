@@ -79,7 +79,12 @@ SYSTEM_PATHS: Final = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib64", "/lib3
 #: replaced by an empty file in the sandbox's /etc
 HIDDEN_FILES: Final = ("/etc/shadow", "/etc/gshadow", "/etc/shadow-", "/etc/gshadow-")
 DEVICES: Final = ("null", "zero", "random", "urandom")
-DEV_LINKS: Final = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc/self/fd/1", "stderr": "/proc/self/fd/2"}
+DEV_LINKS: Final = {
+    "fd": "/proc/self/fd",
+    "stdin": "/proc/self/fd/0",
+    "stdout": "/proc/self/fd/1",
+    "stderr": "/proc/self/fd/2",
+}
 #: where the new root may be assembled (in the sandbox's own mount namespace: the host's folder is not touched):
 #: the first of these that holds nothing to bind, since the stage covers what is under it
 STAGES: Final = ("/mnt", "/media", "/srv", "/boot", "/tmp", "/var/tmp")
@@ -136,9 +141,7 @@ def _mount(src: str | None, target: str, fstype: str | None, flags: int, data: s
 def _setattr(target: str, attrs: int, *, recursive: bool) -> None:
     attr = _MountAttr(attrs, 0, 0, 0)
     flags = AT_RECURSIVE if recursive else 0
-    rc = _libc().syscall(
-        SYS_MOUNT_SETATTR, AT_FDCWD, target.encode(), flags, ctypes.byref(attr), ctypes.sizeof(attr)
-    )
+    rc = _libc().syscall(SYS_MOUNT_SETATTR, AT_FDCWD, target.encode(), flags, ctypes.byref(attr), ctypes.sizeof(attr))
     _check(int(rc), f"mount_setattr {target}")
 
 
@@ -254,6 +257,10 @@ def _map_ids(uid: int, gid: int) -> None:
 def _build_root(stage: str, binds: list[tuple[str, bool]], hide: list[str], *, as_root: bool, memory_mb: int) -> None:
     root = stage
     _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, SMALL_TMPFS)
+    # the private /tmp first: a grant or a bundle under the host's /tmp is bound on top of it
+    _make_mountpoint(root + "/tmp", directory=True)
+    tmp_mb = memory_mb if memory_mb > 0 else DEFAULT_TMP_MB
+    _mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={tmp_mb}m,mode=1777")
     hidden_mounts: list[str] = []
     # outer first, so a hidden folder covers what its bound parent shows, and a grant inside it comes after
     ops: list[tuple[str, str, bool]] = [("bind", p, w) for p, w in binds]
@@ -288,9 +295,6 @@ def _build_root(stage: str, binds: list[tuple[str, bool]], hide: list[str], *, a
     else:
         _mount("/proc", root + "/proc", None, MS_BIND | MS_REC)
         _setattr(root + "/proc", MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, recursive=True)
-    _make_mountpoint(root + "/tmp", directory=True)
-    tmp_mb = memory_mb if memory_mb > 0 else DEFAULT_TMP_MB
-    _mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={tmp_mb}m,mode=1777")
     for target in hidden_mounts:
         _setattr(target, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, recursive=False)
 

@@ -25,6 +25,8 @@ __all__ = ("MANIFEST_NAME", "Bundle", "load_bundle")
 MAX_CODE_BYTES: Final = 48 << 20
 MAX_ZIP_ENTRIES: Final = 10_000
 MANIFEST_NAME: Final = "minifaas.json"
+STAGED_DIR_MODE: Final = 0o755
+STAGED_FILE_MODE: Final = 0o644
 ENTRY_NAME: Final = "__main__.py"
 
 
@@ -227,7 +229,11 @@ def _finish_staged(
     if not entry.is_file():
         raise DeployError(f"bundle has no {ENTRY_NAME} at its root", file=origin)
     h = hashlib.sha256()
+    # readable by a sandbox's own unprivileged uid (isolation="sandbox"), whatever the source's modes were
+    staging.chmod(STAGED_DIR_MODE)
     for f in sorted(staging.rglob("*")):
+        if not f.is_symlink():
+            f.chmod(STAGED_DIR_MODE if f.is_dir() else STAGED_FILE_MODE)
         if f.is_symlink():
             raise DeployError(f"bundle contains a symbolic link: {f.relative_to(staging)}", file=origin)
         if f.is_file():
