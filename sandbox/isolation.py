@@ -76,6 +76,8 @@ SMALL_TMPFS: Final = "size=1m,nr_inodes=4096,mode=0755"
 SHM_TMPFS: Final = "size=16m,mode=1777"
 #: what every sandbox sees of the host, read-only
 SYSTEM_PATHS: Final = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32", "/sys")
+#: private to each sandbox
+PRIVATE_PATHS: Final = ("/tmp", "/dev", "/proc")
 #: replaced by an empty file in the sandbox's /etc
 HIDDEN_FILES: Final = ("/etc/shadow", "/etc/gshadow", "/etc/shadow-", "/etc/gshadow-")
 DEVICES: Final = ("null", "zero", "random", "urandom")
@@ -168,8 +170,9 @@ def _base_paths() -> tuple[str, ...]:
         path = getattr(module, "__file__", None)
         if isinstance(path, str) and os.path.isabs(path):
             found.add(os.path.dirname(os.path.abspath(path)))
-    found.discard("/")
-    return tuple(_outermost(found))
+    # a sandbox's own /tmp, /dev and /proc are never the host's, whatever was imported from there
+    kept = [f for f in found if f != "/" and not any(_inside(f, p) for p in PRIVATE_PATHS)]
+    return tuple(_outermost(kept))
 
 
 def _outermost(paths: Iterable[str]) -> list[str]:
@@ -189,8 +192,9 @@ def prepare() -> None:
     """What can be done once before any request: the filter built, the interpreter's folders listed."""
     from minifaas_sandbox import seccomp
 
-    seccomp.build()
+    seccomp.program()
     _base_paths()
+    _last_capability()
 
 
 def plan(view: dict[str, Any]) -> tuple[list[tuple[str, bool]], list[str]]:
@@ -335,14 +339,18 @@ def _pivot(stage: str) -> None:
     _setattr("/", MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, recursive=False)
 
 
-def _drop_capabilities() -> None:
-    libc = _libc()
+@functools.cache
+def _last_capability() -> int:
     try:
         with open("/proc/sys/kernel/cap_last_cap") as f:
-            last = int(f.read())
+            return int(f.read())
     except (OSError, ValueError):
-        last = 63
-    for cap in range(last + 1):
+        return 63
+
+
+def _drop_capabilities() -> None:
+    libc = _libc()
+    for cap in range(_last_capability() + 1):
         _check(libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), f"drop capability {cap} from the bounding set")
     with contextlib.suppress(OSError):
         libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)

@@ -12,6 +12,7 @@ import ctypes
 import ctypes.util
 import errno
 import functools
+import os
 import socket
 from typing import Final
 
@@ -24,6 +25,9 @@ SOCK_TYPE_MASK: Final = 0xF
 #: clone()'s namespace flags: a new namespace would get the caller every capability in it
 CLONE_NEW_FLAGS: Final = 0x10000000 | 0x20000000 | 0x40000000 | 0x04000000 | 0x08000000 | 0x00020000 | 0x02000000
 AF_PACKET: Final = 17
+PR_SET_SECCOMP: Final = 22
+SECCOMP_MODE_FILTER: Final = 2
+BPF_INSTRUCTION_BYTES: Final = 8
 S_IFMT: Final = 0o170000
 #: device nodes (a FIFO, made by mknod too, stays allowed)
 DEVICE_TYPES: Final = (0o020000, 0o060000)
@@ -99,6 +103,11 @@ class _ArgCmp(ctypes.Structure):
 
 
 @functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+@functools.cache
 def _lib() -> ctypes.CDLL:
     name = ctypes.util.find_library("seccomp") or "libseccomp.so.2"
     try:
@@ -160,11 +169,41 @@ def build() -> int:
     return int(ctx)
 
 
+class _SockFprog(ctypes.Structure):
+    _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
+
+
+@functools.cache
+def program() -> bytes:
+    """The filter as classic BPF, exported once: loading it is then one prctl (seccomp_load compiles it again on
+    every call, 0.3 ms here)."""
+    lib = _lib()
+    lib.seccomp_export_bpf.argtypes = (ctypes.c_void_p, ctypes.c_int)
+    r, w = os.pipe()
+    try:
+        rc = lib.seccomp_export_bpf(build(), w)
+        os.close(w)
+        w = -1
+        if rc < 0:
+            raise SeccompError(-rc, f"seccomp_export_bpf failed: {-rc}")
+        chunks = []
+        while chunk := os.read(r, 1 << 16):
+            chunks.append(chunk)
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+    return b"".join(chunks)
+
+
 def load() -> None:
     """Install the filter on this process (after no_new_privs): from here on the refused calls fail with EPERM."""
-    rc = _lib().seccomp_load(build())
-    if rc < 0:
-        raise SeccompError(-rc, f"seccomp_load failed: {-rc}")
+    code = program()
+    buf = ctypes.create_string_buffer(code, len(code))
+    prog = _SockFprog(len(code) // BPF_INSTRUCTION_BYTES, ctypes.addressof(buf))
+    if _libc().prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise SeccompError(err, f"loading the seccomp filter failed: {os.strerror(err)}")
 
 
 def syscall_number(name: str) -> int:

@@ -151,6 +151,19 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "fill-tmp-past-its-size": {"memory_mb": FILL_MEMORY_MB},
 }
 SANDBOX_ONLY_OPTIONS: dict[str, dict[str, Any]] = {"loopback-dev-server": {"network": False}}
+#: where an attempt could fail for another reason than the one it tests, what the sandbox must answer
+SANDBOX_DENIAL: dict[str, str] = {
+    "fill-tmp-past-its-size": "No space left on device",
+    "symlink-in-tmp-to-host-file": "No such file or directory",
+    "write-under-usr": "Read-only file system",
+    "read-etc-shadow": "Permission denied",
+    "raw-socket": "Operation not permitted",
+    "packet-socket": "Operation not permitted",
+    "create-device-node": "Operation not permitted",
+    "signal-host": "Operation not permitted",
+    "read-other-function-tmp": "No such file or directory",
+    "read-state-sqlite": "No such file or directory",
+}
 
 WRAPPER = """
 import ctypes, os, socket, stat, sys
@@ -286,6 +299,7 @@ async def test_escape_attempt(minifaas_engine: minifaas.Engine, pong_server: int
         assert act.result["escaped"] is True, act.result
     else:
         assert act.result["escaped"] is False, act.result
+        assert SANDBOX_DENIAL.get(name, "") in act.result["detail"]
     assert_success(await engine.call("healthy", {"i": 1}))
     assert _canaries(engine) == before
 
