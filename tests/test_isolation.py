@@ -11,20 +11,23 @@ from __future__ import annotations
 
 import glob
 import os
+import re
+import signal
 import socket
+import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 import minifaas
 from minifaas.testing import assert_success
-
-pytestmark = pytest.mark.anyio
 
 HEALTHY = "def main(args):\n    return {'i': args['i']}\n"
 VICTIM = textwrap.dedent(
@@ -279,6 +282,7 @@ def _canaries(engine: minifaas.Engine) -> dict[str, Any]:
 
 @pytest.mark.parametrize("mode", ["process", "sandbox"])
 @pytest.mark.parametrize("name", sorted(ATTEMPTS))
+@pytest.mark.anyio
 async def test_escape_attempt(minifaas_engine: minifaas.Engine, pong_server: int, name: str, mode: str) -> None:
     engine = minifaas_engine
     victim = await engine.call(f"victim-{mode}", {"tag": f"{mode}-{os.getpid()}"})
@@ -304,6 +308,7 @@ async def test_escape_attempt(minifaas_engine: minifaas.Engine, pong_server: int
     assert _canaries(engine) == before
 
 
+@pytest.mark.anyio
 async def test_no_fd_but_stdio_and_the_channel(minifaas_engine: minifaas.Engine) -> None:
     code = "import os\ndef main(args):\n    return {'fds': sorted(int(n) for n in os.listdir('/proc/self/fd'))}\n"
     await minifaas_engine.deploy("fds", code=code, isolation="sandbox")
@@ -313,6 +318,7 @@ async def test_no_fd_but_stdio_and_the_channel(minifaas_engine: minifaas.Engine)
     assert act.result["fds"][:3] == [0, 1, 2]
 
 
+@pytest.mark.anyio
 async def test_sandboxed_function_sees_an_unprivileged_confined_process(minifaas_engine: minifaas.Engine) -> None:
     code = textwrap.dedent(
         """
@@ -338,6 +344,7 @@ async def test_sandboxed_function_sees_an_unprivileged_confined_process(minifaas
     assert r["root_writable"] is False
 
 
+@pytest.mark.anyio
 async def test_grants_bind_host_folders(minifaas_engine: minifaas.Engine, tmp_path: Path) -> None:
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.txt").write_text("granted")
@@ -366,6 +373,7 @@ async def test_grants_bind_host_folders(minifaas_engine: minifaas.Engine, tmp_pa
     assert (out / "b.txt").read_text() == "GRANTED"
 
 
+@pytest.mark.anyio
 async def test_bad_isolation_and_grants_fail_the_deploy(minifaas_engine: minifaas.Engine, tmp_path: Path) -> None:
     with pytest.raises(minifaas.DeployError, match="invalid isolation 'container'"):
         await minifaas_engine.deploy("bad", code=HEALTHY, isolation="container")  # type: ignore[arg-type]
@@ -375,6 +383,7 @@ async def test_bad_isolation_and_grants_fail_the_deploy(minifaas_engine: minifaa
         await minifaas_engine.deploy("bad", code=HEALTHY, isolation="sandbox", write_paths=["/"])
 
 
+@pytest.mark.anyio
 async def test_engine_default_isolation_applies(tmp_path: Path) -> None:
     code = "import os\ndef main(args):\n    return {'euid': os.geteuid()}\n"
     async with minifaas.Engine(isolation="sandbox") as engine:
@@ -384,3 +393,56 @@ async def test_engine_default_isolation_applies(tmp_path: Path) -> None:
         assert r.result["euid"] != 0
     with pytest.raises(ValueError, match="unknown isolation"):
         minifaas.Engine(isolation="vm")  # type: ignore[arg-type]
+
+
+def _start_serve(state: Path, *extra: str) -> tuple[subprocess.Popen[str], list[str], str, tuple[str, str]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "minifaas._cli.main", "serve", "--port", "0", "--state-dir", str(state), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert proc.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith("export "):
+            break
+    m = re.match(r"export MINIFAAS_APIHOST=(\S+) MINIFAAS_AUTH=(\S+)$", lines[-1].strip())
+    assert m, "".join(lines)
+    user, _, key = m.group(2).partition(":")
+    return proc, lines, m.group(1), (user, key)
+
+
+@pytest.mark.parametrize("unconfined", [False, True], ids=["default", "unconfined"])
+def test_serve_sandboxes_code_from_http_unless_told_not_to(tmp_path: Path, unconfined: bool) -> None:
+    proc, lines, url, auth = _start_serve(tmp_path, *(["--unconfined"] if unconfined else []))
+    try:
+        banner = "".join(lines)
+        if unconfined:
+            assert "isolation: UNCONFINED" in banner, banner
+        else:
+            assert "isolation: sandbox" in banner, banner
+        code = "import os\ndef main(args):\n    return {'euid': os.geteuid()}\n"
+        with httpx.Client(base_url=url, auth=auth, timeout=30) as http:
+            put = http.put("/api/v1/namespaces/_/actions/who", json={"exec": {"kind": "python:3", "code": code}})
+            assert put.status_code == 200, put.text
+            got = http.post("/api/v1/namespaces/_/actions/who", params={"blocking": "true", "result": "true"})
+            assert got.status_code == 200, got.text
+        assert (got.json()["euid"] == 0) is unconfined  # the engine runs as root here
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            for stream in (proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()

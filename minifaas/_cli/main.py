@@ -29,7 +29,7 @@ import time
 import zipfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from .._errors import MinifaasError
 
@@ -705,10 +705,20 @@ def cmd_serve(args: argparse.Namespace, console: Console) -> int:
 
     auth = args.auth or os.environ.get(ENV_AUTH) or new_auth()
     state_dir = args.state_dir or os.environ.get(ENV_STATE_DIR)
+    isolation: Literal["process", "sandbox"] = "process" if args.unconfined else "sandbox"
+    if isolation == "sandbox":
+        from .._deploy.isolation import require_sandbox
+        from .._errors import DeployError
+
+        try:
+            require_sandbox()
+        except DeployError as exc:
+            # code that comes over HTTP never runs unconfined unless asked for in so many words
+            raise CliError(f"{exc}; start with --unconfined to serve anyway") from None
 
     async def run() -> None:
         async with (
-            Engine(state_dir=state_dir, namespace=args.server_namespace) as engine,
+            Engine(state_dir=state_dir, namespace=args.server_namespace, isolation=isolation) as engine,
             anyio.create_task_group() as tg,
         ):
 
@@ -717,7 +727,7 @@ def cmd_serve(args: argparse.Namespace, console: Console) -> int:
                 tg.cancel_scope.cancel()  # stopped: end the signal watcher too
 
             handle: ServerHandle = await tg.start(serving)
-            _banner(console, handle, state_dir)
+            _banner(console, handle, state_dir, isolation)
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for _ in signals:
                     if handle.stopping:
@@ -736,11 +746,18 @@ def cmd_serve(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
-def _banner(console: Console, handle: Any, state_dir: str | None) -> None:
+def _banner(console: Console, handle: Any, state_dir: str | None, isolation: str) -> None:
     console.print(
         f"[bold green]minifaas[/] serving the OpenWhisk API at [bold]{handle.url}[/] "
         f"(state: {state_dir or 'in memory'})"
     )
+    if isolation == "sandbox":
+        console.print("isolation: sandbox (own namespaces, unprivileged uid, read-only root, seccomp)")
+    else:
+        console.print(
+            "[bold red]isolation: UNCONFINED[/] (--unconfined): deployed code runs as this user, "
+            "with its files, processes and network"
+        )
     console.print(f"web UI: {handle.url}/   metrics: {handle.url}/metrics   (HTTP basic auth below)")
     # plain prints: a terminal-width wrap would break these copy-and-paste lines
     print(f"export {ENV_APIHOST}={handle.url} {ENV_AUTH}={handle.auth}", flush=True)
@@ -840,6 +857,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", help=f"keep activations, bundles and actions here (env {ENV_STATE_DIR})")
     p.add_argument("--auth", "-u", help="uuid:key to accept (default: a fresh one, printed)")
     p.add_argument("--namespace", dest="server_namespace", default="guest", help="namespace (default guest)")
+    p.add_argument(
+        "--unconfined",
+        action="store_true",
+        help="run deployed code as plain processes (isolation='process'), not sandboxed: only for trusted code",
+    )
     p.set_defaults(run=cmd_serve)
 
     p = verb(verbs, "deploy", "create or update an action from a .py file, a folder or a .zip")
