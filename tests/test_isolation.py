@@ -139,6 +139,7 @@ ATTEMPTS: dict[str, str] = {
         "p = '/proc/sys/kernel/hostname'\nname = open(p).read()\n"
         "with open(p, 'w') as f:\n    f.write(name)\nreturn True"
     ),
+    "rewrite-own-bundle": "open(__file__, 'a').write('\\n# rewritten\\n')\nreturn True",
     "see-host-devices": "return bool(set(os.listdir('/dev')) - set(args['dev_allowed']))",
     "loopback-dev-server": (
         "s = socket.create_connection(('127.0.0.1', args['port']), timeout=2)\n"
@@ -154,11 +155,14 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "fill-tmp-past-its-size": {"memory_mb": FILL_MEMORY_MB},
 }
 SANDBOX_ONLY_OPTIONS: dict[str, dict[str, Any]] = {"loopback-dev-server": {"network": False}}
+#: deployed from a folder (a staged bundle), not as code
+FROM_FOLDER = {"rewrite-own-bundle"}
 #: where an attempt could fail for another reason than the one it tests, what the sandbox must answer
 SANDBOX_DENIAL: dict[str, str] = {
     "fill-tmp-past-its-size": "No space left on device",
     "symlink-in-tmp-to-host-file": "No such file or directory",
     "write-under-usr": "Read-only file system",
+    "rewrite-own-bundle": "Permission denied",
     "read-etc-shadow": "Permission denied",
     "raw-socket": "Operation not permitted",
     "packet-socket": "Operation not permitted",
@@ -283,13 +287,19 @@ def _canaries(engine: minifaas.Engine) -> dict[str, Any]:
 @pytest.mark.parametrize("mode", ["process", "sandbox"])
 @pytest.mark.parametrize("name", sorted(ATTEMPTS))
 @pytest.mark.anyio
-async def test_escape_attempt(minifaas_engine: minifaas.Engine, pong_server: int, name: str, mode: str) -> None:
+async def test_escape_attempt(
+    minifaas_engine: minifaas.Engine, pong_server: int, name: str, mode: str, tmp_path: Path
+) -> None:
     engine = minifaas_engine
     victim = await engine.call(f"victim-{mode}", {"tag": f"{mode}-{os.getpid()}"})
     assert_success(victim)
     fn = f"{name}-{mode}"
     options = {**OPTIONS.get(name, {}), **(SANDBOX_ONLY_OPTIONS.get(name, {}) if mode == "sandbox" else {})}
-    await engine.deploy(fn, code=_attempt_code(name), isolation=mode, **options)
+    if name in FROM_FOLDER:
+        (tmp_path / "__main__.py").write_text(_attempt_code(name))
+        await engine.deploy(fn, path=tmp_path, isolation=mode, **options)
+    else:
+        await engine.deploy(fn, code=_attempt_code(name), isolation=mode, **options)
     before = _canaries(engine)
     try:
         act = await engine.call(fn, _args(engine, mode, int(victim.result["pid"]), pong_server))
@@ -446,3 +456,25 @@ def test_serve_sandboxes_code_from_http_unless_told_not_to(tmp_path: Path, uncon
             for stream in (proc.stdout, proc.stderr):
                 if stream is not None:
                     stream.close()
+
+
+HIJACK = textwrap.dedent(
+    """
+    def main(args):
+        if args.get('hijack'):
+            with open(__file__, 'w') as f:
+                f.write("def main(args):\\n    return {'hijacked': True}\\n")
+        return {'hijacked': False}
+    """
+)
+
+
+@pytest.mark.anyio
+async def test_a_rewritten_bundle_is_not_reused(tmp_path: Path) -> None:
+    """An unconfined function rewrites its staged code; another deployed from the same folder gets the original."""
+    (tmp_path / "__main__.py").write_text(HIJACK)
+    async with minifaas.Engine() as engine:
+        await engine.deploy("a", path=tmp_path, isolation="process")
+        assert (await engine.invoke("a", {"hijack": True})) == {"hijacked": False}
+        await engine.deploy("b", path=tmp_path, isolation="process")
+        assert (await engine.invoke("b", {})) == {"hijacked": False}

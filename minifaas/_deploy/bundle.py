@@ -216,6 +216,23 @@ def _load_zip(zpath: Path, main: str, work_dir: Path) -> Bundle:
         raise
 
 
+def _digest_of(folder: Path) -> str | None:
+    """The content digest _finish_staged computed for a staged folder (None if a symbolic link appeared in it)."""
+    h = hashlib.sha256()
+    try:
+        for f in sorted(folder.rglob("*")):
+            if f.is_symlink():
+                return None
+            if "__pycache__" in f.parts:
+                continue
+            if f.is_file():
+                h.update(f.relative_to(folder).as_posix().encode() + b"\0")
+                h.update(f.read_bytes() + b"\0")
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
 def _finish_staged(
     staging: Path,
     main: str,
@@ -249,8 +266,14 @@ def _finish_staged(
                 _check_source(text, f"{origin}/{rel}", main, need_main=(f == entry))
     digest = h.hexdigest()
     final = work_dir / digest
+    if final.exists() and _digest_of(final) != digest:
+        # changed since it was staged (an unconfined function rewrote its own code): never reuse it
+        shutil.rmtree(final, ignore_errors=True)
     if final.exists():
         shutil.rmtree(staging, ignore_errors=True)
+        # compiled files are not part of the digest: a planted one would be loaded instead of its source
+        for cache in list(final.rglob("__pycache__")):
+            shutil.rmtree(cache, ignore_errors=True)
     else:
         try:
             os.replace(staging, final)
