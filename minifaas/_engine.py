@@ -29,12 +29,13 @@ from ._core.poll import HOST_POLL_US
 from ._core.poll import install as install_polling
 from ._core.poll import uninstall as uninstall_polling
 from ._core.pool import KEEPALIVE_POLICIES, MAX_SANDBOXES_TOTAL, Pool
-from ._core.sandbox import HostService
+from ._core.sandbox import CALLER_ARG, HostService
 from ._core.scheduler import ENGINE_MAX_QUEUED, Scheduler
 from ._core.store import ActivationStore, open_store
 from ._deploy.bundle import Bundle, load_bundle
 from ._deploy.callables import callable_bundle, pickle_callable, sandbox_sys_path
 from ._deploy.deps import default_env_root, ensure_env
+from ._deploy.fetchguard import REDIRECT_GUARD, check_model_url, redirect_checker
 from ._deploy.isolation import Isolation, check_grants, check_isolation, own_paths, require_sandbox
 from ._deploy.versions import ALIASES_FILE_NAME, AliasTable, Routing, split_ref
 from ._errors import (
@@ -737,8 +738,34 @@ class Engine:
     # -- services and observability ---------------------------------------------------------------------------
     async def _svc_model_fetch(self, args: dict[str, Any]) -> str:
         store = self.model_store
-        path = await store.fetch(str(args["url"]), sha256=args.get("sha256"))
+        url = str(args["url"])
+        spec = self._caller_spec(args.get(CALLER_ARG))
+        if spec is None:
+            # not asked by one of this engine's functions (e.g. a backend's node): nothing to check against
+            return str(await store.fetch(url, sha256=args.get("sha256")))
+        sandboxed = spec.isolation == "sandbox"
+        readable = [Path(p) for p in (*spec.own_paths, *spec.read_paths)]
+        if url in spec.models or url in spec.params.values():
+            readable = [Path("/")]  # a model the deploy named: the host fetched it for the zygote already
+        await anyio.to_thread.run_sync(
+            lambda: check_model_url(url, network=spec.network, sandboxed=sandboxed, readable=readable)
+        )
+        token = REDIRECT_GUARD.set(redirect_checker(network=spec.network, sandboxed=sandboxed))
+        try:
+            path = await store.fetch(url, sha256=args.get("sha256"))
+        finally:
+            REDIRECT_GUARD.reset(token)
         return str(path)
+
+    def _caller_spec(self, key: Any) -> FunctionSpec | None:
+        """The deployed version a sandbox's host call came from (its key is set by the host, not the sandbox)."""
+        if not isinstance(key, str):
+            return None
+        for specs in self._functions.values():
+            for spec in specs:
+                if spec.key == key:
+                    return spec
+        return None
 
     @property
     def model_store(self) -> Any:

@@ -10,6 +10,7 @@ machines (the attempts that need root to succeed under "process" say so).
 from __future__ import annotations
 
 import glob
+import http.server
 import os
 import re
 import signal
@@ -478,3 +479,76 @@ async def test_a_rewritten_bundle_is_not_reused(tmp_path: Path) -> None:
         assert (await engine.invoke("a", {"hijack": True})) == {"hijacked": False}
         await engine.deploy("b", path=tmp_path, isolation="process")
         assert (await engine.invoke("b", {})) == {"hijacked": False}
+
+
+FETCH = textwrap.dedent(
+    """
+    from minifaas_sandbox import host_call
+    def main(args):
+        try:
+            return {'path': host_call('model.fetch', {'url': args['url'], 'sha256': None})}
+        except RuntimeError as exc:
+            return {'refused': str(exc)}
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def model_server() -> Iterator[str]:
+    """A loopback HTTP server standing in for a "metadata" service: serves a few bytes at any path."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"secret metadata"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+    t.join()
+    srv.server_close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("mode", "network", "target", "refusal"),
+    [
+        ("process", True, "http", None),
+        ("process", False, "http", "network=False"),
+        ("sandbox", True, "http", "loopback"),
+        ("sandbox", False, "http", "network=False"),
+        ("process", True, "file", None),
+        ("sandbox", True, "file", "outside this function's bundle"),
+    ],
+    ids=[
+        "process-net-loopback",
+        "process-nonet",
+        "sandbox-net-loopback",
+        "sandbox-nonet",
+        "process-file",
+        "sandbox-file",
+    ],
+)
+async def test_host_fetch_is_no_way_around_the_sandbox(
+    minifaas_engine: minifaas.Engine, model_server: str, mode: str, network: bool, target: str, refusal: str | None
+) -> None:
+    """models.load(url) asks the host's store: the host fetches for a function only what that function could reach."""
+    url = f"{model_server}/latest/meta-data" if target == "http" else "file:///etc/passwd"
+    name = f"fetch-{mode}-{network}-{target}"
+    await minifaas_engine.deploy(name, code=FETCH, isolation=mode, network=network)  # type: ignore[arg-type]
+    try:
+        result = assert_success(await minifaas_engine.call(name, {"url": url})).result
+    finally:
+        await minifaas_engine.delete(name)
+    if refusal is None:
+        assert "path" in result, result
+    else:
+        assert refusal in result.get("refused", ""), result

@@ -37,6 +37,7 @@ import anyio.from_thread
 import anyio.to_thread
 
 from .._errors import ModelError
+from .fetchguard import REDIRECT_GUARD
 
 __all__ = ("ModelStore",)
 
@@ -291,7 +292,7 @@ class ModelStore:
         scheme = urllib.parse.urlparse(url).scheme
         if scheme in ("http", "https"):
             try:
-                resp = urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S)
+                resp = urllib.request.build_opener(_GuardedRedirects).open(url, timeout=HTTP_TIMEOUT_S)
             except urllib.error.HTTPError as exc:
                 exc.close()  # it holds the error response's socket
                 raise ModelError(f"cannot fetch {url}: {exc}") from exc
@@ -319,3 +320,21 @@ class ModelStore:
             raise ModelError(f"cannot fetch {url}: {type(exc).__name__}: {exc}") from exc
         with f:
             yield f, (int(size) if isinstance(size, int) else None), None
+
+
+class _GuardedRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only where the fetch's guard (set by the host service asking) allows it."""
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: IO[bytes],
+        code: int,
+        msg: str,
+        headers: Any,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        guard = REDIRECT_GUARD.get()
+        if guard is not None:
+            guard(newurl)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
