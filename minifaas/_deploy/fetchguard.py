@@ -56,9 +56,7 @@ def check_public_host(host: str) -> None:
     for info in infos:
         ip = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
         if not ip.is_global:
-            raise ModelError(
-                f"model.fetch refused: {host} resolves to {ip}, a private, loopback or link-local address"
-            )
+            raise ModelError(f"model.fetch refused: {host} resolves to {ip}, a private, loopback or link-local address")
 
 
 def redirect_checker(*, network: bool, sandboxed: bool) -> Callable[[str], None]:
