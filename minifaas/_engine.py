@@ -58,6 +58,8 @@ from .composer import task as _as_composition
 __all__ = ("Activations", "Engine")
 
 CLOSE_TIMEOUT_S: Final = 10.0
+#: manifest parameters ending so are model digests, final like the models themselves
+SHA256_PARAM_SUFFIX: Final = "_sha256"
 NAME_RE: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,255}$")
 ENGINE_CLOSED_MESSAGE: Final = "the engine closed before this activation finished"
 BACKENDS: Final = ("local", "ray")
@@ -488,6 +490,9 @@ class Engine:
             created=int(time.time() * 1000),
             network=network,
             isolation=mode,
+            # a caller replacing detector_url (or its sha256) would make the host fetch, and the function load,
+            # whatever it names
+            final_params=(*bundle.models, *(k for k in bundle.params if k.endswith(SHA256_PARAM_SUFFIX))),
             read_paths=grants_ro,
             write_paths=grants_rw,
             **limits,

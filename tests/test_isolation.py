@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import http.server
+import json
 import os
 import re
 import signal
@@ -552,3 +553,23 @@ async def test_host_fetch_is_no_way_around_the_sandbox(
         assert "path" in result, result
     else:
         assert refusal in result.get("refused", ""), result
+
+
+@pytest.mark.anyio
+async def test_manifest_model_params_are_final(minifaas_engine: minifaas.Engine, tmp_path: Path) -> None:
+    """A caller cannot replace a manifest's model URL or its digest (the host would fetch whatever it names)."""
+    (tmp_path / "m.bin").write_bytes(b"weights")
+    bundle = tmp_path / "fn"
+    bundle.mkdir()
+    (bundle / "__main__.py").write_text("def main(args):\n    return {'url': args['weights_url']}\n")
+    (bundle / "minifaas.json").write_text(
+        json.dumps({"params": {"weights_sha256": "0" * 64, "k": 1}, "models": {"weights_url": "../m.bin"}})
+    )
+    await minifaas_engine.deploy("final", path=bundle, isolation="sandbox")
+    own = assert_success(await minifaas_engine.call("final", {"k": 2})).result["url"]
+    assert own == (tmp_path / "m.bin").resolve().as_uri()
+    for key, value in (("weights_url", "http://169.254.169.254/latest"), ("weights_sha256", "1" * 64)):
+        with pytest.raises(minifaas.InvalidPayload, match=f"parameter '{key}' of final is fixed by its manifest"):
+            await minifaas_engine.call("final", {key: value})
+    # the same value is no replacement
+    assert_success(await minifaas_engine.call("final", {"weights_url": own}))

@@ -79,6 +79,8 @@ class FunctionSpec:
     hidden_paths: tuple[str, ...] = ()
     #: what it shows read-only besides the grants: its own bundle, environment and the model store
     own_paths: tuple[str, ...] = ()
+    #: parameters a caller may not replace: the manifest's models and their digests
+    final_params: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
