@@ -573,3 +573,14 @@ async def test_manifest_model_params_are_final(minifaas_engine: minifaas.Engine,
             await minifaas_engine.call("final", {key: value})
     # the same value is no replacement
     assert_success(await minifaas_engine.call("final", {"weights_url": own}))
+
+
+@pytest.mark.anyio
+async def test_spawned_sandboxes_are_confined_too() -> None:
+    """The spawn launcher (a fresh interpreter per sandbox) runs the same set-up at INIT."""
+    code = "import os\ndef main(args):\n    return {'euid': os.geteuid(), 'root': sorted(os.listdir('/'))}\n"
+    async with minifaas.Engine(launcher="spawn") as engine:
+        await engine.deploy("who", code=code, isolation="sandbox")
+        r = assert_success(await engine.call("who", {})).result
+    assert r["euid"] != 0
+    assert "home" not in r["root"] and "tmp" in r["root"]
