@@ -11,21 +11,25 @@ from __future__ import annotations
 
 import glob
 import http.server
+import importlib.util
 import json
 import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+import zlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 
 import minifaas
@@ -584,3 +588,49 @@ async def test_spawned_sandboxes_are_confined_too() -> None:
         r = assert_success(await engine.call("who", {})).result
     assert r["euid"] != 0
     assert "home" not in r["root"] and "tmp" in r["root"]
+
+
+def _png(width: int, height: int) -> bytes:
+    """A valid PNG of one grey channel, all zero (compresses to almost nothing, whatever its size)."""
+    raw = zlib.compress(b"".join(b"\x00" + bytes(width) for _ in range(height)), 9)
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def image_input() -> Any:
+    spec = importlib.util.spec_from_file_location(
+        "image_input_under_test", Path(__file__).resolve().parents[1] / "functions" / "_lib" / "image_input.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "error"),
+    [(1, 20000, "aspect ratio"), (20000, 1, "aspect ratio"), (8000, 6000, "pixel limit")],
+    ids=["1x20000", "20000x1", "48MP"],
+)
+def test_image_size_is_capped_from_its_header(image_input: Any, width: int, height: int, error: str) -> None:
+    data = _png(width, height)
+    assert image_input.image_size(data) == (width, height)
+    with pytest.raises(ValueError, match=error):
+        image_input.read_image(data)
+
+
+def test_image_headers_of_the_test_images_are_read(image_input: Any) -> None:
+    import cv2
+
+    for path in sorted((Path(__file__).resolve().parent / "data" / "images").glob("*")):
+        if path.suffix.lower() not in (".jpg", ".jpeg", ".png", ".webp"):
+            continue
+        data = path.read_bytes()
+        decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        assert image_input.image_size(data) == (decoded.shape[1], decoded.shape[0]), path.name
+        assert image_input.read_image(data).shape == decoded.shape
