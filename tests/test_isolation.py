@@ -634,3 +634,32 @@ def test_image_headers_of_the_test_images_are_read(image_input: Any) -> None:
         decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
         assert image_input.image_size(data) == (decoded.shape[1], decoded.shape[0]), path.name
         assert image_input.read_image(data).shape == decoded.shape
+
+
+UNPRIVILEGED_ENTER = textwrap.dedent(
+    """
+    import json, os
+    from minifaas_sandbox import isolation
+    isolation.enter({}, network=False, memory_mb=16)
+    status = dict(l.split(':', 1) for l in open('/proc/self/status').read().splitlines() if ':' in l)
+    print(json.dumps({'euid': os.geteuid(), 'root': sorted(os.listdir('/')), 'cap': status['CapEff'].strip(),
+                      'seccomp': status['Seccomp'].strip(), 'tmp_writable': os.access('/tmp', os.W_OK)}))
+    """
+)
+
+
+def test_an_unprivileged_host_gets_the_same_sandbox() -> None:
+    """Run as a user other than root, the set-up creates the user namespace first and does the same."""
+    assert os.geteuid() == 0, "these machines run the suite as root: setpriv drops to nobody"
+    proc = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", UNPRIVILEGED_ENTER],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    assert r["euid"] == 1000 and r["cap"] == "0000000000000000" and r["seccomp"] == "2"
+    assert "home" not in r["root"] and r["tmp_writable"] is True
