@@ -32,7 +32,7 @@ from ._core.poll import install as install_polling
 from ._core.poll import uninstall as uninstall_polling
 from ._core.pool import KEEPALIVE_POLICIES, MAX_SANDBOXES_TOTAL, Pool
 from ._core.resources import validate_resources
-from ._core.sandbox import HostService
+from ._core.sandbox import CALLER_ARG, HostService
 from ._core.scheduler import ENGINE_MAX_QUEUED, Scheduler
 from ._core.statedir import claim_state_dir, make_private
 from ._core.statelock import StateDirLock
@@ -40,7 +40,9 @@ from ._core.store import ActivationStore, open_store
 from ._deploy.bundle import Bundle, load_bundle
 from ._deploy.callables import callable_bundle, pickle_callable, sandbox_sys_path
 from ._deploy.deps import default_env_root, ensure_env
+from ._deploy.fetchguard import REDIRECT_GUARD, check_model_url, redirect_checker
 from ._deploy.gc import GC_BUDGET_BYTES, EnvHolds, GcReport, Roots, collect, touch
+from ._deploy.isolation import Isolation, check_grants, check_isolation, own_paths, require_sandbox
 from ._deploy.versions import ALIASES_FILE_NAME, AliasTable, Routing, split_ref
 from ._errors import (
     ActivationError,
@@ -62,6 +64,8 @@ from .composer import task as _as_composition
 __all__ = ("Activations", "Engine")
 
 CLOSE_TIMEOUT_S: Final = 10.0
+#: manifest parameters ending so are model digests, final like the models themselves
+SHA256_PARAM_SUFFIX: Final = "_sha256"
 NAME_RE: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,255}$")
 ENGINE_CLOSED_MESSAGE: Final = "the engine closed before this activation finished"
 ENGINE_DIED_MESSAGE: Final = "the host stopped before this session finished (recovered at start-up)"
@@ -169,6 +173,7 @@ class Engine:
         poll_us: int = HOST_POLL_US,
         min_spares: int = 1,
         max_spares: int = 8,
+        isolation: Isolation = "process",
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -183,6 +188,8 @@ class Engine:
         self.namespace = namespace
         self.backend = backend
         self.launcher_name = launcher
+        #: the isolation of functions deployed without their own (``deploy(..., isolation=...)``)
+        self.isolation: Isolation = _engine_isolation(isolation)
         self.preload = preload
         self.max_sandboxes = max_sandboxes
         self.memory_budget_mb = memory_budget_mb
@@ -511,6 +518,9 @@ class Engine:
         models: tuple[str, ...] | list[str] = (),
         preload: tuple[str, ...] | None = None,
         network: bool = True,
+        isolation: Isolation | None = None,
+        read_paths: Iterable[str | os.PathLike[str]] = (),
+        write_paths: Iterable[str | os.PathLike[str]] = (),
         modules: Iterable[Any] = (),
         origin: str | None = None,
         resources: dict[str, float] | None = None,
@@ -561,6 +571,12 @@ class Engine:
                 f"resources: {wanted_gpus:g} GPU asked for, this host has {len(self._gpu_shares.gpus)} "
                 "(its CUDA_VISIBLE_DEVICES, else nvidia-smi)"
             )
+        mode = check_isolation(self.isolation if isolation is None else isolation)
+        grants_ro = check_grants("read_paths", read_paths)
+        grants_rw = check_grants("write_paths", write_paths)
+        if mode == "sandbox":
+            # never silently unconfined: a machine that cannot set a sandbox up fails the deploy, saying why
+            await anyio.to_thread.run_sync(require_sandbox)
         limits = _limits(
             timeout_s=timeout_s,
             memory_mb=memory_mb,
@@ -628,14 +644,30 @@ class Engine:
             python=python,
             created=int(time.time() * 1000),
             network=network,
+            isolation=mode,
+            # a caller replacing detector_url (or its sha256) would make the host fetch, and the function load,
+            # whatever it names
+            final_params=(*bundle.models, *(k for k in bundle.params if k.endswith(SHA256_PARAM_SUFFIX))),
+            read_paths=grants_ro,
+            write_paths=grants_rw,
             resources=checked_resources,
             placement=placement,
             **limits,
         )
+        if mode == "sandbox":
+            model_root = Path(self.model_store.root)
+            model_root.mkdir(parents=True, exist_ok=True)
+            spec.own_paths = own_paths(bundle.source, sys_path, model_root)
+            spec.hidden_paths = self._hidden_paths()
         admit = getattr(self._launcher, "admit", None)
         if admit is not None:
             await admit(spec)  # Ray: no node of the cluster could ever host it
         return await self._register(spec)
+
+    def _hidden_paths(self) -> tuple[str, ...]:
+        """The engine's own files, which no sandbox may see: records, bundles, environments."""
+        out = [str(p) for p in (self.state_dir, self._tmp_dir, self._work_dir, self._env_root()) if p is not None]
+        return tuple(os.path.abspath(p) for p in out)
 
     async def _register(self, spec: FunctionSpec) -> Function:
         await self._preload_models(spec)
@@ -968,8 +1000,34 @@ class Engine:
     # -- services and observability ---------------------------------------------------------------------------
     async def _svc_model_fetch(self, args: dict[str, Any]) -> str:
         store = self.model_store
-        path = await store.fetch(str(args["url"]), sha256=args.get("sha256"))
+        url = str(args["url"])
+        spec = self._caller_spec(args.get(CALLER_ARG))
+        if spec is None:
+            # not asked by one of this engine's functions (e.g. a backend's node): nothing to check against
+            return str(await store.fetch(url, sha256=args.get("sha256")))
+        sandboxed = spec.isolation == "sandbox"
+        readable = [Path(p) for p in (*spec.own_paths, *spec.read_paths)]
+        if url in spec.models or url in spec.params.values():
+            readable = [Path("/")]  # a model the deploy named: the host fetched it for the zygote already
+        await anyio.to_thread.run_sync(
+            lambda: check_model_url(url, network=spec.network, sandboxed=sandboxed, readable=readable)
+        )
+        token = REDIRECT_GUARD.set(redirect_checker(network=spec.network, sandboxed=sandboxed))
+        try:
+            path = await store.fetch(url, sha256=args.get("sha256"))
+        finally:
+            REDIRECT_GUARD.reset(token)
         return str(path)
+
+    def _caller_spec(self, key: Any) -> FunctionSpec | None:
+        """The deployed version a sandbox's host call came from (its key is set by the host, not the sandbox)."""
+        if not isinstance(key, str):
+            return None
+        for specs in self._functions.values():
+            for spec in specs:
+                if spec.key == key:
+                    return spec
+        return None
 
     @property
     def model_store(self) -> Any:
@@ -1046,6 +1104,12 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     for exc in group.exceptions:
         out += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
     return out
+
+
+def _engine_isolation(value: Any) -> Isolation:
+    if value not in ("process", "sandbox"):
+        raise ValueError(f"unknown isolation {value!r}; choose 'process' or 'sandbox'")
+    return "sandbox" if value == "sandbox" else "process"
 
 
 def _user_model_cache() -> Path:

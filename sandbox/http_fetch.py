@@ -18,6 +18,7 @@ import time
 import urllib.parse
 import urllib.request
 from base64 import b64encode
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO, Final
 
@@ -48,6 +49,8 @@ class FetchLimits:
     backoff_s: float = 0.5
     #: how errors name ``max_bytes``
     limit_name: str = "the download limit"
+    #: called with every redirect's target before it is followed; raises to refuse it (the host's guard)
+    on_redirect: Callable[[str], None] | None = None
 
 
 class Abort:
@@ -109,6 +112,8 @@ def _attempt(url: str, out: BinaryIO, limits: FetchLimits, abort: Abort, deadlin
         try:
             if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
                 target = urllib.parse.urljoin(target, resp.getheader("Location") or "")
+                if limits.on_redirect is not None:
+                    limits.on_redirect(target)
                 continue
             if resp.status != 200:
                 raise DownloadError(

@@ -294,7 +294,16 @@ class Runtime:
                 if int(fields.get("concurrency") or 1) > 1:
                     # before the function's import, so that its `from os import environ` gets the per-activation view
                     install_activation_environ()
-                if fields.get("network") is False:
+                view = fields.get("isolation")
+                if view is not None:
+                    # before any of the function's code runs, and before any thread exists (a user namespace
+                    # needs a single-threaded process); it includes network=False's namespace
+                    from minifaas_sandbox import isolation
+
+                    isolation.enter(
+                        view, network=fields.get("network") is not False, memory_mb=int(fields.get("memory_mb") or 0)
+                    )
+                elif fields.get("network") is False:
                     # before any of the function's code runs, and before any thread exists (a namespace is per
                     # thread until then)
                     isolate_network()
@@ -835,6 +844,11 @@ def prepare(*, rehearse: bool = False) -> None:
     from minifaas_sandbox import models
 
     models.set_fetcher(models.host_fetcher)
+    with contextlib.suppress(Exception):
+        # isolation="sandbox"'s seccomp program and the interpreter's folders, once, ahead of the request
+        from minifaas_sandbox import isolation
+
+        isolation.prepare()
     if rehearse:
         # only ever a head start: a spare that could not rehearse still serves (and the zygote must not keep
         # forking spares that die)

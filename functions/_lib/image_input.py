@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import os
+import struct
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -19,6 +20,12 @@ MAX_IMAGE_BYTES = 32 << 20
 URL_TIMEOUT_S = 20.0
 FORMATS = {"png": ".png", "jpeg": ".jpg", "jpg": ".jpg", "webp": ".webp"}
 JPEG_QUALITY = 90
+#: checked from the header before decoding: 8K is 33 MP; a 1x20000 strip resized to a 224-pixel short side would
+#: ask for 224 x 4.5 million pixels
+MAX_PIXELS = 40_000_000
+MAX_ASPECT_RATIO = 20.0
+#: JPEG start-of-frame markers (baseline, progressive, lossless...): not DHT (C4), JPG (C8) or DAC (CC)
+JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
 def _fetch_url(url: str) -> bytes:
@@ -70,9 +77,63 @@ def load_bytes(src: object, *, param: str = "image") -> bytes:
     return _read_path(src)
 
 
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG, JPEG, WebP, GIF or BMP header, without decoding; None for another format."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
+        w, h = struct.unpack(">II", data[16:24])
+        return int(w), int(h)
+    if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
+        w, h = struct.unpack("<HH", data[6:10])
+        return int(w), int(h)
+    if data[:2] == b"BM" and len(data) >= 26:
+        w, h = struct.unpack("<ii", data[18:26])
+        return abs(int(w)), abs(int(h))
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP" and len(data) >= 30:
+        chunk = data[12:16]
+        if chunk == b"VP8 ":
+            w, h = struct.unpack("<HH", data[26:30])
+            return int(w) & 0x3FFF, int(h) & 0x3FFF
+        if chunk == b"VP8L":
+            b = data[21:25]
+            return 1 + (((b[1] & 0x3F) << 8) | b[0]), 1 + (((b[3] & 0xF) << 10) | (b[2] << 2) | ((b[1] & 0xC0) >> 6))
+        if chunk == b"VP8X":
+            return 1 + int.from_bytes(data[24:27], "little"), 1 + int.from_bytes(data[27:30], "little")
+        return None
+    if data[:2] == b"\xff\xd8":
+        i = 2
+        while i + 9 <= len(data):
+            if data[i] != 0xFF:
+                return None
+            marker = data[i + 1]
+            if marker == 0xFF:
+                i += 1
+                continue
+            length = int.from_bytes(data[i + 2 : i + 4], "big")
+            if marker in JPEG_SOF:
+                h, w = struct.unpack(">HH", data[i + 5 : i + 9])
+                return int(w), int(h)
+            i += 2 + length
+    return None
+
+
+def check_size(data: bytes, *, param: str = "image") -> None:
+    """Refuse, before decoding, an image whose header declares too many pixels or too thin a shape."""
+    size = image_size(data)
+    if size is None:
+        raise ValueError(f"{param!r} is not a decodable image ({len(data)} bytes): not PNG, JPEG, WebP, GIF or BMP")
+    w, h = size
+    if w <= 0 or h <= 0:
+        raise ValueError(f"{param!r}: the image header declares {w}x{h} pixels")
+    if w * h > MAX_PIXELS:
+        raise ValueError(f"{param!r}: {w}x{h} is over the {MAX_PIXELS} pixel limit")
+    if max(w, h) / min(w, h) > MAX_ASPECT_RATIO:
+        raise ValueError(f"{param!r}: {w}x{h} is thinner than the 1:{MAX_ASPECT_RATIO:g} aspect ratio limit")
+
+
 def read_image(src: object, *, param: str = "image") -> np.ndarray:
     """Decode ``src`` into a BGR uint8 array; ValueError when it cannot be read or is not an image."""
     data = load_bytes(src, param=param)
+    check_size(data, param=param)
     image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     if image is None or image.size == 0:
         raise ValueError(f"{param!r} is not a decodable image ({len(data)} bytes)")

@@ -29,7 +29,7 @@ import time
 import zipfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from .._errors import MinifaasError
 
@@ -753,9 +753,19 @@ def cmd_serve(args: argparse.Namespace, console: Console) -> int:
 
         auth, auth_file = stored_auth(state_dir, new_auth())
     auth = auth or new_auth()
+    isolation: Literal["process", "sandbox"] = "process" if args.unconfined else "sandbox"
+    if isolation == "sandbox":
+        from .._deploy.isolation import require_sandbox
+        from .._errors import DeployError
+
+        try:
+            require_sandbox()
+        except DeployError as exc:
+            # code that comes over HTTP never runs unconfined unless asked for in so many words
+            raise CliError(f"{exc}; start with --unconfined to serve anyway") from None
 
     async def run() -> None:
-        async with Engine(state_dir=state_dir, namespace=args.server_namespace) as engine:
+        async with Engine(state_dir=state_dir, namespace=args.server_namespace, isolation=isolation) as engine:
             await _serve_until_signal(engine, args.host, args.port, auth, console, state_dir, auth_file)
 
     _run_server(run, args.host, args.port)
@@ -783,7 +793,7 @@ async def _serve_until_signal(
         # listening before the banner: a client that stops the server as soon as it has read the banner
         # must not hit Python's default SIGINT handler
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            _banner(console, handle, state_dir, auth_file)
+            _banner(console, handle, state_dir, auth_file, isolation=str(getattr(engine, "isolation", "process")))
             async for _ in signals:
                 if handle.stopping:
                     tg.cancel_scope.cancel()  # a second signal: do not wait for requests in flight
@@ -841,11 +851,20 @@ def cmd_gc(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
-def _banner(console: Console, handle: Any, state_dir: str | None, auth_file: Path | None = None) -> None:
+def _banner(
+    console: Console, handle: Any, state_dir: str | None, auth_file: Path | None = None, isolation: str = "process"
+) -> None:
     console.print(
         f"[bold green]minifaas[/] serving the OpenWhisk API at [bold]{handle.url}[/] "
         f"(state: {state_dir or 'in memory'})"
     )
+    if isolation == "sandbox":
+        console.print("isolation: sandbox (own namespaces, unprivileged uid, read-only root, seccomp)")
+    else:
+        console.print(
+            "[bold red]isolation: UNCONFINED[/]: deployed code runs as this user, with its files, processes and "
+            "network (`minifaas serve` sandboxes it unless started with --unconfined)"
+        )
     user, _, key = handle.auth.partition(":")
     console.print(f"web UI: {handle.url}/ui/   metrics: {handle.url}/metrics")
     print(f"log in with user {user} and password {key} (HTTP basic auth), or open:", flush=True)
@@ -981,6 +1000,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--auth", "-u", help="uuid:key to accept (default: the one kept in the state dir, else a fresh one; printed)"
     )
     p.add_argument("--namespace", dest="server_namespace", default="guest", help="namespace (default guest)")
+    p.add_argument(
+        "--unconfined",
+        action="store_true",
+        help="run deployed code as plain processes (isolation='process'), not sandboxed: only for trusted code",
+    )
     p.set_defaults(run=cmd_serve)
 
     p = verb(verbs, "deploy", "create or update an action from a .py file, a folder or a .zip")

@@ -78,6 +78,17 @@ class FunctionSpec:
     resources: dict[str, float] = dataclasses.field(default_factory=dict)
     #: where the Ray backend puts its actors: "pack" (fill a node first) or "spread" (over the nodes)
     placement: str = "pack"
+    #: "sandbox": namespaces, an unprivileged uid, a read-only view, seccomp (see minifaas_sandbox.isolation)
+    isolation: Literal["process", "sandbox"] = "process"
+    #: host folders bound into a sandbox's view, read-only and writable
+    read_paths: tuple[str, ...] = ()
+    write_paths: tuple[str, ...] = ()
+    #: what a sandbox's view must not show: the engine's state (records, bundles, environments)
+    hidden_paths: tuple[str, ...] = ()
+    #: what it shows read-only besides the grants: its own bundle, environment and the model store
+    own_paths: tuple[str, ...] = ()
+    #: parameters a caller may not replace: the manifest's models and their digests
+    final_params: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
@@ -100,6 +111,15 @@ class FunctionSpec:
             "network": self.network,
             # the runtime ends a module-level import that outlives it with its logs (the host kills it later)
             "timeout_ms": int(self.timeout_s * 1000),
+            "isolation": self.sandbox_view() if self.isolation == "sandbox" else None,
+        }
+
+    def sandbox_view(self) -> dict[str, Any]:
+        """The INIT field that makes the runtime shut itself in (None in INIT: an unconfined process)."""
+        return {
+            "ro": [*self.own_paths, *self.read_paths],
+            "rw": list(self.write_paths),
+            "hide": list(self.hidden_paths),
         }
 
     def describe(self) -> dict[str, Any]:
@@ -130,5 +150,8 @@ class FunctionSpec:
             "network": self.network,
             "resources": dict(self.resources),
             "placement": self.placement,
+            "isolation": self.isolation,
+            "read_paths": list(self.read_paths),
+            "write_paths": list(self.write_paths),
             "created": self.created,
         }

@@ -58,6 +58,8 @@ STRAY_TRUNCATED_MESSAGE: Final = "minifaas: output written outside the log captu
 #: host service calls one sandbox may have outstanding; a legitimate runtime has at most its concurrency
 MAX_CALLS_IN_FLIGHT: Final = 64
 
+#: the argument a host service finds the calling function's key in (set by the host over what the sandbox sent)
+CALLER_ARG: Final = "_caller"
 HostService = Callable[[dict[str, Any]], Awaitable[Any]]
 _ids = itertools.count(1)
 
@@ -420,7 +422,9 @@ class Sandbox:
         try:
             if service is None:
                 raise LookupError(f"unknown host service {method!r}")
-            value = await service(fields.get("args") or {})
+            args = fields.get("args")
+            # who asks, as the host knows it: a sandbox cannot name another function
+            value = await service({**(args if isinstance(args, dict) else {}), CALLER_ARG: self.fn_key})
             reply = {"cid": cid, "ok": True, "value": value}
         except Exception as exc:
             reply = {"cid": cid, "ok": False, "error": f"{type(exc).__name__}: {exc}"}

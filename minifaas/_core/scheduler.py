@@ -200,6 +200,11 @@ class Scheduler:
     ) -> Job:
         """Admit an invocation; with ``durable``, ``job.accepted`` is set once its accepted record is stored."""
         validate_args(args)
+        for key in spec.final_params:
+            if key in args and args[key] != spec.params.get(key):
+                raise InvalidPayload(
+                    f"parameter {key!r} of {spec.name} is fixed by its manifest: a caller cannot set it"
+                )
         merged = {**spec.params, **args} if spec.params else args
         try:
             packed = p.encode_body(merged)

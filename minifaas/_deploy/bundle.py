@@ -26,6 +26,8 @@ __all__ = ("MANIFEST_NAME", "Bundle", "load_bundle")
 MAX_CODE_BYTES: Final = 48 << 20
 MAX_ZIP_ENTRIES: Final = 10_000
 MANIFEST_NAME: Final = "minifaas.json"
+STAGED_DIR_MODE: Final = 0o755
+STAGED_FILE_MODE: Final = 0o644
 ENTRY_NAME: Final = "__main__.py"
 
 
@@ -220,6 +222,23 @@ def _walk(root: Path) -> list[Path]:
     return sorted(found)
 
 
+def _digest_of(folder: Path) -> str | None:
+    """The content digest _finish_staged computed for a staged folder (None if a symbolic link appeared in it)."""
+    h = hashlib.sha256()
+    try:
+        for f in sorted(folder.rglob("*")):
+            if f.is_symlink():
+                return None
+            if "__pycache__" in f.parts:
+                continue
+            if f.is_file():
+                h.update(f.relative_to(folder).as_posix().encode() + b"\0")
+                h.update(f.read_bytes() + b"\0")
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
 def _finish_staged(
     staging: Path,
     main: str,
@@ -233,6 +252,11 @@ def _finish_staged(
     if not entry.is_file():
         raise DeployError(f"bundle has no {ENTRY_NAME} at its root", file=origin)
     h = hashlib.sha256()
+    # readable by a sandbox's own unprivileged uid (isolation="sandbox"), whatever the source's modes were
+    staging.chmod(STAGED_DIR_MODE)
+    for f in sorted(staging.rglob("*")):
+        if not f.is_symlink():
+            f.chmod(STAGED_DIR_MODE if f.is_dir() else STAGED_FILE_MODE)
     real_staging = staging.resolve()
     for f in _walk(staging):
         if f.is_symlink():
@@ -261,8 +285,14 @@ def _finish_staged(
                 _check_source(text, f"{origin}/{rel}", main, need_main=(f == entry))
     digest = h.hexdigest()
     final = work_dir / digest
+    if final.exists() and _digest_of(final) != digest:
+        # changed since it was staged (an unconfined function rewrote its own code): never reuse it
+        shutil.rmtree(final, ignore_errors=True)
     if final.exists():
         shutil.rmtree(staging, ignore_errors=True)
+        # compiled files are not part of the digest: a planted one would be loaded instead of its source
+        for cache in list(final.rglob("__pycache__")):
+            shutil.rmtree(cache, ignore_errors=True)
     else:
         try:
             os.replace(staging, final)

@@ -20,6 +20,7 @@ files are immutable and renamed in atomically, so the worst a race costs is one 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import http.client
 import json
@@ -40,6 +41,7 @@ from minifaas_sandbox.http_fetch import Abort, DownloadError, FetchLimits
 from minifaas_sandbox.http_fetch import download as http_download
 
 from .._errors import ModelError
+from .fetchguard import REDIRECT_GUARD
 from .gc import touch
 
 __all__ = ("ModelStore",)
@@ -287,7 +289,9 @@ class ModelStore:
             if src.local is None and urllib.parse.urlparse(url).scheme in ("http", "https"):
                 with os.fdopen(fd, "wb") as out:
                     try:
-                        total, digest = http_download(url, out, self.limits, abort)
+                        # the host's guard (a sandboxed caller: no private address) also sees every redirect
+                        limits = dataclasses.replace(self.limits, on_redirect=REDIRECT_GUARD.get())
+                        total, digest = http_download(url, out, limits, abort)
                     except DownloadError as exc:
                         raise ModelError(str(exc)) from exc
                 return self._keep(url, tmp, digest, sha, total, None)
@@ -357,3 +361,21 @@ class ModelStore:
             raise ModelError(f"cannot fetch {url}: {type(exc).__name__}: {exc}") from exc
         with f:
             yield f, (int(size) if isinstance(size, int) else None), None
+
+
+class _GuardedRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only where the fetch's guard (set by the host service asking) allows it."""
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: IO[bytes],
+        code: int,
+        msg: str,
+        headers: Any,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        guard = REDIRECT_GUARD.get()
+        if guard is not None:
+            guard(newurl)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
