@@ -501,16 +501,18 @@ async def test_full_cluster_evicts_an_idle_sandbox(
     ray_engine: minifaas.Engine, ray_deploy: Deploy, tmp_path: Path
 ) -> None:
     await _cluster_idle()
-    await ray_deploy("hog", code=WHERE, max_sandboxes=2)
-    for aid in await _together(ray_engine, "hog", tmp_path / "barrier", 2):
+    # its own name: a module-scoped engine may hold an earlier test's "hog" (versions are never reused)
+    info = await ray_deploy("evict-hog", code=WHERE, max_sandboxes=2)
+    key = f"guest/evict-hog@{info['version']}"
+    for aid in await _together(ray_engine, "evict-hog", tmp_path / "barrier", 2):
         assert_success(await ray_engine.activations.wait(aid, timeout_s=60))
-    assert ray_engine.stats()["functions"]["guest/hog@1"]["idle"] == 2  # every CPU of the cluster
+    assert ray_engine.stats()["functions"][key]["idle"] == 2  # every CPU of the cluster
     evicted = ray_engine.stats()["launcher_stats"]["evictions_for_room"]
     await ray_deploy("late", code=WHERE)
     with anyio.fail_after(30):
         assert_success(await ray_engine.call("late"))
     assert ray_engine.stats()["launcher_stats"]["evictions_for_room"] == evicted + 1
-    assert ray_engine.stats()["functions"]["guest/hog@1"]["sandboxes"] == 1
+    assert ray_engine.stats()["functions"][key]["sandboxes"] == 1
 
 
 async def test_prewarmed_actor_and_close_leaves_no_actor(ray_cluster: Cluster) -> None:

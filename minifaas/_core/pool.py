@@ -69,6 +69,8 @@ class FunctionPool:
         #: the keep-alive policy asked for a fresh sandbox at this time (pool clock), kept until ``prewarm_until``
         self.prewarm_at: float | None = None
         self.prewarm_until = 0.0
+        #: the last failed start was the backend's (no room on a Ray cluster), not the function's
+        self.last_init_internal = False
         #: initializations failed in a row, and until when (``time.monotonic()``) no new sandbox starts
         self.init_failures = 0
         self.backoff_until = 0.0
@@ -322,6 +324,7 @@ class Pool:
             delay = min(INIT_BACKOFF_FIRST_S * 2 ** (fp.init_failures - 1), INIT_BACKOFF_MAX_S)
             fp.backoff_until = time.monotonic() + delay
             fp.last_init_error = str(reply.get("error"))
+            fp.last_init_internal = reply.get("internal") is True
             fp.last_init_logs = list(reply.get("logs") or [])
             self.stats["init_failures"] += 1
             self.retire(fp, sb)

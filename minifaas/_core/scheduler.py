@@ -318,14 +318,16 @@ class Scheduler:
 
     def _fail_backing_off(self, fp: FunctionPool) -> None:
         left = fp.backoff_left_s()
-        error = f"The action failed to initialize: {fp.last_init_error}"
+        what = "could not start" if fp.last_init_internal else "failed to initialize"
+        error = f"The action {what}: {fp.last_init_error}"
         if fp.init_failures > 1:  # one failure is not a crash loop: OpenWhisk's message alone
             error += f" ({fp.init_failures} failed initializations in a row; no new sandbox starts for {left:.1f} s)"
         annotations = {"init_failed": True, "init_failures": fp.init_failures, "init_backoff_s": round(left, 3)}
         while fp.queue:
             job = fp.queue.popleft()
             self.queued -= 1
-            self._finish(job, "developer_error", {"error": error}, list(fp.last_init_logs), dict(annotations))
+            status = "internal_error" if fp.last_init_internal else "developer_error"
+            self._finish(job, status, {"error": error}, list(fp.last_init_logs), dict(annotations))
 
     def _pipelining_pays(self, fp: FunctionPool) -> bool:
         """One rule: queue a request behind a busy sandbox's run only when that wait, predicted from the recent
