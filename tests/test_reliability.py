@@ -124,7 +124,10 @@ async def test_chaos_random_sigkill_every_100ms() -> None:
         for act in acts.values():
             if act.status != "success":
                 assert "killed by SIGKILL (signal 9)" in act.result["error"], act.result
-        assert 0 < statuses["developer_error"] <= kills
+        # each kill costs at most the activation it interrupted; one landing between two requests costs none (the
+        # request the sandbox never read runs elsewhere), so all of them may land there
+        assert statuses["developer_error"] <= kills
+        assert statuses["success"] + statuses["developer_error"] == len(acts)
         # the records say the same
         for aid, act in acts.items():
             stored = await engine.activations.get(aid)
