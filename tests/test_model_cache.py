@@ -724,3 +724,56 @@ def test_store_downloads_through_the_environments_proxy(
         proxy.server_close()
         thread.join(timeout=5)
     assert seen == [url] and server.count("imagenet_labels.json", "proxied") == 1
+
+
+class _Redirector(http.server.BaseHTTPRequestHandler):
+    """``/go`` redirects to ``/model``, which serves a few bytes."""
+
+    def do_GET(self) -> None:
+        if self.path == "/go":
+            self.send_response(302)
+            self.send_header("Location", "/model")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        body = b"weights"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_the_hosts_redirect_guard_sees_every_redirect_of_a_download(tmp_path: Path) -> None:
+    """The guard a sandboxed caller's fetch runs under (no private addresses) is asked about each redirect's
+    target before it is followed: a refusal ends the download, nothing is stored."""
+    from minifaas._deploy.fetchguard import REDIRECT_GUARD
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Redirector)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/go"
+    seen: list[str] = []
+
+    def refuse(target: str) -> None:
+        seen.append(target)
+        raise ModelError(f"refused redirect to {target}")
+
+    try:
+        store = ModelStore(tmp_path / "store")
+        token = REDIRECT_GUARD.set(refuse)
+        try:
+            with pytest.raises(ModelError, match=r"refused redirect to http://127\.0\.0\.1"):
+                anyio.run(store.fetch, url)
+        finally:
+            REDIRECT_GUARD.reset(token)
+        assert seen == [url.replace("/go", "/model")]
+        assert not any((tmp_path / "store").rglob("*.part"))
+        # without a guard the same redirect is followed
+        assert anyio.run(store.fetch, url).read_bytes() == b"weights"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(5)

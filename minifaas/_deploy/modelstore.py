@@ -361,21 +361,3 @@ class ModelStore:
             raise ModelError(f"cannot fetch {url}: {type(exc).__name__}: {exc}") from exc
         with f:
             yield f, (int(size) if isinstance(size, int) else None), None
-
-
-class _GuardedRedirects(urllib.request.HTTPRedirectHandler):
-    """Follows a redirect only where the fetch's guard (set by the host service asking) allows it."""
-
-    def redirect_request(
-        self,
-        req: urllib.request.Request,
-        fp: IO[bytes],
-        code: int,
-        msg: str,
-        headers: Any,
-        newurl: str,
-    ) -> urllib.request.Request | None:
-        guard = REDIRECT_GUARD.get()
-        if guard is not None:
-            guard(newurl)
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
