@@ -809,14 +809,10 @@ def _run_server(run: Callable[[], Awaitable[Any]], host: str, port: int) -> None
     try:
         anyio.run(run)
     except* OSError as group:  # the port is taken, the state dir unwritable...
-        # ``except*`` keeps the groups' nesting (the server's task group inside the engine's): collect the leaves
-        pending: list[BaseException] = [group]
-        while pending:
-            e = pending.pop()
-            if isinstance(e, BaseExceptionGroup):
-                pending.extend(e.exceptions)
-            elif isinstance(e, OSError):
-                failures.append(e)
+        from .._engine import _leaves
+
+        # ``except*`` keeps the groups' nesting (the server's task group inside the engine's): take the leaves
+        failures += [e for e in _leaves(group) if isinstance(e, OSError)]
     if failures:
         raise CliError(f"cannot serve on {host}:{port}: {failures[0]}")
 
