@@ -23,6 +23,7 @@ from typing import Any
 
 import anyio
 import httpx
+import pytest
 from anyio.from_thread import start_blocking_portal
 
 import minifaas
@@ -181,8 +182,6 @@ def test_composition_cli_against_a_real_server(tmp_path: Path) -> None:
         ok(cli(env, "composition", "create", "composer-flow", str(COMPOSER_FLOW), "--max-steps", "20"))
         refused = cli(env, "composition", "create", "glue", str(flow_py), "--attr", "glue")
         assert refused.returncode == 1 and "root[1] is a Python function" in refused.stderr, refused.stderr
-        missing = cli(env, "composition", "create", "x", str(flow_py), "--attr", "nope")
-        assert missing.returncode == 1 and "defines no module-level 'nope'" in missing.stderr
         listed = json.loads(ok(cli(env, "composition", "list", "--json")))
         assert sorted(c["name"] for c in listed) == ["composer-flow", "gate", "wf"]
         got = json.loads(ok(cli(env, "composition", "get", "gate")))
@@ -192,7 +191,6 @@ def test_composition_cli_against_a_real_server(tmp_path: Path) -> None:
         sid = re.search(r"session ([0-9a-f]{32}): its graph is at (\S+)", run.stderr)
         assert sid, run.stderr
         assert sid[2].endswith(f"/ui/sessions/{sid[1]}")
-        assert json.loads(ok(cli(env, "session", "get", sid[1])))["name"] == "wf"
         result = json.loads(ok(cli(env, "composition", "invoke", "composer-flow", "-p", "n", "-1", "-r")))
         assert result == {"params": {"n": 0}, "result": {"n": 0}}  # -2 is not positive: the literal {n: 0}
     with serve_process(tmp_path / "state") as env:  # a restarted server has them all
@@ -200,3 +198,22 @@ def test_composition_cli_against_a_real_server(tmp_path: Path) -> None:
         ok(cli(env, "composition", "delete", "wf"))
         gone = cli(env, "composition", "get", "wf")
         assert gone.returncode == 1 and "404" in gone.stderr
+
+
+def test_what_the_cli_reads_from_a_file(tmp_path: Path) -> None:
+    from minifaas._cli.compositions import load_composition
+    from minifaas._cli.main import CliError
+
+    flow_py = tmp_path / "flow.py"
+    flow_py.write_text(FLOW_PY)
+    assert load_composition(flow_py)["composition"]["type"] == "sequence"  # `composition`, the __main__ block idle
+    assert load_composition(flow_py, "gate")["actions"] == [{"name": "positive"}, {"name": "double"}]
+    assert load_composition(COMPOSER_FLOW) == json.loads(COMPOSER_FLOW.read_text())  # JSON goes as it is
+    for path, attr, needle in (
+        (flow_py, "nope", "defines no module-level 'nope'"),
+        (flow_py, "__name__", "'__name__' is a str, not a minifaas.composer composition"),
+        (tmp_path / "flow.yaml", "composition", "is not a file"),
+        (ROOT / "pyproject.toml", "composition", "give a .json file"),
+    ):
+        with pytest.raises(CliError, match=re.escape(needle)):
+            load_composition(path, attr)

@@ -127,11 +127,11 @@ async def _invoke(api: Api, args: argparse.Namespace, console: Console) -> int:
         record = await _wait_record(api, record["activationId"])
     success = bool(record["response"]["success"])
     _print_json(console, record["response"]["result"] if args.result else record)
+    sid = record["activationId"]
     url = str(api.client.base_url).rstrip("/")
-    Console(stderr=True, highlight=False, emoji=False).print(
-        f"session {record['activationId']}: its graph is at {url}/ui/sessions/{record['activationId']}",
-        soft_wrap=True,
-    )
+    # an embedded engine (--local) has no web UI to point at
+    note = f"`minifaas session get {sid}` shows its steps" if args.local else f"its graph is at {url}/ui/sessions/{sid}"
+    Console(stderr=True, highlight=False, emoji=False, markup=False).print(f"session {sid}: {note}", soft_wrap=True)
     return EXIT_OK if success else EXIT_FAILED
 
 
