@@ -563,6 +563,9 @@ class Engine:
             raise DeployError("modules=[...] goes with a callable: deploy(name, fn, modules=[...])")
         if not isinstance(name, str) or not NAME_RE.match(name):
             raise DeployError(f"invalid function name {name!r}: use letters, digits, '_', '-', '.'")
+        if name in self._compositions:
+            # a composition wins every invocation of its name: the function would never run
+            raise DeployError(f"{name!r} is already a deployed composition; delete it first")
         if not isinstance(main, str) or not main.isidentifier():
             raise DeployError(f"invalid main {main!r}: it must be a Python identifier")
         if style not in ("openwhisk", "lambda"):
