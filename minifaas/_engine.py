@@ -150,8 +150,9 @@ class Activations:
 class Engine:
     """An embeddable FaaS runtime: ``async with Engine() as engine: await engine.invoke(...)``.
 
-    ``state_dir=None`` keeps everything in memory; a path keeps activation records (SQLite), unpacked bundles and
-    the model store there, so records survive a restart of the host process.
+    ``state_dir=None`` keeps everything in memory; a path keeps activation records (SQLite), unpacked bundles,
+    the model store and deployed compositions there, so records survive a restart of the host process and
+    compositions are deployed again when an engine starts on it.
     """
 
     def __init__(
