@@ -562,3 +562,44 @@ def test_demo_serve_keeps_a_dev_server_with_the_demo_sessions(tmp_path: Path) ->
             assert page.status_code == 200 and "text/html" in page.headers["content-type"]
             names = {f["name"] for f in http.get("/ui/api/functions").json()["functions"]}
             assert {"catalog", "image_quality", "crop", "auto_tag"} <= names
+
+
+def test_local_read_commands_read_a_state_dir_a_server_holds(tmp_path: Path) -> None:
+    """twoengines.py, the CLI's side: with ``minifaas serve`` holding the state dir, ``--local`` read commands
+    failed with StateDirLocked; they open the dir read-only now, and writing commands still say it is locked."""
+    state = tmp_path / "state"
+    fn = tmp_path / "hello.py"
+    fn.write_text(HELLO)
+    with serve_process("--state-dir", str(state)) as (_, lines):
+        url, auth = _exported(lines)
+        remote = {**os.environ, "MINIFAAS_APIHOST": url, "MINIFAAS_AUTH": auth, "COLUMNS": "200", "NO_COLOR": "1"}
+        ok(run("action", "create", "hello", str(fn), env=remote))
+        ok(run("trigger", "create", "tick", env=remote))
+        ok(run("rule", "create", "tick-hello", "tick", "hello", env=remote))
+        aid = json.loads(ok(run("invoke", "hello", "-p", "name", "ro", "--blocking", env=remote)))["activationId"]
+        local = {k: v for k, v in os.environ.items() if not k.startswith("MINIFAAS_")} | {"COLUMNS": "200"}
+
+        def read(*args: str) -> str:
+            return ok(run(*args, "--local", "--state-dir", str(state), env=local))
+
+        assert aid in read("activation", "list")
+        assert json.loads(read("activation", "get", aid))["response"]["status"] == "success"
+        assert "hello ro" in read("activation", "logs", aid)
+        assert json.loads(read("activation", "result", aid)) == {"hi": "ro"}
+        assert "hello" in read("action", "list")
+        got = json.loads(read("action", "get", "hello"))
+        served = json.loads(ok(run("action", "get", "hello", env=remote)))
+        assert (got["name"], got["version"], got["exec"]) == (served["name"], served["version"], served["exec"])
+        assert "tick" in read("trigger", "list")
+        assert "tick-hello" in read("rule", "list")
+        # what would run something or change the dir is refused, saying why
+        refused = run("invoke", "hello", "--local", "--state-dir", str(state), env=local)
+        assert refused.returncode != 0 and "StateDirLocked" in refused.stderr, refused.stderr
+        # the server's records and its engine are untouched: nothing was recovered or ended by the readers
+        with httpx.Client(base_url=url, auth=tuple(auth.split(":", 1)), timeout=10) as http:  # type: ignore[arg-type]
+            record = http.get(f"/api/v1/namespaces/_/activations/{aid}").json()
+            assert record["response"]["status"] == "success"
+            assert not any(a["key"] == "recovered" for a in record["annotations"])
+        again = json.loads(ok(run("invoke", "hello", "-p", "name", "x", "--blocking", env=remote)))
+        assert again["response"]["status"] == "success"
+        assert again["activationId"] in read("activation", "list")
