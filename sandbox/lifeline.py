@@ -37,17 +37,27 @@ def armed_fd() -> int:
 
 def arm(fd: int) -> int:
     """Have the kernel SIGKILL this process's group when the host's end of the lifeline ``fd`` closes; closes
-    ``fd`` (and a lifeline armed before, e.g. the zygote's in a fresh fork) and returns the new one. Call it in the
-    process group to kill (after ``setsid()``). A host already gone kills the group at once."""
+    ``fd`` (and a lifeline armed before, e.g. the zygote's in a fresh fork) and returns the new one (-1: it could not
+    be armed). Call it in the process group to kill (after ``setsid()``). A host already gone kills the group at
+    once."""
     global _armed
-    mine = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    fcntl.fcntl(mine, F_SETOWN, -os.getpgrp())
-    fcntl.fcntl(mine, F_SETSIG, signal.SIGKILL)
-    fcntl.fcntl(mine, fcntl.F_SETFL, fcntl.fcntl(mine, fcntl.F_GETFL) | os.O_ASYNC)
+    mine = -1
+    try:
+        mine = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fcntl.fcntl(mine, F_SETOWN, -os.getpgrp())
+        fcntl.fcntl(mine, F_SETSIG, signal.SIGKILL)
+        fcntl.fcntl(mine, fcntl.F_SETFL, fcntl.fcntl(mine, fcntl.F_GETFL) | os.O_ASYNC)
+    except OSError:
+        # no /proc, or a kernel without it: unarmed, the runtime falls back to PR_SET_PDEATHSIG (its parent's death)
+        if mine >= 0:
+            os.close(mine)
+        mine = -1
     for old in {fd, _armed} - {-1, mine}:
         with contextlib.suppress(OSError):
             os.close(old)
     _armed = mine
+    if mine < 0:
+        return mine
     # the notification comes when the last writer goes: one gone before we asked must be checked by hand
     poller = select.poll()
     poller.register(mine, select.POLLIN)

@@ -497,7 +497,7 @@ async def test_warm_sandboxes_serve_on_after_their_zygote_is_killed() -> None:
 LIFELINE_HOST = """
 import os, signal, sys, time, anyio, minifaas
 async def main():
-    async with minifaas.Engine(launcher=sys.argv[1]) as engine:
+    async with minifaas.Engine(launcher=sys.argv[1], isolation=sys.argv[2]) as engine:
         code = (
             "import os, time\\ndef main(a):\\n    if a.get('child') and os.fork() == 0:\\n        time.sleep(60)\\n"
             "        os._exit(0)\\n    time.sleep(a['s'])\\n    return {}\\n"
@@ -517,11 +517,16 @@ HOST_DEATH_BOUND_S = 5.0
 
 
 @pytest.mark.parametrize(
-    "launcher,zygote_fate",
-    [("zygote", "stopped"), ("zygote", "killed"), ("spawn", "none")],
-    ids=["zygote_stopped", "zygote_killed_first", "spawn"],
+    "launcher,zygote_fate,isolation",
+    [
+        ("zygote", "stopped", "process"),
+        ("zygote", "killed", "process"),
+        ("zygote", "none", "sandbox"),
+        ("spawn", "none", "process"),
+    ],
+    ids=["zygote_stopped", "zygote_killed_first", "isolation_sandbox", "spawn"],
 )
-async def test_every_sandbox_dies_with_the_host(launcher: str, zygote_fate: str) -> None:
+async def test_every_sandbox_dies_with_the_host(launcher: str, zygote_fate: str, isolation: str) -> None:
     """Sandboxes die with the host, whatever their zygote does: a stopped zygote (stalled in a pre-build) neither
     exits nor took its children with it, so a killed host left them all running."""
     import subprocess
@@ -529,7 +534,8 @@ async def test_every_sandbox_dies_with_the_host(launcher: str, zygote_fate: str)
 
     from tests.helpers.proc import descendants
 
-    proc = subprocess.Popen([sys.executable, "-c", LIFELINE_HOST, launcher], stdout=subprocess.PIPE, text=True)
+    argv = [sys.executable, "-c", LIFELINE_HOST, launcher, isolation]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         line = await anyio.to_thread.run_sync(proc.stdout.readline)
