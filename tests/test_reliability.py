@@ -567,3 +567,24 @@ async def test_every_sandbox_dies_with_the_host(launcher: str, zygote_fate: str,
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     assert not left, f"alive {time.monotonic() - t0:.1f} s after the host died: {left}"
+
+
+async def test_a_death_is_reported_without_waiting_for_a_stalled_zygote() -> None:
+    """A forked sandbox's exit status came from its zygote's report: a stalled zygote delayed the death (1 s) and
+    the record then guessed SIGKILL. The host reads it from the zombie now (the zygote, stopped, cannot reap)."""
+    async with minifaas.Engine(launcher="zygote", close_timeout_s=1) as engine:
+        await engine.deploy("s", code="import time\ndef main(a):\n    time.sleep(a['s'])\n    return {}\n")
+        await engine.invoke("s", {"s": 0})
+        pid = engine.stats()["functions"]["guest/s@1"]["pids"][0]
+        zygote = engine.stats()["launcher_stats"]["zygote_pid"]
+        aid = await engine.submit("s", {"s": 10})
+        await anyio.sleep(0.3)
+        os.kill(zygote, signal.SIGSTOP)
+        try:
+            os.kill(pid, signal.SIGTERM)
+            act = await engine.activations.wait(aid, timeout_s=10)
+        finally:
+            os.kill(zygote, signal.SIGCONT)
+        assert act.status == "developer_error"
+        assert "killed by SIGTERM (signal 15)" in act.result["error"], act.result
+        assert act.annotations["exit_status"] == -signal.SIGTERM
