@@ -69,6 +69,8 @@ CLOSE_TIMEOUT_S: Final = 10.0
 #: manifest parameters ending so are model digests, final like the models themselves
 SHA256_PARAM_SUFFIX: Final = "_sha256"
 NAME_RE: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,255}$")
+#: how often a read-only engine re-reads a record another engine runs, while waiting for its end
+READ_ONLY_POLL_S: Final = 0.05
 ENGINE_CLOSED_MESSAGE: Final = "the engine closed before this activation finished"
 ENGINE_DIED_MESSAGE: Final = "the host stopped before this session finished (recovered at start-up)"
 BACKENDS: Final = ("local", "ray")
@@ -108,6 +110,14 @@ class Activations:
                 raise ActivationTimeout(f"activation {activation_id} has not ended after {timeout_s} s")
             return job.act
         act = await self.get(activation_id)
+        if not act.done and self._engine.read_only:
+            # the engine holding the state dir runs it: its commits show up in the read-only store
+            with anyio.move_on_after(timeout_s):
+                while not act.done:
+                    await anyio.sleep(READ_ONLY_POLL_S)
+                    act = await self.get(activation_id)
+            if not act.done:
+                raise ActivationTimeout(f"activation {activation_id} has not ended after {timeout_s} s")
         if not act.done:
             # a pending record whose job is gone belongs to an earlier host: recover() ends those at start
             raise ActivationTimeout(f"activation {activation_id} is {act.status} and not running here")

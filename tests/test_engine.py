@@ -674,9 +674,9 @@ async def test_read_only_engine_reads_a_state_dir_another_engine_holds(tmp_path:
             with pytest.raises(minifaas.StateDirReadOnly):
                 await reader.call("other", {})
             assert reader.stats().get("launcher") == "spawn"  # no zygote was started for it
-            # a record the holder ends after the reader opened is seen too
-            assert (await first.activations.wait(running)).status == "success"
-            assert (await reader.activations.get(running)).status == "success"
+            # a record the holder ends after the reader opened is seen too, and can be waited for
+            assert (await reader.activations.wait(running, timeout_s=10)).status == "success"
+            assert (await first.activations.get(running)).status == "success"
         assert sorted(p.name for p in tmp_path.iterdir()) == files
     with pytest.raises(ValueError, match="needs a state_dir"):
         minifaas.Engine(read_only=True)
