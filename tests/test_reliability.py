@@ -168,7 +168,7 @@ async def test_host_killed_with_hundreds_in_flight(tmp_path: Path) -> None:
     ended = {parts[1]: parts[2] for parts in lines if parts[:1] == ["end"] and len(parts) == 3}
     assert len(accepted) >= 100, f"only {len(accepted)} accepted in {kill_after:.1f} s"
     assert family, "the host had no zygote or sandbox to leave behind"
-    # its zygote and sandboxes die with it (the control socket closes; PR_SET_PDEATHSIG)
+    # its zygote and sandboxes die with it (the kernel kills them when the host's end of their lifeline closes)
     await _await_no_leftovers(before, family, family)
     async with minifaas.Engine(state_dir=tmp_path) as engine:
         recovered = 0
