@@ -586,6 +586,7 @@ def test_local_read_commands_read_a_state_dir_a_server_holds(tmp_path: Path) -> 
         assert json.loads(read("activation", "get", aid))["response"]["status"] == "success"
         assert "hello ro" in read("activation", "logs", aid)
         assert json.loads(read("activation", "result", aid)) == {"hi": "ro"}
+        assert aid in read("activation", "poll", "--since-s", "600", "--exit", "0.2")
         assert "hello" in read("action", "list")
         got = json.loads(read("action", "get", "hello"))
         served = json.loads(ok(run("action", "get", "hello", env=remote)))

@@ -116,7 +116,7 @@ class Api:
 
 #: the commands --local runs on a read-only engine when another engine (minifaas serve) holds the state dir
 READ_COMMANDS: Final[dict[str, frozenset[str]]] = {
-    "activation": frozenset({"list", "get", "logs", "result"}),
+    "activation": frozenset({"list", "get", "logs", "result", "poll"}),
     "action": frozenset({"list", "get"}),
     "trigger": frozenset({"list", "get"}),
     "rule": frozenset({"list", "get"}),
