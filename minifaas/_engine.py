@@ -32,6 +32,7 @@ from ._core.poll import HOST_POLL_US
 from ._core.poll import install as install_polling
 from ._core.poll import uninstall as uninstall_polling
 from ._core.pool import KEEPALIVE_POLICIES, MAX_SANDBOXES_TOTAL, Pool
+from ._core.readstore import ReadOnlyStore
 from ._core.resources import validate_resources
 from ._core.sandbox import CALLER_ARG, HostService
 from ._core.scheduler import ENGINE_MAX_QUEUED, Scheduler
@@ -54,6 +55,7 @@ from ._errors import (
     DeployError,
     EngineClosed,
     FunctionNotFound,
+    StateDirReadOnly,
 )
 from ._events.triggers import TriggerManager
 from ._handles import FUNCTION_OPTIONS_ATTR, Function
@@ -70,6 +72,8 @@ CLOSE_TIMEOUT_S: Final = 10.0
 #: manifest parameters ending so are model digests, final like the models themselves
 SHA256_PARAM_SUFFIX: Final = "_sha256"
 NAME_RE: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,255}$")
+#: how often a read-only engine re-reads a record another engine runs, while waiting for its end
+READ_ONLY_POLL_S: Final = 0.05
 ENGINE_CLOSED_MESSAGE: Final = "the engine closed before this activation finished"
 ENGINE_DIED_MESSAGE: Final = "the host stopped before this session finished (recovered at start-up)"
 BACKENDS: Final = ("local", "ray")
@@ -111,6 +115,14 @@ class Activations:
                 raise ActivationTimeout(f"activation {activation_id} has not ended after {timeout_s} s")
             return job.act
         act = await self.get(activation_id)
+        if not act.done and self._engine.read_only:
+            # the engine holding the state dir runs it: its commits show up in the read-only store
+            with anyio.move_on_after(timeout_s):
+                while not act.done:
+                    await anyio.sleep(READ_ONLY_POLL_S)
+                    act = await self.get(activation_id)
+            if not act.done:
+                raise ActivationTimeout(f"activation {activation_id} has not ended after {timeout_s} s")
         if not act.done:
             # a pending record whose job is gone belongs to an earlier host: recover() ends those at start
             raise ActivationTimeout(f"activation {activation_id} is {act.status} and not running here")
@@ -153,6 +165,12 @@ class Engine:
     ``state_dir=None`` keeps everything in memory; a path keeps activation records (SQLite), unpacked bundles,
     the model store and deployed compositions there, so records survive a restart of the host process and
     compositions are deployed again when an engine starts on it.
+
+    One engine holds a state dir at a time (``engine.lock``; a second gets :class:`StateDirLocked`).
+    ``read_only=True`` opens one another engine holds (what the CLI's ``--local`` read commands do while
+    ``minifaas serve`` runs): it reads records, sessions, compositions, triggers and rules and keeps deploys in
+    memory, writes nothing to the dir, starts no sandbox and raises :class:`StateDirReadOnly` when asked to run a
+    function.
     """
 
     def __init__(
@@ -180,6 +198,7 @@ class Engine:
         min_spares: int = 1,
         max_spares: int = 8,
         isolation: Isolation = "process",
+        read_only: bool = False,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -191,6 +210,10 @@ class Engine:
         if launcher not in ("auto", "spawn", "zygote"):
             raise ValueError(f"unknown launcher {launcher!r}; choose auto, spawn or zygote")
         self.state_dir = Path(state_dir).expanduser() if state_dir is not None else None
+        if read_only and self.state_dir is None:
+            raise ValueError("read_only=True needs a state_dir to read")
+        #: reads a state dir another engine holds: runs nothing, writes nothing (see the class docstring)
+        self.read_only = read_only
         self.namespace = namespace
         self.backend = backend
         self.launcher_name = launcher
@@ -275,7 +298,9 @@ class Engine:
             raise RuntimeError("the engine is already started (an Engine is started once)")
         try:
             async with contextlib.AsyncExitStack() as stack:
-                if self.state_dir is not None:
+                if self.read_only:
+                    store = await self._enter_read_only(stack)
+                elif self.state_dir is not None:
                     self.state_dir.mkdir(parents=True, exist_ok=True)
                     lock = self._state_lock = StateDirLock(self.state_dir)
                     lock.acquire()  # before recover(): it ends the pending records of any engine but a dead one
@@ -288,22 +313,24 @@ class Engine:
                     stack.callback(shutil.rmtree, tmp_dir, ignore_errors=True)
                     self._work_dir = Path(tmp_dir) / "bundles"
                     self._work_dir.mkdir()
-                store = self._store = open_store(self.state_dir)
-                stack.push_async_callback(self._close_store)
-                if self.state_dir is not None:
-                    self._aliases = AliasTable(self.state_dir / ALIASES_FILE_NAME, rng=self._aliases.rng)
-                self.recovered = store.recover()
-                # what killed builds and downloads left, and unused things over the budget (nothing is deployed yet)
-                await self.gc()
-                if self.state_dir is not None:
-                    self.sessions = SessionStore(self.state_dir / "sessions.sqlite3")
-                    make_private(self.state_dir)
-                    self.sessions.recover(ENGINE_DIED_MESSAGE)
-                    self._saved_compositions = CompositionFiles(self.state_dir / COMPOSITIONS_SUBDIR)
-                    # before the feeds resume: a rule targeting a composition finds it without a redeploy
-                    self._restore_compositions()
+                if not self.read_only:
+                    store = self._store = open_store(self.state_dir)
+                    stack.push_async_callback(self._close_store)
+                    if self.state_dir is not None:
+                        self._aliases = AliasTable(self.state_dir / ALIASES_FILE_NAME, rng=self._aliases.rng)
+                    self.recovered = store.recover()
+                    # what killed builds and downloads left, and unused things over the budget (nothing deployed yet)
+                    await self.gc()
+                    if self.state_dir is not None:
+                        self.sessions = SessionStore(self.state_dir / "sessions.sqlite3")
+                        make_private(self.state_dir)
+                        self.sessions.recover(ENGINE_DIED_MESSAGE)
+                        self._saved_compositions = CompositionFiles(self.state_dir / COMPOSITIONS_SUBDIR)
+                        # before the feeds resume: a rule targeting a composition finds it without a redeploy
+                        self._restore_compositions(self._saved_compositions)
                 stack.callback(self.sessions.close)
-                self._launcher = self._make_launcher()
+                # a read-only engine's launcher is never asked to launch (nothing runs), and starts no zygote
+                self._launcher = SpawnLauncher(()) if self.read_only else self._make_launcher()
                 # the task group lives exactly as long as the engine's ``async with``; everything registered after it
                 # is undone before it exits (its tasks are cancelled then)
                 tg = self._tg = await stack.enter_async_context(anyio.create_task_group())
@@ -357,7 +384,8 @@ class Engine:
                     task_group=tg,
                     clock=self.clock,
                     wait=self._await_end,
-                    exists=self._target_exists,
+                    # read-only: the triggers and rules are listed, their feeds never start (the holder runs them)
+                    exists=(lambda name: False) if self.read_only else self._target_exists,
                 )
                 # a clean close drains first (aclose); a failed start skips that and only undoes what was started
                 stack.push_async_callback(self.aclose)
@@ -388,6 +416,33 @@ class Engine:
                 raise
         finally:
             self._tg = None
+
+    async def _enter_read_only(self, stack: contextlib.AsyncExitStack) -> ActivationStore:
+        """The read-only start: no lock, no recovery, no clean-up; bundles of in-memory deploys go to a temporary
+        folder, and versions continue from the dir's without being saved."""
+        assert self.state_dir is not None
+        if not self.state_dir.is_dir():
+            raise StateDirReadOnly(f"cannot open {self.state_dir} read-only: no such state dir")
+        self._tmp_dir = tmp_dir = tempfile.mkdtemp(prefix="minifaas-ro-")
+        stack.callback(shutil.rmtree, tmp_dir, ignore_errors=True)
+        self._work_dir = Path(tmp_dir) / "bundles"
+        self._work_dir.mkdir()
+        store = self._store = ReadOnlyStore(self.state_dir)
+        stack.push_async_callback(self._close_store)
+        self._aliases = AliasTable(self.state_dir / ALIASES_FILE_NAME, rng=self._aliases.rng).detached()
+        sessions_db = self.state_dir / "sessions.sqlite3"
+        if sessions_db.exists():
+            self.sessions = SessionStore(sessions_db)
+        # read, never written: a composition deployed to this engine stays in memory (_saved_compositions has no dir)
+        self._restore_compositions(CompositionFiles(self.state_dir / COMPOSITIONS_SUBDIR))
+        return store
+
+    def _require_writable(self) -> None:
+        if self.read_only:
+            raise StateDirReadOnly(
+                f"this engine opened {self.state_dir} read-only (another engine holds it): it reads records but "
+                "runs no function; invoke through the engine that holds the dir (e.g. the running minifaas serve)"
+            )
 
     def _spare_room(self, spare_mb: float) -> int | None:
         """How many spares the memory budget leaves room for (None: no budget)."""
@@ -626,7 +681,7 @@ class Engine:
             bundle = dataclasses.replace(bundle, origin=origin)
         sys_path: tuple[str, ...] = ()
         python: str | None = None
-        if bundle.requirements is not None:
+        if bundle.requirements is not None and not self.read_only:  # read-only: described, never run
             deps = await ensure_env(
                 bundle.requirements,
                 root=self._env_root(),
@@ -640,6 +695,9 @@ class Engine:
         versions = self._functions.get(name) or []
         # persisted and never reused: `f@3` names the same code for as long as the state dir lives
         version = self._aliases.next_version(name, [s.version for s in versions])
+        if self.read_only and not versions:
+            # the holder gave the saved action the dir's last number when it deployed it (a detached table: unsaved)
+            version = str(max(1, int(version) - 1))
         spec = FunctionSpec(
             name=name,
             version=version,
@@ -690,7 +748,7 @@ class Engine:
             touch(spec.bundle.root)
         self._functions.setdefault(spec.name, []).append(spec)
         self._env_holds.update(self._envs_in_use())
-        if spec.min_sandboxes and self._pool is not None:
+        if spec.min_sandboxes and self._pool is not None and not self.read_only:
             # provisioned concurrency: warm them now, not at the first request
             self._pool.function(spec)
             self._pool.wake_reaper()
@@ -819,10 +877,10 @@ class Engine:
             "created": record.created if record is not None else 0,
         }
 
-    def _restore_compositions(self) -> None:
+    def _restore_compositions(self, saved: CompositionFiles) -> None:
         """Deploy the compositions kept in the state dir; one that cannot be read back is logged and skipped
         (its rules wait until the application deploys it)."""
-        for record in self._saved_compositions.load():
+        for record in saved.load():
             try:
                 comp = Composition.from_json(record.ir)
             except CompositionError as exc:
@@ -903,12 +961,15 @@ class Engine:
                 sched.fail_queued(fp, f"function {spec.name} was deleted before this activation ran")
         if not versions:
             del self._functions[base]
-        await self.gc()
+        if not self.read_only:  # its files are the holder's
+            await self.gc()
 
     async def gc(self, budget_bytes: int | None = None) -> dict[str, Any]:
         """Remove leftovers of killed builds and downloads, then the staged bundles, environments and model files
         no deployed function uses, least recently used first, while they take more than ``budget_bytes``
         (default ``gc_budget_bytes``). Runs on start and after each delete; returns what it removed."""
+        if self.read_only:
+            self._require_writable()
         if self._work_dir is None:
             raise EngineClosed("the engine is not running: use `async with Engine() as engine:`")
         roots = Roots(self._work_dir, self._env_root(), self._model_root())
@@ -960,6 +1021,7 @@ class Engine:
     async def submit(self, name: str, args: dict[str, Any] | None = None, *, cause: str | None = None) -> str:
         """Accept an invocation and return its activation id at once."""
         sched = self._require()
+        self._require_writable()
         if name in self._compositions:
             return self._submit_session(name, args, cause)
         spec, alias = self._route(name)
@@ -981,6 +1043,7 @@ class Engine:
     ) -> Activation:
         """Invoke and wait; returns the ended Activation whatever its status."""
         sched = self._require()
+        self._require_writable()
         dep = self._compositions.get(name)
         if dep is not None:
             comp, params, max_steps = dep
