@@ -5,13 +5,16 @@ What :func:`enter` does, in this order (the order is what makes it hold, see the
 
 1. New mount and IPC namespaces (and a network namespace with only its own loopback when ``network=False``). Run as
    root, the engine does this in the host's user namespace; run as another user, the process first creates a user
-   namespace mapping one inside uid to its own, which lets it do the same.
+   namespace mapping one inside uid to its own, which lets it do the same. And a PID namespace of its own, in which
+   the sandbox is pid 1: a root zygote forks a sandboxed child straight into a new one (:func:`fork_in_pid_namespace`,
+   no cost beyond the fork); otherwise (a spawned sandbox, an unprivileged host) the process makes one here and
+   forks once into it, and the parent stays outside only to wait for it and end as it ends (:func:`_become_init`).
 2. A new root, built like bubblewrap's (an allow-list: what is not bound is absent, not merely hidden): a tmpfs with
    read-only binds of ``/usr``, ``/etc`` (``/etc/shadow`` and ``/etc/gshadow`` replaced by an empty file), the
    interpreter and the folders of what the process imported, the function's own bundle, environment and model
    store; the grants (``read_paths`` read-only, ``write_paths`` writable); ``/dev`` with null, zero, random and
-   urandom only; a fresh ``/proc`` showing only this sandbox's processes (``hidepid=invisible``: each sandbox runs as
-   a uid of its own); ``/sys`` read-only; a private ``/tmp`` tmpfs sized from ``memory_mb``. The engine's state
+   urandom only; a fresh ``/proc`` of its own PID namespace (this sandbox and its children, nothing else);
+   ``/sys`` read-only; a private ``/tmp`` tmpfs sized from ``memory_mb``. The engine's state
    (records, other bundles, environments) is covered by empty read-only tmpfs where it lies inside a bound folder.
    ``pivot_root`` into it and detach the old root: nothing of the host's tree is reachable any more.
 3. As root: drop to a uid/gid of its own (``SANDBOX_ID_BASE + pid``: no two live sandboxes share one, so none can
@@ -31,6 +34,7 @@ import errno
 import fcntl
 import functools
 import os
+import signal
 import socket
 import struct
 import sys
@@ -40,6 +44,7 @@ from typing import Any, Final
 CLONE_NEWNS: Final = 0x00020000
 CLONE_NEWIPC: Final = 0x08000000
 CLONE_NEWUSER: Final = 0x10000000
+CLONE_NEWPID: Final = 0x20000000
 CLONE_NEWNET: Final = 0x40000000
 MS_RDONLY: Final = 0x1
 MS_NOSUID: Final = 0x2
@@ -56,6 +61,7 @@ AT_FDCWD: Final = -100
 AT_RECURSIVE: Final = 0x8000
 #: mount_setattr has one number on every architecture (it is newer than the unified syscall table)
 SYS_MOUNT_SETATTR: Final = 442
+PR_SET_PDEATHSIG: Final = 1
 PR_SET_DUMPABLE: Final = 4
 PR_CAPBSET_DROP: Final = 24
 PR_SET_NO_NEW_PRIVS: Final = 38
@@ -119,6 +125,7 @@ def _libc() -> ctypes.CDLL:
     libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
     libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
     libc.unshare.argtypes = (ctypes.c_int,)
+    libc.setns.argtypes = (ctypes.c_int, ctypes.c_int)
     libc.syscall.restype = ctypes.c_long
     return libc
 
@@ -222,11 +229,18 @@ def enter(view: dict[str, Any], *, network: bool, memory_mb: int) -> None:
         raise IsolationError(errno.EBUSY, f"no folder to build the sandbox's root in (tried {', '.join(STAGES)})")
     uid, gid = os.geteuid(), os.getegid()
     flags = CLONE_NEWNS | CLONE_NEWIPC | (0 if network else CLONE_NEWNET)
+    # pid 1 here: forked into a PID namespace of its own already (a root zygote's sandbox)
+    own_pid_ns = os.getpid() == 1
+    if not own_pid_ns:
+        flags |= CLONE_NEWPID
     if not as_root:
-        _check(libc.unshare(flags | CLONE_NEWUSER), "unshare (user, mount, ipc namespaces)")
+        _check(libc.unshare(flags | CLONE_NEWUSER), "unshare (user, mount, ipc, pid namespaces)")
         _map_ids(uid, gid)
     else:
-        _check(libc.unshare(flags), "unshare (mount, ipc namespaces)")
+        _check(libc.unshare(flags), "unshare (mount, ipc, pid namespaces)")
+    if not own_pid_ns:
+        # before /proc is mounted: a proc shows the PID namespace of the process that mounts it
+        _become_init()
     if not network:
         _loopback_up()
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
@@ -250,6 +264,73 @@ def enter(view: dict[str, Any], *, network: bool, memory_mb: int) -> None:
     except OSError as exc:
         raise IsolationError(exc.errno or errno.EPERM, f"sandbox set-up failed: {exc}") from None
     os.chdir("/tmp")
+
+
+def fork_in_pid_namespace() -> int:
+    """``os.fork()`` with the child as pid 1 of a new PID namespace (the caller stays in its own). Needs
+    CAP_SYS_ADMIN: raises OSError where the caller lacks it (the child then makes its own in :func:`enter`)."""
+    libc = _libc()
+    own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if libc.unshare(CLONE_NEWPID) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"unshare(CLONE_NEWPID): {os.strerror(err)}")
+        try:
+            pid = os.fork()
+        except BaseException:
+            libc.setns(own, CLONE_NEWPID)
+            raise
+        # the caller's next child goes back to the caller's namespace (the child has left it for good)
+        if pid != 0 and libc.setns(own, CLONE_NEWPID) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns back to the own PID namespace: {os.strerror(err)}")
+        return pid
+    finally:
+        os.close(own)
+
+
+def _become_init() -> None:
+    """After ``unshare(CLONE_NEWPID)``: fork; the child (pid 1 of the new namespace) goes on as the sandbox. The
+    parent is what the host knows (its pid, its pidfd): it closes every fd, so the channel and pipes are the child's
+    alone, waits for the child and ends as it ended. The host's SIGKILL reaches both (one process group), and the
+    child is killed when the parent dies."""
+    pid = os.fork()
+    if pid == 0:
+        _libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        return
+    try:
+        os.closerange(0, os.sysconf("SC_OPEN_MAX"))
+        for ignored in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
+            signal.signal(ignored, signal.SIG_IGN)
+        while True:
+            try:
+                _pid, status = os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            signal.signal(sig, signal.SIG_DFL)
+            os.kill(os.getpid(), sig)
+        os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+    finally:
+        os._exit(1)
+
+
+def reap_orphans() -> int:
+    """As pid 1 of its PID namespace, the sandbox inherits every process whose parent ended: wait for the ones that
+    have exited (a zombie holds a pid of the sandbox's pids cgroup until then). Returns how many."""
+    if os.getpid() != 1:
+        return 0
+    n = 0
+    while True:
+        try:
+            pid, _status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return n
+        if pid == 0:
+            return n
+        n += 1
 
 
 def _map_ids(uid: int, gid: int) -> None:
@@ -293,12 +374,8 @@ def _build_root(stage: str, binds: list[tuple[str, bool]], hide: list[str], *, a
             _setattr(root + path, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, recursive=False)
     _build_dev(root)
     _make_mountpoint(root + "/proc", directory=True)
-    if as_root:
-        # a proc of its own: each sandbox has a uid of its own, so it sees its own processes only
-        _mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=invisible")
-    else:
-        _mount("/proc", root + "/proc", None, MS_BIND | MS_REC)
-        _setattr(root + "/proc", MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, recursive=True)
+    # the proc of its own PID namespace: it lists this sandbox and its children only
+    _mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=invisible")
     for target in hidden_mounts:
         _setattr(target, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, recursive=False)
 

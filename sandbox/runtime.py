@@ -231,6 +231,8 @@ class Runtime:
         self._loop: asyncio.AbstractEventLoop | None = None
         #: runs ``async def main`` for activation threads (concurrency > 1), or in-process under a running loop
         self._loop_thread: tuple[asyncio.AbstractEventLoop, threading.Thread] | None = None
+        #: isolation="sandbox", one activation at a time: waits for exited orphans after each activation
+        self._reaps_orphans: Callable[[], int] | None = None
 
     # -- logs -----------------------------------------------------------------------------------------------------
     def current_logs(self) -> LogBuffer | None:
@@ -303,6 +305,8 @@ class Runtime:
                     isolation.enter(
                         view, network=fields.get("network") is not False, memory_mb=int(fields.get("memory_mb") or 0)
                     )
+                    if int(fields.get("concurrency") or 1) == 1:
+                        self._reaps_orphans = isolation.reap_orphans
                 elif fields.get("network") is False:
                     # before any of the function's code runs, and before any thread exists (a namespace is per
                     # thread until then)
@@ -548,6 +552,11 @@ class Runtime:
                     self._pool.submit(self.run, fields)
                 else:
                     self.run(fields)
+                    if self._reaps_orphans:
+                        # pid 1 of its PID namespace inherits what the function's children left: a zombie holds a
+                        # pid of the sandbox's cap. Between activations, so a function's own child is not taken
+                        # from it while it runs (one it waits for in a later activation finds it gone)
+                        self._reaps_orphans()
                     # the host marks RUNs with nothing queued behind them: poll briefly for the next one then
                     self.channel.spin_s = SPIN_BEFORE_BLOCK_S if fields.get("spin") else 0.0
                     self._trim_due = True

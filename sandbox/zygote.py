@@ -126,6 +126,9 @@ MAX_FDS_PER_RECV: Final = 253
 #: a forked child that fails before the runtime takes over exits with this (EX_SOFTWARE)
 CHILD_FAILURE_EXIT: Final = 70
 NUMPY_SEED_WORDS: Final = 4
+#: set to "sandbox" in a FORK's env by the host for isolation="sandbox": the child is forked as pid 1 of a PID
+#: namespace of its own (minifaas._environ.ISOLATION_ENV)
+ISOLATION_ENV: Final = "MINIFAAS_ISOLATION"
 
 
 #: OpenCV's default thread count, saved when the zygote turned its pool off (None: cv2 not preloaded)
@@ -262,6 +265,9 @@ class Zygote:
         #: how many (the host's SPARES message sets it: demand-sized), and the spares, oldest first
         self.want_spares = 1 if fork_ahead else 0
         self.spares: list[_Spare] = []
+        #: the kind of spare forked next (isolation="sandbox" ones are pid 1 of a PID namespace of their own): the
+        #: kind of the latest FORK request
+        self.spare_sandboxed = False
         #: spares that were discarded (stale after LOAD_MODELS) or died waiting, and their cgroups: their exits
         #: are nobody's business
         self.discarded: dict[int, str | None] = {}
@@ -385,7 +391,15 @@ class Zygote:
             raise p.ProtocolError(f"FORK {seq} arrived with {len(self.fds)} fds, expected {FDS_PER_FORK}")
         channel_fd, out_w, err_w = (self.fds.popleft() for _ in range(FDS_PER_FORK))
         env = {str(k): str(v) for k, v in (fields.get("env") or {}).items()}
-        spare = next((s for s in self.spares if s.ready), None)
+        sandboxed = env.get(ISOLATION_ENV) == "sandbox"
+        self.spare_sandboxed = sandboxed
+        spare = next((s for s in self.spares if s.ready and s.sandboxed == sandboxed), None)
+        if spare is None:
+            # demand moved to the other kind: the newest spare of the kind not asked for makes room for a refill
+            other = [s for s in self.spares if s.sandboxed != sandboxed]
+            if other:
+                self.discard_spare(other[-1])
+                self.report_spares()
         if spare is not None:
             self.spares.remove(spare)
             self._unwatch(spare)
@@ -406,7 +420,7 @@ class Zygote:
                 spare.sock.close()
         _flush_std()
         try:
-            pid = os.fork()
+            pid = _fork(sandboxed=sandboxed)
         except OSError as exc:
             self.send(FORKED, {"seq": seq, "error": f"fork failed: {exc}"})
             pid = -1
@@ -421,8 +435,9 @@ class Zygote:
         """Fork a child that waits for a FORK request's fds and env, then becomes that sandbox."""
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         _flush_std()
+        sandboxed = self.spare_sandboxed
         try:
-            pid = os.fork()
+            pid = _fork(sandboxed=sandboxed)
         except OSError:
             mine.close()
             theirs.close()
@@ -432,7 +447,7 @@ class Zygote:
             mine.close()
             _child_exit(lambda: self.spare_main(theirs))
         theirs.close()
-        spare = _Spare(pid, mine)
+        spare = _Spare(pid, mine, sandboxed=sandboxed)
         self.spares.append(spare)
         self.selector.register(mine, selectors.EVENT_READ, spare)
 
@@ -575,11 +590,13 @@ def _child_exit(body: Callable[[], int]) -> NoReturn:
 class _Spare:
     """A child forked ahead of demand, and the zygote's end of the socket it waits on."""
 
-    __slots__ = ("cgroup", "pid", "ready", "sock")
+    __slots__ = ("cgroup", "pid", "ready", "sandboxed", "sock")
 
-    def __init__(self, pid: int, sock: socket.socket) -> None:
+    def __init__(self, pid: int, sock: socket.socket, *, sandboxed: bool = False) -> None:
         self.pid = pid
         self.sock = sock
+        #: forked as pid 1 of a PID namespace of its own, for an isolation="sandbox" request
+        self.sandboxed = sandboxed
         #: it has said it waits for a request (after joining its cgroup)
         self.ready = False
         self.cgroup: str | None = None
@@ -588,13 +605,14 @@ class _Spare:
 def _join_cgroup(parent: str, pids_max: int) -> str | None:
     """Move this process into ``<parent>/sb-<pid>`` with its process cap; None when that fails (the host then
     attaches it itself)."""
-    path = os.path.join(parent, f"sb-{os.getpid()}")
+    # the pid the host knows (a sandboxed spare is pid 1 of its own namespace; the zygote's /proc is the host's)
+    path = os.path.join(parent, f"sb-{os.readlink('/proc/self')}")
     try:
         os.makedirs(path, exist_ok=True)
         with open(os.path.join(path, "pids.max"), "w") as f:
             f.write(str(pids_max))
         with open(os.path.join(path, "cgroup.procs"), "w") as f:
-            f.write(str(os.getpid()))
+            f.write("0")  # the writer itself, whatever its pid in its own namespace
     except OSError:
         with contextlib.suppress(OSError):
             os.rmdir(path)
@@ -622,6 +640,17 @@ def _await_request(sock: socket.socket) -> tuple[tuple[int, int, int], dict[str,
                 raise p.ProtocolError(f"a spare got {len(fds)} fds, expected {FDS_PER_FORK}")
             env = {str(k): str(v) for k, v in (fields.get("env") or {}).items()}
             return (fds[0], fds[1], fds[2]), env
+
+
+def _fork(*, sandboxed: bool) -> int:
+    """os.fork(); for isolation="sandbox", into a PID namespace of its own where the zygote may make one (as root):
+    elsewhere the child makes it at INIT (minifaas_sandbox.isolation.enter), at the cost of a second fork."""
+    if sandboxed:
+        isolation = sys.modules.get("minifaas_sandbox.isolation")
+        if isolation is not None:
+            with contextlib.suppress(PermissionError):
+                return int(isolation.fork_in_pid_namespace())
+    return os.fork()
 
 
 def _reseed() -> None:

@@ -28,12 +28,14 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import minifaas_sandbox
 import numpy as np
 import pytest
 
 import minifaas
+from minifaas._core.launch import PIDS
 from minifaas.testing import assert_success
 
 HEALTHY = "def main(args):\n    return {'i': args['i']}\n"
@@ -174,7 +176,8 @@ SANDBOX_DENIAL: dict[str, str] = {
     "raw-socket": "Operation not permitted",
     "packet-socket": "Operation not permitted",
     "create-device-node": "Operation not permitted",
-    "signal-host": "Operation not permitted",
+    "signal-host": "No such process",
+    "signal-sibling": "No such process",
     "read-other-function-tmp": "No such file or directory",
     "read-state-sqlite": "No such file or directory",
 }
@@ -300,6 +303,8 @@ async def test_escape_attempt(
     engine = minifaas_engine
     victim = await engine.call(f"victim-{mode}", {"tag": f"{mode}-{os.getpid()}"})
     assert_success(victim)
+    # the victim's pid as the host sees it (a sandboxed one is pid 1 of its own PID namespace)
+    (victim_pid,) = engine.stats()["functions"][f"guest/victim-{mode}@1"]["pids"]
     fn = f"{name}-{mode}"
     options = {**OPTIONS.get(name, {}), **(SANDBOX_ONLY_OPTIONS.get(name, {}) if mode == "sandbox" else {})}
     if name in FROM_FOLDER:
@@ -309,7 +314,7 @@ async def test_escape_attempt(
         await engine.deploy(fn, code=_attempt_code(name), isolation=mode, **options)
     before = _canaries(engine)
     try:
-        act = await engine.call(fn, _args(engine, mode, int(victim.result["pid"]), pong_server))
+        act = await engine.call(fn, _args(engine, mode, victim_pid, pong_server))
     finally:
         # one sandbox per attempt would pass the engine's sandbox cap: the pool on main thrashes past it (seen at
         # 63 functions, process mode too), which is not what this module tests
@@ -465,6 +470,88 @@ def test_serve_sandboxes_code_from_http_unless_told_not_to(tmp_path: Path, uncon
                     stream.close()
 
 
+PIDNS = textwrap.dedent(
+    """
+    import os, subprocess, time
+    def main(args):
+        if args.get('orphan'):
+            # the shell ends before its background child: that child is reparented to the PID namespace's init
+            subprocess.run(['sh', '-c', '(sleep 0.05; exit 3) &'], check=True)
+            time.sleep(0.3)
+        if args.get('hang'):
+            # a child in a session of its own (out of the sandbox's process group), then past the time limit
+            subprocess.Popen(['sleep', args['hang']], start_new_session=True)
+            time.sleep(60)
+        states = {}
+        for n in os.listdir('/proc'):
+            if n.isdigit():
+                stat = open(f'/proc/{n}/stat').read()
+                states[n] = stat[stat.rindex(')') + 2]
+        try:
+            os.kill(args['host_pid'], 0)
+            signalled = True
+        except OSError:
+            signalled = False
+        return {'pid': os.getpid(), 'states': states, 'ns': os.readlink('/proc/self/ns/pid'), 'signalled': signalled}
+    """
+)
+
+
+def _processes_running(argv: list[str]) -> list[int]:
+    out = []
+    for n in os.listdir("/proc"):
+        if n.isdigit():
+            try:
+                if Path(f"/proc/{n}/cmdline").read_bytes().split(b"\0")[:-1] == [a.encode() for a in argv]:
+                    out.append(int(n))
+            except OSError:
+                pass
+    return out
+
+
+@pytest.mark.parametrize("mode", ["process", "sandbox"])
+@pytest.mark.anyio
+async def test_a_sandbox_is_init_of_its_own_pid_namespace(minifaas_engine: minifaas.Engine, mode: str) -> None:
+    """It sees itself and its children only, cannot name the host's processes, has the orphans its children leave
+    reaped, and its whole namespace ends with it when the host kills it at its time limit."""
+    engine = minifaas_engine
+    name = f"pidns-{mode}"
+    await engine.deploy(name, code=PIDNS, isolation=mode, timeout_s=1.5)  # type: ignore[arg-type]
+    args: dict[str, Any] = {"host_pid": os.getpid()}
+    try:
+        first = assert_success(await engine.call(name, args)).result
+        (host_pid,) = engine.stats()["functions"][f"guest/{name}@1"]["pids"]
+        if PIDS.parent is not None:
+            # its pids cgroup is named by the pid the host knows, and holds it
+            assert str(host_pid) in (PIDS.parent / f"sb-{host_pid}" / "cgroup.procs").read_text().split()
+        assert assert_success(await engine.call(name, {**args, "orphan": True})).result["states"].get("1") != "Z"
+        after = assert_success(await engine.call(name, args)).result
+        hang = f"{987 + (mode == 'sandbox')}.{os.getpid()}"
+        timed_out = await engine.call(name, {**args, "hang": hang})
+        assert timed_out.status == "developer_error", timed_out.result
+        deadline = time.monotonic() + 10
+        while _processes_running(["sleep", hang]) and time.monotonic() < deadline:
+            await anyio.sleep(0.05)
+        left = _processes_running(["sleep", hang])
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        again = assert_success(await engine.call(name, args)).result
+    finally:
+        await engine.delete(name)
+    host_ns = os.readlink("/proc/self/ns/pid")
+    if mode == "process":
+        # the same function, unconfined: the host's namespace, every process, the host signalled
+        assert first["ns"] == host_ns and first["pid"] != 1 and first["signalled"] is True
+        assert len(first["states"]) > 3
+        return
+    for r in (first, after, again):
+        assert r["pid"] == 1 and r["ns"] != host_ns and r["signalled"] is False, r
+        # itself only: no zombie left by the orphan (pid 1 reaped it after that activation)
+        assert r["states"] == {"1": "R"}, r
+    assert left == [], "the sandbox's children end with it"
+    assert again["ns"] != first["ns"], "a new sandbox after the kill, in a namespace of its own"
+
+
 HIJACK = textwrap.dedent(
     """
     def main(args):
@@ -583,12 +670,22 @@ async def test_manifest_model_params_are_final(minifaas_engine: minifaas.Engine,
 @pytest.mark.anyio
 async def test_spawned_sandboxes_are_confined_too() -> None:
     """The spawn launcher (a fresh interpreter per sandbox) runs the same set-up at INIT."""
-    code = "import os\ndef main(args):\n    return {'euid': os.geteuid(), 'root': sorted(os.listdir('/'))}\n"
+    code = textwrap.dedent(
+        """
+        import os
+        def main(args):
+            return {'euid': os.geteuid(), 'root': sorted(os.listdir('/')), 'pid': os.getpid(),
+                    'procs': sorted(n for n in os.listdir('/proc') if n.isdigit())}
+        """
+    )
     async with minifaas.Engine(launcher="spawn") as engine:
         await engine.deploy("who", code=code, isolation="sandbox")
         r = assert_success(await engine.call("who", {})).result
+        r2 = assert_success(await engine.call("who", {})).result
     assert r["euid"] != 0
     assert "home" not in r["root"] and "tmp" in r["root"]
+    # a PID namespace of its own, made at INIT (the process the host started waits outside it)
+    assert r["pid"] == 1 and r["procs"] == ["1"] and r2 == r
 
 
 def _png(width: int, height: int) -> bytes:
@@ -644,7 +741,8 @@ UNPRIVILEGED_ENTER = textwrap.dedent(
     isolation.enter({}, network=False, memory_mb=16)
     status = dict(l.split(':', 1) for l in open('/proc/self/status').read().splitlines() if ':' in l)
     print(json.dumps({'euid': os.geteuid(), 'root': sorted(os.listdir('/')), 'cap': status['CapEff'].strip(),
-                      'seccomp': status['Seccomp'].strip(), 'tmp_writable': os.access('/tmp', os.W_OK)}))
+                      'seccomp': status['Seccomp'].strip(), 'tmp_writable': os.access('/tmp', os.W_OK),
+                      'pid': os.getpid(), 'procs': sorted(n for n in os.listdir('/proc') if n.isdigit())}))
     """
 )
 
@@ -679,3 +777,4 @@ def test_an_unprivileged_host_gets_the_same_sandbox() -> None:
     r = json.loads(proc.stdout)
     assert r["euid"] == 1000 and r["cap"] == "0000000000000000" and r["seccomp"] == "2"
     assert "home" not in r["root"] and r["tmp_writable"] is True
+    assert r["pid"] == 1 and r["procs"] == ["1"]

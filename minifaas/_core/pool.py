@@ -18,6 +18,7 @@ from typing import Any, Final
 import anyio
 import anyio.abc
 
+from .._environ import ISOLATION_ENV
 from .function import IDLE_TIMEOUT_S, FunctionSpec
 from .keepalive import Candidate, FixedPolicy, GreedyDualEvictor, HistogramPolicy, KeepAlivePolicy
 from .launch import Launcher, SpawnLauncher, scrubbed_env
@@ -306,7 +307,8 @@ class Pool:
             if sb.proc is None:
                 # an env that replaces a preloaded package cannot run in a fork of the preloaded interpreter
                 launcher = SpawnLauncher(python=spec.python) if spec.python else self.launcher
-                await sb.start(launcher, scrubbed_env(), self.tg, wait_ready=False)
+                extra = {ISOLATION_ENV: "sandbox"} if spec.isolation == "sandbox" else None
+                await sb.start(launcher, scrubbed_env(extra), self.tg, wait_ready=False)
                 self.stats["forks" if sb.launch_how == "fork" else "spawns"] += 1
             else:
                 self.stats["prewarmed_specializations"] += 1
