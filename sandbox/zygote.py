@@ -126,6 +126,8 @@ MAX_FDS_PER_RECV: Final = 253
 #: a forked child that fails before the runtime takes over exits with this (EX_SOFTWARE)
 CHILD_FAILURE_EXIT: Final = 70
 NUMPY_SEED_WORDS: Final = 4
+#: a kind of spare (isolation="sandbox" or not) not asked for this long gets no spare of its own any more
+SPARE_KIND_WINDOW_S: Final = 60.0
 #: set to "sandbox" in a FORK's env by the host for isolation="sandbox": the child is forked as pid 1 of a PID
 #: namespace of its own (minifaas._environ.ISOLATION_ENV)
 ISOLATION_ENV: Final = "MINIFAAS_ISOLATION"
@@ -265,9 +267,9 @@ class Zygote:
         #: how many (the host's SPARES message sets it: demand-sized), and the spares, oldest first
         self.want_spares = 1 if fork_ahead else 0
         self.spares: list[_Spare] = []
-        #: the kind of spare forked next (isolation="sandbox" ones are pid 1 of a PID namespace of their own): the
-        #: kind of the latest FORK request
-        self.spare_sandboxed = False
+        #: when each kind of spare was last asked for (True: isolation="sandbox", forked as pid 1 of a PID namespace
+        #: of its own); a kind asked for within SPARE_KIND_WINDOW_S keeps a spare of its own
+        self.kind_asked: dict[bool, float] = {}
         #: spares that were discarded (stale after LOAD_MODELS) or died waiting, and their cgroups: their exits
         #: are nobody's business
         self.discarded: dict[int, str | None] = {}
@@ -303,7 +305,7 @@ class Zygote:
     def serve(self) -> int:
         while True:
             timeout = None
-            if self.fork_ahead and len(self.spares) < self.want_spares:
+            if self.fork_ahead and len(self.spares) < self.spare_target():
                 # between requests, off the path of any launch (the host is not waiting on this fork), and not
                 # while the sandbox just launched takes its first steps: on two cores, forking this process (2-3 ms
                 # of CPU) beside them delayed that sandbox's first result by as much. But when the host sized the
@@ -315,7 +317,7 @@ class Zygote:
                 timeout = 0.0 if burst else due - now
                 if timeout <= 0:
                     self.make_spare()
-                    self.deficit_since = now if len(self.spares) < self.want_spares else math.inf
+                    self.deficit_since = now if len(self.spares) < self.spare_target() else math.inf
                     # one fork per turn: a FORK request that arrived meanwhile is served before the next one
                     timeout = 0.0
             for key, _ in self.selector.select(timeout):
@@ -345,7 +347,7 @@ class Zygote:
                 self.fork(fields)
             elif kind == SPARES:
                 self.want_spares = max(0, int(fields.get("n") or 0)) if self.fork_ahead else 0
-                while len(self.spares) > self.want_spares:
+                while len(self.spares) > self.spare_target():
                     # the newest first: the oldest are the likeliest to be ready
                     self.discard_spare(self.spares[-1])
                 self.report_spares()
@@ -392,14 +394,13 @@ class Zygote:
         channel_fd, out_w, err_w = (self.fds.popleft() for _ in range(FDS_PER_FORK))
         env = {str(k): str(v) for k, v in (fields.get("env") or {}).items()}
         sandboxed = env.get(ISOLATION_ENV) == "sandbox"
-        self.spare_sandboxed = sandboxed
+        self.kind_asked[sandboxed] = now
+        stale = [s for s in self.spares if s.sandboxed not in self.active_kinds()]
+        for s in stale:
+            self.discard_spare(s)  # a kind nobody asked for lately: its place goes to the kind asked for
+        if stale:
+            self.report_spares()
         spare = next((s for s in self.spares if s.ready and s.sandboxed == sandboxed), None)
-        if spare is None:
-            # demand moved to the other kind: the newest spare of the kind not asked for makes room for a refill
-            other = [s for s in self.spares if s.sandboxed != sandboxed]
-            if other:
-                self.discard_spare(other[-1])
-                self.report_spares()
         if spare is not None:
             self.spares.remove(spare)
             self._unwatch(spare)
@@ -435,7 +436,7 @@ class Zygote:
         """Fork a child that waits for a FORK request's fds and env, then becomes that sandbox."""
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         _flush_std()
-        sandboxed = self.spare_sandboxed
+        sandboxed = self.next_spare_kind()
         try:
             pid = _fork(sandboxed=sandboxed)
         except OSError:
@@ -445,13 +446,29 @@ class Zygote:
             return
         if pid == 0:
             mine.close()
-            _child_exit(lambda: self.spare_main(theirs))
+            _child_exit(lambda: self.spare_main(theirs, sandboxed=sandboxed))
         theirs.close()
         spare = _Spare(pid, mine, sandboxed=sandboxed)
         self.spares.append(spare)
         self.selector.register(mine, selectors.EVENT_READ, spare)
 
-    def spare_main(self, sock: socket.socket) -> int:
+    def active_kinds(self) -> list[bool]:
+        """The kinds of spare asked for lately (process spares before any request)."""
+        now = time.monotonic()
+        kinds = [k for k, t in sorted(self.kind_asked.items()) if now - t < SPARE_KIND_WINDOW_S]
+        return kinds or [False]
+
+    def spare_target(self) -> int:
+        """How many spares: the host's number, but at least one of each kind asked for lately."""
+        return max(self.want_spares, len(self.active_kinds())) if self.want_spares > 0 else 0
+
+    def next_spare_kind(self) -> bool:
+        """The kind asked for lately with the fewest spares (the latest asked for among equals)."""
+        kinds = self.active_kinds()
+        count = {k: sum(1 for s in self.spares if s.sandboxed == k) for k in kinds}
+        return min(kinds, key=lambda k: (count[k], -self.kind_asked.get(k, 0.0)))
+
+    def spare_main(self, sock: socket.socket, *, sandboxed: bool = False) -> int:
         """A spare's life: detach, join its cgroup, do every step of becoming a sandbox that does not need the
         request, say it is ready, wait for its request, become that sandbox."""
         self.detach()
@@ -462,6 +479,11 @@ class Zygote:
         # copy-on-write faults each of them takes in a fresh child)
         _close_fds_above_stdio_but(sock.fileno())
         _ready_child(rehearse=True)
+        if sandboxed:
+            # isolation="sandbox": the part of its root every function shares, off the request's path
+            isolation = sys.modules.get("minifaas_sandbox.isolation")
+            if isolation is not None:
+                isolation.prepare_root()
         try:
             sock.sendall(b"A" + cgroup.encode() if cgroup else b"N")
         except (BrokenPipeError, ConnectionResetError):

@@ -484,8 +484,11 @@ PIDNS = textwrap.dedent(
             time.sleep(60)
         states = {}
         for n in os.listdir('/proc'):
-            if n.isdigit():
-                stat = open(f'/proc/{n}/stat').read()
+            try:
+                stat = open(f'/proc/{n}/stat').read() if n.isdigit() else ''
+            except OSError:
+                stat = ''  # ended meanwhile
+            if stat:
                 states[n] = stat[stat.rindex(')') + 2]
         try:
             os.kill(args['host_pid'], 0)
@@ -550,6 +553,66 @@ async def test_a_sandbox_is_init_of_its_own_pid_namespace(minifaas_engine: minif
         assert r["states"] == {"1": "R"}, r
     assert left == [], "the sandbox's children end with it"
     assert again["ns"] != first["ns"], "a new sandbox after the kill, in a namespace of its own"
+
+
+ROOT_VIEW = textwrap.dedent(
+    """
+    import ctypes, os
+    def main(args):
+        libc = ctypes.CDLL(None, use_errno=True)
+        rc = libc.umount2(b'/.host', 2)
+        granted = sorted(os.listdir(args['granted'])) if args.get('granted') else None
+        try:
+            host = os.listdir('/.host')
+        except OSError as exc:
+            host = type(exc).__name__
+        return {'pid': os.getpid(), 'host': host, 'umount': rc, 'errno': ctypes.get_errno(),
+                'granted': granted}
+    """
+)
+
+
+@pytest.mark.anyio
+async def test_a_sandboxed_cold_start_takes_a_spare_prepared_for_it(minifaas_engine: minifaas.Engine) -> None:
+    """The zygote keeps a spare of the kind asked for lately: a sandboxed one is pid 1 of its own PID namespace with
+    the shared part of its root built; the host's old root lies under an empty cover nothing can lift."""
+    engine = minifaas_engine
+    await engine.deploy("root-view-1", code=ROOT_VIEW, isolation="sandbox")
+    assert_success(await engine.call("root-view-1", {}))  # asks for that kind (a process spare may serve it)
+    await engine.deploy("root-view-2", code=ROOT_VIEW, isolation="sandbox")
+    deadline = time.monotonic() + 10
+    act = None
+    while time.monotonic() < deadline:
+        await anyio.sleep(0.3)
+        act = assert_success(await engine.call("root-view-2", {}))
+        if act.annotations.get("cold") and act.annotations.get("spare"):
+            break
+        await engine.deploy("root-view-2", code=ROOT_VIEW + "\n", isolation="sandbox")  # a new version: cold again
+    assert act is not None and act.annotations.get("spare") is True, act.annotations
+    assert act.result["pid"] == 1 and act.result["host"] in ([], "PermissionError"), act.result
+    assert act.result["umount"] == -1 and act.result["errno"] == 1, act.result  # EPERM
+    for name in ("root-view-1", "root-view-2"):
+        await engine.delete(name)
+
+
+@pytest.mark.anyio
+async def test_a_grant_under_the_spares_staging_folder(minifaas_engine: minifaas.Engine) -> None:
+    """A spare builds its root over /mnt (its own mount namespace): a grant under /mnt still shows the host's."""
+    folder = Path(f"/mnt/minifaas-grant-{os.getpid()}")
+    folder.mkdir()
+    try:
+        (folder / "a.txt").write_text("granted")
+        await minifaas_engine.deploy("mnt-grant", code=ROOT_VIEW, isolation="sandbox", read_paths=[folder])
+        for _ in range(2):  # the first may not come from a sandboxed spare; the second does (a new sandbox each)
+            act = assert_success(await minifaas_engine.call("mnt-grant", {"granted": str(folder)}))
+            assert act.result["granted"] == ["a.txt"], act.result
+            await minifaas_engine.deploy("mnt-grant", code=ROOT_VIEW + "\n", isolation="sandbox", read_paths=[folder])
+            await anyio.sleep(0.3)
+        await minifaas_engine.delete("mnt-grant")
+    finally:
+        import shutil
+
+        shutil.rmtree(folder)
 
 
 HIJACK = textwrap.dedent(
