@@ -42,7 +42,14 @@ from ._deploy.callables import callable_bundle, pickle_callable, sandbox_sys_pat
 from ._deploy.deps import default_env_root, ensure_env
 from ._deploy.fetchguard import REDIRECT_GUARD, check_model_url, redirect_checker
 from ._deploy.gc import GC_BUDGET_BYTES, EnvHolds, GcReport, Roots, collect, touch
-from ._deploy.isolation import Isolation, check_grants, check_isolation, own_paths, require_sandbox
+from ._deploy.isolation import (
+    Isolation,
+    check_grants,
+    check_isolation,
+    interpreter_paths,
+    own_paths,
+    require_sandbox,
+)
 from ._deploy.versions import ALIASES_FILE_NAME, AliasTable, Routing, split_ref
 from ._errors import (
     ActivationError,
@@ -1006,7 +1013,7 @@ class Engine:
             # not asked by one of this engine's functions (e.g. a backend's node): nothing to check against
             return str(await store.fetch(url, sha256=args.get("sha256")))
         sandboxed = spec.isolation == "sandbox"
-        readable = [Path(p) for p in (*spec.own_paths, *spec.read_paths)]
+        readable = [Path(p) for p in (*spec.own_paths, *spec.read_paths, *interpreter_paths())]
         if url in spec.models or url in spec.params.values():
             readable = [Path("/")]  # a model the deploy named: the host fetched it for the zygote already
         await anyio.to_thread.run_sync(

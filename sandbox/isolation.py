@@ -379,10 +379,8 @@ def _become_init() -> None:
 
 
 def reap_orphans() -> int:
-    """As pid 1 of its PID namespace, the sandbox inherits every process whose parent ended: wait for the ones that
-    have exited (a zombie holds a pid of the sandbox's pids cgroup until then). Returns how many."""
-    if os.getpid() != 1:
-        return 0
+    """In pid 1 of a PID namespace, which inherits every process whose parent ended: wait for the ones that have
+    exited (a zombie holds a pid of the sandbox's pids cgroup until then). Returns how many."""
     n = 0
     while True:
         try:

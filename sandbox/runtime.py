@@ -305,7 +305,7 @@ class Runtime:
                     isolation.enter(
                         view, network=fields.get("network") is not False, memory_mb=int(fields.get("memory_mb") or 0)
                     )
-                    if int(fields.get("concurrency") or 1) == 1:
+                    if int(fields.get("concurrency") or 1) == 1 and os.getpid() == 1:
                         self._reaps_orphans = isolation.reap_orphans
                 elif fields.get("network") is False:
                     # before any of the function's code runs, and before any thread exists (a namespace is per

@@ -1044,7 +1044,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--send",
         choices=("data", "path"),
         default="data",
-        help="send each file as a base64 data: URL (default) or as its path (server on this machine)",
+        help="send each file as a base64 data: URL (default) or its path (read only by a function granted the folder)",
     )
     p.add_argument("--pattern", default="*", help="glob of files to take (default *)")
     p.add_argument("--concurrency", type=int, default=BATCH_CONCURRENCY, help="requests in flight")

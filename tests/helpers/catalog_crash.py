@@ -37,7 +37,7 @@ async def main():
             tm.create_rule("to-catalog", "photos", "catalog")
             await tm.add_feed("photos", "folder", path=root + "/uploads", interval_s=0.2, settle_s=0.5)
             return
-        await wf.deploy_functions(engine)
+        await wf.deploy_functions(engine, grants=[root])
         params = {"catalog_dir": root + "/catalog", "rejected_dir": root + "/rejected"}
         await wf.deploy_catalog(engine, params=params)  # the saved feed starts now: its target exists
         print("ready", flush=True)
