@@ -23,6 +23,7 @@ import sys
 import textwrap
 import threading
 import time
+import urllib.parse
 import zlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -708,6 +709,31 @@ async def test_host_fetch_is_no_way_around_the_sandbox(
         assert "path" in result, result
     else:
         assert refusal in result.get("refused", ""), result
+
+
+@pytest.mark.anyio
+async def test_model_urls_only_from_the_allow_list(model_server: str) -> None:
+    """An allow-list of origins (engine-wide, or per deploy): the host fetches model URLs from those only, for every
+    function; an origin it names may be loopback, also for a sandbox; redirects are held to it as well."""
+    port = urllib.parse.urlparse(model_server).port
+    with pytest.raises(ValueError, match="scheme://host"):
+        minifaas.Engine(model_url_allow=["127.0.0.1"])
+    async with minifaas.Engine(model_url_allow=[model_server]) as engine:
+        for mode in ("process", "sandbox"):
+            name = f"allow-{mode}"
+            info = await engine.deploy(name, code=FETCH, isolation=mode)  # type: ignore[arg-type]
+            assert info["model_url_allow"] == [model_server]
+            allowed = assert_success(await engine.call(name, {"url": f"{model_server}/m.bin"})).result
+            assert Path(allowed["path"]).read_bytes() == b"secret metadata", allowed
+            for url in (f"http://localhost:{port}/m.bin", "https://example.com/m.bin", "ftp://example.com/m"):
+                refused = assert_success(await engine.call(name, {"url": url})).result
+                assert "not in the model URL allow-list" in refused.get("refused", ""), (url, refused)
+        # per deploy, replacing the engine's: an empty list allows no URL at all
+        await engine.deploy("allow-none", code=FETCH, isolation="sandbox", model_url_allow=[])
+        refused = assert_success(await engine.call("allow-none", {"url": f"{model_server}/m.bin"})).result
+        assert "allow-list (empty)" in refused.get("refused", ""), refused
+        with pytest.raises(minifaas.DeployError, match="model_url_allow entry"):
+            await engine.deploy("allow-bad", code=FETCH, model_url_allow=["http://x/path"])
 
 
 @pytest.mark.anyio

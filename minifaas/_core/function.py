@@ -92,6 +92,9 @@ class FunctionSpec:
     own_paths: tuple[str, ...] = ()
     #: parameters a caller may not replace: the manifest's models and their digests
     final_params: tuple[str, ...] = ()
+    #: the only origins (scheme://host[:port]) the host fetches model URLs from for it; None: any (a sandbox's
+    #: still refused private and loopback addresses)
+    model_url_allow: tuple[str, ...] | None = None
 
     @property
     def key(self) -> str:
@@ -162,5 +165,6 @@ class FunctionSpec:
             "isolation": self.isolation,
             "read_paths": list(self.read_paths),
             "write_paths": list(self.write_paths),
+            "model_url_allow": None if self.model_url_allow is None else list(self.model_url_allow),
             "created": self.created,
         }
