@@ -43,6 +43,8 @@ MODULE_NAME: Final = "__minifaas_function__"
 REHEARSAL_CODE: Final = "def main(args):\n    return {'ok': bool(args)}\n"
 PAGE_BYTES: Final = os.sysconf("SC_PAGE_SIZE")
 PR_SET_PDEATHSIG: Final = 1
+#: the name of a sandbox's working dir (under the temp dir; the host removes those it finds the sandbox made)
+SCRATCH_PREFIX: Final = "minifaas-cwd-"
 #: after answering, poll this long for the next frame before blocking (see BlockingChannel.recv)
 SPIN_BEFORE_BLOCK_S: Final = 100e-6
 #: a sandbox that got no RUN for this long after an activation returns its free heap to the OS (malloc_trim): a busy
@@ -316,6 +318,8 @@ class Runtime:
                 if fields["source"].get("kind") == "pickle":
                     from minifaas_sandbox import callables
 
+                    if not in_process:
+                        enter_scratch(None)
                     # a class's setup() runs here: it is the cold start's init, under the same time limit
                     self.fn, self._teardown = callables.load(fields["source"], self._await)
                 else:
@@ -331,6 +335,7 @@ class Runtime:
                 "error": _describe(exc),
                 "logs": self._init_logs,
                 "init_ms": (time.perf_counter() - t0) * 1000,
+                "scratch": scratch_dir,
             }
         self._main_logs = None
         self._init_logs = buf.finish()
@@ -342,7 +347,7 @@ class Runtime:
             memory_mb = int(fields.get("memory_mb") or 0)
             _size_model_cache(memory_mb)
             _apply_limits(memory_mb)
-        return {"ok": True, "init_ms": (time.perf_counter() - t0) * 1000}
+        return {"ok": True, "init_ms": (time.perf_counter() - t0) * 1000, "scratch": scratch_dir}
 
     # -- run ----------------------------------------------------------------------------------------------------
     def run(self, fields: dict[str, Any]) -> None:
@@ -721,12 +726,36 @@ def install_activation_environ() -> None:
         os.environ = ActivationEnviron(os.environ)  # noqa: B003
 
 
+#: the working dir of this sandbox (:func:`enter_scratch`), None before INIT
+scratch_dir: str | None = None
+
+
+def enter_scratch(folder: str | None) -> str:
+    """Make a working dir of this sandbox's own and enter it, with the bundle folder's entries linked in it: the
+    function opens its own files by relative names, as in OpenWhisk's action folder, and what it creates there is
+    its own, not written into the staged bundle every function and version with that content shares. Under the
+    temp dir (a sandbox's private /tmp under isolation="sandbox"); the host removes it when the sandbox ends."""
+    global scratch_dir
+    import tempfile
+
+    work = tempfile.mkdtemp(prefix=SCRATCH_PREFIX)
+    if folder is not None:
+        for name in os.listdir(folder):
+            os.symlink(os.path.join(folder, name), os.path.join(work, name))
+    os.chdir(work)
+    scratch_dir = work
+    return work
+
+
 def _load_function(fields: dict[str, Any], *, chdir: bool = True) -> Callable[..., Any]:
     source: dict[str, Any] = fields["source"]
     main_name = str(fields.get("main") or "main")
     kind = source.get("kind")
     module = types.ModuleType(MODULE_NAME)
     if kind == "code":
+        if chdir:
+            with contextlib.suppress(OSError):
+                enter_scratch(None)
         filename = str(source.get("filename") or "__main__.py")
         module.__file__ = filename
         sys.modules[MODULE_NAME] = module
@@ -739,7 +768,7 @@ def _load_function(fields: dict[str, Any], *, chdir: bool = True) -> Callable[..
         if chdir:
             # before the import, as OpenWhisk runs init in the action's folder: module-level code opens its own files
             with contextlib.suppress(OSError):
-                os.chdir(folder)
+                enter_scratch(folder if kind == "dir" else None)
         spec = importlib.util.spec_from_file_location(MODULE_NAME, path)
         if spec is None or spec.loader is None:
             raise ImportError(f"cannot load {path}")

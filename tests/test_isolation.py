@@ -638,6 +638,67 @@ async def test_a_rewritten_bundle_is_not_reused(tmp_path: Path) -> None:
         assert (await engine.invoke("b", {})) == {"hijacked": False}
 
 
+@pytest.mark.anyio
+async def test_a_bundle_rewritten_after_deploy_never_starts_again(tmp_path: Path) -> None:
+    """Deployed from the same folder, a and b share one staged bundle: when a rewrites it, b's next cold start
+    refuses it (and a redeploy stages the original afresh), instead of running the hijacker's code."""
+    (tmp_path / "__main__.py").write_text(HIJACK)
+    async with minifaas.Engine() as engine:
+        await engine.deploy("a", path=tmp_path, isolation="process")
+        await engine.deploy("b", path=tmp_path, isolation="process")
+        assert (await engine.invoke("a", {"hijack": True})) == {"hijacked": False}
+        refused = await engine.call("b", {})
+        assert refused.status == "developer_error", refused.result
+        assert "changed since it was deployed" in refused.result["error"], refused.result
+        await engine.deploy("b", path=tmp_path, isolation="process")
+        assert (await engine.invoke("b", {})) == {"hijacked": False}
+
+
+SCRATCH = textwrap.dedent(
+    """
+    import os, time
+    LABELS = open('labels.txt').read()
+    def main(args):
+        time.sleep(0.5)  # the other call starts a sandbox of its own meanwhile
+        open('written.txt', 'w').write(args['tag'])
+        return {'cwd': os.getcwd(), 'labels': LABELS, 'listing': sorted(os.listdir('.'))}
+    """
+)
+
+
+@pytest.mark.parametrize("mode", ["process", "sandbox"])
+@pytest.mark.anyio
+async def test_each_sandbox_works_in_a_scratch_dir_of_its_own(tmp_path: Path, mode: str) -> None:
+    """Its bundle's files are there by their relative names, what it writes stays its own (not in the shared
+    staged bundle), and the host removes the dir when the sandbox ends."""
+    (tmp_path / "__main__.py").write_text(SCRATCH)
+    (tmp_path / "labels.txt").write_text("cat dog")
+    async with minifaas.Engine() as engine:
+        info = await engine.deploy("s", path=tmp_path, isolation=mode, max_sandboxes=2)  # type: ignore[arg-type]
+        spec = engine._route("s")[0]
+        assert spec.bundle.root is not None
+        results: dict[str, dict[str, Any]] = {}
+
+        async def one(tag: str) -> None:
+            results[tag] = await engine.invoke("s", {"tag": tag})
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(one, "one")
+            tg.start_soon(one, "two")
+        first, second = results["one"], results["two"]
+        assert first["labels"] == second["labels"] == "cat dog"
+        assert first["cwd"] != second["cwd"], (first, second)  # two sandboxes, two dirs
+        assert "written.txt" in first["listing"] and "labels.txt" in first["listing"]
+        assert not (spec.bundle.root / "written.txt").exists()
+        assert info["isolation"] == mode
+        await engine.delete("s")
+        if mode == "process":
+            deadline = time.monotonic() + 10
+            while (os.path.exists(first["cwd"]) or os.path.exists(second["cwd"])) and time.monotonic() < deadline:
+                await anyio.sleep(0.05)
+            assert not os.path.exists(first["cwd"]) and not os.path.exists(second["cwd"])
+
+
 FETCH = textwrap.dedent(
     """
     from minifaas_sandbox import host_call
