@@ -797,6 +797,38 @@ async def test_model_urls_only_from_the_allow_list(model_server: str) -> None:
             await engine.deploy("allow-bad", code=FETCH, model_url_allow=["http://x/path"])
 
 
+def test_serve_takes_a_model_url_allow_list(tmp_path: Path, model_server: str) -> None:
+    """``minifaas serve --model-url-allow ORIGIN``: code deployed over HTTP gets model URLs fetched from there only."""
+    port = urllib.parse.urlparse(model_server).port
+    proc, _lines, url, auth = _start_serve(tmp_path, "--model-url-allow", model_server)
+    try:
+        with httpx.Client(base_url=url, auth=auth, timeout=30) as http:
+            put = http.put("/api/v1/namespaces/_/actions/fetch", json={"exec": {"kind": "python:3", "code": FETCH}})
+            assert put.status_code == 200, put.text
+            got = {}
+            for target in (f"{model_server}/m.bin", f"http://localhost:{port}/m.bin"):
+                resp = http.post(
+                    "/api/v1/namespaces/_/actions/fetch",
+                    params={"blocking": "true", "result": "true"},
+                    json={"url": target},
+                )
+                assert resp.status_code == 200, resp.text
+                got[target] = resp.json()
+        assert "path" in got[f"{model_server}/m.bin"], got
+        assert "not in the model URL allow-list" in got[f"http://localhost:{port}/m.bin"].get("refused", ""), got
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            for stream in (proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()
+
+
 @pytest.mark.anyio
 async def test_manifest_model_params_are_final(minifaas_engine: minifaas.Engine, tmp_path: Path) -> None:
     """A caller cannot replace a manifest's model URL or its digest (the host would fetch whatever it names)."""
