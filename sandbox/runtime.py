@@ -233,8 +233,11 @@ class Runtime:
         self._loop: asyncio.AbstractEventLoop | None = None
         #: runs ``async def main`` for activation threads (concurrency > 1), or in-process under a running loop
         self._loop_thread: tuple[asyncio.AbstractEventLoop, threading.Thread] | None = None
-        #: isolation="sandbox", one activation at a time: waits for exited orphans after each activation
+        #: isolation="sandbox" (pid 1 of its PID namespace): waits for exited orphans whenever no activation runs
         self._reaps_orphans: Callable[[], int] | None = None
+        #: activations submitted to the pool and not yet answered (concurrency > 1 with a reaper)
+        self._inflight = 0
+        self._inflight_lock = threading.Lock()
 
     # -- logs -----------------------------------------------------------------------------------------------------
     def current_logs(self) -> LogBuffer | None:
@@ -307,7 +310,7 @@ class Runtime:
                     isolation.enter(
                         view, network=fields.get("network") is not False, memory_mb=int(fields.get("memory_mb") or 0)
                     )
-                    if int(fields.get("concurrency") or 1) == 1 and os.getpid() == 1:
+                    if os.getpid() == 1:
                         self._reaps_orphans = isolation.reap_orphans
                 elif fields.get("network") is False:
                     # before any of the function's code runs, and before any thread exists (a namespace is per
@@ -371,6 +374,17 @@ class Runtime:
             with self.send_lock:
                 assert self.channel is not None
                 self.channel.send_frame(p.encode(p.RESULT, out))
+
+    def _run_then_reap(self, fields: dict[str, Any]) -> None:
+        """run() on a pool thread; the last activation to end reaps (none of the function's code runs then, so no
+        child's status is taken from under a wait of its own)."""
+        try:
+            self.run(fields)
+        finally:
+            with self._inflight_lock:
+                self._inflight -= 1
+                if self._inflight == 0 and self._reaps_orphans is not None:
+                    self._reaps_orphans()
 
     def _run(self, fields: dict[str, Any]) -> None:
         assert self.channel is not None
@@ -554,7 +568,12 @@ class Runtime:
             kind, fields = msg
             if kind == p.RUN:
                 if self._pool is not None:
-                    self._pool.submit(self.run, fields)
+                    if self._reaps_orphans is not None:
+                        with self._inflight_lock:
+                            self._inflight += 1
+                        self._pool.submit(self._run_then_reap, fields)
+                    else:
+                        self._pool.submit(self.run, fields)
                 else:
                     self.run(fields)
                     if self._reaps_orphans:

@@ -474,11 +474,23 @@ def test_serve_sandboxes_code_from_http_unless_told_not_to(tmp_path: Path, uncon
 PIDNS = textwrap.dedent(
     """
     import os, subprocess, time
+    def zombies():
+        found = []
+        for n in os.listdir('/proc'):
+            try:
+                stat = open(f'/proc/{n}/stat').read() if n.isdigit() else ''
+            except OSError:
+                stat = ''
+            if stat and stat[stat.rindex(')') + 2] == 'Z':
+                found.append(n)
+        return found
     def main(args):
         if args.get('orphan'):
             # the shell ends before its background child: that child is reparented to the PID namespace's init
             subprocess.run(['sh', '-c', '(sleep 0.05; exit 3) &'], check=True)
-            time.sleep(0.3)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not zombies():
+                time.sleep(0.02)  # until it has exited (a loaded machine may take a while)
         if args.get('hang'):
             # a child in a session of its own (out of the sandbox's process group), then past the time limit
             subprocess.Popen(['sleep', args['hang']], start_new_session=True)
@@ -554,6 +566,21 @@ async def test_a_sandbox_is_init_of_its_own_pid_namespace(minifaas_engine: minif
         assert r["states"] == {"1": "R"}, r
     assert left == [], "the sandbox's children end with it"
     assert again["ns"] != first["ns"], "a new sandbox after the kill, in a namespace of its own"
+
+
+@pytest.mark.anyio
+async def test_orphans_are_reaped_with_concurrent_activations(minifaas_engine: minifaas.Engine) -> None:
+    """With concurrency > 1 the last activation to end reaps what the function's children left."""
+    engine = minifaas_engine
+    await engine.deploy("pidns-concurrent", code=PIDNS, isolation="sandbox", concurrency=2)
+    args: dict[str, Any] = {"host_pid": os.getpid()}
+    try:
+        orphaned = assert_success(await engine.call("pidns-concurrent", {**args, "orphan": True})).result
+        assert orphaned["pid"] == 1 and "Z" in orphaned["states"].values(), orphaned  # the orphan, not yet reaped
+        after = assert_success(await engine.call("pidns-concurrent", args)).result
+    finally:
+        await engine.delete("pidns-concurrent")
+    assert list(after["states"]) == ["1"], after  # pid 1 alone (its main thread's state varies: a pool runs this)
 
 
 ROOT_VIEW = textwrap.dedent(
