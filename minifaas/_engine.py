@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import importlib
 import inspect
 import json
@@ -42,9 +43,16 @@ from ._core.store import ActivationStore, open_store
 from ._deploy.bundle import Bundle, load_bundle
 from ._deploy.callables import callable_bundle, pickle_callable, sandbox_sys_path
 from ._deploy.deps import default_env_root, ensure_env
-from ._deploy.fetchguard import REDIRECT_GUARD, check_model_url, redirect_checker
+from ._deploy.fetchguard import REDIRECT_GUARD, check_allow_list, check_model_url, redirect_checker
 from ._deploy.gc import GC_BUDGET_BYTES, EnvHolds, GcReport, Roots, collect, touch
-from ._deploy.isolation import Isolation, check_grants, check_isolation, own_paths, require_sandbox
+from ._deploy.isolation import (
+    Isolation,
+    check_grants,
+    check_isolation,
+    interpreter_paths,
+    own_paths,
+    require_sandbox,
+)
 from ._deploy.versions import ALIASES_FILE_NAME, AliasTable, Routing, split_ref
 from ._errors import (
     ActivationError,
@@ -199,6 +207,7 @@ class Engine:
         max_spares: int = 8,
         isolation: Isolation = "process",
         read_only: bool = False,
+        model_url_allow: Iterable[str] | None = None,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -219,6 +228,8 @@ class Engine:
         self.launcher_name = launcher
         #: the isolation of functions deployed without their own (``deploy(..., isolation=...)``)
         self.isolation: Isolation = _engine_isolation(isolation)
+        #: the origins the host fetches model URLs from for functions deployed without their own allow-list
+        self.model_url_allow = check_allow_list(model_url_allow)
         self.preload = preload
         self.max_sandboxes = max_sandboxes
         self.memory_budget_mb = memory_budget_mb
@@ -586,6 +597,7 @@ class Engine:
         preload: tuple[str, ...] | None = None,
         network: bool = True,
         isolation: Isolation | None = None,
+        model_url_allow: Iterable[str] | None = None,
         read_paths: Iterable[str | os.PathLike[str]] = (),
         write_paths: Iterable[str | os.PathLike[str]] = (),
         modules: Iterable[Any] = (),
@@ -642,6 +654,10 @@ class Engine:
                 "(its CUDA_VISIBLE_DEVICES, else nvidia-smi)"
             )
         mode = check_isolation(self.isolation if isolation is None else isolation)
+        try:
+            allow = check_allow_list(model_url_allow) if model_url_allow is not None else self.model_url_allow
+        except ValueError as exc:
+            raise DeployError(str(exc)) from None
         grants_ro = check_grants("read_paths", read_paths)
         grants_rw = check_grants("write_paths", write_paths)
         if mode == "sandbox":
@@ -723,6 +739,7 @@ class Engine:
             final_params=(*bundle.models, *(k for k in bundle.params if k.endswith(SHA256_PARAM_SUFFIX))),
             read_paths=grants_ro,
             write_paths=grants_rw,
+            model_url_allow=allow,
             resources=checked_resources,
             placement=placement,
             **limits,
@@ -896,7 +913,28 @@ class Engine:
         load = getattr(self._launcher, "load_models", None)
         if not spec.models or load is None:
             return
-        paths = [str(await self.model_store.fetch(url)) for url in spec.models]
+        sandboxed = spec.isolation == "sandbox"
+        paths = []
+        for url in spec.models:
+            # the deployer named these (a local file anywhere is its own business); a URL passes the same guard as
+            # a function's own fetch, redirects included: the deploy may have come over HTTP
+            await anyio.to_thread.run_sync(
+                functools.partial(
+                    check_model_url,
+                    url,
+                    network=spec.network,
+                    sandboxed=sandboxed,
+                    readable=[Path("/")],
+                    allow=spec.model_url_allow,
+                )
+            )
+            token = REDIRECT_GUARD.set(
+                redirect_checker(network=spec.network, sandboxed=sandboxed, allow=spec.model_url_allow)
+            )
+            try:
+                paths.append(str(await self.model_store.fetch(url)))
+            finally:
+                REDIRECT_GUARD.reset(token)
         # the urls too: the zygote pre-builds each model's interpreter for the url sandboxes will load it by
         await load(paths, urls=list(spec.models))
 
@@ -1154,13 +1192,17 @@ class Engine:
             # not asked by one of this engine's functions (e.g. a backend's node): nothing to check against
             return str(await store.fetch(url, sha256=args.get("sha256")))
         sandboxed = spec.isolation == "sandbox"
-        readable = [Path(p) for p in (*spec.own_paths, *spec.read_paths)]
+        readable = [Path(p) for p in (*spec.own_paths, *spec.read_paths, *interpreter_paths())]
         if url in spec.models or url in spec.params.values():
             readable = [Path("/")]  # a model the deploy named: the host fetched it for the zygote already
         await anyio.to_thread.run_sync(
-            lambda: check_model_url(url, network=spec.network, sandboxed=sandboxed, readable=readable)
+            lambda: check_model_url(
+                url, network=spec.network, sandboxed=sandboxed, readable=readable, allow=spec.model_url_allow
+            )
         )
-        token = REDIRECT_GUARD.set(redirect_checker(network=spec.network, sandboxed=sandboxed))
+        token = REDIRECT_GUARD.set(
+            redirect_checker(network=spec.network, sandboxed=sandboxed, allow=spec.model_url_allow)
+        )
         try:
             path = await store.fetch(url, sha256=args.get("sha256"))
         finally:

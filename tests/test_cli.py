@@ -219,12 +219,13 @@ def test_invoke_batch_with_a_real_function(cli: functools.partial[subprocess.Com
     assert f"{len(jpgs)}/{len(jpgs)} succeeded" in out
     for name in jpgs:
         assert name in out
-    # as paths (a server on this machine reads them itself), as JSON
-    rows = json.loads(
-        ok(cli("invoke-batch", "cli-quality", str(IMAGES), "--pattern", "*.png", "--send", "path", "--json"))
-    )
+    # as paths, as JSON: a function deployed over HTTP has no folder granted, so it refuses every path, saying why
+    # and nothing about the file
+    refused = cli("invoke-batch", "cli-quality", str(IMAGES), "--pattern", "*.png", "--send", "path", "--json")
+    assert refused.returncode == 1, refused.stderr
+    rows = json.loads(refused.stdout)
     assert sorted(r["file"] for r in rows) == [n for n in images if n.endswith(".png")]
-    assert all(r["status"] == "success" and 0 <= r["result"]["score"] <= 100 for r in rows)
+    assert all(r["status"] == "application_error" and "read_paths" in r["result"]["error"] for r in rows), rows
     missing = cli("invoke-batch", "cli-quality", str(IMAGES / "nope"))
     assert missing.returncode == 1 and "not a folder" in missing.stderr
 

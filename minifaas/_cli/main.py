@@ -775,6 +775,8 @@ def cmd_serve(args: argparse.Namespace, console: Console) -> int:
 
         auth, auth_file = stored_auth(state_dir, new_auth())
     auth = auth or new_auth()
+    from .._deploy.fetchguard import check_allow_list
+
     isolation: Literal["process", "sandbox"] = "process" if args.unconfined else "sandbox"
     if isolation == "sandbox":
         from .._deploy.isolation import require_sandbox
@@ -786,8 +788,15 @@ def cmd_serve(args: argparse.Namespace, console: Console) -> int:
             # code that comes over HTTP never runs unconfined unless asked for in so many words
             raise CliError(f"{exc}; start with --unconfined to serve anyway") from None
 
+    try:
+        allow = check_allow_list(args.model_url_allow)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
     async def run() -> None:
-        async with Engine(state_dir=state_dir, namespace=args.server_namespace, isolation=isolation) as engine:
+        async with Engine(
+            state_dir=state_dir, namespace=args.server_namespace, isolation=isolation, model_url_allow=allow
+        ) as engine:
             await _serve_until_signal(engine, args.host, args.port, auth, console, state_dir, auth_file)
 
     _run_server(run, args.host, args.port)
@@ -1023,6 +1032,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run deployed code as plain processes (isolation='process'), not sandboxed: only for trusted code",
     )
+    p.add_argument(
+        "--model-url-allow",
+        action="append",
+        metavar="ORIGIN",
+        help="fetch model URLs for deployed code from this origin only (scheme://host[:port], *.domain allowed; "
+        "repeat for more); a listed origin may be loopback or private",
+    )
     p.set_defaults(run=cmd_serve)
 
     p = verb(verbs, "deploy", "create or update an action from a .py file, a folder or a .zip")
@@ -1066,7 +1082,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--send",
         choices=("data", "path"),
         default="data",
-        help="send each file as a base64 data: URL (default) or as its path (server on this machine)",
+        help="send each file as a base64 data: URL (default) or its path (read only by a function granted the folder)",
     )
     p.add_argument("--pattern", default="*", help="glob of files to take (default *)")
     p.add_argument("--concurrency", type=int, default=BATCH_CONCURRENCY, help="requests in flight")

@@ -41,7 +41,7 @@ async def main():
         # and the catalog's sweep of staging files must come before any session of this run
         params = {"catalog_dir": root + "/catalog", "rejected_dir": root + "/rejected"}
         await wf.deploy_catalog(engine, params=params)
-        await wf.deploy_functions(engine)  # the saved feed starts now: its target and all it calls exist
+        await wf.deploy_functions(engine, grants=[root])  # the saved feed starts now: its target and all it calls exist
         print("ready", flush=True)
         while True:
             await anyio.sleep(0.2)
