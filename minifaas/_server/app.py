@@ -1139,7 +1139,19 @@ def create_app(
     )
     app.state.api = api
     app.add_middleware(_Gate, auth=auth)
+    _add_web_routes(app, api, auth)
     return app
+
+
+def _add_web_routes(app: Starlette, api: _Api, auth: str | None) -> None:
+    """Web actions and the API gateway's routes, outside the auth gate: they have auth rules of their own."""
+    from .apigw import ApiGateway
+    from .webactions import WebActions, WebRouter
+
+    web = WebActions(api, auth)
+    gateway = ApiGateway(api, web, auth)
+    app.state.apigw = gateway
+    app.add_middleware(WebRouter, web=web, extra=[(gateway.is_mgmt, gateway.mgmt), (gateway.is_route, gateway.route)])
 
 
 # -- running it ----------------------------------------------------------------------------------------------
