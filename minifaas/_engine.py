@@ -57,6 +57,16 @@ from ._events.triggers import TriggerManager
 from ._handles import FUNCTION_OPTIONS_ATTR, Function
 from ._map import MapIterator
 from ._workflows.conductor import CONDITIONS, DEFAULT_MAX_STEPS, SESSION_ABORTED_MESSAGE, call_composition
+from ._workflows.sequence import (
+    COMPONENT_NOT_FOUND,
+    IS_CYCLIC,
+    MAX_ATOMIC_ACTIONS,
+    NO_COMPONENT,
+    TOO_LONG,
+    SequenceSpec,
+    atomic_count,
+    run_sequence,
+)
 from ._workflows.sessions import Session, SessionStore
 from .composer import Composition
 from .composer import task as _as_composition
@@ -66,7 +76,8 @@ __all__ = ("Activations", "Engine")
 CLOSE_TIMEOUT_S: Final = 10.0
 #: manifest parameters ending so are model digests, final like the models themselves
 SHA256_PARAM_SUFFIX: Final = "_sha256"
-NAME_RE: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,255}$")
+#: a name, or ``package/name`` (the dev server's packages), or ``namespace/package/name`` (its system catalog)
+NAME_RE: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,255}(/[A-Za-z0-9_][A-Za-z0-9_.\-]{0,255}){0,2}$")
 ENGINE_CLOSED_MESSAGE: Final = "the engine closed before this activation finished"
 ENGINE_DIED_MESSAGE: Final = "the host stopped before this session finished (recovered at start-up)"
 BACKENDS: Final = ("local", "ray")
@@ -232,6 +243,10 @@ class Engine:
         #: composition name -> how its conditions read a value ("js" truthiness unless deployed "strict")
         self._conditions: dict[str, str] = {}
         self._session_done: dict[str, anyio.Event] = {}
+        #: OpenWhisk sequences (``deploy_sequence``), by name
+        self._sequences: dict[str, SequenceSpec] = {}
+        #: ``ref -> (name, default parameters)``: the dev server's packages and bindings (see ``set_resolver``)
+        self._resolver: Callable[[str], tuple[str, dict[str, Any]]] | None = None
         #: composition sessions (traces of the path taken), by session id = primary activation id
         self.sessions = SessionStore()
         #: triggers, rules and feeds (event-driven invocation); created when the engine starts
@@ -747,6 +762,124 @@ class Engine:
             self.triggers.targets_changed()
         return {"name": name, "kind": "composition", "actions": comp.actions(), "composition": comp.to_json()}
 
+    def set_resolver(self, resolver: Callable[[str], tuple[str, dict[str, Any]]] | None) -> None:
+        """Install ``resolver(ref) -> (name, defaults)``, asked for every name invoked, called or fired: the dev
+        server's packages (``pkg/action`` with the package's parameters) and bindings (``binding/action`` is the
+        bound package's action with the binding's parameters too). The defaults go under the target's own
+        parameters and the invocation's; a ref the resolver does not know it returns unchanged, with ``{}``."""
+        self._resolver = resolver
+
+    def _resolve_ref(self, name: str) -> tuple[str, dict[str, Any]]:
+        if self._resolver is None:
+            return name, {}
+        return self._resolver(name)
+
+    def sequence_of(self, ref: str) -> tuple[SequenceSpec, dict[str, Any]] | None:
+        """The sequence ``ref`` names (through the resolver) and its package's defaults, else None."""
+        name, defaults = self._resolve_ref(ref)
+        spec = self._sequences.get(name)
+        return None if spec is None else (spec, defaults)
+
+    def _ref_exists(self, ref: str) -> bool:
+        name = self._resolve_ref(ref)[0]
+        return name in self._sequences or name in self._compositions or split_ref(name)[0] in self._functions
+
+    async def deploy_sequence(
+        self,
+        name: str,
+        components: Iterable[str],
+        *,
+        params: dict[str, Any] | None = None,
+        annotations: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Register (or replace) an OpenWhisk sequence: invoking it runs ``components`` in order, each an activation
+        of its own (see ``_workflows.sequence``). Each component must exist now; deleting one later is allowed
+        (the sequence then fails when it reaches it)."""
+        self._require()
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise DeployError(f"invalid sequence name {name!r}: use letters, digits, '_', '-', '.'")
+        if name in self._functions or name in self._compositions:
+            raise DeployError(f"{name!r} is already a deployed function or composition; delete it first")
+        if params is not None and not isinstance(params, dict):
+            raise DeployError(f"params must be a dict, not {type(params).__name__}")
+        comps = tuple(components)
+        if not comps:
+            raise DeployError(NO_COMPONENT)
+        for ref in comps:
+            if not isinstance(ref, str) or not ref:
+                raise DeployError(f"sequence components must be names, got {ref!r}")
+            if self._resolve_ref(ref)[0] == name:
+                raise DeployError(IS_CYCLIC)
+            if not self._ref_exists(ref):
+                raise DeployError(f"{COMPONENT_NOT_FOUND} ({ref})")
+
+        def lookup(ref: str) -> SequenceSpec | None:
+            found = self.sequence_of(ref)
+            return None if found is None else found[0]
+
+        try:
+            atomic = atomic_count(comps, lookup, root=name)
+        except ValueError as exc:
+            raise DeployError(str(exc)) from None
+        if atomic > MAX_ATOMIC_ACTIONS:
+            raise DeployError(f"{TOO_LONG} ({atomic} actions, at most {MAX_ATOMIC_ACTIONS})")
+        old = self._sequences.get(name)
+        spec = SequenceSpec(
+            name=name,
+            components=comps,
+            params=dict(params or {}),
+            annotations=dict(annotations or {}),
+            version=str(int(old.version) + 1) if old is not None else "1",
+            namespace=self.namespace,
+            created=int(time.time() * 1000),
+        )
+        self._sequences[name] = spec
+        if self.triggers is not None:
+            self.triggers.targets_changed()
+        return spec.describe()
+
+    def _sequence_record(self, spec: SequenceSpec, cause: str | None) -> Activation:
+        return Activation(
+            activation_id=new_activation_id(),
+            name=spec.name,
+            version=spec.version,
+            namespace=spec.namespace,
+            accepted=int(time.time() * 1000),
+            cause=cause,
+        )
+
+    def _record_sequence(self, act: Activation) -> None:
+        self._store_or_raise().put(act)
+        if act.done:
+            self._on_end(act)
+
+    async def _call_sequence(
+        self, spec: SequenceSpec, defaults: dict[str, Any], args: dict[str, Any] | None, cause: str | None
+    ) -> Activation:
+        act = self._sequence_record(spec, cause)
+        return await run_sequence(self, spec, args or {}, act=act, record=self._record_sequence, defaults=defaults)
+
+    def _submit_sequence(
+        self, name: str, defaults: dict[str, Any], args: dict[str, Any] | None, cause: str | None
+    ) -> str:
+        assert self._tg is not None
+        spec = self._sequences[name]
+        act = self._sequence_record(spec, cause)
+        self._store_or_raise().put(act)  # the promise: an id handed out is an id on record
+        done = self._session_done[act.activation_id] = anyio.Event()
+
+        async def run() -> None:
+            try:
+                await run_sequence(self, spec, args or {}, act=act, record=self._record_sequence, defaults=defaults)
+            except EngineClosed:
+                pass  # the record is ended as aborted by the engine's close (_fail_sessions)
+            finally:
+                done.set()
+                self._session_done.pop(act.activation_id, None)
+
+        self._tg.start_soon(run, name=f"sequence-{act.activation_id}")
+        return act.activation_id
+
     async def _preload_models(self, spec: FunctionSpec) -> None:
         """Fetch the function's named models into the store and load their bytes into the zygote, so every
         sandbox forked afterwards shares those pages copy-on-write (the path is the one sandboxes will ask for)."""
@@ -773,6 +906,9 @@ class Engine:
 
     async def get_function(self, name: str) -> dict[str, Any]:
         self._require()
+        seq = self._sequences.get(name)
+        if seq is not None:
+            return seq.describe()
         dep = self._compositions.get(name)
         if dep is not None:
             return {
@@ -791,6 +927,7 @@ class Engine:
         self._require()
         out = [versions[-1].describe() for versions in self._functions.values() if versions]
         out += [{"name": n, "kind": "composition", "actions": c[0].actions()} for n, c in self._compositions.items()]
+        out += [s.describe() for s in self._sequences.values()]
         return out
 
     async def delete(self, name: str) -> None:
@@ -799,6 +936,9 @@ class Engine:
         assert self._pool is not None
         if name in self._compositions:
             del self._compositions[name]
+            return
+        if name in self._sequences:
+            del self._sequences[name]  # sequences naming it stay, and fail when they reach it (as OpenWhisk's)
             return
         base, _, version = name.partition("@")
         versions = self._functions.get(base)
@@ -875,11 +1015,15 @@ class Engine:
     async def submit(self, name: str, args: dict[str, Any] | None = None, *, cause: str | None = None) -> str:
         """Accept an invocation and return its activation id at once."""
         sched = self._require()
+        name, defaults = self._resolve_ref(name)
         if name in self._compositions:
             return self._submit_session(name, args, cause)
+        if name in self._sequences:
+            return self._submit_sequence(name, defaults, args, cause)
         spec, alias = self._route(name)
         annotations = {"alias": alias} if alias else None
-        job = sched.submit(spec, {} if args is None else args, cause=cause, annotations=annotations, durable=True)
+        args = _under(defaults, spec.params, args)
+        job = sched.submit(spec, args, cause=cause, annotations=annotations, durable=True)
         accepted = job.accepted
         if accepted is not None and not accepted.is_set():
             await accepted.wait()  # the promise: an id handed out is an id on record
@@ -896,6 +1040,10 @@ class Engine:
     ) -> Activation:
         """Invoke and wait; returns the ended Activation whatever its status."""
         sched = self._require()
+        name, defaults = self._resolve_ref(name)
+        seq = self._sequences.get(name)
+        if seq is not None:
+            return await self._call_sequence(seq, defaults, args, cause)
         dep = self._compositions.get(name)
         if dep is not None:
             comp, params, max_steps = dep
@@ -916,7 +1064,7 @@ class Engine:
             )
         spec, alias = self._route(name)
         annotations = {"alias": alias} if alias else None
-        job = sched.submit(spec, {} if args is None else args, cause=cause, annotations=annotations)
+        job = sched.submit(spec, _under(defaults, spec.params, args), cause=cause, annotations=annotations)
         await job.done.wait()
         return job.act
 
@@ -973,6 +1121,10 @@ class Engine:
 
     def _target_exists(self, name: str, _depth: int = 0) -> bool:
         """A rule's target is deployed: a function, or a composition whose named functions all are."""
+        if self._resolver is not None:
+            name = self._resolver(name)[0]
+        if name in self._sequences:
+            return True  # its components are looked up when it runs, as OpenWhisk does
         dep = self._compositions.get(name)
         if dep is None:
             return split_ref(name)[0] in self._functions
@@ -1076,6 +1228,14 @@ class Engine:
         if callable(launcher_stats):
             out["launcher_stats"] = launcher_stats()
         return out
+
+
+def _under(defaults: dict[str, Any], params: dict[str, Any], args: dict[str, Any] | None) -> dict[str, Any]:
+    """A package's ``defaults`` under the action's own ``params`` (merged in by the scheduler) and ``args``."""
+    args = {} if args is None else args
+    if not defaults:
+        return args
+    return {**{k: v for k, v in defaults.items() if k not in params}, **args}
 
 
 def _check_resources(resources: dict[str, float] | None, backend: str) -> dict[str, float]:

@@ -179,7 +179,7 @@ def test_action_create_get_update_list_delete(http: httpx.Client) -> None:
     )
     assert r.status_code == 200, r.text
     action = r.json()
-    assert action["name"] == "srv-hello" and action["namespace"] == "guest" and action["version"] == "1"
+    assert action["name"] == "srv-hello" and action["namespace"] == "guest" and action["version"] == "0.0.1"
     assert action["exec"] == {"kind": "python:3", "binary": False, "main": "main", "code": HELLO}
     assert action["limits"]["timeout"] == 5000 and action["limits"]["memory"] == 128
     assert action["limits"]["concurrency"] == 2
@@ -195,13 +195,13 @@ def test_action_create_get_update_list_delete(http: httpx.Client) -> None:
         json={"parameters": [{"key": "name", "value": "updated"}]},
     )
     assert r.status_code == 200, r.text
-    assert r.json()["version"] == "2" and r.json()["limits"]["timeout"] == 5000
+    assert r.json()["version"] == "0.0.2" and r.json()["limits"]["timeout"] == 5000
     assert http.post(f"{NS}/actions/srv-hello", params={"blocking": "true", "result": "true"}).json() == {
         "hi": "updated"
     }
 
     got = http.get(f"{NS}/actions/srv-hello").json()
-    assert got["exec"]["code"] == HELLO and got["version"] == "2"
+    assert got["exec"]["code"] == HELLO and got["version"] == "0.0.2"
     assert "code" not in http.get(f"{NS}/actions/srv-hello", params={"code": "false"}).json()["exec"]
 
     put_action(http, "srv-other", HELLO)

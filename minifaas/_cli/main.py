@@ -346,7 +346,16 @@ Command = Callable[[Api, argparse.Namespace, "Console"], Awaitable[int]]
 
 def _action_body(args: argparse.Namespace, *, need_path: bool) -> dict[str, Any]:
     body: dict[str, Any] = {}
-    if args.path is not None:
+    sequence = getattr(args, "sequence", None)
+    if sequence is not None:
+        if args.path is not None:
+            raise CliError("give the action's code or --sequence, not both")
+        names = [c.strip() for c in sequence.split(",") if c.strip()]
+        if not names:
+            raise CliError("--sequence takes action names separated by commas: --sequence a,pkg/b")
+        # OpenWhisk's components are fully qualified; a relative name is one of the caller's namespace
+        body["exec"] = {"kind": "sequence", "components": [c if c.startswith("/") else f"/_/{c}" for c in names]}
+    elif args.path is not None:
         body["exec"] = _exec_from_path(Path(args.path).expanduser(), args.kind, args.main)
     elif need_path:
         raise CliError("give the action's code: a .py file, a folder with __main__.py, or a .zip")
@@ -374,7 +383,7 @@ def _action_body(args: argparse.Namespace, *, need_path: bool) -> dict[str, Any]
 
 async def cmd_action_put(api: Api, args: argparse.Namespace, console: Console) -> int:
     create, update = args.verb == "create", args.verb == "update"
-    body = _action_body(args, need_path=not update)
+    body = _action_body(args, need_path=not update and getattr(args, "sequence", None) is None)
     overwrite = "false" if create else "true"
     if args.verb == "deploy" or update:
         overwrite = "true"
@@ -1014,7 +1023,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("create", "update"):
         p = verb(av, name, f"{name} an action")
         p.add_argument("name")
-        p.add_argument("path", nargs="?" if name == "update" else None)
+        p.add_argument("path", nargs="?")
+        p.add_argument("--sequence", metavar="A,B", help="a sequence of these actions instead of code")
         _action_options(p)
         p.set_defaults(call=cmd_action_put)
     p = verb(av, "get", "show an action")

@@ -71,6 +71,8 @@ from .._errors import (
 from .httpguard import write_refusal
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
+from .names import entity_path
+from .sequences import SEQUENCE_KIND, components_of, parse_components, sequence_json
 
 if TYPE_CHECKING:
     from .._engine import Engine
@@ -339,13 +341,15 @@ class _ActionBody:
     env: dict[str, str]
     annotations: dict[str, Any]
     limits: dict[str, Any]
+    #: OpenWhisk's version ``0.0.N``: 1 when created, one more on every update
+    version: int = 1
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> _ActionBody:
-        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d or f.name != "version"})
 
 
 def _is_binary(exec_: dict[str, Any], code: str) -> bool:
@@ -387,6 +391,14 @@ def _deploy_limits(limits: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _file_name(name: str) -> str:
+    return f"{name.replace('/', '%2F')}.json"  # ``pkg/action``; a name never holds '%'
+
+
+def _from_file_name(stem: str) -> str:
+    return stem.replace("%2F", "/")
+
+
 class _ActionStore:
     """The ``_ActionBody`` of each action created over the API, in memory and (with a state dir) on disk."""
 
@@ -403,7 +415,7 @@ class _ActionStore:
 
         def write() -> None:
             folder.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
-            write_private(folder / f"{name}.json", data)
+            write_private(folder / _file_name(name), data)
 
         await anyio.to_thread.run_sync(write)
 
@@ -411,7 +423,7 @@ class _ActionStore:
         self.bodies.pop(name, None)
         if self.folder is not None:
             with contextlib.suppress(FileNotFoundError):
-                (self.folder / f"{name}.json").unlink()
+                (self.folder / _file_name(name)).unlink()
 
     def saved(self) -> list[tuple[str, _ActionBody]]:
         if self.folder is None or not self.folder.is_dir():
@@ -419,7 +431,7 @@ class _ActionStore:
         out: list[tuple[str, _ActionBody]] = []
         for path in sorted(self.folder.glob("*.json")):
             try:
-                out.append((path.stem, _ActionBody.from_json(json.loads(path.read_text("utf-8")))))
+                out.append((_from_file_name(path.stem), _ActionBody.from_json(json.loads(path.read_text("utf-8")))))
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 logger.error("skipping unreadable saved action %s: %s", path, exc)
         return out
@@ -506,7 +518,8 @@ class _Api:
             return 0
         self._restored = True
         n = 0
-        for name, body in await anyio.to_thread.run_sync(self.actions.saved):
+        saved = await anyio.to_thread.run_sync(self.actions.saved)
+        for name, body in sorted(saved, key=lambda nb: nb[1].kind == SEQUENCE_KIND):
             try:
                 await self._deploy(name, body)
             except MinifaasError as exc:
@@ -538,6 +551,11 @@ class _Api:
         if info.get("kind") == COMPOSITION_KIND:
             return self._composition_json(info, code=code)
         body = self.actions.bodies.get(info["name"])
+        version = f"0.0.{body.version if body is not None else info['version']}"
+        if info.get("kind") == SEQUENCE_KIND:
+            params = _kv(info.get("params", {}))
+            return sequence_json(info, self.namespace, version=version, parameters=params, updated=info["created"])
+        path, short = entity_path(str(info["name"]), self.namespace)
         limits = info["limits"]
         kind = body.kind if body is not None else DEFAULT_KIND
         exec_: dict[str, Any] = {
@@ -549,9 +567,9 @@ class _Api:
             exec_["code"] = body.code
         annotations = {"exec": kind, **info.get("annotations", {})}
         return {
-            "namespace": self.namespace,
-            "name": info["name"],
-            "version": info["version"],
+            "namespace": path,
+            "name": short,
+            "version": version,
             "publish": False,
             "exec": exec_,
             "annotations": _kv(annotations),
@@ -567,6 +585,10 @@ class _Api:
         }
 
     async def _deploy(self, name: str, body: _ActionBody) -> dict[str, Any]:
+        if body.kind == SEQUENCE_KIND:
+            return await self.engine.deploy_sequence(
+                name, components_of(body.code), params=body.parameters, annotations=body.annotations
+            )
         kwargs: dict[str, Any] = dict(
             main=body.main,
             params=body.parameters,
@@ -601,20 +623,27 @@ class _Api:
             if not isinstance(exec_, dict):
                 raise ApiError(400, "exec must be an object {kind, code, binary, main}.")
             kind = str(exec_.get("kind") or DEFAULT_KIND)
-            if kind not in SUPPORTED_KINDS:
+            if kind == SEQUENCE_KIND:
+                try:
+                    code = parse_components(exec_, self.namespace)
+                except ValueError as exc:
+                    raise ApiError(400, str(exc)) from None
+                binary, main = False, ""
+            elif kind not in SUPPORTED_KINDS:
                 raise ApiError(
                     400,
                     f"kind {kind!r} is not supported by minifaas; use one of "
                     f"{', '.join(SUPPORTED_KINDS)} (Python actions only).",
                 )
-            given = exec_.get("code")
-            if not isinstance(given, str) or not given:
-                raise ApiError(400, "exec.code must be a non-empty string (Python source or a base64 zip).")
-            code = given
-            binary = _is_binary(exec_, code)
-            main = exec_.get("main") or "main"
-            if not isinstance(main, str):
-                raise ApiError(400, "exec.main must be a string.")
+            else:
+                given = exec_.get("code")
+                if not isinstance(given, str) or not given:
+                    raise ApiError(400, "exec.code must be a non-empty string (Python source or a base64 zip).")
+                code = given
+                binary = _is_binary(exec_, code)
+                main = exec_.get("main") or "main"
+                if not isinstance(main, str):
+                    raise ApiError(400, "exec.main must be a string.")
         if "parameters" in doc:
             params, env = {}, {}
             raw = doc["parameters"]
@@ -635,7 +664,10 @@ class _Api:
                 raise ApiError(400, "limits must be an object {timeout, memory, concurrency, logs}.")
             limits.update(new_limits)
         _deploy_limits(limits)
-        return _ActionBody(kind, code, binary, main, params, env, annotations, limits)
+        if kind == SEQUENCE_KIND:
+            limits = {}  # a sequence's components have their own
+        version = old.version + 1 if old is not None else 1
+        return _ActionBody(kind, code, binary, main, params, env, annotations, limits, version)
 
     async def _exists(self, name: str) -> bool:
         try:
@@ -655,9 +687,15 @@ class _Api:
             exists = await self._exists(name)
             if exists and not _flag(request, "overwrite"):
                 raise ApiError(409, f"resource already exists: action {name!r} (use ?overwrite=true to update)")
-            body = self._parse_action(name, doc, self.actions.bodies.get(name) if exists else None)
+            old = self.actions.bodies.get(name) if exists else None
+            body = self._parse_action(name, doc, old)
             self._deploying.add(name)
         try:
+            if exists and (old is None or (old.kind == SEQUENCE_KIND) != (body.kind == SEQUENCE_KIND)):
+                # a sequence becoming code or code becoming a sequence: the engine keeps them apart
+                was = await self.engine.get_function(name)
+                if (was.get("kind") == SEQUENCE_KIND) != (body.kind == SEQUENCE_KIND):
+                    await self.engine.delete(name)
             info = await self._deploy(name, body)
             async with self._locks.hold("action", name):
                 await self.actions.save(name, body)
@@ -1094,10 +1132,10 @@ def create_app(
         Route(f"{API_PREFIX}/namespaces", api.namespaces, methods=["GET"]),
         Route(f"{ns}/packages", api.packages, methods=["GET"]),
         Route(f"{ns}/actions", api.list_actions, methods=["GET"]),
-        Route(f"{ns}/actions/{{name}}", api.get_action, methods=["GET"]),
-        Route(f"{ns}/actions/{{name}}", api.put_action, methods=["PUT"]),
-        Route(f"{ns}/actions/{{name}}", api.delete_action, methods=["DELETE"]),
-        Route(f"{ns}/actions/{{name}}", api.invoke, methods=["POST"]),
+        Route(f"{ns}/actions/{{name:path}}", api.get_action, methods=["GET"]),
+        Route(f"{ns}/actions/{{name:path}}", api.put_action, methods=["PUT"]),
+        Route(f"{ns}/actions/{{name:path}}", api.delete_action, methods=["DELETE"]),
+        Route(f"{ns}/actions/{{name:path}}", api.invoke, methods=["POST"]),
         Route(f"{ns}/activations", api.list_activations, methods=["GET"]),
         Route(f"{ns}/activations/{{id}}", api.get_activation, methods=["GET"]),
         Route(f"{ns}/activations/{{id}}/logs", api.activation_logs, methods=["GET"]),

@@ -57,7 +57,7 @@ async function main () {
   await expectStatus(ow.actions.create({ name: 'js-node', action: 'function main() {}' }), 400, 'nodejs kind')
 
   const updated = await ow.actions.update({ name: NAME, action: CODE, kind: 'python:3', params: { name: 'world' }, limits: { timeout: 10000 } })
-  check(updated.version === '2' && updated.limits.timeout === 10000, 'actions.update')
+  check(updated.version === '0.0.2' && updated.limits.timeout === 10000, 'actions.update')
   const got = await ow.actions.get({ name: NAME })
   check(got.exec.code === CODE && got.parameters.some(p => p.key === 'name' && p.value === 'world'), 'actions.get')
   const listed = await ow.actions.list({ limit: 50 })

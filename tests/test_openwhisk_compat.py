@@ -1,0 +1,199 @@
+"""OpenWhisk compatibility over real HTTP: sequences, packages and bindings, exact semantics, the system catalog.
+
+A real ``minifaas`` server (uvicorn on a free loopback port, a real engine with subprocess sandboxes) in a
+background thread, driven with httpx as OpenWhisk's clients drive OpenWhisk (see ``tests/test_server.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.test_cli import ok, run
+from tests.test_server import HEX32, NS, assert_error, client, put_action, server_thread, wait_ended
+
+ADD = "def main(args):\n    return {'n': args.get('n', 0) + args.get('step', 1)}\n"
+DOUBLE = "def main(args):\n    return {'n': args.get('n', 0) * 2}\n"
+FAIL = "def main(args):\n    return {'error': 'stop at ' + str(args.get('n'))}\n"
+CRASH = "def main(args):\n    raise RuntimeError('crashed')\n"
+ECHO_ARGS = "def main(args):\n    return dict(args)\n"
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[SimpleNamespace]:
+    with server_thread() as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def http(server: SimpleNamespace) -> Iterator[httpx.Client]:
+    with client(server.handle) as c:
+        yield c
+
+
+def put_sequence(http: httpx.Client, name: str, components: list[str], **body: Any) -> httpx.Response:
+    params = {"overwrite": "true"}
+    return http.put(
+        f"{NS}/actions/{name}", params=params, json={"exec": {"kind": "sequence", "components": components}, **body}
+    )
+
+
+def invoke(http: httpx.Client, name: str, args: dict[str, Any] | None = None, **query: str) -> httpx.Response:
+    return http.post(f"{NS}/actions/{name}", params={"blocking": "true", **query}, json=args or {})
+
+
+def ann(record: dict[str, Any]) -> dict[str, Any]:
+    return {a["key"]: a["value"] for a in record["annotations"]}
+
+
+# -- sequences -----------------------------------------------------------------------------------------------
+def test_sequence_crud_and_blocking_invoke(http: httpx.Client) -> None:
+    assert put_action(http, "sq-add", ADD, overwrite=True).status_code == 200
+    assert put_action(http, "sq-double", DOUBLE, overwrite=True).status_code == 200
+    r = put_sequence(http, "sq-seq", ["/_/sq-add", "/guest/sq-double", "sq-add"])
+    assert r.status_code == 200, r.text
+    made = r.json()
+    assert made["exec"] == {"kind": "sequence", "components": ["/guest/sq-add", "/guest/sq-double", "/guest/sq-add"]}
+    assert made["version"] == "0.0.1" and ann(made)["exec"] == "sequence"
+    got = http.get(f"{NS}/actions/sq-seq").json()
+    assert got["exec"]["components"] == made["exec"]["components"]
+    assert "sq-seq" in [a["name"] for a in http.get(f"{NS}/actions").json()]
+
+    r = invoke(http, "sq-seq", {"n": 1})
+    assert r.status_code == 200, r.text
+    record = r.json()
+    assert record["response"]["result"] == {"n": 5}  # (1+1)*2+1
+    assert record["response"]["status"] == "success" and record["name"] == "sq-seq"
+    assert len(record["logs"]) == 3 and all(HEX32.match(i) for i in record["logs"])
+    a = ann(record)
+    assert a["kind"] == "sequence" and a["topmost"] is True and a["path"] == "guest/sq-seq"
+    components = [wait_ended(http, i) for i in record["logs"]]
+    assert [c["name"] for c in components] == ["sq-add", "sq-double", "sq-add"]
+    assert [c["response"]["result"]["n"] for c in components] == [2, 4, 5]
+    assert all(c["cause"] == record["activationId"] for c in components)
+    assert record["duration"] == sum(c["duration"] for c in components)
+
+    assert invoke(http, "sq-seq", {"n": 2}, result="true").json() == {"n": 7}
+    accepted = http.post(f"{NS}/actions/sq-seq", json={"n": 0})
+    assert accepted.status_code == 202
+    done = wait_ended(http, accepted.json()["activationId"])
+    assert done["response"]["result"] == {"n": 3} and len(done["logs"]) == 3
+
+    # update: components and default parameters (the first component gets them under the invocation's)
+    r = put_sequence(http, "sq-seq", ["/_/sq-add"], parameters=[{"key": "step", "value": 10}])
+    assert r.json()["version"] == "0.0.2"
+    assert invoke(http, "sq-seq", {"n": 1}, result="true").json() == {"n": 11}
+    assert invoke(http, "sq-seq", {"n": 1, "step": 2}, result="true").json() == {"n": 3}
+    deleted = http.delete(f"{NS}/actions/sq-seq")
+    assert deleted.status_code == 200 and deleted.json()["exec"]["kind"] == "sequence"
+    assert_error(http.get(f"{NS}/actions/sq-seq"), 404)
+
+
+def test_sequence_error_stops_the_chain(http: httpx.Client) -> None:
+    put_action(http, "sq2-add", ADD, overwrite=True)
+    put_action(http, "sq2-fail", FAIL, overwrite=True)
+    put_action(http, "sq2-crash", CRASH, overwrite=True)
+    put_sequence(http, "sq2-app", ["sq2-add", "sq2-fail", "sq2-add"])
+    r = invoke(http, "sq2-app", {"n": 1})
+    assert r.status_code == 502
+    record = r.json()
+    assert record["response"]["status"] == "application_error" and record["response"]["statusCode"] == 1
+    assert record["response"]["result"] == {"error": "stop at 2"}
+    assert len(record["logs"]) == 2  # the third component never ran
+    assert invoke(http, "sq2-app", {"n": 1}, result="true").json() == {"error": "stop at 2"}
+
+    put_sequence(http, "sq2-dev", ["sq2-crash", "sq2-add"])
+    record = invoke(http, "sq2-dev").json()
+    assert len(record["logs"]) == 1 and "crashed" in str(record["response"]["result"])
+    assert record["response"] == wait_ended(http, record["logs"][0])["response"]  # the component's, status and all
+
+
+@pytest.mark.parametrize(
+    ("components", "fragment"),
+    [
+        pytest.param([], "No component specified", id="empty"),
+        pytest.param(["/_/sq3-missing"], "Sequence component does not exist", id="missing"),
+        pytest.param(["/bob/sq3-a"], "not an entity", id="foreign-namespace"),
+        pytest.param(["sq3-a"] * 51, "Too many actions in the sequence", id="too-long"),
+    ],
+)
+def test_sequence_create_rejects(http: httpx.Client, components: list[str], fragment: str) -> None:
+    put_action(http, "sq3-a", ADD, overwrite=True)
+    assert_error(put_sequence(http, "sq3-bad", components), 400, fragment)
+
+
+def test_sequence_may_not_refer_to_itself(http: httpx.Client) -> None:
+    put_action(http, "sq4-a", ADD, overwrite=True)
+    put_sequence(http, "sq4-inner", ["sq4-a"])
+    put_sequence(http, "sq4-outer", ["sq4-inner", "sq4-a"])
+    assert_error(put_sequence(http, "sq4-inner", ["sq4-outer"]), 400, "may not refer to itself")
+    record = invoke(http, "sq4-outer", {"n": 0}).json()
+    assert record["response"]["result"] == {"n": 2}
+    inner = wait_ended(http, record["logs"][0])
+    assert ann(inner)["kind"] == "sequence" and ann(inner)["topmost"] is False and ann(inner)["causedBy"] == "sequence"
+    assert inner["cause"] == record["activationId"] and len(inner["logs"]) == 1
+
+
+def test_deleting_a_component_leaves_the_sequence_which_then_fails_clearly(http: httpx.Client) -> None:
+    put_action(http, "sq5-a", ADD, overwrite=True)
+    put_action(http, "sq5-b", DOUBLE, overwrite=True)
+    put_sequence(http, "sq5-seq", ["sq5-a", "sq5-b"])
+    assert http.delete(f"{NS}/actions/sq5-b").status_code == 200
+    assert http.get(f"{NS}/actions/sq5-seq").status_code == 200
+    r = invoke(http, "sq5-seq", {"n": 1})
+    assert r.status_code == 502
+    record = r.json()
+    assert record["response"]["statusCode"] == 1
+    assert record["response"]["result"] == {"error": "Sequence component does not exist."}
+    assert len(record["logs"]) == 1
+
+
+def test_sequence_as_rule_target(http: httpx.Client) -> None:
+    put_action(http, "sq6-a", ADD, overwrite=True)
+    put_sequence(http, "sq6-seq", ["sq6-a", "sq6-a"])
+    http.put(f"{NS}/triggers/sq6-t", json={})
+    http.put(f"{NS}/rules/sq6-r", json={"trigger": "/_/sq6-t", "action": "/_/sq6-seq"})
+    fired = http.post(f"{NS}/triggers/sq6-t", json={"n": 5})
+    assert fired.status_code == 202
+    record = wait_ended(http, fired.json()["activationIds"][0])
+    assert record["name"] == "sq6-seq" and record["response"]["result"] == {"n": 7}
+
+
+def test_sequence_kept_across_restart(tmp_path: Any) -> None:
+    with server_thread(tmp_path) as first, client(first.handle) as http:
+        put_action(http, "zz-a", ADD)
+        assert put_sequence(http, "aa-seq", ["zz-a", "zz-a"]).status_code == 200
+    with server_thread(tmp_path) as second, client(second.handle) as http:
+        assert invoke(http, "aa-seq", {"n": 0}, result="true").json() == {"n": 2}
+
+
+def cli_env(server: SimpleNamespace) -> dict[str, str]:
+    return {
+        **os.environ,
+        "MINIFAAS_APIHOST": server.handle.url,
+        "MINIFAAS_AUTH": server.handle.auth,
+        "COLUMNS": "200",
+        "NO_COLOR": "1",
+    }
+
+
+def test_cli_creates_a_sequence(server: SimpleNamespace, http: httpx.Client, tmp_path: Path) -> None:
+    put_action(http, "sq7-a", ADD, overwrite=True)
+    put_action(http, "sq7-b", DOUBLE, overwrite=True)
+    env = cli_env(server)
+    out = ok(run("action", "create", "sq7-seq", "--sequence", "sq7-a,/_/sq7-b", "-p", "step", "3", env=env))
+    assert "sq7-seq" in out and "0.0.1" in out
+    got = http.get(f"{NS}/actions/sq7-seq").json()
+    assert got["exec"]["components"] == ["/guest/sq7-a", "/guest/sq7-b"]
+    assert json.loads(ok(run("invoke", "sq7-seq", "-p", "n", "1", "--result", env=env))) == {"n": 8}
+    code = tmp_path / "a.py"
+    code.write_text(ADD)
+    bad = run("action", "create", "sq7-x", str(code), "--sequence", "sq7-a", env=env)
+    assert bad.returncode != 0 and "not both" in bad.stderr + bad.stdout
