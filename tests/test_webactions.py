@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -509,3 +512,39 @@ def test_api_gateway_routes_survive_a_restart(tmp_path: Path) -> None:
             r = httpx.get(f"{s.handle.url}/api/guest/keep/it?n=1", timeout=30)
             assert r.status_code == 200, r.text
             assert json.loads(r.text)["args"]["n"] == "1"
+
+
+# -- the CLI -------------------------------------------------------------------------------------------------
+def test_cli_api_create_list_delete(server: SimpleNamespace, http: httpx.Client, anon: httpx.Client) -> None:
+    env = {
+        **os.environ,
+        "MINIFAAS_APIHOST": server.handle.url,
+        "MINIFAAS_AUTH": server.handle.auth,
+        "COLUMNS": "200",
+        "NO_COLOR": "1",
+    }
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "minifaas._cli.main", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False, env=env)
+
+    refused = cli("api", "create", "/cli", "/x", "get", "plain")
+    assert refused.returncode == 1 and "not a web action" in refused.stderr, refused.stderr
+    put_action(http, "clisecret", ECHO, annotations=ann(web_export=True, require_whisk_auth="cli-secret"))
+    made = cli("api", "create", "/cli", "/books/{id}", "GET", "clisecret", "--response-type", "json")
+    assert made.returncode == 0, made.stderr
+    url = f"{server.handle.url}/api/guest/cli/books/{{id}}"
+    assert url in made.stdout, made.stdout
+    r = anon.get(url.replace("{id}", "7"), params={"q": "x"})
+    assert r.status_code == 200, r.text  # the route carries the action's secret
+    assert r.json()["args"]["q"] == "x"
+    listed = cli("api", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert "/guest/clisecret" in listed.stdout and "GET" in listed.stdout and url in listed.stdout, listed.stdout
+    as_json = json.loads(cli("api", "list", "/cli", "--json").stdout)
+    assert [a["value"]["gwApiUrl"] for a in as_json] == [f"{server.handle.url}/api/guest/cli"]
+    gone = cli("api", "delete", "/cli", "/books/{id}", "get")
+    assert gone.returncode == 0, gone.stderr
+    assert anon.get(url.replace("{id}", "7")).status_code == 404
+    missing = cli("api", "delete", "/cli")
+    assert missing.returncode == 1 and "does not exist" in missing.stderr, missing.stderr
