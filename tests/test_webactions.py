@@ -548,3 +548,14 @@ def test_cli_api_create_list_delete(server: SimpleNamespace, http: httpx.Client,
     assert anon.get(url.replace("{id}", "7")).status_code == 404
     missing = cli("api", "delete", "/cli")
     assert missing.returncode == 1 and "does not exist" in missing.stderr, missing.stderr
+
+
+def test_a_sequence_can_be_a_web_action(http: httpx.Client, anon: httpx.Client) -> None:
+    put_action(http, "upper", "def main(args):\n    return {'name': args.get('name', '').upper()}\n")
+    put_action(http, "page", "def main(args):\n    return {'body': '<p>' + args['name'] + '</p>'}\n")
+    seq = {"kind": "sequence", "components": ["/_/upper", "/_/page"]}
+    r = http.put(f"{NS}/actions/webseq", json={"exec": seq, "annotations": ann(web_export=True)})
+    assert r.status_code == 200, r.text
+    page = anon.get(f"{WEB}/webseq.http", params={"name": "web"})
+    assert page.status_code == 200, page.text
+    assert page.text == "<p>WEB</p>" and page.headers["content-type"] == "text/html; charset=UTF-8"
