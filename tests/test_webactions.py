@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.test_server import NS, client, put_action, server_thread
+from tests.test_server import JS_DIR, NS, client, put_action, server_thread
 
 WEB = "/api/v1/web/guest/default"
 ECHO = "def main(args):\n    return {'args': args}\n"
@@ -559,3 +560,17 @@ def test_a_sequence_can_be_a_web_action(http: httpx.Client, anon: httpx.Client) 
     page = anon.get(f"{WEB}/webseq.http", params={"name": "web"})
     assert page.status_code == 200, page.text
     assert page.text == "<p>WEB</p>" and page.headers["content-type"] == "text/html; charset=UTF-8"
+
+
+def test_openwhisk_js_client_web_actions_and_routes(server: SimpleNamespace) -> None:
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed (.ci/run installs it)")
+    if not (JS_DIR / "node_modules" / "openwhisk").is_dir():
+        pytest.skip("the openwhisk npm package is not installed: run `cd tests/js && npm ci`")
+    env = {**os.environ, "MINIFAAS_APIHOST": server.handle.url, "MINIFAAS_AUTH": server.handle.auth}
+    proc = subprocess.run(
+        [node, str(JS_DIR / "ow_web_test.js")], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ALL OK" in proc.stdout, proc.stdout
