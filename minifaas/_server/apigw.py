@@ -12,11 +12,8 @@ segment each. With a state dir the APIs are kept in ``state_dir/server/apis.json
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import copy
-import hmac
 import json
 import logging
 import re
@@ -30,7 +27,7 @@ from starlette.types import Receive, Scope, Send
 
 from .._core.statedir import PRIVATE_DIR_MODE, write_private
 from .app import ApiError, dumps, error_response, json_response
-from .webactions import WEB_PREFIX
+from .webactions import WEB_PREFIX, is_credential
 
 if TYPE_CHECKING:
     from .app import _Api
@@ -224,16 +221,7 @@ class ApiGateway:
 
     # -- management ------------------------------------------------------------------------------------------
     def _authorized(self, request: Request) -> bool:
-        if self.auth is None:
-            return True
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "basic":
-            return False
-        try:
-            given = base64.b64decode(token.strip(), validate=True)
-        except (binascii.Error, ValueError):
-            return False
-        return hmac.compare_digest(given, self.auth.encode("utf-8"))
+        return self.auth is None or is_credential(request.headers.get("authorization", ""), self.auth)
 
     async def mgmt(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)

@@ -99,17 +99,27 @@ def is_json_family(media: str) -> bool:
 
 
 def is_binary(content_type: str) -> bool:
-    """Whether a body of this type travels as base64 (pekko-http's rule: text types and any type that names a
-    charset are text, the registered application types that are text, everything else binary)."""
+    """Whether a body of this type travels as base64 (pekko-http's rule: text types, types that name a charset
+    and the registered text application types are text; everything else, images such as SVG too, is binary)."""
     media = media_type(content_type)
     if media.startswith("text/") or "charset=" in content_type.lower():
         return False
-    if media in TEXT_APPLICATION_TYPES or is_json_family(media) or media.endswith("+xml"):
-        return False
-    return media != "image/svg+xml"
+    return not (media in TEXT_APPLICATION_TYPES or is_json_family(media) or media.endswith("+xml"))
 
 
 # -- requests ------------------------------------------------------------------------------------------------
+def is_credential(authorization: str, auth: str) -> bool:
+    """Whether an ``Authorization`` header value is HTTP basic auth with ``auth`` (compared in constant time)."""
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "basic":
+        return False
+    try:
+        given = base64.b64decode(token.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    return hmac.compare_digest(given, auth.encode("utf-8"))
+
+
 def split_path(path: str) -> tuple[str, str, str, str, str] | None:
     """``/api/v1/web/ns/pkg/name.ext/rest`` -> ``(ns, pkg, name, ext, "/rest")``; None when it names no action."""
     parts = path[len(WEB_PREFIX) :].split("/", 3)
@@ -292,26 +302,10 @@ class WebActions:
         self.auth = auth
 
     def _authenticated(self, request: Request) -> bool:
-        if self.auth is None:
-            return True
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "basic":
-            return False
-        try:
-            given = base64.b64decode(token.strip(), validate=True)
-        except (binascii.Error, ValueError):
-            return False
-        return hmac.compare_digest(given, self.auth.encode("utf-8"))
+        return self.auth is None or is_credential(request.headers.get("authorization", ""), self.auth)
 
     def _own_credential(self, value: str) -> bool:
-        scheme, _, token = value.partition(" ")
-        if self.auth is None or scheme.lower() != "basic":
-            return False
-        try:
-            return hmac.compare_digest(base64.b64decode(token.strip(), validate=True), self.auth.encode("utf-8"))
-        except (binascii.Error, ValueError):
-            return False
+        return self.auth is not None and is_credential(value, self.auth)
 
     async def lookup(self, ns: str, pkg: str, name: str) -> tuple[str, dict[str, Any]]:
         """The engine's name and description of a web-exported action; 404 for anything else."""
