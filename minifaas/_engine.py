@@ -566,7 +566,9 @@ class Engine:
         if modules:
             raise DeployError("modules=[...] goes with a callable: deploy(name, fn, modules=[...])")
         if not isinstance(name, str) or not NAME_RE.match(name):
-            raise DeployError(f"invalid function name {name!r}: use letters, digits, '_', '-', '.'")
+            raise DeployError(
+                f"invalid function name {name!r}: use letters, digits, '_', '-', '.' ('/' only after a package name)"
+            )
         if not isinstance(main, str) or not main.isidentifier():
             raise DeployError(f"invalid main {main!r}: it must be a Python identifier")
         if style not in ("openwhisk", "lambda"):

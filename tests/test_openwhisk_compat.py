@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.test_cli import ok, run
-from tests.test_server import HEX32, NS, assert_error, client, put_action, server_thread, wait_ended
+from tests.test_server import API, HEX32, NS, assert_error, client, put_action, server_thread, wait_ended
 
 ADD = "def main(args):\n    return {'n': args.get('n', 0) + args.get('step', 1)}\n"
 DOUBLE = "def main(args):\n    return {'n': args.get('n', 0) * 2}\n"
@@ -197,3 +197,173 @@ def test_cli_creates_a_sequence(server: SimpleNamespace, http: httpx.Client, tmp
     code.write_text(ADD)
     bad = run("action", "create", "sq7-x", str(code), "--sequence", "sq7-a", env=env)
     assert bad.returncode != 0 and "not both" in bad.stderr + bad.stdout
+
+
+# -- packages ------------------------------------------------------------------------------------------------
+def kv(**d: Any) -> list[dict[str, Any]]:
+    return [{"key": k, "value": v} for k, v in d.items()]
+
+
+def put_package(http: httpx.Client, name: str, overwrite: bool = False, **body: Any) -> httpx.Response:
+    return http.put(f"{NS}/packages/{name}", params={"overwrite": str(overwrite).lower()}, json=body)
+
+
+def test_package_crud_actions_inside_and_parameters(http: httpx.Client) -> None:
+    r = put_package(http, "pk1", parameters=kv(a="pkg", b="pkg"))
+    assert r.status_code == 200, r.text
+    made = r.json()
+    assert made["name"] == "pk1" and made["namespace"] == "guest" and made["version"] == "0.0.1"
+    assert made["publish"] is False and made["binding"] == {}
+    assert_error(put_package(http, "pk1"), 409, "already exists")
+    assert put_package(http, "pk1", overwrite=True, publish=True).json()["version"] == "0.0.2"
+    assert http.get(f"{NS}/packages/pk1").json()["parameters"] == kv(a="pkg", b="pkg")  # kept by the update
+
+    assert_error(put_action(http, "pk-missing/x", ECHO_ARGS), 404, "does not exist")
+    r = put_action(http, "pk1/echo", ECHO_ARGS, parameters=kv(b="action", c="action"))
+    assert r.status_code == 200, r.text
+    assert r.json()["namespace"] == "guest/pk1" and r.json()["name"] == "echo"
+    got = http.get(f"{NS}/actions/pk1/echo").json()
+    assert got["namespace"] == "guest/pk1" and got["exec"]["code"] == ECHO_ARGS
+    record = invoke(http, "pk1/echo", {"c": "invoke"}).json()
+    assert record["response"]["result"] == {"a": "pkg", "b": "action", "c": "invoke"}
+    assert record["name"] == "echo" and ann(record)["path"] == "guest/pk1/echo"
+    listed = {(a["namespace"], a["name"]) for a in http.get(f"{NS}/actions").json()}
+    assert ("guest/pk1", "echo") in listed
+    pkg = http.get(f"{NS}/packages/pk1").json()
+    assert [a["name"] for a in pkg["actions"]] == ["echo"] and pkg["feeds"] == []
+    assert "pk1" in [p["name"] for p in http.get(f"{NS}/packages").json()]
+    assert http.get(f"{NS}/packages", params={"count": "true"}).json()["packages"] >= 1
+
+    # package parameters reach rules and sequences too: the engine resolves every name the same way
+    put_sequence(http, "pk-seq", ["/guest/pk1/echo"])
+    assert invoke(http, "pk-seq", {"c": 1}, result="true").json() == {"a": "pkg", "b": "action", "c": 1}
+    http.put(f"{NS}/triggers/pk-t", json={})
+    rule = http.put(f"{NS}/rules/pk-r", json={"trigger": "/_/pk-t", "action": "/_/pk1/echo"}).json()
+    assert rule["action"] == {"name": "echo", "path": "guest/pk1"}
+    fired = http.post(f"{NS}/triggers/pk-t", json={"c": "fire"}).json()
+    assert wait_ended(http, fired["activationIds"][0])["response"]["result"]["a"] == "pkg"
+
+    assert_error(http.delete(f"{NS}/packages/pk1"), 409, "not empty")
+    assert http.delete(f"{NS}/actions/pk1/echo").status_code == 200
+    assert http.delete(f"{NS}/packages/pk1").status_code == 200
+    assert_error(http.get(f"{NS}/packages/pk1"), 404)
+
+
+def test_package_bindings(http: httpx.Client) -> None:
+    put_package(http, "pk2", overwrite=True, parameters=kv(a="pkg", b="pkg", c="pkg"))
+    put_action(http, "pk2/echo", ECHO_ARGS, overwrite=True, parameters=kv(c="action"))
+    r = put_package(http, "pk2-bound", binding={"namespace": "_", "name": "pk2"}, parameters=kv(b="binding"))
+    assert r.status_code == 200, r.text
+    assert r.json()["binding"] == {"namespace": "guest", "name": "pk2"}
+    # package < binding < action < invocation
+    got = invoke(http, "pk2-bound/echo", {"d": "invoke"}, result="true").json()
+    assert got == {"a": "pkg", "b": "binding", "c": "action", "d": "invoke"}
+    assert invoke(http, "pk2/echo", result="true").json() == {"a": "pkg", "b": "pkg", "c": "action"}
+    assert http.get(f"{NS}/actions/pk2-bound/echo").json()["name"] == "echo"
+    assert [a["name"] for a in http.get(f"{NS}/packages/pk2-bound").json()["actions"]] == ["echo"]
+    put_sequence(http, "pk2-seq", ["/_/pk2-bound/echo"])
+    assert invoke(http, "pk2-seq", result="true").json()["b"] == "binding"
+
+    assert_error(put_package(http, "pk2-bb", binding={"name": "pk2-bound"}), 400, "another package binding")
+    assert_error(put_package(http, "pk2-nb", binding={"name": "pk2-nothing"}), 400, "does not exist")
+    assert_error(put_action(http, "pk2-bound/x", ECHO_ARGS), 400, "binding")
+    assert_error(put_package(http, "pk2", overwrite=True, binding={"name": "pk2-bound"}), 400, "cannot be converted")
+    # a binding holds no actions of its own: deleting it is allowed while its package still has actions
+    assert http.delete(f"{NS}/packages/pk2-bound").status_code == 200
+    assert_error(http.delete(f"{NS}/packages/pk2"), 409, "not empty")
+
+
+def test_packages_kept_across_restart(tmp_path: Path) -> None:
+    with server_thread(tmp_path) as first, client(first.handle) as http:
+        put_package(http, "kp", parameters=kv(a=1))
+        put_package(http, "kp-b", binding={"name": "kp"}, parameters=kv(b=2))
+        assert put_action(http, "kp/echo", ECHO_ARGS).status_code == 200
+    with server_thread(tmp_path) as second, client(second.handle) as http:
+        assert invoke(http, "kp-b/echo", result="true").json() == {"a": 1, "b": 2}
+        assert http.get(f"{NS}/actions/kp/echo").json()["namespace"] == "guest/kp"
+
+
+def test_cli_packages_bindings_and_package_actions(server: SimpleNamespace, http: httpx.Client, tmp_path: Path) -> None:
+    env = cli_env(server)
+    ok(run("package", "create", "cp", "-p", "a", "1", "--shared", "yes", env=env))
+    code = tmp_path / "echo.py"
+    code.write_text(ECHO_ARGS)
+    ok(run("action", "create", "cp/echo", str(code), "-p", "b", "2", env=env))
+    ok(run("package", "bind", "cp", "cp-b", "-p", "a", "9", env=env))
+    assert json.loads(ok(run("invoke", "cp-b/echo", "--result", env=env))) == {"a": 9, "b": 2}
+    assert json.loads(ok(run("invoke", "/_/cp/echo", "--result", env=env))) == {"a": 1, "b": 2}
+    assert http.get(f"{NS}/packages/cp").json()["publish"] is True
+    listed = json.loads(ok(run("package", "list", "--json", env=env)))
+    assert {"cp", "cp-b"} <= {p["name"] for p in listed}
+    assert json.loads(ok(run("package", "get", "cp", env=env)))["actions"][0]["name"] == "echo"
+    bad = run("package", "delete", "cp", env=env)
+    assert bad.returncode != 0 and "not empty" in bad.stderr + bad.stdout
+    ok(run("action", "delete", "cp/echo", env=env))
+    ok(run("package", "delete", "cp-b", env=env))
+    ok(run("package", "delete", "cp", env=env))
+
+
+# -- exact semantics -----------------------------------------------------------------------------------------
+def test_versions_are_semver_bumped_on_every_update(http: httpx.Client) -> None:
+    assert put_action(http, "ver-a", ADD, overwrite=True).json()["version"] == "0.0.1"
+    assert put_action(http, "ver-a", ADD, overwrite=True).json()["version"] == "0.0.2"
+    assert http.get(f"{NS}/actions/ver-a").json()["version"] == "0.0.2"
+    assert put_package(http, "ver-p").json()["version"] == "0.0.1"
+    assert put_package(http, "ver-p", overwrite=True).json()["version"] == "0.0.2"
+    t = http.put(f"{NS}/triggers/ver-t", json={}).json()
+    assert t["version"] == "0.0.1" and t["limits"] == {}
+    t = http.put(f"{NS}/triggers/ver-t", params={"overwrite": "true"}, json={"parameters": kv(x=1)}).json()
+    assert t["version"] == "0.0.2" and http.get(f"{NS}/triggers/ver-t").json()["version"] == "0.0.2"
+    r = http.put(f"{NS}/rules/ver-r", json={"trigger": "/_/ver-t", "action": "/_/ver-a"}).json()
+    assert r["version"] == "0.0.1"
+    r = http.put(f"{NS}/rules/ver-r", params={"overwrite": "true"}, json={"trigger": "ver-t", "action": "ver-a"})
+    assert r.json()["version"] == "0.0.2"
+    # a delete and a create start again at 0.0.1
+    http.delete(f"{NS}/rules/ver-r")
+    http.delete(f"{NS}/actions/ver-a")
+    assert put_action(http, "ver-a", ADD).json()["version"] == "0.0.1"
+    r = http.put(f"{NS}/rules/ver-r", json={"trigger": "ver-t", "action": "ver-a"})
+    assert r.json()["version"] == "0.0.1"
+
+
+def test_deleting_a_trigger_or_action_leaves_its_rules(http: httpx.Client) -> None:
+    put_action(http, "dl-a", ADD, overwrite=True)
+    http.put(f"{NS}/triggers/dl-t", json={})
+    http.put(f"{NS}/rules/dl-r", json={"trigger": "dl-t", "action": "dl-a"})
+    assert http.delete(f"{NS}/triggers/dl-t").status_code == 200
+    rule = http.get(f"{NS}/rules/dl-r")
+    assert rule.status_code == 200 and rule.json()["trigger"]["name"] == "dl-t"
+    assert "dl-r" in [r["name"] for r in http.get(f"{NS}/rules").json()]
+    # the trigger made again: the rule that named it fires again
+    http.put(f"{NS}/triggers/dl-t", json={})
+    fired = http.post(f"{NS}/triggers/dl-t", json={"n": 1})
+    assert fired.status_code == 202
+    assert wait_ended(http, fired.json()["activationIds"][0])["response"]["result"] == {"n": 2}
+    assert http.delete(f"{NS}/actions/dl-a").status_code == 200
+    assert http.get(f"{NS}/rules/dl-r").json()["action"]["name"] == "dl-a"
+
+
+def test_empty_code_is_taken_and_fails_at_init(http: httpx.Client) -> None:
+    r = http.put(f"{NS}/actions/empty-code", json={"exec": {"kind": "python:3", "code": ""}})
+    assert r.status_code == 200, r.text
+    assert http.get(f"{NS}/actions/empty-code").json()["exec"]["code"] == ""
+    r = invoke(http, "empty-code")
+    assert r.status_code == 502
+    response = r.json()["response"]
+    assert response["status"] == "developer_error" and response["statusCode"] == 2
+    assert "Missing main/no code to execute." in response["result"]["error"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        pytest.param("GET", f"{API}/namespaces/_/limits", id="limits"),
+        pytest.param("GET", f"{API}/namespaces/_/apis", id="apis"),
+        pytest.param("POST", f"{NS}/packages/x", id="post-package"),
+        pytest.param("PATCH", f"{NS}/actions/x", id="patch-action"),
+        pytest.param("GET", f"{API}/something/else", id="unknown"),
+    ],
+)
+def test_unimplemented_endpoints_answer_501_with_their_name(http: httpx.Client, method: str, path: str) -> None:
+    r = http.request(method, path, json={} if method != "GET" else None)
+    assert_error(r, 501, f"does not implement {method} {path}")

@@ -82,6 +82,15 @@ class Api:
     def path(self, *parts: str) -> str:
         return "/api/v1/namespaces/" + "/".join([self.namespace, *parts])
 
+    def entity(self, collection: str, name: str) -> str:
+        """The path of ``name``, ``pkg/name`` or a fully qualified ``/ns/[pkg/]name`` in ``collection``."""
+        if name.startswith("/"):
+            ns, _, rest = name[1:].partition("/")
+            if not ns or not rest:
+                raise CliError(f"{name!r} is not a fully qualified name /namespace/[package/]name")
+            return "/api/v1/namespaces/" + "/".join([ns, collection, rest])
+        return self.path(collection, name)
+
     async def call(
         self,
         method: str,
@@ -387,20 +396,20 @@ async def cmd_action_put(api: Api, args: argparse.Namespace, console: Console) -
     overwrite = "false" if create else "true"
     if args.verb == "deploy" or update:
         overwrite = "true"
-    action = await api.json("PUT", api.path("actions", args.name), params={"overwrite": overwrite}, body=body)
+    action = await api.json("PUT", api.entity("actions", args.name), params={"overwrite": overwrite}, body=body)
     verb = "created" if create else "updated" if update else "deployed"
     console.print(f"[green]ok:[/] {verb} action [bold]{action['name']}[/] (version {action['version']})")
     return EXIT_OK
 
 
 async def cmd_action_get(api: Api, args: argparse.Namespace, console: Console) -> int:
-    action = await api.json("GET", api.path("actions", args.name), params={"code": str(args.code).lower()})
+    action = await api.json("GET", api.entity("actions", args.name), params={"code": str(args.code).lower()})
     _print_json(console, action)
     return EXIT_OK
 
 
 async def cmd_action_delete(api: Api, args: argparse.Namespace, console: Console) -> int:
-    await api.call("DELETE", api.path("actions", args.name))
+    await api.call("DELETE", api.entity("actions", args.name))
     console.print(f"[green]ok:[/] deleted action [bold]{args.name}[/]")
     return EXIT_OK
 
@@ -447,7 +456,9 @@ async def cmd_invoke(api: Api, args: argparse.Namespace, console: Console) -> in
     payload = _pairs(args.param, args.param_file)
     blocking = args.blocking or args.result
     params = {"blocking": str(blocking).lower(), "result": str(args.result).lower()}
-    resp = await api.call("POST", api.path("actions", args.name), params=params, body=payload, ok=(200, 202, 500, 502))
+    resp = await api.call(
+        "POST", api.entity("actions", args.name), params=params, body=payload, ok=(200, 202, 500, 502)
+    )
     if not blocking:
         act_id = resp.json()["activationId"]
         console.print(f"[green]ok:[/] invoked /{api.namespace}/{args.name} with id {act_id}")
@@ -594,6 +605,48 @@ async def cmd_trigger(api: Api, args: argparse.Namespace, console: Console) -> i
     return EXIT_OK
 
 
+async def cmd_package(api: Api, args: argparse.Namespace, console: Console) -> int:
+    from rich.table import Table
+
+    verb = args.verb
+    if verb in ("create", "update", "bind"):
+        body: dict[str, Any] = {}
+        if args.param or args.param_file:
+            body["parameters"] = _kv(_pairs(args.param, args.param_file))
+        if args.annotation:
+            body["annotations"] = _kv(_pairs(args.annotation))
+        if verb == "bind":
+            ns, _, target = args.package.lstrip("/").rpartition("/") if args.package.startswith("/") else ("", "", "")
+            body["binding"] = {"namespace": ns or "_", "name": target or args.package}
+        elif args.shared is not None:
+            body["publish"] = args.shared == "yes"
+        overwrite = "true" if verb == "update" else "false"
+        pkg = await api.json("PUT", api.entity("packages", args.name), params={"overwrite": overwrite}, body=body)
+        done = {"create": "created", "update": "updated", "bind": "created binding"}[verb]
+        console.print(f"[green]ok:[/] {done} package [bold]{pkg['name']}[/] (version {pkg['version']})")
+    elif verb == "get":
+        _print_json(console, await api.json("GET", api.entity("packages", args.name)))
+    elif verb == "delete":
+        await api.call("DELETE", api.entity("packages", args.name))
+        console.print(f"[green]ok:[/] deleted package [bold]{args.name}[/]")
+    else:
+        where = api.path("packages")
+        if args.namespace_path:
+            where = f"/api/v1/namespaces/{args.namespace_path.strip('/')}/packages"
+        pkgs = await api.json("GET", where, params={"limit": args.limit})
+        if args.json:
+            _print_json(console, pkgs)
+            return EXIT_OK
+        table = Table("package", "shared", "binding", "parameters", title="packages")
+        for p in pkgs:
+            b = p.get("binding") or {}
+            bound = f"/{b['namespace']}/{b['name']}" if b else "-"
+            params = {x["key"]: x["value"] for x in p.get("parameters", [])}
+            table.add_row(f"/{p['namespace']}/{p['name']}", "yes" if p.get("publish") else "no", bound, _brief(params))
+        console.print(table)
+    return EXIT_OK
+
+
 async def cmd_rule(api: Api, args: argparse.Namespace, console: Console) -> int:
     from rich.table import Table
 
@@ -704,7 +757,7 @@ async def cmd_invoke_batch(api: Api, args: argparse.Namespace, console: Console)
                 try:
                     resp = await api.call(
                         "POST",
-                        api.path("actions", args.name),
+                        api.entity("actions", args.name),
                         params={"blocking": "true"},
                         body=payload(f),
                         ok=(200, 202, 500, 502),
@@ -1106,6 +1159,27 @@ def build_parser() -> argparse.ArgumentParser:
     tv_choices: dict[str, argparse.ArgumentParser] = tv.choices
     for p in tv_choices.values():
         p.set_defaults(call=cmd_trigger)
+
+    pkg = verbs.add_parser("package", help="create, update, bind, get, list or delete packages")
+    pv = pkg.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for name in ("create", "update", "bind"):
+        p = verb(pv, name, "bind PACKAGE to a new binding NAME" if name == "bind" else f"{name} a package")
+        if name == "bind":
+            p.add_argument("package", help="the package to bind: name or /namespace/name")
+        p.add_argument("name")
+        _params(p)
+        p.add_argument("-a", "--annotation", nargs=2, action="append", metavar=("KEY", "VALUE"))
+        if name != "bind":
+            p.add_argument("--shared", choices=("yes", "no"), help="publish it to other namespaces")
+    for name in ("get", "delete"):
+        p = verb(pv, name, f"{name} a package")
+        p.add_argument("name")
+    p = verb(pv, "list", "list packages")
+    p.add_argument("namespace_path", nargs="?", metavar="/NAMESPACE", help="another namespace (e.g. /whisk.system)")
+    p.add_argument("--limit", type=int, default=30)
+    pv_choices: dict[str, argparse.ArgumentParser] = pv.choices
+    for p in pv_choices.values():
+        p.set_defaults(call=cmd_package)
 
     rule = verbs.add_parser("rule", help="create, enable, disable, get, list or delete rules")
     rv = rule.add_subparsers(dest="verb", required=True, metavar="VERB")
