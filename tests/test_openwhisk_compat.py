@@ -6,16 +6,25 @@ background thread, driven with httpx as OpenWhisk's clients drive OpenWhisk (see
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import anyio
 import httpx
 import pytest
+from anyio.from_thread import start_blocking_portal
 
+import minifaas
+from minifaas._server.app import ServerHandle, serve
+from minifaas.testing import FakeClock
 from tests.test_cli import ok, run
 from tests.test_server import API, HEX32, NS, assert_error, client, put_action, server_thread, wait_ended
 
@@ -367,3 +376,223 @@ def test_empty_code_is_taken_and_fails_at_init(http: httpx.Client) -> None:
 def test_unimplemented_endpoints_answer_501_with_their_name(http: httpx.Client, method: str, path: str) -> None:
     r = http.request(method, path, json={} if method != "GET" else None)
     assert_error(r, 501, f"does not implement {method} {path}")
+
+
+# -- the system catalog --------------------------------------------------------------------------------------
+SYS = f"{API}/namespaces/whisk.system"
+
+
+@pytest.mark.parametrize(
+    ("action", "args", "expected"),
+    [
+        pytest.param("echo", {"payload": "Five fuzzy felines"}, {"payload": "Five fuzzy felines"}, id="echo"),
+        pytest.param("cat", {"lines": [4, 2, 3]}, {"lines": [4, 2, 3], "payload": "4\n2\n3"}, id="cat"),
+        pytest.param("sort", {"lines": [4, 2, 3]}, {"lines": [2, 3, 4], "length": 3}, id="sort"),
+        pytest.param("sort", {"lines": [10, 9, 1]}, {"lines": [1, 10, 9], "length": 3}, id="sort-as-javascript"),
+        pytest.param("head", {"lines": [4, 2, 3], "num": 2}, {"lines": [4, 2], "num": 2}, id="head"),
+        pytest.param("head", {"lines": [4, 2, 3]}, {"lines": [4], "num": 1}, id="head-default"),
+        pytest.param(
+            "split",
+            {"payload": "one,two,three", "separator": ","},
+            {"lines": ["one", "two", "three"], "payload": "one,two,three"},
+            id="split",
+        ),
+        pytest.param("split", {"payload": "a\r\nb\nc"}, {"lines": ["a", "b", "c"], "payload": "a\r\nb\nc"}, id="lines"),
+        pytest.param("namespace", {}, {"namespace": "guest"}, id="namespace"),
+    ],
+)
+def test_utils_catalog_actions(http: httpx.Client, action: str, args: dict[str, Any], expected: Any) -> None:
+    r = http.post(f"{SYS}/actions/utils/{action}", params={"blocking": "true"}, json=args)
+    assert r.status_code == 200, r.text
+    record = r.json()
+    assert record["response"]["result"] == expected
+    assert record["namespace"] == "guest" and ann(record)["path"] == f"whisk.system/utils/{action}"
+
+
+def test_utils_date_is_now(http: httpx.Client) -> None:
+    r = http.post(f"{SYS}/actions/utils/date", params={"blocking": "true", "result": "true"}, json={})
+    stamp = r.json()["date"]
+    assert (
+        stamp.endswith("Z") and abs(datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp() - time.time()) < 60
+    )
+
+
+def test_system_namespace_is_read_only_and_publish_is_honoured(http: httpx.Client) -> None:
+    names = [p["name"] for p in http.get(f"{SYS}/packages").json()]
+    assert names == ["alarms", "utils"]  # alarmsWeb is not published
+    assert_error(http.get(f"{SYS}/packages/alarmsWeb"), 403, "not authorized")
+    assert_error(http.post(f"{SYS}/actions/alarmsWeb/alarmWebAction", json={}), 403, "not authorized")
+    assert_error(http.get(f"{SYS}/actions/alarmsWeb/alarmWebAction"), 403, "not authorized")
+    utils = http.get(f"{SYS}/packages/utils").json()
+    assert utils["publish"] is True and {a["name"] for a in utils["actions"]} >= {"echo", "cat", "split"}
+    alarms = http.get(f"{SYS}/packages/alarms").json()
+    assert {f["name"] for f in alarms["feeds"]} == {"alarm", "interval", "once"}
+    listed = {a["name"] for a in http.get(f"{SYS}/actions").json()}
+    assert "echo" in listed and "alarmWebAction" not in listed
+    assert not [a for a in http.get(f"{NS}/actions").json() if a["namespace"].startswith("whisk.system")]
+    # writes are refused
+    assert_error(http.put(f"{SYS}/actions/utils/echo", params={"overwrite": "true"}, json={}), 403, "read-only")
+    assert_error(http.delete(f"{SYS}/actions/utils/echo"), 403, "read-only")
+    assert_error(http.put(f"{SYS}/packages/mine", json={}), 403, "read-only")
+    assert_error(http.delete(f"{SYS}/packages/utils"), 403, "read-only")
+    # bindings: to a published package of another namespace, not to an unpublished one
+    r = put_package(http, "my-utils", overwrite=True, binding={"namespace": "whisk.system", "name": "utils"})
+    assert r.status_code == 200, r.text
+    put_package(http, "my-utils", overwrite=True, parameters=kv(payload="bound"))
+    assert invoke(http, "my-utils/echo", result="true").json() == {"payload": "bound"}
+    assert invoke(http, "my-utils/echo", {"payload": "mine"}, result="true").json() == {"payload": "mine"}
+    bad = put_package(http, "my-web", binding={"namespace": "whisk.system", "name": "alarmsWeb"})
+    assert_error(bad, 403, "not authorized")
+    # fully qualified names of the catalog in sequences
+    put_sequence(http, "cat-seq", ["/whisk.system/utils/split", "/whisk.system/utils/sort", "/_/my-utils/echo"])
+    out = invoke(http, "cat-seq", {"payload": "c b a", "separator": " "}, result="true").json()
+    assert out == {"lines": ["a", "b", "c"], "length": 3, "payload": "bound"}
+
+
+@contextlib.asynccontextmanager
+async def fake_clock_serving(clock: FakeClock) -> AsyncIterator[tuple[minifaas.Engine, ServerHandle]]:
+    async with minifaas.Engine(clock=clock) as engine, anyio.create_task_group() as tg:
+        handle: ServerHandle = await tg.start(functools.partial(serve, engine, "127.0.0.1", 0))
+        try:
+            yield engine, handle
+        finally:
+            handle.stop()
+
+
+@pytest.fixture(scope="module")
+def clocked() -> Iterator[SimpleNamespace]:
+    clock = FakeClock()
+    with (
+        start_blocking_portal("asyncio") as portal,
+        portal.wrap_async_context_manager(fake_clock_serving(clock)) as (engine, handle),
+        client(handle) as http,
+    ):
+        yield SimpleNamespace(portal=portal, engine=engine, handle=handle, clock=clock, http=http)
+
+
+def feed(s: SimpleNamespace, kind: str, event: str, trigger: str, **params: Any) -> httpx.Response:
+    body = {"lifecycleEvent": event, "triggerName": f"/_/{trigger}", "authKey": s.handle.auth, **params}
+    return s.http.post(f"{SYS}/actions/alarms/{kind}", params={"blocking": "true"}, json=body)
+
+
+def fired(s: SimpleNamespace, action: str) -> list[dict[str, Any]]:
+    got: list[dict[str, Any]] = s.http.get(f"{NS}/activations", params={"name": action, "docs": "true"}).json()
+    return got
+
+
+def advance_until(s: SimpleNamespace, action: str, n: int, seconds: float) -> list[dict[str, Any]]:
+    """Move the fake clock ``seconds`` forward, then wait (real time) for ``n`` activations of ``action``."""
+    s.portal.call(s.clock.advance, seconds)
+    deadline = time.monotonic() + 30
+    while len(got := fired(s, action)) < n:
+        assert time.monotonic() < deadline, f"{action}: {len(got)} activations, expected {n}"
+        time.sleep(0.05)
+    return got
+
+
+def settle_and_count(s: SimpleNamespace, action: str, seconds: float) -> int:
+    s.portal.call(s.clock.advance, seconds)
+    time.sleep(0.5)  # a wrong fire would be submitted within this (the fake clock woke the feed at once)
+    return len(fired(s, action))
+
+
+def setup_trigger(s: SimpleNamespace, name: str, kind: str) -> None:
+    put_action(s.http, f"{name}-a", ECHO_ARGS, overwrite=True)
+    annotations = kv(feed=f"/whisk.system/alarms/{kind}")
+    over = {"overwrite": "true"}
+    assert s.http.put(f"{NS}/triggers/{name}", params=over, json={"annotations": annotations}).status_code == 200
+    rule = {"trigger": name, "action": f"{name}-a"}
+    assert s.http.put(f"{NS}/rules/{name}-r", params=over, json=rule).status_code == 200
+
+
+def test_interval_feed_lifecycle(clocked: SimpleNamespace) -> None:
+    s = clocked
+    setup_trigger(s, "fi", "interval")
+    r = feed(s, "interval", "CREATE", "fi", minutes=1, trigger_payload={"x": 1})
+    assert r.status_code == 200, r.text
+    got = advance_until(s, "fi-a", 1, 60)
+    assert got[0]["response"]["result"]["x"] == 1 and "scheduled" in got[0]["response"]["result"]
+    read = feed(s, "interval", "READ", "fi").json()["response"]["result"]
+    assert read["config"]["minutes"] == 1 and read["config"]["payload"] == {"x": 1}
+    assert read["status"]["active"] is True
+    assert feed(s, "interval", "PAUSE", "fi").status_code == 200
+    assert feed(s, "interval", "READ", "fi").json()["response"]["result"]["status"]["active"] is False
+    assert settle_and_count(s, "fi-a", 60) == 1
+    assert feed(s, "interval", "UNPAUSE", "fi").status_code == 200
+    advance_until(s, "fi-a", 2, 60)
+    assert feed(s, "interval", "UPDATE", "fi", minutes=2).status_code == 200
+    assert feed(s, "interval", "READ", "fi").json()["response"]["result"]["config"]["minutes"] == 2
+    assert settle_and_count(s, "fi-a", 60) == 2
+    advance_until(s, "fi-a", 3, 60)
+    assert feed(s, "interval", "DELETE", "fi").status_code == 200
+    assert settle_and_count(s, "fi-a", 120) == 3
+    r = feed(s, "interval", "READ", "fi")
+    assert r.status_code == 502 and "no alarm feed" in r.json()["response"]["result"]["error"]
+
+
+def test_deleting_the_trigger_stops_its_feed(clocked: SimpleNamespace) -> None:
+    s = clocked
+    setup_trigger(s, "fd", "alarm")
+    assert feed(s, "alarm", "CREATE", "fd", cron="* * * * *").status_code == 200
+    advance_until(s, "fd-a", 1, 60)
+    assert s.http.delete(f"{NS}/triggers/fd").status_code == 200
+    assert settle_and_count(s, "fd-a", 120) == 1
+
+
+def test_once_feed_fires_once(clocked: SimpleNamespace) -> None:
+    s = clocked
+    setup_trigger(s, "fo", "once")
+    at = datetime.fromtimestamp(s.clock.now() + 30, UTC).isoformat()
+    assert feed(s, "once", "CREATE", "fo", date=at, trigger_payload='{"y": 2}').status_code == 200
+    got = advance_until(s, "fo-a", 1, 30)
+    assert got[0]["response"]["result"]["y"] == 2
+    assert settle_and_count(s, "fo-a", 600) == 1
+
+
+@pytest.mark.parametrize(
+    ("kind", "params", "fragment"),
+    [
+        pytest.param("interval", {"minutes": 0}, "minutes", id="minutes"),
+        pytest.param("alarm", {"cron": "* * *"}, "cron", id="cron"),
+        pytest.param("once", {"date": "someday"}, "date", id="date"),
+        pytest.param("interval", {"minutes": 1, "stopDate": "2030-01-01"}, "not supported", id="stopDate"),
+        pytest.param("interval", {"minutes": 1, "authKey": "x:y"}, "authKey", id="authKey"),
+        pytest.param("interval", {"minutes": 1, "triggerName": "/bob/t"}, "not a trigger", id="foreign"),
+        pytest.param("interval", {"minutes": 1, "triggerName": "/_/fx-missing"}, "does not exist", id="missing"),
+        pytest.param("interval", {"lifecycleEvent": "EXPLODE"}, "lifecycleEvent", id="event"),
+    ],
+)
+def test_feed_rejects(clocked: SimpleNamespace, kind: str, params: dict[str, Any], fragment: str) -> None:
+    setup_trigger(clocked, "fx", kind)
+    r = feed(clocked, kind, "CREATE", "fx", **params)
+    assert r.status_code == 502, r.text
+    assert fragment in r.json()["response"]["result"]["error"]
+    assert clocked.portal.call(lambda: clocked.engine.triggers.list_feeds("fx")) == []
+
+
+def test_user_actions_cannot_call_the_feed_service(http: httpx.Client) -> None:
+    code = (
+        "import minifaas_sandbox\n"
+        "def main(args):\n"
+        "    return minifaas_sandbox.host_call('whisk.alarms', {'lifecycleEvent': 'DELETE', 'feedKind': 'interval',"
+        " 'triggerName': '/_/t'})\n"
+    )
+    put_action(http, "sneaky", code, overwrite=True)
+    r = invoke(http, "sneaky")
+    assert r.status_code == 502 and "not available to this function" in json.dumps(r.json()["response"]["result"])
+
+
+def test_cli_trigger_with_a_feed(server: SimpleNamespace) -> None:
+    env = cli_env(server)
+    feeds = server.engine.triggers.list_feeds
+    ok(run("trigger", "create", "ct", "--feed", "/whisk.system/alarms/interval", "-p", "minutes", "5", env=env))
+    made = server.portal.call(lambda: feeds("ct"))
+    assert len(made) == 1 and made[0].options["interval_s"] == 300.0
+    got = json.loads(ok(run("trigger", "get", "ct", env=env)))
+    assert {"key": "feed", "value": "/whisk.system/alarms/interval"} in got["annotations"] and got["parameters"] == []
+    ok(run("trigger", "delete", "ct", env=env))
+    assert server.portal.call(lambda: feeds("ct")) == []
+    # a feed that refuses its parameters leaves no trigger behind
+    bad = run("trigger", "create", "ct2", "--feed", "/whisk.system/alarms/interval", "-p", "minutes", "0", env=env)
+    assert bad.returncode != 0 and "minutes" in bad.stderr + bad.stdout
+    assert run("trigger", "get", "ct2", env=env).returncode != 0

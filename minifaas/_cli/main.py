@@ -75,9 +75,11 @@ CliError.__module__ = "minifaas"
 class Api:
     """A thin REST client: paths under the namespace, OpenWhisk error bodies turned into CliError."""
 
-    def __init__(self, client: httpx.AsyncClient, namespace: str) -> None:
+    def __init__(self, client: httpx.AsyncClient, namespace: str, auth: str | None = None) -> None:
         self.client = client
         self.namespace = namespace
+        #: the ``uuid:key`` the client uses (a feed action is given it as ``authKey``)
+        self.auth = auth
 
     def path(self, *parts: str) -> str:
         return "/api/v1/namespaces/" + "/".join([self.namespace, *parts])
@@ -210,7 +212,7 @@ async def connect(args: argparse.Namespace) -> AsyncIterator[Api]:
     # loading the CA bundle costs a tenth of a second per command: only https needs it
     verify = apihost.startswith("https://")
     async with httpx.AsyncClient(base_url=apihost, auth=basic, timeout=HTTP_TIMEOUT_S, verify=verify) as client:
-        yield Api(client, args.namespace)
+        yield Api(client, args.namespace, auth)
 
 
 # -- small helpers -------------------------------------------------------------------------------------------
@@ -569,12 +571,23 @@ async def cmd_trigger(api: Api, args: argparse.Namespace, console: Console) -> i
 
     verb = args.verb
     if verb == "create":
-        body: dict[str, Any] = {"parameters": _kv(_pairs(args.param, args.param_file))}
-        if args.annotation:
-            body["annotations"] = _kv(_pairs(args.annotation))
+        params = _pairs(args.param, args.param_file)
+        # with --feed the parameters are the feed's (as wsk's): the trigger is made, then the feed told to CREATE
+        body: dict[str, Any] = {"parameters": [] if args.feed else _kv(params)}
+        annotations = _pairs(args.annotation) if args.annotation else {}
+        if args.feed:
+            annotations["feed"] = args.feed
+        if annotations:
+            body["annotations"] = _kv(annotations)
         if args.rate is not None:
             body["limits"] = {"rate_per_minute": args.rate or None}
         await api.call("PUT", api.path("triggers", args.name), params={"overwrite": "false"}, body=body)
+        if args.feed:
+            try:
+                await _feed_event(api, args.feed, "CREATE", args.name, params)
+            except CliError:
+                await api.call("DELETE", api.path("triggers", args.name), ok=(200, 404))
+                raise
         console.print(f"[green]ok:[/] created trigger [bold]{args.name}[/]")
     elif verb == "fire":
         resp = await api.call(
@@ -589,6 +602,10 @@ async def cmd_trigger(api: Api, args: argparse.Namespace, console: Console) -> i
     elif verb == "get":
         _print_json(console, await api.json("GET", api.path("triggers", args.name)))
     elif verb == "delete":
+        trigger = await api.json("GET", api.path("triggers", args.name))
+        feed = next((a["value"] for a in trigger.get("annotations", []) if a.get("key") == "feed"), None)
+        if isinstance(feed, str):
+            await _feed_event(api, feed, "DELETE", args.name, {})
         await api.call("DELETE", api.path("triggers", args.name))
         console.print(f"[green]ok:[/] deleted trigger [bold]{args.name}[/]")
     else:
@@ -645,6 +662,17 @@ async def cmd_package(api: Api, args: argparse.Namespace, console: Console) -> i
             table.add_row(f"/{p['namespace']}/{p['name']}", "yes" if p.get("publish") else "no", bound, _brief(params))
         console.print(table)
     return EXIT_OK
+
+
+async def _feed_event(api: Api, feed: str, event: str, trigger: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Invoke a feed action with OpenWhisk's lifecycle event for ``trigger``; a failed one is a CliError."""
+    body = {**params, "lifecycleEvent": event, "triggerName": f"/_/{trigger}", "authKey": api.auth}
+    resp = await api.call("POST", api.entity("actions", feed), params={"blocking": "true"}, body=body, ok=(200, 502))
+    record = resp.json()
+    result = record.get("response", {}).get("result", {})
+    if resp.status_code != 200:
+        raise CliError(f"feed {feed} refused {event} for trigger {trigger}: {result.get('error', result)}")
+    return dict(result)
 
 
 async def cmd_rule(api: Api, args: argparse.Namespace, console: Console) -> int:
@@ -1148,6 +1176,9 @@ def build_parser() -> argparse.ArgumentParser:
     _params(p)
     p.add_argument("-a", "--annotation", nargs=2, action="append", metavar=("KEY", "VALUE"))
     p.add_argument("--rate", type=int, metavar="PER_MINUTE", help="fire rate limit (0: none; default 60)")
+    p.add_argument(
+        "--feed", metavar="ACTION", help="a feed action, e.g. /whisk.system/alarms/interval (-p: its params)"
+    )
     p = verb(tv, "fire", "fire a trigger")
     p.add_argument("name")
     _params(p)

@@ -68,6 +68,7 @@ from .._errors import (
     PayloadTooLarge,
     TriggerError,
 )
+from .catalog import install_catalog
 from .entity_versions import VERSIONS_FILE, EntityVersions
 from .httpguard import write_refusal
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -484,6 +485,8 @@ class _Api:
         self.packages.load()
         engine.set_resolver(self.packages.resolve)
         self.package_routes = PackageRoutes(self, engine, self.packages)
+        #: the server's ``uuid:key`` (the feed actions check the ``authKey`` they are given against it)
+        self.auth: str | None = None
         self.versions = EntityVersions(Path(state_dir) / VERSIONS_FILE if state_dir is not None else None)
 
     # -- helpers ---------------------------------------------------------------------------------------------
@@ -548,6 +551,8 @@ class _Api:
         if self._restored:
             return 0
         self._restored = True
+        # the system catalog first: saved sequences and bindings may name its actions
+        await install_catalog(self.engine, self.packages, self.auth)
         n = 0
         saved = await anyio.to_thread.run_sync(self.actions.saved)
         for name, body in sorted(saved, key=lambda nb: nb[1].kind == SEQUENCE_KIND):
@@ -1180,6 +1185,7 @@ def create_app(
     if auth is not None and (":" not in auth or auth.startswith(":")):
         raise ValueError("auth must look like 'uuid:key' (OpenWhisk's format)")
     api = _Api(engine, namespace=namespace, blocking_wait_s=blocking_wait_s)
+    api.auth = auth
     ns = f"{API_PREFIX}/namespaces/{{ns}}"
     routes: list[BaseRoute] = [
         Route("/ping", api.ping, methods=["GET"]),

@@ -216,7 +216,7 @@ class PackageRoutes:
 
         ns = self.api.ns(request)
         name = str(request.path_params["name"])
-        if not _name_ok(name):
+        if not _name_ok(name) or name == SYSTEM_NS:
             raise ApiError(400, f"invalid package name {name!r}: use letters, digits, _ . - (first not . or -)")
         doc = await _read_json(request, self.api.budget, max_bytes=MAX_SMALL_BODY_BYTES, empty={})
         if not isinstance(doc, dict):
