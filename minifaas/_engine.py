@@ -243,6 +243,8 @@ class Engine:
         #: composition name -> how its conditions read a value ("js" truthiness unless deployed "strict")
         self._conditions: dict[str, str] = {}
         self._session_done: dict[str, anyio.Event] = {}
+        #: what a sandbox may ask of the host (``minifaas_sandbox.host_call``), by method name
+        self._services: dict[str, HostService] = {}
         #: OpenWhisk sequences (``deploy_sequence``), by name
         self._sequences: dict[str, SequenceSpec] = {}
         #: ``ref -> (name, default parameters)``: the dev server's packages and bindings (see ``set_resolver``)
@@ -315,7 +317,8 @@ class Engine:
                 if start_in is not None:
                     await start_in(tg)
                 stack.push_async_callback(self._close_launcher)
-                services: dict[str, HostService] = {"model.fetch": self._svc_model_fetch}
+                services = self._services
+                services["model.fetch"] = self._svc_model_fetch
                 self._pool = Pool(
                     tg,
                     self._launcher,
@@ -566,7 +569,9 @@ class Engine:
         if modules:
             raise DeployError("modules=[...] goes with a callable: deploy(name, fn, modules=[...])")
         if not isinstance(name, str) or not NAME_RE.match(name):
-            raise DeployError(f"invalid function name {name!r}: use letters, digits, '_', '-', '.'")
+            raise DeployError(
+                f"invalid function name {name!r}: use letters, digits, '_', '-', '.' ('/' only after a package name)"
+            )
         if not isinstance(main, str) or not main.isidentifier():
             raise DeployError(f"invalid main {main!r}: it must be a Python identifier")
         if style not in ("openwhisk", "lambda"):
@@ -1189,6 +1194,18 @@ class Engine:
 
             self._model_store = ModelStore(self._model_root())
         return self._model_store
+
+    def add_host_service(self, method: str, service: HostService, *, callers: Callable[[str], bool]) -> None:
+        """Let sandboxes call ``service(args)`` by ``minifaas_sandbox.host_call(method, args)``; only functions
+        whose name ``callers(name)`` accepts may (the host knows which function asks, a sandbox cannot lie)."""
+
+        async def guarded(args: dict[str, Any]) -> Any:
+            spec = self._caller_spec(args.get(CALLER_ARG))
+            if spec is None or not callers(spec.name):
+                raise PermissionError(f"host service {method!r} is not available to this function")
+            return await service({k: v for k, v in args.items() if k != CALLER_ARG})
+
+        self._services[method] = guarded
 
     def add_end_hook(self, hook: Callable[[Activation], None]) -> None:
         """Call ``hook(activation)`` whenever an activation ends (metrics, live UIs)."""

@@ -75,12 +75,23 @@ CliError.__module__ = "minifaas"
 class Api:
     """A thin REST client: paths under the namespace, OpenWhisk error bodies turned into CliError."""
 
-    def __init__(self, client: httpx.AsyncClient, namespace: str) -> None:
+    def __init__(self, client: httpx.AsyncClient, namespace: str, auth: str | None = None) -> None:
         self.client = client
         self.namespace = namespace
+        #: the ``uuid:key`` the client uses (a feed action is given it as ``authKey``)
+        self.auth = auth
 
     def path(self, *parts: str) -> str:
         return "/api/v1/namespaces/" + "/".join([self.namespace, *parts])
+
+    def entity(self, collection: str, name: str) -> str:
+        """The path of ``name``, ``pkg/name`` or a fully qualified ``/ns/[pkg/]name`` in ``collection``."""
+        if name.startswith("/"):
+            ns, _, rest = name[1:].partition("/")
+            if not ns or not rest:
+                raise CliError(f"{name!r} is not a fully qualified name /namespace/[package/]name")
+            return "/api/v1/namespaces/" + "/".join([ns, collection, rest])
+        return self.path(collection, name)
 
     async def call(
         self,
@@ -201,7 +212,7 @@ async def connect(args: argparse.Namespace) -> AsyncIterator[Api]:
     # loading the CA bundle costs a tenth of a second per command: only https needs it
     verify = apihost.startswith("https://")
     async with httpx.AsyncClient(base_url=apihost, auth=basic, timeout=HTTP_TIMEOUT_S, verify=verify) as client:
-        yield Api(client, args.namespace)
+        yield Api(client, args.namespace, auth)
 
 
 # -- small helpers -------------------------------------------------------------------------------------------
@@ -387,20 +398,20 @@ async def cmd_action_put(api: Api, args: argparse.Namespace, console: Console) -
     overwrite = "false" if create else "true"
     if args.verb == "deploy" or update:
         overwrite = "true"
-    action = await api.json("PUT", api.path("actions", args.name), params={"overwrite": overwrite}, body=body)
+    action = await api.json("PUT", api.entity("actions", args.name), params={"overwrite": overwrite}, body=body)
     verb = "created" if create else "updated" if update else "deployed"
     console.print(f"[green]ok:[/] {verb} action [bold]{action['name']}[/] (version {action['version']})")
     return EXIT_OK
 
 
 async def cmd_action_get(api: Api, args: argparse.Namespace, console: Console) -> int:
-    action = await api.json("GET", api.path("actions", args.name), params={"code": str(args.code).lower()})
+    action = await api.json("GET", api.entity("actions", args.name), params={"code": str(args.code).lower()})
     _print_json(console, action)
     return EXIT_OK
 
 
 async def cmd_action_delete(api: Api, args: argparse.Namespace, console: Console) -> int:
-    await api.call("DELETE", api.path("actions", args.name))
+    await api.call("DELETE", api.entity("actions", args.name))
     console.print(f"[green]ok:[/] deleted action [bold]{args.name}[/]")
     return EXIT_OK
 
@@ -447,7 +458,9 @@ async def cmd_invoke(api: Api, args: argparse.Namespace, console: Console) -> in
     payload = _pairs(args.param, args.param_file)
     blocking = args.blocking or args.result
     params = {"blocking": str(blocking).lower(), "result": str(args.result).lower()}
-    resp = await api.call("POST", api.path("actions", args.name), params=params, body=payload, ok=(200, 202, 500, 502))
+    resp = await api.call(
+        "POST", api.entity("actions", args.name), params=params, body=payload, ok=(200, 202, 500, 502)
+    )
     if not blocking:
         act_id = resp.json()["activationId"]
         console.print(f"[green]ok:[/] invoked /{api.namespace}/{args.name} with id {act_id}")
@@ -558,12 +571,23 @@ async def cmd_trigger(api: Api, args: argparse.Namespace, console: Console) -> i
 
     verb = args.verb
     if verb == "create":
-        body: dict[str, Any] = {"parameters": _kv(_pairs(args.param, args.param_file))}
-        if args.annotation:
-            body["annotations"] = _kv(_pairs(args.annotation))
+        params = _pairs(args.param, args.param_file)
+        # with --feed the parameters are the feed's (as wsk's): the trigger is made, then the feed told to CREATE
+        body: dict[str, Any] = {"parameters": [] if args.feed else _kv(params)}
+        annotations = _pairs(args.annotation) if args.annotation else {}
+        if args.feed:
+            annotations["feed"] = args.feed
+        if annotations:
+            body["annotations"] = _kv(annotations)
         if args.rate is not None:
             body["limits"] = {"rate_per_minute": args.rate or None}
         await api.call("PUT", api.path("triggers", args.name), params={"overwrite": "false"}, body=body)
+        if args.feed:
+            try:
+                await _feed_event(api, args.feed, "CREATE", args.name, params)
+            except CliError:
+                await api.call("DELETE", api.path("triggers", args.name), ok=(200, 404))
+                raise
         console.print(f"[green]ok:[/] created trigger [bold]{args.name}[/]")
     elif verb == "fire":
         resp = await api.call(
@@ -578,6 +602,10 @@ async def cmd_trigger(api: Api, args: argparse.Namespace, console: Console) -> i
     elif verb == "get":
         _print_json(console, await api.json("GET", api.path("triggers", args.name)))
     elif verb == "delete":
+        trigger = await api.json("GET", api.path("triggers", args.name))
+        feed = next((a["value"] for a in trigger.get("annotations", []) if a.get("key") == "feed"), None)
+        if isinstance(feed, str):
+            await _feed_event(api, feed, "DELETE", args.name, {})
         await api.call("DELETE", api.path("triggers", args.name))
         console.print(f"[green]ok:[/] deleted trigger [bold]{args.name}[/]")
     else:
@@ -592,6 +620,59 @@ async def cmd_trigger(api: Api, args: argparse.Namespace, console: Console) -> i
             table.add_row(t["name"], _verbatim(_brief(params)), rules or "-")
         console.print(table)
     return EXIT_OK
+
+
+async def cmd_package(api: Api, args: argparse.Namespace, console: Console) -> int:
+    from rich.table import Table
+
+    verb = args.verb
+    if verb in ("create", "update", "bind"):
+        body: dict[str, Any] = {}
+        if args.param or args.param_file:
+            body["parameters"] = _kv(_pairs(args.param, args.param_file))
+        if args.annotation:
+            body["annotations"] = _kv(_pairs(args.annotation))
+        if verb == "bind":
+            ns, _, target = args.package.lstrip("/").rpartition("/") if args.package.startswith("/") else ("", "", "")
+            body["binding"] = {"namespace": ns or "_", "name": target or args.package}
+        elif args.shared is not None:
+            body["publish"] = args.shared == "yes"
+        overwrite = "true" if verb == "update" else "false"
+        pkg = await api.json("PUT", api.entity("packages", args.name), params={"overwrite": overwrite}, body=body)
+        done = {"create": "created", "update": "updated", "bind": "created binding"}[verb]
+        console.print(f"[green]ok:[/] {done} package [bold]{pkg['name']}[/] (version {pkg['version']})")
+    elif verb == "get":
+        _print_json(console, await api.json("GET", api.entity("packages", args.name)))
+    elif verb == "delete":
+        await api.call("DELETE", api.entity("packages", args.name))
+        console.print(f"[green]ok:[/] deleted package [bold]{args.name}[/]")
+    else:
+        where = api.path("packages")
+        if args.namespace_path:
+            where = f"/api/v1/namespaces/{args.namespace_path.strip('/')}/packages"
+        pkgs = await api.json("GET", where, params={"limit": args.limit})
+        if args.json:
+            _print_json(console, pkgs)
+            return EXIT_OK
+        table = Table("package", "shared", "binding", "parameters", title="packages")
+        for p in pkgs:
+            b = p.get("binding") or {}
+            bound = f"/{b['namespace']}/{b['name']}" if b else "-"
+            params = {x["key"]: x["value"] for x in p.get("parameters", [])}
+            table.add_row(f"/{p['namespace']}/{p['name']}", "yes" if p.get("publish") else "no", bound, _brief(params))
+        console.print(table)
+    return EXIT_OK
+
+
+async def _feed_event(api: Api, feed: str, event: str, trigger: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Invoke a feed action with OpenWhisk's lifecycle event for ``trigger``; a failed one is a CliError."""
+    body = {**params, "lifecycleEvent": event, "triggerName": f"/_/{trigger}", "authKey": api.auth}
+    resp = await api.call("POST", api.entity("actions", feed), params={"blocking": "true"}, body=body, ok=(200, 502))
+    record = resp.json()
+    result = record.get("response", {}).get("result", {})
+    if resp.status_code != 200:
+        raise CliError(f"feed {feed} refused {event} for trigger {trigger}: {result.get('error', result)}")
+    return dict(result)
 
 
 async def cmd_rule(api: Api, args: argparse.Namespace, console: Console) -> int:
@@ -704,7 +785,7 @@ async def cmd_invoke_batch(api: Api, args: argparse.Namespace, console: Console)
                 try:
                     resp = await api.call(
                         "POST",
-                        api.path("actions", args.name),
+                        api.entity("actions", args.name),
                         params={"blocking": "true"},
                         body=payload(f),
                         ok=(200, 202, 500, 502),
@@ -1095,6 +1176,9 @@ def build_parser() -> argparse.ArgumentParser:
     _params(p)
     p.add_argument("-a", "--annotation", nargs=2, action="append", metavar=("KEY", "VALUE"))
     p.add_argument("--rate", type=int, metavar="PER_MINUTE", help="fire rate limit (0: none; default 60)")
+    p.add_argument(
+        "--feed", metavar="ACTION", help="a feed action, e.g. /whisk.system/alarms/interval (-p: its params)"
+    )
     p = verb(tv, "fire", "fire a trigger")
     p.add_argument("name")
     _params(p)
@@ -1106,6 +1190,27 @@ def build_parser() -> argparse.ArgumentParser:
     tv_choices: dict[str, argparse.ArgumentParser] = tv.choices
     for p in tv_choices.values():
         p.set_defaults(call=cmd_trigger)
+
+    pkg = verbs.add_parser("package", help="create, update, bind, get, list or delete packages")
+    pv = pkg.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for name in ("create", "update", "bind"):
+        p = verb(pv, name, "bind PACKAGE to a new binding NAME" if name == "bind" else f"{name} a package")
+        if name == "bind":
+            p.add_argument("package", help="the package to bind: name or /namespace/name")
+        p.add_argument("name")
+        _params(p)
+        p.add_argument("-a", "--annotation", nargs=2, action="append", metavar=("KEY", "VALUE"))
+        if name != "bind":
+            p.add_argument("--shared", choices=("yes", "no"), help="publish it to other namespaces")
+    for name in ("get", "delete"):
+        p = verb(pv, name, f"{name} a package")
+        p.add_argument("name")
+    p = verb(pv, "list", "list packages")
+    p.add_argument("namespace_path", nargs="?", metavar="/NAMESPACE", help="another namespace (e.g. /whisk.system)")
+    p.add_argument("--limit", type=int, default=30)
+    pv_choices: dict[str, argparse.ArgumentParser] = pv.choices
+    for p in pv_choices.values():
+        p.set_defaults(call=cmd_package)
 
     rule = verbs.add_parser("rule", help="create, enable, disable, get, list or delete rules")
     rv = rule.add_subparsers(dest="verb", required=True, metavar="VERB")
