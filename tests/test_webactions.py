@@ -574,3 +574,27 @@ def test_openwhisk_js_client_web_actions_and_routes(server: SimpleNamespace) -> 
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ALL OK" in proc.stdout, proc.stdout
+
+
+def test_web_actions_in_packages_and_bindings(http: httpx.Client, anon: httpx.Client) -> None:
+    def put_pkg(name: str, **body: Any) -> None:
+        r = http.put(f"{NS}/packages/{name}", params={"overwrite": "true"}, json=body)
+        assert r.status_code == 200, r.text
+
+    put_pkg("wp", parameters=[{"key": "a", "value": "pkg"}, {"key": "b", "value": "pkg"}])
+    put = put_action(http, "wp/show", ECHO, annotations=ann(web_export=True, final=True))
+    assert put.status_code == 200, put.text
+    put_pkg("wp-bound", binding={"namespace": "_", "name": "wp"}, parameters=[{"key": "b", "value": "binding"}])
+    direct = anon.get("/api/v1/web/guest/wp/show.json", params={"c": "query"})
+    assert direct.status_code == 200, direct.text
+    assert {k: direct.json()["args"][k] for k in "abc"} == {"a": "pkg", "b": "pkg", "c": "query"}
+    bound = anon.get("/api/v1/web/guest/wp-bound/show.json")
+    assert bound.status_code == 200, bound.text
+    assert {k: bound.json()["args"][k] for k in "ab"} == {"a": "pkg", "b": "binding"}
+    # final protects what the package and the binding give too
+    assert_ow_error(
+        anon.get("/api/v1/web/guest/wp-bound/show.json", params={"b": "caller"}),
+        400,
+        "Request defines parameters that are not allowed (e.g., reserved properties).",
+    )
+    assert anon.get("/api/v1/web/guest/default/show.json").status_code == 404  # not outside its package

@@ -307,18 +307,20 @@ class WebActions:
     def _own_credential(self, value: str) -> bool:
         return self.auth is not None and is_credential(value, self.auth)
 
-    async def lookup(self, ns: str, pkg: str, name: str) -> tuple[str, dict[str, Any]]:
-        """The engine's name and description of a web-exported action; 404 for anything else."""
+    async def lookup(self, ns: str, pkg: str, name: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
+        """The name to invoke, the description of the web-exported action it runs (through a package binding
+        too) and the parameters its package and binding give it; 404 for anything else."""
         if ns != self.api.namespace:
             raise ApiError(404, NOT_FOUND)
         full = name if pkg == DEFAULT_PACKAGE else f"{pkg}/{name}"
+        target, defaults = self.api.packages.resolve(full)
         try:
-            info = await self.api.engine.get_function(full)
+            info = await self.api.engine.get_function(target)
         except (FunctionNotFound, ApiError):
             raise ApiError(404, NOT_FOUND) from None
         if not _truthy(info.get("annotations") or {}, WEB_EXPORT):
             raise ApiError(404, NOT_FOUND)
-        return full, info
+        return full, info, defaults
 
     def _allowed(self, request: Request, annotations: dict[str, Any], authenticated: bool) -> bool:
         if REQUIRE_AUTH not in annotations:
@@ -433,7 +435,7 @@ class WebActions:
         if parsed is None:
             raise ApiError(404, NOT_FOUND)
         ns, pkg, action, ext, rest = parsed
-        name, info = await self.lookup(ns, pkg, action)
+        name, info, defaults = await self.lookup(ns, pkg, action)
         annotations: dict[str, Any] = info.get("annotations") or {}
         cors: dict[str, str] = {}
         if not _truthy(annotations, CUSTOM_OPTIONS):
@@ -445,14 +447,15 @@ class WebActions:
             }
             if request.method == "OPTIONS":
                 return Response(b"", status_code=200, headers=cors)
-        response = await self._invoke(request, name, info, annotations, ext, rest)
+        response = await self._invoke(request, name, info, defaults, ext, rest)
         for key, value in cors.items():
             response.headers[key] = value
         return response
 
     async def _invoke(
-        self, request: Request, name: str, info: dict[str, Any], annotations: dict[str, Any], ext: str, rest: str
+        self, request: Request, name: str, info: dict[str, Any], defaults: dict[str, Any], ext: str, rest: str
     ) -> Response:
+        annotations: dict[str, Any] = info.get("annotations") or {}
         authenticated = self._authenticated(request)
         if request.method != "OPTIONS" or not _truthy(annotations, CUSTOM_OPTIONS):
             if not self._allowed(request, annotations, authenticated):
@@ -466,7 +469,8 @@ class WebActions:
         if not raw:
             protected = set(RESERVED)
             if _truthy(annotations, FINAL):
-                protected |= set(info.get("params") or {})
+                # OpenWhisk: the action's parameters once merged over its package's and binding's
+                protected |= set(info.get("params") or {}) | set(defaults)
             if self._overrides(request, body, protected):
                 raise ApiError(400, PARAMETERS_NOT_ALLOWED)
         args = self._arguments(request, rest, body, raw=raw, authenticated=authenticated)
