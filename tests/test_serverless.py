@@ -167,6 +167,7 @@ def test_serverless_deploy_invoke_logs_info_remove(tmp_path: Path, sls_bin: Path
         run_sls(sls_bin, service, env, "remove")
         assert not actions & names(http, "actions")
         assert not rules & names(http, "rules")
+        assert not {"greet", f"{SERVICE}_hello_schedule_trigger"} & names(http, "triggers")
         assert http.get("/api/v1/web/whisk.system/apimgmt/getApi").json() == {"apis": []}
         assert httpx.get(match.group(1), timeout=30).status_code == 404
 
