@@ -598,3 +598,8 @@ def test_web_actions_in_packages_and_bindings(http: httpx.Client, anon: httpx.Cl
         "Request defines parameters that are not allowed (e.g., reserved properties).",
     )
     assert anon.get("/api/v1/web/guest/default/show.json").status_code == 404  # not outside its package
+
+
+def test_api_gateway_documents_are_capped(http: httpx.Client) -> None:
+    huge = {"apidoc": {"gatewayBasePath": "/big", "pad": "x" * (2 << 20)}}
+    assert http.post(f"{MGMT}/createApi", json=huge).status_code == 413

@@ -258,9 +258,7 @@ class ApiGateway:
         }
 
     async def create(self, request: Request) -> Response:
-        raw = await request.body()
-        if len(raw) > MAX_APIDOC_BYTES:
-            raise ApiError(413, f"The API document is over the {MAX_APIDOC_BYTES} byte limit.")
+        raw = await self.web.read_body(request, MAX_APIDOC_BYTES)
         try:
             doc = json.loads(raw or b"{}")
         except ValueError as exc:

@@ -344,7 +344,8 @@ class WebActions:
         origin = request.headers.get("origin")
         return origin is not None and origin.lower() != f"{request.url.scheme}://{request.headers.get('host', '')}"
 
-    async def _read(self, request: Request, max_bytes: int) -> bytes:
+    async def read_body(self, request: Request, max_bytes: int) -> bytes:
+        """The body, refused (413) as soon as it passes ``max_bytes``, held within the server's body budget."""
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_bytes:
             raise ApiError(413, f"The request content is {declared} bytes, over the {max_bytes} byte limit.")
@@ -464,7 +465,7 @@ class WebActions:
                 raise ApiError(403, CROSS_SITE)
         raw = _truthy(annotations, RAW_HTTP)
         limits = info.get("limits") or {}
-        data = await self._read(request, int(limits.get("max_payload_bytes", MAX_PAYLOAD_BYTES)))
+        data = await self.read_body(request, int(limits.get("max_payload_bytes", MAX_PAYLOAD_BYTES)))
         body = request_body(data, request.headers.get("content-type"), raw=raw)
         if not raw:
             protected = set(RESERVED)
