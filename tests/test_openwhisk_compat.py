@@ -443,6 +443,14 @@ def test_system_namespace_is_read_only_and_publish_is_honoured(http: httpx.Clien
     assert invoke(http, "my-utils/echo", {"payload": "mine"}, result="true").json() == {"payload": "mine"}
     bad = put_package(http, "my-web", binding={"namespace": "whisk.system", "name": "alarmsWeb"})
     assert_error(bad, 403, "not authorized")
+    # nor through the server's own namespace, nor as a sequence's component or a rule's action
+    assert_error(http.delete(f"{NS}/actions/whisk.system/utils/echo"), 404)
+    assert_error(http.post(f"{NS}/actions/whisk.system/alarmsWeb/alarmWebAction", json={}), 404)
+    assert_error(put_sequence(http, "web-seq", ["/whisk.system/alarmsWeb/alarmWebAction"]), 403, "not authorized")
+    http.put(f"{NS}/triggers/web-t", json={})
+    r = http.put(f"{NS}/rules/web-r", json={"trigger": "web-t", "action": "/whisk.system/alarmsWeb/alarmWebAction"})
+    assert_error(r, 403, "not authorized")
+    assert http.post(f"{SYS}/actions/utils/echo", params={"blocking": "true"}, json={}).status_code == 200
     # fully qualified names of the catalog in sequences
     put_sequence(http, "cat-seq", ["/whisk.system/utils/split", "/whisk.system/utils/sort", "/_/my-utils/echo"])
     out = invoke(http, "cat-seq", {"payload": "c b a", "separator": " "}, result="true").json()
