@@ -426,8 +426,10 @@ async def cmd_action_list(api: Api, args: argparse.Namespace, console: Console) 
     table = Table("name", "version", "kind", "timeout", "memory", "concurrency", "updated", title="actions")
     for a in actions:
         lim = a.get("limits", {})
+        # an action in a package lists as package/name (its namespace is namespace/package)
+        pkg = str(a.get("namespace", "")).partition("/")[2]
         table.add_row(
-            a["name"],
+            f"{pkg}/{a['name']}" if pkg else a["name"],
             a["version"],
             a["exec"]["kind"],
             f"{lim.get('timeout')} ms",
