@@ -178,9 +178,15 @@ def test_sequence_as_rule_target(http: httpx.Client) -> None:
 def test_sequence_kept_across_restart(tmp_path: Any) -> None:
     with server_thread(tmp_path) as first, client(first.handle) as http:
         put_action(http, "zz-a", ADD)
-        assert put_sequence(http, "aa-seq", ["zz-a", "zz-a"]).status_code == 200
+        put_action(http, "zz-b", ADD)
+        assert put_sequence(http, "mm-seq", ["zz-a", "zz-a"]).status_code == 200
+        assert put_sequence(http, "aa-outer", ["mm-seq", "/whisk.system/utils/echo"]).status_code == 200
+        assert put_sequence(http, "bb-broken", ["zz-b"]).status_code == 200
+        assert http.delete(f"{NS}/actions/zz-b").status_code == 200
     with server_thread(tmp_path) as second, client(second.handle) as http:
-        assert invoke(http, "aa-seq", {"n": 0}, result="true").json() == {"n": 2}
+        # saved in any order, naming sequences and the catalog, or a component deleted since: all come back
+        assert invoke(http, "aa-outer", {"n": 0}, result="true").json() == {"n": 2}
+        assert invoke(http, "bb-broken", result="true").json() == {"error": "Sequence component does not exist."}
 
 
 def cli_env(server: SimpleNamespace) -> dict[str, str]:

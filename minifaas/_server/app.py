@@ -565,9 +565,9 @@ class _Api:
         await install_catalog(self.engine, self.packages, self.auth)
         n = 0
         saved = await anyio.to_thread.run_sync(self.actions.saved)
-        for name, body in sorted(saved, key=lambda nb: nb[1].kind == SEQUENCE_KIND):
+        for name, body in saved:
             try:
-                await self._deploy(name, body)
+                await self._deploy(name, body, saved=True)
             except MinifaasError as exc:
                 logger.error("cannot redeploy saved action %s: %s", name, exc)
                 continue
@@ -630,10 +630,14 @@ class _Api:
             "updated": info.get("created", 0),
         }
 
-    async def _deploy(self, name: str, body: _ActionBody) -> dict[str, Any]:
+    async def _deploy(self, name: str, body: _ActionBody, *, saved: bool = False) -> dict[str, Any]:
         if body.kind == SEQUENCE_KIND:
             return await self.engine.deploy_sequence(
-                name, components_of(body.code), params=body.parameters, annotations=body.annotations
+                name,
+                components_of(body.code),
+                params=body.parameters,
+                annotations=body.annotations,
+                check_components=not saved,
             )
         kwargs: dict[str, Any] = dict(
             main=body.main,
