@@ -592,17 +592,30 @@ def test_user_actions_cannot_call_the_feed_service(http: httpx.Client) -> None:
     assert r.status_code == 502 and "not available to this function" in json.dumps(r.json()["response"]["result"])
 
 
-def test_cli_trigger_with_a_feed(server: SimpleNamespace) -> None:
+def test_cli_trigger_with_a_feed(server: SimpleNamespace, http: httpx.Client) -> None:
     env = cli_env(server)
     feeds = server.engine.triggers.list_feeds
+
+    def feed_calls() -> int:
+        r = http.get(f"{NS}/activations", params={"name": "whisk.system/alarms/interval", "count": "true"})
+        return int(r.json()["activations"])
+
     ok(run("trigger", "create", "ct", "--feed", "/whisk.system/alarms/interval", "-p", "minutes", "5", env=env))
     made = server.portal.call(lambda: feeds("ct"))
     assert len(made) == 1 and made[0].options["interval_s"] == 300.0
-    got = json.loads(ok(run("trigger", "get", "ct", env=env)))
+    got = http.get(f"{NS}/triggers/ct").json()
     assert {"key": "feed", "value": "/whisk.system/alarms/interval"} in got["annotations"] and got["parameters"] == []
-    ok(run("trigger", "delete", "ct", env=env))
-    assert server.portal.call(lambda: feeds("ct")) == []
+    before = feed_calls()
+    assert "warning" not in ok(run("trigger", "delete", "ct", env=env))
+    assert feed_calls() == before + 1  # the feed was told DELETE, then the trigger deleted
+    assert server.portal.call(lambda: feeds("ct")) == [] and http.get(f"{NS}/triggers/ct").status_code == 404
+    # its feed gone already (told DELETE by another client): the trigger is still deleted, with a warning
+    ok(run("trigger", "create", "ct3", "--feed", "/whisk.system/alarms/interval", "-p", "minutes", "5", env=env))
+    body = {"lifecycleEvent": "DELETE", "triggerName": "/_/ct3", "authKey": server.handle.auth}
+    assert http.post(f"{SYS}/actions/alarms/interval", params={"blocking": "true"}, json=body).status_code == 200
+    assert "warning" in ok(run("trigger", "delete", "ct3", env=env))
+    assert http.get(f"{NS}/triggers/ct3").status_code == 404
     # a feed that refuses its parameters leaves no trigger behind
     bad = run("trigger", "create", "ct2", "--feed", "/whisk.system/alarms/interval", "-p", "minutes", "0", env=env)
     assert bad.returncode != 0 and "minutes" in bad.stderr + bad.stdout
-    assert run("trigger", "get", "ct2", env=env).returncode != 0
+    assert http.get(f"{NS}/triggers/ct2").status_code == 404
