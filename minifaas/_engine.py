@@ -796,10 +796,12 @@ class Engine:
         *,
         params: dict[str, Any] | None = None,
         annotations: dict[str, Any] | None = None,
+        check_components: bool = True,
     ) -> dict[str, Any]:
         """Register (or replace) an OpenWhisk sequence: invoking it runs ``components`` in order, each an activation
         of its own (see ``_workflows.sequence``). Each component must exist now; deleting one later is allowed
-        (the sequence then fails when it reaches it)."""
+        (the sequence then fails when it reaches it). ``check_components=False`` registers a sequence saved
+        earlier as it was (its components may be gone, or not be deployed again yet)."""
         self._require()
         if not isinstance(name, str) or not NAME_RE.match(name):
             raise DeployError(f"invalid sequence name {name!r}: use letters, digits, '_', '-', '.'")
@@ -815,7 +817,7 @@ class Engine:
                 raise DeployError(f"sequence components must be names, got {ref!r}")
             if self._resolve_ref(ref)[0] == name:
                 raise DeployError(IS_CYCLIC)
-            if not self._ref_exists(ref):
+            if check_components and not self._ref_exists(ref):
                 raise DeployError(f"{COMPONENT_NOT_FOUND} ({ref})")
 
         def lookup(ref: str) -> SequenceSpec | None:
@@ -823,7 +825,7 @@ class Engine:
             return None if found is None else found[0]
 
         try:
-            atomic = atomic_count(comps, lookup, root=name)
+            atomic = atomic_count(comps, lookup, root=name) if check_components else 0
         except ValueError as exc:
             raise DeployError(str(exc)) from None
         if atomic > MAX_ATOMIC_ACTIONS:

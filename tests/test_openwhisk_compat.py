@@ -178,9 +178,15 @@ def test_sequence_as_rule_target(http: httpx.Client) -> None:
 def test_sequence_kept_across_restart(tmp_path: Any) -> None:
     with server_thread(tmp_path) as first, client(first.handle) as http:
         put_action(http, "zz-a", ADD)
-        assert put_sequence(http, "aa-seq", ["zz-a", "zz-a"]).status_code == 200
+        put_action(http, "zz-b", ADD)
+        assert put_sequence(http, "mm-seq", ["zz-a", "zz-a"]).status_code == 200
+        assert put_sequence(http, "aa-outer", ["mm-seq", "/whisk.system/utils/echo"]).status_code == 200
+        assert put_sequence(http, "bb-broken", ["zz-b"]).status_code == 200
+        assert http.delete(f"{NS}/actions/zz-b").status_code == 200
     with server_thread(tmp_path) as second, client(second.handle) as http:
-        assert invoke(http, "aa-seq", {"n": 0}, result="true").json() == {"n": 2}
+        # saved in any order, naming sequences and the catalog, or a component deleted since: all come back
+        assert invoke(http, "aa-outer", {"n": 0}, result="true").json() == {"n": 2}
+        assert invoke(http, "bb-broken", result="true").json() == {"error": "Sequence component does not exist."}
 
 
 def cli_env(server: SimpleNamespace) -> dict[str, str]:
@@ -295,21 +301,17 @@ def test_packages_kept_across_restart(tmp_path: Path) -> None:
 def test_cli_packages_bindings_and_package_actions(server: SimpleNamespace, http: httpx.Client, tmp_path: Path) -> None:
     env = cli_env(server)
     ok(run("package", "create", "cp", "-p", "a", "1", "--shared", "yes", env=env))
+    assert http.get(f"{NS}/packages/cp").json()["publish"] is True
     code = tmp_path / "echo.py"
     code.write_text(ECHO_ARGS)
     ok(run("action", "create", "cp/echo", str(code), "-p", "b", "2", env=env))
     ok(run("package", "bind", "cp", "cp-b", "-p", "a", "9", env=env))
-    assert json.loads(ok(run("invoke", "cp-b/echo", "--result", env=env))) == {"a": 9, "b": 2}
-    assert json.loads(ok(run("invoke", "/_/cp/echo", "--result", env=env))) == {"a": 1, "b": 2}
-    assert http.get(f"{NS}/packages/cp").json()["publish"] is True
+    assert json.loads(ok(run("invoke", "/_/cp-b/echo", "--result", env=env))) == {"a": 9, "b": 2}
+    assert "cp/echo" in ok(run("action", "list", "--limit", "200", env=env))
     listed = json.loads(ok(run("package", "list", "--json", env=env)))
     assert {"cp", "cp-b"} <= {p["name"] for p in listed}
-    assert json.loads(ok(run("package", "get", "cp", env=env)))["actions"][0]["name"] == "echo"
     bad = run("package", "delete", "cp", env=env)
     assert bad.returncode != 0 and "not empty" in bad.stderr + bad.stdout
-    ok(run("action", "delete", "cp/echo", env=env))
-    ok(run("package", "delete", "cp-b", env=env))
-    ok(run("package", "delete", "cp", env=env))
 
 
 # -- exact semantics -----------------------------------------------------------------------------------------
@@ -443,6 +445,14 @@ def test_system_namespace_is_read_only_and_publish_is_honoured(http: httpx.Clien
     assert invoke(http, "my-utils/echo", {"payload": "mine"}, result="true").json() == {"payload": "mine"}
     bad = put_package(http, "my-web", binding={"namespace": "whisk.system", "name": "alarmsWeb"})
     assert_error(bad, 403, "not authorized")
+    # nor through the server's own namespace, nor as a sequence's component or a rule's action
+    assert_error(http.delete(f"{NS}/actions/whisk.system/utils/echo"), 404)
+    assert_error(http.post(f"{NS}/actions/whisk.system/alarmsWeb/alarmWebAction", json={}), 404)
+    assert_error(put_sequence(http, "web-seq", ["/whisk.system/alarmsWeb/alarmWebAction"]), 403, "not authorized")
+    http.put(f"{NS}/triggers/web-t", json={})
+    r = http.put(f"{NS}/rules/web-r", json={"trigger": "web-t", "action": "/whisk.system/alarmsWeb/alarmWebAction"})
+    assert_error(r, 403, "not authorized")
+    assert http.post(f"{SYS}/actions/utils/echo", params={"blocking": "true"}, json={}).status_code == 200
     # fully qualified names of the catalog in sequences
     put_sequence(http, "cat-seq", ["/whisk.system/utils/split", "/whisk.system/utils/sort", "/_/my-utils/echo"])
     out = invoke(http, "cat-seq", {"payload": "c b a", "separator": " "}, result="true").json()
@@ -582,17 +592,30 @@ def test_user_actions_cannot_call_the_feed_service(http: httpx.Client) -> None:
     assert r.status_code == 502 and "not available to this function" in json.dumps(r.json()["response"]["result"])
 
 
-def test_cli_trigger_with_a_feed(server: SimpleNamespace) -> None:
+def test_cli_trigger_with_a_feed(server: SimpleNamespace, http: httpx.Client) -> None:
     env = cli_env(server)
     feeds = server.engine.triggers.list_feeds
+
+    def feed_calls() -> int:
+        r = http.get(f"{NS}/activations", params={"name": "whisk.system/alarms/interval", "count": "true"})
+        return int(r.json()["activations"])
+
     ok(run("trigger", "create", "ct", "--feed", "/whisk.system/alarms/interval", "-p", "minutes", "5", env=env))
     made = server.portal.call(lambda: feeds("ct"))
     assert len(made) == 1 and made[0].options["interval_s"] == 300.0
-    got = json.loads(ok(run("trigger", "get", "ct", env=env)))
+    got = http.get(f"{NS}/triggers/ct").json()
     assert {"key": "feed", "value": "/whisk.system/alarms/interval"} in got["annotations"] and got["parameters"] == []
-    ok(run("trigger", "delete", "ct", env=env))
-    assert server.portal.call(lambda: feeds("ct")) == []
+    before = feed_calls()
+    assert "warning" not in ok(run("trigger", "delete", "ct", env=env))
+    assert feed_calls() == before + 1  # the feed was told DELETE, then the trigger deleted
+    assert server.portal.call(lambda: feeds("ct")) == [] and http.get(f"{NS}/triggers/ct").status_code == 404
+    # its feed gone already (told DELETE by another client): the trigger is still deleted, with a warning
+    ok(run("trigger", "create", "ct3", "--feed", "/whisk.system/alarms/interval", "-p", "minutes", "5", env=env))
+    body = {"lifecycleEvent": "DELETE", "triggerName": "/_/ct3", "authKey": server.handle.auth}
+    assert http.post(f"{SYS}/actions/alarms/interval", params={"blocking": "true"}, json=body).status_code == 200
+    assert "warning" in ok(run("trigger", "delete", "ct3", env=env))
+    assert http.get(f"{NS}/triggers/ct3").status_code == 404
     # a feed that refuses its parameters leaves no trigger behind
     bad = run("trigger", "create", "ct2", "--feed", "/whisk.system/alarms/interval", "-p", "minutes", "0", env=env)
     assert bad.returncode != 0 and "minutes" in bad.stderr + bad.stdout
-    assert run("trigger", "get", "ct2", env=env).returncode != 0
+    assert http.get(f"{NS}/triggers/ct2").status_code == 404

@@ -426,8 +426,10 @@ async def cmd_action_list(api: Api, args: argparse.Namespace, console: Console) 
     table = Table("name", "version", "kind", "timeout", "memory", "concurrency", "updated", title="actions")
     for a in actions:
         lim = a.get("limits", {})
+        # an action in a package lists as package/name (its namespace is namespace/package)
+        pkg = str(a.get("namespace", "")).partition("/")[2]
         table.add_row(
-            a["name"],
+            f"{pkg}/{a['name']}" if pkg else a["name"],
             a["version"],
             a["exec"]["kind"],
             f"{lim.get('timeout')} ms",
@@ -605,7 +607,10 @@ async def cmd_trigger(api: Api, args: argparse.Namespace, console: Console) -> i
         trigger = await api.json("GET", api.path("triggers", args.name))
         feed = next((a["value"] for a in trigger.get("annotations", []) if a.get("key") == "feed"), None)
         if isinstance(feed, str):
-            await _feed_event(api, feed, "DELETE", args.name, {})
+            try:
+                await _feed_event(api, feed, "DELETE", args.name, {})
+            except CliError as exc:  # a feed already gone must not keep its trigger alive (wsk goes on too)
+                console.print(f"[yellow]warning:[/] {exc}")
         await api.call("DELETE", api.path("triggers", args.name))
         console.print(f"[green]ok:[/] deleted trigger [bold]{args.name}[/]")
     else:

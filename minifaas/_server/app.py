@@ -520,6 +520,8 @@ class _Api:
         ns = self.ns_read(request)
         name = str(request.path_params["name"])
         if ns != SYSTEM_NS:
+            if name.count("/") > 1:  # never another namespace's action through ours
+                raise ApiError(404, f"{NOT_FOUND} (action {name!r})")
             return self.packages.resolve(name)[0] if through_binding else name
         pkg_name, sep, _ = name.partition("/")
         pkg = self.packages.get(SYSTEM_NS, pkg_name) if sep else None
@@ -528,6 +530,14 @@ class _Api:
         if not self.packages.visible(pkg):
             raise ApiError(403, f"The supplied authentication is not authorized to access '{SYSTEM_NS}/{pkg_name}'.")
         return f"{SYSTEM_NS}/{name}"
+
+    def check_visible(self, name: str) -> None:
+        """403 for an engine name in an unpublished package of another namespace (a rule's or a sequence's)."""
+        if name.count("/") == 2:
+            ns, pkg_name, _ = name.split("/")
+            pkg = self.packages.get(ns, pkg_name)
+            if pkg is not None and not self.packages.visible(pkg):
+                raise ApiError(403, f"The supplied authentication is not authorized to access '{ns}/{pkg_name}'.")
 
     def _triggers(self) -> Any:
         tm = getattr(self.engine, "triggers", None)
@@ -555,9 +565,9 @@ class _Api:
         await install_catalog(self.engine, self.packages, self.auth)
         n = 0
         saved = await anyio.to_thread.run_sync(self.actions.saved)
-        for name, body in sorted(saved, key=lambda nb: nb[1].kind == SEQUENCE_KIND):
+        for name, body in saved:
             try:
-                await self._deploy(name, body)
+                await self._deploy(name, body, saved=True)
             except MinifaasError as exc:
                 logger.error("cannot redeploy saved action %s: %s", name, exc)
                 continue
@@ -620,10 +630,14 @@ class _Api:
             "updated": info.get("created", 0),
         }
 
-    async def _deploy(self, name: str, body: _ActionBody) -> dict[str, Any]:
+    async def _deploy(self, name: str, body: _ActionBody, *, saved: bool = False) -> dict[str, Any]:
         if body.kind == SEQUENCE_KIND:
             return await self.engine.deploy_sequence(
-                name, components_of(body.code), params=body.parameters, annotations=body.annotations
+                name,
+                components_of(body.code),
+                params=body.parameters,
+                annotations=body.annotations,
+                check_components=not saved,
             )
         kwargs: dict[str, Any] = dict(
             main=body.main,
@@ -666,6 +680,8 @@ class _Api:
                     code = parse_components(exec_, self.namespace)
                 except ValueError as exc:
                     raise ApiError(400, str(exc)) from None
+                for component in components_of(code):
+                    self.check_visible(component)
                 binary, main = False, ""
             elif kind not in SUPPORTED_KINDS:
                 raise ApiError(
@@ -755,6 +771,8 @@ class _Api:
     async def delete_action(self, request: Request) -> Response:
         self.ns(request)
         name = str(request.path_params["name"])
+        if name.count("/") > 1:  # never another namespace's action through ours
+            raise ApiError(404, f"{NOT_FOUND} (action {name!r})")
         async with self._locks.hold("action", name.partition("@")[0]):
             self._refuse_while_deploying(name.partition("@")[0])
             info = await self.engine.get_function(name)
@@ -982,6 +1000,7 @@ class _Api:
             action = engine_name(action, self.namespace)
         except BadName as exc:
             raise ApiError(400, f"action {exc}") from None
+        self.check_visible(action)
         status = doc.get("status") or "active"
         if status not in ("active", "inactive"):
             raise ApiError(400, f"status must be 'active' or 'inactive', got {status!r}")

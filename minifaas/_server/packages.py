@@ -38,6 +38,7 @@ BINDING_MISSING: Final = "Binding references a package that does not exist."
 BINDING_OF_BINDING: Final = "Cannot bind to another package binding."
 PACKAGE_TO_BINDING: Final = "Resource is a package and cannot be converted into a binding."
 BINDING_TO_PACKAGE: Final = "Resource is a binding and cannot be converted into a package."
+NOT_ON_BINDING: Final = "Operation not permitted on package binding."
 
 logger = logging.getLogger("minifaas.server")
 
@@ -309,7 +310,7 @@ class PackageRoutes:
         if pkg is None:
             raise ApiError(404, f"package {pkg_name!r} does not exist: create it first")
         if pkg.binding is not None:
-            raise ApiError(400, f"{pkg_name!r} is a package binding: actions cannot be created in it")
+            raise ApiError(400, f"{NOT_ON_BINDING} ({pkg_name!r} is a binding: create the action in its package)")
 
 
 def _name_ok(name: str) -> bool:
