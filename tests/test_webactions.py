@@ -516,7 +516,7 @@ def test_api_gateway_routes_survive_a_restart(tmp_path: Path) -> None:
 
 
 # -- the CLI -------------------------------------------------------------------------------------------------
-def test_cli_api_create_list_delete(server: SimpleNamespace, http: httpx.Client, anon: httpx.Client) -> None:
+def cli_runner(server: SimpleNamespace) -> Any:
     env = {
         **os.environ,
         "MINIFAAS_APIHOST": server.handle.url,
@@ -529,6 +529,34 @@ def test_cli_api_create_list_delete(server: SimpleNamespace, http: httpx.Client,
         cmd = [sys.executable, "-m", "minifaas._cli.main", *args]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False, env=env)
 
+    return cli
+
+
+def test_cli_web_flags(server: SimpleNamespace, anon: httpx.Client, tmp_path: Path) -> None:
+    cli = cli_runner(server)
+    code = tmp_path / "page.py"
+    code.write_text(ECHO)
+    made = cli("action", "create", "cliweb", str(code), "-p", "who", "param", "--web", "true")
+    assert made.returncode == 0, made.stderr
+    assert anon.get(f"{WEB}/cliweb.json").json()["args"]["who"] == "param"
+    assert anon.get(f"{WEB}/cliweb.json?who=x").status_code == 400  # --web true finalizes the parameters
+    secured = cli("action", "update", "cliweb", "--web-secure", "s3")
+    assert secured.returncode == 0, secured.stderr
+    assert anon.get(f"{WEB}/cliweb.json").status_code == 401
+    assert anon.get(f"{WEB}/cliweb.json", headers={"X-Require-Whisk-Auth": "s3"}).status_code == 200
+    raw = cli("action", "update", "cliweb", "--web", "raw")
+    assert raw.returncode == 0, raw.stderr
+    got = anon.get(f"{WEB}/cliweb.json?q=1", headers={"X-Require-Whisk-Auth": "s3"}).json()["args"]
+    assert got["__ow_query"] == "q=1"  # raw, and the secret was kept by the update
+    off = cli("action", "update", "cliweb", "--web", "false")
+    assert off.returncode == 0, off.stderr
+    assert anon.get(f"{WEB}/cliweb.json").status_code == 404
+    refused = cli("action", "update", "cliweb", "--web-secure", "true")
+    assert refused.returncode == 1 and "needs a web action" in refused.stderr
+
+
+def test_cli_api_create_list_delete(server: SimpleNamespace, http: httpx.Client, anon: httpx.Client) -> None:
+    cli = cli_runner(server)
     refused = cli("api", "create", "/cli", "/x", "get", "plain")
     assert refused.returncode == 1 and "not a web action" in refused.stderr, refused.stderr
     put_action(http, "clisecret", ECHO, annotations=ann(web_export=True, require_whisk_auth="cli-secret"))

@@ -395,6 +395,9 @@ def _action_body(args: argparse.Namespace, *, need_path: bool) -> dict[str, Any]
 async def cmd_action_put(api: Api, args: argparse.Namespace, console: Console) -> int:
     create, update = args.verb == "create", args.verb == "update"
     body = _action_body(args, need_path=not update and getattr(args, "sequence", None) is None)
+    from .webflags import apply_web_options  # its module imports this one
+
+    await apply_web_options(api, args, body, keep=not create)
     overwrite = "false" if create else "true"
     if args.verb == "deploy" or update:
         overwrite = "true"
@@ -1047,6 +1050,9 @@ def _action_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kind", default="python:3", help="python:3 (default), python:3.11 or python:default")
     p.add_argument("--main", help="entry function (default: main)")
     _params(p)
+    from .webflags import add_web_options  # its module imports this one
+
+    add_web_options(p)
     p.add_argument("-a", "--annotation", nargs=2, action="append", metavar=("KEY", "VALUE"))
     p.add_argument("-t", "--timeout", type=int, metavar="MS", help="time limit in milliseconds")
     p.add_argument("-m", "--memory", type=int, metavar="MB", help="memory limit in MB")
