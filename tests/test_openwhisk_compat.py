@@ -234,6 +234,7 @@ def test_package_crud_actions_inside_and_parameters(http: httpx.Client) -> None:
     assert http.get(f"{NS}/packages/pk1").json()["parameters"] == kv(a="pkg", b="pkg")  # kept by the update
 
     assert_error(put_action(http, "pk-missing/x", ECHO_ARGS), 404, "does not exist")
+    assert_error(put_action(http, "pk1", ECHO_ARGS), 409, "is a package")  # one name space for both
     r = put_action(http, "pk1/echo", ECHO_ARGS, parameters=kv(b="action", c="action"))
     assert r.status_code == 200, r.text
     assert r.json()["namespace"] == "guest/pk1" and r.json()["name"] == "echo"
