@@ -1243,6 +1243,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id")
     p.set_defaults(call=cmd_session)
 
+    from .compositions import add_parser as add_composition_parser
+
+    add_composition_parser(verbs, verb)
+
     p = verb(verbs, "gc", "remove leftovers and unused bundles, environments and models of the state dir")
     p.add_argument("--budget-mb", type=float, help="keep unused things up to this many MiB (default 10 GiB)")
     p.set_defaults(run=cmd_gc)
