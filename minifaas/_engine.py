@@ -8,6 +8,7 @@ import dataclasses
 import importlib
 import inspect
 import json
+import logging
 import os
 import random
 import re
@@ -49,6 +50,7 @@ from ._errors import (
     ActivationNotFound,
     ActivationTimeout,
     BackendUnavailable,
+    CompositionError,
     DeployError,
     EngineClosed,
     FunctionNotFound,
@@ -57,6 +59,7 @@ from ._events.triggers import TriggerManager
 from ._handles import FUNCTION_OPTIONS_ATTR, Function
 from ._map import MapIterator
 from ._workflows.conductor import CONDITIONS, DEFAULT_MAX_STEPS, SESSION_ABORTED_MESSAGE, call_composition
+from ._workflows.saved import COMPOSITIONS_SUBDIR, CompositionFiles, SavedComposition, check_lossless
 from ._workflows.sequence import (
     COMPONENT_NOT_FOUND,
     IS_CYCLIC,
@@ -81,6 +84,8 @@ NAME_RE: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,255}(/[A-Za-z0-9_][
 ENGINE_CLOSED_MESSAGE: Final = "the engine closed before this activation finished"
 ENGINE_DIED_MESSAGE: Final = "the host stopped before this session finished (recovered at start-up)"
 BACKENDS: Final = ("local", "ray")
+
+_logger = logging.getLogger("minifaas.engine")
 
 
 class Activations:
@@ -156,8 +161,9 @@ class Activations:
 class Engine:
     """An embeddable FaaS runtime: ``async with Engine() as engine: await engine.invoke(...)``.
 
-    ``state_dir=None`` keeps everything in memory; a path keeps activation records (SQLite), unpacked bundles and
-    the model store there, so records survive a restart of the host process.
+    ``state_dir=None`` keeps everything in memory; a path keeps activation records (SQLite), unpacked bundles,
+    the model store and deployed compositions there, so records survive a restart of the host process and
+    compositions are deployed again when an engine starts on it.
     """
 
     def __init__(
@@ -242,6 +248,9 @@ class Engine:
         self._compositions: dict[str, tuple[Composition, dict[str, Any], int]] = {}
         #: composition name -> how its conditions read a value ("js" truthiness unless deployed "strict")
         self._conditions: dict[str, str] = {}
+        #: composition name -> its version and deploy record (also what the state dir keeps of it)
+        self._composition_records: dict[str, SavedComposition] = {}
+        self._saved_compositions = CompositionFiles(None)
         self._session_done: dict[str, anyio.Event] = {}
         #: what a sandbox may ask of the host (``minifaas_sandbox.host_call``), by method name
         self._services: dict[str, HostService] = {}
@@ -307,6 +316,9 @@ class Engine:
                     self.sessions = SessionStore(self.state_dir / "sessions.sqlite3")
                     make_private(self.state_dir)
                     self.sessions.recover(ENGINE_DIED_MESSAGE)
+                    self._saved_compositions = CompositionFiles(self.state_dir / COMPOSITIONS_SUBDIR)
+                    # before the feeds resume: a rule targeting a composition finds it without a redeploy
+                    self._restore_compositions()
                 stack.callback(self.sessions.close)
                 self._launcher = self._make_launcher()
                 # the task group lives exactly as long as the engine's ``async with``; everything registered after it
@@ -572,6 +584,9 @@ class Engine:
             raise DeployError(
                 f"invalid function name {name!r}: use letters, digits, '_', '-', '.' ('/' only after a package name)"
             )
+        if name in self._compositions:
+            # a composition wins every invocation of its name: the function would never run
+            raise DeployError(f"{name!r} is already a deployed composition; delete it first")
         if not isinstance(main, str) or not main.isidentifier():
             raise DeployError(f"invalid main {main!r}: it must be a Python identifier")
         if style not in ("openwhisk", "lambda"):
@@ -747,25 +762,95 @@ class Engine:
         params: dict[str, Any] | None = None,
         max_steps: int = DEFAULT_MAX_STEPS,
         conditions: Literal["js", "strict"] = "js",
+        persist: bool = True,
     ) -> dict[str, Any]:
         """Register a composition (a combinator tree, or its JSON IR) under ``name``; invoke it like a function.
 
         ``conditions="js"`` takes a branch on the JavaScript truthiness of the condition's ``value``, as
         openwhisk-composer does; ``"strict"`` only on exactly ``True``.
+
+        Each deploy that changes it gives it a new version number (never reused, as functions'); deploying the
+        same composition again keeps its version. With a state dir, the composition's JSON IR is kept there and
+        an engine restarted on it deploys it again at start. A composition whose IR would not read back as
+        itself (a function step that is a lambda, a nested function, a bound method ...) is refused with
+        CompositionError; ``persist=False`` keeps it in memory only (the application deploys it at each start).
         """
         self._require()
         if not isinstance(name, str) or not NAME_RE.match(name):
             raise DeployError(f"invalid composition name {name!r}: use letters, digits, '_', '-', '.'")
-        if name in self._functions:
+        if name in self._functions or name in self._sequences:
             raise DeployError(f"{name!r} is already a deployed function; delete it first")
         comp = Composition.from_json(composition) if isinstance(composition, dict) else _as_composition(composition)
         if conditions not in CONDITIONS:
             raise DeployError(f"conditions must be one of {', '.join(CONDITIONS)}, not {conditions!r}")
-        self._compositions[name] = (comp, dict(params or {}), max_steps)
+        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+            raise DeployError(f"max_steps must be an int >= 1, not {max_steps!r}")
+        if params is not None and not isinstance(params, dict):
+            raise DeployError(f"params must be a dict, not {type(params).__name__}")
+        keep = persist and self.state_dir is not None
+        if keep:
+            try:
+                ir = check_lossless(comp)
+            except CompositionError as exc:
+                raise CompositionError(
+                    f"composition {name!r} cannot be kept in the state dir {self.state_dir}: {exc}, or deploy it "
+                    "with persist=False to keep it in memory only (deployed again by the application at each start)"
+                ) from None
+        else:
+            ir = comp.to_json()
+        defaults = dict(params or {})
+        old = self._composition_records.get(name)
+        dep = self._compositions.get(name)
+        same = (
+            old is not None
+            and dep is not None
+            and dep[0] == comp
+            and (old.params, old.max_steps, old.conditions) == (defaults, max_steps, conditions)
+        )
+        if old is not None and same:
+            record = old
+        else:
+            version = self._aliases.next_version(name, [old.version] if old is not None else [])
+            record = SavedComposition(name, version, ir, defaults, max_steps, conditions, int(time.time() * 1000))
+        if keep:
+            await anyio.to_thread.run_sync(self._saved_compositions.save, record)
+        else:
+            # a restart must not bring back an earlier version kept on disk
+            await anyio.to_thread.run_sync(self._saved_compositions.forget, name)
+        self._compositions[name] = (comp, defaults, max_steps)
         self._conditions[name] = conditions
+        self._composition_records[name] = record
         if self.triggers is not None:
             self.triggers.targets_changed()
-        return {"name": name, "kind": "composition", "actions": comp.actions(), "composition": comp.to_json()}
+        return self._describe_composition(name)
+
+    def _describe_composition(self, name: str) -> dict[str, Any]:
+        comp, params, max_steps = self._compositions[name]
+        record = self._composition_records.get(name)
+        return {
+            "name": name,
+            "kind": "composition",
+            "version": record.version if record is not None else "1",
+            "actions": comp.actions(),
+            "composition": comp.to_json(),
+            "params": dict(params),
+            "max_steps": max_steps,
+            "conditions": self._conditions.get(name, "js"),
+            "created": record.created if record is not None else 0,
+        }
+
+    def _restore_compositions(self) -> None:
+        """Deploy the compositions kept in the state dir; one that cannot be read back is logged and skipped
+        (its rules wait until the application deploys it)."""
+        for record in self._saved_compositions.load():
+            try:
+                comp = Composition.from_json(record.ir)
+            except CompositionError as exc:
+                _logger.error("cannot restore composition %s from the state dir: %s", record.name, exc)
+                continue
+            self._compositions[record.name] = (comp, dict(record.params), record.max_steps)
+            self._conditions[record.name] = record.conditions
+            self._composition_records[record.name] = record
 
     def set_resolver(self, resolver: Callable[[str], tuple[str, dict[str, Any]]] | None) -> None:
         """Install ``resolver(ref) -> (name, defaults)``, asked for every name invoked, called or fired: the dev
@@ -916,14 +1001,8 @@ class Engine:
         seq = self._sequences.get(name)
         if seq is not None:
             return seq.describe()
-        dep = self._compositions.get(name)
-        if dep is not None:
-            return {
-                "name": name,
-                "kind": "composition",
-                "actions": dep[0].actions(),
-                "composition": dep[0].to_json(),
-            }
+        if name in self._compositions:
+            return self._describe_composition(name)
         spec = self._resolve(name)
         info = spec.describe()
         info["versions"] = [s.version for s in self._functions[spec.name]]
@@ -933,7 +1012,10 @@ class Engine:
     async def list_functions(self) -> list[dict[str, Any]]:
         self._require()
         out = [versions[-1].describe() for versions in self._functions.values() if versions]
-        out += [{"name": n, "kind": "composition", "actions": c[0].actions()} for n, c in self._compositions.items()]
+        for n in self._compositions:
+            info = self._describe_composition(n)
+            del info["composition"]
+            out.append(info)
         out += [s.describe() for s in self._sequences.values()]
         return out
 
@@ -943,6 +1025,9 @@ class Engine:
         assert self._pool is not None
         if name in self._compositions:
             del self._compositions[name]
+            self._conditions.pop(name, None)
+            self._composition_records.pop(name, None)
+            await anyio.to_thread.run_sync(self._saved_compositions.forget, name)
             return
         if name in self._sequences:
             del self._sequences[name]  # sequences naming it stay, and fail when they reach it (as OpenWhisk's)

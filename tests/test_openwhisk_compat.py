@@ -234,6 +234,7 @@ def test_package_crud_actions_inside_and_parameters(http: httpx.Client) -> None:
     assert http.get(f"{NS}/packages/pk1").json()["parameters"] == kv(a="pkg", b="pkg")  # kept by the update
 
     assert_error(put_action(http, "pk-missing/x", ECHO_ARGS), 404, "does not exist")
+    assert_error(put_action(http, "pk1", ECHO_ARGS), 409, "is a package")  # one name space for both
     r = put_action(http, "pk1/echo", ECHO_ARGS, parameters=kv(b="action", c="action"))
     assert r.status_code == 200, r.text
     assert r.json()["namespace"] == "guest/pk1" and r.json()["name"] == "echo"
@@ -460,8 +461,10 @@ def test_system_namespace_is_read_only_and_publish_is_honoured(http: httpx.Clien
 
 
 @contextlib.asynccontextmanager
-async def fake_clock_serving(clock: FakeClock) -> AsyncIterator[tuple[minifaas.Engine, ServerHandle]]:
-    async with minifaas.Engine(clock=clock) as engine, anyio.create_task_group() as tg:
+async def fake_clock_serving(
+    clock: FakeClock, state_dir: Path | None = None
+) -> AsyncIterator[tuple[minifaas.Engine, ServerHandle]]:
+    async with minifaas.Engine(clock=clock, state_dir=state_dir) as engine, anyio.create_task_group() as tg:
         handle: ServerHandle = await tg.start(functools.partial(serve, engine, "127.0.0.1", 0))
         try:
             yield engine, handle
@@ -469,15 +472,20 @@ async def fake_clock_serving(clock: FakeClock) -> AsyncIterator[tuple[minifaas.E
             handle.stop()
 
 
-@pytest.fixture(scope="module")
-def clocked() -> Iterator[SimpleNamespace]:
-    clock = FakeClock()
+@contextlib.contextmanager
+def clocked_server(clock: FakeClock, state_dir: Path | None = None) -> Iterator[SimpleNamespace]:
     with (
         start_blocking_portal("asyncio") as portal,
-        portal.wrap_async_context_manager(fake_clock_serving(clock)) as (engine, handle),
+        portal.wrap_async_context_manager(fake_clock_serving(clock, state_dir)) as (engine, handle),
         client(handle) as http,
     ):
         yield SimpleNamespace(portal=portal, engine=engine, handle=handle, clock=clock, http=http)
+
+
+@pytest.fixture(scope="module")
+def clocked() -> Iterator[SimpleNamespace]:
+    with clocked_server(FakeClock()) as s:
+        yield s
 
 
 def feed(s: SimpleNamespace, kind: str, event: str, trigger: str, **params: Any) -> httpx.Response:
@@ -619,3 +627,21 @@ def test_cli_trigger_with_a_feed(server: SimpleNamespace, http: httpx.Client) ->
     bad = run("trigger", "create", "ct2", "--feed", "/whisk.system/alarms/interval", "-p", "minutes", "0", env=env)
     assert bad.returncode != 0 and "minutes" in bad.stderr + bad.stdout
     assert http.get(f"{NS}/triggers/ct2").status_code == 404
+
+
+def test_paused_feed_survives_a_restart_and_goes_with_its_trigger(tmp_path: Path) -> None:
+    clock = FakeClock()
+    with clocked_server(clock, tmp_path) as s:
+        setup_trigger(s, "fp", "interval")
+        assert feed(s, "interval", "CREATE", "fp", minutes=1).status_code == 200
+        assert feed(s, "interval", "PAUSE", "fp").status_code == 200
+    with clocked_server(clock, tmp_path) as s:
+        read = feed(s, "interval", "READ", "fp").json()["response"]["result"]
+        assert read["status"]["active"] is False and read["config"]["minutes"] == 1
+        assert feed(s, "interval", "UNPAUSE", "fp").status_code == 200
+        advance_until(s, "fp-a", 1, 60)
+        assert feed(s, "interval", "PAUSE", "fp").status_code == 200
+        assert s.http.delete(f"{NS}/triggers/fp").status_code == 200
+        setup_trigger(s, "fp", "interval")  # a new trigger of that name: no paused feed of the old one
+        assert feed(s, "interval", "READ", "fp").status_code == 502
+        assert feed(s, "interval", "CREATE", "fp", minutes=2).status_code == 200

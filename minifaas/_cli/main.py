@@ -1252,6 +1252,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .apis import add_api_parser  # its module imports this one
 
     add_api_parser(verbs, verb)
+    from .compositions import add_parser as add_composition_parser
+
+    add_composition_parser(verbs, verb)
 
     p = verb(verbs, "gc", "remove leftovers and unused bundles, environments and models of the state dir")
     p.add_argument("--budget-mb", type=float, help="keep unused things up to this many MiB (default 10 GiB)")

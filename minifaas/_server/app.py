@@ -9,6 +9,7 @@ the engine's event loop. Routes (prefix ``/api/v1``, HTTP basic auth with OpenWh
     GET|PUT|DELETE|POST  /namespaces/{ns}/triggers[/{name}]       (POST fires: also the HTTP webhook feed)
     GET|PUT|DELETE|POST  /namespaces/{ns}/rules[/{name}]          (POST {status: active|inactive})
     GET  /namespaces/{ns}/sessions[/{id}]                         (minifaas: composition sessions)
+    GET|PUT|DELETE|POST  /namespaces/{ns}/compositions[/{name}]   (minifaas: compositions from JSON, compositions.py)
     GET  /metrics   (Prometheus)      GET /ping   (no auth)
 
 Action ``limits`` take OpenWhisk's ``timeout`` (ms), ``memory`` (MB), ``logs`` (MB), ``concurrency`` and
@@ -68,7 +69,7 @@ from .._errors import (
     PayloadTooLarge,
     TriggerError,
 )
-from .catalog import install_catalog
+from .catalog import AlarmFeeds, install_catalog
 from .entity_versions import VERSIONS_FILE, EntityVersions
 from .httpguard import write_refusal
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -487,6 +488,8 @@ class _Api:
         self.package_routes = PackageRoutes(self, engine, self.packages)
         #: the server's ``uuid:key`` (the feed actions check the ``authKey`` they are given against it)
         self.auth: str | None = None
+        #: the alarms feeds' host service (set when the catalog is installed)
+        self.alarm_feeds: AlarmFeeds | None = None
         self.versions = EntityVersions(Path(state_dir) / VERSIONS_FILE if state_dir is not None else None)
 
     # -- helpers ---------------------------------------------------------------------------------------------
@@ -562,7 +565,7 @@ class _Api:
             return 0
         self._restored = True
         # the system catalog first: saved sequences and bindings may name its actions
-        await install_catalog(self.engine, self.packages, self.auth)
+        self.alarm_feeds = await install_catalog(self.engine, self.packages, self.auth)
         n = 0
         saved = await anyio.to_thread.run_sync(self.actions.saved)
         for name, body in saved:
@@ -957,6 +960,8 @@ class _Api:
             shape = self._trigger_json(tm, self._lookup(tm.get_trigger, name))
             tm.delete_trigger(name, keep_rules=True)  # OpenWhisk's rules outlive their trigger
             self.versions.drop("trigger", name)
+            if self.alarm_feeds is not None:
+                self.alarm_feeds.forget(name)
         return _json(shape)
 
     async def list_triggers(self, request: Request) -> Response:
@@ -1236,6 +1241,9 @@ def create_app(
         Route(f"{ns}/sessions", api.list_sessions, methods=["GET"]),
         Route(f"{ns}/sessions/{{id}}", api.get_session, methods=["GET"]),
     ]
+    from .compositions import routes as composition_routes
+
+    routes += composition_routes(api)
     ui = _webui_routes(engine, namespace)
     routes += ui if ui is not None else [Route("/", api.index, methods=["GET"])]
     # last: an API path no route above serves is one minifaas does not implement (not "no such entity")

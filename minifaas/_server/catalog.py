@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from .._core.statedir import PRIVATE_DIR_MODE, write_private
 from .._errors import TriggerError
 from .names import SYSTEM_NS
 from .packages import Package, PackageStore
@@ -39,6 +40,8 @@ FEED_KINDS: Final = ("alarm", "interval", "once")
 #: feed parameters of openwhisk-package-alarms that minifaas's alarms do not take (refused, never ignored)
 UNSUPPORTED: Final = ("startDate", "stopDate", "deleteAfterFire", "maxTriggers", "limitCronFields", "fireOnce")
 FEED_SOURCE: Final = "alarms_feed.py"
+#: paused alarm feeds (their options), kept so that UNPAUSE works after a restart too
+PAUSED_FILE: Final = "server/paused_feeds.json"
 FEED_KIND_LINE: Final = 'FEED_KIND = "interval"'
 
 #: package -> (published, description, {action: (source file, feed kind or None, description)})
@@ -71,11 +74,12 @@ CATALOG: Final[dict[str, tuple[bool, str, dict[str, tuple[str, str | None, str]]
 logger = logging.getLogger("minifaas.server")
 
 
-async def install_catalog(engine: Engine, store: PackageStore, auth: str | None) -> int:
-    """Create the catalog's packages and deploy its actions; returns how many actions."""
-    feeds = AlarmFeeds(engine, store.namespace, auth)
+async def install_catalog(engine: Engine, store: PackageStore, auth: str | None) -> AlarmFeeds:
+    """Create the catalog's packages and deploy its actions; returns the alarms' host service."""
+    state_dir = getattr(engine, "state_dir", None)
+    paused = Path(state_dir) / PAUSED_FILE if state_dir is not None else None
+    feeds = AlarmFeeds(engine, store.namespace, auth, paused_file=paused)
     engine.add_host_service(ALARMS_SERVICE, feeds, callers=_is_alarms_action)
-    n = 0
     for pkg_name, (publish, description, actions) in CATALOG.items():
         store.put(Package(SYSTEM_NS, pkg_name, {}, {"description": description}, publish, None, 1, _now_ms()))
         for action, (source, kind, about) in actions.items():
@@ -86,8 +90,7 @@ async def install_catalog(engine: Engine, store: PackageStore, auth: str | None)
                 if kind:
                     annotations["feed"] = True
             await engine.deploy(f"{SYSTEM_NS}/{pkg_name}/{action}", code=code, annotations=annotations)
-            n += 1
-    return n
+    return feeds
 
 
 def _is_alarms_action(name: str) -> bool:
@@ -101,13 +104,31 @@ def _now_ms() -> int:
 class AlarmFeeds:
     """The ``whisk.alarms`` host service: one lifecycle event of an alarm feed of a trigger of the server."""
 
-    def __init__(self, engine: Engine, namespace: str, auth: str | None) -> None:
+    def __init__(self, engine: Engine, namespace: str, auth: str | None, *, paused_file: Path | None = None) -> None:
         self.engine = engine
         self.namespace = namespace
         self.auth = auth
+        self.paused_file = paused_file
         #: trigger -> the feed options of a paused feed (UNPAUSE starts it again)
         self.paused: dict[str, dict[str, Any]] = {}
         self.changed: dict[str, int] = {}
+        if paused_file is not None and paused_file.is_file():
+            try:
+                self.paused = dict(json.loads(paused_file.read_text("utf-8")))
+            except (OSError, ValueError, TypeError) as exc:
+                logger.error("paused alarm feeds in %s are unreadable: %s", paused_file, exc)
+
+    def forget(self, trigger: str) -> None:
+        """The trigger was deleted: a paused feed of it goes too (the running ones went with the trigger)."""
+        if self.paused.pop(trigger, None) is not None:
+            self._save_paused()
+        self.changed.pop(trigger, None)
+
+    def _save_paused(self) -> None:
+        if self.paused_file is None:
+            return
+        self.paused_file.parent.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
+        write_private(self.paused_file, json.dumps(self.paused).encode("utf-8"))
 
     def _tm(self) -> Any:
         tm = getattr(self.engine, "triggers", None)
@@ -135,6 +156,8 @@ class AlarmFeeds:
             "UNPAUSE": self._unpause,
         }
         result: dict[str, Any] = await handler[event](tm, trigger, kind, args)
+        if event in ("UPDATE", "DELETE", "PAUSE", "UNPAUSE"):
+            self._save_paused()
         return result
 
     def _trigger(self, name: object) -> str:

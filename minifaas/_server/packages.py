@@ -305,6 +305,8 @@ class PackageRoutes:
 
         pkg_name, sep, _ = engine_name.partition("/")
         if not sep:
+            if self.store.get(ns, engine_name) is not None:
+                raise ApiError(409, f"resource already exists: {engine_name!r} is a package")
             return
         pkg = self.store.get(ns, pkg_name)
         if pkg is None:
