@@ -70,6 +70,16 @@ from ._handles import FUNCTION_OPTIONS_ATTR, Function
 from ._map import MapIterator
 from ._workflows.conductor import CONDITIONS, DEFAULT_MAX_STEPS, SESSION_ABORTED_MESSAGE, call_composition
 from ._workflows.saved import COMPOSITIONS_SUBDIR, CompositionFiles, SavedComposition, check_lossless
+from ._workflows.sequence import (
+    COMPONENT_NOT_FOUND,
+    IS_CYCLIC,
+    MAX_ATOMIC_ACTIONS,
+    NO_COMPONENT,
+    TOO_LONG,
+    SequenceSpec,
+    atomic_count,
+    run_sequence,
+)
 from ._workflows.sessions import Session, SessionStore
 from .composer import Composition
 from .composer import task as _as_composition
@@ -79,9 +89,10 @@ __all__ = ("Activations", "Engine")
 CLOSE_TIMEOUT_S: Final = 10.0
 #: manifest parameters ending so are model digests, final like the models themselves
 SHA256_PARAM_SUFFIX: Final = "_sha256"
-NAME_RE: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,255}$")
 #: how often a read-only engine re-reads a record another engine runs, while waiting for its end
 READ_ONLY_POLL_S: Final = 0.05
+#: a name, or ``package/name`` (the dev server's packages), or ``namespace/package/name`` (its system catalog)
+NAME_RE: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,255}(/[A-Za-z0-9_][A-Za-z0-9_.\-]{0,255}){0,2}$")
 ENGINE_CLOSED_MESSAGE: Final = "the engine closed before this activation finished"
 ENGINE_DIED_MESSAGE: Final = "the host stopped before this session finished (recovered at start-up)"
 BACKENDS: Final = ("local", "ray")
@@ -275,6 +286,12 @@ class Engine:
         self._composition_records: dict[str, SavedComposition] = {}
         self._saved_compositions = CompositionFiles(None)
         self._session_done: dict[str, anyio.Event] = {}
+        #: what a sandbox may ask of the host (``minifaas_sandbox.host_call``), by method name
+        self._services: dict[str, HostService] = {}
+        #: OpenWhisk sequences (``deploy_sequence``), by name
+        self._sequences: dict[str, SequenceSpec] = {}
+        #: ``ref -> (name, default parameters)``: the dev server's packages and bindings (see ``set_resolver``)
+        self._resolver: Callable[[str], tuple[str, dict[str, Any]]] | None = None
         #: composition sessions (traces of the path taken), by session id = primary activation id
         self.sessions = SessionStore()
         #: triggers, rules and feeds (event-driven invocation); created when the engine starts
@@ -350,7 +367,8 @@ class Engine:
                 if start_in is not None:
                     await start_in(tg)
                 stack.push_async_callback(self._close_launcher)
-                services: dict[str, HostService] = {"model.fetch": self._svc_model_fetch}
+                services = self._services
+                services["model.fetch"] = self._svc_model_fetch
                 self._pool = Pool(
                     tg,
                     self._launcher,
@@ -630,7 +648,9 @@ class Engine:
         if modules:
             raise DeployError("modules=[...] goes with a callable: deploy(name, fn, modules=[...])")
         if not isinstance(name, str) or not NAME_RE.match(name):
-            raise DeployError(f"invalid function name {name!r}: use letters, digits, '_', '-', '.'")
+            raise DeployError(
+                f"invalid function name {name!r}: use letters, digits, '_', '-', '.' ('/' only after a package name)"
+            )
         if name in self._compositions:
             # a composition wins every invocation of its name: the function would never run
             raise DeployError(f"{name!r} is already a deployed composition; delete it first")
@@ -833,7 +853,7 @@ class Engine:
         self._require()
         if not isinstance(name, str) or not NAME_RE.match(name):
             raise DeployError(f"invalid composition name {name!r}: use letters, digits, '_', '-', '.'")
-        if name in self._functions:
+        if name in self._functions or name in self._sequences:
             raise DeployError(f"{name!r} is already a deployed function; delete it first")
         comp = Composition.from_json(composition) if isinstance(composition, dict) else _as_composition(composition)
         if conditions not in CONDITIONS:
@@ -907,6 +927,126 @@ class Engine:
             self._conditions[record.name] = record.conditions
             self._composition_records[record.name] = record
 
+    def set_resolver(self, resolver: Callable[[str], tuple[str, dict[str, Any]]] | None) -> None:
+        """Install ``resolver(ref) -> (name, defaults)``, asked for every name invoked, called or fired: the dev
+        server's packages (``pkg/action`` with the package's parameters) and bindings (``binding/action`` is the
+        bound package's action with the binding's parameters too). The defaults go under the target's own
+        parameters and the invocation's; a ref the resolver does not know it returns unchanged, with ``{}``."""
+        self._resolver = resolver
+
+    def _resolve_ref(self, name: str) -> tuple[str, dict[str, Any]]:
+        if self._resolver is None:
+            return name, {}
+        return self._resolver(name)
+
+    def sequence_of(self, ref: str) -> tuple[SequenceSpec, dict[str, Any]] | None:
+        """The sequence ``ref`` names (through the resolver) and its package's defaults, else None."""
+        name, defaults = self._resolve_ref(ref)
+        spec = self._sequences.get(name)
+        return None if spec is None else (spec, defaults)
+
+    def _ref_exists(self, ref: str) -> bool:
+        name = self._resolve_ref(ref)[0]
+        return name in self._sequences or name in self._compositions or split_ref(name)[0] in self._functions
+
+    async def deploy_sequence(
+        self,
+        name: str,
+        components: Iterable[str],
+        *,
+        params: dict[str, Any] | None = None,
+        annotations: dict[str, Any] | None = None,
+        check_components: bool = True,
+    ) -> dict[str, Any]:
+        """Register (or replace) an OpenWhisk sequence: invoking it runs ``components`` in order, each an activation
+        of its own (see ``_workflows.sequence``). Each component must exist now; deleting one later is allowed
+        (the sequence then fails when it reaches it). ``check_components=False`` registers a sequence saved
+        earlier as it was (its components may be gone, or not be deployed again yet)."""
+        self._require()
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise DeployError(f"invalid sequence name {name!r}: use letters, digits, '_', '-', '.'")
+        if name in self._functions or name in self._compositions:
+            raise DeployError(f"{name!r} is already a deployed function or composition; delete it first")
+        if params is not None and not isinstance(params, dict):
+            raise DeployError(f"params must be a dict, not {type(params).__name__}")
+        comps = tuple(components)
+        if not comps:
+            raise DeployError(NO_COMPONENT)
+        for ref in comps:
+            if not isinstance(ref, str) or not ref:
+                raise DeployError(f"sequence components must be names, got {ref!r}")
+            if self._resolve_ref(ref)[0] == name:
+                raise DeployError(IS_CYCLIC)
+            if check_components and not self._ref_exists(ref):
+                raise DeployError(f"{COMPONENT_NOT_FOUND} ({ref})")
+
+        def lookup(ref: str) -> SequenceSpec | None:
+            found = self.sequence_of(ref)
+            return None if found is None else found[0]
+
+        try:
+            atomic = atomic_count(comps, lookup, root=name) if check_components else 0
+        except ValueError as exc:
+            raise DeployError(str(exc)) from None
+        if atomic > MAX_ATOMIC_ACTIONS:
+            raise DeployError(f"{TOO_LONG} ({atomic} actions, at most {MAX_ATOMIC_ACTIONS})")
+        old = self._sequences.get(name)
+        spec = SequenceSpec(
+            name=name,
+            components=comps,
+            params=dict(params or {}),
+            annotations=dict(annotations or {}),
+            version=str(int(old.version) + 1) if old is not None else "1",
+            namespace=self.namespace,
+            created=int(time.time() * 1000),
+        )
+        self._sequences[name] = spec
+        if self.triggers is not None:
+            self.triggers.targets_changed()
+        return spec.describe()
+
+    def _sequence_record(self, spec: SequenceSpec, cause: str | None) -> Activation:
+        return Activation(
+            activation_id=new_activation_id(),
+            name=spec.name,
+            version=spec.version,
+            namespace=spec.namespace,
+            accepted=int(time.time() * 1000),
+            cause=cause,
+        )
+
+    def _record_sequence(self, act: Activation) -> None:
+        self._store_or_raise().put(act)
+        if act.done:
+            self._on_end(act)
+
+    async def _call_sequence(
+        self, spec: SequenceSpec, defaults: dict[str, Any], args: dict[str, Any] | None, cause: str | None
+    ) -> Activation:
+        act = self._sequence_record(spec, cause)
+        return await run_sequence(self, spec, args or {}, act=act, record=self._record_sequence, defaults=defaults)
+
+    def _submit_sequence(
+        self, name: str, defaults: dict[str, Any], args: dict[str, Any] | None, cause: str | None
+    ) -> str:
+        assert self._tg is not None
+        spec = self._sequences[name]
+        act = self._sequence_record(spec, cause)
+        self._store_or_raise().put(act)  # the promise: an id handed out is an id on record
+        done = self._session_done[act.activation_id] = anyio.Event()
+
+        async def run() -> None:
+            try:
+                await run_sequence(self, spec, args or {}, act=act, record=self._record_sequence, defaults=defaults)
+            except EngineClosed:
+                pass  # the record is ended as aborted by the engine's close (_fail_sessions)
+            finally:
+                done.set()
+                self._session_done.pop(act.activation_id, None)
+
+        self._tg.start_soon(run, name=f"sequence-{act.activation_id}")
+        return act.activation_id
+
     async def _preload_models(self, spec: FunctionSpec) -> None:
         """Fetch the function's named models into the store and load their bytes into the zygote, so every
         sandbox forked afterwards shares those pages copy-on-write (the path is the one sandboxes will ask for)."""
@@ -954,6 +1094,9 @@ class Engine:
 
     async def get_function(self, name: str) -> dict[str, Any]:
         self._require()
+        seq = self._sequences.get(name)
+        if seq is not None:
+            return seq.describe()
         if name in self._compositions:
             return self._describe_composition(name)
         spec = self._resolve(name)
@@ -969,6 +1112,7 @@ class Engine:
             info = self._describe_composition(n)
             del info["composition"]
             out.append(info)
+        out += [s.describe() for s in self._sequences.values()]
         return out
 
     async def delete(self, name: str) -> None:
@@ -980,6 +1124,9 @@ class Engine:
             self._conditions.pop(name, None)
             self._composition_records.pop(name, None)
             await anyio.to_thread.run_sync(self._saved_compositions.forget, name)
+            return
+        if name in self._sequences:
+            del self._sequences[name]  # sequences naming it stay, and fail when they reach it (as OpenWhisk's)
             return
         base, _, version = name.partition("@")
         versions = self._functions.get(base)
@@ -1060,11 +1207,15 @@ class Engine:
         """Accept an invocation and return its activation id at once."""
         sched = self._require()
         self._require_writable()
+        name, defaults = self._resolve_ref(name)
         if name in self._compositions:
             return self._submit_session(name, args, cause)
+        if name in self._sequences:
+            return self._submit_sequence(name, defaults, args, cause)
         spec, alias = self._route(name)
         annotations = {"alias": alias} if alias else None
-        job = sched.submit(spec, {} if args is None else args, cause=cause, annotations=annotations, durable=True)
+        args = _under(defaults, spec.params, args)
+        job = sched.submit(spec, args, cause=cause, annotations=annotations, durable=True)
         accepted = job.accepted
         if accepted is not None and not accepted.is_set():
             await accepted.wait()  # the promise: an id handed out is an id on record
@@ -1082,6 +1233,10 @@ class Engine:
         """Invoke and wait; returns the ended Activation whatever its status."""
         sched = self._require()
         self._require_writable()
+        name, defaults = self._resolve_ref(name)
+        seq = self._sequences.get(name)
+        if seq is not None:
+            return await self._call_sequence(seq, defaults, args, cause)
         dep = self._compositions.get(name)
         if dep is not None:
             comp, params, max_steps = dep
@@ -1102,7 +1257,7 @@ class Engine:
             )
         spec, alias = self._route(name)
         annotations = {"alias": alias} if alias else None
-        job = sched.submit(spec, {} if args is None else args, cause=cause, annotations=annotations)
+        job = sched.submit(spec, _under(defaults, spec.params, args), cause=cause, annotations=annotations)
         await job.done.wait()
         return job.act
 
@@ -1159,6 +1314,10 @@ class Engine:
 
     def _target_exists(self, name: str, _depth: int = 0) -> bool:
         """A rule's target is deployed: a function, or a composition whose named functions all are."""
+        if self._resolver is not None:
+            name = self._resolver(name)[0]
+        if name in self._sequences:
+            return True  # its components are looked up when it runs, as OpenWhisk does
         dep = self._compositions.get(name)
         if dep is None:
             return split_ref(name)[0] in self._functions
@@ -1228,6 +1387,18 @@ class Engine:
             self._model_store = ModelStore(self._model_root())
         return self._model_store
 
+    def add_host_service(self, method: str, service: HostService, *, callers: Callable[[str], bool]) -> None:
+        """Let sandboxes call ``service(args)`` by ``minifaas_sandbox.host_call(method, args)``; only functions
+        whose name ``callers(name)`` accepts may (the host knows which function asks, a sandbox cannot lie)."""
+
+        async def guarded(args: dict[str, Any]) -> Any:
+            spec = self._caller_spec(args.get(CALLER_ARG))
+            if spec is None or not callers(spec.name):
+                raise PermissionError(f"host service {method!r} is not available to this function")
+            return await service({k: v for k, v in args.items() if k != CALLER_ARG})
+
+        self._services[method] = guarded
+
     def add_end_hook(self, hook: Callable[[Activation], None]) -> None:
         """Call ``hook(activation)`` whenever an activation ends (metrics, live UIs)."""
         self._end_hooks.append(hook)
@@ -1266,6 +1437,14 @@ class Engine:
         if callable(launcher_stats):
             out["launcher_stats"] = launcher_stats()
         return out
+
+
+def _under(defaults: dict[str, Any], params: dict[str, Any], args: dict[str, Any] | None) -> dict[str, Any]:
+    """A package's ``defaults`` under the action's own ``params`` (merged in by the scheduler) and ``args``."""
+    args = {} if args is None else args
+    if not defaults:
+        return args
+    return {**{k: v for k, v in defaults.items() if k not in params}, **args}
 
 
 def _check_resources(resources: dict[str, float] | None, backend: str) -> dict[str, float]:

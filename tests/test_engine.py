@@ -280,7 +280,7 @@ async def test_deploy_validation(shared_engine: minifaas.Engine, tmp_path: Path)
     with pytest.raises(minifaas.DeployError, match=r"util.py, line 1"):
         await engine.deploy("bad", path=bad_folder)
     with pytest.raises(minifaas.DeployError, match="invalid function name"):
-        await engine.deploy("bad/name", code=HELLO)
+        await engine.deploy("/bad/name", code=HELLO)
     with pytest.raises(minifaas.DeployError, match="timeout_s must be"):
         await engine.deploy("bad", code=HELLO, timeout_s=-1)
     with pytest.raises(minifaas.FunctionNotFound):

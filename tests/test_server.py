@@ -149,7 +149,7 @@ def test_namespaces_and_isolation(http: httpx.Client) -> None:
         assert_error(http.get(f"{API}/namespaces/alice/{path}"), 403, "not authorized to access 'alice'")
     assert_error(http.post(f"{API}/namespaces/alice/actions/x", json={}), 403)
     assert_error(http.get("/no/such/route"), 404, "does not exist")
-    assert_error(http.patch(f"{NS}/actions/x"), 405)
+    assert_error(http.patch(f"{NS}/actions/x"), 501, "does not implement PATCH")
 
 
 def test_keep_alive_requests_do_not_wait_for_delayed_acks(http: httpx.Client) -> None:
@@ -179,7 +179,7 @@ def test_action_create_get_update_list_delete(http: httpx.Client) -> None:
     )
     assert r.status_code == 200, r.text
     action = r.json()
-    assert action["name"] == "srv-hello" and action["namespace"] == "guest" and action["version"] == "1"
+    assert action["name"] == "srv-hello" and action["namespace"] == "guest" and action["version"] == "0.0.1"
     assert action["exec"] == {"kind": "python:3", "binary": False, "main": "main", "code": HELLO}
     assert action["limits"]["timeout"] == 5000 and action["limits"]["memory"] == 128
     assert action["limits"]["concurrency"] == 2
@@ -195,13 +195,13 @@ def test_action_create_get_update_list_delete(http: httpx.Client) -> None:
         json={"parameters": [{"key": "name", "value": "updated"}]},
     )
     assert r.status_code == 200, r.text
-    assert r.json()["version"] == "2" and r.json()["limits"]["timeout"] == 5000
+    assert r.json()["version"] == "0.0.2" and r.json()["limits"]["timeout"] == 5000
     assert http.post(f"{NS}/actions/srv-hello", params={"blocking": "true", "result": "true"}).json() == {
         "hi": "updated"
     }
 
     got = http.get(f"{NS}/actions/srv-hello").json()
-    assert got["exec"]["code"] == HELLO and got["version"] == "2"
+    assert got["exec"]["code"] == HELLO and got["version"] == "0.0.2"
     assert "code" not in http.get(f"{NS}/actions/srv-hello", params={"code": "false"}).json()["exec"]
 
     put_action(http, "srv-other", HELLO)
@@ -229,7 +229,7 @@ def test_action_create_get_update_list_delete(http: httpx.Client) -> None:
         ({"exec": {"kind": "blackbox", "image": "x"}}, "not supported"),
         ({"exec": {"kind": "python:3", "code": "def main(args:\n"}}, "syntax"),
         ({"exec": {"kind": "python:3", "code": "def other(args): pass"}}, "main"),
-        ({"exec": {"kind": "python:3", "code": ""}}, "exec.code"),
+        ({"exec": {"kind": "python:3", "code": 5}}, "exec.code"),
         ({"parameters": []}, "exec undefined"),
         ({"exec": {"kind": "python:3", "code": HELLO}, "limits": {"timeout": -1}}, "timeout"),
         ({"exec": {"kind": "python:3", "code": HELLO}, "limits": {"gpu": 1}}, "unknown limit"),
@@ -242,7 +242,7 @@ def test_action_create_get_update_list_delete(http: httpx.Client) -> None:
         "blackbox",
         "syntax",
         "no-main",
-        "empty-code",
+        "code-not-text",
         "no-exec",
         "bad-timeout",
         "unknown-limit",

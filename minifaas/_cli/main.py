@@ -75,12 +75,23 @@ CliError.__module__ = "minifaas"
 class Api:
     """A thin REST client: paths under the namespace, OpenWhisk error bodies turned into CliError."""
 
-    def __init__(self, client: httpx.AsyncClient, namespace: str) -> None:
+    def __init__(self, client: httpx.AsyncClient, namespace: str, auth: str | None = None) -> None:
         self.client = client
         self.namespace = namespace
+        #: the ``uuid:key`` the client uses (a feed action is given it as ``authKey``)
+        self.auth = auth
 
     def path(self, *parts: str) -> str:
         return "/api/v1/namespaces/" + "/".join([self.namespace, *parts])
+
+    def entity(self, collection: str, name: str) -> str:
+        """The path of ``name``, ``pkg/name`` or a fully qualified ``/ns/[pkg/]name`` in ``collection``."""
+        if name.startswith("/"):
+            ns, _, rest = name[1:].partition("/")
+            if not ns or not rest:
+                raise CliError(f"{name!r} is not a fully qualified name /namespace/[package/]name")
+            return "/api/v1/namespaces/" + "/".join([ns, collection, rest])
+        return self.path(collection, name)
 
     async def call(
         self,
@@ -223,7 +234,7 @@ async def connect(args: argparse.Namespace) -> AsyncIterator[Api]:
     # loading the CA bundle costs a tenth of a second per command: only https needs it
     verify = apihost.startswith("https://")
     async with httpx.AsyncClient(base_url=apihost, auth=basic, timeout=HTTP_TIMEOUT_S, verify=verify) as client:
-        yield Api(client, args.namespace)
+        yield Api(client, args.namespace, auth)
 
 
 # -- small helpers -------------------------------------------------------------------------------------------
@@ -368,7 +379,16 @@ Command = Callable[[Api, argparse.Namespace, "Console"], Awaitable[int]]
 
 def _action_body(args: argparse.Namespace, *, need_path: bool) -> dict[str, Any]:
     body: dict[str, Any] = {}
-    if args.path is not None:
+    sequence = getattr(args, "sequence", None)
+    if sequence is not None:
+        if args.path is not None:
+            raise CliError("give the action's code or --sequence, not both")
+        names = [c.strip() for c in sequence.split(",") if c.strip()]
+        if not names:
+            raise CliError("--sequence takes action names separated by commas: --sequence a,pkg/b")
+        # OpenWhisk's components are fully qualified; a relative name is one of the caller's namespace
+        body["exec"] = {"kind": "sequence", "components": [c if c.startswith("/") else f"/_/{c}" for c in names]}
+    elif args.path is not None:
         body["exec"] = _exec_from_path(Path(args.path).expanduser(), args.kind, args.main)
     elif need_path:
         raise CliError("give the action's code: a .py file, a folder with __main__.py, or a .zip")
@@ -396,24 +416,27 @@ def _action_body(args: argparse.Namespace, *, need_path: bool) -> dict[str, Any]
 
 async def cmd_action_put(api: Api, args: argparse.Namespace, console: Console) -> int:
     create, update = args.verb == "create", args.verb == "update"
-    body = _action_body(args, need_path=not update)
+    body = _action_body(args, need_path=not update and getattr(args, "sequence", None) is None)
+    from .webflags import apply_web_options  # its module imports this one
+
+    await apply_web_options(api, args, body, keep=not create)
     overwrite = "false" if create else "true"
     if args.verb == "deploy" or update:
         overwrite = "true"
-    action = await api.json("PUT", api.path("actions", args.name), params={"overwrite": overwrite}, body=body)
+    action = await api.json("PUT", api.entity("actions", args.name), params={"overwrite": overwrite}, body=body)
     verb = "created" if create else "updated" if update else "deployed"
     console.print(f"[green]ok:[/] {verb} action [bold]{action['name']}[/] (version {action['version']})")
     return EXIT_OK
 
 
 async def cmd_action_get(api: Api, args: argparse.Namespace, console: Console) -> int:
-    action = await api.json("GET", api.path("actions", args.name), params={"code": str(args.code).lower()})
+    action = await api.json("GET", api.entity("actions", args.name), params={"code": str(args.code).lower()})
     _print_json(console, action)
     return EXIT_OK
 
 
 async def cmd_action_delete(api: Api, args: argparse.Namespace, console: Console) -> int:
-    await api.call("DELETE", api.path("actions", args.name))
+    await api.call("DELETE", api.entity("actions", args.name))
     console.print(f"[green]ok:[/] deleted action [bold]{args.name}[/]")
     return EXIT_OK
 
@@ -428,8 +451,10 @@ async def cmd_action_list(api: Api, args: argparse.Namespace, console: Console) 
     table = Table("name", "version", "kind", "timeout", "memory", "concurrency", "updated", title="actions")
     for a in actions:
         lim = a.get("limits", {})
+        # an action in a package lists as package/name (its namespace is namespace/package)
+        pkg = str(a.get("namespace", "")).partition("/")[2]
         table.add_row(
-            a["name"],
+            f"{pkg}/{a['name']}" if pkg else a["name"],
             a["version"],
             a["exec"]["kind"],
             f"{lim.get('timeout')} ms",
@@ -460,7 +485,9 @@ async def cmd_invoke(api: Api, args: argparse.Namespace, console: Console) -> in
     payload = _pairs(args.param, args.param_file)
     blocking = args.blocking or args.result
     params = {"blocking": str(blocking).lower(), "result": str(args.result).lower()}
-    resp = await api.call("POST", api.path("actions", args.name), params=params, body=payload, ok=(200, 202, 500, 502))
+    resp = await api.call(
+        "POST", api.entity("actions", args.name), params=params, body=payload, ok=(200, 202, 500, 502)
+    )
     if not blocking:
         act_id = resp.json()["activationId"]
         console.print(f"[green]ok:[/] invoked /{api.namespace}/{args.name} with id {act_id}")
@@ -571,12 +598,23 @@ async def cmd_trigger(api: Api, args: argparse.Namespace, console: Console) -> i
 
     verb = args.verb
     if verb == "create":
-        body: dict[str, Any] = {"parameters": _kv(_pairs(args.param, args.param_file))}
-        if args.annotation:
-            body["annotations"] = _kv(_pairs(args.annotation))
+        params = _pairs(args.param, args.param_file)
+        # with --feed the parameters are the feed's (as wsk's): the trigger is made, then the feed told to CREATE
+        body: dict[str, Any] = {"parameters": [] if args.feed else _kv(params)}
+        annotations = _pairs(args.annotation) if args.annotation else {}
+        if args.feed:
+            annotations["feed"] = args.feed
+        if annotations:
+            body["annotations"] = _kv(annotations)
         if args.rate is not None:
             body["limits"] = {"rate_per_minute": args.rate or None}
         await api.call("PUT", api.path("triggers", args.name), params={"overwrite": "false"}, body=body)
+        if args.feed:
+            try:
+                await _feed_event(api, args.feed, "CREATE", args.name, params)
+            except CliError:
+                await api.call("DELETE", api.path("triggers", args.name), ok=(200, 404))
+                raise
         console.print(f"[green]ok:[/] created trigger [bold]{args.name}[/]")
     elif verb == "fire":
         resp = await api.call(
@@ -591,6 +629,13 @@ async def cmd_trigger(api: Api, args: argparse.Namespace, console: Console) -> i
     elif verb == "get":
         _print_json(console, await api.json("GET", api.path("triggers", args.name)))
     elif verb == "delete":
+        trigger = await api.json("GET", api.path("triggers", args.name))
+        feed = next((a["value"] for a in trigger.get("annotations", []) if a.get("key") == "feed"), None)
+        if isinstance(feed, str):
+            try:
+                await _feed_event(api, feed, "DELETE", args.name, {})
+            except CliError as exc:  # a feed already gone must not keep its trigger alive (wsk goes on too)
+                console.print(f"[yellow]warning:[/] {exc}")
         await api.call("DELETE", api.path("triggers", args.name))
         console.print(f"[green]ok:[/] deleted trigger [bold]{args.name}[/]")
     else:
@@ -605,6 +650,59 @@ async def cmd_trigger(api: Api, args: argparse.Namespace, console: Console) -> i
             table.add_row(t["name"], _verbatim(_brief(params)), rules or "-")
         console.print(table)
     return EXIT_OK
+
+
+async def cmd_package(api: Api, args: argparse.Namespace, console: Console) -> int:
+    from rich.table import Table
+
+    verb = args.verb
+    if verb in ("create", "update", "bind"):
+        body: dict[str, Any] = {}
+        if args.param or args.param_file:
+            body["parameters"] = _kv(_pairs(args.param, args.param_file))
+        if args.annotation:
+            body["annotations"] = _kv(_pairs(args.annotation))
+        if verb == "bind":
+            ns, _, target = args.package.lstrip("/").rpartition("/") if args.package.startswith("/") else ("", "", "")
+            body["binding"] = {"namespace": ns or "_", "name": target or args.package}
+        elif args.shared is not None:
+            body["publish"] = args.shared == "yes"
+        overwrite = "true" if verb == "update" else "false"
+        pkg = await api.json("PUT", api.entity("packages", args.name), params={"overwrite": overwrite}, body=body)
+        done = {"create": "created", "update": "updated", "bind": "created binding"}[verb]
+        console.print(f"[green]ok:[/] {done} package [bold]{pkg['name']}[/] (version {pkg['version']})")
+    elif verb == "get":
+        _print_json(console, await api.json("GET", api.entity("packages", args.name)))
+    elif verb == "delete":
+        await api.call("DELETE", api.entity("packages", args.name))
+        console.print(f"[green]ok:[/] deleted package [bold]{args.name}[/]")
+    else:
+        where = api.path("packages")
+        if args.namespace_path:
+            where = f"/api/v1/namespaces/{args.namespace_path.strip('/')}/packages"
+        pkgs = await api.json("GET", where, params={"limit": args.limit})
+        if args.json:
+            _print_json(console, pkgs)
+            return EXIT_OK
+        table = Table("package", "shared", "binding", "parameters", title="packages")
+        for p in pkgs:
+            b = p.get("binding") or {}
+            bound = f"/{b['namespace']}/{b['name']}" if b else "-"
+            params = {x["key"]: x["value"] for x in p.get("parameters", [])}
+            table.add_row(f"/{p['namespace']}/{p['name']}", "yes" if p.get("publish") else "no", bound, _brief(params))
+        console.print(table)
+    return EXIT_OK
+
+
+async def _feed_event(api: Api, feed: str, event: str, trigger: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Invoke a feed action with OpenWhisk's lifecycle event for ``trigger``; a failed one is a CliError."""
+    body = {**params, "lifecycleEvent": event, "triggerName": f"/_/{trigger}", "authKey": api.auth}
+    resp = await api.call("POST", api.entity("actions", feed), params={"blocking": "true"}, body=body, ok=(200, 502))
+    record = resp.json()
+    result = record.get("response", {}).get("result", {})
+    if resp.status_code != 200:
+        raise CliError(f"feed {feed} refused {event} for trigger {trigger}: {result.get('error', result)}")
+    return dict(result)
 
 
 async def cmd_rule(api: Api, args: argparse.Namespace, console: Console) -> int:
@@ -717,7 +815,7 @@ async def cmd_invoke_batch(api: Api, args: argparse.Namespace, console: Console)
                 try:
                     resp = await api.call(
                         "POST",
-                        api.path("actions", args.name),
+                        api.entity("actions", args.name),
                         params={"blocking": "true"},
                         body=payload(f),
                         ok=(200, 202, 500, 502),
@@ -983,6 +1081,9 @@ def _action_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kind", default="python:3", help="python:3 (default), python:3.11 or python:default")
     p.add_argument("--main", help="entry function (default: main)")
     _params(p)
+    from .webflags import add_web_options  # its module imports this one
+
+    add_web_options(p)
     p.add_argument("-a", "--annotation", nargs=2, action="append", metavar=("KEY", "VALUE"))
     p.add_argument("-t", "--timeout", type=int, metavar="MS", help="time limit in milliseconds")
     p.add_argument("-m", "--memory", type=int, metavar="MB", help="memory limit in MB")
@@ -1052,7 +1153,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("create", "update"):
         p = verb(av, name, f"{name} an action")
         p.add_argument("name")
-        p.add_argument("path", nargs="?" if name == "update" else None)
+        p.add_argument("path", nargs="?")
+        p.add_argument("--sequence", metavar="A,B", help="a sequence of these actions instead of code")
         _action_options(p)
         p.set_defaults(call=cmd_action_put)
     p = verb(av, "get", "show an action")
@@ -1123,6 +1225,9 @@ def build_parser() -> argparse.ArgumentParser:
     _params(p)
     p.add_argument("-a", "--annotation", nargs=2, action="append", metavar=("KEY", "VALUE"))
     p.add_argument("--rate", type=int, metavar="PER_MINUTE", help="fire rate limit (0: none; default 60)")
+    p.add_argument(
+        "--feed", metavar="ACTION", help="a feed action, e.g. /whisk.system/alarms/interval (-p: its params)"
+    )
     p = verb(tv, "fire", "fire a trigger")
     p.add_argument("name")
     _params(p)
@@ -1134,6 +1239,27 @@ def build_parser() -> argparse.ArgumentParser:
     tv_choices: dict[str, argparse.ArgumentParser] = tv.choices
     for p in tv_choices.values():
         p.set_defaults(call=cmd_trigger)
+
+    pkg = verbs.add_parser("package", help="create, update, bind, get, list or delete packages")
+    pv = pkg.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for name in ("create", "update", "bind"):
+        p = verb(pv, name, "bind PACKAGE to a new binding NAME" if name == "bind" else f"{name} a package")
+        if name == "bind":
+            p.add_argument("package", help="the package to bind: name or /namespace/name")
+        p.add_argument("name")
+        _params(p)
+        p.add_argument("-a", "--annotation", nargs=2, action="append", metavar=("KEY", "VALUE"))
+        if name != "bind":
+            p.add_argument("--shared", choices=("yes", "no"), help="publish it to other namespaces")
+    for name in ("get", "delete"):
+        p = verb(pv, name, f"{name} a package")
+        p.add_argument("name")
+    p = verb(pv, "list", "list packages")
+    p.add_argument("namespace_path", nargs="?", metavar="/NAMESPACE", help="another namespace (e.g. /whisk.system)")
+    p.add_argument("--limit", type=int, default=30)
+    pv_choices: dict[str, argparse.ArgumentParser] = pv.choices
+    for p in pv_choices.values():
+        p.set_defaults(call=cmd_package)
 
     rule = verbs.add_parser("rule", help="create, enable, disable, get, list or delete rules")
     rv = rule.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -1161,6 +1287,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id")
     p.set_defaults(call=cmd_session)
 
+    from .apis import add_api_parser  # its module imports this one
+
+    add_api_parser(verbs, verb)
     from .compositions import add_parser as add_composition_parser
 
     add_composition_parser(verbs, verb)

@@ -103,12 +103,14 @@ class Activation:
         if self.init_time is not None:
             ann["initTime"] = self.init_time
         if self.cause is not None:
-            ann["causedBy"] = self.cause
-        ann.setdefault("path", f"{self.namespace}/{self.name}")
+            ann.setdefault("causedBy", self.cause)  # a nested sequence says ``sequence``, as OpenWhisk's does
+        # ``pkg/action`` is OpenWhisk's action ``action`` at path ``ns/pkg/action``; ``whisk.system/pkg/action``
+        # (the dev server's system catalog) names its namespace itself
+        ann.setdefault("path", self.name if self.name.count("/") == 2 else f"{self.namespace}/{self.name}")
         return {
             "activationId": self.activation_id,
             "namespace": self.namespace,
-            "name": self.name,
+            "name": self.name.rpartition("/")[2],
             "version": self.version,
             "subject": self.namespace,
             "publish": False,

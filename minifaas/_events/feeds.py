@@ -7,7 +7,7 @@ Three kinds, polling at ``interval_s``; a folder feed on Linux also listens to i
   looks only at the names events touched (a full listing every ``FULL_RESCAN_S`` as a safety net).
 - ``fsspec``: any fsspec URL (``s3://bucket/prefix/``, ``gs://...``, ``file:///...``); objects fire once. On
   an object store the event carries the object's ``etag`` (no download); local files carry their ``sha256``.
-- ``alarm``: an interval (``interval_s``) or a 5-field cron expression (``cron``).
+- ``alarm``: an interval (``interval_s``), a 5-field cron expression (``cron``) or once, at a time (``at``).
 
 Delivery rests on a cursor: for every file the feed keeps its ``(size, version)`` key (version = ``mtime_ns``
 locally, the ETag or modification time remotely), as *in flight* from the moment its rules' targets were
@@ -79,6 +79,8 @@ MIN_RETRY_S = 0.05
 CRON_SEARCH_YEARS = 30
 #: a cron alarm re-reads the wall clock at least this often (a suspend, an NTP step)
 CRON_SLICE_S = 30.0
+#: a one-shot alarm (``at``) found this much past its time when it starts (a restart much later) does not fire
+ONCE_LATE_S = 60.0
 #: daylight-saving shifts are smaller than this (the search for a zone's instants looks this far around)
 MAX_DST_SHIFT = timedelta(hours=3)
 CURSOR_VERSION = 2
@@ -1106,9 +1108,11 @@ class AlarmFeed(Feed):
         cron: CronSchedule | None,
         tz: tzinfo,
         payload: dict[str, Any],
+        at: float | None = None,
     ) -> None:
         super().__init__(trigger, options, ctx)
         self.interval_s = interval_s
+        self.at = at
         self.cron = cron
         self.tz = tz
         self.payload = payload
@@ -1128,10 +1132,20 @@ class AlarmFeed(Feed):
 
     async def _run(self) -> None:
         clock = self._ctx.clock
-        if self.interval_s is not None:
+        if self.at is not None:
+            await self._run_once(clock, self.at)
+        elif self.interval_s is not None:
             await self._run_interval(clock)
         else:
             await self._run_cron(clock)
+
+    async def _run_once(self, clock: Clock, at: float) -> None:
+        if clock.now() > at + ONCE_LATE_S:
+            self._note_error(f"its time {datetime.fromtimestamp(at, self.tz).isoformat()} passed while stopped", "fire")
+            return
+        while (left := at - clock.now()) > 0:
+            await clock.sleep(min(left, CRON_SLICE_S))
+        await self._fire_tick(datetime.fromtimestamp(at, self.tz).isoformat())
 
     async def _run_interval(self, clock: Clock) -> None:
         # On the monotonic clock: stepping the wall clock (NTP, an operator) neither stalls nor rushes it.
@@ -1168,7 +1182,7 @@ class AlarmFeed(Feed):
 _KIND_OPTIONS = {
     "folder": {"path", "interval_s", "pattern", "fire_existing", "settle_s", "events"},
     "fsspec": {"url", "interval_s", "pattern", "recursive", "fire_existing", "storage_options", "atomic", "settle_s"},
-    "alarm": {"interval_s", "cron", "payload", "tz"},
+    "alarm": {"interval_s", "cron", "payload", "tz", "at"},
 }
 
 
@@ -1280,10 +1294,15 @@ def make_feed(trigger: str, kind: str, options: Mapping[str, Any], ctx: FeedCont
         )
     interval = _interval(options, None)
     cron_text = _opt(options, "cron", str, None)
-    if (interval is None) == (cron_text is None):
-        raise TriggerError("alarm feed: give exactly one of interval_s and cron")
+    at = _opt(options, "at", (int, float), None)
+    if sum(x is not None for x in (interval, cron_text, at)) != 1:
+        raise TriggerError("alarm feed: give exactly one of interval_s, cron and at")
     cron = None if cron_text is None else CronSchedule.parse(cron_text)
     tz_name = _opt(options, "tz", str, "UTC")
     payload = dict(_opt(options, "payload", dict, {}))
     norm = {"interval_s": interval, "cron": cron_text, "payload": payload, "tz": tz_name}
-    return AlarmFeed(trigger, norm, ctx, interval_s=interval, cron=cron, tz=_timezone(tz_name), payload=payload)
+    if at is not None:
+        norm["at"] = float(at)  # only when given: feeds saved before ``at`` existed keep their ids
+    return AlarmFeed(
+        trigger, norm, ctx, interval_s=interval, cron=cron, tz=_timezone(tz_name), payload=payload, at=norm.get("at")
+    )

@@ -288,13 +288,16 @@ class TriggerManager:
     def list_triggers(self) -> list[Trigger]:
         return sorted(self._triggers.values(), key=lambda t: t.name)
 
-    def delete_trigger(self, name: str) -> Trigger:
-        """Delete a trigger, the rules bound to it, and its feeds (stopped at once, their cursors dropped)."""
+    def delete_trigger(self, name: str, *, keep_rules: bool = False) -> Trigger:
+        """Delete a trigger, the rules bound to it, and its feeds (stopped at once, their cursors dropped).
+
+        ``keep_rules``: its rules stay, naming a trigger that does not exist (OpenWhisk's REST semantics); they
+        fire again if a trigger of that name is created."""
         self._check_open()
         trigger = self.get_trigger(name)
         del self._triggers[name]
         self._fire_times.pop(name, None)
-        for rule in [r for r in self._rules.values() if r.trigger == name]:
+        for rule in [r for r in self._rules.values() if r.trigger == name and not keep_rules]:
             del self._rules[rule.name]
         for feed in [f for f in self._feeds.values() if f.trigger == name]:
             del self._feeds[feed.feed_id]

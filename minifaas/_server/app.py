@@ -69,9 +69,14 @@ from .._errors import (
     PayloadTooLarge,
     TriggerError,
 )
+from .catalog import AlarmFeeds, install_catalog
+from .entity_versions import VERSIONS_FILE, EntityVersions
 from .httpguard import write_refusal
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
+from .names import SYSTEM_NS, BadName, engine_name, entity_path
+from .packages import PACKAGES_SUBDIR, PackageRoutes, PackageStore
+from .sequences import SEQUENCE_KIND, components_of, parse_components, sequence_json
 
 if TYPE_CHECKING:
     from .._engine import Engine
@@ -108,6 +113,8 @@ ACTIONS_SUBDIR: Final = "server/actions"
 LOG_LIMIT_UNIT_BYTES: Final = 1 << 20  # OpenWhisk's ``limits.logs`` is in MB
 NOT_FOUND: Final = "The requested resource does not exist."
 ZIP_MAGIC: Final = b"PK\x03\x04"
+#: what an action created with empty ``exec.code`` runs: its init fails with OpenWhisk's message
+EMPTY_CODE: Final = "raise ImportError('Missing main/no code to execute.')\n\n\ndef main(args):\n    return args\n"
 WS_POLICY_VIOLATION: Final = 1008
 INTERNAL_ERROR_MESSAGE: Final = "The server met an internal error; its log names it by the code below."
 #: nginx's status for a request whose client went away (never read by anyone, but logged by proxies)
@@ -340,13 +347,15 @@ class _ActionBody:
     env: dict[str, str]
     annotations: dict[str, Any]
     limits: dict[str, Any]
+    #: OpenWhisk's version ``0.0.N``: 1 when created, one more on every update
+    version: int = 1
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> _ActionBody:
-        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d or f.name != "version"})
 
 
 def _is_binary(exec_: dict[str, Any], code: str) -> bool:
@@ -388,6 +397,14 @@ def _deploy_limits(limits: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _file_name(name: str) -> str:
+    return f"{name.replace('/', '%2F')}.json"  # ``pkg/action``; a name never holds '%'
+
+
+def _from_file_name(stem: str) -> str:
+    return stem.replace("%2F", "/")
+
+
 class _ActionStore:
     """The ``_ActionBody`` of each action created over the API, in memory and (with a state dir) on disk."""
 
@@ -404,7 +421,7 @@ class _ActionStore:
 
         def write() -> None:
             folder.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
-            write_private(folder / f"{name}.json", data)
+            write_private(folder / _file_name(name), data)
 
         await anyio.to_thread.run_sync(write)
 
@@ -412,7 +429,7 @@ class _ActionStore:
         self.bodies.pop(name, None)
         if self.folder is not None:
             with contextlib.suppress(FileNotFoundError):
-                (self.folder / f"{name}.json").unlink()
+                (self.folder / _file_name(name)).unlink()
 
     def saved(self) -> list[tuple[str, _ActionBody]]:
         if self.folder is None or not self.folder.is_dir():
@@ -420,7 +437,7 @@ class _ActionStore:
         out: list[tuple[str, _ActionBody]] = []
         for path in sorted(self.folder.glob("*.json")):
             try:
-                out.append((path.stem, _ActionBody.from_json(json.loads(path.read_text("utf-8")))))
+                out.append((_from_file_name(path.stem), _ActionBody.from_json(json.loads(path.read_text("utf-8")))))
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 logger.error("skipping unreadable saved action %s: %s", path, exc)
         return out
@@ -465,6 +482,15 @@ class _Api:
         #: actions whose deploy (perhaps an environment build) runs now, outside any lock
         self._deploying: set[str] = set()
         self._restored = False
+        self.packages = PackageStore(namespace, Path(state_dir) / PACKAGES_SUBDIR if state_dir is not None else None)
+        self.packages.load()
+        engine.set_resolver(self.packages.resolve)
+        self.package_routes = PackageRoutes(self, engine, self.packages)
+        #: the server's ``uuid:key`` (the feed actions check the ``authKey`` they are given against it)
+        self.auth: str | None = None
+        #: the alarms feeds' host service (set when the catalog is installed)
+        self.alarm_feeds: AlarmFeeds | None = None
+        self.versions = EntityVersions(Path(state_dir) / VERSIONS_FILE if state_dir is not None else None)
 
     # -- helpers ---------------------------------------------------------------------------------------------
     def begin_shutdown(self) -> None:
@@ -480,9 +506,41 @@ class _Api:
 
     def ns(self, request: Request) -> str:
         ns = str(request.path_params["ns"])
+        if ns == SYSTEM_NS:
+            raise ApiError(403, f"The namespace {SYSTEM_NS} is read-only: its packages can be read, invoked and bound.")
         if ns not in ("_", self.namespace):
             raise ApiError(403, f"The supplied authentication is not authorized to access '{ns}'.")
         return self.namespace
+
+    def ns_read(self, request: Request) -> str:
+        """The namespace of a read or an invocation: the server's, or the system catalog's."""
+        if str(request.path_params["ns"]) == SYSTEM_NS:
+            return SYSTEM_NS
+        return self.ns(request)
+
+    def _action_ref(self, request: Request, *, through_binding: bool = False) -> str:
+        """The engine's name of the action a read or invocation names (in a published package if not ours)."""
+        ns = self.ns_read(request)
+        name = str(request.path_params["name"])
+        if ns != SYSTEM_NS:
+            if name.count("/") > 1:  # never another namespace's action through ours
+                raise ApiError(404, f"{NOT_FOUND} (action {name!r})")
+            return self.packages.resolve(name)[0] if through_binding else name
+        pkg_name, sep, _ = name.partition("/")
+        pkg = self.packages.get(SYSTEM_NS, pkg_name) if sep else None
+        if pkg is None:
+            raise ApiError(404, f"{NOT_FOUND} (action {SYSTEM_NS}/{name})")
+        if not self.packages.visible(pkg):
+            raise ApiError(403, f"The supplied authentication is not authorized to access '{SYSTEM_NS}/{pkg_name}'.")
+        return f"{SYSTEM_NS}/{name}"
+
+    def check_visible(self, name: str) -> None:
+        """403 for an engine name in an unpublished package of another namespace (a rule's or a sequence's)."""
+        if name.count("/") == 2:
+            ns, pkg_name, _ = name.split("/")
+            pkg = self.packages.get(ns, pkg_name)
+            if pkg is not None and not self.packages.visible(pkg):
+                raise ApiError(403, f"The supplied authentication is not authorized to access '{ns}/{pkg_name}'.")
 
     def _triggers(self) -> Any:
         tm = getattr(self.engine, "triggers", None)
@@ -506,10 +564,13 @@ class _Api:
         if self._restored:
             return 0
         self._restored = True
+        # the system catalog first: saved sequences and bindings may name its actions
+        self.alarm_feeds = await install_catalog(self.engine, self.packages, self.auth)
         n = 0
-        for name, body in await anyio.to_thread.run_sync(self.actions.saved):
+        saved = await anyio.to_thread.run_sync(self.actions.saved)
+        for name, body in saved:
             try:
-                await self._deploy(name, body)
+                await self._deploy(name, body, saved=True)
             except MinifaasError as exc:
                 logger.error("cannot redeploy saved action %s: %s", name, exc)
                 continue
@@ -539,6 +600,11 @@ class _Api:
         if info.get("kind") == COMPOSITION_KIND:
             return self._composition_json(info, code=code)
         body = self.actions.bodies.get(info["name"])
+        version = f"0.0.{body.version if body is not None else info['version']}"
+        if info.get("kind") == SEQUENCE_KIND:
+            params = _kv(info.get("params", {}))
+            return sequence_json(info, self.namespace, version=version, parameters=params, updated=info["created"])
+        path, short = entity_path(str(info["name"]), self.namespace)
         limits = info["limits"]
         kind = body.kind if body is not None else DEFAULT_KIND
         exec_: dict[str, Any] = {
@@ -550,9 +616,9 @@ class _Api:
             exec_["code"] = body.code
         annotations = {"exec": kind, **info.get("annotations", {})}
         return {
-            "namespace": self.namespace,
-            "name": info["name"],
-            "version": info["version"],
+            "namespace": path,
+            "name": short,
+            "version": version,
             "publish": False,
             "exec": exec_,
             "annotations": _kv(annotations),
@@ -567,7 +633,15 @@ class _Api:
             "updated": info.get("created", 0),
         }
 
-    async def _deploy(self, name: str, body: _ActionBody) -> dict[str, Any]:
+    async def _deploy(self, name: str, body: _ActionBody, *, saved: bool = False) -> dict[str, Any]:
+        if body.kind == SEQUENCE_KIND:
+            return await self.engine.deploy_sequence(
+                name,
+                components_of(body.code),
+                params=body.parameters,
+                annotations=body.annotations,
+                check_components=not saved,
+            )
         kwargs: dict[str, Any] = dict(
             main=body.main,
             params=body.parameters,
@@ -580,7 +654,9 @@ class _Api:
         named = body.annotations.get(ORIGIN_ANNOTATION)
         kwargs["origin"] = named if isinstance(named, str) else "uploaded zip" if body.binary else "uploaded code"
         if not body.binary:
-            return await self.engine.deploy(name, code=body.code, **kwargs)
+            # OpenWhisk takes an action without code and fails each activation at its init, saying so
+            code = body.code if body.code.strip() else EMPTY_CODE
+            return await self.engine.deploy(name, code=code, **kwargs)
         try:
             data = base64.b64decode(body.code, validate=True)
         except (binascii.Error, ValueError) as exc:
@@ -602,20 +678,29 @@ class _Api:
             if not isinstance(exec_, dict):
                 raise ApiError(400, "exec must be an object {kind, code, binary, main}.")
             kind = str(exec_.get("kind") or DEFAULT_KIND)
-            if kind not in SUPPORTED_KINDS:
+            if kind == SEQUENCE_KIND:
+                try:
+                    code = parse_components(exec_, self.namespace)
+                except ValueError as exc:
+                    raise ApiError(400, str(exc)) from None
+                for component in components_of(code):
+                    self.check_visible(component)
+                binary, main = False, ""
+            elif kind not in SUPPORTED_KINDS:
                 raise ApiError(
                     400,
                     f"kind {kind!r} is not supported by minifaas; use one of "
                     f"{', '.join(SUPPORTED_KINDS)} (Python actions only).",
                 )
-            given = exec_.get("code")
-            if not isinstance(given, str) or not given:
-                raise ApiError(400, "exec.code must be a non-empty string (Python source or a base64 zip).")
-            code = given
-            binary = _is_binary(exec_, code)
-            main = exec_.get("main") or "main"
-            if not isinstance(main, str):
-                raise ApiError(400, "exec.main must be a string.")
+            else:
+                given = exec_.get("code")
+                if not isinstance(given, str):
+                    raise ApiError(400, "exec.code must be a string (Python source or a base64 zip).")
+                code = given
+                binary = _is_binary(exec_, code)
+                main = exec_.get("main") or "main"
+                if not isinstance(main, str):
+                    raise ApiError(400, "exec.main must be a string.")
         if "parameters" in doc:
             params, env = {}, {}
             raw = doc["parameters"]
@@ -636,7 +721,10 @@ class _Api:
                 raise ApiError(400, "limits must be an object {timeout, memory, concurrency, logs}.")
             limits.update(new_limits)
         _deploy_limits(limits)
-        return _ActionBody(kind, code, binary, main, params, env, annotations, limits)
+        if kind == SEQUENCE_KIND:
+            limits = {}  # a sequence's components have their own
+        version = old.version + 1 if old is not None else 1
+        return _ActionBody(kind, code, binary, main, params, env, annotations, limits, version)
 
     async def _exists(self, name: str) -> bool:
         try:
@@ -646,8 +734,11 @@ class _Api:
         return True
 
     async def put_action(self, request: Request) -> Response:
-        self.ns(request)
+        ns = self.ns(request)
         name = str(request.path_params["name"])
+        if name.count("/") > 1:
+            raise ApiError(400, f"invalid action name {name!r}: use name or package/name")
+        self.package_routes.require_for_action(ns, name)
         doc = await _read_json(request, self.budget)
         # no lock is held while the deploy runs (it may build an environment for minutes): the action is marked
         # as being deployed instead, and other writes to it are refused meanwhile; other actions are untouched
@@ -656,9 +747,15 @@ class _Api:
             exists = await self._exists(name)
             if exists and not _flag(request, "overwrite"):
                 raise ApiError(409, f"resource already exists: action {name!r} (use ?overwrite=true to update)")
-            body = self._parse_action(name, doc, self.actions.bodies.get(name) if exists else None)
+            old = self.actions.bodies.get(name) if exists else None
+            body = self._parse_action(name, doc, old)
             self._deploying.add(name)
         try:
+            if exists and (old is None or (old.kind == SEQUENCE_KIND) != (body.kind == SEQUENCE_KIND)):
+                # a sequence becoming code or code becoming a sequence: the engine keeps them apart
+                was = await self.engine.get_function(name)
+                if (was.get("kind") == SEQUENCE_KIND) != (body.kind == SEQUENCE_KIND):
+                    await self.engine.delete(name)
             info = await self._deploy(name, body)
             async with self._locks.hold("action", name):
                 await self.actions.save(name, body)
@@ -671,13 +768,14 @@ class _Api:
             raise ApiError(409, f"action {name!r} is being deployed by another request; retry when it is done")
 
     async def get_action(self, request: Request) -> Response:
-        self.ns(request)
-        info = await self.engine.get_function(str(request.path_params["name"]))
+        info = await self.engine.get_function(self._action_ref(request, through_binding=True))
         return _json(self._action_json(info, code=request.query_params.get("code", "true") != "false"))
 
     async def delete_action(self, request: Request) -> Response:
         self.ns(request)
         name = str(request.path_params["name"])
+        if name.count("/") > 1:  # never another namespace's action through ours
+            raise ApiError(404, f"{NOT_FOUND} (action {name!r})")
         async with self._locks.hold("action", name.partition("@")[0]):
             self._refuse_while_deploying(name.partition("@")[0])
             info = await self.engine.get_function(name)
@@ -688,18 +786,23 @@ class _Api:
         return _json(shape)
 
     async def list_actions(self, request: Request) -> Response:
-        self.ns(request)
+        ns = self.ns_read(request)
         infos = sorted(await self.engine.list_functions(), key=lambda i: i["name"])
+        system = f"{SYSTEM_NS}/"
+        if ns == SYSTEM_NS:
+            public = {f"{system}{p.name}/" for p in self.packages.list(SYSTEM_NS) if p.publish}
+            infos = [i for i in infos if str(i["name"]).rpartition("/")[0] + "/" in public]
+        else:
+            infos = [i for i in infos if not str(i["name"]).startswith(system)]
         if _flag(request, "count"):
             return _json({"actions": len(infos)})
         skip = int_arg(request, "skip", 0) or 0
         return _json([self._action_json(i, code=False) for i in infos[skip : skip + list_limit(request)]])
 
     async def invoke(self, request: Request) -> Response:
-        self.ns(request)
-        name = str(request.path_params["name"])
+        name = self._action_ref(request)
         # the action's payload limit caps the body while it streams in: a larger one is never parsed
-        info = await self.engine.get_function(name)
+        info = await self.engine.get_function(self.packages.resolve(name)[0])
         limits = info.get("limits") or {}
         max_bytes = int(limits.get("max_payload_bytes", MAX_PAYLOAD_BYTES))
         args = await _read_json(request, self.budget, max_bytes=max_bytes, empty={})
@@ -770,7 +873,7 @@ class _Api:
     def _trigger_json(self, tm: Any, t: Any) -> dict[str, Any]:
         rules = {
             f"{self.namespace}/{r.name}": {
-                "action": {"name": r.action, "path": self.namespace},
+                "action": dict(zip(("path", "name"), entity_path(r.action, self.namespace), strict=True)),
                 "status": r.status,
             }
             for r in tm.list_rules(t.name)
@@ -778,11 +881,11 @@ class _Api:
         return {
             "namespace": self.namespace,
             "name": t.name,
-            "version": "0.0.1",
+            "version": self.versions.get("trigger", t.name),
             "publish": False,
             "parameters": _kv(t.params),
             "annotations": _kv(t.annotations),
-            "limits": {"rate_per_minute": t.rate_per_minute},
+            "limits": {},  # OpenWhisk's; minifaas's fire rate limit is taken as limits.rate_per_minute on PUT
             "rules": rules,
             "updated": int(t.created * 1000),
         }
@@ -791,11 +894,11 @@ class _Api:
         return {
             "namespace": self.namespace,
             "name": r.name,
-            "version": "0.0.1",
+            "version": self.versions.get("rule", r.name),
             "publish": False,
             "status": r.status,
             "trigger": {"name": r.trigger, "path": self.namespace},
-            "action": {"name": r.action, "path": self.namespace},
+            "action": dict(zip(("path", "name"), entity_path(r.action, self.namespace), strict=True)),
             "updated": int(r.created * 1000),
         }
 
@@ -824,15 +927,16 @@ class _Api:
         async with self._locks.hold("trigger", name):
             if name not in {t.name for t in tm.list_triggers()}:
                 trigger = tm.create_trigger(name, params=params, annotations=annotations, rate_per_minute=rate)
+                self.versions.created("trigger", name)
                 return _json(self._trigger_json(tm, trigger))
             if not _flag(request, "overwrite"):
                 raise ApiError(409, f"resource already exists: trigger {name!r} (use ?overwrite=true)")
             if tm.list_feeds(name):
                 raise ApiError(409, f"trigger {name!r} has feeds: delete and create it again to change it")
-            # the manager has no update: re-create it with its rules (deleting a trigger drops its rules),
-            # and put the old one back if the new one is refused after all
-            old, rules = tm.get_trigger(name), tm.list_rules(name)
-            tm.delete_trigger(name)
+            # the manager has no update: re-create it (its rules stay), and put the old one back if the new one
+            # is refused after all
+            old = tm.get_trigger(name)
+            tm.delete_trigger(name, keep_rules=True)
             try:
                 trigger = tm.create_trigger(name, params=params, annotations=annotations, rate_per_minute=rate)
             except MinifaasError:
@@ -840,9 +944,7 @@ class _Api:
                     name, params=old.params, annotations=old.annotations, rate_per_minute=old.rate_per_minute
                 )
                 raise
-            finally:
-                for r in rules:
-                    tm.create_rule(r.name, r.trigger, r.action, enabled=r.enabled)
+            self.versions.bumped("trigger", name)
         return _json(self._trigger_json(tm, trigger))
 
     async def get_trigger(self, request: Request) -> Response:
@@ -856,7 +958,10 @@ class _Api:
         name = str(request.path_params["name"])
         async with self._locks.hold("trigger", name):
             shape = self._trigger_json(tm, self._lookup(tm.get_trigger, name))
-            tm.delete_trigger(name)
+            tm.delete_trigger(name, keep_rules=True)  # OpenWhisk's rules outlive their trigger
+            self.versions.drop("trigger", name)
+            if self.alarm_feeds is not None:
+                self.alarm_feeds.forget(name)
         return _json(shape)
 
     async def list_triggers(self, request: Request) -> Response:
@@ -893,7 +998,14 @@ class _Api:
         if not isinstance(doc, dict):
             raise ApiError(400, "The request content must be a JSON object {trigger, action}.")
         trigger = self._short(doc.get("trigger"), "trigger")
-        action = self._short(doc.get("action"), "action")
+        action = doc.get("action")
+        if not isinstance(action, str) or not action:
+            raise ApiError(400, f"action must be a name, got {action!r}")
+        try:
+            action = engine_name(action, self.namespace)
+        except BadName as exc:
+            raise ApiError(400, f"action {exc}") from None
+        self.check_visible(action)
         status = doc.get("status") or "active"
         if status not in ("active", "inactive"):
             raise ApiError(400, f"status must be 'active' or 'inactive', got {status!r}")
@@ -910,6 +1022,10 @@ class _Api:
                 if old is not None:  # a refused update leaves the rule as it was
                     tm.create_rule(old.name, old.trigger, old.action, enabled=old.enabled)
                 raise
+            if old is None:
+                self.versions.created("rule", name)
+            else:
+                self.versions.bumped("rule", name)
         return _json(self._rule_json(rule))
 
     async def set_rule_status(self, request: Request) -> Response:
@@ -938,6 +1054,7 @@ class _Api:
         name = str(request.path_params["name"])
         rule = self._lookup(tm.get_rule, name)
         tm.delete_rule(name)
+        self.versions.drop("rule", name)
         return _json(self._rule_json(rule))
 
     async def list_rules(self, request: Request) -> Response:
@@ -975,10 +1092,6 @@ class _Api:
     async def namespaces(self, request: Request) -> Response:
         return _json([self.namespace])
 
-    async def packages(self, request: Request) -> Response:
-        self.ns(request)
-        return _json([])
-
     async def metrics_endpoint(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
@@ -995,6 +1108,14 @@ class _Api:
             f"<li><a href='{API_PREFIX}/namespaces/{ns}/rules'>rules</a>"
             "<li><a href='/metrics'>metrics</a></ul>"
         )
+
+
+ALL_METHODS: Final = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
+
+
+async def not_implemented(request: Request) -> Response:
+    """501 naming the endpoint: OpenWhisk's API has it (or might), minifaas does not."""
+    return _error(501, f"minifaas does not implement {request.method} {request.url.path} (an OpenWhisk API endpoint).")
 
 
 async def in_namespace(engine: Engine, activation_id: str, namespace: str) -> bool:
@@ -1088,17 +1209,21 @@ def create_app(
     if auth is not None and (":" not in auth or auth.startswith(":")):
         raise ValueError("auth must look like 'uuid:key' (OpenWhisk's format)")
     api = _Api(engine, namespace=namespace, blocking_wait_s=blocking_wait_s)
+    api.auth = auth
     ns = f"{API_PREFIX}/namespaces/{{ns}}"
     routes: list[BaseRoute] = [
         Route("/ping", api.ping, methods=["GET"]),
         Route("/metrics", api.metrics_endpoint, methods=["GET"]),
         Route(f"{API_PREFIX}/namespaces", api.namespaces, methods=["GET"]),
-        Route(f"{ns}/packages", api.packages, methods=["GET"]),
+        Route(f"{ns}/packages", api.package_routes.list, methods=["GET"]),
+        Route(f"{ns}/packages/{{name}}", api.package_routes.get, methods=["GET"]),
+        Route(f"{ns}/packages/{{name}}", api.package_routes.put, methods=["PUT"]),
+        Route(f"{ns}/packages/{{name}}", api.package_routes.delete, methods=["DELETE"]),
         Route(f"{ns}/actions", api.list_actions, methods=["GET"]),
-        Route(f"{ns}/actions/{{name}}", api.get_action, methods=["GET"]),
-        Route(f"{ns}/actions/{{name}}", api.put_action, methods=["PUT"]),
-        Route(f"{ns}/actions/{{name}}", api.delete_action, methods=["DELETE"]),
-        Route(f"{ns}/actions/{{name}}", api.invoke, methods=["POST"]),
+        Route(f"{ns}/actions/{{name:path}}", api.get_action, methods=["GET"]),
+        Route(f"{ns}/actions/{{name:path}}", api.put_action, methods=["PUT"]),
+        Route(f"{ns}/actions/{{name:path}}", api.delete_action, methods=["DELETE"]),
+        Route(f"{ns}/actions/{{name:path}}", api.invoke, methods=["POST"]),
         Route(f"{ns}/activations", api.list_activations, methods=["GET"]),
         Route(f"{ns}/activations/{{id}}", api.get_activation, methods=["GET"]),
         Route(f"{ns}/activations/{{id}}/logs", api.activation_logs, methods=["GET"]),
@@ -1121,6 +1246,8 @@ def create_app(
     routes += composition_routes(api)
     ui = _webui_routes(engine, namespace)
     routes += ui if ui is not None else [Route("/", api.index, methods=["GET"])]
+    # last: an API path no route above serves is one minifaas does not implement (not "no such entity")
+    routes.append(Route(f"{API_PREFIX}/{{rest:path}}", not_implemented, methods=ALL_METHODS))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -1143,7 +1270,19 @@ def create_app(
     )
     app.state.api = api
     app.add_middleware(_Gate, auth=auth)
+    _add_web_routes(app, api, auth)
     return app
+
+
+def _add_web_routes(app: Starlette, api: _Api, auth: str | None) -> None:
+    """Web actions and the API gateway's routes, outside the auth gate: they have auth rules of their own."""
+    from .apigw import ApiGateway
+    from .webactions import WebActions, WebRouter
+
+    web = WebActions(api, auth)
+    gateway = ApiGateway(api, web, auth)
+    app.state.apigw = gateway
+    app.add_middleware(WebRouter, web=web, extra=[(gateway.is_mgmt, gateway.mgmt), (gateway.is_route, gateway.route)])
 
 
 # -- running it ----------------------------------------------------------------------------------------------
