@@ -51,6 +51,9 @@ POLL_MAX_RUN_MS: Final = 5.0
 MAX_POLL_WINDOW_MS: Final = 3.0
 _JSON_SCALARS: Final = (str, int, float, bool, type(None), bytes)
 _RESULT_STATUSES: Final = frozenset({"success", "application_error", "developer_error"})
+#: how long the host polls for the store's word that a final record is written (a durable store's writer thread
+#: commits it; waking a sleeping host for that callback costs as much as the commit): past it, the loop sleeps
+STORE_POLL_S: Final = 0.0005
 #: a run time reported beyond this (a day) is garbage, kept out of the pool's cost figures
 _MAX_RUN_MS: Final = 86_400_000.0
 
@@ -172,6 +175,8 @@ class Scheduler:
         self.tg = tg
         self.pool = pool
         self.store = store
+        #: the store calls ``put``'s callback later, from its writer (a durable store), not at once
+        self._store_writes_later = bool(getattr(store, "writes_later", False))
         self.max_queued = max_queued
         self.on_end = on_end
         self.jobs: dict[str, Job] = {}
@@ -641,10 +646,18 @@ class Scheduler:
         act.result = result
         act.logs = logs
         act.annotations.update(annotations)
+        if self._store_writes_later and self.poll_us and not job.fp.queue:
+            # nothing else to do meanwhile: poll for the store's callback rather than sleep through it
+            begun = time.perf_counter()
+            job.poll = (begun, begun + STORE_POLL_S)
+            self.polled.add(job)
         # the caller sees the end once the final record is stored: the store calls back (at once in memory)
         self.store.put(act, functools.partial(self._settle, job))
 
     def _settle(self, job: Job) -> None:
+        if job.poll is not None:
+            job.poll = None
+            self.polled.discard(job)
         self.jobs.pop(job.act.activation_id, None)
         job.done.set()
         self.on_end(job.act)
