@@ -229,3 +229,32 @@ def test_activation_ids_are_unique_and_ordered_by_time() -> None:
     assert all(re.fullmatch(r"[0-9a-f]{32}", aid) for aid in first)
     assert later > max(first)
     assert int(later[:12], 16) <= time.time_ns() // 1_000_000
+
+
+def test_checkpoints_run_beside_the_writer_and_bound_the_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Commits do not checkpoint (two fsyncs inside a commit held up its callers); a thread beside the writer does,
+    and a log a steady load keeps growing is cut down by the writer past WAL_MAX_BYTES."""
+    from minifaas._core import store as store_module
+
+    monkeypatch.setattr(store_module, "WAL_MAX_BYTES", 4 << 20)
+    db = tmp_path / DB_FILE_NAME
+    store = SQLiteStore(db)
+    logs = ["x" * 200] * 100  # ~20 KB a record: without checkpoints 1,000 commits leave a log of over 20 MB
+    try:
+        assert store._wdb.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
+        for i in range(1000):
+            written = threading.Event()
+            act = _act(f"{i:032x}", "success")
+            act.logs = logs
+            store.put(act, written.set)
+            assert written.wait(5)
+        deadline = time.monotonic() + 10
+        while store.stats()["checkpoints"] < 1:
+            assert time.monotonic() < deadline, store.stats()
+            time.sleep(0.05)
+        # at most the limit plus what CHECKPOINT_EVERY_COMMITS commits add (~6 MB here)
+        assert (tmp_path / f"{DB_FILE_NAME}-wal").stat().st_size < 12 << 20
+    finally:
+        store.close()
+    with sqlite3.connect(str(db)) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM records").fetchone() == (1000,)

@@ -53,6 +53,17 @@ READ_BUSY_TIMEOUT_S: Final = 0.2
 #: a record not ended that nobody waits for (the accepted record of ``call``) is written once it is this old: most
 #: warm calls end sooner, and then only their final record is written, in one transaction instead of two
 LAZY_ROW_DELAY_S: Final = 0.02
+#: the writer asks the checkpointer thread to copy the log (WAL) into the database after this many commits. SQLite
+#: would do it inside a commit every 1,000 pages (``wal_autocheckpoint``), with two fsyncs that make that commit, and
+#: every caller waiting on it, take milliseconds; beside the writer, a passive checkpoint holds up no commit
+CHECKPOINT_EVERY_COMMITS: Final = 200
+#: a writer about to sleep asks for a checkpoint after this many commits (a quiet moment: under a steady load a
+#: passive checkpoint may never catch up with the writer, and only a checkpoint that did lets the log start over)
+CHECKPOINT_IDLE_COMMITS: Final = 16
+#: a log grown past this all the same (a load that never pauses) is emptied by a checkpoint that waits for the writer
+WAL_MAX_BYTES: Final = 64 << 20
+#: after a checkpoint let the log start over, SQLite cuts it down to this
+WAL_KEEP_BYTES: Final = 16 << 20
 #: after a commit the writer polls this long for the next rows before it sleeps: a caller invoking in a loop puts
 #: its next final record within tens of microseconds, and a sleeping thread takes 40-300 us to wake on a VM
 WRITER_SPIN_S: Final = 0.0003
@@ -336,6 +347,12 @@ class SQLiteStore:
         self.path = path
         self._wdb = _connect(path, WRITE_BUSY_TIMEOUT_S)
         _create_schema(self._wdb)
+        self._wdb.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer thread's job (CHECKPOINT_EVERY_COMMITS)
+        self._wdb.execute(f"PRAGMA journal_size_limit={WAL_KEEP_BYTES}")
+        self._wal = Path(f"{path}-wal")
+        self._checkpoint_due = threading.Event()
+        self._checkpointer: threading.Thread | None = None
+        self._commits_since_checkpoint = 0
         self._db = _connect(path, READ_BUSY_TIMEOUT_S)
         #: activation id -> the record object, for records put and not committed yet
         self._unwritten: dict[str, Activation] = {}
@@ -352,7 +369,7 @@ class SQLiteStore:
         self._close_deadline = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._counts = {"rows_written": 0, "commits": 0, "write_errors": 0, "rows_lost": 0}
+        self._counts = {"rows_written": 0, "commits": 0, "checkpoints": 0, "write_errors": 0, "rows_lost": 0}
         self.last_error: str | None = None
         #: the last write failed and its rows wait in memory for a retry
         self.failing = False
@@ -391,6 +408,31 @@ class SQLiteStore:
             self._loop = None  # used off a loop (a script, a test): callbacks run on the writer thread
         self._thread = threading.Thread(target=self._write_loop, name="minifaas-store-writer", daemon=True)
         self._thread.start()
+        self._checkpointer = threading.Thread(
+            target=self._checkpoint_loop, name="minifaas-store-checkpointer", daemon=True
+        )
+        self._checkpointer.start()
+
+    def _checkpoint_loop(self) -> None:
+        db = _connect(self.path, WRITE_BUSY_TIMEOUT_S)
+        try:
+            while True:
+                self._checkpoint_due.wait()
+                self._checkpoint_due.clear()
+                if self._closing:
+                    return
+                try:
+                    # passive: copies what it can without waiting for the writer or readers, and never blocks them
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    if self._wal.stat().st_size > WAL_MAX_BYTES:
+                        # a load that never pauses: this one waits for the writer (holding it up once) and empties it
+                        db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+                except (sqlite3.Error, OSError) as exc:
+                    _log.warning("checkpoint of the activation records failed (tried again later): %s", exc)
+                    continue
+                self._counts["checkpoints"] += 1
+        finally:
+            db.close()
 
     def _take(self) -> tuple[_Pending, dict[str, int]] | None:
         """The rows to write now (with their callbacks), or None when the writer is to stop; waits for them."""
@@ -411,6 +453,9 @@ class SQLiteStore:
                     return taken, taken_seqs
                 if self._closing:
                     return None
+                if self._commits_since_checkpoint >= CHECKPOINT_IDLE_COMMITS:
+                    self._commits_since_checkpoint = 0
+                    self._checkpoint_due.set()  # a quiet moment
                 self._asleep = True
                 cond.wait(max(0.0, min(due for due, _, _ in lazy.values()) - now) if lazy else None)
                 self._asleep = False
@@ -475,6 +520,10 @@ class SQLiteStore:
             delay = RETRY_FIRST_S
             self._counts["rows_written"] += len(batch)
             self._counts["commits"] += 1
+            self._commits_since_checkpoint += 1
+            if self._commits_since_checkpoint >= CHECKPOINT_EVERY_COMMITS:
+                self._commits_since_checkpoint = 0
+                self._checkpoint_due.set()
             self._done(callbacks, seqs)
             batch, seqs, callbacks = {}, {}, []
 
@@ -609,6 +658,9 @@ class SQLiteStore:
                 self._close_deadline = time.monotonic() + CLOSE_FLUSH_TIMEOUT_S
                 self._cond.notify()
             thread.join()
+            if self._checkpointer is not None:
+                self._checkpoint_due.set()  # it sees _closing and leaves; the last connection's close checkpoints
+                self._checkpointer.join()
         else:
             rows = {aid: row for aid, (_, row, _) in self._lazy.items()}
             rows.update(self._pending.rows)
