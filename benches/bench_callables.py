@@ -164,7 +164,7 @@ async def _table_round(items: int, calls: int) -> list[dict[str, Any]]:
     ]
 
 
-def table_rows(items: int = 3000, calls: int = 1500) -> list[dict[str, Any]]:
+def table_rows(items: int = 3000, calls: int = 2000) -> list[dict[str, Any]]:
     """One round for ``benches/readme_table.py``."""
     return anyio.run(_table_round, items, calls)
 

@@ -229,7 +229,7 @@ def main() -> None:
     )
 
 
-def table_rows(n: int = 2000, total: int = 10000, inflight: int = 64) -> list[dict[str, object]]:
+def table_rows(n: int = 3000, total: int = 20000, inflight: int = 64) -> list[dict[str, object]]:
     """One round for ``benches/readme_table.py``: the engine in memory and durable, ProcessPoolExecutor."""
     mem_lat, mem_rate, _ = anyio.run(bench_engine, n, total, inflight, "auto")
     dur_lat, dur_rate, _ = anyio.run(bench_engine, n, total, inflight, "auto", HOST_POLL_US, True)

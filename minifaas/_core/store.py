@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import sqlite3
 import threading
@@ -57,16 +58,22 @@ LAZY_ROW_DELAY_S: Final = 0.02
 #: would do it inside a commit every 1,000 pages (``wal_autocheckpoint``), with two fsyncs that make that commit, and
 #: every caller waiting on it, take milliseconds; beside the writer, a passive checkpoint holds up no commit
 CHECKPOINT_EVERY_COMMITS: Final = 200
-#: a writer about to sleep asks for a checkpoint after this many commits (a quiet moment: under a steady load a
-#: passive checkpoint may never catch up with the writer, and only a checkpoint that did lets the log start over)
-CHECKPOINT_IDLE_COMMITS: Final = 16
-#: a log grown past this all the same (a load that never pauses) is emptied by a checkpoint that waits for the writer
+#: a writer with nothing to write for this long asks for a checkpoint of what it wrote since the last one (a quiet
+#: moment: under a steady load a passive checkpoint may never catch up with the writer, and only a checkpoint that
+#: did lets the log start over)
+CHECKPOINT_QUIET_S: Final = 0.1
+#: a log grown past this all the same (a load that never pauses) is emptied by the writer between two transactions
 WAL_MAX_BYTES: Final = 64 << 20
 #: after a checkpoint let the log start over, SQLite cuts it down to this
 WAL_KEEP_BYTES: Final = 16 << 20
-#: after a commit the writer polls this long for the next rows before it sleeps: a caller invoking in a loop puts
-#: its next final record within tens of microseconds, and a sleeping thread takes 40-300 us to wake on a VM
+#: after a commit of one record someone waited for, the writer polls this long for the next rows before it sleeps: a
+#: caller invoking in a loop puts its next final record within tens of microseconds, and a sleeping thread takes
+#: 40-300 us to wake on a VM
 WRITER_SPIN_S: Final = 0.0003
+#: the writer polls only while its transactions hold fewer rows than this on average (over about
+#: ``SPIN_AVERAGE_COMMITS``): more, and records arrive faster than it can poll for them one by one
+SPIN_MAX_ROWS_PER_COMMIT: Final = 1.5
+SPIN_AVERAGE_COMMITS: Final = 8
 
 _log = logging.getLogger("minifaas.store")
 OnDurable = Callable[[], None]
@@ -351,6 +358,8 @@ class SQLiteStore:
         self._wdb.execute(f"PRAGMA journal_size_limit={WAL_KEEP_BYTES}")
         self._wal = Path(f"{path}-wal")
         self._checkpoint_due = threading.Event()
+        #: held by whoever checkpoints (the checkpointer, or the writer emptying an oversized log)
+        self._checkpointing = threading.Lock()
         self._checkpointer: threading.Thread | None = None
         self._commits_since_checkpoint = 0
         self._db = _connect(path, READ_BUSY_TIMEOUT_S)
@@ -423,21 +432,22 @@ class SQLiteStore:
                     return
                 try:
                     # passive: copies what it can without waiting for the writer or readers, and never blocks them
-                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                    if self._wal.stat().st_size > WAL_MAX_BYTES:
-                        # a load that never pauses: this one waits for the writer (holding it up once) and empties it
-                        db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-                except (sqlite3.Error, OSError) as exc:
+                    with self._checkpointing:
+                        db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:
                     _log.warning("checkpoint of the activation records failed (tried again later): %s", exc)
                     continue
                 self._counts["checkpoints"] += 1
         finally:
             db.close()
 
-    def _take(self) -> tuple[_Pending, dict[str, int]] | None:
-        """The rows to write now (with their callbacks), or None when the writer is to stop; waits for them."""
+    def _take(self, spin: bool) -> tuple[_Pending, dict[str, int]] | None:
+        """The rows to write now (with their callbacks), or None when the writer is to stop; waits for them,
+        polling first for ``WRITER_SPIN_S`` with ``spin``."""
         cond = self._cond
-        spin_until = time.monotonic() + WRITER_SPIN_S
+        spin_until = time.monotonic() + WRITER_SPIN_S if spin else 0.0
+        #: since when nothing was written, while there is something to checkpoint
+        quiet_since: float | None = None
         while True:
             # polling without the lock is safe: a row put meanwhile is seen on the next look or under the lock
             while not self._pending.rows and time.monotonic() < spin_until and not self._closing:
@@ -453,11 +463,17 @@ class SQLiteStore:
                     return taken, taken_seqs
                 if self._closing:
                     return None
-                if self._commits_since_checkpoint >= CHECKPOINT_IDLE_COMMITS:
+                if quiet_since is not None and now - quiet_since >= CHECKPOINT_QUIET_S:
                     self._commits_since_checkpoint = 0
                     self._checkpoint_due.set()  # a quiet moment
+                    quiet_since = None
+                elif quiet_since is None and self._commits_since_checkpoint:
+                    quiet_since = now
+                timeout = min(due for due, _, _ in lazy.values()) - now if lazy else math.inf
+                if quiet_since is not None:
+                    timeout = min(timeout, quiet_since + CHECKPOINT_QUIET_S - now)
                 self._asleep = True
-                cond.wait(max(0.0, min(due for due, _, _ in lazy.values()) - now) if lazy else None)
+                cond.wait(max(0.0, timeout) if timeout < math.inf else None)
                 self._asleep = False
             spin_until = 0.0  # woken: no more polling until the next commit
 
@@ -477,13 +493,16 @@ class SQLiteStore:
         batch: dict[str, tuple[Any, ...]] = {}
         seqs: dict[str, int] = {}
         callbacks: list[OnDurable] = []
+        spin = False
+        #: moving average of the rows in a transaction
+        rows_per_commit = 1.0
         while True:
             if batch:
                 with self._cond:
                     taken, self._pending = self._pending, _Pending()
                     taken_seqs, self._pending_seqs = self._pending_seqs, {}
             else:
-                got = self._take()
+                got = self._take(spin)
                 if got is None:
                     return
                 taken, taken_seqs = got
@@ -524,8 +543,29 @@ class SQLiteStore:
             if self._commits_since_checkpoint >= CHECKPOINT_EVERY_COMMITS:
                 self._commits_since_checkpoint = 0
                 self._checkpoint_due.set()
+                self._bound_log()
             self._done(callbacks, seqs)
+            # about one record a transaction, callers waiting: a caller in a loop, whose next record comes soon.
+            # More: a busy host, where polling would take the core from the sandboxes and the rows pile up anyway
+            rows_per_commit += (len(batch) - rows_per_commit) / SPIN_AVERAGE_COMMITS
+            spin = bool(callbacks) and rows_per_commit < SPIN_MAX_ROWS_PER_COMMIT
             batch, seqs, callbacks = {}, {}, []
+
+    def _bound_log(self) -> None:
+        """A log that a load without pauses kept growing (a passive checkpoint never caught up with the writer) is
+        emptied by the writer itself, between two of its transactions: a checkpoint that holds it up once."""
+        try:
+            if self._wal.stat().st_size <= WAL_MAX_BYTES:
+                return
+        except OSError:
+            return
+        self._checkpointing.acquire()  # after the checkpointer's passive checkpoint, if one runs
+        try:
+            self._wdb.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except sqlite3.Error as exc:
+            _log.warning("the activation records' log is over %d MiB, not emptied: %s", WAL_MAX_BYTES >> 20, exc)
+        finally:
+            self._checkpointing.release()
 
     def _commit(self, rows: list[tuple[Any, ...]]) -> None:
         db = self._wdb
