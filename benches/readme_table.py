@@ -130,7 +130,8 @@ def render(results: dict[str, Any]) -> str:
             unit = row["unit"]
             result = f"**{fmt(row['median'], unit)}** [{fmt(row['min'], unit)}-{fmt(row['max'], unit)}]"
             side = ", ".join(f"{k} {fmt(v, '')}" for k, v in row["figures"].items())
-            where = f"{command}<br>{entry['date']}, {row['n']} rounds" if i == 0 else ""
+            load = f", load average {entry['load']} on {entry.get('cores', '?')} cores" if "load" in entry else ""
+            where = f"{command}<br>{entry['date']}, {row['n']} rounds{load}" if i == 0 else ""
             lines.append(f"| {where} | {row['label']} | {result} | {row['goal'] or ''} | {side} |")
     return "\n".join(lines)
 
@@ -167,16 +168,23 @@ def main() -> None:
     if not ns.render:
         rounds: dict[str, list[list[dict[str, Any]]]] = {n: [] for n in chosen}
         t0 = time.monotonic()
+        loads: list[float] = []
         for r in range(ns.rounds):
             for name in chosen:
+                loads.append(os.getloadavg()[0])
                 t = time.monotonic()
                 rounds[name].append(run_child(name))
                 print(f"round {r + 1}/{ns.rounds} {name}: {time.monotonic() - t:.0f} s", file=sys.stderr, flush=True)
         print(f"measured in {time.monotonic() - t0:.0f} s", file=sys.stderr)
         date = time.strftime("%Y-%m-%d")
-        load = os.getloadavg()[0]
+        load = statistics.median(loads)  # a busy machine's figures say so in the table
         for name in chosen:
-            results[name] = {"date": date, "load": round(load, 1), "rows": summarize(rounds[name])}
+            results[name] = {
+                "date": date,
+                "load": round(load, 1),
+                "cores": os.cpu_count(),
+                "rows": summarize(rounds[name]),
+            }
         RESULTS_FILE.parent.mkdir(exist_ok=True)
         RESULTS_FILE.write_text(json.dumps(results, indent=1) + "\n")
     table = render(results)
