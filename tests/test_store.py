@@ -258,3 +258,25 @@ def test_checkpoints_run_beside_the_writer_and_bound_the_log(tmp_path: Path, mon
         store.close()
     with sqlite3.connect(str(db)) as conn:
         assert conn.execute("SELECT COUNT(*) FROM records").fetchone() == (1000,)
+
+
+async def test_the_host_polls_for_a_final_record_only_until_it_is_written(tmp_path: Path) -> None:
+    """With a durable store the host polls for the writer's callback (not sleeping through it); the window goes
+    with the callback, so nothing is left polling once the calls are done."""
+    async with minifaas.Engine(tmp_path, poll_us=200) as engine:
+        await engine.deploy("noop", code="def main(a):\n    return {}\n")
+        sched = engine._sched
+        assert sched is not None
+        windows: list[bool] = []
+        real_put = sched.store.put
+
+        def put(act: minifaas.Activation, on_durable: object = None) -> None:
+            if act.done:
+                windows.append(sched.jobs[act.activation_id] in sched.polled)
+            real_put(act, on_durable)  # type: ignore[arg-type]
+
+        sched.store.put = put  # type: ignore[method-assign]
+        for _ in range(30):
+            assert (await engine.call("noop")).status == "success"
+        assert all(windows) and len(windows) == 30
+        assert not sched.polled
