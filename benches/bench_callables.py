@@ -135,5 +135,39 @@ def main() -> None:
     anyio.run(main_async, parser.parse_args())
 
 
+async def _table_round(items: int, calls: int) -> list[dict[str, Any]]:
+    async with minifaas.Engine() as engine:
+        mapped = await engine.deploy("noop", noop, max_sandboxes=2)
+        eng = await engine_map_rate(mapped, items)
+        ppe = await anyio.to_thread.run_sync(ppe_map_rate, items)
+        by_value = await engine.deploy("warm_callable", noop, max_sandboxes=1)
+        by_code = await engine.deploy("warm_code", code=NOOP_CODE, max_sandboxes=1)
+        cal = await warm_p50(by_value, calls)
+        cod = await warm_p50(by_code, calls)
+    return [
+        {
+            "key": "map_vs_ppe",
+            "label": f"`Function.map` over {items:,} no-op items, 2 sandboxes, vs `ProcessPoolExecutor(2).map`",
+            "value": eng / ppe,
+            "unit": "x",
+            "goal": ">= 2x",
+            "figures": {"minifaas /s": eng, "ProcessPoolExecutor /s": ppe},
+        },
+        {
+            "key": "callable_vs_code",
+            "label": "a deployed callable's warm call p50 vs the same function as `code=`",
+            "value": cal / cod,
+            "unit": "x",
+            "goal": "<= 1.05x",
+            "figures": {"callable us": cal * 1e6, "code= us": cod * 1e6},
+        },
+    ]
+
+
+def table_rows(items: int = 3000, calls: int = 2000) -> list[dict[str, Any]]:
+    """One round for ``benches/readme_table.py``."""
+    return anyio.run(_table_round, items, calls)
+
+
 if __name__ == "__main__":
     main()

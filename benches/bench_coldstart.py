@@ -377,5 +377,21 @@ def bursts(n: int) -> None:
         print(f"  N={k}: {kib / 1024:6.1f} MiB  (+{(kib - base) / 1024 / max(k - 1, 1):.1f} MiB per extra spare)")
 
 
+def table_rows(n: int = 12) -> list[dict[str, Any]]:
+    """One round for ``benches/readme_table.py``: a no-op's cold start, fork from the zygote vs spawn."""
+    fork = anyio.run(cold_starts, "zygote", n)
+    spawn = anyio.run(cold_starts, "spawn", n)
+    return [
+        {
+            "key": "fork_vs_spawn",
+            "label": "cold start of a no-op to its first result: spawn of `sys.executable` / fork from the zygote",
+            "value": p50(spawn) / p50(fork),
+            "unit": "x",
+            "goal": ">= 20x, fork <= 10 ms",
+            "figures": {"fork ms": p50(fork), "spawn ms": p50(spawn)},
+        }
+    ]
+
+
 if __name__ == "__main__":
     main()

@@ -134,5 +134,30 @@ def main() -> None:
     )
 
 
+def table_rows(n: int = 12) -> list[dict[str, object]]:
+    """One round for ``benches/readme_table.py``: ``isolation="sandbox"`` against ``"process"``."""
+    res = anyio.run(cold_and_warm, n)
+    p, s = res["process"], res["sandbox"]
+    med = statistics.median
+    return [
+        {
+            "key": "cold",
+            "label": 'cold start of a no-op, `isolation="sandbox"` vs `"process"` (zygote with a ready spare)',
+            "value": med(s["cold"]) / med(p["cold"]),
+            "unit": "x",
+            "goal": None,
+            "figures": {"sandbox ms": med(s["cold"]), "process ms": med(p["cold"])},
+        },
+        {
+            "key": "warm",
+            "label": 'warm no-op p50, `isolation="sandbox"` vs `"process"`',
+            "value": med(s["warm"]) / med(p["warm"]),
+            "unit": "x",
+            "goal": None,
+            "figures": {"sandbox us": med(s["warm"]) * 1000, "process us": med(p["warm"]) * 1000},
+        },
+    ]
+
+
 if __name__ == "__main__":
     main()

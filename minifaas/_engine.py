@@ -1083,6 +1083,10 @@ class Engine:
 
     def _route(self, name: str) -> tuple[FunctionSpec, str | None]:
         """The version ``name``, ``name@3`` or ``name@alias`` runs now, and the alias it went through."""
+        if "@" not in name:
+            latest = self._functions.get(name)
+            if latest:
+                return latest[-1], None  # the hot path: a plain name runs the latest version
         specs = self._functions.get(split_ref(name)[0]) or []
         # only an alias compares digests: a plain invocation (the hot path) builds nothing
         digests = {s.version: s.bundle.digest for s in specs} if "@" in name else None

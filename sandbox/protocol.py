@@ -153,6 +153,16 @@ class FrameDecoder:
 
     def feed(self, data: bytes) -> Iterator[Message]:
         buf = self._buf
+        if not buf and len(data) > HEADER_BYTES and HEADER.unpack_from(data)[0] + HEADER_BYTES == len(data):
+            # the common case, one whole frame in one read: decoded where it is, with no copy into the buffer
+            try:
+                kind, fields = msgpack.unpackb(
+                    memoryview(data)[HEADER_BYTES:], raw=False, strict_map_key=False, ext_hook=_ext_hook
+                )
+            except Exception as exc:
+                raise ProtocolError(f"undecodable frame: {exc}") from exc
+            yield kind, fields
+            return
         buf += data
         pos = 0
         n = len(buf)

@@ -154,3 +154,129 @@ def test_old_single_blob_databases_are_migrated(tmp_path: Path) -> None:
         assert store.list() == [act]
     finally:
         store.close()
+
+
+def _act(aid: str, status: str = "pending") -> minifaas.Activation:
+    return minifaas.Activation(activation_id=aid, name="f", status=status, accepted=1)  # type: ignore[arg-type]
+
+
+def test_a_record_that_ends_before_its_turn_is_written_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The accepted record of a call nobody waits for waits for its final record: one row write, not two."""
+    from minifaas._core import store as store_module
+
+    monkeypatch.setattr(store_module, "LAZY_ROW_DELAY_S", 30.0)
+    db = tmp_path / DB_FILE_NAME
+    store = SQLiteStore(db)
+    written = threading.Event()
+    try:
+        store.put(_act("a" * 32))
+        assert store.get("a" * 32) is not None  # readable from memory meanwhile
+        assert store.stats()["queued"] == 1
+        store.put(_act("a" * 32, "success"), written.set)
+        assert written.wait(5)
+        assert _row_status(db, "a" * 32) == "success"
+        assert store.stats()["rows_written"] == 1
+        assert store.stats()["queued"] == 0
+    finally:
+        store.close()
+
+
+def test_a_record_not_ended_is_written_when_its_turn_comes_or_at_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from minifaas._core import store as store_module
+
+    db = tmp_path / DB_FILE_NAME
+    store = SQLiteStore(db)
+    try:
+        store.put(_act("b" * 32))  # due after LAZY_ROW_DELAY_S: the writer sleeps until then, not for ever
+        deadline = time.monotonic() + 5
+        while _row_status(db, "b" * 32) is None:
+            assert time.monotonic() < deadline, "a lazy row was never written"
+            time.sleep(0.01)
+        monkeypatch.setattr(store_module, "LAZY_ROW_DELAY_S", 30.0)
+        store.put(_act("c" * 32))
+    finally:
+        store.close()
+    assert _row_status(db, "c" * 32) == "pending"  # the close writes what waited for its turn
+
+
+async def test_a_long_call_is_on_record_while_it_runs(tmp_path: Path) -> None:
+    """Crash insurance: a call still running after its record's turn has a row the next engine can mark failed."""
+    db = tmp_path / DB_FILE_NAME
+    async with minifaas.Engine(tmp_path) as engine:
+        await engine.deploy("slow", code=SLOW)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(engine.call, "slow", {"s": 1.0})
+            with anyio.fail_after(5):
+                while not (rows := engine.stats()["store"]["rows_written"]):
+                    await anyio.sleep(0.01)
+            assert rows == 1
+            with sqlite3.connect(str(db)) as conn:
+                assert conn.execute("SELECT status FROM records").fetchall() == [("pending",)]
+
+
+def test_activation_ids_are_unique_and_ordered_by_time() -> None:
+    """Ids begin with the time, so a host's records go to the end of the database's indexes."""
+    import re
+
+    from minifaas._core.activation import new_activation_id
+
+    first = [new_activation_id() for _ in range(2000)]
+    time.sleep(0.002)
+    later = new_activation_id()
+    assert len(set(first)) == len(first)
+    assert all(re.fullmatch(r"[0-9a-f]{32}", aid) for aid in first)
+    assert later > max(first)
+    assert int(later[:12], 16) <= time.time_ns() // 1_000_000
+
+
+def test_checkpoints_run_beside_the_writer_and_bound_the_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Commits do not checkpoint (two fsyncs inside a commit held up its callers); a thread beside the writer does,
+    and a log a steady load keeps growing is cut down by the writer past WAL_MAX_BYTES."""
+    from minifaas._core import store as store_module
+
+    monkeypatch.setattr(store_module, "WAL_MAX_BYTES", 4 << 20)
+    db = tmp_path / DB_FILE_NAME
+    store = SQLiteStore(db)
+    logs = ["x" * 200] * 100  # ~20 KB a record: without checkpoints 1,000 commits leave a log of over 20 MB
+    try:
+        assert store._wdb.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
+        for i in range(1000):
+            written = threading.Event()
+            act = _act(f"{i:032x}", "success")
+            act.logs = logs
+            store.put(act, written.set)
+            assert written.wait(5)
+        deadline = time.monotonic() + 10
+        while store.stats()["checkpoints"] < 1:
+            assert time.monotonic() < deadline, store.stats()
+            time.sleep(0.05)
+        # at most the limit plus what CHECKPOINT_EVERY_COMMITS commits add (~6 MB here)
+        assert (tmp_path / f"{DB_FILE_NAME}-wal").stat().st_size < 12 << 20
+    finally:
+        store.close()
+    with sqlite3.connect(str(db)) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM records").fetchone() == (1000,)
+
+
+async def test_the_host_polls_for_a_final_record_only_until_it_is_written(tmp_path: Path) -> None:
+    """With a durable store the host polls for the writer's callback (not sleeping through it); the window goes
+    with the callback, so nothing is left polling once the calls are done."""
+    async with minifaas.Engine(tmp_path, poll_us=200) as engine:
+        await engine.deploy("noop", code="def main(a):\n    return {}\n")
+        sched = engine._sched
+        assert sched is not None
+        windows: list[bool] = []
+        real_put = sched.store.put
+
+        def put(act: minifaas.Activation, on_durable: object = None) -> None:
+            if act.done:
+                windows.append(sched.jobs[act.activation_id] in sched.polled)
+            real_put(act, on_durable)  # type: ignore[arg-type]
+
+        sched.store.put = put  # type: ignore[method-assign]
+        for _ in range(30):
+            assert (await engine.call("noop")).status == "success"
+        assert all(windows) and len(windows) == 30
+        assert not sched.polled

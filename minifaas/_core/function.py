@@ -96,9 +96,29 @@ class FunctionSpec:
     #: still refused private and loopback addresses)
     model_url_allow: tuple[str, ...] | None = None
 
+    #: ``key``, made once (it is read several times per invocation)
+    _key: str = dataclasses.field(default="", init=False, repr=False, compare=False)
+    #: the ``limits`` annotation of this version's records, made once and shared by them (nothing changes it)
+    _limits: dict[str, int] | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
+
     @property
     def key(self) -> str:
-        return f"{self.namespace}/{self.name}@{self.version}"
+        key = self._key
+        if not key:
+            key = self._key = f"{self.namespace}/{self.name}@{self.version}"
+        return key
+
+    @property
+    def limits_annotation(self) -> dict[str, int]:
+        """OpenWhisk's ``limits`` annotation of an activation record (one dict shared by every record)."""
+        limits = self._limits
+        if limits is None:
+            limits = self._limits = {
+                "timeout": int(self.timeout_s * 1000),
+                "memory": self.memory_mb,
+                "concurrency": self.concurrency,
+            }
+        return limits
 
     def init_fields(self) -> dict[str, Any]:
         return {

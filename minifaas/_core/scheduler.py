@@ -50,7 +50,12 @@ POLL_MAX_RUN_MS: Final = 5.0
 #: a poll window is at most this wide, whatever the spread of the function's run times, bounding its CPU cost
 MAX_POLL_WINDOW_MS: Final = 3.0
 _JSON_SCALARS: Final = (str, int, float, bool, type(None), bytes)
+#: the packed arguments of a call with none (most warm calls of a no-op, and many others)
+_EMPTY_ARGS: Final = p.encode_body({})
 _RESULT_STATUSES: Final = frozenset({"success", "application_error", "developer_error"})
+#: how long the host polls for the store's word that a final record is written (a durable store's writer thread
+#: commits it; waking a sleeping host for that callback costs as much as the commit): past it, the loop sleeps
+STORE_POLL_S: Final = 0.0005
 #: a run time reported beyond this (a day) is garbage, kept out of the pool's cost figures
 _MAX_RUN_MS: Final = 86_400_000.0
 
@@ -59,11 +64,13 @@ class Done:
     """Set once when an activation ends. One is made per invocation, on the hot path: a bare future per waiter is
     a fraction of the cost of an ``anyio.Event`` (the engine runs on asyncio only)."""
 
-    __slots__ = ("_set", "_waiters")
+    __slots__ = ("_loop", "_set", "_waiters")
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._set = False
         self._waiters: list[asyncio.Future[None]] | None = None
+        #: the loop its waiters run on (the scheduler's), or None to look it up at each wait
+        self._loop = loop
 
     def is_set(self) -> bool:
         return self._set
@@ -81,7 +88,7 @@ class Done:
         if self._set:
             await anyio.lowlevel.checkpoint()
             return
-        fut = asyncio.get_running_loop().create_future()
+        fut = (self._loop or asyncio.get_running_loop()).create_future()
         if self._waiters is None:
             self._waiters = []
         self._waiters.append(fut)
@@ -107,13 +114,20 @@ class Job:
         "queued_at",
     )
 
-    def __init__(self, act: Activation, args_packed: bytes, fp: FunctionPool, model: str | None) -> None:
+    def __init__(
+        self,
+        act: Activation,
+        args_packed: bytes,
+        fp: FunctionPool,
+        model: str | None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
         self.act = act
         self.args_packed = args_packed
         self.fp = fp
         self.model = model
         #: set once the activation has ended and its final record is stored (or the store reported it could not)
-        self.done = Done()
+        self.done = Done(loop)
         #: the activation has ended in memory (its final record may still be on its way to the store)
         self.ended = False
         #: set once the accepted record is stored (when the submitter asked to wait for that)
@@ -172,6 +186,8 @@ class Scheduler:
         self.tg = tg
         self.pool = pool
         self.store = store
+        #: the store calls ``put``'s callback later, from its writer (a durable store), not at once
+        self._store_writes_later = bool(getattr(store, "writes_later", False))
         self.max_queued = max_queued
         self.on_end = on_end
         self.jobs: dict[str, Job] = {}
@@ -207,7 +223,7 @@ class Scheduler:
                 )
         merged = {**spec.params, **args} if spec.params else args
         try:
-            packed = p.encode_body(merged)
+            packed = p.encode_body(merged) if merged else _EMPTY_ARGS
         except (TypeError, ValueError, OverflowError) as exc:
             raise InvalidPayload(f"arguments cannot be encoded: {exc}") from None
         if len(packed) > spec.max_payload_bytes:
@@ -230,29 +246,27 @@ class Scheduler:
             namespace=spec.namespace,
             accepted=now_ms(),
             cause=cause,
-            annotations={
-                "kind": "python:3",
-                "limits": {
-                    "timeout": int(spec.timeout_s * 1000),
-                    "memory": spec.memory_mb,
-                    "concurrency": spec.concurrency,
-                },
-                **(annotations or {}),
-            },
+            annotations=(
+                {"kind": "python:3", "limits": spec.limits_annotation, **annotations}
+                if annotations
+                else {"kind": "python:3", "limits": spec.limits_annotation}
+            ),
         )
-        job = Job(act, packed, fp, model if isinstance(model, str) else None)
+        loop = self._loop
+        job = Job(act, packed, fp, model if isinstance(model, str) else None, loop)
         if durable:
-            accepted = job.accepted = Done()
+            accepted = job.accepted = Done(loop)
             self.store.put(act, accepted.set)
         else:
             self.store.put(act)
         self.jobs[act.activation_id] = job
-        job.queued_at = self._loop.time()
+        job.queued_at = loop.time()
         fp.queue.append(job)
         self.queued += 1
-        if fp not in self._queue_timers:
-            self._arm_queue_timer(fp)
         self.pump(fp)
+        # a warm call leaves the queue at once: only one that waits needs the queue's timer
+        if fp.queue and fp not in self._queue_timers:
+            self._arm_queue_timer(fp)
         return job
 
     def _requeue(self, fp: FunctionPool, job: Job) -> None:
@@ -641,10 +655,18 @@ class Scheduler:
         act.result = result
         act.logs = logs
         act.annotations.update(annotations)
+        if self._store_writes_later and self.poll_us and not job.fp.queue:
+            # nothing else to do meanwhile: poll for the store's callback rather than sleep through it
+            begun = time.perf_counter()
+            job.poll = (begun, begun + STORE_POLL_S)
+            self.polled.add(job)
         # the caller sees the end once the final record is stored: the store calls back (at once in memory)
         self.store.put(act, functools.partial(self._settle, job))
 
     def _settle(self, job: Job) -> None:
+        if job.poll is not None:
+            job.poll = None
+            self.polled.discard(job)
         self.jobs.pop(job.act.activation_id, None)
         job.done.set()
         self.on_end(job.act)

@@ -5,7 +5,10 @@ leaves its in-flight records behind; the next engine on the same ``state_dir`` m
 
 The SQLite store never writes on the event loop: ``put`` encodes the record into flat columns and hands the row to
 one writer thread, which commits every row that arrived while the previous transaction committed in one transaction
-(group commit), then calls each row's ``on_durable`` back on the loop. Until then ``get`` answers from memory. A
+(group commit), then calls each row's ``on_durable`` back on the loop (one wake-up per transaction). Until then
+``get`` answers from memory. A record not ended that nobody waits for (the accepted record of ``call``; ``submit``
+waits for its accepted record) is written once it is ``LAZY_ROW_DELAY_S`` old: a call that ends sooner is written
+once, at its end, and one still running after that is on record for the next engine to mark failed if the host dies. A
 write that fails (the database locked by another connection, a full disk) is retried by the writer with a capped
 back-off and reported (``stats()``, the ``minifaas`` logger); the records wait in memory meanwhile, so nothing is
 lost and nothing waits for ever.
@@ -17,6 +20,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
+import os
 import sqlite3
 import threading
 import time
@@ -46,6 +51,29 @@ RETRY_MAX_S: Final = 2.0
 CLOSE_FLUSH_TIMEOUT_S: Final = 5.0
 #: a read on the event loop waits at most this for a lock (WAL readers are not blocked by writers in practice)
 READ_BUSY_TIMEOUT_S: Final = 0.2
+#: a record not ended that nobody waits for (the accepted record of ``call``) is written once it is this old: most
+#: warm calls end sooner, and then only their final record is written, in one transaction instead of two
+LAZY_ROW_DELAY_S: Final = 0.02
+#: the writer asks the checkpointer thread to copy the log (WAL) into the database after this many commits. SQLite
+#: would do it inside a commit every 1,000 pages (``wal_autocheckpoint``), with two fsyncs that make that commit, and
+#: every caller waiting on it, take milliseconds; beside the writer, a passive checkpoint holds up no commit
+CHECKPOINT_EVERY_COMMITS: Final = 200
+#: a writer with nothing to write for this long asks for a checkpoint of what it wrote since the last one (a quiet
+#: moment: under a steady load a passive checkpoint may never catch up with the writer, and only a checkpoint that
+#: did lets the log start over)
+CHECKPOINT_QUIET_S: Final = 0.1
+#: a log grown past this all the same (a load that never pauses) is emptied by the writer between two transactions
+WAL_MAX_BYTES: Final = 64 << 20
+#: after a checkpoint let the log start over, SQLite cuts it down to this
+WAL_KEEP_BYTES: Final = 16 << 20
+#: after a commit of one record someone waited for, the writer polls this long for the next rows before it sleeps: a
+#: caller invoking in a loop puts its next final record within tens of microseconds, and a sleeping thread takes
+#: 40-300 us to wake on a VM
+WRITER_SPIN_S: Final = 0.0003
+#: the writer polls only while its transactions hold fewer rows than this on average (over about
+#: ``SPIN_AVERAGE_COMMITS``): more, and records arrive faster than it can poll for them one by one
+SPIN_MAX_ROWS_PER_COMMIT: Final = 1.5
+SPIN_AVERAGE_COMMITS: Final = 8
 
 _log = logging.getLogger("minifaas.store")
 OnDurable = Callable[[], None]
@@ -318,11 +346,22 @@ class SQLiteStore:
     connection of their own and see the records not written yet from memory.
     """
 
+    #: ``put``'s callback comes later, from the writer
+    writes_later: Final = True
+
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._wdb = _connect(path, WRITE_BUSY_TIMEOUT_S)
         _create_schema(self._wdb)
+        self._wdb.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer thread's job (CHECKPOINT_EVERY_COMMITS)
+        self._wdb.execute(f"PRAGMA journal_size_limit={WAL_KEEP_BYTES}")
+        self._wal = Path(f"{path}-wal")
+        self._checkpoint_due = threading.Event()
+        #: held by whoever checkpoints (the checkpointer, or the writer emptying an oversized log)
+        self._checkpointing = threading.Lock()
+        self._checkpointer: threading.Thread | None = None
+        self._commits_since_checkpoint = 0
         self._db = _connect(path, READ_BUSY_TIMEOUT_S)
         #: activation id -> the record object, for records put and not committed yet
         self._unwritten: dict[str, Activation] = {}
@@ -331,11 +370,15 @@ class SQLiteStore:
         self._cond = threading.Condition()
         self._pending = _Pending()
         self._pending_seqs: dict[str, int] = {}
+        #: activation id -> (when it is due, row, seq): rows that wait for their turn or their final record
+        self._lazy: dict[str, tuple[float, tuple[Any, ...], int]] = {}
+        #: the writer sleeps on ``_cond`` (it polls for a while after each commit: see WRITER_SPIN_S)
+        self._asleep = False
         self._closing = False
         self._close_deadline = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._counts = {"rows_written": 0, "commits": 0, "write_errors": 0, "rows_lost": 0}
+        self._counts = {"rows_written": 0, "commits": 0, "checkpoints": 0, "write_errors": 0, "rows_lost": 0}
         self.last_error: str | None = None
         #: the last write failed and its rows wait in memory for a retry
         self.failing = False
@@ -350,12 +393,22 @@ class SQLiteStore:
         if self._thread is None:
             self._ensure_writer()
         with self._cond:
+            if on_durable is None and act.status in UNENDED_STATUSES and aid not in self._pending.rows:
+                # nobody waits for it: it waits for its final record, or its turn (see LAZY_ROW_DELAY_S)
+                lazy = self._lazy
+                lazy[aid] = (time.monotonic() + LAZY_ROW_DELAY_S, row, seq)
+                if len(lazy) == 1 and self._asleep:
+                    self._cond.notify()  # the writer sleeps without a timeout: it must wake for this row's turn
+                return
+            if self._lazy:
+                self._lazy.pop(aid, None)
             pending = self._pending
             pending.rows[aid] = row
             self._pending_seqs[aid] = seq
             if on_durable is not None:
                 pending.callbacks.append(on_durable)
-            self._cond.notify()
+            if self._asleep:
+                self._cond.notify()
 
     def _ensure_writer(self) -> None:
         try:
@@ -364,6 +417,75 @@ class SQLiteStore:
             self._loop = None  # used off a loop (a script, a test): callbacks run on the writer thread
         self._thread = threading.Thread(target=self._write_loop, name="minifaas-store-writer", daemon=True)
         self._thread.start()
+        self._checkpointer = threading.Thread(
+            target=self._checkpoint_loop, name="minifaas-store-checkpointer", daemon=True
+        )
+        self._checkpointer.start()
+
+    def _checkpoint_loop(self) -> None:
+        db = _connect(self.path, WRITE_BUSY_TIMEOUT_S)
+        try:
+            while True:
+                self._checkpoint_due.wait()
+                self._checkpoint_due.clear()
+                if self._closing:
+                    return
+                try:
+                    # passive: copies what it can without waiting for the writer or readers, and never blocks them
+                    with self._checkpointing:
+                        db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:
+                    _log.warning("checkpoint of the activation records failed (tried again later): %s", exc)
+                    continue
+                self._counts["checkpoints"] += 1
+        finally:
+            db.close()
+
+    def _take(self, spin: bool) -> tuple[_Pending, dict[str, int]] | None:
+        """The rows to write now (with their callbacks), or None when the writer is to stop; waits for them,
+        polling first for ``WRITER_SPIN_S`` with ``spin``."""
+        cond = self._cond
+        spin_until = time.monotonic() + WRITER_SPIN_S if spin else 0.0
+        #: since when nothing was written, while there is something to checkpoint
+        quiet_since: float | None = None
+        while True:
+            # polling without the lock is safe: a row put meanwhile is seen on the next look or under the lock
+            while not self._pending.rows and time.monotonic() < spin_until and not self._closing:
+                os.sched_yield()
+            with cond:
+                now = time.monotonic()
+                lazy = self._lazy
+                if lazy:
+                    self._move_lazy(now)
+                if self._pending.rows:
+                    taken, self._pending = self._pending, _Pending()
+                    taken_seqs, self._pending_seqs = self._pending_seqs, {}
+                    return taken, taken_seqs
+                if self._closing:
+                    return None
+                if quiet_since is not None and now - quiet_since >= CHECKPOINT_QUIET_S:
+                    self._commits_since_checkpoint = 0
+                    self._checkpoint_due.set()  # a quiet moment
+                    quiet_since = None
+                elif quiet_since is None and self._commits_since_checkpoint:
+                    quiet_since = now
+                timeout = min(due for due, _, _ in lazy.values()) - now if lazy else math.inf
+                if quiet_since is not None:
+                    timeout = min(timeout, quiet_since + CHECKPOINT_QUIET_S - now)
+                self._asleep = True
+                cond.wait(max(0.0, timeout) if timeout < math.inf else None)
+                self._asleep = False
+            spin_until = 0.0  # woken: no more polling until the next commit
+
+    def _move_lazy(self, now: float) -> None:
+        """Lazy rows that are due (all of them when closing) join the pending ones; called under ``_cond``."""
+        lazy = self._lazy
+        due_ids = [aid for aid, (due, _, _) in lazy.items() if due <= now or self._closing]
+        pending = self._pending
+        for aid in due_ids:
+            _, row, seq = lazy.pop(aid)
+            pending.rows[aid] = row
+            self._pending_seqs[aid] = seq
 
     def _write_loop(self) -> None:
         delay = RETRY_FIRST_S
@@ -371,14 +493,19 @@ class SQLiteStore:
         batch: dict[str, tuple[Any, ...]] = {}
         seqs: dict[str, int] = {}
         callbacks: list[OnDurable] = []
+        spin = False
+        #: moving average of the rows in a transaction
+        rows_per_commit = 1.0
         while True:
-            with self._cond:
-                while not self._pending.rows and not batch and not self._closing:
-                    self._cond.wait()
-                if not self._pending.rows and not batch:
+            if batch:
+                with self._cond:
+                    taken, self._pending = self._pending, _Pending()
+                    taken_seqs, self._pending_seqs = self._pending_seqs, {}
+            else:
+                got = self._take(spin)
+                if got is None:
                     return
-                taken, self._pending = self._pending, _Pending()
-                taken_seqs, self._pending_seqs = self._pending_seqs, {}
+                taken, taken_seqs = got
             for aid, row in taken.rows.items():
                 batch.pop(aid, None)  # keep arrival order: a newer row of a record goes last
                 batch[aid] = row
@@ -403,6 +530,7 @@ class SQLiteStore:
                     return
                 with self._cond:
                     self._cond.wait(delay)
+                    self._move_lazy(time.monotonic())
                 delay = min(delay * 2, RETRY_MAX_S)
                 continue
             if failing:
@@ -411,8 +539,33 @@ class SQLiteStore:
             delay = RETRY_FIRST_S
             self._counts["rows_written"] += len(batch)
             self._counts["commits"] += 1
+            self._commits_since_checkpoint += 1
+            if self._commits_since_checkpoint >= CHECKPOINT_EVERY_COMMITS:
+                self._commits_since_checkpoint = 0
+                self._checkpoint_due.set()
+                self._bound_log()
             self._done(callbacks, seqs)
+            # about one record a transaction, callers waiting: a caller in a loop, whose next record comes soon.
+            # More: a busy host, where polling would take the core from the sandboxes and the rows pile up anyway
+            rows_per_commit += (len(batch) - rows_per_commit) / SPIN_AVERAGE_COMMITS
+            spin = bool(callbacks) and rows_per_commit < SPIN_MAX_ROWS_PER_COMMIT
             batch, seqs, callbacks = {}, {}, []
+
+    def _bound_log(self) -> None:
+        """A log that a load without pauses kept growing (a passive checkpoint never caught up with the writer) is
+        emptied by the writer itself, between two of its transactions: a checkpoint that holds it up once."""
+        try:
+            if self._wal.stat().st_size <= WAL_MAX_BYTES:
+                return
+        except OSError:
+            return
+        self._checkpointing.acquire()  # after the checkpointer's passive checkpoint, if one runs
+        try:
+            self._wdb.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except sqlite3.Error as exc:
+            _log.warning("the activation records' log is over %d MiB, not emptied: %s", WAL_MAX_BYTES >> 20, exc)
+        finally:
+            self._checkpointing.release()
 
     def _commit(self, rows: list[tuple[Any, ...]]) -> None:
         db = self._wdb
@@ -526,7 +679,7 @@ class SQLiteStore:
 
     def stats(self) -> dict[str, Any]:
         with self._cond:
-            queued = len(self._pending.rows)
+            queued = len(self._pending.rows) + len(self._lazy)
         return {
             "kind": "sqlite",
             **self._counts,
@@ -545,8 +698,14 @@ class SQLiteStore:
                 self._close_deadline = time.monotonic() + CLOSE_FLUSH_TIMEOUT_S
                 self._cond.notify()
             thread.join()
-        elif self._pending.rows:
-            self._commit(list(self._pending.rows.values()))
+            if self._checkpointer is not None:
+                self._checkpoint_due.set()  # it sees _closing and leaves; the last connection's close checkpoints
+                self._checkpointer.join()
+        else:
+            rows = {aid: row for aid, (_, row, _) in self._lazy.items()}
+            rows.update(self._pending.rows)
+            if rows:
+                self._commit(list(rows.values()))
         self._wdb.close()
         self._db.close()
 
