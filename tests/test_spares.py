@@ -4,11 +4,13 @@ back to one when they decay, within the engine's bound and memory budget. Real z
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import anyio
 import pytest
 
 import minifaas
+from minifaas._core.keepalive import FixedPolicy
 from minifaas._core.launch import Launched, scrubbed_env
 from minifaas._core.spares import BURST_WINDOW_S, SpareSizer
 from minifaas._core.zygote import ZygoteLauncher
@@ -167,3 +169,87 @@ async def test_memory_budget_bounds_the_spares() -> None:
 async def _burst_calls_of(engine: minifaas.Engine, n: int) -> None:
     await engine.deploy("small", code=SLEEP, max_sandboxes=8, memory_mb=64)
     await _burst_calls(engine, "small", n)
+
+
+# -- the trace replay (benches/spares_replay.py: the real SpareSizer, the zygote's loop on a fake clock) ---------
+def _replay_modules() -> tuple[Any, Any, Any]:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benches"))
+    import pool_replay
+    import spares_replay
+    import trace_gen
+
+    return pool_replay, spares_replay, trace_gen
+
+
+def test_replayed_zygote_holds_its_spares_and_lets_a_burst_decay() -> None:
+    _, spares_replay, _ = _replay_modules()
+    sizer = SpareSizer(min_spares=1, max_spares=8)
+    zygote = spares_replay.ZygoteReplay(sizer, 0.0)
+    waits = [zygote.launch(10.0) for _ in range(8)]  # nobody could have known: forks on request, one by one
+    fork_s = zygote.timings.fork_ms / 1000
+    assert waits[0] == pytest.approx(zygote.timings.handover_ms / 1000)  # the one spare
+    assert waits[-1] >= 6 * fork_s  # the seventh fork behind six others
+    assert sizer.target(10.0) == 8  # the real sizer heard every launch
+    zygote.advance(11.0)
+    assert len(zygote.spares) == 8 and zygote.peak_spares == 8
+    again = [zygote.launch(11.0) for _ in range(8)]
+    assert again == pytest.approx([zygote.timings.handover_ms / 1000] * 8)
+    zygote.finish(11.0 + 3600.0)
+    assert len(zygote.spares) == 1 and zygote.spares_discarded == 7  # decayed back to one
+    # spare-seconds: one spare for the hour, more only while the burst was remembered
+    assert 3600.0 < zygote.spare_s < 3600.0 + 8 * 4 * sizer.half_life_s
+
+
+def test_replay_of_repeated_bursts_demand_sized_spares_cut_the_wait_for_spare_seconds() -> None:
+    pool_replay, spares_replay, trace_gen = _replay_modules()
+    prof = trace_gen.FunctionProfile("fan", "flash", memory_mb=256, cold_ms=200.0, warm_ms=50.0)
+    # bursts of 8 concurrent calls, 5 s apart: the sandboxes expire between them (keep-alive 2 s), the burst's
+    # demand does not (a twelfth of a half-life)
+    invs = [trace_gen.Invocation(1.0 + k * 5.0 + i * 0.001, "fan", 0.05) for k in range(10) for i in range(8)]
+    trace = trace_gen.Trace({"fan": prof}, invs, 60.0, seed=0)
+    out = {}
+    for name, hi in (("one", 1), ("demand", 8)):
+        made: list[Any] = []
+
+        def zygote(t0: float, hi: int = hi, made: list[Any] = made) -> Any:
+            made.append(spares_replay.ZygoteReplay(SpareSizer(min_spares=1, max_spares=hi), t0))
+            return made[-1]
+
+        result = pool_replay.PoolReplay(trace, FixedPolicy(2.0), name=name, budget_mb=None, zygote=zygote).run()
+        assert result.cold_starts == 80
+        out[name] = made[0]
+    one, demand = out["one"], out["demand"]
+    assert len(one.waits_s) == len(demand.waits_s) == 80
+    assert one.from_spares == 10  # one per burst
+    assert demand.from_spares == 1 + 9 * 8  # the first burst taught it; every later one is all hand-overs
+    assert max(demand.waits_s[8:]) < min(max(one.waits_s[k : k + 8]) for k in range(8, 80, 8))
+    assert sum(demand.waits_s) < sum(one.waits_s) / 3
+    assert one.spare_s < demand.spare_s < 8 * one.spare_s  # the price, in spare-seconds
+
+
+def test_bursty_trace_has_concurrent_bursts_and_timers_on_the_clock() -> None:
+    _, _, trace_gen = _replay_modules()
+    trace = trace_gen.generate(20, trace_gen.SECONDS_PER_DAY, seed=4, mix={"flash": 0.5, "cron": 0.5})
+    assert trace == trace_gen.generate(20, trace_gen.SECONDS_PER_DAY, seed=4, mix={"flash": 0.5, "cron": 0.5})
+    kinds = {p.kind for p in trace.functions.values()}
+    assert kinds == {"flash", "cron"}
+    for fn, prof in trace.functions.items():
+        times = [inv.t for inv in trace.invocations if inv.fn == fn]
+        if prof.kind == "cron":
+            assert all(t % 300.0 < trace_gen.FLASH_SPREAD_S for t in times)  # every period is a multiple of 5 min
+        else:
+            bursts = [list(g) for g in _groups(times, gap_s=trace_gen.FLASH_SPREAD_S)]
+            assert all(2 <= len(b) <= trace_gen.FLASH_MAX_CALLS for b in bursts)
+
+
+def _groups(times: list[float], gap_s: float) -> list[list[float]]:
+    groups: list[list[float]] = []
+    for t in times:
+        if groups and t - groups[-1][0] <= gap_s:
+            groups[-1].append(t)
+        else:
+            groups.append([t])
+    return groups
