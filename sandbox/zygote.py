@@ -118,6 +118,12 @@ FDS_PER_FORK: Final = 3
 SPARE_REFORK_DELAY_S: Final = 0.02
 #: launches coming faster than that delay put a refill off at most this long after the first spare was taken
 MAX_REFILL_DEFER_S: Final = 0.1
+#: a spare takes its steps (cgroup, set-up, rehearsal) this much nicer than the zygote, so they use the CPU that
+#: running sandboxes leave: on two cores, eight spares' 25-75 ms of rehearsals right after a burst took that much
+#: from the burst's own sandboxes and a warm function running beside them. No launch waits for it (a launch takes
+#: only a ready spare, else forks at once). Back to the zygote's own priority when it takes a request; 0, or a host
+#: without the right to raise a priority again (CAP_SYS_NICE or RLIMIT_NICE), keeps spares at the zygote's.
+SPARE_NICE: Final = 10
 #: lines LiteRT writes on fd 2 while the zygote builds interpreters that the host's terminal does not need
 PREBUILD_QUIET_PREFIX: Final = b"INFO: "
 RECV_BYTES: Final = 1 << 16
@@ -126,6 +132,8 @@ MAX_FDS_PER_RECV: Final = 253
 #: a forked child that fails before the runtime takes over exits with this (EX_SOFTWARE)
 CHILD_FAILURE_EXIT: Final = 70
 NUMPY_SEED_WORDS: Final = 4
+#: capability(7) number
+CAP_SYS_NICE: Final = 23
 
 
 #: OpenCV's default thread count, saved when the zygote turned its pool off (None: cv2 not preloaded)
@@ -248,6 +256,7 @@ class Zygote:
         cgroup_parent: str | None = None,
         pids_max: int = 0,
         refork_delay_s: float = SPARE_REFORK_DELAY_S,
+        spare_nice: int = SPARE_NICE,
     ) -> None:
         self.control = control
         self.preloaded = preloaded
@@ -274,6 +283,9 @@ class Zygote:
         #: where a spare makes its own pids cgroup (the host's sandbox cgroups), None for none
         self.cgroup_parent = cgroup_parent
         self.pids_max = pids_max
+        #: the zygote's priority, which every sandbox gets; spares that refill wait nicer while it can be restored
+        self.base_nice = os.getpriority(os.PRIO_PROCESS, 0)
+        self.spare_nice = spare_nice if spare_nice > 0 and _may_renice(self.base_nice) else 0
 
     def install_sigchld(self) -> None:
         for fd in (self.wake_r, self.wake_w):
@@ -308,7 +320,8 @@ class Zygote:
                 due = min(self.refork_at, self.deficit_since + max(MAX_REFILL_DEFER_S, self.refork_delay_s))
                 timeout = 0.0 if burst else due - now
                 if timeout <= 0:
-                    self.make_spare()
+                    # nicer also in a burst: a launch takes only a spare that is ready, and forks at once otherwise
+                    self.make_spare(nice=self.spare_nice)
                     self.deficit_since = now if len(self.spares) < self.want_spares else math.inf
                     # one fork per turn: a FORK request that arrived meanwhile is served before the next one
                     timeout = 0.0
@@ -417,8 +430,9 @@ class Zygote:
         if pid > 0:
             self.send(FORKED, {"seq": seq, "pid": pid})
 
-    def make_spare(self) -> None:
-        """Fork a child that waits for a FORK request's fds and env, then becomes that sandbox."""
+    def make_spare(self, nice: int = 0) -> None:
+        """Fork a child that waits for a FORK request's fds and env, then becomes that sandbox (``nice``: its
+        steps before that run this much nicer)."""
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         _flush_std()
         try:
@@ -430,15 +444,17 @@ class Zygote:
             return
         if pid == 0:
             mine.close()
-            _child_exit(lambda: self.spare_main(theirs))
+            _child_exit(lambda: self.spare_main(theirs, nice))
         theirs.close()
         spare = _Spare(pid, mine)
         self.spares.append(spare)
         self.selector.register(mine, selectors.EVENT_READ, spare)
 
-    def spare_main(self, sock: socket.socket) -> int:
+    def spare_main(self, sock: socket.socket, nice: int = 0) -> int:
         """A spare's life: detach, join its cgroup, do every step of becoming a sandbox that does not need the
-        request, say it is ready, wait for its request, become that sandbox."""
+        request, say it is ready, wait for its request, become that sandbox (at the zygote's priority again)."""
+        if nice:
+            os.setpriority(os.PRIO_PROCESS, 0, min(19, self.base_nice + nice))
         self.detach()
         # the move into a cgroup takes milliseconds on cgroup v1 (an RCU grace period): done now, while nobody
         # waits, it is off the path of the launch that will take this spare
@@ -454,6 +470,9 @@ class Zygote:
         request = _await_request(sock)
         if request is None:
             return 0  # the zygote ended or discarded this spare
+        if nice:
+            with contextlib.suppress(OSError):  # allowed (_may_renice); were it not, the sandbox still serves
+                os.setpriority(os.PRIO_PROCESS, 0, self.base_nice)
         (channel_fd, out_w, err_w), env = request
         _take_fds(channel_fd, out_w, err_w, env)
         return self._serve(channel_fd)
@@ -585,6 +604,21 @@ class _Spare:
         self.cgroup: str | None = None
 
 
+def _may_renice(base: int) -> bool:
+    """Whether a process of ours may go back to priority ``base`` after being nicer: with CAP_SYS_NICE, or an
+    RLIMIT_NICE that allows it (setpriority(2))."""
+    import resource
+
+    if resource.getrlimit(resource.RLIMIT_NICE)[0] >= 20 - base:
+        return True
+    try:
+        with open("/proc/self/status") as f:
+            caps = next(line for line in f if line.startswith("CapEff:"))
+        return bool(int(caps.split()[1], 16) >> CAP_SYS_NICE & 1)
+    except (OSError, StopIteration, ValueError, IndexError):
+        return False
+
+
 def _join_cgroup(parent: str, pids_max: int) -> str | None:
     """Move this process into ``<parent>/sb-<pid>`` with its process cap; None when that fails (the host then
     attaches it itself)."""
@@ -646,6 +680,9 @@ def main(argv: list[str] | None = None) -> int:
         default=SPARE_REFORK_DELAY_S * 1000,
         help="after a launch, wait this long before forking the next spare",
     )
+    parser.add_argument(
+        "--spare-nice", type=int, default=SPARE_NICE, help="a refilling spare's steps run this much nicer (0: not)"
+    )
     ns = parser.parse_args(argv)
     control = socket.socket(fileno=ns.fd)
     control.setblocking(True)
@@ -655,6 +692,7 @@ def main(argv: list[str] | None = None) -> int:
         preloaded,
         fork_ahead=not ns.no_fork_ahead,
         refork_delay_s=max(0.0, ns.refork_delay_ms / 1000),
+        spare_nice=max(0, ns.spare_nice),
         cgroup_parent=ns.cgroup_parent,
         pids_max=ns.pids_max,
     )

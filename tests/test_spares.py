@@ -3,11 +3,14 @@ back to one when they decay, within the engine's bound and memory budget. Real z
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import anyio
 import pytest
+from minifaas_sandbox import zygote as sandbox_zygote
 
 import minifaas
 from minifaas._core.keepalive import FixedPolicy
@@ -121,6 +124,55 @@ async def test_no_spares_when_the_engine_says_none() -> None:
             assert sorted(children(stats["zygote_pid"])) == sorted(p.pid for p in procs)
         finally:
             await _end(procs)
+
+
+async def test_launches_do_not_read_the_spares_memory_and_it_is_measured_beside(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from minifaas._core import zygote as host_zygote
+
+    readers: list[bool] = []
+    real = host_zygote._pss_kib
+
+    def pss_kib(pid: int) -> int:
+        readers.append(threading.current_thread() is threading.main_thread())
+        return real(pid)
+
+    monkeypatch.setattr(host_zygote, "_pss_kib", pss_kib)
+    monkeypatch.setattr(host_zygote, "SPARE_PSS_READ_INTERVAL_S", 0.05)  # stale at every launch below
+    room: list[float] = []
+    launcher = ZygoteLauncher(
+        preload=("minifaas_sandbox.runtime",), min_spares=2, max_spares=2, room=lambda mb: room.append(mb) or 8
+    )
+    async with launcher:
+        await _until(lambda: len(launcher._zygote.ready_spare_pids if launcher._zygote else ()) == 2)
+        await _until(lambda: launcher.spare_mb() != host_zygote.SPARE_MB_ESTIMATE)  # measured, not estimated
+        await anyio.sleep(0.1)
+        readers.clear()
+        procs = await _burst(launcher, 2)
+        try:
+            # the budget asked for the spare's size at each launch, and nobody read /proc on the event loop for it
+            assert room and not any(readers)
+        finally:
+            await _end(procs)
+
+
+@pytest.mark.skipif(sandbox_zygote.SPARE_NICE == 0, reason="spares are not niced")
+async def test_a_spare_waits_nicer_and_its_sandbox_runs_at_the_zygotes_priority() -> None:
+    if not sandbox_zygote._may_renice(os.getpriority(os.PRIO_PROCESS, 0)):
+        pytest.skip("this host may not raise a priority again (no CAP_SYS_NICE, RLIMIT_NICE too low)")
+    async with ZygoteLauncher(preload=("minifaas_sandbox.runtime",), min_spares=1, max_spares=1) as launcher:
+        await _until(lambda: len(launcher.stats()["spares_ready"]) == 1)
+        zygote = launcher.stats()["zygote_pid"]
+        base = os.getpriority(os.PRIO_PROCESS, zygote)
+        spare = launcher.stats()["spares_ready"][0]
+        assert os.getpriority(os.PRIO_PROCESS, spare) == min(19, base + sandbox_zygote.SPARE_NICE)
+        (proc,) = await _burst(launcher, 1)
+        try:
+            assert proc.pid == spare
+            await _until(lambda: os.getpriority(os.PRIO_PROCESS, spare) == base, timeout_s=5.0)
+        finally:
+            await _end([proc])
 
 
 # -- through the engine ----------------------------------------------------------------------------------------
