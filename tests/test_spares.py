@@ -305,3 +305,26 @@ def _groups(times: list[float], gap_s: float) -> list[list[float]]:
         else:
             groups.append([t])
     return groups
+
+
+async def test_a_bursts_inits_run_side_by_side() -> None:
+    # a module that takes 0.3 s to import: eight INITs one after another would take 2.4 s; a call lasts long enough
+    # that no sandbox done with its INIT takes another's request
+    slow_init = "import time\ntime.sleep(0.3)\ndef main(args):\n    time.sleep(0.5)\n    return {}\n"
+    async with minifaas.Engine(launcher="zygote", max_spares=8) as engine:
+        await engine.deploy("warmup", code=SLEEP, max_sandboxes=8)
+        await _burst_calls(engine, "warmup", 8)
+        await _until(lambda: len(engine.stats()["launcher_stats"]["spares_ready"]) >= 8)
+        await engine.deploy("slow", code=slow_init, max_sandboxes=8)
+        acts: list[minifaas.Activation] = []
+
+        async def one() -> None:
+            acts.append(assert_success(await engine.call("slow")))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(8):
+                tg.start_soon(one)
+        assert all(a.init_time for a in acts), [a.init_time for a in acts]
+        # each INIT ran from (start - init_time) to start: there is a moment when all eight were running
+        began = [a.start - (a.init_time or 0) for a in acts]
+        assert max(began) < min(a.start for a in acts), sorted(zip(began, (a.start for a in acts), strict=True))
