@@ -13,6 +13,7 @@ import pytest
 from minifaas_sandbox import zygote as sandbox_zygote
 
 import minifaas
+from minifaas._core import spares
 from minifaas._core.keepalive import FixedPolicy
 from minifaas._core.launch import Launched, scrubbed_env
 from minifaas._core.spares import BURST_WINDOW_S, SpareSizer
@@ -328,3 +329,24 @@ async def test_a_bursts_inits_run_side_by_side() -> None:
         # each INIT ran from (start - init_time) to start: there is a moment when all eight were running
         began = [a.start - (a.init_time or 0) for a in acts]
         assert max(began) < min(a.start for a in acts), sorted(zip(began, (a.start for a in acts), strict=True))
+
+
+def test_sizer_keeps_only_the_bursts_that_can_still_set_the_demand() -> None:
+    import math
+    import random
+
+    rng = random.Random(5)
+    sizer = SpareSizer(min_spares=1, max_spares=64)
+    times: list[float] = []
+    t = 0.0
+    for _ in range(5000):  # a host cold-starting all day: gaps from 1 ms to a minute
+        t += rng.choice((0.001, 0.01, 0.1, 1.0, 60.0)) * rng.random()
+        times.append(t)
+        sizer.record(t)
+    # the demand every burst in the last HISTORY_S would give (bursts: cold starts within the window up to each)
+    now = t + 1.0
+    recent = [x for x in times if x >= now - spares.HISTORY_S]
+    sizes = [sum(1 for y in recent[: i + 1] if y >= x - BURST_WINDOW_S) for i, x in enumerate(recent)]
+    expected = max(n * 0.5 ** ((now - x) / sizer.half_life_s) for x, n in zip(recent, sizes, strict=True))
+    assert math.isclose(sizer.demand(now), expected)
+    assert len(sizer._bursts) <= max(sizes)  # not thousands: launches read it

@@ -47,15 +47,20 @@ class SpareSizer:
         self.max_spares = max_spares
         self.half_life_s = half_life_s
         self._starts: collections.deque[float] = collections.deque(maxlen=MAX_HISTORY)
-        #: (time the burst ended, its size) for each cold start that made a larger burst than the window before
+        #: (time the burst ended, its size), oldest first, each larger than every later one: a burst no larger than
+        #: a later one never sets the demand again (it decays from earlier), so it is dropped; what remains is at
+        #: most as long as the largest burst, and ``demand`` (asked at each launch) reads only that
         self._bursts: collections.deque[tuple[float, int]] = collections.deque(maxlen=MAX_HISTORY)
 
     def record(self, t: float) -> None:
         starts = self._starts
         starts.append(t)
         # the burst ending now: cold starts within the window (the deque is in time order)
-        i = bisect.bisect_left(starts, t - BURST_WINDOW_S)
-        self._bursts.append((t, len(starts) - i))
+        size = len(starts) - bisect.bisect_left(starts, t - BURST_WINDOW_S)
+        bursts = self._bursts
+        while bursts and bursts[-1][1] <= size:
+            bursts.pop()
+        bursts.append((t, size))
         self._forget(t)
 
     def _forget(self, now: float) -> None:
