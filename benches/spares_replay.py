@@ -8,9 +8,10 @@ What is real and what is modelled:
   says it may drop (as the launcher's sizing task does);
 - the zygote's loop follows ``minifaas_sandbox.zygote.Zygote.serve``/``fork`` with their constants: one process,
   one fork at a time; a FORK request takes the oldest ready spare, else forks on request; a request that arrives
-  while a spare is being forked waits for that fork; refills wait ``SPARE_REFORK_DELAY_S`` after a launch, but no
-  longer than ``MAX_REFILL_DEFER_S`` after a spare went short, and not at all while the host wants several and
-  none is ready; spares beyond the target are discarded newest first;
+  while a spare is being forked waits for that fork, but goes before the next; refills wait
+  ``SPARE_REFORK_DELAY_S`` after a launch, but no longer than ``MAX_REFILL_DEFER_S`` after a spare went short, and
+  not at all while a launch found no spare ready a moment ago (the burst outgrew them); spares beyond the target
+  are discarded newest first (the spares' lower priority is not modelled: each child has a core of its own);
 - the times are modelled, from this machine's measurements (:class:`Timings`): a fork of the zygote, the steps a
   child takes before it serves (on request) or before it says it is ready (a spare, with its rehearsal), and a
   hand-over. The model gives each child a core of its own (no CPU contention between children); on two cores a
@@ -25,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from minifaas_sandbox.zygote import MAX_REFILL_DEFER_S, SPARE_REFORK_DELAY_S
+from minifaas_sandbox.zygote import MAX_REFILL_DEFER_S, OUTGROWN_FOR_S, SPARE_REFORK_DELAY_S
 
 from minifaas._core.spares import SpareSizer
 
@@ -65,6 +66,7 @@ class ZygoteReplay:
         self.want = sizer.target(t0)
         self.refork_at = t0
         self.deficit_since = t0 if self.want else math.inf
+        self.forked_on_request_at = -math.inf
         #: per launch, seconds from the request to a process that serves it
         self.waits_s: list[float] = []
         self.from_spares = 0
@@ -79,9 +81,10 @@ class ZygoteReplay:
             return None
         # the zygote's "burst": the host wants several and none is ready, so the next launch would wait on a fork
         free = max(self.busy_until, self.now)
-        burst = self.want > 1 and not any(r <= free for r in self.spares)
+        # the burst outgrew the spares: a launch was forked on request a moment ago
+        outgrown = self.want > 1 and free - self.forked_on_request_at < OUTGROWN_FOR_S
         due = min(self.refork_at, self.deficit_since + max(MAX_REFILL_DEFER_S, SPARE_REFORK_DELAY_S))
-        return free if burst else max(free, due)
+        return free if outgrown else max(free, due)
 
     def _next_decay_at(self) -> float | None:
         wait = self.sizer.next_change_s(self.now)
@@ -138,6 +141,7 @@ class ZygoteReplay:
                 self.deficit_since = serve
             wait = serve - t + tm.handover_ms / 1000
         else:
+            self.forked_on_request_at = serve
             self.busy_until = serve + tm.fork_ms / 1000
             wait = serve - t + (tm.fork_ms + tm.child_ready_ms) / 1000
         self.refork_at = serve + SPARE_REFORK_DELAY_S

@@ -15,7 +15,7 @@ Data flow::
     |                 |                  | discard the spare      |              | start, wait for request |
     |                 |- FORK + 3 fds -->| pass env + fds to the  |--- socket -->| fds 0/1/2, env,         |
     |                 |<-- FORKED pid ---| spare (or fork now);   |              | runtime.serve(channel)  |
-    |                 |                  | 20 ms later, fork the  |              +-------------------------+
+    |                 |                  | in a lull, fork the    |              +-------------------------+
     |                 |                  | next spare             |
     |                <|---- EXITED ------| SIGCHLD -> waitpid     |
     +-----------------+                  +-----------------------+
@@ -23,14 +23,18 @@ Data flow::
 Fork ahead: fork() of a process holding numpy, OpenCV and LiteRT takes 2-3 ms here, and the child runs only
 after it. So the zygote keeps children forked ahead (spares), each waiting on a socket of its own; a FORK request
 passes the oldest ready one the env and fds and is answered at once. How many: one by default, as many as the
-host's SPARES message asks (it sizes them by the bursts of cold starts it has seen); with none left, the zygote
-forks the next at once, one per turn of its loop, so FORK requests are still served between those forks.
-A spare takes, before its request, every step of becoming a
-sandbox that does not need it: reseeding, the runtime's set-up, and a rehearsal (a no-op INIT and RUN), which
-pays the copy-on-write faults a fresh fork takes the first time it touches each shared page. While spares remain, the
-zygote forks the next one SPARE_REFORK_DELAY_S after a launch, not at once: on two cores that fork competed with
-the launched sandbox's first steps. One forked before a LOAD_MODELS is discarded, since it would not hold those
-models.
+host's SPARES message asks (it sizes them by the bursts of cold starts it has seen). A spare takes, before its
+request, every step of becoming a sandbox that does not need it: reseeding, the runtime's set-up, and a rehearsal
+(a no-op INIT and RUN), which pays the copy-on-write faults a fresh fork takes the first time it touches each shared
+page; it takes them at nice +SPARE_NICE (where the zygote may restore the priority), so they use the CPU that
+running sandboxes leave, and returns to the zygote's priority when it takes a request.
+
+Order: requests first (a FORK that arrived is served before the zygote forks a spare, which it would wait for).
+The zygote refills SPARE_REFORK_DELAY_S after the last launch, not at once: on two cores a fork competed with the
+launched sandbox's first steps, and after a burst its spares served, eight forks at once took a core from the
+burst's INITs; launches coming faster than that put a refill off at most MAX_REFILL_DEFER_S. Only when a launch
+found no spare ready a moment ago (the burst outgrew the spares) does it fork the next ones at once, one per turn
+of its loop, at full priority. One forked before a LOAD_MODELS is discarded, since it would not hold those models.
 
 Control messages use :mod:`minifaas_sandbox.protocol` framing with their own type codes (below). A FORK
 frame is sent together with three fds (SCM_RIGHTS): the child's channel socket, and the write ends of its
@@ -118,6 +122,8 @@ FDS_PER_FORK: Final = 3
 SPARE_REFORK_DELAY_S: Final = 0.02
 #: launches coming faster than that delay put a refill off at most this long after the first spare was taken
 MAX_REFILL_DEFER_S: Final = 0.1
+#: a launch forked on request (no spare ready) this recently means the burst outgrew the spares: refill at once
+OUTGROWN_FOR_S: Final = 0.02
 #: a spare takes its steps (cgroup, set-up, rehearsal) this much nicer than the zygote, so they use the CPU that
 #: running sandboxes leave: on two cores, eight spares' 25-75 ms of rehearsals right after a burst took that much
 #: from the burst's own sandboxes and a warm function running beside them. No launch waits for it (a launch takes
@@ -279,6 +285,8 @@ class Zygote:
         self.refork_at = 0.0
         #: since when there are fewer spares than wanted (refills wait for a lull, but not longer than a bound)
         self.deficit_since = math.inf
+        #: when a launch last found no spare ready and was forked on request
+        self.forked_on_request_at = -math.inf
         self.refork_delay_s = refork_delay_s
         #: where a spare makes its own pids cgroup (the host's sandbox cgroups), None for none
         self.cgroup_parent = cgroup_parent
@@ -309,23 +317,28 @@ class Zygote:
     def serve(self) -> int:
         while True:
             timeout = None
+            spare_due = outgrown = False
             if self.fork_ahead and len(self.spares) < self.want_spares:
                 # between requests, off the path of any launch (the host is not waiting on this fork), and not
                 # while the sandbox just launched takes its first steps: on two cores, forking this process (2-3 ms
-                # of CPU) beside them delayed that sandbox's first result by as much. But when the host sized the
-                # spares for bursts and none is left, the next launch would wait for a fork anyway: fork now. And
-                # launches coming faster than the delay must not put refills off for ever.
+                # of CPU) beside them delayed that sandbox's first result by as much; nor beside a burst's INITs
+                # when its spares served it (eight forks at once took a core from them). But when a launch found
+                # no spare ready a moment ago, the burst outgrew the spares and its next launches would wait for
+                # forks anyway: fork now. And launches coming faster than the delay must not put refills off for
+                # ever.
                 now = time.monotonic()
-                burst = self.want_spares > 1 and not any(s.ready for s in self.spares)
+                outgrown = self.want_spares > 1 and now - self.forked_on_request_at < OUTGROWN_FOR_S
                 due = min(self.refork_at, self.deficit_since + max(MAX_REFILL_DEFER_S, self.refork_delay_s))
-                timeout = 0.0 if burst else due - now
-                if timeout <= 0:
-                    # nicer also in a burst: a launch takes only a spare that is ready, and forks at once otherwise
-                    self.make_spare(nice=self.spare_nice)
-                    self.deficit_since = now if len(self.spares) < self.want_spares else math.inf
-                    # one fork per turn: a FORK request that arrived meanwhile is served before the next one
-                    timeout = 0.0
-            for key, _ in self.selector.select(timeout):
+                timeout = 0.0 if outgrown else max(0.0, due - now)
+                spare_due = timeout <= 0
+            events = self.selector.select(timeout)
+            if not events and spare_due:
+                # requests first: one that came meanwhile is served before this fork, which it would wait for;
+                # a spare forked in a lull takes its steps nicer, one a growing burst may take at full speed
+                self.make_spare(nice=0 if outgrown else self.spare_nice)
+                self.deficit_since = now if len(self.spares) < self.want_spares else math.inf
+                continue
+            for key, _ in events:
                 if isinstance(key.data, _Spare):
                     self.spare_status(key.data)
                 elif key.data == "sigchld":
@@ -417,6 +430,7 @@ class Zygote:
                 return
             finally:
                 spare.sock.close()
+        self.forked_on_request_at = now
         _flush_std()
         try:
             pid = os.fork()

@@ -115,6 +115,23 @@ async def test_a_burst_is_met_by_spares_the_next_time_and_they_go_back_to_one() 
             await _end(first)
 
 
+async def test_a_burst_its_spares_served_is_refilled_in_a_lull_not_beside_its_inits() -> None:
+    # a long lull (3 s) makes "not at once" visible on a loaded machine
+    async with ZygoteLauncher(preload=("minifaas_sandbox.runtime",), max_spares=4, refork_delay_s=3.0) as launcher:
+        await _until(lambda: len(launcher.stats()["spares_ready"]) == 1)
+        first = await _burst(launcher, 4)
+        try:
+            await _until(lambda: len(launcher.stats()["spares_ready"]) == 4)
+            second = await _burst(launcher, 4)
+            assert all(getattr(proc, "ahead", False) for proc in second)  # all four from spares
+            await anyio.sleep(0.5)
+            assert launcher.stats()["spares"] == 0  # no fork beside the burst's first steps
+            await _until(lambda: len(launcher.stats()["spares_ready"]) == 4)  # after the lull
+            await _end(second)
+        finally:
+            await _end(first)
+
+
 async def test_no_spares_when_the_engine_says_none() -> None:
     async with ZygoteLauncher(preload=("minifaas_sandbox.runtime",), min_spares=0, max_spares=0) as launcher:
         procs = await _burst(launcher, 3)
