@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,7 @@ import minifaas
 from minifaas._core import spares
 from minifaas._core.keepalive import FixedPolicy
 from minifaas._core.launch import Launched, scrubbed_env
+from minifaas._core.pool import REAP_INTERVAL_MAX_S
 from minifaas._core.spares import BURST_WINDOW_S, SpareSizer
 from minifaas._core.zygote import ZygoteLauncher
 from minifaas.testing import assert_success
@@ -367,3 +369,27 @@ def test_sizer_keeps_only_the_bursts_that_can_still_set_the_demand() -> None:
     expected = max(n * 0.5 ** ((now - x) / sizer.half_life_s) for x, n in zip(recent, sizes, strict=True))
     assert math.isclose(sizer.demand(now), expected)
     assert len(sizer._bursts) <= max(sizes)  # not thousands: launches read it
+
+
+async def test_a_burst_of_cold_starts_does_not_run_the_reaper_once_per_start() -> None:
+    async with minifaas.Engine(launcher="zygote", max_spares=8) as engine:
+        pool = engine._pool
+        assert pool is not None
+        for i in range(30):  # functions a reaper round reads one by one
+            await engine.deploy(f"other{i}", code=SLEEP)
+        await engine.deploy("fan", code=SLEEP, max_sandboxes=8)
+        rounds = [0]
+        real = pool.reap
+
+        def reap(*args: Any, **kwargs: Any) -> float:
+            rounds[0] += 1
+            return real(*args, **kwargs)
+
+        pool.reap = reap  # type: ignore[method-assign]
+        t0 = time.monotonic()
+        acts = await _burst_calls(engine, "fan", 8)
+        elapsed = time.monotonic() - t0
+        cold = sum(1 for a in acts if a.annotations["cold"])
+        assert cold >= 4, [a.annotations for a in acts]
+        # its own timer runs a round every REAP_INTERVAL_MAX_S at most; the cold starts must not add one each
+        assert rounds[0] <= 1 + elapsed / REAP_INTERVAL_MAX_S, (rounds, elapsed, cold)
