@@ -134,6 +134,29 @@ async def test_a_burst_its_spares_served_is_refilled_in_a_lull_not_beside_its_in
             await _end(first)
 
 
+async def test_launches_that_change_no_target_leave_the_sizing_task_asleep() -> None:
+    now = [1000.0]  # a clock that stands still: no decay is due while the test runs
+    async with ZygoteLauncher(preload=("minifaas_sandbox.runtime",), max_spares=4, clock=lambda: now[0]) as launcher:
+        first = await _burst(launcher, 4)
+        try:
+            await _until(lambda: len(launcher.stats()["spares_ready"]) == 4)
+            plans = [0]
+            real = launcher.sizer.next_change_s
+
+            def next_change_s(at: float) -> float | None:
+                plans[0] += 1
+                return real(at)
+
+            launcher.sizer.next_change_s = next_change_s  # type: ignore[method-assign]
+            second = await _burst(launcher, 4)  # the same demand: the target stays 4
+            await anyio.sleep(0.2)
+            assert launcher.stats()["spares_target"] == 4
+            assert plans[0] == 0  # the task that plans the decay was not woken four times for nothing
+            await _end(second)
+        finally:
+            await _end(first)
+
+
 async def test_no_spares_when_the_engine_says_none() -> None:
     async with ZygoteLauncher(preload=("minifaas_sandbox.runtime",), min_spares=0, max_spares=0) as launcher:
         procs = await _burst(launcher, 3)

@@ -574,7 +574,6 @@ class ZygoteLauncher:
             raise ZygoteError("ZygoteLauncher.launch needs the launcher entered (async with) and not closed")
         if self.fork_ahead:
             self.sizer.record(self.clock())
-            self._spares_changed.set()
         for _ in range(FORK_ATTEMPTS):
             zyg = await self._ensure_zygote()
             if zyg is None:
@@ -582,6 +581,8 @@ class ZygoteLauncher:
             if self.fork_ahead and self._spares_target() != self._spares_sent:
                 # before this fork: a burst's next launches find spares being forked already
                 await self._send_spares(zyg)
+                # the sizing task plans the decay from this demand (a launch that changed no target needs it not)
+                self._spares_changed.set()
             try:
                 child = await zyg.fork(env)
             except ZygoteError as exc:
