@@ -829,7 +829,8 @@ _libc()
 
 
 def die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when its parent dies, so a killed host leaves no sandbox behind."""
+    """Ask Linux to SIGKILL this process when its parent dies, so a killed host leaves no sandbox behind: only for
+    a runtime started without the host's lifeline (``minifaas_sandbox.lifeline``), which a zygote's child has."""
     parent = os.getppid()
     with contextlib.suppress(Exception):
         _libc().prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)
@@ -840,7 +841,11 @@ def die_with_parent() -> None:
 def prepare(*, rehearse: bool = False) -> None:
     """What a sandbox process does before it has a channel (a zygote's spare does it ahead of its request); with
     ``rehearse``, it also runs a cold start's steps once (:func:`_rehearse`)."""
-    die_with_parent()
+    from minifaas_sandbox import lifeline
+
+    if lifeline.armed_fd() < 0:
+        # not with a forked sandbox's parent, the zygote: it may be retired or killed while its sandboxes serve on
+        die_with_parent()
     from minifaas_sandbox import models
 
     models.set_fetcher(models.host_fetcher)

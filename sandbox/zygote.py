@@ -50,7 +50,8 @@ When LiteRT is preloaded, each TFLite model also gets its interpreter built, all
 (``models.prebuild``, one thread, no thread pool): a child's first ``models.load`` of the model's url adopts
 it, and the weights XNNPACK repacked stay shared instead of being repacked into each child's private memory.
 MODELS_LOADED reports the zygote's thread count after building, so the host can see it is still one.
-When the host closes its end, the zygote exits, and its children with it (the runtime sets PR_SET_PDEATHSIG).
+When the host closes its end, the zygote exits; its children do not die with it but with the host
+(``minifaas_sandbox.lifeline``), so a zygote retired or killed leaves its warm sandboxes serving.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Final, NoReturn
 
 import minifaas_sandbox
+from minifaas_sandbox import lifeline
 from minifaas_sandbox import protocol as p
 
 # Control message types; distinct from the sandbox protocol's codes so a mixed-up socket fails loudly.
@@ -526,6 +528,9 @@ class Zygote:
         """The first steps of a child: its own session, default signal handling, none of the zygote's fds."""
         # own session and process group, so the host can kill the sandbox and whatever it starts with killpg
         os.setsid()
+        if lifeline.armed_fd() >= 0:
+            # it dies with the host, not with the zygote (which may be retired or killed while it serves on)
+            lifeline.arm(lifeline.armed_fd())
         signal.set_wakeup_fd(-1)
         for sig, handler in self.saved_handlers.items():
             with contextlib.suppress(OSError, ValueError, TypeError):
@@ -580,8 +585,12 @@ def _take_fds(channel_fd: int, out_w: int, err_w: int, env: dict[str, str]) -> N
 
 
 def _close_fds_above_stdio_but(keep: int) -> None:
-    os.closerange(3, keep)
-    os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
+    low = 3
+    # the host's lifeline stays: closing it would disarm it
+    for fd in sorted({keep, lifeline.armed_fd()} - {-1}):
+        os.closerange(low, fd)
+        low = max(low, fd + 1)
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
 
 
 def _flush_std() -> None:
@@ -697,7 +706,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--spare-nice", type=int, default=SPARE_NICE, help="a refilling spare's steps run this much nicer (0: not)"
     )
+    parser.add_argument(lifeline.ARG, type=int, default=None, help="fd of the host's lifeline (read end)")
     ns = parser.parse_args(argv)
+    if ns.lifeline is not None:
+        # the zygote (started in a session of its own) dies with the host even while stopped or busy pre-building
+        lifeline.arm(ns.lifeline)
     control = socket.socket(fileno=ns.fd)
     control.setblocking(True)
     preloaded, failed = _preload([m for m in ns.preload.split(",") if m])

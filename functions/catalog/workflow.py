@@ -665,7 +665,11 @@ async def deploy_catalog(
     crop: str = CROP_FUNCTION,
     tag: str = TAG_FUNCTION,
 ) -> Composition:
-    """Deploy the composition as ``name`` (its functions must be deployed) and install the step recorder.
+    """Deploy the composition as ``name`` and install the step recorder, after sweeping the staging files.
+
+    Call it before deploying the functions: an engine with a state dir restarts with the composition it kept, so
+    a saved feed targeting it starts as soon as the functions it calls are deployed, and no session may start
+    before the sweep.
 
     ``params`` are the composition's defaults (e.g. ``catalog_dir``/``rejected_dir``); a trigger's parameters
     and the event's payload override them.

@@ -114,6 +114,20 @@ class Api:
         return (await self.call(method, path, **kwargs)).json()
 
 
+#: the commands --local runs on a read-only engine when another engine (minifaas serve) holds the state dir
+READ_COMMANDS: Final[dict[str, frozenset[str]]] = {
+    "activation": frozenset({"list", "get", "logs", "result", "poll"}),
+    "action": frozenset({"list", "get"}),
+    "trigger": frozenset({"list", "get"}),
+    "rule": frozenset({"list", "get"}),
+    "session": frozenset({"list", "get"}),
+}
+
+
+def _reads_only(args: argparse.Namespace) -> bool:
+    return getattr(args, "verb", None) in READ_COMMANDS.get(getattr(args, "command", ""), frozenset())
+
+
 def _state_dir(args: argparse.Namespace) -> Path:
     given = args.state_dir or os.environ.get(ENV_STATE_DIR)
     if given:
@@ -186,9 +200,17 @@ async def connect(args: argparse.Namespace) -> AsyncIterator[Api]:
 
     if args.local:
         from .._engine import Engine
+        from .._errors import StateDirLocked
         from .._server.app import create_app
 
-        async with Engine(state_dir=_state_dir(args)) as engine:
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                engine = await stack.enter_async_context(Engine(state_dir=_state_dir(args)))
+            except StateDirLocked:
+                if not _reads_only(args):
+                    raise
+                # another engine (a running minifaas serve) holds the dir: reading its records needs no lock
+                engine = await stack.enter_async_context(Engine(state_dir=_state_dir(args), read_only=True))
             app = create_app(engine, auth=None, namespace=engine.namespace)
             await app.state.api.restore()
             transport = httpx.ASGITransport(app=app)
@@ -1122,6 +1144,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb(sv, "get", "show a session with its steps")
     p.add_argument("id")
     p.set_defaults(call=cmd_session)
+
+    from .compositions import add_parser as add_composition_parser
+
+    add_composition_parser(verbs, verb)
 
     p = verb(verbs, "gc", "remove leftovers and unused bundles, environments and models of the state dir")
     p.add_argument("--budget-mb", type=float, help="keep unused things up to this many MiB (default 10 GiB)")
