@@ -16,6 +16,12 @@ Usage::
     python benches/bench_keepalive.py                       # 100 functions, 3 days, seeds 6-10, 24 GiB budget
     python benches/bench_keepalive.py --seeds 1 2 3 --budget-mb 16384
     python benches/bench_keepalive.py --sensitivity         # + the histogram at other prices of a cold start
+    python benches/bench_keepalive.py --bursty-only         # only the zygote's spares on bursty traces
+
+Bursty traces (``trace_gen.BURSTY_MIX``: concurrent bursts and timers on the clock besides the usual mix) replay
+through the same pool (fixed 10 min keep-alive) with the zygote's spares (``benches/spares_replay.py``: the engine's
+own ``SpareSizer``, the zygote's loop on the fake clock with measured fork times): each row sizes the spares
+differently, and says how long launches waited for a process and how many spare-seconds that cost.
 
 The cost-aware histogram's one knob (``COLD_START_COST_WINDOWS``) was picked on seeds 1-5: the default seeds are
 6-10, traces it was not tuned on. Rows are named for what they run; none is the paper's policy as published (that
@@ -25,6 +31,7 @@ uses ARIMA for rarely called functions; here the long-idle predictor stands in, 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import math
 import sys
@@ -34,7 +41,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pool_replay import LruEvictor, PoolReplay, Result
-from trace_gen import SECONDS_PER_DAY, Trace, generate
+from spares_replay import SPARE_PSS_MIB, ZygoteReplay
+from trace_gen import BURSTY_MIX, SECONDS_PER_DAY, Trace, generate
 
 from minifaas._core.keepalive import (
     COLD_START_COST_WINDOWS,
@@ -44,6 +52,8 @@ from minifaas._core.keepalive import (
     HistogramPolicy,
     KeepAlivePolicy,
 )
+from minifaas._core.spares import HALF_LIFE_S, SpareSizer
+from minifaas._core.zygote import DEFAULT_MAX_SPARES
 
 FIXED_WINDOW_S = 600.0
 SWEEP_MINUTES = (5, 20, 30, 60)
@@ -111,6 +121,70 @@ def fixed_at_same_idle(results: list[Result], target: Result) -> float | None:
     return None
 
 
+#: (row, min_spares, max_spares, half-life s): the engine's default, the fixed sizes around it, other half-lives
+SPARE_SETUPS: tuple[tuple[str, int, int, float], ...] = (
+    ("no spare (fork on request)", 0, 0, HALF_LIFE_S),
+    ("one spare (max_spares=1)", 1, 1, HALF_LIFE_S),
+    (f"by demand, 1-{DEFAULT_MAX_SPARES} (minifaas)", 1, DEFAULT_MAX_SPARES, HALF_LIFE_S),
+    (f"by demand, half-life {HALF_LIFE_S / 4:g} s", 1, DEFAULT_MAX_SPARES, HALF_LIFE_S / 4),
+    (f"by demand, half-life {HALF_LIFE_S * 4:g} s", 1, DEFAULT_MAX_SPARES, HALF_LIFE_S * 4),
+    (f"always {DEFAULT_MAX_SPARES} spares", DEFAULT_MAX_SPARES, DEFAULT_MAX_SPARES, HALF_LIFE_S),
+)
+
+
+def _zygote(sizer: SpareSizer, made: list[ZygoteReplay], t0: float) -> ZygoteReplay:
+    made.append(ZygoteReplay(sizer, t0))
+    return made[-1]
+
+
+def run_spares(trace: Trace) -> list[tuple[str, Result, ZygoteReplay]]:
+    """The trace through the pool (fixed 10 min) once per way of sizing the zygote's spares."""
+    rows = []
+    for name, lo, hi, half_life in SPARE_SETUPS:
+        sizer = SpareSizer(min_spares=lo, max_spares=hi, half_life_s=half_life)
+        made: list[ZygoteReplay] = []
+        zygote = functools.partial(_zygote, sizer, made)
+        result = PoolReplay(trace, FixedPolicy(FIXED_WINDOW_S), name=name, budget_mb=None, zygote=zygote).run()
+        rows.append((name, result, made[0]))
+    return rows
+
+
+def spares_table(rows: list[tuple[str, Result, ZygoteReplay]]) -> str:
+    head = (
+        f"{'spares':<32}{'launches':>9}{'spare':>7}{'wait p50':>9}{'p90':>6}{'p99':>6}{'max':>6}{'total s':>8}"
+        f"{'spare-s':>9}{'mean':>6}{'MiB-s':>9}{'forked':>8}{'unused':>7}"
+    )
+    lines = [head, "-" * len(head)]
+    for name, _result, z in rows:
+        lines.append(
+            f"{name:<32}{len(z.waits_s):>9}{z.from_spares / max(len(z.waits_s), 1):>7.0%}{z.wait_ms(0.5):>9.1f}"
+            f"{z.wait_ms(0.9):>6.1f}{z.wait_ms(0.99):>6.1f}{max(z.waits_s, default=0) * 1000:>6.1f}"
+            f"{sum(z.waits_s):>8.1f}{z.spare_s:>9.0f}{z.mean_spares:>6.2f}{z.spare_s * SPARE_PSS_MIB:>9.0f}"
+            f"{z.spares_forked:>8}{z.spares_discarded:>7}"
+        )
+    return "\n".join(lines)
+
+
+def report_spares(trace: Trace) -> None:
+    s = trace.summary()
+    print(
+        f"\nbursty trace seed={trace.seed}: {s['functions']} functions {s['functions_by_kind']}, "
+        f"{s['invocations']} invocations over {s['days']:.1f} days; keep-alive fixed {FIXED_WINDOW_S / 60:.0f} min"
+    )
+    print("launch wait (ms): from a sandbox's launch to a process serving it (hand-over or fork); spare-s: spares held")
+    print(f"x seconds (MiB-s at {SPARE_PSS_MIB} MiB PSS each); forked/unused: spares forked, discarded never used")
+    rows = run_spares(trace)
+    print(spares_table(rows))
+    one, demand = rows[1][2], rows[2][2]
+    print(
+        f"by demand vs one spare: launch wait p50 {demand.wait_ms(0.5):.1f} vs {one.wait_ms(0.5):.1f} ms, p99 "
+        f"{demand.wait_ms(0.99):.1f} vs {one.wait_ms(0.99):.1f} ms, total {sum(demand.waits_s):.0f} vs "
+        f"{sum(one.waits_s):.0f} s ({1 - sum(demand.waits_s) / max(sum(one.waits_s), 1e-9):.0%} less), "
+        f"for x{demand.spare_s / max(one.spare_s, 1e-9):.2f} the spare-seconds ({demand.mean_spares:.2f} spares held "
+        f"on average, {(demand.spare_s - one.spare_s) * SPARE_PSS_MIB / (s['days'] * SECONDS_PER_DAY):.1f} MiB more)"
+    )
+
+
 def table(results: list[Result], title: str) -> str:
     head = (
         f"{'policy':<28}{'cold %':>7}{'cold':>7}{'prewarm':>8}{'used':>7}{'unused':>7}{'load CPU s':>11}"
@@ -136,8 +210,9 @@ def main() -> None:
     parser.add_argument(
         "--sensitivity", action="store_true", help="also run the histogram at other prices of a cold start"
     )
+    parser.add_argument("--bursty-only", action="store_true", help="only the spares on bursty traces")
     ns = parser.parse_args()
-    for seed in ns.seeds:
+    for seed in [] if ns.bursty_only else ns.seeds:
         t0 = time.perf_counter()
         trace = generate(ns.functions, ns.days * SECONDS_PER_DAY, seed)
         s = trace.summary()
@@ -175,6 +250,8 @@ def main() -> None:
         print()
         print(table(run_all(trace, ns.budget_mb), f"memory budget {ns.budget_mb / 1024:.0f} GiB"))
         print(f"({time.perf_counter() - t0:.1f} s)")
+    for seed in ns.seeds:
+        report_spares(generate(ns.functions, ns.days * SECONDS_PER_DAY, seed, mix=BURSTY_MIX))
 
 
 if __name__ == "__main__":

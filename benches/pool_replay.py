@@ -21,11 +21,12 @@ import heapq
 import itertools
 import math
 from collections import Counter
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
 import anyio
 import anyio.abc
+from spares_replay import ZygoteReplay
 from trace_gen import FunctionProfile, Invocation, Trace
 
 from minifaas._core.function import FunctionSpec
@@ -130,6 +131,7 @@ class PoolReplay:
         name: str,
         budget_mb: float | None,
         evictor: GreedyDualEvictor | None = None,
+        zygote: Callable[[float], ZygoteReplay] | None = None,
     ) -> None:
         self.trace = trace
         self.policy = policy
@@ -138,6 +140,8 @@ class PoolReplay:
         self.r = Result(name)
         self.clock = FakeClock()
         self.t0 = self.clock.monotonic()
+        #: the zygote's spares (benches/spares_replay.py): each load then waits for its launch first
+        self.zygote = zygote(self.t0) if zygote is not None else None
         self.heap: list[tuple[float, int, int, Any]] = []
         self.seq = itertools.count()
         self.sandboxes: list[TraceSandbox] = []
@@ -276,7 +280,9 @@ class PoolReplay:
         else:
             self.r.cold_load_cpu_s += prof.cold_ms / 1000.0
         self.r.peak_mb = max(self.r.peak_mb, self.pool.memory_in_use())
-        self._push(self.clock.monotonic() + prof.cold_ms / 1000.0, LOADED, (fp, sb))
+        now = self.clock.monotonic()
+        launch_s = self.zygote.launch(now) if self.zygote is not None else 0.0
+        self._push(now + launch_s + prof.cold_ms / 1000.0, LOADED, (fp, sb))
         return sb
 
     def _warm_up(self, fp: FunctionPool) -> None:
@@ -327,6 +333,8 @@ class PoolReplay:
 
     def _finish(self, end: float) -> None:
         r = self.r
+        if self.zygote is not None:
+            self.zygote.finish(end)
         for sb in self.sandboxes:
             idle = sb.idle_s(end)
             r.idle_sandbox_s += idle

@@ -12,6 +12,16 @@ bursty     on/off: bursts of ~20 calls a few seconds apart, separated by 20-90 m
 rare       Poisson with a mean gap of 2-8 hours (mostly beyond a 4 h histogram)
 =========  =======================================================================================
 
+``BURSTY_MIX`` adds two kinds whose calls come at the same instant, so they meet no sandbox free and each takes a
+cold start of its own, all at once (what the zygote's spares are sized for):
+
+=========  =======================================================================================
+flash      concurrent bursts: 2-32 calls within 50 ms (a fan-out, a client retrying in parallel), then
+           a lognormal gap of 10-90 minutes
+cron       timers on the clock (every 5, 15, 30 or 60 minutes at :00, within 50 ms): the functions
+           sharing a period fire together
+=========  =======================================================================================
+
 A third of the functions are "model" functions: more memory and a cold start of seconds (loading a model),
 the others are light (a cold start of a few hundred ms). Usage::
 
@@ -40,6 +50,13 @@ DEFAULT_MIX: dict[str, float] = {
 TIMER_PERIODS_S = (60.0, 300.0, 600.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 21600.0, 28800.0)
 TIMER_PERIOD_WEIGHTS = (2, 3, 2, 2, 2, 3, 2, 1, 1, 1)
 TIMER_JITTER_S = 2.0
+#: the bursty traces: a quarter of concurrent bursts, a quarter of timers on the clock, the rest as DEFAULT_MIX
+BURSTY_MIX: dict[str, float] = {"flash": 0.25, "cron": 0.25, **{k: v / 2 for k, v in DEFAULT_MIX.items()}}
+#: a concurrent burst's calls arrive within this
+FLASH_SPREAD_S = 0.05
+FLASH_MAX_CALLS = 32
+#: cron periods (s): every 5, 15, 30, 60 minutes, at the same phase for all
+CRON_PERIODS_S = (300.0, 900.0, 1800.0, 3600.0)
 MODEL_FUNCTION_SHARE = 1 / 3
 
 
@@ -93,6 +110,8 @@ def _arrivals(kind: str, rng: random.Random, duration_s: float) -> list[float]:
         "lognormal": _renewal(lambda r: _lognormal_gap(r)),
         "bursty": _bursty,
         "rare": _renewal(lambda r: _rare_gap(r)),
+        "flash": _flash,
+        "cron": _cron,
     }
     return gens[kind](rng, duration_s)
 
@@ -151,6 +170,24 @@ def _bursty(rng: random.Random, duration_s: float) -> list[float]:
             t += rng.expovariate(1 / in_burst_gap_s)
         t += rng.lognormvariate(off_mu, 0.6)
     return [x for x in out if x < duration_s]
+
+
+def _flash(rng: random.Random, duration_s: float) -> list[float]:
+    gap_mu = rng.uniform(math.log(600.0), math.log(5400.0))
+    mean_extra = rng.uniform(2.0, 10.0)
+    t = rng.lognormvariate(gap_mu, 0.6) * rng.random()
+    out = []
+    while t < duration_s:
+        n = min(FLASH_MAX_CALLS, 2 + int(rng.expovariate(1 / mean_extra)))
+        out += [t + rng.uniform(0.0, FLASH_SPREAD_S) for _ in range(n)]
+        t += rng.lognormvariate(gap_mu, 0.6)
+    return sorted(x for x in out if x < duration_s)
+
+
+def _cron(rng: random.Random, duration_s: float) -> list[float]:
+    period = rng.choice(CRON_PERIODS_S)
+    times = (k * period + rng.uniform(0.0, FLASH_SPREAD_S) for k in range(int(duration_s // period) + 1))
+    return [t for t in times if t < duration_s]
 
 
 def _profile(name: str, kind: str, rng: random.Random) -> FunctionProfile:

@@ -15,7 +15,7 @@ Data flow::
     |                 |                  | discard the spare      |              | start, wait for request |
     |                 |- FORK + 3 fds -->| pass env + fds to the  |--- socket -->| fds 0/1/2, env,         |
     |                 |<-- FORKED pid ---| spare (or fork now);   |              | runtime.serve(channel)  |
-    |                 |                  | 20 ms later, fork the  |              +-------------------------+
+    |                 |                  | in a lull, fork the    |              +-------------------------+
     |                 |                  | next spare             |
     |                <|---- EXITED ------| SIGCHLD -> waitpid     |
     +-----------------+                  +-----------------------+
@@ -23,14 +23,18 @@ Data flow::
 Fork ahead: fork() of a process holding numpy, OpenCV and LiteRT takes 2-3 ms here, and the child runs only
 after it. So the zygote keeps children forked ahead (spares), each waiting on a socket of its own; a FORK request
 passes the oldest ready one the env and fds and is answered at once. How many: one by default, as many as the
-host's SPARES message asks (it sizes them by the bursts of cold starts it has seen); with none left, the zygote
-forks the next at once, one per turn of its loop, so FORK requests are still served between those forks.
-A spare takes, before its request, every step of becoming a
-sandbox that does not need it: reseeding, the runtime's set-up, and a rehearsal (a no-op INIT and RUN), which
-pays the copy-on-write faults a fresh fork takes the first time it touches each shared page. While spares remain, the
-zygote forks the next one SPARE_REFORK_DELAY_S after a launch, not at once: on two cores that fork competed with
-the launched sandbox's first steps. One forked before a LOAD_MODELS is discarded, since it would not hold those
-models.
+host's SPARES message asks (it sizes them by the bursts of cold starts it has seen). A spare takes, before its
+request, every step of becoming a sandbox that does not need it: reseeding, the runtime's set-up, and a rehearsal
+(a no-op INIT and RUN), which pays the copy-on-write faults a fresh fork takes the first time it touches each shared
+page; it takes them at nice +SPARE_NICE (where the zygote may restore the priority), so they use the CPU that
+running sandboxes leave, and returns to the zygote's priority when it takes a request.
+
+Order: requests first (a FORK that arrived is served before the zygote forks a spare, which it would wait for).
+The zygote refills SPARE_REFORK_DELAY_S after the last launch, not at once: on two cores a fork competed with the
+launched sandbox's first steps, and after a burst its spares served, eight forks at once took a core from the
+burst's INITs; launches coming faster than that put a refill off at most MAX_REFILL_DEFER_S. Only when a launch
+found no spare ready a moment ago (the burst outgrew the spares) does it fork the next ones at once, one per turn
+of its loop, at full priority. One forked before a LOAD_MODELS is discarded, since it would not hold those models.
 
 Control messages use :mod:`minifaas_sandbox.protocol` framing with their own type codes (below). A FORK
 frame is sent together with three fds (SCM_RIGHTS): the child's channel socket, and the write ends of its
@@ -120,6 +124,14 @@ FDS_PER_FORK: Final = 3
 SPARE_REFORK_DELAY_S: Final = 0.02
 #: launches coming faster than that delay put a refill off at most this long after the first spare was taken
 MAX_REFILL_DEFER_S: Final = 0.1
+#: a launch forked on request (no spare ready) this recently means the burst outgrew the spares: refill at once
+OUTGROWN_FOR_S: Final = 0.02
+#: a spare takes its steps (cgroup, set-up, rehearsal) this much nicer than the zygote, so they use the CPU that
+#: running sandboxes leave: on two cores, eight spares' 25-75 ms of rehearsals right after a burst took that much
+#: from the burst's own sandboxes and a warm function running beside them. No launch waits for it (a launch takes
+#: only a ready spare, else forks at once). Back to the zygote's own priority when it takes a request; 0, or a host
+#: without the right to raise a priority again (CAP_SYS_NICE or RLIMIT_NICE), keeps spares at the zygote's.
+SPARE_NICE: Final = 10
 #: lines LiteRT writes on fd 2 while the zygote builds interpreters that the host's terminal does not need
 PREBUILD_QUIET_PREFIX: Final = b"INFO: "
 RECV_BYTES: Final = 1 << 16
@@ -133,6 +145,8 @@ SPARE_KIND_WINDOW_S: Final = 60.0
 #: set to "sandbox" in a FORK's env by the host for isolation="sandbox": the child is forked as pid 1 of a PID
 #: namespace of its own (minifaas._environ.ISOLATION_ENV)
 ISOLATION_ENV: Final = "MINIFAAS_ISOLATION"
+#: capability(7) number
+CAP_SYS_NICE: Final = 23
 
 
 #: OpenCV's default thread count, saved when the zygote turned its pool off (None: cv2 not preloaded)
@@ -255,6 +269,7 @@ class Zygote:
         cgroup_parent: str | None = None,
         pids_max: int = 0,
         refork_delay_s: float = SPARE_REFORK_DELAY_S,
+        spare_nice: int = SPARE_NICE,
     ) -> None:
         self.control = control
         self.preloaded = preloaded
@@ -280,10 +295,15 @@ class Zygote:
         self.refork_at = 0.0
         #: since when there are fewer spares than wanted (refills wait for a lull, but not longer than a bound)
         self.deficit_since = math.inf
+        #: when a launch last found no spare ready and was forked on request
+        self.forked_on_request_at = -math.inf
         self.refork_delay_s = refork_delay_s
         #: where a spare makes its own pids cgroup (the host's sandbox cgroups), None for none
         self.cgroup_parent = cgroup_parent
         self.pids_max = pids_max
+        #: the zygote's priority, which every sandbox gets; spares that refill wait nicer while it can be restored
+        self.base_nice = os.getpriority(os.PRIO_PROCESS, 0)
+        self.spare_nice = spare_nice if spare_nice > 0 and _may_renice(self.base_nice) else 0
 
     def install_sigchld(self) -> None:
         for fd in (self.wake_r, self.wake_w):
@@ -307,22 +327,28 @@ class Zygote:
     def serve(self) -> int:
         while True:
             timeout = None
+            spare_due = outgrown = False
             if self.fork_ahead and len(self.spares) < self.spare_target():
                 # between requests, off the path of any launch (the host is not waiting on this fork), and not
                 # while the sandbox just launched takes its first steps: on two cores, forking this process (2-3 ms
-                # of CPU) beside them delayed that sandbox's first result by as much. But when the host sized the
-                # spares for bursts and none is left, the next launch would wait for a fork anyway: fork now. And
-                # launches coming faster than the delay must not put refills off for ever.
+                # of CPU) beside them delayed that sandbox's first result by as much; nor beside a burst's INITs
+                # when its spares served it (eight forks at once took a core from them). But when a launch found
+                # no spare ready a moment ago, the burst outgrew the spares and its next launches would wait for
+                # forks anyway: fork now. And launches coming faster than the delay must not put refills off for
+                # ever.
                 now = time.monotonic()
-                burst = self.want_spares > 1 and not any(s.ready for s in self.spares)
+                outgrown = self.want_spares > 1 and now - self.forked_on_request_at < OUTGROWN_FOR_S
                 due = min(self.refork_at, self.deficit_since + max(MAX_REFILL_DEFER_S, self.refork_delay_s))
-                timeout = 0.0 if burst else due - now
-                if timeout <= 0:
-                    self.make_spare()
-                    self.deficit_since = now if len(self.spares) < self.spare_target() else math.inf
-                    # one fork per turn: a FORK request that arrived meanwhile is served before the next one
-                    timeout = 0.0
-            for key, _ in self.selector.select(timeout):
+                timeout = 0.0 if outgrown else max(0.0, due - now)
+                spare_due = timeout <= 0
+            events = self.selector.select(timeout)
+            if not events and spare_due:
+                # requests first: one that came meanwhile is served before this fork, which it would wait for;
+                # a spare forked in a lull takes its steps nicer, one a growing burst may take at full speed
+                self.make_spare(nice=0 if outgrown else self.spare_nice)
+                self.deficit_since = now if len(self.spares) < self.spare_target() else math.inf
+                continue
+            for key, _ in events:
                 if isinstance(key.data, _Spare):
                     self.spare_status(key.data)
                 elif key.data == "sigchld":
@@ -421,6 +447,7 @@ class Zygote:
                 return
             finally:
                 spare.sock.close()
+        self.forked_on_request_at = now
         _flush_std()
         try:
             pid = _fork(sandboxed=sandboxed)
@@ -434,8 +461,9 @@ class Zygote:
         if pid > 0:
             self.send(FORKED, {"seq": seq, "pid": pid})
 
-    def make_spare(self) -> None:
-        """Fork a child that waits for a FORK request's fds and env, then becomes that sandbox."""
+    def make_spare(self, nice: int = 0) -> None:
+        """Fork a child that waits for a FORK request's fds and env, then becomes that sandbox (``nice``: its
+        steps before that run this much nicer)."""
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         _flush_std()
         sandboxed = self.next_spare_kind()
@@ -448,7 +476,7 @@ class Zygote:
             return
         if pid == 0:
             mine.close()
-            _child_exit(lambda: self.spare_main(theirs, sandboxed=sandboxed))
+            _child_exit(lambda: self.spare_main(theirs, nice, sandboxed=sandboxed))
         theirs.close()
         spare = _Spare(pid, mine, sandboxed=sandboxed)
         self.spares.append(spare)
@@ -470,9 +498,11 @@ class Zygote:
         count = {k: sum(1 for s in self.spares if s.sandboxed == k) for k in kinds}
         return min(kinds, key=lambda k: (count[k], -self.kind_asked.get(k, 0.0)))
 
-    def spare_main(self, sock: socket.socket, *, sandboxed: bool = False) -> int:
+    def spare_main(self, sock: socket.socket, nice: int = 0, *, sandboxed: bool = False) -> int:
         """A spare's life: detach, join its cgroup, do every step of becoming a sandbox that does not need the
-        request, say it is ready, wait for its request, become that sandbox."""
+        request, say it is ready, wait for its request, become that sandbox (at the zygote's priority again)."""
+        if nice:
+            os.setpriority(os.PRIO_PROCESS, 0, min(19, self.base_nice + nice))
         self.detach()
         # the move into a cgroup takes milliseconds on cgroup v1 (an RCU grace period): done now, while nobody
         # waits, it is off the path of the launch that will take this spare
@@ -493,6 +523,9 @@ class Zygote:
         request = _await_request(sock)
         if request is None:
             return 0  # the zygote ended or discarded this spare
+        if nice:
+            with contextlib.suppress(OSError):  # allowed (_may_renice); were it not, the sandbox still serves
+                os.setpriority(os.PRIO_PROCESS, 0, self.base_nice)
         (channel_fd, out_w, err_w), env = request
         _take_fds(channel_fd, out_w, err_w, env)
         return self._serve(channel_fd)
@@ -633,6 +666,21 @@ class _Spare:
         self.cgroup: str | None = None
 
 
+def _may_renice(base: int) -> bool:
+    """Whether a process of ours may go back to priority ``base`` after being nicer: with CAP_SYS_NICE, or an
+    RLIMIT_NICE that allows it (setpriority(2))."""
+    import resource
+
+    if resource.getrlimit(resource.RLIMIT_NICE)[0] >= 20 - base:
+        return True
+    try:
+        with open("/proc/self/status") as f:
+            caps = next(line for line in f if line.startswith("CapEff:"))
+        return bool(int(caps.split()[1], 16) >> CAP_SYS_NICE & 1)
+    except (OSError, StopIteration, ValueError, IndexError):
+        return False
+
+
 def _join_cgroup(parent: str, pids_max: int) -> str | None:
     """Move this process into ``<parent>/sb-<pid>`` with its process cap; None when that fails (the host then
     attaches it itself)."""
@@ -706,6 +754,9 @@ def main(argv: list[str] | None = None) -> int:
         default=SPARE_REFORK_DELAY_S * 1000,
         help="after a launch, wait this long before forking the next spare",
     )
+    parser.add_argument(
+        "--spare-nice", type=int, default=SPARE_NICE, help="a refilling spare's steps run this much nicer (0: not)"
+    )
     parser.add_argument(lifeline.ARG, type=int, default=None, help="fd of the host's lifeline (read end)")
     ns = parser.parse_args(argv)
     if ns.lifeline is not None:
@@ -719,6 +770,7 @@ def main(argv: list[str] | None = None) -> int:
         preloaded,
         fork_ahead=not ns.no_fork_ahead,
         refork_delay_s=max(0.0, ns.refork_delay_ms / 1000),
+        spare_nice=max(0, ns.spare_nice),
         cgroup_parent=ns.cgroup_parent,
         pids_max=ns.pids_max,
     )

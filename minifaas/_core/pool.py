@@ -359,7 +359,10 @@ class Pool:
             # Greedy-Dual's cold cost is this function's mean start (not a mean over the engine's starts)
             fp.cold_starts += 1
             fp.cold_ms += (sb.init_ms - fp.cold_ms) / fp.cold_starts
-        self.wake_reaper()
+        # a round of the reaper reads every function: only when this start changed what is due before its next
+        # round (a failure's back-off, an expiry sooner), not at every cold start (a burst of them, a busy host)
+        if not reply.get("ok") or sb.expires < self._reaper_next:
+            self.wake_reaper()
         return reply
 
     async def _remove_scratch(self, sb: Sandbox, path: str) -> None:

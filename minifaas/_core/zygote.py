@@ -34,6 +34,7 @@ from typing import Any, Final
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 from minifaas_sandbox import protocol as p
 from minifaas_sandbox import zygote as z
 
@@ -65,9 +66,15 @@ STAT_STATE_FIELD: Final = 0
 STAT_EXIT_CODE_FIELD: Final = 49
 #: the most spares a zygote keeps by default (a burst of more cold starts waits for forks beyond these)
 DEFAULT_MAX_SPARES: Final = 8
+#: how much nicer a refilling spare takes its steps (the zygote's SPARE_NICE; a bench sets 0 to compare)
+SPARE_NICE: Final = z.SPARE_NICE
 #: a spare's private memory before the first measurement (measured here: 2-4 MiB of PSS)
 SPARE_MB_ESTIMATE: Final = 4.0
 SPARE_PSS_READ_INTERVAL_S: Final = 5.0
+#: how often to look for the first ready spare to measure
+SPARE_PSS_FIRST_READ_S: Final = 0.5
+#: spares measured each time (they are alike: forks of one zygote that took the same steps)
+SPARE_PSS_SAMPLES: Final = 2
 #: once a forked sandbox's pidfd says it ended, how long to wait for its zygote to report the exit status
 EXIT_REPORT_WAIT_S: Final = 1.0
 #: how often a retired zygote is checked for children still running
@@ -514,7 +521,6 @@ class ZygoteLauncher:
         self._spares_changed = anyio.Event()
         #: a spare's private memory (PSS, MiB), measured now and then; an estimate until the first reading
         self._spare_mb = SPARE_MB_ESTIMATE
-        self._spare_mb_read_at = -math.inf
         self.refork_delay_s = refork_delay_s
         self.models = tuple(models)
         self.prebuild = prebuild
@@ -573,6 +579,7 @@ class ZygoteLauncher:
                     tg.start_soon(self._ensure_zygote)
                     if self.fork_ahead:
                         tg.start_soon(self._size_spares)
+                        tg.start_soon(self._measure_spares)
                     await anyio.sleep_forever()
         finally:
             self._tg = None
@@ -594,7 +601,6 @@ class ZygoteLauncher:
             raise ZygoteError("ZygoteLauncher.launch needs the launcher entered (async with) and not closed")
         if self.fork_ahead:
             self.sizer.record(self.clock())
-            self._spares_changed.set()
         for _ in range(FORK_ATTEMPTS):
             zyg = await self._ensure_zygote()
             if zyg is None:
@@ -602,6 +608,8 @@ class ZygoteLauncher:
             if self.fork_ahead and self._spares_target() != self._spares_sent:
                 # before this fork: a burst's next launches find spares being forked already
                 await self._send_spares(zyg)
+                # the sizing task plans the decay from this demand (a launch that changed no target needs it not)
+                self._spares_changed.set()
             try:
                 child = await zyg.fork(env)
             except ZygoteError as exc:
@@ -660,15 +668,21 @@ class ZygoteLauncher:
                 await self._send_spares(zyg)
 
     def spare_mb(self) -> float:
-        """A spare's private memory in MiB: the mean PSS of the zygote's spares, read at most every few seconds."""
-        zyg = self._zygote
-        now = time.monotonic()
-        if zyg is not None and zyg.spare_pids and now - self._spare_mb_read_at > SPARE_PSS_READ_INTERVAL_S:
-            readings = [kib for kib in map(_pss_kib, zyg.spare_pids) if kib > 0]
-            if readings:
-                self._spare_mb = sum(readings) / len(readings) / 1024
-                self._spare_mb_read_at = now
+        """A spare's private memory in MiB: the mean PSS of ready spares, as last measured (:meth:`_measure_spares`)."""
         return self._spare_mb
+
+    async def _measure_spares(self) -> None:
+        """Read a few ready spares' PSS every few seconds, in a worker thread: smaps_rollup takes 0.8 ms of CPU per
+        spare here, and read on the launch path (the budget asks for the spare's size), eight of them held up the
+        first launch of a burst by 7 ms."""
+        while True:
+            zyg = self._zygote
+            pids = list(zyg.ready_spare_pids[:SPARE_PSS_SAMPLES]) if zyg is not None else []
+            if pids:
+                readings = [kib for kib in await anyio.to_thread.run_sync(_pss_kibs, pids) if kib > 0]
+                if readings:
+                    self._spare_mb = sum(readings) / len(readings) / 1024
+            await anyio.sleep(SPARE_PSS_READ_INTERVAL_S if pids else SPARE_PSS_FIRST_READ_S)
 
     def spares_mb(self) -> int:
         """Memory the idle spares hold (MiB, rounded up): counted in the engine's memory budget."""
@@ -748,7 +762,7 @@ class ZygoteLauncher:
         elif PIDS.parent is not None:
             # its spare moves itself into a cgroup of its own while nobody waits for it
             argv += ["--cgroup-parent", str(PIDS.parent), "--pids-max", str(MAX_PIDS_PER_SANDBOX)]
-        argv += ["--refork-delay-ms", str(self.refork_delay_s * 1000)]
+        argv += ["--refork-delay-ms", str(self.refork_delay_s * 1000), "--spare-nice", str(SPARE_NICE)]
         try:
             proc = subprocess.Popen(
                 argv,
@@ -829,6 +843,10 @@ class ZygotePool:
         self._tg = None
         for launcher in self._launchers.values():
             await launcher.aclose()
+
+
+def _pss_kibs(pids: Sequence[int]) -> list[int]:
+    return [_pss_kib(pid) for pid in pids]
 
 
 def _pss_kib(pid: int) -> int:
