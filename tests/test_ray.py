@@ -436,7 +436,12 @@ async def test_killed_actor_ends_only_its_activation(
     await _eventually(lambda: len(list((tmp_path / "barrier").iterdir())) == 2, timeout_s=60)
     victim, survivor = [await ray_engine.activations.get(i) for i in ids]
     sandbox = victim.annotations["sandbox"]
-    [name] = [n for n in _engine_actor_names() if n.endswith(f"-{sandbox}")]
+    # each sandbox on a node of its own (1 CPU each): killing the victim's node actor (the zygote that forked it
+    # and holds it) ends the victim's activation, not the one on the other node
+    assert ray_engine._pool is not None
+    [sb] = [s for s in ray_engine._pool.functions["guest/pair@1"].sandboxes if s.id == sandbox]
+    name = getattr(sb, "actor_name", "")
+    assert name in _engine_actor_names() and "-node-" in name
     ray.kill(ray.get_actor(name, namespace="minifaas"), no_restart=True)
     killed = await ray_engine.activations.wait(victim.activation_id, timeout_s=30)
     assert_status(killed, "developer_error", error_contains=f"the Ray actor {name} died")
@@ -446,18 +451,18 @@ async def test_killed_actor_ends_only_its_activation(
     assert_success(await ray_engine.call("pair"))  # the function keeps serving
 
 
-async def test_scale_to_zero_removes_actors(ray_engine: minifaas.Engine, ray_deploy: Deploy) -> None:
+async def test_scale_to_zero_frees_the_reservation(ray_engine: minifaas.Engine, ray_deploy: Deploy) -> None:
     total_cpus = ray.cluster_resources()["CPU"]
     await ray_deploy("brief", code=WHERE, idle_timeout_s=0.5)
-    before = _engine_actor_names()
     first = assert_success(await ray_engine.call("brief"))
     assert ray_engine.stats()["functions"]["guest/brief@1"]["pids"] == [first.result["pid"]]
-    assert first.annotations["ray_actor"] in _engine_actor_names() - before
-    assert ray.available_resources().get("CPU", 0.0) < total_cpus
+    node_actor = first.annotations["ray_actor"]  # the zygote actor of its node, which forked it
+    assert node_actor in _engine_actor_names() and "-node-" in node_actor
+    assert ray.available_resources().get("CPU", 0.0) < total_cpus  # its reservation (a placement group)
     await _eventually(lambda: ray_engine.stats()["functions"]["guest/brief@1"]["sandboxes"] == 0)
     assert ray_engine.stats()["expired_idle"] >= 1
-    await _eventually(lambda: not (_engine_actor_names() - before))
     await _eventually(lambda: not _alive(first.result["pid"]))
+    assert node_actor in _engine_actor_names()  # the node's zygote stays, for the next cold start
     await _eventually(lambda: ray.available_resources().get("CPU", 0.0) == total_cpus)
     again = assert_success(await ray_engine.call("brief"))
     assert again.annotations["cold"] is True and again.result["pid"] != first.result["pid"]
@@ -572,7 +577,7 @@ async def test_remote_address_through_ray_client(ray_cluster: Cluster, tmp_path:
         assert [line.split(" ", 1)[1] for line in act["logs"]] == ["stdout: raw"]
     assert len({a["result"]["pid"] for a in acts}) == 1  # one warm sandbox served all three
     assert stats["launcher"]["address"] == f"ray://127.0.0.1:{port}"
-    assert stats["launcher"]["actors_started"] == 1
+    assert stats["launcher"]["sandboxes_forked"] == 1 and stats["launcher"]["node_actors_started"] == 1
     await _eventually(lambda: not (_engine_actor_names() - before))  # the engine's close removed its actor
 
 
