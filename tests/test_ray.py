@@ -408,6 +408,70 @@ async def test_raw_output_reaches_the_activation_logs(ray_engine: minifaas.Engin
         assert sorted(lines) == ["stderr: straight to fd 2", "stdout: from a child process", "stdout: straight to fd 1"]
 
 
+async def test_cold_starts_fork_from_one_zygote_actor_per_node(ray_engine: minifaas.Engine, ray_deploy: Deploy) -> None:
+    acts = []
+    for name in ("zyg-a", "zyg-b"):
+        await ray_deploy(name, code=WHERE, resources={ELSEWHERE: 1})
+        acts.append(assert_success(await ray_engine.call(name)))
+    started = ray_engine.stats()["launcher_stats"]["node_actors_started"]
+    await ray_deploy("zyg-c", code=WHERE, resources={ELSEWHERE: 1})
+    acts.append(assert_success(await ray_engine.call("zyg-c")))
+    assert ray_engine.stats()["launcher_stats"]["node_actors_started"] == started  # no new Ray actor
+    for act in acts:
+        assert act.annotations["cold"] is True and act.annotations["ray_limits"]["launch"] == "fork"
+        assert act.annotations["ray_node_id"] == _elsewhere_node()
+    assert len({a.annotations["ray_actor"] for a in acts}) == 1  # the node's zygote actor forked all three
+    assert len({a.result["pid"] for a in acts}) == 3
+
+
+SHADOW = textwrap.dedent("""
+    def main(args):
+        try:
+            return {'read': len(open('/etc/shadow').read()) > 0}
+        except OSError as exc:
+            return {'read': False, 'denied': str(exc)}
+""")
+
+
+@pytest.mark.parametrize("isolation", ["process", "sandbox"], ids=["process", "sandbox"])
+async def test_isolation_sandbox_is_set_up_on_the_node(
+    ray_engine: minifaas.Engine, ray_deploy: Deploy, isolation: str
+) -> None:
+    # on the node without the head's disk: the sandbox binds that node's bundle, environment and model store
+    await ray_deploy(f"shadow-{isolation}", code=SHADOW, isolation=isolation, resources={ELSEWHERE: 1})
+    act = assert_success(await ray_engine.call(f"shadow-{isolation}"))
+    assert act.annotations["ray_node_id"] == _elsewhere_node()
+    assert act.annotations["ray_limits"]["isolation"] == isolation
+    # root here: unconfined, the function reads the node's /etc/shadow; sandboxed, it is denied
+    assert act.result["read"] is (isolation == "process"), act.result
+    if isolation == "sandbox":
+        assert "Permission denied" in act.result["denied"]
+
+
+BIG = textwrap.dedent("""
+    import hashlib
+    def main(args):
+        blob = args['blob']
+        return {'sha': hashlib.sha256(blob).hexdigest(), 'back': blob[::-1]}
+""")
+
+
+async def test_large_arguments_and_results_go_through_the_object_store(
+    ray_engine: minifaas.Engine, ray_deploy: Deploy
+) -> None:
+    from minifaas._backends.ray import RAY_OBJECT_STORE_MIN_BYTES
+
+    blob = os.urandom(2 * RAY_OBJECT_STORE_MIN_BYTES)
+    await ray_deploy("big", code=BIG)
+    before = dict(ray_engine.stats()["launcher_stats"])
+    act = assert_success(await ray_engine.call("big", {"blob": blob}))
+    assert act.result == {"sha": hashlib.sha256(blob).hexdigest(), "back": blob[::-1]}
+    assert_success(await ray_engine.call("big", {"blob": b"small"}))  # inline, both ways
+    after = ray_engine.stats()["launcher_stats"]
+    assert after["large_args_put"] == before["large_args_put"] + 1
+    assert after["large_results_got"] == before["large_results_got"] + 1
+
+
 async def _together(engine: minifaas.Engine, name: str, barrier: Path, n: int, s: float = 0) -> list[str]:
     """Submit ``n`` activations of WHERE that wait for each other, so each runs on its own actor."""
     barrier.mkdir()
