@@ -211,8 +211,8 @@ def main() -> None:
         cold = ray_["cold_ms"]
         print(
             f"bare Ray actor from nothing (create + first call) {bare_cold:.1f} ms; minifaas cold start on Ray "
-            f"(per-node zygote) {cold:.1f} ms ({cold / bare_cold:.2f}x of the bare actor, {cold / local['cold_ms']:.2f}x"
-            " of local)"
+            f"(per-node zygote) {cold:.1f} ms ({cold / bare_cold:.2f}x of the bare actor, "
+            f"{cold / local['cold_ms']:.2f}x of local)"
         )
         print(f"ray launcher stats: {ray_['stats'].get('launcher_stats')}")
 

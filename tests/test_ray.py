@@ -861,6 +861,7 @@ async def test_no_room_within_the_start_timeout_is_an_internal_error(
     await ray_deploy("late", code=WHERE)
     act = await ray_engine.call("late")
     assert_status(act, "internal_error", error_contains="no node of the Ray cluster had room")
+    assert f"{minifaas.Overloaded.__name__}: the Ray sandbox" in act.result["error"]
     for aid in ids:
         assert_success(await ray_engine.activations.wait(aid, timeout_s=60))
 

@@ -81,7 +81,7 @@ from .._core.pool import FunctionPool, Pool
 from .._core.sandbox import SHUTDOWN_GRACE_S, HostService, Sandbox, SandboxDied
 from .._deploy.deps import PIP_TIMEOUT_S, VENV_TIMEOUT_S
 from .._environ import ENV_ALLOW
-from .._errors import BackendUnavailable, ModelError
+from .._errors import BackendUnavailable, ModelError, Overloaded
 from .rayplace import (
     Demand,
     alive_node_totals,
@@ -704,8 +704,9 @@ class RaySandbox(Sandbox):
                 None,
             )
         raise RayBackendFailure(
-            f"Overloaded: the Ray sandbox {self.actor_name} ({demand.describe()}) was not placed and started within "
-            f"{RAY_START_TIMEOUT_S:g} s: no node of the Ray cluster had room",
+            # capacity, not the function's fault: the record is internal_error and names the error class
+            f"{Overloaded.__name__}: the Ray sandbox {self.actor_name} ({demand.describe()}) was not placed and "
+            f"started within {RAY_START_TIMEOUT_S:g} s: no node of the Ray cluster had room",
             None,
         )
 
