@@ -424,6 +424,31 @@ async def test_cold_starts_fork_from_one_zygote_actor_per_node(ray_engine: minif
     assert len({a.result["pid"] for a in acts}) == 3
 
 
+async def test_lost_node_ends_its_activation_and_idle_sandboxes(
+    ray_cluster: Cluster, ray_engine: minifaas.Engine, ray_deploy: Deploy, tmp_path: Path
+) -> None:
+    """A node lost with its zygote actor: the activation running there ends (one record), the idle sandbox it held is
+    forgotten, and the sandbox processes are gone."""
+    node = ray_cluster.add_node(num_cpus=1, resources={"doomed": 10})
+    try:
+        await _eventually(lambda: len([n for n in ray.nodes() if n["Alive"]]) == 3, timeout_s=60)
+        half = {"num_cpus": 0.5, "doomed": 1}
+        await ray_deploy("doomed-idle", code=WHERE, resources=half)
+        await ray_deploy("doomed-busy", code=WHERE, resources=half)
+        idle = assert_success(await ray_engine.call("doomed-idle"))
+        barrier = tmp_path / "barrier"
+        [busy] = await _together(ray_engine, "doomed-busy", barrier, 1, s=60)
+        await _eventually(lambda: len(list(barrier.iterdir())) == 1, timeout_s=60)
+        busy_pid = int(next(barrier.iterdir()).name)
+    finally:
+        ray_cluster.remove_node(node)
+    act = await ray_engine.activations.wait(busy, timeout_s=30)
+    assert_status(act, "developer_error", error_contains="died")
+    await _eventually(lambda: ray_engine.stats()["functions"]["guest/doomed-idle@1"]["sandboxes"] == 0, timeout_s=15)
+    await _eventually(lambda: not _alive(busy_pid) and not _alive(idle.result["pid"]), timeout_s=15)
+    assert ray_engine.stats()["launcher_stats"]["node_actors_lost"] >= 1
+
+
 SHADOW = textwrap.dedent("""
     def main(args):
         try:
