@@ -1,4 +1,13 @@
-"""The Ray backend: ``Engine(backend="ray")`` runs each sandbox under a Ray actor instead of the local host.
+"""The Ray backend: ``Engine(backend="ray")`` runs each sandbox on a Ray node instead of the local host.
+
+Two ways a sandbox starts on a node:
+
+- **forked** (the default): one long-lived :class:`~.raynode.NodeActor` per node and engine runs minifaas's own zygote
+  there and forks the node's sandboxes from it (a cold start costs a fork and a few Ray calls, not a Ray worker);
+  what a sandbox reserves is a placement group of one bundle on that node (no process), so Ray's per-node room stays
+  exact. Below, "the actor" is then the node actor, and every call carries the sandbox's id.
+- **an actor of its own** (a function asking for GPUs: Ray assigns GPU ids to actors only): a
+  :class:`SandboxActor` created for it, which spawns the sandbox process.
 
 Everything above the sandbox handle is shared with the local backend: the scheduler's queues, timeouts and records,
 the pool's routing, caps, keep-alive and eviction. Only the handle differs::
@@ -18,18 +27,24 @@ event loop), so the memory limit (``memory_mb`` is an RLIMIT_AS in the process: 
 activation's logs), network isolation and the pids cgroup behave identically. The sandbox process learns its node
 from ``MINIFAAS_RAY_NODE_ID``; it is no Ray worker.
 
-Actors reserve, on ONE node, the function's ``resources`` (``num_cpus``, default 1, ``num_gpus``, custom Ray
-resources) and ``memory`` = ``memory_mb`` + ``RAY_ACTOR_OVERHEAD_MB`` (the worker and the sandbox runtime, so Ray's
-memory monitor sees what is really used); see :mod:`._rayplace`. Room is per node: a function no node can ever host
-is refused at deploy; a new actor is packed onto the fullest node with room (``placement="spread"``: the emptiest);
-without room, idle sandboxes of other functions are evicted on the node where that frees enough, and a start that
-finds no room within ``RAY_START_TIMEOUT_S`` fails its activation as ``internal_error`` (Ray's fault, not the
-function's). ``max_concurrency`` = the function's concurrency (plus a small "control" group, so terminate and pings
-never wait behind activations), ``max_restarts=0``. The sandbox sees the GPUs Ray assigned its actor, and only
-those (``CUDA_VISIBLE_DEVICES``); each record says which limits its node applied (``ray_limits``). A timeout kills
-the actor; a dead actor ends only the activations it was running; an unreachable one (``ActorUnavailableError``)
-is killed too. A pipelined RUN (queued behind a running one, see the scheduler) works too: the sandbox runs them in
-order, and a RESULT that overtakes the one ahead of it on the way back is held until the scheduler has begun it.
+Sandboxes reserve (placement group or actor), on ONE node, the function's ``resources`` (``num_cpus``, default 1,
+``num_gpus``, custom Ray resources) and ``memory`` = ``memory_mb`` + ``RAY_ACTOR_OVERHEAD_MB`` (the worker and the
+sandbox runtime, so Ray's memory monitor sees what is really used); see :mod:`._rayplace`. Room is per node: a
+function no node can ever host is refused at deploy; a new actor is packed onto the fullest node with room
+(``placement="spread"``: the emptiest); without room, idle sandboxes of other functions are evicted on the node
+where that frees enough, and a start that finds no room within ``RAY_START_TIMEOUT_S`` fails its activation as
+``internal_error`` (Ray's fault, not the function's). ``max_concurrency`` = the function's concurrency (plus a small
+"control" group, so terminate and pings never wait behind activations), ``max_restarts=0``. The sandbox sees the
+GPUs Ray assigned its actor, and only those (``CUDA_VISIBLE_DEVICES``); each record says which limits its node
+applied (``ray_limits``). A timeout kills the sandbox (a forked one through its node actor, an actor of its own with
+``ray.kill``); a dead actor ends only the activations it was running (a node actor: those of its node, and the idle
+sandboxes it held are forgotten); an unreachable one (``ActorUnavailableError``) is killed too. Arguments and
+results over ``RAY_OBJECT_STORE_MIN_BYTES`` go through the object store (``ray.put``), not inline in the actor call.
+``isolation="sandbox"`` is set up by the sandbox process on its node at INIT (``minifaas_sandbox.isolation``, as
+locally), its view made of the node's own bundle, environment and model store; each node is probed at deploy, and a
+node that cannot fails the deploy. A pipelined RUN (queued behind a running one, see the scheduler) works too: the
+sandbox runs them in order, and a RESULT that overtakes the one ahead of it on the way back is held until the
+scheduler has begun it.
 
 No path of the host's disk reaches another node (:mod:`._rayship`): a dir bundle goes out as an object-store
 archive (once per digest, held while a sandbox uses it), the models it names by content hash, its
@@ -42,12 +57,14 @@ queued meanwhile start on the new connection.
 
 Requirements and limits of the backend (documented in the README by the lead):
 
-- every node needs minifaas installed: the actor class lives in this module, so a worker imports ``minifaas``
-  (about 0.35 s, once per actor), then starts the sandbox process (about 0.1 s); models are kept in a store of the
+- every node needs minifaas installed: the actor classes live in this package, so a worker imports ``minifaas``
+  (about 0.35 s, once per node actor, or per GPU sandbox's actor); models are kept in a store of the
   actor's node (``<model root>/ray-nodes/<node id>``; the model root is the engine's, created on each node);
 - model URLs given at invoke time must be readable from every node (http(s), s3);
 - ``ray_address="ray://host:10001"`` (Ray Client) needs ``pip install 'ray[client]'`` (grpcio);
-- a pending actor waits up to ``RAY_START_TIMEOUT_S``, and its start is abandoned once nothing waits for it.
+- a pending reservation waits up to ``RAY_START_TIMEOUT_S``, and its start is abandoned once nothing waits for it;
+- the node actor reserves no CPU (``num_cpus=0``) or memory of its own: its zygote's memory is outside Ray's
+  accounting (each sandbox's ``RAY_ACTOR_OVERHEAD_MB`` covers more than a fork costs).
 """
 
 from __future__ import annotations
