@@ -150,6 +150,9 @@ RAY_STRAY_DRAIN_S: Final = 0.05
 #: how long after an actor started Ray's per-node free resources may still not show its reservation: until then
 #: the launcher subtracts it itself, or two actors started together would both be packed onto the same free CPU
 RAY_VIEW_LAG_S: Final = 2.0
+#: how long a forked sandbox's reservation (placement group) is kept after it ended, for the next cold start of the
+#: same shape (a new one made right after a removal waits 0.5-1 s in Ray's scheduler)
+RAY_RESERVATION_KEEP_S: Final = 2.0
 #: after losing the connection to the cluster, the pause between two attempts to connect again
 RAY_RECONNECT_PAUSE_S: Final = 1.0
 #: the sandbox's view of the GPUs Ray gave its actor ("" when none: it must not see every GPU of its node)
@@ -629,11 +632,13 @@ class RaySandbox(Sandbox):
         from ray.util.placement_group import placement_group, placement_group_table
 
         backend = self.backend
+        self.pg = await backend.take_reservation(demand)
         try:
-            node = await backend.choose_node(self, demand, spec)
-            # soft: when that node filled up since we looked, another with room is as good
-            target = {"_soft_target_node_id": node} if node is not None else {}
-            self.pg = placement_group([demand.as_resources()], strategy="STRICT_PACK", name=self.actor_name, **target)
+            if self.pg is None:
+                node = await backend.choose_node(self, demand, spec)
+                # soft: when that node filled up since we looked, another with room is as good
+                target = {"_soft_target_node_id": node} if node is not None else {}
+                self.pg = placement_group([demand.as_resources()], strategy="STRICT_PACK", **target)
         except RayBackendFailure as exc:
             self._report_death(exc.reason, None)
             raise
@@ -765,6 +770,9 @@ class RaySandbox(Sandbox):
         except Exception as exc:  # the connection to the cluster, not the actor
             reason = self.backend.failed(exc)
             raise RayBackendFailure(reason, None) from None
+        if reply.get("ok") and fields.get("isolation") is not None:
+            # a generic pre-warmed sandbox shut itself in at this INIT: its records say so
+            self.limits = {**self.limits, "isolation": "sandbox"}
         if reply.get("ok") and self.state == "starting":
             self.state = "ready"
         return reply
@@ -871,10 +879,9 @@ class RaySandbox(Sandbox):
         self.backend.planned.pop(self, None)
         if self.pg is not None:
             pg, self.pg = self.pg, None
-            with contextlib.suppress(Exception):  # the connection is gone: the cluster frees it with the job
-                from ray.util.placement_group import remove_placement_group
-
-                remove_placement_group(pg)
+            # kept a moment for the next cold start of the same shape: a placement group made right after one
+            # was removed waits 0.5-1 s in Ray's scheduler, one reused costs nothing
+            self.backend.release_reservation(pg, self.demand if self.sid is not None else None, self.node_id)
         self.backend.shipments.release(self._holds)
         self._holds.clear()
         if self._killed_reason:
@@ -1010,11 +1017,16 @@ class RayLauncher:
             "node_actors_lost": 0,
             "sandboxes_forked": 0,
             "sandboxes_killed": 0,
+            "reservations_reused": 0,
             "large_args_put": 0,
             "large_results_got": 0,
         }
         #: sandboxes are forked by one zygote actor per node (a function asking for GPUs gets an actor of its own)
         self.node_zygotes = node_zygotes
+        #: reservations (placement groups) of forked sandboxes that ended, kept ``RAY_RESERVATION_KEEP_S`` for the
+        #: next sandbox of the same shape: the Demand, the group, the time it was released
+        self.spare_reservations: list[tuple[Demand, Any, float, str]] = []
+        self._closed = anyio.Event()
         #: node id -> (node actor, its name), on the current connection
         self.nodes: dict[str, tuple[Any, str]] = {}
         self._node_locks: dict[str, anyio.Lock] = {}
@@ -1023,7 +1035,9 @@ class RayLauncher:
         #: sandboxes with an actor (or one being created) on the current connection
         self.live: set[RaySandbox] = set()
         #: actors packed onto a node whose reservation Ray may not show yet: node, demand, time it started (or inf)
-        self.planned: dict[RaySandbox, tuple[str, Demand, float]] = {}
+        self.planned: dict[RaySandbox, tuple[str, Demand, float, dict[str, float]]] = {}
+        #: Ray's view of each node's free resources when last asked (what a planned sandbox saw when placed)
+        self._last_view: dict[str, dict[str, float]] = {}
         self.shipments = Shipments(model_root)
         self.connected = anyio.Event()
         self.last_error = ""
@@ -1102,6 +1116,7 @@ class RayLauncher:
             sb._report_death(reason, None)
         self.live.clear()
         self.nodes.clear()
+        self.spare_reservations.clear()  # the old connection's job ended: Ray removed them
         if self._tg is not None and self._owns_ray:
             self._tg.start_soon(self._reconnect)
         return reason
@@ -1232,6 +1247,55 @@ class RayLauncher:
         except Exception:
             return  # the connection is gone: failed() ends its sandboxes
 
+    async def take_reservation(self, demand: Demand) -> Any:
+        """A kept reservation of exactly ``demand`` that Ray still holds (None: make a new one)."""
+        from ray.util.placement_group import placement_group_table
+
+        while True:
+            found = next((entry for entry in self.spare_reservations if entry[0] == demand), None)
+            if found is None:
+                return None
+            self.spare_reservations.remove(found)
+            pg = found[1]
+            try:
+                table = await anyio.to_thread.run_sync(placement_group_table, pg)
+            except Exception:
+                return None  # the connection: the new reservation's start says so
+            if table.get("state") == "CREATED":
+                self.counters["reservations_reused"] += 1
+                return pg
+            self._remove_reservation(pg)  # its node was lost: Ray is moving it, no use to us
+
+    def release_reservation(self, pg: Any, demand: Demand | None, node: str) -> None:
+        """A forked sandbox ended: keep its reservation a moment for the next one of its shape, then remove it."""
+        if demand is None or not node or self._closing or not self.connected.is_set() or self._tg is None:
+            self._remove_reservation(pg)
+            return
+        entry = (demand, pg, anyio.current_time(), node)
+        self.spare_reservations.append(entry)
+        self._tg.start_soon(self._expire_reservation, entry)
+
+    async def _expire_reservation(self, entry: tuple[Demand, Any, float, str]) -> None:
+        with anyio.move_on_after(RAY_RESERVATION_KEEP_S):
+            await self._closed.wait()
+        if entry in self.spare_reservations:
+            self.spare_reservations.remove(entry)
+            self._remove_reservation(entry[1])
+
+    def release_spare_reservations(self) -> int:
+        """Remove every kept reservation (a start waits for room); how many there were."""
+        spares, self.spare_reservations = self.spare_reservations, []
+        for _demand, pg, _t, _node in spares:
+            self._remove_reservation(pg)
+        return len(spares)
+
+    @staticmethod
+    def _remove_reservation(pg: Any) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        with contextlib.suppress(Exception):  # the connection is gone: the cluster frees it with the job
+            remove_placement_group(pg)
+
     def drop_node(self, node: str, *, kill: bool, actor: Any = None) -> None:
         """Forget ``node``'s actor (its next sandbox starts a new one); ``kill``: end it and what it holds.
         ``actor``: only if that is still the node's actor (not one started since)."""
@@ -1256,7 +1320,7 @@ class RayLauncher:
         spread = spec is not None and getattr(spec, "placement", "pack") == "spread"
         node = (roomiest_node if spread else best_fit_node)(demand, await self._free_now())
         if node is not None:
-            self.planned[sb] = (node, demand, math.inf)
+            self.planned[sb] = (node, demand, math.inf, dict(self._last_view.get(node, {})))
         return node
 
     async def _free(self) -> dict[str, dict[str, float]]:
@@ -1268,20 +1332,33 @@ class RayLauncher:
     def placed(self, sb: RaySandbox, node: str) -> None:
         entry = self.planned.get(sb)
         if entry is not None:
-            self.planned[sb] = (node, entry[1], anyio.current_time())
+            # placed elsewhere than planned (it spilled): what that node looked like then is unknown
+            seen = entry[3] if node == entry[0] else {}
+            self.planned[sb] = (node, entry[1], anyio.current_time(), seen)
 
     async def _free_now(self) -> dict[str, dict[str, float]]:
         """Free resources per node, less the actors this launcher placed that Ray's view may not show yet."""
-        free = await self._free()
+        view = await self._free()
+        self._last_view = view
+        free = {node: dict(room) for node, room in view.items()}
         now = anyio.current_time()
-        for sb, (node, demand, started) in list(self.planned.items()):
-            if now - started > RAY_VIEW_LAG_S or _view_shows(free.get(node), sb.pg):
+        by_node: dict[str, list[tuple[Demand, dict[str, float]]]] = {}
+        for sb, (node, demand, started, seen) in list(self.planned.items()):
+            if now - started > RAY_VIEW_LAG_S or _view_shows(view.get(node), sb.pg):
                 del self.planned[sb]
                 continue
+            by_node.setdefault(node, []).append((demand, seen))
+        for node, entries in by_node.items():
             room = free.get(node)
-            if room is not None:
-                for name, value in demand.as_resources().items():
-                    room[name] = room.get(name, 0.0) - value
+            if room is None:
+                continue
+            # Ray's view may show some of them already (a resource dropped since they were planned): subtract the
+            # rest only, or two sandboxes packed onto one node would make it look full to the third
+            for name in {n for demand, _seen in entries for n in demand.as_resources()}:
+                planned = sum(demand.as_resources().get(name, 0.0) for demand, _seen in entries)
+                seen_values = [seen[name] for _demand, seen in entries if name in seen]
+                shown = max(0.0, max(seen_values) - view[node].get(name, 0.0)) if seen_values else 0.0
+                room[name] = room.get(name, 0.0) - max(0.0, planned - shown)
         return free
 
     async def placement(self, sb: RaySandbox, demand: Demand, spec: FunctionSpec | None) -> Any:
@@ -1335,7 +1412,14 @@ class RayLauncher:
         for other in pool.stem:
             if isinstance(other, RaySandbox) and other.node_id and other.demand is not None:
                 idle.append((other.node_id, other.demand, other.last_used, (None, other)))
+        # reservations kept for reuse go first
+        idle += [(e[3], e[0], -math.inf, ("spare", e)) for e in self.spare_reservations]
         for fp_, victim in evictions_for(demand, await self._free(), idle):
+            if fp_ == "spare":
+                if victim in self.spare_reservations:
+                    self.spare_reservations.remove(victim)
+                    self._remove_reservation(victim[1])
+                continue
             self.counters["evictions_for_room"] += 1
             pool.stats["evictions_capacity"] += 1
             if fp_ is None:
@@ -1356,6 +1440,8 @@ class RayLauncher:
     async def aclose(self) -> None:
         self._pool = None
         self._closing = True
+        self._closed.set()
+        self.release_spare_reservations()
         for node in list(self.nodes):
             # their sandboxes were stopped with the pool; the zygotes go with them
             self.drop_node(node, kill=True)
