@@ -282,7 +282,10 @@ class SandboxActor:
             async with anyio.create_task_group() as tg:
                 # an environment that replaces a preloaded package needs its own interpreter: no zygote fork
                 launcher = self._launcher if self._launcher is not None and self._python is None else None
-                await sb.start(launcher or SpawnLauncher(python=self._python), self._env, tg)
+                # forked: INIT (the host's next call) waits for READY, as a local cold start does, so that wait
+                # overlaps the round trip through Ray
+                forked = launcher is not None
+                await sb.start(launcher or SpawnLauncher(python=self._python), self._env, tg, wait_ready=not forked)
                 assert sb.proc is not None
                 started.set_result(
                     {
