@@ -302,7 +302,7 @@ async def run_engine(
     result = Result(f"engine (composition, entry={entry}, window={window}, {sandboxes} sandboxes/function)", 0)
     statuses: dict[str, str] = {}
     async with minifaas.Engine() as engine:
-        await wf.deploy_functions(engine, max_sandboxes=sandboxes)
+        await wf.deploy_functions(engine, max_sandboxes=sandboxes, grants=[str(catalog)])
         await wf.deploy_catalog(engine, params={"catalog_dir": str(catalog), "rejected_dir": str(rejected)})
         slots = anyio.Semaphore(window)
         dropped: dict[str, float] = {}

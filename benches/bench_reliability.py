@@ -1,7 +1,8 @@
 """Reliability and security bench: the long versions of tests/test_reliability.py, test_security.py, test_fuzz.py.
 
-Run: ``python benches/bench_reliability.py`` (all sections, ~3 min on 2 cores), or pick sections with
-``--only chaos,crash,attacks,backpressure,fuzz,runtime``; ``--invocations``, ``--crashes``, ``--submits`` scale them.
+Run: ``python benches/bench_reliability.py`` (all sections, ~5 min on 2 cores), or pick sections with
+``--only chaos,crash,attacks,backpressure,fuzz,runtime,faults``; ``--invocations``, ``--crashes``, ``--submits``
+scale them.
 Prints one line per measurement and a Markdown summary (the README "Reliability" figures); ``--json FILE`` keeps
 the raw figures.
 
@@ -19,6 +20,8 @@ the raw figures.
 - catalog: the catalog workflow (real models) fed by a folder feed, 1,000 photos (``--photos``), the host killed
   -9 at random points (``--catalog-kills``) and restarted until done: every photo must end exactly once in
   ``catalog/`` or ``rejected/`` (none in both, none missing), whatever the kills interrupted.
+- faults: the ten faults of issue 25, one scenario each (``benches/reliability_faults.py``): what happens, and
+  that every accepted invocation has exactly one final record (none lost) within a bound (none hung).
 """
 
 from __future__ import annotations
@@ -47,6 +50,9 @@ from minifaas._core.launch import MAX_PIDS_PER_SANDBOX, PIDS
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.helpers.crashhost import run_host_and_kill
 from tests.helpers.proc import descendants, proc_table, rss_kb
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import reliability_faults
 
 ROOT = Path(__file__).resolve().parent.parent
 KILL_PERIOD_S = 0.1
@@ -578,6 +584,7 @@ def summary() -> str:
             f"rejected/, {c['in_both']} in both, {c['missing']} missing; {c['refired_after_kills']} fired again "
             f"after a kill; {c['processes_left']} processes left |"
         )
+    out += reliability_faults.table_rows(FIGURES.get("faults", []))
     if "fuzz" in FIGURES:
         f = FIGURES["fuzz"]
         out.append(
@@ -591,7 +598,7 @@ async def main_async(args: argparse.Namespace) -> None:
     only = (
         set(args.only.split(","))
         if args.only
-        else {"chaos", "crash", "attacks", "backpressure", "fuzz", "runtime", "catalog"}
+        else {"chaos", "crash", "attacks", "backpressure", "fuzz", "runtime", "catalog", "faults"}
     )
     say(f"minifaas reliability bench on {os.cpu_count()} cores; pids cgroup: {PIDS.parent or PIDS.error}")
     say(f"process cap per sandbox: {MAX_PIDS_PER_SANDBOX if PIDS.parent else 'none'}")
@@ -609,12 +616,14 @@ async def main_async(args: argparse.Namespace) -> None:
         await anyio.to_thread.run_sync(bench_fuzz)
     if "catalog" in only:
         await bench_catalog_crashes(args.photos, args.catalog_kills)
+    if "faults" in only:
+        FIGURES["faults"] = await reliability_faults.run_all(say)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument(
-        "--only", default="", help="comma-separated: chaos,crash,attacks,backpressure,fuzz,runtime,catalog"
+        "--only", default="", help="comma-separated: chaos,crash,attacks,backpressure,fuzz,runtime,catalog,faults"
     )
     parser.add_argument("--photos", type=int, default=1000)
     parser.add_argument("--catalog-kills", type=int, default=5)
@@ -636,6 +645,7 @@ def main() -> None:
         or FIGURES.get("catalog", {}).get("in_both")
         or (FIGURES.get("fuzz") and not FIGURES["fuzz"]["passed"])
         or _runtime_failed(FIGURES.get("runtime"))
+        or any(row["lost"] or row["hung"] for row in FIGURES.get("faults", []))
     )
     if failed:
         say("FAILED: see above")

@@ -33,6 +33,7 @@ from ._errors import (
     RateLimited,
     StateDirConflict,
     StateDirLocked,
+    StateDirReadOnly,
     TriggerError,
 )
 from ._events.feeds import CronSchedule, FeedInfo
@@ -71,6 +72,7 @@ __all__ = (
     "RuleOutcome",
     "StateDirConflict",
     "StateDirLocked",
+    "StateDirReadOnly",
     "SyncEngine",
     "SyncFunction",
     "Trigger",

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import importlib
 import inspect
 import json
+import logging
 import os
 import random
 import re
@@ -31,6 +33,7 @@ from ._core.poll import HOST_POLL_US
 from ._core.poll import install as install_polling
 from ._core.poll import uninstall as uninstall_polling
 from ._core.pool import KEEPALIVE_POLICIES, MAX_SANDBOXES_TOTAL, Pool
+from ._core.readstore import ReadOnlyStore
 from ._core.resources import validate_resources
 from ._core.sandbox import CALLER_ARG, HostService
 from ._core.scheduler import ENGINE_MAX_QUEUED, Scheduler
@@ -40,23 +43,33 @@ from ._core.store import ActivationStore, open_store
 from ._deploy.bundle import Bundle, load_bundle
 from ._deploy.callables import callable_bundle, pickle_callable, sandbox_sys_path
 from ._deploy.deps import default_env_root, ensure_env
-from ._deploy.fetchguard import REDIRECT_GUARD, check_model_url, redirect_checker
+from ._deploy.fetchguard import REDIRECT_GUARD, check_allow_list, check_model_url, redirect_checker
 from ._deploy.gc import GC_BUDGET_BYTES, EnvHolds, GcReport, Roots, collect, touch
-from ._deploy.isolation import Isolation, check_grants, check_isolation, own_paths, require_sandbox
+from ._deploy.isolation import (
+    Isolation,
+    check_grants,
+    check_isolation,
+    interpreter_paths,
+    own_paths,
+    require_sandbox,
+)
 from ._deploy.versions import ALIASES_FILE_NAME, AliasTable, Routing, split_ref
 from ._errors import (
     ActivationError,
     ActivationNotFound,
     ActivationTimeout,
     BackendUnavailable,
+    CompositionError,
     DeployError,
     EngineClosed,
     FunctionNotFound,
+    StateDirReadOnly,
 )
 from ._events.triggers import TriggerManager
 from ._handles import FUNCTION_OPTIONS_ATTR, Function
 from ._map import MapIterator
 from ._workflows.conductor import CONDITIONS, DEFAULT_MAX_STEPS, SESSION_ABORTED_MESSAGE, call_composition
+from ._workflows.saved import COMPOSITIONS_SUBDIR, CompositionFiles, SavedComposition, check_lossless
 from ._workflows.sessions import Session, SessionStore
 from .composer import Composition
 from .composer import task as _as_composition
@@ -67,9 +80,13 @@ CLOSE_TIMEOUT_S: Final = 10.0
 #: manifest parameters ending so are model digests, final like the models themselves
 SHA256_PARAM_SUFFIX: Final = "_sha256"
 NAME_RE: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,255}$")
+#: how often a read-only engine re-reads a record another engine runs, while waiting for its end
+READ_ONLY_POLL_S: Final = 0.05
 ENGINE_CLOSED_MESSAGE: Final = "the engine closed before this activation finished"
 ENGINE_DIED_MESSAGE: Final = "the host stopped before this session finished (recovered at start-up)"
 BACKENDS: Final = ("local", "ray")
+
+_logger = logging.getLogger("minifaas.engine")
 
 
 class Activations:
@@ -106,6 +123,14 @@ class Activations:
                 raise ActivationTimeout(f"activation {activation_id} has not ended after {timeout_s} s")
             return job.act
         act = await self.get(activation_id)
+        if not act.done and self._engine.read_only:
+            # the engine holding the state dir runs it: its commits show up in the read-only store
+            with anyio.move_on_after(timeout_s):
+                while not act.done:
+                    await anyio.sleep(READ_ONLY_POLL_S)
+                    act = await self.get(activation_id)
+            if not act.done:
+                raise ActivationTimeout(f"activation {activation_id} has not ended after {timeout_s} s")
         if not act.done:
             # a pending record whose job is gone belongs to an earlier host: recover() ends those at start
             raise ActivationTimeout(f"activation {activation_id} is {act.status} and not running here")
@@ -145,8 +170,15 @@ class Activations:
 class Engine:
     """An embeddable FaaS runtime: ``async with Engine() as engine: await engine.invoke(...)``.
 
-    ``state_dir=None`` keeps everything in memory; a path keeps activation records (SQLite), unpacked bundles and
-    the model store there, so records survive a restart of the host process.
+    ``state_dir=None`` keeps everything in memory; a path keeps activation records (SQLite), unpacked bundles,
+    the model store and deployed compositions there, so records survive a restart of the host process and
+    compositions are deployed again when an engine starts on it.
+
+    One engine holds a state dir at a time (``engine.lock``; a second gets :class:`StateDirLocked`).
+    ``read_only=True`` opens one another engine holds (what the CLI's ``--local`` read commands do while
+    ``minifaas serve`` runs): it reads records, sessions, compositions, triggers and rules and keeps deploys in
+    memory, writes nothing to the dir, starts no sandbox and raises :class:`StateDirReadOnly` when asked to run a
+    function.
     """
 
     def __init__(
@@ -174,6 +206,8 @@ class Engine:
         min_spares: int = 1,
         max_spares: int = 8,
         isolation: Isolation = "process",
+        read_only: bool = False,
+        model_url_allow: Iterable[str] | None = None,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -185,11 +219,17 @@ class Engine:
         if launcher not in ("auto", "spawn", "zygote"):
             raise ValueError(f"unknown launcher {launcher!r}; choose auto, spawn or zygote")
         self.state_dir = Path(state_dir).expanduser() if state_dir is not None else None
+        if read_only and self.state_dir is None:
+            raise ValueError("read_only=True needs a state_dir to read")
+        #: reads a state dir another engine holds: runs nothing, writes nothing (see the class docstring)
+        self.read_only = read_only
         self.namespace = namespace
         self.backend = backend
         self.launcher_name = launcher
         #: the isolation of functions deployed without their own (``deploy(..., isolation=...)``)
         self.isolation: Isolation = _engine_isolation(isolation)
+        #: the origins the host fetches model URLs from for functions deployed without their own allow-list
+        self.model_url_allow = check_allow_list(model_url_allow)
         self.preload = preload
         self.max_sandboxes = max_sandboxes
         self.memory_budget_mb = memory_budget_mb
@@ -231,6 +271,9 @@ class Engine:
         self._compositions: dict[str, tuple[Composition, dict[str, Any], int]] = {}
         #: composition name -> how its conditions read a value ("js" truthiness unless deployed "strict")
         self._conditions: dict[str, str] = {}
+        #: composition name -> its version and deploy record (also what the state dir keeps of it)
+        self._composition_records: dict[str, SavedComposition] = {}
+        self._saved_compositions = CompositionFiles(None)
         self._session_done: dict[str, anyio.Event] = {}
         #: composition sessions (traces of the path taken), by session id = primary activation id
         self.sessions = SessionStore()
@@ -266,7 +309,9 @@ class Engine:
             raise RuntimeError("the engine is already started (an Engine is started once)")
         try:
             async with contextlib.AsyncExitStack() as stack:
-                if self.state_dir is not None:
+                if self.read_only:
+                    store = await self._enter_read_only(stack)
+                elif self.state_dir is not None:
                     self.state_dir.mkdir(parents=True, exist_ok=True)
                     lock = self._state_lock = StateDirLock(self.state_dir)
                     lock.acquire()  # before recover(): it ends the pending records of any engine but a dead one
@@ -279,19 +324,24 @@ class Engine:
                     stack.callback(shutil.rmtree, tmp_dir, ignore_errors=True)
                     self._work_dir = Path(tmp_dir) / "bundles"
                     self._work_dir.mkdir()
-                store = self._store = open_store(self.state_dir)
-                stack.push_async_callback(self._close_store)
-                if self.state_dir is not None:
-                    self._aliases = AliasTable(self.state_dir / ALIASES_FILE_NAME, rng=self._aliases.rng)
-                self.recovered = store.recover()
-                # what killed builds and downloads left, and unused things over the budget (nothing is deployed yet)
-                await self.gc()
-                if self.state_dir is not None:
-                    self.sessions = SessionStore(self.state_dir / "sessions.sqlite3")
-                    make_private(self.state_dir)
-                    self.sessions.recover(ENGINE_DIED_MESSAGE)
+                if not self.read_only:
+                    store = self._store = open_store(self.state_dir)
+                    stack.push_async_callback(self._close_store)
+                    if self.state_dir is not None:
+                        self._aliases = AliasTable(self.state_dir / ALIASES_FILE_NAME, rng=self._aliases.rng)
+                    self.recovered = store.recover()
+                    # what killed builds and downloads left, and unused things over the budget (nothing deployed yet)
+                    await self.gc()
+                    if self.state_dir is not None:
+                        self.sessions = SessionStore(self.state_dir / "sessions.sqlite3")
+                        make_private(self.state_dir)
+                        self.sessions.recover(ENGINE_DIED_MESSAGE)
+                        self._saved_compositions = CompositionFiles(self.state_dir / COMPOSITIONS_SUBDIR)
+                        # before the feeds resume: a rule targeting a composition finds it without a redeploy
+                        self._restore_compositions(self._saved_compositions)
                 stack.callback(self.sessions.close)
-                self._launcher = self._make_launcher()
+                # a read-only engine's launcher is never asked to launch (nothing runs), and starts no zygote
+                self._launcher = SpawnLauncher(()) if self.read_only else self._make_launcher()
                 # the task group lives exactly as long as the engine's ``async with``; everything registered after it
                 # is undone before it exits (its tasks are cancelled then)
                 tg = self._tg = await stack.enter_async_context(anyio.create_task_group())
@@ -345,7 +395,8 @@ class Engine:
                     task_group=tg,
                     clock=self.clock,
                     wait=self._await_end,
-                    exists=self._target_exists,
+                    # read-only: the triggers and rules are listed, their feeds never start (the holder runs them)
+                    exists=(lambda name: False) if self.read_only else self._target_exists,
                 )
                 # a clean close drains first (aclose); a failed start skips that and only undoes what was started
                 stack.push_async_callback(self.aclose)
@@ -376,6 +427,33 @@ class Engine:
                 raise
         finally:
             self._tg = None
+
+    async def _enter_read_only(self, stack: contextlib.AsyncExitStack) -> ActivationStore:
+        """The read-only start: no lock, no recovery, no clean-up; bundles of in-memory deploys go to a temporary
+        folder, and versions continue from the dir's without being saved."""
+        assert self.state_dir is not None
+        if not self.state_dir.is_dir():
+            raise StateDirReadOnly(f"cannot open {self.state_dir} read-only: no such state dir")
+        self._tmp_dir = tmp_dir = tempfile.mkdtemp(prefix="minifaas-ro-")
+        stack.callback(shutil.rmtree, tmp_dir, ignore_errors=True)
+        self._work_dir = Path(tmp_dir) / "bundles"
+        self._work_dir.mkdir()
+        store = self._store = ReadOnlyStore(self.state_dir)
+        stack.push_async_callback(self._close_store)
+        self._aliases = AliasTable(self.state_dir / ALIASES_FILE_NAME, rng=self._aliases.rng).detached()
+        sessions_db = self.state_dir / "sessions.sqlite3"
+        if sessions_db.exists():
+            self.sessions = SessionStore(sessions_db)
+        # read, never written: a composition deployed to this engine stays in memory (_saved_compositions has no dir)
+        self._restore_compositions(CompositionFiles(self.state_dir / COMPOSITIONS_SUBDIR))
+        return store
+
+    def _require_writable(self) -> None:
+        if self.read_only:
+            raise StateDirReadOnly(
+                f"this engine opened {self.state_dir} read-only (another engine holds it): it reads records but "
+                "runs no function; invoke through the engine that holds the dir (e.g. the running minifaas serve)"
+            )
 
     def _spare_room(self, spare_mb: float) -> int | None:
         """How many spares the memory budget leaves room for (None: no budget)."""
@@ -519,6 +597,7 @@ class Engine:
         preload: tuple[str, ...] | None = None,
         network: bool = True,
         isolation: Isolation | None = None,
+        model_url_allow: Iterable[str] | None = None,
         read_paths: Iterable[str | os.PathLike[str]] = (),
         write_paths: Iterable[str | os.PathLike[str]] = (),
         modules: Iterable[Any] = (),
@@ -552,6 +631,9 @@ class Engine:
             raise DeployError("modules=[...] goes with a callable: deploy(name, fn, modules=[...])")
         if not isinstance(name, str) or not NAME_RE.match(name):
             raise DeployError(f"invalid function name {name!r}: use letters, digits, '_', '-', '.'")
+        if name in self._compositions:
+            # a composition wins every invocation of its name: the function would never run
+            raise DeployError(f"{name!r} is already a deployed composition; delete it first")
         if not isinstance(main, str) or not main.isidentifier():
             raise DeployError(f"invalid main {main!r}: it must be a Python identifier")
         if style not in ("openwhisk", "lambda"):
@@ -572,6 +654,10 @@ class Engine:
                 "(its CUDA_VISIBLE_DEVICES, else nvidia-smi)"
             )
         mode = check_isolation(self.isolation if isolation is None else isolation)
+        try:
+            allow = check_allow_list(model_url_allow) if model_url_allow is not None else self.model_url_allow
+        except ValueError as exc:
+            raise DeployError(str(exc)) from None
         grants_ro = check_grants("read_paths", read_paths)
         grants_rw = check_grants("write_paths", write_paths)
         if mode == "sandbox":
@@ -611,7 +697,7 @@ class Engine:
             bundle = dataclasses.replace(bundle, origin=origin)
         sys_path: tuple[str, ...] = ()
         python: str | None = None
-        if bundle.requirements is not None:
+        if bundle.requirements is not None and not self.read_only:  # read-only: described, never run
             deps = await ensure_env(
                 bundle.requirements,
                 root=self._env_root(),
@@ -625,6 +711,9 @@ class Engine:
         versions = self._functions.get(name) or []
         # persisted and never reused: `f@3` names the same code for as long as the state dir lives
         version = self._aliases.next_version(name, [s.version for s in versions])
+        if self.read_only and not versions:
+            # the holder gave the saved action the dir's last number when it deployed it (a detached table: unsaved)
+            version = str(max(1, int(version) - 1))
         spec = FunctionSpec(
             name=name,
             version=version,
@@ -650,6 +739,7 @@ class Engine:
             final_params=(*bundle.models, *(k for k in bundle.params if k.endswith(SHA256_PARAM_SUFFIX))),
             read_paths=grants_ro,
             write_paths=grants_rw,
+            model_url_allow=allow,
             resources=checked_resources,
             placement=placement,
             **limits,
@@ -675,7 +765,7 @@ class Engine:
             touch(spec.bundle.root)
         self._functions.setdefault(spec.name, []).append(spec)
         self._env_holds.update(self._envs_in_use())
-        if spec.min_sandboxes and self._pool is not None:
+        if spec.min_sandboxes and self._pool is not None and not self.read_only:
             # provisioned concurrency: warm them now, not at the first request
             self._pool.function(spec)
             self._pool.wake_reaper()
@@ -727,11 +817,18 @@ class Engine:
         params: dict[str, Any] | None = None,
         max_steps: int = DEFAULT_MAX_STEPS,
         conditions: Literal["js", "strict"] = "js",
+        persist: bool = True,
     ) -> dict[str, Any]:
         """Register a composition (a combinator tree, or its JSON IR) under ``name``; invoke it like a function.
 
         ``conditions="js"`` takes a branch on the JavaScript truthiness of the condition's ``value``, as
         openwhisk-composer does; ``"strict"`` only on exactly ``True``.
+
+        Each deploy that changes it gives it a new version number (never reused, as functions'); deploying the
+        same composition again keeps its version. With a state dir, the composition's JSON IR is kept there and
+        an engine restarted on it deploys it again at start. A composition whose IR would not read back as
+        itself (a function step that is a lambda, a nested function, a bound method ...) is refused with
+        CompositionError; ``persist=False`` keeps it in memory only (the application deploys it at each start).
         """
         self._require()
         if not isinstance(name, str) or not NAME_RE.match(name):
@@ -741,11 +838,74 @@ class Engine:
         comp = Composition.from_json(composition) if isinstance(composition, dict) else _as_composition(composition)
         if conditions not in CONDITIONS:
             raise DeployError(f"conditions must be one of {', '.join(CONDITIONS)}, not {conditions!r}")
-        self._compositions[name] = (comp, dict(params or {}), max_steps)
+        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+            raise DeployError(f"max_steps must be an int >= 1, not {max_steps!r}")
+        if params is not None and not isinstance(params, dict):
+            raise DeployError(f"params must be a dict, not {type(params).__name__}")
+        keep = persist and self.state_dir is not None
+        if keep:
+            try:
+                ir = check_lossless(comp)
+            except CompositionError as exc:
+                raise CompositionError(
+                    f"composition {name!r} cannot be kept in the state dir {self.state_dir}: {exc}, or deploy it "
+                    "with persist=False to keep it in memory only (deployed again by the application at each start)"
+                ) from None
+        else:
+            ir = comp.to_json()
+        defaults = dict(params or {})
+        old = self._composition_records.get(name)
+        dep = self._compositions.get(name)
+        same = (
+            old is not None
+            and dep is not None
+            and dep[0] == comp
+            and (old.params, old.max_steps, old.conditions) == (defaults, max_steps, conditions)
+        )
+        if old is not None and same:
+            record = old
+        else:
+            version = self._aliases.next_version(name, [old.version] if old is not None else [])
+            record = SavedComposition(name, version, ir, defaults, max_steps, conditions, int(time.time() * 1000))
+        if keep:
+            await anyio.to_thread.run_sync(self._saved_compositions.save, record)
+        else:
+            # a restart must not bring back an earlier version kept on disk
+            await anyio.to_thread.run_sync(self._saved_compositions.forget, name)
+        self._compositions[name] = (comp, defaults, max_steps)
         self._conditions[name] = conditions
+        self._composition_records[name] = record
         if self.triggers is not None:
             self.triggers.targets_changed()
-        return {"name": name, "kind": "composition", "actions": comp.actions(), "composition": comp.to_json()}
+        return self._describe_composition(name)
+
+    def _describe_composition(self, name: str) -> dict[str, Any]:
+        comp, params, max_steps = self._compositions[name]
+        record = self._composition_records.get(name)
+        return {
+            "name": name,
+            "kind": "composition",
+            "version": record.version if record is not None else "1",
+            "actions": comp.actions(),
+            "composition": comp.to_json(),
+            "params": dict(params),
+            "max_steps": max_steps,
+            "conditions": self._conditions.get(name, "js"),
+            "created": record.created if record is not None else 0,
+        }
+
+    def _restore_compositions(self, saved: CompositionFiles) -> None:
+        """Deploy the compositions kept in the state dir; one that cannot be read back is logged and skipped
+        (its rules wait until the application deploys it)."""
+        for record in saved.load():
+            try:
+                comp = Composition.from_json(record.ir)
+            except CompositionError as exc:
+                _logger.error("cannot restore composition %s from the state dir: %s", record.name, exc)
+                continue
+            self._compositions[record.name] = (comp, dict(record.params), record.max_steps)
+            self._conditions[record.name] = record.conditions
+            self._composition_records[record.name] = record
 
     async def _preload_models(self, spec: FunctionSpec) -> None:
         """Fetch the function's named models into the store and load their bytes into the zygote, so every
@@ -753,7 +913,28 @@ class Engine:
         load = getattr(self._launcher, "load_models", None)
         if not spec.models or load is None:
             return
-        paths = [str(await self.model_store.fetch(url)) for url in spec.models]
+        sandboxed = spec.isolation == "sandbox"
+        paths = []
+        for url in spec.models:
+            # the deployer named these (a local file anywhere is its own business); a URL passes the same guard as
+            # a function's own fetch, redirects included: the deploy may have come over HTTP
+            await anyio.to_thread.run_sync(
+                functools.partial(
+                    check_model_url,
+                    url,
+                    network=spec.network,
+                    sandboxed=sandboxed,
+                    readable=[Path("/")],
+                    allow=spec.model_url_allow,
+                )
+            )
+            token = REDIRECT_GUARD.set(
+                redirect_checker(network=spec.network, sandboxed=sandboxed, allow=spec.model_url_allow)
+            )
+            try:
+                paths.append(str(await self.model_store.fetch(url)))
+            finally:
+                REDIRECT_GUARD.reset(token)
         # the urls too: the zygote pre-builds each model's interpreter for the url sandboxes will load it by
         await load(paths, urls=list(spec.models))
 
@@ -773,14 +954,8 @@ class Engine:
 
     async def get_function(self, name: str) -> dict[str, Any]:
         self._require()
-        dep = self._compositions.get(name)
-        if dep is not None:
-            return {
-                "name": name,
-                "kind": "composition",
-                "actions": dep[0].actions(),
-                "composition": dep[0].to_json(),
-            }
+        if name in self._compositions:
+            return self._describe_composition(name)
         spec = self._resolve(name)
         info = spec.describe()
         info["versions"] = [s.version for s in self._functions[spec.name]]
@@ -790,7 +965,10 @@ class Engine:
     async def list_functions(self) -> list[dict[str, Any]]:
         self._require()
         out = [versions[-1].describe() for versions in self._functions.values() if versions]
-        out += [{"name": n, "kind": "composition", "actions": c[0].actions()} for n, c in self._compositions.items()]
+        for n in self._compositions:
+            info = self._describe_composition(n)
+            del info["composition"]
+            out.append(info)
         return out
 
     async def delete(self, name: str) -> None:
@@ -799,6 +977,9 @@ class Engine:
         assert self._pool is not None
         if name in self._compositions:
             del self._compositions[name]
+            self._conditions.pop(name, None)
+            self._composition_records.pop(name, None)
+            await anyio.to_thread.run_sync(self._saved_compositions.forget, name)
             return
         base, _, version = name.partition("@")
         versions = self._functions.get(base)
@@ -818,12 +999,15 @@ class Engine:
                 sched.fail_queued(fp, f"function {spec.name} was deleted before this activation ran")
         if not versions:
             del self._functions[base]
-        await self.gc()
+        if not self.read_only:  # its files are the holder's
+            await self.gc()
 
     async def gc(self, budget_bytes: int | None = None) -> dict[str, Any]:
         """Remove leftovers of killed builds and downloads, then the staged bundles, environments and model files
         no deployed function uses, least recently used first, while they take more than ``budget_bytes``
         (default ``gc_budget_bytes``). Runs on start and after each delete; returns what it removed."""
+        if self.read_only:
+            self._require_writable()
         if self._work_dir is None:
             raise EngineClosed("the engine is not running: use `async with Engine() as engine:`")
         roots = Roots(self._work_dir, self._env_root(), self._model_root())
@@ -875,6 +1059,7 @@ class Engine:
     async def submit(self, name: str, args: dict[str, Any] | None = None, *, cause: str | None = None) -> str:
         """Accept an invocation and return its activation id at once."""
         sched = self._require()
+        self._require_writable()
         if name in self._compositions:
             return self._submit_session(name, args, cause)
         spec, alias = self._route(name)
@@ -896,6 +1081,7 @@ class Engine:
     ) -> Activation:
         """Invoke and wait; returns the ended Activation whatever its status."""
         sched = self._require()
+        self._require_writable()
         dep = self._compositions.get(name)
         if dep is not None:
             comp, params, max_steps = dep
@@ -1006,13 +1192,17 @@ class Engine:
             # not asked by one of this engine's functions (e.g. a backend's node): nothing to check against
             return str(await store.fetch(url, sha256=args.get("sha256")))
         sandboxed = spec.isolation == "sandbox"
-        readable = [Path(p) for p in (*spec.own_paths, *spec.read_paths)]
+        readable = [Path(p) for p in (*spec.own_paths, *spec.read_paths, *interpreter_paths())]
         if url in spec.models or url in spec.params.values():
             readable = [Path("/")]  # a model the deploy named: the host fetched it for the zygote already
         await anyio.to_thread.run_sync(
-            lambda: check_model_url(url, network=spec.network, sandboxed=sandboxed, readable=readable)
+            lambda: check_model_url(
+                url, network=spec.network, sandboxed=sandboxed, readable=readable, allow=spec.model_url_allow
+            )
         )
-        token = REDIRECT_GUARD.set(redirect_checker(network=spec.network, sandboxed=sandboxed))
+        token = REDIRECT_GUARD.set(
+            redirect_checker(network=spec.network, sandboxed=sandboxed, allow=spec.model_url_allow)
+        )
         try:
             path = await store.fetch(url, sha256=args.get("sha256"))
         finally:

@@ -10,7 +10,7 @@ import os
 from collections.abc import Mapping
 from typing import Final
 
-__all__ = ("ENV_ALLOW", "SANDBOX_ENV_DEFAULTS", "scrubbed_env")
+__all__ = ("ENV_ALLOW", "ISOLATION_ENV", "SANDBOX_ENV_DEFAULTS", "scrubbed_env")
 
 #: host variables a sandbox may inherit; everything else (tokens, keys, cloud credentials) is dropped
 ENV_ALLOW: Final[frozenset[str]] = frozenset(
@@ -46,6 +46,10 @@ SANDBOX_ENV_DEFAULTS: Final[dict[str, str]] = {
     # sandbox's RLIMIT_AS; glibc reads these at process start, so they must be in the zygote's environment too
     "MALLOC_ARENA_MAX": "2",
 }
+
+#: set to "sandbox" in the env of a launch for isolation="sandbox": a zygote forks that child as pid 1 of a PID
+#: namespace of its own (the function sees it too; minifaas_sandbox.zygote.ISOLATION_ENV)
+ISOLATION_ENV: Final = "MINIFAAS_ISOLATION"
 
 
 def scrubbed_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:

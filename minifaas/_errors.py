@@ -29,6 +29,7 @@ __all__ = (
     "RateLimited",
     "StateDirConflict",
     "StateDirLocked",
+    "StateDirReadOnly",
     "TriggerError",
 )
 
@@ -80,6 +81,10 @@ class EngineClosed(MinifaasError, RuntimeError):
 
 class StateDirLocked(MinifaasError, RuntimeError):
     """Raised by ``Engine.__aenter__`` when another engine (any process) holds the same ``state_dir``."""
+
+
+class StateDirReadOnly(MinifaasError, RuntimeError):
+    """Raised when an engine opened with ``read_only=True`` is asked to run a function (it only reads records)."""
 
 
 class ActivationNotFound(MinifaasError, LookupError):

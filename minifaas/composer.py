@@ -267,12 +267,16 @@ class Composition:
         return out
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any], *, load_functions: bool = True) -> Composition:
+    def from_json(
+        cls, data: Mapping[str, Any], *, load_functions: bool = True, inline_functions: bool = True
+    ) -> Composition:
         """Rebuild a composition from :meth:`to_json` output, a bare node, or openwhisk-composer JSON.
 
         Python functions are imported from their ``module:qualname`` reference; a lambda, a nested function or
         a module that cannot be imported raises CompositionError. With ``load_functions=False`` function nodes
         keep only their reference (enough to display a composition; running them fails with an error result).
+        ``inline_functions=False`` refuses any function node (CompositionError): only named actions run, as
+        for a composition that arrives over HTTP, whose references must not import anything in the host.
         """
         if not isinstance(data, Mapping):
             raise CompositionError(f"a composition must be a JSON object, not {type(data).__name__}")
@@ -285,22 +289,23 @@ class Composition:
         # openwhisk-composer stores a list at the root when several compositions are concatenated
         if isinstance(node, list):
             node = {"type": "sequence", "components": node}
-        return _parse(node, load_functions=load_functions)
+        return _parse(node, load_functions=load_functions, inline_functions=inline_functions)
 
 
 #: What a combinator accepts where a composition is expected.
 Task: TypeAlias = Composition | str | StepFunction | None
 
 
-def _parse(node: Any, *, load_functions: bool) -> Composition:
+def _parse(node: Any, *, load_functions: bool, inline_functions: bool = True) -> Composition:
     if not isinstance(node, Mapping) or not isinstance(node.get("type"), str):
         raise CompositionError(f"invalid composition node {node!r:.200}")
     kind = _ALIASES.get(node["type"], node["type"])
     if kind not in _SPECS:
         raise CompositionError(f"unknown combinator type {node['type']!r} at {node.get('path', '?')!r}")
     spec = _SPECS[kind]
-    sub = {k: _parse(node[k], load_functions=load_functions) if node.get(k) is not None else empty() for k in spec.args}
-    comps = tuple(_parse(c, load_functions=load_functions) for c in node.get("components") or ())
+    opts = {"load_functions": load_functions, "inline_functions": inline_functions}
+    sub = {k: _parse(node[k], **opts) if node.get(k) is not None else empty() for k in spec.args}
+    comps = tuple(_parse(c, **opts) for c in node.get("components") or ())
     if kind == "action":
         name = node.get("name")
         if isinstance(name, str) and name.startswith("/_/"):
@@ -309,6 +314,12 @@ def _parse(node: Any, *, load_functions: bool) -> Composition:
     if kind == "function":
         exec_ = (node.get("function") or {}).get("exec") or node.get("exec") or {}
         ref = exec_.get("ref")
+        if not inline_functions:
+            what = ref if isinstance(ref, str) else repr(str(exec_.get("code", "?"))[:60])
+            raise CompositionError(
+                f"inline function step ({exec_.get('kind')!r}: {what}) at root{node.get('path', '?')}: only "
+                "steps naming deployed actions are accepted here"
+            )
         if not isinstance(ref, str):
             raise CompositionError(
                 f"function node at root{node.get('path', '')} has no Python reference "

@@ -43,6 +43,8 @@ MODULE_NAME: Final = "__minifaas_function__"
 REHEARSAL_CODE: Final = "def main(args):\n    return {'ok': bool(args)}\n"
 PAGE_BYTES: Final = os.sysconf("SC_PAGE_SIZE")
 PR_SET_PDEATHSIG: Final = 1
+#: the name of a sandbox's working dir (under the temp dir; the host removes those it finds the sandbox made)
+SCRATCH_PREFIX: Final = "minifaas-cwd-"
 #: after answering, poll this long for the next frame before blocking (see BlockingChannel.recv)
 SPIN_BEFORE_BLOCK_S: Final = 100e-6
 #: a sandbox that got no RUN for this long after an activation returns its free heap to the OS (malloc_trim): a busy
@@ -231,6 +233,11 @@ class Runtime:
         self._loop: asyncio.AbstractEventLoop | None = None
         #: runs ``async def main`` for activation threads (concurrency > 1), or in-process under a running loop
         self._loop_thread: tuple[asyncio.AbstractEventLoop, threading.Thread] | None = None
+        #: isolation="sandbox" (pid 1 of its PID namespace): waits for exited orphans whenever no activation runs
+        self._reaps_orphans: Callable[[], int] | None = None
+        #: activations submitted to the pool and not yet answered (concurrency > 1 with a reaper)
+        self._inflight = 0
+        self._inflight_lock = threading.Lock()
 
     # -- logs -----------------------------------------------------------------------------------------------------
     def current_logs(self) -> LogBuffer | None:
@@ -303,6 +310,8 @@ class Runtime:
                     isolation.enter(
                         view, network=fields.get("network") is not False, memory_mb=int(fields.get("memory_mb") or 0)
                     )
+                    if os.getpid() == 1:
+                        self._reaps_orphans = isolation.reap_orphans
                 elif fields.get("network") is False:
                     # before any of the function's code runs, and before any thread exists (a namespace is per
                     # thread until then)
@@ -312,6 +321,8 @@ class Runtime:
                 if fields["source"].get("kind") == "pickle":
                     from minifaas_sandbox import callables
 
+                    if not in_process:
+                        enter_scratch(None)
                     # a class's setup() runs here: it is the cold start's init, under the same time limit
                     self.fn, self._teardown = callables.load(fields["source"], self._await)
                 else:
@@ -327,6 +338,7 @@ class Runtime:
                 "error": _describe(exc),
                 "logs": self._init_logs,
                 "init_ms": (time.perf_counter() - t0) * 1000,
+                "scratch": scratch_dir,
             }
         self._main_logs = None
         self._init_logs = buf.finish()
@@ -338,7 +350,7 @@ class Runtime:
             memory_mb = int(fields.get("memory_mb") or 0)
             _size_model_cache(memory_mb)
             _apply_limits(memory_mb)
-        return {"ok": True, "init_ms": (time.perf_counter() - t0) * 1000}
+        return {"ok": True, "init_ms": (time.perf_counter() - t0) * 1000, "scratch": scratch_dir}
 
     # -- run ----------------------------------------------------------------------------------------------------
     def run(self, fields: dict[str, Any]) -> None:
@@ -362,6 +374,17 @@ class Runtime:
             with self.send_lock:
                 assert self.channel is not None
                 self.channel.send_frame(p.encode(p.RESULT, out))
+
+    def _run_then_reap(self, fields: dict[str, Any]) -> None:
+        """run() on a pool thread; the last activation to end reaps (none of the function's code runs then, so no
+        child's status is taken from under a wait of its own)."""
+        try:
+            self.run(fields)
+        finally:
+            with self._inflight_lock:
+                self._inflight -= 1
+                if self._inflight == 0 and self._reaps_orphans is not None:
+                    self._reaps_orphans()
 
     def _run(self, fields: dict[str, Any]) -> None:
         assert self.channel is not None
@@ -545,9 +568,19 @@ class Runtime:
             kind, fields = msg
             if kind == p.RUN:
                 if self._pool is not None:
-                    self._pool.submit(self.run, fields)
+                    if self._reaps_orphans is not None:
+                        with self._inflight_lock:
+                            self._inflight += 1
+                        self._pool.submit(self._run_then_reap, fields)
+                    else:
+                        self._pool.submit(self.run, fields)
                 else:
                     self.run(fields)
+                    if self._reaps_orphans:
+                        # pid 1 of its PID namespace inherits what the function's children left: a zombie holds a
+                        # pid of the sandbox's cap. Between activations, so a function's own child is not taken
+                        # from it while it runs (one it waits for in a later activation finds it gone)
+                        self._reaps_orphans()
                     # the host marks RUNs with nothing queued behind them: poll briefly for the next one then
                     self.channel.spin_s = SPIN_BEFORE_BLOCK_S if fields.get("spin") else 0.0
                     self._trim_due = True
@@ -712,12 +745,36 @@ def install_activation_environ() -> None:
         os.environ = ActivationEnviron(os.environ)  # noqa: B003
 
 
+#: the working dir of this sandbox (:func:`enter_scratch`), None before INIT
+scratch_dir: str | None = None
+
+
+def enter_scratch(folder: str | None) -> str:
+    """Make a working dir of this sandbox's own and enter it, with the bundle folder's entries linked in it: the
+    function opens its own files by relative names, as in OpenWhisk's action folder, and what it creates there is
+    its own, not written into the staged bundle every function and version with that content shares. Under the
+    temp dir (a sandbox's private /tmp under isolation="sandbox"); the host removes it when the sandbox ends."""
+    global scratch_dir
+    import tempfile
+
+    work = tempfile.mkdtemp(prefix=SCRATCH_PREFIX)
+    if folder is not None:
+        for name in os.listdir(folder):
+            os.symlink(os.path.join(folder, name), os.path.join(work, name))
+    os.chdir(work)
+    scratch_dir = work
+    return work
+
+
 def _load_function(fields: dict[str, Any], *, chdir: bool = True) -> Callable[..., Any]:
     source: dict[str, Any] = fields["source"]
     main_name = str(fields.get("main") or "main")
     kind = source.get("kind")
     module = types.ModuleType(MODULE_NAME)
     if kind == "code":
+        if chdir:
+            with contextlib.suppress(OSError):
+                enter_scratch(None)
         filename = str(source.get("filename") or "__main__.py")
         module.__file__ = filename
         sys.modules[MODULE_NAME] = module
@@ -730,7 +787,7 @@ def _load_function(fields: dict[str, Any], *, chdir: bool = True) -> Callable[..
         if chdir:
             # before the import, as OpenWhisk runs init in the action's folder: module-level code opens its own files
             with contextlib.suppress(OSError):
-                os.chdir(folder)
+                enter_scratch(folder if kind == "dir" else None)
         spec = importlib.util.spec_from_file_location(MODULE_NAME, path)
         if spec is None or spec.loader is None:
             raise ImportError(f"cannot load {path}")
@@ -829,7 +886,8 @@ _libc()
 
 
 def die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when its parent dies, so a killed host leaves no sandbox behind."""
+    """Ask Linux to SIGKILL this process when its parent dies, so a killed host leaves no sandbox behind: only for
+    a runtime started without the host's lifeline (``minifaas_sandbox.lifeline``), which a zygote's child has."""
     parent = os.getppid()
     with contextlib.suppress(Exception):
         _libc().prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)
@@ -840,7 +898,11 @@ def die_with_parent() -> None:
 def prepare(*, rehearse: bool = False) -> None:
     """What a sandbox process does before it has a channel (a zygote's spare does it ahead of its request); with
     ``rehearse``, it also runs a cold start's steps once (:func:`_rehearse`)."""
-    die_with_parent()
+    from minifaas_sandbox import lifeline
+
+    if lifeline.armed_fd() < 0:
+        # not with a forked sandbox's parent, the zygote: it may be retired or killed while its sandboxes serve on
+        die_with_parent()
     from minifaas_sandbox import models
 
     models.set_fetcher(models.host_fetcher)

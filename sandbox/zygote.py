@@ -46,7 +46,8 @@ When LiteRT is preloaded, each TFLite model also gets its interpreter built, all
 (``models.prebuild``, one thread, no thread pool): a child's first ``models.load`` of the model's url adopts
 it, and the weights XNNPACK repacked stay shared instead of being repacked into each child's private memory.
 MODELS_LOADED reports the zygote's thread count after building, so the host can see it is still one.
-When the host closes its end, the zygote exits, and its children with it (the runtime sets PR_SET_PDEATHSIG).
+When the host closes its end, the zygote exits; its children do not die with it but with the host
+(``minifaas_sandbox.lifeline``), so a zygote retired or killed leaves its warm sandboxes serving.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Final, NoReturn
 
 import minifaas_sandbox
+from minifaas_sandbox import lifeline
 from minifaas_sandbox import protocol as p
 
 # Control message types; distinct from the sandbox protocol's codes so a mixed-up socket fails loudly.
@@ -126,6 +128,11 @@ MAX_FDS_PER_RECV: Final = 253
 #: a forked child that fails before the runtime takes over exits with this (EX_SOFTWARE)
 CHILD_FAILURE_EXIT: Final = 70
 NUMPY_SEED_WORDS: Final = 4
+#: a kind of spare (isolation="sandbox" or not) not asked for this long gets no spare of its own any more
+SPARE_KIND_WINDOW_S: Final = 60.0
+#: set to "sandbox" in a FORK's env by the host for isolation="sandbox": the child is forked as pid 1 of a PID
+#: namespace of its own (minifaas._environ.ISOLATION_ENV)
+ISOLATION_ENV: Final = "MINIFAAS_ISOLATION"
 
 
 #: OpenCV's default thread count, saved when the zygote turned its pool off (None: cv2 not preloaded)
@@ -262,6 +269,9 @@ class Zygote:
         #: how many (the host's SPARES message sets it: demand-sized), and the spares, oldest first
         self.want_spares = 1 if fork_ahead else 0
         self.spares: list[_Spare] = []
+        #: when each kind of spare was last asked for (True: isolation="sandbox", forked as pid 1 of a PID namespace
+        #: of its own); a kind asked for within SPARE_KIND_WINDOW_S keeps a spare of its own
+        self.kind_asked: dict[bool, float] = {}
         #: spares that were discarded (stale after LOAD_MODELS) or died waiting, and their cgroups: their exits
         #: are nobody's business
         self.discarded: dict[int, str | None] = {}
@@ -297,7 +307,7 @@ class Zygote:
     def serve(self) -> int:
         while True:
             timeout = None
-            if self.fork_ahead and len(self.spares) < self.want_spares:
+            if self.fork_ahead and len(self.spares) < self.spare_target():
                 # between requests, off the path of any launch (the host is not waiting on this fork), and not
                 # while the sandbox just launched takes its first steps: on two cores, forking this process (2-3 ms
                 # of CPU) beside them delayed that sandbox's first result by as much. But when the host sized the
@@ -309,7 +319,7 @@ class Zygote:
                 timeout = 0.0 if burst else due - now
                 if timeout <= 0:
                     self.make_spare()
-                    self.deficit_since = now if len(self.spares) < self.want_spares else math.inf
+                    self.deficit_since = now if len(self.spares) < self.spare_target() else math.inf
                     # one fork per turn: a FORK request that arrived meanwhile is served before the next one
                     timeout = 0.0
             for key, _ in self.selector.select(timeout):
@@ -339,7 +349,7 @@ class Zygote:
                 self.fork(fields)
             elif kind == SPARES:
                 self.want_spares = max(0, int(fields.get("n") or 0)) if self.fork_ahead else 0
-                while len(self.spares) > self.want_spares:
+                while len(self.spares) > self.spare_target():
                     # the newest first: the oldest are the likeliest to be ready
                     self.discard_spare(self.spares[-1])
                 self.report_spares()
@@ -385,7 +395,14 @@ class Zygote:
             raise p.ProtocolError(f"FORK {seq} arrived with {len(self.fds)} fds, expected {FDS_PER_FORK}")
         channel_fd, out_w, err_w = (self.fds.popleft() for _ in range(FDS_PER_FORK))
         env = {str(k): str(v) for k, v in (fields.get("env") or {}).items()}
-        spare = next((s for s in self.spares if s.ready), None)
+        sandboxed = env.get(ISOLATION_ENV) == "sandbox"
+        self.kind_asked[sandboxed] = now
+        stale = [s for s in self.spares if s.sandboxed not in self.active_kinds()]
+        for s in stale:
+            self.discard_spare(s)  # a kind nobody asked for lately: its place goes to the kind asked for
+        if stale:
+            self.report_spares()
+        spare = next((s for s in self.spares if s.ready and s.sandboxed == sandboxed), None)
         if spare is not None:
             self.spares.remove(spare)
             self._unwatch(spare)
@@ -406,7 +423,7 @@ class Zygote:
                 spare.sock.close()
         _flush_std()
         try:
-            pid = os.fork()
+            pid = _fork(sandboxed=sandboxed)
         except OSError as exc:
             self.send(FORKED, {"seq": seq, "error": f"fork failed: {exc}"})
             pid = -1
@@ -421,8 +438,9 @@ class Zygote:
         """Fork a child that waits for a FORK request's fds and env, then becomes that sandbox."""
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         _flush_std()
+        sandboxed = self.next_spare_kind()
         try:
-            pid = os.fork()
+            pid = _fork(sandboxed=sandboxed)
         except OSError:
             mine.close()
             theirs.close()
@@ -430,13 +448,29 @@ class Zygote:
             return
         if pid == 0:
             mine.close()
-            _child_exit(lambda: self.spare_main(theirs))
+            _child_exit(lambda: self.spare_main(theirs, sandboxed=sandboxed))
         theirs.close()
-        spare = _Spare(pid, mine)
+        spare = _Spare(pid, mine, sandboxed=sandboxed)
         self.spares.append(spare)
         self.selector.register(mine, selectors.EVENT_READ, spare)
 
-    def spare_main(self, sock: socket.socket) -> int:
+    def active_kinds(self) -> list[bool]:
+        """The kinds of spare asked for lately (process spares before any request)."""
+        now = time.monotonic()
+        kinds = [k for k, t in sorted(self.kind_asked.items()) if now - t < SPARE_KIND_WINDOW_S]
+        return kinds or [False]
+
+    def spare_target(self) -> int:
+        """How many spares: the host's number, but at least one of each kind asked for lately."""
+        return max(self.want_spares, len(self.active_kinds())) if self.want_spares > 0 else 0
+
+    def next_spare_kind(self) -> bool:
+        """The kind asked for lately with the fewest spares (the latest asked for among equals)."""
+        kinds = self.active_kinds()
+        count = {k: sum(1 for s in self.spares if s.sandboxed == k) for k in kinds}
+        return min(kinds, key=lambda k: (count[k], -self.kind_asked.get(k, 0.0)))
+
+    def spare_main(self, sock: socket.socket, *, sandboxed: bool = False) -> int:
         """A spare's life: detach, join its cgroup, do every step of becoming a sandbox that does not need the
         request, say it is ready, wait for its request, become that sandbox."""
         self.detach()
@@ -447,6 +481,11 @@ class Zygote:
         # copy-on-write faults each of them takes in a fresh child)
         _close_fds_above_stdio_but(sock.fileno())
         _ready_child(rehearse=True)
+        if sandboxed:
+            # isolation="sandbox": the part of its root every function shares, off the request's path
+            isolation = sys.modules.get("minifaas_sandbox.isolation")
+            if isolation is not None:
+                isolation.prepare_root()
         try:
             sock.sendall(b"A" + cgroup.encode() if cgroup else b"N")
         except (BrokenPipeError, ConnectionResetError):
@@ -493,6 +532,9 @@ class Zygote:
         """The first steps of a child: its own session, default signal handling, none of the zygote's fds."""
         # own session and process group, so the host can kill the sandbox and whatever it starts with killpg
         os.setsid()
+        if lifeline.armed_fd() >= 0:
+            # it dies with the host, not with the zygote (which may be retired or killed while it serves on)
+            lifeline.arm(lifeline.armed_fd())
         signal.set_wakeup_fd(-1)
         for sig, handler in self.saved_handlers.items():
             with contextlib.suppress(OSError, ValueError, TypeError):
@@ -547,8 +589,12 @@ def _take_fds(channel_fd: int, out_w: int, err_w: int, env: dict[str, str]) -> N
 
 
 def _close_fds_above_stdio_but(keep: int) -> None:
-    os.closerange(3, keep)
-    os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
+    low = 3
+    # the host's lifeline stays: closing it would disarm it
+    for fd in sorted({keep, lifeline.armed_fd()} - {-1}):
+        os.closerange(low, fd)
+        low = max(low, fd + 1)
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
 
 
 def _flush_std() -> None:
@@ -575,11 +621,13 @@ def _child_exit(body: Callable[[], int]) -> NoReturn:
 class _Spare:
     """A child forked ahead of demand, and the zygote's end of the socket it waits on."""
 
-    __slots__ = ("cgroup", "pid", "ready", "sock")
+    __slots__ = ("cgroup", "pid", "ready", "sandboxed", "sock")
 
-    def __init__(self, pid: int, sock: socket.socket) -> None:
+    def __init__(self, pid: int, sock: socket.socket, *, sandboxed: bool = False) -> None:
         self.pid = pid
         self.sock = sock
+        #: forked as pid 1 of a PID namespace of its own, for an isolation="sandbox" request
+        self.sandboxed = sandboxed
         #: it has said it waits for a request (after joining its cgroup)
         self.ready = False
         self.cgroup: str | None = None
@@ -588,13 +636,14 @@ class _Spare:
 def _join_cgroup(parent: str, pids_max: int) -> str | None:
     """Move this process into ``<parent>/sb-<pid>`` with its process cap; None when that fails (the host then
     attaches it itself)."""
-    path = os.path.join(parent, f"sb-{os.getpid()}")
+    # the pid the host knows (a sandboxed spare is pid 1 of its own namespace; the zygote's /proc is the host's)
+    path = os.path.join(parent, f"sb-{os.readlink('/proc/self')}")
     try:
         os.makedirs(path, exist_ok=True)
         with open(os.path.join(path, "pids.max"), "w") as f:
             f.write(str(pids_max))
         with open(os.path.join(path, "cgroup.procs"), "w") as f:
-            f.write(str(os.getpid()))
+            f.write("0")  # the writer itself, whatever its pid in its own namespace
     except OSError:
         with contextlib.suppress(OSError):
             os.rmdir(path)
@@ -624,6 +673,17 @@ def _await_request(sock: socket.socket) -> tuple[tuple[int, int, int], dict[str,
             return (fds[0], fds[1], fds[2]), env
 
 
+def _fork(*, sandboxed: bool) -> int:
+    """os.fork(); for isolation="sandbox", into a PID namespace of its own where the zygote may make one (as root):
+    elsewhere the child makes it at INIT (minifaas_sandbox.isolation.enter), at the cost of a second fork."""
+    if sandboxed:
+        isolation = sys.modules.get("minifaas_sandbox.isolation")
+        if isolation is not None:
+            with contextlib.suppress(PermissionError):
+                return int(isolation.fork_in_pid_namespace())
+    return os.fork()
+
+
 def _reseed() -> None:
     """Forked children would otherwise all draw the same "random" numbers as their zygote."""
     random.seed()
@@ -646,7 +706,11 @@ def main(argv: list[str] | None = None) -> int:
         default=SPARE_REFORK_DELAY_S * 1000,
         help="after a launch, wait this long before forking the next spare",
     )
+    parser.add_argument(lifeline.ARG, type=int, default=None, help="fd of the host's lifeline (read end)")
     ns = parser.parse_args(argv)
+    if ns.lifeline is not None:
+        # the zygote (started in a session of its own) dies with the host even while stopped or busy pre-building
+        lifeline.arm(ns.lifeline)
     control = socket.socket(fileno=ns.fd)
     control.setblocking(True)
     preloaded, failed = _preload([m for m in ns.preload.split(",") if m])

@@ -103,10 +103,12 @@ async def run(shared_engine: minifaas.Engine, tmp_path_factory: pytest.TempPathF
     uploads, ab = root / "uploads", root / "ab-uploads"
     for folder in (uploads, ab):
         folder.mkdir()
-    await engine.deploy("image_quality", path=FUNCTIONS / "image_quality", max_sandboxes=2)
-    await engine.deploy("crop", path=FUNCTIONS / "body_crop", max_sandboxes=1)  # crop@1
-    await engine.deploy("crop", path=FUNCTIONS / "smart_body_crop", max_sandboxes=2)  # crop@2
-    await engine.deploy("auto_tag", path=FUNCTIONS / "auto_tag", max_sandboxes=2)
+    # the functions take photo paths only under the folders granted to them: the catalogs' (under root)
+    grants = {"read_paths": [root], "write_paths": [root]}
+    await engine.deploy("image_quality", path=FUNCTIONS / "image_quality", max_sandboxes=2, **grants)
+    await engine.deploy("crop", path=FUNCTIONS / "body_crop", max_sandboxes=1, **grants)  # crop@1
+    await engine.deploy("crop", path=FUNCTIONS / "smart_body_crop", max_sandboxes=2, **grants)  # crop@2
+    await engine.deploy("auto_tag", path=FUNCTIONS / "auto_tag", max_sandboxes=2, **grants)
     targets = {}
     for key, comp, crop in (
         ("main", "catalog", "crop"),

@@ -219,12 +219,13 @@ def test_invoke_batch_with_a_real_function(cli: functools.partial[subprocess.Com
     assert f"{len(jpgs)}/{len(jpgs)} succeeded" in out
     for name in jpgs:
         assert name in out
-    # as paths (a server on this machine reads them itself), as JSON
-    rows = json.loads(
-        ok(cli("invoke-batch", "cli-quality", str(IMAGES), "--pattern", "*.png", "--send", "path", "--json"))
-    )
+    # as paths, as JSON: a function deployed over HTTP has no folder granted, so it refuses every path, saying why
+    # and nothing about the file
+    refused = cli("invoke-batch", "cli-quality", str(IMAGES), "--pattern", "*.png", "--send", "path", "--json")
+    assert refused.returncode == 1, refused.stderr
+    rows = json.loads(refused.stdout)
     assert sorted(r["file"] for r in rows) == [n for n in images if n.endswith(".png")]
-    assert all(r["status"] == "success" and 0 <= r["result"]["score"] <= 100 for r in rows)
+    assert all(r["status"] == "application_error" and "read_paths" in r["result"]["error"] for r in rows), rows
     missing = cli("invoke-batch", "cli-quality", str(IMAGES / "nope"))
     assert missing.returncode == 1 and "not a folder" in missing.stderr
 
@@ -562,3 +563,46 @@ def test_demo_serve_keeps_a_dev_server_with_the_demo_sessions(tmp_path: Path) ->
             assert page.status_code == 200 and "text/html" in page.headers["content-type"]
             names = {f["name"] for f in http.get("/ui/api/functions").json()["functions"]}
             assert {"catalog", "image_quality", "crop", "auto_tag"} <= names
+
+
+def test_local_read_commands_read_a_state_dir_a_server_holds(tmp_path: Path) -> None:
+    """twoengines.py, the CLI's side: with ``minifaas serve`` holding the state dir, ``--local`` read commands
+    failed with StateDirLocked; they open the dir read-only now, and writing commands still say it is locked."""
+    state = tmp_path / "state"
+    fn = tmp_path / "hello.py"
+    fn.write_text(HELLO)
+    with serve_process("--state-dir", str(state)) as (_, lines):
+        url, auth = _exported(lines)
+        remote = {**os.environ, "MINIFAAS_APIHOST": url, "MINIFAAS_AUTH": auth, "COLUMNS": "200", "NO_COLOR": "1"}
+        ok(run("action", "create", "hello", str(fn), env=remote))
+        user, _, key = auth.partition(":")
+        with httpx.Client(base_url=f"{url}/api/v1/namespaces/_", auth=(user, key), timeout=30) as http:
+            assert http.put("/triggers/tick", json={}).status_code == 200
+            rule = {"trigger": "/_/tick", "action": "/_/hello"}
+            assert http.put("/rules/tick-hello", json=rule).status_code == 200
+            invoked = http.post("/actions/hello", params={"blocking": "true"}, json={"name": "ro"}).json()
+            aid = invoked["activationId"]
+            served = http.get("/actions/hello", params={"code": "false"}).json()
+        local = {k: v for k, v in os.environ.items() if not k.startswith("MINIFAAS_")} | {"COLUMNS": "200"}
+
+        def read(*args: str) -> str:
+            return ok(run(*args, "--local", "--state-dir", str(state), env=local))
+
+        assert aid in read("activation", "list")
+        assert json.loads(read("activation", "get", aid))["response"]["status"] == "success"
+        assert "hello ro" in read("activation", "logs", aid)
+        assert json.loads(read("activation", "result", aid)) == {"hi": "ro"}
+        assert aid in read("activation", "poll", "--since-s", "600", "--exit", "0.2")
+        got = json.loads(read("action", "get", "hello"))
+        assert (got["name"], got["version"], got["exec"]) == (served["name"], served["version"], served["exec"])
+        assert "tick-hello" in read("rule", "list")
+        # what would run something or change the dir is refused, saying why
+        refused = run("invoke", "hello", "--local", "--state-dir", str(state), env=local)
+        assert refused.returncode != 0 and "StateDirLocked" in refused.stderr, refused.stderr
+        # the server's record and its engine are untouched: nothing was recovered or ended by the readers
+        with httpx.Client(base_url=f"{url}/api/v1/namespaces/_", auth=(user, key), timeout=30) as http:
+            record = http.get(f"/activations/{aid}").json()
+            assert record["response"]["status"] == "success"
+            assert not any(a["key"] == "recovered" for a in record["annotations"])
+            again = http.post("/actions/hello", params={"blocking": "true"}, json={"name": "x"}).json()
+            assert again["response"]["status"] == "success"

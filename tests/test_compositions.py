@@ -874,6 +874,61 @@ async def test_engine_deploy_composition(minifaas_engine: minifaas.Engine) -> No
         await minifaas_engine.invoke("wf3", {})
 
 
+async def test_a_composition_persists_in_the_state_dir_and_is_back_after_a_restart(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    comp = c.if_(is_even, halve, c.literal({"odd": True}))
+    async with minifaas.Engine(state_dir=state) as engine:
+        first = await engine.deploy_composition("wf", comp, conditions="strict")
+        assert (await engine.deploy_composition("wf", comp, conditions="strict"))["version"] == first["version"]
+        second = await engine.deploy_composition("wf", comp, params={"n": 8}, conditions="strict")
+        assert int(second["version"]) == int(first["version"]) + 1
+        await engine.deploy_composition("gone", c.sequence(halve))
+        await engine.delete("gone")
+        with pytest.raises(minifaas.CompositionError, match=r"root\[0\].*<lambda>.*persist=False"):
+            await engine.deploy_composition("lam", c.sequence(lambda p: p))
+        await engine.deploy_composition("mem", c.sequence(lambda p: p), persist=False)
+        with pytest.raises(minifaas.DeployError, match="already a deployed composition"):
+            await engine.deploy("mem", code=INC)  # it would never run: the composition takes its name
+        assert await engine.invoke("mem", {"a": 1}) == {"a": 1}
+        assert engine.triggers is not None
+        engine.triggers.create_trigger("t")
+        engine.triggers.create_rule("r", "t", "wf")
+    async with minifaas.Engine(state_dir=state) as engine:
+        # nothing deployed again: the state dir brought "wf" back, and only it
+        assert [i["name"] for i in await engine.list_functions()] == ["wf"]
+        info = await engine.get_function("wf")
+        assert (info["version"], info["params"], info["conditions"]) == (second["version"], {"n": 8}, "strict")
+        assert await engine.invoke("wf", {}) == {"n": 4}
+        assert engine.triggers is not None
+        [sid] = await engine.triggers.fire("t", {"n": 3})
+        act = await engine.activations.wait(sid, timeout_s=30)
+        assert act.status == "success" and act.result == {"odd": True}
+        assert engine.sessions.get(sid).name == "wf"
+        third = await engine.deploy_composition("wf", c.sequence(halve))
+        assert int(third["version"]) == int(second["version"]) + 1  # never reused, as a function's
+        await engine.delete("wf")
+    async with minifaas.Engine(state_dir=state) as engine:
+        assert await engine.list_functions() == []
+
+
+async def test_a_saved_composition_that_cannot_be_read_back_is_skipped_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from minifaas._workflows.saved import CompositionFiles, SavedComposition
+
+    state = tmp_path / "state"
+    files = CompositionFiles(state / "compositions")
+    gone = c.function(halve).to_json()
+    gone["composition"]["function"]["exec"]["ref"] = "no_such_module_here:halve"  # the module was renamed since
+    files.save(SavedComposition("moved", "1", gone, {}, 50, "js", 0))
+    files.save(SavedComposition("ok", "1", c.sequence(halve).to_json(), {}, 50, "js", 0))
+    (state / "compositions" / "torn.json").write_text('{"format": 1, "na')
+    async with minifaas.Engine(state_dir=state) as engine:
+        assert [i["name"] for i in await engine.list_functions()] == ["ok"]
+        assert await engine.invoke("ok", {"n": 6}) == {"n": 3}
+    assert "cannot restore composition moved" in caplog.text and "torn.json" in caplog.text
+
+
 # ------------------------------------------------------------------------------------------- session records
 
 SEEN_SESSIONS: list[str | None] = []

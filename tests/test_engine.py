@@ -654,3 +654,32 @@ async def test_second_engine_on_a_state_dir_is_refused(tmp_path: Path) -> None:
         assert later.recovered == 0
         stored = await later.activations.get(aid)
         assert stored.status == "success" and not stored.annotations.get("recovered")
+
+
+async def test_read_only_engine_reads_a_state_dir_another_engine_holds(tmp_path: Path) -> None:
+    """The --local CLI's read commands open a held state dir read-only: they read, run nothing, change nothing."""
+    async with minifaas.Engine(tmp_path) as first:
+        await first.deploy("long", code=SLEEP)
+        done = await first.call("long", {"s": 0})
+        running = await first.submit("long", {"s": 1.0})
+        await anyio.sleep(0.3)
+        files = sorted(p.name for p in tmp_path.iterdir())
+        async with minifaas.Engine(tmp_path, read_only=True) as reader:
+            assert (await reader.activations.get(done.activation_id)).status == "success"
+            assert not (await reader.activations.get(running)).done  # not recovered: its owner lives
+            assert {a.activation_id for a in await reader.activations.list()} >= {done.activation_id, running}
+            with pytest.raises(minifaas.StateDirReadOnly, match="read-only"):
+                await reader.submit("long", {"s": 0})
+            await reader.deploy("other", code=HELLO)  # in memory only
+            with pytest.raises(minifaas.StateDirReadOnly):
+                await reader.call("other", {})
+            assert reader.stats().get("launcher") == "spawn"  # no zygote was started for it
+            # a record the holder ends after the reader opened is seen too, and can be waited for
+            assert (await reader.activations.wait(running, timeout_s=10)).status == "success"
+            assert (await first.activations.get(running)).status == "success"
+        assert sorted(p.name for p in tmp_path.iterdir()) == files
+    with pytest.raises(ValueError, match="needs a state_dir"):
+        minifaas.Engine(read_only=True)
+    async with minifaas.Engine(tmp_path, launcher="spawn") as later:
+        assert later.recovered == 0
+        assert [f["name"] for f in await later.list_functions()] == []  # the reader's deploy was not kept

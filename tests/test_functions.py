@@ -627,3 +627,50 @@ def test_testing_call_leaves_no_folder_behind(tmp_path: Path) -> None:
     kit, local = (Path(line) for line in proc.stdout.split())
     assert kit.name.startswith("minifaas-testkit-") and local.name.startswith("minifaas-testing-")
     assert not kit.exists() and not local.exists()
+
+
+@pytest.mark.parametrize("mode", ["process", "sandbox"])
+@pytest.mark.anyio
+async def test_deployed_functions_take_host_files_only_under_their_grants(
+    image_server: str, tmp_path: Path, mode: str
+) -> None:
+    """Deployed, a function reads a path only under its read_paths (and says nothing about any other file), writes
+    output_path only under its write_paths, and fetches a URL only through the host's guarded fetcher."""
+    import os
+    import shutil
+
+    import minifaas
+    from minifaas.testing import assert_status, assert_success
+
+    granted, out = tmp_path / "granted", tmp_path / "out"
+    granted.mkdir()
+    out.mkdir()
+    for folder in (tmp_path, granted, out):
+        folder.chmod(0o777)  # a sandbox runs as an unprivileged uid of its own
+    shutil.copy(IMAGES / "messi5.jpg", granted / "p.jpg")
+    (granted / "link.jpg").symlink_to("/etc/passwd")
+    photo = (IMAGES / "messi5.jpg").read_bytes()
+    async with minifaas.Engine() as engine:
+        q = await engine.deploy("q", path=FUNCTIONS / "image_quality", isolation=mode, read_paths=[granted])
+        assert q["isolation"] == mode
+        await engine.deploy("c", path=FUNCTIONS / "body_crop", isolation=mode, read_paths=[granted], write_paths=[out])
+        assert_success(await engine.call("q", {"image": str(granted / "p.jpg")}))
+        errors = {}
+        for image in ("/etc/passwd", "/etc/no-such-file", "file:///etc/passwd", str(granted / "link.jpg")):
+            act = await engine.call("q", {"image": image})
+            assert_status(act, "application_error", error_contains="read_paths")
+            errors[image] = act.result["error"]
+        # one message for a file that exists, one that does not, and a link out of the grant: nothing leaks
+        assert len(set(errors.values())) == 1, errors
+        assert str(os.path.getsize("/etc/passwd")) not in next(iter(errors.values()))
+        elsewhere = tmp_path / "elsewhere.jpg"
+        act = await engine.call("c", {"image": photo, "output_path": str(elsewhere)})
+        assert_status(act, "application_error", error_contains="write_paths")
+        assert not elsewhere.exists()
+        act = assert_success(await engine.call("c", {"image": photo, "output_path": str(out / "crop.jpg")}))
+        assert act.result["output_path"] == str(out / "crop.jpg") and (out / "crop.jpg").stat().st_size > 1000
+        by_url = await engine.call("q", {"image": f"{image_server}/messi5.jpg"})
+        if mode == "process":
+            assert_success(by_url)  # fetched by the host: a loopback server is this machine's, as the caller's
+        else:
+            assert_status(by_url, "application_error", error_contains="loopback")

@@ -23,17 +23,20 @@ import sys
 import textwrap
 import threading
 import time
+import urllib.parse
 import zlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import minifaas_sandbox
 import numpy as np
 import pytest
 
 import minifaas
+from minifaas._core.launch import PIDS
 from minifaas.testing import assert_success
 
 HEALTHY = "def main(args):\n    return {'i': args['i']}\n"
@@ -174,7 +177,8 @@ SANDBOX_DENIAL: dict[str, str] = {
     "raw-socket": "Operation not permitted",
     "packet-socket": "Operation not permitted",
     "create-device-node": "Operation not permitted",
-    "signal-host": "Operation not permitted",
+    "signal-host": "No such process",
+    "signal-sibling": "No such process",
     "read-other-function-tmp": "No such file or directory",
     "read-state-sqlite": "No such file or directory",
 }
@@ -300,6 +304,8 @@ async def test_escape_attempt(
     engine = minifaas_engine
     victim = await engine.call(f"victim-{mode}", {"tag": f"{mode}-{os.getpid()}"})
     assert_success(victim)
+    # the victim's pid as the host sees it (a sandboxed one is pid 1 of its own PID namespace)
+    (victim_pid,) = engine.stats()["functions"][f"guest/victim-{mode}@1"]["pids"]
     fn = f"{name}-{mode}"
     options = {**OPTIONS.get(name, {}), **(SANDBOX_ONLY_OPTIONS.get(name, {}) if mode == "sandbox" else {})}
     if name in FROM_FOLDER:
@@ -309,7 +315,7 @@ async def test_escape_attempt(
         await engine.deploy(fn, code=_attempt_code(name), isolation=mode, **options)
     before = _canaries(engine)
     try:
-        act = await engine.call(fn, _args(engine, mode, int(victim.result["pid"]), pong_server))
+        act = await engine.call(fn, _args(engine, mode, victim_pid, pong_server))
     finally:
         # one sandbox per attempt would pass the engine's sandbox cap: the pool on main thrashes past it (seen at
         # 63 functions, process mode too), which is not what this module tests
@@ -330,8 +336,8 @@ async def test_no_fd_but_stdio_and_the_channel(minifaas_engine: minifaas.Engine)
     code = "import os\ndef main(args):\n    return {'fds': sorted(int(n) for n in os.listdir('/proc/self/fd'))}\n"
     await minifaas_engine.deploy("fds", code=code, isolation="sandbox")
     act = assert_success(await minifaas_engine.call("fds", {}))
-    # 0-2, the channel, and the fd listdir itself holds open
-    assert len(act.result["fds"]) == 5, act.result
+    # 0-2, the channel, the host's lifeline (a pipe nobody writes: it dies with the host), and listdir's own fd
+    assert len(act.result["fds"]) == 6, act.result
     assert act.result["fds"][:3] == [0, 1, 2]
 
 
@@ -465,6 +471,178 @@ def test_serve_sandboxes_code_from_http_unless_told_not_to(tmp_path: Path, uncon
                     stream.close()
 
 
+PIDNS = textwrap.dedent(
+    """
+    import os, subprocess, time
+    def zombies():
+        found = []
+        for n in os.listdir('/proc'):
+            try:
+                stat = open(f'/proc/{n}/stat').read() if n.isdigit() else ''
+            except OSError:
+                stat = ''
+            if stat and stat[stat.rindex(')') + 2] == 'Z':
+                found.append(n)
+        return found
+    def main(args):
+        if args.get('orphan'):
+            # the shell ends before its background child: that child is reparented to the PID namespace's init
+            subprocess.run(['sh', '-c', '(sleep 0.05; exit 3) &'], check=True)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not zombies():
+                time.sleep(0.02)  # until it has exited (a loaded machine may take a while)
+        if args.get('hang'):
+            # a child in a session of its own (out of the sandbox's process group), then past the time limit
+            subprocess.Popen(['sleep', args['hang']], start_new_session=True)
+            time.sleep(60)
+        states = {}
+        for n in os.listdir('/proc'):
+            try:
+                stat = open(f'/proc/{n}/stat').read() if n.isdigit() else ''
+            except OSError:
+                stat = ''  # ended meanwhile
+            if stat:
+                states[n] = stat[stat.rindex(')') + 2]
+        try:
+            os.kill(args['host_pid'], 0)
+            signalled = True
+        except OSError:
+            signalled = False
+        return {'pid': os.getpid(), 'states': states, 'ns': os.readlink('/proc/self/ns/pid'), 'signalled': signalled}
+    """
+)
+
+
+def _processes_running(argv: list[str]) -> list[int]:
+    out = []
+    for n in os.listdir("/proc"):
+        if n.isdigit():
+            try:
+                if Path(f"/proc/{n}/cmdline").read_bytes().split(b"\0")[:-1] == [a.encode() for a in argv]:
+                    out.append(int(n))
+            except OSError:
+                pass
+    return out
+
+
+@pytest.mark.parametrize("mode", ["process", "sandbox"])
+@pytest.mark.anyio
+async def test_a_sandbox_is_init_of_its_own_pid_namespace(minifaas_engine: minifaas.Engine, mode: str) -> None:
+    """It sees itself and its children only, cannot name the host's processes, has the orphans its children leave
+    reaped, and its whole namespace ends with it when the host kills it at its time limit."""
+    engine = minifaas_engine
+    name = f"pidns-{mode}"
+    await engine.deploy(name, code=PIDNS, isolation=mode, timeout_s=1.5)  # type: ignore[arg-type]
+    args: dict[str, Any] = {"host_pid": os.getpid()}
+    try:
+        first = assert_success(await engine.call(name, args)).result
+        (host_pid,) = engine.stats()["functions"][f"guest/{name}@1"]["pids"]
+        if PIDS.parent is not None:
+            # its pids cgroup is named by the pid the host knows, and holds it
+            assert str(host_pid) in (PIDS.parent / f"sb-{host_pid}" / "cgroup.procs").read_text().split()
+        assert assert_success(await engine.call(name, {**args, "orphan": True})).result["states"].get("1") != "Z"
+        after = assert_success(await engine.call(name, args)).result
+        hang = f"{987 + (mode == 'sandbox')}.{os.getpid()}"
+        timed_out = await engine.call(name, {**args, "hang": hang})
+        assert timed_out.status == "developer_error", timed_out.result
+        deadline = time.monotonic() + 10
+        while _processes_running(["sleep", hang]) and time.monotonic() < deadline:
+            await anyio.sleep(0.05)
+        left = _processes_running(["sleep", hang])
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        again = assert_success(await engine.call(name, args)).result
+    finally:
+        await engine.delete(name)
+    host_ns = os.readlink("/proc/self/ns/pid")
+    if mode == "process":
+        # the same function, unconfined: the host's namespace, every process, the host signalled
+        assert first["ns"] == host_ns and first["pid"] != 1 and first["signalled"] is True
+        assert len(first["states"]) > 3
+        return
+    for r in (first, after, again):
+        assert r["pid"] == 1 and r["ns"] != host_ns and r["signalled"] is False, r
+        # itself only: no zombie left by the orphan (pid 1 reaped it after that activation)
+        assert r["states"] == {"1": "R"}, r
+    assert left == [], "the sandbox's children end with it"
+    assert again["ns"] != first["ns"], "a new sandbox after the kill, in a namespace of its own"
+
+
+@pytest.mark.anyio
+async def test_orphans_are_reaped_with_concurrent_activations(minifaas_engine: minifaas.Engine) -> None:
+    """With concurrency > 1 the last activation to end reaps what the function's children left."""
+    engine = minifaas_engine
+    await engine.deploy("pidns-concurrent", code=PIDNS, isolation="sandbox", concurrency=2)
+    args: dict[str, Any] = {"host_pid": os.getpid()}
+    try:
+        orphaned = assert_success(await engine.call("pidns-concurrent", {**args, "orphan": True})).result
+        assert orphaned["pid"] == 1 and "Z" in orphaned["states"].values(), orphaned  # the orphan, not yet reaped
+        after = assert_success(await engine.call("pidns-concurrent", args)).result
+    finally:
+        await engine.delete("pidns-concurrent")
+    assert list(after["states"]) == ["1"], after  # pid 1 alone (its main thread's state varies: a pool runs this)
+
+
+ROOT_VIEW = textwrap.dedent(
+    """
+    import ctypes, os
+    def main(args):
+        libc = ctypes.CDLL(None, use_errno=True)
+        rc = libc.umount2(b'/.host', 2)
+        granted = sorted(os.listdir(args['granted'])) if args.get('granted') else None
+        try:
+            host = os.listdir('/.host')
+        except OSError as exc:
+            host = type(exc).__name__
+        return {'pid': os.getpid(), 'host': host, 'umount': rc, 'errno': ctypes.get_errno(),
+                'granted': granted}
+    """
+)
+
+
+@pytest.mark.anyio
+async def test_a_sandboxed_cold_start_takes_a_spare_prepared_for_it(minifaas_engine: minifaas.Engine) -> None:
+    """The zygote keeps a spare of the kind asked for lately: a sandboxed one is pid 1 of its own PID namespace with
+    the shared part of its root built; the host's old root lies under an empty cover nothing can lift."""
+    engine = minifaas_engine
+    await engine.deploy("root-view-1", code=ROOT_VIEW, isolation="sandbox")
+    assert_success(await engine.call("root-view-1", {}))  # asks for that kind (a process spare may serve it)
+    await engine.deploy("root-view-2", code=ROOT_VIEW, isolation="sandbox")
+    deadline = time.monotonic() + 10
+    act = None
+    while time.monotonic() < deadline:
+        await anyio.sleep(0.3)
+        act = assert_success(await engine.call("root-view-2", {}))
+        if act.annotations.get("cold") and act.annotations.get("spare"):
+            break
+        await engine.deploy("root-view-2", code=ROOT_VIEW + "\n", isolation="sandbox")  # a new version: cold again
+    assert act is not None and act.annotations.get("spare") is True, act.annotations
+    assert act.result["pid"] == 1 and act.result["host"] in ([], "PermissionError"), act.result
+    assert act.result["umount"] == -1 and act.result["errno"] == 1, act.result  # EPERM
+    for name in ("root-view-1", "root-view-2"):
+        await engine.delete(name)
+
+
+@pytest.mark.anyio
+async def test_a_grant_under_the_spares_staging_folder(minifaas_engine: minifaas.Engine) -> None:
+    """A spare builds its root over /mnt (its own mount namespace): a grant under /mnt still shows the host's."""
+    folder = Path(f"/mnt/minifaas-grant-{os.getpid()}")
+    folder.mkdir()
+    try:
+        (folder / "a.txt").write_text("granted")
+        await minifaas_engine.deploy("mnt-grant", code=ROOT_VIEW, isolation="sandbox", read_paths=[folder])
+        for _ in range(2):  # the first may not come from a sandboxed spare; the second does (a new sandbox each)
+            act = assert_success(await minifaas_engine.call("mnt-grant", {"granted": str(folder)}))
+            assert act.result["granted"] == ["a.txt"], act.result
+            await minifaas_engine.deploy("mnt-grant", code=ROOT_VIEW + "\n", isolation="sandbox", read_paths=[folder])
+            await anyio.sleep(0.3)
+        await minifaas_engine.delete("mnt-grant")
+    finally:
+        import shutil
+
+        shutil.rmtree(folder)
+
+
 HIJACK = textwrap.dedent(
     """
     def main(args):
@@ -485,6 +663,67 @@ async def test_a_rewritten_bundle_is_not_reused(tmp_path: Path) -> None:
         assert (await engine.invoke("a", {"hijack": True})) == {"hijacked": False}
         await engine.deploy("b", path=tmp_path, isolation="process")
         assert (await engine.invoke("b", {})) == {"hijacked": False}
+
+
+@pytest.mark.anyio
+async def test_a_bundle_rewritten_after_deploy_never_starts_again(tmp_path: Path) -> None:
+    """Deployed from the same folder, a and b share one staged bundle: when a rewrites it, b's next cold start
+    refuses it (and a redeploy stages the original afresh), instead of running the hijacker's code."""
+    (tmp_path / "__main__.py").write_text(HIJACK)
+    async with minifaas.Engine() as engine:
+        await engine.deploy("a", path=tmp_path, isolation="process")
+        await engine.deploy("b", path=tmp_path, isolation="process")
+        assert (await engine.invoke("a", {"hijack": True})) == {"hijacked": False}
+        refused = await engine.call("b", {})
+        assert refused.status == "developer_error", refused.result
+        assert "changed since it was deployed" in refused.result["error"], refused.result
+        await engine.deploy("b", path=tmp_path, isolation="process")
+        assert (await engine.invoke("b", {})) == {"hijacked": False}
+
+
+SCRATCH = textwrap.dedent(
+    """
+    import os, time
+    LABELS = open('labels.txt').read()
+    def main(args):
+        time.sleep(0.5)  # the other call starts a sandbox of its own meanwhile
+        open('written.txt', 'w').write(args['tag'])
+        return {'cwd': os.getcwd(), 'labels': LABELS, 'listing': sorted(os.listdir('.'))}
+    """
+)
+
+
+@pytest.mark.parametrize("mode", ["process", "sandbox"])
+@pytest.mark.anyio
+async def test_each_sandbox_works_in_a_scratch_dir_of_its_own(tmp_path: Path, mode: str) -> None:
+    """Its bundle's files are there by their relative names, what it writes stays its own (not in the shared
+    staged bundle), and the host removes the dir when the sandbox ends."""
+    (tmp_path / "__main__.py").write_text(SCRATCH)
+    (tmp_path / "labels.txt").write_text("cat dog")
+    async with minifaas.Engine() as engine:
+        info = await engine.deploy("s", path=tmp_path, isolation=mode, max_sandboxes=2)  # type: ignore[arg-type]
+        spec = engine._route("s")[0]
+        assert spec.bundle.root is not None
+        results: dict[str, dict[str, Any]] = {}
+
+        async def one(tag: str) -> None:
+            results[tag] = await engine.invoke("s", {"tag": tag})
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(one, "one")
+            tg.start_soon(one, "two")
+        first, second = results["one"], results["two"]
+        assert first["labels"] == second["labels"] == "cat dog"
+        assert first["cwd"] != second["cwd"], (first, second)  # two sandboxes, two dirs
+        assert "written.txt" in first["listing"] and "labels.txt" in first["listing"]
+        assert not (spec.bundle.root / "written.txt").exists()
+        assert info["isolation"] == mode
+        await engine.delete("s")
+        if mode == "process":
+            deadline = time.monotonic() + 10
+            while (os.path.exists(first["cwd"]) or os.path.exists(second["cwd"])) and time.monotonic() < deadline:
+                await anyio.sleep(0.05)
+            assert not os.path.exists(first["cwd"]) and not os.path.exists(second["cwd"])
 
 
 FETCH = textwrap.dedent(
@@ -561,6 +800,63 @@ async def test_host_fetch_is_no_way_around_the_sandbox(
 
 
 @pytest.mark.anyio
+async def test_model_urls_only_from_the_allow_list(model_server: str) -> None:
+    """An allow-list of origins (engine-wide, or per deploy): the host fetches model URLs from those only, for every
+    function; an origin it names may be loopback, also for a sandbox; redirects are held to it as well."""
+    port = urllib.parse.urlparse(model_server).port
+    with pytest.raises(ValueError, match="scheme://host"):
+        minifaas.Engine(model_url_allow=["127.0.0.1"])
+    async with minifaas.Engine(model_url_allow=[model_server]) as engine:
+        for mode in ("process", "sandbox"):
+            name = f"allow-{mode}"
+            info = await engine.deploy(name, code=FETCH, isolation=mode)  # type: ignore[arg-type]
+            assert info["model_url_allow"] == [model_server]
+            allowed = assert_success(await engine.call(name, {"url": f"{model_server}/m.bin"})).result
+            assert Path(allowed["path"]).read_bytes() == b"secret metadata", allowed
+            for url in (f"http://localhost:{port}/m.bin", "https://example.com/m.bin", "ftp://example.com/m"):
+                refused = assert_success(await engine.call(name, {"url": url})).result
+                assert "not in the model URL allow-list" in refused.get("refused", ""), (url, refused)
+        # per deploy, replacing the engine's: an empty list allows no URL at all
+        await engine.deploy("allow-none", code=FETCH, isolation="sandbox", model_url_allow=[])
+        refused = assert_success(await engine.call("allow-none", {"url": f"{model_server}/m.bin"})).result
+        assert "allow-list (empty)" in refused.get("refused", ""), refused
+        with pytest.raises(minifaas.DeployError, match="model_url_allow entry"):
+            await engine.deploy("allow-bad", code=FETCH, model_url_allow=["http://x/path"])
+
+
+def test_serve_takes_a_model_url_allow_list(tmp_path: Path, model_server: str) -> None:
+    """``minifaas serve --model-url-allow ORIGIN``: code deployed over HTTP gets model URLs fetched from there only."""
+    port = urllib.parse.urlparse(model_server).port
+    proc, _lines, url, auth = _start_serve(tmp_path, "--model-url-allow", model_server)
+    try:
+        with httpx.Client(base_url=url, auth=auth, timeout=30) as http:
+            put = http.put("/api/v1/namespaces/_/actions/fetch", json={"exec": {"kind": "python:3", "code": FETCH}})
+            assert put.status_code == 200, put.text
+            got = {}
+            for target in (f"{model_server}/m.bin", f"http://localhost:{port}/m.bin"):
+                resp = http.post(
+                    "/api/v1/namespaces/_/actions/fetch",
+                    params={"blocking": "true", "result": "true"},
+                    json={"url": target},
+                )
+                assert resp.status_code == 200, resp.text
+                got[target] = resp.json()
+        assert "path" in got[f"{model_server}/m.bin"], got
+        assert "not in the model URL allow-list" in got[f"http://localhost:{port}/m.bin"].get("refused", ""), got
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            for stream in (proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()
+
+
+@pytest.mark.anyio
 async def test_manifest_model_params_are_final(minifaas_engine: minifaas.Engine, tmp_path: Path) -> None:
     """A caller cannot replace a manifest's model URL or its digest (the host would fetch whatever it names)."""
     (tmp_path / "m.bin").write_bytes(b"weights")
@@ -583,12 +879,22 @@ async def test_manifest_model_params_are_final(minifaas_engine: minifaas.Engine,
 @pytest.mark.anyio
 async def test_spawned_sandboxes_are_confined_too() -> None:
     """The spawn launcher (a fresh interpreter per sandbox) runs the same set-up at INIT."""
-    code = "import os\ndef main(args):\n    return {'euid': os.geteuid(), 'root': sorted(os.listdir('/'))}\n"
+    code = textwrap.dedent(
+        """
+        import os
+        def main(args):
+            return {'euid': os.geteuid(), 'root': sorted(os.listdir('/')), 'pid': os.getpid(),
+                    'procs': sorted(n for n in os.listdir('/proc') if n.isdigit())}
+        """
+    )
     async with minifaas.Engine(launcher="spawn") as engine:
         await engine.deploy("who", code=code, isolation="sandbox")
         r = assert_success(await engine.call("who", {})).result
+        r2 = assert_success(await engine.call("who", {})).result
     assert r["euid"] != 0
     assert "home" not in r["root"] and "tmp" in r["root"]
+    # a PID namespace of its own, made at INIT (the process the host started waits outside it)
+    assert r["pid"] == 1 and r["procs"] == ["1"] and r2 == r
 
 
 def _png(width: int, height: int) -> bytes:
@@ -644,7 +950,8 @@ UNPRIVILEGED_ENTER = textwrap.dedent(
     isolation.enter({}, network=False, memory_mb=16)
     status = dict(l.split(':', 1) for l in open('/proc/self/status').read().splitlines() if ':' in l)
     print(json.dumps({'euid': os.geteuid(), 'root': sorted(os.listdir('/')), 'cap': status['CapEff'].strip(),
-                      'seccomp': status['Seccomp'].strip(), 'tmp_writable': os.access('/tmp', os.W_OK)}))
+                      'seccomp': status['Seccomp'].strip(), 'tmp_writable': os.access('/tmp', os.W_OK),
+                      'pid': os.getpid(), 'procs': sorted(n for n in os.listdir('/proc') if n.isdigit())}))
     """
 )
 
@@ -679,3 +986,4 @@ def test_an_unprivileged_host_gets_the_same_sandbox() -> None:
     r = json.loads(proc.stdout)
     assert r["euid"] == 1000 and r["cap"] == "0000000000000000" and r["seccomp"] == "2"
     assert "home" not in r["root"] and r["tmp_writable"] is True
+    assert r["pid"] == 1 and r["procs"] == ["1"]

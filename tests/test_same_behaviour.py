@@ -35,7 +35,8 @@ CASES = [(fn, photo) for fn in AI_FUNCTIONS for photo in PHOTOS]
 async def minifaas_engine(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[minifaas.Engine]:
     async with minifaas.Engine(state_dir=tmp_path_factory.mktemp("engine"), max_sandboxes=4) as eng:
         for fn in AI_FUNCTIONS:
-            await eng.deploy(fn, path=FUNCTIONS / fn, max_sandboxes=1)
+            # the photos passed as paths lie under a folder granted to the functions (paths elsewhere are refused)
+            await eng.deploy(fn, path=FUNCTIONS / fn, max_sandboxes=1, read_paths=[IMAGES])
         yield eng
 
 

@@ -1,5 +1,13 @@
 """Read the ``image`` parameter of an AI function: bytes, a local path, a file:// / http(s):// / data: URL.
 
+Deployed (the runtime sets READ_GRANTS_ENV and WRITE_GRANTS_ENV, empty when nothing was granted), a function takes
+what the caller could hand it without this host's rights: bytes and data: URLs; a path (or file:// URL) only under
+a folder granted at deploy (``read_paths``; ``output_path`` under ``write_paths``), refused with an error that says
+nothing about the file; an http(s) URL only through the host's guarded fetcher (``host_call("model.fetch")``: the
+function's network setting, private and loopback addresses refused for a sandbox, every redirect checked). Called
+in-process (tests, benches: no runtime, no grants variable), the caller is the host itself and paths and URLs are
+read directly.
+
 Named ``image_input`` rather than ``imageio`` so that it never shadows the PyPI package of that name when a
 bundle's root is on ``sys.path``.
 """
@@ -17,6 +25,9 @@ import cv2
 import numpy as np
 
 MAX_IMAGE_BYTES = 32 << 20
+#: set by the runtime of a deployed function (os.pathsep-separated folders; empty: none granted)
+READ_GRANTS_ENV = "MINIFAAS_READ_PATHS"
+WRITE_GRANTS_ENV = "MINIFAAS_WRITE_PATHS"
 URL_TIMEOUT_S = 20.0
 FORMATS = {"png": ".png", "jpeg": ".jpg", "jpg": ".jpg", "webp": ".webp"}
 JPEG_QUALITY = 90
@@ -28,7 +39,42 @@ MAX_ASPECT_RATIO = 20.0
 JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
+def _deployed() -> bool:
+    return READ_GRANTS_ENV in os.environ
+
+
+def _granted(path: str, env: str, *, param: str, option: str, instead: str) -> str:
+    """``path`` resolved (symlinks too) when it lies under a folder of ``env``; a ValueError naming the rule, and
+    nothing about the file (not whether it exists), otherwise."""
+    real = os.path.realpath(path)
+    for folder in (f for f in os.environ.get(env, "").split(os.pathsep) if f):
+        root = os.path.realpath(folder)
+        if real == root or real.startswith(root.rstrip("/") + "/"):
+            return real
+    raise ValueError(
+        f"{param!r}: this function reads and writes host files only under the folders granted at deploy "
+        f"({option}), and this path is not under one; {instead}"
+    )
+
+
+def _fetch_through_host(url: str) -> bytes:
+    """An http(s) image fetched by the host's guarded fetcher (the model store's), then read from its cache."""
+    import minifaas_sandbox
+
+    try:
+        path = minifaas_sandbox.host_call("model.fetch", {"url": url, "sha256": None})
+    except RuntimeError as exc:
+        raise ValueError(f"cannot fetch image from {url}: {exc}") from None
+    with open(str(path), "rb") as f:
+        data = f.read(MAX_IMAGE_BYTES + 1)
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ValueError(f"image at {url} is larger than {MAX_IMAGE_BYTES} bytes")
+    return data
+
+
 def _fetch_url(url: str) -> bytes:
+    if _deployed():
+        return _fetch_through_host(url)
     try:
         with urllib.request.urlopen(url, timeout=URL_TIMEOUT_S) as resp:
             data: bytes = resp.read(MAX_IMAGE_BYTES + 1)
@@ -42,7 +88,11 @@ def _fetch_url(url: str) -> bytes:
     return data
 
 
-def _read_path(path: str) -> bytes:
+def _read_path(path: str, *, param: str = "image") -> bytes:
+    if _deployed():
+        path = _granted(
+            path, READ_GRANTS_ENV, param=param, option="read_paths", instead="pass the image's bytes or a data: URL"
+        )
     try:
         size = os.path.getsize(path)
         if size > MAX_IMAGE_BYTES:
@@ -71,10 +121,10 @@ def load_bytes(src: object, *, param: str = "image") -> bytes:
     if parsed.scheme in ("http", "https"):
         return _fetch_url(src)
     if parsed.scheme == "file":
-        return _read_path(urllib.request.url2pathname(parsed.path))
+        return _read_path(urllib.request.url2pathname(parsed.path), param=param)
     if parsed.scheme and len(parsed.scheme) > 1:
         raise ValueError(f"{param!r}: unsupported URL scheme {parsed.scheme!r}")
-    return _read_path(src)
+    return _read_path(src, param=param)
 
 
 def image_size(data: bytes) -> tuple[int, int] | None:
@@ -156,6 +206,14 @@ def write_output(image: np.ndarray, output_path: str, fmt: str | None = None) ->
     """Write ``image`` to ``output_path`` atomically; the format comes from ``fmt`` or the file extension."""
     if fmt is None:
         fmt = os.path.splitext(output_path)[1].lstrip(".") or "png"
+    if _deployed():
+        output_path = _granted(
+            output_path,
+            WRITE_GRANTS_ENV,
+            param="output_path",
+            option="write_paths",
+            instead="leave output_path out to get the image's bytes back",
+        )
     data = encode(image, fmt)
     directory = os.path.dirname(os.path.abspath(output_path))
     tmp = os.path.join(directory, f".{os.path.basename(output_path)}.{os.getpid()}.tmp")

@@ -71,6 +71,7 @@ import threading
 import uuid
 import weakref
 from collections import OrderedDict
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
@@ -643,15 +644,25 @@ async def deploy_functions(
     functions_dir: Path = FUNCTIONS_DIR,
     max_sandboxes: int = DEFAULT_MAX_SANDBOXES,
     folders: dict[str, str] | None = None,
+    grants: Sequence[str | os.PathLike[str]] = (),
 ) -> dict[str, str]:
     """Deploy the workflow's AI functions (``folders``: name -> folder under ``functions_dir``); name -> version.
 
     A function deployed from its own folder names its models (:data:`FUNCTION_MODELS`), so a zygote holds them.
+    ``grants``: the folders the functions read the photos from and write the crops to (each composition's
+    ``catalog_dir``, or a folder above them): a deployed function takes paths only under its grants.
     """
     versions: dict[str, str] = {}
     for name, folder in (folders or FUNCTION_FOLDERS).items():
         models = FUNCTION_MODELS.get(name, ()) if folder == FUNCTION_FOLDERS.get(name) else ()
-        info = await engine.deploy(name, path=functions_dir / folder, max_sandboxes=max_sandboxes, models=models)
+        info = await engine.deploy(
+            name,
+            path=functions_dir / folder,
+            max_sandboxes=max_sandboxes,
+            models=models,
+            read_paths=grants,
+            write_paths=grants,
+        )
         versions[name] = str(info["version"])
     return versions
 
@@ -665,7 +676,11 @@ async def deploy_catalog(
     crop: str = CROP_FUNCTION,
     tag: str = TAG_FUNCTION,
 ) -> Composition:
-    """Deploy the composition as ``name`` (its functions must be deployed) and install the step recorder.
+    """Deploy the composition as ``name`` and install the step recorder, after sweeping the staging files.
+
+    Call it before deploying the functions: an engine with a state dir restarts with the composition it kept, so
+    a saved feed targeting it starts as soon as the functions it calls are deployed, and no session may start
+    before the sweep.
 
     ``params`` are the composition's defaults (e.g. ``catalog_dir``/``rejected_dir``); a trigger's parameters
     and the event's payload override them.

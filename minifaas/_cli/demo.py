@@ -360,7 +360,7 @@ async def run_demo(
         if tm is None:
             raise DemoError("this engine has no trigger manager")
         engine.add_end_hook(watcher)
-        versions: dict[str, str] = await wf.deploy_functions(engine)
+        versions: dict[str, str] = await wf.deploy_functions(engine, grants=[str(catalog)])
         comp: Composition = await wf.deploy_catalog(
             engine, COMPOSITION_NAME, params={"catalog_dir": str(catalog), "rejected_dir": str(rejected)}
         )

@@ -114,6 +114,20 @@ class Api:
         return (await self.call(method, path, **kwargs)).json()
 
 
+#: the commands --local runs on a read-only engine when another engine (minifaas serve) holds the state dir
+READ_COMMANDS: Final[dict[str, frozenset[str]]] = {
+    "activation": frozenset({"list", "get", "logs", "result", "poll"}),
+    "action": frozenset({"list", "get"}),
+    "trigger": frozenset({"list", "get"}),
+    "rule": frozenset({"list", "get"}),
+    "session": frozenset({"list", "get"}),
+}
+
+
+def _reads_only(args: argparse.Namespace) -> bool:
+    return getattr(args, "verb", None) in READ_COMMANDS.get(getattr(args, "command", ""), frozenset())
+
+
 def _state_dir(args: argparse.Namespace) -> Path:
     given = args.state_dir or os.environ.get(ENV_STATE_DIR)
     if given:
@@ -186,9 +200,17 @@ async def connect(args: argparse.Namespace) -> AsyncIterator[Api]:
 
     if args.local:
         from .._engine import Engine
+        from .._errors import StateDirLocked
         from .._server.app import create_app
 
-        async with Engine(state_dir=_state_dir(args)) as engine:
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                engine = await stack.enter_async_context(Engine(state_dir=_state_dir(args)))
+            except StateDirLocked:
+                if not _reads_only(args):
+                    raise
+                # another engine (a running minifaas serve) holds the dir: reading its records needs no lock
+                engine = await stack.enter_async_context(Engine(state_dir=_state_dir(args), read_only=True))
             app = create_app(engine, auth=None, namespace=engine.namespace)
             await app.state.api.restore()
             transport = httpx.ASGITransport(app=app)
@@ -753,6 +775,8 @@ def cmd_serve(args: argparse.Namespace, console: Console) -> int:
 
         auth, auth_file = stored_auth(state_dir, new_auth())
     auth = auth or new_auth()
+    from .._deploy.fetchguard import check_allow_list
+
     isolation: Literal["process", "sandbox"] = "process" if args.unconfined else "sandbox"
     if isolation == "sandbox":
         from .._deploy.isolation import require_sandbox
@@ -764,8 +788,15 @@ def cmd_serve(args: argparse.Namespace, console: Console) -> int:
             # code that comes over HTTP never runs unconfined unless asked for in so many words
             raise CliError(f"{exc}; start with --unconfined to serve anyway") from None
 
+    try:
+        allow = check_allow_list(args.model_url_allow)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
     async def run() -> None:
-        async with Engine(state_dir=state_dir, namespace=args.server_namespace, isolation=isolation) as engine:
+        async with Engine(
+            state_dir=state_dir, namespace=args.server_namespace, isolation=isolation, model_url_allow=allow
+        ) as engine:
             await _serve_until_signal(engine, args.host, args.port, auth, console, state_dir, auth_file)
 
     _run_server(run, args.host, args.port)
@@ -1001,6 +1032,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run deployed code as plain processes (isolation='process'), not sandboxed: only for trusted code",
     )
+    p.add_argument(
+        "--model-url-allow",
+        action="append",
+        metavar="ORIGIN",
+        help="fetch model URLs for deployed code from this origin only (scheme://host[:port], *.domain allowed; "
+        "repeat for more); a listed origin may be loopback or private",
+    )
     p.set_defaults(run=cmd_serve)
 
     p = verb(verbs, "deploy", "create or update an action from a .py file, a folder or a .zip")
@@ -1044,7 +1082,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--send",
         choices=("data", "path"),
         default="data",
-        help="send each file as a base64 data: URL (default) or as its path (server on this machine)",
+        help="send each file as a base64 data: URL (default) or its path (read only by a function granted the folder)",
     )
     p.add_argument("--pattern", default="*", help="glob of files to take (default *)")
     p.add_argument("--concurrency", type=int, default=BATCH_CONCURRENCY, help="requests in flight")
@@ -1122,6 +1160,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb(sv, "get", "show a session with its steps")
     p.add_argument("id")
     p.set_defaults(call=cmd_session)
+
+    from .compositions import add_parser as add_composition_parser
+
+    add_composition_parser(verbs, verb)
 
     p = verb(verbs, "gc", "remove leftovers and unused bundles, environments and models of the state dir")
     p.add_argument("--budget-mb", type=float, help="keep unused things up to this many MiB (default 10 GiB)")

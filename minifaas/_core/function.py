@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Final, Literal
 
 from .._deploy.bundle import Bundle
@@ -20,6 +21,8 @@ MAX_LOG_BYTES: Final = 10 << 20
 MAX_QUEUE: Final = 10_000
 #: how long a request may wait in its function's queue for a sandbox before it ends as failed
 MAX_QUEUE_WAIT_S: Final = 600.0
+#: the variables a deployed function finds its read_paths and write_paths in (os.pathsep-separated)
+GRANTS_ENV: Final = ("MINIFAAS_READ_PATHS", "MINIFAAS_WRITE_PATHS")
 
 DEFAULTS: Final[dict[str, Any]] = {
     "timeout_s": TIMEOUT_S,
@@ -89,6 +92,9 @@ class FunctionSpec:
     own_paths: tuple[str, ...] = ()
     #: parameters a caller may not replace: the manifest's models and their digests
     final_params: tuple[str, ...] = ()
+    #: the only origins (scheme://host[:port]) the host fetches model URLs from for it; None: any (a sandbox's
+    #: still refused private and loopback addresses)
+    model_url_allow: tuple[str, ...] | None = None
 
     @property
     def key(self) -> str:
@@ -101,7 +107,13 @@ class FunctionSpec:
             "namespace": self.namespace,
             "main": self.main,
             "source": self.bundle.source,
-            "env": self.env,
+            # the folders granted at deploy, for a function to check paths it is given against (functions/_lib's
+            # image_input); set whatever the function's own env says
+            "env": {
+                **self.env,
+                GRANTS_ENV[0]: os.pathsep.join(self.read_paths),
+                GRANTS_ENV[1]: os.pathsep.join(self.write_paths),
+            },
             "concurrency": self.concurrency,
             "memory_mb": self.memory_mb,
             "max_result_bytes": self.max_result_bytes,
@@ -153,5 +165,6 @@ class FunctionSpec:
             "isolation": self.isolation,
             "read_paths": list(self.read_paths),
             "write_paths": list(self.write_paths),
+            "model_url_allow": None if self.model_url_allow is None else list(self.model_url_allow),
             "created": self.created,
         }

@@ -23,6 +23,7 @@ from typing import Final, Protocol
 import anyio
 
 from .._environ import scrubbed_env
+from . import lifeline
 
 __all__ = ("PIDS", "Launched", "Launcher", "PidsCgroups", "SpawnLauncher", "make_pipes", "scrubbed_env")
 
@@ -57,8 +58,9 @@ class Launched(Protocol):
     #: the host's copy of the sandbox's end of the channel (None where the launcher keeps none)
     peer: socket.socket | None
 
-    async def wait(self) -> int:
-        """The exit status, as subprocess reports it: the exit code, or minus the signal number."""
+    async def wait(self) -> int | None:
+        """The exit status, as subprocess reports it: the exit code, or minus the signal number (None: unknown, a
+        forked sandbox whose end only its zygote saw, and the zygote is gone)."""
         ...
 
     def kill(self) -> None:
@@ -299,7 +301,9 @@ class SpawnLauncher:
 
     async def launch(self, env: Mapping[str, str]) -> Launched:
         host, child, (out_r, out_w), (err_r, err_w) = make_pipes()
-        argv = [self.python, "-m", "minifaas_sandbox", "--fd", str(child.fileno())]
+        # it dies with this process, not with whichever thread started it (PR_SET_PDEATHSIG's anchor)
+        life = lifeline.read_fd()
+        argv = [self.python, "-m", "minifaas_sandbox", "--fd", str(child.fileno()), lifeline.ARG, str(life)]
         if self.preload:
             argv += ["--preload", ",".join(self.preload)]
         try:
@@ -308,7 +312,7 @@ class SpawnLauncher:
                 stdin=subprocess.DEVNULL,
                 stdout=out_w,
                 stderr=err_w,
-                pass_fds=(child.fileno(),),
+                pass_fds=(child.fileno(), life),
                 env=dict(env),
                 start_new_session=True,
                 close_fds=True,

@@ -10,7 +10,11 @@ pre-warmed?" (the reaper task, driven by a keep-alive policy: scale to zero, ``m
 from __future__ import annotations
 
 import collections
+import functools
 import math
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, Final
@@ -18,6 +22,9 @@ from typing import Any, Final
 import anyio
 import anyio.abc
 
+from .._deploy.bundle import check_staged
+from .._environ import ISOLATION_ENV
+from .._errors import DeployError
 from .function import IDLE_TIMEOUT_S, FunctionSpec
 from .keepalive import Candidate, FixedPolicy, GreedyDualEvictor, HistogramPolicy, KeepAlivePolicy
 from .launch import Launcher, SpawnLauncher, scrubbed_env
@@ -26,6 +33,8 @@ from .sandbox import HostService, Sandbox, SandboxDied
 __all__ = ("KEEPALIVE_POLICIES", "FunctionPool", "Pool")
 
 MAX_SANDBOXES_TOTAL: Final = 32
+#: minifaas_sandbox.runtime.SCRATCH_PREFIX: what a sandbox's working dir is called
+SCRATCH_PREFIX: Final = "minifaas-cwd-"
 REAP_INTERVAL_MAX_S: Final = 1.0
 REAP_INTERVAL_MIN_S: Final = 0.01
 KEEPALIVE_POLICIES: Final = ("fixed", "histogram")
@@ -303,15 +312,24 @@ class Pool:
         t0 = time.perf_counter()
         reply: dict[str, Any]
         try:
+            if spec.bundle.root is not None:
+                problem = check_staged(spec.bundle.root, spec.bundle.digest)
+                if problem is not None:
+                    raise DeployError(problem)
             if sb.proc is None:
                 # an env that replaces a preloaded package cannot run in a fork of the preloaded interpreter
                 launcher = SpawnLauncher(python=spec.python) if spec.python else self.launcher
-                await sb.start(launcher, scrubbed_env(), self.tg, wait_ready=False)
+                extra = {ISOLATION_ENV: "sandbox"} if spec.isolation == "sandbox" else None
+                await sb.start(launcher, scrubbed_env(extra), self.tg, wait_ready=False)
                 self.stats["forks" if sb.launch_how == "fork" else "spawns"] += 1
             else:
                 self.stats["prewarmed_specializations"] += 1
                 self.tg.start_soon(self._refill_stem)
             reply = await sb.init(spec.init_fields(), spec.timeout_s)
+            scratch = reply.get("scratch")
+            if isinstance(scratch, str) and spec.isolation == "process":
+                # a sandboxed one's lies in its private /tmp, which ends with it
+                self.tg.start_soon(self._remove_scratch, sb, scratch)
         except (Exception, SandboxDied) as exc:
             reply = {"ok": False, "error": f"the sandbox failed to start: {exc}"}
             if getattr(exc, "internal", False):
@@ -343,6 +361,14 @@ class Pool:
             fp.cold_ms += (sb.init_ms - fp.cold_ms) / fp.cold_starts
         self.wake_reaper()
         return reply
+
+    async def _remove_scratch(self, sb: Sandbox, path: str) -> None:
+        """Remove a sandbox's working dir once it has ended (a dir the runtime names as its own, under the temp
+        dir: nothing else)."""
+        await sb.closed.wait()
+        if os.path.dirname(path) != tempfile.gettempdir() or not os.path.basename(path).startswith(SCRATCH_PREFIX):
+            return
+        await anyio.to_thread.run_sync(functools.partial(shutil.rmtree, path, ignore_errors=True))
 
     async def _refill_stem(self) -> None:
         """Keep ``prewarm`` generic sandboxes launched and READY, without exceeding the engine's cap."""

@@ -10,10 +10,11 @@ few milliseconds (SOCK, ATC'18). The zygote is ``minifaas_sandbox.zygote``; this
 
 Failure handling: a dead zygote is restarted by the next ``launch``; when a restart fails too (the zygote dies
 before it serves a fork, e.g. a broken preload), launches fall back to :class:`SpawnLauncher` for a back-off
-period, and :meth:`ZygoteLauncher.stats` counts it. A sandbox does not outlive its zygote: the runtime asks
-the kernel to SIGKILL it when its parent dies (``runtime.die_with_parent``), and the zygote exits when the
-host's end of the control socket closes, so a killed host leaves nothing behind. Once the zygote is gone, the
-host notices the end of its sandboxes through pidfds.
+period, and :meth:`ZygoteLauncher.stats` counts it. A zygote that stalls is retired (no more work; stopped once
+its sandboxes have ended). Sandboxes do not depend on their zygote: they and the zygote die with the *host*
+(the kernel SIGKILLs them when the host's end of a lifeline pipe closes, ``minifaas_sandbox.lifeline``), so a
+zygote killed or retired leaves its warm sandboxes serving, and a killed host leaves nothing behind. The host sees
+a sandbox end on its pidfd and reads its exit status from the zombie, without waiting for the zygote's report.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from minifaas_sandbox import protocol as p
 from minifaas_sandbox import zygote as z
 
 from .._errors import MinifaasError
+from . import lifeline
 from .launch import MAX_PIDS_PER_SANDBOX, PIDS, Launched, SpawnLauncher, kill_cgroup, make_pipes, scrubbed_env
 from .spares import SpareSizer
 
@@ -54,9 +56,13 @@ RESTART_BACKOFF_MAX_S: Final = 60.0
 #: tries of zygote-then-fork per launch before spawning (the second try restarts a zygote that just died)
 FORK_ATTEMPTS: Final = 2
 RECV_BYTES: Final = 1 << 16
-#: exit status reported for a sandbox whose zygote died before reporting its end: the kernel SIGKILLs it
-#: then (PR_SET_PDEATHSIG), and its real status went to nobody the host can ask
-ORPHAN_EXIT_STATUS: Final = -signal.SIGKILL
+#: exit status reported for a sandbox whose end nobody the host can ask saw (its zygote died, and whoever
+#: adopted it reaped it before the host read the zombie): unknown
+ORPHAN_EXIT_STATUS: Final = None
+#: /proc/<pid>/stat: the state (3rd field) and the exit status as waitpid reports it (52nd), counted after the
+#: command's closing parenthesis (the command may hold spaces)
+STAT_STATE_FIELD: Final = 0
+STAT_EXIT_CODE_FIELD: Final = 49
 #: the most spares a zygote keeps by default (a burst of more cold starts waits for forks beyond these)
 DEFAULT_MAX_SPARES: Final = 8
 #: a spare's private memory before the first measurement (measured here: 2-4 MiB of PSS)
@@ -130,14 +136,17 @@ class _ForkedProcess:
         self._orphaned = True
         self._changed.set()
 
-    async def wait(self) -> int:
-        """The exit status. The end itself is seen on the pidfd, not through the zygote: a stalled zygote delays
-        a death's report by at most ``EXIT_REPORT_WAIT_S`` (then the status is the one a kill gives)."""
+    async def wait(self) -> int | None:
+        """The exit status (None: unknown). The end itself is seen on the pidfd, and the status read from the
+        zombie, not through the zygote: a stalled zygote (which does not reap) delays nothing. Only a sandbox
+        reaped before the host read it waits for the zygote's report, at most ``EXIT_REPORT_WAIT_S``."""
         if self._status is None:
             async with self._pidfd_lock:
                 if self._status is None and self._pidfd >= 0:
                     await anyio.wait_readable(self._pidfd)
-            # ended: only its parent, the zygote, can read how; it reports at once unless it is stalled or gone
+            if self._status is None:
+                self._status = _zombie_status(self.pid, self._pidfd)
+            # reaped already: by a live zygote, which reports at once, or by whoever adopted an orphan
             if self._status is None and not self._orphaned:
                 with anyio.move_on_after(EXIT_REPORT_WAIT_S):
                     await self._changed.wait()
@@ -175,6 +184,24 @@ class _ForkedProcess:
         if self._status is None:
             # its EXITED report may still come: drop it then instead of keeping it for an unknown pid
             self._zygote.abandoned_pids.add(self.pid)
+
+
+def _zombie_status(pid: int, pidfd: int) -> int | None:
+    """The exit status of an ended process the host is not the parent of, read while it is a zombie; None once
+    it has been reaped (then its pid may name another process, which the pidfd tells apart)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    try:
+        # still not reaped now, so the stat read before was this process's, not a successor's with its pid
+        signal.pidfd_send_signal(pidfd, 0)
+    except OSError:
+        return None
+    if fields[STAT_STATE_FIELD] != b"Z" or len(fields) <= STAT_EXIT_CODE_FIELD:
+        return None
+    return os.waitstatus_to_exitcode(int(fields[STAT_EXIT_CODE_FIELD]))
 
 
 class _Request:
@@ -713,7 +740,8 @@ class ZygoteLauncher:
 
     async def _start_zygote(self, tg: anyio.abc.TaskGroup) -> _Zygote:
         host, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        argv = [sys.executable, "-m", "minifaas_sandbox.zygote", "--fd", str(child.fileno())]
+        life = lifeline.read_fd()
+        argv = [sys.executable, "-m", "minifaas_sandbox.zygote", "--fd", str(child.fileno()), lifeline.ARG, str(life)]
         argv += ["--preload", ",".join(self.preload)]
         if not self.fork_ahead:
             argv.append("--no-fork-ahead")
@@ -726,7 +754,7 @@ class ZygoteLauncher:
                 argv,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
-                pass_fds=(child.fileno(),),
+                pass_fds=(child.fileno(), life),
                 env=self._env,
                 start_new_session=True,
                 close_fds=True,

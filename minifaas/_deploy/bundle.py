@@ -21,7 +21,7 @@ from typing import Any, Final
 from .._errors import DeployError
 from .bundlecopy import CopyBudget, copy_folder, include_into
 
-__all__ = ("MANIFEST_NAME", "Bundle", "load_bundle")
+__all__ = ("MANIFEST_NAME", "Bundle", "check_staged", "load_bundle")
 
 MAX_CODE_BYTES: Final = 48 << 20
 MAX_ZIP_ENTRIES: Final = 10_000
@@ -222,6 +222,44 @@ def _walk(root: Path) -> list[Path]:
     return sorted(found)
 
 
+#: each staged folder as it was staged: every entry's path, mode, inode, size, mtime and ctime (a rewrite, a new
+#: file, a chmod or a touch with a forged mtime all change the ctime); comparing costs one lstat per entry
+_STAMPS: dict[str, tuple[tuple[str, int, int, int, int, int], ...]] = {}
+
+
+def _stamp(folder: str) -> tuple[tuple[str, int, int, int, int, int], ...]:
+    # the folder's own times are not part of it: the engine touches it to mark it in use (a file added or removed
+    # in it shows as an entry more or less)
+    out = []
+    for root, dirs, files in os.walk(folder):
+        for name in (*dirs, *files):
+            path = os.path.join(root, name)
+            st = os.lstat(path)
+            rel = os.path.relpath(path, folder)
+            out.append((rel, st.st_mode, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    return tuple(sorted(out))
+
+
+def check_staged(root: Path, digest: str) -> str | None:
+    """Before a sandbox of a staged bundle starts: None when the folder is as it was staged; otherwise why it must
+    not run (it is removed then, so that deploying it again stages it afresh). Staged folders are shared by every
+    function and version with the same content, and an unconfined function can rewrite its own."""
+    key = str(root)
+    try:
+        now = _stamp(key)
+    except OSError as exc:
+        return f"its staged bundle {root} is gone ({exc.strerror}); deploy it again"
+    known = _STAMPS.get(key)
+    if known is None and _digest_of(root) == digest:
+        _STAMPS[key] = now  # staged by an earlier engine process: its content checked once
+        return None
+    if now == known:
+        return None
+    _STAMPS.pop(key, None)
+    shutil.rmtree(root, ignore_errors=True)
+    return f"its staged bundle {root} changed since it was deployed (a function rewrote it); deploy it again"
+
+
 def _digest_of(folder: Path) -> str | None:
     """The content digest _finish_staged computed for a staged folder (None if a symbolic link appeared in it)."""
     h = hashlib.sha256()
@@ -301,6 +339,7 @@ def _finish_staged(
                 raise
             # a concurrent deploy of the same bundle got there first: its copy is identical
             shutil.rmtree(staging, ignore_errors=True)
+    _STAMPS[str(final)] = _stamp(str(final))
     if models is None:
         models = {}
         for k, v in manifest.get("models", {}).items():

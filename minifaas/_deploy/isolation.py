@@ -16,7 +16,7 @@ from typing import Any, Final, Literal
 
 from .._errors import DeployError
 
-__all__ = ("ISOLATION_MODES", "Isolation", "check_grants", "check_isolation", "require_sandbox")
+__all__ = ("ISOLATION_MODES", "Isolation", "check_grants", "check_isolation", "interpreter_paths", "require_sandbox")
 
 Isolation = Literal["process", "sandbox"]
 ISOLATION_MODES: Final[tuple[str, ...]] = ("process", "sandbox")
@@ -73,6 +73,14 @@ def check_grants(name: str, paths: Iterable[Any]) -> tuple[str, ...]:
             raise DeployError(f"{name}: {path} does not exist")
         out.append(path)
     return tuple(out)
+
+
+def interpreter_paths() -> tuple[str, ...]:
+    """The interpreter's folders: every sandbox sees them read-only (it runs this interpreter), so a function may
+    have the host read a file there for it too (e.g. OpenCV's bundled cascades)."""
+    found = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)}
+    found |= {os.path.realpath(p) for p in sys.path if p and os.path.isabs(p) and p.endswith("-packages")}
+    return tuple(sorted(found))
 
 
 def own_paths(source: dict[str, Any], sys_path: Sequence[str], model_root: Path | None) -> tuple[str, ...]:

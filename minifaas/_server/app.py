@@ -9,6 +9,7 @@ the engine's event loop. Routes (prefix ``/api/v1``, HTTP basic auth with OpenWh
     GET|PUT|DELETE|POST  /namespaces/{ns}/triggers[/{name}]       (POST fires: also the HTTP webhook feed)
     GET|PUT|DELETE|POST  /namespaces/{ns}/rules[/{name}]          (POST {status: active|inactive})
     GET  /namespaces/{ns}/sessions[/{id}]                         (minifaas: composition sessions)
+    GET|PUT|DELETE|POST  /namespaces/{ns}/compositions[/{name}]   (minifaas: compositions from JSON, compositions.py)
     GET  /metrics   (Prometheus)      GET /ping   (no auth)
 
 Action ``limits`` take OpenWhisk's ``timeout`` (ms), ``memory`` (MB), ``logs`` (MB), ``concurrency`` and
@@ -1115,6 +1116,9 @@ def create_app(
         Route(f"{ns}/sessions", api.list_sessions, methods=["GET"]),
         Route(f"{ns}/sessions/{{id}}", api.get_session, methods=["GET"]),
     ]
+    from .compositions import routes as composition_routes
+
+    routes += composition_routes(api)
     ui = _webui_routes(engine, namespace)
     routes += ui if ui is not None else [Route("/", api.index, methods=["GET"])]
 

@@ -2,8 +2,8 @@
 
 Shared by ``benches/bench_reliability.py --only catalog`` (1,000 photos) and ``tests/test_catalog.py`` (a few).
 ``setup`` creates the trigger, rule and feed in a state folder; ``run_host`` starts a host on it (deploy the
-functions and the composition: the saved feed resumes once its target exists) and kills it -9 after a while,
-or once the feed has nothing pending; ``tally`` says where each photo ended.
+composition and the functions: the saved feed resumes once its target and the functions it calls exist) and kills
+it -9 after a while, or once the feed has nothing pending; ``tally`` says where each photo ended.
 """
 
 from __future__ import annotations
@@ -37,9 +37,11 @@ async def main():
             tm.create_rule("to-catalog", "photos", "catalog")
             await tm.add_feed("photos", "folder", path=root + "/uploads", interval_s=0.2, settle_s=0.5)
             return
-        await wf.deploy_functions(engine)
+        # the composition first: the state dir kept it, so the saved feed starts once the functions are back,
+        # and the catalog's sweep of staging files must come before any session of this run
         params = {"catalog_dir": root + "/catalog", "rejected_dir": root + "/rejected"}
-        await wf.deploy_catalog(engine, params=params)  # the saved feed starts now: its target exists
+        await wf.deploy_catalog(engine, params=params)
+        await wf.deploy_functions(engine, grants=[root])  # the saved feed starts now: its target and all it calls exist
         print("ready", flush=True)
         while True:
             await anyio.sleep(0.2)
