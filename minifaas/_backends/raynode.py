@@ -43,7 +43,8 @@ class NodeActor:
     """A node's zygote and the sandboxes it forked (wrapped with ``ray.remote`` by :class:`~.ray.RayLauncher`)."""
 
     def __init__(self, config: dict[str, Any]) -> None:
-        self._config = config
+        #: what the host passed (its driver node): kept for the record of what this actor serves
+        self.config = dict(config)
         self._node_id = str(ray.get_runtime_context().get_node_id())
         self._sandboxes: dict[str, SandboxActor] = {}
         self._zygote: ZygoteLauncher | None = None
