@@ -132,6 +132,19 @@ async def bench(backend: str, ns: argparse.Namespace) -> dict[str, Any]:
             assert act.status == "success", act
             await engine.delete(f"cold{i}")
         out["cold_ms"] = sorted(colds)[len(colds) // 2]
+        if backend == "ray":
+            # the same with an actor of its own per sandbox (what GPU functions get, and all did before)
+            launcher: Any = engine._launcher
+            launcher.node_zygotes = False
+            actor_colds = []
+            for i in range(ns.actor_cold_n):
+                await engine.deploy(f"actor-cold{i}", code=NOOP)
+                t = time.perf_counter()
+                assert (await engine.call(f"actor-cold{i}", {})).status == "success"
+                actor_colds.append((time.perf_counter() - t) * 1000)
+                await engine.delete(f"actor-cold{i}")
+            launcher.node_zygotes = True
+            out["actor_cold_ms"] = sorted(actor_colds)[len(actor_colds) // 2]
         cases: list[tuple[str, dict[str, Any], dict[str, Any], int, int, int]] = [
             ("noop", {"code": NOOP}, {}, ns.n, ns.total, 50),
             ("crop", {"path": CROP_PATH}, {"image": image}, ns.crop_n, ns.crop_total, 5),
@@ -178,6 +191,7 @@ def main() -> None:
     ap.add_argument("--crop-total", type=int, default=300, help="pose-crop throughput invocations")
     ap.add_argument("--inflight", type=int, default=32, help="clients with one invocation outstanding each")
     ap.add_argument("--cold-n", type=int, default=11, help="cold starts measured (median)")
+    ap.add_argument("--actor-cold-n", type=int, default=3, help="cold starts with an actor per sandbox (median)")
     ap.add_argument("--nodes", default="1,2", help="Ray cluster sizes to measure, comma-separated")
     ns = ap.parse_args()
     local = anyio.run(bench, "local", ns)
@@ -212,7 +226,8 @@ def main() -> None:
         print(
             f"bare Ray actor from nothing (create + first call) {bare_cold:.1f} ms; minifaas cold start on Ray "
             f"(per-node zygote) {cold:.1f} ms ({cold / bare_cold:.2f}x of the bare actor, "
-            f"{cold / local['cold_ms']:.2f}x of local)"
+            f"{cold / local['cold_ms']:.2f}x of local); with a Ray actor of its own per sandbox "
+            f"{ray_['actor_cold_ms']:.1f} ms"
         )
         print(f"ray launcher stats: {ray_['stats'].get('launcher_stats')}")
 
