@@ -1,6 +1,10 @@
 """Ray backend vs local backend: cold start, warm latency (p50/p99) and throughput of a no-op and of a pose crop,
 on a 1-node and a 2-node Ray cluster, against a bare Ray actor call measured in the same run.
 
+Cold start: the first call of a newly deployed no-op, once its node's zygote actor runs (it is started by the first
+cold start on a node and kept: the figure is the median over the ``--cold-n`` after that one); next to it, what a
+bare Ray actor costs from nothing (creation + first call) and per call, in the same run.
+
 Run: ``python benches/bench_ray.py [--n 2000] [--total 5000] [--crop-n 100] [--crop-total 300] [--nodes 1,2]``
 (needs ``pip install 'minifaas[ray]'``). Each Ray case starts a ``ray.cluster_utils.Cluster`` on this machine: one
 node with every core, or two nodes sharing the cores; each function gets ``max_sandboxes=2`` on every backend.
@@ -75,6 +79,20 @@ class _Bare:
         return args
 
 
+async def _bare_actor_cold_ms(n: int) -> float:
+    """Median time to create a bare Ray actor and get its first call's answer (what a sandbox actor costs at least)."""
+    import ray
+
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        actor = ray.remote(num_cpus=0)(_Bare).remote()  # type: ignore[call-overload]
+        await actor.noop.remote({})
+        times.append((time.perf_counter() - t) * 1000)
+        ray.kill(actor)
+    return sorted(times)[len(times) // 2]
+
+
 async def _bare_actor_ms(n: int) -> list[float]:
     import ray
 
@@ -97,7 +115,14 @@ async def bench(backend: str, ns: argparse.Namespace) -> dict[str, Any]:
         out["start_s"] = time.perf_counter() - t0
         if backend == "ray":
             out["bare_lat"] = await _bare_actor_ms(ns.n)
+            out["bare_cold_ms"] = await _bare_actor_cold_ms(ns.cold_n)
         colds = []
+        # the first one starts the node's zygote actor (once per node and engine): not a sandbox's cold start
+        await engine.deploy("cold-first", code=NOOP)
+        t = time.perf_counter()
+        assert (await engine.call("cold-first", {})).status == "success"
+        out["first_cold_ms"] = (time.perf_counter() - t) * 1000
+        await engine.delete("cold-first")
         for i in range(ns.cold_n):
             # a new function each time: its first call starts a sandbox (actor) from nothing
             await engine.deploy(f"cold{i}", code=NOOP)
@@ -107,6 +132,19 @@ async def bench(backend: str, ns: argparse.Namespace) -> dict[str, Any]:
             assert act.status == "success", act
             await engine.delete(f"cold{i}")
         out["cold_ms"] = sorted(colds)[len(colds) // 2]
+        if backend == "ray":
+            # the same with an actor of its own per sandbox (what GPU functions get, and all did before)
+            launcher: Any = engine._launcher
+            launcher.node_zygotes = False
+            actor_colds = []
+            for i in range(ns.actor_cold_n):
+                await engine.deploy(f"actor-cold{i}", code=NOOP)
+                t = time.perf_counter()
+                assert (await engine.call(f"actor-cold{i}", {})).status == "success"
+                actor_colds.append((time.perf_counter() - t) * 1000)
+                await engine.delete(f"actor-cold{i}")
+            launcher.node_zygotes = True
+            out["actor_cold_ms"] = sorted(actor_colds)[len(actor_colds) // 2]
         cases: list[tuple[str, dict[str, Any], dict[str, Any], int, int, int]] = [
             ("noop", {"code": NOOP}, {}, ns.n, ns.total, 50),
             ("crop", {"path": CROP_PATH}, {"image": image}, ns.crop_n, ns.crop_total, 5),
@@ -152,7 +190,8 @@ def main() -> None:
     ap.add_argument("--crop-n", type=int, default=100, help="pose-crop latency samples")
     ap.add_argument("--crop-total", type=int, default=300, help="pose-crop throughput invocations")
     ap.add_argument("--inflight", type=int, default=32, help="clients with one invocation outstanding each")
-    ap.add_argument("--cold-n", type=int, default=3, help="cold starts measured (median)")
+    ap.add_argument("--cold-n", type=int, default=11, help="cold starts measured (median)")
+    ap.add_argument("--actor-cold-n", type=int, default=3, help="cold starts with an actor per sandbox (median)")
     ap.add_argument("--nodes", default="1,2", help="Ray cluster sizes to measure, comma-separated")
     ns = ap.parse_args()
     local = anyio.run(bench, "local", ns)
@@ -173,6 +212,7 @@ def main() -> None:
             print(f"{label:38s} {a:9.2f}{unit:>2s} {b:9.2f}{unit:>2s} {b / a:9.2f}x")
 
         row("cold start (new function, no-op)", local["cold_ms"], ray_["cold_ms"], "ms")
+        row("first cold start (ray: starts the node's zygote)", local["first_cold_ms"], ray_["first_cold_ms"], "ms")
         for name, label in (("noop", "no-op"), ("crop", "pose crop (messi5.jpg)")):
             row(f"{label} first call", local[f"{name}_cold_ms"], ray_[f"{name}_cold_ms"], "ms")
             row(f"{label} warm p50", pct(local[f"{name}_lat"], 0.5) * ms, pct(ray_[f"{name}_lat"], 0.5) * ms, "ms")
@@ -181,6 +221,14 @@ def main() -> None:
         bare = pct(ray_["bare_lat"], 0.5) * ms
         noop = pct(ray_["noop_lat"], 0.5) * ms
         print(f"bare Ray actor call p50 {bare:.2f} ms; minifaas no-op p50 on Ray {noop:.2f} ms ({noop / bare:.2f}x)")
+        bare_cold = ray_["bare_cold_ms"]
+        cold = ray_["cold_ms"]
+        print(
+            f"bare Ray actor from nothing (create + first call) {bare_cold:.1f} ms; minifaas cold start on Ray "
+            f"(per-node zygote) {cold:.1f} ms ({cold / bare_cold:.2f}x of the bare actor, "
+            f"{cold / local['cold_ms']:.2f}x of local); with a Ray actor of its own per sandbox "
+            f"{ray_['actor_cold_ms']:.1f} ms"
+        )
         print(f"ray launcher stats: {ray_['stats'].get('launcher_stats')}")
 
 

@@ -408,6 +408,95 @@ async def test_raw_output_reaches_the_activation_logs(ray_engine: minifaas.Engin
         assert sorted(lines) == ["stderr: straight to fd 2", "stdout: from a child process", "stdout: straight to fd 1"]
 
 
+async def test_cold_starts_fork_from_one_zygote_actor_per_node(ray_engine: minifaas.Engine, ray_deploy: Deploy) -> None:
+    acts = []
+    for name in ("zyg-a", "zyg-b"):
+        await ray_deploy(name, code=WHERE, resources={ELSEWHERE: 1})
+        acts.append(assert_success(await ray_engine.call(name)))
+    started = ray_engine.stats()["launcher_stats"]["node_actors_started"]
+    await ray_deploy("zyg-c", code=WHERE, resources={ELSEWHERE: 1})
+    acts.append(assert_success(await ray_engine.call("zyg-c")))
+    assert ray_engine.stats()["launcher_stats"]["node_actors_started"] == started  # no new Ray actor
+    for act in acts:
+        assert act.annotations["cold"] is True and act.annotations["ray_limits"]["launch"] == "fork"
+        assert act.annotations["ray_node_id"] == _elsewhere_node()
+    assert len({a.annotations["ray_actor"] for a in acts}) == 1  # the node's zygote actor forked all three
+    assert len({a.result["pid"] for a in acts}) == 3
+
+
+async def test_lost_node_ends_its_activation_and_idle_sandboxes(
+    ray_cluster: Cluster, ray_engine: minifaas.Engine, ray_deploy: Deploy, tmp_path: Path
+) -> None:
+    """A node lost with its zygote actor: the activation running there ends (one record), the idle sandbox it held is
+    forgotten, and the sandbox processes are gone."""
+    node = ray_cluster.add_node(num_cpus=1, resources={"doomed": 10})
+    try:
+        await _eventually(lambda: len([n for n in ray.nodes() if n["Alive"]]) == 3, timeout_s=60)
+        half = {"num_cpus": 0.5, "doomed": 1}
+        await ray_deploy("doomed-idle", code=WHERE, resources=half)
+        await ray_deploy("doomed-busy", code=WHERE, resources=half)
+        idle = assert_success(await ray_engine.call("doomed-idle"))
+        barrier = tmp_path / "barrier"
+        [busy] = await _together(ray_engine, "doomed-busy", barrier, 1, s=60)
+        await _eventually(lambda: len(list(barrier.iterdir())) == 1, timeout_s=60)
+        busy_pid = int(next(barrier.iterdir()).name)
+    finally:
+        ray_cluster.remove_node(node)
+    act = await ray_engine.activations.wait(busy, timeout_s=30)
+    assert_status(act, "developer_error", error_contains="died")
+    await _eventually(lambda: ray_engine.stats()["functions"]["guest/doomed-idle@1"]["sandboxes"] == 0, timeout_s=15)
+    await _eventually(lambda: not _alive(busy_pid) and not _alive(idle.result["pid"]), timeout_s=15)
+    assert ray_engine.stats()["launcher_stats"]["node_actors_lost"] >= 1
+
+
+SHADOW = textwrap.dedent("""
+    def main(args):
+        try:
+            return {'read': len(open('/etc/shadow').read()) > 0}
+        except OSError as exc:
+            return {'read': False, 'denied': str(exc)}
+""")
+
+
+@pytest.mark.parametrize("isolation", ["process", "sandbox"], ids=["process", "sandbox"])
+async def test_isolation_sandbox_is_set_up_on_the_node(
+    ray_engine: minifaas.Engine, ray_deploy: Deploy, isolation: str
+) -> None:
+    # on the node without the head's disk: the sandbox binds that node's bundle, environment and model store
+    await ray_deploy(f"shadow-{isolation}", code=SHADOW, isolation=isolation, resources={ELSEWHERE: 1})
+    act = assert_success(await ray_engine.call(f"shadow-{isolation}"))
+    assert act.annotations["ray_node_id"] == _elsewhere_node()
+    assert act.annotations["ray_limits"]["isolation"] == isolation
+    # root here: unconfined, the function reads the node's /etc/shadow; sandboxed, it is denied
+    assert act.result["read"] is (isolation == "process"), act.result
+    if isolation == "sandbox":
+        assert "Permission denied" in act.result["denied"]
+
+
+BIG = textwrap.dedent("""
+    import hashlib
+    def main(args):
+        blob = args['blob']
+        return {'sha': hashlib.sha256(blob).hexdigest(), 'back': blob[::-1]}
+""")
+
+
+async def test_large_arguments_and_results_go_through_the_object_store(
+    ray_engine: minifaas.Engine, ray_deploy: Deploy
+) -> None:
+    from minifaas._backends.ray import RAY_OBJECT_STORE_MIN_BYTES
+
+    blob = os.urandom(2 * RAY_OBJECT_STORE_MIN_BYTES)
+    await ray_deploy("big", code=BIG)
+    before = dict(ray_engine.stats()["launcher_stats"])
+    act = assert_success(await ray_engine.call("big", {"blob": blob}))
+    assert act.result == {"sha": hashlib.sha256(blob).hexdigest(), "back": blob[::-1]}
+    assert_success(await ray_engine.call("big", {"blob": b"small"}))  # inline, both ways
+    after = ray_engine.stats()["launcher_stats"]
+    assert after["large_args_put"] == before["large_args_put"] + 1
+    assert after["large_results_got"] == before["large_results_got"] + 1
+
+
 async def _together(engine: minifaas.Engine, name: str, barrier: Path, n: int, s: float = 0) -> list[str]:
     """Submit ``n`` activations of WHERE that wait for each other, so each runs on its own actor."""
     barrier.mkdir()
@@ -436,7 +525,12 @@ async def test_killed_actor_ends_only_its_activation(
     await _eventually(lambda: len(list((tmp_path / "barrier").iterdir())) == 2, timeout_s=60)
     victim, survivor = [await ray_engine.activations.get(i) for i in ids]
     sandbox = victim.annotations["sandbox"]
-    [name] = [n for n in _engine_actor_names() if n.endswith(f"-{sandbox}")]
+    # each sandbox on a node of its own (1 CPU each): killing the victim's node actor (the zygote that forked it
+    # and holds it) ends the victim's activation, not the one on the other node
+    assert ray_engine._pool is not None
+    [sb] = [s for s in ray_engine._pool.functions["guest/pair@1"].sandboxes if s.id == sandbox]
+    name = getattr(sb, "actor_name", "")
+    assert name in _engine_actor_names() and "-node-" in name
     ray.kill(ray.get_actor(name, namespace="minifaas"), no_restart=True)
     killed = await ray_engine.activations.wait(victim.activation_id, timeout_s=30)
     assert_status(killed, "developer_error", error_contains=f"the Ray actor {name} died")
@@ -446,18 +540,18 @@ async def test_killed_actor_ends_only_its_activation(
     assert_success(await ray_engine.call("pair"))  # the function keeps serving
 
 
-async def test_scale_to_zero_removes_actors(ray_engine: minifaas.Engine, ray_deploy: Deploy) -> None:
+async def test_scale_to_zero_frees_the_reservation(ray_engine: minifaas.Engine, ray_deploy: Deploy) -> None:
     total_cpus = ray.cluster_resources()["CPU"]
     await ray_deploy("brief", code=WHERE, idle_timeout_s=0.5)
-    before = _engine_actor_names()
     first = assert_success(await ray_engine.call("brief"))
     assert ray_engine.stats()["functions"]["guest/brief@1"]["pids"] == [first.result["pid"]]
-    assert first.annotations["ray_actor"] in _engine_actor_names() - before
-    assert ray.available_resources().get("CPU", 0.0) < total_cpus
+    node_actor = first.annotations["ray_actor"]  # the zygote actor of its node, which forked it
+    assert node_actor in _engine_actor_names() and "-node-" in node_actor
+    assert ray.available_resources().get("CPU", 0.0) < total_cpus  # its reservation (a placement group)
     await _eventually(lambda: ray_engine.stats()["functions"]["guest/brief@1"]["sandboxes"] == 0)
     assert ray_engine.stats()["expired_idle"] >= 1
-    await _eventually(lambda: not (_engine_actor_names() - before))
     await _eventually(lambda: not _alive(first.result["pid"]))
+    assert node_actor in _engine_actor_names()  # the node's zygote stays, for the next cold start
     await _eventually(lambda: ray.available_resources().get("CPU", 0.0) == total_cpus)
     again = assert_success(await ray_engine.call("brief"))
     assert again.annotations["cold"] is True and again.result["pid"] != first.result["pid"]
@@ -572,7 +666,7 @@ async def test_remote_address_through_ray_client(ray_cluster: Cluster, tmp_path:
         assert [line.split(" ", 1)[1] for line in act["logs"]] == ["stdout: raw"]
     assert len({a["result"]["pid"] for a in acts}) == 1  # one warm sandbox served all three
     assert stats["launcher"]["address"] == f"ray://127.0.0.1:{port}"
-    assert stats["launcher"]["actors_started"] == 1
+    assert stats["launcher"]["sandboxes_forked"] == 1 and stats["launcher"]["node_actors_started"] == 1
     await _eventually(lambda: not (_engine_actor_names() - before))  # the engine's close removed its actor
 
 
@@ -792,6 +886,7 @@ async def test_no_room_within_the_start_timeout_is_an_internal_error(
     await ray_deploy("late", code=WHERE)
     act = await ray_engine.call("late")
     assert_status(act, "internal_error", error_contains="no node of the Ray cluster had room")
+    assert f"{minifaas.Overloaded.__name__}: the Ray sandbox" in act.result["error"]
     for aid in ids:
         assert_success(await ray_engine.activations.wait(aid, timeout_s=60))
 

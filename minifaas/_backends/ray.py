@@ -1,4 +1,13 @@
-"""The Ray backend: ``Engine(backend="ray")`` runs each sandbox under a Ray actor instead of the local host.
+"""The Ray backend: ``Engine(backend="ray")`` runs each sandbox on a Ray node instead of the local host.
+
+Two ways a sandbox starts on a node:
+
+- **forked** (the default): one long-lived :class:`~.raynode.NodeActor` per node and engine runs minifaas's own zygote
+  there and forks the node's sandboxes from it (a cold start costs a fork and a few Ray calls, not a Ray worker);
+  what a sandbox reserves is a placement group of one bundle on that node (no process), so Ray's per-node room stays
+  exact. Below, "the actor" is then the node actor, and every call carries the sandbox's id.
+- **an actor of its own** (a function asking for GPUs: Ray assigns GPU ids to actors only): a
+  :class:`SandboxActor` created for it, which spawns the sandbox process.
 
 Everything above the sandbox handle is shared with the local backend: the scheduler's queues, timeouts and records,
 the pool's routing, caps, keep-alive and eviction. Only the handle differs::
@@ -18,18 +27,24 @@ event loop), so the memory limit (``memory_mb`` is an RLIMIT_AS in the process: 
 activation's logs), network isolation and the pids cgroup behave identically. The sandbox process learns its node
 from ``MINIFAAS_RAY_NODE_ID``; it is no Ray worker.
 
-Actors reserve, on ONE node, the function's ``resources`` (``num_cpus``, default 1, ``num_gpus``, custom Ray
-resources) and ``memory`` = ``memory_mb`` + ``RAY_ACTOR_OVERHEAD_MB`` (the worker and the sandbox runtime, so Ray's
-memory monitor sees what is really used); see :mod:`._rayplace`. Room is per node: a function no node can ever host
-is refused at deploy; a new actor is packed onto the fullest node with room (``placement="spread"``: the emptiest);
-without room, idle sandboxes of other functions are evicted on the node where that frees enough, and a start that
-finds no room within ``RAY_START_TIMEOUT_S`` fails its activation as ``internal_error`` (Ray's fault, not the
-function's). ``max_concurrency`` = the function's concurrency (plus a small "control" group, so terminate and pings
-never wait behind activations), ``max_restarts=0``. The sandbox sees the GPUs Ray assigned its actor, and only
-those (``CUDA_VISIBLE_DEVICES``); each record says which limits its node applied (``ray_limits``). A timeout kills
-the actor; a dead actor ends only the activations it was running; an unreachable one (``ActorUnavailableError``)
-is killed too. A pipelined RUN (queued behind a running one, see the scheduler) works too: the sandbox runs them in
-order, and a RESULT that overtakes the one ahead of it on the way back is held until the scheduler has begun it.
+Sandboxes reserve (placement group or actor), on ONE node, the function's ``resources`` (``num_cpus``, default 1,
+``num_gpus``, custom Ray resources) and ``memory`` = ``memory_mb`` + ``RAY_ACTOR_OVERHEAD_MB`` (the worker and the
+sandbox runtime, so Ray's memory monitor sees what is really used); see :mod:`._rayplace`. Room is per node: a
+function no node can ever host is refused at deploy; a new actor is packed onto the fullest node with room
+(``placement="spread"``: the emptiest); without room, idle sandboxes of other functions are evicted on the node
+where that frees enough, and a start that finds no room within ``RAY_START_TIMEOUT_S`` fails its activation as
+``internal_error`` (Ray's fault, not the function's). ``max_concurrency`` = the function's concurrency (plus a small
+"control" group, so terminate and pings never wait behind activations), ``max_restarts=0``. The sandbox sees the
+GPUs Ray assigned its actor, and only those (``CUDA_VISIBLE_DEVICES``); each record says which limits its node
+applied (``ray_limits``). A timeout kills the sandbox (a forked one through its node actor, an actor of its own with
+``ray.kill``); a dead actor ends only the activations it was running (a node actor: those of its node, and the idle
+sandboxes it held are forgotten); an unreachable one (``ActorUnavailableError``) is killed too. Arguments and
+results over ``RAY_OBJECT_STORE_MIN_BYTES`` go through the object store (``ray.put``), not inline in the actor call.
+``isolation="sandbox"`` is set up by the sandbox process on its node at INIT (``minifaas_sandbox.isolation``, as
+locally), its view made of the node's own bundle, environment and model store; each node is probed at deploy, and a
+node that cannot fails the deploy. A pipelined RUN (queued behind a running one, see the scheduler) works too: the
+sandbox runs them in order, and a RESULT that overtakes the one ahead of it on the way back is held until the
+scheduler has begun it.
 
 No path of the host's disk reaches another node (:mod:`._rayship`): a dir bundle goes out as an object-store
 archive (once per digest, held while a sandbox uses it), the models it names by content hash, its
@@ -42,12 +57,14 @@ queued meanwhile start on the new connection.
 
 Requirements and limits of the backend (documented in the README by the lead):
 
-- every node needs minifaas installed: the actor class lives in this module, so a worker imports ``minifaas``
-  (about 0.35 s, once per actor), then starts the sandbox process (about 0.1 s); models are kept in a store of the
+- every node needs minifaas installed: the actor classes live in this package, so a worker imports ``minifaas``
+  (about 0.35 s, once per node actor, or per GPU sandbox's actor); models are kept in a store of the
   actor's node (``<model root>/ray-nodes/<node id>``; the model root is the engine's, created on each node);
 - model URLs given at invoke time must be readable from every node (http(s), s3);
 - ``ray_address="ray://host:10001"`` (Ray Client) needs ``pip install 'ray[client]'`` (grpcio);
-- a pending actor waits up to ``RAY_START_TIMEOUT_S``, and its start is abandoned once nothing waits for it.
+- a pending reservation waits up to ``RAY_START_TIMEOUT_S``, and its start is abandoned once nothing waits for it;
+- the node actor reserves no CPU (``num_cpus=0``) or memory of its own: its zygote's memory is outside Ray's
+  accounting (each sandbox's ``RAY_ACTOR_OVERHEAD_MB`` covers more than a fork costs).
 """
 
 from __future__ import annotations
@@ -64,7 +81,7 @@ import shutil
 import struct
 import termios
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -81,7 +98,7 @@ from .._core.pool import FunctionPool, Pool
 from .._core.sandbox import SHUTDOWN_GRACE_S, HostService, Sandbox, SandboxDied
 from .._deploy.deps import PIP_TIMEOUT_S, VENV_TIMEOUT_S
 from .._environ import ENV_ALLOW
-from .._errors import BackendUnavailable, ModelError
+from .._errors import BackendUnavailable, ModelError, Overloaded
 from .rayplace import (
     Demand,
     alive_node_totals,
@@ -118,6 +135,9 @@ RAY_KILL_CONFIRM_TIMEOUT_S: Final = 5.0
 RAY_EVICTION_SETTLE_S: Final = 10.0
 RAY_KILL_POLL_S: Final = 0.02
 RAY_STOP_POLL_S: Final = 0.01
+#: arguments and results larger than this (packed) go through Ray's object store (``ray.put``), not inline in the
+#: actor call and its reply
+RAY_OBJECT_STORE_MIN_BYTES: Final = 64 << 10
 #: the sandbox's variable naming the Ray node it runs on (also in each activation's ``ray_node_id`` annotation)
 RAY_NODE_ENV: Final = "MINIFAAS_RAY_NODE_ID"
 #: calls that must not wait behind running activations (terminate, ping) run in this concurrency group of the actor
@@ -130,6 +150,9 @@ RAY_STRAY_DRAIN_S: Final = 0.05
 #: how long after an actor started Ray's per-node free resources may still not show its reservation: until then
 #: the launcher subtracts it itself, or two actors started together would both be packed onto the same free CPU
 RAY_VIEW_LAG_S: Final = 2.0
+#: how long a forked sandbox's reservation (placement group) is kept after it ended, for the next cold start of the
+#: same shape (a new one made right after a removal waits 0.5-1 s in Ray's scheduler)
+RAY_RESERVATION_KEEP_S: Final = 2.0
 #: after losing the connection to the cluster, the pause between two attempts to connect again
 RAY_RECONNECT_PAUSE_S: Final = 1.0
 #: the sandbox's view of the GPUs Ray gave its actor ("" when none: it must not see every GPU of its node)
@@ -212,7 +235,11 @@ class SandboxActor:
     (an async actor: every call runs on the event loop of its concurrency group).
     """
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], launcher: Launcher | None = None) -> None:
+        #: how its sandbox process starts: forked by its node's zygote (a :class:`~.raynode.NodeActor` passes it),
+        #: else spawned
+        self._launcher = launcher
+        self._isolation = str(config.get("isolation") or "process")
         self._node_id = str(ray.get_runtime_context().get_node_id())
         #: not the driver's node: no path of the host's disk means anything here
         self._remote = config.get("driver_node") != self._node_id
@@ -253,7 +280,12 @@ class SandboxActor:
             if self._requirements:
                 await self._build_env(self._requirements)
             async with anyio.create_task_group() as tg:
-                await sb.start(SpawnLauncher(python=self._python), self._env, tg)
+                # an environment that replaces a preloaded package needs its own interpreter: no zygote fork
+                launcher = self._launcher if self._launcher is not None and self._python is None else None
+                # forked: INIT (the host's next call) waits for READY, as a local cold start does, so that wait
+                # overlaps the round trip through Ray
+                forked = launcher is not None
+                await sb.start(launcher or SpawnLauncher(python=self._python), self._env, tg, wait_ready=not forked)
                 assert sb.proc is not None
                 started.set_result(
                     {
@@ -294,7 +326,10 @@ class SandboxActor:
             "pids_cgroup_error": PIDS.error,
             # unshare(CLONE_NEWNET) for network=False functions needs root (CAP_SYS_ADMIN)
             "network_namespace": os.geteuid() == 0,
-            "isolation": "process",
+            # isolation="sandbox": the sandbox process shuts itself in at INIT (minifaas_sandbox.isolation), as
+            # locally; a node that cannot fails that INIT, the function never runs unconfined
+            "isolation": self._isolation,
+            "launch": getattr(sb.proc, "how", "spawn"),
             "gpus": self._env[CUDA_ENV],
         }
 
@@ -348,6 +383,14 @@ class SandboxActor:
             path = await anyio.to_thread.run_sync(unpack_bundle, source["digest"], source["entry"], archive)
             source = {"kind": "dir", "path": path}
         self._shipped.update(fields.pop("ray_models", None) or {})
+        view = fields.get("isolation")
+        if isinstance(view, dict) and view.pop("node_paths", False):
+            # what the sandbox reads of its own on this node (the host's paths mean nothing here): its unpacked
+            # bundle, the environment this node built, this node's model store
+            own = [os.path.dirname(str(source["path"]))] if source.get("kind") == "dir" else []
+            own += [p for p in self._sys_path if os.path.isdir(p)]
+            self._model_root.mkdir(parents=True, exist_ok=True)
+            fields["isolation"] = {**view, "ro": [*own, str(self._model_root), *view.get("ro", [])]}
         try:
             # the function's environment as this node built it, not the host's paths
             reply = await sb.init({**fields, "source": source, "sys_path": self._sys_path})
@@ -359,7 +402,7 @@ class SandboxActor:
             sb.stray.clear()
         return reply
 
-    async def execute(self, fields: dict[str, Any]) -> bytes:
+    async def execute(self, fields: dict[str, Any]) -> Any:
         """Run one activation (RUN) in the sandbox process; the RESULT fields as a msgpack body, or its death."""
         aid = str(fields["aid"])
         sb = self._sb
@@ -367,6 +410,9 @@ class SandboxActor:
             return self._died_body(aid)
         # the next RUN comes through Ray a millisecond or more later: polling for it would only take a core
         fields["spin"] = False
+        ref = fields.pop("args_ref", None)
+        if ref is not None:
+            fields["args"] = await ref  # a large payload, through the object store
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         sb.inflight[aid] = fut
         try:
@@ -386,7 +432,11 @@ class SandboxActor:
         if stray:
             logs = out.get("logs")
             out["logs"] = [*(logs if isinstance(logs, list) else []), *stray]
-        return p.encode_body(out)
+        body = p.encode_body(out)
+        if len(body) > RAY_OBJECT_STORE_MIN_BYTES:
+            # a large result goes through the object store, not back inline in the actor call's reply
+            return ray.put(body)
+        return body
 
     @staticmethod
     async def _drain(sb: Sandbox) -> None:
@@ -406,6 +456,9 @@ class SandboxActor:
     async def terminate(self) -> None:
         """Kill the sandbox process and all it started (process group, cgroup), before the host's ``ray.kill``:
         a SIGKILLed worker cannot do it, and its sandbox's children would outlive it."""
+        self.kill_process()
+
+    def kill_process(self) -> None:
         sb = self._sb
         if sb is not None and sb.proc is not None:
             sb.proc.kill()
@@ -416,6 +469,20 @@ class SandboxActor:
 
 
 # -- on the host --------------------------------------------------------------------------------------------------
+def _view_shows(room: Mapping[str, float] | None, pg: Any) -> bool:
+    """True when Ray's view of a node's room already has placement group ``pg`` in it (its ``CPU_group_<id>``
+    resources): its reservation is subtracted there, not to be subtracted twice."""
+    if room is None or pg is None:
+        return False
+    suffix = pg.id.hex()
+    return any(name.endswith(suffix) for name in room)
+
+
+async def _never_placed(_actor: Any) -> bool:
+    """A placement group is placed when its ready() returns: until then it waits for room."""
+    return False
+
+
 def describe_actor_death(name: str, exc: BaseException | None) -> tuple[str, int | None]:
     """(reason naming the actor's death, exit code when Ray reports one) from the error a pending call raised."""
     text = str(exc) if exc is not None else ""
@@ -464,6 +531,10 @@ class RaySandbox(Sandbox):
         self._reaping = False
         #: RESULT fields of pipelined runs that arrived before the run ahead of them ended, by activation id
         self._early: dict[str, dict[str, Any]] = {}
+        #: forked by its node's zygote (:class:`~.raynode.NodeActor`): its id there, and the placement group
+        #: holding its reservation; None: an actor of its own (a GPU function)
+        self.sid: str | None = None
+        self.pg: Any = None
 
     def can_serve(self, spec: FunctionSpec) -> bool:
         """Whether this generic pre-warmed (stem) actor may become ``spec``'s sandbox: only with the same CPUs, GPUs
@@ -493,6 +564,18 @@ class RaySandbox(Sandbox):
         backend = self.backend
         await backend.wait_connected()
         backend.live.add(self)
+        config = {
+            "model_root": str(backend.model_root),
+            "env": env,
+            "requirements": spec.bundle.requirements if spec is not None else None,
+            "env_root": str(backend.env_root),
+            "index_url": backend.index_url,
+            "driver_node": backend.driver_node,
+            "isolation": spec.isolation if spec is not None else "process",
+        }
+        if backend.node_zygotes and not demand.num_gpus:
+            await self._start_forked(demand, spec, config)
+            return (anyio.current_time() - t0) * 1000
         try:
             strategy = await backend.placement(self, demand, spec)
         except RayBackendFailure as exc:
@@ -506,14 +589,6 @@ class RaySandbox(Sandbox):
             "scheduling_strategy": strategy,
             **demand.actor_options(),
         }
-        config = {
-            "model_root": str(backend.model_root),
-            "env": env,
-            "requirements": spec.bundle.requirements if spec is not None else None,
-            "env_root": str(backend.env_root),
-            "index_url": backend.index_url,
-            "driver_node": backend.driver_node,
-        }
         try:
             self.actor = backend.actor_class.options(**options).remote(config)
         except Exception as exc:  # Ray itself is gone
@@ -522,7 +597,7 @@ class RaySandbox(Sandbox):
             raise RayBackendFailure(reason, None) from None
         backend.counters["actors_started"] += 1
         try:
-            info = await self._wait_started(demand)
+            info = await self._wait_started(demand, self.actor.describe.remote, self.backend.is_placed)
         except ray.exceptions.RayTaskError as exc:
             # describe() failed: the sandbox process (or the function's environment) could not be made there
             self._kill_actor()
@@ -541,6 +616,10 @@ class RaySandbox(Sandbox):
             self._kill_actor()
             self._report_death(f"the Ray actor {self.actor_name} did not start", None)
             raise
+        self._started(info)
+        return (anyio.current_time() - t0) * 1000
+
+    def _started(self, info: dict[str, Any]) -> None:
         if self.state == "dead" or self.state == "closing":
             # stopped (engine closing) while the actor was being placed: it must not outlive us
             self._kill_actor()
@@ -548,12 +627,68 @@ class RaySandbox(Sandbox):
         self.proc = RayProcess(int(info["pid"]), int(info["actor_pid"]), str(info["node_id"]))  # type: ignore[assignment]
         self.node_id = str(info["node_id"])
         self.limits = dict(info.get("limits") or {})
-        backend.placed(self, self.node_id)
-        return (anyio.current_time() - t0) * 1000
+        self.backend.placed(self, self.node_id)
 
-    async def _wait_started(self, demand: Demand) -> dict[str, Any]:
+    async def _start_forked(self, demand: Demand, spec: FunctionSpec | None, config: dict[str, Any]) -> None:
+        """Reserve ``demand`` on one node (a placement group: no worker process), then have that node's actor
+        fork the sandbox from its zygote."""
+        from ray.util.placement_group import placement_group, placement_group_table
+
+        backend = self.backend
+        self.pg = await backend.take_reservation(demand)
         try:
-            fut = asyncio.ensure_future(self.actor.describe.remote())
+            if self.pg is None:
+                node = await backend.choose_node(self, demand, spec)
+                # soft: when that node filled up since we looked, another with room is as good
+                target = {"_soft_target_node_id": node} if node is not None else {}
+                self.pg = placement_group([demand.as_resources()], strategy="STRICT_PACK", **target)
+        except RayBackendFailure as exc:
+            self._report_death(exc.reason, None)
+            raise
+        except Exception as exc:  # Ray itself is gone
+            reason = backend.failed(exc)
+            self._report_death(reason, None)
+            raise RayBackendFailure(reason, None) from None
+        try:
+            await self._wait_started(demand, self.pg.ready, _never_placed)
+            table = await anyio.to_thread.run_sync(placement_group_table, self.pg)
+            node = str(table["bundles_to_node_id"][0])
+            self.actor, self.actor_name = await backend.node_actor(node)
+            self.sid = self.id
+            backend.counters["sandboxes_forked"] += 1
+            try:
+                with anyio.fail_after(self._start_budget_s()):
+                    info = await self.actor.start.remote(self.sid, config)
+            except TimeoutError:
+                raise RayBackendFailure(
+                    f"the sandbox did not start on Ray node {node} within {self._start_budget_s():g} s", None
+                ) from None
+        except ray.exceptions.RayTaskError as exc:
+            self._kill_actor()
+            reason = _task_cause(exc)
+            self._report_death(reason, None)
+            raise SandboxDied(reason, None) from None
+        except ray.exceptions.RayError as exc:
+            reason, status = describe_actor_death(self.actor_name, exc)
+            self._report_death(reason, status)
+            raise SandboxDied(reason, status) from None
+        except RayBackendFailure as exc:
+            self._kill_actor()
+            self._report_death(exc.reason, None)
+            raise
+        except BaseException:
+            self._kill_actor()
+            self._report_death(f"the sandbox {self.id} did not start on Ray", None)
+            raise
+        self._started(info)
+
+    async def _wait_started(
+        self, demand: Demand, call: Callable[[], Any], is_placed: Callable[[Any], Awaitable[bool]]
+    ) -> dict[str, Any]:
+        """Wait for ``call()`` (an actor's describe(), a placement group's ready()): evict idle sandboxes elsewhere
+        while it waits for room, fail (RayBackendFailure) when no room appears within the start timeout."""
+        try:
+            fut = asyncio.ensure_future(call())
         except Exception as exc:  # Ray itself is gone
             raise RayBackendFailure(self.backend.failed(exc), None) from None
         evicted_at = -math.inf
@@ -569,7 +704,7 @@ class RaySandbox(Sandbox):
                         except Exception as exc:  # the connection to the cluster, not the actor
                             raise RayBackendFailure(self.backend.failed(exc), None) from None
                         return info
-                    if await self.backend.is_placed(self.actor):
+                    if await is_placed(self.actor):
                         if not placed:
                             # its worker runs on a node: building the function's environment there may take long
                             placed = True
@@ -594,8 +729,9 @@ class RaySandbox(Sandbox):
                 None,
             )
         raise RayBackendFailure(
-            f"the Ray actor {self.actor_name} ({demand.describe()}) was not placed and started within "
-            f"{RAY_START_TIMEOUT_S:g} s: no node of the Ray cluster had room",
+            # capacity, not the function's fault: the record is internal_error and names the error class
+            f"{Overloaded.__name__}: the Ray sandbox {self.actor_name} ({demand.describe()}) was not placed and "
+            f"started within {RAY_START_TIMEOUT_S:g} s: no node of the Ray cluster had room",
             None,
         )
 
@@ -624,17 +760,30 @@ class RaySandbox(Sandbox):
                     fields["ray_models"] = await ship.models(urls, self._holds)
                 except ModelError as exc:
                     return {"ok": False, "error": f"a model of the function cannot be shipped to its node: {exc}"}
+            view = fields.get("isolation")
+            if isinstance(view, dict) and fp is not None:
+                # its own bundle, environment and models are the node's: the actor adds those; the grants stay
+                spec = fp.spec
+                fields["isolation"] = {**view, "ro": list(spec.read_paths), "node_paths": True}
         try:
-            reply: dict[str, Any] = await self.actor.init.remote(fields)
+            reply: dict[str, Any] = await self._call("init", fields)
         except ray.exceptions.RayError as exc:
             reason, status = self._on_call_error(exc)
             raise SandboxDied(reason, status) from None
         except Exception as exc:  # the connection to the cluster, not the actor
             reason = self.backend.failed(exc)
             raise RayBackendFailure(reason, None) from None
+        if reply.get("ok") and fields.get("isolation") is not None:
+            # a generic pre-warmed sandbox shut itself in at this INIT: its records say so
+            self.limits = {**self.limits, "isolation": "sandbox"}
         if reply.get("ok") and self.state == "starting":
             self.state = "ready"
         return reply
+
+    def _call(self, method: str, *args: Any) -> Any:
+        """``actor.method.remote(*args)``; on a node actor, for this sandbox (its id first)."""
+        bound = getattr(self.actor, method)
+        return bound.remote(self.sid, *args) if self.sid is not None else bound.remote(*args)
 
     def kill(self, reason: str) -> None:
         if self._killed_reason is None:
@@ -657,6 +806,13 @@ class RaySandbox(Sandbox):
         await self.died.wait()
 
     def _kill_actor(self) -> None:
+        if self.sid is not None:
+            # one of its node actor's sandboxes: terminate it there (the node actor serves the others)
+            if not self._reaping and self._tg is not None:
+                self._reaping = True
+                self.backend.counters["sandboxes_killed"] += 1
+                self._tg.start_soon(self._terminate_forked)
+            return
         if self.proc is None or self._tg is None:
             # no sandbox process yet (the actor is being placed or started): nothing to terminate first
             with contextlib.suppress(Exception):  # already dead, or the cluster is gone
@@ -688,8 +844,29 @@ class RaySandbox(Sandbox):
                     await anyio.sleep(RAY_KILL_POLL_S)
         self._report_death(f"the Ray actor {self.actor_name} was killed", None)
 
+    async def _terminate_forked(self) -> None:
+        """Kill this sandbox's process (and all it started) on its node, then report its death."""
+        with anyio.CancelScope(shield=True):
+            try:
+                with anyio.fail_after(RAY_TERMINATE_TIMEOUT_S):
+                    await self._call("terminate")
+            except ray.exceptions.RayError as exc:
+                self._on_call_error(exc)
+                return
+            except Exception as exc:  # stuck, or the cluster is gone: the node actor cannot be trusted any more
+                self.backend.drop_node(self.node_id, kill=True, actor=self.actor)
+                self._report_death(f"the Ray node actor {self.actor_name} did not terminate it: {exc!r}", None)
+                return
+        self._report_death(f"the sandbox {self.id} on Ray node actor {self.actor_name} was killed", None)
+
     def _on_call_error(self, exc: ray.exceptions.RayError) -> tuple[str, int | None]:
         reason, status = describe_actor_death(self.actor_name, exc)
+        if self.sid is not None:
+            # dead, or unreachable (a partition): its node actor may still run this sandbox and others; killed,
+            # it ends them all (their records say so) and cannot finish a run already recorded as failed
+            self.backend.drop_node(self.node_id, kill=True, actor=self.actor)
+            self._report_death(reason, status)
+            return reason, status
         if not isinstance(exc, ray.exceptions.ActorDiedError):
             # unreachable (ActorUnavailableError: a partition), a lost object, an OOM kill of the worker: the actor
             # may still be alive; killed, it frees its resources and cannot finish a run already recorded as failed
@@ -703,6 +880,11 @@ class RaySandbox(Sandbox):
         self._reported = True
         self.backend.live.discard(self)
         self.backend.planned.pop(self, None)
+        if self.pg is not None:
+            pg, self.pg = self.pg, None
+            # kept a moment for the next cold start of the same shape: a placement group made right after one
+            # was removed waits 0.5-1 s in Ray's scheduler, one reused costs nothing
+            self.backend.release_reservation(pg, self.demand if self.sid is not None else None, self.node_id)
         self.backend.shipments.release(self._holds)
         self._holds.clear()
         if self._killed_reason:
@@ -722,8 +904,13 @@ class RaySandbox(Sandbox):
         if self.state == "dead" or self.actor is None or self._tg is None:
             raise SandboxDied("the sandbox is gone", self.exit_status)
         if kind == p.RUN:
+            args = fields.get("args")
+            if isinstance(args, bytes) and len(args) > RAY_OBJECT_STORE_MIN_BYTES:
+                # a large payload goes to the object store once, the actor call carries only its reference
+                fields = {**fields, "args": None, "args_ref": ray.put(args)}
+                self.backend.counters["large_args_put"] += 1
             try:
-                ref = self.actor.execute.remote(fields)
+                ref = self._call("execute", fields)
             except Exception as exc:  # Ray itself is gone
                 raise SandboxDied(self.backend.failed(exc), None) from exc
             self._tg.start_soon(self._await_result, str(fields["aid"]), ref)
@@ -735,6 +922,10 @@ class RaySandbox(Sandbox):
     async def _await_result(self, aid: str, ref: Any) -> None:
         try:
             body: bytes = await ref
+            if isinstance(body, ray.ObjectRef):
+                # a large result: the actor put it into the object store
+                self.backend.counters["large_results_got"] += 1
+                body = await body
         except ray.exceptions.RayTaskError as exc:
             # the actor method itself failed (not the function: Runtime.execute catches that); the actor lives on
             self.on_result(
@@ -799,7 +990,13 @@ class RayLauncher:
     name = "ray"
 
     def __init__(
-        self, address: str | None, model_root: Path, env_root: Path | None = None, index_url: str | None = None
+        self,
+        address: str | None,
+        model_root: Path,
+        env_root: Path | None = None,
+        index_url: str | None = None,
+        *,
+        node_zygotes: bool = True,
     ) -> None:
         self.address = address
         self.model_root = model_root
@@ -819,11 +1016,31 @@ class RayLauncher:
             "client_connect_retries": 0,
             "connections_lost": 0,
             "reconnects": 0,
+            "node_actors_started": 0,
+            "node_actors_lost": 0,
+            "sandboxes_forked": 0,
+            "sandboxes_killed": 0,
+            "reservations_reused": 0,
+            "large_args_put": 0,
+            "large_results_got": 0,
         }
+        #: sandboxes are forked by one zygote actor per node (a function asking for GPUs gets an actor of its own)
+        self.node_zygotes = node_zygotes
+        #: reservations (placement groups) of forked sandboxes that ended, kept ``RAY_RESERVATION_KEEP_S`` for the
+        #: next sandbox of the same shape: the Demand, the group, the time it was released
+        self.spare_reservations: list[tuple[Demand, Any, float, str]] = []
+        self._closed = anyio.Event()
+        #: node id -> (node actor, its name), on the current connection
+        self.nodes: dict[str, tuple[Any, str]] = {}
+        self._node_locks: dict[str, anyio.Lock] = {}
+        self.node_actor_class: Any = None
+        self._closing = False
         #: sandboxes with an actor (or one being created) on the current connection
         self.live: set[RaySandbox] = set()
         #: actors packed onto a node whose reservation Ray may not show yet: node, demand, time it started (or inf)
-        self.planned: dict[RaySandbox, tuple[str, Demand, float]] = {}
+        self.planned: dict[RaySandbox, tuple[str, Demand, float, dict[str, float]]] = {}
+        #: Ray's view of each node's free resources when last asked (what a planned sandbox saw when placed)
+        self._last_view: dict[str, dict[str, float]] = {}
         self.shipments = Shipments(model_root)
         self.connected = anyio.Event()
         self.last_error = ""
@@ -863,6 +1080,10 @@ class RayLauncher:
         groups = {RAY_CONTROL_GROUP: RAY_CONTROL_CONCURRENCY}
         # made again on each connection: a Ray Client class handle belongs to the connection it was made on
         self.actor_class = ray.remote(concurrency_groups=groups)(SandboxActor)  # type: ignore[call-overload]
+        from .raynode import NodeActor
+
+        self.node_actor_class = ray.remote(concurrency_groups=groups)(NodeActor)  # type: ignore[call-overload]
+        self.nodes.clear()
         forget_connection()
         client = bool(ray.util.client.ray.is_connected())  # type: ignore[no-untyped-call]
         self.driver_node = None if client else str(ray.get_runtime_context().get_node_id())
@@ -897,6 +1118,8 @@ class RayLauncher:
             sb.backend_lost = True
             sb._report_death(reason, None)
         self.live.clear()
+        self.nodes.clear()
+        self.spare_reservations.clear()  # the old connection's job ended: Ray removed them
         if self._tg is not None and self._owns_ray:
             self._tg.start_soon(self._reconnect)
         return reason
@@ -941,6 +1164,167 @@ class RayLauncher:
             raise DeployError(str(exc)) from None
         totals = await anyio.to_thread.run_sync(alive_node_totals)
         check_fits_some_node(spec, totals)
+        if spec.isolation == "sandbox":
+            await self._admit_isolation(spec, totals)
+
+    async def _admit_isolation(self, spec: FunctionSpec, totals: Mapping[str, Mapping[str, float]]) -> None:
+        """``isolation="sandbox"``: every node that could host the function must be able to set the sandbox up
+        (its node actor runs the same probe as the host), else DeployError naming the node and what it lacks."""
+        from .._errors import DeployError
+
+        demand = demand_of(spec)
+        if demand.num_gpus:
+            return  # an actor of its own: its INIT sets the sandbox up, or fails saying why
+        for node, total in sorted(totals.items()):
+            if not fits(demand, total):
+                continue
+            try:
+                actor, _name = await self.node_actor(node)
+                missing = await actor.isolation_missing.remote()
+            except (RayBackendFailure, ray.exceptions.RayError) as exc:
+                raise DeployError(f"isolation='sandbox' could not be checked on Ray node {node}: {exc}") from None
+            if missing is not None:
+                raise DeployError(f"isolation='sandbox' is not available on Ray node {node}: {missing}")
+
+    async def node_actor(self, node: str) -> tuple[Any, str]:
+        """The zygote actor of ``node`` (started on first use and watched): its handle and name."""
+        known = self.nodes.get(node)
+        if known is not None:
+            return known
+        lock = self._node_locks.setdefault(node, anyio.Lock())
+        async with lock:
+            known = self.nodes.get(node)
+            if known is not None:
+                return known
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            from .raynode import NODE_ACTOR_MAX_CONCURRENCY
+
+            name = f"minifaas-{self.token}-node-{node[:12]}"
+            try:
+                actor = self.node_actor_class.options(
+                    name=name,
+                    namespace=RAY_NAMESPACE,
+                    num_cpus=0,  # its sandboxes reserve theirs (placement groups); the fork server itself idles
+                    max_concurrency=NODE_ACTOR_MAX_CONCURRENCY,
+                    max_restarts=0,
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
+                ).remote({"driver_node": self.driver_node})
+            except Exception as exc:  # Ray itself is gone
+                raise RayBackendFailure(self.failed(exc), None) from None
+            self.counters["node_actors_started"] += 1
+            try:
+                with anyio.fail_after(RAY_START_TIMEOUT_S):
+                    await actor.ready.remote()
+            except ray.exceptions.RayError as exc:
+                with contextlib.suppress(Exception):
+                    ray.kill(actor, no_restart=True)
+                raise RayBackendFailure(f"the zygote actor of Ray node {node} did not start: {exc}", None) from None
+            except TimeoutError:
+                with contextlib.suppress(Exception):
+                    ray.kill(actor, no_restart=True)
+                raise RayBackendFailure(
+                    f"the zygote actor of Ray node {node} did not start within {RAY_START_TIMEOUT_S:g} s", None
+                ) from None
+            except Exception as exc:  # the connection to the cluster
+                raise RayBackendFailure(self.failed(exc), None) from None
+            self.nodes[node] = (actor, name)
+            if self._tg is not None:
+                self._tg.start_soon(self._watch_node, node, actor, name)
+            return actor, name
+
+    async def _watch_node(self, node: str, actor: Any, name: str) -> None:
+        """When a node actor dies (its node lost, killed), end the sandboxes it held, idle ones too."""
+        try:
+            await actor.watch.remote()
+        except ray.exceptions.RayError as exc:
+            if self._closing:
+                return
+            self.counters["node_actors_lost"] += 1
+            if self.nodes.get(node, (None, ""))[0] is actor:
+                del self.nodes[node]
+            reason, status = describe_actor_death(name, exc)
+            for sb in list(self.live):
+                if sb.actor is actor:
+                    sb._report_death(reason, status)
+        except Exception:
+            return  # the connection is gone: failed() ends its sandboxes
+
+    async def take_reservation(self, demand: Demand) -> Any:
+        """A kept reservation of exactly ``demand`` that Ray still holds (None: make a new one)."""
+        from ray.util.placement_group import placement_group_table
+
+        while True:
+            found = next((entry for entry in self.spare_reservations if entry[0] == demand), None)
+            if found is None:
+                return None
+            self.spare_reservations.remove(found)
+            pg = found[1]
+            try:
+                table = await anyio.to_thread.run_sync(placement_group_table, pg)
+            except Exception:
+                return None  # the connection: the new reservation's start says so
+            if table.get("state") == "CREATED":
+                self.counters["reservations_reused"] += 1
+                return pg
+            self._remove_reservation(pg)  # its node was lost: Ray is moving it, no use to us
+
+    def release_reservation(self, pg: Any, demand: Demand | None, node: str) -> None:
+        """A forked sandbox ended: keep its reservation a moment for the next one of its shape, then remove it."""
+        if demand is None or not node or self._closing or not self.connected.is_set() or self._tg is None:
+            self._remove_reservation(pg)
+            return
+        entry = (demand, pg, anyio.current_time(), node)
+        self.spare_reservations.append(entry)
+        self._tg.start_soon(self._expire_reservation, entry)
+
+    async def _expire_reservation(self, entry: tuple[Demand, Any, float, str]) -> None:
+        with anyio.move_on_after(RAY_RESERVATION_KEEP_S):
+            await self._closed.wait()
+        if entry in self.spare_reservations:
+            self.spare_reservations.remove(entry)
+            self._remove_reservation(entry[1])
+
+    def release_spare_reservations(self) -> int:
+        """Remove every kept reservation (a start waits for room); how many there were."""
+        spares, self.spare_reservations = self.spare_reservations, []
+        for _demand, pg, _t, _node in spares:
+            self._remove_reservation(pg)
+        return len(spares)
+
+    @staticmethod
+    def _remove_reservation(pg: Any) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        with contextlib.suppress(Exception):  # the connection is gone: the cluster frees it with the job
+            remove_placement_group(pg)
+
+    def drop_node(self, node: str, *, kill: bool, actor: Any = None) -> None:
+        """Forget ``node``'s actor (its next sandbox starts a new one); ``kill``: end it and what it holds.
+        ``actor``: only if that is still the node's actor (not one started since)."""
+        known = self.nodes.get(node)
+        if known is None or (actor is not None and known[0] is not actor):
+            return
+        del self.nodes[node]
+        if kill:
+            with contextlib.suppress(Exception):
+                ray.kill(known[0], no_restart=True)
+
+    async def choose_node(self, sb: RaySandbox, demand: Demand, spec: FunctionSpec | None) -> str | None:
+        """The node a new sandbox's reservation targets: packed onto the fullest node with room (best fit), or
+        with ``placement="spread"`` the emptiest; None when none has room now (Ray places it where room appears,
+        make_room helps); RayBackendFailure when no alive node can host it at all."""
+        if spec is not None:
+            totals = await anyio.to_thread.run_sync(alive_node_totals)
+            if not any(fits(demand, t) for t in totals.values()):
+                raise RayBackendFailure(
+                    f"no alive node of the Ray cluster can host a sandbox asking for {demand.describe()}", None
+                )
+        spread = spec is not None and getattr(spec, "placement", "pack") == "spread"
+        node = (roomiest_node if spread else best_fit_node)(demand, await self._free_now())
+        if node is not None:
+            self.planned[sb] = (node, demand, math.inf, dict(self._last_view.get(node, {})))
+        return node
 
     async def _free(self) -> dict[str, dict[str, float]]:
         try:
@@ -951,39 +1335,43 @@ class RayLauncher:
     def placed(self, sb: RaySandbox, node: str) -> None:
         entry = self.planned.get(sb)
         if entry is not None:
-            self.planned[sb] = (node, entry[1], anyio.current_time())
+            # placed elsewhere than planned (it spilled): what that node looked like then is unknown
+            seen = entry[3] if node == entry[0] else {}
+            self.planned[sb] = (node, entry[1], anyio.current_time(), seen)
 
     async def _free_now(self) -> dict[str, dict[str, float]]:
         """Free resources per node, less the actors this launcher placed that Ray's view may not show yet."""
-        free = await self._free()
+        view = await self._free()
+        self._last_view = view
+        free = {node: dict(room) for node, room in view.items()}
         now = anyio.current_time()
-        for sb, (node, demand, started) in list(self.planned.items()):
-            if now - started > RAY_VIEW_LAG_S:
+        by_node: dict[str, list[tuple[Demand, dict[str, float]]]] = {}
+        for sb, (node, demand, started, seen) in list(self.planned.items()):
+            if now - started > RAY_VIEW_LAG_S or _view_shows(view.get(node), sb.pg):
                 del self.planned[sb]
                 continue
+            by_node.setdefault(node, []).append((demand, seen))
+        for node, entries in by_node.items():
             room = free.get(node)
-            if room is not None:
-                for name, value in demand.as_resources().items():
-                    room[name] = room.get(name, 0.0) - value
+            if room is None:
+                continue
+            # Ray's view may show some of them already (a resource dropped since they were planned): subtract the
+            # rest only, or two sandboxes packed onto one node would make it look full to the third
+            for name in {n for demand, _seen in entries for n in demand.as_resources()}:
+                planned = sum(demand.as_resources().get(name, 0.0) for demand, _seen in entries)
+                seen_values = [seen[name] for _demand, seen in entries if name in seen]
+                shown = max(0.0, max(seen_values) - view[node].get(name, 0.0)) if seen_values else 0.0
+                room[name] = room.get(name, 0.0) - max(0.0, planned - shown)
         return free
 
     async def placement(self, sb: RaySandbox, demand: Demand, spec: FunctionSpec | None) -> Any:
-        """Ray's scheduling strategy for a new actor: packed onto the fullest node with room (best fit), or with
-        ``placement="spread"`` onto the emptiest; RayBackendFailure when no alive node can host it at all."""
-        if spec is not None:
-            totals = await anyio.to_thread.run_sync(alive_node_totals)
-            if not any(fits(demand, t) for t in totals.values()):
-                raise RayBackendFailure(
-                    f"no alive node of the Ray cluster can host a sandbox asking for {demand.describe()}", None
-                )
-        spread = spec is not None and getattr(spec, "placement", "pack") == "spread"
+        """Ray's scheduling strategy for a new actor of its own (see :meth:`choose_node`)."""
         # chosen here, not by Ray's SPREAD: that one put two actors started together on one node
-        node = (roomiest_node if spread else best_fit_node)(demand, await self._free_now())
+        node = await self.choose_node(sb, demand, spec)
         if node is None:
             return "DEFAULT"  # no room now: Ray places it where room appears (make_room helps)
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        self.planned[sb] = (node, demand, math.inf)
         # soft, and spilling when that node is full by the time Ray places it (room taken by another engine or task
         # since we looked): elsewhere beats waiting for that node (a private option of Ray's, stable since 2.7)
         return NodeAffinitySchedulingStrategy(node_id=node, soft=True, _spill_on_unavailable=True)
@@ -1027,7 +1415,14 @@ class RayLauncher:
         for other in pool.stem:
             if isinstance(other, RaySandbox) and other.node_id and other.demand is not None:
                 idle.append((other.node_id, other.demand, other.last_used, (None, other)))
+        # reservations kept for reuse go first
+        idle += [(e[3], e[0], -math.inf, ("spare", e)) for e in self.spare_reservations]
         for fp_, victim in evictions_for(demand, await self._free(), idle):
+            if fp_ == "spare":
+                if victim in self.spare_reservations:
+                    self.spare_reservations.remove(victim)
+                    self._remove_reservation(victim[1])
+                continue
             self.counters["evictions_for_room"] += 1
             pool.stats["evictions_capacity"] += 1
             if fp_ is None:
@@ -1047,6 +1442,12 @@ class RayLauncher:
 
     async def aclose(self) -> None:
         self._pool = None
+        self._closing = True
+        self._closed.set()
+        self.release_spare_reservations()
+        for node in list(self.nodes):
+            # their sandboxes were stopped with the pool; the zygotes go with them
+            self.drop_node(node, kill=True)
         if self._owns_ray:
             self._owns_ray = False
             await anyio.to_thread.run_sync(ray.shutdown)

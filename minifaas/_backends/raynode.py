@@ -1,0 +1,135 @@
+"""One long-lived Ray actor per node (and engine) that forks that node's sandboxes from minifaas's own zygote.
+
+Starting a Ray actor per sandbox costs a new worker process, ``import minifaas`` and a fresh interpreter for the
+sandbox: about a second. A :class:`NodeActor` pays that once per node: it runs a
+:class:`~minifaas._core.zygote.ZygoteLauncher` (the same fork server as the local host) and holds the node's
+sandboxes, each supervised by a :class:`~.ray.SandboxActor` object living inside it (not an actor of its own). The
+host calls it with the sandbox's id::
+
+    RaySandbox --start(sid, config)--> NodeActor --ZygoteLauncher.launch--> zygote --fork--> sandbox
+               --init/execute(sid, ..)-->          SandboxActor(sid) ------ channel -------> sandbox
+               --terminate(sid)-------->           kills its process group / cgroup
+
+What a sandbox reserves (CPUs, memory, custom resources) is a placement group of one bundle on that node (see
+:class:`~.ray.RaySandbox`): Ray's view of each node's room stays exact while no worker process is started for it. A
+function asking for GPUs keeps an actor of its own, which Ray assigns its GPU ids to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any, Final
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+import ray
+from minifaas_sandbox import protocol as p
+
+from .._core.zygote import DEFAULT_PRELOAD, ZygoteLauncher
+from .._errors import DeployError
+from .ray import RAY_CONTROL_GROUP, SandboxActor, _mark_asyncio
+
+__all__ = ("NODE_ACTOR_MAX_CONCURRENCY", "NodeActor")
+
+#: calls one node actor serves at once (activations of all its sandboxes, starts, one watch per host)
+NODE_ACTOR_MAX_CONCURRENCY: Final = 1000
+#: spares the node's zygote keeps forked ahead (a burst of cold starts beyond them waits for forks)
+NODE_MAX_SPARES: Final = 4
+
+
+class NodeActor:
+    """A node's zygote and the sandboxes it forked (wrapped with ``ray.remote`` by :class:`~.ray.RayLauncher`)."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        #: what the host passed (its driver node): kept for the record of what this actor serves
+        self.config = dict(config)
+        self._node_id = str(ray.get_runtime_context().get_node_id())
+        self._sandboxes: dict[str, SandboxActor] = {}
+        self._zygote: ZygoteLauncher | None = None
+        self._service: asyncio.Task[None] | None = None
+        self._up: asyncio.Future[None] | None = None
+        self._isolation_missing: str | None = None
+        self._probed = False
+
+    async def ready(self) -> dict[str, Any]:
+        """Start the zygote (first call only) and wait until it can fork."""
+        if self._up is None:
+            self._up = asyncio.get_running_loop().create_future()
+            # the actor owns the zygote's task group; it runs until the worker ends
+            self._service = asyncio.ensure_future(self._serve(self._up))
+        await asyncio.shield(self._up)
+        assert self._zygote is not None
+        return {"node_id": self._node_id, "pid": os.getpid(), "zygote": self._zygote.stats()}
+
+    async def _serve(self, up: asyncio.Future[None]) -> None:
+        _mark_asyncio()
+        try:
+            async with anyio.create_task_group() as tg:
+                zygote = ZygoteLauncher(preload=DEFAULT_PRELOAD, max_spares=NODE_MAX_SPARES)
+                await zygote.start_in(tg)
+                self._zygote = zygote
+                await zygote._ensure_zygote()  # a fork server that cannot start falls back to spawning
+                up.set_result(None)
+                await anyio.sleep_forever()
+        except BaseException as exc:
+            if not up.done():
+                up.set_exception(RuntimeError(f"the zygote of Ray node {self._node_id} did not start: {exc}"))
+            if not isinstance(exc, Exception):
+                raise
+
+    async def start(self, sid: str, config: dict[str, Any]) -> dict[str, Any]:
+        """Fork sandbox ``sid`` from this node's zygote and wait for its READY (as ``SandboxActor.describe``)."""
+        await self.ready()
+        if config.get("isolation") == "sandbox":
+            missing = await self.isolation_missing()
+            if missing is not None:
+                raise RuntimeError(f"isolation='sandbox' is not available on Ray node {self._node_id}: {missing}")
+        sandbox = self._sandboxes[sid] = SandboxActor(config, launcher=self._zygote)
+        try:
+            return await sandbox.describe()
+        except BaseException:
+            self._sandboxes.pop(sid, None)
+            raise
+
+    async def init(self, sid: str, fields: dict[str, Any]) -> dict[str, Any]:
+        sandbox = self._sandboxes.get(sid)
+        if sandbox is None:
+            return {"ok": False, "error": f"no sandbox {sid} on Ray node {self._node_id}"}
+        return await sandbox.init(fields)
+
+    async def execute(self, sid: str, fields: dict[str, Any]) -> Any:
+        sandbox = self._sandboxes.get(sid)
+        if sandbox is None:
+            gone = f"the sandbox process is gone from Ray node {self._node_id}"
+            return p.encode_body({"aid": str(fields["aid"]), "died": gone, "exit_status": None, "logs": []})
+        return await sandbox.execute(fields)
+
+    async def isolation_missing(self) -> str | None:
+        """What stops ``isolation="sandbox"`` on this node (None: nothing), probed once (the host's own probe,
+        ``minifaas_sandbox.isolation --probe``, run here)."""
+        if not self._probed:
+            from .._deploy.isolation import require_sandbox
+
+            try:
+                await anyio.to_thread.run_sync(require_sandbox)
+            except DeployError as exc:
+                self._isolation_missing = str(exc)
+            self._probed = True
+        return self._isolation_missing
+
+    async def watch(self) -> None:
+        """Never returns: the host's pending call fails when this actor dies (its node lost, killed)."""
+        await asyncio.Event().wait()
+
+    @ray.method(concurrency_group=RAY_CONTROL_GROUP)
+    async def terminate(self, sid: str) -> None:
+        """Kill sandbox ``sid``'s process and all it started; forget it."""
+        sandbox = self._sandboxes.pop(sid, None)
+        if sandbox is not None:
+            sandbox.kill_process()
+
+    @ray.method(concurrency_group=RAY_CONTROL_GROUP)
+    async def pid(self) -> int:
+        return os.getpid()
