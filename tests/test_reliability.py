@@ -323,6 +323,47 @@ async def test_crash_loop_backs_off_and_says_so(tmp_path: Path) -> None:
         assert engine.stats()["functions"]["guest/flaky@1"]["init_failures"] == 0
 
 
+#: an import slow enough for a kill to land while it runs
+SLOW_IMPORT = "import time\ntime.sleep(0.3)\ndef main(a):\n    return {'ok': 1}\n"
+EXIT_AT_IMPORT = "import os\nos._exit(3)\ndef main(a):\n    return {}\n"
+STARTS_KILLED = 3
+
+
+async def _kill_while_starting(engine: minifaas.Engine, name: str) -> minifaas.Activation:
+    aid = await engine.submit(name, {})
+    with anyio.fail_after(30):
+        while not (pids := engine.stats()["functions"][f"guest/{name}@1"]["pids"]):
+            if (await engine.activations.get(aid)).done:
+                return await engine.activations.get(aid)  # ended before a sandbox started for it
+            await anyio.sleep(0.01)
+    os.kill(pids[0], signal.SIGKILL)
+    return await engine.activations.wait(aid, timeout_s=30)
+
+
+async def test_a_start_killed_from_outside_is_no_crash_loop() -> None:
+    """The spawn chaos test failed its last call at once: SIGKILLs landing on starting sandboxes counted as failed
+    initializations of the function, and its crash-loop back-off failed requests without trying."""
+    async with minifaas.Engine() as engine:
+        await engine.deploy("slow", code=SLOW_IMPORT)
+        for _ in range(STARTS_KILLED):
+            act = await _kill_while_starting(engine, "slow")
+            # the request that caused the cold start ends with the kill, as one killed while running does
+            assert act.status == "developer_error", act.result
+            assert "killed by SIGKILL" in act.result["error"]
+            assert "in a row" not in act.result["error"]
+        stats = engine.stats()
+        fn = stats["functions"]["guest/slow@1"]
+        assert fn["init_failures"] == 0 and fn["init_backoff_s"] == 0, fn
+        assert stats["starts_killed"] == STARTS_KILLED and stats.get("init_failures", 0) == 0
+        assert await engine.invoke("slow", {}) == {"ok": 1}  # not failed by a back-off
+
+        # a sandbox whose import ends the process itself is the function's failure: it counts
+        await engine.deploy("exits", code=EXIT_AT_IMPORT)
+        act = await engine.call("exits", {})
+        assert act.status == "developer_error" and "exited with code 3" in act.result["error"], act.result
+        assert engine.stats()["functions"]["guest/exits@1"]["init_failures"] == 1
+
+
 FD_REPORT = """import os
 def main(a):
     out = {}

@@ -337,7 +337,13 @@ class Pool:
         finally:
             fp.starting -= 1
         sb.init_ms = (time.perf_counter() - t0) * 1000
-        if not reply.get("ok"):
+        if not reply.get("ok") and sb.killed_from_outside:
+            # SIGKILLed from outside while it started (its import did not fail): no crash loop of the function, so
+            # neither counted toward its back-off nor reset, and the error the back-off reports stays its own
+            reply["killed_from_outside"] = True
+            self.stats["starts_killed"] += 1
+            self.retire(fp, sb)
+        elif not reply.get("ok"):
             fp.init_failures += 1
             delay = min(INIT_BACKOFF_FIRST_S * 2 ** (fp.init_failures - 1), INIT_BACKOFF_MAX_S)
             fp.backoff_until = time.monotonic() + delay

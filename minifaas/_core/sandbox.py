@@ -208,6 +208,17 @@ class Sandbox:
         """The sandbox has ended, whether or not its end is reported yet: nothing is routed or sent to it."""
         return self.state == "lost" or self.state == "dead"
 
+    @property
+    def killed_from_outside(self) -> bool:
+        """It died of a SIGKILL the host did not send (an operator, a supervisor, the kernel's OOM killer): Python
+        code cannot die so by accident, so it is no failure of the function's own code."""
+        return (
+            self.state == "dead"
+            and self.exit_status == -signal.SIGKILL
+            and self._killed_reason is None
+            and not self._stopping
+        )
+
     def _lose(self) -> None:
         if not self.gone:
             self.state = "lost"

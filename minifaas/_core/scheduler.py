@@ -444,7 +444,8 @@ class Scheduler:
                     "error": f"The action {what}: {reply.get('error')}"
                     + (
                         f" ({fp.init_failures} failed initializations in a row; the next try in {left:.1f} s)"
-                        if left and fp.init_failures > 1  # one failure is not a crash loop: OpenWhisk's message
+                        # one failure is not a crash loop: OpenWhisk's message; nor is a kill from outside
+                        if left and fp.init_failures > 1 and not reply.get("killed_from_outside")
                         else ""
                     )
                 },
