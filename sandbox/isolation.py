@@ -356,8 +356,9 @@ def _become_init() -> None:
     """After ``unshare(CLONE_NEWPID)``: fork; the child (pid 1 of the new namespace) goes on as the sandbox. The
     parent is what the host knows (its pid, its pidfd): it closes every fd, so the channel and pipes are the child's
     alone, waits for the child and ends as it ended. The host's SIGKILL reaches both (one process group), and the
-    child is killed when the parent dies. Both die with the host: the parent keeps the lifeline it armed, the child
-    arms its own as its namespace's init (a SIGKILL through the parent's would never reach it)."""
+    child is killed when the parent dies (as long as its uid stays: as root, the change to the sandbox's own uid
+    clears that). Both die with the host: the parent keeps the lifeline it armed, the child arms its own as its
+    namespace's init (a SIGKILL through the parent's would never reach it)."""
     pid = os.fork()
     if pid == 0:
         _libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
