@@ -44,6 +44,8 @@ import sys
 from collections.abc import Iterable
 from typing import Any, Final
 
+from minifaas_sandbox import lifeline
+
 CLONE_NEWNS: Final = 0x00020000
 CLONE_NEWIPC: Final = 0x08000000
 CLONE_NEWUSER: Final = 0x10000000
@@ -354,13 +356,23 @@ def _become_init() -> None:
     """After ``unshare(CLONE_NEWPID)``: fork; the child (pid 1 of the new namespace) goes on as the sandbox. The
     parent is what the host knows (its pid, its pidfd): it closes every fd, so the channel and pipes are the child's
     alone, waits for the child and ends as it ended. The host's SIGKILL reaches both (one process group), and the
-    child is killed when the parent dies."""
+    child is killed when the parent dies (as long as its uid stays: as root, the change to the sandbox's own uid
+    clears that). Both die with the host: the parent keeps the lifeline it armed, the child arms its own as its
+    namespace's init (a SIGKILL through the parent's would never reach it)."""
     pid = os.fork()
     if pid == 0:
         _libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if lifeline.armed_fd() >= 0:
+            # also sees a host that died before the prctl (the parent then may have died already too)
+            lifeline.arm(lifeline.armed_fd())
         return
     try:
-        os.closerange(0, os.sysconf("SC_OPEN_MAX"))
+        keep = lifeline.armed_fd()
+        if keep >= 0:
+            os.closerange(0, keep)
+            os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
+        else:
+            os.closerange(0, os.sysconf("SC_OPEN_MAX"))
         for ignored in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
             signal.signal(ignored, signal.SIG_IGN)
         while True:

@@ -238,6 +238,8 @@ class Runtime:
         #: activations submitted to the pool and not yet answered (concurrency > 1 with a reaper)
         self._inflight = 0
         self._inflight_lock = threading.Lock()
+        #: per pool thread: ``counted`` while its activation is in ``_inflight`` (see ``_send_result``)
+        self._activation = threading.local()
 
     # -- logs -----------------------------------------------------------------------------------------------------
     def current_logs(self) -> LogBuffer | None:
@@ -371,20 +373,33 @@ class Runtime:
                 "models": [],
                 "retire": True,
             }
-            with self.send_lock:
-                assert self.channel is not None
-                self.channel.send_frame(p.encode(p.RESULT, out))
+            self._send_result(p.encode(p.RESULT, out))
 
     def _run_then_reap(self, fields: dict[str, Any]) -> None:
         """run() on a pool thread; the last activation to end reaps (none of the function's code runs then, so no
         child's status is taken from under a wait of its own)."""
+        self._activation.counted = True
         try:
             self.run(fields)
         finally:
-            with self._inflight_lock:
-                self._inflight -= 1
-                if self._inflight == 0 and self._reaps_orphans is not None:
-                    self._reaps_orphans()
+            self._end_counted()  # no RESULT went out (the channel broke)
+
+    def _end_counted(self) -> None:
+        if not getattr(self._activation, "counted", False):
+            return
+        self._activation.counted = False
+        with self._inflight_lock:
+            self._inflight -= 1
+            if self._inflight == 0 and self._reaps_orphans is not None:
+                self._reaps_orphans()
+
+    def _send_result(self, frame: bytes) -> None:
+        # the activation ends (and the last one reaps) before its RESULT leaves: the host may send the next RUN the
+        # moment it has the RESULT, and that RUN, counted first, kept this end from reaping (its zombies stayed)
+        self._end_counted()
+        assert self.channel is not None
+        with self.send_lock:
+            self.channel.send_frame(frame)
 
     def _run(self, fields: dict[str, Any]) -> None:
         assert self.channel is not None
@@ -413,8 +428,7 @@ class Runtime:
             out["retire"] = out.get("retire") or error.startswith("memory limit")
         if error or not frame:
             frame = p.encode(p.RESULT, out)
-        with self.send_lock:
-            self.channel.send_frame(frame)
+        self._send_result(frame)
 
     def execute(self, fields: dict[str, Any]) -> dict[str, Any]:
         """Run one activation and return the RESULT fields (also used in-process by minifaas.testing)."""

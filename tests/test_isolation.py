@@ -84,6 +84,8 @@ ATTEMPTS: dict[str, str] = {
         "return any(os.path.exists(f\"/proc/{args['host_pid']}/fd/{n}\") for n in fds)"
     ),
     "setuid-0": "return in_child(lambda: os.setuid(0) or os.geteuid() == 0)",
+    # pid 1 of its namespace dies with the host only through this handler (minifaas_sandbox.lifeline.INIT_SIG)
+    "outlive-the-host": "import signal\nsignal.signal(signal.SIGRTMAX - 1, signal.SIG_IGN)\nreturn True",
     "mount-tmpfs": (
         "d = '/tmp/escape-mnt-' + args['tag']\n"
         "os.makedirs(d, exist_ok=True)\n"
@@ -177,6 +179,7 @@ SANDBOX_DENIAL: dict[str, str] = {
     "raw-socket": "Operation not permitted",
     "packet-socket": "Operation not permitted",
     "create-device-node": "Operation not permitted",
+    "outlive-the-host": "Operation not permitted",
     "signal-host": "No such process",
     "signal-sibling": "No such process",
     "read-other-function-tmp": "No such file or directory",

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from minifaas_sandbox import lifeline
 
 import minifaas
 from minifaas._core.store import HOST_DIED_MESSAGE
@@ -567,8 +568,17 @@ HOST_DEATH_BOUND_S = 5.0
         ("zygote", "killed", "process"),
         ("zygote", "none", "sandbox"),
         ("spawn", "none", "process"),
+        ("zygote", "killed", "sandbox"),
+        ("spawn", "none", "sandbox"),
     ],
-    ids=["zygote_stopped", "zygote_killed_first", "isolation_sandbox", "spawn"],
+    ids=[
+        "zygote_stopped",
+        "zygote_killed_first",
+        "isolation_sandbox",
+        "spawn",
+        "sandbox_zygote_killed",
+        "spawn_sandbox",
+    ],
 )
 async def test_every_sandbox_dies_with_the_host(launcher: str, zygote_fate: str, isolation: str) -> None:
     """Sandboxes die with the host, whatever their zygote does: a stopped zygote (stalled in a pre-build) neither
@@ -611,6 +621,49 @@ async def test_every_sandbox_dies_with_the_host(launcher: str, zygote_fate: str,
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     assert not left, f"alive {time.monotonic() - t0:.1f} s after the host died: {left}"
+
+
+PID_NAMESPACE_INIT = """
+import os, sys, time
+from minifaas_sandbox import isolation, lifeline
+pid = isolation.fork_in_pid_namespace()
+if pid == 0:
+    os.setsid()
+    lifeline.arm(int(sys.argv[1]))
+    print(os.getpid(), flush=True)
+    time.sleep(60)
+    os._exit(0)
+print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+"""
+
+
+def test_a_pid_namespace_init_dies_with_the_host() -> None:
+    """A sandbox forked as pid 1 of a PID namespace of its own asked for SIGKILL through the lifeline, which the
+    kernel drops for a namespace's init (it is only forced from an ancestor namespace by kill() or a parent's
+    death): it outlived the host. Here the test is the host: it closes the lifeline's write end."""
+    import subprocess
+    import sys
+
+    assert os.geteuid() == 0, "these machines run the suite as root (a PID namespace needs CAP_SYS_ADMIN)"
+    r, w = os.pipe2(os.O_CLOEXEC)
+    argv = [sys.executable, "-c", PID_NAMESPACE_INIT, str(r)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, pass_fds=(r,))
+    os.close(r)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "1"  # armed, as pid 1 of its namespace
+        os.close(w)
+        w = -1
+        try:
+            out, _ = proc.communicate(timeout=HOST_DEATH_BOUND_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"pid 1 of its namespace alive {HOST_DEATH_BOUND_S} s after its lifeline closed")
+    finally:
+        if w >= 0:
+            os.close(w)
+        proc.kill()
+        proc.wait()
+    assert int(out) == lifeline.INIT_SIG  # ended by the lifeline's handler, not by the sleep's end
 
 
 async def test_a_death_is_reported_without_waiting_for_a_stalled_zygote() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import glob
 import os
 import signal
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
+import anyio.lowlevel
 import pytest
 from minifaas_sandbox import protocol as p
 
@@ -668,3 +671,41 @@ def test_zygote_starts_with_the_sandboxes_malloc_settings() -> None:
             await _end(child)
 
     _run(main)
+
+
+#: a stand-in zygote that only reads its control socket (fd in argv[1]) until the host closes its end
+_READ_TO_EOF = "import os, sys\nfd = int(sys.argv[1])\nwhile os.read(fd, 65536):\n    pass\n"
+
+
+def test_a_zygote_reader_cancelled_as_its_data_arrives_raises_nothing_in_the_loop() -> None:
+    """The zygote's control reader used anyio's UNIX stream, whose selector callback is the bare future's
+    set_result: cancelled in the very loop turn the zygote's bytes arrived (an engine closing while its zygote
+    reports), the callback raised InvalidStateError inside the event loop, an ERROR of whichever test ran."""
+    import socket
+
+    from minifaas._core.zygote import _Zygote
+
+    async def race() -> list[dict[str, Any]]:
+        loop = asyncio.get_running_loop()
+        errors: list[dict[str, Any]] = []
+        loop.set_exception_handler(lambda _loop, context: errors.append(context))
+        host, peer = socket.socketpair()
+        proc = subprocess.Popen([sys.executable, "-c", _READ_TO_EOF, str(peer.fileno())], pass_fds=(peer.fileno(),))
+        try:
+            zygote = _Zygote(proc, await anyio.abc.UNIXSocketStream.from_socket(host))
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(zygote.read_loop)
+                await anyio.wait_all_tasks_blocked()  # the reader waits for the socket
+                peer.send(b"\0")
+                # one loop turn: the socket's readiness is queued behind this task, which cancels the reader first
+                await anyio.lowlevel.checkpoint()
+                tg.cancel_scope.cancel()
+            await anyio.sleep(0.05)  # the queued callback has run
+        finally:
+            peer.close()
+            proc.kill()
+            proc.wait()
+        return errors
+
+    errors = anyio.run(race)
+    assert not errors, [ctx.get("exception") or ctx.get("message") for ctx in errors]

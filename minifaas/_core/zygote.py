@@ -34,6 +34,7 @@ from typing import Any, Final
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import anyio.to_thread
 from minifaas_sandbox import protocol as p
 from minifaas_sandbox import zygote as z
@@ -386,8 +387,10 @@ class _Zygote:
         try:
             while True:
                 try:
-                    data = await self.stream.receive(RECV_BYTES)
-                except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    data = await self._receive()
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                    break
+                if not data:
                     break
                 for kind, fields in self.decoder.feed(data):
                     self._dispatch(kind, fields)
@@ -397,6 +400,19 @@ class _Zygote:
             self._lost()
             with anyio.CancelScope(shield=True):
                 await self._reap()
+
+    async def _receive(self) -> bytes:
+        """What the zygote sent next (b"": the end of the stream). Not ``self.stream.receive()``: anyio's UNIX
+        stream wakes its reader through the bare future's ``set_result`` as the selector's callback, which raises
+        InvalidStateError inside the event loop when the reader is cancelled in the very turn its data arrives (the
+        launcher closed, or a scope cancelled, while the zygote sends); ``anyio.wait_readable``'s callback checks."""
+        sock = self.stream.extra(anyio.abc.SocketAttribute.raw_socket)
+        await anyio.lowlevel.checkpoint()
+        while True:
+            try:
+                return sock.recv(RECV_BYTES)
+            except BlockingIOError:
+                await anyio.wait_readable(sock)
 
     def _dispatch(self, kind: int, fields: dict[str, Any]) -> None:
         if kind == z.EXITED:
