@@ -11,8 +11,10 @@ Bursts (``--only bursts``): spares sized by demand (``max_spares=8``) against on
 side, each scenario ``--repeat`` times (default 3) alternating, medians printed with their range: 20 new functions
 deployed and invoked back to back, and a burst of 8 concurrent requests (20 ms of work each, ``max_sandboxes=8``)
 to a fresh function after a first burst taught the engine (every init, the slowest request); both again with a warm
-function running flat out, whose throughput meanwhile is compared with a quiet window of the same length; and the
-PSS of the zygote and its idle spares with N = 1, 4, 8. The last lines give each of issue 18's goals with its figure.
+function running flat out, whose throughput meanwhile is compared with a quiet window of the same length; the CPU
+time the host, the zygote, the burst's sandboxes and the spares use during the burst and the refill after it
+(wall times are noisy on a shared machine, CPU times much less); and the PSS of the zygote and its idle spares with
+N = 1, 4, 8. The last lines give each of issue 18's goals with its figure.
 
 Run: ``python benches/bench_coldstart.py [--n 30] [--only coldstart|memory|bursts] [--repeat 3]``. Prints ratios
 measured in this one run.
@@ -316,6 +318,51 @@ def _rate(stamps: list[float], start: float, length: float) -> float:
     return sum(1 for s in stamps if start <= s < start + length) / length
 
 
+def _cpu_ns(pid: int) -> int:
+    """CPU time of a process so far, all its threads (ns, /proc/<pid>/task/*/schedstat); 0 once it is gone."""
+    total = 0
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    return total
+
+
+def _cpu_snapshot(zygote: int, extra: list[int]) -> dict[int, int]:
+    try:
+        kids = children(zygote)
+    except OSError:
+        kids = []
+    return {pid: _cpu_ns(pid) for pid in {os.getpid(), zygote, *kids, *extra}}
+
+
+def _cpu_by_role(
+    before: dict[int, int], after: dict[int, int], zygote: int, burst_pids: set[int], hot_pids: list[int]
+) -> dict[str, float]:
+    """CPU ms each role used between two snapshots: the host, the zygote, the burst's sandboxes, the hot
+    function's sandbox, and the spares (every other child of the zygote: those refilled, or still waiting)."""
+    out = dict.fromkeys(CPU_ROLES, 0.0)
+    for pid, ns in after.items():
+        role = (
+            "host"
+            if pid == os.getpid()
+            else "zygote"
+            if pid == zygote
+            else "burst sandboxes"
+            if pid in burst_pids
+            else "hot sandbox"
+            if pid in hot_pids
+            else "spares"
+        )
+        out[role] += (ns - before.get(pid, 0)) / 1e6
+    return out
+
+
+CPU_ROLES = ("host", "zygote", "burst sandboxes", "spares", "hot sandbox")
+
+
 async def burst(max_spares: int, busy: bool) -> dict[str, Any]:
     """A burst of BURST concurrent requests to a fresh function, after a first burst taught the engine."""
     out: dict[str, Any] = {}
@@ -334,6 +381,9 @@ async def burst(max_spares: int, busy: bool) -> dict[str, Any]:
             if busy:
                 quiet_start = await _start_hot(engine, tg, stamps, stop)
             acts: list[minifaas.Activation] = []
+            zygote = engine.stats()["launcher_stats"]["zygote_pid"]
+            hot_pids = engine.stats()["functions"]["guest/hot@1"]["pids"] if busy else []
+            cpu0 = _cpu_snapshot(zygote, hot_pids)
             t0 = time.perf_counter()
             ends: list[float] = []
 
@@ -344,9 +394,14 @@ async def burst(max_spares: int, busy: bool) -> dict[str, Any]:
             async with anyio.create_task_group() as burst_tg:
                 for _ in range(BURST):
                     burst_tg.start_soon(one)
+            cpu1 = _cpu_snapshot(zygote, hot_pids)
+            # the window covers the burst and the refill of the spares it took
+            await anyio.sleep(max(0.0, t0 + HOT_WINDOW_S - time.perf_counter()))
+            cpu2 = _cpu_snapshot(zygote, hot_pids)
+            burst_pids = set(engine.stats()["functions"]["guest/fresh@1"]["pids"])
+            out["cpu_burst"] = _cpu_by_role(cpu0, cpu1, zygote, burst_pids, hot_pids)
+            out["cpu_after"] = _cpu_by_role(cpu1, cpu2, zygote, burst_pids, hot_pids)
             if busy:
-                # the window covers the burst and the refill of the spares it took
-                await anyio.sleep(max(0.0, t0 + HOT_WINDOW_S - time.perf_counter()))
                 out["hot_ratio"] = _rate(stamps, t0, HOT_WINDOW_S) / max(_rate(stamps, quiet_start, HOT_WINDOW_S), 1e-9)
             stop.set()
         assert all(a.status == "success" for a in acts), acts
@@ -415,6 +470,17 @@ def bursts(n: int, repeat: int) -> None:
                 hot = [r["hot_ratio"] for r in rs]
                 line += f"; hot fn x{med(hot):.2f} ({min(hot):.2f}-{max(hot):.2f})"
             print(line)
+    print(
+        f"CPU ms per burst (/proc schedstat, all threads; medians): during the burst | after it, to {HOT_WINDOW_S:g} s"
+        " from its start (refills)"
+    )
+    for busy in (False, True):
+        for label, spares in setups:
+            rs = runs[spares, busy]
+            tag = " + hot fn" if busy else ""
+            during = ", ".join(f"{r} {med([x['cpu_burst'][r] for x in rs]):.1f}" for r in CPU_ROLES)
+            after = ", ".join(f"{r} {med([x['cpu_after'][r] for x in rs]):.1f}" for r in CPU_ROLES)
+            print(f"  {label.split(' (')[0]:17s}{tag:9s} {during} | {after}")
     pss = {}
     for k in (1, 4, 8):
         pss[k] = anyio.run(spares_pss, k) / 1024

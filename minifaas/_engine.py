@@ -730,7 +730,9 @@ class Engine:
             python = str(deps.python) if deps.conflicts_with_preload else None
         versions = self._functions.get(name) or []
         # persisted and never reused: `f@3` names the same code for as long as the state dir lives
-        version = self._aliases.next_version(name, [s.version for s in versions])
+        version, persist = self._aliases.reserve_version(name, [s.version for s in versions])
+        # its fsync off the event loop: a deploy must not stall the activations running meanwhile
+        await anyio.to_thread.run_sync(persist)
         if self.read_only and not versions:
             # the holder gave the saved action the dir's last number when it deployed it (a detached table: unsaved)
             version = str(max(1, int(version) - 1))

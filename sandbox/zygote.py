@@ -297,6 +297,8 @@ class Zygote:
         self.deficit_since = math.inf
         #: when a launch last found no spare ready and was forked on request
         self.forked_on_request_at = -math.inf
+        #: the spares changed since the host was last told (SPARES_STATE)
+        self.spares_report_due = False
         self.refork_delay_s = refork_delay_s
         #: where a spare makes its own pids cgroup (the host's sandbox cgroups), None for none
         self.cgroup_parent = cgroup_parent
@@ -326,6 +328,7 @@ class Zygote:
 
     def serve(self) -> int:
         while True:
+            self.flush_spares_report()
             timeout = None
             spare_due = outgrown = False
             if self.fork_ahead and len(self.spares) < self.spare_target():
@@ -385,7 +388,7 @@ class Zygote:
                 # a spare forked before these models were loaded would not have them
                 for spare in list(self.spares):
                     self.discard_spare(spare)
-                self.report_spares()
+                self.send_spares_state()  # now: loading the models may take seconds
                 reply = _load_models(paths, urls, prebuild=fields.get("prebuild", True) is not False)
                 self.send(MODELS_LOADED, {"seq": fields.get("seq"), **reply})
                 gc.freeze()
@@ -556,7 +559,19 @@ class Zygote:
         spare.sock.close()  # it reads the end of the stream and exits
 
     def report_spares(self) -> None:
-        """Tell the host which spares exist (it measures their memory and counts it in its budget)."""
+        """Tell the host which spares exist (it measures their memory and counts it in its budget): once the
+        zygote has nothing else to do (:meth:`flush_spares_report`), not after each change. A burst's FORKs hand
+        over several spares in a row, and a message per hand-over woke the host's event loop once more per cold
+        start, beside the FORKED it waits for."""
+        self.spares_report_due = True
+
+    def flush_spares_report(self) -> None:
+        """Send the SPARES_STATE :meth:`report_spares` asked for, unless more requests wait (then after them)."""
+        if self.spares_report_due and not self.selector.select(0):
+            self.send_spares_state()
+
+    def send_spares_state(self) -> None:
+        self.spares_report_due = False
         self.send(
             SPARES_STATE, {"pids": [s.pid for s in self.spares], "ready": [s.pid for s in self.spares if s.ready]}
         )

@@ -416,3 +416,63 @@ async def test_a_burst_of_cold_starts_does_not_run_the_reaper_once_per_start() -
         assert cold >= 4, [a.annotations for a in acts]
         # its own timer runs a round every REAP_INTERVAL_MAX_S at most; the cold starts must not add one each
         assert rounds[0] <= 1 + elapsed / REAP_INTERVAL_MAX_S, (rounds, elapsed, cold)
+
+
+def test_hand_overs_that_arrive_together_are_reported_once() -> None:
+    """FORK frames read together (a burst) are answered FORKED by FORKED, and the spares they took are reported
+    to the host in one SPARES_STATE after them, not one per hand-over: each report woke the host's event loop once
+    more per cold start of the burst. Drives a real zygote over its control socket."""
+    import socket
+    import subprocess
+    import sys
+
+    from minifaas_sandbox import protocol as p
+
+    n = 3
+    host, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    argv = [sys.executable, "-m", "minifaas_sandbox.zygote", "--fd", str(child.fileno())]
+    argv += ["--preload", "minifaas_sandbox.runtime"]
+    proc = subprocess.Popen(argv, pass_fds=(child.fileno(),), env=scrubbed_env(), start_new_session=True)
+    child.close()
+    host.settimeout(30)
+    decoder = p.FrameDecoder()
+    pending: list[tuple[int, dict[str, Any]]] = []
+    kept: list[int] = []
+
+    def receive() -> tuple[int, dict[str, Any]]:
+        while not pending:
+            data = host.recv(1 << 16)
+            assert data, "the zygote closed its control socket"
+            pending.extend(decoder.feed(data))
+        return pending.pop(0)
+
+    try:
+        assert receive()[0] == sandbox_zygote.HELLO
+        host.sendall(p.encode(sandbox_zygote.SPARES, {"n": n}))
+        deadline = time.monotonic() + 30
+        while True:
+            kind, fields = receive()
+            if kind == sandbox_zygote.SPARES_STATE and len(fields["ready"]) == n:
+                break
+            assert time.monotonic() < deadline, fields
+        frames, fds = b"", []
+        for seq in range(1, n + 1):
+            mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            out_r, out_w = os.pipe()
+            err_r, err_w = os.pipe()
+            kept += [mine.detach(), out_r, err_r]
+            fds += [theirs.fileno(), out_w, err_w]
+            frames += p.encode(sandbox_zygote.FORK, {"seq": seq, "env": scrubbed_env()})
+            theirs.detach()
+        socket.send_fds(host, [frames], fds)  # one read for the zygote: a burst
+        for fd in fds:
+            os.close(fd)
+        kinds = [receive()[0] for _ in range(n + 1)]
+        assert kinds == [sandbox_zygote.FORKED] * n + [sandbox_zygote.SPARES_STATE], [
+            sandbox_zygote.NAMES.get(k, k) for k in kinds
+        ]
+    finally:
+        host.close()
+        for fd in kept:
+            os.close(fd)
+        proc.wait(timeout=30)

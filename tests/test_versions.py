@@ -271,3 +271,59 @@ async def test_alias_mismatch_after_the_counter_was_lost(tmp_path: Path) -> None
             await engine.invoke("f@prod")
         await engine.set_alias("f", "prod", "1")
         assert await engine.invoke("f@prod") == {"code": "B"}
+
+
+async def test_a_deploys_version_file_is_written_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The version counter is fsynced at every deploy: on the event loop, a slow disk stalled every activation
+    running meanwhile (a warm function's calls during back-to-back deploys). With an fsync of 0.3 s the loop keeps
+    ticking, the deploy still returns only once its number is on disk, and a restart never reuses it."""
+    import os
+    import time
+
+    import anyio
+
+    slow_s = 0.3
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        time.sleep(slow_s)
+        real_fsync(fd)
+
+    async with minifaas.Engine(tmp_path / "state", preload=PRELOAD) as engine:
+        monkeypatch.setattr(os, "fsync", slow_fsync)
+        lags: list[float] = []
+        done = anyio.Event()
+
+        async def tick() -> None:
+            while not done.is_set():
+                t = time.perf_counter()
+                await anyio.sleep(0.005)
+                lags.append(time.perf_counter() - t)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(tick)
+            t0 = time.perf_counter()
+            fn = await engine.deploy("f", code=VERSIONED.format(v=1))
+            took = time.perf_counter() - t0
+            done.set()
+        monkeypatch.setattr(os, "fsync", real_fsync)
+        assert fn["version"] == "1" and took >= slow_s, (fn["version"], took)
+        assert max(lags) < slow_s / 2, max(lags)
+        saved = json.loads((tmp_path / "state" / ALIASES_FILE_NAME).read_text())
+        assert saved["last_versions"] == {"f": 1}, saved
+
+
+def test_reserved_versions_persist_newest_last_whatever_the_order(tmp_path: Path) -> None:
+    """Two deploys reserve numbers back to back and persist them from worker threads: numbers differ, and a
+    slower write of the older snapshot never lands over the newer one (which holds both)."""
+    path = tmp_path / ALIASES_FILE_NAME
+    table = AliasTable(path)
+    first, persist_first = table.reserve_version("f")
+    second, persist_second = table.reserve_version("f")
+    assert (first, second) == ("1", "2")
+    persist_second()
+    persist_first()
+    assert json.loads(path.read_text())["last_versions"] == {"f": 2}
+    assert AliasTable(path).next_version("f") == "3"

@@ -709,3 +709,51 @@ def test_a_zygote_reader_cancelled_as_its_data_arrives_raises_nothing_in_the_loo
 
     errors = anyio.run(race)
     assert not errors, [ctx.get("exception") or ctx.get("message") for ctx in errors]
+
+
+def test_cgroup_attach_of_a_fork_on_request_leaves_the_event_loop_free(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A child forked on request (no spare) is moved into its cgroup before the launch returns, but not on the
+    event loop: that write waits for an RCU grace period on cgroup v1, and there it stalled every other activation
+    (a warm function's calls) once per cold start. A slow attach (0.3 s) here must not stall a ticking task."""
+    from minifaas._core.launch import PIDS
+
+    slow_s = 0.3
+    attached: dict[int, str | None] = {}
+    real_attach = PIDS.attach
+
+    def slow_attach(pid: int) -> str | None:
+        time.sleep(slow_s)
+        attached[pid] = real_attach(pid)
+        return attached[pid]
+
+    monkeypatch.setattr(PIDS, "attach", slow_attach)
+
+    async def main() -> None:
+        lags: list[float] = []
+        done = anyio.Event()
+
+        async def tick() -> None:
+            while not done.is_set():
+                t = time.perf_counter()
+                await anyio.sleep(0.005)
+                lags.append(time.perf_counter() - t)
+
+        async with ZygoteLauncher(preload=("minifaas_sandbox.runtime",), fork_ahead=False) as launcher:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(tick)
+                t0 = time.perf_counter()
+                proc = await launcher.launch(scrubbed_env())
+                took = time.perf_counter() - t0
+                done.set()
+            try:
+                # the attach happened before the launch returned (the host sends function code after it)
+                assert list(attached) == [proc.pid] and took >= slow_s, (attached, took)
+                assert proc.cgroup == attached[proc.pid]  # type: ignore[attr-defined]
+                ch = await _ready(proc)
+                await ch.init("def main(args):\n    return {'ok': True}\n")
+                assert await ch.run() == {"ok": True}
+            finally:
+                await _end(proc)
+        assert max(lags) < slow_s / 2, max(lags)
+
+    _run(main)

@@ -214,6 +214,11 @@ class PidsCgroups:
     def adopt(self, pid: int, path: str | None) -> str | None:
         """Take over the cgroup a sandbox moved itself into (a zygote's spare does, ahead of demand, since the
         move can take milliseconds); attach it here when it did not."""
+        joined = self.joined(pid, path)
+        return joined if joined is not None else self.attach(pid)
+
+    def joined(self, pid: int, path: str | None) -> str | None:
+        """``path`` when it is the cgroup of its own a sandbox moved itself into (one read, no move), else None."""
         parent = self.parent
         if path is not None and parent is not None and path == str(parent / f"sb-{pid}"):
             try:
@@ -222,7 +227,7 @@ class PidsCgroups:
                         return path
             except OSError:
                 pass
-        return self.attach(pid)
+        return None
 
     def remove(self, path: str) -> None:
         """Drop a sandbox's cgroup once it is empty; one whose last processes are still dying is retried later."""

@@ -133,7 +133,10 @@ class _ForkedProcess:
             # already reaped by the zygote: its EXITED report is on the way
             self._pidfd = -1
         #: the sandbox's pids cgroup (None where unavailable), joined before the host sends it any function code
-        self.cgroup = PIDS.adopt(pid, cgroup) if self._pidfd >= 0 else None
+        self.cgroup = PIDS.joined(pid, cgroup) if self._pidfd >= 0 else None
+        #: still to be moved into a cgroup (a child forked on request, not a spare that joined its own): the
+        #: launcher does it in a worker thread before the launch returns (see ``_Zygote.fork``)
+        self.unattached = self._pidfd >= 0 and self.cgroup is None
 
     def _exited(self, status: int) -> None:
         if self._status is None:
@@ -362,8 +365,18 @@ class _Zygote:
             self._abandon(seq, req)
             raise
         assert req.value is not None
+        forked = req.value
+        if forked.unattached:
+            # a write to cgroup.procs waits for an RCU grace period on cgroup v1 (2-3 ms here): on the event loop
+            # it stalled every other activation (a warm function's calls) once per cold start forked on request
+            try:
+                forked.cgroup = await anyio.to_thread.run_sync(PIDS.attach, forked.pid)
+                forked.unattached = False
+            except BaseException:
+                self._abandon(seq, req)
+                raise
         self.forks += 1
-        return req.value
+        return forked
 
     def _abandon(self, seq: int, req: _Request) -> None:
         """The caller gave up waiting: whatever the zygote forks for it must not live on unowned."""

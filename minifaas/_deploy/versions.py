@@ -26,7 +26,8 @@ import os
 import random
 import re
 import tempfile
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -82,6 +83,11 @@ class AliasTable:
         self._digests: dict[str, dict[str, str]] = {}
         if path is not None:
             self._table, self._last, self._digests = _load(path)
+        #: writes from worker threads (:meth:`reserve_version`) go one at a time, and never an older snapshot over
+        #: a newer one
+        self._write_lock = threading.Lock()
+        self._snapshots = 0
+        self._written = 0
 
     def detached(self) -> AliasTable:
         """A copy that is never saved (what ``minifaas gc`` deploys to learn what is in use must not count)."""
@@ -94,10 +100,17 @@ class AliasTable:
     # -- versions -------------------------------------------------------------------------------------------
     def next_version(self, name: str, deployed: Sequence[str] = ()) -> str:
         """A version number ``name`` never had (persisted before it is returned)."""
+        version, persist = self.reserve_version(name, deployed)
+        persist()
+        return version
+
+    def reserve_version(self, name: str, deployed: Sequence[str] = ()) -> tuple[str, Callable[[], None]]:
+        """A version number ``name`` never had, taken now, and the call that persists it (it fsyncs: a deploy runs
+        it in a worker thread, where it does not hold up the event loop's other work, and awaits it before it
+        hands the version out)."""
         last = max([self._last.get(name, 0), *(int(v) for v in deployed if VERSION_RE.match(v))])
         self._last[name] = last + 1
-        self._save()
-        return str(last + 1)
+        return str(last + 1), self._saver()
 
     # -- editing --------------------------------------------------------------------------------------------
     def set_alias(
@@ -226,8 +239,13 @@ class AliasTable:
         return routes
 
     def _save(self) -> None:
+        self._saver()()
+
+    def _saver(self) -> Callable[[], None]:
+        """The table as it is now (copied on the caller's thread), and the call that writes it."""
         if self.path is None:
-            return
+            return _nothing
+        path = self.path
         data = {
             "format": ALIASES_FILE_FORMAT,
             "aliases": {
@@ -237,18 +255,36 @@ class AliasTable:
             "last_versions": dict(self._last),
             "digests": {name: dict(d) for name, d in self._digests.items() if d},
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".aliases-", suffix=".tmp", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(data, f, indent=1, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        self._snapshots += 1
+        seq = self._snapshots
+
+        def write() -> None:
+            with self._write_lock:
+                if seq <= self._written:
+                    return  # a newer snapshot (which holds this one's changes) is on disk already
+                _write(path, data)
+                self._written = seq
+
+        return write
+
+
+def _nothing() -> None:
+    return None
+
+
+def _write(path: Path, data: dict[str, object]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".aliases-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _routes(target: Routing) -> list[tuple[str, float]]:
