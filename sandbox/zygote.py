@@ -27,7 +27,8 @@ host's SPARES message asks (it sizes them by the bursts of cold starts it has se
 request, every step of becoming a sandbox that does not need it: reseeding, the runtime's set-up, and a rehearsal
 (a no-op INIT and RUN), which pays the copy-on-write faults a fresh fork takes the first time it touches each shared
 page; it takes them at nice +SPARE_NICE (where the zygote may restore the priority), so they use the CPU that
-running sandboxes leave, and returns to the zygote's priority when it takes a request.
+running sandboxes leave, and returns to the zygote's priority before it says it is ready (its request wakes it at
+full priority, with no system call of its own on the launch path).
 
 Order: requests first (a FORK that arrived is served before the zygote forks a spare, which it would wait for).
 The zygote refills SPARE_REFORK_DELAY_S after the last launch, not at once: on two cores a fork competed with the
@@ -129,7 +130,7 @@ OUTGROWN_FOR_S: Final = 0.02
 #: a spare takes its steps (cgroup, set-up, rehearsal) this much nicer than the zygote, so they use the CPU that
 #: running sandboxes leave: on two cores, eight spares' 25-75 ms of rehearsals right after a burst took that much
 #: from the burst's own sandboxes and a warm function running beside them. No launch waits for it (a launch takes
-#: only a ready spare, else forks at once). Back to the zygote's own priority when it takes a request; 0, or a host
+#: only a ready spare, else forks at once). Back to the zygote's own priority once ready (asleep); 0, or a host
 #: without the right to raise a priority again (CAP_SYS_NICE or RLIMIT_NICE), keeps spares at the zygote's.
 SPARE_NICE: Final = 10
 #: lines LiteRT writes on fd 2 while the zygote builds interpreters that the host's terminal does not need
@@ -503,7 +504,8 @@ class Zygote:
 
     def spare_main(self, sock: socket.socket, nice: int = 0, *, sandboxed: bool = False) -> int:
         """A spare's life: detach, join its cgroup, do every step of becoming a sandbox that does not need the
-        request, say it is ready, wait for its request, become that sandbox (at the zygote's priority again)."""
+        request (``nice`` this much nicer), go back to the zygote's priority, say it is ready, wait for its request,
+        become that sandbox."""
         if nice:
             os.setpriority(os.PRIO_PROCESS, 0, min(19, self.base_nice + nice))
         self.detach()
@@ -519,6 +521,12 @@ class Zygote:
             isolation = sys.modules.get("minifaas_sandbox.isolation")
             if isolation is not None:
                 isolation.prepare_root()
+        if nice:
+            # back to the zygote's priority now, while nobody waits: a spare asleep on its socket costs no CPU at
+            # any priority, and one woken by its request at nice +10 waited behind busier processes for up to a
+            # millisecond, then paid this setpriority on the launch path
+            with contextlib.suppress(OSError):  # allowed (_may_renice); were it not, the sandbox still serves
+                os.setpriority(os.PRIO_PROCESS, 0, self.base_nice)
         try:
             sock.sendall(b"A" + cgroup.encode() if cgroup else b"N")
         except (BrokenPipeError, ConnectionResetError):
@@ -526,9 +534,6 @@ class Zygote:
         request = _await_request(sock)
         if request is None:
             return 0  # the zygote ended or discarded this spare
-        if nice:
-            with contextlib.suppress(OSError):  # allowed (_may_renice); were it not, the sandbox still serves
-                os.setpriority(os.PRIO_PROCESS, 0, self.base_nice)
         (channel_fd, out_w, err_w), env = request
         _take_fds(channel_fd, out_w, err_w, env)
         return self._serve(channel_fd)

@@ -990,3 +990,18 @@ def test_an_unprivileged_host_gets_the_same_sandbox() -> None:
     assert r["euid"] == 1000 and r["cap"] == "0000000000000000" and r["seccomp"] == "2"
     assert "home" not in r["root"] and r["tmp_writable"] is True
     assert r["pid"] == 1 and r["procs"] == ["1"]
+
+
+def test_the_seccomp_filter_is_a_binary_tree_of_call_numbers() -> None:
+    """Loading the filter is on every isolated cold start's path: the kernel compiles it and walks it once per call
+    number (its per-call cache), which a chain of ~50 comparisons makes slower than a tree (same rules: the hostile
+    tests above hold for it)."""
+    import ctypes
+
+    from minifaas_sandbox import seccomp
+
+    lib = seccomp._lib()
+    lib.seccomp_attr_get.argtypes = (ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_uint32))
+    value = ctypes.c_uint32(0)
+    assert lib.seccomp_attr_get(seccomp.build(), seccomp.SCMP_FLTATR_CTL_OPTIMIZE, ctypes.byref(value)) == 0
+    assert value.value == seccomp.SCMP_OPTIMIZE_BINARY_TREE

@@ -193,3 +193,26 @@ async def test_async_main_runs_on_an_event_loop(minifaas_engine: minifaas.Engine
 
 async def test_async_main_in_process_under_a_running_loop() -> None:
     assert call_in_process("async def main(args):\n    return {'x': args['x'] + 1}\n", {"x": 1}) == {"x": 2}
+
+
+CWD = "import os\ndef main(args):\n    return {'cwd': os.getcwd()}\n"
+
+
+def test_a_sandbox_chooses_its_temp_folder_before_its_request() -> None:
+    """tempfile's probe of its folder (a file written and removed, 0.3-0.5 ms) is off a cold start's path: a spare
+    takes it in runtime.prepare(), ahead of its request."""
+    import subprocess
+    import sys
+
+    code = "import tempfile\nfrom minifaas_sandbox import runtime\nruntime.prepare()\nprint(tempfile.tempdir)\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() not in ("", "None"), out
+
+
+async def test_a_functions_own_tmpdir_still_holds_its_working_dir(
+    minifaas_engine: minifaas.Engine, tmp_path: Path
+) -> None:
+    """The folder tempfile chose ahead is forgotten when the function's env names another."""
+    await minifaas_engine.deploy("cwd", code=CWD, env={"TMPDIR": str(tmp_path)})
+    act = assert_success(await minifaas_engine.call("cwd", {}))
+    assert Path(act.result["cwd"]).parent == tmp_path, act.result
