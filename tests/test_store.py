@@ -280,3 +280,59 @@ async def test_the_host_polls_for_a_final_record_only_until_it_is_written(tmp_pa
             assert (await engine.call("noop")).status == "success"
         assert all(windows) and len(windows) == 30
         assert not sched.polled
+
+
+def test_a_commit_is_one_statement_into_sqlite(tmp_path: Path) -> None:
+    """The writer hands a transaction's rows to SQLite in one statement (its own transaction): each call into SQLite
+    gives the GIL away and takes it back from the event loop, so BEGIN, a statement per row and COMMIT cost the loop
+    as many round trips. Past UPSERT_MAX_ROWS rows, a few statements in one transaction."""
+    from minifaas._core import store as store_module
+
+    db = tmp_path / DB_FILE_NAME
+    store = SQLiteStore(db)
+    statements: list[str] = []
+    store._wdb.set_trace_callback(statements.append)
+    try:
+        for n_rows, expected in ((1, 1), (20, 1), (store_module.UPSERT_MAX_ROWS * 2 + 1, 5)):
+            statements.clear()
+            start = len(_all_ids(db))
+            store._commit([store_module._row(_act(f"{start + i:032x}", "success")) for i in range(n_rows)])
+            assert len(statements) == expected, statements
+            assert len(_all_ids(db)) == start + n_rows
+    finally:
+        store.close()
+
+
+def _all_ids(db: Path) -> list[str]:
+    with sqlite3.connect(str(db)) as conn:
+        return [aid for (aid,) in conn.execute("SELECT activation_id FROM records")]
+
+
+def test_a_busy_writer_gathers_rows_between_commits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once rows come faster than one a transaction, the writer waits COMMIT_GATHER_S after a commit before the next:
+    a steady stream (a record a millisecond here) is written in a few large transactions, not one per record."""
+    from minifaas._core import store as store_module
+
+    monkeypatch.setattr(store_module, "COMMIT_GATHER_S", 0.05)
+    db = tmp_path / DB_FILE_NAME
+    store = SQLiteStore(db)
+    durable = threading.Semaphore(0)
+    total = 0
+    try:
+        for _ in range(50):  # a burst: the rows after the first pile up while it commits
+            store.put(_act(f"{total:032x}", "success"), durable.release)
+            total += 1
+        end = time.monotonic() + 0.5
+        while time.monotonic() < end:
+            store.put(_act(f"{total:032x}", "success"), durable.release)
+            total += 1
+            time.sleep(0.001)
+        for _ in range(total):
+            assert durable.acquire(timeout=5)
+        stats = store.stats()
+        assert stats["rows_written"] == total
+        # one row a commit would be ~total commits; gathering for 50 ms, about a dozen
+        assert stats["commits"] < total // 5, stats
+    finally:
+        store.close()
+    assert len(_all_ids(db)) == total
