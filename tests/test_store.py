@@ -336,3 +336,51 @@ def test_a_busy_writer_gathers_rows_between_commits(tmp_path: Path, monkeypatch:
     finally:
         store.close()
     assert len(_all_ids(db)) == total
+
+
+async def test_a_durable_host_asks_the_sandbox_to_poll_through_the_store_wait(tmp_path: Path) -> None:
+    """A caller in a loop sends its next RUN only once the last record is written: with a durable store the RUN asks
+    the sandbox to poll that much longer (capped), so the sandbox is found awake; in memory, the default poll."""
+    from minifaas._core import scheduler as scheduler_module
+    from minifaas._core.sandbox import Sandbox
+
+    spins: list[object] = []
+    real_send = Sandbox.send
+
+    def send(self: Sandbox, kind: int, fields: dict[str, object]) -> None:
+        if "aid" in fields and "spin" in fields:
+            spins.append(fields["spin"])
+        real_send(self, kind, fields)  # type: ignore[arg-type]
+
+    Sandbox.send = send  # type: ignore[method-assign]
+    try:
+        for state_dir in (None, tmp_path):
+            spins.clear()
+            async with minifaas.Engine(state_dir) as engine:
+                await engine.deploy("noop", code="def main(a):\n    return {}\n")
+                for _ in range(20):
+                    assert (await engine.call("noop")).status == "success"
+                sched = engine._sched
+                assert sched is not None
+                if state_dir is None:
+                    assert spins == [True] * 20
+                    assert sched.store_wait_us == 0
+                else:
+                    assert 0 < sched.store_wait_us <= scheduler_module.STORE_WAIT_MAX_US
+                    late = spins[-1]
+                    assert isinstance(late, int) and not isinstance(late, bool)
+                    assert scheduler_module.SANDBOX_SPIN_US < late
+                    assert late <= scheduler_module.SANDBOX_SPIN_US + scheduler_module.STORE_WAIT_MAX_US
+    finally:
+        Sandbox.send = real_send  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize(
+    ("spin", "seconds"),
+    [(True, 100e-6), (False, 0.0), (None, 0.0), (350, 350e-6), (10_000_000, 0.001), (-5, 0.0)],
+    ids=["default", "none", "absent", "microseconds", "capped", "negative"],
+)
+def test_the_sandbox_polls_as_long_as_the_run_asks_within_its_cap(spin: object, seconds: float) -> None:
+    from minifaas_sandbox.runtime import _spin_s
+
+    assert _spin_s(spin) == pytest.approx(seconds)
