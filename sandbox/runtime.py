@@ -51,6 +51,8 @@ TEMPDIR_VARS: Final = ("TMPDIR", "TEMP", "TMP")
 SANDBOX_TMP: Final = "/tmp"
 #: after answering, poll this long for the next frame before blocking (see BlockingChannel.recv)
 SPIN_BEFORE_BLOCK_S: Final = 100e-6
+#: the longest poll a RUN may ask for (a host that writes its records durably asks for more: see the scheduler)
+SPIN_MAX_S: Final = 0.001
 #: a sandbox that got no RUN for this long after an activation returns its free heap to the OS (malloc_trim): a busy
 #: one keeps it, since each activation would fault it back (pose-crop: ~1000 faults, +2 ms of a 37 ms activation),
 #: an idle one gives back what its activations' temporaries left (pose-crop: ~3.5 MiB of private memory)
@@ -601,7 +603,7 @@ class Runtime:
                         # from it while it runs (one it waits for in a later activation finds it gone)
                         self._reaps_orphans()
                     # the host marks RUNs with nothing queued behind them: poll briefly for the next one then
-                    self.channel.spin_s = SPIN_BEFORE_BLOCK_S if fields.get("spin") else 0.0
+                    self.channel.spin_s = _spin_s(fields.get("spin"))
                     self._trim_due = True
             elif kind == p.REPLY:
                 cid = int(fields.get("cid", 0))
@@ -620,6 +622,14 @@ class Runtime:
                     loop.call_soon_threadsafe(loop.stop)
                     thread.join(timeout=1.0)
                 return 0
+
+
+def _spin_s(spin: object) -> float:
+    """How long to poll for the next RUN: ``spin`` is True (the default poll), a number of microseconds (a host
+    whose next RUN comes later than usual: it waits for its record store), or false (no poll)."""
+    if isinstance(spin, bool) or not isinstance(spin, int | float):
+        return SPIN_BEFORE_BLOCK_S if spin else 0.0
+    return min(max(float(spin), 0.0) / 1e6, SPIN_MAX_S)
 
 
 def _lambda_env(fields: dict[str, Any]) -> dict[str, str]:

@@ -280,3 +280,107 @@ async def test_the_host_polls_for_a_final_record_only_until_it_is_written(tmp_pa
             assert (await engine.call("noop")).status == "success"
         assert all(windows) and len(windows) == 30
         assert not sched.polled
+
+
+def test_a_commit_is_one_statement_into_sqlite(tmp_path: Path) -> None:
+    """The writer hands a transaction's rows to SQLite in one statement (its own transaction): each call into SQLite
+    gives the GIL away and takes it back from the event loop, so BEGIN, a statement per row and COMMIT cost the loop
+    as many round trips. Past UPSERT_MAX_ROWS rows, a few statements in one transaction."""
+    from minifaas._core import store as store_module
+
+    db = tmp_path / DB_FILE_NAME
+    store = SQLiteStore(db)
+    statements: list[str] = []
+    store._wdb.set_trace_callback(statements.append)
+    try:
+        for n_rows, expected in ((1, 1), (20, 1), (store_module.UPSERT_MAX_ROWS * 2 + 1, 5)):
+            statements.clear()
+            start = len(_all_ids(db))
+            store._commit([store_module._row(_act(f"{start + i:032x}", "success")) for i in range(n_rows)])
+            assert len(statements) == expected, statements
+            assert len(_all_ids(db)) == start + n_rows
+    finally:
+        store.close()
+
+
+def _all_ids(db: Path) -> list[str]:
+    with sqlite3.connect(str(db)) as conn:
+        return [aid for (aid,) in conn.execute("SELECT activation_id FROM records")]
+
+
+def test_a_busy_writer_gathers_rows_between_commits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once rows come faster than one a transaction, the writer waits COMMIT_GATHER_S after a commit before the next:
+    a steady stream (a record a millisecond here) is written in a few large transactions, not one per record."""
+    from minifaas._core import store as store_module
+
+    monkeypatch.setattr(store_module, "COMMIT_GATHER_S", 0.05)
+    db = tmp_path / DB_FILE_NAME
+    store = SQLiteStore(db)
+    durable = threading.Semaphore(0)
+    total = 0
+    try:
+        for _ in range(50):  # a burst: the rows after the first pile up while it commits
+            store.put(_act(f"{total:032x}", "success"), durable.release)
+            total += 1
+        end = time.monotonic() + 0.5
+        while time.monotonic() < end:
+            store.put(_act(f"{total:032x}", "success"), durable.release)
+            total += 1
+            time.sleep(0.001)
+        for _ in range(total):
+            assert durable.acquire(timeout=5)
+        stats = store.stats()
+        assert stats["rows_written"] == total
+        # one row a commit would be ~total commits; gathering for 50 ms, about a dozen
+        assert stats["commits"] < total // 5, stats
+    finally:
+        store.close()
+    assert len(_all_ids(db)) == total
+
+
+async def test_a_durable_host_asks_the_sandbox_to_poll_through_the_store_wait(tmp_path: Path) -> None:
+    """A caller in a loop sends its next RUN only once the last record is written: with a durable store the RUN asks
+    the sandbox to poll that much longer (capped), so the sandbox is found awake; in memory, the default poll."""
+    from minifaas._core import scheduler as scheduler_module
+    from minifaas._core.sandbox import Sandbox
+
+    spins: list[object] = []
+    real_send = Sandbox.send
+
+    def send(self: Sandbox, kind: int, fields: dict[str, object]) -> None:
+        if "aid" in fields and "spin" in fields:
+            spins.append(fields["spin"])
+        real_send(self, kind, fields)  # type: ignore[arg-type]
+
+    Sandbox.send = send  # type: ignore[method-assign]
+    try:
+        for state_dir in (None, tmp_path):
+            spins.clear()
+            async with minifaas.Engine(state_dir) as engine:
+                await engine.deploy("noop", code="def main(a):\n    return {}\n")
+                for _ in range(20):
+                    assert (await engine.call("noop")).status == "success"
+                sched = engine._sched
+                assert sched is not None
+                if state_dir is None:
+                    assert spins == [True] * 20
+                    assert sched.store_wait_us == 0
+                else:
+                    assert 0 < sched.store_wait_us <= scheduler_module.STORE_WAIT_MAX_US
+                    late = spins[-1]
+                    assert isinstance(late, int) and not isinstance(late, bool)
+                    assert late > scheduler_module.SANDBOX_SPIN_US
+                    assert late <= scheduler_module.SANDBOX_SPIN_US + scheduler_module.STORE_WAIT_MAX_US
+    finally:
+        Sandbox.send = real_send  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize(
+    ("spin", "seconds"),
+    [(True, 100e-6), (False, 0.0), (None, 0.0), (350, 350e-6), (10_000_000, 0.001), (-5, 0.0)],
+    ids=["default", "none", "absent", "microseconds", "capped", "negative"],
+)
+def test_the_sandbox_polls_as_long_as_the_run_asks_within_its_cap(spin: object, seconds: float) -> None:
+    from minifaas_sandbox.runtime import _spin_s
+
+    assert _spin_s(spin) == pytest.approx(seconds)

@@ -56,6 +56,13 @@ _RESULT_STATUSES: Final = frozenset({"success", "application_error", "developer_
 #: how long the host polls for the store's word that a final record is written (a durable store's writer thread
 #: commits it; waking a sleeping host for that callback costs as much as the commit): past it, the loop sleeps
 STORE_POLL_S: Final = 0.0005
+#: a sandbox polls this long for the next RUN after a result (the sandbox's own SPIN_BEFORE_BLOCK_S); with a durable
+#: store the caller sees a result only once its record is written, so the next RUN of a caller in a loop comes that
+#: much later: the RUN asks the sandbox to poll longer by the store's recent wait (capped), or it is found asleep and
+#: waking it costs 0.1-0.2 ms on a VM
+SANDBOX_SPIN_US: Final = 100
+STORE_WAIT_MAX_US: Final = 400
+STORE_WAIT_GAIN: Final = 8
 #: a run time reported beyond this (a day) is garbage, kept out of the pool's cost figures
 _MAX_RUN_MS: Final = 86_400_000.0
 
@@ -108,6 +115,7 @@ class Job:
         "deadline",
         "done",
         "ended",
+        "ended_at",
         "fp",
         "model",
         "poll",
@@ -130,6 +138,8 @@ class Job:
         self.done = Done(loop)
         #: the activation has ended in memory (its final record may still be on its way to the store)
         self.ended = False
+        #: ``time.perf_counter()`` when it ended in memory, with a store that writes later
+        self.ended_at = 0.0
         #: set once the accepted record is stored (when the submitter asked to wait for that)
         self.accepted: Done | None = None
         #: event-loop time at which it was queued (first), for ``max_queue_wait_s``
@@ -196,6 +206,8 @@ class Scheduler:
         self.poll_us = poll_us
         #: running activations with a poll window
         self.polled: set[Job] = set()
+        #: moving average of the wait for a durable store's word that a final record is written (microseconds)
+        self.store_wait_us = 0.0
         self.poll_max_run_ms = POLL_MAX_RUN_MS
         self._loop = asyncio.get_running_loop()
         #: one timer per function with requests queued: it ends those that waited longer than max_queue_wait_s
@@ -475,7 +487,7 @@ class Scheduler:
                     "deadline": start + timeout_ms,
                     "version": spec.version,
                     # nothing else waiting: a caller in a loop will send the next one at once, worth polling for
-                    "spin": not fp.queue,
+                    "spin": self._spin(fp),
                 },
             )
         except SandboxDied:
@@ -484,6 +496,14 @@ class Scheduler:
             self.pool.forget_dead(fp, sb)
             return
         self._begin(fp, sb, job, cold=sb.runs == 0 and not sb.prewarmed)
+
+    def _spin(self, fp: FunctionPool) -> bool | int:
+        """The RUN's ``spin``: whether (or how many microseconds) the sandbox polls for the next RUN."""
+        if fp.queue:
+            return False
+        if self._store_writes_later:
+            return SANDBOX_SPIN_US + int(self.store_wait_us)
+        return True
 
     def _on_result(self, sb: Sandbox, fields: dict[str, Any]) -> None:
         job: Job | None = sb.inflight.pop(str(fields.get("aid")), None)
@@ -656,6 +676,8 @@ class Scheduler:
         act.result = result
         act.logs = logs
         act.annotations.update(annotations)
+        if self._store_writes_later:
+            job.ended_at = time.perf_counter()
         if self._store_writes_later and self.poll_us and not job.fp.queue:
             # nothing else to do meanwhile: poll for the store's callback rather than sleep through it
             begun = time.perf_counter()
@@ -665,6 +687,9 @@ class Scheduler:
         self.store.put(act, functools.partial(self._settle, job))
 
     def _settle(self, job: Job) -> None:
+        if job.ended_at:
+            waited_us = min((time.perf_counter() - job.ended_at) * 1e6, STORE_WAIT_MAX_US)
+            self.store_wait_us += (waited_us - self.store_wait_us) / STORE_WAIT_GAIN
         if job.poll is not None:
             job.poll = None
             self.polled.discard(job)

@@ -74,6 +74,10 @@ WRITER_SPIN_S: Final = 0.0003
 #: ``SPIN_AVERAGE_COMMITS``): more, and records arrive faster than it can poll for them one by one
 SPIN_MAX_ROWS_PER_COMMIT: Final = 1.5
 SPIN_AVERAGE_COMMITS: Final = 8
+#: on a busy host (transactions of at least ``GATHER_MIN_ROWS_PER_COMMIT`` rows on average) the writer waits this
+#: long after a commit before it takes the next rows, so that a transaction holds tens of rows rather than two
+COMMIT_GATHER_S: Final = 0.001
+GATHER_MIN_ROWS_PER_COMMIT: Final = 1.5
 
 _log = logging.getLogger("minifaas.store")
 OnDurable = Callable[[], None]
@@ -103,6 +107,25 @@ _UPSERT: Final = (
     + ") ON CONFLICT(activation_id) DO UPDATE SET "
     + ", ".join(f'"{c}" = excluded."{c}"' for c in _COLUMNS[1:])
 )
+#: rows written by one statement (16 values each, far under SQLite's limit of 32,766 variables)
+UPSERT_MAX_ROWS: Final = 64
+_UPSERT_SQL: dict[int, str] = {}
+
+
+def _upsert_sql(n_rows: int) -> str:
+    """One statement writing ``n_rows`` rows (the newest record of each activation wins)."""
+    sql = _UPSERT_SQL.get(n_rows)
+    if sql is None:
+        values = "(" + ", ".join("?" * len(_COLUMNS)) + ")"
+        sql = _UPSERT_SQL[n_rows] = (
+            "INSERT INTO records VALUES "
+            + ", ".join([values] * n_rows)
+            + " ON CONFLICT(activation_id) DO UPDATE SET "
+            + ", ".join(f'"{c}" = excluded."{c}"' for c in _COLUMNS[1:])
+        )
+    return sql
+
+
 _EMPTY_MAP: Final = msgpack.packb({})
 _EMPTY_LIST: Final = msgpack.packb([])
 
@@ -247,10 +270,17 @@ class MemoryStore:
         self._records.clear()
 
 
+#: one packer per thread: ``msgpack.packb`` makes a new one per call, half the cost of packing an annotations dict
+_packers = threading.local()
+
+
 def _pack(obj: Any) -> bytes:
     if not obj:
         return _EMPTY_MAP if isinstance(obj, dict) else _EMPTY_LIST
-    return msgpack.packb(obj, use_bin_type=True, default=_fallback)
+    packer: msgpack.Packer | None = getattr(_packers, "packer", None)
+    if packer is None:
+        packer = _packers.packer = msgpack.Packer(use_bin_type=True, default=_fallback)
+    return packer.pack(obj)
 
 
 def _row(act: Activation) -> tuple[Any, ...]:
@@ -493,10 +523,16 @@ class SQLiteStore:
         batch: dict[str, tuple[Any, ...]] = {}
         seqs: dict[str, int] = {}
         callbacks: list[OnDurable] = []
-        spin = False
+        spin = gather = False
         #: moving average of the rows in a transaction
         rows_per_commit = 1.0
         while True:
+            if gather and not self._closing:
+                # rows come faster than one by one (a busy host): let more of them join the next transaction. Each
+                # commit costs the writer tens of microseconds however few rows it holds, wakes the event loop
+                # once, and appends the same tree pages to the log again; on a busy host that is CPU the
+                # sandboxes and the loop need
+                time.sleep(COMMIT_GATHER_S)
             if batch:
                 with self._cond:
                     taken, self._pending = self._pending, _Pending()
@@ -549,6 +585,7 @@ class SQLiteStore:
             # More: a busy host, where polling would take the core from the sandboxes and the rows pile up anyway
             rows_per_commit += (len(batch) - rows_per_commit) / SPIN_AVERAGE_COMMITS
             spin = bool(callbacks) and rows_per_commit < SPIN_MAX_ROWS_PER_COMMIT
+            gather = COMMIT_GATHER_S > 0 and rows_per_commit >= GATHER_MIN_ROWS_PER_COMMIT
             batch, seqs, callbacks = {}, {}, []
 
     def _bound_log(self) -> None:
@@ -569,9 +606,17 @@ class SQLiteStore:
 
     def _commit(self, rows: list[tuple[Any, ...]]) -> None:
         db = self._wdb
+        if len(rows) <= UPSERT_MAX_ROWS:
+            # one statement is one transaction, and one call into SQLite: the writer takes the GIL back once per
+            # commit, not once per row and statement as with BEGIN, executemany and COMMIT (each time from the
+            # event loop, which then waits for it)
+            db.execute(_upsert_sql(len(rows)), [value for row in rows for value in row])
+            return
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.executemany(_UPSERT, rows)
+            for at in range(0, len(rows), UPSERT_MAX_ROWS):
+                chunk = rows[at : at + UPSERT_MAX_ROWS]
+                db.execute(_upsert_sql(len(chunk)), [value for row in chunk for value in row])
             db.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
