@@ -41,6 +41,7 @@ from ._events.triggers import Rule, RuleOutcome, Trigger, TriggerActivation, Tri
 from ._handles import Function, SyncFunction, function
 from ._map import MapIterator
 from ._sync import SyncEngine
+from ._workflows.conductor import current_session_id
 
 __version__ = "0.1.0"
 
@@ -82,6 +83,7 @@ __all__ = (
     "VersionInUse",
     "__version__",
     "composer",
+    "current_session_id",
     "function",
 )
 
@@ -93,6 +95,7 @@ for _name in (
     "MapIterator",
     "SyncEngine",
     "SyncFunction",
+    "current_session_id",
     "function",
 ):
     globals()[_name].__module__ = "minifaas"

@@ -935,7 +935,7 @@ SEEN_SESSIONS: list[str | None] = []
 
 
 def note_session(p: dict[str, Any]) -> None:
-    from minifaas._workflows.conductor import current_session_id
+    from minifaas import current_session_id
 
     SEEN_SESSIONS.append(current_session_id())
 

@@ -49,7 +49,7 @@ Decisions:
   later photo with the same stem replaces the entry (like an overwritten object in a bucket).
 - Activation ids: the engine records which activation ran each step with ``cause`` = the session id. The
   ``RECORDER`` end hook (``install(engine)``) keeps them per session, and the write steps put them in the
-  sidecar, with the session id (``minifaas._workflows.conductor.current_session_id``).
+  sidecar, with the session id (``minifaas.current_session_id``).
 - Exactly once: a feed fires a photo again after a crash if its session never ended, with the same
   ``idempotency_key`` (its path and content hash). The sidecar keeps that key, so a repeat whose entry is
   already written ends at once with ``outcome: "duplicate"`` and writes nothing.
@@ -79,8 +79,7 @@ from typing import Any, Final
 import anyio
 import anyio.to_thread
 
-from minifaas import Activation, Engine, MinifaasError
-from minifaas._workflows.conductor import current_session_id
+from minifaas import Activation, Engine, MinifaasError, current_session_id
 from minifaas.composer import Composition, action, function, if_, let, sequence, try_
 
 __all__ = (
