@@ -184,8 +184,10 @@ def _base_paths() -> tuple[str, ...]:
         path = getattr(module, "__file__", None)
         if isinstance(path, str) and os.path.isabs(path):
             found.add(os.path.dirname(os.path.abspath(path)))
-    # a sandbox's own /tmp, /dev and /proc are never the host's, whatever was imported from there
-    kept = [f for f in found if f != "/" and not any(_inside(f, p) for p in PRIVATE_PATHS)]
+    # a sandbox's own /tmp, /dev and /proc are never the host's, whatever was imported from there; but an interpreter
+    # installed under the host's /tmp (a CI job's virtualenv) is bound on top of the private /tmp (_build_request)
+    kept = [f for f in found if f != "/" and not any(_inside(f, p) for p in PRIVATE_PATHS if p != "/tmp")]
+    kept = [f for f in kept if f != "/tmp"]
     return tuple(_outermost(kept))
 
 
@@ -415,7 +417,8 @@ def _build_base(root: str, base: list[str]) -> None:
     secrets replaced by empty files, /dev, /proc of the PID namespace, and the folder the host's root goes to."""
     _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, SMALL_TMPFS)
     for path in base:
-        _bind(root, path, writable=False)
+        if not _inside(path, "/tmp"):  # under the private /tmp each request mounts: bound after it
+            _bind(root, path, writable=False)
     _hide_files(root)
     _build_dev(root)
     _make_mountpoint(root + "/proc", directory=True)
@@ -432,8 +435,9 @@ def _build_request(
     _make_mountpoint(root + "/tmp", directory=True)
     tmp_mb = memory_mb if memory_mb > 0 else DEFAULT_TMP_MB
     _mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={tmp_mb}m,mode=1777")
-    # a base folder under a grant is bound again on top of it: read-only, whatever the grant is
-    again = [b for b in base if any(_inside(b, p) and b != p for p, _w in binds)]
+    # a base folder under a grant is bound again on top of it: read-only, whatever the grant is; and one under the
+    # host's /tmp (the interpreter's own folders, e.g. a virtualenv there) is bound on top of the private /tmp
+    again = [b for b in base if _inside(b, "/tmp") or any(_inside(b, p) and b != p for p, _w in binds)]
     # outer first, so a hidden folder covers what its bound parent shows, and a grant inside it comes after
     ops: list[tuple[str, str, bool]] = [("bind", p, w) for p, w in binds] + [("bind", b, False) for b in again]
     every = [*base, *(p for p, _w in binds)]

@@ -1005,3 +1005,35 @@ def test_the_seccomp_filter_is_a_binary_tree_of_call_numbers() -> None:
     value = ctypes.c_uint32(0)
     assert lib.seccomp_attr_get(seccomp.build(), seccomp.SCMP_FLTATR_CTL_OPTIMIZE, ctypes.byref(value)) == 0
     assert value.value == seccomp.SCMP_OPTIMIZE_BINARY_TREE
+
+
+LAZY_IMPORT_UNDER_TMP = textwrap.dedent(
+    """
+    import json, sys
+    sys.path.insert(0, sys.argv[1])
+    import lazyprobe  # its submodule is imported only after the sandbox is entered, as numpy imports numpy.ma
+    from minifaas_sandbox import isolation
+    isolation.enter({}, network=False, memory_mb=16)
+    from lazyprobe import sub
+    print(json.dumps({'value': sub.VALUE, 'tmp_writable': __import__('os').access('/tmp', __import__('os').W_OK)}))
+    """
+)
+
+
+def test_an_interpreter_under_the_hosts_tmp_goes_on_importing(tmp_path: Path) -> None:
+    """CI's virtualenv lies under /tmp, which every sandbox replaces with a private tmpfs: its packages' folders were
+    left out of the sandbox's root, so a submodule imported late (numpy.ma, by np.quantile) was not found."""
+    assert str(tmp_path).startswith("/tmp/")
+    site = tmp_path / "site"
+    (site / "lazyprobe").mkdir(parents=True)
+    (site / "lazyprobe" / "__init__.py").write_text("")
+    (site / "lazyprobe" / "sub.py").write_text("VALUE = 42\n")
+    site.chmod(0o755)
+    tmp_path.chmod(0o755)
+    out = subprocess.run(
+        [sys.executable, "-c", LAZY_IMPORT_UNDER_TMP, str(site)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    # the package's folder is there, read-only, on top of the sandbox's own (writable) /tmp
+    assert seen == {"value": 42, "tmp_writable": True}
