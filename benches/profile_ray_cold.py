@@ -5,7 +5,8 @@ side of the Ray sandbox is wrapped with timestamps: reservation taken or made, p
 up, node actor found, sandbox started on the node, INIT, RUN. Prints each step's median (ms from the call's start)
 over the samples.
 
-Run: ``python benches/profile_ray_cold.py [--n 15] [--nodes 1]`` (a ``ray.cluster_utils.Cluster`` on this machine).
+Run: ``python benches/profile_ray_cold.py [--n 15] [--nodes 1] [--gap-s 0.05]`` (a ``ray.cluster_utils.Cluster``
+on this machine).
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def instrument() -> None:
     wrap_async(rb.RaySandbox, "_await_result", "result")
 
 
-async def profile(n: int) -> None:
+async def profile(n: int, gap_s: float) -> None:
     async with minifaas.Engine(backend="ray") as engine:
         await engine.deploy("first", code=NOOP)
         await engine.call("first", {})  # starts the node's zygote actor
@@ -100,7 +101,7 @@ async def profile(n: int) -> None:
                 seen.add(name)
                 rows.setdefault(name, []).append((t - t0) * 1000)
             await engine.delete(f"c{i}")
-            await anyio.sleep(0.05)
+            await anyio.sleep(gap_s)
         print(f"cold start median {sorted(totals)[n // 2]:.2f} ms (min {min(totals):.2f}) over {n}")
         order = sorted(rows, key=lambda k: sorted(rows[k])[len(rows[k]) // 2])
         for name in order:
@@ -113,6 +114,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=15)
     ap.add_argument("--nodes", type=int, default=1)
+    ap.add_argument("--gap-s", type=float, default=0.05, help="pause between samples (past 2 s: no kept reservation)")
     ns = ap.parse_args()
     import ray
     from ray.cluster_utils import Cluster
@@ -126,7 +128,7 @@ def main() -> None:
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
     try:
-        anyio.run(profile, ns.n)
+        anyio.run(profile, ns.n, ns.gap_s)
     finally:
         ray.shutdown()
         cluster.shutdown()  # type: ignore[no-untyped-call]

@@ -798,6 +798,7 @@ class RaySandbox(Sandbox):
                 raise SandboxDied("the sandbox was stopped before it started", self.exit_status)
             # the sandbox's own start budget, then the INIT's time limit (enforced inside the sandbox)
             budget_s = self._start_budget_s() + timeout_s + INIT_KILL_GRACE_S
+            self.backend.counters["starts_with_init"] += 1
             both = await self._start_on_node("start_init", config, fields, budget_s=budget_s)
             self._started(both["info"])
             reply = dict(both["init"])
@@ -1060,6 +1061,8 @@ class RayLauncher:
             "node_actors_started": 0,
             "node_actors_lost": 0,
             "sandboxes_forked": 0,
+            #: forked sandboxes whose INIT went to their node actor with the fork, in one call
+            "starts_with_init": 0,
             "sandboxes_killed": 0,
             "reservations_reused": 0,
             "large_args_put": 0,
