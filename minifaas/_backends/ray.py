@@ -793,9 +793,12 @@ class RaySandbox(Sandbox):
                 spec = fp.spec
                 fields["isolation"] = {**view, "ro": list(spec.read_paths), "node_paths": True}
         config, self._start_config = self._start_config, None
+        if self.state == "dead" or self.state == "closing":
+            # stopped while its bundle was shipped: what it took then is released here (its death released the rest)
+            self.backend.shipments.release(self._holds)
+            self._holds.clear()
+            raise SandboxDied("the sandbox was stopped before its INIT", self.exit_status)
         if config is not None:
-            if self.state == "dead" or self.state == "closing":
-                raise SandboxDied("the sandbox was stopped before it started", self.exit_status)
             # the sandbox's own start budget, then the INIT's time limit (enforced inside the sandbox)
             budget_s = self._start_budget_s() + timeout_s + INIT_KILL_GRACE_S
             self.backend.counters["starts_with_init"] += 1
