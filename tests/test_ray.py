@@ -414,14 +414,40 @@ async def test_cold_starts_fork_from_one_zygote_actor_per_node(ray_engine: minif
         await ray_deploy(name, code=WHERE, resources={ELSEWHERE: 1})
         acts.append(assert_success(await ray_engine.call(name)))
     started = ray_engine.stats()["launcher_stats"]["node_actors_started"]
+    with_init = ray_engine.stats()["launcher_stats"]["starts_with_init"]
     await ray_deploy("zyg-c", code=WHERE, resources={ELSEWHERE: 1})
     acts.append(assert_success(await ray_engine.call("zyg-c")))
     assert ray_engine.stats()["launcher_stats"]["node_actors_started"] == started  # no new Ray actor
+    # its INIT went to the node actor with the fork: one call through Ray, not two
+    assert ray_engine.stats()["launcher_stats"]["starts_with_init"] == with_init + 1
     for act in acts:
         assert act.annotations["cold"] is True and act.annotations["ray_limits"]["launch"] == "fork"
         assert act.annotations["ray_node_id"] == _elsewhere_node()
     assert len({a.annotations["ray_actor"] for a in acts}) == 1  # the node's zygote actor forked all three
     assert len({a.result["pid"] for a in acts}) == 3
+
+
+async def test_sandbox_terminated_before_its_start_arrives_is_not_forked(
+    ray_engine: minifaas.Engine, ray_deploy: Deploy
+) -> None:
+    """A node actor runs terminate in its control group, apart from starts: one that overtakes its sandbox's start
+    (a kill while the cold start is on the way) makes that start refuse, no sandbox process left unowned there."""
+    await ray_deploy("overtaken", code=WHERE)
+    act = assert_success(await ray_engine.call("overtaken"))  # its node actor runs
+    launcher: Any = ray_engine._launcher
+    node_actor, _name = launcher.nodes[act.annotations["ray_node_id"]]
+    config = {
+        "model_root": str(launcher.model_root),
+        "env": {},
+        "env_root": str(launcher.env_root),
+        "driver_node": launcher.driver_node,
+        "isolation": "process",
+    }
+    await node_actor.terminate.remote("overtaken-sid")
+    with pytest.raises(ray.exceptions.RayTaskError, match="was stopped while it started"):
+        await node_actor.start.remote("overtaken-sid", config)
+    reply = await node_actor.init.remote("overtaken-sid", {"source": {}})
+    assert reply["ok"] is False and "no sandbox overtaken-sid" in reply["error"]
 
 
 async def test_lost_node_ends_its_activation_and_idle_sandboxes(

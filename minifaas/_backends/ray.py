@@ -95,7 +95,7 @@ from minifaas_sandbox import protocol as p
 from .._core.function import FunctionSpec
 from .._core.launch import Launched, Launcher, SpawnLauncher
 from .._core.pool import FunctionPool, Pool
-from .._core.sandbox import SHUTDOWN_GRACE_S, HostService, Sandbox, SandboxDied
+from .._core.sandbox import INIT_KILL_GRACE_S, SHUTDOWN_GRACE_S, HostService, Sandbox, SandboxDied
 from .._deploy.deps import PIP_TIMEOUT_S, VENV_TIMEOUT_S
 from .._environ import ENV_ALLOW
 from .._errors import BackendUnavailable, ModelError, Overloaded
@@ -535,6 +535,9 @@ class RaySandbox(Sandbox):
         #: holding its reservation; None: an actor of its own (a GPU function)
         self.sid: str | None = None
         self.pg: Any = None
+        #: a forked sandbox started without waiting for READY: what its node actor needs to fork it, sent with the
+        #: INIT (None: started already)
+        self._start_config: dict[str, Any] | None = None
 
     def can_serve(self, spec: FunctionSpec) -> bool:
         """Whether this generic pre-warmed (stem) actor may become ``spec``'s sandbox: only with the same CPUs, GPUs
@@ -574,7 +577,12 @@ class RaySandbox(Sandbox):
             "isolation": spec.isolation if spec is not None else "process",
         }
         if backend.node_zygotes and not demand.num_gpus:
-            await self._start_forked(demand, spec, config)
+            await self._reserve_on_node(demand, spec)
+            if wait_ready:
+                self._started(await self._start_on_node("start", config, budget_s=self._start_budget_s()))
+            else:
+                # its INIT goes with the fork, in one call (init()): a cold start crosses Ray once, not twice
+                self._start_config = config
             return (anyio.current_time() - t0) * 1000
         try:
             strategy = await backend.placement(self, demand, spec)
@@ -629,19 +637,22 @@ class RaySandbox(Sandbox):
         self.limits = dict(info.get("limits") or {})
         self.backend.placed(self, self.node_id)
 
-    async def _start_forked(self, demand: Demand, spec: FunctionSpec | None, config: dict[str, Any]) -> None:
-        """Reserve ``demand`` on one node (a placement group: no worker process), then have that node's actor
-        fork the sandbox from its zygote."""
+    async def _reserve_on_node(self, demand: Demand, spec: FunctionSpec | None) -> None:
+        """Reserve ``demand`` on one node (a placement group: no worker process) and find that node's actor, which
+        forks the sandbox from its zygote (:meth:`_start_on_node`)."""
         from ray.util.placement_group import placement_group, placement_group_table
 
         backend = self.backend
-        self.pg = await backend.take_reservation(demand)
         try:
-            if self.pg is None:
+            taken = await backend.take_reservation(demand)
+            if taken is None:
                 node = await backend.choose_node(self, demand, spec)
                 # soft: when that node filled up since we looked, another with room is as good
                 target = {"_soft_target_node_id": node} if node is not None else {}
                 self.pg = placement_group([demand.as_resources()], strategy="STRICT_PACK", **target)
+            else:
+                # a reservation kept from an ended sandbox: placed, and its node known
+                self.pg, self.node_id = taken
         except RayBackendFailure as exc:
             self._report_death(exc.reason, None)
             raise
@@ -650,18 +661,29 @@ class RaySandbox(Sandbox):
             self._report_death(reason, None)
             raise RayBackendFailure(reason, None) from None
         try:
-            await self._wait_started(demand, self.pg.ready, _never_placed)
-            table = await anyio.to_thread.run_sync(placement_group_table, self.pg)
-            node = str(table["bundles_to_node_id"][0])
-            self.actor, self.actor_name = await backend.node_actor(node)
-            self.sid = self.id
-            backend.counters["sandboxes_forked"] += 1
+            if taken is None:
+                await self._wait_started(demand, self.pg.ready, _never_placed)
+                table = await anyio.to_thread.run_sync(placement_group_table, self.pg)
+                self.node_id = str(table["bundles_to_node_id"][0])
+            self.actor, self.actor_name = await backend.node_actor(self.node_id)
+        except RayBackendFailure as exc:
+            self._report_death(exc.reason, None)
+            raise
+        except BaseException:
+            self._report_death(f"the sandbox {self.id} was not placed on Ray", None)
+            raise
+        self.sid = self.id
+        backend.counters["sandboxes_forked"] += 1
+
+    async def _start_on_node(self, method: str, *args: Any, budget_s: float) -> dict[str, Any]:
+        """Call the node actor's ``start`` (or ``start_init``) for this sandbox: its fork there; its reply."""
+        try:
             try:
-                with anyio.fail_after(self._start_budget_s()):
-                    info = await self.actor.start.remote(self.sid, config)
+                with anyio.fail_after(budget_s):
+                    reply: dict[str, Any] = await self._call(method, *args)
             except TimeoutError:
                 raise RayBackendFailure(
-                    f"the sandbox did not start on Ray node {node} within {self._start_budget_s():g} s", None
+                    f"the sandbox did not start on Ray node {self.node_id} within {budget_s:g} s", None
                 ) from None
         except ray.exceptions.RayTaskError as exc:
             self._kill_actor()
@@ -669,18 +691,23 @@ class RaySandbox(Sandbox):
             self._report_death(reason, None)
             raise SandboxDied(reason, None) from None
         except ray.exceptions.RayError as exc:
-            reason, status = describe_actor_death(self.actor_name, exc)
-            self._report_death(reason, status)
+            # its node actor died, or is unreachable (a partition): it may hold other sandboxes, which end with it
+            reason, status = self._on_call_error(exc)
             raise SandboxDied(reason, status) from None
         except RayBackendFailure as exc:
             self._kill_actor()
             self._report_death(exc.reason, None)
             raise
+        except Exception as exc:  # the connection to the cluster, not the actor
+            reason = self.backend.failed(exc)
+            self._kill_actor()
+            self._report_death(reason, None)
+            raise RayBackendFailure(reason, None) from None
         except BaseException:
             self._kill_actor()
             self._report_death(f"the sandbox {self.id} did not start on Ray", None)
             raise
-        self._started(info)
+        return reply
 
     async def _wait_started(
         self, demand: Demand, call: Callable[[], Any], is_placed: Callable[[Any], Awaitable[bool]]
@@ -765,6 +792,29 @@ class RaySandbox(Sandbox):
                 # its own bundle, environment and models are the node's: the actor adds those; the grants stay
                 spec = fp.spec
                 fields["isolation"] = {**view, "ro": list(spec.read_paths), "node_paths": True}
+        config, self._start_config = self._start_config, None
+        if self.state == "dead" or self.state == "closing":
+            # stopped while its bundle was shipped: what it took then is released here (its death released the rest)
+            self.backend.shipments.release(self._holds)
+            self._holds.clear()
+            raise SandboxDied("the sandbox was stopped before its INIT", self.exit_status)
+        if config is not None:
+            # the sandbox's own start budget, then the INIT's time limit (enforced inside the sandbox)
+            budget_s = self._start_budget_s() + timeout_s + INIT_KILL_GRACE_S
+            self.backend.counters["starts_with_init"] += 1
+            both = await self._start_on_node("start_init", config, fields, budget_s=budget_s)
+            self._started(both["info"])
+            reply = dict(both["init"])
+        else:
+            reply = await self._init_call(fields)
+        if reply.get("ok") and fields.get("isolation") is not None:
+            # a generic pre-warmed sandbox shut itself in at this INIT: its records say so
+            self.limits = {**self.limits, "isolation": "sandbox"}
+        if reply.get("ok") and self.state == "starting":
+            self.state = "ready"
+        return reply
+
+    async def _init_call(self, fields: dict[str, Any]) -> dict[str, Any]:
         try:
             reply: dict[str, Any] = await self._call("init", fields)
         except ray.exceptions.RayError as exc:
@@ -773,11 +823,6 @@ class RaySandbox(Sandbox):
         except Exception as exc:  # the connection to the cluster, not the actor
             reason = self.backend.failed(exc)
             raise RayBackendFailure(reason, None) from None
-        if reply.get("ok") and fields.get("isolation") is not None:
-            # a generic pre-warmed sandbox shut itself in at this INIT: its records say so
-            self.limits = {**self.limits, "isolation": "sandbox"}
-        if reply.get("ok") and self.state == "starting":
-            self.state = "ready"
         return reply
 
     def _call(self, method: str, *args: Any) -> Any:
@@ -1019,6 +1064,8 @@ class RayLauncher:
             "node_actors_started": 0,
             "node_actors_lost": 0,
             "sandboxes_forked": 0,
+            #: forked sandboxes whose INIT went to their node actor with the fork, in one call
+            "starts_with_init": 0,
             "sandboxes_killed": 0,
             "reservations_reused": 0,
             "large_args_put": 0,
@@ -1250,8 +1297,8 @@ class RayLauncher:
         except Exception:
             return  # the connection is gone: failed() ends its sandboxes
 
-    async def take_reservation(self, demand: Demand) -> Any:
-        """A kept reservation of exactly ``demand`` that Ray still holds (None: make a new one)."""
+    async def take_reservation(self, demand: Demand) -> tuple[Any, str] | None:
+        """A kept reservation of exactly ``demand`` that Ray still holds, and its node (None: make a new one)."""
         from ray.util.placement_group import placement_group_table
 
         while True:
@@ -1264,9 +1311,10 @@ class RayLauncher:
                 table = await anyio.to_thread.run_sync(placement_group_table, pg)
             except Exception:
                 return None  # the connection: the new reservation's start says so
-            if table.get("state") == "CREATED":
+            nodes = table.get("bundles_to_node_id") or {}
+            if table.get("state") == "CREATED" and nodes.get(0):
                 self.counters["reservations_reused"] += 1
-                return pg
+                return pg, str(nodes[0])
             self._remove_reservation(pg)  # its node was lost: Ray is moving it, no use to us
 
     def release_reservation(self, pg: Any, demand: Demand | None, node: str) -> None:

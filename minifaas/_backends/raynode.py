@@ -37,6 +37,8 @@ __all__ = ("NODE_ACTOR_MAX_CONCURRENCY", "NodeActor")
 NODE_ACTOR_MAX_CONCURRENCY: Final = 1000
 #: spares the node's zygote keeps forked ahead (a burst of cold starts beyond them waits for forks)
 NODE_MAX_SPARES: Final = 4
+#: ids of sandboxes terminated before they started, remembered (so that a late start refuses): the latest this many
+NODE_ENDED_KEPT: Final = 10_000
 
 
 class NodeActor:
@@ -47,6 +49,8 @@ class NodeActor:
         self.config = dict(config)
         self._node_id = str(ray.get_runtime_context().get_node_id())
         self._sandboxes: dict[str, SandboxActor] = {}
+        #: sandboxes terminated before their start arrived (a start and a terminate run in different groups)
+        self._ended: dict[str, None] = {}
         self._zygote: ZygoteLauncher | None = None
         self._service: asyncio.Task[None] | None = None
         self._up: asyncio.Future[None] | None = None
@@ -54,14 +58,19 @@ class NodeActor:
         self._probed = False
 
     async def ready(self) -> dict[str, Any]:
-        """Start the zygote (first call only) and wait until it can fork."""
+        """Start the zygote (first call only) and wait until it can fork; this node actor and its zygote's stats."""
+        zygote = await self._zygote_up()
+        return {"node_id": self._node_id, "pid": os.getpid(), "zygote": zygote.stats()}
+
+    async def _zygote_up(self) -> ZygoteLauncher:
+        # not ready(): its stats read each spare's smaps (about 0.7 ms a spare), a cold start must not pay that
         if self._up is None:
             self._up = asyncio.get_running_loop().create_future()
             # the actor owns the zygote's task group; it runs until the worker ends
             self._service = asyncio.ensure_future(self._serve(self._up))
         await asyncio.shield(self._up)
         assert self._zygote is not None
-        return {"node_id": self._node_id, "pid": os.getpid(), "zygote": self._zygote.stats()}
+        return self._zygote
 
     async def _serve(self, up: asyncio.Future[None]) -> None:
         _mark_asyncio()
@@ -80,18 +89,32 @@ class NodeActor:
                 raise
 
     async def start(self, sid: str, config: dict[str, Any]) -> dict[str, Any]:
-        """Fork sandbox ``sid`` from this node's zygote and wait for its READY (as ``SandboxActor.describe``)."""
-        await self.ready()
+        """Fork sandbox ``sid`` from this node's zygote (as ``SandboxActor.describe``: its INIT waits for READY)."""
+        zygote = await self._zygote_up()
         if config.get("isolation") == "sandbox":
             missing = await self.isolation_missing()
             if missing is not None:
                 raise RuntimeError(f"isolation='sandbox' is not available on Ray node {self._node_id}: {missing}")
-        sandbox = self._sandboxes[sid] = SandboxActor(config, launcher=self._zygote)
+        if sid in self._ended:
+            # terminated while its start was on the way (the control group runs apart): it must not run unowned
+            raise RuntimeError(f"the sandbox {sid} was stopped while it started on Ray node {self._node_id}")
+        sandbox = self._sandboxes[sid] = SandboxActor(config, launcher=zygote)
         try:
-            return await sandbox.describe()
+            info = await sandbox.describe()
         except BaseException:
             self._sandboxes.pop(sid, None)
             raise
+        if self._sandboxes.get(sid) is not sandbox:
+            # terminated while it was being forked (before it had a process to kill)
+            sandbox.kill_process()
+            raise RuntimeError(f"the sandbox {sid} was stopped while it started on Ray node {self._node_id}")
+        return info
+
+    async def start_init(self, sid: str, config: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+        """:meth:`start` then :meth:`init` in one call (a cold start: one round trip through Ray, not two; INIT
+        goes out right after the fork, as a local cold start's does): ``{"info": describe, "init": INIT reply}``."""
+        info = await self.start(sid, config)
+        return {"info": info, "init": await self.init(sid, fields)}
 
     async def init(self, sid: str, fields: dict[str, Any]) -> dict[str, Any]:
         sandbox = self._sandboxes.get(sid)
@@ -129,6 +152,10 @@ class NodeActor:
         sandbox = self._sandboxes.pop(sid, None)
         if sandbox is not None:
             sandbox.kill_process()
+        else:
+            self._ended[sid] = None  # its start may still be on the way: it refuses
+            if len(self._ended) > NODE_ENDED_KEPT:
+                self._ended.pop(next(iter(self._ended)), None)
 
     @ray.method(concurrency_group=RAY_CONTROL_GROUP)
     async def pid(self) -> int:
