@@ -257,10 +257,10 @@ class _BodyBudget:
         self.held -= n
 
 
-async def _read_json(
-    request: Request, budget: _BodyBudget, *, max_bytes: int = MAX_REQUEST_BYTES, empty: object = None
-) -> Any:
-    """The body as JSON, refused (413) as soon as it passes ``max_bytes``: nothing larger is ever held."""
+@contextlib.asynccontextmanager
+async def held_body(request: Request, budget: _BodyBudget, max_bytes: int) -> AsyncIterator[bytes]:
+    """The body, refused (413) as soon as it passes ``max_bytes``: nothing larger is ever held; it counts against
+    the server's body budget until the block ends."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise ApiError(413, f"The request content is {declared} bytes, over the {max_bytes} byte limit.")
@@ -275,6 +275,16 @@ async def _read_json(
             chunks.append(chunk)
         body = b"".join(chunks)
         del chunks
+        yield body
+    finally:
+        budget.give(size)
+
+
+async def _read_json(
+    request: Request, budget: _BodyBudget, *, max_bytes: int = MAX_REQUEST_BYTES, empty: object = None
+) -> Any:
+    """The body as JSON (see :func:`held_body`)."""
+    async with held_body(request, budget, max_bytes) as body:
         if not body.strip():
             return empty
         try:
@@ -283,8 +293,6 @@ async def _read_json(
             raise ApiError(400, "The request content was malformed: JSON nested too deeply.") from None
         except (ValueError, UnicodeDecodeError) as exc:
             raise ApiError(400, f"The request content was malformed: {exc}") from None
-    finally:
-        budget.give(size)
 
 
 # -- auth and path normalization -----------------------------------------------------------------------------

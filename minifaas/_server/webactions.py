@@ -34,7 +34,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .._core.function import MAX_PAYLOAD_BYTES
 from .._errors import FunctionNotFound, MinifaasError
-from .app import _ERROR_STATUS, BLOCKING_GRACE_S, ApiError, dumps, error_response
+from .app import _ERROR_STATUS, BLOCKING_GRACE_S, ApiError, dumps, error_response, held_body
 
 if TYPE_CHECKING:
     from .._core.activation import Activation
@@ -346,22 +346,8 @@ class WebActions:
 
     async def read_body(self, request: Request, max_bytes: int) -> bytes:
         """The body, refused (413) as soon as it passes ``max_bytes``, held within the server's body budget."""
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-            raise ApiError(413, f"The request content is {declared} bytes, over the {max_bytes} byte limit.")
-        budget = self.api.budget
-        chunks: list[bytes] = []
-        size = 0
-        try:
-            async for chunk in request.stream():
-                budget.take(len(chunk))
-                size += len(chunk)
-                if size > max_bytes:
-                    raise ApiError(413, f"The request content is over the {max_bytes} byte limit.")
-                chunks.append(chunk)
-            return b"".join(chunks)
-        finally:
-            budget.give(size)
+        async with held_body(request, self.api.budget, max_bytes) as body:
+            return body
 
     def _arguments(
         self, request: Request, rest: str, body: object, *, raw: bool, authenticated: bool
