@@ -26,9 +26,9 @@ passes the oldest ready one the env and fds and is answered at once. How many: o
 host's SPARES message asks (it sizes them by the bursts of cold starts it has seen). A spare takes, before its
 request, every step of becoming a sandbox that does not need it: reseeding, the runtime's set-up, and a rehearsal
 (a no-op INIT and RUN), which pays the copy-on-write faults a fresh fork takes the first time it touches each shared
-page; it takes them at nice +SPARE_NICE (where the zygote may restore the priority), so they use the CPU that
-running sandboxes leave, and returns to the zygote's priority before it says it is ready (its request wakes it at
-full priority, with no system call of its own on the launch path).
+page; it takes them at nice +SPARE_NICE in the idle scheduling class (where the zygote may restore the priority),
+so they use only the CPU that running sandboxes leave, and returns to the zygote's priority before it says it is
+ready (its request wakes it at full priority, with no system call of its own on the launch path).
 
 Order: requests first (a FORK that arrived is served before the zygote forks a spare, which it would wait for).
 The zygote refills SPARE_REFORK_DELAY_S after the last launch, not at once: on two cores a fork competed with the
@@ -508,6 +508,11 @@ class Zygote:
         become that sandbox."""
         if nice:
             os.setpriority(os.PRIO_PROCESS, 0, min(19, self.base_nice + nice))
+            # and SCHED_IDLE: eight spares at nice +10 still weigh almost as much as one busy process at nice 0
+            # (8 x 110 against 1024), so right after a burst they took a third of the core of a warm function
+            # running beside it; idle-class tasks run only on what is left
+            with contextlib.suppress(OSError, AttributeError):
+                os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         self.detach()
         # the move into a cgroup takes milliseconds on cgroup v1 (an RCU grace period): done now, while nobody
         # waits, it is off the path of the launch that will take this spare
@@ -525,7 +530,9 @@ class Zygote:
             # back to the zygote's priority now, while nobody waits: a spare asleep on its socket costs no CPU at
             # any priority, and one woken by its request at nice +10 waited behind busier processes for up to a
             # millisecond, then paid this setpriority on the launch path
-            with contextlib.suppress(OSError):  # allowed (_may_renice); were it not, the sandbox still serves
+            with contextlib.suppress(OSError, AttributeError):  # allowed (_may_renice): else it still serves
+                os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+            with contextlib.suppress(OSError):
                 os.setpriority(os.PRIO_PROCESS, 0, self.base_nice)
         try:
             sock.sendall(b"A" + cgroup.encode() if cgroup else b"N")

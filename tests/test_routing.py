@@ -302,3 +302,30 @@ async def test_pipelining_follows_recent_run_times() -> None:
             await anyio.sleep(0.05)
         # the first burst runs before any slow result is known; after it, slow calls scale out instead
         assert not any(pipelined[1]) and not any(pipelined[2]), pipelined
+
+
+@pytest.mark.parametrize(
+    ("max_sandboxes", "spread", "expect"),
+    [(1, False, True), (2, False, True), (2, True, False)],
+    ids=["one-sandbox", "at-cap-even-runs", "at-cap-uneven-runs"],
+)
+async def test_a_function_at_its_cap_keeps_its_sandboxes_fed(max_sandboxes: int, spread: bool, expect: bool) -> None:
+    """No sandbox may start for it: a request waits for a busy one anyway, so it is queued inside the one that
+    frees first (whatever its run time) and starts when that run ends, not a host round trip later. Not when the
+    run times vary widely: the one picked could end last."""
+    code = "import time\ndef main(a):\n    time.sleep(a['s'])\n    return {}\n"
+    async with minifaas.Engine() as engine:
+        await engine.deploy("f", code=code, max_sandboxes=max_sandboxes)
+        for i in range(30):  # runs of 5 ms (over the 2 ms short-run rule), or of 0 to 30 ms
+            await engine.invoke("f", {"s": (0.03 if i % 2 else 0.0) if spread else 0.005})
+        flags: list[bool] = []
+
+        async def client() -> None:
+            for i in range(6):
+                act = await engine.call("f", {"s": (0.03 if i % 2 else 0.0) if spread else 0.005})
+                flags.append(bool(act.annotations.get("pipelined")))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(2 * max_sandboxes):
+                tg.start_soon(client)
+        assert any(flags) is expect, flags

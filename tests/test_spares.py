@@ -4,6 +4,7 @@ back to one when they decay, within the engine's bound and memory budget. Real z
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -222,6 +223,44 @@ async def test_a_ready_spare_waits_at_the_zygotes_priority() -> None:
             await _end([proc])
         (refill,) = (s for s in launcher.stats()["spares_ready"] if s != spare)
         assert os.getpriority(os.PRIO_PROCESS, refill) == base
+
+
+@pytest.mark.skipif(sandbox_zygote.SPARE_NICE == 0, reason="spares are not niced")
+async def test_a_refilling_spare_takes_only_cpu_that_running_work_leaves() -> None:
+    """A refill takes its steps in the idle scheduling class (eight at nice +10 still took a third of a core from a
+    warm function beside a burst); once ready, it waits for its request back at the zygote's normal priority. The
+    cores are kept busy meanwhile, so that its steps last long enough to be seen."""
+    if not sandbox_zygote._may_renice(os.getpriority(os.PRIO_PROCESS, 0)):
+        pytest.skip("this host may not raise a priority again (no CAP_SYS_NICE, RLIMIT_NICE too low)")
+    spin = "import time\nend = time.monotonic() + 30\nwhile time.monotonic() < end:\n    pass\n"
+    async with ZygoteLauncher(preload=("minifaas_sandbox.runtime",), min_spares=1, max_spares=1) as launcher:
+        await _until(lambda: len(launcher.stats()["spares_ready"]) == 1)
+        zygote = launcher.stats()["zygote_pid"]
+        base = os.getpriority(os.PRIO_PROCESS, zygote)
+        spinners = [await anyio.open_process([sys.executable, "-c", spin]) for _ in range(os.cpu_count() or 1)]
+        try:
+            (proc,) = await _burst(launcher, 1)
+            try:
+                # the refill is forked and takes its steps in the idle class (slowly: the cores are busy)
+                def refill() -> int | None:
+                    return next((k for k in children(zygote) if k != proc.pid), None)
+
+                await _until(lambda: refill() is not None)
+                spare = refill()
+                assert spare is not None
+                await _until(lambda: os.sched_getscheduler(spare) == os.SCHED_IDLE, timeout_s=5)
+            finally:
+                for s in spinners:
+                    s.kill()
+                    await s.wait()
+            await _until(lambda: spare in launcher.stats()["spares_ready"])
+            assert os.sched_getscheduler(spare) == os.SCHED_OTHER
+            assert os.getpriority(os.PRIO_PROCESS, spare) == base
+        finally:
+            for s in spinners:
+                if s.returncode is None:
+                    s.kill()
+            await _end([proc])
 
 
 # -- through the engine ----------------------------------------------------------------------------------------

@@ -357,22 +357,30 @@ class Scheduler:
 
     def _pipelining_pays(self, fp: FunctionPool) -> bool:
         """One rule: queue a request behind a busy sandbox's run only when that wait, predicted from the recent
-        run times (moving average plus twice their deviation, as TCP bounds a round trip), is short, and shorter
-        than a cold start when a sandbox is starting or may start for it. A lifetime mean would keep pipelining
-        long after a function's runs turned slow."""
-        predicted_ms = fp.run_avg_ms + 2 * fp.run_dev_ms
-        if predicted_ms >= PREFETCH_MAX_RUN_MS:
-            return False
+        run times (moving average plus twice their deviation, as TCP bounds a round trip), is shorter than waiting
+        for another sandbox. While a sandbox is starting or may start for it, that means a short wait, shorter than
+        a cold start (a lifetime mean would keep pipelining long after a function's runs turned slow). When none
+        may start (the function's cap, the engine's), the request waits for a busy sandbox whatever its run
+        times: queued inside the one whose run started first, it starts the moment that run ends, instead of a
+        host round trip later, which a host busy elsewhere (a burst of cold starts on its loop) stretches to
+        milliseconds. With several busy sandboxes, only while their run times vary little: the one picked could
+        otherwise end last, and the request wait behind a slow run while the others free up."""
         if fp.starting or self.pool.may_start(fp, evict=False):
-            return predicted_ms < fp.cold_ms
-        return True
+            predicted_ms = fp.run_avg_ms + 2 * fp.run_dev_ms
+            return predicted_ms < PREFETCH_MAX_RUN_MS and predicted_ms < fp.cold_ms
+        return len(fp.sandboxes) == 1 or 2 * fp.run_dev_ms < PREFETCH_MAX_RUN_MS
 
     @staticmethod
     def _prefetch_target(fp: FunctionPool) -> Sandbox | None:
+        """The busy sandbox whose run started first (it should free first), if it has nothing queued yet."""
+        best: Sandbox | None = None
+        best_start = math.inf
         for sb in fp.sandboxes:
             if sb.state == "ready" and not sb.prefetched and len(sb.inflight) == 1 and fp.spec.concurrency == 1:
-                return sb
-        return None
+                start = next(iter(sb.inflight.values())).act.start or 0
+                if start < best_start:
+                    best, best_start = sb, start
+        return best
 
     def _prefetch(self, fp: FunctionPool, sb: Sandbox, job: Job) -> None:
         """Queue a RUN inside a busy sandbox; it starts (and its clock runs) when the current one's RESULT arrives."""
