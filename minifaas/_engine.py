@@ -26,6 +26,7 @@ import anyio
 import anyio.abc
 
 from ._core.activation import Activation, new_activation_id
+from ._core.cpus import CpuKeeper
 from ._core.function import DEFAULTS, FunctionSpec
 from ._core.gpus import GpuSandbox, GpuShares, host_gpus
 from ._core.launch import Launcher, SpawnLauncher
@@ -219,6 +220,7 @@ class Engine:
         isolation: Isolation = "process",
         read_only: bool = False,
         model_url_allow: Iterable[str] | None = None,
+        keep_warm_cores: bool = True,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -272,6 +274,10 @@ class Engine:
         if prewarm < 0:
             raise ValueError("prewarm must be >= 0")
         self.prewarm = prewarm
+        #: pin a sandbox running flat out to a core of its own and keep cold starts, spares and the other sandboxes
+        #: on the rest (local backend, two cores or more: see minifaas._core.cpus)
+        self.keep_warm_cores = keep_warm_cores
+        self._cpus: CpuKeeper | None = None
         if poll_us < 0:
             raise ValueError("poll_us must be >= 0")
         #: the event loop polls for a result around when it is due, this long either side (0: never; see _poll)
@@ -403,6 +409,13 @@ class Engine:
                     poll_us=self.poll_us if polling else 0,
                 )
                 tg.start_soon(self._pool.reaper, name="minifaas-reaper")
+                if self.keep_warm_cores and self.backend == "local" and not self.read_only:
+                    zygote_pids = getattr(self._launcher, "zygote_pids", None)
+                    keeper = CpuKeeper(self._pool, zygote_pids if callable(zygote_pids) else list)
+                    if keeper.enabled:
+                        self._cpus = keeper
+                        self._pool.on_busy = keeper.wake
+                        tg.start_soon(keeper.run, name="minifaas-cpus")
                 loop = asyncio.get_running_loop()
                 if polling and install_polling(loop, id(self), self._sched.poll_window):
                     self._polling_loop = loop
@@ -1442,6 +1455,8 @@ class Engine:
         launcher_stats = getattr(self._launcher, "stats", None)
         if callable(launcher_stats):
             out["launcher_stats"] = launcher_stats()
+        if self._cpus is not None:
+            out["cpus"] = self._cpus.stats()
         return out
 
 

@@ -167,6 +167,8 @@ class Pool:
         #: set by the scheduler: start a sandbox for a function with no request waiting (pre-warm, min_sandboxes)
         self.warm_up: Callable[[FunctionPool], None] = lambda fp: None
         self.on_capacity: Callable[[], None] = lambda: None
+        #: called when a sandbox starts a run (the engine's CpuKeeper watches busy sandboxes)
+        self.on_busy: Callable[[], None] | None = None
         #: makes the host-side handle of a new sandbox; a backend (e.g. Ray) may supply its own with the same interface
         self.sandbox_factory: Callable[[str, dict[str, HostService]], Sandbox] = Sandbox
         self.functions: dict[str, FunctionPool] = {}
@@ -437,6 +439,8 @@ class Pool:
 
     # -- keep-alive -------------------------------------------------------------------------------------------
     def started_run(self, fp: FunctionPool, sb: Sandbox, now: float) -> None:
+        if self.on_busy is not None:
+            self.on_busy()
         fp.policy.on_invocation_start(fp.spec.key, now)
         self.evictor.touch(sb)
         sb.expires = math.inf

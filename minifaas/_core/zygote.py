@@ -713,6 +713,11 @@ class ZygoteLauncher:
                     self._spare_mb = sum(readings) / len(readings) / 1024
             await anyio.sleep(SPARE_PSS_READ_INTERVAL_S if pids else SPARE_PSS_FIRST_READ_S)
 
+    def zygote_pids(self) -> list[int]:
+        """The running zygote's pid (a list: none while it restarts)."""
+        zyg = self._zygote
+        return [zyg.pid] if zyg is not None and not zyg.gone.is_set() else []
+
     def spares_mb(self) -> int:
         """Memory the idle spares hold (MiB, rounded up): counted in the engine's memory budget."""
         zyg = self._zygote
