@@ -82,6 +82,10 @@ def test_compositions_over_rest_from_composer_json_survive_a_restart(tmp_path: P
         assert put_composition(http, "flow", flow, overwrite=True).json()["version"] == "0.0.1"  # unchanged
         updated = put_composition(http, "flow", flow, overwrite=True, limits={"steps": 9})
         assert (updated.json()["version"], updated.json()["limits"]) == ("0.0.2", {"steps": 9})
+        # listed among the actions (a conductor action, as OpenWhisk shows one) with the same version
+        as_action = http.get(f"{NS}/actions/flow")
+        assert as_action.status_code == 200, as_action.text
+        assert as_action.json()["version"] == "0.0.2" and as_action.json()["exec"]["kind"] == "composition"
         assert "is an action" in error_of(put_composition(http, "double", flow, overwrite=True), 409)
         # code over HTTP: composer's inline JavaScript and a Python reference the host would import
         js = {"type": "function", "function": {"exec": {"kind": "nodejs:default", "code": "p => p"}}}

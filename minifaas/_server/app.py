@@ -595,7 +595,8 @@ class _Api:
         return {
             "namespace": self.namespace,
             "name": info["name"],
-            "version": "0.0.1",
+            # the composition's own version, as /compositions/{name} shows it
+            "version": f"0.0.{info.get('version', 1)}",
             "publish": False,
             "exec": exec_,
             "annotations": _kv({"exec": COMPOSITION_KIND, "conductor": True}),
