@@ -57,6 +57,8 @@ async def test_a_sandbox_running_flat_out_gets_a_core_and_cold_starts_the_rest()
             assert os.sched_getaffinity(hot) == {core}
             # the zygote, its spares and every sandbox it forks from now on stay off that core
             assert os.sched_getaffinity(zygote) == rest
+            # and the engine's event loop's thread (this one), so its launches wait on the other cores too
+            assert os.sched_getaffinity(0) == rest
             spares = [k for k in children(zygote) if k != hot]
             assert spares and all(os.sched_getaffinity(k) == rest for k in spares)
             assert_success(await engine.call("cold"))
@@ -66,6 +68,7 @@ async def test_a_sandbox_running_flat_out_gets_a_core_and_cold_starts_the_rest()
         await _until(lambda: not engine.stats()["cpus"]["pinned"])
         for pid in (hot, zygote, _pid(engine, "cold"), *children(zygote)):
             assert os.sched_getaffinity(pid) == set(CORES), pid
+        assert os.sched_getaffinity(0) == set(CORES)
         assert engine.stats()["cpus"]["releases"] == 1
 
 

@@ -6,17 +6,20 @@ flat out beside it loses a share of its core to each of them. Measured on two co
 benches/bench_coldstart.py --only bursts``): 20 functions deployed and cold-started back to back took 30-40% of the
 throughput of a warm function running flat out, even with the spares' steps in the idle scheduling class.
 
-So, while at least one core stays free for everything else, a sandbox whose process has used at least
-``HOT_SHARE`` of a core over the last ``HOT_CHECKS`` checks is pinned to the core it runs on
+So, while at least one core stays free for everything else, a sandbox that wanted a core for at least
+``HOT_SHARE`` of the time over the last ``HOT_CHECKS`` checks (running, or runnable and waiting for one: a sandbox
+starved by its neighbours counts as much as one that has its core) is pinned to the core it runs on
 (``sched_setaffinity``), and everything else the engine started -- the zygote (whose forks inherit its mask: spares
-and new sandboxes), its spares, every other sandbox, and their own children -- is kept to the remaining cores. When
-no sandbox runs flat out any more, or too many do to leave a core free, every mask goes back to the host's. The
-host's own process is left alone: it is the embedding program's.
+and new sandboxes), its spares, every other sandbox, and their own children -- is kept to the remaining cores, and
+so is the thread that runs the engine's event loop (that thread only: the embedding program's other threads are
+left alone). It gives its core back once it wanted it less than ``COOL_SHARE`` of the time for ``HOT_CHECKS``
+checks, or stops; when none runs flat out any more, or too many do to leave a core free, every mask goes back to
+what it was (also for threads the loop's thread started meanwhile, which inherited its mask).
 
-Cost: a cold start confined to the other cores waits for them (back to back beside a warm function: cold start
-p50 from about 3.5 ms to about 5 ms on two cores); a sandbox is pinned only after running flat out for
-``HOT_CHECKS * CPU_CHECK_S``; and while any sandbox is busy, each check reads ``/proc/<pid>/schedstat`` of the busy
-ones. A check runs every ``CPU_CHECK_S`` only while a sandbox is busy, so an idle engine pays nothing.
+Cost: a cold start kept to the other cores waits for them (back to back beside a warm function on two cores, a
+cold start's p50 measured 3.4-4.4 ms against 3.5-3.7 ms), and so does the engine's own work on its loop; a sandbox
+is pinned only after ``HOT_CHECKS * CPU_CHECK_S`` flat out; and while any sandbox is busy, a check every
+``CPU_CHECK_S`` reads ``/proc/<pid>/schedstat`` of the busy ones (an idle engine pays nothing).
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ __all__ = ("CPU_CHECK_S", "CpuKeeper")
 
 #: how often the busy sandboxes' CPU use is read, while any is busy
 CPU_CHECK_S: Final = 0.05
-#: the share of a core a sandbox's processes must have used between two checks to count as running flat out
+#: the share of the time between two checks a sandbox's processes must have run or waited to run (wanted a core)
+#: to count as running flat out
 HOT_SHARE: Final = 0.8
 #: consecutive checks at that share before a sandbox is pinned (a short run is not worth moving anything for), and
 #: under COOL_SHARE before a pinned one gives its core back
@@ -53,7 +57,14 @@ class CpuKeeper:
     """Pins sandboxes running flat out to cores of their own and keeps the rest of the engine's processes off
     them (see the module's docstring). Owned by the engine's task group through :meth:`run`."""
 
-    def __init__(self, pool: Pool, zygote_pids: Callable[[], Iterable[int]], cpus: Iterable[int] | None = None) -> None:
+    def __init__(
+        self,
+        pool: Pool,
+        zygote_pids: Callable[[], Iterable[int]],
+        cpus: Iterable[int] | None = None,
+        *,
+        confine_loop: bool = True,
+    ) -> None:
         self.pool = pool
         self._zygote_pids = zygote_pids
         self.cpus: frozenset[int] = frozenset(cpus if cpus is not None else os.sched_getaffinity(0))
@@ -65,6 +76,10 @@ class CpuKeeper:
         self._zygotes_applied: frozenset[int] = frozenset()
         #: the checking loop runs (while any sandbox is busy): no need to wake it at every run
         self._checking = False
+        #: keep the event loop's thread (where checks run) off the pinned cores too
+        self.confine_loop = confine_loop
+        self._loop_mask: set[int] = set(self.cpus)
+        self._loop_confined: frozenset[int] | None = None
         self.counts = {"partitions": 0, "releases": 0}
 
     @property
@@ -79,6 +94,7 @@ class CpuKeeper:
     async def run(self) -> None:
         if not self.enabled:
             return
+        self._loop_mask = os.sched_getaffinity(0)  # this thread's: the event loop's
         try:
             while True:
                 await self._wake.wait()
@@ -107,7 +123,7 @@ class CpuKeeper:
         now = time.monotonic() if now is None else now
         samples: dict[int, tuple[float, int, int, int]] = {}
         for pid in self._busy():
-            run_ns = _cpu_ns(pid)
+            run_ns = _demand_ns(pid)
             if run_ns < 0:
                 continue
             hot_streak = cool_streak = 0
@@ -123,7 +139,9 @@ class CpuKeeper:
         # hysteresis: a pinned sandbox keeps its core while it stays busy, until it has used less than COOL_SHARE
         # of it for HOT_CHECKS checks (another process of the machine's sharing that core must not unpin it)
         hot += [pid for pid in self.pinned if pid in samples and pid not in hot and samples[pid][3] < HOT_CHECKS]
-        if not hot or len(hot) >= len(self.cpus):
+        # all that want a core now, pinned or not yet: no core would be left for the rest
+        wanting = sum(1 for sample in samples.values() if sample[2] >= 1)
+        if not hot or max(len(hot), wanting) >= len(self.cpus):
             if self.pinned:
                 self._release()
             return
@@ -143,6 +161,13 @@ class CpuKeeper:
         rest = set(free)
         for pid in self._others(assign):
             _set_tree(pid, rest, skip=assign)
+        if self.confine_loop:
+            # the event loop's thread only (pid 0 is the calling thread): one thread uses one core at a time, and
+            # this decides that the engine's own work (launches, results) waits on the other cores rather than
+            # taking the pinned one
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(0, rest)
+            self._loop_confined = frozenset(rest)
         if not self.pinned:
             self.counts["partitions"] += 1
         self.pinned = assign
@@ -163,6 +188,12 @@ class CpuKeeper:
         everything = set(self.cpus)
         for pid in [*self.pinned, *self._others(())]:
             _set_tree(pid, everything, skip=())
+        if self._loop_confined is not None:
+            # the loop's thread, and any thread of the host started meanwhile (which inherited its mask)
+            for tid in _threads_with_mask(self._loop_confined):
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(tid, self._loop_mask)
+            self._loop_confined = None
         self.pinned = {}
         self._zygotes_applied = frozenset()
         self.counts["releases"] += 1
@@ -176,22 +207,24 @@ class CpuKeeper:
         }
 
 
-def _cpu_ns(pid: int) -> int:
-    """CPU ns a process and its direct children used so far (a sandbox in a PID namespace of its own may be the
-    parent of the process that runs the function); -1 once it is gone."""
-    total = _own_cpu_ns(pid)
+def _demand_ns(pid: int) -> int:
+    """ns a process and its direct children (a sandbox in a PID namespace of its own may be the parent of the
+    process that runs the function) spent running or runnable, waiting for a core, so far; -1 once it is gone. A
+    process that wants a core but has to share it counts as much as one that has it."""
+    total = _own_demand_ns(pid)
     if total < 0:
         return -1
     for kid in _children(pid):
-        total += max(_own_cpu_ns(kid), 0)
+        total += max(_own_demand_ns(kid), 0)
     return total
 
 
-def _own_cpu_ns(pid: int) -> int:
+def _own_demand_ns(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/schedstat") as f:
-            return int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
+            run_ns, wait_ns = f.read().split()[:2]
+        return int(run_ns) + int(wait_ns)
+    except (OSError, ValueError):
         return -1
 
 
@@ -212,6 +245,17 @@ def _children(pid: int) -> list[int]:
             with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/task/{task}/children") as f:
                 kids += [int(k) for k in f.read().split()]
     return kids
+
+
+def _threads_with_mask(mask: frozenset[int]) -> list[int]:
+    """This process's threads whose CPU mask is ``mask``."""
+    tids = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError, ValueError):
+                if os.sched_getaffinity(int(task)) == mask:
+                    tids.append(int(task))
+    return tids
 
 
 def _set_tree(pid: int, cpus: set[int], skip: Iterable[int]) -> None:
