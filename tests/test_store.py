@@ -384,3 +384,25 @@ def test_the_sandbox_polls_as_long_as_the_run_asks_within_its_cap(spin: object, 
     from minifaas_sandbox.runtime import _spin_s
 
     assert _spin_s(spin) == pytest.approx(seconds)
+
+
+def test_rows_bind_as_types_sqlite_takes_without_adapter_lookups(tmp_path: Path) -> None:
+    """Python's sqlite3 looks for an adapter (a failed attribute look-up that formats an error message) before it
+    binds a None or a bytes value, with the GIL held by the writer thread the event loop waits for: a row holds only
+    int, str and bytearray values, and the NULLs and blobs still read back as they were."""
+    from minifaas._core import store as store_module
+
+    pending = _act("d" * 32)
+    ended = _act("e" * 32, "success")
+    ended.end, ended.duration, ended.wait_time, ended.init_time, ended.cause = 5, 4, 0, 3, "f" * 32
+    ended.result, ended.logs, ended.annotations = {"x": b"\x00\xff"}, ["line"], {"cold": True}
+    rows = [store_module._row(pending), store_module._row(ended)]
+    assert {type(value) for row in rows for value in row} <= {int, str, bytearray}
+    store = SQLiteStore(tmp_path / DB_FILE_NAME)
+    try:
+        store._commit(rows)
+        for act in (pending, ended):
+            (row,) = store._db.execute(store_module._SELECT + " WHERE activation_id = ?", (act.activation_id,))
+            assert store_module._from_row(row) == act
+    finally:
+        store.close()

@@ -101,22 +101,26 @@ _COLUMNS: Final = (
     "annotations",
 )
 _SELECT: Final = "SELECT " + ", ".join(f'"{c}"' for c in _COLUMNS) + " FROM records"
-_UPSERT: Final = (
-    "INSERT INTO records VALUES ("
-    + ", ".join("?" * len(_COLUMNS))
-    + ") ON CONFLICT(activation_id) DO UPDATE SET "
-    + ", ".join(f'"{c}" = excluded."{c}"' for c in _COLUMNS[1:])
-)
 #: rows written by one statement (16 values each, far under SQLite's limit of 32,766 variables)
 UPSERT_MAX_ROWS: Final = 64
 _UPSERT_SQL: dict[int, str] = {}
+
+
+#: columns that may be NULL. The writer binds them as ``NULL_INT`` rather than None, and the blobs as bytearrays
+#: rather than bytes: Python's sqlite3 binds int, float, str and bytearray directly, but None and bytes only after
+#: a failed look-up for an adapter (measured here: 0.3 us for a None, 0.4-1 us for bytes, 0.04 us for an int), and
+#: binding runs on the writer thread holding the GIL the event loop needs
+_NULLABLE: Final = frozenset({"end", "duration", "wait_time", "init_time", "cause"})
+#: stands for NULL in a bound row (no record time or duration comes near it)
+NULL_INT: Final = -(1 << 62)
+_VALUES: Final = "(" + ", ".join(f"NULLIF(?, {NULL_INT})" if c in _NULLABLE else "?" for c in _COLUMNS) + ")"
 
 
 def _upsert_sql(n_rows: int) -> str:
     """One statement writing ``n_rows`` rows (the newest record of each activation wins)."""
     sql = _UPSERT_SQL.get(n_rows)
     if sql is None:
-        values = "(" + ", ".join("?" * len(_COLUMNS)) + ")"
+        values = _VALUES
         sql = _UPSERT_SQL[n_rows] = (
             "INSERT INTO records VALUES "
             + ", ".join([values] * n_rows)
@@ -126,8 +130,9 @@ def _upsert_sql(n_rows: int) -> str:
     return sql
 
 
-_EMPTY_MAP: Final = msgpack.packb({})
-_EMPTY_LIST: Final = msgpack.packb([])
+#: shared by every row: the writer only reads them
+_EMPTY_MAP: Final = bytearray(msgpack.packb({}))
+_EMPTY_LIST: Final = bytearray(msgpack.packb([]))
 
 
 class ActivationStore(Protocol):
@@ -274,17 +279,19 @@ class MemoryStore:
 _packers = threading.local()
 
 
-def _pack(obj: Any) -> bytes:
+def _pack(obj: Any) -> bytearray:
     if not obj:
         return _EMPTY_MAP if isinstance(obj, dict) else _EMPTY_LIST
     packer: msgpack.Packer | None = getattr(_packers, "packer", None)
     if packer is None:
         packer = _packers.packer = msgpack.Packer(use_bin_type=True, default=_fallback)
-    return packer.pack(obj)
+    return bytearray(packer.pack(obj))
 
 
 def _row(act: Activation) -> tuple[Any, ...]:
-    """The record as flat column values (a snapshot: the record object may change after this)."""
+    """The record as flat column values, in the form the writer binds fastest (see ``_NULLABLE``); a snapshot:
+    the record object may change after this."""
+    end, duration, wait_time, init_time, cause = act.end, act.duration, act.wait_time, act.init_time, act.cause
     return (
         act.activation_id,
         act.name,
@@ -293,12 +300,12 @@ def _row(act: Activation) -> tuple[Any, ...]:
         act.start or act.accepted,
         act.status,
         act.start,
-        act.end,
-        act.duration,
-        act.wait_time,
-        act.init_time,
+        NULL_INT if end is None else end,
+        NULL_INT if duration is None else duration,
+        NULL_INT if wait_time is None else wait_time,
+        NULL_INT if init_time is None else init_time,
         act.accepted,
-        act.cause,
+        NULL_INT if cause is None else cause,
         _pack(act.result),
         _pack(act.logs),
         _pack(act.annotations),
@@ -354,7 +361,7 @@ def _create_schema(db: sqlite3.Connection) -> None:
         # a state dir written before records had columns: one blob per record
         db.execute("BEGIN IMMEDIATE")
         for (blob,) in db.execute("SELECT record FROM activations ORDER BY rowid").fetchall():
-            db.execute(_UPSERT, _row(Activation.from_dict(_unpack(blob))))
+            db.execute(_upsert_sql(1), _row(Activation.from_dict(_unpack(blob))))
         db.execute("DROP TABLE activations")
         db.execute("COMMIT")
 
