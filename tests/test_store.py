@@ -406,3 +406,47 @@ def test_rows_bind_as_types_sqlite_takes_without_adapter_lookups(tmp_path: Path)
             assert store_module._from_row(row) == act
     finally:
         store.close()
+
+
+def test_put_takes_no_lock_while_the_writer_works(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``put`` runs on the event loop for every record: it hands the row over through a queue, and takes the
+    writer's lock only to wake a sleeping writer, so a writer busy committing (or anyone holding that lock) never
+    holds up the loop."""
+    store = SQLiteStore(tmp_path / DB_FILE_NAME)
+    committing, go_on, holding, release = threading.Event(), threading.Event(), threading.Event(), threading.Event()
+    real_commit = store._commit
+
+    def slow_commit(rows: list[tuple[object, ...]]) -> None:
+        committing.set()
+        go_on.wait(10)
+        real_commit(rows)
+
+    monkeypatch.setattr(store, "_commit", slow_commit)
+
+    def hold_lock() -> None:
+        with store._cond:
+            holding.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold_lock)
+    written = threading.Semaphore(0)
+    try:
+        store.put(_act("1" * 32, "success"), written.release)
+        assert committing.wait(5)  # the writer is inside its commit, not asleep
+        holder.start()
+        assert holding.wait(5)
+        begun = time.monotonic()
+        store.put(_act("2" * 32, "success"), written.release)
+        store.put(_act("3" * 32))  # lazy: waits for its turn
+        took = time.monotonic() - begun
+        release.set()
+        go_on.set()
+        assert took < 1.0, f"put waited {took:.2f} s for the writer's lock"
+        assert written.acquire(timeout=5) and written.acquire(timeout=5)
+        assert _row_status(tmp_path / DB_FILE_NAME, "2" * 32) == "success"
+    finally:
+        release.set()
+        go_on.set()
+        holder.join(5)
+        store.close()
+    assert _row_status(tmp_path / DB_FILE_NAME, "3" * 32) == "pending"

@@ -17,6 +17,7 @@ lost and nothing waits for ever.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -366,14 +367,8 @@ def _create_schema(db: sqlite3.Connection) -> None:
         db.execute("COMMIT")
 
 
-class _Pending:
-    """Rows handed to the writer and not committed yet, in arrival order (one per record: the newest wins)."""
-
-    __slots__ = ("callbacks", "rows")
-
-    def __init__(self) -> None:
-        self.rows: dict[str, tuple[Any, ...]] = {}
-        self.callbacks: list[OnDurable] = []
+#: what ``put`` hands the writer: activation id, row, seq, callback, and when the row is due (0.0: at once)
+_Handed = tuple[str, tuple[Any, ...], int, OnDurable | None, float]
 
 
 class SQLiteStore:
@@ -405,9 +400,12 @@ class SQLiteStore:
         self._seq: dict[str, int] = {}
         self._next_seq = 0
         self._cond = threading.Condition()
-        self._pending = _Pending()
-        self._pending_seqs: dict[str, int] = {}
-        #: activation id -> (when it is due, row, seq): rows that wait for their turn or their final record
+        #: rows handed over by ``put``, in order. Appending to a deque and popping from it are atomic: ``put`` takes
+        #: no lock (a lock per record cost the event loop more than the rest of ``put``), and wakes the writer only
+        #: when it sleeps (``_asleep``, set under ``_cond`` before the writer looks at the queue a last time)
+        self._queue: collections.deque[_Handed] = collections.deque()
+        #: the writer's own: activation id -> (when it is due, row, seq), rows that wait for their turn or their
+        #: final record; changed under ``_cond`` (``stats`` counts them)
         self._lazy: dict[str, tuple[float, tuple[Any, ...], int]] = {}
         #: the writer sleeps on ``_cond`` (it polls for a while after each commit: see WRITER_SPIN_S)
         self._asleep = False
@@ -422,29 +420,17 @@ class SQLiteStore:
 
     # -- writing ----------------------------------------------------------------------------------------------
     def put(self, act: Activation, on_durable: OnDurable | None = None) -> None:
-        row = _row(act)
         aid = act.activation_id
-        self._next_seq += 1
-        seq = self._seq[aid] = self._next_seq
+        self._next_seq = seq = self._next_seq + 1
+        self._seq[aid] = seq
         self._unwritten[aid] = act
         if self._thread is None:
             self._ensure_writer()
-        with self._cond:
-            if on_durable is None and act.status in UNENDED_STATUSES and aid not in self._pending.rows:
-                # nobody waits for it: it waits for its final record, or its turn (see LAZY_ROW_DELAY_S)
-                lazy = self._lazy
-                lazy[aid] = (time.monotonic() + LAZY_ROW_DELAY_S, row, seq)
-                if len(lazy) == 1 and self._asleep:
-                    self._cond.notify()  # the writer sleeps without a timeout: it must wake for this row's turn
-                return
-            if self._lazy:
-                self._lazy.pop(aid, None)
-            pending = self._pending
-            pending.rows[aid] = row
-            self._pending_seqs[aid] = seq
-            if on_durable is not None:
-                pending.callbacks.append(on_durable)
-            if self._asleep:
+        # nobody waits for a record not ended: it waits for its final record, or its turn (see LAZY_ROW_DELAY_S)
+        due = time.monotonic() + LAZY_ROW_DELAY_S if on_durable is None and act.status in UNENDED_STATUSES else 0.0
+        self._queue.append((aid, _row(act), seq, on_durable, due))
+        if self._asleep:
+            with self._cond:
                 self._cond.notify()
 
     def _ensure_writer(self) -> None:
@@ -478,51 +464,74 @@ class SQLiteStore:
         finally:
             db.close()
 
-    def _take(self, spin: bool) -> tuple[_Pending, dict[str, int]] | None:
-        """The rows to write now (with their callbacks), or None when the writer is to stop; waits for them,
-        polling first for ``WRITER_SPIN_S`` with ``spin``."""
+    def _wait(self, spin: bool) -> bool:
+        """Wait until there are rows to look at: handed over, or lazy ones due; False when the writer is to stop.
+        Polls first for ``WRITER_SPIN_S`` with ``spin``."""
         cond = self._cond
+        queue = self._queue
         spin_until = time.monotonic() + WRITER_SPIN_S if spin else 0.0
         #: since when nothing was written, while there is something to checkpoint
         quiet_since: float | None = None
         while True:
             # polling without the lock is safe: a row put meanwhile is seen on the next look or under the lock
-            while not self._pending.rows and time.monotonic() < spin_until and not self._closing:
+            while not queue and time.monotonic() < spin_until and not self._closing:
                 os.sched_yield()
+            if queue:
+                return True
             with cond:
                 now = time.monotonic()
                 lazy = self._lazy
-                if lazy:
-                    self._move_lazy(now)
-                if self._pending.rows:
-                    taken, self._pending = self._pending, _Pending()
-                    taken_seqs, self._pending_seqs = self._pending_seqs, {}
-                    return taken, taken_seqs
                 if self._closing:
-                    return None
+                    return bool(queue or lazy)
+                first_due = next(iter(lazy.values()))[0] if lazy else math.inf
+                if first_due <= now:
+                    return True
                 if quiet_since is not None and now - quiet_since >= CHECKPOINT_QUIET_S:
                     self._commits_since_checkpoint = 0
                     self._checkpoint_due.set()  # a quiet moment
                     quiet_since = None
                 elif quiet_since is None and self._commits_since_checkpoint:
                     quiet_since = now
-                timeout = min(due for due, _, _ in lazy.values()) - now if lazy else math.inf
+                timeout = first_due - now
                 if quiet_since is not None:
                     timeout = min(timeout, quiet_since + CHECKPOINT_QUIET_S - now)
                 self._asleep = True
-                cond.wait(max(0.0, timeout) if timeout < math.inf else None)
+                if not queue:  # a last look, now that put() sees _asleep
+                    cond.wait(max(0.0, timeout) if timeout < math.inf else None)
                 self._asleep = False
             spin_until = 0.0  # woken: no more polling until the next commit
 
-    def _move_lazy(self, now: float) -> None:
-        """Lazy rows that are due (all of them when closing) join the pending ones; called under ``_cond``."""
+    def _take(self, batch: dict[str, tuple[Any, ...]], seqs: dict[str, int], callbacks: list[OnDurable]) -> None:
+        """Add what was handed over, and the lazy rows that are due (all of them when closing), to the next
+        transaction (a newer row of a record replaces the older and goes last)."""
+        queue = self._queue
         lazy = self._lazy
-        due_ids = [aid for aid, (due, _, _) in lazy.items() if due <= now or self._closing]
-        pending = self._pending
-        for aid in due_ids:
-            _, row, seq = lazy.pop(aid)
-            pending.rows[aid] = row
-            self._pending_seqs[aid] = seq
+        with self._cond:
+            while queue:
+                aid, row, seq, on_durable, due = queue.popleft()
+                if due:
+                    lazy.pop(aid, None)  # keep the lazy rows in the order they are due
+                    lazy[aid] = (due, row, seq)
+                    continue
+                if lazy:
+                    lazy.pop(aid, None)
+                batch.pop(aid, None)
+                batch[aid] = row
+                seqs[aid] = seq
+                if on_durable is not None:
+                    callbacks.append(on_durable)
+            if lazy:
+                now = math.inf if self._closing else time.monotonic()
+                due_ids = []
+                for aid, (due, _, _) in lazy.items():
+                    if due > now:
+                        break
+                    due_ids.append(aid)
+                for aid in due_ids:
+                    _, row, seq = lazy.pop(aid)
+                    batch.pop(aid, None)
+                    batch[aid] = row
+                    seqs[aid] = seq
 
     def _write_loop(self) -> None:
         delay = RETRY_FIRST_S
@@ -540,20 +549,12 @@ class SQLiteStore:
                 # once, and appends the same tree pages to the log again; on a busy host that is CPU the
                 # sandboxes and the loop need
                 time.sleep(COMMIT_GATHER_S)
-            if batch:
-                with self._cond:
-                    taken, self._pending = self._pending, _Pending()
-                    taken_seqs, self._pending_seqs = self._pending_seqs, {}
-            else:
-                got = self._take(spin)
-                if got is None:
-                    return
-                taken, taken_seqs = got
-            for aid, row in taken.rows.items():
-                batch.pop(aid, None)  # keep arrival order: a newer row of a record goes last
-                batch[aid] = row
-            seqs.update(taken_seqs)
-            callbacks += taken.callbacks
+            if not batch and not self._wait(spin):
+                return
+            self._take(batch, seqs, callbacks)
+            if not batch:
+                gather = False
+                continue  # only rows whose turn has not come
             try:
                 self._commit(list(batch.values()))
             except sqlite3.Error as exc:
@@ -573,8 +574,8 @@ class SQLiteStore:
                     return
                 with self._cond:
                     self._cond.wait(delay)
-                    self._move_lazy(time.monotonic())
                 delay = min(delay * 2, RETRY_MAX_S)
+                gather = False
                 continue
             if failing:
                 failing = self.failing = False
@@ -731,7 +732,7 @@ class SQLiteStore:
 
     def stats(self) -> dict[str, Any]:
         with self._cond:
-            queued = len(self._pending.rows) + len(self._lazy)
+            queued = len(self._queue) + len(self._lazy)
         return {
             "kind": "sqlite",
             **self._counts,
@@ -754,10 +755,11 @@ class SQLiteStore:
                 self._checkpoint_due.set()  # it sees _closing and leaves; the last connection's close checkpoints
                 self._checkpointer.join()
         else:
-            rows = {aid: row for aid, (_, row, _) in self._lazy.items()}
-            rows.update(self._pending.rows)
-            if rows:
-                self._commit(list(rows.values()))
+            batch: dict[str, tuple[Any, ...]] = {}
+            self._closing = True
+            self._take(batch, {}, [])
+            if batch:
+                self._commit(list(batch.values()))
         self._wdb.close()
         self._db.close()
 
