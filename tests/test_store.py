@@ -450,3 +450,43 @@ def test_put_takes_no_lock_while_the_writer_works(tmp_path: Path, monkeypatch: p
         holder.join(5)
         store.close()
     assert _row_status(tmp_path / DB_FILE_NAME, "3" * 32) == "pending"
+
+
+async def test_a_call_that_ends_before_its_turn_is_encoded_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the event loop the accepted record of a call waits for its turn there, not encoded: a warm call that ends
+    sooner costs the loop one row (its final record), not two, and the database one write."""
+    from minifaas._core import store as store_module
+
+    encoded: list[str] = []
+    real_row = store_module._row
+
+    def row(act: minifaas.Activation) -> tuple[object, ...]:
+        encoded.append(act.status)
+        return real_row(act)
+
+    async with minifaas.Engine(tmp_path) as engine:
+        await engine.deploy("noop", code="def main(a):\n    return {}\n")
+        await engine.call("noop")
+        monkeypatch.setattr(store_module, "_row", row)
+        monkeypatch.setattr(store_module, "LAZY_ROW_DELAY_S", 30.0)
+        before = engine.stats()["store"]["rows_written"]
+        for _ in range(20):
+            assert (await engine.call("noop")).status == "success"
+        assert encoded == ["success"] * 20
+        assert engine.stats()["store"]["rows_written"] - before == 20
+
+
+async def test_a_record_waiting_for_its_turn_on_the_loop_is_written_at_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from minifaas._core import store as store_module
+
+    monkeypatch.setattr(store_module, "LAZY_ROW_DELAY_S", 30.0)
+    store = SQLiteStore(tmp_path / DB_FILE_NAME)
+    store.put(_act("4" * 32))  # on the loop: it waits there
+    assert store.get("4" * 32) is not None
+    assert store.stats()["queued"] == 1
+    await anyio.to_thread.run_sync(store.close)  # as the engine closes it
+    assert _row_status(tmp_path / DB_FILE_NAME, "4" * 32) == "pending"

@@ -407,6 +407,12 @@ class SQLiteStore:
         #: the writer's own: activation id -> (when it is due, row, seq), rows that wait for their turn or their
         #: final record; changed under ``_cond`` (``stats`` counts them)
         self._lazy: dict[str, tuple[float, tuple[Any, ...], int]] = {}
+        #: on an event loop, the loop's own: activation id -> when it is due, for records not ended that wait for
+        #: their final record or their turn (LAZY_ROW_DELAY_S), not encoded until then (most never are: their final
+        #: record comes first); None off a loop, where the writer keeps them (``_lazy``)
+        self._waiting: dict[str, float] | None = None
+        self._waiting_timer: asyncio.TimerHandle | None = None
+        self._loop_thread = 0
         #: the writer sleeps on ``_cond`` (it polls for a while after each commit: see WRITER_SPIN_S)
         self._asleep = False
         self._closing = False
@@ -422,20 +428,61 @@ class SQLiteStore:
     def put(self, act: Activation, on_durable: OnDurable | None = None) -> None:
         aid = act.activation_id
         self._next_seq = seq = self._next_seq + 1
-        self._seq[aid] = seq
+        self._seq[aid] = seq  # a row of it the writer commits meanwhile is not this one
         self._unwritten[aid] = act
         if self._thread is None:
             self._ensure_writer()
+        waiting = self._waiting
         # nobody waits for a record not ended: it waits for its final record, or its turn (see LAZY_ROW_DELAY_S)
-        due = time.monotonic() + LAZY_ROW_DELAY_S if on_durable is None and act.status in UNENDED_STATUSES else 0.0
-        self._queue.append((aid, _row(act), seq, on_durable, due))
+        due = 0.0
+        if on_durable is None and act.status in UNENDED_STATUSES:
+            due = time.monotonic() + LAZY_ROW_DELAY_S
+            if waiting is not None and threading.get_ident() == self._loop_thread:
+                if not waiting and self._waiting_timer is None:
+                    self._waiting_timer = self._loop.call_later(LAZY_ROW_DELAY_S, self._hand_waiting)  # type: ignore[union-attr]
+                waiting.setdefault(aid, due)
+                return
+        elif waiting:
+            waiting.pop(aid, None)
+        self._hand(aid, _row(act), seq, on_durable, due)
+
+    def _hand(self, aid: str, row: tuple[Any, ...], seq: int, on_durable: OnDurable | None, due: float) -> None:
+        self._queue.append((aid, row, seq, on_durable, due))
         if self._asleep:
             with self._cond:
                 self._cond.notify()
 
+    def _hand_waiting(self) -> None:
+        """On the loop: records whose turn came (see LAZY_ROW_DELAY_S) go to the writer as they are now."""
+        self._waiting_timer = None
+        waiting = self._waiting
+        if not waiting:
+            return
+        now = time.monotonic()
+        with self._cond:  # close() takes what is left under the lock: a record is handed over by one of the two
+            if self._closing:
+                return
+            due_ids = []
+            for aid, due in waiting.items():
+                if due > now:
+                    break
+                due_ids.append(aid)
+            for aid in due_ids:
+                del waiting[aid]
+                act = self._unwritten.get(aid)
+                seq = self._seq.get(aid)
+                if act is not None and seq is not None:
+                    self._queue.append((aid, _row(act), seq, None, 0.0))
+            self._cond.notify()
+        if waiting and self._loop is not None:
+            first_due = next(iter(waiting.values()))
+            self._waiting_timer = self._loop.call_later(max(0.0, first_due - now), self._hand_waiting)
+
     def _ensure_writer(self) -> None:
         try:
             self._loop = asyncio.get_running_loop()
+            self._waiting = {}
+            self._loop_thread = threading.get_ident()
         except RuntimeError:
             self._loop = None  # used off a loop (a script, a test): callbacks run on the writer thread
         self._thread = threading.Thread(target=self._write_loop, name="minifaas-store-writer", daemon=True)
@@ -732,7 +779,7 @@ class SQLiteStore:
 
     def stats(self) -> dict[str, Any]:
         with self._cond:
-            queued = len(self._queue) + len(self._lazy)
+            queued = len(self._queue) + len(self._lazy) + len(self._waiting or ())
         return {
             "kind": "sqlite",
             **self._counts,
@@ -749,6 +796,13 @@ class SQLiteStore:
             with self._cond:
                 self._closing = True
                 self._close_deadline = time.monotonic() + CLOSE_FLUSH_TIMEOUT_S
+                # records still waiting for their turn are written now, as they are (close runs on the loop's
+                # behalf, often from a worker thread while the loop waits for it; list() copies in one step)
+                for aid in list(self._waiting or ()):
+                    act = self._unwritten.get(aid)
+                    seq = self._seq.get(aid)
+                    if act is not None and seq is not None:
+                        self._queue.append((aid, _row(act), seq, None, 0.0))
                 self._cond.notify()
             thread.join()
             if self._checkpointer is not None:
