@@ -4,11 +4,12 @@ Records are written when an invocation is accepted (status ``pending``) and agai
 leaves its in-flight records behind; the next engine on the same ``state_dir`` marks them failed instead of losing them.
 
 The SQLite store never writes on the event loop: ``put`` encodes the record into flat columns and hands the row to
-one writer thread, which commits every row that arrived while the previous transaction committed in one transaction
-(group commit), then calls each row's ``on_durable`` back on the loop (one wake-up per transaction). Until then
-``get`` answers from memory. A record not ended that nobody waits for (the accepted record of ``call``; ``submit``
-waits for its accepted record) is written once it is ``LAZY_ROW_DELAY_S`` old: a call that ends sooner is written
-once, at its end, and one still running after that is on record for the next engine to mark failed if the host dies. A
+one writer thread (through a queue, without a lock), which commits every row that arrived while the previous
+transaction committed in one transaction (group commit), then calls each row's ``on_durable`` back on the loop (one
+wake-up per transaction). Until then ``get`` answers from memory. A record not ended that nobody waits for (the
+accepted record of ``call``; ``submit`` waits for its accepted record) is written once it is ``LAZY_ROW_DELAY_S`` old:
+on the loop it waits there, not even encoded, so a call that ends sooner is encoded and written once, at its end, and
+one still running after that is on record for the next engine to mark failed if the host dies. A
 write that fails (the database locked by another connection, a full disk) is retried by the writer with a capped
 back-off and reported (``stats()``, the ``minifaas`` logger); the records wait in memory meanwhile, so nothing is
 lost and nothing waits for ever.
