@@ -384,3 +384,109 @@ def test_the_sandbox_polls_as_long_as_the_run_asks_within_its_cap(spin: object, 
     from minifaas_sandbox.runtime import _spin_s
 
     assert _spin_s(spin) == pytest.approx(seconds)
+
+
+def test_rows_bind_as_types_sqlite_takes_without_adapter_lookups(tmp_path: Path) -> None:
+    """Python's sqlite3 looks for an adapter (a failed attribute look-up that formats an error message) before it
+    binds a None or a bytes value, with the GIL held by the writer thread the event loop waits for: a row holds only
+    int, str and bytearray values, and the NULLs and blobs still read back as they were."""
+    from minifaas._core import store as store_module
+
+    pending = _act("d" * 32)
+    ended = _act("e" * 32, "success")
+    ended.end, ended.duration, ended.wait_time, ended.init_time, ended.cause = 5, 4, 0, 3, "f" * 32
+    ended.result, ended.logs, ended.annotations = {"x": b"\x00\xff"}, ["line"], {"cold": True}
+    rows = [store_module._row(pending), store_module._row(ended)]
+    assert {type(value) for row in rows for value in row} <= {int, str, bytearray}
+    store = SQLiteStore(tmp_path / DB_FILE_NAME)
+    try:
+        store._commit(rows)
+        for act in (pending, ended):
+            (row,) = store._db.execute(store_module._SELECT + " WHERE activation_id = ?", (act.activation_id,))
+            assert store_module._from_row(row) == act
+    finally:
+        store.close()
+
+
+def test_put_takes_no_lock_while_the_writer_works(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``put`` runs on the event loop for every record: it hands the row over through a queue, and takes the
+    writer's lock only to wake a sleeping writer, so a writer busy committing (or anyone holding that lock) never
+    holds up the loop."""
+    store = SQLiteStore(tmp_path / DB_FILE_NAME)
+    committing, go_on, holding, release = threading.Event(), threading.Event(), threading.Event(), threading.Event()
+    real_commit = store._commit
+
+    def slow_commit(rows: list[tuple[object, ...]]) -> None:
+        committing.set()
+        go_on.wait(10)
+        real_commit(rows)
+
+    monkeypatch.setattr(store, "_commit", slow_commit)
+
+    def hold_lock() -> None:
+        with store._cond:
+            holding.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold_lock)
+    written = threading.Semaphore(0)
+    try:
+        store.put(_act("1" * 32, "success"), written.release)
+        assert committing.wait(5)  # the writer is inside its commit, not asleep
+        holder.start()
+        assert holding.wait(5)
+        begun = time.monotonic()
+        store.put(_act("2" * 32, "success"), written.release)
+        store.put(_act("3" * 32))  # lazy: waits for its turn
+        took = time.monotonic() - begun
+        release.set()
+        go_on.set()
+        assert took < 1.0, f"put waited {took:.2f} s for the writer's lock"
+        assert written.acquire(timeout=5) and written.acquire(timeout=5)
+        assert _row_status(tmp_path / DB_FILE_NAME, "2" * 32) == "success"
+    finally:
+        release.set()
+        go_on.set()
+        holder.join(5)
+        store.close()
+    assert _row_status(tmp_path / DB_FILE_NAME, "3" * 32) == "pending"
+
+
+async def test_a_call_that_ends_before_its_turn_is_encoded_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the event loop the accepted record of a call waits for its turn there, not encoded: a warm call that ends
+    sooner costs the loop one row (its final record), not two, and the database one write."""
+    from minifaas._core import store as store_module
+
+    encoded: list[str] = []
+    real_row = store_module._row
+
+    def row(act: minifaas.Activation) -> tuple[object, ...]:
+        encoded.append(act.status)
+        return real_row(act)
+
+    async with minifaas.Engine(tmp_path) as engine:
+        await engine.deploy("noop", code="def main(a):\n    return {}\n")
+        await engine.call("noop")
+        monkeypatch.setattr(store_module, "_row", row)
+        monkeypatch.setattr(store_module, "LAZY_ROW_DELAY_S", 30.0)
+        before = engine.stats()["store"]["rows_written"]
+        for _ in range(20):
+            assert (await engine.call("noop")).status == "success"
+        assert encoded == ["success"] * 20
+        assert engine.stats()["store"]["rows_written"] - before == 20
+
+
+async def test_a_record_waiting_for_its_turn_on_the_loop_is_written_at_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from minifaas._core import store as store_module
+
+    monkeypatch.setattr(store_module, "LAZY_ROW_DELAY_S", 30.0)
+    store = SQLiteStore(tmp_path / DB_FILE_NAME)
+    store.put(_act("4" * 32))  # on the loop: it waits there
+    assert store.get("4" * 32) is not None
+    assert store.stats()["queued"] == 1
+    await anyio.to_thread.run_sync(store.close)  # as the engine closes it
+    assert _row_status(tmp_path / DB_FILE_NAME, "4" * 32) == "pending"
