@@ -1041,13 +1041,16 @@ class Engine:
         act = self._sequence_record(spec, cause)
         return await run_sequence(self, spec, args or {}, act=act, record=self._record_sequence, defaults=defaults)
 
-    def _submit_sequence(
+    async def _submit_sequence(
         self, name: str, defaults: dict[str, Any], args: dict[str, Any] | None, cause: str | None
     ) -> str:
         assert self._tg is not None
         spec = self._sequences[name]
         act = self._sequence_record(spec, cause)
-        self._store_or_raise().put(act)  # the promise: an id handed out is an id on record
+        stored = anyio.Event()
+        # the promise: an id handed out is an id on record (a record put with nobody waiting for it would be
+        # written only at its end or its turn: see the store's LAZY_ROW_DELAY_S)
+        self._store_or_raise().put(act, stored.set)
         done = self._session_done[act.activation_id] = anyio.Event()
 
         async def run() -> None:
@@ -1060,6 +1063,8 @@ class Engine:
                 self._session_done.pop(act.activation_id, None)
 
         self._tg.start_soon(run, name=f"sequence-{act.activation_id}")
+        if not stored.is_set():
+            await stored.wait()
         return act.activation_id
 
     async def _preload_models(self, spec: FunctionSpec) -> None:
@@ -1230,7 +1235,7 @@ class Engine:
         if name in self._compositions:
             return self._submit_session(name, args, cause)
         if name in self._sequences:
-            return self._submit_sequence(name, defaults, args, cause)
+            return await self._submit_sequence(name, defaults, args, cause)
         spec, alias = self._route(name)
         annotations = {"alias": alias} if alias else None
         args = _under(defaults, spec.params, args)

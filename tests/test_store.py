@@ -50,6 +50,17 @@ async def _wait_row(db: Path, aid: str, status: str) -> None:
             await anyio.sleep(0.05)
 
 
+async def test_a_sequence_submitted_is_on_record_before_submit_returns(tmp_path: Path) -> None:
+    """Its record is put with nobody waiting on it, which the store writes only at its end or its turn: submit waits
+    for it as for a function's."""
+    async with minifaas.Engine(tmp_path) as engine:
+        await engine.deploy("slow", code=SLOW)
+        await engine.deploy_sequence("seq", ["slow", "slow"])
+        aid = await engine.submit("seq", {"s": 0.2})
+        assert _row_status(tmp_path / DB_FILE_NAME, aid) == "pending"
+        assert (await engine.activations.wait(aid, timeout_s=10)).status == "success"
+
+
 async def test_locked_database_neither_loses_nor_hangs_an_activation(tmp_path: Path) -> None:
     """sqlite_lock2.py: the job ended, the loop did not stall, the store reports, the row follows the lock."""
     db = tmp_path / DB_FILE_NAME
