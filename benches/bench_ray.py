@@ -130,8 +130,11 @@ async def bench(backend: str, ns: argparse.Namespace) -> dict[str, Any]:
             act = await engine.call(f"cold{i}", {})
             colds.append((time.perf_counter() - t) * 1000)
             assert act.status == "success", act
+            node = str(act.annotations.get("ray_node_id", "local"))[:8]
+            out.setdefault("cold_nodes", {})[node] = out.get("cold_nodes", {}).get(node, 0) + 1
             await engine.delete(f"cold{i}")
         out["cold_ms"] = sorted(colds)[len(colds) // 2]
+        out["cold_range"] = (min(colds), max(colds))
         if backend == "ray":
             # the same with an actor of its own per sandbox (what GPU functions get, and all did before)
             launcher: Any = engine._launcher
@@ -212,6 +215,9 @@ def main() -> None:
             print(f"{label:38s} {a:9.2f}{unit:>2s} {b:9.2f}{unit:>2s} {b / a:9.2f}x")
 
         row("cold start (new function, no-op)", local["cold_ms"], ray_["cold_ms"], "ms")
+        lo, hi = local["cold_range"]
+        rlo, rhi = ray_["cold_range"]
+        print(f"  cold start range: local {lo:.2f}-{hi:.2f} ms, ray {rlo:.2f}-{rhi:.2f} ms on {ray_['cold_nodes']}")
         row("first cold start (ray: starts the node's zygote)", local["first_cold_ms"], ray_["first_cold_ms"], "ms")
         for name, label in (("noop", "no-op"), ("crop", "pose crop (messi5.jpg)")):
             row(f"{label} first call", local[f"{name}_cold_ms"], ray_[f"{name}_cold_ms"], "ms")

@@ -91,6 +91,14 @@ def _node_marks_class() -> Any:
                 if hasattr(NodeActor, name):
                     wrap(NodeActor, name, name)
             wrap(rb.SandboxActor, "describe", "describe")
+            sandbox_init = rb.SandboxActor.__init__
+
+            def made(actor: Any, *args: Any, **kwargs: Any) -> None:
+                marks.append(("node.SandboxActor()>", time.perf_counter()))
+                sandbox_init(actor, *args, **kwargs)
+                marks.append(("node.SandboxActor()<", time.perf_counter()))
+
+            rb.SandboxActor.__init__ = made  # type: ignore[method-assign]
             wrap(zygote.ZygoteLauncher, "launch", "fork")
             wrap(core_sandbox.Sandbox, "init", "sandbox_init")
             on_readable = core_sandbox.Sandbox._on_readable

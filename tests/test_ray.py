@@ -427,6 +427,73 @@ async def test_cold_starts_fork_from_one_zygote_actor_per_node(ray_engine: minif
     assert len({a.result["pid"] for a in acts}) == 3
 
 
+async def _node_calls(engine: minifaas.Engine) -> dict[str, int]:
+    """The calls every node actor of ``engine`` served so far, by method, summed over the nodes."""
+    launcher: Any = engine._launcher
+    total: dict[str, int] = {}
+    for actor, _name in list(launcher.nodes.values()):
+        for method, n in (await actor.ready.remote())["calls"].items():
+            total[method] = total.get(method, 0) + n
+    return total
+
+
+def _calls_since(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {m: n - before.get(m, 0) for m, n in after.items() if n != before.get(m, 0)}
+
+
+async def test_cold_activation_is_one_node_actor_call(ray_engine: minifaas.Engine, ray_deploy: Deploy) -> None:
+    """The fork, the INIT and the first activation's RUN go to the node actor in one call; warm ones in one each."""
+    await ray_deploy("one-call", code=WHERE)
+    before = await _node_calls(ray_engine)
+    act = assert_success(await ray_engine.call("one-call"))
+    assert act.annotations["cold"] is True and act.init_time is not None
+    assert _calls_since(before, await _node_calls(ray_engine)) == {"start_run": 1}
+    before = await _node_calls(ray_engine)
+    warm = assert_success(await ray_engine.call("one-call"))
+    assert warm.annotations["cold"] is False and warm.result["pid"] == act.result["pid"]
+    assert _calls_since(before, await _node_calls(ray_engine)) == {"execute": 1}
+
+
+@pytest.mark.parametrize("wait_s", [5.0, None], ids=["result-with-the-start", "result-fetched-after"])
+async def test_folded_first_run_keeps_init_time_and_duration_apart(
+    ray_engine: minifaas.Engine, ray_deploy: Deploy, monkeypatch: pytest.MonkeyPatch, wait_s: float | None
+) -> None:
+    """A 0.3 s INIT then a 0.4 s run in one call: the record's initTime is the INIT's, its duration both; a run
+    that outlasts the call's wait answers it, and its RESULT comes with a second call."""
+    from minifaas._backends import ray as ray_backend
+
+    if wait_s is not None:
+        monkeypatch.setattr(ray_backend, "RAY_FOLDED_RUN_WAIT_S", wait_s)
+    # on the node without the head's disk, whose zygote actor runs already (its start is no sandbox's INIT); half a
+    # CPU each, both fit there
+    half = {"num_cpus": 0.5, ELSEWHERE: 1}
+    await ray_deploy("before-slow-init", code=WHERE, resources=half)
+    assert_success(await ray_engine.call("before-slow-init"))
+    await ray_deploy("slow-init", code="import time\ntime.sleep(0.3)\n" + SLEEP, resources=half)
+    before = await _node_calls(ray_engine)
+    act = assert_success(await ray_engine.call("slow-init", {"s": 0.4}))
+    calls = _calls_since(before, await _node_calls(ray_engine))
+    assert calls == ({"start_run": 1} if wait_s else {"start_run": 1, "result": 1})
+    assert act.annotations["cold"] is True and act.init_time is not None and act.duration is not None
+    assert 300 <= act.init_time < 650, act.init_time  # the run's 0.4 s is not the INIT's
+    assert act.duration - act.init_time >= 400, (act.duration, act.init_time)
+    assert act.start - act.init_time >= act.accepted - 5  # its wait, INIT and run follow each other
+
+
+async def test_init_failure_in_the_folded_call_is_the_functions_error(
+    ray_engine: minifaas.Engine, ray_deploy: Deploy
+) -> None:
+    """An INIT that fails in the one-call cold start: the activation never ran, its record is the function's
+    developer_error with what the INIT printed, and no RUN went to the node."""
+    await ray_deploy("bad-init", code="print('loading weights')\nraise RuntimeError('no weights')\n" + SLEEP)
+    before = await _node_calls(ray_engine)
+    act = await ray_engine.call("bad-init")
+    assert_status(act, "developer_error", error_contains="no weights")
+    assert "failed to initialize" in act.result["error"] and act.annotations["init_failed"] is True
+    assert any("loading weights" in line for line in act.logs), act.logs
+    assert _calls_since(before, await _node_calls(ray_engine)) == {"start_run": 1}
+
+
 async def test_sandbox_terminated_before_its_start_arrives_is_not_forked(
     ray_engine: minifaas.Engine, ray_deploy: Deploy
 ) -> None:

@@ -150,6 +150,10 @@ RAY_STRAY_DRAIN_S: Final = 0.05
 #: how long after an actor started Ray's per-node free resources may still not show its reservation: until then
 #: the launcher subtracts it itself, or two actors started together would both be packed onto the same free CPU
 RAY_VIEW_LAG_S: Final = 2.0
+#: a cold start's call to its node actor carries the first activation's RUN (one call through Ray, not two): its
+#: RESULT comes back with the call when the run ends within this; a longer run answers the call then (the sandbox is
+#: ready, the host's timeout runs) and its RESULT comes with a second call
+RAY_FOLDED_RUN_WAIT_S: Final = 0.05
 #: how long a forked sandbox's reservation (placement group) is kept after it ended, for the next cold start of the
 #: same shape (a new one made right after a removal waits 0.5-1 s in Ray's scheduler)
 RAY_RESERVATION_KEEP_S: Final = 2.0
@@ -478,6 +482,11 @@ def _view_shows(room: Mapping[str, float] | None, pg: Any) -> bool:
     return any(name.endswith(suffix) for name in room)
 
 
+async def _ready(value: Any) -> Any:
+    """An answer already in hand, awaited as a pending call's would be."""
+    return value
+
+
 async def _never_placed(_actor: Any) -> bool:
     """A placement group is placed when its ready() returns: until then it waits for room."""
     return False
@@ -538,6 +547,8 @@ class RaySandbox(Sandbox):
         #: a forked sandbox started without waiting for READY: what its node actor needs to fork it, sent with the
         #: INIT (None: started already)
         self._start_config: dict[str, Any] | None = None
+        #: the first activation's RUN went with the start: (its id, its RESULT body, None: still running)
+        self._folded: tuple[str, Any] | None = None
 
     def can_serve(self, spec: FunctionSpec) -> bool:
         """Whether this generic pre-warmed (stem) actor may become ``spec``'s sandbox: only with the same CPUs, GPUs
@@ -802,9 +813,20 @@ class RaySandbox(Sandbox):
             # the sandbox's own start budget, then the INIT's time limit (enforced inside the sandbox)
             budget_s = self._start_budget_s() + timeout_s + INIT_KILL_GRACE_S
             self.backend.counters["starts_with_init"] += 1
-            both = await self._start_on_node("start_init", config, fields, budget_s=budget_s)
+            run = self.claim_first_run() if self.claim_first_run is not None else None
+            if run is None:
+                both = await self._start_on_node("start_init", config, fields, budget_s=budget_s)
+            else:
+                # the request it starts for runs right after its INIT, on the node: a cold activation is one call
+                self.backend.counters["starts_with_run"] += 1
+                run = self._large_args(run)
+                wait_s = RAY_FOLDED_RUN_WAIT_S
+                both = await self._start_on_node("start_run", config, fields, run, wait_s, budget_s=budget_s + wait_s)
             self._started(both["info"])
             reply = dict(both["init"])
+            if run is not None and reply.get("ok"):
+                self._folded = (str(run["aid"]), both.get("run"))
+                self.folded_run_ms = float(both.get("run_ms") or 0.0)
         else:
             reply = await self._init_call(fields)
         if reply.get("ok") and fields.get("isolation") is not None:
@@ -949,20 +971,33 @@ class RaySandbox(Sandbox):
         if self.state == "dead" or self.actor is None or self._tg is None:
             raise SandboxDied("the sandbox is gone", self.exit_status)
         if kind == p.RUN:
-            args = fields.get("args")
-            if isinstance(args, bytes) and len(args) > RAY_OBJECT_STORE_MIN_BYTES:
-                # a large payload goes to the object store once, the actor call carries only its reference
-                fields = {**fields, "args": None, "args_ref": ray.put(args)}
-                self.backend.counters["large_args_put"] += 1
+            aid = str(fields["aid"])
+            folded, self._folded = self._folded, None
             try:
-                ref = self._call("execute", fields)
+                if folded is not None and folded[0] == aid:
+                    # its start carried this RUN: the RESULT came with it, or comes with a call of its own
+                    if folded[1] is None:
+                        self.backend.counters["folded_runs_fetched"] += 1
+                        ref = self._call("result", aid)
+                    else:
+                        ref = _ready(folded[1])
+                else:
+                    ref = self._call("execute", self._large_args(fields))
             except Exception as exc:  # Ray itself is gone
                 raise SandboxDied(self.backend.failed(exc), None) from exc
-            self._tg.start_soon(self._await_result, str(fields["aid"]), ref)
+            self._tg.start_soon(self._await_result, aid, ref)
         elif kind == p.SHUTDOWN:
             self._tg.start_soon(self.stop)
         else:
             raise ValueError(f"a Ray sandbox does not take {p.NAMES.get(kind, kind)} messages through send()")
+
+    def _large_args(self, fields: dict[str, Any]) -> dict[str, Any]:
+        args = fields.get("args")
+        if isinstance(args, bytes) and len(args) > RAY_OBJECT_STORE_MIN_BYTES:
+            # a large payload goes to the object store once, the actor call carries only its reference
+            self.backend.counters["large_args_put"] += 1
+            return {**fields, "args": None, "args_ref": ray.put(args)}
+        return fields
 
     async def _await_result(self, aid: str, ref: Any) -> None:
         try:
@@ -1066,6 +1101,10 @@ class RayLauncher:
             "sandboxes_forked": 0,
             #: forked sandboxes whose INIT went to their node actor with the fork, in one call
             "starts_with_init": 0,
+            #: of those, the ones whose call carried their first activation's RUN too; and the runs of them that
+            #: outlasted ``RAY_FOLDED_RUN_WAIT_S`` (their RESULT came with a second call)
+            "starts_with_run": 0,
+            "folded_runs_fetched": 0,
             "sandboxes_killed": 0,
             "reservations_reused": 0,
             "large_args_put": 0,

@@ -336,7 +336,8 @@ class Pool:
                 reply["internal"] = True  # the backend failed (e.g. a Ray cluster without room), not the function
         finally:
             fp.starting -= 1
-        sb.init_ms = (time.perf_counter() - t0) * 1000
+        # a first RUN carried by the start (see Sandbox.claim_first_run) ran within that time: it is not the INIT's
+        sb.init_ms = max(0.0, (time.perf_counter() - t0) * 1000 - sb.folded_run_ms)
         if not reply.get("ok") and sb.killed_from_outside:
             # SIGKILLed from outside while it started (its import did not fail): no crash loop of the function, so
             # neither counted toward its back-off nor reset, and the error the back-off reports stays its own
