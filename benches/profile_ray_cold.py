@@ -129,7 +129,7 @@ def instrument() -> None:
 
     rpg = importlib.import_module("ray.util.placement_group")
 
-    wrap_async(rb.RayLauncher, "take_reservation", "take_reservation")
+    wrap_sync(rb.RayLauncher, "take_reservation", "take_reservation")
     wrap_async(rb.RayLauncher, "choose_node", "choose_node")
     wrap_async(rb.RaySandbox, "_wait_started", "pg_ready")
     wrap_sync(rpg, "placement_group_table", "pg_table")

@@ -533,6 +533,7 @@ async def test_lost_node_ends_its_activation_and_idle_sandboxes(
         [busy] = await _together(ray_engine, "doomed-busy", barrier, 1, s=60)
         await _eventually(lambda: len(list(barrier.iterdir())) == 1, timeout_s=60)
         busy_pid = int(next(barrier.iterdir()).name)
+        lost_node = idle.annotations["ray_node_id"]
     finally:
         ray_cluster.remove_node(node)
     act = await ray_engine.activations.wait(busy, timeout_s=30)
@@ -540,6 +541,9 @@ async def test_lost_node_ends_its_activation_and_idle_sandboxes(
     await _eventually(lambda: ray_engine.stats()["functions"]["guest/doomed-idle@1"]["sandboxes"] == 0, timeout_s=15)
     await _eventually(lambda: not _alive(busy_pid) and not _alive(idle.result["pid"]), timeout_s=15)
     assert ray_engine.stats()["launcher_stats"]["node_actors_lost"] >= 1
+    # the reservations its sandboxes held are not kept for the next cold start (it would go to a lost node)
+    launcher: Any = ray_engine._launcher
+    assert not [e for e in launcher.spare_reservations if e[3] == lost_node]
 
 
 SHADOW = textwrap.dedent("""
@@ -648,6 +652,29 @@ async def test_scale_to_zero_frees_the_reservation(ray_engine: minifaas.Engine, 
     await _eventually(lambda: ray.available_resources().get("CPU", 0.0) == total_cpus)
     again = assert_success(await ray_engine.call("brief"))
     assert again.annotations["cold"] is True and again.result["pid"] != first.result["pid"]
+
+
+async def test_kept_reservation_is_reused_without_asking_ray(
+    ray_engine: minifaas.Engine, ray_deploy: Deploy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reservation of an ended sandbox, kept a moment, goes to the next cold start of its shape as it is: its
+    node is known (no placement group table read from the GCS on the cold start's path)."""
+    ray_pg = sys.modules["ray.util.placement_group"]  # the module (ray.util.placement_group is also a function)
+    launcher: Any = ray_engine._launcher
+    half = {"num_cpus": 0.5, ELSEWHERE: 1}
+    await ray_deploy("kept-a", code=WHERE, resources=half)
+    first = assert_success(await ray_engine.call("kept-a"))
+    await ray_engine.delete("kept-a")
+    await _eventually(lambda: any(e[3] == first.annotations["ray_node_id"] for e in launcher.spare_reservations))
+    reads: list[Any] = []
+    table = ray_pg.placement_group_table
+    monkeypatch.setattr(ray_pg, "placement_group_table", lambda *a, **k: reads.append(a) or table(*a, **k))
+    reused = launcher.counters["reservations_reused"]
+    await ray_deploy("kept-b", code=WHERE, resources=half)
+    act = assert_success(await ray_engine.call("kept-b"))
+    assert launcher.counters["reservations_reused"] == reused + 1
+    assert act.annotations["ray_node_id"] == first.annotations["ray_node_id"]
+    assert reads == []
 
 
 async def test_models_fetched_into_each_nodes_store(ray_engine: minifaas.Engine, ray_deploy: Deploy) -> None:

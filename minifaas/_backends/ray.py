@@ -655,7 +655,7 @@ class RaySandbox(Sandbox):
 
         backend = self.backend
         try:
-            taken = await backend.take_reservation(demand)
+            taken = backend.take_reservation(demand)
             if taken is None:
                 node = await backend.choose_node(self, demand, spec)
                 # soft: when that node filled up since we looked, another with room is as good
@@ -1333,32 +1333,33 @@ class RayLauncher:
             for sb in list(self.live):
                 if sb.actor is actor:
                     sb._report_death(reason, status)
+            # reservations kept there are of no use (a lost node's are being moved by Ray)
+            for entry in [e for e in self.spare_reservations if e[3] == node]:
+                self.spare_reservations.remove(entry)
+                self._remove_reservation(entry[1])
         except Exception:
             return  # the connection is gone: failed() ends its sandboxes
 
-    async def take_reservation(self, demand: Demand) -> tuple[Any, str] | None:
-        """A kept reservation of exactly ``demand`` that Ray still holds, and its node (None: make a new one)."""
-        from ray.util.placement_group import placement_group_table
-
-        while True:
-            found = next((entry for entry in self.spare_reservations if entry[0] == demand), None)
-            if found is None:
-                return None
-            self.spare_reservations.remove(found)
-            pg = found[1]
-            try:
-                table = await anyio.to_thread.run_sync(placement_group_table, pg)
-            except Exception:
-                return None  # the connection: the new reservation's start says so
-            nodes = table.get("bundles_to_node_id") or {}
-            if table.get("state") == "CREATED" and nodes.get(0):
+    def take_reservation(self, demand: Demand) -> tuple[Any, str] | None:
+        """A kept reservation of exactly ``demand`` on a node whose zygote actor lives, and that node (None: make a
+        new one). Not asked of Ray (a GCS round trip on every cold start): a lost node's actor dies with it, and its
+        kept reservations are dropped then (:meth:`_watch_node`)."""
+        for entry in self.spare_reservations:
+            if entry[0] == demand and entry[3] in self.nodes:
+                self.spare_reservations.remove(entry)
                 self.counters["reservations_reused"] += 1
-                return pg, str(nodes[0])
-            self._remove_reservation(pg)  # its node was lost: Ray is moving it, no use to us
+                return entry[1], entry[3]
+        return None
 
     def release_reservation(self, pg: Any, demand: Demand | None, node: str) -> None:
         """A forked sandbox ended: keep its reservation a moment for the next one of its shape, then remove it."""
-        if demand is None or not node or self._closing or not self.connected.is_set() or self._tg is None:
+        if (
+            demand is None
+            or node not in self.nodes  # its zygote actor is gone (its node lost?): no sandbox starts there now
+            or self._closing
+            or not self.connected.is_set()
+            or self._tg is None
+        ):
             self._remove_reservation(pg)
             return
         entry = (demand, pg, anyio.current_time(), node)
