@@ -677,6 +677,34 @@ async def test_kept_reservation_is_reused_without_asking_ray(
     assert reads == []
 
 
+async def test_reservation_made_ahead_for_the_next_cold_start_then_released_when_idle(
+    ray_engine: minifaas.Engine, ray_deploy: Deploy
+) -> None:
+    """After a cold start, a reservation of its shape is made ahead (placed, its node's zygote actor up): the next
+    cold start of that shape, while the first sandbox still runs, makes no placement group of its own. With no more
+    cold starts, it is removed after RAY_RESERVATION_KEEP_S: an idle engine holds nothing."""
+    ray_pg = sys.modules["ray.util.placement_group"]  # the module (ray.util.placement_group is also a function)
+    launcher: Any = ray_engine._launcher
+    quarter = {"num_cpus": 0.25, ELSEWHERE: 1}
+    made = launcher.counters["reservations_made_ahead"]
+    await ray_deploy("ahead-a", code=WHERE, resources=quarter)
+    first = assert_success(await ray_engine.call("ahead-a"))  # its sandbox stays (idle)
+    await _eventually(lambda: launcher.counters["reservations_made_ahead"] == made + 1)
+    [ahead] = [e for e in launcher.spare_reservations if e[0].custom == ((ELSEWHERE, 1.0),) and e[0].num_cpus == 0.25]
+    assert ahead[3] in launcher.nodes
+    reused = launcher.counters["reservations_reused"]
+    await ray_deploy("ahead-b", code=WHERE, resources=quarter)
+    second = assert_success(await ray_engine.call("ahead-b"))
+    [sandbox] = [sb for sb in launcher.live if sb.owner is not None and sb.owner.spec.name == "ahead-b"]
+    assert sandbox.pg is ahead[1] and launcher.counters["reservations_reused"] == reused + 1
+    assert second.result["pid"] != first.result["pid"]
+    assert second.annotations["ray_node_id"] == ahead[3]
+    await ray_engine.delete("ahead-a")
+    await ray_engine.delete("ahead-b")
+    await _eventually(lambda: not launcher.spare_reservations, timeout_s=10)
+    await _eventually(lambda: ray_pg.placement_group_table(ahead[1])["state"] == "REMOVED", timeout_s=10)
+
+
 async def test_models_fetched_into_each_nodes_store(ray_engine: minifaas.Engine, ray_deploy: Deploy) -> None:
     # two sandboxes kept warm, one per node (1 CPU each): two calls at once run on both
     await ray_deploy("crop", path=ROOT / "functions" / "smart_body_crop", max_sandboxes=2, min_sandboxes=2)

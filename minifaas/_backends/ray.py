@@ -70,8 +70,10 @@ Requirements and limits of the backend (documented in the README by the lead):
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import fcntl
+import functools
 import importlib.util
 import math
 import os
@@ -157,6 +159,9 @@ RAY_FOLDED_RUN_WAIT_S: Final = 0.05
 #: how long a forked sandbox's reservation (placement group) is kept after it ended, for the next cold start of the
 #: same shape (a new one made right after a removal waits 0.5-1 s in Ray's scheduler)
 RAY_RESERVATION_KEEP_S: Final = 2.0
+#: ready reservations made ahead for the next cold starts of a shape: as many as cold starts of that shape came in
+#: the last ``RAY_RESERVATION_KEEP_S``, at most this many (each kept ``RAY_RESERVATION_KEEP_S``, then removed)
+RAY_RESERVATIONS_AHEAD_MAX: Final = 2
 #: after losing the connection to the cluster, the pause between two attempts to connect again
 RAY_RECONNECT_PAUSE_S: Final = 1.0
 #: the sandbox's view of the GPUs Ray gave its actor ("" when none: it must not see every GPU of its node)
@@ -506,6 +511,16 @@ def describe_actor_death(name: str, exc: BaseException | None) -> tuple[str, int
     return f"the Ray actor {name} died: {cause}", int(code.group(1)) if code else None
 
 
+class _AheadReservation:
+    """A reservation being made ahead of cold starts (``RayLauncher.reserve_ahead``), planned onto a node as a
+    sandbox's is."""
+
+    __slots__ = ("pg",)
+
+    def __init__(self) -> None:
+        self.pg: Any = None
+
+
 class RayProcess:
     """``Sandbox.proc`` of a Ray sandbox: its sandbox process on a node (``pid`` in stats and snapshots), and the
     actor's worker process supervising it."""
@@ -647,6 +662,9 @@ class RaySandbox(Sandbox):
         self.node_id = str(info["node_id"])
         self.limits = dict(info.get("limits") or {})
         self.backend.placed(self, self.node_id)
+        if self.sid is not None and self.demand is not None:
+            # after its start, not beside it: making one competes for the cores with the start itself
+            self.backend.reserve_ahead(self.demand)
 
     async def _reserve_on_node(self, demand: Demand, spec: FunctionSpec | None) -> None:
         """Reserve ``demand`` on one node (a placement group: no worker process) and find that node's actor, which
@@ -658,9 +676,15 @@ class RaySandbox(Sandbox):
             taken = backend.take_reservation(demand)
             if taken is None:
                 node = await backend.choose_node(self, demand, spec)
+                if node is None and backend.release_spare_reservations():
+                    # reservations kept or made ahead are nobody's: their room goes to this start (Ray places it
+                    # once it shows, without waiting out RAY_PLACEMENT_GRACE_S for an eviction)
+                    node = await backend.choose_node(self, demand, spec)
                 # soft: when that node filled up since we looked, another with room is as good
                 target = {"_soft_target_node_id": node} if node is not None else {}
-                self.pg = placement_group([demand.as_resources()], strategy="STRICT_PACK", **target)
+                # a call into Ray's core worker of 1-2 ms: off the event loop, which serves other activations
+                make = functools.partial(placement_group, [demand.as_resources()], strategy="STRICT_PACK", **target)
+                self.pg = await anyio.to_thread.run_sync(make)
             else:
                 # a reservation kept from an ended sandbox: placed, and its node known
                 self.pg, self.node_id = taken
@@ -1107,6 +1131,8 @@ class RayLauncher:
             "folded_runs_fetched": 0,
             "sandboxes_killed": 0,
             "reservations_reused": 0,
+            #: ready reservations made ahead of cold starts (see ``reserve_ahead``)
+            "reservations_made_ahead": 0,
             "large_args_put": 0,
             "large_results_got": 0,
         }
@@ -1124,7 +1150,10 @@ class RayLauncher:
         #: sandboxes with an actor (or one being created) on the current connection
         self.live: set[RaySandbox] = set()
         #: actors packed onto a node whose reservation Ray may not show yet: node, demand, time it started (or inf)
-        self.planned: dict[RaySandbox, tuple[str, Demand, float, dict[str, float]]] = {}
+        self.planned: dict[RaySandbox | _AheadReservation, tuple[str, Demand, float, dict[str, float]]] = {}
+        #: when the recent cold starts of each shape (forked) came, and the reservations being made ahead for it
+        self._cold_starts: dict[Demand, collections.deque[float]] = {}
+        self._making: dict[Demand, int] = {}
         #: Ray's view of each node's free resources when last asked (what a planned sandbox saw when placed)
         self._last_view: dict[str, dict[str, float]] = {}
         self.shipments = Shipments(model_root)
@@ -1277,6 +1306,8 @@ class RayLauncher:
         known = self.nodes.get(node)
         if known is not None:
             return known
+        if self._closing:
+            raise RayBackendFailure("the Ray backend is closing", None)
         lock = self._node_locks.setdefault(node, anyio.Lock())
         async with lock:
             known = self.nodes.get(node)
@@ -1314,6 +1345,11 @@ class RayLauncher:
                 ) from None
             except Exception as exc:  # the connection to the cluster
                 raise RayBackendFailure(self.failed(exc), None) from None
+            if self._closing:
+                # closed while it started (aclose killed the node actors it knew): this one must not outlive it
+                with contextlib.suppress(Exception):
+                    ray.kill(actor, no_restart=True)
+                raise RayBackendFailure("the Ray backend is closing", None)
             self.nodes[node] = (actor, name)
             if self._tg is not None:
                 self._tg.start_soon(self._watch_node, node, actor, name)
@@ -1350,6 +1386,61 @@ class RayLauncher:
                 self.counters["reservations_reused"] += 1
                 return entry[1], entry[3]
         return None
+
+    def reserve_ahead(self, demand: Demand) -> None:
+        """A cold start of ``demand``'s shape took a reservation: make ready ones ahead for the next (sized from
+        recent demand: as many as came in the last ``RAY_RESERVATION_KEEP_S``, at most
+        ``RAY_RESERVATIONS_AHEAD_MAX``), so that a cold start finds one placed, on a node whose zygote actor runs,
+        and pays neither for a placement group nor for the first start of a node actor. Each is kept as an ended
+        sandbox's is, ``RAY_RESERVATION_KEEP_S``: when cold starts stop, nothing stays held."""
+        if self._tg is None or self._closing or not self.connected.is_set():
+            return
+        now = anyio.current_time()
+        recent = self._cold_starts.setdefault(demand, collections.deque())
+        recent.append(now)
+        while recent[0] < now - RAY_RESERVATION_KEEP_S:
+            recent.popleft()
+        ready = sum(1 for entry in self.spare_reservations if entry[0] == demand)
+        making = self._making.get(demand, 0)
+        for _ in range(min(len(recent), RAY_RESERVATIONS_AHEAD_MAX) - ready - making):
+            self._making[demand] = self._making.get(demand, 0) + 1
+            self._tg.start_soon(self._make_ahead, demand)
+
+    async def _make_ahead(self, demand: Demand) -> None:
+        from ray.util.placement_group import placement_group, placement_group_table
+
+        ahead = _AheadReservation()
+        try:
+            # only into room free now: one made ahead never waits for room, nor takes it from a start
+            node = best_fit_node(demand, await self._free_now())
+            if node is None:
+                return
+            self.planned[ahead] = (node, demand, math.inf, dict(self._last_view.get(node, {})))
+            make = functools.partial(
+                placement_group, [demand.as_resources()], strategy="STRICT_PACK", _soft_target_node_id=node
+            )
+            ahead.pg = await anyio.to_thread.run_sync(make)
+            with anyio.fail_after(RAY_PLACEMENT_GRACE_S):
+                await ahead.pg.ready()
+            table = await anyio.to_thread.run_sync(placement_group_table, ahead.pg)
+            node = str(table["bundles_to_node_id"][0])
+            self.placed(ahead, node)
+            await self.node_actor(node)  # its zygote up before a cold start goes there
+        except BaseException as exc:
+            self.planned.pop(ahead, None)
+            if ahead.pg is not None:
+                self._remove_reservation(ahead.pg)
+            if not isinstance(exc, Exception):
+                raise
+            return  # no room after all, or Ray failed: the next cold start makes its own
+        finally:
+            left = self._making[demand] - 1
+            if left:
+                self._making[demand] = left
+            else:
+                del self._making[demand]
+        self.counters["reservations_made_ahead"] += 1
+        self.release_reservation(ahead.pg, demand, node)
 
     def release_reservation(self, pg: Any, demand: Demand | None, node: str) -> None:
         """A forked sandbox ended: keep its reservation a moment for the next one of its shape, then remove it."""
@@ -1420,7 +1511,7 @@ class RayLauncher:
         except Exception as exc:
             raise RayBackendFailure(self.failed(exc), None) from None
 
-    def placed(self, sb: RaySandbox, node: str) -> None:
+    def placed(self, sb: RaySandbox | _AheadReservation, node: str) -> None:
         entry = self.planned.get(sb)
         if entry is not None:
             # placed elsewhere than planned (it spilled): what that node looked like then is unknown
