@@ -662,8 +662,9 @@ class RaySandbox(Sandbox):
         self.node_id = str(info["node_id"])
         self.limits = dict(info.get("limits") or {})
         self.backend.placed(self, self.node_id)
-        if self.sid is not None and self.demand is not None:
-            # after its start, not beside it: making one competes for the cores with the start itself
+        if self.sid is not None and self.demand is not None and self.owner is not None and not self.prewarmed:
+            # a cold start on demand (not a pre-warm); after its start, not beside it: making one competes for the
+            # cores with the start itself
             self.backend.reserve_ahead(self.demand)
 
     async def _reserve_on_node(self, demand: Demand, spec: FunctionSpec | None) -> None:
