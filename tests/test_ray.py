@@ -665,11 +665,16 @@ async def test_kept_reservation_is_reused_without_asking_ray(
     node is known (no placement group table read from the GCS on the cold start's path)."""
     ray_pg = sys.modules["ray.util.placement_group"]  # the module (ray.util.placement_group is also a function)
     launcher: Any = ray_engine._launcher
+    monkeypatch.setattr(launcher, "reserve_ahead", lambda demand: None)  # only the kept one, not one made ahead
     half = {"num_cpus": 0.5, ELSEWHERE: 1}
     await ray_deploy("kept-a", code=WHERE, resources=half)
     first = assert_success(await ray_engine.call("kept-a"))
+    [sandbox] = [sb for sb in launcher.live if sb.owner is not None and sb.owner.spec.name == "kept-a"]
+    pg = sandbox.pg
+    sandbox.kill("test")
+    # kept from the kill on, not from the terminate call's answer: a cold start right after does not miss it
+    assert [e[3] for e in launcher.spare_reservations if e[1] is pg] == [first.annotations["ray_node_id"]]
     await ray_engine.delete("kept-a")
-    await _eventually(lambda: any(e[3] == first.annotations["ray_node_id"] for e in launcher.spare_reservations))
     reads: list[Any] = []
     table = ray_pg.placement_group_table
     monkeypatch.setattr(ray_pg, "placement_group_table", lambda *a, **k: reads.append(a) or table(*a, **k))

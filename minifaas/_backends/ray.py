@@ -899,6 +899,11 @@ class RaySandbox(Sandbox):
 
     def _kill_actor(self) -> None:
         if self.sid is not None:
+            if self.pg is not None and self.node_id:
+                # its process ends with the terminate call: its reservation may serve the next cold start already
+                # (a function deleted then another deployed and called: that one must not miss it by a round trip)
+                pg, self.pg = self.pg, None
+                self.backend.release_reservation(pg, self.demand, self.node_id)
             # one of its node actor's sandboxes: terminate it there (the node actor serves the others)
             if not self._reaping and self._tg is not None:
                 self._reaping = True
