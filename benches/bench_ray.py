@@ -2,7 +2,9 @@
 on a 1-node and a 2-node Ray cluster, against a bare Ray actor call measured in the same run.
 
 Cold start: the first call of a newly deployed no-op, once its node's zygote actor runs (it is started by the first
-cold start on a node and kept: the figure is the median over the ``--cold-n`` after that one); next to it, what a
+cold start on a node and kept: the figure is the median over the ``--cold-n`` after that one). On Ray it is also
+compared with a local engine's cold starts taken side by side: samples alternate between the two engines while the
+Ray cluster runs (the table's local column was measured earlier, without a cluster beside it). Next to it, what a
 bare Ray actor costs from nothing (creation + first call) and per call, in the same run.
 
 Run: ``python benches/bench_ray.py [--n 2000] [--total 5000] [--crop-n 100] [--crop-total 300] [--nodes 1,2]``
@@ -14,6 +16,7 @@ Prints a table with the ratio Ray / local per figure.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -107,31 +110,56 @@ async def _bare_actor_ms(n: int) -> list[float]:
     return times
 
 
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+async def _cold_starts(engines: dict[str, minifaas.Engine], n: int, out: dict[str, Any]) -> dict[str, list[float]]:
+    """``n`` cold starts on each engine, alternating (a new no-op each time, deployed, called once, deleted)."""
+    colds: dict[str, list[float]] = {label: [] for label in engines}
+    for engine in engines.values():
+        # the first one starts the node's zygote actor (once per node and engine): not a sandbox's cold start
+        await engine.deploy("cold-first", code=NOOP)
+        t = time.perf_counter()
+        assert (await engine.call("cold-first", {})).status == "success"
+        out.setdefault("first_cold_ms", (time.perf_counter() - t) * 1000)
+        await engine.delete("cold-first")
+    for i in range(n):
+        for label, engine in engines.items():
+            # a new function each time: its first call starts a sandbox (actor) from nothing
+            await engine.deploy(f"cold{i}", code=NOOP)
+            t = time.perf_counter()
+            act = await engine.call(f"cold{i}", {})
+            colds[label].append((time.perf_counter() - t) * 1000)
+            assert act.status == "success", act
+            if label == "ray":
+                node = str(act.annotations.get("ray_node_id"))[:8]
+                out.setdefault("cold_nodes", {})[node] = out.get("cold_nodes", {}).get(node, 0) + 1
+            await engine.delete(f"cold{i}")
+    return colds
+
+
 async def bench(backend: str, ns: argparse.Namespace) -> dict[str, Any]:
     image = IMAGE_PATH.read_bytes()
     out: dict[str, Any] = {}
     t0 = time.perf_counter()
     async with minifaas.Engine(backend=backend, max_queued=1_000_000) as engine:  # type: ignore[arg-type]
         out["start_s"] = time.perf_counter() - t0
+        engines = {backend: engine}
+        async with contextlib.AsyncExitStack() as stack:
+            if backend == "ray":
+                # the local cold start measured side by side: in the same moments (samples alternate), with the Ray
+                # cluster's processes running beside it as they do beside the Ray cold starts
+                engines["local"] = await stack.enter_async_context(minifaas.Engine(max_queued=1_000_000))
+            colds = await _cold_starts(engines, ns.cold_n, out)
+        out["cold_ms"] = _median(colds[backend])
+        out["cold_range"] = (min(colds[backend]), max(colds[backend]))
         if backend == "ray":
+            out["side_local_cold_ms"] = _median(colds["local"])
+            out["side_local_cold_range"] = (min(colds["local"]), max(colds["local"]))
+            # after the cold starts: the actors it kills leave worker processes exiting in the background
             out["bare_lat"] = await _bare_actor_ms(ns.n)
             out["bare_cold_ms"] = await _bare_actor_cold_ms(ns.cold_n)
-        colds = []
-        # the first one starts the node's zygote actor (once per node and engine): not a sandbox's cold start
-        await engine.deploy("cold-first", code=NOOP)
-        t = time.perf_counter()
-        assert (await engine.call("cold-first", {})).status == "success"
-        out["first_cold_ms"] = (time.perf_counter() - t) * 1000
-        await engine.delete("cold-first")
-        for i in range(ns.cold_n):
-            # a new function each time: its first call starts a sandbox (actor) from nothing
-            await engine.deploy(f"cold{i}", code=NOOP)
-            t = time.perf_counter()
-            act = await engine.call(f"cold{i}", {})
-            colds.append((time.perf_counter() - t) * 1000)
-            assert act.status == "success", act
-            await engine.delete(f"cold{i}")
-        out["cold_ms"] = sorted(colds)[len(colds) // 2]
         if backend == "ray":
             # the same with an actor of its own per sandbox (what GPU functions get, and all did before)
             launcher: Any = engine._launcher
@@ -190,7 +218,7 @@ def main() -> None:
     ap.add_argument("--crop-n", type=int, default=100, help="pose-crop latency samples")
     ap.add_argument("--crop-total", type=int, default=300, help="pose-crop throughput invocations")
     ap.add_argument("--inflight", type=int, default=32, help="clients with one invocation outstanding each")
-    ap.add_argument("--cold-n", type=int, default=11, help="cold starts measured (median)")
+    ap.add_argument("--cold-n", type=int, default=21, help="cold starts measured (median)")
     ap.add_argument("--actor-cold-n", type=int, default=3, help="cold starts with an actor per sandbox (median)")
     ap.add_argument("--nodes", default="1,2", help="Ray cluster sizes to measure, comma-separated")
     ns = ap.parse_args()
@@ -212,6 +240,14 @@ def main() -> None:
             print(f"{label:38s} {a:9.2f}{unit:>2s} {b:9.2f}{unit:>2s} {b / a:9.2f}x")
 
         row("cold start (new function, no-op)", local["cold_ms"], ray_["cold_ms"], "ms")
+        side = ray_["side_local_cold_ms"]
+        slo, shi = ray_["side_local_cold_range"]
+        rlo, rhi = ray_["cold_range"]
+        print(
+            f"  side by side (samples alternating, the cluster up): local {side:.2f} ms ({slo:.2f}-{shi:.2f}), "
+            f"ray {ray_['cold_ms']:.2f} ms ({rlo:.2f}-{rhi:.2f}) on nodes {ray_['cold_nodes']}: "
+            f"{ray_['cold_ms'] / side:.2f}x"
+        )
         row("first cold start (ray: starts the node's zygote)", local["first_cold_ms"], ray_["first_cold_ms"], "ms")
         for name, label in (("noop", "no-op"), ("crop", "pose crop (messi5.jpg)")):
             row(f"{label} first call", local[f"{name}_cold_ms"], ray_[f"{name}_cold_ms"], "ms")
@@ -226,7 +262,7 @@ def main() -> None:
         print(
             f"bare Ray actor from nothing (create + first call) {bare_cold:.1f} ms; minifaas cold start on Ray "
             f"(per-node zygote) {cold:.1f} ms ({cold / bare_cold:.2f}x of the bare actor, "
-            f"{cold / local['cold_ms']:.2f}x of local); with a Ray actor of its own per sandbox "
+            f"{cold / ray_['side_local_cold_ms']:.2f}x of local side by side); with a Ray actor of its own per sandbox "
             f"{ray_['actor_cold_ms']:.1f} ms"
         )
         print(f"ray launcher stats: {ray_['stats'].get('launcher_stats')}")

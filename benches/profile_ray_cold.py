@@ -2,8 +2,9 @@
 
 Each sample deploys a new no-op, calls it once (timed, as ``bench_ray.py``'s cold start) and deletes it; the host
 side of the Ray sandbox is wrapped with timestamps: reservation taken or made, placement group ready, its node looked
-up, node actor found, sandbox started on the node, INIT, RUN. Prints each step's median (ms from the call's start)
-over the samples.
+up, node actor found, sandbox started on the node, INIT, RUN; and inside the node actor (``node.*``: its calls,
+the fork, READY, INIT, RUN in the sandbox), on the same clock (``perf_counter`` is the machine's monotonic clock).
+Prints each step's median (ms from the call's start) over the samples, and the node each sample ran on.
 
 Run: ``python benches/profile_ray_cold.py [--n 15] [--nodes 1] [--gap-s 0.05]`` (a ``ray.cluster_utils.Cluster``
 on this machine).
@@ -60,12 +61,75 @@ def wrap_sync(obj: Any, attr: str, label: str) -> Callable[..., Any]:
     return wrapper
 
 
+def _node_marks_class() -> Any:
+    """A NodeActor that timestamps its steps (a class of this script: Ray ships it by value to the worker)."""
+    from minifaas._backends.raynode import NodeActor
+
+    class TimedNodeActor(NodeActor):
+        def __init__(self, config: dict[str, Any]) -> None:
+            super().__init__(config)
+            from minifaas._core import sandbox as core_sandbox
+            from minifaas._core import zygote
+
+            self._marks: list[tuple[str, float]] = []
+            marks = self._marks
+
+            def wrap(cls: Any, attr: str, label: str) -> None:
+                fn = getattr(cls, attr)
+
+                @functools.wraps(fn)
+                async def wrapper(*args: Any, **kwargs: Any) -> Any:
+                    marks.append((f"node.{label}>", time.perf_counter()))
+                    try:
+                        return await fn(*args, **kwargs)
+                    finally:
+                        marks.append((f"node.{label}<", time.perf_counter()))
+
+                setattr(cls, attr, wrapper)
+
+            for name in ("start", "init", "execute", "start_init", "start_run", "result"):
+                if hasattr(NodeActor, name):
+                    wrap(NodeActor, name, name)
+            wrap(rb.SandboxActor, "describe", "describe")
+            sandbox_init = rb.SandboxActor.__init__
+
+            def made(actor: Any, *args: Any, **kwargs: Any) -> None:
+                marks.append(("node.SandboxActor()>", time.perf_counter()))
+                sandbox_init(actor, *args, **kwargs)
+                marks.append(("node.SandboxActor()<", time.perf_counter()))
+
+            rb.SandboxActor.__init__ = made  # type: ignore[method-assign]
+            wrap(zygote.ZygoteLauncher, "launch", "fork")
+            wrap(core_sandbox.Sandbox, "init", "sandbox_init")
+            on_readable = core_sandbox.Sandbox._on_readable
+
+            def readable(sb: Any) -> None:
+                marks.append(("node.channel_readable", time.perf_counter()))
+                on_readable(sb)
+
+            core_sandbox.Sandbox._on_readable = readable  # type: ignore[method-assign]
+            send = core_sandbox.Sandbox.send
+
+            def sent(sb: Any, kind: int, fields: dict[str, Any]) -> None:
+                marks.append((f"node.send_{kind}", time.perf_counter()))
+                send(sb, kind, fields)
+
+            core_sandbox.Sandbox.send = sent  # type: ignore[method-assign]
+
+        async def take_marks(self) -> list[tuple[str, float]]:
+            out = list(self._marks)
+            self._marks.clear()
+            return out
+
+    return TimedNodeActor
+
+
 def instrument() -> None:
     import importlib
 
     rpg = importlib.import_module("ray.util.placement_group")
 
-    wrap_async(rb.RayLauncher, "take_reservation", "take_reservation")
+    wrap_sync(rb.RayLauncher, "take_reservation", "take_reservation")
     wrap_async(rb.RayLauncher, "choose_node", "choose_node")
     wrap_async(rb.RaySandbox, "_wait_started", "pg_ready")
     wrap_sync(rpg, "placement_group_table", "pg_table")
@@ -81,19 +145,32 @@ def instrument() -> None:
 
 
 async def profile(n: int, gap_s: float) -> None:
+    import ray
+
     async with minifaas.Engine(backend="ray") as engine:
+        launcher: Any = engine._launcher
+        groups = {rb.RAY_CONTROL_GROUP: rb.RAY_CONTROL_CONCURRENCY}
+        launcher.node_actor_class = ray.remote(concurrency_groups=groups)(_node_marks_class())
         await engine.deploy("first", code=NOOP)
         await engine.call("first", {})  # starts the node's zygote actor
         await engine.delete("first")
         rows: dict[str, list[float]] = {}
         totals = []
+        nodes: dict[str, int] = {}
         for i in range(n):
             await engine.deploy(f"c{i}", code=NOOP)
+            for actor, _name in list(launcher.nodes.values()):
+                await actor.take_marks.remote()  # what happened before this sample (the last one's end)
             MARKS.clear()
             t0 = time.perf_counter()
             act = await engine.call(f"c{i}", {})
             totals.append((time.perf_counter() - t0) * 1000)
             assert act.status == "success", act
+            node = str(act.annotations.get("ray_node_id", ""))[:8]
+            nodes[node] = nodes.get(node, 0) + 1
+            for actor, _name in list(launcher.nodes.values()):
+                MARKS.extend(await actor.take_marks.remote())
+            MARKS.sort(key=lambda m: m[1])
             seen: set[str] = set()
             for name, t in MARKS:
                 if name in seen:
@@ -102,7 +179,7 @@ async def profile(n: int, gap_s: float) -> None:
                 rows.setdefault(name, []).append((t - t0) * 1000)
             await engine.delete(f"c{i}")
             await anyio.sleep(gap_s)
-        print(f"cold start median {sorted(totals)[n // 2]:.2f} ms (min {min(totals):.2f}) over {n}")
+        print(f"cold start median {sorted(totals)[n // 2]:.2f} ms (min {min(totals):.2f}) over {n}; nodes {nodes}")
         order = sorted(rows, key=lambda k: sorted(rows[k])[len(rows[k]) // 2])
         for name in order:
             v = sorted(rows[name])

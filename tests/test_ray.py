@@ -427,6 +427,73 @@ async def test_cold_starts_fork_from_one_zygote_actor_per_node(ray_engine: minif
     assert len({a.result["pid"] for a in acts}) == 3
 
 
+async def _node_calls(engine: minifaas.Engine) -> dict[str, int]:
+    """The calls every node actor of ``engine`` served so far, by method, summed over the nodes."""
+    launcher: Any = engine._launcher
+    total: dict[str, int] = {}
+    for actor, _name in list(launcher.nodes.values()):
+        for method, n in (await actor.ready.remote())["calls"].items():
+            total[method] = total.get(method, 0) + n
+    return total
+
+
+def _calls_since(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {m: n - before.get(m, 0) for m, n in after.items() if n != before.get(m, 0)}
+
+
+async def test_cold_activation_is_one_node_actor_call(ray_engine: minifaas.Engine, ray_deploy: Deploy) -> None:
+    """The fork, the INIT and the first activation's RUN go to the node actor in one call; warm ones in one each."""
+    await ray_deploy("one-call", code=WHERE)
+    before = await _node_calls(ray_engine)
+    act = assert_success(await ray_engine.call("one-call"))
+    assert act.annotations["cold"] is True and act.init_time is not None
+    assert _calls_since(before, await _node_calls(ray_engine)) == {"start_run": 1}
+    before = await _node_calls(ray_engine)
+    warm = assert_success(await ray_engine.call("one-call"))
+    assert warm.annotations["cold"] is False and warm.result["pid"] == act.result["pid"]
+    assert _calls_since(before, await _node_calls(ray_engine)) == {"execute": 1}
+
+
+@pytest.mark.parametrize("wait_s", [5.0, None], ids=["result-with-the-start", "result-fetched-after"])
+async def test_folded_first_run_keeps_init_time_and_duration_apart(
+    ray_engine: minifaas.Engine, ray_deploy: Deploy, monkeypatch: pytest.MonkeyPatch, wait_s: float | None
+) -> None:
+    """A 0.3 s INIT then a 0.4 s run in one call: the record's initTime is the INIT's, its duration both; a run
+    that outlasts the call's wait answers it, and its RESULT comes with a second call."""
+    from minifaas._backends import ray as ray_backend
+
+    if wait_s is not None:
+        monkeypatch.setattr(ray_backend, "RAY_FOLDED_RUN_WAIT_S", wait_s)
+    # on the node without the head's disk, whose zygote actor runs already (its start is no sandbox's INIT); half a
+    # CPU each, both fit there
+    half = {"num_cpus": 0.5, ELSEWHERE: 1}
+    await ray_deploy("before-slow-init", code=WHERE, resources=half)
+    assert_success(await ray_engine.call("before-slow-init"))
+    await ray_deploy("slow-init", code="import time\ntime.sleep(0.3)\n" + SLEEP, resources=half)
+    before = await _node_calls(ray_engine)
+    act = assert_success(await ray_engine.call("slow-init", {"s": 0.4}))
+    calls = _calls_since(before, await _node_calls(ray_engine))
+    assert calls == ({"start_run": 1} if wait_s else {"start_run": 1, "result": 1})
+    assert act.annotations["cold"] is True and act.init_time is not None and act.duration is not None
+    assert 300 <= act.init_time < 650, act.init_time  # the run's 0.4 s is not the INIT's
+    assert act.duration - act.init_time >= 400, (act.duration, act.init_time)
+    assert act.start - act.init_time >= act.accepted - 5  # its wait, INIT and run follow each other
+
+
+async def test_init_failure_in_the_folded_call_is_the_functions_error(
+    ray_engine: minifaas.Engine, ray_deploy: Deploy
+) -> None:
+    """An INIT that fails in the one-call cold start: the activation never ran, its record is the function's
+    developer_error with what the INIT printed, and no RUN went to the node."""
+    await ray_deploy("bad-init", code="print('loading weights')\nraise RuntimeError('no weights')\n" + SLEEP)
+    before = await _node_calls(ray_engine)
+    act = await ray_engine.call("bad-init")
+    assert_status(act, "developer_error", error_contains="no weights")
+    assert "failed to initialize" in act.result["error"] and act.annotations["init_failed"] is True
+    assert any("loading weights" in line for line in act.logs), act.logs
+    assert _calls_since(before, await _node_calls(ray_engine)) == {"start_run": 1}
+
+
 async def test_sandbox_terminated_before_its_start_arrives_is_not_forked(
     ray_engine: minifaas.Engine, ray_deploy: Deploy
 ) -> None:
@@ -466,6 +533,7 @@ async def test_lost_node_ends_its_activation_and_idle_sandboxes(
         [busy] = await _together(ray_engine, "doomed-busy", barrier, 1, s=60)
         await _eventually(lambda: len(list(barrier.iterdir())) == 1, timeout_s=60)
         busy_pid = int(next(barrier.iterdir()).name)
+        lost_node = idle.annotations["ray_node_id"]
     finally:
         ray_cluster.remove_node(node)
     act = await ray_engine.activations.wait(busy, timeout_s=30)
@@ -473,6 +541,9 @@ async def test_lost_node_ends_its_activation_and_idle_sandboxes(
     await _eventually(lambda: ray_engine.stats()["functions"]["guest/doomed-idle@1"]["sandboxes"] == 0, timeout_s=15)
     await _eventually(lambda: not _alive(busy_pid) and not _alive(idle.result["pid"]), timeout_s=15)
     assert ray_engine.stats()["launcher_stats"]["node_actors_lost"] >= 1
+    # the reservations its sandboxes held are not kept for the next cold start (it would go to a lost node)
+    launcher: Any = ray_engine._launcher
+    assert not [e for e in launcher.spare_reservations if e[3] == lost_node]
 
 
 SHADOW = textwrap.dedent("""
@@ -549,6 +620,10 @@ async def test_killed_actor_ends_only_its_activation(
     await ray_deploy("pair", code=WHERE, max_sandboxes=2)
     ids = await _together(ray_engine, "pair", tmp_path / "barrier", 2, s=2)
     await _eventually(lambda: len(list((tmp_path / "barrier").iterdir())) == 2, timeout_s=60)
+    # a cold start's first run is reported begun with its start call's answer (up to RAY_FOLDED_RUN_WAIT_S in)
+    with anyio.fail_after(10):
+        while not all(act.annotations.get("sandbox") for act in [await ray_engine.activations.get(i) for i in ids]):
+            await anyio.sleep(0.02)
     victim, survivor = [await ray_engine.activations.get(i) for i in ids]
     sandbox = victim.annotations["sandbox"]
     # each sandbox on a node of its own (1 CPU each): killing the victim's node actor (the zygote that forked it
@@ -581,6 +656,62 @@ async def test_scale_to_zero_frees_the_reservation(ray_engine: minifaas.Engine, 
     await _eventually(lambda: ray.available_resources().get("CPU", 0.0) == total_cpus)
     again = assert_success(await ray_engine.call("brief"))
     assert again.annotations["cold"] is True and again.result["pid"] != first.result["pid"]
+
+
+async def test_kept_reservation_is_reused_without_asking_ray(
+    ray_engine: minifaas.Engine, ray_deploy: Deploy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reservation of an ended sandbox, kept a moment, goes to the next cold start of its shape as it is: its
+    node is known (no placement group table read from the GCS on the cold start's path)."""
+    ray_pg = sys.modules["ray.util.placement_group"]  # the module (ray.util.placement_group is also a function)
+    launcher: Any = ray_engine._launcher
+    monkeypatch.setattr(launcher, "reserve_ahead", lambda demand: None)  # only the kept one, not one made ahead
+    half = {"num_cpus": 0.5, ELSEWHERE: 1}
+    await ray_deploy("kept-a", code=WHERE, resources=half)
+    first = assert_success(await ray_engine.call("kept-a"))
+    [sandbox] = [sb for sb in launcher.live if sb.owner is not None and sb.owner.spec.name == "kept-a"]
+    pg = sandbox.pg
+    sandbox.kill("test")
+    # kept from the kill on, not from the terminate call's answer: a cold start right after does not miss it
+    assert [e[3] for e in launcher.spare_reservations if e[1] is pg] == [first.annotations["ray_node_id"]]
+    await ray_engine.delete("kept-a")
+    reads: list[Any] = []
+    table = ray_pg.placement_group_table
+    monkeypatch.setattr(ray_pg, "placement_group_table", lambda *a, **k: reads.append(a) or table(*a, **k))
+    reused = launcher.counters["reservations_reused"]
+    await ray_deploy("kept-b", code=WHERE, resources=half)
+    act = assert_success(await ray_engine.call("kept-b"))
+    assert launcher.counters["reservations_reused"] == reused + 1
+    assert act.annotations["ray_node_id"] == first.annotations["ray_node_id"]
+    assert reads == []
+
+
+async def test_reservation_made_ahead_for_the_next_cold_start_then_released_when_idle(
+    ray_engine: minifaas.Engine, ray_deploy: Deploy
+) -> None:
+    """After a cold start, a reservation of its shape is made ahead (placed, its node's zygote actor up): the next
+    cold start of that shape, while the first sandbox still runs, makes no placement group of its own. With no more
+    cold starts, it is removed after RAY_RESERVATION_KEEP_S: an idle engine holds nothing."""
+    ray_pg = sys.modules["ray.util.placement_group"]  # the module (ray.util.placement_group is also a function)
+    launcher: Any = ray_engine._launcher
+    quarter = {"num_cpus": 0.25, ELSEWHERE: 1}
+    made = launcher.counters["reservations_made_ahead"]
+    await ray_deploy("ahead-a", code=WHERE, resources=quarter)
+    first = assert_success(await ray_engine.call("ahead-a"))  # its sandbox stays (idle)
+    await _eventually(lambda: launcher.counters["reservations_made_ahead"] == made + 1)
+    [ahead] = [e for e in launcher.spare_reservations if e[0].custom == ((ELSEWHERE, 1.0),) and e[0].num_cpus == 0.25]
+    assert ahead[3] in launcher.nodes
+    reused = launcher.counters["reservations_reused"]
+    await ray_deploy("ahead-b", code=WHERE, resources=quarter)
+    second = assert_success(await ray_engine.call("ahead-b"))
+    [sandbox] = [sb for sb in launcher.live if sb.owner is not None and sb.owner.spec.name == "ahead-b"]
+    assert sandbox.pg is ahead[1] and launcher.counters["reservations_reused"] == reused + 1
+    assert second.result["pid"] != first.result["pid"]
+    assert second.annotations["ray_node_id"] == ahead[3]
+    await ray_engine.delete("ahead-a")
+    await ray_engine.delete("ahead-b")
+    await _eventually(lambda: not launcher.spare_reservations, timeout_s=10)
+    await _eventually(lambda: ray_pg.placement_group_table(ahead[1])["state"] == "REMOVED", timeout_s=10)
 
 
 async def test_models_fetched_into_each_nodes_store(ray_engine: minifaas.Engine, ray_deploy: Deploy) -> None:

@@ -70,8 +70,10 @@ Requirements and limits of the backend (documented in the README by the lead):
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import fcntl
+import functools
 import importlib.util
 import math
 import os
@@ -150,9 +152,16 @@ RAY_STRAY_DRAIN_S: Final = 0.05
 #: how long after an actor started Ray's per-node free resources may still not show its reservation: until then
 #: the launcher subtracts it itself, or two actors started together would both be packed onto the same free CPU
 RAY_VIEW_LAG_S: Final = 2.0
+#: a cold start's call to its node actor carries the first activation's RUN (one call through Ray, not two): its
+#: RESULT comes back with the call when the run ends within this; a longer run answers the call then (the sandbox is
+#: ready, the host's timeout runs) and its RESULT comes with a second call
+RAY_FOLDED_RUN_WAIT_S: Final = 0.05
 #: how long a forked sandbox's reservation (placement group) is kept after it ended, for the next cold start of the
 #: same shape (a new one made right after a removal waits 0.5-1 s in Ray's scheduler)
 RAY_RESERVATION_KEEP_S: Final = 2.0
+#: ready reservations made ahead for the next cold starts of a shape: as many as cold starts of that shape came in
+#: the last ``RAY_RESERVATION_KEEP_S``, at most this many (each kept ``RAY_RESERVATION_KEEP_S``, then removed)
+RAY_RESERVATIONS_AHEAD_MAX: Final = 2
 #: after losing the connection to the cluster, the pause between two attempts to connect again
 RAY_RECONNECT_PAUSE_S: Final = 1.0
 #: the sandbox's view of the GPUs Ray gave its actor ("" when none: it must not see every GPU of its node)
@@ -478,6 +487,11 @@ def _view_shows(room: Mapping[str, float] | None, pg: Any) -> bool:
     return any(name.endswith(suffix) for name in room)
 
 
+async def _ready(value: Any) -> Any:
+    """An answer already in hand, awaited as a pending call's would be."""
+    return value
+
+
 async def _never_placed(_actor: Any) -> bool:
     """A placement group is placed when its ready() returns: until then it waits for room."""
     return False
@@ -495,6 +509,16 @@ def describe_actor_death(name: str, exc: BaseException | None) -> tuple[str, int
         cause = "it was stopped"
     code = _EXIT_CODE.search(text)
     return f"the Ray actor {name} died: {cause}", int(code.group(1)) if code else None
+
+
+class _AheadReservation:
+    """A reservation being made ahead of cold starts (``RayLauncher.reserve_ahead``), planned onto a node as a
+    sandbox's is."""
+
+    __slots__ = ("pg",)
+
+    def __init__(self) -> None:
+        self.pg: Any = None
 
 
 class RayProcess:
@@ -538,6 +562,8 @@ class RaySandbox(Sandbox):
         #: a forked sandbox started without waiting for READY: what its node actor needs to fork it, sent with the
         #: INIT (None: started already)
         self._start_config: dict[str, Any] | None = None
+        #: the first activation's RUN went with the start: (its id, its RESULT body, None: still running)
+        self._folded: tuple[str, Any] | None = None
 
     def can_serve(self, spec: FunctionSpec) -> bool:
         """Whether this generic pre-warmed (stem) actor may become ``spec``'s sandbox: only with the same CPUs, GPUs
@@ -636,6 +662,10 @@ class RaySandbox(Sandbox):
         self.node_id = str(info["node_id"])
         self.limits = dict(info.get("limits") or {})
         self.backend.placed(self, self.node_id)
+        if self.sid is not None and self.demand is not None and self.owner is not None and not self.prewarmed:
+            # a cold start on demand (not a pre-warm); after its start, not beside it: making one competes for the
+            # cores with the start itself
+            self.backend.reserve_ahead(self.demand)
 
     async def _reserve_on_node(self, demand: Demand, spec: FunctionSpec | None) -> None:
         """Reserve ``demand`` on one node (a placement group: no worker process) and find that node's actor, which
@@ -644,12 +674,18 @@ class RaySandbox(Sandbox):
 
         backend = self.backend
         try:
-            taken = await backend.take_reservation(demand)
+            taken = backend.take_reservation(demand)
             if taken is None:
                 node = await backend.choose_node(self, demand, spec)
+                if node is None and backend.release_spare_reservations():
+                    # reservations kept or made ahead are nobody's: their room goes to this start (Ray places it
+                    # once it shows, without waiting out RAY_PLACEMENT_GRACE_S for an eviction)
+                    node = await backend.choose_node(self, demand, spec)
                 # soft: when that node filled up since we looked, another with room is as good
                 target = {"_soft_target_node_id": node} if node is not None else {}
-                self.pg = placement_group([demand.as_resources()], strategy="STRICT_PACK", **target)
+                # a call into Ray's core worker of 1-2 ms: off the event loop, which serves other activations
+                make = functools.partial(placement_group, [demand.as_resources()], strategy="STRICT_PACK", **target)
+                self.pg = await anyio.to_thread.run_sync(make)
             else:
                 # a reservation kept from an ended sandbox: placed, and its node known
                 self.pg, self.node_id = taken
@@ -802,9 +838,20 @@ class RaySandbox(Sandbox):
             # the sandbox's own start budget, then the INIT's time limit (enforced inside the sandbox)
             budget_s = self._start_budget_s() + timeout_s + INIT_KILL_GRACE_S
             self.backend.counters["starts_with_init"] += 1
-            both = await self._start_on_node("start_init", config, fields, budget_s=budget_s)
+            run = self.claim_first_run() if self.claim_first_run is not None else None
+            if run is None:
+                both = await self._start_on_node("start_init", config, fields, budget_s=budget_s)
+            else:
+                # the request it starts for runs right after its INIT, on the node: a cold activation is one call
+                self.backend.counters["starts_with_run"] += 1
+                run = self._large_args(run)
+                wait_s = RAY_FOLDED_RUN_WAIT_S
+                both = await self._start_on_node("start_run", config, fields, run, wait_s, budget_s=budget_s + wait_s)
             self._started(both["info"])
             reply = dict(both["init"])
+            if run is not None and reply.get("ok"):
+                self._folded = (str(run["aid"]), both.get("run"))
+                self.folded_run_ms = float(both.get("run_ms") or 0.0)
         else:
             reply = await self._init_call(fields)
         if reply.get("ok") and fields.get("isolation") is not None:
@@ -852,6 +899,11 @@ class RaySandbox(Sandbox):
 
     def _kill_actor(self) -> None:
         if self.sid is not None:
+            if self.pg is not None and self.node_id:
+                # its process ends with the terminate call: its reservation may serve the next cold start already
+                # (a function deleted then another deployed and called: that one must not miss it by a round trip)
+                pg, self.pg = self.pg, None
+                self.backend.release_reservation(pg, self.demand, self.node_id)
             # one of its node actor's sandboxes: terminate it there (the node actor serves the others)
             if not self._reaping and self._tg is not None:
                 self._reaping = True
@@ -949,20 +1001,33 @@ class RaySandbox(Sandbox):
         if self.state == "dead" or self.actor is None or self._tg is None:
             raise SandboxDied("the sandbox is gone", self.exit_status)
         if kind == p.RUN:
-            args = fields.get("args")
-            if isinstance(args, bytes) and len(args) > RAY_OBJECT_STORE_MIN_BYTES:
-                # a large payload goes to the object store once, the actor call carries only its reference
-                fields = {**fields, "args": None, "args_ref": ray.put(args)}
-                self.backend.counters["large_args_put"] += 1
+            aid = str(fields["aid"])
+            folded, self._folded = self._folded, None
             try:
-                ref = self._call("execute", fields)
+                if folded is not None and folded[0] == aid:
+                    # its start carried this RUN: the RESULT came with it, or comes with a call of its own
+                    if folded[1] is None:
+                        self.backend.counters["folded_runs_fetched"] += 1
+                        ref = self._call("result", aid)
+                    else:
+                        ref = _ready(folded[1])
+                else:
+                    ref = self._call("execute", self._large_args(fields))
             except Exception as exc:  # Ray itself is gone
                 raise SandboxDied(self.backend.failed(exc), None) from exc
-            self._tg.start_soon(self._await_result, str(fields["aid"]), ref)
+            self._tg.start_soon(self._await_result, aid, ref)
         elif kind == p.SHUTDOWN:
             self._tg.start_soon(self.stop)
         else:
             raise ValueError(f"a Ray sandbox does not take {p.NAMES.get(kind, kind)} messages through send()")
+
+    def _large_args(self, fields: dict[str, Any]) -> dict[str, Any]:
+        args = fields.get("args")
+        if isinstance(args, bytes) and len(args) > RAY_OBJECT_STORE_MIN_BYTES:
+            # a large payload goes to the object store once, the actor call carries only its reference
+            self.backend.counters["large_args_put"] += 1
+            return {**fields, "args": None, "args_ref": ray.put(args)}
+        return fields
 
     async def _await_result(self, aid: str, ref: Any) -> None:
         try:
@@ -1066,8 +1131,14 @@ class RayLauncher:
             "sandboxes_forked": 0,
             #: forked sandboxes whose INIT went to their node actor with the fork, in one call
             "starts_with_init": 0,
+            #: of those, the ones whose call carried their first activation's RUN too; and the runs of them that
+            #: outlasted ``RAY_FOLDED_RUN_WAIT_S`` (their RESULT came with a second call)
+            "starts_with_run": 0,
+            "folded_runs_fetched": 0,
             "sandboxes_killed": 0,
             "reservations_reused": 0,
+            #: ready reservations made ahead of cold starts (see ``reserve_ahead``)
+            "reservations_made_ahead": 0,
             "large_args_put": 0,
             "large_results_got": 0,
         }
@@ -1085,7 +1156,10 @@ class RayLauncher:
         #: sandboxes with an actor (or one being created) on the current connection
         self.live: set[RaySandbox] = set()
         #: actors packed onto a node whose reservation Ray may not show yet: node, demand, time it started (or inf)
-        self.planned: dict[RaySandbox, tuple[str, Demand, float, dict[str, float]]] = {}
+        self.planned: dict[RaySandbox | _AheadReservation, tuple[str, Demand, float, dict[str, float]]] = {}
+        #: when the recent cold starts of each shape (forked) came, and the reservations being made ahead for it
+        self._cold_starts: dict[Demand, collections.deque[float]] = {}
+        self._making: dict[Demand, int] = {}
         #: Ray's view of each node's free resources when last asked (what a planned sandbox saw when placed)
         self._last_view: dict[str, dict[str, float]] = {}
         self.shipments = Shipments(model_root)
@@ -1238,6 +1312,8 @@ class RayLauncher:
         known = self.nodes.get(node)
         if known is not None:
             return known
+        if self._closing:
+            raise RayBackendFailure("the Ray backend is closing", None)
         lock = self._node_locks.setdefault(node, anyio.Lock())
         async with lock:
             known = self.nodes.get(node)
@@ -1275,6 +1351,11 @@ class RayLauncher:
                 ) from None
             except Exception as exc:  # the connection to the cluster
                 raise RayBackendFailure(self.failed(exc), None) from None
+            if self._closing:
+                # closed while it started (aclose killed the node actors it knew): this one must not outlive it
+                with contextlib.suppress(Exception):
+                    ray.kill(actor, no_restart=True)
+                raise RayBackendFailure("the Ray backend is closing", None)
             self.nodes[node] = (actor, name)
             if self._tg is not None:
                 self._tg.start_soon(self._watch_node, node, actor, name)
@@ -1294,32 +1375,88 @@ class RayLauncher:
             for sb in list(self.live):
                 if sb.actor is actor:
                     sb._report_death(reason, status)
+            # reservations kept there are of no use (a lost node's are being moved by Ray)
+            for entry in [e for e in self.spare_reservations if e[3] == node]:
+                self.spare_reservations.remove(entry)
+                self._remove_reservation(entry[1])
         except Exception:
             return  # the connection is gone: failed() ends its sandboxes
 
-    async def take_reservation(self, demand: Demand) -> tuple[Any, str] | None:
-        """A kept reservation of exactly ``demand`` that Ray still holds, and its node (None: make a new one)."""
-        from ray.util.placement_group import placement_group_table
-
-        while True:
-            found = next((entry for entry in self.spare_reservations if entry[0] == demand), None)
-            if found is None:
-                return None
-            self.spare_reservations.remove(found)
-            pg = found[1]
-            try:
-                table = await anyio.to_thread.run_sync(placement_group_table, pg)
-            except Exception:
-                return None  # the connection: the new reservation's start says so
-            nodes = table.get("bundles_to_node_id") or {}
-            if table.get("state") == "CREATED" and nodes.get(0):
+    def take_reservation(self, demand: Demand) -> tuple[Any, str] | None:
+        """A kept reservation of exactly ``demand`` on a node whose zygote actor lives, and that node (None: make a
+        new one). Not asked of Ray (a GCS round trip on every cold start): a lost node's actor dies with it, and its
+        kept reservations are dropped then (:meth:`_watch_node`)."""
+        for entry in self.spare_reservations:
+            if entry[0] == demand and entry[3] in self.nodes:
+                self.spare_reservations.remove(entry)
                 self.counters["reservations_reused"] += 1
-                return pg, str(nodes[0])
-            self._remove_reservation(pg)  # its node was lost: Ray is moving it, no use to us
+                return entry[1], entry[3]
+        return None
+
+    def reserve_ahead(self, demand: Demand) -> None:
+        """A cold start of ``demand``'s shape took a reservation: make ready ones ahead for the next (sized from
+        recent demand: as many as came in the last ``RAY_RESERVATION_KEEP_S``, at most
+        ``RAY_RESERVATIONS_AHEAD_MAX``), so that a cold start finds one placed, on a node whose zygote actor runs,
+        and pays neither for a placement group nor for the first start of a node actor. Each is kept as an ended
+        sandbox's is, ``RAY_RESERVATION_KEEP_S``: when cold starts stop, nothing stays held."""
+        if self._tg is None or self._closing or not self.connected.is_set():
+            return
+        now = anyio.current_time()
+        recent = self._cold_starts.setdefault(demand, collections.deque())
+        recent.append(now)
+        while recent[0] < now - RAY_RESERVATION_KEEP_S:
+            recent.popleft()
+        ready = sum(1 for entry in self.spare_reservations if entry[0] == demand)
+        making = self._making.get(demand, 0)
+        for _ in range(min(len(recent), RAY_RESERVATIONS_AHEAD_MAX) - ready - making):
+            self._making[demand] = self._making.get(demand, 0) + 1
+            self._tg.start_soon(self._make_ahead, demand)
+
+    async def _make_ahead(self, demand: Demand) -> None:
+        from ray.util.placement_group import placement_group, placement_group_table
+
+        ahead = _AheadReservation()
+        try:
+            # only into room free now: one made ahead never waits for room, nor takes it from a start
+            node = best_fit_node(demand, await self._free_now())
+            if node is None:
+                return
+            self.planned[ahead] = (node, demand, math.inf, dict(self._last_view.get(node, {})))
+            make = functools.partial(
+                placement_group, [demand.as_resources()], strategy="STRICT_PACK", _soft_target_node_id=node
+            )
+            ahead.pg = await anyio.to_thread.run_sync(make)
+            with anyio.fail_after(RAY_PLACEMENT_GRACE_S):
+                await ahead.pg.ready()
+            table = await anyio.to_thread.run_sync(placement_group_table, ahead.pg)
+            node = str(table["bundles_to_node_id"][0])
+            self.placed(ahead, node)
+            await self.node_actor(node)  # its zygote up before a cold start goes there
+        except BaseException as exc:
+            self.planned.pop(ahead, None)
+            if ahead.pg is not None:
+                self._remove_reservation(ahead.pg)
+            if not isinstance(exc, Exception):
+                raise
+            return  # no room after all, or Ray failed: the next cold start makes its own
+        finally:
+            left = self._making[demand] - 1
+            if left:
+                self._making[demand] = left
+            else:
+                del self._making[demand]
+        self.counters["reservations_made_ahead"] += 1
+        self.release_reservation(ahead.pg, demand, node)
 
     def release_reservation(self, pg: Any, demand: Demand | None, node: str) -> None:
         """A forked sandbox ended: keep its reservation a moment for the next one of its shape, then remove it."""
-        if demand is None or not node or self._closing or not self.connected.is_set() or self._tg is None:
+        if (
+            demand is None
+            or node not in self.nodes  # its zygote actor is gone (its node lost?): no sandbox starts there now
+            or self._closing
+            or not self.connected.is_set()
+            or self._tg is None
+        ):
             self._remove_reservation(pg)
             return
         entry = (demand, pg, anyio.current_time(), node)
@@ -1380,7 +1517,7 @@ class RayLauncher:
         except Exception as exc:
             raise RayBackendFailure(self.failed(exc), None) from None
 
-    def placed(self, sb: RaySandbox, node: str) -> None:
+    def placed(self, sb: RaySandbox | _AheadReservation, node: str) -> None:
         entry = self.planned.get(sb)
         if entry is not None:
             # placed elsewhere than planned (it spilled): what that node looked like then is unknown

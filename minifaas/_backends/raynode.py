@@ -10,6 +10,10 @@ host calls it with the sandbox's id::
                --init/execute(sid, ..)-->          SandboxActor(sid) ------ channel -------> sandbox
                --terminate(sid)-------->           kills its process group / cgroup
 
+A cold start is one call, ``start_run(sid, config, INIT, RUN)``: the fork, the INIT and (when it succeeded) the
+activation that caused the start, whose RESULT comes back with the call (or, for a run longer than the call waits,
+with ``result(sid, aid)``).
+
 What a sandbox reserves (CPUs, memory, custom resources) is a placement group of one bundle on that node (see
 :class:`~.ray.RaySandbox`): Ray's view of each node's room stays exact while no worker process is started for it. A
 function asking for GPUs keeps an actor of its own, which Ray assigns its GPU ids to.
@@ -18,7 +22,9 @@ function asking for GPUs keeps an actor of its own, which Ray assigns its GPU id
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
+import time
 from typing import Any, Final
 
 import anyio
@@ -56,11 +62,15 @@ class NodeActor:
         self._up: asyncio.Future[None] | None = None
         self._isolation_missing: str | None = None
         self._probed = False
+        #: a sandbox's first activation, run by :meth:`start_run` and not ended within its wait: (its id, its task)
+        self._runs: dict[str, tuple[str, asyncio.Task[Any]]] = {}
+        #: calls served, by method (a cold start is one call: tests and ``ready()`` read it)
+        self.calls: collections.Counter[str] = collections.Counter()
 
     async def ready(self) -> dict[str, Any]:
         """Start the zygote (first call only) and wait until it can fork; this node actor and its zygote's stats."""
         zygote = await self._zygote_up()
-        return {"node_id": self._node_id, "pid": os.getpid(), "zygote": zygote.stats()}
+        return {"node_id": self._node_id, "pid": os.getpid(), "zygote": zygote.stats(), "calls": dict(self.calls)}
 
     async def _zygote_up(self) -> ZygoteLauncher:
         # not ready(): its stats read each spare's smaps (about 0.7 ms a spare), a cold start must not pay that
@@ -90,6 +100,10 @@ class NodeActor:
 
     async def start(self, sid: str, config: dict[str, Any]) -> dict[str, Any]:
         """Fork sandbox ``sid`` from this node's zygote (as ``SandboxActor.describe``: its INIT waits for READY)."""
+        self.calls["start"] += 1
+        return await self._start(sid, config)
+
+    async def _start(self, sid: str, config: dict[str, Any]) -> dict[str, Any]:
         zygote = await self._zygote_up()
         if config.get("isolation") == "sandbox":
             missing = await self.isolation_missing()
@@ -113,16 +127,64 @@ class NodeActor:
     async def start_init(self, sid: str, config: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
         """:meth:`start` then :meth:`init` in one call (a cold start: one round trip through Ray, not two; INIT
         goes out right after the fork, as a local cold start's does): ``{"info": describe, "init": INIT reply}``."""
-        info = await self.start(sid, config)
-        return {"info": info, "init": await self.init(sid, fields)}
+        self.calls["start_init"] += 1
+        info = await self._start(sid, config)
+        return {"info": info, "init": await self._init(sid, fields)}
+
+    async def start_run(
+        self, sid: str, config: dict[str, Any], fields: dict[str, Any], run: dict[str, Any], wait_s: float
+    ) -> dict[str, Any]:
+        """A cold activation in one call: :meth:`start_init`, then (the INIT done) the activation's RUN, its
+        deadline counted from now (``run["timeout_ms"]``). ``"run"``: its RESULT as :meth:`execute` answers, when
+        it ends within ``wait_s``; else None and :meth:`result` answers it. ``"run_ms"``: how long it ran here."""
+        self.calls["start_run"] += 1
+        info = await self._start(sid, config)
+        out: dict[str, Any] = {"info": info, "init": await self._init(sid, fields)}
+        if not out["init"].get("ok"):
+            return out  # an INIT that failed: the activation never ran, the host records that failure
+        run = dict(run)
+        run["deadline"] = time.time_ns() // 1_000_000 + int(run.pop("timeout_ms"))
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        # owned by this actor until it ends here or result() hands it over
+        task = asyncio.ensure_future(self._execute(sid, run))
+        await asyncio.wait({task}, timeout=wait_s)
+        out["run_ms"] = (loop.time() - t0) * 1000
+        if task.done() and task.exception() is None:
+            out["run"] = task.result()
+        else:
+            # still running (or failed: result() raises it, as execute would have)
+            self._runs[sid] = (str(run["aid"]), task)
+            out["run"] = None
+        return out
+
+    async def result(self, sid: str, aid: str) -> Any:
+        """The RESULT of sandbox ``sid``'s first activation, begun by :meth:`start_run`, as :meth:`execute`'s."""
+        self.calls["result"] += 1
+        pending = self._runs.get(sid)
+        if pending is None or pending[0] != aid:
+            gone = f"the sandbox process is gone from Ray node {self._node_id}"
+            return p.encode_body({"aid": aid, "died": gone, "exit_status": None, "logs": []})
+        try:
+            return await pending[1]
+        finally:
+            self._runs.pop(sid, None)
 
     async def init(self, sid: str, fields: dict[str, Any]) -> dict[str, Any]:
+        self.calls["init"] += 1
+        return await self._init(sid, fields)
+
+    async def _init(self, sid: str, fields: dict[str, Any]) -> dict[str, Any]:
         sandbox = self._sandboxes.get(sid)
         if sandbox is None:
             return {"ok": False, "error": f"no sandbox {sid} on Ray node {self._node_id}"}
         return await sandbox.init(fields)
 
     async def execute(self, sid: str, fields: dict[str, Any]) -> Any:
+        self.calls["execute"] += 1
+        return await self._execute(sid, fields)
+
+    async def _execute(self, sid: str, fields: dict[str, Any]) -> Any:
         sandbox = self._sandboxes.get(sid)
         if sandbox is None:
             gone = f"the sandbox process is gone from Ray node {self._node_id}"
@@ -150,6 +212,7 @@ class NodeActor:
     async def terminate(self, sid: str) -> None:
         """Kill sandbox ``sid``'s process and all it started; forget it."""
         sandbox = self._sandboxes.pop(sid, None)
+        self._runs.pop(sid, None)  # its first run ends with the process (a death answer nobody fetches)
         if sandbox is not None:
             sandbox.kill_process()
         else:

@@ -338,10 +338,12 @@ class Pool:
                 reply["internal"] = True  # the backend failed (e.g. a Ray cluster without room), not the function
         finally:
             fp.starting -= 1
-        sb.init_ms = (time.perf_counter() - t0) * 1000
-        if not reply.get("ok") and sb.killed_from_outside:
-            # SIGKILLed from outside while it started (its import did not fail): no crash loop of the function, so
-            # neither counted toward its back-off nor reset, and the error the back-off reports stays its own
+        # a first RUN carried by the start (see Sandbox.claim_first_run) ran within that time: it is not the INIT's
+        sb.init_ms = max(0.0, (time.perf_counter() - t0) * 1000 - sb.folded_run_ms)
+        if not reply.get("ok") and (sb.killed_from_outside or getattr(sb, "backend_lost", False)):
+            # SIGKILLed from outside while it started (its import did not fail), or its backend's connection lost
+            # (Ray; a cold start's call may have carried its first run): no crash loop of the function, so neither
+            # counted toward its back-off nor reset, and the error the back-off reports stays its own
             reply["killed_from_outside"] = True
             self.stats["starts_killed"] += 1
             self.retire(fp, sb)

@@ -162,6 +162,12 @@ class Sandbox:
         #: when the keep-alive policy lets it go (pool clock); inf while busy or kept
         self.expires = math.inf
         self.init_ms = 0.0
+        #: set by the scheduler: a backend whose start call can carry the first RUN (Ray: a cold start then crosses
+        #: the cluster once) calls it for the RUN fields of the request the sandbox starts for (None: none waits)
+        self.claim_first_run: Callable[[], dict[str, Any] | None] | None = None
+        #: how long that first RUN had run when the start's answer came (ms): that part of the start's time is the
+        #: run's, not the initialization's
+        self.folded_run_ms = 0.0
         self.launch_how = ""
         self.from_spare = False
         self.exit_status: int | None = None

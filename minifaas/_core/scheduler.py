@@ -212,6 +212,10 @@ class Scheduler:
         self._loop = asyncio.get_running_loop()
         #: one timer per function with requests queued: it ends those that waited longer than max_queue_wait_s
         self._queue_timers: dict[FunctionPool, asyncio.TimerHandle] = {}
+        #: requests taken off their queue by a starting sandbox whose start carries their RUN (Ray), by sandbox, and
+        #: how many each function has so
+        self._claimed: dict[Sandbox, Job] = {}
+        self._claims: dict[FunctionPool, int] = {}
         pool.on_capacity = self.pump_all
         pool.warm_up = self._warm_up
 
@@ -332,8 +336,10 @@ class Scheduler:
                     self.queued -= 1
                     self._prefetch(fp, sb, job)
                     continue
-            # every queued request beyond the sandboxes already starting wants a new sandbox
-            if fp.starting * fp.spec.concurrency < len(queue) and self.pool.may_start(fp):
+            # every queued request beyond the sandboxes already starting wants a new sandbox (a starting sandbox that
+            # carries a request's RUN has that request off the queue already)
+            claims = self._claims.get(fp, 0)
+            if fp.starting * fp.spec.concurrency < len(queue) + claims and self.pool.may_start(fp):
                 self._new_sandbox(fp)
                 continue
             if not fp.sandboxes and fp.backoff_left_s() > 0:
@@ -400,10 +406,11 @@ class Scheduler:
         act.annotations["pipelined"] = True
         sb.prefetched.append(job)
 
-    def _begin(self, fp: FunctionPool, sb: Sandbox, job: Job, cold: bool) -> None:
-        """Stamp the start of an activation on ``sb`` and arm its timeout."""
+    def _begin(self, fp: FunctionPool, sb: Sandbox, job: Job, cold: bool, ran_ms: float = 0.0) -> None:
+        """Stamp the start of an activation on ``sb`` and arm its timeout; ``ran_ms``: it began that long ago (a
+        first RUN carried by the sandbox's start)."""
         act = job.act
-        act.start = now_ms()
+        act.start = now_ms() - round(ran_ms)
         act.status = "running"
         self.pool.started_run(fp, sb, self.pool.now())
         ann = act.annotations
@@ -417,7 +424,7 @@ class Scheduler:
         act.wait_time = max(0, act.start - act.accepted - (act.init_time or 0))
         sb.runs += 1
         sb.inflight[act.activation_id] = job
-        job.begun = time.perf_counter()
+        job.begun = time.perf_counter() - ran_ms / 1000
         # with requests queued behind it the host has work to do when the result comes: polling would only take
         # the core from the sandboxes
         if (
@@ -429,7 +436,7 @@ class Scheduler:
             self._plan_poll(fp, job)
         # one timer per sandbox, not per activation: it is armed for the oldest deadline and, when it fires, re-armed
         # for whatever runs then (a sandbox's deadlines only grow: one function version, one timeout)
-        job.deadline = self._loop.time() + fp.spec.timeout_s
+        job.deadline = self._loop.time() - ran_ms / 1000 + fp.spec.timeout_s
         if sb.timer is None:
             sb.timer = self._loop.call_at(job.deadline, self._check_deadlines, fp, sb)
 
@@ -437,14 +444,54 @@ class Scheduler:
         sb = self.pool.reserve(fp)
         sb.on_result = self._on_result
         sb.on_died = self._on_died
+        sb.claim_first_run = functools.partial(self._claim_first_run, fp, sb)
         self.tg.start_soon(self._start, fp, sb)
         return sb
+
+    def _claim_first_run(self, fp: FunctionPool, sb: Sandbox) -> dict[str, Any] | None:
+        """The RUN fields of the oldest queued request, taken off the queue for a starting sandbox whose start call
+        carries it (see ``Sandbox.claim_first_run``); None when none waits, for a pre-warm, or for a function that
+        runs several at once (those queued behind it wait for its INIT, not for its first run)."""
+        if sb.prewarmed or sb.gone or sb in self._claimed or not fp.queue or fp.spec.concurrency != 1:
+            return None
+        job: Job = fp.queue.popleft()
+        self.queued -= 1
+        self._claimed[sb] = job
+        self._claims[fp] = self._claims.get(fp, 0) + 1
+        act = job.act
+        # its deadline is set where it starts (after the INIT), from the time limit
+        return {
+            "aid": act.activation_id,
+            "args": job.args_packed,
+            "timeout_ms": int(fp.spec.timeout_s * 1000),
+            "version": fp.spec.version,
+        }
+
+    def _settle_claim(self, fp: FunctionPool, sb: Sandbox, ok: bool) -> None:
+        """After a start that carried a request's RUN: the request began with it (ok), or never ran and goes back
+        to the front of the queue (the failed start's record then ends it, or another sandbox runs it)."""
+        job = self._claimed.pop(sb, None)
+        if job is None:
+            return
+        left = self._claims[fp] - 1
+        if left:
+            self._claims[fp] = left
+        else:
+            del self._claims[fp]
+        if job.ended:
+            return  # ended meanwhile (the engine closing)
+        if ok and not sb.gone:
+            self._dispatch(fp, sb, job, ran_ms=sb.folded_run_ms)
+        else:
+            self._requeue(fp, job)
 
     def _warm_up(self, fp: FunctionPool) -> None:
         self._new_sandbox(fp).prewarmed = True
 
     async def _start(self, fp: FunctionPool, sb: Sandbox) -> None:
         reply = await self.pool.boot(fp, sb)
+        if sb in self._claimed:
+            self._settle_claim(fp, sb, bool(reply.get("ok")))
         if not reply.get("ok") and fp.queue:
             # OpenWhisk fails the activation that caused the cold start; later ones try again
             job = fp.queue.popleft()
@@ -480,8 +527,9 @@ class Scheduler:
             )
         self.pump(fp)
 
-    def _dispatch(self, fp: FunctionPool, sb: Sandbox, job: Job) -> None:
-        """Send the RUN now; the RESULT, the timeout or the sandbox's death ends the activation."""
+    def _dispatch(self, fp: FunctionPool, sb: Sandbox, job: Job, ran_ms: float = 0.0) -> None:
+        """Send the RUN now; the RESULT, the timeout or the sandbox's death ends the activation. ``ran_ms``: the
+        sandbox's start carried this RUN, which began that long ago (the sandbox hands over its RESULT)."""
         act = job.act
         spec = fp.spec
         timeout_ms = int(spec.timeout_s * 1000)
@@ -503,7 +551,7 @@ class Scheduler:
             self._requeue(fp, job)
             self.pool.forget_dead(fp, sb)
             return
-        self._begin(fp, sb, job, cold=sb.runs == 0 and not sb.prewarmed)
+        self._begin(fp, sb, job, cold=sb.runs == 0 and not sb.prewarmed, ran_ms=ran_ms)
 
     def _spin(self, fp: FunctionPool) -> bool | int:
         """The RUN's ``spin``: whether (or how many microseconds) the sandbox polls for the next RUN."""
