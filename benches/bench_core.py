@@ -138,22 +138,26 @@ async def _bench_engine(
         async with anyio.create_task_group() as tg:
             for _ in range(2):
                 tg.start_soon(engine.invoke, "noop")
-        remaining = total
-
-        async def client() -> None:
-            # one of `inflight` clients, each with one invocation outstanding at a time
-            nonlocal remaining
-            while remaining > 0:
-                remaining -= 1
-                act = await engine.call("noop")
-                assert act.status == "success", act
-
-        t = time.perf_counter()
-        async with anyio.create_task_group() as tg:
-            for _ in range(inflight):
-                tg.start_soon(client)
-        rate = total / (time.perf_counter() - t)
+        rate = await drive(engine, "noop", total, inflight)
         return times, rate, engine.stats()
+
+
+async def drive(engine: minifaas.Engine, name: str, total: int, inflight: int) -> float:
+    """Calls per second of ``total`` calls of ``name`` by ``inflight`` clients, each with one call outstanding."""
+    remaining = total
+
+    async def client() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            act = await engine.call(name)
+            assert act.status == "success", act
+
+    t = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for _ in range(inflight):
+            tg.start_soon(client)
+    return total / (time.perf_counter() - t)
 
 
 def main() -> None:

@@ -34,6 +34,9 @@ import anyio
 import minifaas
 from minifaas._core import store as store_module
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_core import drive
+
 NOOP = "def main(args):\n    return {}\n"
 WARMUP_CALLS = 300
 INFLIGHT = 64
@@ -44,20 +47,7 @@ async def throughput(total: int, state_dir: str | None) -> tuple[float, dict[str
         await engine.deploy("noop", code=NOOP, max_sandboxes=2, max_queue=100_000)
         for _ in range(WARMUP_CALLS):
             await engine.call("noop")
-        remaining = total
-
-        async def client() -> None:
-            nonlocal remaining
-            while remaining > 0:
-                remaining -= 1
-                act = await engine.call("noop")
-                assert act.status == "success", act
-
-        begun = time.perf_counter()
-        async with anyio.create_task_group() as tg:
-            for _ in range(INFLIGHT):
-                tg.start_soon(client)
-        rate = total / (time.perf_counter() - begun)
+        rate = await drive(engine, "noop", total, INFLIGHT)
         return rate, engine.stats()["store"]
 
 
