@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from .activation import Activation
-from .store import _SELECT, DB_FILE_NAME, OnDurable, _from_row, _matches, _where
+from .store import DB_FILE_NAME, OnDurable, read_count, read_one, read_page
 
 __all__ = ("ReadOnlyStore",)
 
@@ -46,18 +46,7 @@ class ReadOnlyStore:
             on_durable()
 
     def get(self, activation_id: str, *, namespace: str | None = None) -> Activation | None:
-        act = self._memory.get(activation_id)
-        if act is not None:
-            return act if namespace is None or act.namespace == namespace else None
-        if self._db is None:
-            return None
-        sql = _SELECT + " WHERE activation_id = ?"
-        args: list[Any] = [activation_id]
-        if namespace is not None:
-            sql += " AND namespace = ?"
-            args.append(namespace)
-        row = self._db.execute(sql, args).fetchone()
-        return _from_row(row) if row else None
+        return read_one(self._db, self._memory, activation_id, namespace)
 
     def list(
         self,
@@ -71,16 +60,7 @@ class ReadOnlyStore:
         ended: bool = False,
         cause: str | None = None,
     ) -> list[Activation]:
-        found: dict[str, Activation] = {}
-        if self._db is not None:
-            where, args = _where(name, namespace, since, upto, ended, cause)
-            sql = f"{_SELECT}{where} ORDER BY ts DESC, rowid DESC LIMIT ? OFFSET ?"
-            found = {a.activation_id: a for a in map(_from_row, self._db.execute(sql, [*args, limit + skip, 0]))}
-        for aid, act in self._memory.items():
-            if _matches(act, name, namespace, since, upto, ended, cause):
-                found[aid] = act
-        ordered = sorted(found.values(), key=lambda a: a.start or a.accepted, reverse=True)
-        return ordered[skip : skip + limit]
+        return read_page(self._db, self._memory, limit, skip, name, namespace, since, upto, ended, cause)
 
     def count(
         self,
@@ -92,11 +72,7 @@ class ReadOnlyStore:
         ended: bool = False,
         cause: str | None = None,
     ) -> int:
-        n = sum(1 for act in self._memory.values() if _matches(act, name, namespace, since, upto, ended, cause))
-        if self._db is None:
-            return n
-        where, args = _where(name, namespace, since, upto, ended, cause)
-        return n + int(self._db.execute(f"SELECT COUNT(*) FROM records{where}", args).fetchone()[0])
+        return read_count(self._db, self._memory, name, namespace, since, upto, ended, cause)
 
     def recover(self) -> int:
         return 0  # the records' owner is alive: its pending records are its own

@@ -28,7 +28,7 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -36,7 +36,7 @@ import msgpack
 
 from .activation import Activation, now_ms, summarize_value
 
-__all__ = ("ActivationStore", "MemoryStore", "SQLiteStore", "open_store")
+__all__ = ("ActivationStore", "MemoryStore", "SQLiteStore", "open_store", "read_count", "read_one", "read_page")
 
 MEMORY_STORE_MAX_RECORDS: Final = 10_000
 #: statuses of records whose activation has not ended (every other status is final)
@@ -702,16 +702,7 @@ class SQLiteStore:
 
     # -- reading ----------------------------------------------------------------------------------------------
     def get(self, activation_id: str, *, namespace: str | None = None) -> Activation | None:
-        act = self._unwritten.get(activation_id)
-        if act is not None:
-            return act if namespace is None or act.namespace == namespace else None
-        sql = _SELECT + " WHERE activation_id = ?"
-        args: tuple[str, ...] = (activation_id,)
-        if namespace is not None:
-            sql += " AND namespace = ?"
-            args += (namespace,)
-        row = self._db.execute(sql, args).fetchone()
-        return _from_row(row) if row else None
+        return read_one(self._db, self._unwritten, activation_id, namespace)
 
     def list(
         self,
@@ -725,19 +716,7 @@ class SQLiteStore:
         ended: bool = False,
         cause: str | None = None,
     ) -> list[Activation]:
-        where, args = _where(name, namespace, since, upto, ended, cause)
-        sql = f"{_SELECT}{where} ORDER BY ts DESC, rowid DESC LIMIT ? OFFSET ?"
-        # records not written yet may belong in the page, or have left it: read enough to merge them in
-        unwritten = dict(self._unwritten)
-        rows = self._db.execute(sql, [*args, limit + skip + len(unwritten), 0]).fetchall()
-        found = {act.activation_id: act for act in map(_from_row, rows)}
-        for aid, act in unwritten.items():
-            if _matches(act, name, namespace, since, upto, ended, cause):
-                found[aid] = act
-            else:
-                found.pop(aid, None)  # its table row is older than the record (e.g. running then, ended now)
-        ordered = sorted(found.values(), key=lambda a: a.start or a.accepted, reverse=True)
-        return ordered[skip : skip + limit]
+        return read_page(self._db, dict(self._unwritten), limit, skip, name, namespace, since, upto, ended, cause)
 
     def count(
         self,
@@ -749,18 +728,7 @@ class SQLiteStore:
         ended: bool = False,
         cause: str | None = None,
     ) -> int:
-        where, args = _where(name, namespace, since, upto, ended, cause)
-        n = int(self._db.execute(f"SELECT COUNT(*) FROM records{where}", args).fetchone()[0])
-        unwritten = dict(self._unwritten)
-        if not unwritten:
-            return n
-        # the table's rows of records not written yet are stale: count those records as they are in memory
-        ids = list(unwritten)
-        marks = ", ".join("?" * len(ids))
-        clause = f"{where} AND activation_id IN ({marks})" if where else f" WHERE activation_id IN ({marks})"
-        stale = int(self._db.execute(f"SELECT COUNT(*) FROM records{clause}", [*args, *ids]).fetchone()[0])
-        fresh = sum(1 for act in unwritten.values() if _matches(act, name, namespace, since, upto, ended, cause))
-        return n - stale + fresh
+        return read_count(self._db, dict(self._unwritten), name, namespace, since, upto, ended, cause)
 
     def recover(self) -> int:
         """Runs at start, before anything else uses the store (the writer thread is not running yet)."""
@@ -839,6 +807,80 @@ def _where(
         clauses.append(f"status NOT IN ({', '.join('?' * len(UNENDED_STATUSES))})")
         args += UNENDED_STATUSES
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), args
+
+
+def read_one(
+    db: sqlite3.Connection | None, overlay: Mapping[str, Activation], activation_id: str, namespace: str | None
+) -> Activation | None:
+    """A record from ``overlay`` (records whose latest state is not in the table: not written yet) or else from the
+    table (``db`` None: there is none); with ``namespace``, None for a record of another namespace."""
+    act = overlay.get(activation_id)
+    if act is not None:
+        return act if namespace is None or act.namespace == namespace else None
+    if db is None:
+        return None
+    sql = _SELECT + " WHERE activation_id = ?"
+    args = [activation_id]
+    if namespace is not None:
+        sql += " AND namespace = ?"
+        args.append(namespace)
+    row = db.execute(sql, args).fetchone()
+    return _from_row(row) if row else None
+
+
+def read_page(
+    db: sqlite3.Connection | None,
+    overlay: Mapping[str, Activation],
+    limit: int,
+    skip: int,
+    name: str | None,
+    namespace: str | None,
+    since: int | None,
+    upto: int | None,
+    ended: bool,
+    cause: str | None,
+) -> list[Activation]:
+    """Newest first, the table's rows merged with ``overlay`` (a snapshot, see :func:`read_one`)."""
+    found: dict[str, Activation] = {}
+    if db is not None:
+        where, args = _where(name, namespace, since, upto, ended, cause)
+        sql = f"{_SELECT}{where} ORDER BY ts DESC, rowid DESC LIMIT ? OFFSET ?"
+        # records in the overlay may belong in the page, or have left it: read enough to merge them in
+        rows = db.execute(sql, [*args, limit + skip + len(overlay), 0]).fetchall()
+        found = {act.activation_id: act for act in map(_from_row, rows)}
+    for aid, act in overlay.items():
+        if _matches(act, name, namespace, since, upto, ended, cause):
+            found[aid] = act
+        else:
+            found.pop(aid, None)  # its table row is older than the record (e.g. running then, ended now)
+    ordered = sorted(found.values(), key=lambda a: a.start or a.accepted, reverse=True)
+    return ordered[skip : skip + limit]
+
+
+def read_count(
+    db: sqlite3.Connection | None,
+    overlay: Mapping[str, Activation],
+    name: str | None,
+    namespace: str | None,
+    since: int | None,
+    upto: int | None,
+    ended: bool,
+    cause: str | None,
+) -> int:
+    """How many records match, the table's rows counted with ``overlay`` (a snapshot, see :func:`read_one`)."""
+    fresh = sum(1 for act in overlay.values() if _matches(act, name, namespace, since, upto, ended, cause))
+    if db is None:
+        return fresh
+    where, args = _where(name, namespace, since, upto, ended, cause)
+    n = int(db.execute(f"SELECT COUNT(*) FROM records{where}", args).fetchone()[0])
+    if not overlay:
+        return n
+    # the table's rows of records in the overlay are stale: count those records as they are there
+    ids = list(overlay)
+    marks = ", ".join("?" * len(ids))
+    clause = f"{where} AND activation_id IN ({marks})" if where else f" WHERE activation_id IN ({marks})"
+    stale = int(db.execute(f"SELECT COUNT(*) FROM records{clause}", [*args, *ids]).fetchone()[0])
+    return n - stale + fresh
 
 
 def _fallback(obj: Any) -> Any:
