@@ -30,6 +30,7 @@ import minifaas
 from minifaas._cli.main import _brief, _pairs, pack_folder
 from minifaas._events.triggers import TriggerManager
 from minifaas._server.app import ServerHandle, serve
+from tests.helpers.subproc import reap
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = ROOT / "tests" / "data" / "images"
@@ -325,12 +326,7 @@ def test_serve_command_prints_credentials_and_stops_on_sigint(tmp_path: Path) ->
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0, proc.stderr.read() if proc.stderr else ""
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
+        reap(proc)
 
 
 def test_serve_on_a_taken_port_fails_clearly() -> None:
@@ -453,12 +449,7 @@ def serve_process(
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0, proc.stderr.read() if proc.stderr else ""
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
+        reap(proc)
 
 
 def _exported(lines: list[str]) -> tuple[str, str]:

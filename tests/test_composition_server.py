@@ -28,6 +28,7 @@ from anyio.from_thread import start_blocking_portal
 
 import minifaas
 from minifaas._server.app import ServerHandle, serve
+from tests.helpers.subproc import reap
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSER_FLOW = ROOT / "tests" / "data" / "composer" / "flow.json"
@@ -155,12 +156,7 @@ def serve_process(state_dir: Path) -> Iterator[dict[str, str]]:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
+        reap(proc)
 
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

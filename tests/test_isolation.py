@@ -38,6 +38,7 @@ import pytest
 import minifaas
 from minifaas._core.launch import PIDS
 from minifaas.testing import assert_success
+from tests.helpers.subproc import reap
 
 HEALTHY = "def main(args):\n    return {'i': args['i']}\n"
 VICTIM = textwrap.dedent(
@@ -466,12 +467,7 @@ def test_serve_sandboxes_code_from_http_unless_told_not_to(tmp_path: Path, uncon
         try:
             proc.wait(timeout=30)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            for stream in (proc.stdout, proc.stderr):
-                if stream is not None:
-                    stream.close()
+            reap(proc)
 
 
 PIDNS = textwrap.dedent(
@@ -851,12 +847,7 @@ def test_serve_takes_a_model_url_allow_list(tmp_path: Path, model_server: str) -
         try:
             proc.wait(timeout=30)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            for stream in (proc.stdout, proc.stderr):
-                if stream is not None:
-                    stream.close()
+            reap(proc)
 
 
 @pytest.mark.anyio
