@@ -14,6 +14,7 @@ import pytest
 import minifaas
 from minifaas._deploy.versions import ALIASES_FILE_NAME, AliasTable, VersionInUse
 from minifaas.testing import assert_success
+from tests.helpers.looplag import record_loop_lags
 
 pytestmark = pytest.mark.anyio
 
@@ -296,14 +297,8 @@ async def test_a_deploys_version_file_is_written_off_the_event_loop(
         lags: list[float] = []
         done = anyio.Event()
 
-        async def tick() -> None:
-            while not done.is_set():
-                t = time.perf_counter()
-                await anyio.sleep(0.005)
-                lags.append(time.perf_counter() - t)
-
         async with anyio.create_task_group() as tg:
-            tg.start_soon(tick)
+            tg.start_soon(record_loop_lags, lags, done)
             t0 = time.perf_counter()
             fn = await engine.deploy("f", code=VERSIONED.format(v=1))
             took = time.perf_counter() - t0

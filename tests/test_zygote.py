@@ -24,6 +24,7 @@ import minifaas
 from minifaas._core.launch import Launched, SpawnLauncher
 from minifaas._core.zygote import DEFAULT_PRELOAD, ZygoteError, ZygoteLauncher, ZygotePool
 from minifaas._environ import SANDBOX_ENV_DEFAULTS, scrubbed_env
+from tests.helpers.looplag import record_loop_lags
 from tests.helpers.proc import children as _children
 from tests.helpers.proc import smaps_rollup_kb as _pss_kb
 
@@ -732,15 +733,9 @@ def test_cgroup_attach_of_a_fork_on_request_leaves_the_event_loop_free(monkeypat
         lags: list[float] = []
         done = anyio.Event()
 
-        async def tick() -> None:
-            while not done.is_set():
-                t = time.perf_counter()
-                await anyio.sleep(0.005)
-                lags.append(time.perf_counter() - t)
-
         async with ZygoteLauncher(preload=("minifaas_sandbox.runtime",), fork_ahead=False) as launcher:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(tick)
+                tg.start_soon(record_loop_lags, lags, done)
                 t0 = time.perf_counter()
                 proc = await launcher.launch(scrubbed_env())
                 took = time.perf_counter() - t0
