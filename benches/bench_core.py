@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from typing import Any
 
 import anyio
 import msgpack
@@ -142,7 +143,9 @@ async def _bench_engine(
         return times, rate, engine.stats()
 
 
-async def drive(engine: minifaas.Engine, name: str, total: int, inflight: int) -> float:
+async def drive(
+    engine: minifaas.Engine, name: str, total: int, inflight: int, args: dict[str, Any] | None = None
+) -> float:
     """Calls per second of ``total`` calls of ``name`` by ``inflight`` clients, each with one call outstanding."""
     remaining = total
 
@@ -150,7 +153,7 @@ async def drive(engine: minifaas.Engine, name: str, total: int, inflight: int) -
         nonlocal remaining
         while remaining > 0:
             remaining -= 1
-            act = await engine.call(name)
+            act = await engine.call(name, args)
             assert act.status == "success", act
 
     t = time.perf_counter()

@@ -27,6 +27,9 @@ import anyio
 
 import minifaas
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_core import drive
+
 ROOT = Path(__file__).resolve().parent.parent
 NOOP = "def main(args):\n    return {}\n"
 CROP_PATH = ROOT / "functions" / "smart_body_crop"
@@ -47,24 +50,6 @@ async def _latency(engine: minifaas.Engine, name: str, args: dict[str, Any], n: 
         times.append(time.perf_counter() - t)
         assert act.status == "success", act
     return times
-
-
-async def _throughput(engine: minifaas.Engine, name: str, args: dict[str, Any], total: int, inflight: int) -> float:
-    remaining = total
-
-    async def client() -> None:
-        # one of `inflight` clients, each with one invocation outstanding at a time
-        nonlocal remaining
-        while remaining > 0:
-            remaining -= 1
-            act = await engine.call(name, args)
-            assert act.status == "success", act
-
-    t = time.perf_counter()
-    async with anyio.create_task_group() as tg:
-        for _ in range(inflight):
-            tg.start_soon(client)
-    return total / (time.perf_counter() - t)
 
 
 async def _warm(engine: minifaas.Engine, name: str, args: dict[str, Any], rounds: int) -> None:
@@ -185,7 +170,7 @@ async def bench(backend: str, ns: argparse.Namespace) -> dict[str, Any]:
             out[f"{name}_cold_ms"] = (time.perf_counter() - t) * 1000
             await _warm(engine, name, args, rounds)
             out[f"{name}_lat"] = await _latency(engine, name, args, n)
-            out[f"{name}_rate"] = await _throughput(engine, name, args, total, ns.inflight)
+            out[f"{name}_rate"] = await drive(engine, name, total, ns.inflight, args)
             # the next function gets the CPUs (on Ray, actors reserve them)
             await engine.delete(name)
         out["stats"] = engine.stats()
