@@ -100,15 +100,13 @@ class CpuKeeper:
                 await self._wake.wait()
                 self._wake = anyio.Event()
                 self._checking = True
-                while self._busy():
-                    self.check()
+                # the check that finds nothing busy any more releases what was pinned
+                while self.check():
                     await anyio.sleep(CPU_CHECK_S)
                 self._checking = False
-                self.check()
         finally:
-            with anyio.CancelScope(shield=True):
-                if self.pinned:
-                    self._release()
+            if self.pinned:
+                self._release()
 
     def _busy(self) -> list[int]:
         pids = []
@@ -118,11 +116,12 @@ class CpuKeeper:
                     pids.append(sb.proc.pid)
         return pids
 
-    def check(self, now: float | None = None) -> None:
-        """Read the busy sandboxes' CPU use; pin, move or release as it says."""
+    def check(self, now: float | None = None) -> bool:
+        """Read the busy sandboxes' CPU use; pin, move or release as it says. Whether any sandbox is busy."""
         now = time.monotonic() if now is None else now
+        busy = self._busy()
         samples: dict[int, tuple[float, int, int, int]] = {}
-        for pid in self._busy():
+        for pid in busy:
             run_ns = _demand_ns(pid)
             if run_ns < 0:
                 continue
@@ -135,8 +134,13 @@ class CpuKeeper:
                 cool_streak = cool_before + 1 if share < COOL_SHARE else 0
             samples[pid] = (now, run_ns, hot_streak, cool_streak)
         self._samples = samples
+        self._rebalance(samples)
+        return bool(busy)
+
+    def _rebalance(self, samples: dict[int, tuple[float, int, int, int]]) -> None:
+        """Pin the sandboxes that want a core of their own, keep everything else off those cores, or release."""
         hot = [pid for pid, sample in samples.items() if sample[2] >= HOT_CHECKS]
-        # hysteresis: a pinned sandbox keeps its core while it stays busy, until it has used less than COOL_SHARE
+        # hysteresis: a pinned sandbox keeps its core while it stays busy, until it has wanted less than COOL_SHARE
         # of it for HOT_CHECKS checks (another process of the machine's sharing that core must not unpin it)
         hot += [pid for pid in self.pinned if pid in samples and pid not in hot and samples[pid][3] < HOT_CHECKS]
         # all that want a core now, pinned or not yet: no core would be left for the rest
